@@ -1,0 +1,23 @@
+"""legolm: build, train, fine-tune and serve small decoder-only language models."""
+
+from legolm.checkpoints.load import load_pretrained, load_tokenizer
+from legolm.checkpoints.native import export_hf, save_checkpoint
+from legolm.data.tokenizer import Tokenizer
+from legolm.errors import LegolmError
+from legolm.model.config import PRESETS, ModelConfig
+from legolm.model.kv_cache import KVCache
+from legolm.model.transformer import TransformerLM
+
+__all__ = [
+    "PRESETS",
+    "KVCache",
+    "LegolmError",
+    "ModelConfig",
+    "Tokenizer",
+    "TransformerLM",
+    "export_hf",
+    "load_pretrained",
+    "load_tokenizer",
+    "save_checkpoint",
+]
+__version__ = "0.1.0"

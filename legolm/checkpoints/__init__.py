@@ -1,0 +1,1 @@
+"""Loading and saving models: Hugging Face directories, GGUF files, legolm checkpoints."""

@@ -1,0 +1,107 @@
+"""GGUF files (llama.cpp): Llama-architecture weights, dequantised to float32 on load, and the tokenizer.
+
+llama.cpp stores q/k projection rows permuted for its interleaved RoPE; they are permuted back to
+the half-split layout legolm (and Hugging Face) use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from legolm.data.tokenizer import Tokenizer
+from legolm.errors import CheckpointError
+from legolm.model.config import ModelConfig
+
+_LAYER_KEYS = {
+    "attn_norm.weight": "norm_1.weight",
+    "ffn_norm.weight": "norm_2.weight",
+    "attn_q.weight": "attn.qkv.q_proj.weight",
+    "attn_k.weight": "attn.qkv.k_proj.weight",
+    "attn_v.weight": "attn.qkv.v_proj.weight",
+    "attn_output.weight": "attn.proj.weight",
+    "ffn_gate.weight": "mlp.gate.weight",
+    "ffn_up.weight": "mlp.up.weight",
+    "ffn_down.weight": "mlp.down.weight",
+}
+_TOP_KEYS = {"token_embd.weight": "wte.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
+
+
+def _reader(path: Path) -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError("reading GGUF needs the gguf package: pip install 'legolm[gguf]'") from None
+    try:
+        return gguf.GGUFReader(str(path))
+    except (ValueError, OSError, IndexError) as err:
+        raise CheckpointError(f"{path} is not a readable GGUF file ({err}); is it truncated?") from None
+
+
+def read_fields(reader: Any) -> dict[str, Any]:
+    """All metadata as plain Python values."""
+    return {name: f.contents() for name, f in reader.fields.items()}
+
+
+def _unpermute(w: Tensor, n_head: int) -> Tensor:
+    """Undo llama.cpp's q/k row permutation (interleaved pairs -> half-split rotary layout)."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+def _tensor(t: Any) -> Tensor:
+    from gguf.quants import dequantize
+
+    shape = tuple(int(d) for d in reversed(t.shape))  # GGML lists dims fastest-first
+    return torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape))
+
+
+def gguf_config(fields: dict[str, Any], name: str) -> ModelConfig:
+    arch = fields.get("general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"GGUF architecture {arch!r} is not supported; legolm reads 'llama' GGUF files")
+    n_head = int(fields["llama.attention.head_count"])
+    n_embd = int(fields["llama.embedding_length"])
+    vocab = fields.get("llama.vocab_size") or len(fields["tokenizer.ggml.tokens"])
+    return ModelConfig(
+        layers=["llama"] * int(fields["llama.block_count"]), vocab_size=int(vocab), n_embd=n_embd, n_head=n_head,
+        n_kv_head=int(fields.get("llama.attention.head_count_kv", n_head)),
+        head_dim=int(fields.get("llama.attention.key_length", n_embd // n_head)),
+        intermediate_size=int(fields["llama.feed_forward_length"]), block_size=int(fields["llama.context_length"]),
+        norm="rmsnorm", norm_eps=float(fields["llama.attention.layer_norm_rms_epsilon"]), activation="silu",
+        attn_bias=False, mlp_bias=False, positions="rope", rope_base=float(fields.get("llama.rope.freq_base", 1e4)),
+        tie_embeddings=False, bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=fields.get("tokenizer.ggml.eos_token_id"), name=name,
+    )
+
+
+def _key(name: str, config: ModelConfig) -> tuple[str | None, int]:
+    """legolm key of a GGUF tensor, and the head count to un-permute by (0: none)."""
+    if name in _TOP_KEYS:
+        return _TOP_KEYS[name], 0
+    if not name.startswith("blk."):
+        return None, 0  # e.g. rope_freqs of llama3-style files
+    _, idx, rest = name.split(".", 2)
+    if rest not in _LAYER_KEYS:
+        raise CheckpointError(f"GGUF tensor {name!r} is not part of a llama block legolm knows")
+    heads = {"attn_q.weight": config.n_head, "attn_k.weight": config.kv_heads}.get(rest, 0)
+    return f"blocks.{idx}.{_LAYER_KEYS[rest]}", heads
+
+
+def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor], Tokenizer]:
+    """Config, dequantised legolm-named state dict and tokenizer of a GGUF file."""
+    reader = _reader(path)
+    fields = read_fields(reader)
+    config = gguf_config(fields, path.stem)
+    state: dict[str, Tensor] = {}
+    for t in reader.tensors:
+        key, heads = _key(t.name, config)
+        if key is not None:
+            w = _tensor(t)
+            state[key] = _unpermute(w, heads) if heads else w
+    config.tie_embeddings = "lm_head.weight" not in state
+    return config, state, Tokenizer.from_gguf_fields(fields)

@@ -1,0 +1,1 @@
+"""Text data: tokenizers (and, later, corpora and batching)."""

@@ -1,0 +1,157 @@
+"""Batched, KV-cached generation for prompts of different lengths.
+
+Prompts are left-padded into one (B, P) batch; each row's positions count from its own first
+token, pad slots are masked out of attention, and every step decodes one token for all rows
+through a static cache (`Decoder`). Rows stop at EOS independently.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from legolm.data.tokenizer import Tokenizer
+from legolm.errors import ConfigError
+from legolm.generation.decoder import Decoder
+from legolm.generation.sampling import next_token
+from legolm.model.kv_cache import KVCache
+from legolm.model.transformer import TransformerLM
+
+
+@dataclass
+class GenerationConfig:
+    """How to generate.
+
+    Attributes:
+        max_new_tokens: Tokens to add to each prompt.
+        greedy: Take the most likely token (ignores temperature/top_k/top_p).
+        temperature: Softmax temperature when sampling (> 0).
+        top_k: Sample among the k most likely tokens (0 = all).
+        top_p: Nucleus sampling mass (1.0 = off).
+        stop_at_eos: Stop a row once it emits the EOS id.
+        seed: Seed of the sampling generator (None = nondeterministic).
+        cuda_graph: Replay each decode step as a CUDA graph (ignored off CUDA).
+        compile: `torch.compile` the decode step (GPU fast path).
+        eos_check_every: Steps between checks whether every row is done (each check syncs the GPU).
+    """
+
+    max_new_tokens: int = 64
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_at_eos: bool = True
+    seed: int | None = None
+    cuda_graph: bool = True
+    compile: bool = False
+    eos_check_every: int = 8
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0 and not self.greedy:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}; use --greedy for argmax decoding")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.eos_check_every < 1:
+            raise ConfigError(f"eos_check_every must be >= 1, got {self.eos_check_every}")
+
+
+@dataclass
+class GenerationResult:
+    """New tokens per prompt (EOS included when hit) and timing."""
+
+    tokens: list[list[int]]
+    prefill_s: float
+    decode_s: float
+    steps: int
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(B, P) left-padded ids and (B,) lengths."""
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    P = int(lengths.max())
+    idx = torch.zeros(len(prompts), P, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        idx[b, P - len(p):] = torch.tensor(list(p), dtype=torch.long, device=device)
+    return idx, lengths
+
+
+def _check_prompts(model: TransformerLM, prompts: Sequence[Sequence[int]], max_new: int) -> None:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("empty prompt: give at least one token of text to continue")
+    longest = max(len(p) for p in prompts) + max_new
+    if longest > model.config.block_size:
+        raise ConfigError(f"prompt + max_new_tokens = {longest} exceeds the model's context of "
+                          f"{model.config.block_size}; shorten the prompt or lower --max-new-tokens")
+    bad = [t for p in prompts for t in p if not 0 <= t < model.config.vocab_size]
+    if bad:
+        raise ConfigError(f"token id {bad[0]} is outside the model's vocabulary of {model.config.vocab_size}")
+
+
+@torch.inference_mode()
+def generate(model: TransformerLM, prompts: Sequence[Sequence[int]], config: GenerationConfig,
+             eos_id: int | None = None) -> GenerationResult:
+    """Continue each prompt (a list of token ids) by up to ``config.max_new_tokens`` tokens."""
+    config.validate()
+    _check_prompts(model, prompts, config.max_new_tokens)
+    param = next(model.parameters())
+    device, B = param.device, len(prompts)
+    idx, lengths = _left_pad(prompts, device)
+    P, N = idx.shape[1], config.max_new_tokens
+    cache = KVCache(model.config, B, P + N, dtype=param.dtype, device=device)
+    pad_mask = None
+    if bool((lengths != P).any()):
+        pad_mask = torch.arange(P + N, device=device)[None, :] >= (P - lengths)[:, None]  # (B, P + N)
+    positions = (torch.arange(P, device=device)[None, :] - (P - lengths)[:, None]).clamp(min=0)  # (B, P)
+    gen = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
+    eos = eos_id if config.stop_at_eos else None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    t0 = time.perf_counter()
+    logits = model(idx, cache=cache, input_pos=torch.arange(P, device=device), positions=positions,
+                   pad_mask=pad_mask)[:, -1]
+    sync()
+    t1 = time.perf_counter()
+    decoder = Decoder(model, cache, pad_mask, cuda_graph=config.cuda_graph and device.type == "cuda",
+                      compile=config.compile)
+    out = torch.empty(B, N, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    steps = 0
+    for t in range(N):
+        tok = next_token(logits, config.greedy, config.temperature, config.top_k, config.top_p, gen)
+        if eos is not None:
+            tok = torch.where(finished, eos, tok)
+            finished |= tok == eos
+        out[:, t] = tok
+        steps = t + 1
+        done = eos is not None and steps % config.eos_check_every == 0 and bool(finished.all())
+        if steps == N or done:
+            break
+        logits = decoder(tok, P + t, lengths + t)
+    sync()
+    t2 = time.perf_counter()
+    return GenerationResult(_trim(out[:, :steps].tolist(), eos), t1 - t0, t2 - t1, steps)
+
+
+def _trim(rows: list[list[int]], eos: int | None) -> list[list[int]]:
+    """Cut each row after its first EOS (kept, as Hugging Face does)."""
+    if eos is None:
+        return rows
+    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
+
+
+def generate_text(model: TransformerLM, tokenizer: Tokenizer, prompts: Sequence[str],
+                  config: GenerationConfig) -> list[str]:
+    """Text in, continuations out (special tokens dropped)."""
+    if any(not p for p in prompts):
+        raise ConfigError("empty prompt: give at least one character of text to continue")
+    eos = tokenizer.eos_id if tokenizer.eos_id is not None else model.config.eos_token_id
+    result = generate(model, [tokenizer.encode(p) for p in prompts], config, eos_id=eos)
+    return [tokenizer.decode(row) for row in result.tokens]

@@ -1,0 +1,44 @@
+"""Residual wirings. A block is built by passing its parts in.
+
+Sequential (GPT-2, Llama)::
+
+    x ──┬─ norm_1 ─ attn ─(+)──┬─ norm_2 ─ mlp ─(+)── out
+        └──────────────────────┘└───────────────┘
+
+Parallel (GPT-NeoX / Pythia): attention and MLP both read the block input::
+
+    x ──┬─ norm_1 ─ attn ──(+)── out
+        ├─ norm_2 ─ mlp  ───┤
+        └───────────────────┘
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from legolm.layers.attention import CausalSelfAttention
+from legolm.layers.context import LayerContext
+from legolm.model.kv_cache import LayerKVCache
+
+
+class SequentialBlock(nn.Module):
+    """Pre-norm block: x + attn(norm_1(x)), then + mlp(norm_2(·))."""
+
+    def __init__(self, norm_1: nn.Module, attn: CausalSelfAttention, norm_2: nn.Module, mlp: nn.Module) -> None:
+        super().__init__()
+        self.norm_1, self.attn, self.norm_2, self.mlp = norm_1, attn, norm_2, mlp
+
+    def forward(self, x: Tensor, ctx: LayerContext, cache: LayerKVCache | None = None) -> Tensor:
+        x = x + self.attn(self.norm_1(x), ctx, cache)  # (B, T, C)
+        return x + self.mlp(self.norm_2(x))
+
+
+class ParallelBlock(nn.Module):
+    """GPT-NeoX block: x + attn(norm_1(x)) + mlp(norm_2(x))."""
+
+    def __init__(self, norm_1: nn.Module, attn: CausalSelfAttention, norm_2: nn.Module, mlp: nn.Module) -> None:
+        super().__init__()
+        self.norm_1, self.attn, self.norm_2, self.mlp = norm_1, attn, norm_2, mlp
+
+    def forward(self, x: Tensor, ctx: LayerContext, cache: LayerKVCache | None = None) -> Tensor:
+        return x + self.attn(self.norm_1(x), ctx, cache) + self.mlp(self.norm_2(x))  # (B, T, C)

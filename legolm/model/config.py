@@ -1,0 +1,184 @@
+"""`ModelConfig`: the one serializable description of a `TransformerLM`, with named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from legolm.errors import ConfigError
+
+Norm = Literal["layernorm", "rmsnorm"]
+Activation = Literal["gelu", "gelu_tanh", "silu"]
+Positions = Literal["learned", "rope"]
+
+
+@dataclass
+class ModelConfig:
+    """Sizes and parts of a decoder-only transformer.
+
+    The layer list names a registered layer type per block (``layers: ["pythia"] * 6``); each
+    type's builder reads the sizes below and picks its parts (norm, attention, MLP, residual
+    wiring). Everything a checkpoint needs to be rebuilt is here, and nothing else.
+
+    Attributes:
+        layers: Registered layer type of each block, bottom to top.
+        vocab_size: Rows of the token embedding and of the LM head.
+        n_embd: Model width C.
+        n_head: Query heads.
+        n_kv_head: Key/value heads (< n_head means grouped-query attention); None = n_head.
+        head_dim: Width of one head; None = n_embd // n_head.
+        intermediate_size: Hidden width of the MLP.
+        block_size: Longest sequence the positions support.
+        norm: Normalisation used in the blocks and before the head.
+        norm_eps: Epsilon of every norm.
+        activation: MLP non-linearity (``silu`` means a SwiGLU MLP in Llama blocks).
+        attn_bias: Biases on the q/k/v and output projections.
+        mlp_bias: Biases on the MLP projections.
+        positions: ``learned`` absolute embeddings (GPT-2) or rotary embeddings.
+        rotary_pct: Fraction of each head's dims that rotate (Pythia 0.25, Llama 1.0).
+        rope_base: RoPE theta.
+        tie_embeddings: The LM head shares the token embedding's weight.
+        bos_token_id: Beginning-of-sequence id, if the tokenizer has one.
+        eos_token_id: End-of-sequence id used to stop generation.
+        name: Preset or checkpoint name, for reports.
+    """
+
+    layers: list[str]
+    vocab_size: int
+    n_embd: int
+    n_head: int
+    intermediate_size: int
+    block_size: int
+    n_kv_head: int | None = None
+    head_dim: int | None = None
+    norm: Norm = "layernorm"
+    norm_eps: float = 1e-5
+    activation: Activation = "gelu"
+    attn_bias: bool = True
+    mlp_bias: bool = True
+    positions: Positions = "rope"
+    rotary_pct: float = 1.0
+    rope_base: float = 10000.0
+    tie_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    name: str = "custom"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            self.head_dim = self.n_embd // max(self.n_head, 1)
+        self.validate()
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.layers)
+
+    @property
+    def kv_heads(self) -> int:
+        assert self.n_kv_head is not None
+        return self.n_kv_head
+
+    @property
+    def hd(self) -> int:
+        assert self.head_dim is not None
+        return self.head_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (even), 0 for learned positions."""
+        if self.positions != "rope":
+            return 0
+        return int(self.hd * self.rotary_pct) // 2 * 2
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first inconsistent field."""
+        from legolm.layers import registered_layers
+
+        positive = ("vocab_size", "n_embd", "n_head", "intermediate_size", "block_size", "n_kv_head", "head_dim")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model config: {name} must be > 0, got {getattr(self, name)}")
+        if not self.layers:
+            raise ConfigError("model config: `layers` is empty; give at least one layer type, e.g. ['pythia']")
+        unknown = sorted(set(self.layers) - set(registered_layers()))
+        if unknown:
+            raise ConfigError(f"model config: unknown layer type(s) {unknown}; known: {registered_layers()}")
+        if self.n_head % self.kv_heads:
+            raise ConfigError(
+                f"model config: n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}"
+            )
+        if not 0.0 <= self.rotary_pct <= 1.0:
+            raise ConfigError(f"model config: rotary_pct must be in [0, 1], got {self.rotary_pct}")
+
+    # -- serialization -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"model config: unknown field(s) {unknown}; valid fields: {sorted(names)}")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise ConfigError(f"model config: {err}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
+        """Build a named preset (see `PRESETS`), optionally overriding fields."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], "name": name, **overrides})
+
+
+def _gpt2(n_layer: int, n_embd: int, n_head: int, vocab: int = 50257, block: int = 1024) -> dict[str, Any]:
+    return dict(
+        layers=["gpt2"] * n_layer, vocab_size=vocab, n_embd=n_embd, n_head=n_head,
+        intermediate_size=4 * n_embd, block_size=block, norm="layernorm", activation="gelu_tanh",
+        positions="learned", tie_embeddings=True, eos_token_id=50256, bos_token_id=50256,
+    )
+
+
+def _pythia(n_layer: int, n_embd: int, n_head: int, vocab: int = 50304, block: int = 2048) -> dict[str, Any]:
+    return dict(
+        layers=["pythia"] * n_layer, vocab_size=vocab, n_embd=n_embd, n_head=n_head,
+        intermediate_size=4 * n_embd, block_size=block, norm="layernorm", activation="gelu",
+        positions="rope", rotary_pct=0.25, rope_base=10000.0, tie_embeddings=False,
+        eos_token_id=0, bos_token_id=0,
+    )
+
+
+def _llama(n_layer: int, n_embd: int, n_head: int, n_kv: int, inter: int, vocab: int, block: int,
+           rope_base: float) -> dict[str, Any]:
+    return dict(
+        layers=["llama"] * n_layer, vocab_size=vocab, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv,
+        intermediate_size=inter, block_size=block, norm="rmsnorm", activation="silu", attn_bias=False,
+        mlp_bias=False, positions="rope", rotary_pct=1.0, rope_base=rope_base, tie_embeddings=True,
+    )
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": _gpt2(12, 768, 12),
+    "gpt2-medium": _gpt2(24, 1024, 16),
+    "pythia-14m": _pythia(6, 128, 4),
+    "pythia-70m": _pythia(6, 512, 8),
+    "pythia-160m": _pythia(12, 768, 12),
+    "smollm2-135m": {
+        **_llama(30, 576, 9, 3, 1536, 49152, 8192, 100000.0), "bos_token_id": 1, "eos_token_id": 2,
+    },
+    # Tiny configs for tests and CPU smoke runs.
+    "tiny-gpt2": _gpt2(2, 64, 4, vocab=512, block=128),
+    "tiny-pythia": _pythia(2, 64, 4, vocab=512, block=128),
+    "tiny-llama": _llama(2, 64, 4, 2, 128, 512, 128, 10000.0),
+}

@@ -1,0 +1,167 @@
+"""`TransformerLM`: token embedding -> list of layers -> final norm -> LM head.
+
+::
+
+    idx (B, T) ─ wte (+ wpe) ─ h₀ ─ blocks[0] ─ h₁ ─ … ─ blocks[L-1] ─ h_L ─ norm ─ lm_head ─ logits
+                               └──────────── forward(start, end) runs any slice ────────────┘
+
+`forward` can start from hidden states and stop before the top (LEGO's split models,
+Skip2-LoRA's taps); `forward_layers` returns the hidden states of chosen layers too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from legolm.layers import build_layer
+from legolm.layers.context import LayerContext
+from legolm.layers.norms import make_norm
+from legolm.model.config import ModelConfig
+from legolm.model.kv_cache import KVCache
+from legolm.model.rope import rope_tables
+
+
+@dataclass
+class LayersOutput:
+    """Result of `TransformerLM.forward_layers`: the last hidden state and the captured ones."""
+
+    hidden: Tensor
+    captured: dict[int, Tensor] = field(default_factory=dict)
+
+
+class TransformerLM(nn.Module):
+    """A decoder-only language model assembled from registered layer types.
+
+    Args:
+        config: Sizes and the per-layer types; see `ModelConfig`.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
+        self.blocks = nn.ModuleList([build_layer(name, config, i) for i, name in enumerate(config.layers)])
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.register_buffer("rope", self._rope_tables(), persistent=False)
+        self.reset_parameters()
+
+    # -- construction --------------------------------------------------------------------------
+    def _rope_tables(self, device: torch.device | None = None) -> Tensor:
+        c = self.config
+        return rope_tables(c.rotary_dim, c.block_size, c.rope_base, device) if c.rotary_dim else torch.empty(0)
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual output projections scaled by 1/√(2·n_layer)."""
+        std = 0.02
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual_out = name.endswith((".proj", ".down"))
+                nn.init.normal_(module.weight, 0.0, std / math.sqrt(2 * self.config.n_layer) if is_residual_out else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, state: dict[str, Tensor], *, strict: bool = True) -> TransformerLM:
+        """Build without random init (on the meta device) and take the tensors of ``state``."""
+        from legolm.checkpoints.validate import check_state_dict
+
+        with torch.device("meta"):
+            model = cls(config)
+        check_state_dict(model, state)
+        if config.tie_embeddings:
+            state = {**state, "lm_head.weight": state["wte.weight"]}
+        model.load_state_dict(state, strict=strict, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.wte.weight
+        model.rope = model._rope_tables()
+        return model
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        params = {id(p): p for p in self.parameters() if p.requires_grad or not trainable_only}
+        return sum(p.numel() for p in params.values())
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        cache: KVCache | None = None,
+        input_pos: Tensor | None = None,
+        positions: Tensor | None = None,
+        pad_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Run layers ``start:end``.
+
+        Args:
+            x: Token ids (B, T) when ``start == 0``, else hidden states (B, T, C).
+            start: First layer to run.
+            end: One past the last layer (default: all); logits are returned only when it is the top.
+            cache: KV cache to read and write; needs ``input_pos``.
+            input_pos: Cache slots (T,) of these tokens.
+            positions: Position ids (B, T) for RoPE / learned embeddings; default = slots or 0..T-1.
+            pad_mask: (B, S) True where a key slot holds a real token (left-padded batches).
+
+        Returns:
+            Logits (B, T, vocab) if ``end`` is the top layer, else hidden states (B, T, C).
+        """
+        end = self.config.n_layer if end is None else end
+        B, T = x.shape[0], x.shape[1]
+        if positions is None:
+            positions = (input_pos if input_pos is not None else torch.arange(T, device=x.device)).expand(B, T)
+        h = self.embed(x, positions) if start == 0 else x
+        ctx = self.make_context(positions, h.dtype, cache, input_pos, pad_mask)
+        h = self.forward_layers(h, ctx, start, end, cache).hidden
+        return self.project(h) if end == self.config.n_layer else h
+
+    def embed(self, idx: Tensor, positions: Tensor) -> Tensor:
+        """Token (+ learned position) embeddings: (B, T) -> (B, T, C)."""
+        h = self.wte(idx)
+        return h + self.wpe(positions) if self.wpe is not None else h
+
+    def make_context(self, positions: Tensor, dtype: torch.dtype, cache: KVCache | None = None,
+                     input_pos: Tensor | None = None, pad_mask: Tensor | None = None) -> LayerContext:
+        """RoPE tables for ``positions`` (B, T) and the attention mask, shared by all layers."""
+        cos = sin = None
+        if self.rope.numel():
+            cs = self.rope[:, positions].to(dtype)  # (2, B, T, R)
+            cos, sin = cs[0].unsqueeze(1), cs[1].unsqueeze(1)  # (B, 1, T, R)
+        mask = None
+        if cache is not None or pad_mask is not None:
+            T = positions.shape[1]
+            slots = input_pos if input_pos is not None else torch.arange(T, device=positions.device)
+            S = cache.max_len if cache is not None else T
+            keys = torch.arange(S, device=positions.device)
+            mask = (keys[None, :] <= slots[:, None])[None, None]  # (1, 1, T, S) causal over slots
+            if pad_mask is not None:  # pad keys are hidden; a query always sees itself (no empty rows)
+                mask = mask & pad_mask[:, None, None, :] | (keys[None, :] == slots[:, None])[None, None]
+        return LayerContext(cos, sin, mask, input_pos)
+
+    def forward_layers(self, h: Tensor, ctx: LayerContext, start: int = 0, end: int | None = None,
+                       cache: KVCache | None = None, capture: Sequence[int] = ()) -> LayersOutput:
+        """Run blocks ``start:end`` on hidden states, keeping the outputs of the blocks in ``capture``."""
+        end = self.config.n_layer if end is None else end
+        captured: dict[int, Tensor] = {}
+        for i in range(start, end):
+            h = self.blocks[i](h, ctx, cache.get(i) if cache is not None else None)  # (B, T, C)
+            if i in capture:
+                captured[i] = h
+        return LayersOutput(h, captured)
+
+    def project(self, h: Tensor) -> Tensor:
+        """Final norm and LM head: (B, T, C) -> (B, T, vocab)."""
+        return self.lm_head(self.norm(h))
