@@ -71,7 +71,7 @@ class Tokenizer:
             raise CheckpointError(f"GGUF tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2')")
         tokens: list[str] = fields["tokenizer.ggml.tokens"]
         merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
-        backend = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))  # type: ignore[arg-type]
+        backend = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
         # SmolLM's pre-tokenizer splits digits one by one before the GPT-2 regex.
         backend.pre_tokenizer = (

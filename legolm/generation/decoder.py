@@ -16,7 +16,24 @@ from torch import Tensor
 from legolm.model.kv_cache import KVCache
 from legolm.model.transformer import TransformerLM
 
-StepFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+StepFn = Callable[[TransformerLM, KVCache, "Tensor | None", Tensor, Tensor, Tensor], Tensor]
+
+
+def decode_step(model: TransformerLM, cache: KVCache, pad_mask: Tensor | None, tok: Tensor, slot: Tensor,
+                pos: Tensor) -> Tensor:
+    """Logits (B, V) of one new token per row: ``tok`` (B, 1) at cache slot ``slot`` (1,), positions ``pos``."""
+    return model(tok, cache=cache, input_pos=slot, positions=pos, pad_mask=pad_mask)[:, -1]
+
+
+_compiled_step: StepFn | None = None
+
+
+def compiled_decode_step() -> StepFn:
+    """`decode_step` under `torch.compile`, created once so its compiled code is reused across calls."""
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    return _compiled_step
 
 
 class Decoder:
@@ -33,10 +50,7 @@ class Decoder:
     def __init__(self, model: TransformerLM, cache: KVCache, pad_mask: Tensor | None,
                  cuda_graph: bool = False, compile: bool = False) -> None:
         self.model, self.cache, self.pad_mask = model, cache, pad_mask
-        fn: StepFn = self._step
-        if compile:
-            fn = torch.compile(fn, fullgraph=True, dynamic=False)
-        self.fn = fn
+        self.fn: StepFn = compiled_decode_step() if compile else decode_step
         self.graph: torch.cuda.CUDAGraph | None = None
         self.use_graph = cuda_graph
         device = cache.layers[next(iter(cache.layers))].k.device
@@ -46,17 +60,13 @@ class Decoder:
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.out: Tensor | None = None
 
-    def _step(self, tok: Tensor, slot: Tensor, pos: Tensor) -> Tensor:
-        logits = self.model(tok, cache=self.cache, input_pos=slot, positions=pos, pad_mask=self.pad_mask)
-        return logits[:, -1]  # (B, V)
-
     def __call__(self, tok: Tensor, slot: int, pos: Tensor) -> Tensor:
         """Logits (B, V) after feeding ``tok`` (B,) at cache slot ``slot`` and positions ``pos`` (B,)."""
         self.tok.copy_(tok[:, None])
         self.slot.fill_(slot)
         self.pos.copy_(pos[:, None])
         if not self.use_graph:
-            return self.fn(self.tok, self.slot, self.pos)
+            return self.fn(self.model, self.cache, self.pad_mask, self.tok, self.slot, self.pos)
         if self.graph is None:
             self._capture()
         assert self.graph is not None and self.out is not None
@@ -70,8 +80,8 @@ class Decoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):
-                self.fn(self.tok, self.slot, self.pos)
+                self.fn(self.model, self.cache, self.pad_mask, self.tok, self.slot, self.pos)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = self.fn(self.tok, self.slot, self.pos)
+            self.out = self.fn(self.model, self.cache, self.pad_mask, self.tok, self.slot, self.pos)

@@ -51,7 +51,8 @@ class TransformerLM(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.register_buffer("rope", self._rope_tables(), persistent=False)
+        self.rope: Tensor
+        self.register_buffer("rope", self._rope_tables(), persistent=False)  # (2, block_size, R) cos/sin
         self.reset_parameters()
 
     # -- construction --------------------------------------------------------------------------
@@ -64,8 +65,8 @@ class TransformerLM(nn.Module):
         std = 0.02
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                is_residual_out = name.endswith((".proj", ".down"))
-                nn.init.normal_(module.weight, 0.0, std / math.sqrt(2 * self.config.n_layer) if is_residual_out else std)
+                scaled = name.endswith((".proj", ".down"))  # outputs added to the residual stream
+                nn.init.normal_(module.weight, 0.0, std / math.sqrt(2 * self.config.n_layer) if scaled else std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):

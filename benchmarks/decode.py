@@ -1,0 +1,115 @@
+"""Decode throughput: legolm vs Hugging Face `generate`, same weights, same GPU, same process.
+
+For each model shape (random weights of the real architecture, shared by both libraries), prompts
+are windows of real text (Tiny Shakespeare); every run produces exactly ``--new-tokens`` greedy
+tokens per row (no EOS stop). tok/s counts generated tokens over the whole call (prefill included).
+
+    python benchmarks/prepare_data.py            # once, where the shared data is
+    python -m benchmarks.decode --models gpt2 pythia-160m --batch 1 16
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import device_info, print_table, real_tokens, timed, write_result
+from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
+from legolm.generation import GenerationConfig, generate
+from legolm.model.config import ModelConfig
+from legolm.model.transformer import TransformerLM
+
+TOKENIZER = {"gpt2": "gpt2", "gpt2-medium": "gpt2", "pythia-160m": "pythia", "pythia-70m": "pythia"}
+
+
+def build_pair(preset: str, dtype: torch.dtype) -> tuple[Any, TransformerLM]:
+    """An HF model with random weights of the preset's shape, and legolm loaded from its state dict."""
+    import transformers
+
+    config = ModelConfig.from_name(preset)
+    torch.manual_seed(0)
+    hf_cfg, _ = export_hf_state(config, TransformerLM(config).state_dict())
+    family = family_for(hf_cfg["model_type"])
+    cfg_cls = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
+    hf = getattr(transformers, family.architecture)(cfg_cls).to("cuda", dtype).eval()
+    state = convert_state({k: v for k, v in hf.state_dict().items()}, family, config, to_hf=False)
+    ours = TransformerLM.from_state_dict(config, state).to("cuda", dtype).eval()
+    return hf, ours
+
+
+def prompts_for(preset: str, batch: int, length: int) -> list[list[int]]:
+    ids = real_tokens(TOKENIZER[preset]).astype(np.int64)
+    return [ids[i * 997: i * 997 + length].tolist() for i in range(batch)]
+
+
+def run_hf(hf: Any, prompts: list[list[int]], new: int, static: bool) -> tuple[float, list[int]]:
+    idx = torch.tensor(prompts, device="cuda")
+    kwargs: dict[str, Any] = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
+                                  attention_mask=torch.ones_like(idx))
+    if static:  # transformers compiles the decode step itself when the cache is static
+        kwargs["cache_implementation"] = "static"
+    seconds, out = timed(lambda: hf.generate(idx, **kwargs), repeats=3, warmup=2 if static else 1)
+    return seconds, out[0, idx.shape[1]:].tolist()
+
+
+def run_ours(model: TransformerLM, prompts: list[list[int]], new: int, graph: bool, compile: bool
+             ) -> tuple[float, list[int]]:
+    cfg = GenerationConfig(max_new_tokens=new, greedy=True, stop_at_eos=False, cuda_graph=graph, compile=compile)
+    # A fresh Decoder (and graph) per call: capture cost is part of every timed call.
+    seconds, out = timed(lambda: generate(model, prompts, cfg), repeats=3, warmup=1)
+    return seconds, out.tokens[0]
+
+
+def agree(a: list[int], b: list[int]) -> int:
+    """Length of the common greedy prefix (bf16 rounding makes long greedy runs drift apart)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["gpt2", "pythia-160m"])
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--hf-static", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time HF generate with a static cache + torch.compile")
+    args = parser.parse_args()
+    dtype = torch.bfloat16
+    rows: list[dict[str, Any]] = []
+    for preset in args.models:
+        hf, ours = build_pair(preset, dtype)
+        for batch in args.batch:
+            prompts = prompts_for(preset, batch, args.prompt_tokens)
+            n_tok = batch * args.new_tokens
+            t_hf, ref = run_hf(hf, prompts, args.new_tokens, static=False)
+            variants = {"legolm eager": (False, False), "legolm cuda-graph": (True, False),
+                        "legolm compile+graph": (True, True)}
+            results = {"hf generate": (t_hf, ref)}
+            for name, (graph, comp) in variants.items():
+                results[name] = run_ours(ours, prompts, args.new_tokens, graph, comp)
+            if args.hf_static:
+                try:
+                    results["hf static+compile"] = run_hf(hf, prompts, args.new_tokens, static=True)
+                except Exception as err:  # a peer configuration that fails is reported, not fatal
+                    print(f"hf static+compile failed on {preset} batch {batch}: {str(err).splitlines()[0]}")
+            for name, (sec, toks) in results.items():
+                rows.append({"model": preset, "batch": batch, "impl": name, "tok/s": f"{n_tok / sec:,.0f}",
+                             "ms/step": f"{1000 * sec / args.new_tokens:.2f}",
+                             "vs hf": f"{t_hf / sec:.1f}x", "greedy agree": f"{agree(toks, ref)}/{len(ref)}"})
+        del hf, ours
+        torch.cuda.empty_cache()
+    print(f"\nDecode, {args.prompt_tokens}-token real-text prompts, {args.new_tokens} new tokens, bf16, "
+          f"{device_info()['device']}")
+    table = print_table(rows, ["model", "batch", "impl", "tok/s", "ms/step", "vs hf", "greedy agree"])
+    path = write_result("decode", {**device_info(), "args": vars(args), "rows": rows, "table": table})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

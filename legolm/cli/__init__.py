@@ -1,0 +1,1 @@
+"""The ``legolm`` command line."""

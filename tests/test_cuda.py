@@ -1,0 +1,42 @@
+"""CUDA-only fast paths (run on the GPU machine; CI has no GPU, so they are reported as skipped there)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from legolm.generation import GenerationConfig, generate
+from legolm.model.config import ModelConfig
+from legolm.model.transformer import TransformerLM
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+
+
+def _model(preset: str, dtype: torch.dtype) -> TransformerLM:
+    torch.manual_seed(0)
+    return TransformerLM(ModelConfig.from_name(preset)).to("cuda", dtype).eval()
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "pythia-160m", "smollm2-135m"])
+def test_cuda_graph_and_compile_decode_match_eager(preset: str) -> None:
+    model = _model(preset, torch.float32)
+    prompts = [[5, 17, 99, 3, 42, 7], [8, 1000, 12]]  # different lengths: left padding in the graph too
+    tokens = {}
+    for name, graph, comp in [("eager", False, False), ("graph", True, False), ("compile", True, True)]:
+        cfg = GenerationConfig(max_new_tokens=24, greedy=True, stop_at_eos=False, cuda_graph=graph, compile=comp)
+        tokens[name] = generate(model, prompts, cfg).tokens
+    assert tokens["graph"] == tokens["eager"]
+    assert tokens["compile"] == tokens["eager"]
+
+
+def test_bf16_logits_close_to_fp32_and_generation_runs() -> None:
+    import copy
+
+    model32 = _model("gpt2", torch.float32)
+    model16 = copy.deepcopy(model32).to(torch.bfloat16)
+    idx = torch.randint(0, 50257, (2, 64), device="cuda")
+    with torch.no_grad():
+        ref, out = model32(idx), model16(idx).float()
+    assert ((out - ref).norm() / ref.norm()).item() < 2e-2
+    cfg = GenerationConfig(max_new_tokens=16, greedy=True, stop_at_eos=False)
+    assert len(generate(model16, [[464, 3139, 286, 4881, 318]], cfg).tokens[0]) == 16
