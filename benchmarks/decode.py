@@ -92,6 +92,7 @@ def main() -> None:
                         "legolm compile+graph": (True, True)}
             results = {"hf generate": (t_hf, ref)}
             for name, (graph, comp) in variants.items():
+                print(f"  timing {name} ...", flush=True)
                 results[name] = run_ours(ours, prompts, args.new_tokens, graph, comp)
             if args.hf_static:
                 try:
@@ -99,6 +100,7 @@ def main() -> None:
                 except Exception as err:  # a peer configuration that fails is reported, not fatal
                     print(f"hf static+compile failed on {preset} batch {batch}: {str(err).splitlines()[0]}")
             for name, (sec, toks) in results.items():
+                print(f"{preset} batch {batch} {name}: {n_tok / sec:,.0f} tok/s", flush=True)
                 rows.append({"model": preset, "batch": batch, "impl": name, "tok/s": f"{n_tok / sec:,.0f}",
                              "ms/step": f"{1000 * sec / args.new_tokens:.2f}",
                              "vs hf": f"{t_hf / sec:.1f}x", "greedy agree": f"{agree(toks, ref)}/{len(ref)}"})

@@ -12,6 +12,7 @@ layouts differ) plus its config mapping. The transforms:
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -167,6 +168,7 @@ NEOX = Family("gpt_neox", "GPTNeoXForCausalLM", "pythia", [
     Rule(_N + "mlp.dense_4h_to_h.{p}", "blocks.{i}.mlp.proj.{p}"),
     Rule("gpt_neox.final_layer_norm.{p}", "norm.{p}"),
     Rule("embed_out.weight", "lm_head.weight"),
+    Rule("lm_head.weight", "lm_head.weight"),  # transformers >= 5 names the head lm_head in state_dict()
 ], _neox_in, _neox_out, ignore=(r"\.attention\.(masked_)?bias$", r"rotary_emb\.inv_freq$"))
 
 
@@ -265,6 +267,10 @@ def read_weights(directory: Path) -> dict[str, Tensor]:
             return state
         if (directory / "pytorch_model.bin").is_file():
             return dict(torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True))
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{directory / 'pytorch_model.bin'} holds Python objects other than tensors and "
+                              "is refused (loaded with weights_only=True); save its state dict as "
+                              "safetensors") from None
     except (SafetensorError, OSError, RuntimeError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"cannot read the weights in {directory} ({first}); the file is truncated or "

@@ -1,0 +1,62 @@
+"""Shared fixtures: where the real data lives, and the real SmolLM2 GGUF model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+DEFAULT_SHARED = Path(__file__).resolve().parents[2] / "shared"
+SMOLLM2_GGUF = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+SHAKESPEARE = "data/tinyshakespeare.txt"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_defaults() -> None:
+    # 2 CPU cores on CI: keep torch from oversubscribing, and keep tests deterministic.
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The project's shared real data: $LEGOLM_DATA, else the `shared` folder beside the checkout."""
+    raw = os.environ.get("LEGOLM_DATA")
+    path = Path(raw).expanduser() if raw else DEFAULT_SHARED
+    path = path.resolve()
+    if not path.is_dir():
+        how = f"LEGOLM_DATA={raw!r}" if raw else f"LEGOLM_DATA is unset and the default {DEFAULT_SHARED}"
+        pytest.fail(
+            f"shared data folder not found: {how} does not exist. Set LEGOLM_DATA to the folder holding "
+            "models/ and data/ (CI uses LEGOLM_DATA=../shared).",
+            pytrace=False,
+        )
+    return path
+
+
+def _shared_file(shared_dir: Path, rel: str) -> Path:
+    path = shared_dir / rel
+    if not path.is_file():
+        pytest.fail(f"{path} is missing from the shared data folder {shared_dir} (LEGOLM_DATA)", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(shared_dir: Path) -> Path:
+    """The real SmolLM2-135M-Instruct model, 4-bit GGUF."""
+    return _shared_file(shared_dir, SMOLLM2_GGUF)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text(shared_dir: Path) -> str:
+    return _shared_file(shared_dir, SHAKESPEARE).read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir(shared_dir: Path) -> Path:
+    """GPT-2's vocab.json + merges.txt (50,257 tokens)."""
+    d = shared_dir / "tokenizers" / "gpt2"
+    _shared_file(shared_dir, "tokenizers/gpt2/vocab.json")
+    _shared_file(shared_dir, "tokenizers/gpt2/merges.txt")
+    return d
