@@ -235,7 +235,8 @@ def config_from_hf(cfg: dict[str, Any], name: str = "custom") -> tuple[Family, M
 def convert_state(state: dict[str, Tensor], family: Family, config: ModelConfig, to_hf: bool) -> dict[str, Tensor]:
     """Rename (and re-layout) every tensor between Hugging Face and legolm names."""
     out: dict[str, Tensor] = {}
-    for key, tensor in state.items():
+    for original, tensor in state.items():
+        key = original
         if not to_hf:
             if family.model_type == "gpt2" and not key.startswith(("transformer.", "lm_head.")):
                 key = "transformer." + key  # GPT2Model checkpoints (e.g. the original `gpt2`) lack the prefix
@@ -248,7 +249,7 @@ def convert_state(state: dict[str, Tensor], family: Family, config: ModelConfig,
                 out[other] = fn(tensor, config) if fn else tensor
                 break
         else:
-            raise CheckpointError(f"tensor {key!r} has no {family.model_type} mapping; is this checkpoint complete "
+            raise CheckpointError(f"tensor {original!r} has no {family.model_type} mapping; is the checkpoint complete "
                                   "and of the architecture its config.json names?")
     return out
 
