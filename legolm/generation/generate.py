@@ -119,25 +119,23 @@ def generate(model: TransformerLM, prompts: Sequence[Sequence[int]], config: Gen
                    pad_mask=pad_mask)[:, -1]
     sync()
     t1 = time.perf_counter()
-    decoder = Decoder(model, cache, pad_mask, cuda_graph=config.cuda_graph and device.type == "cuda",
-                      compile=config.compile)
-    out = torch.empty(B, N, dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    steps = 0
-    for t in range(N):
-        tok = next_token(logits, config.greedy, config.temperature, config.top_k, config.top_p, gen)
-        if eos is not None:
-            tok = torch.where(finished, eos, tok)
-            finished |= tok == eos
-        out[:, t] = tok
-        steps = t + 1
-        done = eos is not None and steps % config.eos_check_every == 0 and bool(finished.all())
-        if steps == N or done:
+    decoder = Decoder(model, cache, pad_mask, N, config.greedy, eos,
+                      cuda_graph=config.cuda_graph and device.type == "cuda", compile=config.compile)
+
+    def sample(lg: Tensor) -> Tensor:
+        return next_token(lg, config.greedy, config.temperature, config.top_k, config.top_p, gen)
+
+    decoder.start(sample(logits), P, lengths)
+    for t in range(1, N):
+        if eos is not None and t % config.eos_check_every == 0 and bool(decoder.finished.all()):
             break
-        logits = decoder(tok, P + t, lengths + t)
+        logits = decoder.step()
+        if not config.greedy:
+            decoder.emit(sample(logits))
+    steps = int(decoder.t.item())
     sync()
     t2 = time.perf_counter()
-    return GenerationResult(_trim(out[:, :steps].tolist(), eos), t1 - t0, t2 - t1, steps)
+    return GenerationResult(_trim(decoder.tokens[:, :steps].tolist(), eos), t1 - t0, t2 - t1, steps)
 
 
 def _trim(rows: list[list[int]], eos: int | None) -> list[list[int]]:
