@@ -1,0 +1,33 @@
+"""``legolm generate``: continue prompts with a pretrained model."""
+
+from __future__ import annotations
+
+import argparse
+
+from legolm.cli.args import add_dataclass_args, dataclass_from_args
+from legolm.cli.common import add_model_args, device_dtype
+from legolm.errors import LegolmError
+from legolm.generation import GenerationConfig, generate_text
+
+
+def run(ns: argparse.Namespace) -> None:
+    from legolm.checkpoints.load import load_pretrained, load_tokenizer
+
+    device, dtype = device_dtype(ns)
+    config = dataclass_from_args(GenerationConfig, ns)
+    config.validate()
+    if any(not p for p in ns.prompt):
+        raise LegolmError("empty prompt: give --prompt some text to continue")
+    model = load_pretrained(ns.model, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(ns.model)
+    for prompt, text in zip(ns.prompt, generate_text(model, tokenizer, ns.prompt, config), strict=True):
+        print(prompt + text if ns.echo else text, flush=True)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a pretrained model")
+    add_model_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="text to continue (repeat for a batch)")
+    p.add_argument("--echo", action=argparse.BooleanOptionalAction, default=False, help="print the prompt too")
+    add_dataclass_args(p, GenerationConfig)
+    p.set_defaults(func=run)
