@@ -1,14 +1,18 @@
 """One decode step (one new token per sequence) over a static KV cache, eager or as a CUDA graph.
 
 The static cache never re-allocates and every input of the step lives in a fixed buffer, so on a
-GPU the whole step (embedding, all layers, head) is captured once into a CUDA graph and replayed:
-a single launch per token instead of hundreds, which is what decoding at batch 1 is bound by.
-Optionally the step is compiled with `torch.compile` first (fused kernels, then captured).
+GPU the whole step (embedding, all layers, head, greedy argmax, EOS flags, slot advance) is
+captured once into a CUDA graph and replayed: one launch per token instead of hundreds, which is
+what decoding at batch 1 is bound by. Optionally the step is compiled with `torch.compile` first
+(fused kernels, then captured). A `DecodeSession` owns the cache, the buffers and the graph of one
+(batch, cache length) shape and is reused by later calls of that shape, so capture is paid once.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -16,15 +20,61 @@ from torch import Tensor
 from legolm.model.kv_cache import KVCache
 from legolm.model.transformer import TransformerLM
 
-StepFn = Callable[[TransformerLM, KVCache, "Tensor | None", Tensor, Tensor, Tensor], Tensor]
+
+@dataclass
+class DecodeState:
+    """Per-step decoding state, all device tensors advanced in place.
+
+    Attributes:
+        tokens: (B, N) generated tokens.
+        t: (1,) tokens written so far.
+        tok: (B, 1) last token, the next input.
+        slot: (1,) cache slot of the next input.
+        pos: (B, 1) position id of the next input (per row: left padding shifts it).
+        finished: (B,) rows that emitted EOS.
+    """
+
+    tokens: Tensor
+    t: Tensor
+    tok: Tensor
+    slot: Tensor
+    pos: Tensor
+    finished: Tensor
+
+    @classmethod
+    def empty(cls, batch: int, max_new: int, device: torch.device) -> DecodeState:
+        def zeros(*shape: int, dtype: torch.dtype = torch.long) -> Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        return cls(zeros(batch, max_new), zeros(1), zeros(batch, 1), zeros(1), zeros(batch, 1),
+                   zeros(batch, dtype=torch.bool))
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return self.tokens, self.t, self.tok, self.slot, self.pos, self.finished
 
 
-def decode_step(model: TransformerLM, cache: KVCache, pad_mask: Tensor | None, tok: Tensor, slot: Tensor,
-                pos: Tensor) -> Tensor:
-    """Logits (B, V) of one new token per row: ``tok`` (B, 1) at cache slot ``slot`` (1,), positions ``pos``."""
-    return model(tok, cache=cache, input_pos=slot, positions=pos, pad_mask=pad_mask)[:, -1]
+def emit(state: DecodeState, nxt: Tensor, eos_id: int | None) -> None:
+    """Append (B,) tokens: EOS rows stay at EOS; the output buffer and step counter advance."""
+    if eos_id is not None:
+        nxt = torch.where(state.finished, eos_id, nxt)
+        state.finished |= nxt == eos_id
+    state.tok.copy_(nxt[:, None])
+    state.tokens.index_copy_(1, state.t, nxt[:, None])
+    state.t.add_(1)
 
 
+def decode_step(model: TransformerLM, cache: KVCache, pad_mask: Tensor, state: DecodeState, greedy: bool,
+                eos_id: int | None) -> Tensor:
+    """Feed ``state.tok``; return the logits (B, V) of the next token (emitted here when greedy)."""
+    logits = model(state.tok, cache=cache, input_pos=state.slot, positions=state.pos, pad_mask=pad_mask)[:, -1]
+    state.slot.add_(1)
+    state.pos.add_(1)
+    if greedy:
+        emit(state, logits.argmax(dim=-1), eos_id)
+    return logits
+
+
+StepFn = Callable[[TransformerLM, KVCache, Tensor, DecodeState, bool, "int | None"], Tensor]
 _compiled_step: StepFn | None = None
 
 
@@ -36,67 +86,62 @@ def compiled_decode_step() -> StepFn:
     return _compiled_step
 
 
-class Decoder:
-    """Runs ``model`` one token at a time against ``cache``, keeping all per-step state on the device.
-
-    The tokens, cache slot, positions, EOS flags and output buffer are device tensors advanced in
-    place, so a step needs no host work: with greedy decoding the argmax is part of the captured
-    graph too, and one graph replay produces one token for every row.
+class DecodeSession:
+    """The cache, step buffers and (on CUDA) captured graph of one decoding shape.
 
     Args:
         model: The language model (eval mode).
-        cache: Its static KV cache, already holding the prompt.
-        pad_mask: (B, S) key validity for left-padded prompts, or None.
-        max_new: Length of the output buffer.
+        batch: Rows decoded together.
+        max_len: Cache slots per row (prompt + new tokens, rounded up to a bucket).
         greedy: Take the argmax inside the step (else the caller samples from the returned logits).
         eos_id: Rows that emitted it keep emitting it; None = no stop.
         cuda_graph: Capture the step into a CUDA graph (CUDA only).
-        compile: `torch.compile` the model step before capture.
+        compile: `torch.compile` the step before capture.
     """
 
-    def __init__(self, model: TransformerLM, cache: KVCache, pad_mask: Tensor | None, max_new: int,
-                 greedy: bool, eos_id: int | None, cuda_graph: bool = False, compile: bool = False) -> None:
-        self.model, self.cache, self.pad_mask = model, cache, pad_mask
+    def __init__(self, model: TransformerLM, batch: int, max_len: int, greedy: bool, eos_id: int | None,
+                 cuda_graph: bool = False, compile: bool = False) -> None:
+        param = next(model.parameters())
+        # A weak reference: sessions are cached per model, and must not keep it alive.
+        self._model = weakref.ref(model)
         self.greedy, self.eos_id, self.use_graph = greedy, eos_id, cuda_graph
+        self.cache = KVCache(model.config, batch, max_len, dtype=param.dtype, device=param.device)
+        self.pad_mask = torch.ones(batch, max_len, dtype=torch.bool, device=param.device)  # (B, S) real keys
+        self.state = DecodeState.empty(batch, max_len, param.device)
         self.fn: StepFn = compiled_decode_step() if compile else decode_step
         self.graph: torch.cuda.CUDAGraph | None = None
-        device = cache.layers[next(iter(cache.layers))].k.device
-        B = cache.batch
-        self.tokens = torch.zeros(B, max_new, dtype=torch.long, device=device)  # generated so far
-        self.t = torch.zeros(1, dtype=torch.long, device=device)  # tokens written
-        self.tok = torch.zeros(B, 1, dtype=torch.long, device=device)  # last token, next input
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.pos = torch.zeros(B, 1, dtype=torch.long, device=device)
-        self.finished = torch.zeros(B, dtype=torch.bool, device=device)
         self.logits: Tensor | None = None
 
-    def start(self, first: Tensor, slot: int, pos: Tensor) -> None:
-        """Record the token sampled from the prompt's logits; it goes in at ``slot`` / ``pos`` (B,)."""
-        self.slot.fill_(slot)
-        self.pos.copy_(pos[:, None])
-        self.emit(first)
+    @property
+    def model(self) -> TransformerLM:
+        model = self._model()
+        assert model is not None, "the model of this decoding session was freed"
+        return model
+
+    def prefill(self, idx: Tensor, lengths: Tensor) -> Tensor:
+        """Write left-padded prompts (B, P) with true ``lengths`` (B,) into the cache; last logits (B, V)."""
+        P, S = idx.shape[1], self.cache.max_len
+        keys = torch.arange(S, device=idx.device)
+        self.pad_mask.copy_(keys[None, :] >= (P - lengths)[:, None])
+        positions = (keys[None, :P] - (P - lengths)[:, None]).clamp(min=0)  # (B, P)
+        return self.model(idx, cache=self.cache, input_pos=keys[:P], positions=positions,
+                          pad_mask=self.pad_mask)[:, -1]
+
+    def start(self, first: Tensor, slot: int, lengths: Tensor) -> None:
+        """Reset the step state and record the token sampled from the prompt's logits."""
+        for buf in self.state.tensors():
+            buf.zero_()
+        self.state.slot.fill_(slot)
+        self.state.pos.copy_(lengths[:, None])
+        emit(self.state, first, self.eos_id)
 
     def emit(self, nxt: Tensor) -> None:
-        """Append (B,) tokens: EOS rows stay at EOS, the output buffer and step counter advance."""
-        if self.eos_id is not None:
-            nxt = torch.where(self.finished, self.eos_id, nxt)
-            self.finished |= nxt == self.eos_id
-        self.tok.copy_(nxt[:, None])
-        self.tokens.index_copy_(1, self.t, nxt[:, None])
-        self.t += 1
-
-    def _body(self) -> Tensor:
-        logits = self.fn(self.model, self.cache, self.pad_mask, self.tok, self.slot, self.pos)  # (B, V)
-        self.slot += 1
-        self.pos += 1
-        if self.greedy:
-            self.emit(logits.argmax(dim=-1))
-        return logits
+        emit(self.state, nxt, self.eos_id)
 
     def step(self) -> Tensor:
         """Feed the last token; return the logits for the next (already emitted when greedy)."""
         if not self.use_graph:
-            return self._body()
+            return self.fn(self.model, self.cache, self.pad_mask, self.state, self.greedy, self.eos_id)
         if self.graph is None:
             self._capture()
         assert self.graph is not None and self.logits is not None
@@ -108,14 +153,14 @@ class Decoder:
 
         The warm-up must not advance the decoding state, so it runs on a saved copy that is put back.
         """
-        saved = [x.clone() for x in (self.tokens, self.t, self.tok, self.slot, self.pos, self.finished)]
+        saved = [x.clone() for x in self.state.tensors()]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._body()  # one step only: it writes the next cache slot, which always exists
+        with torch.cuda.stream(stream):  # one step only: it writes the next cache slot, which always exists
+            self.fn(self.model, self.cache, self.pad_mask, self.state, self.greedy, self.eos_id)
         torch.cuda.current_stream().wait_stream(stream)
-        for buf, old in zip((self.tokens, self.t, self.tok, self.slot, self.pos, self.finished), saved, strict=True):
+        for buf, old in zip(self.state.tensors(), saved, strict=True):
             buf.copy_(old)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._body()
+            self.logits = self.fn(self.model, self.cache, self.pad_mask, self.state, self.greedy, self.eos_id)

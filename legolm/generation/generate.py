@@ -8,17 +8,19 @@ through a static cache (`Decoder`). Rows stop at EOS independently.
 from __future__ import annotations
 
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from legolm.data.tokenizer import Tokenizer
 from legolm.errors import ConfigError
-from legolm.generation.decoder import Decoder
+from legolm.generation.decoder import DecodeSession
 from legolm.generation.sampling import next_token
-from legolm.model.kv_cache import KVCache
 from legolm.model.transformer import TransformerLM
 
 
@@ -37,6 +39,9 @@ class GenerationConfig:
         cuda_graph: Replay each decode step as a CUDA graph (ignored off CUDA).
         compile: `torch.compile` the decode step (GPU fast path).
         eos_check_every: Steps between checks whether every row is done (each check syncs the GPU).
+        cache_bucket: KV-cache lengths are rounded up to a multiple of this, so calls of similar
+            lengths share one cached session (cache buffers and captured graph).
+        session_cache_size: Decoding sessions kept per model for reuse (0 = build one per call).
     """
 
     max_new_tokens: int = 64
@@ -49,6 +54,8 @@ class GenerationConfig:
     cuda_graph: bool = True
     compile: bool = False
     eos_check_every: int = 8
+    cache_bucket: int = 256
+    session_cache_size: int = 4
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -59,6 +66,10 @@ class GenerationConfig:
             raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.cache_bucket < 1:
+            raise ConfigError(f"cache_bucket must be >= 1, got {self.cache_bucket}")
+        if self.session_cache_size < 0:
+            raise ConfigError(f"session_cache_size must be >= 0, got {self.session_cache_size}")
         if self.eos_check_every < 1:
             raise ConfigError(f"eos_check_every must be >= 1, got {self.eos_check_every}")
 
@@ -95,47 +106,76 @@ def _check_prompts(model: TransformerLM, prompts: Sequence[Sequence[int]], max_n
         raise ConfigError(f"token id {bad[0]} is outside the model's vocabulary of {model.config.vocab_size}")
 
 
+_SESSIONS: weakref.WeakKeyDictionary[TransformerLM, OrderedDict[tuple[Any, ...], DecodeSession]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _weights_key(model: TransformerLM) -> tuple[Any, ...]:
+    """Identity of the modules and parameter storages a captured graph reads.
+
+    Injecting an adapter, replacing a layer or re-assigning weights changes it, so a session built
+    for the old model is never replayed on the new one.
+    """
+    return tuple((id(m), *(p.data_ptr() for p in m.parameters(recurse=False))) for m in model.modules())
+
+
+def _session(model: TransformerLM, batch: int, needed: int, config: GenerationConfig,
+             eos: int | None) -> DecodeSession:
+    """A reusable `DecodeSession` for this shape (least recently used ones are dropped)."""
+    bucket = config.cache_bucket
+    max_len = min(-(-needed // bucket) * bucket, model.config.block_size)
+    device = next(model.parameters()).device
+    graph = config.cuda_graph and device.type == "cuda"
+    key = (_weights_key(model), batch, max_len, config.greedy, eos, graph, config.compile)
+    sessions = _SESSIONS.setdefault(model, OrderedDict())
+    if key in sessions:
+        sessions.move_to_end(key)
+        return sessions[key]
+    session = DecodeSession(model, batch, max_len, config.greedy, eos, cuda_graph=graph, compile=config.compile)
+    if config.session_cache_size > 0:
+        sessions[key] = session
+        while len(sessions) > config.session_cache_size:
+            sessions.popitem(last=False)
+    return session
+
+
+def clear_sessions(model: TransformerLM) -> None:
+    """Free the cached KV caches and CUDA graphs of ``model``."""
+    _SESSIONS.pop(model, None)
+
+
 @torch.inference_mode()
 def generate(model: TransformerLM, prompts: Sequence[Sequence[int]], config: GenerationConfig,
              eos_id: int | None = None) -> GenerationResult:
     """Continue each prompt (a list of token ids) by up to ``config.max_new_tokens`` tokens."""
     config.validate()
     _check_prompts(model, prompts, config.max_new_tokens)
-    param = next(model.parameters())
-    device, B = param.device, len(prompts)
+    device = next(model.parameters()).device
     idx, lengths = _left_pad(prompts, device)
     P, N = idx.shape[1], config.max_new_tokens
-    cache = KVCache(model.config, B, P + N, dtype=param.dtype, device=device)
-    pad_mask = None
-    if bool((lengths != P).any()):
-        pad_mask = torch.arange(P + N, device=device)[None, :] >= (P - lengths)[:, None]  # (B, P + N)
-    positions = (torch.arange(P, device=device)[None, :] - (P - lengths)[:, None]).clamp(min=0)  # (B, P)
     gen = torch.Generator(device=device).manual_seed(config.seed) if config.seed is not None else None
     eos = eos_id if config.stop_at_eos else None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    t0 = time.perf_counter()
-    logits = model(idx, cache=cache, input_pos=torch.arange(P, device=device), positions=positions,
-                   pad_mask=pad_mask)[:, -1]
-    sync()
-    t1 = time.perf_counter()
-    decoder = Decoder(model, cache, pad_mask, N, config.greedy, eos,
-                      cuda_graph=config.cuda_graph and device.type == "cuda", compile=config.compile)
+    session = _session(model, len(prompts), P + N, config, eos)
 
     def sample(lg: Tensor) -> Tensor:
         return next_token(lg, config.greedy, config.temperature, config.top_k, config.top_p, gen)
 
-    decoder.start(sample(logits), P, lengths)
-    for t in range(1, N):
-        if eos is not None and t % config.eos_check_every == 0 and bool(decoder.finished.all()):
-            break
-        logits = decoder.step()
-        if not config.greedy:
-            decoder.emit(sample(logits))
-    steps = int(decoder.t.item())
+    t0 = time.perf_counter()
+    logits = session.prefill(idx, lengths)
+    session.start(sample(logits), P, lengths)
     sync()
+    t1 = time.perf_counter()
+    for t in range(1, N):
+        if eos is not None and t % config.eos_check_every == 0 and bool(session.state.finished.all()):
+            break
+        logits = session.step()
+        if not config.greedy:
+            session.emit(sample(logits))
+    steps = int(session.state.t.item())
     t2 = time.perf_counter()
-    return GenerationResult(_trim(decoder.tokens[:, :steps].tolist(), eos), t1 - t0, t2 - t1, steps)
+    return GenerationResult(_trim(session.state.tokens[:, :steps].tolist(), eos), t1 - t0, t2 - t1, steps)
 
 
 def _trim(rows: list[list[int]], eos: int | None) -> list[list[int]]:
