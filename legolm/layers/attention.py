@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from legolm.layers.context import LayerContext
 from legolm.model.config import ModelConfig
-from legolm.model.kv_cache import LayerKVCache
+from legolm.model.kv_cache import KVStore
 from legolm.model.rope import apply_rope
 
 
@@ -43,7 +43,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv, self.proj = qkv, proj
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
 
-    def forward(self, x: Tensor, ctx: LayerContext, cache: LayerKVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, ctx: LayerContext, cache: KVStore | None = None) -> Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)

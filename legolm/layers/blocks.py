@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from legolm.layers.attention import CausalSelfAttention
 from legolm.layers.context import LayerContext
-from legolm.model.kv_cache import LayerKVCache
+from legolm.model.kv_cache import KVStore
 
 
 class SequentialBlock(nn.Module):
@@ -28,7 +28,7 @@ class SequentialBlock(nn.Module):
         super().__init__()
         self.norm_1, self.attn, self.norm_2, self.mlp = norm_1, attn, norm_2, mlp
 
-    def forward(self, x: Tensor, ctx: LayerContext, cache: LayerKVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, ctx: LayerContext, cache: KVStore | None = None) -> Tensor:
         x = x + self.attn(self.norm_1(x), ctx, cache)  # (B, T, C)
         return x + self.mlp(self.norm_2(x))
 
@@ -40,5 +40,5 @@ class ParallelBlock(nn.Module):
         super().__init__()
         self.norm_1, self.attn, self.norm_2, self.mlp = norm_1, attn, norm_2, mlp
 
-    def forward(self, x: Tensor, ctx: LayerContext, cache: LayerKVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, ctx: LayerContext, cache: KVStore | None = None) -> Tensor:
         return x + self.attn(self.norm_1(x), ctx, cache) + self.mlp(self.norm_2(x))  # (B, T, C)

@@ -9,12 +9,19 @@ exit can keep separate lower and upper caches.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from legolm.errors import ConfigError
 from legolm.model.config import ModelConfig
+
+
+class KVStore(Protocol):
+    """What an attention layer needs of a cache: write new keys/values, get all of them back."""
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
 class LayerKVCache:
