@@ -172,7 +172,8 @@ def inject_lora(model: TransformerLM, config: LoRAConfig) -> list[str]:
         alpha = pattern_value(config.alpha_pattern, aliases[name], config.alpha)
         base = model.get_submodule(name)
         assert isinstance(base, nn.Linear)
-        _replace(model, name, LoRALinear(base, r, alpha, config.dropout, config.use_rslora))
+        layer = LoRALinear(base, r, alpha, config.dropout, config.use_rslora)
+        _replace(model, name, layer.train(base.training))  # new modules would otherwise be in training mode
     mark_trainable(model, config, aliases)
     return names
 
