@@ -16,6 +16,7 @@ from legolm.errors import LegolmError
 COMMANDS = [
     "legolm.cli.generate",
     "legolm.cli.export",
+    "legolm.cli.eval",
 ]
 
 

@@ -2,7 +2,8 @@
 
 ``LEGOLM_DATA`` points at a folder laid out like the project's ``shared/`` (``data/``,
 ``tokenizers/``, ``models/``); CI sets it to ``../shared``. Without it, known files are
-downloaded once into ``~/.cache/legolm``; offline, the error names the variable to set.
+downloaded once into the cache (``$LEGOLM_CACHE``, default ``~/.cache/legolm``) with a progress
+bar; offline, the error names the variable to set.
 """
 
 from __future__ import annotations
@@ -11,45 +12,77 @@ import os
 import urllib.request
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from legolm.errors import LegolmError
 
 ENV_VAR = "LEGOLM_DATA"
-CACHE = Path(os.environ.get("LEGOLM_CACHE", Path.home() / ".cache" / "legolm"))
+CACHE_ENV_VAR = "LEGOLM_CACHE"
+DOWNLOAD_CHUNK = 1 << 20  # bytes read per step of a download
+DOWNLOAD_TIMEOUT_S = 60.0
 
 # Public homes of the shared files (the same bytes the shared folder holds).
 PUBLIC = {
     "data/tinyshakespeare.txt":
         "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+    "data/tinystories/tinystories_sample_2MB.txt":
+        "https://raw.githubusercontent.com/gusjengis/toy-RNN/e4c7ff8bba4ff7989e69a3a816ebe4b14813b41e/"
+        "data/tinystories_sample.txt",
     "tokenizers/gpt2/vocab.json": "https://huggingface.co/openai-community/gpt2/resolve/main/vocab.json",
     "tokenizers/gpt2/merges.txt": "https://huggingface.co/openai-community/gpt2/resolve/main/merges.txt",
     "tokenizers/pythia/tokenizer.json": "https://huggingface.co/EleutherAI/pythia-70m/resolve/main/tokenizer.json",
 }
 
 
+def cache_root() -> Path:
+    """legolm's download/tokenization cache: ``$LEGOLM_CACHE``, else ``~/.cache/legolm`` (read at call time)."""
+    return Path(os.environ.get(CACHE_ENV_VAR, Path.home() / ".cache" / "legolm")).expanduser()
+
+
+def shared_root() -> Path | None:
+    """The folder ``LEGOLM_DATA`` names, or None when it is unset."""
+    root = os.environ.get(ENV_VAR)
+    return Path(root).expanduser() if root else None
+
+
 def shared_path(relative: str) -> Path:
     """Absolute path of a shared file or folder, downloading a known file when no folder is set."""
-    root = os.environ.get(ENV_VAR)
-    if root:
-        path = Path(root).expanduser() / relative
+    root = shared_root()
+    if root is not None:
+        path = root / relative
         if not path.exists():
             raise LegolmError(f"{path} does not exist; {ENV_VAR}={root} should point at the shared data folder")
         return path
-    cached = CACHE / relative
+    cached = cache_root() / relative
     if cached.exists():
         return cached
     files = [k for k in PUBLIC if k == relative or k.startswith(relative.rstrip("/") + "/")]
     if not files:
         raise LegolmError(f"{relative} has no public download; set {ENV_VAR} to the shared data folder")
     for key in files:
-        _download(PUBLIC[key], CACHE / key)
+        download(PUBLIC[key], cache_root() / key)
     return cached
 
 
-def _download(url: str, dest: Path) -> None:
+def download(url: str, dest: Path) -> Path:
+    """Fetch ``url`` into ``dest`` once (temp file + rename), with a tqdm progress bar.
+
+    Raises:
+        LegolmError: The download failed (offline, moved file); the message names ``LEGOLM_DATA``.
+    """
+    if dest.exists():
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
+    tmp = dest.with_name(dest.name + f".part-{os.getpid()}")
     try:
-        urllib.request.urlretrieve(url, tmp)
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+                while chunk := response.read(DOWNLOAD_CHUNK):
+                    f.write(chunk)
+                    bar.update(len(chunk))
     except OSError as err:
+        tmp.unlink(missing_ok=True)
         raise LegolmError(f"cannot download {url} ({err}); offline, set {ENV_VAR} to the shared data folder") from None
     tmp.replace(dest)
+    return dest

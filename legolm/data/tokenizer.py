@@ -2,18 +2,28 @@
 
 Loads a ``tokenizer.json``, GPT-2 style ``vocab.json`` + ``merges.txt``, or the BPE vocabulary
 stored inside a GGUF file; remembers BOS/EOS ids and whether BOS is prepended.
+`resolve_tokenizer` turns a spec string (``gpt2``, ``pythia``, ``bpe:8192``, a path, a hub name)
+into one, training a byte-level BPE on the corpus for ``bpe:<vocab_size>``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from legolm.errors import CheckpointError
+from legolm.errors import CheckpointError, ConfigError, LegolmError
+
+EOS_TOKEN = "<|endoftext|>"
+SHARED_TOKENIZERS = ("gpt2", "pythia")  # names found under <LEGOLM_DATA>/tokenizers/
+BPE_PREFIX = "bpe:"
+# The parts of a tokenizer.json that decide which ids a text becomes (decoder/padding do not).
+_FINGERPRINT_KEYS = ("normalizer", "pre_tokenizer", "model", "added_tokens")
 
 
 class Tokenizer:
@@ -29,6 +39,7 @@ class Tokenizer:
     def __init__(self, backend: HFTokenizer, bos_id: int | None = None, eos_id: int | None = None,
                  add_bos: bool = False) -> None:
         self.backend, self.bos_id, self.eos_id, self.add_bos = backend, bos_id, eos_id, add_bos
+        self._fingerprint: tuple[tuple[int | None, int | None, bool], str] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -37,6 +48,33 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         ids: list[int] = self.backend.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` many texts at once (in parallel in the Rust backend)."""
+        encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+        prefix = [self.bos_id] if self.add_bos and self.bos_id is not None else []
+        return [prefix + e.ids for e in encodings]
+
+    def fingerprint(self) -> str:
+        """A stable hash (hex sha256) of the vocabulary, merges, pre-tokenizer and special ids.
+
+        Two tokenizers with the same fingerprint turn every text into the same ids; it is stored
+        in the manifests of tokenized data so data made with another tokenizer is refused. It is
+        computed once per tokenizer (the backend is treated as immutable; the special ids are not).
+        """
+        special = (self.bos_id, self.eos_id, self.add_bos)
+        if self._fingerprint is None or self._fingerprint[0] != special:
+            self._fingerprint = (special, self._compute_fingerprint())
+        return self._fingerprint[1]
+
+    def _compute_fingerprint(self) -> str:
+        full = json.loads(self.backend.to_str())
+        parts = {k: full.get(k) for k in _FINGERPRINT_KEYS}
+        merges = parts["model"].get("merges") if isinstance(parts["model"], dict) else None
+        if merges is not None:  # "a b" and ["a", "b"] are the same merge across tokenizers versions
+            parts["model"] = {**parts["model"], "merges": [m if isinstance(m, str) else " ".join(m) for m in merges]}
+        parts["special"] = {"bos_id": self.bos_id, "eos_id": self.eos_id, "add_bos": self.add_bos}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return str(self.backend.decode(ids, skip_special_tokens=skip_special_tokens))
@@ -84,6 +122,66 @@ class Tokenizer:
         backend.add_special_tokens(special)
         return cls(backend, fields.get("tokenizer.ggml.bos_token_id"), fields.get("tokenizer.ggml.eos_token_id"),
                    bool(fields.get("tokenizer.ggml.add_bos_token", False)))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE (GPT-2 style) of ``vocab_size`` tokens on ``texts``; deterministic.
+
+    The vocabulary holds the 256 byte symbols, ``<|endoftext|>`` (the EOS id) and learned merges
+    (Sennrich et al. 2016, "Neural Machine Translation of Rare Words with Subword Units"; the
+    byte-level variant of Radford et al. 2019, GPT-2).
+    """
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 1:
+        raise ConfigError(f"bpe:{vocab_size} is too small: a byte-level BPE needs at least {len(alphabet) + 1} tokens")
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], initial_alphabet=alphabet,
+                                  show_progress=False)
+    backend.train_from_iterator(texts, trainer)
+    return Tokenizer(backend, bos_id=None, eos_id=backend.token_to_id(EOS_TOKEN))
+
+
+def parse_bpe_spec(spec: str) -> int | None:
+    """The vocabulary size of a ``bpe:<vocab_size>`` spec, None for other specs."""
+    if not spec.startswith(BPE_PREFIX):
+        return None
+    size = spec[len(BPE_PREFIX):]
+    if not size.isdigit():
+        raise ConfigError(f"tokenizer spec {spec!r}: expected bpe:<vocab_size> with an integer size, e.g. bpe:8192")
+    return int(size)
+
+
+def resolve_tokenizer(spec: str, corpus_texts: Iterable[str] | None = None) -> Tokenizer:
+    """The tokenizer a spec names.
+
+    Args:
+        spec: ``gpt2`` / ``pythia`` (shared copies, see `legolm.data.sources`), a tokenizer or model
+            directory, a ``.gguf`` file, ``bpe:<vocab_size>`` (trained on ``corpus_texts``), or a
+            Hugging Face hub name (needs network and ``legolm[hf]``).
+        corpus_texts: Documents to train on, for ``bpe:`` specs only.
+
+    Raises:
+        ConfigError: An unknown spec (the message lists what is accepted).
+    """
+    from legolm.checkpoints.load import load_tokenizer
+    from legolm.data.sources import shared_path
+
+    vocab_size = parse_bpe_spec(spec)
+    if vocab_size is not None:
+        if corpus_texts is None:
+            raise ConfigError(f"tokenizer {spec} is trained on the corpus: pass corpus_texts (prepare_corpus does)")
+        return train_bpe(corpus_texts, vocab_size)
+    if spec in SHARED_TOKENIZERS:
+        return Tokenizer.from_dir(shared_path(f"tokenizers/{spec}"))
+    try:
+        return load_tokenizer(spec)
+    except LegolmError as err:
+        raise ConfigError(
+            f"unknown tokenizer {spec!r} ({err}); expected one of {', '.join(SHARED_TOKENIZERS)}, "
+            f"{BPE_PREFIX}<vocab_size>, a tokenizer/model directory, a .gguf file or a Hugging Face hub name"
+        ) from None
 
 
 def _special_ids(d: Path, backend: HFTokenizer) -> dict[str, Any]:

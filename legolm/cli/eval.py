@@ -1,0 +1,129 @@
+"""``legolm eval ppl``: perplexity of a model on held-out real text.
+
+``--data`` is a named source or a file/folder (tokenized once with the model's own tokenizer and
+split by document exactly as training splits it), or a folder of tokenized data that
+`legolm.data.prepare_corpus` wrote (refused if another tokenizer made it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from legolm.cli.args import add_dataclass_args, dataclass_from_args
+from legolm.cli.common import add_model_args, device_dtype
+from legolm.data.tokenized import (
+    MANIFEST,
+    DataConfig,
+    TokenizedCorpus,
+    decoded_counts,
+    load_tokenized,
+    prepare_corpus,
+)
+from legolm.data.tokenizer import resolve_tokenizer
+from legolm.errors import ConfigError, LegolmError
+from legolm.eval.perplexity import SUSPICIOUS_PPL, PPLResult, sliding_window_ppl
+from legolm.utils.io import atomic_write_text
+
+
+@dataclass
+class PPLConfig:
+    """Windows and the slice of text that ``legolm eval ppl`` scores.
+
+    Attributes:
+        max_length: Window length in tokens (at most the model's block_size).
+        stride: Tokens each window moves on; max_length = disjoint windows, smaller = more context per token.
+        batch_size: Windows per forward pass.
+        split: Which documents: the held-out val split, train, or all (train then val).
+        max_tokens: Score only the first N tokens of the split (None: all).
+        suspicious_ppl: Warn when the perplexity is below this (leakage or a broken causal mask).
+    """
+
+    max_length: int = 1024
+    stride: int = 512
+    batch_size: int = 8
+    split: Literal["val", "train", "all"] = "val"
+    max_tokens: int | None = None
+    suspicious_ppl: float = SUSPICIOUS_PPL
+
+
+def run(ns: argparse.Namespace) -> None:
+    from legolm.checkpoints.load import load_pretrained
+
+    cfg = dataclass_from_args(PPLConfig, ns)
+    data_ns = argparse.Namespace(**{**vars(ns), "tokenizer": ns.tokenizer or ns.model})
+    data_cfg = dataclass_from_args(DataConfig, data_ns)
+    if ns.json and Path(ns.json).exists() and not ns.overwrite:
+        raise LegolmError(f"{ns.json} already exists; choose another --json path or pass --overwrite")
+    if cfg.max_tokens is not None and cfg.max_tokens < 2:
+        raise LegolmError(f"--max-tokens must be >= 2, got {cfg.max_tokens}")
+    device, dtype = device_dtype(ns)
+    corpus = _corpus(data_cfg, own_tokenizer=ns.tokenizer is None)
+    model = load_pretrained(ns.model, device=device, dtype=dtype)
+    ids = corpus.split(cfg.split)
+    ids = ids[: cfg.max_tokens] if cfg.max_tokens else ids
+    n_bytes, n_words = _text_counts(corpus, cfg, ids)
+    result = sliding_window_ppl(model, ids, cfg.max_length, cfg.stride, cfg.batch_size, device, n_bytes=n_bytes,
+                                n_words=n_words, suspicious_ppl=cfg.suspicious_ppl)
+    _print_table(cfg, result)
+    if result.diagnostic:
+        print(f"warning: {result.diagnostic}")
+    if ns.json:
+        payload = {"model": ns.model, "data": data_cfg.source, "data_dir": str(corpus.directory), "split": cfg.split,
+                   "tokenizer": corpus.manifest["tokenizer"], **result.to_dict()}
+        Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(ns.json, json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {ns.json}")
+
+
+def _corpus(data_cfg: DataConfig, own_tokenizer: bool) -> TokenizedCorpus:
+    """Stored tokenized data (checked against the tokenizer), or the source tokenized now."""
+    try:
+        tokenizer = resolve_tokenizer(data_cfg.tokenizer)
+    except ConfigError as err:
+        hint = "; the model has no tokenizer of its own: pass --tokenizer" if own_tokenizer else ""
+        raise ConfigError(f"{err}{hint}") from None
+    if (Path(data_cfg.source).expanduser() / MANIFEST).is_file():
+        return load_tokenized(Path(data_cfg.source).expanduser(), tokenizer)
+    return prepare_corpus(data_cfg, tokenizer=tokenizer)
+
+
+def _text_counts(corpus: TokenizedCorpus, cfg: PPLConfig, ids: Any) -> tuple[int, int]:
+    """Bytes and words of the scored text: the manifest's for a whole split, else decoded."""
+    if cfg.max_tokens is None or cfg.max_tokens >= len(corpus.split(cfg.split)):
+        counts = corpus.counts(cfg.split)
+        return counts["bytes"], counts["words"]
+    return decoded_counts(corpus.tokenizer, ids, corpus.eos_id)
+
+
+def _print_table(cfg: PPLConfig, r: PPLResult) -> None:
+    row: dict[str, Any] = {
+        "split": cfg.split, "tokens scored": f"{r.n_tokens:,}", "max_length": r.max_length, "stride": r.stride,
+        "nll/token": f"{r.nll:.4f}", "ppl": f"{r.ppl:.3f}", "bits/byte": f"{r.bits_per_byte:.4f}",
+        "word ppl": f"{r.word_ppl:.2f}",
+    }
+    widths = {k: max(len(k), len(str(v))) for k, v in row.items()}
+    print("| " + " | ".join(k.ljust(widths[k]) for k in row) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths.values()) + "|")
+    print("| " + " | ".join(str(v).ljust(widths[k]) for k, v in row.items()) + " |")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model (perplexity)")
+    tasks = p.add_subparsers(dest="eval_task", required=True)
+    ppl = tasks.add_parser("ppl", help="sliding-window perplexity on held-out text", conflict_handler="resolve")
+    add_model_args(ppl)
+    add_dataclass_args(ppl, PPLConfig)
+    add_dataclass_args(ppl, DataConfig)
+    # The brief's names for two DataConfig fields (replacing --source and --tokenizer).
+    ppl.add_argument("--data", "--source", dest="source", required=True,
+                     help="named source (tinyshakespeare, tinystories, gutenberg, ...), a file/folder, "
+                          "or a tokenized-data folder")
+    ppl.add_argument("--tokenizer", default=None,
+                     help="tokenizer spec (default: the model's own, the same the model was trained with)")
+    ppl.add_argument("--json", default=None, help="also write the result as JSON to this path")
+    ppl.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    ppl.set_defaults(func=run)
