@@ -1,24 +1,45 @@
-"""Dataclass-driven command-line options: a config dataclass's fields are its flags.
+"""Dataclass-driven options: a config dataclass's fields are its flags and its YAML keys.
 
-``field_name: int = 3`` becomes ``--field-name INT`` (default 3); a ``bool`` becomes a
-``--flag / --no-flag`` pair; the field's docstring line (``Attributes:`` section) is its help.
+Flat (`add_dataclass_args`): ``field_name: int = 3`` becomes ``--field-name INT`` (default 3); a
+``bool`` becomes a ``--flag / --no-flag`` pair; the field's line in the docstring's
+``Attributes:`` section is its help.
+
+Nested (`add_config_args` / `resolve_config`, jsonargparse-style): nested dataclasses are YAML
+sections and dotted flags (``--optim.lr 3e-4``, ``--model.layers pythia pythia``, underscores or
+dashes). Values are resolved in this order, later wins::
+
+    dataclass defaults  <  base dict (e.g. a resumed run's saved config)  <  --config a.yaml  <  flags
+
+Unknown keys (in YAML or flags) and ill-typed values are one-line `ConfigError`s that list the
+valid keys; ``--print-config`` dumps the resolved YAML.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import re
 import types
 import typing
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin
 
+import yaml
+
+from legolm.errors import ConfigError
+
 T = TypeVar("T")
+_DEST = "cfg:"  # argparse dest prefix of the dotted flags
+_NULL = ("none", "null", "~")
 
 
 def _attribute_docs(cls: type) -> dict[str, str]:
-    doc = cls.__doc__ or ""
-    return dict(re.findall(r"^\s{8}(\w+): (.+)$", doc, flags=re.MULTILINE))
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        docs.update(re.findall(r"^\s{8}(\w+): (.+)$", klass.__doc__ or "", flags=re.MULTILINE))
+    return docs
 
 
 def _scalar_type(tp: Any) -> Any:
@@ -29,6 +50,11 @@ def _scalar_type(tp: Any) -> Any:
     return tp
 
 
+def _optional(tp: Any) -> bool:
+    return get_origin(tp) in (typing.Union, types.UnionType) and type(None) in get_args(tp)
+
+
+# -- flat flags (legolm generate) ---------------------------------------------------------------------
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per field of dataclass ``cls``."""
     hints = typing.get_type_hints(cls)
@@ -51,3 +77,272 @@ def dataclass_from_args(cls: type[T], ns: argparse.Namespace) -> T:
     """Build ``cls`` from the parsed flags that `add_dataclass_args` added."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+# -- values --------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is typing.Literal:
+        return "one of " + "|".join(map(str, get_args(tp)))
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` (from YAML or a flag's text) as type ``tp``, else a `ConfigError` naming ``key``."""
+    bad = ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in _NULL):
+            if _optional(tp):
+                return None
+            raise bad
+        return coerce(value, _scalar_type(tp), key)
+    if value is None:
+        raise bad
+    if origin is typing.Literal:
+        if value not in get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.startswith("[") else [value]
+        if not isinstance(value, list):
+            raise bad
+        return [coerce(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise bad
+        return value
+    converter = _SCALARS.get(tp)
+    if converter is None:
+        return value
+    try:
+        return converter(value)
+    except (TypeError, ValueError):
+        raise bad from None
+
+
+def _to_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return v.lower() in ("true", "yes", "on", "1")
+    raise ValueError(v)
+
+
+def _to_int(v: Any) -> int:
+    if isinstance(v, (bool, float)):
+        raise ValueError(v)
+    return int(v)
+
+
+def _to_float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError(v)
+    return float(v)  # also "3e-4", which YAML 1.1 reads as a string
+
+
+def _to_str(v: Any) -> str:
+    if isinstance(v, (dict, list)):
+        raise ValueError(v)
+    return str(v)
+
+
+_SCALARS: dict[Any, Callable[[Any], Any]] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
+# -- dict <-> dataclass --------------------------------------------------------------------------------
+def _fields(cls: type) -> dict[str, tuple[dataclasses.Field[Any], Any]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def config_keys(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Dotted leaf key -> type, for every field of ``cls`` and its nested dataclasses."""
+    keys: dict[str, Any] = {}
+    for name, (_, tp) in _fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys.update(config_keys(tp, f"{prefix}{name}."))  # type: ignore[arg-type]
+        else:
+            keys[prefix + name] = tp
+    return keys
+
+
+def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
+    valid = sorted(_fields(cls))
+    close = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+    where = f"of {prefix.rstrip('.')} " if prefix else ""
+    return ConfigError(f"unknown config key {prefix}{key}{hint}; valid keys {where}are: {', '.join(valid)}")
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict; missing keys keep their defaults."""
+    fields = _fields(cls)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in fields:
+            raise _unknown_key(cls, name, prefix)
+        tp = fields[name][1]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {prefix}{name} is a section: give it a mapping of keys, not {value!r}")
+            kwargs[name] = config_from_dict(tp, value, f"{prefix}{name}.")  # type: ignore[arg-type]
+        else:
+            kwargs[name] = coerce(value, tp, prefix + name)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"config section {prefix.rstrip('.') or cls.__name__}: {err}") from None
+
+
+def dump_yaml(config: Any) -> str:
+    """A dataclass config as YAML (the format `--config` reads)."""
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``; a missing file or one that is not a mapping is a `ConfigError`."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path} ({err.strerror}); check the --config path") from None
+    except yaml.YAMLError as err:
+        first = str(err).replace("\n", " ")
+        raise ConfigError(f"config file {path} is not valid YAML ({first})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys (like `optim: {{lr: 3.0e-4}}`)")
+    return data
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge nested dicts; values of ``override`` win."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+# -- nested flags --------------------------------------------------------------------------------------
+def add_config_args(parser: argparse.ArgumentParser, cls: type, aliases: dict[str, str] | None = None) -> None:
+    """``--config FILE.yaml``, ``--print-config`` and one dotted flag per leaf field of ``cls``.
+
+    Args:
+        parser: Where to add them.
+        cls: The config dataclass.
+        aliases: Extra short flags for boolean keys, e.g. ``{"--overwrite": "run.overwrite"}``.
+    """
+    parser.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
+                        help="YAML file of config values (repeatable; flags override it)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    for flag, key in (aliases or {}).items():
+        parser.add_argument(flag, dest=_DEST + key, action="store_const", const=True, default=argparse.SUPPRESS,
+                            help=f"same as --{key}")
+    _add_section(parser, cls, "")
+    keys = set(config_keys(cls))
+    parse = parser.parse_known_args
+
+    def strict(args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        ns, extras = parse(args, namespace)
+        flags = [a for a in extras if a.startswith("--")]
+        if flags:
+            parser.error(str(_unknown_flag(cls, flags[0], keys)))
+        return ns, extras
+
+    setattr(parser, "parse_known_args", strict)  # noqa: B010  (argparse calls it on subparsers)
+
+
+def _unknown_flag(cls: type, flag: str, keys: set[str]) -> ConfigError:
+    key = flag[2:].split("=")[0].replace("-", "_")
+    section, _, leaf = key.rpartition(".")
+    sub: Any = cls
+    for part in filter(None, section.split(".")):
+        tp = _fields(sub).get(part, (None, None))[1]
+        if not dataclasses.is_dataclass(tp):
+            close = difflib.get_close_matches(key, sorted(keys), n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            return ConfigError(f"unknown flag {flag}{hint}; valid sections: {', '.join(_sections(cls))}")
+        sub = tp
+    return _unknown_key(sub, leaf, f"{section}." if section else "")
+
+
+def _sections(cls: type) -> list[str]:
+    return [n for n, (_, tp) in _fields(cls).items() if dataclasses.is_dataclass(tp)]
+
+
+def _add_section(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:
+    docs = _attribute_docs(cls)
+    group = parser.add_argument_group(prefix.rstrip(".") or cls.__name__)
+    nested: list[tuple[str, Any]] = []
+    for name, (f, tp) in _fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            nested.append((name, tp))
+            continue
+        key = prefix + name
+        flags = list(dict.fromkeys(["--" + key.replace("_", "-"), "--" + key]))
+        default = f.default if f.default is not dataclasses.MISSING else "(see YAML)"
+        kw: dict[str, Any] = dict(dest=_DEST + key, default=argparse.SUPPRESS,
+                                  help=f"{docs.get(name, '')} (default: {default})")
+        if tp is bool:
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+        elif get_origin(_scalar_type(tp)) is list:
+            group.add_argument(*flags, nargs="+", type=_flag_type(tp, key, list_item=True), metavar="VALUE", **kw)
+        else:
+            group.add_argument(*flags, type=_flag_type(tp, key), metavar=_metavar(tp), **kw)
+    for name, tp in nested:
+        _add_section(parser, tp, f"{prefix}{name}.")
+
+
+def _metavar(tp: Any) -> str:
+    inner = _scalar_type(tp)
+    if get_origin(inner) is typing.Literal:
+        return "{" + ",".join(map(str, get_args(inner))) + "}"
+    return getattr(inner, "__name__", "VALUE").upper()
+
+
+def _flag_type(tp: Any, key: str, list_item: bool = False) -> Callable[[str], Any]:
+    """argparse ``type=``: the flag's text coerced to ``tp`` (to its items for ``nargs='+'`` lists)."""
+    item = get_args(_scalar_type(tp))[0] if list_item else tp
+
+    def convert(text: str) -> Any:
+        try:
+            return coerce(text, item, key)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err).split(": ", 1)[1]) from None
+
+    convert.__name__ = _type_name(item)
+    return convert
+
+
+def cli_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    """The dotted flags given on the command line, as a nested dict."""
+    out: dict[str, Any] = {}
+    for dest, value in vars(ns).items():
+        if dest.startswith(_DEST):
+            *sections, leaf = dest[len(_DEST):].split(".")
+            node = out
+            for s in sections:
+                node = node.setdefault(s, {})
+            node[leaf] = value
+    return out
+
+
+def resolve_config(cls: type[T], ns: argparse.Namespace, base: dict[str, Any] | None = None) -> T:
+    """Defaults < ``base`` < each ``--config`` file < command-line flags, checked and typed."""
+    data = dict(base or {})
+    config_from_dict(cls, data)
+    for path in ns.config:
+        layer = load_yaml(path)
+        try:
+            config_from_dict(cls, layer)
+        except ConfigError as err:
+            raise ConfigError(f"config file {path}: {err}") from None
+        data = merge(data, layer)
+    data = merge(data, cli_overrides(ns))
+    return config_from_dict(cls, data)

@@ -1,0 +1,124 @@
+"""``legolm pretrain``: train a small model from scratch on real text, evaluate it, sample from it.
+
+    legolm pretrain --config configs/pretrain-tiny.yaml [--optim.lr 3e-4 ...] [--overwrite | --resume]
+
+Every setting is a `TrainConfig` key (``--print-config`` shows them all, resolved). Bad input is
+caught before the run directory is created; the run directory gets ``config.yaml``, metrics,
+``loss.png``, ``checkpoints/`` (for ``--resume``), ``model/`` (a legolm checkpoint that
+``legolm generate`` and ``legolm eval ppl`` load) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from legolm.cli.args import add_config_args, dump_yaml, load_yaml, resolve_config
+from legolm.errors import ConfigError
+from legolm.train.config import TrainConfig
+
+ALIASES = {"--overwrite": "run.overwrite", "--resume": "run.resume"}
+
+
+def load_config(ns: argparse.Namespace) -> TrainConfig:
+    """The resolved config; with ``--resume`` the run's saved config.yaml is the base layer."""
+    cfg = resolve_config(TrainConfig, ns)
+    saved = Path(cfg.run.out_dir) / "config.yaml"
+    if cfg.run.resume and saved.is_file():
+        base = load_yaml(saved)
+        base.get("run", {}).pop("overwrite", None)
+        cfg = resolve_config(TrainConfig, ns, base)
+    return cfg
+
+
+def run(ns: argparse.Namespace) -> None:
+    cfg = load_config(ns)
+    if ns.print_config:
+        print(dump_yaml(cfg), end="")
+        return
+    pretrain(cfg)
+
+
+def pretrain(cfg: TrainConfig) -> dict[str, Any]:
+    """Check everything, prepare the data, `fit`, evaluate, save and sample; return the summary."""
+    import torch
+
+    from legolm.checkpoints.native import save_checkpoint
+    from legolm.data.tokenized import check_fits, prepare_corpus
+    from legolm.eval.perplexity import sliding_window_ppl
+    from legolm.generation import GenerationConfig, generate_text
+    from legolm.train.batches import WindowBatches
+    from legolm.train.checkpoint import check_run_dir
+    from legolm.train.fit import fit
+
+    cfg.validate()
+    cfg.data.validate()
+    gen = GenerationConfig(max_new_tokens=cfg.sample.max_new_tokens, temperature=cfg.sample.temperature,
+                           top_k=cfg.sample.top_k, seed=cfg.sample.seed)
+    gen.validate()
+    check_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume)
+    corpus = prepare_corpus(cfg.data, progress=cfg.run.progress)
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg, corpus.vocab_size, corpus.eos_id, corpus.tokenizer.bos_id)
+    check_fits(corpus, model.config, cfg.window)
+    train = WindowBatches(corpus.train, cfg.window, cfg.batch_size, shuffle=True, seed=cfg.run.seed)
+    val = WindowBatches(corpus.val, cfg.window, cfg.eval.batch_size or cfg.batch_size, shuffle=False,
+                        drop_last=False)
+    result = fit(model, train, cfg, val=val)
+    run_dir = Path(cfg.run.out_dir)
+    model.eval()
+    device = next(model.parameters()).device
+    stride = cfg.eval.final_stride or max(1, cfg.window // 2)
+    counts = corpus.counts("val")
+    final = sliding_window_ppl(model, corpus.val, cfg.window, stride, cfg.eval.batch_size or cfg.batch_size, device,
+                               n_bytes=counts["bytes"], n_words=counts["words"], progress=cfg.run.progress)
+    save_checkpoint(model, run_dir / "model", corpus.tokenizer, overwrite=True)
+    sample = generate_text(model, corpus.tokenizer, [cfg.sample.prompt], gen)[0] if cfg.sample.prompt else ""
+    summary = {"fit": {k: v for k, v in asdict(result).items() if k != "run_dir"},
+               "final": final.to_dict(), "sample": sample, "model": str(run_dir / "model")}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(report(result.evals, final, sample, cfg, run_dir))
+    return summary
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int, bos_id: int | None) -> Any:
+    """A new `TransformerLM` from the preset and overrides, or the checkpoint ``model.init``."""
+    from legolm.checkpoints.load import load_pretrained
+    from legolm.model.transformer import TransformerLM
+
+    if cfg.model.init is None:
+        return TransformerLM(cfg.model.model_config(vocab_size, eos_id, bos_id))
+    if cfg.model.overrides():
+        raise ConfigError(f"model.init starts from a checkpoint whose sizes are fixed; drop the overrides "
+                          f"{sorted(cfg.model.overrides())}")
+    return load_pretrained(cfg.model.init).float().train()
+
+
+def report(evals: list[dict[str, float]], final: Any, sample: str, cfg: TrainConfig, run_dir: Path) -> str:
+    """The evaluation table, the held-out sliding-window perplexity and the sample."""
+    lines = ["", "| step | train loss | val loss | val ppl |", "|---:|---:|---:|---:|"]
+    for row in evals:
+        lines.append(f"| {int(row['step']):,} | {row['train_loss']:.4f} | {row['val_loss']:.4f} | "
+                     f"{row['val_ppl']:.2f} |")
+    extra = ""
+    if final.bits_per_byte is not None and final.word_ppl is not None:
+        extra = f", {final.bits_per_byte:.3f} bits/byte, word ppl {final.word_ppl:.2f}"
+    lines += ["", f"held-out sliding-window perplexity (window {final.max_length}, stride {final.stride}, "
+              f"{final.n_tokens:,} tokens): {final.ppl:.2f}{extra}"]
+    if final.diagnostic:
+        lines.append(f"warning: {final.diagnostic}")
+    if sample:
+        lines += ["", f"sample: {cfg.sample.prompt}{sample}"]
+    lines += ["", f"model saved to {run_dir / 'model'} (legolm generate --model {run_dir / 'model'} ...)"]
+    return "\n".join(lines)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="train a small model from scratch on real text",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       allow_abbrev=False)
+    add_config_args(p, TrainConfig, ALIASES)
+    p.set_defaults(func=run)

@@ -1,0 +1,131 @@
+"""Batch sources: what `fit` iterates over.
+
+A batch source yields dicts of tensors (at least ``input_ids`` and ``labels``, plus stable ids),
+knows how many batches make an epoch, and can save and restore its position so that a resumed
+run sees exactly the batches an uninterrupted one would. `WindowBatches` is the one for
+pretraining on a token stream::
+
+    ids   t0 t1 t2 t3 | t4 t5 t6 t7 | t8 t9 t10 t11 | t12 ...     window W = 4
+    x     t0 t1 t2 t3   t4 t5 t6 t7   t8 t9 t10 t11
+    y     t1 t2 t3 t4   t5 t6 t7 t8   t9 t10 t11 t12               (x shifted by one, no padding)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from legolm.errors import ConfigError
+
+Batch = dict[str, Tensor]
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """What `fit` needs from its data: batches, an epoch length, and a resumable position."""
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Batches of the current epoch, from the saved position on."""
+        ...
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        ...
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` (its order) from its first batch."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position (epoch, batches consumed) as JSON-serialisable values."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a position saved by `state_dict`."""
+        ...
+
+
+class WindowBatches:
+    """Fixed-length windows of a 1-D token array, batched, optionally shuffled, sharded by rank.
+
+    Window ``i`` is ``ids[i·W : i·W + W + 1]``: inputs are its first W tokens, labels its last W.
+    Windows do not overlap and nothing is padded; the few tokens after the last full window are
+    not used. With ``shuffle``, the window order is a permutation drawn from ``seed`` and the epoch
+    (``reshuffle=False`` keeps the epoch-0 order every epoch, so a ``batch_id`` names the same
+    windows in every epoch, as per-batch caches need). Ranks take disjoint interleaved slices of
+    the order, each the same length.
+
+    Each batch: ``input_ids`` (B, W) and ``labels`` (B, W) int64, ``sample_ids`` (B,) window
+    indices, ``batch_id`` () position of the batch in the epoch.
+
+    Args:
+        ids: Token ids, documents joined by EOS (a numpy memmap is read lazily).
+        window: Tokens per sequence W.
+        batch_size: Sequences per batch B.
+        shuffle: Visit windows in a seeded random order.
+        seed: Seed of the order.
+        drop_last: Drop the last, smaller batch of an epoch.
+        rank: This process's shard.
+        world_size: Number of shards.
+        reshuffle: Draw a new order each epoch (only with ``shuffle``).
+    """
+
+    def __init__(self, ids: np.ndarray, window: int, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = True, rank: int = 0, world_size: int = 1, reshuffle: bool = True) -> None:
+        if window < 1 or batch_size < 1:
+            raise ConfigError(f"window and batch_size must be >= 1, got window={window}, batch_size={batch_size}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        n_windows = (len(ids) - 1) // window
+        per_rank = n_windows // world_size
+        if per_rank < 1 or (drop_last and per_rank < batch_size):
+            need = (batch_size if drop_last else 1) * world_size * window + 1
+            raise ConfigError(f"{len(ids):,} tokens are too few for batches of {batch_size} x {window}-token windows "
+                              f"on {world_size} rank(s) (need >= {need:,}); use more text or a smaller window/batch")
+        self.ids, self.window, self.batch_size = ids, window, batch_size
+        self.shuffle, self.seed, self.drop_last, self.reshuffle = shuffle, seed, drop_last, reshuffle
+        self.rank, self.world_size = rank, world_size
+        self.n_windows, self.per_rank = n_windows, per_rank
+        self.epoch, self.position = 0, 0
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.per_rank, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    @property
+    def tokens_per_epoch(self) -> int:
+        """Label tokens this rank sees in one epoch."""
+        return min(len(self) * self.batch_size, self.per_rank) * self.window
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Window indices of this rank for ``epoch``, in visiting order."""
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, epoch if self.reshuffle else 0])
+            order = rng.permutation(self.n_windows)
+        else:
+            order = np.arange(self.n_windows)
+        return order[: self.per_rank * self.world_size][self.rank :: self.world_size]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.position = epoch, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = self.order(self.epoch)
+        offsets = np.arange(self.window + 1)
+        for b in range(self.position, len(self)):
+            windows = order[b * self.batch_size : (b + 1) * self.batch_size]
+            rows = np.asarray(self.ids[(windows * self.window)[:, None] + offsets], dtype=np.int64)  # (B, W+1)
+            rows_t = torch.from_numpy(rows)
+            self.position = b + 1  # consumed once yielded: a checkpoint taken after this step skips it
+            yield {"input_ids": rows_t[:, :-1], "labels": rows_t[:, 1:],
+                   "sample_ids": torch.from_numpy(windows.astype(np.int64)), "batch_id": torch.tensor(b)}

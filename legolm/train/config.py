@@ -1,0 +1,259 @@
+"""Training configuration: nested dataclasses whose fields are YAML keys and CLI flags.
+
+``FitConfig`` is everything the training loop `fit` reads (loop sizes, optimizer, schedule,
+evaluation, run directory); ``TrainConfig`` adds the model and data that ``legolm pretrain``
+builds. Other commands (fine-tuning) extend ``FitConfig`` the same way.
+
+In YAML each nested dataclass is a section, on the command line a dotted prefix::
+
+    optim:                        --optim.lr 3e-4
+      lr: 3.0e-4                  --model.layers pythia pythia pythia pythia
+    model:                        --run.out-dir runs/tiny --overwrite
+      preset: pythia-14m
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from legolm.data.tokenized import DataConfig
+from legolm.errors import ConfigError
+from legolm.model.config import PRESETS, ModelConfig
+
+
+@dataclass
+class OptimConfig:
+    """AdamW settings.
+
+    Attributes:
+        lr: Peak learning rate (after warmup).
+        beta1: AdamW first-moment decay.
+        beta2: AdamW second-moment decay.
+        eps: AdamW denominator epsilon.
+        weight_decay: Decoupled weight decay on >= 2-D parameters (matrices, embeddings).
+        grad_clip: Clip the global gradient norm to this (0 = no clipping).
+        fused: Use the fused AdamW kernel (None = on CUDA only).
+    """
+
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    fused: bool | None = None
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup then decay.
+
+    Attributes:
+        warmup_steps: Steps of linear warmup from lr/warmup_steps to lr.
+        decay: Shape after warmup: cosine, linear or constant.
+        min_lr_ratio: Learning rate at the last step, as a fraction of optim.lr.
+    """
+
+    warmup_steps: int = 100
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class EvalConfig:
+    """Validation during training, and early stopping on validation perplexity.
+
+    Attributes:
+        every: Evaluate every this many optimizer steps (0 = only at the end).
+        max_batches: Validation batches per evaluation (None = the whole validation split).
+        batch_size: Sequences per validation batch (None = the training batch size).
+        patience: Stop after this many evaluations without improvement (0 = never stop early).
+        min_delta: A validation perplexity must drop by more than this to count as an improvement.
+        final_stride: Stride of the final sliding-window perplexity (None = half the window).
+    """
+
+    every: int = 100
+    max_batches: int | None = None
+    batch_size: int | None = None
+    patience: int = 0
+    min_delta: float = 0.0
+    final_stride: int | None = None
+
+
+@dataclass
+class RunConfig:
+    """Where and how a run executes.
+
+    Attributes:
+        out_dir: Run directory (config, metrics, checkpoints, final model).
+        overwrite: Replace an existing run directory.
+        resume: Continue from the latest checkpoint in out_dir (starts fresh when there is none).
+        seed: Seed of weights init, data order and every RNG.
+        device: cpu, cuda, cuda:N or auto.
+        precision: auto (bf16-mixed on CUDA, fp32 on CPU), fp32 or bf16-mixed (autocast).
+        compile: torch.compile the loss (forward and backward) of each step.
+        tf32: Allow TF32 matmuls on CUDA for the fp32 parts.
+        log_every: Steps between train-loss log lines (each costs one device sync).
+        save_every: Steps between checkpoints (0 = only at the end).
+        keep_checkpoints: Checkpoints kept in out_dir/checkpoints (older ones are deleted).
+        progress: Show a tqdm progress bar.
+        plot: Write loss.png (needs matplotlib; skipped with a note when missing).
+        tensorboard: Also log to TensorBoard in out_dir/tb (needs the tensorboard package).
+    """
+
+    out_dir: str = "runs/pretrain"
+    overwrite: bool = False
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
+    compile: bool = False
+    tf32: bool = True
+    log_every: int = 10
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    progress: bool = True
+    plot: bool = True
+    tensorboard: bool = False
+
+
+@dataclass
+class FitConfig:
+    """What the training loop `fit` reads.
+
+    Attributes:
+        window: Tokens per training sequence.
+        batch_size: Sequences per micro-batch.
+        grad_accum: Micro-batches per optimizer step.
+        max_steps: Optimizer steps (None = as many as epochs gives).
+        epochs: Passes over the training data (None = as many as max_steps gives; both = the fewer steps).
+        optim: AdamW settings.
+        schedule: Learning-rate schedule.
+        eval: Validation and early stopping.
+        run: Run directory, device, precision, logging and checkpoints.
+    """
+
+    window: int = 128
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int | None = 1000
+    epochs: int | None = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first invalid setting and its fix."""
+        checks = [
+            (self.window >= 1, f"window must be >= 1, got {self.window}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+            (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.max_steps is not None or self.epochs is not None, "set max_steps or epochs (or both)"),
+            (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
+            (self.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.optim.weight_decay}"),
+            (0 <= self.optim.beta1 < 1 and 0 <= self.optim.beta2 < 1,
+             f"optim.beta1/beta2 must be in [0, 1), got {self.optim.beta1}, {self.optim.beta2}"),
+            (self.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {self.optim.grad_clip}"),
+            (self.schedule.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {self.schedule.warmup_steps}"),
+            (0 <= self.schedule.min_lr_ratio <= 1,
+             f"schedule.min_lr_ratio must be in [0, 1], got {self.schedule.min_lr_ratio}"),
+            (self.eval.every >= 0, f"eval.every must be >= 0 (0 = only at the end), got {self.eval.every}"),
+            (self.eval.patience >= 0, f"eval.patience must be >= 0 (0 = off), got {self.eval.patience}"),
+            (self.eval.batch_size is None or self.eval.batch_size >= 1,
+             f"eval.batch_size must be >= 1, got {self.eval.batch_size}"),
+            (self.eval.max_batches is None or self.eval.max_batches >= 1,
+             f"eval.max_batches must be >= 1, got {self.eval.max_batches}"),
+            (self.eval.final_stride is None or 1 <= self.eval.final_stride <= self.window,
+             f"eval.final_stride must be in [1, window={self.window}], got {self.eval.final_stride}"),
+            (self.run.log_every >= 1, f"run.log_every must be >= 1, got {self.run.log_every}"),
+            (self.run.save_every >= 0, f"run.save_every must be >= 0 (0 = only at the end), got {self.run.save_every}"),
+            (self.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.run.keep_checkpoints}"),
+            (not (self.run.overwrite and self.run.resume), "--overwrite and --resume exclude each other; pick one"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclass
+class ModelSpec:
+    """The model to train: a preset with overrides, or a checkpoint to start from.
+
+    Attributes:
+        preset: ModelConfig preset the sizes start from (gpt2, pythia-14m, pythia-70m, tiny-pythia, ...).
+        init: Start from this checkpoint (legolm/HF directory, .gguf, hub name) instead of random weights.
+        layers: Layer type of each block, bottom to top (None = the preset's).
+        n_embd: Model width (None = the preset's).
+        n_head: Attention heads (None = the preset's).
+        intermediate_size: MLP width (None = the preset's MLP/width ratio times n_embd).
+        block_size: Longest sequence the positions support (None = the preset's).
+        vocab_size: Embedding rows (None = the tokenizer's vocabulary rounded up to pad_vocab_to).
+        pad_vocab_to: Round an automatic vocab_size up to a multiple of this (64 suits tensor cores).
+    """
+
+    preset: str = "pythia-14m"
+    init: str | None = None
+    layers: list[str] | None = None
+    n_embd: int | None = None
+    n_head: int | None = None
+    intermediate_size: int | None = None
+    block_size: int | None = None
+    vocab_size: int | None = None
+    pad_vocab_to: int = 64
+
+    def overrides(self) -> dict[str, object]:
+        """The size fields set here (not None)."""
+        names = ("layers", "n_embd", "n_head", "intermediate_size", "block_size", "vocab_size")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def model_config(self, tokenizer_vocab: int, eos_id: int | None, bos_id: int | None = None) -> ModelConfig:
+        """The preset with these overrides, sized for a tokenizer of ``tokenizer_vocab`` ids."""
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown model preset {self.preset!r}; known presets: {sorted(PRESETS)}")
+        if self.pad_vocab_to < 1:
+            raise ConfigError(f"model.pad_vocab_to must be >= 1, got {self.pad_vocab_to}")
+        base = PRESETS[self.preset]
+        over = self.overrides()
+        if self.n_embd is not None and self.intermediate_size is None:
+            over["intermediate_size"] = base["intermediate_size"] * self.n_embd // base["n_embd"]
+        if self.vocab_size is None:
+            over["vocab_size"] = -(-tokenizer_vocab // self.pad_vocab_to) * self.pad_vocab_to
+        return ModelConfig.from_name(self.preset, **over, eos_token_id=eos_id, bos_token_id=bos_id)
+
+
+@dataclass
+class SampleConfig:
+    """The text sample printed after training.
+
+    Attributes:
+        prompt: Text the trained model continues (empty = no sample).
+        max_new_tokens: Tokens to generate.
+        temperature: Softmax temperature.
+        top_k: Sample among the k most likely tokens (0 = all).
+        seed: Seed of the sampling generator.
+    """
+
+    prompt: str = "Once upon a time"
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 40
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig(FitConfig):
+    """``legolm pretrain``: `FitConfig` plus the model and data it builds, and the sample it prints.
+
+    Attributes:
+        model: Model preset and overrides.
+        data: Corpus, tokenizer and split.
+        sample: Text sample after training.
+    """
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)

@@ -1,0 +1,458 @@
+"""`fit`: the one training loop (pretraining, fine-tuning, and the methods built on them).
+
+::
+
+    batches ─▶ [micro-batch ×grad_accum: loss_fn(model, batch) ─ backward] ─ clip ─ AdamW ─ lr(step)
+                     │                                                                  │
+                     └──────── every eval.every: eval_fn(model) ─ early stop ◀──────────┤
+                                          every run.save_every: checkpoint ◀────────────┘
+
+The parts that later methods swap are arguments: the loss (``loss_fn(model, batch) -> (loss,
+n_tokens, metrics)``, default next-token cross-entropy), the evaluation (``eval_fn(model) ->
+metrics``, default mean validation loss/perplexity over the validation windows under the same
+autocast and loss as training), the data (any `BatchSource`), the trained parameters (those with
+``requires_grad``; callers freeze the rest) and a few explicit `Callback` hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from legolm.errors import ConfigError, LegolmError
+from legolm.train.batches import Batch, BatchSource
+from legolm.train.checkpoint import (
+    latest_checkpoint,
+    load_training_checkpoint,
+    open_run_dir,
+    save_training_checkpoint,
+)
+from legolm.train.config import FitConfig
+from legolm.train.metrics import MetricsLogger
+from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
+from legolm.utils.io import atomic_write_text
+
+IGNORE_INDEX = -100
+LossOutput = tuple[Tensor, Tensor | int, dict[str, Tensor]]
+LossFn = Callable[[nn.Module, Batch], LossOutput]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+
+
+class NextTokenLoss:
+    """Mean next-token cross-entropy over the labels that are not ``IGNORE_INDEX``.
+
+    The batch's ``labels`` are already shifted (label t is the token after input t), so the
+    logits of every position are scored. Logits are upcast to fp32 for the softmax.
+    """
+
+    def __call__(self, model: nn.Module, batch: Batch) -> LossOutput:
+        logits = model(batch["input_ids"])  # (B, T, V)
+        labels = batch["labels"]  # (B, T)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return loss, (labels != IGNORE_INDEX).sum(), {}
+
+
+@dataclass
+class FitState:
+    """Where training stands; saved in every checkpoint. A callback sets ``stop`` to end the run."""
+
+    step: int = 0
+    epoch: int = 0
+    tokens: int = 0
+    best_metric: float = math.inf
+    bad_evals: int = 0
+    elapsed_s: float = 0.0
+    stop: bool = False
+    stopped_early: bool = False
+
+
+class Callback:
+    """Hooks `fit` calls at fixed points; override the ones you need (all default to nothing)."""
+
+    def on_train_start(self, state: FitState, model: nn.Module) -> None:
+        """Before the first step (also after a resume)."""
+
+    def on_step_end(self, state: FitState, model: nn.Module) -> None:
+        """After each optimizer step (``state.step`` already counts it)."""
+
+    def on_epoch_end(self, state: FitState, model: nn.Module) -> None:
+        """After the last batch of an epoch (``state.epoch`` is the epoch about to start)."""
+
+    def on_eval(self, state: FitState, model: nn.Module, metrics: dict[str, float]) -> None:
+        """After each evaluation, with its metrics."""
+
+    def on_train_end(self, state: FitState, model: nn.Module) -> None:
+        """After the last step and the final evaluation and checkpoint."""
+
+
+@dataclass
+class FitResult:
+    """What a run achieved.
+
+    Attributes:
+        best_val_ppl: Lowest validation perplexity seen (inf without validation).
+        final_val_ppl: Validation perplexity after the last step.
+        steps: Optimizer steps done (in total, across resumes).
+        tokens: Training label tokens seen.
+        seconds: Wall time of the training (across resumes).
+        tokens_per_s: Training tokens per second of wall time.
+        peak_memory_mb: Peak CUDA memory allocated (GPU) or peak resident memory (CPU).
+        trainable_params: Parameters optimised.
+        total_params: All parameters of the model.
+        stopped_early: Early stopping (or a callback) ended the run before its last step.
+        evals: One row per evaluation: step, train_loss (mean since the previous one), val metrics.
+        run_dir: The run directory.
+    """
+
+    best_val_ppl: float
+    final_val_ppl: float
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    peak_memory_mb: float
+    trainable_params: int
+    total_params: int
+    stopped_early: bool
+    evals: list[dict[str, float]] = field(default_factory=list)
+    run_dir: Path | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = CUDA when visible, else CPU; a CUDA device that is not there is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LegolmError("run.device cuda was asked for but no CUDA GPU is visible; use --run.device cpu")
+    return device
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast for ``bf16-mixed`` (and ``auto`` on CUDA), else nothing (fp32)."""
+    if precision == "bf16-mixed" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared tensors are counted once."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class TrainStep:
+    """One optimizer step: forward/backward of each micro-batch, clipping, AdamW at the step's lr.
+
+    Nothing here waits for the device: the returned loss and token count stay tensors until the
+    caller logs them. ``compile`` wraps the loss call (forward, and through AOTAutograd the
+    backward) in `torch.compile`.
+
+    Args:
+        model: The model (its trainable parameters are in ``optimizer``).
+        loss_fn: ``(model, batch) -> (loss, n_tokens, metrics)``.
+        optimizer: Usually from `build_optimizer`.
+        schedule: Learning rate per step.
+        grad_clip: Max global gradient norm (0 = off).
+        autocast: Context entered around each forward.
+        device: Where batches go.
+        compile: Compile the loss call.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
+                 grad_clip: float, autocast: contextlib.AbstractContextManager[Any], device: torch.device,
+                 compile: bool = False) -> None:
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.grad_clip, self.autocast, self.device = grad_clip, autocast, device
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+        def call_loss(m: nn.Module, b: Batch) -> LossOutput:
+            return loss_fn(m, b)
+
+        self.loss: LossFn = torch.compile(call_loss) if compile else call_loss
+
+    def forward(self, batch: Batch) -> LossOutput:
+        """The loss of one batch under this step's autocast (also used for evaluation)."""
+        with self.autocast:
+            return self.loss(self.model, _to_device(batch, self.device))
+
+    def __call__(self, micro_batches: Sequence[Batch], step: int) -> tuple[Tensor, Tensor | int, float]:
+        """Train on ``micro_batches`` as one step; return (mean loss, tokens, lr) without syncing."""
+        lr = self.schedule.apply(self.optimizer, step)
+        total: Tensor | None = None
+        tokens: Tensor | int = 0
+        for batch in micro_batches:
+            loss, n, _ = self.forward(batch)
+            (loss / len(micro_batches)).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+            tokens = tokens + n
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        assert total is not None
+        return total / len(micro_batches), tokens, lr
+
+
+def evaluate_loss(step: TrainStep, batches: BatchSource, max_batches: int | None = None) -> dict[str, float]:
+    """Token-weighted mean loss (and its exp, the perplexity) over validation batches, no gradients."""
+    model = step.model
+    was_training = model.training
+    model.eval()
+    batches.set_epoch(0)
+    total = torch.zeros((), dtype=torch.float64, device=step.device)
+    count: Tensor | int = 0
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            loss, n, _ = step.forward(batch)
+            total += loss.double() * n
+            count = count + n
+    model.train(was_training)
+    n_tokens = int(count)
+    if n_tokens == 0:
+        raise ConfigError("the validation batches hold no scored tokens; give the corpus more validation text")
+    mean = float(total) / n_tokens
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0)), "val_tokens": n_tokens}
+
+
+def total_steps(cfg: FitConfig, batches_per_epoch: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps of the whole run) from max_steps and/or epochs."""
+    per_epoch = batches_per_epoch // cfg.grad_accum
+    if per_epoch < 1:
+        raise ConfigError(f"an epoch has {batches_per_epoch} batches, fewer than grad_accum={cfg.grad_accum}; "
+                          "lower grad_accum or batch_size, or use more text")
+    candidates = [n for n in (cfg.max_steps, cfg.epochs and cfg.epochs * per_epoch) if n]
+    return per_epoch, min(candidates)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def fit(model: nn.Module, train: BatchSource, cfg: FitConfig, *, val: BatchSource | None = None,
+        loss_fn: LossFn | None = None, eval_fn: EvalFn | None = None,
+        callbacks: Sequence[Callback] = ()) -> FitResult:
+    """Train ``model`` on ``train`` as ``cfg`` says; checkpoint, evaluate, log and resume.
+
+    Args:
+        model: Moved to ``cfg.run.device``; its parameters with ``requires_grad`` are trained.
+        train: Training batches (see `WindowBatches`).
+        cfg: Loop, optimizer, schedule, evaluation and run settings (any `FitConfig` subclass;
+            the whole object is saved as the run's ``config.yaml``).
+        val: Validation batches for the default evaluation.
+        loss_fn: ``(model, batch) -> (loss, n_tokens, metrics)``; default `NextTokenLoss`.
+        eval_fn: ``model -> metrics`` (must include ``val_ppl`` for early stopping); default: mean
+            loss over ``val`` under the training autocast.
+        callbacks: Hooks called in order.
+
+    Returns:
+        The `FitResult`; the run directory holds config.yaml, metrics.jsonl/.csv, loss.png and
+        the checkpoints.
+
+    Raises:
+        ConfigError: An invalid setting. LegolmError: The run directory exists (without
+            ``overwrite``/``resume``).
+    """
+    cfg.validate()
+    device = resolve_device(cfg.run.device)
+    if device.type == "cuda" and cfg.run.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    per_epoch, n_steps = total_steps(cfg, len(train))
+    trainable, total = count_parameters(model)
+    if trainable == 0:
+        raise ConfigError("the model has no trainable parameters (all have requires_grad=False)")
+    run_dir = open_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume)
+    model.to(device).train()
+    optimizer = build_optimizer(trainable_parameters(model), cfg.optim, device)
+    step = TrainStep(model, loss_fn or NextTokenLoss(), optimizer, LRSchedule(cfg.optim.lr, cfg.schedule, n_steps),
+                     cfg.optim.grad_clip, autocast_for(device, cfg.run.precision), device, cfg.run.compile)
+    state = _start(run_dir, cfg, model, optimizer, train, device)
+    from legolm.cli.args import dump_yaml
+
+    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    logger = MetricsLogger(run_dir, state.step if cfg.run.resume else None, cfg.run.plot, cfg.run.tensorboard)
+    if eval_fn is None and val is not None:
+        val_batches = val
+
+        def eval_fn(m: nn.Module) -> dict[str, float]:
+            return evaluate_loss(step, val_batches, cfg.eval.max_batches)
+
+    tqdm.write(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%) on {device}, "
+               f"{n_steps:,} steps ({per_epoch:,} per epoch), run dir {run_dir}")
+    loop = _Loop(cfg, step, train, state, logger, eval_fn, callbacks, run_dir, n_steps)
+    loop.run()
+    result = FitResult(
+        best_val_ppl=state.best_metric, final_val_ppl=loop.last_val_ppl, steps=state.step, tokens=state.tokens,
+        seconds=state.elapsed_s, tokens_per_s=state.tokens / max(state.elapsed_s, 1e-9),
+        peak_memory_mb=peak_memory_mb(device), trainable_params=trainable, total_params=total,
+        stopped_early=state.stopped_early, evals=loop.evals, run_dir=run_dir,
+    )
+    if logger.plot_note:
+        tqdm.write(logger.plot_note)
+    return result
+
+
+def _start(run_dir: Path, cfg: FitConfig, model: nn.Module, optimizer: torch.optim.Optimizer, train: BatchSource,
+           device: torch.device) -> FitState:
+    """A fresh state (seeded), or the one of the latest checkpoint when resuming."""
+    ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
+    if ckpt is None:
+        if cfg.run.resume:
+            tqdm.write(f"no checkpoint in {run_dir}: starting from step 0")
+        seed_everything(cfg.run.seed)
+        train.set_epoch(0)
+        return FitState()
+    saved = load_training_checkpoint(ckpt, model, optimizer, device)
+    train.load_state_dict(saved["data"])
+    tqdm.write(f"resumed from {ckpt} (step {saved['fit']['step']:,})")
+    return FitState(**saved["fit"])
+
+
+class _Loop:
+    """The loop body of `fit`, split into short methods: step, log, evaluate, checkpoint."""
+
+    def __init__(self, cfg: FitConfig, step: TrainStep, train: BatchSource, state: FitState, logger: MetricsLogger,
+                 eval_fn: EvalFn | None, callbacks: Sequence[Callback], run_dir: Path, n_steps: int) -> None:
+        self.cfg, self.step, self.train, self.state, self.logger = cfg, step, train, state, logger
+        self.eval_fn, self.callbacks, self.run_dir, self.n_steps = eval_fn, callbacks, run_dir, n_steps
+        self.evals: list[dict[str, float]] = []
+        self.last_val_ppl = math.nan
+        self.log_loss: Tensor | float = 0.0  # summed step losses since the last log line
+        self.log_tokens: Tensor | int = 0
+        self.log_steps = 0
+        self.eval_loss, self.eval_steps = 0.0, 0  # since the last evaluation (for the table)
+        self.lr = 0.0
+
+    def run(self) -> None:
+        state, cfg, train = self.state, self.cfg, self.train
+        for cb in self.callbacks:
+            cb.on_train_start(state, self.step.model)
+        self.bar = tqdm(total=self.n_steps, initial=state.step, unit="step", disable=not cfg.run.progress,
+                        dynamic_ncols=True)
+        self.t_mark = self.t_start = time.perf_counter()
+        self.elapsed_at_start = state.elapsed_s
+        while state.step < self.n_steps and not state.stop:
+            micro: list[Batch] = []
+            for batch in train:
+                micro.append(batch)
+                if len(micro) == cfg.grad_accum:
+                    self.train_step(micro)
+                    micro = []
+                    if state.step >= self.n_steps or state.stop:
+                        break
+            else:
+                state.epoch += 1
+                train.set_epoch(state.epoch)
+                for cb in self.callbacks:
+                    cb.on_epoch_end(state, self.step.model)
+        self.finish()
+
+    def train_step(self, micro: list[Batch]) -> None:
+        state, cfg = self.state, self.cfg
+        loss, tokens, self.lr = self.step(micro, state.step)
+        state.step += 1
+        self.log_loss, self.log_tokens = self.log_loss + loss, self.log_tokens + tokens
+        self.log_steps += 1
+        self.bar.update(1)
+        evaluate = bool(cfg.eval.every) and state.step % cfg.eval.every == 0
+        if state.step % cfg.run.log_every == 0 or evaluate:
+            self.log_train()
+        if evaluate:
+            self.evaluate()
+        if cfg.run.save_every and state.step % cfg.run.save_every == 0:
+            self.save()
+        for cb in self.callbacks:
+            cb.on_step_end(state, self.step.model)
+
+    def log_train(self) -> None:
+        """Sync once: mean loss and tokens/s since the last log line."""
+        if not self.log_steps:
+            return
+        now = time.perf_counter()
+        loss = float(self.log_loss) / self.log_steps
+        tokens = int(self.log_tokens)
+        self.state.tokens += tokens
+        self.state.elapsed_s = self.elapsed_at_start + now - self.t_start
+        rate = tokens / max(now - self.t_mark, 1e-9)
+        self.logger.log({"step": self.state.step, "split": "train", "loss": loss, "lr": self.lr,
+                         "tokens": self.state.tokens, "tokens_per_s": rate, "elapsed_s": self.state.elapsed_s})
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", lr=f"{self.lr:.2e}", refresh=False)
+        self.eval_loss += loss * self.log_steps
+        self.eval_steps += self.log_steps
+        self.log_loss, self.log_tokens, self.log_steps, self.t_mark = 0.0, 0, 0, now
+
+    def evaluate(self) -> None:
+        if self.eval_fn is None:
+            return
+        t0 = time.perf_counter()
+        metrics = self.eval_fn(self.step.model)
+        self.t_mark += time.perf_counter() - t0  # evaluation time is not training throughput
+        state = self.state
+        train_loss = self.eval_loss / self.eval_steps if self.eval_steps else math.nan
+        self.eval_loss, self.eval_steps = 0.0, 0
+        row = {"step": state.step, "train_loss": train_loss, **metrics}
+        self.evals.append(row)
+        self.logger.log({"step": state.step, "split": "val", **metrics})
+        self.logger.flush()
+        ppl = metrics.get("val_ppl", math.nan)
+        self.last_val_ppl = ppl
+        tqdm.write(f"step {state.step:>7,} | train loss {train_loss:.4f} | "
+                   + " | ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in metrics.items()))
+        if ppl < state.best_metric - self.cfg.eval.min_delta:
+            state.best_metric, state.bad_evals = ppl, 0
+        else:
+            state.bad_evals += 1
+            if self.cfg.eval.patience and state.bad_evals >= self.cfg.eval.patience:
+                tqdm.write(f"early stop: val ppl has not improved by > {self.cfg.eval.min_delta} for "
+                           f"{state.bad_evals} evaluations (best {state.best_metric:.4g})")
+                state.stop = state.stopped_early = True
+        for cb in self.callbacks:
+            cb.on_eval(state, self.step.model, metrics)
+
+    def save(self) -> None:
+        self.log_train()  # the saved token count and time are exact at this step
+        trainer = {"fit": asdict(self.state), "data": self.train.state_dict()}
+        save_training_checkpoint(self.run_dir, self.state.step, self.step.model, self.step.optimizer, trainer,
+                                 self.cfg.run.keep_checkpoints)
+
+    def finish(self) -> None:
+        self.log_train()
+        last_eval = self.evals[-1]["step"] if self.evals else -1
+        if last_eval != self.state.step:
+            self.evaluate()
+        if latest_checkpoint(self.run_dir) != self.run_dir / "checkpoints" / f"step-{self.state.step:08d}":
+            self.save()
+        self.bar.close()
+        self.logger.close()
+        for cb in self.callbacks:
+            cb.on_train_end(self.state, self.step.model)
