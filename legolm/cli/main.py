@@ -16,7 +16,9 @@ from legolm.errors import LegolmError
 COMMANDS = [
     "legolm.cli.generate",
     "legolm.cli.export",
+    "legolm.cli.analyze",
     "legolm.cli.eval",
+    "legolm.cli.pretrain",
 ]
 
 
