@@ -90,8 +90,9 @@ class LoRALinear(AdapterLayer):
         return y + F.linear(h, self.lora_B) * self.scaling
 
     def delta_weight(self) -> Tensor:
-        """s·B A (d_out × d_in), computed in fp32, in the base weight's dtype."""
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        """s·B A (d_out × d_in), computed in at least fp32, in the base weight's dtype."""
+        dtype = torch.promote_types(self.lora_B.dtype, torch.float32)
+        delta = (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
         return delta.to(self.base_layer.weight.dtype)
 
     @torch.no_grad()

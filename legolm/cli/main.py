@@ -17,6 +17,7 @@ COMMANDS = [
     "legolm.cli.generate",
     "legolm.cli.export",
     "legolm.cli.analyze",
+    "legolm.cli.analyze",
     "legolm.cli.eval",
     "legolm.cli.pretrain",
 ]
