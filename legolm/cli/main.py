@@ -17,7 +17,6 @@ COMMANDS = [
     "legolm.cli.generate",
     "legolm.cli.export",
     "legolm.cli.analyze",
-    "legolm.cli.analyze",
     "legolm.cli.eval",
     "legolm.cli.pretrain",
 ]
