@@ -268,3 +268,15 @@ def test_report_for_gpt2_124m_matches_peft_figures() -> None:
     assert "blocks.*.attn.proj (transformer.h.*.attn.c_proj)" in text
     assert "blocks.*.mlp.proj (transformer.h.*.mlp.c_proj)" in text
     assert len(report.rows) == 36 and report.rows[2].shape_a == (8, 3072) and report.rows[2].shape_b == (768, 8)
+
+
+def test_half_precision_base_keeps_fp32_adapters() -> None:
+    base = nn.Linear(16, 8).to(torch.bfloat16)
+    layer = LoRALinear(base, r=4, alpha=8.0)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32  # as peft's autocast_adapter_dtype
+    _randomize_adapters(layer)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    expected = base(x).float() + 2.0 * (x.float() @ layer.lora_A.T @ layer.lora_B.T)
+    torch.testing.assert_close(y.float(), expected, atol=0.1, rtol=0.02)

@@ -8,7 +8,9 @@
     y = W0 x + s · B A dropout(x),   s = alpha / r   (rsLoRA: alpha / √r, Kalajdzievski 2023, arXiv:2312.03732)
 
 A starts like an `nn.Linear` weight (Kaiming-uniform, a=√5, as peft does) and B at zero, so a
-fresh adapter changes nothing. `merge` folds s·BA into W0 (the forward is then the base layer
+fresh adapter changes nothing. Over a bf16/fp16 base the adapter weights are kept in fp32 (peft's
+``autocast_adapter_dtype``): small optimizer updates would otherwise round away; under autocast
+the matmuls still run in bf16. `merge` folds s·BA into W0 (the forward is then the base layer
 alone) and `unmerge` takes it back out.
 """
 
@@ -49,19 +51,22 @@ class LoRALinear(AdapterLayer):
         alpha: Scale numerator; the update is multiplied by alpha/r (alpha/√r with rsLoRA).
         dropout: Dropout probability on the adapter's input (0 = none).
         use_rslora: Scale by alpha/√r (rank-stabilised LoRA).
+        dtype: Adapter weight dtype (None: the base weight's, fp32 for a half-precision base).
     """
 
     base_layer: nn.Linear
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False) -> None:
+                 use_rslora: bool = False, dtype: torch.dtype | None = None) -> None:
         check_lora_settings(r, alpha, dropout)
         super().__init__(base_layer)
         w = base_layer.weight
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = lora_scaling(r, alpha, use_rslora)
-        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, r, device=w.device, dtype=w.dtype))
+        if dtype is None:
+            dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, device=w.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, r, device=w.device, dtype=dtype))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora_parameters()
 
@@ -86,8 +91,8 @@ class LoRALinear(AdapterLayer):
         y = self.base_layer(x)  # (..., d_out)
         if self.merged:
             return y
-        h = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
-        return y + F.linear(h, self.lora_B) * self.scaling
+        h = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
+        return y + (F.linear(h, self.lora_B) * self.scaling).to(y.dtype)
 
     def delta_weight(self) -> Tensor:
         """s·B A (d_out × d_in), computed in at least fp32, in the base weight's dtype."""
