@@ -17,6 +17,9 @@ _REGISTRY: dict[str, str] = {
     "gpt2": "legolm.layers.gpt2",
     "pythia": "legolm.layers.pythia",
     "llama": "legolm.layers.llama",
+    "infini": "legolm.layers.infini",
+    "multi_memory": "legolm.layers.multi_memory",
+    "hierarchical": "legolm.layers.hierarchical",
 }
 
 
