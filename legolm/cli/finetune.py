@@ -1,0 +1,194 @@
+"""``legolm finetune``: LoRA or full fine-tuning of a pretrained model on real text, through `fit`.
+
+    legolm finetune --method lora --model SmolLM2-135M-Instruct.Q4_1.gguf --data tinyshakespeare \\
+        --lora.target-modules q_proj v_proj --lora.r 8 --run.out-dir runs/smollm2-shakespeare
+    legolm finetune --config configs/finetune-lora-smollm2-shakespeare.yaml [--overwrite | --resume]
+
+Every setting is a `FinetuneConfig` key (``--print-config`` shows them all). The same loop,
+checkpoints, progress, metrics and evaluation as ``legolm pretrain``; in addition the held-out
+sliding-window perplexity is measured before and after training with the same windows. The run
+directory gets ``adapter/`` (peft format: ``peft.PeftModel.from_pretrained`` loads it), ``model/``
+(the merged model with ``--save-merged``, or the fully fine-tuned one) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from legolm.adapters.inject import LoRAConfig
+from legolm.cli import args as cli_args
+from legolm.cli.args import add_config_args, dump_yaml, load_yaml, resolve_config
+from legolm.data.tokenized import DataConfig
+from legolm.errors import ConfigError
+from legolm.train.config import FitConfig, OptimConfig, RunConfig, SampleConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from legolm.data.tokenized import TokenizedCorpus
+    from legolm.eval.perplexity import PPLResult
+    from legolm.model.transformer import TransformerLM
+
+MODEL_TOKENIZER = "model"  # data.tokenizer value meaning "the base model's own tokenizer"
+ALIASES = {"--overwrite": "run.overwrite", "--resume": "run.resume"}
+
+
+@dataclass
+class FinetuneConfig(FitConfig):
+    """``legolm finetune``: `FitConfig` plus the base model, the method, the data and the outputs.
+
+    Attributes:
+        method: lora (adapters on the frozen base) or full (every weight trains).
+        model: Base model: legolm/HF directory, .gguf file or hub name.
+        lora: LoRA targets and sizes (method lora).
+        data: Corpus, tokenizer (model = the base model's own) and split.
+        save_merged: With LoRA, also save the merged model (a plain legolm checkpoint) in model/.
+        eval_tokens: Held-out tokens scored by the before/after perplexity (None: the whole val split).
+        sample: Text sample printed after training (empty prompt = none).
+    """
+
+    method: Literal["lora", "full"] = "lora"
+    model: str = ""
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=8, alpha=16.0, target_modules=["all-linear"]))
+    data: DataConfig = field(default_factory=lambda: DataConfig(tokenizer=MODEL_TOKENIZER))
+    save_merged: bool = False
+    eval_tokens: int | None = None
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(prompt=""))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/finetune"))
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.model:
+            raise ConfigError("no base model: give --model PATH_OR_NAME (a legolm/HF directory, .gguf or hub name)")
+        if self.method == "lora":
+            self.lora.validate()
+        if self.eval_tokens is not None and self.eval_tokens < 2:
+            raise ConfigError(f"eval_tokens must be >= 2 (or None for the whole val split), got {self.eval_tokens}")
+        self.data.validate()
+
+
+def load_config(ns: argparse.Namespace) -> FinetuneConfig:
+    """The resolved config; with ``--resume`` the run's saved config.yaml is the base layer."""
+    cfg = resolve_config(FinetuneConfig, ns)
+    saved = Path(cfg.run.out_dir) / "config.yaml"
+    if cfg.run.resume and saved.is_file():
+        base = load_yaml(saved)
+        base.get("run", {}).pop("overwrite", None)
+        cfg = resolve_config(FinetuneConfig, ns, base)
+    return cfg
+
+
+def run(ns: argparse.Namespace) -> None:
+    cfg = load_config(ns)
+    if ns.print_config:
+        print(dump_yaml(cfg), end="")
+        return
+    finetune(cfg)
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Check everything, load the base and the data, measure, `fit`, measure again, save; return the summary."""
+    import torch
+
+    from legolm.adapters import inject_lora, merge_and_unload, save_adapter, trainable_report
+    from legolm.checkpoints.load import load_pretrained, load_tokenizer
+    from legolm.checkpoints.native import save_checkpoint
+    from legolm.data.tokenized import check_fits, prepare_corpus
+    from legolm.train.batches import WindowBatches
+    from legolm.train.checkpoint import check_run_dir
+    from legolm.train.fit import fit, resolve_device
+
+    cfg.validate()
+    check_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume)
+    device = resolve_device(cfg.run.device)
+    model = load_pretrained(cfg.model).float()  # fp32 weights; bf16 compute comes from run.precision
+    tokenizer = load_tokenizer(cfg.model) if cfg.data.tokenizer == MODEL_TOKENIZER else None
+    data_cfg = dataclasses.replace(cfg.data, tokenizer=cfg.model) if tokenizer is not None else cfg.data
+    corpus = prepare_corpus(data_cfg, progress=cfg.run.progress, tokenizer=tokenizer)
+    check_fits(corpus, model.config, cfg.window)
+    model.to(device)
+    before = held_out_ppl(model, corpus, cfg, device)
+    print(f"held-out perplexity before fine-tuning: {before.ppl:.3f} ({before.n_tokens:,} tokens)")
+    torch.manual_seed(cfg.run.seed)
+    if cfg.method == "lora":
+        inject_lora(model, cfg.lora)
+        print(trainable_report(model).format(per_module=False))
+    train = WindowBatches(corpus.train, cfg.window, cfg.batch_size, shuffle=True, seed=cfg.run.seed)
+    val = WindowBatches(corpus.val, cfg.window, cfg.eval.batch_size or cfg.batch_size, shuffle=False,
+                        drop_last=False)
+    result = fit(model, train, cfg, val=val)
+    model.eval()
+    after = held_out_ppl(model, corpus, cfg, device)
+    run_dir = Path(cfg.run.out_dir)
+    outputs: dict[str, str] = {}
+    if cfg.method == "lora":
+        outputs["adapter"] = str(save_adapter(model, run_dir / "adapter", cfg.lora, overwrite=True))
+    sample = _sample(model, corpus, cfg)
+    if cfg.method == "full" or cfg.save_merged:
+        plain = merge_and_unload(model) if cfg.method == "lora" else model
+        outputs["model"] = str(save_checkpoint(plain, run_dir / "model", corpus.tokenizer, overwrite=True))
+    summary = {"method": cfg.method, "base_model": cfg.model, "before": before.to_dict(), "after": after.to_dict(),
+               "fit": {k: v for k, v in dataclasses.asdict(result).items() if k != "run_dir"},
+               "outputs": outputs, "sample": sample}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(report(result.evals, before, after, outputs, cfg, sample))
+    return summary
+
+
+def held_out_ppl(model: TransformerLM, corpus: TokenizedCorpus, cfg: FinetuneConfig,
+                 device: torch.device) -> PPLResult:
+    """Sliding-window perplexity of the validation split (or its first ``eval_tokens``), same windows every time."""
+    from legolm.eval.perplexity import sliding_window_ppl
+
+    ids, counts = corpus.val, corpus.counts("val")
+    if cfg.eval_tokens is not None and cfg.eval_tokens < len(ids):
+        ids, counts = ids[: cfg.eval_tokens], {}
+    stride = cfg.eval.final_stride or max(1, cfg.window // 2)
+    was_training = model.training
+    model.eval()
+    result = sliding_window_ppl(model, ids, cfg.window, stride, cfg.eval.batch_size or cfg.batch_size, device,
+                                n_bytes=counts.get("bytes"), n_words=counts.get("words"),
+                                progress=cfg.run.progress)
+    model.train(was_training)
+    return result
+
+
+def _sample(model: TransformerLM, corpus: TokenizedCorpus, cfg: FinetuneConfig) -> str:
+    if not cfg.sample.prompt:
+        return ""
+    from legolm.generation import GenerationConfig, generate_text
+
+    s = cfg.sample
+    gen = GenerationConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, seed=s.seed)
+    return generate_text(model, corpus.tokenizer, [s.prompt], gen)[0]
+
+
+def report(evals: list[dict[str, float]], before: PPLResult, after: PPLResult, outputs: dict[str, str],
+           cfg: FinetuneConfig, sample: str) -> str:
+    """The evaluation table, held-out perplexity before/after, and where the outputs are."""
+    lines = ["", "| step | train loss | val loss | val ppl |", "|---:|---:|---:|---:|"]
+    lines += [f"| {int(r['step']):,} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} |"
+              for r in evals]
+    lines += ["", f"held-out sliding-window perplexity (window {after.max_length}, stride {after.stride}, "
+              f"{after.n_tokens:,} tokens): before {before.ppl:.3f} -> after {after.ppl:.3f} "
+              f"({100 * (after.ppl / before.ppl - 1):+.1f}%)"]
+    if sample:
+        lines += ["", f"sample: {cfg.sample.prompt}{sample}"]
+    lines += [f"{name} saved to {path}" for name, path in outputs.items()]
+    return "\n".join(lines)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="LoRA or full fine-tuning of a pretrained model on real text",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       allow_abbrev=False)
+    add_config_args(p, FinetuneConfig, ALIASES)
+    p.add_argument("--data", dest=cli_args._DEST + "data.source", default=argparse.SUPPRESS, metavar="SOURCE",
+                   help="same as --data.source")
+    p.set_defaults(func=run)
