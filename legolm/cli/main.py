@@ -17,6 +17,7 @@ COMMANDS = [
     "legolm.cli.generate",
     "legolm.cli.export",
     "legolm.cli.analyze",
+    "legolm.cli.finetune",
     "legolm.cli.eval",
     "legolm.cli.pretrain",
 ]
