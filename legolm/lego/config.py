@@ -1,0 +1,158 @@
+"""``legolm lego`` settings: two training phases on `fit`, the LEGO knobs and the decode measurement.
+
+YAML sections and dotted flags as in ``legolm pretrain``::
+
+    window: 128                     --window 128
+    model: {preset: pythia-14m, layers: [pythia, pythia]}        (the shallow model)
+    phase1: {max_steps: 1500, eval: {every: 100, patience: 3}}
+    phase2: {max_steps: 1500, optim: {lr: 1.0e-3}}
+    lego: {num_layers: 6, target_ratio: 0.5}                     --lego.target-ratio 0.4
+    decode: {prompts: 8, max_new_tokens: 64}
+    run: {out_dir: runs/lego, device: cpu}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from legolm.data.tokenized import DataConfig
+from legolm.errors import ConfigError
+from legolm.lego.early_exit import KVMode
+from legolm.lego.threshold import check_target_ratio
+from legolm.train.config import EvalConfig, FitConfig, ModelSpec, OptimConfig, RunConfig, ScheduleConfig
+
+StoreDtype = Literal["float32", "bfloat16", "float16"]
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class PhaseConfig:
+    """The training loop of one phase (window and run settings are the command's).
+
+    Attributes:
+        batch_size: Windows per micro-batch.
+        grad_accum: Micro-batches per optimizer step.
+        max_steps: Optimizer steps (None = as many as epochs gives).
+        epochs: Passes over the phase's data (None = as many as max_steps gives).
+        optim: AdamW settings.
+        schedule: Learning-rate schedule.
+        eval: Validation and early stopping (patience > 0 stops early; the best weights are restored).
+    """
+
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int | None = 1000
+    epochs: int | None = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(every=100, patience=3))
+
+    def fit_config(self, window: int, run: RunConfig, out_dir: Path) -> FitConfig:
+        """The `FitConfig` of this phase, writing its run into ``out_dir``."""
+        return FitConfig(window=window, batch_size=self.batch_size, grad_accum=self.grad_accum,
+                         max_steps=self.max_steps, epochs=self.epochs, optim=self.optim, schedule=self.schedule,
+                         eval=self.eval, run=dataclasses.replace(run, out_dir=str(out_dir), overwrite=False))
+
+
+@dataclass
+class LegoSettings:
+    """The LEGO method's own settings.
+
+    Attributes:
+        num_layers: Depth after extend (the shallow model's depth is that of model.layers).
+        target_ratio: Fraction of validation tokens below the calibrated threshold (hard), in (0, 1).
+        routing_temperature: T of the routing weight sigmoid((conf - threshold) / T), > 0.
+        freeze_lower: Freeze embeddings and lower layers in phase 2 (required: it trains on their stored outputs).
+        phase2_loss: routed (NLL of the soft-routed mixture, as evaluated) or deep (deep exit alone) on hard tokens.
+        store_dtype: dtype of the stored lower-layer states (bfloat16/float16 halve their memory).
+        calib_batches: Validation batches for calibration and evaluation (None = all).
+        curve_ratios: Further thresholds for the quality/speed curve, as fractions of validation tokens below them.
+    """
+
+    num_layers: int = 6
+    target_ratio: float = 0.5
+    routing_temperature: float = 0.05
+    freeze_lower: bool = True
+    phase2_loss: Literal["routed", "deep"] = "routed"
+    store_dtype: StoreDtype = "float32"
+    calib_batches: int | None = None
+    curve_ratios: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.7, 0.9])
+
+
+@dataclass
+class DecodeSettings:
+    """The early-exit decode measurement (batch 1, greedy, real validation-text prompts).
+
+    Attributes:
+        prompts: Prompts, cut from the validation split at evenly spaced offsets.
+        prompt_len: Tokens per prompt.
+        max_new_tokens: Tokens generated per prompt (no EOS stop, so every threshold decodes as many).
+        kv_mode: How exited tokens enter the upper KV cache: fill (exact), skip or propagate.
+        repeats: Timed rounds; the median round is reported (thresholds interleaved in each round).
+        warmup: Untimed rounds first.
+    """
+
+    prompts: int = 8
+    prompt_len: int = 32
+    max_new_tokens: int = 64
+    kv_mode: KVMode = "fill"
+    repeats: int = 3
+    warmup: int = 1
+
+
+@dataclass
+class LegoConfig:
+    """``legolm lego``: phase 1, calibration, extension, phase 2, evaluation and early-exit decoding.
+
+    Attributes:
+        window: Tokens per training/evaluation window (both phases).
+        model: The shallow model (preset and overrides; model.layers sets its depth).
+        data: Corpus, tokenizer and split.
+        phase1: Training of the shallow model on all data.
+        phase2: Training of the upper layers on the stored hard examples.
+        lego: Depth, threshold calibration, routing and storage.
+        decode: The decode-speed measurement.
+        run: Run directory, device, seed, progress (shared by both phases).
+    """
+
+    window: int = 128
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    phase1: PhaseConfig = field(default_factory=PhaseConfig)
+    phase2: PhaseConfig = field(default_factory=PhaseConfig)
+    lego: LegoSettings = field(default_factory=LegoSettings)
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/lego"))
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first bad setting and its fix."""
+        out = Path(self.run.out_dir)
+        for phase in (self.phase1, self.phase2):
+            phase.fit_config(self.window, self.run, out).validate()
+        self.data.validate()
+        check_target_ratio(self.lego.target_ratio)
+        for r in self.lego.curve_ratios:
+            check_target_ratio(r)
+        shallow = len(self.model.layers) if self.model.layers else None
+        d = self.decode
+        checks = [
+            (shallow is None or self.lego.num_layers > shallow,
+             f"lego.num_layers={self.lego.num_layers} must exceed the shallow model's {shallow} layers (model.layers)"),
+            (self.lego.routing_temperature > 0,
+             f"lego.routing_temperature must be > 0, got {self.lego.routing_temperature}"),
+            (self.lego.freeze_lower, "lego.freeze_lower must stay true: phase 2 trains on the lower layers' stored "
+                                     "outputs, so they cannot change"),
+            (self.lego.calib_batches is None or self.lego.calib_batches >= 1,
+             f"lego.calib_batches must be >= 1, got {self.lego.calib_batches}"),
+            (d.prompts >= 1 and d.prompt_len >= 1 and d.max_new_tokens >= 1,
+             "decode.prompts, decode.prompt_len and decode.max_new_tokens must be >= 1"),
+            (d.repeats >= 1 and d.warmup >= 0, "decode.repeats must be >= 1 and decode.warmup >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)

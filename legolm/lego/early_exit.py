@@ -1,0 +1,306 @@
+"""TRUE early-exit generation: the upper layers are not run at all for confident tokens.
+
+Each step runs the lower layers (their own KV cache) and the frozen shallow exit; a token whose
+shallow confidence (max softmax probability) is >= τ is emitted from the shallow exit and the
+upper layers are skipped; otherwise the upper layers (a second KV cache) and the deep exit run::
+
+    tok ─ lower layers ─ h_s ─ shallow exit ─ conf ≥ τ ? ──yes── shallow token      (split layer calls)
+           [lower cache]                        │
+                                                no
+                                                └─ upper layers ─ deep exit ─ deep token   (all L)
+                                                   [upper cache]
+
+An exited token leaves no keys/values in the upper cache. Three ways to deal with that
+(``kv_mode``):
+
+* ``fill`` (exact, FREE-style lazy fill; Bae et al. 2023, "Fast and Robust Early-Exiting
+  Framework", arXiv 2310.05424): the exited tokens' h_s wait in a queue; at the next deep token
+  the upper layers run once over the queue plus that token (one call per layer, T = k + 1), which
+  writes the exact keys/values every exited token would have had. Deep tokens then get exactly the
+  logits of the full-depth model on the same history. Tokens that exit at the end are never run.
+* ``skip``: the upper cache holds only prompt and deep tokens (its slots are dense), while RoPE
+  positions stay the tokens' true (cumulative) positions. Cheapest, approximate.
+* ``propagate`` (CALM-style state propagation; Schuster et al. 2022): for an exited token every
+  upper layer's key/value projection is computed from h_s (no attention, no MLP). Approximate.
+
+Batches: rows advance together; the upper layers run for the whole batch when any unfinished row
+is below τ, and each row still takes its own token (the shallow one where it is confident). With
+``fill`` a row's tokens therefore do not depend on the other rows. Prompts of one call share a
+length (no padding).
+
+Compute cost = layer calls in the decode steps ÷ (decode steps × L): a call of a layer counts once
+whatever its T, as the hooks in the tests count them. The prefill (all L layers over the prompt,
+the same in every mode) is reported apart.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from legolm.errors import ConfigError
+from legolm.generation.sampling import next_token
+from legolm.layers.attention import CausalSelfAttention, SplitQKV
+from legolm.layers.context import LayerContext
+from legolm.lego.model import LegoLM, check_threshold, confidence, exits
+from legolm.model.kv_cache import KVCache, LayerKVCache
+from legolm.model.rope import apply_rope
+
+KVMode = Literal["fill", "skip", "propagate"]
+KV_MODES: tuple[KVMode, ...] = ("fill", "skip", "propagate")
+
+
+@dataclass
+class EarlyExitStats:
+    """What one early-exit generation call did.
+
+    Attributes:
+        shallow_count: Emitted tokens taken from the shallow exit (all rows, until each row's EOS).
+        deep_count: Emitted tokens taken from the deep exit.
+        shallow_ratio: shallow_count / (shallow_count + deep_count).
+        decode_steps: Steps after the prefill (each feeds one token per row).
+        layer_calls: Transformer-block calls in the whole call (prefill included).
+        prefill_layer_calls: Of those, the prefill's (always L).
+        actual_compute_cost: Decode layer calls ÷ (decode_steps × L); 1.0 = full depth every step.
+        token_layer_cost: Decode (token × layer) evaluations ÷ (decode_steps × L), per row: with
+            ``fill`` the queued tokens are evaluated later, so this is the FLOPs proxy.
+        kv_projections: Upper-layer key/value projections of exited tokens (``propagate``).
+        prefill_s: Wall time of the prefill (s).
+        decode_s: Wall time of the decode steps (s).
+        wall_s: prefill_s + decode_s.
+    """
+
+    shallow_count: int
+    deep_count: int
+    shallow_ratio: float
+    decode_steps: int
+    layer_calls: int
+    prefill_layer_calls: int
+    actual_compute_cost: float
+    token_layer_cost: float
+    kv_projections: int
+    prefill_s: float
+    decode_s: float
+    wall_s: float
+
+
+@dataclass
+class EarlyExitResult:
+    """New tokens (B, N), where each came from the shallow exit (B, N), the stats, optional logits (B, N, V)."""
+
+    tokens: Tensor
+    exited: Tensor
+    stats: EarlyExitStats
+    logits: Tensor | None = None
+
+
+class _TwoCacheDecoder:
+    """Lower and upper KV caches and the three ways of handling exited tokens in the upper cache."""
+
+    def __init__(self, model: LegoLM, batch: int, max_len: int, kv_mode: KVMode) -> None:
+        p = next(model.parameters())
+        cfg, s, L = model.config, model.split, model.n_layer
+        self.model, self.kv_mode, self.batch = model, kv_mode, batch
+        self.lower_cache = KVCache(cfg, batch, max_len, layers=range(s), dtype=p.dtype, device=p.device)
+        self.upper_cache = KVCache(cfg, batch, max_len, layers=range(s, L), dtype=p.dtype, device=p.device)
+        self.device = p.device
+        self.upper_len = 0  # slots of the upper cache in use (skip mode: dense)
+        self.queue: list[tuple[Tensor, int]] = []  # fill mode: (h_s (B, 1, C), position) of exited tokens
+        self.layer_calls = self.token_layers = self.kv_projections = 0
+
+    def _pos(self, *positions: int) -> Tensor:
+        return torch.tensor(positions, dtype=torch.long, device=self.device)
+
+    def prefill(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """All layers over the prompt (B, P): (h_s, deep logits) of its last token, (B, 1, C) and (B, V)."""
+        P = idx.shape[1]
+        pos = torch.arange(P, device=self.device)
+        h_s = self.model.lower(idx, cache=self.lower_cache, input_pos=pos)  # (B, P, C)
+        deep = self.model.forward_upper_layers(h_s, cache=self.upper_cache, input_pos=pos)  # (B, P, V)
+        self.upper_len = P
+        self.layer_calls += self.model.n_layer
+        return h_s[:, -1:], deep[:, -1]
+
+    def lower(self, tok: Tensor, position: int) -> Tensor:
+        """Lower layers on the last token (B, 1) at ``position`` -> h_s (B, 1, C)."""
+        self.layer_calls += self.model.split
+        self.token_layers += self.model.split
+        return self.model.lower(tok, cache=self.lower_cache, input_pos=self._pos(position))
+
+    def upper(self, h_s: Tensor, position: int) -> Tensor:
+        """Upper layers and the deep exit for the token at ``position`` -> deep logits (B, V)."""
+        n_upper = self.model.n_layer - self.model.split
+        if self.kv_mode == "fill":  # the queued exited tokens first, in the same call
+            h = torch.cat([q for q, _ in self.queue] + [h_s], dim=1)  # (B, k + 1, C)
+            slots = self._pos(*[p for _, p in self.queue], position)
+            self.queue.clear()
+            logits = self.model.forward_upper_layers(h, cache=self.upper_cache, input_pos=slots)[:, -1]
+            self.token_layers += n_upper * h.shape[1]
+        else:  # skip: dense slots, true positions; propagate: slot = position
+            slot = self.upper_len if self.kv_mode == "skip" else position
+            positions = self._pos(position).expand(self.batch, 1)
+            logits = self.model.forward_upper_layers(h_s, cache=self.upper_cache, input_pos=self._pos(slot),
+                                                     positions=positions)[:, -1]
+            self.token_layers += n_upper
+        self.upper_len += 1
+        self.layer_calls += n_upper
+        return logits
+
+    def exited(self, h_s: Tensor, position: int) -> None:
+        """Record a step whose tokens all left at the shallow exit."""
+        if self.kv_mode == "fill":
+            self.queue.append((h_s, position))
+        elif self.kv_mode == "propagate":
+            self._propagate(h_s, position)
+
+    def _propagate(self, h_s: Tensor, position: int) -> None:
+        """Write every upper layer's K/V computed from h_s (CALM's propagated state)."""
+        base = self.model.base
+        pos = self._pos(position)
+        ctx = base.make_context(pos.expand(self.batch, 1), h_s.dtype, input_pos=pos)
+        for i in range(self.model.split, self.model.n_layer):
+            layer_cache = self.upper_cache.get(i)
+            assert layer_cache is not None
+            write_kv(base.blocks[i], h_s, ctx, layer_cache)
+            self.kv_projections += 1
+
+
+def write_kv(block: nn.Module, h: Tensor, ctx: LayerContext, cache: LayerKVCache) -> None:
+    """Compute only a block's keys/values of input ``h`` (B, T, C) and store them at ``ctx.input_pos``.
+
+    Raises:
+        ConfigError: The block has no ``norm_1`` + `CausalSelfAttention` (propagate needs them).
+    """
+    attn, norm = getattr(block, "attn", None), getattr(block, "norm_1", None)
+    if not isinstance(attn, CausalSelfAttention) or not isinstance(norm, nn.Module):
+        raise ConfigError(f"kv_mode 'propagate' needs blocks with norm_1 and attn; {type(block).__name__} has "
+                          "not; use kv_mode 'fill'")
+    B, T, _ = h.shape
+    H, Hkv, D = attn.n_head, attn.n_kv_head, attn.head_dim
+    x = norm(h)
+    if isinstance(attn.qkv, SplitQKV):
+        k, v = attn.qkv.k_proj(x), attn.qkv.v_proj(x)
+    elif isinstance(attn.qkv, nn.Linear):  # only the k/v rows of the fused projection
+        bias = attn.qkv.bias[H * D:] if attn.qkv.bias is not None else None
+        k, v = F.linear(x, attn.qkv.weight[H * D:], bias).split([Hkv * D, Hkv * D], dim=-1)
+    else:  # a wrapped projection (adapters): compute it whole
+        _, k, v = attn.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+    k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+    v = v.view(B, T, Hkv, D).transpose(1, 2)
+    if ctx.cos is not None and ctx.sin is not None:
+        k = apply_rope(k, ctx.cos, ctx.sin)
+    assert ctx.input_pos is not None
+    cache.update(ctx.input_pos, k, v)
+
+
+def _check(model: LegoLM, input_ids: Tensor, max_new_tokens: int, kv_mode: str) -> None:
+    if not model.extended:
+        raise ConfigError("early-exit generation needs an extended LEGO model (two exits); run extend() first")
+    if kv_mode not in KV_MODES:
+        raise ConfigError(f"kv_mode must be one of {list(KV_MODES)}, got {kv_mode!r}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ConfigError("input_ids must be (batch, prompt_len) with at least one token, "
+                          f"got shape {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    longest = input_ids.shape[1] + max_new_tokens
+    if longest > model.config.block_size:
+        raise ConfigError(f"prompt + max_new_tokens = {longest} exceeds the model's context of "
+                          f"{model.config.block_size}; shorten the prompt or generate fewer tokens")
+
+
+@torch.inference_mode()
+def generate_with_early_exit(model: LegoLM, input_ids: Tensor, max_new_tokens: int,
+                             routing_threshold: float | None, *, kv_mode: KVMode = "fill", greedy: bool = True,
+                             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                             eos_id: int | None = None, output_logits: bool = False) -> EarlyExitResult:
+    """Continue ``input_ids`` (B, P) by ``max_new_tokens``, skipping the upper layers of confident tokens.
+
+    Args:
+        model: An extended `LegoLM` (eval mode).
+        input_ids: Prompts of one length, (B, P) token ids.
+        max_new_tokens: Tokens to generate per row.
+        routing_threshold: τ in [0, 1]: exit where shallow confidence >= τ (1 = never, 0 = always).
+            None runs the plain full-depth loop of the same code without the shallow exit (the
+            baseline the speedup is measured against).
+        kv_mode: ``fill`` (exact), ``skip`` or ``propagate``; see the module docstring.
+        greedy: Argmax decoding; else sample with temperature / top_k / top_p.
+        temperature: Sampling temperature.
+        top_k: Sample among the k most likely tokens (0 = all).
+        top_p: Nucleus mass (1.0 = off).
+        seed: Seed of the sampling generator.
+        eos_id: Stop a row at this id (the call ends when every row has); None = no stop.
+        output_logits: Also return the logits each token was chosen from.
+
+    Returns:
+        Tokens, exit flags, stats (counts, compute cost, wall time) and optional logits.
+    """
+    route = routing_threshold is not None
+    if routing_threshold is not None:
+        check_threshold(routing_threshold)
+    _check(model, input_ids, max_new_tokens, kv_mode)
+    B, P = input_ids.shape
+    N = max_new_tokens
+    dec = _TwoCacheDecoder(model, B, P + N, kv_mode)
+    gen = torch.Generator(device=dec.device).manual_seed(seed) if seed is not None else None
+    sync: Callable[[], None] = torch.cuda.synchronize if dec.device.type == "cuda" else (lambda: None)
+
+    def pick(logits: Tensor) -> Tensor:
+        return next_token(logits, greedy, temperature, top_k, top_p, gen)
+
+    tokens = torch.zeros(B, N, dtype=torch.long, device=dec.device)
+    exited = torch.zeros(B, N, dtype=torch.bool, device=dec.device)
+    kept = torch.zeros(B, N, dtype=torch.bool, device=dec.device)  # emitted before the row's EOS
+    finished = torch.zeros(B, dtype=torch.bool, device=dec.device)
+    saved: list[Tensor] = []
+    sync()
+    t0 = time.perf_counter()
+    h_s, deep = dec.prefill(input_ids.to(dec.device))
+    sync()
+    t1 = time.perf_counter()
+    steps = 0
+    for t in range(N):
+        if t > 0:  # feed the last token: lower layers, then the upper ones unless every row exits
+            if eos_id is not None and bool(finished.all()):
+                break
+            steps += 1
+            h_s = dec.lower(tokens[:, t - 1 : t], P + t - 1)
+        shallow = model.shallow_head(h_s)[:, -1] if route else None  # (B, V)
+        ex = exits(confidence(shallow), routing_threshold) if shallow is not None and routing_threshold is not None \
+            else torch.zeros(B, dtype=torch.bool, device=dec.device)
+        if t > 0 and bool((~ex & ~finished).any()):
+            deep = dec.upper(h_s, P + t - 1)
+        elif t > 0:
+            dec.exited(h_s, P + t - 1)
+            ex = torch.ones_like(ex)
+        chosen = torch.where(ex[:, None], shallow, deep) if shallow is not None else deep  # (B, V)
+        nxt = pick(chosen)
+        kept[:, t] = ~finished
+        if eos_id is not None:
+            nxt = torch.where(finished, eos_id, nxt)
+            finished |= nxt == eos_id
+        tokens[:, t], exited[:, t] = nxt, ex
+        if output_logits:
+            saved.append(chosen.float())
+    sync()
+    t2 = time.perf_counter()
+    n = steps + 1
+    tokens, exited, kept = tokens[:, :n], exited[:, :n], kept[:, :n]
+    shallow_count, total = int((exited & kept).sum()), int(kept.sum())
+    L = model.n_layer
+    decode_calls = dec.layer_calls - L
+    stats = EarlyExitStats(
+        shallow_count=shallow_count, deep_count=total - shallow_count, shallow_ratio=shallow_count / max(total, 1),
+        decode_steps=steps, layer_calls=dec.layer_calls, prefill_layer_calls=L,
+        actual_compute_cost=decode_calls / (steps * L) if steps else 1.0,
+        token_layer_cost=dec.token_layers / (steps * L) if steps else 1.0, kv_projections=dec.kv_projections,
+        prefill_s=t1 - t0, decode_s=t2 - t1, wall_s=t2 - t0,
+    )
+    logits = torch.stack(saved, dim=1) if output_logits else None
+    return EarlyExitResult(tokens, exited, stats, logits)

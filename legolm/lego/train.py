@@ -1,0 +1,166 @@
+"""The two LEGO training phases, both on the one loop `fit`.
+
+::
+
+    phase 1   fit(shallow base, all windows, next-token loss, early stopping)        → mark_trained
+    calibrate τ = quantile of validation confidences at target_ratio
+    extend    copy + upper layers, freeze embeddings / lower layers / shallow exit
+    collect   lower-layer states of windows with hard tokens (train and val), once
+    phase 2   fit(LegoLM, stored states, loss on hard tokens, early stopping on val hard tokens)
+
+Phase 2's loss (`HardTokenLoss`) runs only the upper layers and the deep exit on the stored
+states; the shallow log-probability and confidence were stored with them. With
+``kind="routed"`` it is the NLL of the same soft-routed mixture that evaluation reports.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, cast
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from legolm.data.tokenized import TokenizedCorpus, check_fits
+from legolm.errors import ConfigError
+from legolm.lego.config import STORE_DTYPES, LegoConfig
+from legolm.lego.hard_examples import HardExamples, collect_hard_examples, create_hard_example_loader
+from legolm.lego.model import LegoLM, routed_log_probs
+from legolm.lego.threshold import compute_confidence_threshold
+from legolm.model.transformer import TransformerLM
+from legolm.train.batches import Batch, BatchSource, WindowBatches
+from legolm.train.config import FitConfig
+from legolm.train.fit import Callback, FitResult, FitState, LossOutput, fit
+
+
+class RestoreBest(Callback):
+    """Keep the trainable weights of the best validation perplexity and load them back at the end."""
+
+    def __init__(self) -> None:
+        self.best = math.inf
+        self.weights: dict[str, Tensor] | None = None
+
+    def on_eval(self, state: FitState, model: nn.Module, metrics: dict[str, float]) -> None:
+        ppl = metrics.get("val_ppl", math.nan)
+        if ppl < self.best:
+            self.best = ppl
+            self.weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_end(self, state: FitState, model: nn.Module) -> None:
+        if self.weights is None:
+            return
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.weights.items():
+                params[name].copy_(value)
+        tqdm.write(f"restored the weights of the best validation perplexity {self.best:.4g}")
+
+
+def run_phase1(model: LegoLM, train: BatchSource, val: BatchSource, cfg: FitConfig) -> FitResult:
+    """Phase 1: train the shallow model on all windows (next-token loss, early stopping), then mark it trained."""
+    if model.extended:
+        raise ConfigError("phase 1 trains the shallow model, but this LEGO model is already extended")
+    result = fit(model.base, train, cfg, val=val, callbacks=[RestoreBest()])
+    model.mark_trained()
+    return result
+
+
+class HardTokenLoss:
+    """Phase-2 loss on the hard tokens of stored lower-layer states.
+
+    Args:
+        kind: ``routed``: -log(w · p_s + (1 - w) · p_d) with the continuous routing weight w of the
+            stored shallow confidence (what evaluation reports); ``deep``: -log p_d alone.
+    """
+
+    def __init__(self, kind: Literal["routed", "deep"] = "routed") -> None:
+        self.kind = kind
+
+    def __call__(self, module: nn.Module, batch: Batch) -> LossOutput:
+        model = cast(LegoLM, module)
+        mask, labels = batch["hard"], batch["labels"]  # (B, W)
+        dtype = next(model.base.blocks[model.split].parameters()).dtype
+        h_top = model.upper_hidden(batch["hidden"].to(dtype))  # (B, W, C) with full causal context
+        logp_d = model.base.project(h_top[mask]).float().log_softmax(-1)  # (n, V): the head on hard tokens only
+        lp_d = logp_d.gather(-1, labels[mask][:, None])[:, 0]  # (n,)
+        if self.kind == "deep":
+            lp = lp_d
+        else:
+            lp = routed_log_probs(batch["shallow_logp"][mask], lp_d, batch["conf"][mask], model.threshold,
+                                  model.meta.routing_temperature)
+        return -lp.mean(), mask.sum(), {}
+
+
+def check_phase2(model: LegoLM) -> None:
+    """Phase 2 needs an extended model whose embeddings, lower layers and shallow exit are frozen."""
+    if not model.extended:
+        raise ConfigError("phase 2 trains the upper layers of an extended model; call extend() first")
+    frozen = [model.base.wte, *model.base.blocks[: model.split]]
+    if any(p.requires_grad for m in frozen for p in m.parameters()):
+        raise ConfigError("phase 2 trains on the lower layers' stored outputs, so they must stay frozen; "
+                          "extend with freeze_lower=True")
+
+
+def run_phase2(model: LegoLM, train: HardExamples, val: HardExamples, cfg: FitConfig,
+               loss: Literal["routed", "deep"] = "routed") -> FitResult:
+    """Phase 2: train the upper layers and deep exit on stored hard examples, early stopping on ``val``."""
+    check_phase2(model)
+    train_batches = create_hard_example_loader(train, cfg.batch_size, shuffle=True, seed=cfg.run.seed)
+    val_batches = create_hard_example_loader(val, cfg.eval.batch_size or cfg.batch_size, shuffle=False)
+    return fit(model, train_batches, cfg, val=val_batches, loss_fn=HardTokenLoss(loss), callbacks=[RestoreBest()])
+
+
+@dataclass
+class LegoTraining:
+    """What `train_lego` produced.
+
+    Attributes:
+        model: The extended, phase-2-trained model (eval mode).
+        threshold: Calibrated τ.
+        phase1: Phase 1's `FitResult`.
+        phase2: Phase 2's `FitResult`.
+        hard_train: Stored training hard examples.
+        hard_val: Stored validation hard examples.
+        val_batches: The validation windows (shuffle off), for evaluation.
+    """
+
+    model: LegoLM
+    threshold: float
+    phase1: FitResult
+    phase2: FitResult
+    hard_train: HardExamples
+    hard_val: HardExamples
+    val_batches: WindowBatches
+
+
+def train_lego(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoTraining:
+    """Phase 1, calibration, extension, hard-example collection and phase 2, as ``cfg`` says."""
+    out = Path(cfg.run.out_dir)
+    torch.manual_seed(cfg.run.seed)
+    base = TransformerLM(cfg.model.model_config(corpus.vocab_size, corpus.eos_id, corpus.tokenizer.bos_id))
+    check_fits(corpus, base.config, cfg.window)
+    if cfg.lego.num_layers <= base.config.n_layer:
+        raise ConfigError(f"lego.num_layers={cfg.lego.num_layers} must exceed the shallow model's "
+                          f"{base.config.n_layer} layers")
+    model = LegoLM(base)
+    p1, p2 = cfg.phase1, cfg.phase2
+    val = WindowBatches(corpus.val, cfg.window, p1.eval.batch_size or p1.batch_size, shuffle=False, drop_last=False)
+    train = WindowBatches(corpus.train, cfg.window, p1.batch_size, shuffle=True, seed=cfg.run.seed)
+    phase1 = run_phase1(model, train, val, p1.fit_config(cfg.window, cfg.run, out / "phase1"))
+    model.eval()
+    threshold = compute_confidence_threshold(model, val, cfg.lego.target_ratio, cfg.lego.calib_batches)
+    model.extend(cfg.lego.num_layers, threshold, freeze_lower=cfg.lego.freeze_lower)
+    model.meta.routing_temperature, model.meta.target_ratio = cfg.lego.routing_temperature, cfg.lego.target_ratio
+    store = STORE_DTYPES[cfg.lego.store_dtype]
+    scan = WindowBatches(corpus.train, cfg.window, p1.batch_size, shuffle=False, drop_last=False)
+    hard_train = collect_hard_examples(model, scan, threshold, store_dtype=store, progress=cfg.run.progress)
+    hard_val = collect_hard_examples(model, val, threshold, store_dtype=store, progress=cfg.run.progress)
+    tqdm.write(f"threshold {threshold:.4f} (target ratio {cfg.lego.target_ratio}); train: {hard_train.summary()}; "
+               f"val: {hard_val.summary()}")
+    phase2 = run_phase2(model, hard_train, hard_val, p2.fit_config(cfg.window, cfg.run, out / "phase2"),
+                        cfg.lego.phase2_loss)
+    return LegoTraining(model.eval(), threshold, phase1, phase2, hard_train, hard_val, val)
+
