@@ -152,8 +152,10 @@ def test_fingerprint_is_stable_and_tells_tokenizers_apart(gpt2_tok: Tokenizer, g
     gpt2_tok.save(tmp_path)  # tokenizer.json form of the same vocabulary + merges
     assert Tokenizer.from_dir(tmp_path).fingerprint() == gpt2_tok.fingerprint()
     assert resolve_tokenizer("pythia").fingerprint() != gpt2_tok.fingerprint()
+    again.bos_id = 50256  # a BOS that is never prepended changes no ids (HF config.json adds one)
+    assert again.fingerprint() == gpt2_tok.fingerprint()
     again.eos_id = 0
-    assert again.fingerprint() != gpt2_tok.fingerprint()  # special ids are part of it
+    assert again.fingerprint() != gpt2_tok.fingerprint()  # the EOS that ends every document is part of it
 
 
 def test_resolve_tokenizer_gguf_and_directory(smollm2_gguf: Path, gpt2_tokenizer_dir: Path,

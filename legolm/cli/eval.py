@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from legolm.checkpoints.load import load_pretrained, load_tokenizer
 from legolm.cli.args import add_dataclass_args, dataclass_from_args
 from legolm.cli.common import add_model_args, device_dtype
 from legolm.data.tokenized import (
@@ -51,8 +52,6 @@ class PPLConfig:
 
 
 def run(ns: argparse.Namespace) -> None:
-    from legolm.checkpoints.load import load_pretrained
-
     cfg = dataclass_from_args(PPLConfig, ns)
     data_ns = argparse.Namespace(**{**vars(ns), "tokenizer": ns.tokenizer or ns.model})
     data_cfg = dataclass_from_args(DataConfig, data_ns)
@@ -61,7 +60,7 @@ def run(ns: argparse.Namespace) -> None:
     if cfg.max_tokens is not None and cfg.max_tokens < 2:
         raise LegolmError(f"--max-tokens must be >= 2, got {cfg.max_tokens}")
     device, dtype = device_dtype(ns)
-    corpus = _corpus(data_cfg, own_tokenizer=ns.tokenizer is None)
+    corpus = _corpus(data_cfg, model=ns.model if ns.tokenizer is None else None)
     model = load_pretrained(ns.model, device=device, dtype=dtype)
     ids = corpus.split(cfg.split)
     ids = ids[: cfg.max_tokens] if cfg.max_tokens else ids
@@ -79,13 +78,20 @@ def run(ns: argparse.Namespace) -> None:
         print(f"wrote {ns.json}")
 
 
-def _corpus(data_cfg: DataConfig, own_tokenizer: bool) -> TokenizedCorpus:
-    """Stored tokenized data (checked against the tokenizer), or the source tokenized now."""
-    try:
+def _corpus(data_cfg: DataConfig, model: str | None) -> TokenizedCorpus:
+    """Stored tokenized data (checked against the tokenizer), or the source tokenized now.
+
+    Args:
+        data_cfg: The data settings; ``tokenizer`` is the spec to use.
+        model: The model path when its own tokenizer is wanted (no --tokenizer given).
+    """
+    if model is None:
         tokenizer = resolve_tokenizer(data_cfg.tokenizer)
-    except ConfigError as err:
-        hint = "; the model has no tokenizer of its own: pass --tokenizer" if own_tokenizer else ""
-        raise ConfigError(f"{err}{hint}") from None
+    else:
+        try:
+            tokenizer = load_tokenizer(model)
+        except LegolmError as err:
+            raise ConfigError(f"--model {model} brings no tokenizer ({err}); pass --tokenizer (e.g. gpt2)") from None
     if (Path(data_cfg.source).expanduser() / MANIFEST).is_file():
         return load_tokenized(Path(data_cfg.source).expanduser(), tokenizer)
     return prepare_corpus(data_cfg, tokenizer=tokenizer)

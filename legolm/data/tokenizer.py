@@ -58,22 +58,24 @@ class Tokenizer:
     def fingerprint(self) -> str:
         """A stable hash (hex sha256) of the vocabulary, merges, pre-tokenizer and special ids.
 
-        Two tokenizers with the same fingerprint turn every text into the same ids; it is stored
+        Two tokenizers with the same fingerprint turn every text into the same ids and end documents
+        with the same EOS id (BOS counts only when it is prepended); it is stored
         in the manifests of tokenized data so data made with another tokenizer is refused. It is
         computed once per tokenizer (the backend is treated as immutable; the special ids are not).
         """
-        special = (self.bos_id, self.eos_id, self.add_bos)
+        special = (self.bos_id if self.add_bos else None, self.eos_id, self.add_bos)
         if self._fingerprint is None or self._fingerprint[0] != special:
-            self._fingerprint = (special, self._compute_fingerprint())
+            self._fingerprint = (special, self._compute_fingerprint(special))
         return self._fingerprint[1]
 
-    def _compute_fingerprint(self) -> str:
+    def _compute_fingerprint(self, special: tuple[int | None, int | None, bool]) -> str:
         full = json.loads(self.backend.to_str())
         parts = {k: full.get(k) for k in _FINGERPRINT_KEYS}
         merges = parts["model"].get("merges") if isinstance(parts["model"], dict) else None
         if merges is not None:  # "a b" and ["a", "b"] are the same merge across tokenizers versions
             parts["model"] = {**parts["model"], "merges": [m if isinstance(m, str) else " ".join(m) for m in merges]}
-        parts["special"] = {"bos_id": self.bos_id, "eos_id": self.eos_id, "add_bos": self.add_bos}
+        bos, eos, add_bos = special
+        parts["special"] = {"bos_id": bos, "eos_id": eos, "add_bos": add_bos}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
