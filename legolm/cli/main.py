@@ -20,6 +20,7 @@ COMMANDS = [
     "legolm.cli.finetune",
     "legolm.cli.eval",
     "legolm.cli.pretrain",
+    "legolm.cli.lego",
 ]
 
 
