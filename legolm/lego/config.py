@@ -65,6 +65,8 @@ class LegoSettings:
 
     Attributes:
         num_layers: Depth after extend (the shallow model's depth is that of model.layers).
+        phase1: Train the shallow model first (false: model.init must be a trained shallow checkpoint).
+        threshold: Routing threshold in [0, 1] to use instead of calibrating one (None = calibrate).
         target_ratio: Fraction of validation tokens below the calibrated threshold (hard), in (0, 1).
         routing_temperature: T of the routing weight sigmoid((conf - threshold) / T), > 0.
         freeze_lower: Freeze embeddings and lower layers in phase 2 (required: it trains on their stored outputs).
@@ -75,6 +77,8 @@ class LegoSettings:
     """
 
     num_layers: int = 6
+    phase1: bool = True
+    threshold: float | None = None
     target_ratio: float = 0.5
     routing_temperature: float = 0.05
     freeze_lower: bool = True
@@ -143,6 +147,12 @@ class LegoConfig:
         checks = [
             (shallow is None or self.lego.num_layers > shallow,
              f"lego.num_layers={self.lego.num_layers} must exceed the shallow model's {shallow} layers (model.layers)"),
+            (self.lego.threshold is None or 0.0 <= self.lego.threshold <= 1.0,
+             f"lego.threshold must be in [0, 1] (a max softmax probability), got {self.lego.threshold}; "
+             "leave it unset to calibrate one from lego.target_ratio"),
+            (self.lego.phase1 or self.model.init is not None,
+             "lego.phase1 is false but model.init is unset: extend() needs a trained shallow model; give "
+             "model.init (a trained checkpoint) or run phase 1"),
             (self.lego.routing_temperature > 0,
              f"lego.routing_temperature must be > 0, got {self.lego.routing_temperature}"),
             (self.lego.freeze_lower, "lego.freeze_lower must stay true: phase 2 trains on the lower layers' stored "

@@ -33,7 +33,7 @@ from legolm.lego.threshold import compute_confidence_threshold
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch, BatchSource, WindowBatches
 from legolm.train.config import FitConfig
-from legolm.train.fit import Callback, FitResult, FitState, LossOutput, fit
+from legolm.train.fit import Callback, FitResult, FitState, LossOutput, fit, resolve_device
 
 
 class RestoreBest(Callback):
@@ -120,7 +120,7 @@ class LegoTraining:
     Attributes:
         model: The extended, phase-2-trained model (eval mode).
         threshold: Calibrated τ.
-        phase1: Phase 1's `FitResult`.
+        phase1: Phase 1's `FitResult` (None when it was skipped).
         phase2: Phase 2's `FitResult`.
         hard_train: Stored training hard examples.
         hard_val: Stored validation hard examples.
@@ -129,29 +129,55 @@ class LegoTraining:
 
     model: LegoLM
     threshold: float
-    phase1: FitResult
+    phase1: FitResult | None
     phase2: FitResult
     hard_train: HardExamples
     hard_val: HardExamples
     val_batches: WindowBatches
 
 
+def shallow_model(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoLM:
+    """The phase-1 model: new (untrained) from the preset, or ``model.init`` (a trained checkpoint).
+
+    A LEGO checkpoint keeps its own trained flag; any other checkpoint (e.g. from ``legolm
+    pretrain``) counts as trained.
+    """
+    from legolm.checkpoints.load import load_pretrained
+    from legolm.lego.model import LEGO_META, load_lego
+
+    if cfg.model.init is None:
+        torch.manual_seed(cfg.run.seed)
+        return LegoLM(TransformerLM(cfg.model.model_config(corpus.vocab_size, corpus.eos_id, corpus.tokenizer.bos_id)))
+    if cfg.model.overrides():
+        raise ConfigError(f"model.init starts from a checkpoint whose sizes are fixed; drop the overrides "
+                          f"{sorted(cfg.model.overrides())}")
+    if (Path(cfg.model.init) / LEGO_META).is_file():
+        model = load_lego(cfg.model.init)
+        if model.extended:
+            raise ConfigError(f"model.init {cfg.model.init} is already extended; give the shallow (phase-1) model")
+        return model.float().train()
+    model = LegoLM(load_pretrained(cfg.model.init).float().train())
+    model.mark_trained()
+    return model
+
+
 def train_lego(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoTraining:
     """Phase 1, calibration, extension, hard-example collection and phase 2, as ``cfg`` says."""
     out = Path(cfg.run.out_dir)
-    torch.manual_seed(cfg.run.seed)
-    base = TransformerLM(cfg.model.model_config(corpus.vocab_size, corpus.eos_id, corpus.tokenizer.bos_id))
-    check_fits(corpus, base.config, cfg.window)
-    if cfg.lego.num_layers <= base.config.n_layer:
+    model = shallow_model(cfg, corpus)
+    check_fits(corpus, model.config, cfg.window)
+    if cfg.lego.num_layers <= model.n_layer:
         raise ConfigError(f"lego.num_layers={cfg.lego.num_layers} must exceed the shallow model's "
-                          f"{base.config.n_layer} layers")
-    model = LegoLM(base)
+                          f"{model.n_layer} layers")
     p1, p2 = cfg.phase1, cfg.phase2
     val = WindowBatches(corpus.val, cfg.window, p1.eval.batch_size or p1.batch_size, shuffle=False, drop_last=False)
     train = WindowBatches(corpus.train, cfg.window, p1.batch_size, shuffle=True, seed=cfg.run.seed)
-    phase1 = run_phase1(model, train, val, p1.fit_config(cfg.window, cfg.run, out / "phase1"))
-    model.eval()
-    threshold = compute_confidence_threshold(model, val, cfg.lego.target_ratio, cfg.lego.calib_batches)
+    phase1 = run_phase1(model, train, val, p1.fit_config(cfg.window, cfg.run, out / "phase1")) if cfg.lego.phase1 \
+        else None
+    model.to(resolve_device(cfg.run.device)).eval()
+    threshold = cfg.lego.threshold
+    if threshold is None:
+        threshold = compute_confidence_threshold(model, val, cfg.lego.target_ratio, cfg.lego.calib_batches)
     model.extend(cfg.lego.num_layers, threshold, freeze_lower=cfg.lego.freeze_lower)
     model.meta.routing_temperature, model.meta.target_ratio = cfg.lego.routing_temperature, cfg.lego.target_ratio
     store = STORE_DTYPES[cfg.lego.store_dtype]
@@ -163,4 +189,3 @@ def train_lego(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoTraining:
     phase2 = run_phase2(model, hard_train, hard_val, p2.fit_config(cfg.window, cfg.run, out / "phase2"),
                         cfg.lego.phase2_loss)
     return LegoTraining(model.eval(), threshold, phase1, phase2, hard_train, hard_val, val)
-

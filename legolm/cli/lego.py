@@ -1,0 +1,120 @@
+"""``legolm lego``: LEGO end to end on real text: phase 1, calibration, extension, phase 2, early-exit decoding.
+
+    legolm lego --config configs/lego-tinystories.yaml [--lego.target-ratio 0.4 ...] [--overwrite]
+
+Every setting is a `LegoConfig` key (``--print-config`` shows them all). Prints one table:
+phase-1, deep and routed perplexity, shallow ratio, compute cost and the measured decode speedup
+against full depth, for the calibrated threshold and the others of the curve. The run directory
+gets ``phase1/`` and ``phase2/`` (the runs of `fit`: metrics, loss.png, checkpoints), ``model/``
+(the LEGO checkpoint; ``legolm generate --model run/model`` runs its deep model), ``curve.png``,
+``curve.csv`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from legolm.cli.args import add_config_args, dump_yaml, load_yaml, resolve_config
+from legolm.lego.config import LegoConfig
+
+ALIASES = {"--overwrite": "run.overwrite", "--resume": "run.resume"}
+
+
+def load_config(ns: argparse.Namespace) -> LegoConfig:
+    """The resolved config; with ``--resume`` the run's saved config.yaml is the base layer."""
+    cfg = resolve_config(LegoConfig, ns)
+    saved = Path(cfg.run.out_dir) / "config.yaml"
+    if cfg.run.resume and saved.is_file():
+        base = load_yaml(saved)
+        base.get("run", {}).pop("overwrite", None)
+        cfg = resolve_config(LegoConfig, ns, base)
+    return cfg
+
+
+def run(ns: argparse.Namespace) -> None:
+    cfg = load_config(ns)
+    if ns.print_config:
+        print(dump_yaml(cfg), end="")
+        return
+    lego(cfg)
+
+
+def lego(cfg: LegoConfig, corpus: Any = None) -> dict[str, Any]:
+    """Check, prepare the data (unless ``corpus`` is given), train both phases, evaluate, decode, report."""
+    from legolm.data.tokenized import prepare_corpus
+    from legolm.train.checkpoint import check_run_dir, open_run_dir
+    from legolm.utils.io import atomic_write_text
+
+    cfg.validate()
+    check_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume)
+    corpus = corpus if corpus is not None else prepare_corpus(cfg.data, progress=cfg.run.progress)
+    out = open_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume)
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    summary = evaluate_and_report(cfg, corpus, out)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def evaluate_and_report(cfg: LegoConfig, corpus: Any, out: Path) -> dict[str, Any]:
+    from legolm.lego.evaluate import score_tokens
+    from legolm.lego.hard_examples import evaluate_on_hard_examples
+    from legolm.lego.model import save_lego
+    from legolm.lego.report import curve_rows, format_table, measure_decode, plot_curve, val_prompts
+    from legolm.lego.threshold import quantile_threshold
+    from legolm.lego.train import train_lego
+    from legolm.utils.io import atomic_write_text
+
+    trained = train_lego(cfg, corpus)
+    model, tau = trained.model, trained.threshold
+    save_lego(model, out / "model", corpus.tokenizer, overwrite=True)
+    scores = score_tokens(model, trained.val_batches, cfg.lego.calib_batches, progress=cfg.run.progress)
+    hard = evaluate_on_hard_examples(model, trained.hard_val, cfg.phase2.eval.batch_size or cfg.phase2.batch_size)
+    labelled = [("never exit", 1.0), (f"calibrated r={cfg.lego.target_ratio:g}", tau),
+                *[(f"r={r:g}", quantile_threshold(scores.conf, r)) for r in cfg.lego.curve_ratios],
+                ("always exit", 0.0)]
+    labelled.sort(key=lambda item: -item[1])
+    d = cfg.decode
+    prompts = val_prompts(corpus.val, d.prompts, d.prompt_len)
+    measured = measure_decode(model, prompts, [None, *(t for _, t in labelled)], d.max_new_tokens, d.kv_mode,
+                              d.repeats, d.warmup)
+    rows = curve_rows(scores, model.meta.routing_temperature, labelled, measured[1:], measured[0])
+    phase1_ppl, deep_ppl = scores.shallow_ppl(), scores.deep_ppl()
+    table = format_table(rows, phase1_ppl, deep_ppl)
+    note = plot_curve(rows, out / "curve.png", phase1_ppl, deep_ppl)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(asdict(rows[0])))
+    writer.writeheader()
+    writer.writerows(asdict(r) for r in rows)
+    atomic_write_text(out / "curve.csv", buf.getvalue())
+    device = next(model.parameters()).device
+    print(f"\nLEGO {model.split} -> {model.n_layer} layers, calibrated threshold {tau:.4f}; validation: "
+          f"{len(scores):,} tokens; decode: batch 1, {d.prompts} prompts x {d.max_new_tokens} new tokens "
+          f"(greedy, kv_mode {d.kv_mode}) on {device}, median of {d.repeats} rounds; full depth "
+          f"{measured[0].tokens / measured[0].decode_s:,.0f} tok/s\n")
+    print(table)
+    print(f"\nhard validation tokens ({int(hard['hard_tokens']):,}): shallow PPL {hard['shallow_ppl']:.2f}, "
+          f"deep PPL {hard['deep_ppl']:.2f}, routed PPL {hard['routed_ppl']:.2f}")
+    print(note or f"quality/speed curve: {out / 'curve.png'}")
+    print(f"model saved to {out / 'model'}")
+    fit_results = {name: None if r is None else {k: v for k, v in asdict(r).items() if k != "run_dir"}
+                   for name, r in (("phase1", trained.phase1), ("phase2", trained.phase2))}
+    return {"threshold": tau, "split": model.split, "num_layers": model.n_layer, "phase1_ppl": phase1_ppl,
+            "deep_ppl": deep_ppl, "routed_ppl": scores.routed_ppl(tau, model.meta.routing_temperature),
+            "hard_val": hard, "hard_examples": {"train": trained.hard_train.summary(),
+                                                "val": trained.hard_val.summary()},
+            "rows": [asdict(r) for r in rows], "decode": [asdict(m) for m in measured], "device": str(device),
+            **fit_results, "table": table, "model": str(out / "model")}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lego", help="LEGO: shallow model, hard-token deepening, true early-exit decoding",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       allow_abbrev=False)
+    add_config_args(p, LegoConfig, ALIASES)
+    p.set_defaults(func=run)
