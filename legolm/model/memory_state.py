@@ -222,6 +222,7 @@ def load_memory_state(model: nn.Module, path: str | Path, check_weights: bool = 
         CheckpointError: Not a memory file, or written by a model of another architecture or weights.
         ConfigError: Layer names or shapes do not match.
     """
+    _require_layers(model)
     tensors, metadata = read_memory_file(path)
     if metadata.get("config_fingerprint") != config_fingerprint(model):
         raise CheckpointError(f"{path} holds the memory of a model with another architecture (config fingerprint "
