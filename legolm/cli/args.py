@@ -97,7 +97,13 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             if _optional(tp):
                 return None
             raise bad
-        return coerce(value, _scalar_type(tp), key)
+        inner = _scalar_type(tp)
+        if get_origin(inner) in (list, dict):
+            return coerce(value, inner, key)
+        try:
+            return coerce(value, inner, key)
+        except ConfigError:
+            raise bad from None
     if value is None:
         raise bad
     if origin is typing.Literal:

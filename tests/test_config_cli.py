@@ -1,0 +1,122 @@
+"""Nested dataclass configs: YAML files, dotted flags, precedence, unknown keys, --print-config."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from legolm.cli.args import add_config_args, config_from_dict, dump_yaml, resolve_config
+from legolm.cli.main import main
+from legolm.errors import ConfigError
+from legolm.train.config import TrainConfig
+
+
+def _parse(args: list[str], base: dict | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_config_args(parser, TrainConfig, {"--overwrite": "run.overwrite"})
+    return resolve_config(TrainConfig, parser.parse_args(args), base)
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("legolm: error:"), err
+    return err[0]
+
+
+def test_defaults_then_yaml_then_flags(tmp_path: Path) -> None:
+    low = tmp_path / "low.yaml"
+    low.write_text("optim:\n  lr: 3e-4\n  weight_decay: 0.05\nmodel:\n  n_embd: 96\nbatch_size: 4\n")
+    high = tmp_path / "high.yaml"
+    high.write_text("optim:\n  lr: 1.0e-4\n")
+    cfg = _parse(["--config", str(low), "--config", str(high), "--optim.lr", "5e-4", "--model.layers", "llama",
+                  "llama", "--run.out_dir", "runs/x", "--overwrite", "--no-run.progress", "--optim.fused", "none"])
+    assert cfg.optim.lr == 5e-4  # flag beats both files
+    assert cfg.optim.weight_decay == 0.05 and cfg.model.n_embd == 96 and cfg.batch_size == 4  # from the YAML
+    assert cfg.optim.beta2 == 0.95 and cfg.window == 128  # untouched defaults
+    assert cfg.model.layers == ["llama", "llama"] and cfg.run.out_dir == "runs/x"
+    assert cfg.run.overwrite is True and cfg.run.progress is False and cfg.optim.fused is None
+    assert _parse(["--config", str(low), "--config", str(high)]).optim.lr == 1e-4  # later file wins
+    # "3e-4" is a string to YAML 1.1; a float field still reads it as 0.0003
+    assert isinstance(_parse(["--config", str(low)]).optim.lr, float)
+
+
+def test_base_layer_sits_between_defaults_and_files(tmp_path: Path) -> None:
+    base = {"optim": {"lr": 0.02, "eps": 1e-6}, "data": {"source": "tinystories"}}
+    f = tmp_path / "c.yaml"
+    f.write_text("optim: {lr: 0.01}\n")
+    cfg = _parse(["--config", str(f)], base)
+    assert cfg.optim.lr == 0.01 and cfg.optim.eps == 1e-6 and cfg.data.source == "tinystories"
+
+
+def test_print_config_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pretrain", "--print-config", "--optim.lr", "0.004", "--model.layers", "gpt2", "gpt2",
+                 "--eval.patience", "3", "--sample.prompt", "Hello there"]) == 0
+    text = capsys.readouterr().out
+    data = yaml.safe_load(text)
+    assert data["optim"]["lr"] == 0.004 and data["model"]["layers"] == ["gpt2", "gpt2"]
+    f = tmp_path / "printed.yaml"
+    f.write_text(text)
+    assert _parse(["--config", str(f)]) == config_from_dict(TrainConfig, data)
+    assert dump_yaml(config_from_dict(TrainConfig, data)) == text
+    default = dataclasses.asdict(TrainConfig())
+    assert set(data) == set(default) and set(data["run"]) == set(default["run"])
+
+
+@pytest.mark.parametrize(("yaml_text", "fragments"), [
+    ("optim:\n  lrr: 0.1\n", ["unknown config key optim.lrr", "did you mean optim.lr", "valid keys of optim",
+                               "weight_decay"]),
+    ("windoww: 3\n", ["unknown config key windoww", "valid keys are", "batch_size", "optim"]),
+    ("optim: 0.1\n", ["optim is a section"]),
+    ("optim:\n  lr: fast\n", ["optim.lr", "expected float", "fast"]),
+    ("batch_size: 2.5\n", ["batch_size", "expected int"]),
+    ("run:\n  precision: fp8\n", ["run.precision", "one of auto|fp32|bf16-mixed"]),
+    ("- a list\n", ["must hold a mapping"]),
+    ("optim: [unclosed\n", ["not valid YAML"]),
+])
+def test_bad_yaml_is_one_line_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str], yaml_text: str,
+                                             fragments: list[str]) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml_text)
+    assert main(["pretrain", "--config", str(f), "--print-config"]) == 2
+    line = _one_error_line(capsys)
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+@pytest.mark.parametrize(("flags", "fragments"), [
+    (["--optim.lrr", "1"], ["unknown config key optim.lrr", "did you mean optim.lr", "valid keys of optim"]),
+    (["--optimm.lr", "1"], ["unknown flag --optimm.lr", "did you mean --optim.lr", "valid sections"]),
+    (["--optim.l", "1"], ["unknown config key optim.l"]),  # no prefix abbreviations
+    (["--optim.lr", "abc"], ["--optim.lr", "expected float", "abc"]),
+    (["--run.precision", "fp8"], ["--run.precision", "expected one of"]),
+    (["--config", "/nonexistent/x.yaml"], ["cannot read config file /nonexistent/x.yaml"]),
+])
+def test_bad_flags_are_one_line(capsys: pytest.CaptureFixture[str], flags: list[str], fragments: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        code = main(["pretrain", "--print-config", *flags])
+        raise SystemExit(code)
+    assert exc.value.code == 2
+    line = _one_error_line(capsys)
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+def test_config_from_dict_checks_nested_types() -> None:
+    with pytest.raises(ConfigError, match=r"model.layers\[1\]: expected str"):
+        config_from_dict(TrainConfig, {"model": {"layers": ["pythia", ["x"]]}})
+    with pytest.raises(ConfigError, match="expected int or null"):
+        config_from_dict(TrainConfig, {"max_steps": "many"})
+    cfg = config_from_dict(TrainConfig, {"max_steps": None, "epochs": 2, "run": {"compile": "yes"}})
+    assert cfg.max_steps is None and cfg.epochs == 2 and cfg.run.compile is True
+
+
+def test_generate_keeps_its_flat_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--max-new-tokens" in out and "--top-p" in out
