@@ -112,13 +112,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     data_cfg = dataclasses.replace(cfg.data, tokenizer=cfg.model) if tokenizer is not None else cfg.data
     corpus = prepare_corpus(data_cfg, progress=cfg.run.progress, tokenizer=tokenizer)
     check_fits(corpus, model.config, cfg.window)
+    torch.manual_seed(cfg.run.seed)
+    if cfg.method == "lora":  # B = 0: the adapted model computes exactly what the base does
+        inject_lora(model, cfg.lora)
+        print(trainable_report(model).format(per_module=False))
     model.to(device)
     before = held_out_ppl(model, corpus, cfg, device)
     print(f"held-out perplexity before fine-tuning: {before.ppl:.3f} ({before.n_tokens:,} tokens)")
-    torch.manual_seed(cfg.run.seed)
-    if cfg.method == "lora":
-        inject_lora(model, cfg.lora)
-        print(trainable_report(model).format(per_module=False))
     train = WindowBatches(corpus.train, cfg.window, cfg.batch_size, shuffle=True, seed=cfg.run.seed)
     val = WindowBatches(corpus.val, cfg.window, cfg.eval.batch_size or cfg.batch_size, shuffle=False,
                         drop_last=False)

@@ -1,0 +1,104 @@
+"""`legolm finetune` end to end (console-script subprocesses) on a tiny GPT-2 and real Shakespeare text.
+
+The LoRA run's adapter must load in peft onto the transformers base and reproduce the merged
+model legolm saved; the held-out perplexity must drop; user mistakes exit 2 with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import transformers
+
+import legolm
+from legolm.adapters import load_adapter
+
+COMMON = ["--window", "64", "--batch-size", "8", "--max-steps", "24", "--eval.every", "12", "--eval.max-batches", "2",
+          "--eval-tokens", "1500", "--schedule.warmup-steps", "4", "--optim.lr", "0.01", "--no-run.progress"]
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("legolm", path=str(Path(sys.executable).parent)) or shutil.which("legolm")
+    assert exe, "the legolm console script is not installed"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([exe, "finetune", *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def _one_line_error(res: subprocess.CompletedProcess[str], fragment: str) -> None:
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2, res.stderr
+    assert len(lines) == 1 and lines[0].startswith("legolm: error:") and fragment in lines[0], res.stderr
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_dir: Path, shakespeare_text: str
+          ) -> tuple[Path, Path]:
+    """A tiny random HF GPT-2 (real GPT-2 tokenizer beside it) and 60 kB of Tiny Shakespeare."""
+    d = tmp_path_factory.mktemp("finetune")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=128, n_embd=32, n_layer=2, n_head=4,
+                                  bos_token_id=50256, eos_token_id=50256)
+    transformers.GPT2LMHeadModel(cfg).eval().save_pretrained(d / "base")
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(gpt2_tokenizer_dir / name, d / "base" / name)
+    (d / "shakespeare.txt").write_text(shakespeare_text[:60_000])
+    return d / "base", d / "shakespeare.txt"
+
+
+def test_lora_finetune_end_to_end_and_peft_loads_the_adapter(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    base, text = setup
+    run = tmp_path / "run"
+    args = ["--method", "lora", "--model", str(base), "--data", str(text), "--lora.target-modules", "c_attn", "c_proj",
+            "--lora.r", "4", "--lora.alpha", "8", "--save-merged", "--run.out-dir", str(run), *COMMON]
+    res = _run(args)
+    assert res.returncode == 0, res.stderr
+    assert "trainable params: 2,816 || all params:" in res.stdout  # 2 x (c_attn 4·(32+96) + c_proj 4·64 + 4·160)
+    assert "blocks.*.mlp.proj (transformer.h.*.mlp.c_proj)" in res.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["after"]["ppl"] < 0.97 * summary["before"]["ppl"]
+    assert summary["before"]["n_tokens"] == summary["after"]["n_tokens"] == 1499
+    assert (run / "metrics.jsonl").is_file() and (run / "config.yaml").is_file()
+
+    x = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
+    merged = legolm.load_pretrained(run / "model")
+    theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), run / "adapter")
+    ours = legolm.load_pretrained(base)
+    load_adapter(ours, run / "adapter")
+    with torch.no_grad():
+        reference = theirs.eval()(x).logits
+        torch.testing.assert_close(merged(x), reference, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ours(x), reference, atol=1e-4, rtol=0)
+        assert (reference - legolm.load_pretrained(base)(x)).abs().max() > 1e-3  # training moved the adapter
+
+    _one_line_error(_run(args), "already exists")
+
+
+def test_full_finetune_saves_a_plain_model(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    base, text = setup
+    run = tmp_path / "full"
+    res = _run(["--method", "full", "--model", str(base), "--data", str(text), "--run.out-dir", str(run), *COMMON])
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["after"]["ppl"] < 0.5 * summary["before"]["ppl"]
+    assert "adapter" not in summary["outputs"] and not (run / "adapter").exists()
+    tuned, start = legolm.load_pretrained(run / "model"), legolm.load_pretrained(base)
+    assert all(not torch.equal(a, b) for (_, a), (_, b) in
+               zip(tuned.state_dict().items(), start.state_dict().items(), strict=True) if a.dim() == 2)
+
+
+def test_bad_input_is_one_line_exit_2(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    base, text = setup
+    args = ["--model", str(base), "--data", str(text), "--run.out-dir", str(tmp_path / "bad"), *COMMON]
+    _one_line_error(_run([*args, "--lora.target-modules", "c_atn"]), "closest module names: c_attn")
+    _one_line_error(_run([*args, "--lora.r", "0"]), "rank r must be a positive integer")
+    _one_line_error(_run([*args, "--lora.dropout", "1.0"]), "dropout must be in [0, 1)")
+    _one_line_error(_run(["--data", str(text), "--run.out-dir", str(tmp_path / "bad")]), "no base model")
+    assert not (tmp_path / "bad").exists()
