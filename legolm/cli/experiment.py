@@ -1,0 +1,49 @@
+"""``legolm experiment``: pythia and memory-layer models trained on the same real text, same budget
+and seed, then compared in one table and chart.
+
+    legolm experiment --models pythia infini multi_memory hierarchical --samples 2000 --epochs 1 \
+        --lr 1e-3 [--data tinystories] [--config configs/experiment-tiny.yaml] [--overwrite]
+
+Every setting is an `ExperimentConfig` key (``--print-config`` shows them all); ``--lr`` and
+``--data`` are short for ``--optim.lr`` and ``--data.source``. The output directory
+(``--run.out-dir``, default runs/experiment) gets one run directory per model and
+results.md/.csv/.jsonl/.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from legolm.cli.args import add_config_args, dump_yaml, resolve_config
+from legolm.experiment.config import ExperimentConfig
+
+ALIASES = {"--overwrite": "run.overwrite"}
+
+
+def load_config(ns: argparse.Namespace) -> ExperimentConfig:
+    cfg = resolve_config(ExperimentConfig, ns)
+    if ns.lr is not None:
+        cfg.optim.lr = ns.lr
+    if ns.data is not None:
+        cfg.data.source = ns.data
+    return cfg
+
+
+def run(ns: argparse.Namespace) -> None:
+    cfg = load_config(ns)
+    if ns.print_config:
+        print(dump_yaml(cfg), end="")
+        return
+    from legolm.experiment.run import run_experiment
+
+    run_experiment(cfg)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("experiment", help="compare pythia and memory-layer models under equal training",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       allow_abbrev=False)
+    p.add_argument("--lr", type=float, default=None, help="same as --optim.lr")
+    p.add_argument("--data", default=None, help="same as --data.source (named source or file/folder)")
+    add_config_args(p, ExperimentConfig, ALIASES)
+    p.set_defaults(func=run)

@@ -1,0 +1,97 @@
+"""The experiment's outputs: one table (Markdown, CSV, JSONL) and one PNG chart of the same rows."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from legolm.utils.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from legolm.experiment.config import ExperimentConfig
+    from legolm.experiment.run import ModelResult
+
+TABLE, CSV_FILE, JSONL, CHART = "results.md", "results.csv", "results.jsonl", "results.png"
+COLUMNS = [  # (header, field, format)
+    ("model", "model", "{}"), ("params", "params", "{:,}"), ("val PPL", "val_ppl", "{:.2f}"),
+    ("fwd PPL", "forward_ppl", "{:.2f}"), ("bwd PPL", "backward_ppl", "{:.2f}"), ("gap", "gap", "{:+.2f}"),
+    ("fwd acc", "forward_acc", "{:.1%}"), ("bwd acc", "backward_acc", "{:.1%}"),
+    ("tok/s", "tokens_per_s", "{:,.0f}"), ("peak MB", "peak_memory_mb", "{:,.0f}"),
+    ("memory KiB", "memory_kb", "{:,.1f}"), ("train s", "train_s", "{:,.1f}"), ("total s", "total_s", "{:,.1f}"),
+]
+
+
+def markdown_table(results: list[ModelResult]) -> str:
+    """The results as one Markdown table, a row per model."""
+    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |",
+             "|" + "|".join("---" if f == "model" else "---:" for _, f, _ in COLUMNS) + "|"]
+    for r in results:
+        row = asdict(r)
+        lines.append("| " + " | ".join(fmt.format(row[f]) for _, f, fmt in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def describe(cfg: ExperimentConfig, results: list[ModelResult]) -> str:
+    """One line of the shared conditions under the table."""
+    first = results[0]
+    return (f"data {cfg.data.source} ({cfg.samples or 'all'} documents, tokenizer {cfg.data.tokenizer})"
+            f"{' + reversal-curse training sentences' if cfg.include_reversal else ''}; "
+            f"{first.steps:,} steps x {cfg.batch_size} x {cfg.window} tokens ({first.tokens:,} tokens), "
+            f"lr {cfg.optim.lr:g}, seed {cfg.run.seed}, {first.device}, precision {cfg.run.precision}; "
+            f"val PPL: sliding window {cfg.window}, stride {cfg.eval.final_stride or max(1, cfg.window // 2)}")
+
+
+def write_reports(results: list[ModelResult], cfg: ExperimentConfig, out: Path) -> str:
+    """Write results.md/.csv/.jsonl and results.png into ``out``; print and return the table."""
+    table = markdown_table(results) + "\n\n" + describe(cfg, results)
+    atomic_write_text(out / TABLE, table + "\n")
+    atomic_write_text(out / JSONL, "".join(json.dumps(asdict(r)) + "\n" for r in results))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(asdict(results[0])))
+    writer.writeheader()
+    writer.writerows(asdict(r) for r in results)
+    atomic_write_text(out / CSV_FILE, buf.getvalue())
+    note = chart(results, out / CHART)
+    print("\n" + table + (f"\n{note}" if note else "") + f"\n\nresults in {out}", flush=True)
+    return table
+
+
+def chart(results: list[ModelResult], path: Path) -> str | None:
+    """Bar charts of validation PPL, reversal PPL (forward/backward), exact match and speed; a note
+    instead of the PNG when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f"{path.name} skipped: pip install matplotlib to draw the chart"
+    names = [r.model for r in results]
+    x = list(range(len(results)))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    axes[0].bar(x, [r.val_ppl for r in results], color="tab:blue")
+    axes[0].set_title("validation PPL (lower is better)")
+    for ax, fields, title in ((axes[1], ("forward_ppl", "backward_ppl"), "reversal PPL"),
+                              (axes[2], ("forward_acc", "backward_acc"), "reversal exact match")):
+        for j, (f, label) in enumerate(zip(fields, ("forward", "backward"), strict=True)):
+            ax.bar([i + (j - 0.5) * 0.4 for i in x], [getattr(r, f) for r in results], width=0.4, label=label)
+        ax.set_title(title)
+        ax.legend()
+    axes[2].set_ylim(0, 1)
+    axes[3].bar(x, [r.tokens_per_s for r in results], color="tab:green")
+    axes[3].set_title("training tokens/s")
+    for ax in axes:
+        ax.set_xticks(x, names, rotation=20)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return None

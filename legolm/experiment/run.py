@@ -1,0 +1,187 @@
+"""The unified experiment: every model trained by `fit` on the same text, budget and seed, then
+scored the same way.
+
+::
+
+    corpus (samples docs) ─ prepare_corpus ─┬─ train ─┐
+    reversal train sentences ─ tokens ──────┼─────────┴─ WindowBatches(seed) ─▶ fit ─▶ model
+                                            └─ val ─────▶ sliding-window PPL ◀────────┤
+    reversal test prompts ─────────────────────────────▶ forward / backward PPL, exact match ◀┘
+
+Each model trains in its own spawned process, so its peak memory (CUDA: peak allocated; CPU:
+peak resident set of that process) is its own, and every model starts from the same seeded
+state. Results land in ``<out_dir>/<model>/result.json``; the parent collects them into the
+table (``results.md``, ``results.csv``, ``results.jsonl``) and ``results.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing as mp
+import shutil
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from legolm.errors import LegolmError
+from legolm.experiment.config import ExperimentConfig
+
+RESULT, ERROR = "result.json", "error.txt"
+
+
+@dataclass
+class ModelResult:
+    """One row of the experiment's table.
+
+    Attributes:
+        model: Model kind.
+        params: Parameters.
+        val_ppl: Sliding-window perplexity of the held-out corpus documents.
+        forward_ppl: Reversal-curse completions in the trained direction.
+        backward_ppl: Reversal-curse completions in the reversed direction.
+        gap: backward_ppl - forward_ppl.
+        forward_acc: Greedy exact match, trained direction.
+        backward_acc: Greedy exact match, reversed direction.
+        tokens_per_s: Training tokens per second.
+        peak_memory_mb: Peak memory of training (CUDA allocated, or the process's peak RSS on CPU).
+        train_s: Training wall time.
+        total_s: Wall time of the model's whole run (build, train, evaluate).
+        memory_kb: Memory-layer state per sequence (KiB; 0 for pythia).
+        steps: Optimizer steps.
+        tokens: Training tokens seen.
+        device: Where it ran.
+    """
+
+    model: str
+    params: int
+    val_ppl: float
+    forward_ppl: float
+    backward_ppl: float
+    gap: float
+    forward_acc: float
+    backward_acc: float
+    tokens_per_s: float
+    peak_memory_mb: float
+    train_s: float
+    total_s: float
+    memory_kb: float
+    steps: int
+    tokens: int
+    device: str
+
+
+def run_experiment(cfg: ExperimentConfig) -> list[ModelResult]:
+    """Check the settings and the data, then train and score each model in turn (see the module docstring).
+
+    Raises:
+        LegolmError: Bad settings or data (before anything is trained), an existing output directory
+            without ``overwrite``, or a model's run failing.
+    """
+    from legolm.data.tokenized import check_fits, prepare_corpus
+    from legolm.model.factory import model_config
+
+    cfg.validate()
+    out = Path(cfg.run.out_dir)
+    if out.exists() and not cfg.run.overwrite:
+        raise LegolmError(f"output directory {out} already exists; pass --overwrite or choose another --run.out-dir")
+    corpus = prepare_corpus(cfg.data_config(), progress=cfg.run.progress)  # tokenized once, cached for the runs
+    for kind in cfg.models:  # every model's options are checked before the first one trains
+        config = model_config(kind, **cfg.model.options(kind, corpus.vocab_size, corpus.eos_id,
+                                                        corpus.tokenizer.bos_id))
+        check_fits(corpus, config, cfg.window)
+    _training_stream(cfg, corpus)  # reversal data present and readable
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    results = [_spawn(kind, cfg, out / kind) for kind in cfg.models]
+    from legolm.experiment.report import write_reports
+
+    write_reports(results, cfg, out)
+    return results
+
+
+def _spawn(kind: str, cfg: ExperimentConfig, run_dir: Path) -> ModelResult:
+    """Train and score one model in a fresh process; its result.json (or error.txt) comes back."""
+    proc = mp.get_context("spawn").Process(target=_worker, args=(kind, cfg, str(run_dir)), name=f"experiment-{kind}")
+    proc.start()
+    try:
+        proc.join()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.join()
+        raise
+    if (run_dir / RESULT).is_file():
+        return ModelResult(**json.loads((run_dir / RESULT).read_text()))
+    reason = (run_dir / ERROR).read_text().strip() if (run_dir / ERROR).is_file() else f"exit code {proc.exitcode}"
+    raise LegolmError(f"the {kind} run failed: {reason.splitlines()[-1] if reason else proc.exitcode}")
+
+
+def _worker(kind: str, cfg: ExperimentConfig, run_dir: str) -> None:
+    """Process entry point: `train_and_score`, with any failure written to error.txt."""
+    path = Path(run_dir)
+    try:
+        result = train_and_score(kind, cfg, path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / RESULT).write_text(json.dumps(asdict(result), indent=2) + "\n")
+    except LegolmError as err:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / ERROR).write_text(str(err) + "\n")
+        raise SystemExit(2) from None
+    except BaseException:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / ERROR).write_text(traceback.format_exc())
+        raise
+
+
+def _training_stream(cfg: ExperimentConfig, corpus: Any) -> Any:
+    """Training tokens: the corpus's training documents, then the reversal sentences (if included)."""
+    import numpy as np
+
+    from legolm.eval.reversal import training_ids
+
+    if not cfg.include_reversal:
+        return np.asarray(corpus.train, dtype=np.int64)
+    reversal = training_ids(corpus.tokenizer, cfg.reversal, cfg.run.seed)
+    return np.concatenate([np.asarray(corpus.train, dtype=np.int64), reversal])
+
+
+def train_and_score(kind: str, cfg: ExperimentConfig, run_dir: Path) -> ModelResult:
+    """Build ``kind`` (seeded), `fit` it, then score it under the training precision."""
+    import torch
+
+    from legolm.checkpoints.native import save_checkpoint
+    from legolm.data.tokenized import prepare_corpus
+    from legolm.eval.perplexity import sliding_window_ppl
+    from legolm.eval.reversal import evaluate_reversal
+    from legolm.model.factory import create_model
+    from legolm.model.memory_state import memory_state_nbytes
+    from legolm.train.batches import WindowBatches
+    from legolm.train.fit import autocast_for, fit
+
+    t0 = time.perf_counter()
+    corpus = prepare_corpus(cfg.data_config(), progress=False)
+    torch.manual_seed(cfg.run.seed)
+    model = create_model(kind, **cfg.model.options(kind, corpus.vocab_size, corpus.eos_id, corpus.tokenizer.bos_id))
+    train = WindowBatches(_training_stream(cfg, corpus), cfg.window, cfg.batch_size, shuffle=True, seed=cfg.run.seed)
+    eval_batch = cfg.eval.batch_size or cfg.batch_size
+    val = WindowBatches(corpus.val, cfg.window, eval_batch, shuffle=False, drop_last=False)
+    run_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(run_dir), overwrite=True))
+    fit_result = fit(model, train, run_cfg, val=val)
+    model.eval()
+    device = next(model.parameters()).device
+    stride = cfg.eval.final_stride or max(1, cfg.window // 2)
+    with autocast_for(device, cfg.run.precision):
+        ppl = sliding_window_ppl(model, corpus.val, cfg.window, stride, eval_batch, device, progress=cfg.run.progress)
+        reversal = evaluate_reversal(model, corpus.tokenizer, cfg.reversal)
+    save_checkpoint(model, run_dir / "model", corpus.tokenizer, overwrite=True)
+    return ModelResult(
+        model=kind, params=fit_result.total_params, val_ppl=ppl.ppl, forward_ppl=reversal.forward.ppl,
+        backward_ppl=reversal.backward.ppl, gap=reversal.gap, forward_acc=reversal.forward.accuracy,
+        backward_acc=reversal.backward.accuracy, tokens_per_s=fit_result.tokens_per_s,
+        peak_memory_mb=fit_result.peak_memory_mb, train_s=fit_result.seconds, total_s=time.perf_counter() - t0,
+        memory_kb=memory_state_nbytes(model) / 1024, steps=fit_result.steps, tokens=fit_result.tokens,
+        device=str(device),
+    )
