@@ -21,6 +21,7 @@ COMMANDS = [
     "legolm.cli.eval",
     "legolm.cli.pretrain",
     "legolm.cli.lego",
+    "legolm.cli.lct",
     "legolm.cli.experiment",
 ]
 

@@ -1,0 +1,1 @@
+"""Lagged Cache Training for recurrent-context models (`ContextPythia`)."""

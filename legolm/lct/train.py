@@ -1,0 +1,212 @@
+"""Lagged Cache Training vs exact sequential training of `ContextPythia`, both through `fit`.
+
+Exact training (``sequential``) runs each window one position at a time and backpropagates
+through the whole recurrent chain: T forward steps per batch. Lagged Cache Training (``lct``)
+runs the window in one parallel forward whose position t reads the state s_{t-1} cached from the
+previous visit of the same window (detached), then stores the new states::
+
+    epoch e:   prev = cache[sample_ids]            (states from epoch e-1; no-grad forward at first visit)
+               out  = model(input_ids, prev)      (all T positions at once)
+               loss = CE(out.logits, labels);  cache[sample_ids] = out.states.detach()
+
+Both are evaluated the same way, by the exact recurrence (`exact_eval`): the model is recurrent,
+so that is its true held-out perplexity. `LagMonitor` measures after each epoch how far the cache
+is from the exact states of the current weights, mean |cache - exact|.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from legolm.data.tokenized import DataConfig
+from legolm.errors import ConfigError
+from legolm.lct.cache import LaggedStateCache, LCTCacheConfig
+from legolm.lct.context_pythia import ContextPythia
+from legolm.train.batches import Batch, BatchSource
+from legolm.train.config import FitConfig, ModelSpec
+from legolm.train.fit import Callback, FitState, LossOutput, autocast_for
+
+Method = Literal["lct", "sequential"]
+
+
+def _ce(logits: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+class SequentialLoss:
+    """Exact training: the recurrence unrolled over the window, gradients through every step."""
+
+    def __call__(self, model: nn.Module, batch: Batch) -> LossOutput:
+        assert isinstance(model, ContextPythia)
+        out = model.forward_sequential(batch["input_ids"])
+        return _ce(out.logits, batch["labels"]), batch["labels"].numel(), {}
+
+
+class LCTLoss:
+    """Lagged Cache Training: one parallel forward reading the states cached at the last visit.
+
+    Args:
+        cache: The per-window state cache (filled lazily: a window seen for the first time gets
+            its states from one no-grad forward with an empty context).
+    """
+
+    def __init__(self, cache: LaggedStateCache) -> None:
+        self.cache = cache
+
+    def __call__(self, model: nn.Module, batch: Batch) -> LossOutput:
+        assert isinstance(model, ContextPythia)
+        ids, sids = batch["input_ids"], batch["sample_ids"]
+        self.cache.check(sids, ids)
+        new = self.cache.missing(sids)
+        if bool(new.any()):
+            with torch.no_grad():
+                rows = new.to(ids.device)
+                self.cache.put(sids[new.cpu()], ids[rows], model(ids[rows]).states)
+        out = model(ids, self.cache.get(sids, ids, ids.device))
+        self.cache.put(sids, ids, out.states)
+        return _ce(out.logits, batch["labels"]), batch["labels"].numel(), {}
+
+
+@torch.no_grad()
+def exact_eval(model: ContextPythia, batches: BatchSource, max_batches: int | None, device: torch.device,
+               precision: str) -> dict[str, float]:
+    """Token-weighted mean loss and perplexity of the exact recurrence over validation windows."""
+    was_training = model.training
+    model.eval()
+    batches.set_epoch(0)
+    total, count = 0.0, 0
+    with autocast_for(device, precision):
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            out = model.forward_sequential(batch["input_ids"].to(device))
+            total += float(_ce(out.logits, batch["labels"].to(device))) * batch["labels"].numel()
+            count += batch["labels"].numel()
+    model.train(was_training)
+    mean = total / max(count, 1)
+    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0)), "val_tokens": count}
+
+
+class TimedEval:
+    """An `EvalFn` that remembers how long it ran, so epoch times can leave evaluation out."""
+
+    def __init__(self, model: ContextPythia, val: BatchSource, max_batches: int | None, device: torch.device,
+                 precision: str) -> None:
+        self.model, self.val, self.max_batches, self.device, self.precision = model, val, max_batches, device, precision
+        self.seconds = 0.0
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        t0 = time.perf_counter()
+        metrics = exact_eval(self.model, self.val, self.max_batches, self.device, self.precision)
+        self.seconds += time.perf_counter() - t0
+        return metrics
+
+
+@dataclass
+class EpochRecord:
+    """One epoch of one method."""
+
+    epoch: int
+    train_seconds: float
+    val_ppl: float = math.nan
+    lag_abs: float = math.nan
+    lag_rel: float = math.nan
+
+
+class LagMonitor(Callback):
+    """Per epoch: training time (evaluation and this measurement excluded), and the cache's lag.
+
+    Args:
+        timed_eval: The run's evaluation, whose time is subtracted.
+        probe: Training windows whose cached states are compared with the exact ones:
+            ``(sample_ids (K,), input_ids (K, T))``.
+        cache: The LCT cache (None for sequential training: no lag to measure).
+        device: Where the probe runs.
+    """
+
+    def __init__(self, timed_eval: TimedEval, probe: tuple[Tensor, Tensor], cache: LaggedStateCache | None,
+                 device: torch.device) -> None:
+        self.timed_eval, self.probe, self.cache, self.device = timed_eval, probe, cache, device
+        self.records: list[EpochRecord] = []
+        self.mark = 0.0
+        self.excluded = 0.0
+
+    def on_train_start(self, state: FitState, model: nn.Module) -> None:
+        self.mark, self.excluded, self.step_mark = time.perf_counter(), self.timed_eval.seconds, state.step
+        self.pending_ppl = math.nan
+
+    def on_eval(self, state: FitState, model: nn.Module, metrics: dict[str, float]) -> None:
+        self.pending_ppl = metrics["val_ppl"]
+
+    def on_epoch_end(self, state: FitState, model: nn.Module) -> None:
+        self.close_epoch(state, model)
+
+    def on_train_end(self, state: FitState, model: nn.Module) -> None:
+        if state.step > self.step_mark:  # the last epoch ends with the run, not with an epoch boundary
+            self.close_epoch(state, model)
+        elif self.records and math.isnan(self.records[-1].val_ppl):
+            self.records[-1].val_ppl = self.pending_ppl
+
+    def close_epoch(self, state: FitState, model: nn.Module) -> None:
+        seconds = time.perf_counter() - self.mark - (self.timed_eval.seconds - self.excluded)
+        record = EpochRecord(len(self.records) + 1, seconds, self.pending_ppl)
+        if self.cache is not None:
+            assert isinstance(model, ContextPythia)
+            record.lag_abs, record.lag_rel = self.lag(model)
+        self.records.append(record)
+        self.pending_ppl = math.nan
+        self.mark, self.excluded, self.step_mark = time.perf_counter(), self.timed_eval.seconds, state.step
+
+    @torch.no_grad()
+    def lag(self, model: ContextPythia) -> tuple[float, float]:
+        """mean |cache - exact| over the probe windows, and that over mean |exact|."""
+        assert self.cache is not None
+        sids, ids = self.probe
+        was_training = model.training
+        model.eval()
+        exact = model.forward_sequential(ids.to(self.device)).states.float()
+        model.train(was_training)
+        cached = self.cache.get(sids, ids, self.device).float()
+        diff = (cached - exact).abs().mean().item()
+        return diff, diff / max(exact.abs().mean().item(), 1e-12)
+
+
+@dataclass
+class LCTConfig(FitConfig):
+    """``legolm lct``: train `ContextPythia` by LCT and/or exact sequential training on the same data.
+
+    Attributes:
+        methods: Which trainings to run, in order (lct, sequential).
+        model: Model preset and overrides (a Pythia preset; the context path is added).
+        data: Corpus, tokenizer and split.
+        lct: Where the lagged states are stored.
+        max_train_windows: Use only the first this many training windows (None = all).
+        lag_windows: Training windows whose cached states are compared with the exact ones each epoch.
+    """
+
+    methods: list[str] = field(default_factory=lambda: ["lct", "sequential"])
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    lct: LCTCacheConfig = field(default_factory=LCTCacheConfig)
+    max_train_windows: int | None = None
+    lag_windows: int = 8
+
+    def validate(self) -> None:
+        super().validate()
+        unknown = sorted(set(self.methods) - {"lct", "sequential"})
+        if unknown or not self.methods:
+            raise ConfigError(f"methods must be a non-empty list of lct / sequential, got {self.methods}")
+        if self.max_train_windows is not None and self.max_train_windows < self.batch_size:
+            raise ConfigError(f"max_train_windows={self.max_train_windows} is fewer than one batch "
+                              f"(batch_size={self.batch_size})")
+        if self.lag_windows < 1:
+            raise ConfigError(f"lag_windows must be >= 1, got {self.lag_windows}")
+        if self.lct.budget_mb <= 0 or self.lct.cpu_budget_mb < 0:
+            raise ConfigError("lct.budget_mb must be > 0 and lct.cpu_budget_mb >= 0")
