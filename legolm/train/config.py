@@ -93,6 +93,7 @@ class RunConfig:
         device: cpu, cuda, cuda:N or auto.
         precision: auto (bf16-mixed on CUDA, fp32 on CPU), fp32 or bf16-mixed (autocast).
         compile: torch.compile the loss (forward and backward) of each step.
+        compile_mode: torch.compile mode (default, reduce-overhead = CUDA graphs, max-autotune-no-cudagraphs, ...).
         tf32: Allow TF32 matmuls on CUDA for the fp32 parts.
         log_every: Steps between train-loss log lines (each costs one device sync).
         save_every: Steps between checkpoints (0 = only at the end).
@@ -109,6 +110,7 @@ class RunConfig:
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     tf32: bool = True
     log_every: int = 10
     save_every: int = 0

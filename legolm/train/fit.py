@@ -161,9 +161,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
+    """Host batches go to the GPU through pinned memory, without waiting for the copy."""
     if device.type != "cuda":
         return batch
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v if v.device == device else v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class TrainStep:
@@ -182,11 +183,12 @@ class TrainStep:
         autocast: Context entered around each forward.
         device: Where batches go.
         compile: Compile the loss call.
+        compile_mode: The `torch.compile` mode.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
                  grad_clip: float, autocast: contextlib.AbstractContextManager[Any], device: torch.device,
-                 compile: bool = False) -> None:
+                 compile: bool = False, compile_mode: str = "default") -> None:
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.grad_clip, self.autocast, self.device = grad_clip, autocast, device
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -194,7 +196,7 @@ class TrainStep:
         def call_loss(m: nn.Module, b: Batch) -> LossOutput:
             return loss_fn(m, b)
 
-        self.loss: LossFn = torch.compile(call_loss) if compile else call_loss
+        self.loss: LossFn = torch.compile(call_loss, mode=compile_mode) if compile else call_loss
 
     def forward(self, batch: Batch) -> LossOutput:
         """The loss of one batch under this step's autocast (also used for evaluation)."""
@@ -295,7 +297,8 @@ def fit(model: nn.Module, train: BatchSource, cfg: FitConfig, *, val: BatchSourc
     model.to(device).train()
     optimizer = build_optimizer(trainable_parameters(model), cfg.optim, device)
     step = TrainStep(model, loss_fn or NextTokenLoss(), optimizer, LRSchedule(cfg.optim.lr, cfg.schedule, n_steps),
-                     cfg.optim.grad_clip, autocast_for(device, cfg.run.precision), device, cfg.run.compile)
+                     cfg.optim.grad_clip, autocast_for(device, cfg.run.precision), device, cfg.run.compile,
+                     cfg.run.compile_mode)
     state = _start(run_dir, cfg, model, optimizer, train, device)
     from legolm.cli.args import dump_yaml
 

@@ -1,0 +1,213 @@
+"""Pretraining throughput: legolm's training step vs Hugging Face `transformers`, same process.
+
+For each model shape (gpt2 124M, pythia-160m) both libraries start from the same random weights
+(HF's init, converted into legolm), train on the same real-text batches (TinyStories, GPT-2 /
+GPT-NeoX tokenizer, from ``.bench/``), with the same step: bf16 autocast, fp32 master weights,
+fused AdamW (decay on matrices), gradient clipping at 1.0, and the same next-token
+cross-entropy on the logits. Only the model differs, eager or under `torch.compile`:
+
+    legolm     legolm.train.fit.TrainStep (what `fit` runs) on a TransformerLM
+    hf         the same TrainStep on transformers' GPT2LMHeadModel / GPTNeoXForCausalLM (SDPA attention)
+
+The vocabulary is padded to a multiple of 64 (50257 -> 50304, as nanoGPT does) for BOTH
+libraries, so the comparison is between equal shapes. tok/s = batch x seq x steps / wall time
+(after warmup, which includes compilation). MFU = achieved FLOP/s over the bf16 matmul rate
+measured in this run (a large bf16 matmul); FLOPs per token = 6·N + 12·L·T·C (N = parameters
+without the embeddings, plus the LM head's matmul; PaLM appendix B).
+
+    python benchmarks/prepare_data.py                       # once, where the shared data is
+    python -m benchmarks.pretrain                           # gpt2 and pythia-160m, 16 x 1024, bf16
+    python -m benchmarks.pretrain --smoke                   # CPU, tiny shapes: checks that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.common import BENCH_DATA, device_info, print_table, write_result
+from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
+from legolm.model.config import ModelConfig
+from legolm.model.transformer import TransformerLM
+from legolm.train.batches import Batch, WindowBatches
+from legolm.train.config import OptimConfig, ScheduleConfig
+from legolm.train.fit import LossOutput, NextTokenLoss, TrainStep
+from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
+
+TOKENIZER = {"gpt2": "gpt2", "pythia-160m": "pythia", "tiny-gpt2": "gpt2", "tiny-pythia": "pythia"}
+VARIANTS = ["hf eager", "hf compile", "legolm eager", "legolm compile"]
+
+
+def hf_loss(model: nn.Module, batch: Batch) -> LossOutput:
+    """The same next-token cross-entropy as `NextTokenLoss`, on a transformers model's logits."""
+    logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # (B, T, V)
+    labels = batch["labels"]
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()), labels.numel(), {}
+
+
+def padded_config(preset: str, vocab_multiple: int, overrides: dict[str, Any]) -> ModelConfig:
+    """The preset with its vocabulary rounded up to a multiple of ``vocab_multiple``."""
+    base = ModelConfig.from_name(preset, **overrides)
+    vocab = -(-base.vocab_size // vocab_multiple) * vocab_multiple
+    return ModelConfig.from_name(preset, **{**overrides, "vocab_size": vocab})
+
+
+def build_model(library: str, config: ModelConfig, device: torch.device) -> nn.Module:
+    """HF's randomly initialised model of ``config``'s shape, or legolm holding the same weights; fp32, train."""
+    import transformers
+
+    with torch.device("meta"):
+        shapes = TransformerLM(config).state_dict()
+    hf_cfg, _ = export_hf_state(config, shapes)
+    family = family_for(hf_cfg["model_type"])
+    cfg = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    hf = getattr(transformers, family.architecture)(cfg).to(device).train()
+    if library == "hf":
+        return hf
+    state = convert_state({k: v.detach().clone() for k, v in hf.state_dict().items()}, family, config, to_hf=False)
+    del hf
+    return TransformerLM.from_state_dict(config, state).to(device).train()
+
+
+def flops_per_token(config: ModelConfig, seq: int) -> float:
+    """6·N + 12·L·T·C, N = non-embedding parameters + the LM head matmul (V·C, counted even when tied)."""
+    with torch.device("meta"):
+        model = TransformerLM(config)
+    embeddings = {id(model.wte.weight), id(model.lm_head.weight)}
+    if model.wpe is not None:
+        embeddings.add(id(model.wpe.weight))
+    unique = {id(p): p for p in model.parameters()}
+    n = sum(p.numel() for i, p in unique.items() if i not in embeddings) + config.vocab_size * config.n_embd
+    return 6 * n + 12 * config.n_layer * seq * config.n_embd
+
+
+def matmul_flops(device: torch.device, n: int, dtype: torch.dtype, iters: int) -> float:
+    """Measured FLOP/s of an n x n x n matmul (the peak that MFU is relative to)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync(device)
+    return float(2 * n**3 * iters / (time.perf_counter() - t0))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def real_batches(preset: str, batch: int, seq: int, n: int, device: torch.device) -> list[Batch]:
+    """``n`` batches of real-text windows (seeded shuffle), already on the device (cycled if too few)."""
+    path = BENCH_DATA / f"tinystories_{TOKENIZER[preset]}.npy"
+    if not path.is_file():
+        raise SystemExit(f"missing {path}: run `python benchmarks/prepare_data.py` first (needs LEGOLM_DATA)")
+    source = WindowBatches(np.load(path), seq, batch, shuffle=True, seed=0)
+    out: list[Batch] = []
+    while len(out) < n:
+        out += [{k: v.to(device) for k, v in b.items()} for b in source][: n - len(out)]
+    return out
+
+
+def time_variant(model: nn.Module, loss_fn: Any, compile: bool, batches: list[Batch], warmup: int,
+                 device: torch.device, autocast: bool, compile_mode: str) -> dict[str, float]:
+    """Warm up (compiling), then time ``len(batches) - warmup`` steps; peak memory of the whole run."""
+    optim = OptimConfig(lr=6e-4, weight_decay=0.1, grad_clip=1.0)
+    optimizer = build_optimizer(trainable_parameters(model), optim, device)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    schedule = LRSchedule(optim.lr, ScheduleConfig(warmup_steps=warmup), len(batches))
+    step = TrainStep(model, loss_fn, optimizer, schedule, optim.grad_clip, ctx, device, compile, compile_mode)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        step([batches[i]], i)
+    sync(device)
+    t1 = time.perf_counter()
+    losses = [step([b], warmup + i)[0] for i, b in enumerate(batches[warmup:])]
+    sync(device)
+    seconds = time.perf_counter() - t1
+    timed_steps = len(batches) - warmup
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"seconds": seconds, "steps": timed_steps, "warmup_s": t1 - t0, "peak_gb": peak,
+            "first_loss": float(losses[0]), "last_loss": float(losses[-1])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["gpt2", "pythia-160m"])
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--vocab-multiple", type=int, default=64, help="pad the vocabulary to a multiple of this")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode for the compiled variants")
+    parser.add_argument("--matmul-n", type=int, default=8192, help="size of the bf16 matmul that sets the peak")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, fp32, a few steps")
+    args = parser.parse_args()
+    overrides: dict[str, Any] = {}
+    if args.smoke:
+        args.models = [{"gpt2": "tiny-gpt2", "pythia-160m": "tiny-pythia"}.get(m, m) for m in args.models]
+        args.batch, args.seq, args.steps, args.warmup, args.matmul_n = 2, 64, 3, 2, 512
+        overrides = {"vocab_size": 50257}  # the real tokenizers' ids on the tiny shapes
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    autocast = device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    peak = matmul_flops(device, args.matmul_n, torch.bfloat16 if autocast else torch.float32, 20 if autocast else 3)
+    print(f"measured {'bf16' if autocast else 'fp32'} matmul rate: {peak / 1e12:,.3f} TFLOP/s", flush=True)
+    rows: list[dict[str, Any]] = []
+    for preset in args.models:
+        config = padded_config(preset, args.vocab_multiple, overrides)
+        fpt = flops_per_token(config, args.seq)
+        batches = real_batches(preset, args.batch, args.seq, args.warmup + args.steps, device)
+        results: dict[str, dict[str, float]] = {}
+        for variant in args.variants:
+            library, mode = variant.split()
+            model = build_model(library, config, device)
+            loss_fn = hf_loss if library == "hf" else NextTokenLoss()
+            print(f"{preset}: timing {variant} ...", flush=True)
+            r = time_variant(model, loss_fn, mode == "compile", batches, args.warmup, device, autocast,
+                             args.compile_mode)
+            tok_s = args.batch * args.seq * r["steps"] / r["seconds"]
+            results[variant] = {**r, "tok_s": tok_s, "mfu": tok_s * fpt / peak}
+            print(f"{preset} {variant}: {tok_s:,.0f} tok/s, {r['peak_gb']:.1f} GB, MFU {100 * tok_s * fpt / peak:.1f}%,"
+                  f" loss {r['first_loss']:.3f} -> {r['last_loss']:.3f} (warmup {r['warmup_s']:.0f} s)", flush=True)
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        base = results.get("hf eager")
+        for variant, r in results.items():
+            rows.append({"model": preset, "impl": variant, "tok/s": f"{r['tok_s']:,.0f}",
+                         "ms/step": f"{1000 * r['seconds'] / r['steps']:.1f}", "peak GB": f"{r['peak_gb']:.1f}",
+                         "MFU": f"{100 * r['mfu']:.1f}%", "vs hf eager": f"{r['tok_s'] / base['tok_s']:.2f}x" if base
+                         else "", "loss first->last": f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}"})
+    print(f"\nPretraining step, batch {args.batch} x {args.seq} real-text tokens, "
+          f"{'bf16 autocast, fused AdamW' if autocast else 'fp32, AdamW'}, {device_info()['device']}, "
+          f"matmul peak {peak / 1e12:,.3f} TFLOP/s")
+    table = print_table(rows, ["model", "impl", "tok/s", "ms/step", "peak GB", "MFU", "vs hf eager",
+                               "loss first->last"])
+    if args.smoke:  # a crash check, not a measurement: nothing goes to benchmarks/results
+        return
+    path = write_result("pretrain", {**device_info(), "args": vars(args), "matmul_tflops": peak / 1e12, "rows": rows,
+                                     "table": table})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
