@@ -61,12 +61,14 @@ def recompute(model: LegoLM, ids: Tensor, tokens: Tensor, tau: float) -> tuple[T
 
 
 def count_layer_calls(model: LegoLM) -> tuple[list[int], list[torch.utils.hooks.RemovableHandle]]:
-    calls = [0]
+    """Forward hooks on every block: [calls, token evaluations (the T of each call's input)]."""
+    counts = [0, 0]
 
-    def hook(*_: object) -> None:
-        calls[0] += 1
+    def hook(_module: object, args: tuple[Tensor, ...], _out: object) -> None:
+        counts[0] += 1
+        counts[1] += args[0].shape[1]
 
-    return calls, [block.register_forward_hook(hook) for block in model.base.blocks]
+    return counts, [block.register_forward_hook(hook) for block in model.base.blocks]
 
 
 # -- the two extremes -----------------------------------------------------------------------------------
@@ -118,7 +120,7 @@ def test_fill_mode_queues_consecutive_exits_into_one_call() -> None:
     runs = [i for i in range(1, len(flags)) if flags[i - 1] and not flags[i]]
     assert runs, "need an exited step followed by a deep one"
     # token-layer evaluations count the queued tokens; layer calls do not
-    assert out.stats.token_layer_cost > out.stats.actual_compute_cost
+    assert out.stats.actual_compute_cost > out.stats.call_cost
 
 
 @pytest.mark.parametrize("preset", ["tiny-pythia", "tiny-llama"])
@@ -172,17 +174,25 @@ def test_write_kv_matches_the_keys_and_values_the_layer_writes(preset: str) -> N
 def test_compute_cost_equals_layer_calls_counted_by_hooks(kv_mode: str) -> None:
     model, ids = lego_model("tiny-pythia"), prompt()
     tau = mid_threshold(model, ids)
-    calls, handles = count_layer_calls(model)
+    counts, handles = count_layer_calls(model)
     out = generate_with_early_exit(model, ids, N_NEW, tau, kv_mode=kv_mode)  # type: ignore[arg-type]
     for h in handles:
         h.remove()
-    s = out.stats
-    assert s.layer_calls == calls[0]
+    s, (calls, evals) = out.stats, counts
+    P = ids.shape[1]
+    assert s.layer_calls == calls
     assert s.decode_steps == N_NEW - 1
-    assert s.actual_compute_cost == pytest.approx((calls[0] - DEPTH) / (s.decode_steps * DEPTH))
+    assert s.call_cost == pytest.approx((calls - DEPTH) / (s.decode_steps * DEPTH))
+    assert s.token_layer_evals == evals - DEPTH * P  # the prefill's blocks each saw the P prompt tokens
+    assert s.actual_compute_cost == pytest.approx((evals - DEPTH * P) / (s.decode_steps * DEPTH))
     exited_steps = int(out.exited[0, 1:].sum())
-    assert calls[0] == DEPTH + s.decode_steps * SPLIT + (s.decode_steps - exited_steps) * (DEPTH - SPLIT)
+    assert calls == DEPTH + s.decode_steps * SPLIT + (s.decode_steps - exited_steps) * (DEPTH - SPLIT)
     assert 0 < exited_steps < s.decode_steps
+    if kv_mode == "fill":  # queued tokens run later: only the exits after the last deep step are saved
+        trailing = len(out.exited[0]) - 1 - max(t for t in range(1, N_NEW) if not out.exited[0, t])
+        assert s.token_layer_evals == s.decode_steps * DEPTH - trailing * (DEPTH - SPLIT)
+    else:
+        assert s.actual_compute_cost == s.call_cost
     assert s.kv_projections == (exited_steps * (DEPTH - SPLIT) if kv_mode == "propagate" else 0)
 
 
@@ -249,3 +259,23 @@ def test_shallow_model_cannot_early_exit() -> None:
     model = LegoLM(TransformerLM(ModelConfig.from_name("tiny-pythia")))
     with pytest.raises(ConfigError, match="extend"):
         generate_with_early_exit(model, prompt(), 4, 0.5)
+
+
+def test_decode_path_nll_in_fill_mode_equals_the_hard_routed_full_forward() -> None:
+    """Teacher-forced scoring through the decode path (fill) = generation's rule on one full forward."""
+    from legolm.lego.early_exit import decode_path_nll
+    from legolm.lego.evaluate import TokenScores
+
+    model, ids = lego_model("tiny-llama"), prompt(batch=2, length=20, seed=7)
+    tau = mid_threshold(model, ids[:1, :6])
+    with torch.no_grad():
+        out = model(ids[:, :-1])
+    assert out.deep_logits is not None
+    labels = ids[:, 1:, None]
+    scores = TokenScores(out.shallow_logits.log_softmax(-1).gather(-1, labels)[:, 5:].flatten(),
+                         out.deep_logits.log_softmax(-1).gather(-1, labels)[:, 5:].flatten(), out.conf[:, 5:].flatten())
+    nll, n, ratio = decode_path_nll(model, ids, 6, tau, "fill")
+    assert n == 2 * 14 and 0 < ratio < 1
+    assert nll / n == pytest.approx(torch.tensor(scores.hard_routed_ppl(tau)).log().item(), rel=1e-5)
+    skip_nll, _, _ = decode_path_nll(model, ids, 6, tau, "skip")
+    assert skip_nll != pytest.approx(nll, rel=1e-6)  # skip's cache is approximate: a different score

@@ -62,28 +62,41 @@ def lego(cfg: LegoConfig, corpus: Any = None) -> dict[str, Any]:
 
 
 def evaluate_and_report(cfg: LegoConfig, corpus: Any, out: Path) -> dict[str, Any]:
+    """Train (`train_lego`), save, score the validation windows, time the decode settings, print the table."""
     from legolm.lego.evaluate import score_tokens
     from legolm.lego.hard_examples import evaluate_on_hard_examples
     from legolm.lego.model import save_lego
-    from legolm.lego.report import curve_rows, format_table, measure_decode, plot_curve, val_prompts
+    from legolm.lego.report import (
+        Setting,
+        curve_row,
+        decode_path_ppl,
+        format_table,
+        measure_decode,
+        plot_curve,
+        val_windows,
+    )
     from legolm.lego.threshold import quantile_threshold
     from legolm.lego.train import train_lego
     from legolm.utils.io import atomic_write_text
 
     trained = train_lego(cfg, corpus)
-    model, tau = trained.model, trained.threshold
+    model, tau, d = trained.model, trained.threshold, cfg.decode
     save_lego(model, out / "model", corpus.tokenizer, overwrite=True)
     scores = score_tokens(model, trained.val_batches, cfg.lego.calib_batches, progress=cfg.run.progress)
     hard = evaluate_on_hard_examples(model, trained.hard_val, cfg.phase2.eval.batch_size or cfg.phase2.batch_size)
-    labelled = [("never exit", 1.0), (f"calibrated r={cfg.lego.target_ratio:g}", tau),
-                *[(f"r={r:g}", quantile_threshold(scores.conf, r)) for r in cfg.lego.curve_ratios],
-                ("always exit", 0.0)]
-    labelled.sort(key=lambda item: -item[1])
-    d = cfg.decode
-    prompts = val_prompts(corpus.val, d.prompts, d.prompt_len)
-    measured = measure_decode(model, prompts, [None, *(t for _, t in labelled)], d.max_new_tokens, d.kv_mode,
+    calibrated = f"calibrated r={cfg.lego.target_ratio:g}" if cfg.lego.threshold is None else "given"
+    sweep = [("never exit", 1.0), (calibrated, tau),
+             *[(f"r={r:g}", quantile_threshold(scores.conf, r)) for r in cfg.lego.curve_ratios], ("always exit", 0.0)]
+    sweep.sort(key=lambda item: -item[1])
+    settings = [Setting(label, t, d.kv_mode) for label, t in sweep]
+    settings += [Setting(calibrated, tau, mode) for mode in d.compare_kv_modes if mode != d.kv_mode]
+    prompts = val_windows(corpus.val, d.prompts, d.prompt_len)
+    measured = measure_decode(model, prompts, [Setting("full depth", None, "fill"), *settings], d.max_new_tokens,
                               d.repeats, d.warmup)
-    rows = curve_rows(scores, model.meta.routing_temperature, labelled, measured[1:], measured[0])
+    scored = val_windows(corpus.val, d.score_windows, d.prompt_len + d.score_len, offset=d.prompt_len)
+    rows = [curve_row(scores, model.meta.routing_temperature, s, m, measured[0],
+                      decode_path_ppl(model, scored, d.prompt_len, s))
+            for s, m in zip(settings, measured[1:], strict=True)]
     phase1_ppl, deep_ppl = scores.shallow_ppl(), scores.deep_ppl()
     table = format_table(rows, phase1_ppl, deep_ppl)
     note = plot_curve(rows, out / "curve.png", phase1_ppl, deep_ppl)
@@ -93,10 +106,10 @@ def evaluate_and_report(cfg: LegoConfig, corpus: Any, out: Path) -> dict[str, An
     writer.writerows(asdict(r) for r in rows)
     atomic_write_text(out / "curve.csv", buf.getvalue())
     device = next(model.parameters()).device
-    print(f"\nLEGO {model.split} -> {model.n_layer} layers, calibrated threshold {tau:.4f}; validation: "
-          f"{len(scores):,} tokens; decode: batch 1, {d.prompts} prompts x {d.max_new_tokens} new tokens "
-          f"(greedy, kv_mode {d.kv_mode}) on {device}, median of {d.repeats} rounds; full depth "
-          f"{measured[0].tokens / measured[0].decode_s:,.0f} tok/s\n")
+    print(f"\nLEGO {model.split} -> {model.n_layer} layers, threshold {tau:.4f}; full-forward PPLs over "
+          f"{len(scores):,} validation tokens, decode-path PPL over {scored.shape[0]} x {d.score_len}; decode: "
+          f"batch 1, {d.prompts} prompts x {d.max_new_tokens} new tokens (greedy) on {device}, median of "
+          f"{d.repeats} rounds; full depth {measured[0].tokens / measured[0].decode_s:,.0f} tok/s\n")
     print(table)
     print(f"\nhard validation tokens ({int(hard['hard_tokens']):,}): shallow PPL {hard['shallow_ppl']:.2f}, "
           f"deep PPL {hard['deep_ppl']:.2f}, routed PPL {hard['routed_ppl']:.2f}")
@@ -108,7 +121,7 @@ def evaluate_and_report(cfg: LegoConfig, corpus: Any, out: Path) -> dict[str, An
             "deep_ppl": deep_ppl, "routed_ppl": scores.routed_ppl(tau, model.meta.routing_temperature),
             "hard_val": hard, "hard_examples": {"train": trained.hard_train.summary(),
                                                 "val": trained.hard_val.summary()},
-            "rows": [asdict(r) for r in rows], "decode": [asdict(m) for m in measured], "device": str(device),
+            "rows": [asdict(r) for r in rows], "baseline": asdict(measured[0]), "device": str(device),
             **fit_results, "table": table, "model": str(out / "model")}
 
 

@@ -96,7 +96,10 @@ class DecodeSettings:
         prompts: Prompts, cut from the validation split at evenly spaced offsets.
         prompt_len: Tokens per prompt.
         max_new_tokens: Tokens generated per prompt (no EOS stop, so every threshold decodes as many).
-        kv_mode: How exited tokens enter the upper KV cache: fill (exact), skip or propagate.
+        kv_mode: How exited tokens enter the upper KV cache along the threshold sweep: fill (exact), skip or propagate.
+        compare_kv_modes: Further kv modes measured at the calibrated threshold.
+        score_windows: Validation windows scored along the decode path (teacher forcing, batch 1).
+        score_len: Tokens scored per window (after prompt_len tokens of context).
         repeats: Timed rounds; the median round is reported (thresholds interleaved in each round).
         warmup: Untimed rounds first.
     """
@@ -105,6 +108,9 @@ class DecodeSettings:
     prompt_len: int = 32
     max_new_tokens: int = 64
     kv_mode: KVMode = "fill"
+    compare_kv_modes: list[KVMode] = field(default_factory=lambda: ["skip", "propagate"])
+    score_windows: int = 8
+    score_len: int = 64
     repeats: int = 3
     warmup: int = 1
 
@@ -161,6 +167,7 @@ class LegoConfig:
              f"lego.calib_batches must be >= 1, got {self.lego.calib_batches}"),
             (d.prompts >= 1 and d.prompt_len >= 1 and d.max_new_tokens >= 1,
              "decode.prompts, decode.prompt_len and decode.max_new_tokens must be >= 1"),
+            (d.score_windows >= 1 and d.score_len >= 1, "decode.score_windows and decode.score_len must be >= 1"),
             (d.repeats >= 1 and d.warmup >= 0, "decode.repeats must be >= 1 and decode.warmup >= 0"),
         ]
         for ok, message in checks:

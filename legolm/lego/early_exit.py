@@ -28,9 +28,17 @@ is below τ, and each row still takes its own token (the shallow one where it is
 ``fill`` a row's tokens therefore do not depend on the other rows. Prompts of one call share a
 length (no padding).
 
-Compute cost = layer calls in the decode steps ÷ (decode steps × L): a call of a layer counts once
-whatever its T, as the hooks in the tests count them. The prefill (all L layers over the prompt,
-the same in every mode) is reported apart.
+Two costs are reported, both over the decode steps (the prefill, all L layers over the prompt and
+the same in every mode, is reported apart):
+
+* ``actual_compute_cost`` = token-layer evaluations ÷ (decode steps × L): the real compute (a
+  layer call over T tokens counts T). ``fill`` runs the queued tokens later, so it saves only what
+  exits at the very end; ``skip`` and ``propagate`` save every exited token's upper layers.
+* ``call_cost`` = layer calls ÷ (decode steps × L): a call counts once whatever its T. At batch 1
+  on a GPU a decode step is bound by reading the weights, not by T, so this is what ``fill`` saves
+  there.
+
+The tests count both with forward hooks on the blocks (calls, and the T each call saw).
 """
 
 from __future__ import annotations
@@ -67,9 +75,9 @@ class EarlyExitStats:
         decode_steps: Steps after the prefill (each feeds one token per row).
         layer_calls: Transformer-block calls in the whole call (prefill included).
         prefill_layer_calls: Of those, the prefill's (always L).
-        actual_compute_cost: Decode layer calls ÷ (decode_steps × L); 1.0 = full depth every step.
-        token_layer_cost: Decode (token × layer) evaluations ÷ (decode_steps × L), per row: with
-            ``fill`` the queued tokens are evaluated later, so this is the FLOPs proxy.
+        token_layer_evals: Decode-step (token × layer) evaluations per row (a call over T tokens counts T).
+        actual_compute_cost: token_layer_evals ÷ (decode_steps × L); 1.0 = full depth every step.
+        call_cost: Decode layer calls ÷ (decode_steps × L) (what a weight-bandwidth-bound GPU pays).
         kv_projections: Upper-layer key/value projections of exited tokens (``propagate``).
         prefill_s: Wall time of the prefill (s).
         decode_s: Wall time of the decode steps (s).
@@ -82,8 +90,9 @@ class EarlyExitStats:
     decode_steps: int
     layer_calls: int
     prefill_layer_calls: int
+    token_layer_evals: int
     actual_compute_cost: float
-    token_layer_cost: float
+    call_cost: float
     kv_projections: int
     prefill_s: float
     decode_s: float
@@ -219,7 +228,8 @@ def _check(model: LegoLM, input_ids: Tensor, max_new_tokens: int, kv_mode: str) 
 def generate_with_early_exit(model: LegoLM, input_ids: Tensor, max_new_tokens: int,
                              routing_threshold: float | None, *, kv_mode: KVMode = "fill", greedy: bool = True,
                              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                             eos_id: int | None = None, output_logits: bool = False) -> EarlyExitResult:
+                             eos_id: int | None = None, output_logits: bool = False,
+                             forced: Tensor | None = None) -> EarlyExitResult:
     """Continue ``input_ids`` (B, P) by ``max_new_tokens``, skipping the upper layers of confident tokens.
 
     Args:
@@ -237,6 +247,9 @@ def generate_with_early_exit(model: LegoLM, input_ids: Tensor, max_new_tokens: i
         seed: Seed of the sampling generator.
         eos_id: Stop a row at this id (the call ends when every row has); None = no stop.
         output_logits: Also return the logits each token was chosen from.
+        forced: (B, max_new_tokens) tokens to emit instead of the chosen ones (teacher forcing):
+            exits and logits are computed as in generation, so their log-probabilities score the
+            decode path of a real text (see `decode_path_nll`).
 
     Returns:
         Tokens, exit flags, stats (counts, compute cost, wall time) and optional logits.
@@ -245,6 +258,9 @@ def generate_with_early_exit(model: LegoLM, input_ids: Tensor, max_new_tokens: i
     if routing_threshold is not None:
         check_threshold(routing_threshold)
     _check(model, input_ids, max_new_tokens, kv_mode)
+    if forced is not None and tuple(forced.shape) != (input_ids.shape[0], max_new_tokens):
+        raise ConfigError(f"forced tokens must be (batch, max_new_tokens) = {(input_ids.shape[0], max_new_tokens)}, "
+                          f"got {tuple(forced.shape)}")
     B, P = input_ids.shape
     N = max_new_tokens
     dec = _TwoCacheDecoder(model, B, P + N, kv_mode)
@@ -280,7 +296,7 @@ def generate_with_early_exit(model: LegoLM, input_ids: Tensor, max_new_tokens: i
             dec.exited(h_s, P + t - 1)
             ex = torch.ones_like(ex)
         chosen = torch.where(ex[:, None], shallow, deep) if shallow is not None else deep  # (B, V)
-        nxt = pick(chosen)
+        nxt = pick(chosen) if forced is None else forced[:, t].to(dec.device)
         kept[:, t] = ~finished
         if eos_id is not None:
             nxt = torch.where(finished, eos_id, nxt)
@@ -294,13 +310,31 @@ def generate_with_early_exit(model: LegoLM, input_ids: Tensor, max_new_tokens: i
     tokens, exited, kept = tokens[:, :n], exited[:, :n], kept[:, :n]
     shallow_count, total = int((exited & kept).sum()), int(kept.sum())
     L = model.n_layer
-    decode_calls = dec.layer_calls - L
     stats = EarlyExitStats(
         shallow_count=shallow_count, deep_count=total - shallow_count, shallow_ratio=shallow_count / max(total, 1),
-        decode_steps=steps, layer_calls=dec.layer_calls, prefill_layer_calls=L,
-        actual_compute_cost=decode_calls / (steps * L) if steps else 1.0,
-        token_layer_cost=dec.token_layers / (steps * L) if steps else 1.0, kv_projections=dec.kv_projections,
+        decode_steps=steps, layer_calls=dec.layer_calls, prefill_layer_calls=L, token_layer_evals=dec.token_layers,
+        actual_compute_cost=dec.token_layers / (steps * L) if steps else 1.0,
+        call_cost=(dec.layer_calls - L) / (steps * L) if steps else 1.0, kv_projections=dec.kv_projections,
         prefill_s=t1 - t0, decode_s=t2 - t1, wall_s=t2 - t0,
     )
     logits = torch.stack(saved, dim=1) if output_logits else None
     return EarlyExitResult(tokens, exited, stats, logits)
+
+
+def decode_path_nll(model: LegoLM, ids: Tensor, prompt_len: int, routing_threshold: float,
+                    kv_mode: KVMode = "fill") -> tuple[float, int, float]:
+    """Teacher-forced NLL of ``ids[:, prompt_len:]`` along the early-exit decode path.
+
+    Each token is scored by the exit generation would take for it, with the upper cache of
+    ``kv_mode``; with ``fill`` this equals the hard-routed perplexity of a full forward pass, with
+    ``skip``/``propagate`` it measures what their approximate caches cost in quality.
+
+    Returns:
+        (summed NLL, tokens scored, shallow ratio).
+    """
+    target = ids[:, prompt_len:]
+    out = generate_with_early_exit(model, ids[:, :prompt_len], target.shape[1], routing_threshold, kv_mode=kv_mode,
+                                   output_logits=True, forced=target)
+    assert out.logits is not None
+    logp = out.logits.log_softmax(-1).gather(-1, target.to(out.logits.device)[..., None])
+    return -float(logp.double().sum()), target.numel(), out.stats.shallow_ratio

@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from legolm.errors import ConfigError
-from legolm.lego.model import LegoLM, exits, routed_log_probs
+from legolm.lego.model import LegoLM, exits, rewind, routed_log_probs
 from legolm.train.batches import Batch
 
 
@@ -68,6 +68,7 @@ def score_tokens(model: LegoLM, batches: Iterable[Batch], max_batches: int | Non
     model.eval()
     device = next(model.parameters()).device
     parts: dict[str, list[Tensor]] = {"shallow_logp": [], "deep_logp": [], "conf": []}
+    rewind(batches)
     for i, batch in enumerate(tqdm(batches, desc="evaluate", unit="batch", disable=not progress)):
         if max_batches is not None and i >= max_batches:
             break

@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from legolm.errors import ConfigError
-from legolm.lego.model import LegoLM, check_threshold, routed_log_probs
+from legolm.lego.model import LegoLM, check_threshold, rewind, routed_log_probs
 from legolm.train.batches import Batch
 
 
@@ -94,6 +94,7 @@ def collect_hard_examples(model: LegoLM, batches: Iterable[Batch], threshold: fl
     device = next(model.parameters()).device
     parts: dict[str, list[Tensor]] = {k: [] for k in ("hidden", "hard", "labels", "conf", "shallow_logp")}
     windows = tokens = 0
+    rewind(batches)
     for i, batch in enumerate(tqdm(batches, desc="hard examples", unit="batch", disable=not progress)):
         if max_batches is not None and i >= max_batches:
             break

@@ -168,8 +168,16 @@ class LegoLM(nn.Module):
     # -- forward -------------------------------------------------------------------------------
     def lower(self, idx: Tensor, *, cache: KVCache | None = None, input_pos: Tensor | None = None,
               positions: Tensor | None = None) -> Tensor:
-        """Embeddings and the lower layers: (B, T) ids -> (B, T, C) hidden states h_s."""
-        return self.base(idx, end=self.split, cache=cache, input_pos=input_pos, positions=positions)
+        """Embeddings and the lower layers: (B, T) ids -> (B, T, C) hidden states h_s.
+
+        (Not ``base(idx, end=split)``: before `extend`, split is the top and that would project.)
+        """
+        B, T = idx.shape
+        if positions is None:
+            positions = (input_pos if input_pos is not None else torch.arange(T, device=idx.device)).expand(B, T)
+        h = self.base.embed(idx, positions)  # (B, T, C)
+        ctx = self.base.make_context(positions, h.dtype, cache, input_pos)
+        return self.base.forward_layers(h, ctx, 0, self.split, cache).hidden
 
     def shallow_head(self, h_s: Tensor) -> Tensor:
         """The shallow exit on lower-layer states: (B, T, C) -> (B, T, V)."""
@@ -285,6 +293,13 @@ class LegoLM(nn.Module):
         model.norm, model.lm_head = self.shallow_exit.norm, self.shallow_exit.head
         model.rope = self.base.rope
         return model.eval() if not self.training else model
+
+
+def rewind(batches: object) -> None:
+    """Start a batch source (`WindowBatches`, ...) from its first batch: a previous pass may have stopped early."""
+    set_epoch = getattr(batches, "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(0)
 
 
 def check_threshold(threshold: float) -> None:

@@ -14,7 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from legolm.errors import ConfigError
-from legolm.lego.model import LegoLM, confidence
+from legolm.lego.model import LegoLM, confidence, rewind
 from legolm.train.batches import Batch
 
 
@@ -33,6 +33,7 @@ def shallow_confidences(model: LegoLM, batches: Iterable[Batch], max_batches: in
     model.eval()
     device = next(model.parameters()).device
     out: list[Tensor] = []
+    rewind(batches)
     for i, batch in enumerate(tqdm(batches, desc="confidence", unit="batch", disable=not progress)):
         if max_batches is not None and i >= max_batches:
             break
