@@ -82,8 +82,9 @@ def chart(results: list[ModelResult], path: Path) -> str | None:
         for j, (f, label) in enumerate(zip(fields, ("forward", "backward"), strict=True)):
             ax.bar([i + (j - 0.5) * 0.4 for i in x], [getattr(r, f) for r in results], width=0.4, label=label)
         ax.set_title(title)
-        ax.legend()
-    axes[2].set_ylim(0, 1)
+        top = max(getattr(r, f) for r in results for f in fields)
+        ax.set_ylim(0, 1.3 * top if top > 0 else 1.0)  # room for the legend above the bars
+        ax.legend(loc="upper center", ncols=2, fontsize=8)
     axes[3].bar(x, [r.tokens_per_s for r in results], color="tab:green")
     axes[3].set_title("training tokens/s")
     for ax in axes:
