@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from legolm.errors import ConfigError
-from legolm.lego.model import LegoLM, check_threshold, rewind, routed_log_probs
+from legolm.lego.model import LegoLM, check_threshold, confidence, rewind, routed_log_probs
 from legolm.train.batches import Batch
 
 
@@ -100,8 +100,8 @@ def collect_hard_examples(model: LegoLM, batches: Iterable[Batch], threshold: fl
             break
         idx, labels = batch["input_ids"].to(device), batch["labels"].to(device)
         h_s = model.lower(idx)  # (B, W, C)
-        logp = model.shallow_head(h_s).float().log_softmax(-1)  # (B, W, V)
-        conf = logp.amax(-1).exp()
+        logits = model.shallow_head(h_s)  # (B, W, V)
+        logp, conf = logits.float().log_softmax(-1), confidence(logits)  # the one confidence everywhere
         hard = conf < threshold
         keep = hard.any(dim=1)  # (B,)
         windows, tokens = windows + idx.shape[0], tokens + idx.numel()

@@ -47,7 +47,7 @@ from legolm.model.transformer import TransformerLM
 from legolm.utils.io import atomic_dir
 
 LEGO_META = "lego.json"
-EXIT_WEIGHTS = "lego_shallow_exit.safetensors"
+EXIT_WEIGHTS = "lego/shallow_exit.safetensors"  # in a subfolder: the base loader reads every top-level file
 
 
 # -- routing ---------------------------------------------------------------------------------------
@@ -321,6 +321,7 @@ def save_lego(model: LegoLM, directory: str | Path, tokenizer: Tokenizer | None 
         (tmp / LEGO_META).write_text(json.dumps(asdict(model.meta), indent=2) + "\n")
         if model.shallow_exit is not None:
             state = {k: v.detach().to("cpu").contiguous() for k, v in model.shallow_exit.state_dict().items()}
+            (tmp / EXIT_WEIGHTS).parent.mkdir()
             save_file(state, str(tmp / EXIT_WEIGHTS))
     return Path(directory)
 

@@ -1,0 +1,307 @@
+"""LEGO model and training: routing maths by hand, extend, threshold calibration, hard examples stored
+once (and equal to recomputing the lower layers), the phase-2 loss, checkpoints, and both phases on
+real text through `fit`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from legolm.checkpoints.load import load_pretrained
+from legolm.data import DataConfig, TokenizedCorpus, prepare_corpus
+from legolm.errors import CheckpointError, ConfigError
+from legolm.lego import LegoLM, confidence, exits, load_lego, routed_log_probs, save_lego
+from legolm.lego.evaluate import TokenScores, score_tokens
+from legolm.lego.hard_examples import collect_hard_examples, create_hard_example_loader, evaluate_on_hard_examples
+from legolm.lego.model import routing_log_weights
+from legolm.lego.threshold import compute_confidence_threshold, quantile_threshold, shallow_confidences
+from legolm.lego.train import HardTokenLoss, RestoreBest, check_phase2, run_phase1, run_phase2
+from legolm.model.config import ModelConfig
+from legolm.model.transformer import TransformerLM
+from legolm.train.batches import WindowBatches
+from legolm.train.config import EvalConfig, FitConfig, OptimConfig, RunConfig, ScheduleConfig
+from legolm.train.fit import FitState
+
+WINDOW = 32
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> TokenizedCorpus:
+    """Tiny Shakespeare (30 documents) with a 320-token BPE trained on its training documents."""
+    cache = tmp_path_factory.mktemp("lego_data")
+    return prepare_corpus(DataConfig(source="tinyshakespeare", tokenizer="bpe:320", max_documents=30,
+                                     cache_dir=str(cache)), progress=False)
+
+
+def shallow(preset: str = "tiny-pythia", vocab: int = 320, layers: int = 1, seed: int = 0) -> LegoLM:
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_name(preset, vocab_size=vocab, layers=[ModelConfig.from_name(preset).layers[0]] * layers)
+    return LegoLM(TransformerLM(cfg))
+
+
+def extended(preset: str = "tiny-pythia", tau: float = 0.5) -> LegoLM:
+    model = shallow(preset, layers=2)
+    model.mark_trained()
+    return model.extend(4, tau)
+
+
+def windows(corpus: TokenizedCorpus, split: str = "val", batch: int = 4) -> WindowBatches:
+    return WindowBatches(corpus.split(split), WINDOW, batch, shuffle=False, drop_last=False)
+
+
+# -- routing maths, by hand -----------------------------------------------------------------------------
+def test_confidence_is_the_max_softmax_probability() -> None:
+    logits = torch.tensor([[0.0, math.log(3.0)], [2.0, 2.0]])  # softmax [0.25, 0.75] and [0.5, 0.5]
+    torch.testing.assert_close(confidence(logits), torch.tensor([0.75, 0.5]))
+
+
+def test_routed_mixture_by_hand() -> None:
+    p_s, p_d = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.1, 0.3, 0.6])
+    conf, tau, temp = torch.tensor(0.7), 0.5, 0.1
+    w = 1 / (1 + math.exp(-(0.7 - 0.5) / 0.1))  # sigmoid(2) = 0.8808
+    expected = torch.tensor([w * 0.7 + (1 - w) * 0.1, w * 0.2 + (1 - w) * 0.3, w * 0.1 + (1 - w) * 0.6])
+    got = routed_log_probs(p_s.log(), p_d.log(), conf, tau, temp).exp()
+    torch.testing.assert_close(got, expected)
+    assert float(got.sum()) == pytest.approx(1.0)
+    log_w, log_1mw = routing_log_weights(torch.tensor([0.7, 0.5, 0.1]), tau, temp)
+    torch.testing.assert_close(log_w.exp(), torch.tensor([w, 0.5, 1 / (1 + math.exp(4.0))]))
+    torch.testing.assert_close(log_1mw.exp(), 1 - log_w.exp())
+
+
+def test_soft_routing_tends_to_the_generation_rule() -> None:
+    lp_s, lp_d = torch.tensor([-0.5, -3.0, -1.0]), torch.tensor([-2.0, -0.2, -0.7])
+    conf = torch.tensor([0.9, 0.2, 0.6])
+    hard = torch.where(exits(conf, 0.5), lp_s, lp_d)
+    torch.testing.assert_close(routed_log_probs(lp_s, lp_d, conf, 0.5, 1e-4), hard)
+
+
+def test_exit_rule_extremes_are_exact() -> None:
+    conf = torch.tensor([0.0, 0.3, 1.0])  # a saturated softmax reaches 1.0 in floating point
+    assert exits(conf, 1.0).tolist() == [False, False, False]  # 1 = never exit
+    assert exits(conf, 0.0).tolist() == [True, True, True]  # 0 = always exit
+    assert exits(conf, 0.3).tolist() == [False, True, True]  # conf >= τ exits
+
+
+# -- threshold -------------------------------------------------------------------------------------------
+def test_quantile_threshold_by_hand() -> None:
+    conf = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.7])
+    assert quantile_threshold(conf, 0.4) == pytest.approx(0.5)  # 0.1 and 0.3 (2 of 5) fall below
+    assert quantile_threshold(conf, 0.5) == pytest.approx(0.5)  # floor(2.5) = 2 below
+    assert quantile_threshold(conf, 0.99) == pytest.approx(0.9)
+
+
+def test_calibrated_threshold_makes_the_target_ratio_hard(corpus: TokenizedCorpus) -> None:
+    model = shallow().eval()
+    val = windows(corpus)
+    for ratio in (0.2, 0.5, 0.8):
+        tau = compute_confidence_threshold(model, val, ratio)
+        conf = shallow_confidences(model, val)
+        assert float((conf < tau).float().mean()) == pytest.approx(math.floor(ratio * conf.numel()) / conf.numel())
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
+def test_target_ratio_outside_open_unit_interval_is_refused(corpus: TokenizedCorpus, ratio: float) -> None:
+    with pytest.raises(ConfigError, match=r"target_ratio must be in \(0, 1\)"):
+        compute_confidence_threshold(shallow(), windows(corpus), ratio)
+
+
+# -- extend ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", ["tiny-pythia", "tiny-gpt2", "tiny-llama"])
+def test_extend_copies_freezes_and_keeps_the_shallow_exit(preset: str) -> None:
+    model = shallow(preset, layers=2)
+    model.mark_trained()
+    idx = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model.base(idx)
+    model.extend(5, 0.4)
+    assert model.n_layer == 5 and model.split == 2 and model.extended and model.threshold == 0.4
+    with torch.no_grad():
+        out = model(idx)
+    torch.testing.assert_close(out.shallow_logits, before)  # the calibrated exit is unchanged
+    assert model.shallow_exit is not None and out.deep_logits is not None
+    deep_head, shallow_head = model.base.lm_head.weight, model.shallow_exit.head.weight
+    torch.testing.assert_close(deep_head, shallow_head)  # the deep exit starts as a copy ...
+    assert deep_head.data_ptr() != shallow_head.data_ptr() != model.base.wte.weight.data_ptr()  # ... of its own
+    frozen = [model.base.wte, *model.base.blocks[:2], model.shallow_exit]
+    assert not any(p.requires_grad for m in frozen for p in m.parameters())
+    trainable = [*model.base.blocks[2:], model.base.norm, model.base.lm_head]
+    assert all(p.requires_grad for m in trainable for p in m.parameters())
+
+
+def test_extend_refuses_bad_requests() -> None:
+    with pytest.raises(ConfigError, match="trained shallow model"):
+        shallow(layers=2).extend(4, 0.5)  # phase 1 never ran
+    model = shallow(layers=2)
+    model.mark_trained()
+    for bad in (2, 1):
+        with pytest.raises(ConfigError, match="num_layers > 2"):
+            model.extend(bad, 0.5)
+    for tau in (1.5, -0.01, float("nan")):
+        with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+            model.extend(4, tau)
+    model.extend(4, 0.5)
+    with pytest.raises(ConfigError, match="already extended"):
+        model.extend(6, 0.5)
+
+
+# -- hard examples ---------------------------------------------------------------------------------------
+def test_hard_examples_store_lower_states_masks_and_targets(corpus: TokenizedCorpus) -> None:
+    model = extended().eval()
+    batches = windows(corpus)
+    conf = shallow_confidences(model, batches).view(-1, WINDOW)
+    per_window_min = conf.min(1).values
+    # τ just above the second-highest per-window minimum: exactly one window has no hard token
+    top2 = per_window_min.topk(2).values
+    tau = float((top2[0] + top2[1]) / 2)
+    ex = collect_hard_examples(model, batches, tau)
+    assert ex.windows_seen == conf.shape[0] and len(ex) == conf.shape[0] - 1
+    kept = [i for i in range(conf.shape[0]) if per_window_min[i] < tau]
+    ids = torch.from_numpy(corpus.val[: conf.shape[0] * WINDOW + 1].astype("int64"))
+    x = torch.stack([ids[i * WINDOW : (i + 1) * WINDOW] for i in kept])
+    y = torch.stack([ids[i * WINDOW + 1 : (i + 1) * WINDOW + 1] for i in kept])
+    with torch.no_grad():
+        h_s = model.lower(x)
+        lp = model.shallow_head(h_s).log_softmax(-1)
+    torch.testing.assert_close(ex.hidden, h_s)
+    assert torch.equal(ex.labels, y)
+    assert torch.equal(ex.hard, conf[kept] < tau)
+    torch.testing.assert_close(ex.shallow_logp, lp.gather(-1, y[..., None])[..., 0])
+    assert ex.n_hard == int((conf < tau).sum())
+
+
+def test_hard_example_loader_is_a_resumable_batch_source(corpus: TokenizedCorpus) -> None:
+    ex = collect_hard_examples(extended().eval(), windows(corpus), 0.5)
+    loader = create_hard_example_loader(ex, batch_size=3, shuffle=True, seed=1)
+    assert len(loader) == math.ceil(len(ex) / 3)
+    epoch0 = [b["sample_ids"] for b in loader]
+    assert sorted(torch.cat(epoch0).tolist()) == list(range(len(ex)))
+    loader.set_epoch(1)
+    assert [b["sample_ids"].tolist() for b in loader] != [s.tolist() for s in epoch0]
+    loader.set_epoch(0)
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    again = create_hard_example_loader(ex, batch_size=3, shuffle=True, seed=1)
+    again.load_state_dict(state)
+    assert [b["sample_ids"].tolist() for b in again] == [s.tolist() for s in epoch0[1:]]
+    batch = epoch0 and next(iter(create_hard_example_loader(ex, 2, shuffle=False)))
+    torch.testing.assert_close(batch["hidden"], ex.hidden[:2])
+
+
+@pytest.mark.parametrize("kind", ["routed", "deep"])
+def test_phase2_loss_on_stored_states_equals_full_recomputation(corpus: TokenizedCorpus, kind: str) -> None:
+    """Phase 2 never reruns the lower layers, yet its loss is that of the whole model on the windows."""
+    model = extended().eval()
+    tau = compute_confidence_threshold(model, windows(corpus), 0.5)
+    model.meta.routing_threshold = tau
+    ex = collect_hard_examples(model, windows(corpus), tau)
+    batch = next(iter(create_hard_example_loader(ex, 4, shuffle=False)))
+    loss, n, _ = HardTokenLoss(kind)(model, batch)  # type: ignore[arg-type]
+    ids = torch.from_numpy(corpus.val[: 4 * WINDOW + 1].astype("int64"))
+    x, y = ids[:-1].view(4, WINDOW), ids[1:].view(4, WINDOW)
+    with torch.no_grad():
+        out = model(x)
+        assert out.deep_logits is not None
+        logp = model.routed_log_probs(out) if kind == "routed" else out.deep_logits.log_softmax(-1)
+    hard = out.conf < tau
+    expected = -logp.gather(-1, y[..., None])[..., 0][hard].mean()
+    assert int(n) == int(hard.sum()) > 0
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_hard_example_evaluation_matches_full_forward_scores(corpus: TokenizedCorpus) -> None:
+    model = extended().eval()
+    val = windows(corpus)
+    tau = compute_confidence_threshold(model, val, 0.5)
+    model.meta.routing_threshold = tau
+    ex = collect_hard_examples(model, val, tau)
+    got = evaluate_on_hard_examples(model, ex, batch_size=5)
+    scores = score_tokens(model, val)
+    hard = scores.conf < tau
+    on_hard = TokenScores(scores.shallow_logp[hard], scores.deep_logp[hard], scores.conf[hard])
+    assert got["hard_tokens"] == int(hard.sum())
+    assert got["shallow_ppl"] == pytest.approx(on_hard.shallow_ppl(), rel=1e-5)
+    assert got["deep_ppl"] == pytest.approx(on_hard.deep_ppl(), rel=1e-5)
+    assert got["routed_ppl"] == pytest.approx(on_hard.routed_ppl(tau, model.meta.routing_temperature), rel=1e-5)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    model = extended("tiny-llama", tau=0.37).eval()
+    model.meta.routing_temperature = 0.02
+    save_lego(model, tmp_path / "ckpt")
+    with pytest.raises(Exception, match="already exists"):
+        save_lego(model, tmp_path / "ckpt")
+    loaded = load_lego(tmp_path / "ckpt")
+    assert loaded.meta == model.meta
+    idx = torch.randint(0, 320, (1, 10))
+    with torch.no_grad():
+        a, b = model(idx), loaded(idx)
+        assert a.deep_logits is not None and b.deep_logits is not None
+        torch.testing.assert_close(a.shallow_logits, b.shallow_logits, rtol=0, atol=0)
+        torch.testing.assert_close(a.deep_logits, b.deep_logits, rtol=0, atol=0)
+        # the same directory is a plain legolm checkpoint of the deep model
+        torch.testing.assert_close(load_pretrained(tmp_path / "ckpt")(idx), a.deep_logits, rtol=0, atol=0)
+    assert [p.requires_grad for p in loaded.parameters()] == [p.requires_grad for p in model.parameters()]
+    with pytest.raises(CheckpointError, match="not a LEGO checkpoint"):
+        load_lego(tmp_path)
+
+
+# -- training through fit --------------------------------------------------------------------------------
+def fit_config(out: Path, steps: int) -> FitConfig:
+    return FitConfig(window=WINDOW, batch_size=8, max_steps=steps, optim=OptimConfig(lr=3e-3),
+                     schedule=ScheduleConfig(warmup_steps=2), eval=EvalConfig(every=steps // 2, max_batches=6),
+                     run=RunConfig(out_dir=str(out), device="cpu", progress=False, plot=False, log_every=5))
+
+
+def test_two_phases_on_real_text(corpus: TokenizedCorpus, tmp_path: Path) -> None:
+    model = shallow(layers=1)
+    val = WindowBatches(corpus.val, WINDOW, 8, shuffle=False, drop_last=False)
+    train = WindowBatches(corpus.train, WINDOW, 8, shuffle=True, seed=0)
+    result1 = run_phase1(model, train, val, fit_config(tmp_path / "p1", 40))
+    assert model.meta.trained and result1.steps == 40
+    assert result1.evals[-1]["val_ppl"] < result1.evals[0]["val_ppl"] < 320  # learned something real
+    model.eval()
+    tau = compute_confidence_threshold(model, val, 0.5)
+    model.extend(3, tau)
+    hard_train = collect_hard_examples(model, WindowBatches(corpus.train, WINDOW, 8, shuffle=False), tau)
+    hard_val = collect_hard_examples(model, val, tau)
+    assert 0.3 < hard_val.hard_ratio < 0.7
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    upper = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    before = evaluate_on_hard_examples(model, hard_val)
+    result2 = run_phase2(model, hard_train, hard_val, fit_config(tmp_path / "p2", 30))
+    after = evaluate_on_hard_examples(model.eval(), hard_val)
+    assert after["routed_nll"] < before["routed_nll"] - 0.05  # phase 2 helps where the shallow model is unsure
+    assert result2.trainable_params == sum(p.numel() for p in upper.values())
+    for name, value in frozen.items():  # embeddings, lower layer and shallow exit untouched
+        assert torch.equal(dict(model.named_parameters())[name], value), name
+    assert any(not torch.equal(dict(model.named_parameters())[n], v) for n, v in upper.items())
+
+
+def test_phase2_needs_an_extended_model_with_frozen_lower_layers(corpus: TokenizedCorpus, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="extend"):
+        check_phase2(shallow())
+    model = shallow(layers=2)
+    model.mark_trained()
+    model.extend(3, 0.5, freeze_lower=False)
+    with pytest.raises(ConfigError, match="frozen"):
+        check_phase2(model)
+    with pytest.raises(ConfigError, match="already extended"):
+        run_phase1(extended(), windows(corpus), windows(corpus), fit_config(tmp_path / "x", 2))
+
+
+def test_restore_best_loads_the_weights_of_the_best_evaluation() -> None:
+    layer = torch.nn.Linear(2, 2)
+    cb, state = RestoreBest(), FitState()
+    values = {}
+    for step, ppl in enumerate([9.0, 4.0, 6.0, 7.0]):
+        with torch.no_grad():
+            layer.weight.fill_(float(step))
+        values[ppl] = layer.weight.detach().clone()
+        cb.on_eval(state, layer, {"val_ppl": ppl})
+    cb.on_train_end(state, layer)
+    assert torch.equal(layer.weight, values[4.0])
