@@ -16,8 +16,29 @@ from legolm.data.tokenizer import Tokenizer
 TEXTS = {"tinyshakespeare": "data/tinyshakespeare.txt", "tinystories": "data/tinystories/tinystories_sample_2MB.txt"}
 
 
+# LEGO benchmark: TinyStories split by story and tokenized with a BPE trained on its train split,
+# stored as a `load_tokenized` folder (train/val arrays + tokenizer) that needs no source text.
+LEGO_CORPUS = {"source": "tinystories", "tokenizer": "bpe:4096"}
+
+
+def prepare_lego_corpus() -> None:
+    import shutil
+    import tempfile
+
+    from legolm.data.tokenized import DataConfig, prepare_corpus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = prepare_corpus(DataConfig(**LEGO_CORPUS, cache_dir=tmp), progress=False)
+        assert corpus.directory is not None
+        target = BENCH_DATA / "lego-tinystories-bpe4096"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(corpus.directory, target)
+        print(f"lego corpus: {len(corpus.train):,} train / {len(corpus.val):,} val tokens -> {target}")
+
+
 def main() -> None:
     BENCH_DATA.mkdir(exist_ok=True)
+    prepare_lego_corpus()
     for corpus, rel in TEXTS.items():
         text = shared_path(rel).read_text()
         for name in ("gpt2", "pythia"):

@@ -63,6 +63,7 @@ def lego(cfg: LegoConfig, corpus: Any = None) -> dict[str, Any]:
 
 def evaluate_and_report(cfg: LegoConfig, corpus: Any, out: Path) -> dict[str, Any]:
     """Train (`train_lego`), save, score the validation windows, time the decode settings, print the table."""
+    from legolm.lego.config import STORE_DTYPES
     from legolm.lego.evaluate import score_tokens
     from legolm.lego.hard_examples import evaluate_on_hard_examples
     from legolm.lego.model import save_lego
@@ -90,6 +91,7 @@ def evaluate_and_report(cfg: LegoConfig, corpus: Any, out: Path) -> dict[str, An
     sweep.sort(key=lambda item: -item[1])
     settings = [Setting(label, t, d.kv_mode) for label, t in sweep]
     settings += [Setting(calibrated, tau, mode) for mode in d.compare_kv_modes if mode != d.kv_mode]
+    model.to(STORE_DTYPES[d.dtype])  # decoding only from here on (saved and scored in fp32 above)
     prompts = val_windows(corpus.val, d.prompts, d.prompt_len)
     measured = measure_decode(model, prompts, [Setting("full depth", None, "fill"), *settings], d.max_new_tokens,
                               d.repeats, d.warmup)
@@ -108,7 +110,7 @@ def evaluate_and_report(cfg: LegoConfig, corpus: Any, out: Path) -> dict[str, An
     device = next(model.parameters()).device
     print(f"\nLEGO {model.split} -> {model.n_layer} layers, threshold {tau:.4f}; full-forward PPLs over "
           f"{len(scores):,} validation tokens, decode-path PPL over {scored.shape[0]} x {d.score_len}; decode: "
-          f"batch 1, {d.prompts} prompts x {d.max_new_tokens} new tokens (greedy) on {device}, median of "
+          f"batch 1, {d.prompts} prompts x {d.max_new_tokens} new tokens (greedy, {d.dtype}) on {device}, median of "
           f"{d.repeats} rounds; full depth {measured[0].tokens / measured[0].decode_s:,.0f} tok/s\n")
     print(table)
     print(f"\nhard validation tokens ({int(hard['hard_tokens']):,}): shallow PPL {hard['shallow_ppl']:.2f}, "

@@ -100,6 +100,7 @@ class DecodeSettings:
         compare_kv_modes: Further kv modes measured at the calibrated threshold.
         score_windows: Validation windows scored along the decode path (teacher forcing, batch 1).
         score_len: Tokens scored per window (after prompt_len tokens of context).
+        dtype: Weights dtype while decoding (bfloat16 on a GPU; the perplexities of full forward passes stay fp32).
         repeats: Timed rounds; the median round is reported (thresholds interleaved in each round).
         warmup: Untimed rounds first.
     """
@@ -111,6 +112,7 @@ class DecodeSettings:
     compare_kv_modes: list[KVMode] = field(default_factory=lambda: ["skip", "propagate"])
     score_windows: int = 8
     score_len: int = 64
+    dtype: StoreDtype = "float32"
     repeats: int = 3
     warmup: int = 1
 
