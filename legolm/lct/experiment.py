@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 from legolm.errors import ConfigError
 from legolm.lct.cache import LaggedStateCache, cache_bytes, choose_device
 from legolm.lct.context_pythia import ContextPythia
-from legolm.lct.train import LagMonitor, LCTConfig, LCTLoss, SequentialLoss, TimedEval
+from legolm.lct.train import LagMonitor, LCTConfig, LCTLoss, SequentialLoss, exact_eval
 from legolm.train.batches import WindowBatches
 from legolm.utils.io import atomic_write_text
 
@@ -38,7 +37,10 @@ def train_method(cfg: LCTConfig, method: str, train_ids: Any, val_ids: Any, voca
     device = resolve_device(cfg.run.device)
     train = WindowBatches(train_ids, cfg.window, cfg.batch_size, shuffle=True, seed=cfg.run.seed)
     val = WindowBatches(val_ids, cfg.window, cfg.eval.batch_size or cfg.batch_size, shuffle=False, drop_last=False)
-    timed_eval = TimedEval(model, val, cfg.eval.max_batches, device, cfg.run.precision)
+
+    def eval_fn(m: object) -> dict[str, float]:
+        return exact_eval(model, val, cfg.eval.max_batches, device, cfg.run.precision)
+
     probe_ids = torch.arange(min(cfg.lag_windows, train.n_windows))
     probe = (probe_ids, torch.stack([torch.from_numpy(train.ids[i * cfg.window: (i + 1) * cfg.window]
                                                       .astype("int64")) for i in probe_ids.tolist()]))
@@ -50,11 +52,12 @@ def train_method(cfg: LCTConfig, method: str, train_ids: Any, val_ids: Any, voca
         print(f"LCT cache: {train.n_windows:,} windows x {cfg.window} x {model.config.n_embd} {cfg.lct.dtype} "
               f"= {nbytes / 2**20:,.1f} MiB on {where}")
         cache = LaggedStateCache(train.n_windows, cfg.window, model.config.n_embd, dtype, where)
-    monitor = LagMonitor(timed_eval, probe, cache, device)
+    monitor = LagMonitor(probe, cache, device)
     loss_fn = LCTLoss(cache) if cache is not None else SequentialLoss()
     result = fit(model, train, method_config(cfg, method, len(train) // cfg.grad_accum), loss_fn=loss_fn,
-                 eval_fn=timed_eval, callbacks=[monitor])
-    return {"method": method, "epochs": [dataclasses.asdict(r) for r in monitor.records],
+                 eval_fn=eval_fn, callbacks=[monitor])
+    epochs = [{**{k: v for k, v in dataclasses.asdict(r).items() if k != "extra"}, **r.extra} for r in monitor.records]
+    return {"method": method, "epochs": epochs,
             "final_val_ppl": result.final_val_ppl, "peak_memory_mb": result.peak_memory_mb,
             "params": result.total_params, "cache_mb": cache.nbytes / 2**20 if cache is not None else 0.0}
 
@@ -104,8 +107,8 @@ def report(runs: list[dict[str, Any]], comparison: dict[str, float]) -> str:
              "|---|---:|---:|---:|---:|---:|"]
     for r in runs:
         for e in r["epochs"]:
-            lag = "" if math.isnan(e["lag_abs"]) else f"{e['lag_abs']:.4f}"
-            rel = "" if math.isnan(e["lag_rel"]) else f"{e['lag_rel']:.2%}"
+            lag = f"{e['lag_abs']:.4f}" if "lag_abs" in e else ""
+            rel = f"{e['lag_rel']:.2%}" if "lag_rel" in e else ""
             lines.append(f"| {r['method']} | {e['epoch']} | {e['train_seconds']:.1f} | {e['val_ppl']:.2f} | "
                          f"{lag} | {rel} |")
     if comparison:

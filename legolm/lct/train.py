@@ -17,7 +17,6 @@ is from the exact states of the current weights, mean |cache - exact|.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,8 +29,9 @@ from legolm.errors import ConfigError
 from legolm.lct.cache import LaggedStateCache, LCTCacheConfig
 from legolm.lct.context_pythia import ContextPythia
 from legolm.train.batches import Batch, BatchSource
+from legolm.train.callbacks import EpochTimer
 from legolm.train.config import FitConfig, ModelSpec
-from legolm.train.fit import Callback, FitState, LossOutput, autocast_for
+from legolm.train.fit import LossOutput, autocast_for
 
 Method = Literal["lct", "sequential"]
 
@@ -94,80 +94,26 @@ def exact_eval(model: ContextPythia, batches: BatchSource, max_batches: int | No
     return {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0)), "val_tokens": count}
 
 
-class TimedEval:
-    """An `EvalFn` that remembers how long it ran, so epoch times can leave evaluation out."""
-
-    def __init__(self, model: ContextPythia, val: BatchSource, max_batches: int | None, device: torch.device,
-                 precision: str) -> None:
-        self.model, self.val, self.max_batches, self.device, self.precision = model, val, max_batches, device, precision
-        self.seconds = 0.0
-
-    def __call__(self, model: nn.Module) -> dict[str, float]:
-        t0 = time.perf_counter()
-        metrics = exact_eval(self.model, self.val, self.max_batches, self.device, self.precision)
-        self.seconds += time.perf_counter() - t0
-        return metrics
-
-
-@dataclass
-class EpochRecord:
-    """One epoch of one method."""
-
-    epoch: int
-    train_seconds: float
-    val_ppl: float = math.nan
-    lag_abs: float = math.nan
-    lag_rel: float = math.nan
-
-
-class LagMonitor(Callback):
-    """Per epoch: training time (evaluation and this measurement excluded), and the cache's lag.
+class LagMonitor(EpochTimer):
+    """`EpochTimer` plus, per epoch, how far the LCT cache lags the exact states of the current weights.
 
     Args:
-        timed_eval: The run's evaluation, whose time is subtracted.
         probe: Training windows whose cached states are compared with the exact ones:
             ``(sample_ids (K,), input_ids (K, T))``.
         cache: The LCT cache (None for sequential training: no lag to measure).
         device: Where the probe runs.
     """
 
-    def __init__(self, timed_eval: TimedEval, probe: tuple[Tensor, Tensor], cache: LaggedStateCache | None,
-                 device: torch.device) -> None:
-        self.timed_eval, self.probe, self.cache, self.device = timed_eval, probe, cache, device
-        self.records: list[EpochRecord] = []
-        self.mark = 0.0
-        self.excluded = 0.0
-
-    def on_train_start(self, state: FitState, model: nn.Module) -> None:
-        self.mark, self.excluded, self.step_mark = time.perf_counter(), self.timed_eval.seconds, state.step
-        self.pending_ppl = math.nan
-
-    def on_eval(self, state: FitState, model: nn.Module, metrics: dict[str, float]) -> None:
-        self.pending_ppl = metrics["val_ppl"]
-
-    def on_epoch_end(self, state: FitState, model: nn.Module) -> None:
-        self.close_epoch(state, model)
-
-    def on_train_end(self, state: FitState, model: nn.Module) -> None:
-        if state.step > self.step_mark:  # the last epoch ends with the run, not with an epoch boundary
-            self.close_epoch(state, model)
-        elif self.records and math.isnan(self.records[-1].val_ppl):
-            self.records[-1].val_ppl = self.pending_ppl
-
-    def close_epoch(self, state: FitState, model: nn.Module) -> None:
-        seconds = time.perf_counter() - self.mark - (self.timed_eval.seconds - self.excluded)
-        record = EpochRecord(len(self.records) + 1, seconds, self.pending_ppl)
-        if self.cache is not None:
-            assert isinstance(model, ContextPythia)
-            record.lag_abs, record.lag_rel = self.lag(model)
-        self.records.append(record)
-        self.pending_ppl = math.nan
-        self.mark, self.excluded, self.step_mark = time.perf_counter(), self.timed_eval.seconds, state.step
+    def __init__(self, probe: tuple[Tensor, Tensor], cache: LaggedStateCache | None, device: torch.device) -> None:
+        super().__init__(device)
+        self.probe, self.cache = probe, cache
 
     @torch.no_grad()
-    def lag(self, model: ContextPythia) -> tuple[float, float]:
+    def measure(self, model: nn.Module) -> dict[str, float]:
         """mean |cache - exact| over the probe windows, and that over mean |exact|."""
-        assert self.cache is not None
+        if self.cache is None:
+            return {}
+        assert isinstance(model, ContextPythia)
         sids, ids = self.probe
         was_training = model.training
         model.eval()
@@ -175,7 +121,7 @@ class LagMonitor(Callback):
         model.train(was_training)
         cached = self.cache.get(sids, ids, self.device).float()
         diff = (cached - exact).abs().mean().item()
-        return diff, diff / max(exact.abs().mean().item(), 1e-12)
+        return {"lag_abs": diff, "lag_rel": diff / max(exact.abs().mean().item(), 1e-12)}
 
 
 @dataclass

@@ -75,6 +75,7 @@ class FitState:
     best_metric: float = math.inf
     bad_evals: int = 0
     elapsed_s: float = 0.0
+    eval_s: float = 0.0
     stop: bool = False
     stopped_early: bool = False
 
@@ -420,6 +421,7 @@ class _Loop:
         t0 = time.perf_counter()
         metrics = self.eval_fn(self.step.model)
         self.t_mark += time.perf_counter() - t0  # evaluation time is not training throughput
+        self.state.eval_s += time.perf_counter() - t0
         state = self.state
         train_loss = self.eval_loss / self.eval_steps if self.eval_steps else math.nan
         self.eval_loss, self.eval_steps = 0.0, 0
