@@ -216,6 +216,8 @@ def test_factory_defaults_and_composition() -> None:
     ("infini", {"num_memories": 2}, "unknown option(s) ['num_memories']"),
     ("multi_memory", {"memory_heads": 3}, "memory_heads=3 must divide"),
     ("hierarchical", {"coarse_every": 1.5}, "coarse_every must be an integer"),
+    ("infini", {"use_delta_rule": "yes"}, "use_delta_rule must be true or false"),
+    ("multi_memory", {"eps": 0}, "eps must be > 0"),
     ("transformer", {}, "unknown model kind"),
     ("pythia", {"segment_len": 8}, "unknown option(s) ['segment_len']"),
 ])

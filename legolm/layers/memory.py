@@ -114,10 +114,12 @@ class MemoryOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{layer_type} layer: {name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.use_delta_rule, bool):
+            raise ConfigError(f"{layer_type} layer: use_delta_rule must be true or false, got {self.use_delta_rule!r}")
         if width % self.memory_heads:
             raise ConfigError(f"{layer_type} layer: memory_heads={self.memory_heads} must divide "
                               f"n_head*head_dim={width}")
-        if not self.eps > 0:
+        if not isinstance(self.eps, (int, float)) or isinstance(self.eps, bool) or not self.eps > 0:
             raise ConfigError(f"{layer_type} layer: eps must be > 0, got {self.eps}")
 
     def _positive(self) -> list[str]:
