@@ -86,14 +86,22 @@ def test_eval_ppl_console_script_matches_library(tiny_gpt2_dir: Path, env: dict[
 
 
 def test_eval_ppl_on_tokenized_folder_checks_the_tokenizer(tiny_gpt2_dir: Path, capsys: pytest.CaptureFixture[str],
-                                                           env: dict[str, str]) -> None:
-    ours = prepare_corpus(DataConfig(source="tinyshakespeare", tokenizer="gpt2"), progress=False)
-    code = main(["eval", "ppl", "--model", str(tiny_gpt2_dir), "--data", str(ours.directory), "--max-length", "64",
-                 "--stride", "64", "--max-tokens", "300", "--device", "cpu"])
-    assert code == 0, capsys.readouterr().err
-    assert "| val" in capsys.readouterr().out
+                                                           env: dict[str, str], tmp_path: Path,
+                                                           shakespeare_text: str) -> None:
+    small = tmp_path / "shakespeare_20k.txt"  # whole splits stay small: ~20 documents of >= 1,000 chars
+    small.write_text(shakespeare_text[:20_000], encoding="utf-8")
+    ours = prepare_corpus(DataConfig(source=str(small), tokenizer="gpt2", min_document_chars=1000), progress=False)
+    for split in ("val", "all"):  # whole splits: bytes and words come from the manifest
+        out = tmp_path / f"{split}.json"
+        code = main(["eval", "ppl", "--model", str(tiny_gpt2_dir), "--data", str(ours.directory), "--max-length", "64",
+                     "--stride", "64", "--batch-size", "32", "--split", split, "--device", "cpu", "--json", str(out)])
+        assert code == 0, capsys.readouterr().err
+        assert f"| {split}" in capsys.readouterr().out
+        result, counts = json.loads(out.read_text()), ours.counts(split)
+        assert result["n_bytes"] == counts["bytes"] and result["n_words"] == counts["words"]
+        assert result["n_tokens"] == counts["tokens"] - 1 - (counts["tokens"] - 1) // 64  # disjoint: firsts unscored
 
-    pythia = prepare_corpus(DataConfig(source="tinyshakespeare", tokenizer="pythia"), progress=False)
+    pythia = prepare_corpus(DataConfig(source=str(small), tokenizer="pythia", min_document_chars=1000), progress=False)
     proc = _run(["eval", "ppl", "--model", str(tiny_gpt2_dir), "--data", str(pythia.directory), "--max-length", "64",
                  "--stride", "32"], env)
     _one_line_error(proc.returncode, proc.stderr, "fingerprint", "'pythia'")
