@@ -1,0 +1,207 @@
+"""Skip2-LoRA: low-rank adapters from chosen block outputs straight to the LM head.
+
+Matsutani et al., "Skip2-LoRA: A Lightweight On-device DNN Fine-tuning Method for Low-cost Edge
+Devices", ASP-DAC 2025, arXiv:2410.21073, in the transformer form LitGPT-style integrations use::
+
+    idx ─ embed ─ block 0 ─ h₀ ─ … ─ block i ─ hᵢ ─ … ─ block L-1 ─ h_L-1 ─ norm ─(+)─ lm_head ─ logits
+                                           │                                  ▲
+                                           └── Sᵢ(hᵢ) = s·Bᵢ Aᵢ dropout(hᵢ) ───┘   (one per chosen block)
+          └──────────────── frozen, run without autograd ────────────────┘        └─ trainable ─┘
+
+    x = norm(h_L-1) + Σᵢ Sᵢ(hᵢ),   logits = lm_head(x)   (lm_head optionally with its own LoRA)
+
+The backbone runs under ``torch.no_grad``: backward touches only the adapters, the optional head
+LoRA and the head's input gradient, never a block. Because the frozen backbone is deterministic,
+its outputs for a training window (the ``features``: every hᵢ and norm(h_L-1)) are the same in
+every epoch, which is what `legolm.adapters.skip_cache.SkipCache` exploits. Evaluation and
+training run the same `forward` (``features`` then ``head``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from legolm.adapters.base import adapter_parameters
+from legolm.adapters.inject import LM_HEAD, LoRAConfig, inject_lora
+from legolm.adapters.lora import check_lora_settings, lora_scaling
+from legolm.errors import CheckpointError, ConfigError
+from legolm.model.transformer import TransformerLM
+from legolm.utils.io import atomic_dir
+
+CONFIG_FILE, WEIGHTS_FILE = "skip2lora_config.json", "skip2lora_model.safetensors"
+
+
+@dataclass
+class Skip2LoRAConfig:
+    """Which blocks feed the head, and the adapters' size.
+
+    Attributes:
+        block_indices: Blocks whose outputs get an adapter to the head (0-based, bottom to top).
+        r: Rank of every adapter.
+        alpha: Scale numerator: adapter outputs are multiplied by alpha/r.
+        dropout: Dropout on each adapter's input, in [0, 1).
+        lora_head: Also put an ordinary LoRA (same r/alpha) on the LM head.
+    """
+
+    block_indices: list[int]
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    lora_head: bool = False
+
+    def validate(self, n_layer: int) -> None:
+        """Raise `ConfigError` for indices a model of ``n_layer`` blocks cannot use, or bad sizes."""
+        check_lora_settings(self.r, self.alpha, self.dropout, where="Skip2-LoRA")
+        if not self.block_indices:
+            raise ConfigError(f"Skip2-LoRA needs at least one block index; e.g. --skip2lora.block-indices "
+                              f"{' '.join(str(i) for i in range(max(0, n_layer - 3), n_layer))}")
+        bad = [i for i in self.block_indices if not 0 <= i < n_layer]
+        if bad:
+            raise ConfigError(f"Skip2-LoRA block indices {bad} are out of range for a model of {n_layer} blocks "
+                              f"(valid: 0..{n_layer - 1})")
+        dup = sorted({i for i in self.block_indices if self.block_indices.count(i) > 1})
+        if dup:
+            raise ConfigError(f"Skip2-LoRA block indices {dup} are listed more than once; give each block once")
+
+
+class SkipAdapter(nn.Module):
+    """Sᵢ(h) = s · B A dropout(h): n_embd -> r -> n_embd, A Kaiming-uniform (as LoRA), B zero.
+
+    Args:
+        width: n_embd.
+        r: Rank.
+        alpha: Scale numerator (s = alpha / r).
+        dropout: Input dropout probability.
+    """
+
+    def __init__(self, width: int, r: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.scaling = lora_scaling(r, alpha, use_rslora=False)
+        self.lora_A = nn.Parameter(torch.empty(r, width))
+        self.lora_B = nn.Parameter(torch.zeros(width, r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, h: Tensor) -> Tensor:
+        z = F.linear(self.dropout(h).to(self.lora_A.dtype), self.lora_A)  # (B, T, r)
+        return F.linear(z, self.lora_B) * self.scaling  # (B, T, C)
+
+
+class Skip2LoRAModel(nn.Module):
+    """A frozen `TransformerLM` plus Skip2-LoRA adapters; ``model(idx)`` returns logits (B, T, V).
+
+    Args:
+        base: The pretrained model (frozen here, in place).
+        config: Block indices and adapter sizes.
+    """
+
+    def __init__(self, base: TransformerLM, config: Skip2LoRAConfig) -> None:
+        config.validate(base.config.n_layer)
+        super().__init__()
+        self.base, self.skip_config = base, config
+        self.config = base.config  # what generic evaluation code reads (vocab, context)
+        base.requires_grad_(False)
+        param = next(base.parameters())
+        adapters = {str(i): SkipAdapter(base.config.n_embd, config.r, config.alpha, config.dropout)
+                    for i in config.block_indices}
+        self.adapters = nn.ModuleDict(adapters).to(param.device)
+        if config.lora_head:
+            inject_lora(base, LoRAConfig(r=config.r, alpha=config.alpha, dropout=config.dropout,
+                                         target_modules=[LM_HEAD]))
+
+    @property
+    def indices(self) -> list[int]:
+        return self.skip_config.block_indices
+
+    def train(self, mode: bool = True) -> Skip2LoRAModel:
+        """Adapters follow ``mode``; the backbone stays in eval mode (deterministic features)."""
+        super().train(mode)
+        self.base.eval()
+        self.base.lm_head.train(mode)
+        return self
+
+    def trainable(self) -> Iterator[nn.Parameter]:
+        """The skip adapters' parameters, then the head LoRA's."""
+        yield from self.adapters.parameters()
+        yield from adapter_parameters(self.base)
+
+    @torch.no_grad()
+    def features(self, idx: Tensor) -> Tensor:
+        """The frozen backbone's outputs the head reads: (B, K+1, T, C) = [h_i for chosen i] + [norm(h_L-1)]."""
+        B, T = idx.shape
+        positions = torch.arange(T, device=idx.device).expand(B, T)
+        h = self.base.embed(idx, positions)
+        out = self.base.forward_layers(h, self.base.make_context(positions, h.dtype), capture=self.indices)
+        taps = [out.captured[i] for i in self.indices] + [self.base.norm(out.hidden)]
+        return torch.stack(taps, dim=1)
+
+    def head(self, feats: Tensor) -> Tensor:
+        """Logits from features (B, K+1, T, C): lm_head(norm(h_L-1) + Σᵢ Sᵢ(hᵢ))."""
+        x = feats[:, -1].float()  # (B, T, C)
+        for k, adapter in enumerate(self.adapters.values()):
+            x = x + adapter(feats[:, k])
+        return self.base.lm_head(x.to(self.base.wte.weight.dtype))  # the head's weight dtype (autocast may lower it)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.head(self.features(idx))
+
+    def report(self) -> str:
+        """Every adapter with its shapes, and the trainable total."""
+        lines = [f"Skip2-LoRA: blocks {self.indices} -> head, r={self.skip_config.r}, "
+                 f"alpha={self.skip_config.alpha} (scaling {self.skip_config.alpha / self.skip_config.r:g})"]
+        for i, adapter in self.adapters.items():
+            assert isinstance(adapter, SkipAdapter)
+            n = adapter.lora_A.numel() + adapter.lora_B.numel()
+            lines.append(f"  block {i:>3}: A {tuple(adapter.lora_A.shape)}, B {tuple(adapter.lora_B.shape)}: {n:,}")
+        head = sum(p.numel() for p in adapter_parameters(self.base))
+        if head:
+            lines.append(f"  lm_head LoRA: {head:,}")
+        trainable = sum(p.numel() for p in self.trainable())
+        total = trainable + self.base.num_parameters()
+        lines.append(f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+        return "\n".join(lines)
+
+
+def save_skip2lora(model: Skip2LoRAModel, directory: str | Path, overwrite: bool = False) -> Path:
+    """Write the adapters (safetensors) and their config + the base model's shape (JSON), atomically."""
+    state = {f"adapters.{k}": v.detach().contiguous() for k, v in model.adapters.state_dict().items()}
+    head = {id(p) for p in adapter_parameters(model.base)}
+    state |= {f"base.{n}": p.detach().contiguous() for n, p in model.base.named_parameters() if id(p) in head}
+    meta = {"skip2lora": asdict(model.skip_config), "n_layer": model.base.config.n_layer,
+            "n_embd": model.base.config.n_embd, "vocab_size": model.base.config.vocab_size,
+            "base_name": model.base.config.name}
+    with atomic_dir(directory, overwrite=overwrite) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(directory)
+
+
+def load_skip2lora(base: TransformerLM, directory: str | Path) -> Skip2LoRAModel:
+    """Rebuild a `Skip2LoRAModel` on ``base`` from `save_skip2lora` output; refuse another model's adapters."""
+    d = Path(directory)
+    if not (d / CONFIG_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{d} is not a Skip2-LoRA adapter: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
+    meta = json.loads((d / CONFIG_FILE).read_text())
+    for key in ("n_layer", "n_embd", "vocab_size"):
+        if meta[key] != getattr(base.config, key):
+            raise CheckpointError(f"Skip2-LoRA adapter in {d} was made for a model with {key}={meta[key]}, "
+                                  f"this one has {getattr(base.config, key)}; load it onto the model it was trained on")
+    model = Skip2LoRAModel(base, Skip2LoRAConfig(**meta["skip2lora"]))
+    state = load_file(str(d / WEIGHTS_FILE))
+    adapters = {k.removeprefix("adapters."): v for k, v in state.items() if k.startswith("adapters.")}
+    model.adapters.load_state_dict(adapters)
+    params = dict(model.base.named_parameters())
+    with torch.no_grad():
+        for k, v in state.items():
+            if k.startswith("base."):
+                params[k.removeprefix("base.")].copy_(v)
+    return model

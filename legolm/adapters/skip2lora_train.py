@@ -1,0 +1,84 @@
+"""Skip2-LoRA on the one training loop: the loss (reading the Skip-Cache), the cache's set-up and flushing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from legolm.adapters.skip2lora import Skip2LoRAModel
+from legolm.adapters.skip_cache import (
+    DTYPES,
+    SkipCache,
+    SkipCacheConfig,
+    cache_nbytes,
+    choose_storage,
+    fingerprint,
+)
+from legolm.train.batches import Batch
+from legolm.train.fit import IGNORE_INDEX, Callback, FitState, LossOutput
+
+
+class Skip2LoRALoss:
+    """Next-token cross-entropy of a `Skip2LoRAModel`, with the backbone skipped for cached windows.
+
+    In training, a window's features come from the cache (stored at its first visit, so every
+    epoch sees exactly the same features); in evaluation (``model.training`` False) the backbone
+    runs, as at inference.
+
+    Args:
+        cache: The Skip-Cache, or None to run the backbone every step.
+    """
+
+    def __init__(self, cache: SkipCache | None) -> None:
+        self.cache = cache
+
+    def __call__(self, model: nn.Module, batch: Batch) -> LossOutput:
+        assert isinstance(model, Skip2LoRAModel)
+        ids, labels = batch["input_ids"], batch["labels"]
+        if self.cache is None or not model.training:
+            feats = model.features(ids)
+        else:
+            sids = batch["sample_ids"]
+            new = self.cache.missing(sids)
+            if bool(new.any()):
+                self.cache.put(sids[new], model.features(ids[new.to(ids.device)]))
+            feats = self.cache.get(sids, ids.device)
+        logits = model.head(feats)  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return loss, (labels != IGNORE_INDEX).sum(), {}
+
+
+class SkipCacheFlush(Callback):
+    """Makes a disk Skip-Cache durable at every epoch end and at the end of training."""
+
+    def __init__(self, cache: SkipCache) -> None:
+        self.cache = cache
+
+    def on_epoch_end(self, state: FitState, model: nn.Module) -> None:
+        self.cache.flush()
+
+    def on_train_end(self, state: FitState, model: nn.Module) -> None:
+        self.cache.flush()
+
+
+def build_skip_cache(model: Skip2LoRAModel, tokens: np.ndarray, n_windows: int, window: int,
+                     config: SkipCacheConfig, device: torch.device, run_dir: Path) -> SkipCache:
+    """Size the cache, print the estimate, choose its storage by budget, and open it (reusing a valid disk one)."""
+    config.validate()
+    dtype = DTYPES[config.dtype]
+    n_features, width = len(model.indices) + 1, model.base.config.n_embd
+    nbytes = cache_nbytes(n_windows, n_features, window, width, dtype)
+    disk_dir = Path(config.dir) if config.dir else run_dir / "skip_cache"
+    print(f"Skip-Cache: {n_windows:,} windows x {n_features} features x {window} tokens x {width} {config.dtype} "
+          f"= {nbytes / 2**20:,.1f} MiB")
+    storage = choose_storage(config, nbytes, device, disk_dir)
+    key = fingerprint(model.base, tokens[: n_windows * window + 1], window, model.indices, dtype)
+    cache = SkipCache(n_windows, n_features, window, width, dtype, storage, device, key, disk_dir)
+    where = f"disk ({disk_dir})" if storage == "disk" else storage
+    state = f", reusing {int(cache.filled.sum()):,} stored windows" if cache.reused else ""
+    print(f"Skip-Cache on {where}{state}")
+    return cache
