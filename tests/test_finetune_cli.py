@@ -102,3 +102,34 @@ def test_bad_input_is_one_line_exit_2(setup: tuple[Path, Path], tmp_path: Path) 
     _one_line_error(_run([*args, "--lora.dropout", "1.0"]), "dropout must be in [0, 1)")
     _one_line_error(_run(["--data", str(text), "--run.out-dir", str(tmp_path / "bad")]), "no base model")
     assert not (tmp_path / "bad").exists()
+
+
+def test_skip2lora_finetune_end_to_end_with_disk_skip_cache(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    from legolm.adapters.skip2lora import load_skip2lora
+
+    base, text = setup
+    run = tmp_path / "run"
+    args = ["--method", "skip2lora", "--model", str(base), "--data", str(text), "--skip2lora.block-indices", "0", "1",
+            "--skip2lora.r", "4", "--skip2lora.alpha", "8", "--skip2lora.lora-head", "--skip-cache.storage", "disk",
+            "--skip-cache.dtype", "float32", "--skip-cache.dir", str(tmp_path / "cache"), "--run.out-dir", str(run),
+            *COMMON, "--max-steps", "60"]  # more than two epochs: later ones read the cache
+    res = _run(args)
+    assert res.returncode == 0, res.stderr
+    assert "block   0: A (4, 32), B (32, 4): 256" in res.stdout  # 2 · 4 · 32 per adapter
+    assert "Skip-Cache: " in res.stdout and "on disk" in res.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["after"]["ppl"] < 0.97 * summary["before"]["ppl"]
+    assert len(summary["epochs"]) >= 2 and all(e["train_seconds"] > 0 for e in summary["epochs"])
+    assert (tmp_path / "cache" / "features.bin").is_file()
+    loaded = load_skip2lora(legolm.load_pretrained(base), run / "adapter").eval()
+    x = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (loaded(x) - legolm.load_pretrained(base)(x)).abs().max() > 1e-3  # the adapters trained
+
+
+def test_skip2lora_bad_block_indices_exit_2(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    base, text = setup
+    res = _run(["--method", "skip2lora", "--model", str(base), "--data", str(text), "--skip2lora.block-indices", "5",
+                "--run.out-dir", str(tmp_path / "run"), *COMMON])
+    _one_line_error(res, "out of range")
+    assert not (tmp_path / "run").exists()

@@ -177,20 +177,20 @@ def test_fingerprint_changes_with_weights_data_window_indices_and_dtype() -> Non
 def test_disk_cache_is_reused_when_valid_and_rebuilt_when_stale(tmp_path: Path) -> None:
     model = _model().train()
     data = _batches()
-    cfg = SkipCacheConfig(storage=["disk"], dtype="bfloat16")
+    cfg = SkipCacheConfig(storage=["disk"], dtype="bfloat16", dir=str(tmp_path / "skip_cache"))
     tokens = data.ids
-    cache = build_skip_cache(model, tokens, data.n_windows, T, cfg, torch.device("cpu"), tmp_path)
+    cache = build_skip_cache(model, tokens, data.n_windows, T, cfg, torch.device("cpu"))
     assert cache.storage == "disk" and not cache.reused
     loss_fn = Skip2LoRALoss(cache)
     for batch in data:
         loss_fn(model, batch)
     cache.flush()
     stored = cache.data.clone()
-    again = build_skip_cache(model, tokens, data.n_windows, T, cfg, torch.device("cpu"), tmp_path)
+    again = build_skip_cache(model, tokens, data.n_windows, T, cfg, torch.device("cpu"))
     assert again.reused and bool(again.filled.all()) and torch.equal(again.data, stored)
     with torch.no_grad():
         model.base.blocks[0].attn.qkv.weight.add_(0.01)  # another backbone: the cache is stale
-    stale = build_skip_cache(model, tokens, data.n_windows, T, cfg, torch.device("cpu"), tmp_path)
+    stale = build_skip_cache(model, tokens, data.n_windows, T, cfg, torch.device("cpu"))
     assert not stale.reused and not bool(stale.filled.any())
     assert json.loads((tmp_path / "skip_cache" / "manifest.json").read_text())["key"] == stale.key
 

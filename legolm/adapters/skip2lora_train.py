@@ -18,6 +18,7 @@ from legolm.adapters.skip_cache import (
     choose_storage,
     fingerprint,
 )
+from legolm.data.sources import cache_root
 from legolm.train.batches import Batch
 from legolm.train.fit import IGNORE_INDEX, Callback, FitState, LossOutput
 
@@ -66,17 +67,21 @@ class SkipCacheFlush(Callback):
 
 
 def build_skip_cache(model: Skip2LoRAModel, tokens: np.ndarray, n_windows: int, window: int,
-                     config: SkipCacheConfig, device: torch.device, run_dir: Path) -> SkipCache:
-    """Size the cache, print the estimate, choose its storage by budget, and open it (reusing a valid disk one)."""
+                     config: SkipCacheConfig, device: torch.device) -> SkipCache:
+    """Size the cache, print the estimate, choose its storage by budget, and open it (reusing a valid disk one).
+
+    A disk cache lives in ``config.dir``, by default ``<LEGOLM_CACHE>/skip_cache/<fingerprint>``, so
+    any later run on the same backbone, data and settings (a resumed one included) finds it.
+    """
     config.validate()
     dtype = DTYPES[config.dtype]
     n_features, width = len(model.indices) + 1, model.base.config.n_embd
     nbytes = cache_nbytes(n_windows, n_features, window, width, dtype)
-    disk_dir = Path(config.dir) if config.dir else run_dir / "skip_cache"
     print(f"Skip-Cache: {n_windows:,} windows x {n_features} features x {window} tokens x {width} {config.dtype} "
           f"= {nbytes / 2**20:,.1f} MiB")
-    storage = choose_storage(config, nbytes, device, disk_dir)
     key = fingerprint(model.base, tokens[: n_windows * window + 1], window, model.indices, dtype)
+    disk_dir = Path(config.dir) if config.dir else cache_root() / "skip_cache" / key[:24]
+    storage = choose_storage(config, nbytes, device, disk_dir)
     cache = SkipCache(n_windows, n_features, window, width, dtype, storage, device, key, disk_dir)
     where = f"disk ({disk_dir})" if storage == "disk" else storage
     state = f", reusing {int(cache.filled.sum()):,} stored windows" if cache.reused else ""

@@ -44,7 +44,7 @@ class SkipCacheConfig:
         gpu_budget_mb: Most MiB the cache may take on the training GPU.
         cpu_budget_mb: Most MiB the cache may take in CPU RAM.
         disk_budget_mb: Most MiB the cache may take on disk.
-        dir: Directory of the disk cache (None: <run dir>/skip_cache).
+        dir: Directory of the disk cache (None: <LEGOLM_CACHE>/skip_cache/<fingerprint>).
         dtype: Storage dtype of the features (bfloat16 halves the size; float32 is exact).
     """
 

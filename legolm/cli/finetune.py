@@ -3,6 +3,7 @@
     legolm finetune --method lora --model SmolLM2-135M-Instruct.Q4_1.gguf --data tinyshakespeare \\
         --lora.target-modules q_proj v_proj --lora.r 8 --run.out-dir runs/smollm2-shakespeare
     legolm finetune --config configs/finetune-lora-smollm2-shakespeare.yaml [--overwrite | --resume]
+    legolm finetune --method skip2lora --model M --data tinyshakespeare --skip2lora.block-indices 27 28 29
 
 Every setting is a `FinetuneConfig` key (``--print-config`` shows them all). The same loop,
 checkpoints, progress, metrics and evaluation as ``legolm pretrain``; in addition the held-out
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from legolm.adapters.inject import LoRAConfig
+from legolm.adapters.skip2lora import Skip2LoRAConfig
+from legolm.adapters.skip_cache import SkipCacheConfig
 from legolm.cli import args as cli_args
 from legolm.cli.args import add_config_args, dump_yaml, load_yaml, resolve_config
 from legolm.data.tokenized import DataConfig
@@ -30,6 +33,7 @@ from legolm.train.config import FitConfig, OptimConfig, RunConfig, SampleConfig
 if TYPE_CHECKING:
     import torch
 
+    from legolm.adapters.skip2lora import Skip2LoRAModel
     from legolm.data.tokenized import TokenizedCorpus
     from legolm.eval.perplexity import PPLResult
     from legolm.model.transformer import TransformerLM
@@ -43,18 +47,22 @@ class FinetuneConfig(FitConfig):
     """``legolm finetune``: `FitConfig` plus the base model, the method, the data and the outputs.
 
     Attributes:
-        method: lora (adapters on the frozen base) or full (every weight trains).
+        method: lora (adapters on the frozen base), skip2lora (block outputs to the head) or full (every weight trains).
         model: Base model: legolm/HF directory, .gguf file or hub name.
         lora: LoRA targets and sizes (method lora).
+        skip2lora: Skip2-LoRA block indices and sizes (method skip2lora).
+        skip_cache: Skip-Cache of the frozen backbone's features (method skip2lora).
         data: Corpus, tokenizer (model = the base model's own) and split.
         save_merged: With LoRA, also save the merged model (a plain legolm checkpoint) in model/.
         eval_tokens: Held-out tokens scored by the before/after perplexity (None: the whole val split).
         sample: Text sample printed after training (empty prompt = none).
     """
 
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "skip2lora", "full"] = "lora"
     model: str = ""
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=8, alpha=16.0, target_modules=["all-linear"]))
+    skip2lora: Skip2LoRAConfig = field(default_factory=lambda: Skip2LoRAConfig(block_indices=[]))
+    skip_cache: SkipCacheConfig = field(default_factory=SkipCacheConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(tokenizer=MODEL_TOKENIZER))
     save_merged: bool = False
     eval_tokens: int | None = None
@@ -68,6 +76,8 @@ class FinetuneConfig(FitConfig):
             raise ConfigError("no base model: give --model PATH_OR_NAME (a legolm/HF directory, .gguf or hub name)")
         if self.method == "lora":
             self.lora.validate()
+        if self.method == "skip2lora":
+            self.skip_cache.validate()
         if self.eval_tokens is not None and self.eval_tokens < 2:
             raise ConfigError(f"eval_tokens must be >= 2 (or None for the whole val split), got {self.eval_tokens}")
         self.data.validate()
@@ -97,12 +107,15 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     import torch
 
     from legolm.adapters import inject_lora, merge_and_unload, save_adapter, trainable_report
+    from legolm.adapters.skip2lora import Skip2LoRAModel, save_skip2lora
+    from legolm.adapters.skip2lora_train import Skip2LoRALoss, SkipCacheFlush, build_skip_cache
     from legolm.checkpoints.load import load_pretrained, load_tokenizer
     from legolm.checkpoints.native import save_checkpoint
     from legolm.data.tokenized import check_fits, prepare_corpus
     from legolm.train.batches import WindowBatches
+    from legolm.train.callbacks import EpochTimer
     from legolm.train.checkpoint import check_run_dir
-    from legolm.train.fit import fit, resolve_device
+    from legolm.train.fit import Callback, fit, resolve_device
 
     cfg.validate()
     check_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume)
@@ -113,35 +126,49 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     corpus = prepare_corpus(data_cfg, progress=cfg.run.progress, tokenizer=tokenizer)
     check_fits(corpus, model.config, cfg.window)
     torch.manual_seed(cfg.run.seed)
+    loss_fn: Skip2LoRALoss | None = None
+    callbacks: list[Callback] = []
+    epochs = EpochTimer(device)
     if cfg.method == "lora":  # B = 0: the adapted model computes exactly what the base does
         inject_lora(model, cfg.lora)
         print(trainable_report(model).format(per_module=False))
     model.to(device)
-    before = held_out_ppl(model, corpus, cfg, device)
-    print(f"held-out perplexity before fine-tuning: {before.ppl:.3f} ({before.n_tokens:,} tokens)")
     train = WindowBatches(corpus.train, cfg.window, cfg.batch_size, shuffle=True, seed=cfg.run.seed)
+    if cfg.method == "skip2lora":  # B = 0 here too
+        skip = Skip2LoRAModel(model, cfg.skip2lora)
+        print(skip.report())
+        cache = None
+        if cfg.skip_cache.enabled:
+            cache = build_skip_cache(skip, corpus.train, train.n_windows, cfg.window, cfg.skip_cache, device)
+            callbacks.append(SkipCacheFlush(cache))
+        loss_fn = Skip2LoRALoss(cache)
+    trained: TransformerLM | Skip2LoRAModel = skip if cfg.method == "skip2lora" else model
+    before = held_out_ppl(trained, corpus, cfg, device)
+    print(f"held-out perplexity before fine-tuning: {before.ppl:.3f} ({before.n_tokens:,} tokens)")
     val = WindowBatches(corpus.val, cfg.window, cfg.eval.batch_size or cfg.batch_size, shuffle=False,
                         drop_last=False)
-    result = fit(model, train, cfg, val=val)
-    model.eval()
-    after = held_out_ppl(model, corpus, cfg, device)
+    result = fit(trained, train, cfg, val=val, loss_fn=loss_fn, callbacks=[*callbacks, epochs])
+    trained.eval()
+    after = held_out_ppl(trained, corpus, cfg, device)
     run_dir = Path(cfg.run.out_dir)
     outputs: dict[str, str] = {}
-    if cfg.method == "lora":
+    if isinstance(trained, Skip2LoRAModel):
+        outputs["adapter"] = str(save_skip2lora(trained, run_dir / "adapter", overwrite=True))
+    elif cfg.method == "lora":
         outputs["adapter"] = str(save_adapter(model, run_dir / "adapter", cfg.lora, overwrite=True))
-    sample = _sample(model, corpus, cfg)
-    if cfg.method == "full" or cfg.save_merged:
+    sample = _sample(model, corpus, cfg) if cfg.method != "skip2lora" else ""  # generation needs a TransformerLM
+    if cfg.method == "full" or (cfg.save_merged and cfg.method == "lora"):
         plain = merge_and_unload(model) if cfg.method == "lora" else model
         outputs["model"] = str(save_checkpoint(plain, run_dir / "model", corpus.tokenizer, overwrite=True))
     summary = {"method": cfg.method, "base_model": cfg.model, "before": before.to_dict(), "after": after.to_dict(),
                "fit": {k: v for k, v in dataclasses.asdict(result).items() if k != "run_dir"},
-               "outputs": outputs, "sample": sample}
+               "epochs": [dataclasses.asdict(r) for r in epochs.records], "outputs": outputs, "sample": sample}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(report(result.evals, before, after, outputs, cfg, sample))
     return summary
 
 
-def held_out_ppl(model: TransformerLM, corpus: TokenizedCorpus, cfg: FinetuneConfig,
+def held_out_ppl(model: TransformerLM | Skip2LoRAModel, corpus: TokenizedCorpus, cfg: FinetuneConfig,
                  device: torch.device) -> PPLResult:
     """Sliding-window perplexity of the validation split (or its first ``eval_tokens``), same windows every time."""
     from legolm.eval.perplexity import sliding_window_ppl

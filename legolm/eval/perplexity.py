@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -29,7 +29,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from legolm.errors import ConfigError
-from legolm.model.transformer import TransformerLM
+from legolm.model.config import ModelConfig
+
+
+class LanguageModel(Protocol):
+    """What perplexity needs of a model: its config (context length) and ``model(idx) -> logits (B, T, V)``."""
+
+    config: ModelConfig
+
+    def __call__(self, idx: Tensor) -> Tensor: ...
 
 SUSPICIOUS_PPL = 5.0  # below this on real text, suspect leakage or a broken causal mask
 
@@ -92,14 +100,14 @@ def windows(n: int, max_length: int, stride: int) -> Iterator[tuple[int, int, in
 
 
 @torch.inference_mode()
-def sliding_window_ppl(model: TransformerLM, ids: np.ndarray | Tensor, max_length: int, stride: int,
+def sliding_window_ppl(model: LanguageModel, ids: np.ndarray | Tensor, max_length: int, stride: int,
                        batch_size: int = 8, device: str | torch.device = "cpu", *, n_bytes: int | None = None,
                        n_words: int | None = None, suspicious_ppl: float = SUSPICIOUS_PPL,
                        progress: bool = True) -> PPLResult:
     """Perplexity of ``ids`` (a 1-D token stream) with windows of ``max_length`` moving by ``stride``.
 
     Args:
-        model: Any `TransformerLM`; ``model(idx)`` gives logits (B, T, V).
+        model: Any `LanguageModel` (a `TransformerLM`, a Skip2-LoRA model, ...); ``model(idx)`` gives logits (B, T, V).
         ids: Token ids, e.g. a split of a `TokenizedCorpus` (documents joined by EOS).
         max_length: Window length (<= the model's block_size).
         stride: Window step, 1..max_length.
@@ -135,13 +143,13 @@ def sliding_window_ppl(model: TransformerLM, ids: np.ndarray | Tensor, max_lengt
     return result
 
 
-def disjoint_ppl(model: TransformerLM, ids: np.ndarray | Tensor, max_length: int, batch_size: int = 8,
+def disjoint_ppl(model: LanguageModel, ids: np.ndarray | Tensor, max_length: int, batch_size: int = 8,
                  device: str | torch.device = "cpu", **kwargs: Any) -> PPLResult:
     """`sliding_window_ppl` with ``stride == max_length``: non-overlapping windows."""
     return sliding_window_ppl(model, ids, max_length, max_length, batch_size, device, **kwargs)
 
 
-def _token_nll(model: TransformerLM, x: Tensor) -> Tensor:
+def _token_nll(model: LanguageModel, x: Tensor) -> Tensor:
     """-log p(x[:, j+1] | x[:, :j+1]) for every j: (B, T) -> (B, T-1), float32."""
     logits = model(x)[:, :-1].float()  # (B, T-1, V)
     return F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
@@ -159,7 +167,7 @@ def _batches(spans: list[tuple[int, int, int]], batch_size: int) -> Iterator[lis
         yield batch
 
 
-def _check(model: TransformerLM, n: int, max_length: int, stride: int, batch_size: int) -> None:
+def _check(model: LanguageModel, n: int, max_length: int, stride: int, batch_size: int) -> None:
     block = model.config.block_size
     if not 2 <= max_length <= block:
         raise ConfigError(f"max_length {max_length} must be in 2..{block} (the model's block_size)")
