@@ -279,3 +279,20 @@ def test_decode_path_nll_in_fill_mode_equals_the_hard_routed_full_forward() -> N
     assert nll / n == pytest.approx(torch.tensor(scores.hard_routed_ppl(tau)).log().item(), rel=1e-5)
     skip_nll, _, _ = decode_path_nll(model, ids, 6, tau, "skip")
     assert skip_nll != pytest.approx(nll, rel=1e-6)  # skip's cache is approximate: a different score
+
+
+def test_macs_cost_charges_the_shallow_exit_by_hand() -> None:
+    """Weight multiply-adds per step: blocks' linear weights, V·C per exit head, 2·C·H_kv·D per propagated K/V."""
+    model, ids = lego_model("tiny-pythia"), prompt()
+    cfg = model.config
+    block = sum(m.weight.numel() for m in model.base.blocks[0].modules() if isinstance(m, torch.nn.Linear))
+    head = cfg.vocab_size * cfg.n_embd
+    full = DEPTH * block + head
+    assert generate_with_early_exit(model, ids, N_NEW, None).stats.macs_cost == 1.0
+    never = generate_with_early_exit(model, ids, N_NEW, 1.0).stats.macs_cost
+    assert never == pytest.approx((full + head) / full)  # the routed loop pays the shallow head on every step
+    always = generate_with_early_exit(model, ids, N_NEW, 0.0, kv_mode="skip").stats.macs_cost
+    assert always == pytest.approx((SPLIT * block + head) / full)
+    prop = generate_with_early_exit(model, ids, N_NEW, 0.0, kv_mode="propagate").stats.macs_cost
+    kv = 2 * cfg.n_embd * cfg.kv_heads * cfg.hd
+    assert prop == pytest.approx((SPLIT * block + head + (DEPTH - SPLIT) * kv) / full)

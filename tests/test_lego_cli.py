@@ -48,7 +48,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
 
 def test_lego_command_prints_the_table_and_writes_its_outputs(run_dir: Path) -> None:
     stdout = (run_dir.parent / "stdout.txt").read_text()
-    for column in ("phase-1 PPL", "deep PPL", "routed PPL", "shallow ratio", "compute cost", "decode speedup"):
+    for column in ("phase-1 PPL", "deep PPL", "routed PPL", "shallow ratio", "compute cost", "MACs", "decode speedup"):
         assert column in stdout
     for label in ("never exit", "calibrated r=0.5", "r=0.3", "always exit"):
         assert f"| {label} |" in stdout

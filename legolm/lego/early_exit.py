@@ -78,6 +78,9 @@ class EarlyExitStats:
         token_layer_evals: Decode-step (token × layer) evaluations per row (a call over T tokens counts T).
         actual_compute_cost: token_layer_evals ÷ (decode_steps × L); 1.0 = full depth every step.
         call_cost: Decode layer calls ÷ (decode_steps × L) (what a weight-bandwidth-bound GPU pays).
+        macs_cost: Decode weight multiply-adds (blocks, both exits' heads, propagated K/V projections;
+            attention scores left out) ÷ those of full depth (all blocks + one head per step): unlike the
+            layer counts it charges the shallow exit that every routed step evaluates.
         kv_projections: Upper-layer key/value projections of exited tokens (``propagate``).
         prefill_s: Wall time of the prefill (s).
         decode_s: Wall time of the decode steps (s).
@@ -93,6 +96,7 @@ class EarlyExitStats:
     token_layer_evals: int
     actual_compute_cost: float
     call_cost: float
+    macs_cost: float
     kv_projections: int
     prefill_s: float
     decode_s: float
@@ -121,7 +125,18 @@ class _TwoCacheDecoder:
         self.device = p.device
         self.upper_len = 0  # slots of the upper cache in use (skip mode: dense)
         self.queue: list[tuple[Tensor, int]] = []  # fill mode: (h_s (B, 1, C), position) of exited tokens
-        self.layer_calls = self.token_layers = self.kv_projections = 0
+        self.layer_calls = self.token_layers = self.kv_projections = self.macs = 0
+        # weight multiply-adds per token: each block's linear layers, an exit head, one layer's K/V projection
+        self.block_macs = [sum(m.weight.numel() for m in b.modules() if isinstance(m, nn.Linear))
+                           for b in model.base.blocks]
+        self.head_macs = model.base.lm_head.weight.numel()
+        self.kv_macs = 2 * cfg.n_embd * cfg.kv_heads * cfg.hd
+        self.full_step_macs = sum(self.block_macs) + self.head_macs
+
+    def _count(self, start: int, end: int, tokens: int) -> None:
+        """Record a call of blocks start..end-1 over ``tokens`` tokens per row."""
+        self.layer_calls += end - start
+        self.macs += tokens * sum(self.block_macs[start:end])
 
     def _pos(self, *positions: int) -> Tensor:
         return torch.tensor(positions, dtype=torch.long, device=self.device)
@@ -131,14 +146,15 @@ class _TwoCacheDecoder:
         P = idx.shape[1]
         pos = torch.arange(P, device=self.device)
         h_s = self.model.lower(idx, cache=self.lower_cache, input_pos=pos)  # (B, P, C)
-        deep = self.model.forward_upper_layers(h_s, cache=self.upper_cache, input_pos=pos)  # (B, P, V)
+        deep = self.model.upper_last_logits(h_s, cache=self.upper_cache, input_pos=pos)  # (B, V)
         self.upper_len = P
-        self.layer_calls += self.model.n_layer
-        return h_s[:, -1:], deep[:, -1]
+        self._count(0, self.model.n_layer, P)
+        self.macs = 0  # the cost counters are for the decode steps
+        return h_s[:, -1:], deep
 
     def lower(self, tok: Tensor, position: int) -> Tensor:
         """Lower layers on the last token (B, 1) at ``position`` -> h_s (B, 1, C)."""
-        self.layer_calls += self.model.split
+        self._count(0, self.model.split, 1)
         self.token_layers += self.model.split
         return self.model.lower(tok, cache=self.lower_cache, input_pos=self._pos(position))
 
@@ -149,16 +165,18 @@ class _TwoCacheDecoder:
             h = torch.cat([q for q, _ in self.queue] + [h_s], dim=1)  # (B, k + 1, C)
             slots = self._pos(*[p for _, p in self.queue], position)
             self.queue.clear()
-            logits = self.model.forward_upper_layers(h, cache=self.upper_cache, input_pos=slots)[:, -1]
+            logits = self.model.upper_last_logits(h, cache=self.upper_cache, input_pos=slots)
             self.token_layers += n_upper * h.shape[1]
+            self._count(self.model.split, self.model.n_layer, h.shape[1])
         else:  # skip: dense slots, true positions; propagate: slot = position
             slot = self.upper_len if self.kv_mode == "skip" else position
             positions = self._pos(position).expand(self.batch, 1)
-            logits = self.model.forward_upper_layers(h_s, cache=self.upper_cache, input_pos=self._pos(slot),
-                                                     positions=positions)[:, -1]
+            logits = self.model.upper_last_logits(h_s, cache=self.upper_cache, input_pos=self._pos(slot),
+                                                  positions=positions)
             self.token_layers += n_upper
+            self._count(self.model.split, self.model.n_layer, 1)
         self.upper_len += 1
-        self.layer_calls += n_upper
+        self.macs += self.head_macs
         return logits
 
     def exited(self, h_s: Tensor, position: int) -> None:
@@ -178,6 +196,7 @@ class _TwoCacheDecoder:
             assert layer_cache is not None
             write_kv(base.blocks[i], h_s, ctx, layer_cache)
             self.kv_projections += 1
+            self.macs += self.kv_macs
 
 
 def write_kv(block: nn.Module, h: Tensor, ctx: LayerContext, cache: LayerKVCache) -> None:
@@ -288,6 +307,7 @@ def generate_with_early_exit(model: LegoLM, input_ids: Tensor, max_new_tokens: i
             steps += 1
             h_s = dec.lower(tokens[:, t - 1 : t], P + t - 1)
         shallow = model.shallow_head(h_s)[:, -1] if route else None  # (B, V)
+        dec.macs += dec.head_macs if route and t > 0 else 0
         ex = exits(confidence(shallow), routing_threshold) if shallow is not None and routing_threshold is not None \
             else torch.zeros(B, dtype=torch.bool, device=dec.device)
         if t > 0 and bool((~ex & ~finished).any()):
@@ -315,6 +335,7 @@ def generate_with_early_exit(model: LegoLM, input_ids: Tensor, max_new_tokens: i
         decode_steps=steps, layer_calls=dec.layer_calls, prefill_layer_calls=L, token_layer_evals=dec.token_layers,
         actual_compute_cost=dec.token_layers / (steps * L) if steps else 1.0,
         call_cost=(dec.layer_calls - L) / (steps * L) if steps else 1.0, kv_projections=dec.kv_projections,
+        macs_cost=dec.macs / (steps * dec.full_step_macs) if steps else 1.0,
         prefill_s=t1 - t0, decode_s=t2 - t1, wall_s=t2 - t0,
     )
     logits = torch.stack(saved, dim=1) if output_logits else None

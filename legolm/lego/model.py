@@ -20,8 +20,14 @@ exit starts as a copy of it. The idea of exiting early on confident tokens follo
 
 ``base`` is a plain `TransformerLM` of all layers whose own norm/head are the deep exit, so the
 deep model is an ordinary checkpoint (``legolm generate`` and ``export`` work on it), and
-``base(idx, end=split)`` / ``base(h, start=split)`` run the two halves. Before `extend` the model
-is the shallow one alone: ``split == n_layer`` and the base's own norm/head are the shallow exit.
+`LegoLM.lower` / `LegoLM.forward_upper_layers` run the two halves (with KV caches when decoding).
+Before `extend` the model is the shallow one alone: ``split == n_layer`` and the base's own
+norm/head are the shallow exit.
+
+Routing weights: w = sigmoid((conf - τ) / T) is 1/2 exactly at the calibrated threshold, monotone
+in the shallow confidence, differentiable, and tends to the generation rule (w = 1 iff conf >= τ)
+as T -> 0; the routed distribution is the mixture w · p_s + (1 - w) · p_d, so its perplexity is a
+proper likelihood. The same function weighs the phase-2 loss and every reported routed perplexity.
 """
 
 from __future__ import annotations
@@ -192,6 +198,21 @@ class LegoLM(nn.Module):
         start = self.split if start_layer is None else start_layer
         return self.base(h, start=start, cache=cache, input_pos=input_pos, positions=positions)
 
+    def upper_last_logits(self, h: Tensor, *, cache: KVCache | None = None, input_pos: Tensor | None = None,
+                          positions: Tensor | None = None) -> Tensor:
+        """Upper layers over ``h`` (B, T, C), writing their K/V to ``cache``; the deep exit on the last position only.
+
+        Returns:
+            Deep logits of the last token (B, V): decoding needs no others (a fill-mode call catching
+            up k queued tokens does not project them through the head).
+        """
+        B, T = h.shape[0], h.shape[1]
+        if positions is None:
+            positions = (input_pos if input_pos is not None else torch.arange(T, device=h.device)).expand(B, T)
+        ctx = self.base.make_context(positions, h.dtype, cache, input_pos)
+        top = self.base.forward_layers(h, ctx, self.split, None, cache).hidden  # (B, T, C)
+        return self.base.project(top[:, -1])
+
     def upper_hidden(self, h: Tensor, positions: Tensor | None = None) -> Tensor:
         """The upper layers without the exit, full causal attention: (B, T, C) -> (B, T, C)."""
         B, T = h.shape[0], h.shape[1]
@@ -292,7 +313,7 @@ class LegoLM(nn.Module):
         model.blocks = nn.ModuleList(self.base.blocks[: self.split])
         model.norm, model.lm_head = self.shallow_exit.norm, self.shallow_exit.head
         model.rope = self.base.rope
-        return model.eval() if not self.training else model
+        return model.train(self.training)
 
 
 def rewind(batches: object) -> None:

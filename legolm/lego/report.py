@@ -6,7 +6,9 @@ the baseline is the same code at full depth (``routing_threshold=None``: no shal
 layers every step). Rounds interleave the settings so that a slow moment of a shared machine hits
 all of them alike; the median round counts. ``wall/compute`` is the measured wall-clock saving
 over the compute saving (token-layer evaluations; 1.0 = the time saved is all the skipped layer
-work; the issue asks >= 0.8).
+work; the issue asks >= 0.8). The table also gives the cost in layer calls (what a GPU at batch 1,
+bound by reading weights, pays) and in weight multiply-adds, which charge the shallow exit's head
+that every routed step evaluates and the layer counts leave out.
 
 Quality, per setting: the soft-routed and hard-routed perplexity of full forward passes over the
 validation windows (`TokenScores`), and the decode-path perplexity: the validation text scored
@@ -51,6 +53,7 @@ class DecodeMeasure:
         shallow_ratio: Generated tokens from the shallow exit.
         compute_cost: Decode token-layer evaluations ÷ (decode steps × L), over all prompts.
         call_cost: Decode layer calls ÷ (decode steps × L).
+        macs_cost: Decode weight multiply-adds (both exits' heads included) ÷ full depth's.
     """
 
     decode_s: float
@@ -58,6 +61,7 @@ class DecodeMeasure:
     shallow_ratio: float
     compute_cost: float
     call_cost: float
+    macs_cost: float
 
 
 def measure_decode(model: LegoLM, prompts: Tensor, settings: list[Setting], max_new_tokens: int,
@@ -92,6 +96,7 @@ def measure_decode(model: LegoLM, prompts: Tensor, settings: list[Setting], max_
             shallow_ratio=sum(st.shallow_count for st in stats) / tokens,
             compute_cost=sum(st.token_layer_evals for st in stats) / (steps * L),
             call_cost=sum(st.layer_calls - st.prefill_layer_calls for st in stats) / (steps * L),
+            macs_cost=sum(st.macs_cost * st.decode_steps for st in stats) / steps,
         ))
     return out
 
@@ -132,6 +137,7 @@ class CurveRow:
         gen_shallow_ratio: Generated tokens that exited.
         compute_cost: Token-layer evaluations ÷ full depth while decoding.
         call_cost: Layer calls ÷ full depth while decoding.
+        macs_cost: Weight multiply-adds (shallow and deep heads included) ÷ full depth while decoding.
         speedup: Full-depth decode time ÷ this setting's.
         wall_over_compute: (1 - time/full-depth time) ÷ (1 - compute_cost).
         tok_per_s: Generated tokens per second of decode time.
@@ -147,6 +153,7 @@ class CurveRow:
     gen_shallow_ratio: float
     compute_cost: float
     call_cost: float
+    macs_cost: float
     speedup: float
     wall_over_compute: float
     tok_per_s: float
@@ -163,7 +170,8 @@ def curve_row(scores: TokenScores, temperature: float, setting: Setting, measure
         label=setting.label, kv_mode=setting.kv_mode, threshold=tau, routed_ppl=scores.routed_ppl(tau, temperature),
         hard_routed_ppl=scores.hard_routed_ppl(tau), decode_ppl=decode_ppl,
         eval_shallow_ratio=scores.shallow_ratio(tau), gen_shallow_ratio=measured.shallow_ratio,
-        compute_cost=measured.compute_cost, call_cost=measured.call_cost, speedup=baseline.decode_s / measured.decode_s,
+        compute_cost=measured.compute_cost, call_cost=measured.call_cost,
+        macs_cost=measured.macs_cost, speedup=baseline.decode_s / measured.decode_s,
         wall_over_compute=wall / saved if saved > 1e-9 else math.nan, tok_per_s=measured.tokens / measured.decode_s,
     )
 
@@ -171,14 +179,14 @@ def curve_row(scores: TokenScores, temperature: float, setting: Setting, measure
 def format_table(rows: list[CurveRow], phase1_ppl: float, deep_ppl: float) -> str:
     """One markdown table: phase-1, deep and routed perplexity, shallow ratio, compute cost, speedup."""
     head = ("| threshold | kv | τ | phase-1 PPL | deep PPL | routed PPL | hard-routed PPL | decode-path PPL "
-            "| shallow ratio (val / gen) | compute cost (calls) | decode speedup | wall/compute | tok/s |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| shallow ratio (val / gen) | compute cost | calls | MACs | decode speedup | wall/compute | tok/s |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         woc = "—" if math.isnan(r.wall_over_compute) else f"{r.wall_over_compute:.2f}"
         lines.append(f"| {r.label} | {r.kv_mode} | {r.threshold:.4f} | {phase1_ppl:.2f} | {deep_ppl:.2f} | "
                      f"{r.routed_ppl:.2f} | {r.hard_routed_ppl:.2f} | {r.decode_ppl:.2f} | "
-                     f"{r.eval_shallow_ratio:.3f} / {r.gen_shallow_ratio:.3f} | {r.compute_cost:.3f} "
-                     f"({r.call_cost:.3f}) | {r.speedup:.2f}x | {woc} | {r.tok_per_s:,.0f} |")
+                     f"{r.eval_shallow_ratio:.3f} / {r.gen_shallow_ratio:.3f} | {r.compute_cost:.3f} | "
+                     f"{r.call_cost:.3f} | {r.macs_cost:.3f} | {r.speedup:.2f}x | {woc} | {r.tok_per_s:,.0f} |")
     return "\n".join(lines)
 
 
