@@ -1,0 +1,208 @@
+"""Skip2-LoRA vs LoRA: time per epoch (first and later), peak memory and validation loss.
+
+``gpu`` (default): on an HF-shaped GPT-2 (random weights of the real 124M shape, shared by all
+runs), the same real-text batches form each epoch; peft LoRA, legolm LoRA (`fit`'s `TrainStep`)
+and legolm Skip2-LoRA without and with the Skip-Cache train the same number of parameters:
+LoRA r=8 on c_attn + c_proj is 811,008, Skip2-LoRA on all 12 blocks with r=44 is 12·2·768·44 =
+811,008. Epoch 1 of the cached run fills the cache; later epochs skip the backbone.
+
+``compare``: reads the ``summary.json`` of ``legolm finetune`` runs (e.g. ``--method lora`` and
+``--method skip2lora`` on the same base and data) and prints their per-epoch table and a PNG. This
+is how the real-model comparison (a pretrained base, held-out perplexity) is reported.
+
+    python -m benchmarks.skip2lora                       # GPU
+    python -m benchmarks.skip2lora --smoke               # CPU, tiny GPT-2: checks it runs
+    python -m benchmarks.skip2lora compare runs/ft-lora runs/ft-skip2lora --png runs/skip2lora.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import device_info, print_table, write_result
+from benchmarks.lora import batches, build_ours, build_peft, free, hf_model, peft_step, sync
+from legolm.adapters import LoRAConfig
+from legolm.adapters.inject import unload
+from legolm.adapters.skip2lora import Skip2LoRAConfig, Skip2LoRAModel
+from legolm.adapters.skip2lora_train import Skip2LoRALoss
+from legolm.adapters.skip_cache import SkipCache
+from legolm.train.batches import Batch
+from legolm.train.config import OptimConfig, ScheduleConfig
+from legolm.train.fit import TrainStep, autocast_for
+from legolm.train.optim import LRSchedule, build_optimizer
+
+StepFn = Callable[[Batch, int], torch.Tensor]
+
+
+def skip_step(model: Skip2LoRAModel, cache: SkipCache | None, lr: float, device: torch.device,
+              precision: str) -> StepFn:
+    optim = OptimConfig(lr=lr, weight_decay=0.0, grad_clip=1.0)
+    opt = build_optimizer(list(model.trainable()), optim, device)
+    schedule = LRSchedule(lr, ScheduleConfig(warmup_steps=0, decay="constant"), total_steps=1)
+    train = TrainStep(model, Skip2LoRALoss(cache), opt, schedule, optim.grad_clip, autocast_for(device, precision),
+                      device)
+
+    def step(batch: Batch, i: int) -> torch.Tensor:
+        return train([batch], i)[0]
+
+    return step
+
+
+@torch.no_grad()
+def val_loss(forward: Callable[[torch.Tensor], torch.Tensor], val: list[Batch], device: torch.device,
+             precision: str) -> float:
+    total = 0.0
+    with autocast_for(device, precision):
+        for b in val:
+            logits = forward(b["input_ids"].to(device))
+            total += float(F.cross_entropy(logits.flatten(0, 1).float(), b["labels"].to(device).flatten()))
+    return total / len(val)
+
+
+def epochs(step: StepFn, data: list[Batch], n_epochs: int, device: torch.device) -> dict[str, Any]:
+    """Seconds of each epoch over ``data`` and the peak memory of the run."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for e in range(n_epochs):
+        sync(device)
+        t0 = time.perf_counter()
+        for i, b in enumerate(data):
+            step(b, e * len(data) + i)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+    return {"epoch 1 s": times[0], "later epochs s": sum(times[1:]) / max(len(times) - 1, 1), "peak GB": peak}
+
+
+def gpu(args: argparse.Namespace) -> None:
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    dtype, precision = (torch.float32, "fp32") if device.type == "cpu" else (torch.bfloat16, "bf16-mixed")
+    base = hf_model(args.model)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    data = batches(base.config.vocab_size, args.batches + args.val_batches, args.batch, args.seq)
+    train, val = data[: args.batches], data[args.batches:]
+    lora = LoRAConfig(r=args.r, alpha=2.0 * args.r, target_modules=["c_attn", "c_proj"])
+    theirs = build_peft(base, lora, dtype, device)
+    n_lora = theirs.get_nb_trainable_parameters()[0]
+    rows: list[dict[str, Any]] = []
+    autocast = autocast_for(device, precision)
+    rows.append({"impl": "peft LoRA", "trainable": n_lora,
+                 **epochs(peft_step(theirs, args.lr, device, autocast), train, args.epochs, device),
+                 "val loss": val_loss(lambda x: theirs(input_ids=x).logits, val, device, precision)})
+    theirs = base = None
+    free(device)
+    ours = build_ours(state, args.model, lora, build_peft(hf_model(args.model), lora, dtype, device), dtype, device)
+    from benchmarks.lora import legolm_step
+
+    rows.append({"impl": "legolm LoRA", "trainable": n_lora,
+                 **epochs(legolm_step(ours, args.lr, device, precision, args.compile), train, args.epochs, device),
+                 "val loss": val_loss(ours, val, device, precision)})
+    plain = unload(ours)
+    n_blocks = plain.config.n_layer
+    skip_r = max(1, round(n_lora / (n_blocks * 2 * plain.config.n_embd)))
+    for cached in (False, True):
+        free(device)
+        model = Skip2LoRAModel(plain, Skip2LoRAConfig(block_indices=list(range(n_blocks)), r=skip_r,
+                                                      alpha=2.0 * skip_r)).to(device)
+        cache = None
+        if cached:
+            shape = (len(train) * args.batch, n_blocks + 1, args.seq, plain.config.n_embd)
+            cache = SkipCache(*shape, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                              storage="gpu" if device.type == "cuda" else "cpu", device=device, key="bench")
+        data_ids = [{**b, "sample_ids": torch.arange(i * args.batch, (i + 1) * args.batch)}
+                    for i, b in enumerate(train)]
+        rows.append({"impl": f"legolm Skip2-LoRA{' + Skip-Cache' if cached else ''}",
+                     "trainable": sum(p.numel() for p in model.trainable()),
+                     **epochs(skip_step(model, cache, args.lr, device, precision), data_ids, args.epochs, device),
+                     "val loss": val_loss(model, val, device, precision)})
+        plain = unload_skip(model)
+    ref = rows[1]["later epochs s"]
+    for row in rows:
+        row["later vs legolm LoRA"] = f"{ref / row['later epochs s']:.1f}x"
+        for key in ("epoch 1 s", "later epochs s", "val loss"):
+            row[key] = f"{row[key]:.3f}"
+        row["peak GB"] = f"{row['peak GB']:.2f}"
+        row["trainable"] = f"{row['trainable']:,}"
+    print(f"\n{args.model}, batch {args.batch} x {args.seq}, {args.batches} batches per epoch, {args.epochs} epochs, "
+          f"{precision}, {device_info()['device']}")
+    cols = ["impl", "trainable", "epoch 1 s", "later epochs s", "later vs legolm LoRA", "peak GB", "val loss"]
+    table = print_table(rows, cols)
+    if not args.smoke:
+        print(f"wrote {write_result('skip2lora', {**device_info(), 'args': vars(args), 'rows': rows, 'table': table})}")
+
+
+def unload_skip(model: Skip2LoRAModel) -> Any:
+    """The backbone, for the next run (its weights were never trained)."""
+    return model.base
+
+
+def compare(args: argparse.Namespace) -> None:
+    runs = []
+    for d in args.runs:
+        s = json.loads((Path(d) / "summary.json").read_text())
+        runs.append((s["method"], s))
+    rows = []
+    for method, s in runs:
+        for e in s["epochs"]:
+            rows.append({"method": method, "epoch": e["epoch"], "train s": f"{e['train_seconds']:.1f}",
+                         "val ppl": f"{e['val_ppl']:.2f}", "peak MB": f"{e['peak_memory_mb']:,.0f}",
+                         "trainable": f"{s['fit']['trainable_params']:,}"})
+        rows.append({"method": method, "epoch": "held-out", "val ppl": f"{s['before']['ppl']:.2f} -> "
+                     f"{s['after']['ppl']:.2f} (sliding window)"})
+    print_table(rows, ["method", "epoch", "trainable", "train s", "val ppl", "peak MB"])
+    if args.png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for method, s in runs:
+            ep = [e["epoch"] for e in s["epochs"]]
+            a1.plot(ep, [e["train_seconds"] for e in s["epochs"]], marker="o", label=method)
+            a2.plot(ep, [e["val_ppl"] for e in s["epochs"]], marker="o", label=method)
+        a1.set(xlabel="epoch", ylabel="training seconds", title="time per epoch")
+        a2.set(xlabel="epoch", ylabel="validation perplexity", title="quality")
+        a1.legend()
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=120)
+        print(f"wrote {args.png}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode")
+    cmp_ = sub.add_parser("compare", help="table + PNG of legolm finetune runs")
+    cmp_.add_argument("runs", nargs="+")
+    cmp_.add_argument("--png")
+    parser.add_argument("--model", default="gpt2")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--batches", type=int, default=16, help="training batches per epoch")
+    parser.add_argument("--val-batches", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--r", type=int, default=8, help="LoRA rank (Skip2-LoRA's rank matches its parameter count)")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--smoke", action="store_true", help="tiny GPT-2 on CPU: checks it runs")
+    args = parser.parse_args()
+    if args.mode == "compare":
+        compare(args)
+        return
+    if args.smoke:
+        args.model, args.batch, args.seq, args.batches, args.val_batches, args.epochs = "tiny-gpt2", 2, 32, 3, 1, 2
+    gpu(args)
+
+
+if __name__ == "__main__":
+    main()
