@@ -120,3 +120,14 @@ def test_generate_keeps_its_flat_flags(capsys: pytest.CaptureFixture[str]) -> No
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--max-new-tokens" in out and "--top-p" in out
+
+
+def test_a_yaml_section_keeps_the_commands_own_defaults_for_keys_it_does_not_set() -> None:
+    from legolm.cli.args import config_from_dict
+    from legolm.cli.finetune import FinetuneConfig
+
+    default = FinetuneConfig()
+    cfg = config_from_dict(FinetuneConfig, {"data": {"source": "tinystories"}, "lora": {"r": 4}})
+    assert cfg.data.source == "tinystories" and cfg.data.tokenizer == default.data.tokenizer == "model"
+    assert cfg.lora.r == 4 and cfg.lora.target_modules == default.lora.target_modules == ["all-linear"]
+    assert cfg.run.out_dir == default.run.out_dir == "runs/finetune"

@@ -185,24 +185,37 @@ def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
     return ConfigError(f"unknown config key {prefix}{key}{hint}; valid keys {where}are: {', '.join(valid)}")
 
 
-def config_from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a nested dict; missing keys keep their defaults."""
+def config_from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", base: T | None = None) -> T:
+    """Build dataclass ``cls`` from a nested dict; missing keys keep their defaults.
+
+    A nested section starts from the enclosing field's own default (``default_factory``), so a
+    YAML section that sets one key keeps the other keys the command chose as defaults.
+    """
     fields = _fields(cls)
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         if name not in fields:
             raise _unknown_key(cls, name, prefix)
-        tp = fields[name][1]
+        f, tp = fields[name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {prefix}{name} is a section: give it a mapping of keys, not {value!r}")
-            kwargs[name] = config_from_dict(tp, value, f"{prefix}{name}.")  # type: ignore[arg-type]
+            kwargs[name] = config_from_dict(tp, value, f"{prefix}{name}.", _field_default(f, base))  # type: ignore
         else:
             kwargs[name] = coerce(value, tp, prefix + name)
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)  # type: ignore
     except TypeError as err:
         raise ConfigError(f"config section {prefix.rstrip('.') or cls.__name__}: {err}") from None
+
+
+def _field_default(f: dataclasses.Field[Any], owner: Any) -> Any:
+    """The current value of field ``f`` in ``owner``, else the field's default (None when it has none)."""
+    if owner is not None:
+        return getattr(owner, f.name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def dump_yaml(config: Any) -> str:
