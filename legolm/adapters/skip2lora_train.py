@@ -67,11 +67,12 @@ class SkipCacheFlush(Callback):
 
 
 def build_skip_cache(model: Skip2LoRAModel, tokens: np.ndarray, n_windows: int, window: int,
-                     config: SkipCacheConfig, device: torch.device) -> SkipCache:
+                     config: SkipCacheConfig, device: torch.device, subdir: str = "") -> SkipCache:
     """Size the cache, print the estimate, choose its storage by budget, and open it (reusing a valid disk one).
 
     A disk cache lives in ``config.dir``, by default ``<LEGOLM_CACHE>/skip_cache/<fingerprint>``, so
-    any later run on the same backbone, data and settings (a resumed one included) finds it.
+    any later run on the same backbone, data and settings (a resumed one included) finds it;
+    ``subdir`` keeps the disk caches of the ranks of a distributed run apart.
     """
     config.validate()
     dtype = DTYPES[config.dtype]
@@ -80,7 +81,7 @@ def build_skip_cache(model: Skip2LoRAModel, tokens: np.ndarray, n_windows: int, 
     print(f"Skip-Cache: {n_windows:,} windows x {n_features} features x {window} tokens x {width} {config.dtype} "
           f"= {nbytes / 2**20:,.1f} MiB")
     key = fingerprint(model.base, tokens[: n_windows * window + 1], window, model.indices, dtype)
-    disk_dir = Path(config.dir) if config.dir else cache_root() / "skip_cache" / key[:24]
+    disk_dir = (Path(config.dir) if config.dir else cache_root() / "skip_cache" / key[:24]) / subdir
     storage = choose_storage(config, nbytes, device, disk_dir)
     cache = SkipCache(n_windows, n_features, window, width, dtype, storage, device, key, disk_dir)
     where = f"disk ({disk_dir})" if storage == "disk" else storage

@@ -115,15 +115,18 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from legolm.train.batches import WindowBatches
     from legolm.train.callbacks import EpochTimer
     from legolm.train.checkpoint import check_run_dir
+    from legolm.train.distributed import init_distributed
     from legolm.train.fit import Callback, fit, resolve_device
 
     cfg.validate()
     check_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume)
-    device = resolve_device(cfg.run.device)
+    dist = init_distributed(cfg.run)  # under torchrun: join the job (one rank per GPU)
+    device = dist.device if dist.distributed else resolve_device(cfg.run.device)
     model = load_pretrained(cfg.model).float()  # fp32 weights; bf16 compute comes from run.precision
     tokenizer = load_tokenizer(cfg.model) if cfg.data.tokenizer == MODEL_TOKENIZER else None
     data_cfg = dataclasses.replace(cfg.data, tokenizer=cfg.model) if tokenizer is not None else cfg.data
-    corpus = prepare_corpus(data_cfg, progress=cfg.run.progress, tokenizer=tokenizer)
+    with dist.main_first():  # rank 0 tokenizes and caches, the others read the cache
+        corpus = prepare_corpus(data_cfg, progress=cfg.run.progress, tokenizer=tokenizer)
     check_fits(corpus, model.config, cfg.window)
     torch.manual_seed(cfg.run.seed)
     loss_fn: Skip2LoRALoss | None = None
@@ -133,21 +136,25 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         inject_lora(model, cfg.lora)
         print(trainable_report(model).format(per_module=False))
     model.to(device)
-    train = WindowBatches(corpus.train, cfg.window, cfg.batch_size, shuffle=True, seed=cfg.run.seed)
+    train = WindowBatches(corpus.train, cfg.window, cfg.batch_size, shuffle=True, seed=cfg.run.seed, **dist.shard())
     if cfg.method == "skip2lora":  # B = 0 here too
         skip = Skip2LoRAModel(model, cfg.skip2lora)
         print(skip.report())
         cache = None
         if cfg.skip_cache.enabled:
-            cache = build_skip_cache(skip, corpus.train, train.n_windows, cfg.window, cfg.skip_cache, device)
+            rank_dir = f"rank-{dist.rank}" if dist.world_size > 1 else ""  # each rank caches the windows it meets
+            cache = build_skip_cache(skip, corpus.train, train.n_windows, cfg.window, cfg.skip_cache, device, rank_dir)
             callbacks.append(SkipCacheFlush(cache))
         loss_fn = Skip2LoRALoss(cache)
     trained: TransformerLM | Skip2LoRAModel = skip if cfg.method == "skip2lora" else model
-    before = held_out_ppl(trained, corpus, cfg, device)
-    print(f"held-out perplexity before fine-tuning: {before.ppl:.3f} ({before.n_tokens:,} tokens)")
+    before = held_out_ppl(trained, corpus, cfg, device) if dist.is_main else None
+    if before is not None:
+        print(f"held-out perplexity before fine-tuning: {before.ppl:.3f} ({before.n_tokens:,} tokens)")
     val = WindowBatches(corpus.val, cfg.window, cfg.eval.batch_size or cfg.batch_size, shuffle=False,
-                        drop_last=False)
+                        drop_last=False, **dist.shard())
     result = fit(trained, train, cfg, val=val, loss_fn=loss_fn, callbacks=[*callbacks, epochs])
+    if before is None:  # ranks > 0: rank 0 measures, saves and reports
+        return {}
     trained.eval()
     after = held_out_ppl(trained, corpus, cfg, device)
     run_dir = Path(cfg.run.out_dir)

@@ -49,15 +49,21 @@ def lego(cfg: LegoConfig, corpus: Any = None) -> dict[str, Any]:
     """Check, prepare the data (unless ``corpus`` is given), train both phases, evaluate, decode, report."""
     from legolm.data.tokenized import prepare_corpus
     from legolm.train.checkpoint import check_run_dir, open_run_dir
+    from legolm.train.distributed import init_distributed
     from legolm.utils.io import atomic_write_text
 
     cfg.validate()
     check_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume)
-    corpus = corpus if corpus is not None else prepare_corpus(cfg.data, progress=cfg.run.progress)
-    out = open_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume)
-    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    dist = init_distributed(cfg.run)  # under torchrun: both phases train on every rank, rank 0 reports
+    with dist.main_first():
+        corpus = corpus if corpus is not None else prepare_corpus(cfg.data, progress=cfg.run.progress)
+    dist.barrier()  # every rank has checked the run directory before rank 0 creates it
+    out = dist.on_main(lambda: open_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume))
+    if dist.is_main:
+        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     summary = evaluate_and_report(cfg, corpus, out)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    if dist.is_main:
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
@@ -78,9 +84,12 @@ def evaluate_and_report(cfg: LegoConfig, corpus: Any, out: Path) -> dict[str, An
     )
     from legolm.lego.threshold import quantile_threshold
     from legolm.lego.train import train_lego
+    from legolm.train.distributed import current
     from legolm.utils.io import atomic_write_text
 
     trained = train_lego(cfg, corpus)
+    if not current().is_main:  # rank 0 evaluates, times and reports
+        return {}
     model, tau, d = trained.model, trained.threshold, cfg.decode
     save_lego(model, out / "model", corpus.tokenizer, overwrite=True)
     scores = score_tokens(model, trained.val_batches, cfg.lego.calib_batches, progress=cfg.run.progress)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if "RANK" in os.environ:  # under torchrun: rank 0 alone prints
+        from legolm.train.distributed import quiet_other_ranks
+
+        quiet_other_ranks()
     ns = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], None] = ns.func
     try:

@@ -52,6 +52,7 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
     from legolm.generation import GenerationConfig, generate_text
     from legolm.train.batches import WindowBatches
     from legolm.train.checkpoint import check_run_dir
+    from legolm.train.distributed import init_distributed
     from legolm.train.fit import fit
 
     cfg.validate()
@@ -60,14 +61,18 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
                            top_k=cfg.sample.top_k, seed=cfg.sample.seed)
     gen.validate()
     check_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume)
-    corpus = prepare_corpus(cfg.data, progress=cfg.run.progress)
+    dist = init_distributed(cfg.run)  # under torchrun: join the job (one rank per GPU)
+    with dist.main_first():  # rank 0 tokenizes and caches, the others read the cache
+        corpus = prepare_corpus(cfg.data, progress=cfg.run.progress)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, corpus.vocab_size, corpus.eos_id, corpus.tokenizer.bos_id)
     check_fits(corpus, model.config, cfg.window)
-    train = WindowBatches(corpus.train, cfg.window, cfg.batch_size, shuffle=True, seed=cfg.run.seed)
+    train = WindowBatches(corpus.train, cfg.window, cfg.batch_size, shuffle=True, seed=cfg.run.seed, **dist.shard())
     val = WindowBatches(corpus.val, cfg.window, cfg.eval.batch_size or cfg.batch_size, shuffle=False,
-                        drop_last=False)
+                        drop_last=False, **dist.shard())
     result = fit(model, train, cfg, val=val)
+    if not dist.is_main:  # rank 0 evaluates, saves and samples
+        return {}
     run_dir = Path(cfg.run.out_dir)
     model.eval()
     device = next(model.parameters()).device

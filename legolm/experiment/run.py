@@ -10,7 +10,9 @@ scored the same way.
 
 Each model trains in its own spawned process, so its peak memory (CUDA: peak allocated; CPU:
 peak resident set of that process) is its own, and every model starts from the same seeded
-state. Results land in ``<out_dir>/<model>/result.json``; the parent collects them into the
+state. Under ``torchrun`` (``--run.strategy ddp|fsdp2``) each rank trains the models one after the
+other in its own process (a rank joins its process group once), so a CPU peak is the running one.
+Results land in ``<out_dir>/<model>/result.json``; the parent collects them into the
 table (``results.md``, ``results.csv``, ``results.jsonl``) and ``results.png``.
 """
 
@@ -82,25 +84,39 @@ def run_experiment(cfg: ExperimentConfig) -> list[ModelResult]:
     """
     from legolm.data.tokenized import check_fits, prepare_corpus
     from legolm.model.factory import model_config
+    from legolm.train.distributed import init_distributed
 
     cfg.validate()
     out = Path(cfg.run.out_dir)
     if out.exists() and not cfg.run.overwrite:
         raise LegolmError(f"output directory {out} already exists; pass --overwrite or choose another --run.out-dir")
-    corpus = prepare_corpus(cfg.data_config(), progress=cfg.run.progress)  # tokenized once, cached for the runs
+    dist = init_distributed(cfg.run)  # under torchrun: every model trains on all ranks, in this process
+    with dist.main_first():
+        corpus = prepare_corpus(cfg.data_config(), progress=cfg.run.progress)  # tokenized once, cached for the runs
     for kind in cfg.models:  # every model's options are checked before the first one trains
         config = model_config(kind, **cfg.model.options(kind, corpus.vocab_size, corpus.eos_id,
                                                         corpus.tokenizer.bos_id))
         check_fits(corpus, config, cfg.window)
     _training_stream(cfg, corpus)  # reversal data present and readable
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    results = [_spawn(kind, cfg, out / kind) for kind in cfg.models]
+    dist.barrier()
+    dist.on_main(lambda: _fresh_dir(out))
+    if dist.distributed:  # a torchrun rank joins its process group once: no process per model
+        scored = [train_and_score(kind, cfg, out / kind) for kind in cfg.models]
+        results = [r for r in scored if r is not None]
+        if not dist.is_main:
+            return []
+    else:
+        results = [_spawn(kind, cfg, out / kind) for kind in cfg.models]
     from legolm.experiment.report import write_reports
 
     write_reports(results, cfg, out)
     return results
+
+
+def _fresh_dir(out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
 
 
 def _spawn(kind: str, cfg: ExperimentConfig, run_dir: Path) -> ModelResult:
@@ -124,6 +140,7 @@ def _worker(kind: str, cfg: ExperimentConfig, run_dir: str) -> None:
     path = Path(run_dir)
     try:
         result = train_and_score(kind, cfg, path)
+        assert result is not None  # a plain process is rank 0
         path.mkdir(parents=True, exist_ok=True)
         (path / RESULT).write_text(json.dumps(asdict(result), indent=2) + "\n")
     except LegolmError as err:
@@ -148,8 +165,8 @@ def _training_stream(cfg: ExperimentConfig, corpus: Any) -> Any:
     return np.concatenate([np.asarray(corpus.train, dtype=np.int64), reversal])
 
 
-def train_and_score(kind: str, cfg: ExperimentConfig, run_dir: Path) -> ModelResult:
-    """Build ``kind`` (seeded), `fit` it, then score it under the training precision."""
+def train_and_score(kind: str, cfg: ExperimentConfig, run_dir: Path) -> ModelResult | None:
+    """Build ``kind`` (seeded), `fit` it, then score it under the training precision (rank 0; others: None)."""
     import torch
 
     from legolm.checkpoints.native import save_checkpoint
@@ -159,17 +176,22 @@ def train_and_score(kind: str, cfg: ExperimentConfig, run_dir: Path) -> ModelRes
     from legolm.model.factory import create_model
     from legolm.model.memory_state import memory_state_nbytes
     from legolm.train.batches import WindowBatches
+    from legolm.train.distributed import current
     from legolm.train.fit import autocast_for, fit
 
     t0 = time.perf_counter()
     corpus = prepare_corpus(cfg.data_config(), progress=False)
     torch.manual_seed(cfg.run.seed)
     model = create_model(kind, **cfg.model.options(kind, corpus.vocab_size, corpus.eos_id, corpus.tokenizer.bos_id))
-    train = WindowBatches(_training_stream(cfg, corpus), cfg.window, cfg.batch_size, shuffle=True, seed=cfg.run.seed)
+    shard = current().shard()
+    train = WindowBatches(_training_stream(cfg, corpus), cfg.window, cfg.batch_size, shuffle=True, seed=cfg.run.seed,
+                          **shard)
     eval_batch = cfg.eval.batch_size or cfg.batch_size
-    val = WindowBatches(corpus.val, cfg.window, eval_batch, shuffle=False, drop_last=False)
+    val = WindowBatches(corpus.val, cfg.window, eval_batch, shuffle=False, drop_last=False, **shard)
     run_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(run_dir), overwrite=True))
     fit_result = fit(model, train, run_cfg, val=val)
+    if not current().is_main:  # rank 0 scores and saves
+        return None
     model.eval()
     device = next(model.parameters()).device
     stride = cfg.eval.final_stride or max(1, cfg.window // 2)

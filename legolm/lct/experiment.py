@@ -30,12 +30,14 @@ def method_config(cfg: LCTConfig, method: str, steps_per_epoch: int) -> LCTConfi
 
 def train_method(cfg: LCTConfig, method: str, train_ids: Any, val_ids: Any, vocab: int, eos: int) -> dict[str, Any]:
     """Train one method through `fit`; return its per-epoch records and totals."""
+    from legolm.train.distributed import init_distributed
     from legolm.train.fit import fit, resolve_device
 
     torch.manual_seed(cfg.run.seed)
     model = ContextPythia(cfg.model.model_config(vocab, eos))
-    device = resolve_device(cfg.run.device)
-    train = WindowBatches(train_ids, cfg.window, cfg.batch_size, shuffle=True, seed=cfg.run.seed)
+    dist = init_distributed(cfg.run)
+    device = dist.device if dist.distributed else resolve_device(cfg.run.device)
+    train = WindowBatches(train_ids, cfg.window, cfg.batch_size, shuffle=True, seed=cfg.run.seed, **dist.shard())
     val = WindowBatches(val_ids, cfg.window, cfg.eval.batch_size or cfg.batch_size, shuffle=False, drop_last=False)
 
     def eval_fn(m: object) -> dict[str, float]:
@@ -66,6 +68,7 @@ def run_lct(cfg: LCTConfig) -> dict[str, Any]:
     """Prepare the data once, train every method, write and print the comparison."""
     from legolm.data.tokenized import check_fits, prepare_corpus
     from legolm.train.checkpoint import check_run_dir
+    from legolm.train.distributed import init_distributed
 
     cfg.validate()
     cfg.data.validate()
@@ -73,12 +76,16 @@ def run_lct(cfg: LCTConfig) -> dict[str, Any]:
         check_run_dir(Path(cfg.run.out_dir) / method, cfg.run.overwrite, cfg.run.resume)
     if cfg.run.resume:
         raise ConfigError("legolm lct compares whole runs; --resume is not supported, rerun with --overwrite")
-    corpus = prepare_corpus(cfg.data, progress=cfg.run.progress)
+    dist = init_distributed(cfg.run)  # under torchrun: join the job (DDP; the LCT cache is shared by all ranks)
+    with dist.main_first():
+        corpus = prepare_corpus(cfg.data, progress=cfg.run.progress)
     check_fits(corpus, cfg.model.model_config(corpus.vocab_size, corpus.eos_id), cfg.window)
     train_ids = corpus.train
     if cfg.max_train_windows is not None:
         train_ids = train_ids[: cfg.max_train_windows * cfg.window + 1]
     runs = [train_method(cfg, m, train_ids, corpus.val, corpus.vocab_size, corpus.eos_id) for m in cfg.methods]
+    if not dist.is_main:  # rank 0 writes the comparison
+        return {}
     comparison = compare(runs)
     summary = {"config": dataclasses.asdict(cfg), "runs": runs, "comparison": comparison}
     out = Path(cfg.run.out_dir)

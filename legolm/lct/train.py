@@ -31,6 +31,7 @@ from legolm.lct.context_pythia import ContextPythia
 from legolm.train.batches import Batch, BatchSource
 from legolm.train.callbacks import EpochTimer
 from legolm.train.config import FitConfig, ModelSpec
+from legolm.train.distributed import all_gather_cat
 from legolm.train.fit import LossOutput, autocast_for
 
 Method = Literal["lct", "sequential"]
@@ -70,7 +71,7 @@ class LCTLoss:
                 rows = new.to(ids.device)
                 self.cache.put(sids[new.cpu()], ids[rows], model(ids[rows]).states)
         out = model(ids, self.cache.get(sids, ids, ids.device))
-        self.cache.put(sids, ids, out.states)
+        self.cache.put(*all_gather_cat(sids, ids, out.states.detach()))  # every rank's windows, as one process
         return _ce(out.logits, batch["labels"]), batch["labels"].numel(), {}
 
 
@@ -154,5 +155,8 @@ class LCTConfig(FitConfig):
                               f"(batch_size={self.batch_size})")
         if self.lag_windows < 1:
             raise ConfigError(f"lag_windows must be >= 1, got {self.lag_windows}")
+        if self.run.strategy == "fsdp2":
+            raise ConfigError("legolm lct evaluates and probes the whole model outside the training forward, which "
+                              "FSDP2 shards; use --run.strategy ddp")
         if self.lct.budget_mb <= 0 or self.lct.cpu_budget_mb < 0:
             raise ConfigError("lct.budget_mb must be > 0 and lct.cpu_budget_mb >= 0")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from legolm.errors import ConfigError
 from legolm.lego.model import LegoLM, check_threshold, confidence, rewind, routed_log_probs
-from legolm.train.batches import Batch
+from legolm.train.batches import Batch, resume_position
 
 
 @dataclass
@@ -117,39 +117,45 @@ def collect_hard_examples(model: LegoLM, batches: Iterable[Batch], threshold: fl
 
 
 class HardExampleBatches:
-    """A `BatchSource` over `HardExamples` for `fit` (seeded shuffle, resumable position).
+    """A `BatchSource` over `HardExamples` for `fit` (seeded shuffle, resumable position, sharded by rank).
+
+    Ranks take disjoint interleaved slices of the order, each the same length, as `WindowBatches` does.
 
     Each batch: ``hidden`` (B, W, C), ``hard`` (B, W), ``labels`` (B, W), ``conf`` (B, W),
     ``shallow_logp`` (B, W), ``sample_ids`` (B,) and ``batch_id`` ().
     """
 
     def __init__(self, examples: HardExamples, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        if drop_last and len(examples) < batch_size:
-            raise ConfigError(f"{len(examples)} hard-example windows are fewer than one batch of {batch_size}; "
-                              "lower the batch size or collect more windows")
+        self.per_rank = len(examples) // world_size
+        if self.per_rank < (batch_size if drop_last else 1):
+            raise ConfigError(f"{len(examples)} hard-example windows are fewer than one batch of {batch_size} on "
+                              f"each of {world_size} rank(s); lower the batch size or collect more windows")
         self.examples, self.batch_size, self.shuffle, self.seed, self.drop_last = (
             examples, batch_size, shuffle, seed, drop_last)
+        self.rank, self.world_size = rank, world_size
         self.epoch = self.position = 0
 
     def __len__(self) -> int:
-        n = len(self.examples) / self.batch_size
+        n = self.per_rank / self.batch_size
         return math.floor(n) if self.drop_last else math.ceil(n)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.position = epoch, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "windows": self.position * self.batch_size * self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.epoch = int(state["epoch"])
+        self.position = resume_position(int(state["windows"]), self.batch_size, self.world_size)
 
     def __iter__(self) -> Iterator[Batch]:
         n = len(self.examples)
         order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        order = order[: self.per_rank * self.world_size][self.rank :: self.world_size]
         ex = self.examples
         for b in range(self.position, len(self)):
             rows = torch.from_numpy(order[b * self.batch_size : (b + 1) * self.batch_size].astype(np.int64))
@@ -160,9 +166,9 @@ class HardExampleBatches:
 
 
 def create_hard_example_loader(examples: HardExamples, batch_size: int, shuffle: bool = True, seed: int = 0,
-                               drop_last: bool = False) -> HardExampleBatches:
+                               drop_last: bool = False, rank: int = 0, world_size: int = 1) -> HardExampleBatches:
     """Batches of stored hard examples (see `HardExampleBatches`)."""
-    return HardExampleBatches(examples, batch_size, shuffle, seed, drop_last)
+    return HardExampleBatches(examples, batch_size, shuffle, seed, drop_last, rank, world_size)
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from legolm.lego.threshold import compute_confidence_threshold
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch, BatchSource, WindowBatches
 from legolm.train.config import FitConfig
+from legolm.train.distributed import init_distributed
 from legolm.train.fit import Callback, FitResult, FitState, LossOutput, fit, resolve_device
 
 
@@ -106,9 +107,13 @@ def check_phase2(model: LegoLM) -> None:
 
 def run_phase2(model: LegoLM, train: HardExamples, val: HardExamples, cfg: FitConfig,
                loss: Literal["routed", "deep"] = "routed") -> FitResult:
-    """Phase 2: train the upper layers and deep exit on stored hard examples, early stopping on ``val``."""
+    """Phase 2: train the upper layers and deep exit on stored hard examples, early stopping on ``val``.
+
+    In a distributed run every rank holds all the examples and trains on its shard of them.
+    """
     check_phase2(model)
-    train_batches = create_hard_example_loader(train, cfg.batch_size, shuffle=True, seed=cfg.run.seed)
+    shard = init_distributed(cfg.run).shard()
+    train_batches = create_hard_example_loader(train, cfg.batch_size, shuffle=True, seed=cfg.run.seed, **shard)
     val_batches = create_hard_example_loader(val, cfg.eval.batch_size or cfg.batch_size, shuffle=False)
     return fit(model, train_batches, cfg, val=val_batches, loss_fn=HardTokenLoss(loss), callbacks=[RestoreBest()])
 
@@ -170,8 +175,9 @@ def train_lego(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoTraining:
         raise ConfigError(f"lego.num_layers={cfg.lego.num_layers} must exceed the shallow model's "
                           f"{model.n_layer} layers")
     p1, p2 = cfg.phase1, cfg.phase2
+    shard = init_distributed(cfg.run).shard()  # training batches are sharded; calibration reads all of val
     val = WindowBatches(corpus.val, cfg.window, p1.eval.batch_size or p1.batch_size, shuffle=False, drop_last=False)
-    train = WindowBatches(corpus.train, cfg.window, p1.batch_size, shuffle=True, seed=cfg.run.seed)
+    train = WindowBatches(corpus.train, cfg.window, p1.batch_size, shuffle=True, seed=cfg.run.seed, **shard)
     phase1 = run_phase1(model, train, val, p1.fit_config(cfg.window, cfg.run, out / "phase1")) if cfg.lego.phase1 \
         else None
     model.to(resolve_device(cfg.run.device)).eval()

@@ -41,12 +41,22 @@ class BatchSource(Protocol):
         ...
 
     def state_dict(self) -> dict[str, Any]:
-        """The position (epoch, batches consumed) as JSON-serialisable values."""
+        """The position (epoch, and how far into it) as JSON-serialisable values."""
         ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a position saved by `state_dict`."""
         ...
+
+
+def resume_position(windows: int, batch_size: int, world_size: int) -> int:
+    """Batches per rank that cover ``windows`` consumed by all ranks; a `ConfigError` when they cannot."""
+    per_step = batch_size * world_size
+    if windows % per_step:
+        raise ConfigError(f"cannot resume: the checkpoint stopped after {windows:,} windows of its epoch, not a "
+                          f"multiple of batch_size x ranks = {batch_size} x {world_size}; resume with a batch_size "
+                          "and rank count whose product divides it (e.g. those of the saved run)")
+    return windows // per_step
 
 
 class WindowBatches:
@@ -57,7 +67,16 @@ class WindowBatches:
     not used. With ``shuffle``, the window order is a permutation drawn from ``seed`` and the epoch
     (``reshuffle=False`` keeps the epoch-0 order every epoch, so a ``batch_id`` names the same
     windows in every epoch, as per-batch caches need). Ranks take disjoint interleaved slices of
-    the order, each the same length.
+    the order, each the same length (up to ``world_size - 1`` windows of an epoch go unused), so
+    batch b of every rank together is batch b of one process with a ``world_size`` times larger
+    batch::
+
+        order      w0 w1 w2 w3 w4 w5 w6 w7 …      world_size 2, batch_size 2
+        rank 0     w0    w2  | w4    w6  | …       batch 0 of both ranks = w0..w3
+        rank 1        w1    w3 |   w5    w7 | …
+
+    The saved position counts the windows consumed by all ranks together, so a run resumes on
+    any number of ranks whose ``batch_size × world_size`` divides it.
 
     Each batch: ``input_ids`` (B, W) and ``labels`` (B, W) int64, ``sample_ids`` (B,) window
     indices, ``batch_id`` () position of the batch in the epoch.
@@ -114,10 +133,11 @@ class WindowBatches:
         self.epoch, self.position = epoch, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "windows": self.position * self.batch_size * self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.epoch, self.position = int(state["epoch"]), resume_position(int(state["windows"]), self.batch_size,
+                                                                         self.world_size)
 
     def __iter__(self) -> Iterator[Batch]:
         order = self.order(self.epoch)

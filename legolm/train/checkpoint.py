@@ -4,7 +4,8 @@
 
     <out_dir>/checkpoints/step-00000200/
         model.safetensors     every model tensor (shared ones once)
-        optimizer.pt          optimizer state, read back with torch.load(weights_only=True)
+        optimizer.pt          optimizer state keyed by parameter name (whole tensors, any world size),
+                              read back with torch.load(weights_only=True)
         rng.pt                torch (and CUDA) generator states, same
         trainer.json          step, epoch, data position, best metric, early-stopping count,
                               tokens, elapsed time, Python and NumPy RNG states
@@ -16,9 +17,11 @@ the next resume deletes).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,15 +90,24 @@ def _set_rng_state(as_json: dict[str, Any], tensors: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(tensors["cuda"])
 
 
-def save_training_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+def save_training_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer_state: dict[str, Any],
                              trainer_state: dict[str, Any], keep: int) -> Path:
-    """Write ``checkpoints/step-<step>`` atomically and delete all but the newest ``keep``."""
+    """Write ``checkpoints/step-<step>`` atomically and delete all but the newest ``keep``.
+
+    Args:
+        run_dir: The run directory.
+        step: Optimizer steps done.
+        model: A plain module holding the full weights (FSDP2: consolidated first).
+        optimizer_state: The optimizer state keyed by parameter name (see `Wrapped.optimizer_state`).
+        trainer_state: Loop state and data position (JSON-serialisable).
+        keep: Checkpoints to keep.
+    """
     root = Path(run_dir) / CHECKPOINTS
     target = root / f"{PREFIX}{step:08d}"
     rng_json, rng_tensors = _rng_state()
     with atomic_dir(target, overwrite=True) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(rng_tensors, tmp / "rng.pt")
         (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "rng": rng_json}) + "\n")
     for old in sorted(root.glob(f"{PREFIX}*"))[:-keep]:
@@ -103,19 +115,38 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: nn.Module, o
     return target
 
 
-def load_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                             device: torch.device) -> dict[str, Any]:
-    """Restore model, optimizer and RNG states from ``path``; return the trainer state."""
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn a broken or mismatched checkpoint into one `CheckpointError` line."""
     try:
+        yield
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"cannot resume from {path} ({first}); delete it to fall back to an older one") from None
+
+
+def load_training_checkpoint(path: Path, model: nn.Module, device: torch.device) -> tuple[dict[str, Any],
+                                                                                          dict[str, Any]]:
+    """Restore the model weights and RNG states from ``path``; return (trainer state, optimizer state).
+
+    The optimizer state is keyed by parameter name; load it with `Wrapped.load_optimizer_state`
+    once the optimizer exists.
+    """
+    with _reading(path):
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
         if missing or unexpected:
             raise CheckpointError(f"checkpoint {path} does not match the model: missing {sorted(missing)[:5]}, "
                                   f"unexpected {sorted(unexpected)[:5]}; resume with the config it was written with")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         rng_tensors = torch.load(path / "rng.pt", weights_only=True)
         state: dict[str, Any] = json.loads((path / "trainer.json").read_text())
-    except (OSError, ValueError, RuntimeError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"cannot resume from {path} ({first}); delete it to fall back to an older one") from None
     _set_rng_state(state.pop("rng"), rng_tensors)
-    return state
+    return state, optimizer_state
+
+
+def load_optimizer_checkpoint(path: Path, load: Callable[[dict[str, Any]], None], state: dict[str, Any]) -> None:
+    """``load(state)`` (an optimizer state from `load_training_checkpoint`), errors as one `CheckpointError` line."""
+    with _reading(path):
+        load(state)

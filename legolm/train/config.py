@@ -101,6 +101,10 @@ class RunConfig:
         progress: Show a tqdm progress bar.
         plot: Write loss.png (needs matplotlib; skipped with a note when missing).
         tensorboard: Also log to TensorBoard in out_dir/tb (needs the tensorboard package).
+        strategy: Multi-process training under torchrun: none, ddp (replicas) or fsdp2 (sharded weights, fully_shard).
+        backend: Process-group backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo.
+        find_unused_parameters: DDP: let trainable parameters go without a gradient in a step (slower).
+        reshard_after_forward: FSDP2: free each block's gathered weights after its forward (less memory, more traffic).
     """
 
     out_dir: str = "runs/pretrain"
@@ -118,6 +122,10 @@ class RunConfig:
     progress: bool = True
     plot: bool = True
     tensorboard: bool = False
+    strategy: Literal["none", "ddp", "fsdp2"] = "none"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    find_unused_parameters: bool = False
+    reshard_after_forward: bool = True
 
 
 @dataclass

@@ -7,6 +7,11 @@
                      └──────── every eval.every: eval_fn(model) ─ early stop ◀──────────┤
                                           every run.save_every: checkpoint ◀────────────┘
 
+Under ``torchrun`` with ``run.strategy`` ddp or fsdp2 the same loop runs on every rank (see
+`legolm.train.distributed`): each rank reads its shard of the batches, the loss runs inside the
+DDP / FSDP2 forward, gradients are reduced on the last micro-batch of a step, the logged loss and
+tokens and the default evaluation are reduced over ranks, and rank 0 alone writes.
+
 The parts that later methods swap are arguments: the loss (``loss_fn(model, batch) -> (loss,
 n_tokens, metrics)``, default next-token cross-entropy), the evaluation (``eval_fn(model) ->
 metrics``, default mean validation loss/perplexity over the validation windows under the same
@@ -36,11 +41,13 @@ from legolm.errors import ConfigError, LegolmError
 from legolm.train.batches import Batch, BatchSource
 from legolm.train.checkpoint import (
     latest_checkpoint,
+    load_optimizer_checkpoint,
     load_training_checkpoint,
     open_run_dir,
     save_training_checkpoint,
 )
 from legolm.train.config import FitConfig
+from legolm.train.distributed import DistContext, Wrapped, init_distributed
 from legolm.train.metrics import MetricsLogger
 from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
 from legolm.utils.io import atomic_write_text
@@ -155,6 +162,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of rank ``rank`` > 0 from ``step`` on (rank 0 keeps the run's own RNG stream)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared tensors are counted once."""
     unique = {id(p): p for p in model.parameters()}.values()
@@ -173,7 +185,8 @@ class TrainStep:
 
     Nothing here waits for the device: the returned loss and token count stay tensors until the
     caller logs them. ``compile`` wraps the loss call (forward, and through AOTAutograd the
-    backward) in `torch.compile`.
+    backward) in `torch.compile`. The loss runs as ``wrapped.runner(loss_fn, batch)``: through
+    DDP or FSDP2 in a distributed run, with gradients reduced only on the last micro-batch.
 
     Args:
         model: The model (its trainable parameters are in ``optimizer``).
@@ -185,33 +198,33 @@ class TrainStep:
         device: Where batches go.
         compile: Compile the loss call.
         compile_mode: The `torch.compile` mode.
+        wrapped: The model as a distributed run trains it (default: ``model`` in this process).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
                  grad_clip: float, autocast: contextlib.AbstractContextManager[Any], device: torch.device,
-                 compile: bool = False, compile_mode: str = "default") -> None:
-        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+                 compile: bool = False, compile_mode: str = "default", wrapped: Wrapped | None = None) -> None:
+        self.wrapped = wrapped if wrapped is not None else Wrapped(model)
+        self.model, self.loss_fn, self.optimizer, self.schedule = self.wrapped.model, loss_fn, optimizer, schedule
         self.grad_clip, self.autocast, self.device = grad_clip, autocast, device
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
-
-        def call_loss(m: nn.Module, b: Batch) -> LossOutput:
-            return loss_fn(m, b)
-
-        self.loss: LossFn = torch.compile(call_loss, mode=compile_mode) if compile else call_loss
+        runner = self.wrapped.runner
+        self.run: Callable[..., LossOutput] = torch.compile(runner, mode=compile_mode) if compile else runner
 
     def forward(self, batch: Batch) -> LossOutput:
         """The loss of one batch under this step's autocast (also used for evaluation)."""
         with self.autocast:
-            return self.loss(self.model, _to_device(batch, self.device))
+            return self.run(self.loss_fn, _to_device(batch, self.device))
 
     def __call__(self, micro_batches: Sequence[Batch], step: int) -> tuple[Tensor, Tensor | int, float]:
         """Train on ``micro_batches`` as one step; return (mean loss, tokens, lr) without syncing."""
         lr = self.schedule.apply(self.optimizer, step)
         total: Tensor | None = None
         tokens: Tensor | int = 0
-        for batch in micro_batches:
-            loss, n, _ = self.forward(batch)
-            (loss / len(micro_batches)).backward()
+        for i, batch in enumerate(micro_batches):
+            with self.wrapped.grad_sync(i == len(micro_batches) - 1):  # reduce gradients once per step
+                loss, n, _ = self.forward(batch)
+                (loss / len(micro_batches)).backward()
             total = loss.detach() if total is None else total + loss.detach()
             tokens = tokens + n
         if self.grad_clip > 0:
@@ -223,8 +236,16 @@ class TrainStep:
 
 
 def evaluate_loss(step: TrainStep, batches: BatchSource, max_batches: int | None = None) -> dict[str, float]:
-    """Token-weighted mean loss (and its exp, the perplexity) over validation batches, no gradients."""
-    model = step.model
+    """Token-weighted mean loss (and its exp, the perplexity) over validation batches, no gradients.
+
+    Batches sharded over the ranks of a distributed run (``batches.world_size`` equal to it) are
+    summed over ranks, each rank reading ``ceil(max_batches / world_size)`` of them; unsharded
+    ones are read whole by every rank.
+    """
+    model, ctx = step.model, step.wrapped.ctx
+    sharded = ctx.world_size > 1 and getattr(batches, "world_size", 1) == ctx.world_size
+    if max_batches is not None and sharded:
+        max_batches = -(-max_batches // ctx.world_size)
     was_training = model.training
     model.eval()
     batches.set_epoch(0)
@@ -238,6 +259,9 @@ def evaluate_loss(step: TrainStep, batches: BatchSource, max_batches: int | None
             total += loss.double() * n
             count = count + n
     model.train(was_training)
+    step.wrapped.reshard()
+    if sharded:
+        total, count = ctx.all_reduce_sum(torch.stack([total, torch.as_tensor(count, device=step.device).double()]))
     n_tokens = int(count)
     if n_tokens == 0:
         raise ConfigError("the validation batches hold no scored tokens; give the corpus more validation text")
@@ -268,14 +292,15 @@ def fit(model: nn.Module, train: BatchSource, cfg: FitConfig, *, val: BatchSourc
 
     Args:
         model: Moved to ``cfg.run.device``; its parameters with ``requires_grad`` are trained.
-        train: Training batches (see `WindowBatches`).
+        train: Training batches (see `WindowBatches`); in a distributed run, this rank's shard.
         cfg: Loop, optimizer, schedule, evaluation and run settings (any `FitConfig` subclass;
             the whole object is saved as the run's ``config.yaml``).
-        val: Validation batches for the default evaluation.
+        val: Validation batches for the default evaluation (sharded or not; see `evaluate_loss`).
         loss_fn: ``(model, batch) -> (loss, n_tokens, metrics)``; default `NextTokenLoss`.
-        eval_fn: ``model -> metrics`` (must include ``val_ppl`` for early stopping); default: mean
-            loss over ``val`` under the training autocast.
-        callbacks: Hooks called in order.
+        eval_fn: ``model -> metrics`` (must include ``val_ppl`` for early stopping, and give the same
+            metrics on every rank); default: mean loss over ``val`` under the training autocast.
+        callbacks: Hooks called in order (on every rank, with the module that holds the live
+            weights: under FSDP2 its sharded copy).
 
     Returns:
         The `FitResult`; the run directory holds config.yaml, metrics.jsonl/.csv, loss.png and
@@ -286,35 +311,55 @@ def fit(model: nn.Module, train: BatchSource, cfg: FitConfig, *, val: BatchSourc
             ``overwrite``/``resume``).
     """
     cfg.validate()
-    device = resolve_device(cfg.run.device)
+    ctx = init_distributed(cfg.run)
+    device = ctx.device if ctx.distributed else resolve_device(cfg.run.device)
     if device.type == "cuda" and cfg.run.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    check_shards(train, ctx)
     per_epoch, n_steps = total_steps(cfg, len(train))
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise ConfigError("the model has no trainable parameters (all have requires_grad=False)")
-    run_dir = open_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume)
-    model.to(device).train()
-    optimizer = build_optimizer(trainable_parameters(model), cfg.optim, device)
+    ctx.barrier()  # every rank has checked the run directory before rank 0 creates it
+    run_dir = ctx.on_main(lambda: open_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume))
+    ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
+    saved = load_training_checkpoint(ckpt, model, device) if ckpt is not None else None
+    if ctx.strategy != "fsdp2":  # FSDP2 shards a copy and fills the model at the end
+        model.to(device)
+    model.train()
+    wrapped = Wrapped(model, ctx, cfg.run)
+    optimizer = build_optimizer(trainable_parameters(wrapped.model), cfg.optim, device)  # FSDP2: shards
     step = TrainStep(model, loss_fn or NextTokenLoss(), optimizer, LRSchedule(cfg.optim.lr, cfg.schedule, n_steps),
                      cfg.optim.grad_clip, autocast_for(device, cfg.run.precision), device, cfg.run.compile,
-                     cfg.run.compile_mode)
-    state = _start(run_dir, cfg, model, optimizer, train, device)
-    from legolm.cli.args import dump_yaml
+                     cfg.run.compile_mode, wrapped)
+    state = _start(cfg, ckpt, saved, step, train, ctx)
+    say = tqdm.write if ctx.is_main else _silent
+    if ctx.is_main:
+        from legolm.cli.args import dump_yaml
 
-    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    logger = MetricsLogger(run_dir, state.step if cfg.run.resume else None, cfg.run.plot, cfg.run.tensorboard)
-    if eval_fn is None and val is not None:
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    logger = MetricsLogger(run_dir, state.step if cfg.run.resume else None, cfg.run.plot, cfg.run.tensorboard,
+                           enabled=ctx.is_main)
+    evaluate: Callable[[], dict[str, float]] | None = None
+    if eval_fn is not None:
+        custom = eval_fn
+
+        def evaluate() -> dict[str, float]:
+            return wrapped.call(custom)
+    elif val is not None:
         val_batches = val
 
-        def eval_fn(m: nn.Module) -> dict[str, float]:
+        def evaluate() -> dict[str, float]:
             return evaluate_loss(step, val_batches, cfg.eval.max_batches)
 
-    tqdm.write(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%) on {device}, "
-               f"{n_steps:,} steps ({per_epoch:,} per epoch), run dir {run_dir}")
-    loop = _Loop(cfg, step, train, state, logger, eval_fn, callbacks, run_dir, n_steps)
+    where = f"{ctx.world_size} ranks ({ctx.strategy}, rank 0 on {device})" if ctx.distributed else str(device)
+    say(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%) on {where}, "
+        f"{n_steps:,} steps ({per_epoch:,} per epoch), run dir {run_dir}")
+    loop = _Loop(cfg, step, train, state, logger, evaluate, callbacks, run_dir, n_steps)
+    loop.saved_step = state.step if ckpt is not None else -1
     loop.run()
+    wrapped.finish()
     result = FitResult(
         best_val_ppl=state.best_metric, final_val_ppl=loop.last_val_ppl, steps=state.step, tokens=state.tokens,
         seconds=state.elapsed_s, tokens_per_s=state.tokens / max(state.elapsed_s, 1e-9),
@@ -322,33 +367,53 @@ def fit(model: nn.Module, train: BatchSource, cfg: FitConfig, *, val: BatchSourc
         stopped_early=state.stopped_early, evals=loop.evals, run_dir=run_dir,
     )
     if logger.plot_note:
-        tqdm.write(logger.plot_note)
+        say(logger.plot_note)
     return result
 
 
-def _start(run_dir: Path, cfg: FitConfig, model: nn.Module, optimizer: torch.optim.Optimizer, train: BatchSource,
-           device: torch.device) -> FitState:
-    """A fresh state (seeded), or the one of the latest checkpoint when resuming."""
-    ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
-    if ckpt is None:
-        if cfg.run.resume:
-            tqdm.write(f"no checkpoint in {run_dir}: starting from step 0")
-        seed_everything(cfg.run.seed)
+def _silent(message: str) -> None:
+    """What ranks > 0 print."""
+
+
+def check_shards(train: BatchSource, ctx: DistContext) -> None:
+    """In a distributed run the training batches must be this rank's shard of ``ctx.world_size``."""
+    shards = getattr(train, "world_size", 1)
+    if shards != ctx.world_size:
+        raise ConfigError(f"the training batches are split into {shards} shard(s) but {ctx.world_size} ranks train; "
+                          "build them with the rank's shard (e.g. WindowBatches(..., **DistContext.shard()))")
+
+
+def _start(cfg: FitConfig, ckpt: Path | None, saved: tuple[dict[str, Any], dict[str, Any]] | None, step: TrainStep,
+           train: BatchSource, ctx: DistContext) -> FitState:
+    """A fresh state (seeded), or the one of the latest checkpoint when resuming (weights already loaded)."""
+    if ckpt is None or saved is None:
+        if cfg.run.resume and ctx.is_main:
+            tqdm.write(f"no checkpoint in {cfg.run.out_dir}: starting from step 0")
+        seed_everything(cfg.run.seed if ctx.rank == 0 else rank_seed(cfg.run.seed, ctx.rank, 0))
         train.set_epoch(0)
         return FitState()
-    saved = load_training_checkpoint(ckpt, model, optimizer, device)
-    train.load_state_dict(saved["data"])
-    tqdm.write(f"resumed from {ckpt} (step {saved['fit']['step']:,})")
-    return FitState(**saved["fit"])
+    trainer, optimizer_state = saved
+    load_optimizer_checkpoint(ckpt, lambda s: step.wrapped.load_optimizer_state(step.optimizer, s), optimizer_state)
+    train.load_state_dict(trainer["data"])
+    state = FitState(**trainer["fit"])
+    if ctx.rank > 0:
+        seed_everything(rank_seed(cfg.run.seed, ctx.rank, state.step))
+    if ctx.is_main:
+        tqdm.write(f"resumed from {ckpt} (step {state.step:,})")
+    return state
 
 
 class _Loop:
     """The loop body of `fit`, split into short methods: step, log, evaluate, checkpoint."""
 
     def __init__(self, cfg: FitConfig, step: TrainStep, train: BatchSource, state: FitState, logger: MetricsLogger,
-                 eval_fn: EvalFn | None, callbacks: Sequence[Callback], run_dir: Path, n_steps: int) -> None:
+                 evaluate: Callable[[], dict[str, float]] | None, callbacks: Sequence[Callback], run_dir: Path,
+                 n_steps: int) -> None:
         self.cfg, self.step, self.train, self.state, self.logger = cfg, step, train, state, logger
-        self.eval_fn, self.callbacks, self.run_dir, self.n_steps = eval_fn, callbacks, run_dir, n_steps
+        self.eval_fn, self.callbacks, self.run_dir, self.n_steps = evaluate, callbacks, run_dir, n_steps
+        self.ctx = step.wrapped.ctx
+        self.say = tqdm.write if self.ctx.is_main else _silent
+        self.saved_step = -1
         self.evals: list[dict[str, float]] = []
         self.last_val_ppl = math.nan
         self.log_loss: Tensor | float = 0.0  # summed step losses since the last log line
@@ -361,8 +426,8 @@ class _Loop:
         state, cfg, train = self.state, self.cfg, self.train
         for cb in self.callbacks:
             cb.on_train_start(state, self.step.model)
-        self.bar = tqdm(total=self.n_steps, initial=state.step, unit="step", disable=not cfg.run.progress,
-                        dynamic_ncols=True)
+        self.bar = tqdm(total=self.n_steps, initial=state.step, unit="step",
+                        disable=not (cfg.run.progress and self.ctx.is_main), dynamic_ncols=True)
         self.t_mark = self.t_start = time.perf_counter()
         self.elapsed_at_start = state.elapsed_s
         while state.step < self.n_steps and not state.stop:
@@ -399,12 +464,15 @@ class _Loop:
             cb.on_step_end(state, self.step.model)
 
     def log_train(self) -> None:
-        """Sync once: mean loss and tokens/s since the last log line."""
+        """Sync once: mean loss (over ranks too) and tokens/s of all ranks since the last log line."""
         if not self.log_steps:
             return
+        sums = torch.stack([torch.as_tensor(v, device=self.step.device).double()
+                            for v in (self.log_loss, self.log_tokens)])
+        loss_sum, token_sum = self.ctx.all_reduce_sum(sums).tolist()
         now = time.perf_counter()
-        loss = float(self.log_loss) / self.log_steps
-        tokens = int(self.log_tokens)
+        loss = loss_sum / self.ctx.world_size / self.log_steps
+        tokens = int(token_sum)
         self.state.tokens += tokens
         self.state.elapsed_s = self.elapsed_at_start + now - self.t_start
         rate = tokens / max(now - self.t_mark, 1e-9)
@@ -419,7 +487,7 @@ class _Loop:
         if self.eval_fn is None:
             return
         t0 = time.perf_counter()
-        metrics = self.eval_fn(self.step.model)
+        metrics = self.eval_fn()
         self.t_mark += time.perf_counter() - t0  # evaluation time is not training throughput
         self.state.eval_s += time.perf_counter() - t0
         state = self.state
@@ -431,31 +499,38 @@ class _Loop:
         self.logger.flush()
         ppl = metrics.get("val_ppl", math.nan)
         self.last_val_ppl = ppl
-        tqdm.write(f"step {state.step:>7,} | train loss {train_loss:.4f} | "
-                   + " | ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in metrics.items()))
+        self.say(f"step {state.step:>7,} | train loss {train_loss:.4f} | "
+                 + " | ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in metrics.items()))
         if ppl < state.best_metric - self.cfg.eval.min_delta:
             state.best_metric, state.bad_evals = ppl, 0
         else:
             state.bad_evals += 1
             if self.cfg.eval.patience and state.bad_evals >= self.cfg.eval.patience:
-                tqdm.write(f"early stop: val ppl has not improved by > {self.cfg.eval.min_delta} for "
-                           f"{state.bad_evals} evaluations (best {state.best_metric:.4g})")
+                self.say(f"early stop: val ppl has not improved by > {self.cfg.eval.min_delta} for "
+                         f"{state.bad_evals} evaluations (best {state.best_metric:.4g})")
                 state.stop = state.stopped_early = True
         for cb in self.callbacks:
             cb.on_eval(state, self.step.model, metrics)
 
     def save(self) -> None:
+        """Rank 0 writes the full model and optimizer state (under FSDP2 every rank helps gather them)."""
         self.log_train()  # the saved token count and time are exact at this step
-        trainer = {"fit": asdict(self.state), "data": self.train.state_dict()}
-        save_training_checkpoint(self.run_dir, self.state.step, self.step.model, self.step.optimizer, trainer,
-                                 self.cfg.run.keep_checkpoints)
+        self.saved_step = self.state.step
+        wrapped = self.step.wrapped
+        if not (self.ctx.is_main or wrapped.collective_state):
+            return
+        module, optimizer_state = wrapped.model_to_save(), wrapped.optimizer_state(self.step.optimizer)
+        if module is not None:
+            trainer = {"fit": asdict(self.state), "data": self.train.state_dict()}
+            save_training_checkpoint(self.run_dir, self.state.step, module, optimizer_state, trainer,
+                                     self.cfg.run.keep_checkpoints)
 
     def finish(self) -> None:
         self.log_train()
         last_eval = self.evals[-1]["step"] if self.evals else -1
         if last_eval != self.state.step:
             self.evaluate()
-        if latest_checkpoint(self.run_dir) != self.run_dir / "checkpoints" / f"step-{self.state.step:08d}":
+        if self.saved_step != self.state.step:
             self.save()
         self.bar.close()
         self.logger.close()

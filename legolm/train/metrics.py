@@ -43,25 +43,31 @@ class MetricsLogger:
         resume_step: When resuming, rows logged after this step (by the killed run) are dropped.
         plot: Draw ``loss.png`` (needs matplotlib).
         tensorboard: Also write TensorBoard events under ``run_dir/tb``.
+        enabled: Write anything at all (False on ranks > 0 of a distributed run: rank 0 logs).
     """
 
     def __init__(self, run_dir: Path, resume_step: int | None = None, plot: bool = True,
-                 tensorboard: bool = False) -> None:
-        self.dir, self.plot = run_dir, plot
+                 tensorboard: bool = False, enabled: bool = True) -> None:
+        self.dir, self.plot, self.enabled = run_dir, plot, enabled
+        self.plot_note: str | None = None
+        self.tb: Any = None
+        self.rows: list[dict[str, Any]] = []
+        if not enabled:
+            return
         self.rows = read_rows(run_dir / JSONL) if resume_step is not None else []
         self.rows = [r for r in self.rows if r["step"] <= (resume_step or 0)]
         atomic_write_text(run_dir / JSONL, "".join(json.dumps(r) + "\n" for r in self.rows))
-        self.tb: Any = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise ConfigError("run.tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.tb = SummaryWriter(str(run_dir / "tb"))
-        self.plot_note: str | None = None
 
     def log(self, row: dict[str, Any]) -> None:
         """Record one row (``step`` and ``split`` plus numbers)."""
+        if not self.enabled:
+            return
         self.rows.append(row)
         with open(self.dir / JSONL, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -72,6 +78,8 @@ class MetricsLogger:
 
     def flush(self) -> None:
         """Rewrite the CSV (and the plot) from all rows."""
+        if not self.enabled:
+            return
         columns = list(dict.fromkeys(k for r in self.rows for k in r))
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns)
