@@ -19,6 +19,13 @@ def _torch_defaults() -> None:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Downloads, tokenized corpora and Skip-Caches of this test session go to a fresh folder (one per
+    xdist worker): tests never read the user's cache, and parallel workers never share one."""
+    os.environ["LEGOLM_CACHE"] = str(tmp_path_factory.mktemp("legolm_cache"))
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The project's shared real data: $LEGOLM_DATA, else the `shared` folder beside the checkout."""

@@ -108,7 +108,8 @@ def test_eval_ppl_on_tokenized_folder_checks_the_tokenizer(tiny_gpt2_dir: Path, 
 
 
 def test_eval_ppl_bad_input_subprocess(tiny_gpt2_dir: Path, env: dict[str, str], tmp_path: Path) -> None:
-    proc = _run(["eval", "ppl", "--model", str(tiny_gpt2_dir), "--data", str(tmp_path / "nope.txt")], env)
+    proc = _run(["eval", "ppl", "--model", str(tiny_gpt2_dir), "--data", str(tmp_path / "nope.txt"),
+                 "--max-length", "32", "--stride", "16"], env)
     _one_line_error(proc.returncode, proc.stderr, "nope.txt", "named source")
 
 

@@ -26,7 +26,7 @@ from legolm.data.tokenized import (
 )
 from legolm.data.tokenizer import resolve_tokenizer
 from legolm.errors import ConfigError, LegolmError
-from legolm.eval.perplexity import SUSPICIOUS_PPL, PPLResult, sliding_window_ppl
+from legolm.eval.perplexity import SUSPICIOUS_PPL, PPLResult, check_windows, sliding_window_ppl
 from legolm.utils.io import atomic_write_text
 
 
@@ -60,8 +60,10 @@ def run(ns: argparse.Namespace) -> None:
     if cfg.max_tokens is not None and cfg.max_tokens < 2:
         raise LegolmError(f"--max-tokens must be >= 2, got {cfg.max_tokens}")
     device, dtype = device_dtype(ns)
-    corpus = _corpus(data_cfg, model=ns.model if ns.tokenizer is None else None)
     model = load_pretrained(ns.model, device=device, dtype=dtype)
+    check_windows(model.config.block_size, cfg.max_length, cfg.stride, cfg.batch_size)  # before any tokenizing
+    data_cfg.validate()
+    corpus = _corpus(data_cfg, model=ns.model if ns.tokenizer is None else None)
     ids = corpus.split(cfg.split)
     ids = ids[: cfg.max_tokens] if cfg.max_tokens else ids
     n_bytes, n_words = _text_counts(corpus, cfg, ids)

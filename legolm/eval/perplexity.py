@@ -168,12 +168,16 @@ def _batches(spans: list[tuple[int, int, int]], batch_size: int) -> Iterator[lis
 
 
 def _check(model: LanguageModel, n: int, max_length: int, stride: int, batch_size: int) -> None:
-    block = model.config.block_size
+    check_windows(model.config.block_size, max_length, stride, batch_size)
+    if n < 2:
+        raise ConfigError(f"perplexity needs at least 2 tokens, got {n}")
+
+
+def check_windows(block: int, max_length: int, stride: int, batch_size: int) -> None:
+    """Raise `ConfigError` for window settings a model of context ``block`` cannot score."""
     if not 2 <= max_length <= block:
         raise ConfigError(f"max_length {max_length} must be in 2..{block} (the model's block_size)")
     if not 1 <= stride <= max_length:
         raise ConfigError(f"stride {stride} must be in 1..max_length ({max_length}); a larger stride skips tokens")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if n < 2:
-        raise ConfigError(f"perplexity needs at least 2 tokens, got {n}")
