@@ -50,7 +50,9 @@ from legolm.train.config import RunConfig
 
 T = TypeVar("T")
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-BLOCK_LISTS = "blocks"  # FSDP2 shards every element of a ModuleList attribute of this name on its own
+# FSDP2 shards every element of a ModuleList of these names on its own: legolm's blocks, and
+# transformers' GPT-2 (h) and Llama / GPT-NeoX (layers) stacks, so peer models shard the same way.
+BLOCK_LISTS = ("blocks", "h", "layers")
 
 
 class Shard(TypedDict):
@@ -368,12 +370,12 @@ def _fsdp2_copy(model: nn.Module, ctx: DistContext, run: RunConfig) -> nn.Module
 
 
 def _fully_shard(loss_module: LossModule, ctx: DistContext, run: RunConfig) -> nn.Module:
-    """FSDP2: shard every block (each ``blocks`` ModuleList element) on its own, then the rest as the root."""
+    """FSDP2: shard every block (each element of a `BLOCK_LISTS` ModuleList) on its own, then the rest as the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-    blocks = [b for name, m in loss_module.named_modules() if name.split(".")[-1] == BLOCK_LISTS
+    blocks = [b for name, m in loss_module.named_modules() if name.split(".")[-1] in BLOCK_LISTS
               and isinstance(m, nn.ModuleList) for b in m]
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=run.reshard_after_forward)

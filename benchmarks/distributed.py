@@ -1,0 +1,197 @@
+"""Scale-out throughput: 1 GPU vs N GPUs with DDP and FSDP2, legolm vs transformers' GPT-2, same process.
+
+Every setting runs `fit`'s own training step (`TrainStep` through `legolm.train.distributed.Wrapped`:
+DDP, or FSDP2 with each block sharded, then the root) on real TinyStories windows (GPT-2
+tokenizer, ``.bench/``), each rank reading its own shard, batch B x T per GPU, bf16 autocast,
+fp32 master weights, fused AdamW, gradient clipping. Within one launch both libraries are timed
+one after the other from the same random weights (HF's init, converted into legolm, as in
+`benchmarks.pretrain`): legolm's `TransformerLM` and transformers' `GPT2LMHeadModel` (SDPA).
+
+    launch        ranks   strategy
+    single        1       none   (plain process: the baseline)
+    ddp           N       ddp    (torchrun --standalone --nproc_per_node N)
+    fsdp2         N       fsdp2
+
+tok/s counts the tokens of all ranks (N x B x T x steps / wall time after warmup, ranks
+synchronised at start and end). Scaling efficiency = tok/s(N GPUs) / (N x tok/s(1 GPU)), per
+library; the goal is >= 90% for DDP.
+
+    python benchmarks/prepare_data.py                    # once, where the shared data is
+    python -m benchmarks.distributed                     # gpt2 124M, 16 x 1024 per GPU, all visible GPUs
+    python -m benchmarks.distributed --smoke             # CPU, gloo, 2 processes, tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from benchmarks.common import BENCH_DATA, device_info, print_table, write_result
+from benchmarks.pretrain import build_model, hf_loss, padded_config
+from legolm.train.batches import Batch, WindowBatches
+from legolm.train.config import OptimConfig, RunConfig, ScheduleConfig
+from legolm.train.distributed import DistContext, Wrapped, init_distributed
+from legolm.train.fit import NextTokenLoss, TrainStep, autocast_for
+from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
+
+LAUNCHES: dict[str, Literal["none", "ddp", "fsdp2"]] = {"single": "none", "ddp": "ddp", "fsdp2": "fsdp2"}
+LIBRARIES = ["legolm", "hf"]
+CORPUS = "tinystories_gpt2.npy"
+
+
+def rank_batches(ctx: DistContext, batch: int, seq: int, n: int) -> list[Batch]:
+    """``n`` batches of this rank's shard of the real-text windows, on its device (cycled if too few)."""
+    path = BENCH_DATA / CORPUS
+    if not path.is_file():
+        raise SystemExit(f"missing {path}: run `python benchmarks/prepare_data.py` first (needs LEGOLM_DATA)")
+    source = WindowBatches(np.load(path), seq, batch, shuffle=True, seed=0, **ctx.shard())
+    out: list[Batch] = []
+    while len(out) < n:
+        out += [{k: v.to(ctx.device) for k, v in b.items()} for b in source][: n - len(out)]
+    return out
+
+
+def sync(ctx: DistContext) -> None:
+    """Wait for this rank's device, then for every rank."""
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    ctx.barrier()
+
+
+def time_library(library: str, ctx: DistContext, run: RunConfig, args: argparse.Namespace,
+                 batches: list[Batch]) -> dict[str, float]:
+    """Warm up, then time the steps of one library's model under ``run.strategy``."""
+    overrides = {"vocab_size": 50257} if args.smoke else {}
+    config = padded_config(args.model, args.vocab_multiple, overrides)
+    build_on = torch.device("cpu") if run.strategy == "fsdp2" else ctx.device  # FSDP2 shards a host copy
+    model = build_model(library, config, build_on)
+    wrapped = Wrapped(model, ctx, run)
+    optim = OptimConfig(lr=6e-4, weight_decay=0.1, grad_clip=1.0)
+    optimizer = build_optimizer(trainable_parameters(wrapped.model), optim, ctx.device)
+    schedule = LRSchedule(optim.lr, ScheduleConfig(warmup_steps=args.warmup), len(batches))
+    loss_fn = hf_loss if library == "hf" else NextTokenLoss()
+    step = TrainStep(model, loss_fn, optimizer, schedule, optim.grad_clip, autocast_for(ctx.device, run.precision),
+                     ctx.device, args.compile, "default", wrapped)
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    t0 = time.perf_counter()
+    for i in range(args.warmup):
+        step([batches[i]], i)
+    sync(ctx)
+    t1 = time.perf_counter()
+    losses = [step([b], args.warmup + i)[0] for i, b in enumerate(batches[args.warmup:])]
+    sync(ctx)
+    seconds = time.perf_counter() - t1
+    peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else float("nan")
+    mean_loss = ctx.all_reduce_sum(torch.stack([losses[0], losses[-1]]).double()) / ctx.world_size
+    del step, optimizer, wrapped, model
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"tok_s": ctx.world_size * args.batch * args.seq * args.steps / seconds, "seconds": seconds,
+            "warmup_s": t1 - t0, "peak_gb": peak, "first_loss": float(mean_loss[0]), "last_loss": float(mean_loss[1])}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One launch (plain process or torchrun rank): time each library; rank 0 writes ``args.result``."""
+    run = RunConfig(strategy=LAUNCHES[args.launch], device="cpu" if args.smoke else "auto",
+                    precision="fp32" if args.smoke else "bf16-mixed")
+    ctx = init_distributed(run)
+    if not ctx.distributed:
+        ctx = DistContext(device=torch.device("cpu" if args.smoke else "cuda"))
+    if ctx.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    batches = rank_batches(ctx, args.batch, args.seq, args.warmup + args.steps)
+    results = {lib: time_library(lib, ctx, run, args, batches) for lib in args.libraries}
+    if ctx.is_main:
+        Path(args.result).write_text(json.dumps({"world_size": ctx.world_size, "results": results}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(launch: str, nproc: int, args: argparse.Namespace, argv: list[str], out: Path) -> dict[str, Any]:
+    """Run one launch in a child process (under torchrun when distributed) and read its results."""
+    result = out / f"{launch}.json"
+    tail = [*argv, "--worker", "--launch", launch, "--result", str(result)]
+    if launch == "single":
+        cmd = [sys.executable, "-m", "benchmarks.distributed", *tail]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "benchmarks.distributed", *tail]
+    print(f"{launch}: {' '.join(cmd[1:5])} ... ({nproc if launch != 'single' else 1} process(es))", flush=True)
+    proc = subprocess.run(cmd, timeout=args.timeout)
+    if proc.returncode != 0 or not result.is_file():
+        raise SystemExit(f"the {launch} launch failed (exit code {proc.returncode})")
+    data: dict[str, Any] = json.loads(result.read_text())
+    return data
+
+
+def report(found: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[dict[str, str]]:
+    rows = []
+    for launch, data in found.items():
+        n = data["world_size"]
+        for lib, r in data["results"].items():
+            base = found["single"]["results"][lib]["tok_s"] if "single" in found else float("nan")
+            eff = r["tok_s"] / (n * base)
+            rows.append({"impl": lib, "launch": launch, "GPUs": str(n), "tok/s": f"{r['tok_s']:,.0f}",
+                         "tok/s per GPU": f"{r['tok_s'] / n:,.0f}", "scaling eff.": f"{100 * eff:.1f}%",
+                         "peak GB (rank 0)": f"{r['peak_gb']:.1f}",
+                         "loss first->last": f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}"})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gpt2", help="legolm preset (the HF peer gets the same shape)")
+    parser.add_argument("--batch", type=int, default=16, help="sequences per GPU per step")
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--nproc", type=int, default=None, help="GPUs of the distributed launches (default: all)")
+    parser.add_argument("--launches", nargs="+", default=list(LAUNCHES), choices=list(LAUNCHES))
+    parser.add_argument("--libraries", nargs="+", default=LIBRARIES, choices=LIBRARIES)
+    parser.add_argument("--vocab-multiple", type=int, default=64, help="pad the vocabulary to a multiple of this")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the wrapped loss")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per launch")
+    parser.add_argument("--smoke", action="store_true", help="CPU, gloo, 2 processes, tiny-gpt2, a few steps")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--launch", choices=list(LAUNCHES), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.smoke:
+        args.model, args.batch, args.seq, args.steps, args.warmup = "tiny-gpt2", 2, 64, 3, 1
+    if args.worker:
+        worker(args)
+        return
+    nproc = args.nproc or (2 if args.smoke else torch.cuda.device_count())
+    if nproc < 2 and not args.smoke:
+        raise SystemExit(f"{nproc} GPU(s) visible: the distributed launches need >= 2 (or use --smoke on CPU)")
+    argv = list(sys.argv[1:])
+    with tempfile.TemporaryDirectory() as tmp:
+        found = {name: launch(name, nproc, args, argv, Path(tmp)) for name in args.launches}
+    rows = report(found, args)
+    print(f"\nTraining step of {args.model}, batch {args.batch} x {args.seq} real-text tokens per GPU, "
+          f"{'fp32 on CPU (gloo)' if args.smoke else 'bf16 autocast (NCCL)'}, {args.steps} timed steps"
+          f"{', compiled' if args.compile else ''}:\n")
+    table = print_table(rows, list(rows[0]))
+    payload = {**device_info(), "nproc": nproc, "args": {k: v for k, v in vars(args).items()
+                                                         if k not in ("worker", "launch", "result")},
+               "launches": found, "table": table}
+    path = write_result("distributed-smoke" if args.smoke else "distributed", payload)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
