@@ -47,10 +47,10 @@ def legolm(*args: str) -> subprocess.CompletedProcess[str]:
     return _run([str(BIN / "legolm"), *args])
 
 
-def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess[str]:
-    """``nproc`` ranks under ``torchrun`` (gloo on CPU), through ``-m legolm.cli.main``."""
-    return _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), "-m", "legolm.cli.main",
-                 *args])
+def torchrun(*args: str, nproc: int = 2, script: bool = False) -> subprocess.CompletedProcess[str]:
+    """``nproc`` ranks under ``torchrun`` (gloo on CPU), through ``-m legolm.cli.main`` or the console script."""
+    entry = [str(BIN / "legolm")] if script else ["-m", "legolm.cli.main"]
+    return _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), *entry, *args])
 
 
 def pretrain_args(cache: Path, out: Path, batch: int, accum: int = 1) -> list[str]:
@@ -143,7 +143,7 @@ def test_two_rank_checkpoint_resumes_in_one_process(runs: dict[str, Path], tmp_p
 def test_one_process_checkpoint_resumes_on_two_fsdp2_ranks(runs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "resumed"
     _resume_from_step(runs["one"], out, SAVE_EVERY)
-    torchrun(*pretrain_args(runs["cache"], out, 4), "--run.strategy", "fsdp2", "--resume")
+    torchrun(*pretrain_args(runs["cache"], out, 4), "--run.strategy", "fsdp2", "--resume", script=True)
     assert_same_weights(weights(runs["one"] / "model"), weights(out / "model"), initial_weights(runs))
 
 
@@ -164,6 +164,23 @@ def test_custom_loss_calling_model_methods_is_reduced_across_ranks(runs: dict[st
     assert a.keys() == b.keys() and any(v.abs().max() > 50 * ATOL for k, v in a.items() if "lora_B" in k)
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=ATOL, rtol=0, msg=key)
+
+
+def test_lct_cache_is_shared_by_the_ranks(runs: dict[str, Path], tmp_path: Path) -> None:
+    """LCT reads each window's states from its last visit, whichever rank made it: the same run as one process."""
+    common = ["lct", "--config", "configs/lct-tiny.yaml", "--no-run.progress", "--no-run.plot", "--data.max-documents",
+              "12", "--data.tokenizer", "bpe:512", "--data.cache-dir", str(runs["cache"]), "--model.n-embd", "32",
+              "--model.n-head", "2", "--window", "32", "--epochs", "3", "--max-train-windows", "16",
+              "--lag-windows", "2", "--eval.max-batches", "1", "--eval.batch-size", "4", "--methods", "lct",
+              "--run.device", "cpu", "--run.precision", "fp32"]
+    legolm(*common, "--batch-size", "4", "--run.out-dir", str(tmp_path / "one"))
+    torchrun(*common, "--batch-size", "2", "--run.strategy", "ddp", "--run.out-dir", str(tmp_path / "ddp"))
+    one, ddp = ([e for e in json.loads((tmp_path / d / "lct.json").read_text())["runs"][0]["epochs"]]
+                for d in ("one", "ddp"))
+    assert len(one) == len(ddp) == 3 and one[0]["lag_rel"] > one[-1]["lag_rel"]
+    for a, b in zip(one, ddp, strict=True):  # the exact-recurrence perplexity and the cache's lag, per epoch
+        assert b["val_ppl"] == pytest.approx(a["val_ppl"], rel=1e-4)
+        assert b["lag_abs"] == pytest.approx(a["lag_abs"], rel=1e-3)
 
 
 def test_resume_position_must_divide_into_the_new_batches(runs: dict[str, Path]) -> None:
