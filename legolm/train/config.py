@@ -66,7 +66,7 @@ class EvalConfig:
 
     Attributes:
         every: Evaluate every this many optimizer steps (0 = only at the end).
-        max_batches: Validation batches per evaluation (None = the whole validation split).
+        max_batches: Validation batches per evaluation, over all ranks when they are sharded (None = the whole split).
         batch_size: Sequences per validation batch (None = the training batch size).
         patience: Stop after this many evaluations without improvement (0 = never stop early).
         min_delta: A validation perplexity must drop by more than this to count as an improvement.
@@ -134,7 +134,7 @@ class FitConfig:
 
     Attributes:
         window: Tokens per training sequence.
-        batch_size: Sequences per micro-batch.
+        batch_size: Sequences per micro-batch, per rank (N ranks step like one process of N x batch_size).
         grad_accum: Micro-batches per optimizer step.
         max_steps: Optimizer steps (None = as many as epochs gives).
         epochs: Passes over the training data (None = as many as max_steps gives; both = the fewer steps).
