@@ -11,6 +11,7 @@ from legolm.train.config import (
     ScheduleConfig,
     TrainConfig,
 )
+from legolm.train.distributed import DistContext, Wrapped, init_distributed
 from legolm.train.fit import Callback, FitResult, FitState, NextTokenLoss, TrainStep, evaluate_loss, fit
 from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
 
@@ -18,6 +19,7 @@ __all__ = [
     "Batch",
     "BatchSource",
     "Callback",
+    "DistContext",
     "EvalConfig",
     "FitConfig",
     "FitResult",
@@ -32,8 +34,10 @@ __all__ = [
     "TrainConfig",
     "TrainStep",
     "WindowBatches",
+    "Wrapped",
     "build_optimizer",
     "evaluate_loss",
     "fit",
+    "init_distributed",
     "trainable_parameters",
 ]

@@ -276,7 +276,8 @@ class Wrapped:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-            self.runner = DDP(self.loss_module, device_ids=ids,
+            # buffers are synced once here; legolm's (RoPE tables) never change, so no broadcast per forward
+            self.runner = DDP(self.loss_module, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True,
                               find_unused_parameters=(run or RunConfig()).find_unused_parameters)
 
     @contextlib.contextmanager
