@@ -265,10 +265,11 @@ class Wrapped:
     def __init__(self, model: nn.Module, ctx: DistContext | None = None, run: RunConfig | None = None) -> None:
         self.ctx, self.original = ctx or DistContext(), model
         self.strategy = self.ctx.strategy
+        run = run or RunConfig()
         if self.strategy == "fsdp2":
-            self.model = _fsdp2_copy(model, self.ctx, run or RunConfig())
+            self.model = _fsdp2_copy(model, self.ctx)
             self.loss_module = LossModule(self.model)
-            self.runner: nn.Module = _fully_shard(self.loss_module, self.ctx, run or RunConfig())
+            self.runner: nn.Module = _fully_shard(self.loss_module, self.ctx, run)
         else:
             self.model, self.loss_module = model, LossModule(model)
             self.runner = self.loss_module
@@ -278,7 +279,7 @@ class Wrapped:
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             # buffers are synced once here; legolm's (RoPE tables) never change, so no broadcast per forward
             self.runner = DDP(self.loss_module, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True,
-                              find_unused_parameters=(run or RunConfig()).find_unused_parameters)
+                              find_unused_parameters=run.find_unused_parameters)
 
     @contextlib.contextmanager
     def grad_sync(self, enabled: bool) -> Iterator[None]:
@@ -296,7 +297,7 @@ class Wrapped:
         with torch.no_grad():
             if self.strategy != "fsdp2":
                 return fn(self.model)
-            out: T = self.runner(lambda m: fn(m))
+            out: T = self.runner(fn)
         self.reshard()
         return out
 
@@ -343,7 +344,7 @@ class Wrapped:
 
         full = self.strategy == "fsdp2"
         if full:
-            _init_optim_state(optimizer)  # the full-state path maps onto existing (sharded) state tensors
+            _init_optim_state(optimizer)  # (private, torch >= 2.2) the full-state path fills existing sharded state
         set_optimizer_state_dict(self.loss_module if not full else self.runner, optimizer, state,
                                  options=StateDictOptions(full_state_dict=full))
 
@@ -360,13 +361,16 @@ class Wrapped:
         self.original.to(self.ctx.device)
 
 
-def _fsdp2_copy(model: nn.Module, ctx: DistContext, run: RunConfig) -> nn.Module:
-    """The copy FSDP2 shards: rank 0's weights (broadcast), while the caller's model waits in host memory."""
+def _fsdp2_copy(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """The copy FSDP2 shards, with rank 0's weights; both stay in host memory (`fully_shard` moves
+    each block's shards to the GPU), tensor by tensor through the device for NCCL."""
     model.cpu()
-    shadow = copy.deepcopy(model).to(ctx.device)
+    shadow = copy.deepcopy(model)
     with torch.no_grad():
         for tensor in [*shadow.parameters(), *shadow.buffers()]:
-            dist.broadcast(tensor.data, src=0)
+            on_device = tensor.data.to(ctx.device)
+            dist.broadcast(on_device, src=0)
+            tensor.data.copy_(on_device)
     return shadow
 
 
