@@ -147,10 +147,11 @@ def test_one_process_checkpoint_resumes_on_two_fsdp2_ranks(runs: dict[str, Path]
     assert_same_weights(weights(runs["one"] / "model"), weights(out / "model"), initial_weights(runs))
 
 
-def test_custom_loss_calling_model_methods_is_reduced_across_ranks(runs: dict[str, Path], tmp_path: Path) -> None:
+def test_custom_loss_calling_model_methods_is_reduced_across_ranks(runs: dict[str, Path], tmp_path: Path,
+                                                                    shakespeare_text: str) -> None:
     """Skip2-LoRA's loss calls ``features`` and ``head``, never ``forward``: it runs inside the DDP forward."""
     text = tmp_path / "text.txt"
-    text.write_text((Path(os.environ["LEGOLM_DATA"]) / "data/tinyshakespeare.txt").read_text()[:60_000])
+    text.write_text(shakespeare_text[:60_000])
     common = ["finetune", "--method", "skip2lora", "--model", str(runs["one"] / "model"), "--data", str(text),
               "--skip2lora.block-indices", "0", "1", "--skip2lora.r", "4", "--skip2lora.lora-head",
               "--skip-cache.storage", "cpu", "--skip-cache.dtype", "float32", "--window", "32", "--max-steps", "8",
