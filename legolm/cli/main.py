@@ -52,6 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], None] = ns.func
     try:
         func(ns)
+        if "RANK" in os.environ:  # under torchrun: all ranks leave the process group together
+            from legolm.train.distributed import teardown
+
+            teardown(wait=True)
     except LegolmError as err:
         print(f"legolm: error: {err}", file=sys.stderr)
         return 2

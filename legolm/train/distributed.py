@@ -221,10 +221,17 @@ def init_distributed(run: RunConfig) -> DistContext:
     return _CONTEXT
 
 
-def teardown() -> None:
-    """Leave the process group (registered at exit by `init_distributed`)."""
+def teardown(wait: bool = False) -> None:
+    """Leave the process group (at exit, registered by `init_distributed`).
+
+    Args:
+        wait: First wait for every rank (a clean exit: no rank leaves while another still works
+            with the group); the exit of a failing rank must not wait.
+    """
     global _CONTEXT
     if dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
     _CONTEXT = None
 
