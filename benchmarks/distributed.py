@@ -35,13 +35,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from benchmarks.common import BENCH_DATA, device_info, print_table, write_result
 from benchmarks.pretrain import build_model, hf_loss, padded_config
 from legolm.train.batches import Batch, WindowBatches
 from legolm.train.config import OptimConfig, RunConfig, ScheduleConfig
-from legolm.train.distributed import DistContext, Wrapped, init_distributed
+from legolm.train.distributed import DistContext, Wrapped, init_distributed, teardown
 from legolm.train.fit import NextTokenLoss, TrainStep, autocast_for
 from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
 
@@ -117,8 +116,7 @@ def worker(args: argparse.Namespace) -> None:
     results = {lib: time_library(lib, ctx, run, args, batches) for lib in args.libraries}
     if ctx.is_main:
         Path(args.result).write_text(json.dumps({"world_size": ctx.world_size, "results": results}))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    teardown(wait=True)
 
 
 def launch(launch: str, nproc: int, args: argparse.Namespace, argv: list[str], out: Path) -> dict[str, Any]:
