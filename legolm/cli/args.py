@@ -365,3 +365,14 @@ def resolve_config(cls: type[T], ns: argparse.Namespace, base: dict[str, Any] | 
         data = merge(data, layer)
     data = merge(data, cli_overrides(ns))
     return config_from_dict(cls, data)
+
+
+def resolve_run_config(cls: type[T], ns: argparse.Namespace) -> T:
+    """`resolve_config` for a training command: with ``--resume`` the run's saved config.yaml is the base layer."""
+    cfg = resolve_config(cls, ns)
+    saved = Path(cfg.run.out_dir) / "config.yaml"  # type: ignore[attr-defined]
+    if cfg.run.resume and saved.is_file():  # type: ignore[attr-defined]
+        base = load_yaml(saved)
+        base.get("run", {}).pop("overwrite", None)
+        cfg = resolve_config(cls, ns, base)
+    return cfg

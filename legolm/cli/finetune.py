@@ -25,7 +25,7 @@ from legolm.adapters.inject import LoRAConfig
 from legolm.adapters.skip2lora import Skip2LoRAConfig
 from legolm.adapters.skip_cache import SkipCacheConfig
 from legolm.cli import args as cli_args
-from legolm.cli.args import add_config_args, dump_yaml, load_yaml, resolve_config
+from legolm.cli.args import add_config_args, dump_yaml, resolve_run_config
 from legolm.data.tokenized import DataConfig
 from legolm.errors import ConfigError
 from legolm.train.config import FitConfig, OptimConfig, RunConfig, SampleConfig
@@ -83,19 +83,8 @@ class FinetuneConfig(FitConfig):
         self.data.validate()
 
 
-def load_config(ns: argparse.Namespace) -> FinetuneConfig:
-    """The resolved config; with ``--resume`` the run's saved config.yaml is the base layer."""
-    cfg = resolve_config(FinetuneConfig, ns)
-    saved = Path(cfg.run.out_dir) / "config.yaml"
-    if cfg.run.resume and saved.is_file():
-        base = load_yaml(saved)
-        base.get("run", {}).pop("overwrite", None)
-        cfg = resolve_config(FinetuneConfig, ns, base)
-    return cfg
-
-
 def run(ns: argparse.Namespace) -> None:
-    cfg = load_config(ns)
+    cfg = resolve_run_config(FinetuneConfig, ns)
     if ns.print_config:
         print(dump_yaml(cfg), end="")
         return

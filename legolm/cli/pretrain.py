@@ -16,26 +16,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from legolm.cli.args import add_config_args, dump_yaml, load_yaml, resolve_config
+from legolm.cli.args import add_config_args, dump_yaml, resolve_run_config
 from legolm.errors import ConfigError
 from legolm.train.config import TrainConfig
 
 ALIASES = {"--overwrite": "run.overwrite", "--resume": "run.resume"}
 
 
-def load_config(ns: argparse.Namespace) -> TrainConfig:
-    """The resolved config; with ``--resume`` the run's saved config.yaml is the base layer."""
-    cfg = resolve_config(TrainConfig, ns)
-    saved = Path(cfg.run.out_dir) / "config.yaml"
-    if cfg.run.resume and saved.is_file():
-        base = load_yaml(saved)
-        base.get("run", {}).pop("overwrite", None)
-        cfg = resolve_config(TrainConfig, ns, base)
-    return cfg
-
-
 def run(ns: argparse.Namespace) -> None:
-    cfg = load_config(ns)
+    cfg = resolve_run_config(TrainConfig, ns)
     if ns.print_config:
         print(dump_yaml(cfg), end="")
         return
