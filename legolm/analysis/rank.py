@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from legolm.adapters.base import adapter_layers
 from legolm.adapters.lora import LoRALinear
 from legolm.errors import ConfigError, LegolmError
+from legolm.utils.io import atomic_savefig
 
 
 @dataclass
@@ -191,9 +192,7 @@ def plot_energy(profiles: list[RankProfile], thresholds: list[float], path: Path
     ax.set_title(f"Weight-delta energy, {len(profiles)} layers (colour: depth order)")
     ax.set_ylim(0, 1.02)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return atomic_savefig(fig, path, dpi=120)
 
 
 def summary(profiles: list[RankProfile], thresholds: list[float]) -> str:

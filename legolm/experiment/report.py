@@ -5,13 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from legolm.utils.io import atomic_write_text
+from legolm.utils.io import atomic_savefig, atomic_write_text
 
 if TYPE_CHECKING:
     from legolm.experiment.config import ExperimentConfig
@@ -90,9 +88,5 @@ def chart(results: list[ModelResult], path: Path) -> str | None:
     for ax in axes:
         ax.set_xticks(x, names, rotation=20)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path, dpi=110)
     return None

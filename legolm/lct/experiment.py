@@ -19,7 +19,7 @@ from legolm.lct.cache import LaggedStateCache, cache_bytes, choose_device
 from legolm.lct.context_pythia import ContextPythia
 from legolm.lct.train import LagMonitor, LCTConfig, LCTLoss, SequentialLoss, exact_eval
 from legolm.train.batches import WindowBatches
-from legolm.utils.io import atomic_write_text
+from legolm.utils.io import atomic_savefig, atomic_write_text
 
 
 def method_config(cfg: LCTConfig, method: str, steps_per_epoch: int) -> LCTConfig:
@@ -144,7 +144,4 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     ax2.set(xlabel="epoch", ylabel="mean |cache - exact| / mean |exact|", title="LCT cache lag")
     ax1.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_savefig(fig, path, dpi=120)

@@ -19,9 +19,7 @@ is what ``skip``/``propagate`` change (``fill`` equals the hard-routed one).
 from __future__ import annotations
 
 import math
-import os
 import statistics
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from torch import Tensor
 from legolm.lego.early_exit import KVMode, decode_path_nll, generate_with_early_exit
 from legolm.lego.evaluate import TokenScores
 from legolm.lego.model import LegoLM
+from legolm.utils.io import atomic_savefig
 
 
 @dataclass
@@ -218,9 +217,5 @@ def plot_curve(rows: list[CurveRow], path: Path, phase1_ppl: float, deep_ppl: fl
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path, dpi=110)
     return None

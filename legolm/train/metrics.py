@@ -11,13 +11,11 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from legolm.errors import ConfigError
-from legolm.utils.io import atomic_write_text
+from legolm.utils.io import atomic_savefig, atomic_write_text
 
 JSONL, CSV, PLOT = "metrics.jsonl", "metrics.csv", "loss.png"
 
@@ -111,11 +109,7 @@ class MetricsLogger:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fd, tmp = tempfile.mkstemp(prefix=f".{PLOT}.tmp-", suffix=".png", dir=self.dir)
-        os.close(fd)
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, self.dir / PLOT)
+        atomic_savefig(fig, self.dir / PLOT, dpi=100)
 
     def close(self) -> None:
         self.flush()
