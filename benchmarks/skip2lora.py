@@ -125,7 +125,7 @@ def gpu(args: argparse.Namespace) -> None:
                      "trainable": sum(p.numel() for p in model.trainable()),
                      **epochs(skip_step(model, cache, args.lr, device, precision), data_ids, args.epochs, device),
                      "val loss": val_loss(model, val, device, precision)})
-        plain = unload_skip(model)
+        plain = model.base  # the backbone, untouched, for the next run
     ref = rows[1]["later epochs s"]
     for row in rows:
         row["later vs legolm LoRA"] = f"{ref / row['later epochs s']:.1f}x"
@@ -139,11 +139,6 @@ def gpu(args: argparse.Namespace) -> None:
     table = print_table(rows, cols)
     if not args.smoke:
         print(f"wrote {write_result('skip2lora', {**device_info(), 'args': vars(args), 'rows': rows, 'table': table})}")
-
-
-def unload_skip(model: Skip2LoRAModel) -> Any:
-    """The backbone, for the next run (its weights were never trained)."""
-    return model.base
 
 
 def compare(args: argparse.Namespace) -> None:

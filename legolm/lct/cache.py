@@ -18,8 +18,6 @@ from torch import Tensor
 
 from legolm.errors import ConfigError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class LCTCacheConfig:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +32,6 @@ from legolm.train.callbacks import EpochTimer
 from legolm.train.config import FitConfig, ModelSpec
 from legolm.train.distributed import all_gather_cat
 from legolm.train.fit import LossOutput, autocast_for
-
-Method = Literal["lct", "sequential"]
 
 
 def _ce(logits: Tensor, labels: Tensor) -> Tensor:
