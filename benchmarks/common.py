@@ -7,7 +7,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,21 @@ def real_tokens(tokenizer_name: str) -> np.ndarray:
     if not path.is_file():
         raise SystemExit(f"missing {path}: run `python benchmarks/prepare_data.py` first (needs LEGOLM_DATA)")
     return np.load(path)
+
+
+def cycled(source: Iterable[dict[str, torch.Tensor]], n: int, device: torch.device,
+           set_epoch: Callable[[int], None]) -> list[dict[str, torch.Tensor]]:
+    """The first ``n`` batches of ``source`` on ``device``, starting a new epoch whenever one runs out."""
+    out: list[dict[str, torch.Tensor]] = []
+    epoch = 0
+    while len(out) < n:
+        set_epoch(epoch)
+        before = len(out)
+        out += [{k: v.to(device) for k, v in b.items()} for b in source][: n - len(out)]
+        if len(out) == before:
+            raise SystemExit("the batch source yielded nothing: too little text for one batch")
+        epoch += 1
+    return out
 
 
 def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, Any]:

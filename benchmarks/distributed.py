@@ -36,7 +36,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from benchmarks.common import BENCH_DATA, device_info, print_table, write_result
+from benchmarks.common import BENCH_DATA, cycled, device_info, print_table, write_result
 from benchmarks.pretrain import build_model, hf_loss, padded_config
 from legolm.train.batches import Batch, WindowBatches
 from legolm.train.config import OptimConfig, RunConfig, ScheduleConfig
@@ -55,10 +55,7 @@ def rank_batches(ctx: DistContext, batch: int, seq: int, n: int) -> list[Batch]:
     if not path.is_file():
         raise SystemExit(f"missing {path}: run `python benchmarks/prepare_data.py` first (needs LEGOLM_DATA)")
     source = WindowBatches(np.load(path), seq, batch, shuffle=True, seed=0, **ctx.shard())
-    out: list[Batch] = []
-    while len(out) < n:
-        out += [{k: v.to(ctx.device) for k, v in b.items()} for b in source][: n - len(out)]
-    return out
+    return cycled(source, n, ctx.device, source.set_epoch)
 
 
 def sync(ctx: DistContext) -> None:

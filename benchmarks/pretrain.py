@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import BENCH_DATA, device_info, print_table, write_result
+from benchmarks.common import BENCH_DATA, cycled, device_info, print_table, write_result
 from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
 from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
@@ -115,10 +115,7 @@ def real_batches(preset: str, batch: int, seq: int, n: int, device: torch.device
     if not path.is_file():
         raise SystemExit(f"missing {path}: run `python benchmarks/prepare_data.py` first (needs LEGOLM_DATA)")
     source = WindowBatches(np.load(path), seq, batch, shuffle=True, seed=0)
-    out: list[Batch] = []
-    while len(out) < n:
-        out += [{k: v.to(device) for k, v in b.items()} for b in source][: n - len(out)]
-    return out
+    return cycled(source, n, device, source.set_epoch)
 
 
 def time_variant(model: nn.Module, loss_fn: Any, compile: bool, batches: list[Batch], warmup: int,
