@@ -174,10 +174,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
-    """Host batches go to the GPU through pinned memory, without waiting for the copy."""
+    """Host batches go to the GPU through pinned memory, without waiting for the copy; GPU batches stay."""
     if device.type != "cuda":
         return batch
-    return {k: v if v.device == device else v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) if v.is_cuda else v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class TrainStep:
