@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 import legolm.generation.decoder as decoder_mod
 import legolm.layers.attention as attention_mod
 from benchmarks.common import device_info, print_table, timed, write_result
+from benchmarks.decode import prompts_for
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.decoder import DecodeSession
 from legolm.model.config import ModelConfig
@@ -46,11 +48,21 @@ class _F:
         return manual_sdpa if name == "scaled_dot_product_attention" else getattr(F, name)
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One way of building the decode step."""
+
+    compile: bool
+    manual: bool = False  # attention as plain ops instead of SDPA
+    cd: bool = False  # inductor's coordinate-descent tuning
+    mode: str = "default"  # torch.compile mode
+
+
 def set_variant(manual_attention: bool, coordinate_descent: bool) -> None:
     import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()
-    decoder_mod._compiled_step = None
+    decoder_mod._compiled_steps.clear()
     attention_mod.F = _F() if manual_attention else F  # type: ignore[assignment]
     inductor_config.coordinate_descent_tuning = coordinate_descent
 
@@ -95,12 +107,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["gpt2"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--variants", nargs="+", default=["graph", "compile", "compile+manual", "compile+manual+cd"])
+    parser.add_argument("--variants", nargs="+", default=["graph", "compile", "compile+autotune", "compile+manual"])
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    variants = {"graph": (False, False, False), "compile": (True, False, False),
-                "compile+manual": (True, True, False), "compile+manual+cd": (True, True, True),
-                "compile+cd": (True, False, True)}
+    autotune = "max-autotune-no-cudagraphs"  # Triton GEMV templates with fused epilogues
+    variants = {"graph": Variant(False), "compile": Variant(True), "compile+autotune": Variant(True, mode=autotune),
+                "compile+manual": Variant(True, manual=True), "compile+manual+cd": Variant(True, True, True),
+                "compile+cd": Variant(True, cd=True)}
     rows: list[dict[str, Any]] = []
     for preset in args.models:
         torch.manual_seed(0)
@@ -113,23 +126,26 @@ def main() -> None:
 
 
 def profile_model(model: TransformerLM, preset: str, args: argparse.Namespace,
-                  variants: dict[str, tuple[bool, bool, bool]]) -> list[dict[str, Any]]:
+                  variants: dict[str, Variant]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for name in args.variants:
-        comp, manual, cd = variants[name]
-        set_variant(manual, cd)
+        v = variants[name]
+        comp = v.compile
+        set_variant(v.manual, v.cd)
         for batch in args.batch:
-            prompts = [[(97 * i + 13 * j) % 50000 for j in range(64)] for i in range(batch)]
+            prompts = prompts_for(preset, batch, 64)  # real text (Tiny Shakespeare)
             cfg = GenerationConfig(max_new_tokens=args.new_tokens, greedy=True, stop_at_eos=False,
-                                   compile=comp)
+                                   compile=comp, compile_mode=v.mode)
             with torch.inference_mode():
                 sec, _ = timed(lambda cfg=cfg, prompts=prompts: generate(model, prompts, cfg), repeats=3)
-                session = DecodeSession(model, batch, 512, True, None, cuda_graph=True, compile=comp)
+                session = DecodeSession(model, batch, 512, True, None, cuda_graph=True, compile=comp,
+                                        compile_mode=v.mode)
                 session.prefill(torch.tensor(prompts, device="cuda"), torch.full((batch,), 64, device="cuda"))
                 session.start(torch.zeros(batch, dtype=torch.long, device="cuda"), 64,
                               torch.full((batch,), 64, device="cuda"))
                 ms = replay_ms(session, 200)
-                eager = DecodeSession(model, batch, 512, True, None, cuda_graph=False, compile=comp)
+                eager = DecodeSession(model, batch, 512, True, None, cuda_graph=False, compile=comp,
+                                      compile_mode=v.mode)
                 eager.state.slot.fill_(70)
                 count, gpu_ms, top = kernel_profile(eager, 20)
             row = {"model": preset, "variant": name, "batch": batch,

@@ -10,6 +10,7 @@ whole report (the combined table and every benchmark's own table) goes to
     python -m benchmarks.run_all                           # GPU (carry .bench)
     python -m benchmarks.run_all --only decode lora        # a subset
     python -m benchmarks.run_all --smoke                   # CPU: every harness runs (figures meaningless)
+    python -m benchmarks.run_all --collect                 # no runs: today's JSONs (run one by one) -> one table
 
 The multi-GPU scaling benchmark is separate (`python -m benchmarks.distributed` on 2 GPUs).
 """
@@ -66,11 +67,16 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=sorted(SUITE), help="run these benchmarks only")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per benchmark")
     parser.add_argument("--smoke", action="store_true", help="each benchmark's CPU smoke mode (decode has none)")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: combine the JSONs the benchmarks wrote today (run one at a time)")
     args = parser.parse_args()
     chosen = {n: a for n, a in SUITE.items()
               if (not args.only or n in args.only) and not (args.smoke and n == "decode")}
-    status = {name: run(name, [*argv, "--smoke"] if args.smoke else argv, args.timeout)
-              for name, argv in chosen.items()}
+    if args.collect:
+        status = {name: "ok" if latest(name) else "not run today" for name in chosen}
+    else:
+        status = {name: run(name, [*argv, "--smoke"] if args.smoke else argv, args.timeout)
+                  for name, argv in chosen.items()}
     rows: list[dict[str, Any]] = []
     tables: dict[str, str] = {}
     for name, state in status.items():
@@ -80,9 +86,12 @@ def main() -> None:
             continue
         rows += summary_rows(name, result)
         tables[name] = result.get("table", "")
-    print(f"\nlegolm benchmark suite, {device_info()['device']}, torch {device_info()['torch']}, {date.today()}")
+    source = next((r for r in map(latest, status) if r), None) if args.collect else device_info()
+    where = f"{source['device']}, torch {source['torch']}" if source else "no results"
+    print(f"\nlegolm benchmark suite, {where}, {date.today()}")
     table = print_table(rows, ["benchmark", "row", "figures"])
-    print(f"wrote {write_result('all', {**device_info(), 'status': status, 'table': table, 'tables': tables})}")
+    payload = {**(source or device_info()), "status": status, "table": table, "tables": tables}
+    print(f"wrote {write_result('all', payload)}")
 
 
 if __name__ == "__main__":

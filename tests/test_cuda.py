@@ -40,3 +40,34 @@ def test_bf16_logits_close_to_fp32_and_generation_runs() -> None:
     assert ((out - ref).norm() / ref.norm()).item() < 2e-2
     cfg = GenerationConfig(max_new_tokens=16, greedy=True, stop_at_eos=False)
     assert len(generate(model16, [[464, 3139, 286, 4881, 318]], cfg).tokens[0]) == 16
+
+
+def test_autotuned_compile_decode_matches_eager() -> None:
+    model = _model("gpt2", torch.float32)
+    prompts = [[5, 17, 99, 3, 42, 7]]
+    eager = generate(model, prompts, GenerationConfig(max_new_tokens=16, greedy=True, stop_at_eos=False,
+                                                      cuda_graph=False)).tokens
+    cfg = GenerationConfig(max_new_tokens=16, greedy=True, stop_at_eos=False, compile=True,
+                           compile_mode="max-autotune-no-cudagraphs")
+    assert generate(model, prompts, cfg).tokens == eager
+
+
+def test_train_step_takes_batches_already_on_the_gpu() -> None:
+    """Batches built on the GPU (as the benchmarks do) are used in place, CPU ones are copied over."""
+    from contextlib import nullcontext
+
+    from legolm.train.config import OptimConfig, ScheduleConfig
+    from legolm.train.fit import NextTokenLoss, TrainStep
+    from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
+
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig.from_name("tiny-gpt2")).to("cuda").train()
+    device = torch.device("cuda")  # no index: the batches' device is cuda:0
+    optimizer = build_optimizer(trainable_parameters(model), OptimConfig(lr=1e-3), device)
+    step = TrainStep(model, NextTokenLoss(), optimizer, LRSchedule(1e-3, ScheduleConfig(warmup_steps=0), 4),
+                     1.0, nullcontext(), device, False, "default")
+    ids = torch.randint(0, model.config.vocab_size, (2, 17))
+    for where in ("cuda:0", "cpu"):
+        batch = {"input_ids": ids[:, :-1].to(where), "labels": ids[:, 1:].to(where)}
+        loss = step([batch], 0)[0]
+        assert torch.isfinite(torch.as_tensor(loss))

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import copy
+import re
 
+import pytest
 import torch
 
+from legolm.errors import ConfigError
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.generate import _SESSIONS
 from legolm.model.config import ModelConfig
@@ -52,3 +55,13 @@ def test_changed_module_invalidates_the_session() -> None:
                                                           session_cache_size=0)).tokens
     assert after == fresh
     assert after != before
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("compile_mode", "reduce-overhead", "compile_mode must be one of default, max-autotune-no-cudagraphs"),
+    ("top_p", 0.0, "top_p must be in (0, 1]"),
+    ("max_new_tokens", 0, "max_new_tokens must be >= 1"),
+])
+def test_generation_config_refuses_bad_values(field: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        GenerationConfig(**{field: value}).validate()  # type: ignore[arg-type]

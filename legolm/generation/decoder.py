@@ -75,15 +75,15 @@ def decode_step(model: TransformerLM, cache: KVCache, pad_mask: Tensor, state: D
 
 
 StepFn = Callable[[TransformerLM, KVCache, Tensor, DecodeState, bool, "int | None"], Tensor]
-_compiled_step: StepFn | None = None
+_compiled_steps: dict[str, StepFn] = {}
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # the session captures its own CUDA graph
 
 
-def compiled_decode_step() -> StepFn:
-    """`decode_step` under `torch.compile`, created once so its compiled code is reused across calls."""
-    global _compiled_step
-    if _compiled_step is None:
-        _compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
-    return _compiled_step
+def compiled_decode_step(mode: str = "default") -> StepFn:
+    """`decode_step` under `torch.compile` in ``mode``, created once per mode so its code is reused."""
+    if mode not in _compiled_steps:
+        _compiled_steps[mode] = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+    return _compiled_steps[mode]
 
 
 class DecodeSession:
@@ -97,10 +97,11 @@ class DecodeSession:
         eos_id: Rows that emitted it keep emitting it; None = no stop.
         cuda_graph: Capture the step into a CUDA graph (CUDA only).
         compile: `torch.compile` the step before capture.
+        compile_mode: `torch.compile` mode (one of `COMPILE_MODES`).
     """
 
     def __init__(self, model: TransformerLM, batch: int, max_len: int, greedy: bool, eos_id: int | None,
-                 cuda_graph: bool = False, compile: bool = False) -> None:
+                 cuda_graph: bool = False, compile: bool = False, compile_mode: str = "default") -> None:
         param = next(model.parameters())
         # A weak reference: sessions are cached per model, and must not keep it alive.
         self._model = weakref.ref(model)
@@ -108,7 +109,7 @@ class DecodeSession:
         self.cache = KVCache(model.config, batch, max_len, dtype=param.dtype, device=param.device)
         self.pad_mask = torch.ones(batch, max_len, dtype=torch.bool, device=param.device)  # (B, S) real keys
         self.state = DecodeState.empty(batch, max_len, param.device)
-        self.fn: StepFn = compiled_decode_step() if compile else decode_step
+        self.fn: StepFn = compiled_decode_step(compile_mode) if compile else decode_step
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
 

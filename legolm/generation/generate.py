@@ -19,7 +19,7 @@ from torch import Tensor
 
 from legolm.data.tokenizer import Tokenizer
 from legolm.errors import ConfigError
-from legolm.generation.decoder import DecodeSession
+from legolm.generation.decoder import COMPILE_MODES, DecodeSession
 from legolm.generation.sampling import next_token
 from legolm.model.transformer import TransformerLM
 
@@ -38,6 +38,8 @@ class GenerationConfig:
         seed: Seed of the sampling generator (None = nondeterministic).
         cuda_graph: Replay each decode step as a CUDA graph (ignored off CUDA).
         compile: `torch.compile` the decode step (GPU fast path).
+        compile_mode: Its `torch.compile` mode: "default", or "max-autotune-no-cudagraphs" (tunes
+            Triton matmul templates that can fuse their epilogues; slower first call).
         eos_check_every: Steps between checks whether every row is done (each check syncs the GPU).
         cache_bucket: KV-cache lengths are rounded up to a multiple of this, so calls of similar
             lengths share one cached session (cache buffers and captured graph).
@@ -53,6 +55,7 @@ class GenerationConfig:
     seed: int | None = None
     cuda_graph: bool = True
     compile: bool = False
+    compile_mode: str = "default"
     eos_check_every: int = 8
     cache_bucket: int = 256
     session_cache_size: int = 4
@@ -62,6 +65,8 @@ class GenerationConfig:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature <= 0 and not self.greedy:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}; use --greedy for argmax decoding")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -127,12 +132,13 @@ def _session(model: TransformerLM, batch: int, needed: int, config: GenerationCo
     max_len = min(-(-needed // bucket) * bucket, model.config.block_size)
     device = next(model.parameters()).device
     graph = config.cuda_graph and device.type == "cuda"
-    key = (_weights_key(model), batch, max_len, config.greedy, eos, graph, config.compile)
+    key = (_weights_key(model), batch, max_len, config.greedy, eos, graph, config.compile, config.compile_mode)
     sessions = _SESSIONS.setdefault(model, OrderedDict())
     if key in sessions:
         sessions.move_to_end(key)
         return sessions[key]
-    session = DecodeSession(model, batch, max_len, config.greedy, eos, cuda_graph=graph, compile=config.compile)
+    session = DecodeSession(model, batch, max_len, config.greedy, eos, cuda_graph=graph, compile=config.compile,
+                            compile_mode=config.compile_mode)
     if config.session_cache_size > 0:
         sessions[key] = session
         while len(sessions) > config.session_cache_size:
