@@ -36,8 +36,23 @@ def prepare_lego_corpus() -> None:
         print(f"lego corpus: {len(corpus.train):,} train / {len(corpus.val):,} val tokens -> {target}")
 
 
+# texts the GPU machine reads as the shared-data folder (LEGOLM_DATA=.bench/shared), e.g. `legolm lct`
+SHARED_COPIES = ["data/tinyshakespeare.txt"]
+
+
+def copy_shared() -> None:
+    import shutil
+
+    for rel in SHARED_COPIES:
+        target = BENCH_DATA / "shared" / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shared_path(rel), target)
+        print(f"{rel} -> {target}")
+
+
 def main() -> None:
     BENCH_DATA.mkdir(exist_ok=True)
+    copy_shared()
     prepare_lego_corpus()
     for corpus, rel in TEXTS.items():
         text = shared_path(rel).read_text()
