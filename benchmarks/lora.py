@@ -87,13 +87,14 @@ def peft_step(model: Any, lr: float, device: torch.device, autocast: Any) -> Ste
     return step
 
 
-def legolm_step(model: TransformerLM, lr: float, device: torch.device, precision: str, compile: bool) -> StepFn:
+def legolm_step(model: TransformerLM, lr: float, device: torch.device, precision: str, compile: bool,
+                loss_chunk: int = 0) -> StepFn:
     """`fit`'s own step: `TrainStep` with its optimizer (fused AdamW on CUDA over the trainable params)."""
     optim = optim_config(lr)
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], optim, device)
     schedule = LRSchedule(lr, ScheduleConfig(warmup_steps=0, decay="constant"), total_steps=1)
-    train = TrainStep(model, NextTokenLoss(), opt, schedule, optim.grad_clip, autocast_for(device, precision), device,
-                      compile=compile)
+    train = TrainStep(model, NextTokenLoss(loss_chunk), opt, schedule, optim.grad_clip,
+                      autocast_for(device, precision), device, compile=compile)
 
     def step(batch: Batch, i: int) -> torch.Tensor:
         loss, _, _ = train([batch], i)
@@ -177,10 +178,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="also time legolm with torch.compile (default: on, off with --smoke)")
+    parser.add_argument("--loss-chunk", type=int, default=4096,
+                        help="also time legolm with the loss scored this many tokens at a time (0 = not)")
     parser.add_argument("--smoke", action="store_true", help="tiny GPT-2 on CPU, fp32, 2 steps: checks it runs")
     args = parser.parse_args()
     if args.smoke:
         args.model, args.batch, args.seq, args.steps, args.warmup = "tiny-gpt2", 2, 32, 2, 1
+        args.loss_chunk = min(args.loss_chunk, 16)
     args.compile = (not args.smoke) if args.compile is None else args.compile
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype, precision = (torch.float32, "fp32") if device.type == "cpu" else (torch.bfloat16, "bf16-mixed")
@@ -213,6 +217,10 @@ def main() -> None:
     if args.compile:
         rows.append(run("legolm compile", lambda: legolm_step(fresh_ours(), args.lr, device, precision, True), data,
                         args.warmup, device))
+    if args.loss_chunk:
+        chunked = f"legolm {'compile' if args.compile else 'eager'} + chunked CE ({args.loss_chunk})"
+        rows.append(run(chunked, lambda: legolm_step(fresh_ours(), args.lr, device, precision, args.compile,
+                                                     args.loss_chunk), data, args.warmup, device))
     reference = rows[0]["tok/s"]
     for row in rows:
         row["vs peft"] = f"{row['tok/s'] / reference:.2f}x"

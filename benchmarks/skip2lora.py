@@ -39,17 +39,18 @@ from legolm.train.batches import Batch
 from legolm.train.config import OptimConfig, ScheduleConfig
 from legolm.train.fit import TrainStep, autocast_for
 from legolm.train.optim import LRSchedule, build_optimizer
+from legolm.utils.io import atomic_savefig
 
 StepFn = Callable[[Batch, int], torch.Tensor]
 
 
 def skip_step(model: Skip2LoRAModel, cache: SkipCache | None, lr: float, device: torch.device,
-              precision: str) -> StepFn:
+              precision: str, loss_chunk: int = 0) -> StepFn:
     optim = OptimConfig(lr=lr, weight_decay=0.0, grad_clip=1.0)
     opt = build_optimizer(list(model.trainable()), optim, device)
     schedule = LRSchedule(lr, ScheduleConfig(warmup_steps=0, decay="constant"), total_steps=1)
-    train = TrainStep(model, Skip2LoRALoss(cache), opt, schedule, optim.grad_clip, autocast_for(device, precision),
-                      device)
+    train = TrainStep(model, Skip2LoRALoss(cache, loss_chunk), opt, schedule, optim.grad_clip,
+                      autocast_for(device, precision), device)
 
     def step(batch: Batch, i: int) -> torch.Tensor:
         return train([batch], i)[0]
@@ -84,6 +85,10 @@ def epochs(step: StepFn, data: list[Batch], n_epochs: int, device: torch.device)
     return {"epoch 1 s": times[0], "later epochs s": sum(times[1:]) / max(len(times) - 1, 1), "peak GB": peak}
 
 
+def chunked(chunk: int) -> str:
+    return f" + chunked CE ({chunk})" if chunk else ""
+
+
 def gpu(args: argparse.Namespace) -> None:
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype, precision = (torch.float32, "fp32") if device.type == "cpu" else (torch.bfloat16, "bf16-mixed")
@@ -104,13 +109,20 @@ def gpu(args: argparse.Namespace) -> None:
     ours = build_ours(state, args.model, lora, build_peft(hf_model(args.model), lora, dtype, device), dtype, device)
     from benchmarks.lora import legolm_step
 
-    rows.append({"impl": "legolm LoRA", "trainable": n_lora,
-                 **epochs(legolm_step(ours, args.lr, device, precision, args.compile), train, args.epochs, device),
-                 "val loss": val_loss(ours, val, device, precision)})
+    chunks = [0, args.loss_chunk] if args.loss_chunk else [0]
+    start = [p.detach().clone() for p in ours.parameters() if p.requires_grad]
+    for chunk in chunks:
+        with torch.no_grad():  # every LoRA run starts from the same adapters
+            for p, p0 in zip([p for p in ours.parameters() if p.requires_grad], start, strict=True):
+                p.copy_(p0)
+        free(device)
+        step = legolm_step(ours, args.lr, device, precision, args.compile, chunk)
+        rows.append({"impl": f"legolm LoRA{chunked(chunk)}", "trainable": n_lora,
+                     **epochs(step, train, args.epochs, device), "val loss": val_loss(ours, val, device, precision)})
     plain = unload(ours)
     n_blocks = plain.config.n_layer
     skip_r = max(1, round(n_lora / (n_blocks * 2 * plain.config.n_embd)))
-    for cached in (False, True):
+    for cached, chunk in [(c, k) for c in (False, True) for k in chunks]:
         free(device)
         model = Skip2LoRAModel(plain, Skip2LoRAConfig(block_indices=list(range(n_blocks)), r=skip_r,
                                                       alpha=2.0 * skip_r)).to(device)
@@ -121,9 +133,10 @@ def gpu(args: argparse.Namespace) -> None:
                               storage="gpu" if device.type == "cuda" else "cpu", device=device, key="bench")
         data_ids = [{**b, "sample_ids": torch.arange(i * args.batch, (i + 1) * args.batch)}
                     for i, b in enumerate(train)]
-        rows.append({"impl": f"legolm Skip2-LoRA{' + Skip-Cache' if cached else ''}",
+        step = skip_step(model, cache, args.lr, device, precision, chunk)
+        rows.append({"impl": f"legolm Skip2-LoRA{' + Skip-Cache' if cached else ''}{chunked(chunk)}",
                      "trainable": sum(p.numel() for p in model.trainable()),
-                     **epochs(skip_step(model, cache, args.lr, device, precision), data_ids, args.epochs, device),
+                     **epochs(step, data_ids, args.epochs, device),
                      "val loss": val_loss(model, val, device, precision)})
         plain = model.base  # the backbone, untouched, for the next run
     ref = rows[1]["later epochs s"]
@@ -170,7 +183,7 @@ def compare(args: argparse.Namespace) -> None:
         a2.set(xlabel="epoch", ylabel="validation perplexity", title="quality")
         a1.legend()
         fig.tight_layout()
-        fig.savefig(args.png, dpi=120)
+        atomic_savefig(fig, Path(args.png), dpi=120)
         print(f"wrote {args.png}")
 
 
@@ -189,6 +202,8 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=8, help="LoRA rank (Skip2-LoRA's rank matches its parameter count)")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--loss-chunk", type=int, default=4096,
+                        help="also run legolm with the loss scored this many tokens at a time (0 = not)")
     parser.add_argument("--smoke", action="store_true", help="tiny GPT-2 on CPU: checks it runs")
     args = parser.parse_args()
     if args.mode == "compare":

@@ -144,12 +144,16 @@ class Skip2LoRAModel(nn.Module):
         taps = [out.captured[i] for i in self.indices] + [self.base.norm(out.hidden)]
         return torch.stack(taps, dim=1)
 
-    def head(self, feats: Tensor) -> Tensor:
-        """Logits from features (B, K+1, T, C): lm_head(norm(h_L-1) + Σᵢ Sᵢ(hᵢ))."""
+    def head_input(self, feats: Tensor) -> Tensor:
+        """What the head reads, from features (B, K+1, T, C): norm(h_L-1) + Σᵢ Sᵢ(hᵢ), (B, T, C)."""
         x = feats[:, -1].float()  # (B, T, C)
         for k, adapter in enumerate(self.adapters.values()):
             x = x + adapter(feats[:, k])
-        return self.base.lm_head(x.to(self.base.wte.weight.dtype))  # the head's weight dtype (autocast may lower it)
+        return x.to(self.base.wte.weight.dtype)  # the head's weight dtype (autocast may lower it)
+
+    def head(self, feats: Tensor) -> Tensor:
+        """Logits from features (B, K+1, T, C): lm_head(norm(h_L-1) + Σᵢ Sᵢ(hᵢ))."""
+        return self.base.lm_head(self.head_input(feats))
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.head(self.features(idx))

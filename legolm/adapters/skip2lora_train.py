@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from legolm.adapters.skip2lora import Skip2LoRAModel
@@ -20,7 +19,8 @@ from legolm.adapters.skip_cache import (
 )
 from legolm.data.sources import cache_root
 from legolm.train.batches import Batch
-from legolm.train.fit import IGNORE_INDEX, Callback, FitState, LossOutput
+from legolm.train.fit import Callback, FitState, LossOutput
+from legolm.train.head_loss import IGNORE_INDEX, head_cross_entropy
 
 
 class Skip2LoRALoss:
@@ -32,10 +32,11 @@ class Skip2LoRALoss:
 
     Args:
         cache: The Skip-Cache, or None to run the backbone every step.
+        chunk_tokens: Score this many positions at a time (`head_cross_entropy`; 0 = all at once).
     """
 
-    def __init__(self, cache: SkipCache | None) -> None:
-        self.cache = cache
+    def __init__(self, cache: SkipCache | None, chunk_tokens: int = 0) -> None:
+        self.cache, self.chunk_tokens = cache, chunk_tokens
 
     def __call__(self, model: nn.Module, batch: Batch) -> LossOutput:
         assert isinstance(model, Skip2LoRAModel)
@@ -48,8 +49,7 @@ class Skip2LoRALoss:
             if bool(new.any()):
                 self.cache.put(sids[new], model.features(ids[new.to(ids.device)]))
             feats = self.cache.get(sids, ids.device)
-        logits = model.head(feats)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        loss = head_cross_entropy(model.base.lm_head, model.head_input(feats), labels, self.chunk_tokens)
         return loss, (labels != IGNORE_INDEX).sum(), {}
 
 

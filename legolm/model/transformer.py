@@ -105,6 +105,7 @@ class TransformerLM(nn.Module):
         input_pos: Tensor | None = None,
         positions: Tensor | None = None,
         pad_mask: Tensor | None = None,
+        logits: bool = True,
     ) -> Tensor:
         """Run layers ``start:end``.
 
@@ -116,6 +117,8 @@ class TransformerLM(nn.Module):
             input_pos: Cache slots (T,) of these tokens.
             positions: Position ids (B, T) for RoPE / learned embeddings; default = slots or 0..T-1.
             pad_mask: (B, S) True where a key slot holds a real token (left-padded batches).
+            logits: At the top layer, apply the LM head (else return the final norm's output (B, T, C),
+                what the head reads: chunked losses apply the head themselves).
 
         Returns:
             Logits (B, T, vocab) if ``end`` is the top layer, else hidden states (B, T, C).
@@ -127,7 +130,9 @@ class TransformerLM(nn.Module):
         h = self.embed(x, positions) if start == 0 else x
         ctx = self.make_context(positions, h.dtype, cache, input_pos, pad_mask)
         h = self.forward_layers(h, ctx, start, end, cache).hidden
-        return self.project(h) if end == self.config.n_layer else h
+        if end != self.config.n_layer:
+            return h
+        return self.project(h) if logits else self.norm(h)
 
     def embed(self, idx: Tensor, positions: Tensor) -> Tensor:
         """Token (+ learned position) embeddings: (B, T) -> (B, T, C)."""

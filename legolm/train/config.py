@@ -138,6 +138,9 @@ class FitConfig:
         grad_accum: Micro-batches per optimizer step.
         max_steps: Optimizer steps (None = as many as epochs gives).
         epochs: Passes over the training data (None = as many as max_steps gives; both = the fewer steps).
+        loss_chunk_tokens: Next-token losses score this many positions at a time through the LM head,
+            so the (tokens x vocabulary) logits never exist whole (0 = all at once). Same loss and
+            gradients; far less peak memory for large vocabularies (`legolm.train.head_loss`).
         optim: AdamW settings.
         schedule: Learning-rate schedule.
         eval: Validation and early stopping.
@@ -149,6 +152,7 @@ class FitConfig:
     grad_accum: int = 1
     max_steps: int | None = 1000
     epochs: int | None = None
+    loss_chunk_tokens: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -163,6 +167,7 @@ class FitConfig:
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.max_steps is not None or self.epochs is not None, "set max_steps or epochs (or both)"),
+            (self.loss_chunk_tokens >= 0, f"loss_chunk_tokens must be >= 0 (0 = off), got {self.loss_chunk_tokens}"),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
             (self.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.optim.weight_decay}"),
             (0 <= self.optim.beta1 < 1 and 0 <= self.optim.beta2 < 1,

@@ -48,11 +48,11 @@ from legolm.train.checkpoint import (
 )
 from legolm.train.config import FitConfig
 from legolm.train.distributed import DistContext, Wrapped, init_distributed
+from legolm.train.head_loss import IGNORE_INDEX, head_cross_entropy
 from legolm.train.metrics import MetricsLogger
 from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
 from legolm.utils.io import atomic_write_text
 
-IGNORE_INDEX = -100
 LossOutput = tuple[Tensor, Tensor | int, dict[str, Tensor]]
 LossFn = Callable[[nn.Module, Batch], LossOutput]
 EvalFn = Callable[[nn.Module], dict[str, float]]
@@ -63,12 +63,27 @@ class NextTokenLoss:
 
     The batch's ``labels`` are already shifted (label t is the token after input t), so the
     logits of every position are scored. Logits are upcast to fp32 for the softmax.
+
+    Args:
+        chunk_tokens: Score this many positions at a time (`head_cross_entropy`; 0 = all at once).
+            Needs a model whose forward takes ``logits=False`` and that has an ``lm_head``.
     """
 
+    def __init__(self, chunk_tokens: int = 0) -> None:
+        self.chunk_tokens = chunk_tokens
+
     def __call__(self, model: nn.Module, batch: Batch) -> LossOutput:
-        logits = model(batch["input_ids"])  # (B, T, V)
         labels = batch["labels"]  # (B, T)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        if self.chunk_tokens:
+            head = getattr(model, "lm_head", None)
+            if not isinstance(head, nn.Module):
+                raise ConfigError(f"loss_chunk_tokens needs a model with an lm_head (a TransformerLM); "
+                                  f"{type(model).__name__} has none: set loss_chunk_tokens to 0")
+            x = model(batch["input_ids"], logits=False)  # (B, T, C)
+            loss = head_cross_entropy(head, x, labels, self.chunk_tokens)
+        else:
+            logits = model(batch["input_ids"])  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
         return loss, (labels != IGNORE_INDEX).sum(), {}
 
 
@@ -330,9 +345,9 @@ def fit(model: nn.Module, train: BatchSource, cfg: FitConfig, *, val: BatchSourc
     model.train()
     wrapped = Wrapped(model, ctx, cfg.run)
     optimizer = build_optimizer(trainable_parameters(wrapped.model), cfg.optim, device)  # FSDP2: shards
-    step = TrainStep(model, loss_fn or NextTokenLoss(), optimizer, LRSchedule(cfg.optim.lr, cfg.schedule, n_steps),
-                     cfg.optim.grad_clip, autocast_for(device, cfg.run.precision), device, cfg.run.compile,
-                     cfg.run.compile_mode, wrapped)
+    schedule = LRSchedule(cfg.optim.lr, cfg.schedule, n_steps)
+    step = TrainStep(model, loss_fn or NextTokenLoss(cfg.loss_chunk_tokens), optimizer, schedule, cfg.optim.grad_clip,
+                     autocast_for(device, cfg.run.precision), device, cfg.run.compile, cfg.run.compile_mode, wrapped)
     state = _start(cfg, ckpt, saved, step, train, ctx)
     say = tqdm.write if ctx.is_main else _silent
     if ctx.is_main:

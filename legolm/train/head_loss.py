@@ -1,0 +1,94 @@
+"""Cross-entropy through the LM head, optionally in chunks of tokens so the logits never exist whole.
+
+For a 50k-word vocabulary the logits of one 16 x 1,024 batch are 16,384 x 50,304 values: 3.3 GB in
+fp32, and as much again for their gradient. Chunked, only ``chunk_tokens`` rows exist at a time::
+
+    x (N, C) ─┬─ rows 0..n   ─ x W^T ─ (n, V) fp32 ─ log-softmax, loss ─ p - onehot ─┬─ dx = g W
+              ├─ rows n..2n  ─ …                                                  └─ dW += g^T x
+              └─ …
+
+For a plain bias-free `nn.Linear` head the gradients are computed in the forward pass (the loss
+is the end of the graph, so they are known there) and scaled in backward: no recomputation, the
+same FLOPs as the unchunked loss (the approach of Liger Kernel's fused linear cross-entropy, Hsu et
+al. 2024, arXiv 2410.10989). Any other head (a LoRA-wrapped one, say) is checkpointed per chunk:
+its chunk forward runs again in backward. Without autograd (evaluation) chunks are just summed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def head_cross_entropy(head: nn.Module, x: Tensor, labels: Tensor, chunk_tokens: int = 0) -> Tensor:
+    """Mean next-token cross-entropy of ``head(x)`` over the labels that are not ``IGNORE_INDEX``.
+
+    Args:
+        head: The LM head, (..., C) -> (..., V).
+        x: Head inputs (..., C).
+        labels: Targets (...), ``IGNORE_INDEX`` where a position is not scored.
+        chunk_tokens: Rows of logits alive at a time (0 = all at once, plain `F.cross_entropy`).
+    """
+    x, labels = x.reshape(-1, x.shape[-1]), labels.reshape(-1)  # (N, C), (N,)
+    if chunk_tokens <= 0 or x.shape[0] <= chunk_tokens:
+        return F.cross_entropy(_upcast(head(x)), labels, ignore_index=IGNORE_INDEX)
+    n = (labels != IGNORE_INDEX).sum()
+    if torch.is_grad_enabled() and isinstance(head, nn.Linear) and head.bias is None:
+        total = _LinearCrossEntropy.apply(x, head.weight, labels, chunk_tokens)
+    else:
+        total = sum(checkpoint(_chunk_loss_sum, head, xc, yc, use_reentrant=False)
+                    for xc, yc in zip(x.split(chunk_tokens), labels.split(chunk_tokens), strict=True))
+    return total / n  # 0/0 = nan when nothing is scored, as F.cross_entropy gives
+
+
+def _upcast(logits: Tensor) -> Tensor:
+    """Half-precision logits to fp32 for the softmax (fp32 and fp64 stay)."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def _chunk_loss_sum(head: nn.Module, x: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(_upcast(head(x)), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``x @ weight.T`` chunk by chunk, gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            w = weight.to(dtype)  # (V, C), the matmul dtype autocast would use
+            grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+            acc = torch.promote_types(dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
+            grad_w = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
+            total = torch.zeros((), device=x.device, dtype=acc)
+            for start in range(0, x.shape[0], chunk):
+                xc, yc = x[start:start + chunk].to(dtype), labels[start:start + chunk]
+                logits = (xc @ w.T).to(acc)  # (n, V)
+                scored = yc != IGNORE_INDEX
+                target = torch.where(scored, yc, 0)
+                lse = torch.logsumexp(logits, dim=-1)  # (n,)
+                picked = logits.gather(1, target[:, None]).squeeze(1)
+                total += ((lse - picked) * scored).sum()
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place; d(sum)/d logits = softmax - onehot
+                g.scatter_add_(1, target[:, None], -torch.ones_like(picked)[:, None])
+                g = (g * scored[:, None]).to(dtype)  # 0 where not scored
+                if grad_x is not None:
+                    grad_x[start:start + chunk] = (g @ w).to(x.dtype)
+                if grad_w is not None:
+                    grad_w += (g.T @ xc).to(acc)
+        ctx.grads = (grad_x, None if grad_w is None else grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        grad_x, grad_w = ctx.grads
+        ctx.grads = None
+        scale = [None if g is None else g * grad_out.to(g.dtype) for g in (grad_x, grad_w)]
+        return scale[0], scale[1], None, None

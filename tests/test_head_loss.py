@@ -1,0 +1,134 @@
+"""Chunked cross-entropy through the LM head: the same loss and gradients as the whole-logits loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from legolm.adapters import LoRAConfig, inject_lora
+from legolm.adapters.skip2lora import Skip2LoRAConfig, Skip2LoRAModel
+from legolm.adapters.skip2lora_train import Skip2LoRALoss
+from legolm.errors import ConfigError
+from legolm.model.config import ModelConfig
+from legolm.model.transformer import TransformerLM
+from legolm.train.batches import WindowBatches
+from legolm.train.config import FitConfig
+from legolm.train.fit import NextTokenLoss
+from legolm.train.head_loss import IGNORE_INDEX, head_cross_entropy
+
+
+def _inputs(n: int = 37, c: int = 8, v: int = 29, dtype: torch.dtype = torch.float64
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, generator=g, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[[0, 5, 6, 36]] = IGNORE_INDEX  # unscored rows, in the first and the last chunk too
+    return x, labels
+
+
+def _grads(head: nn.Module, x: torch.Tensor, labels: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+    x.grad = None
+    head.zero_grad(set_to_none=True)
+    loss = head_cross_entropy(head, x, labels, chunk)
+    loss.backward()
+    assert x.grad is not None
+    return [loss.detach(), x.grad.clone(), *(p.grad.clone() for p in head.parameters() if p.grad is not None)]
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 36])
+@pytest.mark.parametrize("trainable_head", [True, False])
+def test_fused_linear_path_equals_the_whole_logits_loss(chunk: int, trainable_head: bool) -> None:
+    torch.manual_seed(1)
+    head = nn.Linear(8, 29, bias=False).double().requires_grad_(trainable_head)
+    x, labels = _inputs()
+    ref = _grads(head, x, labels, 0)
+    assert torch.allclose(ref[0], F.cross_entropy(head(x), labels, ignore_index=IGNORE_INDEX))
+    out = _grads(head, x, labels, chunk)
+    assert len(out) == len(ref) == (3 if trainable_head else 2)
+    for a, b in zip(out, ref, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_checkpointed_path_for_a_lora_head_equals_the_whole_logits_loss() -> None:
+    torch.manual_seed(2)
+    model = TransformerLM(ModelConfig.from_name("tiny-gpt2", vocab_size=29, n_embd=8, n_head=2)).double()
+    inject_lora(model, LoRAConfig(r=2, alpha=4, target_modules=["lm_head"]))
+    for p in model.lm_head.parameters():  # B != 0, so the adapter changes the logits
+        if p.requires_grad:
+            p.data.normal_()
+    x, labels = _inputs()
+    ref, out = _grads(model.lm_head, x, labels, 0), _grads(model.lm_head, x, labels, 7)
+    assert len(out) == 4  # loss, x, lora A, lora B
+    for a, b in zip(out, ref, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_without_autograd_chunks_are_summed() -> None:
+    head = nn.Linear(8, 29, bias=False).double()
+    x, labels = _inputs()
+    with torch.no_grad():
+        assert torch.allclose(head_cross_entropy(head, x, labels, 4), head_cross_entropy(head, x, labels, 0))
+
+
+def test_bf16_autocast_stays_close_to_fp32() -> None:
+    torch.manual_seed(3)
+    head = nn.Linear(64, 300, bias=False)
+    x, labels = _inputs(n=96, c=64, v=300, dtype=torch.float32)
+    ref = _grads(head, x, labels, 0)
+    x.grad = head.weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head_cross_entropy(head, x, labels, 32)
+    loss.backward()
+    assert abs(loss.item() - ref[0].item()) / ref[0].item() < 1e-2
+    for got, want in ((x.grad, ref[1]), (head.weight.grad, ref[2])):
+        assert got is not None and got.dtype == torch.float32
+        assert ((got - want).norm() / want.norm()).item() < 3e-2
+
+
+def _tiny_batch(vocab: int) -> dict[str, torch.Tensor]:
+    ids = np.random.default_rng(0).integers(0, vocab, 4 * 16 + 1).astype(np.uint16)
+    return next(iter(WindowBatches(ids, 16, 4, shuffle=False)))
+
+
+def test_next_token_loss_chunked_equals_whole_on_a_model() -> None:
+    torch.manual_seed(4)
+    model = TransformerLM(ModelConfig.from_name("tiny-pythia"))
+    batch = _tiny_batch(model.config.vocab_size)
+    results = []
+    for chunk in (0, 24):
+        model.zero_grad(set_to_none=True)
+        loss, n, _ = NextTokenLoss(chunk)(model, batch)
+        loss.backward()
+        results.append((loss.detach(), n, [p.grad.clone() for p in model.parameters()]))
+    (l0, n0, g0), (l1, n1, g1) = results
+    assert int(n0) == int(n1) == 64
+    assert torch.allclose(l0, l1, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1, strict=True))
+
+
+def test_skip2lora_loss_chunked_equals_whole() -> None:
+    torch.manual_seed(5)
+    base = TransformerLM(ModelConfig.from_name("tiny-pythia"))
+    model = Skip2LoRAModel(base, Skip2LoRAConfig(block_indices=[0, 1], r=4, alpha=8.0)).train()
+    for p in model.trainable():
+        p.data.normal_(std=0.1)
+    batch = _tiny_batch(base.config.vocab_size)
+    grads = []
+    for chunk in (0, 20):
+        model.zero_grad(set_to_none=True)
+        loss, _, _ = Skip2LoRALoss(None, chunk)(model, batch)
+        loss.backward()
+        grads.append([loss.detach(), *(p.grad.clone() for p in model.trainable())])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
+
+
+def test_bad_chunk_settings_are_refused() -> None:
+    cfg = FitConfig(loss_chunk_tokens=-1)
+    with pytest.raises(ConfigError, match="loss_chunk_tokens must be >= 0"):
+        cfg.validate()
+    with pytest.raises(ConfigError, match="needs a model with an lm_head"):
+        NextTokenLoss(8)(nn.Embedding(10, 4), {"input_ids": torch.zeros(1, 4, dtype=torch.long),
+                                               "labels": torch.zeros(1, 4, dtype=torch.long)})
