@@ -8,6 +8,7 @@ cross-entropy on the logits. Only the model differs, eager or under `torch.compi
 
     legolm     legolm.train.fit.TrainStep (what `fit` runs) on a TransformerLM
     hf         the same TrainStep on transformers' GPT2LMHeadModel / GPTNeoXForCausalLM (SDPA attention)
+    chunked    legolm with the loss scored ``--loss-chunk`` tokens at a time (``loss_chunk_tokens``)
 
 The vocabulary is padded to a multiple of 64 (50257 -> 50304, as nanoGPT does) for BOTH
 libraries, so the comparison is between equal shapes. tok/s = batch x seq x steps / wall time
@@ -43,7 +44,7 @@ from legolm.train.fit import LossOutput, NextTokenLoss, TrainStep
 from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
 
 TOKENIZER = {"gpt2": "gpt2", "pythia-160m": "pythia", "tiny-gpt2": "gpt2", "tiny-pythia": "pythia"}
-VARIANTS = ["hf eager", "hf compile", "legolm eager", "legolm compile"]
+VARIANTS = ["hf eager", "hf compile", "legolm eager", "legolm compile", "legolm compile chunked"]
 
 
 def hf_loss(model: nn.Module, batch: Batch) -> LossOutput:
@@ -153,12 +154,13 @@ def main() -> None:
     parser.add_argument("--vocab-multiple", type=int, default=64, help="pad the vocabulary to a multiple of this")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode for the compiled variants")
     parser.add_argument("--matmul-n", type=int, default=8192, help="size of the bf16 matmul that sets the peak")
+    parser.add_argument("--loss-chunk", type=int, default=4096, help="tokens per loss chunk of the 'chunked' variant")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, fp32, a few steps")
     args = parser.parse_args()
     overrides: dict[str, Any] = {}
     if args.smoke:
         args.models = [{"gpt2": "tiny-gpt2", "pythia-160m": "tiny-pythia"}.get(m, m) for m in args.models]
-        args.batch, args.seq, args.steps, args.warmup, args.matmul_n = 2, 64, 3, 2, 512
+        args.batch, args.seq, args.steps, args.warmup, args.matmul_n, args.loss_chunk = 2, 64, 3, 2, 512, 32
         overrides = {"vocab_size": 50257}  # the real tokenizers' ids on the tiny shapes
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     autocast = device.type == "cuda"
@@ -174,9 +176,9 @@ def main() -> None:
         batches = real_batches(preset, args.batch, args.seq, args.warmup + args.steps, device)
         results: dict[str, dict[str, float]] = {}
         for variant in args.variants:
-            library, mode = variant.split()
+            library, mode, *extra = variant.split()  # "chunked": the loss scored args.loss_chunk tokens at a time
             model = build_model(library, config, device)
-            loss_fn = hf_loss if library == "hf" else NextTokenLoss()
+            loss_fn = hf_loss if library == "hf" else NextTokenLoss(args.loss_chunk if "chunked" in extra else 0)
             print(f"{preset}: timing {variant} ...", flush=True)
             r = time_variant(model, loss_fn, mode == "compile", batches, args.warmup, device, autocast,
                              args.compile_mode)
