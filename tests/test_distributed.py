@@ -207,3 +207,40 @@ def test_strategy_without_torchrun_is_a_one_line_error(runs: dict[str, Path], tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs torchrun" in err[0] and "--nproc_per_node" in err[0]
     assert not out.exists()
+
+
+def _layer_dtype_in_forward(precision: str, store: Path) -> torch.dtype:
+    """The dtype a block's linear weight has inside an FSDP2 forward (1 gloo rank, in this process)."""
+    import torch.distributed as dist
+
+    from legolm.model.config import ModelConfig
+    from legolm.model.transformer import TransformerLM
+    from legolm.train.config import RunConfig
+    from legolm.train.distributed import DistContext, LossModule, _fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        model = TransformerLM(ModelConfig.from_name("tiny-pythia"))
+        seen: list[torch.dtype] = []
+        linear = next(m for m in model.blocks[0].modules() if isinstance(m, torch.nn.Linear))
+        linear.register_forward_pre_hook(lambda mod, args: seen.append(mod.weight.dtype))
+        runner = _fully_shard(LossModule(model), DistContext(strategy="fsdp2"), RunConfig(precision=precision))
+        runner(lambda m, x: m(x), torch.zeros(1, 8, dtype=torch.long))
+        return seen[0]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_bf16_mixed_gathers_bf16_weights_and_tracks_one_process(runs: dict[str, Path], tmp_path: Path) -> None:
+    assert _layer_dtype_in_forward("bf16-mixed", tmp_path / "store-bf16") == torch.bfloat16
+    assert _layer_dtype_in_forward("fp32", tmp_path / "store-fp32") == torch.float32
+    bf16 = ["--run.precision", "bf16-mixed"]
+    legolm(*pretrain_args(runs["cache"], tmp_path / "one", 8), *bf16)
+    torchrun(*pretrain_args(runs["cache"], tmp_path / "fsdp2", 4), "--run.strategy", "fsdp2", *bf16)
+    one, sharded = train_losses(tmp_path / "one"), train_losses(tmp_path / "fsdp2")
+    assert [s for s, _ in one] == [s for s, _ in sharded] and len(one) >= 3
+    for (_, a), (_, b) in zip(one, sharded, strict=True):  # bf16 weights vs per-op autocast: rounding only
+        assert abs(a - b) < 5e-3, (one, sharded)
+    start = train_losses(runs["one"])[0][1]
+    assert sharded[-1][1] < start - 0.2  # it trained
+    assert weights(tmp_path / "fsdp2" / "model")["wte.weight"].dtype == torch.float32  # fp32 master weights saved
