@@ -122,7 +122,9 @@ def gpu(args: argparse.Namespace) -> None:
     plain = unload(ours)
     n_blocks = plain.config.n_layer
     skip_r = max(1, round(n_lora / (n_blocks * 2 * plain.config.n_embd)))
-    for cached, chunk in [(c, k) for c in (False, True) for k in chunks]:
+    storages = ["gpu", "cpu"] if device.type == "cuda" else ["cpu"]  # where the Skip-Cache lives
+    for storage, chunk in [(st, k) for st in (None, *storages) for k in chunks]:
+        cached = storage is not None
         free(device)
         model = Skip2LoRAModel(plain, Skip2LoRAConfig(block_indices=list(range(n_blocks)), r=skip_r,
                                                       alpha=2.0 * skip_r)).to(device)
@@ -130,11 +132,12 @@ def gpu(args: argparse.Namespace) -> None:
         if cached:
             shape = (len(train) * args.batch, n_blocks + 1, args.seq, plain.config.n_embd)
             cache = SkipCache(*shape, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                              storage="gpu" if device.type == "cuda" else "cpu", device=device, key="bench")
+                              storage=storage, device=device, key="bench")
         data_ids = [{**b, "sample_ids": torch.arange(i * args.batch, (i + 1) * args.batch)}
                     for i, b in enumerate(train)]
         step = skip_step(model, cache, args.lr, device, precision, chunk)
-        rows.append({"impl": f"legolm Skip2-LoRA{' + Skip-Cache' if cached else ''}{chunked(chunk)}",
+        where = f" + Skip-Cache ({storage})" if cached else ""
+        rows.append({"impl": f"legolm Skip2-LoRA{where}{chunked(chunk)}",
                      "trainable": sum(p.numel() for p in model.trainable()),
                      **epochs(step, data_ids, args.epochs, device),
                      "val loss": val_loss(model, val, device, precision)})

@@ -71,3 +71,13 @@ def test_train_step_takes_batches_already_on_the_gpu() -> None:
         batch = {"input_ids": ids[:, :-1].to(where), "labels": ids[:, 1:].to(where)}
         loss = step([batch], 0)[0]
         assert torch.isfinite(torch.as_tensor(loss))
+
+
+def test_skip_cache_in_cpu_ram_serves_gpu_batches() -> None:
+    from legolm.adapters.skip_cache import SkipCache
+
+    cache = SkipCache(6, 3, 8, 16, torch.bfloat16, "cpu", torch.device("cuda"), "k")
+    feats = torch.randn(2, 3, 8, 16, device="cuda")
+    cache.put(torch.tensor([4, 1]), feats)
+    got = cache.get(torch.tensor([1, 4]), torch.device("cuda"))
+    assert got.is_cuda and torch.equal(got, feats.to(torch.bfloat16)[[1, 0]])

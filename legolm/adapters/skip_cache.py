@@ -158,7 +158,10 @@ class SkipCache:
 
     def get(self, sample_ids: Tensor, device: torch.device) -> Tensor:
         """Stored features (B, K+1, T, C) of these windows, on ``device``."""
-        return self.data[sample_ids.to(self.data.device)].to(device, non_blocking=True)
+        rows = self.data[sample_ids.to(self.data.device)]
+        if rows.device.type == "cpu" and device.type == "cuda":
+            rows = rows.pin_memory()  # an asynchronous host-to-GPU copy
+        return rows.to(device, non_blocking=True)
 
     def put(self, sample_ids: Tensor, features: Tensor) -> None:
         ids = sample_ids.to(self.data.device)
