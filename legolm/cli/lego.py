@@ -92,10 +92,10 @@ def evaluate_and_report(cfg: LegoConfig, corpus: Any, out: Path) -> dict[str, An
     model.to(STORE_DTYPES[d.dtype])  # decoding only from here on (saved and scored in fp32 above)
     prompts = val_windows(corpus.val, d.prompts, d.prompt_len)
     measured = measure_decode(model, prompts, [Setting("full depth", None, "fill"), *settings], d.max_new_tokens,
-                              d.repeats, d.warmup)
+                              d.repeats, d.warmup, progress=cfg.run.progress)
     scored = val_windows(corpus.val, d.score_windows, d.prompt_len + d.score_len, offset=d.prompt_len)
     rows = [curve_row(scores, model.meta.routing_temperature, s, m, measured[0],
-                      decode_path_ppl(model, scored, d.prompt_len, s))
+                      decode_path_ppl(model, scored, d.prompt_len, s, progress=cfg.run.progress))
             for s, m in zip(settings, measured[1:], strict=True)]
     phase1_ppl, deep_ppl = scores.shallow_ppl(), scores.deep_ppl()
     table = format_table(rows, phase1_ppl, deep_ppl)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from legolm.lego.early_exit import KVMode, decode_path_nll, generate_with_early_exit
 from legolm.lego.evaluate import TokenScores
@@ -64,7 +65,7 @@ class DecodeMeasure:
 
 
 def measure_decode(model: LegoLM, prompts: Tensor, settings: list[Setting], max_new_tokens: int,
-                   repeats: int = 3, warmup: int = 1) -> list[DecodeMeasure]:
+                   repeats: int = 3, warmup: int = 1, progress: bool = False) -> list[DecodeMeasure]:
     """Greedy early-exit decoding of each prompt row (batch 1) in each setting, timed.
 
     Args:
@@ -74,12 +75,15 @@ def measure_decode(model: LegoLM, prompts: Tensor, settings: list[Setting], max_
         max_new_tokens: Tokens per prompt (no EOS stop).
         repeats: Timed rounds (median reported).
         warmup: Untimed rounds first.
+        progress: Show a tqdm bar (one tick per setting and round).
     """
     device = next(model.parameters()).device
     times: list[list[float]] = [[] for _ in settings]
     last: list[list] = [[] for _ in settings]
+    bar = tqdm(total=(warmup + repeats) * len(settings), desc="decode timing", unit="run", disable=not progress)
     for r in range(warmup + repeats):
         for i, s in enumerate(settings):
+            bar.update()
             last[i] = [generate_with_early_exit(model, row[None].to(device), max_new_tokens, s.threshold,
                                                 kv_mode=s.kv_mode).stats for row in prompts]
             if r >= warmup:
@@ -100,12 +104,14 @@ def measure_decode(model: LegoLM, prompts: Tensor, settings: list[Setting], max_
     return out
 
 
-def decode_path_ppl(model: LegoLM, windows: Tensor, prompt_len: int, setting: Setting) -> float:
+def decode_path_ppl(model: LegoLM, windows: Tensor, prompt_len: int, setting: Setting,
+                    progress: bool = False) -> float:
     """Perplexity of ``windows[:, prompt_len:]`` along the decode path of ``setting`` (batch 1 per window)."""
     assert setting.threshold is not None
     device = next(model.parameters()).device
     nll = n = 0.0
-    for row in windows:
+    for row in tqdm(windows, desc=f"decode-path ppl ({setting.label}, {setting.kv_mode})", unit="window",
+                    disable=not progress, leave=False):
         row_nll, row_n, _ = decode_path_nll(model, row[None].to(device), prompt_len, setting.threshold,
                                             setting.kv_mode)
         nll, n = nll + row_nll, n + row_n
