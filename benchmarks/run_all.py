@@ -33,6 +33,7 @@ SUITE: dict[str, list[str]] = {
     "decode": ["benchmarks.decode", "--no-hf-static"],
     "early_exit": ["benchmarks.early_exit"],
     "memory_layers": ["benchmarks.memory_layers"],
+    "lct": ["benchmarks.lct"],
 }
 
 
