@@ -26,9 +26,10 @@ def _base(preset: str = "tiny-pythia", seed: int = 0) -> TransformerLM:
     return TransformerLM(ModelConfig.from_name(preset))
 
 
-def _model(preset: str = "tiny-pythia", indices: list[int] | None = None, head: bool = False) -> Skip2LoRAModel:
+def _model(preset: str = "tiny-pythia", indices: list[int] | None = None, head: bool = False,
+           tap_norm: str = "none") -> Skip2LoRAModel:
     model = Skip2LoRAModel(_base(preset), Skip2LoRAConfig(block_indices=indices or [0, 1], r=4, alpha=8.0,
-                                                          lora_head=head))
+                                                          lora_head=head, tap_norm=tap_norm))
     with torch.no_grad():
         for adapter in model.adapters.values():
             assert isinstance(adapter, SkipAdapter)
@@ -36,9 +37,10 @@ def _model(preset: str = "tiny-pythia", indices: list[int] | None = None, head: 
     return model
 
 
-@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-pythia", "tiny-llama"])
-def test_logits_are_head_of_final_norm_plus_adapted_block_outputs(preset: str) -> None:
-    model = _model(preset).eval()
+@pytest.mark.parametrize("preset, tap_norm", [("tiny-gpt2", "none"), ("tiny-pythia", "none"), ("tiny-llama", "none"),
+                                              ("tiny-llama", "final"), ("tiny-gpt2", "final")])
+def test_logits_are_head_of_final_norm_plus_adapted_block_outputs(preset: str, tap_norm: str) -> None:
+    model = _model(preset, tap_norm=tap_norm).eval()
     base = model.base
     idx = torch.randint(0, 512, (2, T))
     with torch.no_grad():
@@ -49,7 +51,8 @@ def test_logits_are_head_of_final_norm_plus_adapted_block_outputs(preset: str) -
         x = base.norm(h1)
         for h, a in ((h0, ad["0"]), (h1, ad["1"])):
             assert isinstance(a, SkipAdapter)
-            x = x + (a.lora_B @ (a.lora_A @ h.unsqueeze(-1))).squeeze(-1) * (8.0 / 4)
+            tap = base.norm(h) if tap_norm == "final" else h  # the adapter's input
+            x = x + (a.lora_B @ (a.lora_A @ tap.unsqueeze(-1))).squeeze(-1) * (8.0 / 4)
         expected = base.lm_head(x)
     torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
 
@@ -165,13 +168,16 @@ def test_storage_follows_budgets_and_refuses_when_nothing_fits(tmp_path: Path) -
 
 def test_fingerprint_changes_with_weights_data_window_indices_and_dtype() -> None:
     base, ids = _base(), np.arange(200, dtype=np.uint16)
-    ref = fingerprint(base, ids, T, [0, 1], torch.bfloat16)
-    assert fingerprint(base, ids, T, [0, 1], torch.bfloat16) == ref
+    ref = fingerprint(base, ids, T, [0, 1], torch.bfloat16, "none")
+    assert fingerprint(base, ids, T, [0, 1], torch.bfloat16, "none") == ref
     other = _base(seed=1)
-    changed = [fingerprint(other, ids, T, [0, 1], torch.bfloat16), fingerprint(base, ids[::-1].copy(), T, [0, 1],
-               torch.bfloat16), fingerprint(base, ids, T + 1, [0, 1], torch.bfloat16),
-               fingerprint(base, ids, T, [1], torch.bfloat16), fingerprint(base, ids, T, [0, 1], torch.float16)]
-    assert ref not in changed and len(set(changed)) == 5
+    changed = [fingerprint(other, ids, T, [0, 1], torch.bfloat16, "none"),
+               fingerprint(base, ids[::-1].copy(), T, [0, 1], torch.bfloat16, "none"),
+               fingerprint(base, ids, T + 1, [0, 1], torch.bfloat16, "none"),
+               fingerprint(base, ids, T, [1], torch.bfloat16, "none"),
+               fingerprint(base, ids, T, [0, 1], torch.float16, "none"),
+               fingerprint(base, ids, T, [0, 1], torch.bfloat16, "final")]
+    assert ref not in changed and len(set(changed)) == 6
 
 
 def test_disk_cache_is_reused_when_valid_and_rebuilt_when_stale(tmp_path: Path) -> None:
@@ -210,3 +216,8 @@ def test_save_and_load_round_trip_and_refuse_another_model(tmp_path: Path) -> No
                        tmp_path / "a")
     with pytest.raises(Exception, match="exists"):
         save_skip2lora(model, tmp_path / "a")
+
+
+def test_unknown_tap_norm_is_refused() -> None:
+    with pytest.raises(ConfigError, match="tap_norm must be one of none, final"):
+        Skip2LoRAModel(_base(), Skip2LoRAConfig(block_indices=[0], tap_norm="rms"))

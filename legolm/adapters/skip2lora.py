@@ -10,6 +10,11 @@ Devices", ASP-DAC 2025, arXiv:2410.21073, in the transformer form LitGPT-style i
 
     x = norm(h_L-1) + Σᵢ Sᵢ(hᵢ),   logits = lm_head(x)   (lm_head optionally with its own LoRA)
 
+With ``tap_norm="final"`` each adapter reads norm(hᵢ) instead, through the same frozen final norm.
+Raw residual streams of pretrained Llama-family models carry massive activations (Sun et al. 2024,
+arXiv:2402.17762): SmolLM2-135M's block outputs reach |h| ≈ 2·10⁴ where the final norm's output
+stays near 50, and adapters on raw hᵢ diverge at ordinary learning rates (README, measured).
+
 The backbone runs under ``torch.no_grad``: backward touches only the adapters, the optional head
 LoRA and the head's input gradient, never a block. Because the frozen backbone is deterministic,
 its outputs for a training window (the ``features``: every hᵢ and norm(h_L-1)) are the same in
@@ -38,6 +43,7 @@ from legolm.model.transformer import TransformerLM
 from legolm.utils.io import atomic_dir
 
 CONFIG_FILE, WEIGHTS_FILE = "skip2lora_config.json", "skip2lora_model.safetensors"
+TAP_NORMS = ("none", "final")
 
 
 @dataclass
@@ -50,6 +56,8 @@ class Skip2LoRAConfig:
         alpha: Scale numerator: adapter outputs are multiplied by alpha/r.
         dropout: Dropout on each adapter's input, in [0, 1).
         lora_head: Also put an ordinary LoRA (same r/alpha) on the LM head.
+        tap_norm: What an adapter reads: ``none``, the block output hᵢ as in the paper; ``final``,
+            the frozen final norm of hᵢ (bases with massive activations, e.g. Llama/SmolLM2).
     """
 
     block_indices: list[int]
@@ -57,10 +65,13 @@ class Skip2LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     lora_head: bool = False
+    tap_norm: str = "none"
 
     def validate(self, n_layer: int) -> None:
         """Raise `ConfigError` for indices a model of ``n_layer`` blocks cannot use, or bad sizes."""
         check_lora_settings(self.r, self.alpha, self.dropout, where="Skip2-LoRA")
+        if self.tap_norm not in TAP_NORMS:
+            raise ConfigError(f"Skip2-LoRA tap_norm must be one of {', '.join(TAP_NORMS)}, got {self.tap_norm!r}")
         if not self.block_indices:
             raise ConfigError(f"Skip2-LoRA needs at least one block index; e.g. --skip2lora.block-indices "
                               f"{' '.join(str(i) for i in range(max(0, n_layer - 3), n_layer))}")
@@ -136,12 +147,13 @@ class Skip2LoRAModel(nn.Module):
 
     @torch.no_grad()
     def features(self, idx: Tensor) -> Tensor:
-        """The frozen backbone's outputs the head reads: (B, K+1, T, C) = [h_i for chosen i] + [norm(h_L-1)]."""
+        """The frozen backbone's outputs the head reads: (B, K+1, T, C) = [tap(h_i) for chosen i] + [norm(h_L-1)]."""
         B, T = idx.shape
         positions = torch.arange(T, device=idx.device).expand(B, T)
         h = self.base.embed(idx, positions)
         out = self.base.forward_layers(h, self.base.make_context(positions, h.dtype), capture=self.indices)
-        taps = [out.captured[i] for i in self.indices] + [self.base.norm(out.hidden)]
+        tap = self.base.norm if self.skip_config.tap_norm == "final" else (lambda x: x)
+        taps = [tap(out.captured[i]) for i in self.indices] + [self.base.norm(out.hidden)]
         return torch.stack(taps, dim=1)
 
     def head_input(self, feats: Tensor) -> Tensor:

@@ -80,7 +80,8 @@ def build_skip_cache(model: Skip2LoRAModel, tokens: np.ndarray, n_windows: int, 
     nbytes = cache_nbytes(n_windows, n_features, window, width, dtype)
     print(f"Skip-Cache: {n_windows:,} windows x {n_features} features x {window} tokens x {width} {config.dtype} "
           f"= {nbytes / 2**20:,.1f} MiB")
-    key = fingerprint(model.base, tokens[: n_windows * window + 1], window, model.indices, dtype)
+    key = fingerprint(model.base, tokens[: n_windows * window + 1], window, model.indices, dtype,
+                      model.skip_config.tap_norm)
     disk_dir = (Path(config.dir) if config.dir else cache_root() / "skip_cache" / key[:24]) / subdir
     storage = choose_storage(config, nbytes, device, disk_dir)
     cache = SkipCache(n_windows, n_features, window, width, dtype, storage, device, key, disk_dir)

@@ -88,7 +88,7 @@ def choose_storage(config: SkipCacheConfig, nbytes: int, device: torch.device, d
 
 
 def fingerprint(backbone: torch.nn.Module, tokens: np.ndarray, window: int, indices: list[int],
-                dtype: torch.dtype) -> str:
+                dtype: torch.dtype, tap_norm: str) -> str:
     """A hash of everything the cached features depend on."""
     h = hashlib.sha256()
     for name, tensor in sorted(backbone.state_dict().items()):
@@ -97,7 +97,7 @@ def fingerprint(backbone: torch.nn.Module, tokens: np.ndarray, window: int, indi
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     h.update(np.ascontiguousarray(tokens).tobytes())
-    h.update(json.dumps({"window": window, "indices": indices, "dtype": str(dtype)}).encode())
+    h.update(json.dumps({"window": window, "indices": indices, "dtype": str(dtype), "tap_norm": tap_norm}).encode())
     return h.hexdigest()
 
 
