@@ -29,6 +29,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,7 @@ class Skip2LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     lora_head: bool = False
-    tap_norm: str = "none"
+    tap_norm: Literal["none", "final"] = "none"
 
     def validate(self, n_layer: int) -> None:
         """Raise `ConfigError` for indices a model of ``n_layer`` blocks cannot use, or bad sizes."""

@@ -22,6 +22,10 @@ from legolm.errors import ConfigError
 from legolm.model.config import PRESETS, ModelConfig
 
 
+def uses_bf16(device_type: str, precision: str) -> bool:
+    """Whether ``precision`` (a `RunConfig.precision`) computes in bf16 on a ``device_type`` device."""
+    return precision == "bf16-mixed" or (precision == "auto" and device_type == "cuda")
+
 @dataclass
 class OptimConfig:
     """AdamW settings.

@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from legolm.errors import ConfigError, LegolmError
-from legolm.train.config import RunConfig
+from legolm.train.config import RunConfig, uses_bf16
 
 T = TypeVar("T")
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -401,6 +401,6 @@ def _mixed_precision(device: torch.device, precision: str) -> Any:
     in fp32 (half the all-gather traffic; the optimizer still steps fp32 master weights)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if precision == "bf16-mixed" or (precision == "auto" and device.type == "cuda"):
+    if uses_bf16(device.type, precision):
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()

@@ -46,7 +46,7 @@ from legolm.train.checkpoint import (
     open_run_dir,
     save_training_checkpoint,
 )
-from legolm.train.config import FitConfig
+from legolm.train.config import FitConfig, uses_bf16
 from legolm.train.distributed import DistContext, Wrapped, init_distributed
 from legolm.train.head_loss import IGNORE_INDEX, head_cross_entropy
 from legolm.train.metrics import MetricsLogger
@@ -166,7 +166,7 @@ def resolve_device(name: str) -> torch.device:
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast for ``bf16-mixed`` (and ``auto`` on CUDA), else nothing (fp32)."""
-    if precision == "bf16-mixed" or (precision == "auto" and device.type == "cuda"):
+    if uses_bf16(device.type, precision):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
