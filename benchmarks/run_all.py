@@ -91,6 +91,8 @@ def main() -> None:
     where = f"{source['device']}, torch {source['torch']}" if source else "no results"
     print(f"\nlegolm benchmark suite, {where}, {date.today()}")
     table = print_table(rows, ["benchmark", "row", "figures"])
+    if args.smoke:  # crash checks only: the combined table of the day's real runs stays as it is
+        return
     payload = {**(source or device_info()), "status": status, "table": table, "tables": tables}
     print(f"wrote {write_result('all', payload)}")
 
