@@ -123,6 +123,7 @@ class _TwoCacheDecoder:
         self.lower_cache = KVCache(cfg, batch, max_len, layers=range(s), dtype=p.dtype, device=p.device)
         self.upper_cache = KVCache(cfg, batch, max_len, layers=range(s, L), dtype=p.dtype, device=p.device)
         self.device = p.device
+        self.slots = torch.arange(max_len, device=p.device)  # positions as device tensors without a copy per step
         self.upper_len = 0  # slots of the upper cache in use (skip mode: dense)
         self.queue: list[tuple[Tensor, int]] = []  # fill mode: (h_s (B, 1, C), position) of exited tokens
         self.layer_calls = self.token_layers = self.kv_projections = self.macs = 0
@@ -139,6 +140,10 @@ class _TwoCacheDecoder:
         self.macs += tokens * sum(self.block_macs[start:end])
 
     def _pos(self, *positions: int) -> Tensor:
+        """(n,) position ids: a slice of ``slots`` when consecutive (always, in practice), else a new tensor."""
+        first, n = positions[0], len(positions)
+        if positions == tuple(range(first, first + n)):
+            return self.slots[first:first + n]
         return torch.tensor(positions, dtype=torch.long, device=self.device)
 
     def prefill(self, idx: Tensor) -> tuple[Tensor, Tensor]:
