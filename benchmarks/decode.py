@@ -110,13 +110,20 @@ def main() -> None:
                              "ms/step": f"{1000 * sec / args.new_tokens:.2f}",
                              "vs hf": f"{t_hf / sec:.1f}x", "greedy agree": f"{agree(toks, ref)}/{len(ref)}",
                              "first call s": f"{first_call[name]:.2f}" if name in first_call else ""})
+            save(rows, args, complete=False)  # a run cut short still leaves the rows measured so far
         del hf, ours
         torch.cuda.empty_cache()
     print(f"\nDecode, {args.prompt_tokens}-token real-text prompts, {args.new_tokens} new tokens, bf16, "
           f"{device_info()['device']}")
-    table = print_table(rows, ["model", "batch", "impl", "tok/s", "ms/step", "vs hf", "greedy agree", "first call s"])
-    path = write_result("decode", {**device_info(), "args": vars(args), "rows": rows, "table": table})
-    print(f"wrote {path}")
+    print(f"wrote {save(rows, args, complete=True)}")
+
+
+def save(rows: list[dict[str, Any]], args: argparse.Namespace, complete: bool) -> Any:
+    """Print (when complete) and write the table; ``complete`` False marks a partial result."""
+    columns = ["model", "batch", "impl", "tok/s", "ms/step", "vs hf", "greedy agree", "first call s"]
+    table = print_table(rows, columns) if complete else ""
+    return write_result("decode", {**device_info(), "args": vars(args), "complete": complete, "rows": rows,
+                                   "table": table})
 
 
 if __name__ == "__main__":
