@@ -197,6 +197,9 @@ def main() -> None:
                          "ms/step": f"{1000 * r['seconds'] / r['steps']:.1f}", "peak GB": f"{r['peak_gb']:.1f}",
                          "MFU": f"{100 * r['mfu']:.1f}%", "vs hf eager": f"{r['tok_s'] / base['tok_s']:.2f}x" if base
                          else "", "loss first->last": f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}"})
+        if not args.smoke:  # a run cut at the call's limit keeps the models measured so far
+            write_result("pretrain", {**device_info(), "args": vars(args), "matmul_tflops": peak / 1e12,
+                                      "complete": False, "rows": rows, "table": ""})
     print(f"\nPretraining step, batch {args.batch} x {args.seq} real-text tokens, "
           f"{'bf16 autocast, fused AdamW' if autocast else 'fp32, AdamW'}, {device_info()['device']}, "
           f"matmul peak {peak / 1e12:,.3f} TFLOP/s")
@@ -204,8 +207,8 @@ def main() -> None:
                                "loss first->last"])
     if args.smoke:  # a crash check, not a measurement: nothing goes to benchmarks/results
         return
-    path = write_result("pretrain", {**device_info(), "args": vars(args), "matmul_tflops": peak / 1e12, "rows": rows,
-                                     "table": table})
+    path = write_result("pretrain", {**device_info(), "args": vars(args), "matmul_tflops": peak / 1e12,
+                                     "complete": True, "rows": rows, "table": table})
     print(f"wrote {path}")
 
 
