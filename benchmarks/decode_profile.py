@@ -11,6 +11,7 @@ graph, how many kernels one step launches and their summed GPU time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -56,6 +57,14 @@ class Variant:
     manual: bool = False  # attention as plain ops instead of SDPA
     cd: bool = False  # inductor's coordinate-descent tuning
     mode: str = "default"  # torch.compile mode
+    sdpa: str | None = None  # force one SDPA backend (SDPBackend name), e.g. FLASH_ATTENTION
+
+
+def sdpa_backend(name: str | None) -> contextlib.AbstractContextManager[Any]:
+    """Restrict `scaled_dot_product_attention` to one backend while the step is traced and captured."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, name)) if name else contextlib.nullcontext()
 
 
 def set_variant(manual_attention: bool, coordinate_descent: bool) -> None:
@@ -107,13 +116,15 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["gpt2"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--variants", nargs="+", default=["graph", "compile", "compile+autotune", "compile+manual"])
+    parser.add_argument("--variants", nargs="+",
+                        default=["graph", "compile", "compile+autotune", "compile+flash", "compile+efficient"])
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     autotune = "max-autotune-no-cudagraphs"  # Triton GEMV templates with fused epilogues
     variants = {"graph": Variant(False), "compile": Variant(True), "compile+autotune": Variant(True, mode=autotune),
                 "compile+manual": Variant(True, manual=True), "compile+manual+cd": Variant(True, True, True),
-                "compile+cd": Variant(True, cd=True)}
+                "compile+cd": Variant(True, cd=True), "compile+flash": Variant(True, sdpa="FLASH_ATTENTION"),
+                "compile+efficient": Variant(True, sdpa="EFFICIENT_ATTENTION")}
     rows: list[dict[str, Any]] = []
     for preset in args.models:
         torch.manual_seed(0)
@@ -136,7 +147,7 @@ def profile_model(model: TransformerLM, preset: str, args: argparse.Namespace,
             prompts = prompts_for(preset, batch, 64)  # real text (Tiny Shakespeare)
             cfg = GenerationConfig(max_new_tokens=args.new_tokens, greedy=True, stop_at_eos=False,
                                    compile=comp, compile_mode=v.mode)
-            with torch.inference_mode():
+            with torch.inference_mode(), sdpa_backend(v.sdpa):
                 sec, _ = timed(lambda cfg=cfg, prompts=prompts: generate(model, prompts, cfg), repeats=3)
                 session = DecodeSession(model, batch, 512, True, None, cuda_graph=True, compile=comp,
                                         compile_mode=v.mode)
