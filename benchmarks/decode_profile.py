@@ -26,6 +26,7 @@ from benchmarks.common import device_info, print_table, timed, write_result
 from benchmarks.decode import prompts_for
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.decoder import DecodeSession
+from legolm.generation.generate import _SESSIONS
 from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 
@@ -72,6 +73,7 @@ def set_variant(manual_attention: bool, coordinate_descent: bool) -> None:
 
     torch._dynamo.reset()
     decoder_mod._compiled_steps.clear()
+    _SESSIONS.clear()  # generate's cached sessions hold graphs captured under the previous variant
     attention_mod.F = _F() if manual_attention else F  # type: ignore[assignment]
     inductor_config.coordinate_descent_tuning = coordinate_descent
 
