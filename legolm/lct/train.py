@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from legolm.data.tokenized import DataConfig
@@ -32,10 +31,7 @@ from legolm.train.callbacks import EpochTimer
 from legolm.train.config import FitConfig, ModelSpec
 from legolm.train.distributed import all_gather_cat
 from legolm.train.fit import LossOutput, autocast_for
-
-
-def _ce(logits: Tensor, labels: Tensor) -> Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+from legolm.train.head_loss import token_cross_entropy
 
 
 class SequentialLoss:
@@ -44,7 +40,7 @@ class SequentialLoss:
     def __call__(self, model: nn.Module, batch: Batch) -> LossOutput:
         assert isinstance(model, ContextPythia)
         out = model.forward_sequential(batch["input_ids"])
-        return _ce(out.logits, batch["labels"]), batch["labels"].numel(), {}
+        return token_cross_entropy(out.logits, batch["labels"]), batch["labels"].numel(), {}
 
 
 class LCTLoss:
@@ -69,7 +65,7 @@ class LCTLoss:
                 self.cache.put(sids[new.cpu()], ids[rows], model(ids[rows]).states)
         out = model(ids, self.cache.get(sids, ids, ids.device))
         self.cache.put(*all_gather_cat(sids, ids, out.states.detach()))  # every rank's windows, as one process
-        return _ce(out.logits, batch["labels"]), batch["labels"].numel(), {}
+        return token_cross_entropy(out.logits, batch["labels"]), batch["labels"].numel(), {}
 
 
 @torch.no_grad()
@@ -85,7 +81,7 @@ def exact_eval(model: ContextPythia, batches: BatchSource, max_batches: int | No
             if max_batches is not None and i >= max_batches:
                 break
             out = model.forward_sequential(batch["input_ids"].to(device))
-            total += float(_ce(out.logits, batch["labels"].to(device))) * batch["labels"].numel()
+            total += float(token_cross_entropy(out.logits, batch["labels"].to(device))) * batch["labels"].numel()
             count += batch["labels"].numel()
     model.train(was_training)
     mean = total / max(count, 1)

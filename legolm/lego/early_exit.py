@@ -139,12 +139,9 @@ class _TwoCacheDecoder:
         self.layer_calls += end - start
         self.macs += tokens * sum(self.block_macs[start:end])
 
-    def _pos(self, *positions: int) -> Tensor:
-        """(n,) position ids: a slice of ``slots`` when consecutive (always, in practice), else a new tensor."""
-        first, n = positions[0], len(positions)
-        if positions == tuple(range(first, first + n)):
-            return self.slots[first:first + n]
-        return torch.tensor(positions, dtype=torch.long, device=self.device)
+    def _pos(self, first: int, last: int | None = None) -> Tensor:
+        """Position ids ``first..last`` (default: just ``first``), a view of ``slots``: no copy per step."""
+        return self.slots[first:(first if last is None else last) + 1]
 
     def prefill(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """All layers over the prompt (B, P): (h_s, deep logits) of its last token, (B, 1, C) and (B, V)."""
@@ -168,7 +165,7 @@ class _TwoCacheDecoder:
         n_upper = self.model.n_layer - self.model.split
         if self.kv_mode == "fill":  # the queued exited tokens first, in the same call
             h = torch.cat([q for q, _ in self.queue] + [h_s], dim=1)  # (B, k + 1, C)
-            slots = self._pos(*[p for _, p in self.queue], position)
+            slots = self._pos(self.queue[0][1] if self.queue else position, position)  # queued steps are consecutive
             self.queue.clear()
             logits = self.model.upper_last_logits(h, cache=self.upper_cache, input_pos=slots)
             self.token_layers += n_upper * h.shape[1]

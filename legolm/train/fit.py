@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -48,7 +47,7 @@ from legolm.train.checkpoint import (
 )
 from legolm.train.config import FitConfig, uses_bf16
 from legolm.train.distributed import DistContext, Wrapped, init_distributed
-from legolm.train.head_loss import IGNORE_INDEX, head_cross_entropy
+from legolm.train.head_loss import IGNORE_INDEX, head_cross_entropy, token_cross_entropy
 from legolm.train.metrics import MetricsLogger
 from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
 from legolm.utils.io import atomic_write_text
@@ -82,8 +81,7 @@ class NextTokenLoss:
             x = model(batch["input_ids"], logits=False)  # (B, T, C)
             loss = head_cross_entropy(head, x, labels, self.chunk_tokens)
         else:
-            logits = model(batch["input_ids"])  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+            loss = token_cross_entropy(model(batch["input_ids"]), labels)  # logits (B, T, V)
         return loss, (labels != IGNORE_INDEX).sum(), {}
 
 

@@ -37,7 +37,7 @@ def head_cross_entropy(head: nn.Module, x: Tensor, labels: Tensor, chunk_tokens:
     """
     x, labels = x.reshape(-1, x.shape[-1]), labels.reshape(-1)  # (N, C), (N,)
     if chunk_tokens <= 0 or x.shape[0] <= chunk_tokens:
-        return F.cross_entropy(_upcast(head(x)), labels, ignore_index=IGNORE_INDEX)
+        return token_cross_entropy(head(x), labels)
     n = (labels != IGNORE_INDEX).sum()
     if torch.is_grad_enabled() and isinstance(head, nn.Linear) and head.bias is None:
         total = _LinearCrossEntropy.apply(x, head.weight, labels, chunk_tokens)
@@ -47,13 +47,19 @@ def head_cross_entropy(head: nn.Module, x: Tensor, labels: Tensor, chunk_tokens:
     return total / n  # 0/0 = nan when nothing is scored, as F.cross_entropy gives
 
 
+def token_cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of logits (..., V) against labels (...), softmax in fp32, ``IGNORE_INDEX`` not scored."""
+    return F.cross_entropy(_upcast(logits.reshape(-1, logits.shape[-1])), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
 def _upcast(logits: Tensor) -> Tensor:
     """Half-precision logits to fp32 for the softmax (fp32 and fp64 stay)."""
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 def _chunk_loss_sum(head: nn.Module, x: Tensor, labels: Tensor) -> Tensor:
-    return F.cross_entropy(_upcast(head(x)), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return token_cross_entropy(head(x), labels, reduction="sum")
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
