@@ -7,13 +7,15 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from legolm.train.batches import WindowBatches
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DATA = ROOT / ".bench"  # git-ignored; carried to the GPU machine
@@ -28,13 +30,12 @@ def real_tokens(tokenizer_name: str) -> np.ndarray:
     return np.load(path)
 
 
-def cycled(source: Iterable[dict[str, torch.Tensor]], n: int, device: torch.device,
-           set_epoch: Callable[[int], None]) -> list[dict[str, torch.Tensor]]:
+def cycled(source: WindowBatches, n: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
     """The first ``n`` batches of ``source`` on ``device``, starting a new epoch whenever one runs out."""
     out: list[dict[str, torch.Tensor]] = []
     epoch = 0
     while len(out) < n:
-        set_epoch(epoch)
+        source.set_epoch(epoch)
         before = len(out)
         out += [{k: v.to(device) for k, v in b.items()} for b in source][: n - len(out)]
         if len(out) == before:

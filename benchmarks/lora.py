@@ -87,6 +87,19 @@ def peft_step(model: Any, lr: float, device: torch.device, autocast: Any) -> Ste
     return step
 
 
+def restorer(model: TransformerLM) -> Callable[[], TransformerLM]:
+    """A function that puts the trainable weights back to their values now and returns the model."""
+    start = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    def restore() -> TransformerLM:
+        with torch.no_grad():
+            for p, p0 in zip([p for p in model.parameters() if p.requires_grad], start, strict=True):
+                p.copy_(p0)
+        return model
+
+    return restore
+
+
 def legolm_step(model: TransformerLM, lr: float, device: torch.device, precision: str, compile: bool,
                 loss_chunk: int = 0) -> StepFn:
     """`fit`'s own step: `TrainStep` with its optimizer (fused AdamW on CUDA over the trainable params)."""
@@ -199,14 +212,7 @@ def main() -> None:
     ours = build_ours(state, args.model, cfg, theirs, dtype, device)
     n_trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
     assert n_trainable == theirs.get_nb_trainable_parameters()[0], "legolm and peft adapt different modules"
-    start = [p.detach().clone() for p in ours.parameters() if p.requires_grad]
-
-    def fresh_ours() -> TransformerLM:
-        """Every legolm run starts from the same adapter weights as peft's."""
-        with torch.no_grad():
-            for p, p0 in zip([p for p in ours.parameters() if p.requires_grad], start, strict=True):
-                p.copy_(p0)
-        return ours
+    fresh_ours = restorer(ours)  # every legolm run starts from the same adapter weights as peft's
 
     autocast = autocast_for(device, precision)
     rows = [run("peft (eager)", lambda: peft_step(theirs, args.lr, device, autocast), data, args.warmup, device)]

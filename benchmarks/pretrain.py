@@ -116,7 +116,7 @@ def real_batches(preset: str, batch: int, seq: int, n: int, device: torch.device
     if not path.is_file():
         raise SystemExit(f"missing {path}: run `python benchmarks/prepare_data.py` first (needs LEGOLM_DATA)")
     source = WindowBatches(np.load(path), seq, batch, shuffle=True, seed=0)
-    return cycled(source, n, device, source.set_epoch)
+    return cycled(source, n, device)
 
 
 def time_variant(model: nn.Module, loss_fn: Any, compile: bool, batches: list[Batch], warmup: int,

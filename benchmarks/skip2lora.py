@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import device_info, print_table, write_result
-from benchmarks.lora import batches, build_ours, build_peft, free, hf_model, peft_step, sync
+from benchmarks.lora import batches, build_ours, build_peft, free, hf_model, peft_step, restorer, sync
 from legolm.adapters import LoRAConfig
 from legolm.adapters.inject import unload
 from legolm.adapters.skip2lora import Skip2LoRAConfig, Skip2LoRAModel
@@ -110,13 +110,10 @@ def gpu(args: argparse.Namespace) -> None:
     from benchmarks.lora import legolm_step
 
     chunks = [0, args.loss_chunk] if args.loss_chunk else [0]
-    start = [p.detach().clone() for p in ours.parameters() if p.requires_grad]
+    fresh = restorer(ours)  # every LoRA run starts from the same adapters
     for chunk in chunks:
-        with torch.no_grad():  # every LoRA run starts from the same adapters
-            for p, p0 in zip([p for p in ours.parameters() if p.requires_grad], start, strict=True):
-                p.copy_(p0)
         free(device)
-        step = legolm_step(ours, args.lr, device, precision, args.compile, chunk)
+        step = legolm_step(fresh(), args.lr, device, precision, args.compile, chunk)
         rows.append({"impl": f"legolm LoRA{chunked(chunk)}", "trainable": n_lora,
                      **epochs(step, train, args.epochs, device), "val loss": val_loss(ours, val, device, precision)})
     plain = unload(ours)
