@@ -26,7 +26,7 @@ class KVStore(Protocol):
 
 class LayerKVCache:
     """Keys and values of one attention layer, in one buffer (2, B, H_kv, S, D): ``k`` and ``v`` are its halves,
-    so a step writes both with one copy (a compiled decode step can fuse it into one kernel per layer)."""
+    so a step writes both with one copy (one kernel per layer when the decode step is compiled)."""
 
     def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
