@@ -25,17 +25,18 @@ class KVStore(Protocol):
 
 
 class LayerKVCache:
-    """Keys and values of one attention layer, in one buffer (2, B, H_kv, S, D): ``k`` and ``v`` are its halves,
-    so a step writes both with one copy (one kernel per layer when the decode step is compiled)."""
+    """Keys and values of one attention layer."""
 
     def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
-        self.kv = torch.zeros((2, batch, n_kv_head, max_len, head_dim), dtype=dtype, device=device)
-        self.k, self.v = self.kv[0], self.kv[1]  # (B, H_kv, S, D) views
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k/v (B, H_kv, T, D) at slots ``input_pos`` (T,); return the full buffers."""
-        self.kv.index_copy_(3, input_pos, torch.stack((k, v)).to(self.kv.dtype))
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k, self.v
 
 
@@ -66,4 +67,4 @@ class KVCache:
         return self.layers.get(layer)
 
     def nbytes(self) -> int:
-        return sum(c.kv.numel() * c.kv.element_size() for c in self.layers.values())
+        return sum(c.k.numel() * c.k.element_size() * 2 for c in self.layers.values())
