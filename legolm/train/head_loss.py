@@ -40,7 +40,10 @@ def head_cross_entropy(head: nn.Module, x: Tensor, labels: Tensor, chunk_tokens:
         return token_cross_entropy(head(x), labels)
     n = (labels != IGNORE_INDEX).sum()
     if torch.is_grad_enabled() and isinstance(head, nn.Linear) and head.bias is None:
-        total = _LinearCrossEntropy.apply(x, head.weight, labels, chunk_tokens)
+        # which gradients to compute is decided here, not from ctx.needs_input_grad inside forward: a compiled
+        # trace of the forward (torch 2.11) can see no input needing one, and the model then never trains
+        total = _LinearCrossEntropy.apply(x, head.weight, labels, chunk_tokens, x.requires_grad,
+                                          head.weight.requires_grad)
     else:
         total = sum(checkpoint(_chunk_loss_sum, head, xc, yc, use_reentrant=False)
                     for xc, yc in zip(x.split(chunk_tokens), labels.split(chunk_tokens), strict=True))
@@ -66,13 +69,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``x @ weight.T`` chunk by chunk, gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, labels: Tensor, chunk: int, need_x: bool,
+                need_w: bool) -> Tensor:
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
             w = weight.to(dtype)  # (V, C), the matmul dtype autocast would use
-            grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+            grad_x = torch.empty_like(x) if need_x else None
             acc = torch.promote_types(dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
-            grad_w = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
+            grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
             total = torch.zeros((), device=x.device, dtype=acc)
             for start in range(0, x.shape[0], chunk):
                 xc, yc = x[start:start + chunk].to(dtype), labels[start:start + chunk]
@@ -89,12 +93,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_x[start:start + chunk] = (g @ w).to(x.dtype)
                 if grad_w is not None:
                     grad_w += (g.T @ xc).to(acc)
-        ctx.grads = (grad_x, None if grad_w is None else grad_w.to(weight.dtype))
+        ctx.has = (grad_x is not None, grad_w is not None)
+        ctx.save_for_backward(*[g for g in (grad_x, None if grad_w is None else grad_w.to(weight.dtype))
+                                if g is not None])
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        grad_x, grad_w = ctx.grads
-        ctx.grads = None
-        scale = [None if g is None else g * grad_out.to(g.dtype) for g in (grad_x, grad_w)]
-        return scale[0], scale[1], None, None
+        saved = iter(ctx.saved_tensors)
+        grads = [(g := next(saved)) * grad_out.to(g.dtype) if has else None for has in ctx.has]
+        return grads[0], grads[1], None, None, None, None
