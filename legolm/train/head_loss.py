@@ -40,14 +40,19 @@ def head_cross_entropy(head: nn.Module, x: Tensor, labels: Tensor, chunk_tokens:
         return token_cross_entropy(head(x), labels)
     n = (labels != IGNORE_INDEX).sum()
     if torch.is_grad_enabled() and isinstance(head, nn.Linear) and head.bias is None:
-        # which gradients to compute is decided here, not from ctx.needs_input_grad inside forward: a compiled
-        # trace of the forward (torch 2.11) can see no input needing one, and the model then never trains
-        total = _LinearCrossEntropy.apply(x, head.weight, labels, chunk_tokens, x.requires_grad,
-                                          head.weight.requires_grad)
+        total = _fused_linear_cross_entropy(x, head.weight, labels, chunk_tokens)
     else:
         total = sum(checkpoint(_chunk_loss_sum, head, xc, yc, use_reentrant=False)
                     for xc, yc in zip(x.split(chunk_tokens), labels.split(chunk_tokens), strict=True))
     return total / n  # 0/0 = nan when nothing is scored, as F.cross_entropy gives
+
+
+@torch.compiler.disable
+def _fused_linear_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
+    """`_LinearCrossEntropy` run eagerly even inside a compiled step: traced by torch.compile (2.11, CUDA,
+    bf16 autocast), the function that computes its gradients in forward returned none, and the model never
+    trained. The graph break costs one boundary between the compiled body and the loss."""
+    return _LinearCrossEntropy.apply(x, weight, labels, chunk, x.requires_grad, weight.requires_grad)
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
