@@ -1,6 +1,6 @@
 """Lagged Cache Training vs exact sequential training on one GPU: time per epoch and exact val perplexity.
 
-Both methods train the same recurrent-context Pythia (`configs/lct-gpu.yaml`: 4 x 256, 1,024 Tiny
+Both methods train the same recurrent-context Pythia (`configs/lct-gpu.yaml`: 4 x 256, 512 Tiny
 Shakespeare windows of 128 tokens, bf16) in this process, one after the other, through `legolm lct`'s
 own code; the peer of LCT is the exact token-by-token recurrence. The text comes from ``.bench/shared``
 (made by `benchmarks.prepare_data`), used as the shared-data folder.
