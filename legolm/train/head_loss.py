@@ -52,7 +52,7 @@ def _fused_linear_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor, chunk
     """`_LinearCrossEntropy` run eagerly even inside a compiled step: traced by torch.compile (2.11, CUDA,
     bf16 autocast), the function that computes its gradients in forward returned none, and the model never
     trained. The graph break costs one boundary between the compiled body and the loss."""
-    return _LinearCrossEntropy.apply(x, weight, labels, chunk, x.requires_grad, weight.requires_grad)
+    return _LinearCrossEntropy.apply(x, weight, labels, chunk)
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
@@ -74,14 +74,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``x @ weight.T`` chunk by chunk, gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, labels: Tensor, chunk: int, need_x: bool,
-                need_w: bool) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
             w = weight.to(dtype)  # (V, C), the matmul dtype autocast would use
-            grad_x = torch.empty_like(x) if need_x else None
+            grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
             acc = torch.promote_types(dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
-            grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+            grad_w = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
             total = torch.zeros((), device=x.device, dtype=acc)
             for start in range(0, x.shape[0], chunk):
                 xc, yc = x[start:start + chunk].to(dtype), labels[start:start + chunk]
@@ -98,13 +97,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_x[start:start + chunk] = (g @ w).to(x.dtype)
                 if grad_w is not None:
                     grad_w += (g.T @ xc).to(acc)
-        ctx.has = (grad_x is not None, grad_w is not None)
-        ctx.save_for_backward(*[g for g in (grad_x, None if grad_w is None else grad_w.to(weight.dtype))
-                                if g is not None])
+        ctx.save_for_backward(grad_x, None if grad_w is None else grad_w.to(weight.dtype))
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        saved = iter(ctx.saved_tensors)
-        grads = [(g := next(saved)) * grad_out.to(g.dtype) if has else None for has in ctx.has]
-        return grads[0], grads[1], None, None, None, None
+        grad_x, grad_w = (None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors)
+        return grad_x, grad_w, None, None
