@@ -57,10 +57,11 @@ def run_hf(hf: Any, prompts: list[list[int]], new: int, static: bool) -> tuple[f
     return seconds, out[0, idx.shape[1]:].tolist()
 
 
-def run_ours(model: TransformerLM, prompts: list[list[int]], new: int, graph: bool, compile: bool
-             ) -> tuple[float, list[int], float]:
+def run_ours(model: TransformerLM, prompts: list[list[int]], new: int, graph: bool, compile: bool,
+             fused: bool = False) -> tuple[float, list[int], float]:
     """Steady-state seconds per call (session and graph reused), tokens, and the first call's seconds."""
-    cfg = GenerationConfig(max_new_tokens=new, greedy=True, stop_at_eos=False, cuda_graph=graph, compile=compile)
+    cfg = GenerationConfig(max_new_tokens=new, greedy=True, stop_at_eos=False, cuda_graph=graph, compile=compile,
+                           fused=fused)
     first, _ = timed(lambda: generate(model, prompts, cfg), repeats=1, warmup=0)  # builds the session
     seconds, out = timed(lambda: generate(model, prompts, cfg), repeats=3, warmup=0)
     return seconds, out.tokens[0], first
@@ -91,13 +92,15 @@ def main() -> None:
             prompts = prompts_for(preset, batch, args.prompt_tokens)
             n_tok = batch * args.new_tokens
             t_hf, ref = run_hf(hf, prompts, args.new_tokens, static=False)
-            variants = {"legolm eager": (False, False), "legolm cuda-graph": (True, False),
-                        "legolm compile+graph": (True, True)}
+            variants = {"legolm eager": (False, False, False), "legolm cuda-graph": (True, False, False),
+                        "legolm compile+graph": (True, True, False)}
+            if batch == 1:  # the fused Triton step decodes one sequence
+                variants["legolm fused triton+graph"] = (True, False, True)
             results = {"hf generate": (t_hf, ref)}
             first_call: dict[str, float] = {}
-            for name, (graph, comp) in variants.items():
+            for name, (graph, comp, fused) in variants.items():
                 print(f"  timing {name} ...", flush=True)
-                sec, toks, first_call[name] = run_ours(ours, prompts, args.new_tokens, graph, comp)
+                sec, toks, first_call[name] = run_ours(ours, prompts, args.new_tokens, graph, comp, fused)
                 results[name] = (sec, toks)
             if args.hf_static:
                 try:

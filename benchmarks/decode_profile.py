@@ -26,6 +26,7 @@ from benchmarks.common import device_info, print_table, timed, write_result
 from benchmarks.decode import prompts_for
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.decoder import DecodeSession
+from legolm.generation.fused import FusedDecodeStep
 from legolm.generation.generate import _SESSIONS
 from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
@@ -59,6 +60,7 @@ class Variant:
     cd: bool = False  # inductor's coordinate-descent tuning
     mode: str = "default"  # torch.compile mode
     sdpa: str | None = None  # force one SDPA backend (SDPBackend name), e.g. FLASH_ATTENTION
+    fused: bool = False  # the fused Triton step (batch 1 only)
 
 
 def sdpa_backend(name: str | None) -> contextlib.AbstractContextManager[Any]:
@@ -119,14 +121,15 @@ def main() -> None:
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--variants", nargs="+",
-                        default=["graph", "compile", "compile+efficient"])
+                        default=["graph", "compile", "fused"])
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     autotune = "max-autotune-no-cudagraphs"  # Triton GEMV templates with fused epilogues
     variants = {"graph": Variant(False), "compile": Variant(True), "compile+autotune": Variant(True, mode=autotune),
                 "compile+manual": Variant(True, manual=True), "compile+manual+cd": Variant(True, True, True),
                 # no flash variant: the static cache's decode step attends under a mask, which flash cannot take
-                "compile+cd": Variant(True, cd=True), "compile+efficient": Variant(True, sdpa="EFFICIENT_ATTENTION")}
+                "compile+cd": Variant(True, cd=True), "compile+efficient": Variant(True, sdpa="EFFICIENT_ATTENTION"),
+                "fused": Variant(False, fused=True)}
     rows: list[dict[str, Any]] = []
     for preset in args.models:
         torch.manual_seed(0)
@@ -145,20 +148,24 @@ def profile_model(model: TransformerLM, preset: str, args: argparse.Namespace,
         v = variants[name]
         comp = v.compile
         set_variant(v.manual, v.cd)
-        for batch in args.batch:
+        for batch in [b for b in args.batch if b == 1 or not v.fused]:
             prompts = prompts_for(preset, batch, 64)  # real text (Tiny Shakespeare)
             cfg = GenerationConfig(max_new_tokens=args.new_tokens, greedy=True, stop_at_eos=False,
-                                   compile=comp, compile_mode=v.mode)
+                                   compile=comp, compile_mode=v.mode, fused=v.fused)
+
+            def step(cfg: GenerationConfig = cfg, fused: bool = v.fused) -> FusedDecodeStep | None:
+                return FusedDecodeStep(model, cfg.fused_attention_block, cfg.fused_embed_block) if fused else None
+
             with torch.inference_mode(), sdpa_backend(v.sdpa):
                 sec, _ = timed(lambda cfg=cfg, prompts=prompts: generate(model, prompts, cfg), repeats=3)
                 session = DecodeSession(model, batch, 512, True, None, cuda_graph=True, compile=comp,
-                                        compile_mode=v.mode)
+                                        compile_mode=v.mode, step=step())
                 session.prefill(torch.tensor(prompts, device="cuda"), torch.full((batch,), 64, device="cuda"))
                 session.start(torch.zeros(batch, dtype=torch.long, device="cuda"), 64,
                               torch.full((batch,), 64, device="cuda"))
                 ms = replay_ms(session, 200)
                 eager = DecodeSession(model, batch, 512, True, None, cuda_graph=False, compile=comp,
-                                      compile_mode=v.mode)
+                                      compile_mode=v.mode, step=step())
                 eager.state.slot.fill_(70)
                 count, gpu_ms, top = kernel_profile(eager, 20)
             row = {"model": preset, "variant": name, "batch": batch,

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # the fused decode kernels run in Triton's CPU interpreter (before it is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 DEFAULT_SHARED = Path(__file__).resolve().parents[2] / "shared"
 SMOLLM2_GGUF = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAKESPEARE = "data/tinyshakespeare.txt"

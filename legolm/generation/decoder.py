@@ -98,10 +98,13 @@ class DecodeSession:
         cuda_graph: Capture the step into a CUDA graph (CUDA only).
         compile: `torch.compile` the step before capture.
         compile_mode: `torch.compile` mode (one of `COMPILE_MODES`).
+        step: Another step function of `decode_step`'s signature (the fused Triton step); None = the
+            torch step (compiled when ``compile``).
     """
 
     def __init__(self, model: TransformerLM, batch: int, max_len: int, greedy: bool, eos_id: int | None,
-                 cuda_graph: bool = False, compile: bool = False, compile_mode: str = "default") -> None:
+                 cuda_graph: bool = False, compile: bool = False, compile_mode: str = "default",
+                 step: StepFn | None = None) -> None:
         param = next(model.parameters())
         # A weak reference: sessions are cached per model, and must not keep it alive.
         self._model = weakref.ref(model)
@@ -109,7 +112,7 @@ class DecodeSession:
         self.cache = KVCache(model.config, batch, max_len, dtype=param.dtype, device=param.device)
         self.pad_mask = torch.ones(batch, max_len, dtype=torch.bool, device=param.device)  # (B, S) real keys
         self.state = DecodeState.empty(batch, max_len, param.device)
-        self.fn: StepFn = compiled_decode_step(compile_mode) if compile else decode_step
+        self.fn: StepFn = step or (compiled_decode_step(compile_mode) if compile else decode_step)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
 

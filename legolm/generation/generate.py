@@ -20,6 +20,7 @@ from torch import Tensor
 from legolm.data.tokenizer import Tokenizer
 from legolm.errors import ConfigError
 from legolm.generation.decoder import COMPILE_MODES, DecodeSession
+from legolm.generation.fused import FusedDecodeStep, check_fused
 from legolm.generation.sampling import next_token
 from legolm.model.transformer import TransformerLM
 
@@ -40,6 +41,13 @@ class GenerationConfig:
         compile: `torch.compile` the decode step (GPU fast path).
         compile_mode: Its `torch.compile` mode: "default", or "max-autotune-no-cudagraphs" (tunes
             Triton matmul templates that can fuse their epilogues; slower first call).
+        fused: Decode through the fused Triton kernels (`legolm.kernels.decode`): five launches per
+            block instead of a dozen, captured into one CUDA graph. Batch 1, plain blocks (merge
+            adapters first), CUDA (``TRITON_INTERPRET=1`` runs them on the CPU, slowly); ``compile``
+            does not apply to it.
+        fused_attention_block: Cache slots per tile of the fused attention kernel (a power of two).
+        fused_embed_block: Channels per tile of the fused embedding kernel (a power of two).
+        fused_tune: Time the fused GEMV launch shapes on the GPU at the first step and keep the fastest.
         eos_check_every: Steps between checks whether every row is done (each check syncs the GPU).
         cache_bucket: KV-cache lengths are rounded up to a multiple of this, so calls of similar
             lengths share one cached session (cache buffers and captured graph).
@@ -56,6 +64,10 @@ class GenerationConfig:
     cuda_graph: bool = True
     compile: bool = False
     compile_mode: str = "default"
+    fused: bool = False
+    fused_attention_block: int = 64
+    fused_embed_block: int = 1024
+    fused_tune: bool = True
     eos_check_every: int = 8
     cache_bucket: int = 256
     session_cache_size: int = 4
@@ -75,6 +87,10 @@ class GenerationConfig:
             raise ConfigError(f"cache_bucket must be >= 1, got {self.cache_bucket}")
         if self.session_cache_size < 0:
             raise ConfigError(f"session_cache_size must be >= 0, got {self.session_cache_size}")
+        for name in ("fused_attention_block", "fused_embed_block"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ConfigError(f"{name} must be a power of two, got {value}")
         if self.eos_check_every < 1:
             raise ConfigError(f"eos_check_every must be >= 1, got {self.eos_check_every}")
 
@@ -132,13 +148,18 @@ def _session(model: TransformerLM, batch: int, needed: int, config: GenerationCo
     max_len = min(-(-needed // bucket) * bucket, model.config.block_size)
     device = next(model.parameters()).device
     graph = config.cuda_graph and device.type == "cuda"
-    key = (_weights_key(model), batch, max_len, config.greedy, eos, graph, config.compile, config.compile_mode)
+    fused = (config.fused_attention_block, config.fused_embed_block, config.fused_tune) if config.fused else None
+    key = (_weights_key(model), batch, max_len, config.greedy, eos, graph, config.compile, config.compile_mode, fused)
     sessions = _SESSIONS.setdefault(model, OrderedDict())
     if key in sessions:
         sessions.move_to_end(key)
         return sessions[key]
+    step = None
+    if config.fused:
+        check_fused(model, batch, device)
+        step = FusedDecodeStep(model, config.fused_attention_block, config.fused_embed_block, config.fused_tune)
     session = DecodeSession(model, batch, max_len, config.greedy, eos, cuda_graph=graph, compile=config.compile,
-                            compile_mode=config.compile_mode)
+                            compile_mode=config.compile_mode, step=step)
     if config.session_cache_size > 0:
         sessions[key] = session
         while len(sessions) > config.session_cache_size:

@@ -1,0 +1,221 @@
+"""The fused batch-1 decode step: each block as five Triton kernels (`legolm.kernels.decode`).
+
+`FusedDecodeStep` reads a `TransformerLM`'s weights in place (no copies: a captured graph sees
+later in-place weight updates), keeps the residual stream in fp32 scratch buffers, and has the
+signature of `decoder.decode_step`, so a `DecodeSession` captures it into one CUDA graph like the
+torch step. It supports the plain blocks of the registered families (GPT-2, Pythia, Llama: fused
+or split q/k/v, GELU or SwiGLU MLP, LayerNorm or RMSNorm, sequential or parallel residual);
+anything else (adapters not merged, memory layers) is refused with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from legolm.errors import ConfigError
+from legolm.generation.decoder import DecodeState, emit
+from legolm.layers.attention import CausalSelfAttention, SplitQKV
+from legolm.layers.blocks import ParallelBlock, SequentialBlock
+from legolm.layers.mlp import GeluMLP, SwiGLUMLP
+from legolm.model.kv_cache import KVCache
+from legolm.model.transformer import TransformerLM
+
+if TYPE_CHECKING:
+    from legolm.kernels.decode import GemvConfig
+
+Norm = tuple[int, Tensor, Tensor | None, float]
+Weights = Tensor | tuple[Tensor, Tensor, Tensor]
+
+
+@dataclass
+class BlockPlan:
+    """The tensors one block's five kernels read."""
+
+    norm_1: Norm
+    qkv: Weights
+    qkv_bias: Weights | None
+    proj: Tensor
+    proj_bias: Tensor | None
+    norm_2: Norm
+    up: Tensor
+    up_bias: Tensor | None
+    act: int
+    up_2: tuple[Tensor, Tensor | None] | None  # SwiGLU's up projection (``up`` is the gate)
+    down: Tensor
+    down_bias: Tensor | None
+    parallel: bool
+
+
+def _unsupported(what: str) -> ConfigError:
+    return ConfigError(f"fused decoding supports plain GPT-2 / Pythia / Llama blocks, not {what}; merge adapters "
+                       "into the weights first (legolm.adapters.inject.merge_and_unload) or decode without --fused")
+
+
+def _linear(m: nn.Module, what: str) -> nn.Linear:
+    if type(m) is not nn.Linear:
+        raise _unsupported(f"{what} of type {type(m).__name__}")
+    return m
+
+
+def _norm(m: nn.Module) -> Norm:
+    from legolm.kernels.decode import NORM_LAYER, NORM_RMS
+
+    if type(m) is nn.LayerNorm:
+        bias = m.bias if m.bias is not None else torch.zeros_like(m.weight)
+        return NORM_LAYER, m.weight, bias, m.eps
+    if type(m) is nn.RMSNorm and m.weight is not None:
+        return NORM_RMS, m.weight, None, m.eps if m.eps is not None else torch.finfo(m.weight.dtype).eps
+    raise _unsupported(f"a norm of type {type(m).__name__}")
+
+
+def _qkv(attn: CausalSelfAttention) -> tuple[Weights, Weights | None]:
+    if isinstance(attn.qkv, SplitQKV):
+        parts = [_linear(p, "q/k/v") for p in (attn.qkv.q_proj, attn.qkv.k_proj, attn.qkv.v_proj)]
+        w = (parts[0].weight, parts[1].weight, parts[2].weight)
+        biases = [p.bias for p in parts]
+        if all(b is None for b in biases):
+            return w, None
+        b = tuple(x if x is not None else torch.zeros(p.out_features, dtype=p.weight.dtype, device=p.weight.device)
+                  for x, p in zip(biases, parts, strict=True))
+        return w, (b[0], b[1], b[2])
+    lin = _linear(attn.qkv, "qkv")
+    return lin.weight, lin.bias
+
+
+def plan_block(block: nn.Module) -> BlockPlan:
+    """The kernels' view of one block; `ConfigError` for a block they cannot run."""
+    from legolm.kernels.decode import ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU
+
+    if type(block) not in (SequentialBlock, ParallelBlock):
+        raise _unsupported(f"a layer of type {type(block).__name__}")
+    assert isinstance(block, SequentialBlock | ParallelBlock)
+    attn, mlp = block.attn, block.mlp
+    if type(attn) is not CausalSelfAttention:
+        raise _unsupported(f"attention of type {type(attn).__name__}")
+    qkv, qkv_bias = _qkv(attn)
+    proj = _linear(attn.proj, "proj")
+    if type(mlp) is GeluMLP:
+        fc = _linear(mlp.fc, "fc")
+        act, up_2, down = (ACT_GELU_TANH if mlp.approximate == "tanh" else ACT_GELU), None, _linear(mlp.proj, "proj")
+    elif type(mlp) is SwiGLUMLP:
+        fc, up = _linear(mlp.gate, "gate"), _linear(mlp.up, "up")
+        act, up_2, down = ACT_SWIGLU, (up.weight, up.bias), _linear(mlp.down, "down")
+    else:
+        raise _unsupported(f"an MLP of type {type(mlp).__name__}")
+    return BlockPlan(_norm(block.norm_1), qkv, qkv_bias, proj.weight, proj.bias, _norm(block.norm_2), fc.weight,
+                     fc.bias, act, up_2, down.weight, down.bias, isinstance(block, ParallelBlock))
+
+
+class FusedDecodeStep:
+    """One decode step of a batch-1 `TransformerLM` through the fused kernels.
+
+    Args:
+        model: The model (its weights are read in place at every step).
+        attention_block: Cache slots per tile of the attention kernel.
+        embed_block: Channels per tile of the embedding kernel.
+        tune: Time the GEMV launch candidates on the GPU at the first step and keep the fastest.
+    """
+
+    def __init__(self, model: TransformerLM, attention_block: int, embed_block: int, tune: bool = True) -> None:
+        import legolm.kernels.decode as kd
+
+        self.kd = kd
+        c = model.config
+        param = model.lm_head.weight
+        self.plans = [plan_block(b) for b in model.blocks]
+        self.final_norm = _norm(model.norm)
+        _linear(model.lm_head, "lm_head")
+        self.attention_block, self.embed_block, self.tune = attention_block, embed_block, tune
+
+        def buf(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
+            return torch.zeros(n, dtype=dtype, device=param.device)
+
+        q_width = (c.n_head + 2 * c.kv_heads) * c.hd
+        self.x, self.h, self.qkv = buf(c.n_embd), buf(c.n_embd), buf(q_width)
+        self.attn, self.act = buf(c.n_head * c.hd, param.dtype), buf(c.intermediate_size, param.dtype)
+        self.logits = buf(c.vocab_size)
+        self.configs: dict[str, GemvConfig] | None = None
+
+    def _launches(self, model: TransformerLM, p: BlockPlan) -> dict[str, Callable[[GemvConfig], None]]:
+        """The block's four GEMVs as functions of their launch config (the tuner times these)."""
+        kd = self.kd
+        mlp_in = self.x if p.parallel else self.h
+        return {
+            "qkv": lambda g: kd.gemv(self.x, p.qkv, self.qkv, g, bias=p.qkv_bias, norm=p.norm_1),
+            "proj": lambda g: kd.gemv(self.attn, p.proj, self.h, g, bias=p.proj_bias, residual=self.x),
+            "up": lambda g: kd.gemv(mlp_in, p.up, self.act, g, bias=p.up_bias, norm=p.norm_2, act=p.act, up=p.up_2),
+            "down": lambda g: kd.gemv(self.act, p.down, self.x, g, bias=p.down_bias, residual=self.h),
+            "head": lambda g: kd.gemv(self.x, model.lm_head.weight, self.logits, g, norm=self.final_norm),
+        }
+
+    def _choose_configs(self, model: TransformerLM) -> dict[str, GemvConfig]:
+        """Per GEMV role, the fastest candidate (timed as a replayed CUDA graph), or the first one."""
+        kd = self.kd
+        launches = self._launches(model, self.plans[0])
+        if not (self.tune and self.x.is_cuda):
+            return {role: kd.GEMV_CANDIDATES[0] for role in launches}
+        import triton.testing
+
+        saved = self.x.clone()
+        chosen: dict[str, GemvConfig] = {}
+        for role, launch in launches.items():
+            times = []
+            for cand in kd.GEMV_CANDIDATES:
+                launch(cand)  # compile outside the timed graph
+                times.append(triton.testing.do_bench_cudagraph(lambda launch=launch, cand=cand: launch(cand), rep=20))
+            chosen[role] = kd.GEMV_CANDIDATES[min(range(len(times)), key=times.__getitem__)]
+        self.x.copy_(saved)
+        return chosen
+
+    def __call__(self, model: TransformerLM, cache: KVCache, pad_mask: Tensor, state: DecodeState, greedy: bool,
+                 eos_id: int | None) -> Tensor:
+        """Feed ``state.tok``; return the logits (1, V) of the next token (emitted here when greedy).
+
+        ``pad_mask`` is unused: a batch of one has no padding.
+        """
+        kd, c = self.kd, model.config
+        if self.configs is None:
+            self.configs = self._choose_configs(model)
+        kd.embed(state.tok, state.pos, model.wte.weight, model.wpe.weight if model.wpe is not None else None,
+                 self.x, self.embed_block)
+        for i, p in enumerate(self.plans):
+            layer = cache.layers[i]
+            launches = self._launches(model, p)
+            launches["qkv"](self.configs["qkv"])
+            kd.attention(self.qkv, layer.k, layer.v, model.rope, self.attn, state.slot, state.pos, c.n_head,
+                         c.kv_heads, c.hd, c.rotary_dim, self.attention_block)
+            for role in ("proj", "up", "down"):
+                launches[role](self.configs[role])
+        self._launches(model, self.plans[-1])["head"](self.configs["head"])
+        state.slot.add_(1)
+        state.pos.add_(1)
+        logits = self.logits[None]  # (1, V)
+        if greedy:
+            emit(state, logits.argmax(dim=-1), eos_id)
+        return logits
+
+
+def check_fused(model: TransformerLM, batch: int, device: torch.device) -> None:
+    """`ConfigError` unless the fused step can decode this model and batch here."""
+    try:
+        import legolm.kernels.decode  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(f"fused decoding needs Triton ({err}); pip install 'legolm[kernels]' or drop --fused") \
+            from None
+    from legolm.kernels import interpreted
+
+    if device.type != "cuda" and not interpreted():
+        raise ConfigError(f"fused decoding runs on a CUDA GPU, not {device.type}; drop --fused "
+                          "(or set TRITON_INTERPRET=1 to run its kernels slowly on the CPU)")
+    if batch != 1:
+        raise ConfigError(f"fused decoding decodes one sequence (batch 1), got {batch} prompts; drop --fused "
+                          "for batches (the CUDA-graph path) or give one prompt")
+    for block in model.blocks:
+        plan_block(block)
+    _norm(model.norm)
+    _linear(model.lm_head, "lm_head")

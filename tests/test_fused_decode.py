@@ -1,0 +1,103 @@
+"""The fused Triton decode step against the torch step: same logits, same KV cache, same tokens.
+
+Off the GPU the kernels run in Triton's CPU interpreter (conftest sets ``TRITON_INTERPRET=1``), so
+these tests check the kernels' arithmetic on CI; `tests/test_cuda.py` checks the compiled ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from legolm.adapters import LoRAConfig
+from legolm.adapters.inject import inject_lora
+from legolm.errors import ConfigError
+from legolm.generation import GenerationConfig, generate
+from legolm.generation.decoder import DecodeSession
+from legolm.generation.fused import FusedDecodeStep, check_fused
+from legolm.model.config import ModelConfig
+from legolm.model.transformer import TransformerLM
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _model(preset: str, dtype: torch.dtype = torch.float32) -> TransformerLM:
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig.from_name(preset)).eval()
+    with torch.no_grad():  # non-trivial norms and biases (the init leaves them at 1 and 0), and
+        for name, p in model.named_parameters():  # activations of order 1, where GELU's shape shows
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif p.dim() == 2 and "wte" not in name and "wpe" not in name:
+                p.mul_(5.0)
+    return model.to(DEVICE, dtype)
+
+
+def _sessions(model: TransformerLM, block_t: int) -> tuple[DecodeSession, DecodeSession]:
+    step = FusedDecodeStep(model, attention_block=block_t, embed_block=32, tune=False)
+    return (DecodeSession(model, 1, 64, greedy=False, eos_id=None),
+            DecodeSession(model, 1, 64, greedy=False, eos_id=None, step=step))
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-pythia", "tiny-llama"])
+@torch.inference_mode()
+def test_fused_step_matches_torch_step(preset: str) -> None:
+    """Logits of every step and the cache it writes, fp32, prompts longer than one attention tile."""
+    model = _model(preset)
+    ref, fused = _sessions(model, block_t=4)  # 9 cached slots = three tiles, the last one partial
+    prompt = torch.tensor([[5, 17, 99, 3, 42, 7, 8, 100, 12]], device=DEVICE)
+    lengths = torch.tensor([prompt.shape[1]], device=DEVICE)
+    first = ref.prefill(prompt, lengths).argmax(-1)
+    fused.prefill(prompt, lengths)
+    for s in (ref, fused):
+        s.start(first, prompt.shape[1], lengths)
+    for _ in range(4):
+        want, got = ref.step(), fused.step()
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        nxt = want.argmax(-1)
+        ref.emit(nxt)
+        fused.emit(nxt)
+    for i in range(model.config.n_layer):
+        a, b = ref.cache.layers[i], fused.cache.layers[i]
+        torch.testing.assert_close(b.k, a.k, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.v, a.v, atol=1e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_fused_generate_gives_the_torch_tokens() -> None:
+    model = _model("tiny-pythia")
+    prompts = [[5, 6, 7, 8, 9, 10, 11]]
+    cfg = GenerationConfig(max_new_tokens=10, greedy=True, stop_at_eos=False)
+    want = generate(model, prompts, cfg).tokens
+    cfg.fused, cfg.fused_tune = True, False
+    assert generate(model, prompts, cfg).tokens == want
+
+
+@torch.inference_mode()
+def test_fused_step_in_bf16_is_close_to_fp32() -> None:
+    model, model16 = _model("tiny-llama"), _model("tiny-llama", torch.bfloat16)
+    ref, _ = _sessions(model, block_t=8)
+    _, fused = _sessions(model16, block_t=8)
+    prompt = torch.tensor([[5, 17, 99, 3, 42]], device=DEVICE)
+    lengths = torch.tensor([5], device=DEVICE)
+    for s in (ref, fused):
+        s.start(s.prefill(prompt, lengths).argmax(-1), 5, lengths)
+    want, got = ref.step(), fused.step()
+    assert ((got - want).norm() / want.norm()).item() < 2e-2
+
+
+def test_fused_refuses_what_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model("tiny-gpt2")
+    with pytest.raises(ConfigError, match="batch 1"):
+        check_fused(model, 2, torch.device(DEVICE))
+    inject_lora(model, LoRAConfig(r=2, target_modules=["qkv"]))
+    with pytest.raises(ConfigError, match="merge adapters"):
+        check_fused(model, 1, torch.device(DEVICE))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="CUDA GPU"):
+        check_fused(_model("tiny-gpt2"), 1, torch.device("cpu"))
+
+
+def test_fused_block_sizes_are_validated() -> None:
+    with pytest.raises(ConfigError, match="power of two"):
+        GenerationConfig(fused_attention_block=48).validate()
