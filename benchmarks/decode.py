@@ -58,13 +58,14 @@ def run_hf(hf: Any, prompts: list[list[int]], new: int, static: bool) -> tuple[f
 
 
 def run_ours(model: TransformerLM, prompts: list[list[int]], new: int, graph: bool, compile: bool,
-             fused: bool = False) -> tuple[float, list[int], float]:
-    """Steady-state seconds per call (session and graph reused), tokens, and the first call's seconds."""
+             fused: bool = False) -> tuple[float, list[int], float, float]:
+    """Steady-state seconds per call (session and graph reused), tokens, the first call's seconds, and the
+    prefill's seconds within a call."""
     cfg = GenerationConfig(max_new_tokens=new, greedy=True, stop_at_eos=False, cuda_graph=graph, compile=compile,
                            fused=fused)
     first, _ = timed(lambda: generate(model, prompts, cfg), repeats=1, warmup=0)  # builds the session
     seconds, out = timed(lambda: generate(model, prompts, cfg), repeats=3, warmup=0)
-    return seconds, out.tokens[0], first
+    return seconds, out.tokens[0], first, out.prefill_s
 
 
 def agree(a: list[int], b: list[int]) -> int:
@@ -98,9 +99,11 @@ def main() -> None:
                 variants["legolm fused triton+graph"] = (True, False, True)
             results = {"hf generate": (t_hf, ref)}
             first_call: dict[str, float] = {}
+            prefill: dict[str, float] = {}
             for name, (graph, comp, fused) in variants.items():
                 print(f"  timing {name} ...", flush=True)
-                sec, toks, first_call[name] = run_ours(ours, prompts, args.new_tokens, graph, comp, fused)
+                sec, toks, first_call[name], prefill[name] = run_ours(ours, prompts, args.new_tokens, graph, comp,
+                                                                      fused)
                 results[name] = (sec, toks)
             if args.hf_static:
                 try:
@@ -112,7 +115,8 @@ def main() -> None:
                 rows.append({"model": preset, "batch": batch, "impl": name, "tok/s": f"{n_tok / sec:,.0f}",
                              "ms/step": f"{1000 * sec / args.new_tokens:.2f}",
                              "vs hf": f"{t_hf / sec:.1f}x", "greedy agree": f"{agree(toks, ref)}/{len(ref)}",
-                             "first call s": f"{first_call[name]:.2f}" if name in first_call else ""})
+                             "first call s": f"{first_call[name]:.2f}" if name in first_call else "",
+                             "prefill ms": f"{1000 * prefill[name]:.1f}" if name in prefill else ""})
             save(rows, args, complete=False)  # a run cut short still leaves the rows measured so far
         del hf, ours
         torch.cuda.empty_cache()
@@ -123,7 +127,7 @@ def main() -> None:
 
 def save(rows: list[dict[str, Any]], args: argparse.Namespace, complete: bool) -> Any:
     """Print (when complete) and write the table; ``complete`` False marks a partial result."""
-    columns = ["model", "batch", "impl", "tok/s", "ms/step", "vs hf", "greedy agree", "first call s"]
+    columns = ["model", "batch", "impl", "tok/s", "ms/step", "vs hf", "greedy agree", "first call s", "prefill ms"]
     table = print_table(rows, columns) if complete else ""
     return write_result("decode", {**device_info(), "args": vars(args), "complete": complete, "rows": rows,
                                    "table": table})

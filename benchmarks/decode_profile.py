@@ -164,6 +164,8 @@ def profile_model(model: TransformerLM, preset: str, args: argparse.Namespace,
                 session.start(torch.zeros(batch, dtype=torch.long, device="cuda"), 64,
                               torch.full((batch,), 64, device="cuda"))
                 ms = replay_ms(session, 200)
+                if isinstance(session.fn, FusedDecodeStep):
+                    print("    tuned µs per launch:", {k: round(t, 2) for k, t in session.fn.tuning.items()})
                 eager = DecodeSession(model, batch, 512, True, None, cuda_graph=False, compile=comp,
                                       compile_mode=v.mode, step=step())
                 eager.state.slot.fill_(70)

@@ -64,13 +64,20 @@ def test_fused_step_matches_torch_step(preset: str) -> None:
 
 
 @torch.inference_mode()
-def test_fused_generate_gives_the_torch_tokens() -> None:
+def test_fused_generate_gives_the_torch_tokens_and_stops_at_eos() -> None:
+    """Greedy tokens come from the fused head + reduction kernels; EOS stops the row there too."""
     model = _model("tiny-pythia")
     prompts = [[5, 6, 7, 8, 9, 10, 11]]
     cfg = GenerationConfig(max_new_tokens=10, greedy=True, stop_at_eos=False)
+    fused = GenerationConfig(max_new_tokens=10, greedy=True, stop_at_eos=False, fused=True, fused_tune=False)
     want = generate(model, prompts, cfg).tokens
-    cfg.fused, cfg.fused_tune = True, False
-    assert generate(model, prompts, cfg).tokens == want
+    assert generate(model, prompts, fused).tokens == want
+    row = want[0]
+    eos = next(t for i, t in enumerate(row) if i >= 2 and t not in row[:i])  # first seen mid-way: stops there
+    cfg.stop_at_eos = fused.stop_at_eos = True
+    stopped = generate(model, prompts, cfg, eos_id=eos).tokens
+    assert stopped == [row[: row.index(eos) + 1]]
+    assert generate(model, prompts, fused, eos_id=eos).tokens == stopped
 
 
 @torch.inference_mode()

@@ -10,24 +10,25 @@ anything else (adapters not merged, memory layers) is refused with the reason.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from legolm.errors import ConfigError
-from legolm.generation.decoder import DecodeState, emit
+from legolm.generation.decoder import DecodeState
 from legolm.layers.attention import CausalSelfAttention, SplitQKV
 from legolm.layers.blocks import ParallelBlock, SequentialBlock
 from legolm.layers.mlp import GeluMLP, SwiGLUMLP
-from legolm.model.kv_cache import KVCache
+from legolm.model.kv_cache import KVCache, LayerKVCache
 from legolm.model.transformer import TransformerLM
 
 if TYPE_CHECKING:
-    from legolm.kernels.decode import GemvConfig
+    from legolm.kernels.decode import AttentionConfig, GemvConfig
 
+Shape = TypeVar("Shape")  # a kernel's launch shape
 Norm = tuple[int, Tensor, Tensor | None, float]
 Weights = Tensor | tuple[Tensor, Tensor, Tensor]
 
@@ -114,11 +115,15 @@ def plan_block(block: nn.Module) -> BlockPlan:
 class FusedDecodeStep:
     """One decode step of a batch-1 `TransformerLM` through the fused kernels.
 
+    Per step: 1 embedding kernel, 5 per block, the head GEMV (which also reduces its rows to partial
+    maxima when greedy) and 1 kernel that emits the greedy token and advances the slot.
+
     Args:
         model: The model (its weights are read in place at every step).
-        attention_block: Cache slots per tile of the attention kernel.
+        attention_block: Cache slots per tile of the attention kernel when it is not tuned.
         embed_block: Channels per tile of the embedding kernel.
-        tune: Time the GEMV launch candidates on the GPU at the first step and keep the fastest.
+        tune: At the first step on a GPU, time each GEMV role's and the attention's launch candidates
+            (as replayed CUDA graphs) and keep the fastest; else take the first candidate.
     """
 
     def __init__(self, model: TransformerLM, attention_block: int, embed_block: int, tune: bool = True) -> None:
@@ -130,7 +135,8 @@ class FusedDecodeStep:
         self.plans = [plan_block(b) for b in model.blocks]
         self.final_norm = _norm(model.norm)
         _linear(model.lm_head, "lm_head")
-        self.attention_block, self.embed_block, self.tune = attention_block, embed_block, tune
+        self.embed_block, self.tune = embed_block, tune
+        self.attention_config = kd.AttentionConfig(attention_block, 4)
 
         def buf(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
             return torch.zeros(n, dtype=dtype, device=param.device)
@@ -139,36 +145,46 @@ class FusedDecodeStep:
         self.x, self.h, self.qkv = buf(c.n_embd), buf(c.n_embd), buf(q_width)
         self.attn, self.act = buf(c.n_head * c.hd, param.dtype), buf(c.intermediate_size, param.dtype)
         self.logits = buf(c.vocab_size)
+        n_parts = -(-c.vocab_size // kd.HEAD_MIN_ROWS)
+        self.partial = (buf(n_parts), buf(n_parts, torch.int32))  # the head's per-program maxima and rows
         self.configs: dict[str, GemvConfig] | None = None
+        self.tuning: dict[str, float] = {}  # role -> µs of its chosen launch shape
 
-    def _launches(self, model: TransformerLM, p: BlockPlan) -> dict[str, Callable[[GemvConfig], None]]:
-        """The block's four GEMVs as functions of their launch config (the tuner times these)."""
+    def _gemvs(self, model: TransformerLM, p: BlockPlan, greedy: bool) -> dict[str, Callable[[GemvConfig], None]]:
+        """The block's four GEMVs and the head's as functions of their launch shape (what the tuner times)."""
         kd = self.kd
         mlp_in = self.x if p.parallel else self.h
+        partial = self.partial if greedy else None
         return {
             "qkv": lambda g: kd.gemv(self.x, p.qkv, self.qkv, g, bias=p.qkv_bias, norm=p.norm_1),
             "proj": lambda g: kd.gemv(self.attn, p.proj, self.h, g, bias=p.proj_bias, residual=self.x),
             "up": lambda g: kd.gemv(mlp_in, p.up, self.act, g, bias=p.up_bias, norm=p.norm_2, act=p.act, up=p.up_2),
             "down": lambda g: kd.gemv(self.act, p.down, self.x, g, bias=p.down_bias, residual=self.h),
-            "head": lambda g: kd.gemv(self.x, model.lm_head.weight, self.logits, g, norm=self.final_norm),
+            "head": lambda g: kd.gemv(self.x, model.lm_head.weight, self.logits, g, norm=self.final_norm,
+                                      partial=partial),
         }
 
-    def _choose_configs(self, model: TransformerLM) -> dict[str, GemvConfig]:
-        """Per GEMV role, the fastest candidate (timed as a replayed CUDA graph), or the first one."""
-        kd = self.kd
-        launches = self._launches(model, self.plans[0])
-        if not (self.tune and self.x.is_cuda):
-            return {role: kd.GEMV_CANDIDATES[0] for role in launches}
-        import triton.testing
+    def _attention(self, model: TransformerLM, layer: LayerKVCache, slot: Tensor, pos: Tensor,
+                   config: AttentionConfig) -> None:
+        c = model.config
+        self.kd.attention(self.qkv, layer.k, layer.v, model.rope, self.attn, slot, pos, c.n_head, c.kv_heads, c.hd,
+                          c.rotary_dim, config)
 
+    def _choose(self, model: TransformerLM, cache: KVCache) -> dict[str, GemvConfig]:
+        """Per GEMV role the fastest candidate, and the attention's (timed at `ATTENTION_TUNE_SLOT`)."""
+        kd = self.kd
+        gemvs = self._gemvs(model, self.plans[0], greedy=True)
+        if not (self.tune and self.x.is_cuda):
+            return {role: kd.GEMV_CANDIDATES[0] for role in gemvs}
         saved = self.x.clone()
         chosen: dict[str, GemvConfig] = {}
-        for role, launch in launches.items():
-            times = []
-            for cand in kd.GEMV_CANDIDATES:
-                launch(cand)  # compile outside the timed graph
-                times.append(triton.testing.do_bench_cudagraph(lambda launch=launch, cand=cand: launch(cand), rep=20))
-            chosen[role] = kd.GEMV_CANDIDATES[min(range(len(times)), key=times.__getitem__)]
+        for role, launch in gemvs.items():
+            heads = tuple(g for g in kd.GEMV_CANDIDATES if g.block_n >= kd.HEAD_MIN_ROWS)
+            chosen[role], self.tuning[role] = _fastest(launch, heads if role == "head" else kd.GEMV_CANDIDATES)
+        layer = cache.layers[0]  # its slot ATTENTION_TUNE_SLOT is written now and again before it is read
+        at = torch.full((1,), min(kd.ATTENTION_TUNE_SLOT, layer.k.shape[2] - 1), device=self.x.device)
+        self.attention_config, self.tuning["attention"] = _fastest(
+            lambda g: self._attention(model, layer, at, at, g), kd.ATTENTION_CANDIDATES)
         self.x.copy_(saved)
         return chosen
 
@@ -178,26 +194,35 @@ class FusedDecodeStep:
 
         ``pad_mask`` is unused: a batch of one has no padding.
         """
-        kd, c = self.kd, model.config
+        kd = self.kd
         if self.configs is None:
-            self.configs = self._choose_configs(model)
+            self.configs = self._choose(model, cache)
         kd.embed(state.tok, state.pos, model.wte.weight, model.wpe.weight if model.wpe is not None else None,
                  self.x, self.embed_block)
         for i, p in enumerate(self.plans):
-            layer = cache.layers[i]
-            launches = self._launches(model, p)
-            launches["qkv"](self.configs["qkv"])
-            kd.attention(self.qkv, layer.k, layer.v, model.rope, self.attn, state.slot, state.pos, c.n_head,
-                         c.kv_heads, c.hd, c.rotary_dim, self.attention_block)
+            gemvs = self._gemvs(model, p, greedy)
+            gemvs["qkv"](self.configs["qkv"])
+            self._attention(model, cache.layers[i], state.slot, state.pos, self.attention_config)
             for role in ("proj", "up", "down"):
-                launches[role](self.configs[role])
-        self._launches(model, self.plans[-1])["head"](self.configs["head"])
-        state.slot.add_(1)
-        state.pos.add_(1)
-        logits = self.logits[None]  # (1, V)
-        if greedy:
-            emit(state, logits.argmax(dim=-1), eos_id)
-        return logits
+                gemvs[role](self.configs[role])
+        head = self.configs["head"]
+        self._gemvs(model, self.plans[-1], greedy)["head"](head)
+        n_parts = -(-model.config.vocab_size // head.block_n)
+        kd.advance(self.partial if greedy else None, n_parts, state.tok, state.tokens, state.t, state.slot, state.pos,
+                   state.finished, eos_id, kd.ADVANCE_BLOCK)
+        return self.logits[None]  # (1, V)
+
+
+def _fastest(launch: Callable[[Shape], None], candidates: Sequence[Shape]) -> tuple[Shape, float]:
+    """The candidate whose launch replays fastest as a CUDA graph, and its µs."""
+    import triton.testing
+
+    times = []
+    for cand in candidates:
+        launch(cand)  # compile outside the timed graph
+        times.append(triton.testing.do_bench_cudagraph(lambda cand=cand: launch(cand), rep=20))
+    best = min(range(len(times)), key=times.__getitem__)
+    return candidates[best], times[best] * 1000
 
 
 def check_fused(model: TransformerLM, batch: int, device: torch.device) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -55,13 +56,14 @@ def _gelu(a, TANH: tl.constexpr):
 
 @triton.jit
 def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, wu_ptr, bu_ptr,
-                res_ptr, out_ptr, N1, N2, N, K, eps,
+                res_ptr, out_ptr, pmax_ptr, pidx_ptr, N1, N2, N, K, eps,
                 NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                ARGMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[n] = act(W[n]·norm(x) + b[n]) (+ res[n]) for the BLOCK_N rows of this program.
 
     W is up to three row segments (rows < N1 of w1, < N2 of w2, the rest of w3: Llama's separate
     q/k/v projections); SwiGLU reads the matching row of ``wu`` too: silu(W[n]·x) · (Wu[n]·x).
+    ARGMAX also writes this program's largest output and its row (greedy decoding's first stage).
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -103,6 +105,40 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
     if HAS_RES:
         y += tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
+    if ARGMAX:
+        y = tl.where(rmask, y, float("-inf"))
+        best = tl.max(y, 0)
+        tl.store(pmax_ptr + tl.program_id(0), best)
+        tl.store(pidx_ptr + tl.program_id(0), tl.min(tl.where(y == best, rows, N), 0))  # first of ties
+
+
+@triton.jit
+def advance_kernel(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, slot_ptr, pos_ptr, finished_ptr, eos_id,
+                   GREEDY: tl.constexpr, HAS_EOS: tl.constexpr, BLOCK: tl.constexpr):
+    """End of a step: slot and position advance; greedy also reduces the head's partial maxima to the
+    token (the first of ties, like `torch.argmax`), keeps finished rows at EOS and appends it."""
+    tl.store(slot_ptr, tl.load(slot_ptr) + 1)
+    tl.store(pos_ptr, tl.load(pos_ptr) + 1)
+    if GREEDY:
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        arg = tl.full([BLOCK], 2147483647, tl.int32)
+        for p0 in range(0, n_parts, BLOCK):
+            p = p0 + tl.arange(0, BLOCK)
+            v = tl.load(pmax_ptr + p, mask=p < n_parts, other=float("-inf"))
+            i = tl.load(pidx_ptr + p, mask=p < n_parts, other=2147483647)
+            take = (v > best) | ((v == best) & (i < arg))
+            best = tl.where(take, v, best)
+            arg = tl.where(take, i, arg)
+        top = tl.max(best, 0)
+        nxt = tl.min(tl.where(best == top, arg, 2147483647), 0).to(tl.int64)
+        if HAS_EOS:
+            done = tl.load(finished_ptr).to(tl.int1)
+            nxt = tl.where(done, eos_id, nxt)
+            tl.store(finished_ptr, (done | (nxt == eos_id)).to(tl.int8))
+        t = tl.load(t_ptr)
+        tl.store(tok_ptr, nxt)
+        tl.store(tokens_ptr + t, nxt)
+        tl.store(t_ptr, t + 1)
 
 
 @triton.jit
@@ -184,18 +220,35 @@ class GemvConfig:
     num_warps: int
 
 
-# Candidates the tuner times on the GPU (first one is the choice without a GPU): GEMVs of ~1-80 MB
-# want enough programs to fill every SM with wide, coalesced K tiles.
+# Candidates the tuner times on the GPU (the first is the choice without a GPU). GEMVs of ~1-80 MB
+# want enough programs to fill every SM, each streaming wide, coalesced K tiles in few iterations.
 GEMV_CANDIDATES = (
     GemvConfig(8, 256, 4), GemvConfig(4, 512, 4), GemvConfig(16, 128, 4), GemvConfig(16, 256, 8),
-    GemvConfig(32, 128, 4), GemvConfig(2, 1024, 4),
+    GemvConfig(32, 128, 4), GemvConfig(2, 1024, 4), GemvConfig(4, 1024, 8), GemvConfig(8, 1024, 8),
+    GemvConfig(1, 1024, 4), GemvConfig(2, 2048, 8), GemvConfig(1, 4096, 8),
 )
+# Head GEMVs that feed the greedy reduction keep >= 8 rows per program (few partial maxima).
+HEAD_MIN_ROWS = 8
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Launch shape of `attention_kernel`: cache slots per tile, warps."""
+
+    block_t: int
+    num_warps: int
+
+
+ATTENTION_TUNE_SLOT = 256  # cache length the attention candidates are timed at
+ADVANCE_BLOCK = 4096  # partial maxima the greedy reduction reads per iteration
+ATTENTION_CANDIDATES = (AttentionConfig(64, 4), AttentionConfig(32, 4), AttentionConfig(128, 4),
+                        AttentionConfig(128, 8), AttentionConfig(256, 8))
 
 
 def gemv(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, config: GemvConfig, *,
          bias: Tensor | tuple[Tensor, Tensor, Tensor] | None = None, norm: tuple[int, Tensor, Tensor | None, float]
          | None = None, act: int = ACT_NONE, up: tuple[Tensor, Tensor | None] | None = None,
-         residual: Tensor | None = None) -> None:
+         residual: Tensor | None = None, partial: tuple[Tensor, Tensor] | None = None) -> None:
     """Launch `gemv_kernel`: ``out = act(W·norm(x) + b) (+ residual)``.
 
     Args:
@@ -208,6 +261,8 @@ def gemv(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, conf
         act: ACT_* epilogue; ACT_SWIGLU needs ``up``.
         up: SwiGLU's up projection (N, K) and its bias.
         residual: (N,) added last.
+        partial: fp32 and int32 buffers of at least cdiv(N, block_n): each program's largest output
+            and its row (for `advance`).
     """
     ws = w if isinstance(w, tuple) else (w, w, w)
     bs = bias if isinstance(bias, tuple) else ((bias, bias, bias) if bias is not None else (out, out, out))
@@ -217,21 +272,33 @@ def gemv(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, conf
     wu, bu = up if up is not None else (ws[0], None)
     N, K = out.numel(), x.numel()
     grid = (triton.cdiv(N, config.block_n),)
+    pmax, pidx = partial if partial is not None else (out, out)
     gemv_kernel[grid](x, nw, nb if nb is not None else nw, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], wu,
-                      bu if bu is not None else bs[0], residual if residual is not None else out, out,
+                      bu if bu is not None else bs[0], residual if residual is not None else out, out, pmax, pidx,
                       n1, n2, N, K, eps, NORM=kind, ACT=act, HAS_BIAS=bias is not None,
-                      HAS_RES=residual is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                      num_warps=config.num_warps)
+                      HAS_RES=residual is not None, ARGMAX=partial is not None, BLOCK_N=config.block_n,
+                      BLOCK_K=config.block_k, num_warps=config.num_warps)
 
 
 def attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope: Tensor, out: Tensor, slot: Tensor, pos: Tensor,
-              n_head: int, n_kv_head: int, head_dim: int, rotary_dim: int, block_t: int) -> None:
+              n_head: int, n_kv_head: int, head_dim: int, rotary_dim: int, config: AttentionConfig) -> None:
     """Launch `attention_kernel` over the heads (caches (1, HKV, S, D); rope (2, L, R) fp32 or empty)."""
     S = k_cache.shape[2]
     rope_len = rope.shape[1] if rope.numel() else 0
     attention_kernel[(n_head,)](qkv, k_cache, v_cache, rope if rope.numel() else qkv, out, slot, pos, S, rope_len,
                                 head_dim ** -0.5, H=n_head, HKV=n_kv_head, D=head_dim,
-                                D_POW2=triton.next_power_of_2(head_dim), R=rotary_dim, BLOCK_T=block_t)
+                                D_POW2=triton.next_power_of_2(head_dim), R=rotary_dim, BLOCK_T=config.block_t,
+                                num_warps=config.num_warps)
+
+
+def advance(partial: tuple[Tensor, Tensor] | None, n_parts: int, tok: Tensor, tokens: Tensor, t: Tensor,
+            slot: Tensor, pos: Tensor, finished: Tensor, eos_id: int | None, block: int) -> None:
+    """Launch `advance_kernel` (batch 1): advance slot and position; with ``partial`` (the head's
+    partial maxima) also emit the greedy token into ``tok``, ``tokens[t]`` and step ``t``."""
+    pmax, pidx = partial if partial is not None else (tok, tok)
+    advance_kernel[(1,)](pmax, pidx, n_parts, tok, tokens, t, slot, pos, finished.view(torch.int8),
+                         eos_id if eos_id is not None else -1, GREEDY=partial is not None, HAS_EOS=eos_id is not None,
+                         BLOCK=min(triton.next_power_of_2(max(n_parts, 1)), block))
 
 
 def embed(tok: Tensor, pos: Tensor, wte: Tensor, wpe: Tensor | None, out: Tensor, block: int) -> None:
