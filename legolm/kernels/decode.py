@@ -70,6 +70,14 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
     in2, in3 = rows >= N1, rows >= N2
     local = tl.where(in3, rows - N2, tl.where(in2, rows - N1, rows)).to(tl.int64)
     wrow = tl.where(in3, w3_ptr + local * K, tl.where(in2, w2_ptr + local * K, w1_ptr + local * K))
+    offs = tl.arange(0, BLOCK_K)
+    wmask = rmask[:, None] & (offs < K)[None, :]
+    # Software pipelining: the first weight tile is in flight while the norm statistics are computed,
+    # and each iteration issues the next tile's loads before it uses the current one.
+    w = tl.load(wrow[:, None] + offs[None, :], mask=wmask, other=0.0)
+    wu = w
+    if ACT == 3:
+        wu = tl.load(wu_ptr + local[:, None] * K + offs[None, :], mask=wmask, other=0.0)
     mean, rstd = 0.0, 1.0
     if NORM != 0:
         mean, rstd = _norm_stats(x_ptr, K, eps, NORM, BLOCK_K)
@@ -78,17 +86,21 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         kmask = offs < K
+        nxt = offs + BLOCK_K
+        nmask = rmask[:, None] & (nxt < K)[None, :]
+        w_next = tl.load(wrow[:, None] + nxt[None, :], mask=nmask, other=0.0)
+        wu_next = w_next
+        if ACT == 3:
+            wu_next = tl.load(wu_ptr + local[:, None] * K + nxt[None, :], mask=nmask, other=0.0)
         x = tl.load(x_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
         if NORM != 0:
             x = (x - mean) * rstd * tl.load(nw_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
             if NORM == 1:
                 x += tl.load(nb_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
-        wmask = rmask[:, None] & kmask[None, :]
-        w = tl.load(wrow[:, None] + offs[None, :], mask=wmask, other=0.0).to(tl.float32)
-        acc += w * x[None, :]
+        acc += w.to(tl.float32) * x[None, :]
         if ACT == 3:
-            wu = tl.load(wu_ptr + local[:, None] * K + offs[None, :], mask=wmask, other=0.0).to(tl.float32)
-            acc_u += wu * x[None, :]
+            acc_u += wu.to(tl.float32) * x[None, :]
+        w, wu = w_next, wu_next
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(tl.where(in3, b3_ptr + local, tl.where(in2, b2_ptr + local, b1_ptr + local)),
@@ -171,10 +183,15 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, slot_
     pos = tl.load(pos_ptr)
     d = tl.arange(0, D_POW2)
     dmask = d < D
+    base = g.to(tl.int64) * S * D
+    # The first cache tile is in flight during RoPE; each iteration issues the next tile's loads first.
+    t = tl.arange(0, BLOCK_T)
+    kv_mask = (t < slot)[:, None] & dmask[None, :]
+    k = tl.load(k_cache_ptr + base + t[:, None] * D + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + base + t[:, None] * D + d[None, :], mask=kv_mask, other=0.0)
     q = _rope(qkv_ptr + h * D, d, pos, rope_ptr, rope_len, R, D) * scale
     k_new = _rope(qkv_ptr + (H + g) * D, d, pos, rope_ptr, rope_len, R, D).to(k_cache_ptr.dtype.element_ty)
     v_new = tl.load(qkv_ptr + (H + HKV + g) * D + d, mask=dmask, other=0.0).to(v_cache_ptr.dtype.element_ty)
-    base = g.to(tl.int64) * S * D
     if h % (H // HKV) == 0:  # one program per kv head writes the cache
         tl.store(k_cache_ptr + base + slot * D + d, k_new, mask=dmask)
         tl.store(v_cache_ptr + base + slot * D + d, v_new, mask=dmask)
@@ -183,18 +200,18 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, slot_
     acc = v_new.to(tl.float32)
     for t0 in range(0, slot, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        tmask = t < slot
-        offs = base + t[:, None] * D + d[None, :]
-        kv_mask = tmask[:, None] & dmask[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
-        s = tl.where(tmask, tl.sum(k * q[None, :], 1), float("-inf"))
+        nt = t + BLOCK_T
+        next_mask = (nt < slot)[:, None] & dmask[None, :]
+        k_next = tl.load(k_cache_ptr + base + nt[:, None] * D + d[None, :], mask=next_mask, other=0.0)
+        v_next = tl.load(v_cache_ptr + base + nt[:, None] * D + d[None, :], mask=next_mask, other=0.0)
+        s = tl.where(t < slot, tl.sum(k.to(tl.float32) * q[None, :], 1), float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 0))
         p = tl.exp(s - m_new)
         alpha = tl.exp(m - m_new)
-        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         l_sum = l_sum * alpha + tl.sum(p, 0)
         m = m_new
+        k, v = k_next, v_next
     tl.store(out_ptr + h * D + d, (acc / l_sum).to(out_ptr.dtype.element_ty), mask=dmask)
 
 
