@@ -70,14 +70,14 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
     in2, in3 = rows >= N1, rows >= N2
     local = tl.where(in3, rows - N2, tl.where(in2, rows - N1, rows)).to(tl.int64)
     wrow = tl.where(in3, w3_ptr + local * K, tl.where(in2, w2_ptr + local * K, w1_ptr + local * K))
-    offs = tl.arange(0, BLOCK_K)
-    wmask = rmask[:, None] & (offs < K)[None, :]
+    first = tl.arange(0, BLOCK_K)
+    wmask = rmask[:, None] & (first < K)[None, :]
     # Software pipelining: the first weight tile is in flight while the norm statistics are computed,
     # and each iteration issues the next tile's loads before it uses the current one.
-    w = tl.load(wrow[:, None] + offs[None, :], mask=wmask, other=0.0)
+    w = tl.load(wrow[:, None] + first[None, :], mask=wmask, other=0.0)
     wu = w
     if ACT == 3:
-        wu = tl.load(wu_ptr + local[:, None] * K + offs[None, :], mask=wmask, other=0.0)
+        wu = tl.load(wu_ptr + local[:, None] * K + first[None, :], mask=wmask, other=0.0)
     mean, rstd = 0.0, 1.0
     if NORM != 0:
         mean, rstd = _norm_stats(x_ptr, K, eps, NORM, BLOCK_K)
@@ -185,10 +185,10 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, slot_
     dmask = d < D
     base = g.to(tl.int64) * S * D
     # The first cache tile is in flight during RoPE; each iteration issues the next tile's loads first.
-    t = tl.arange(0, BLOCK_T)
-    kv_mask = (t < slot)[:, None] & dmask[None, :]
-    k = tl.load(k_cache_ptr + base + t[:, None] * D + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_cache_ptr + base + t[:, None] * D + d[None, :], mask=kv_mask, other=0.0)
+    t_first = tl.arange(0, BLOCK_T)
+    first_mask = (t_first < slot)[:, None] & dmask[None, :]
+    k = tl.load(k_cache_ptr + base + t_first[:, None] * D + d[None, :], mask=first_mask, other=0.0)
+    v = tl.load(v_cache_ptr + base + t_first[:, None] * D + d[None, :], mask=first_mask, other=0.0)
     q = _rope(qkv_ptr + h * D, d, pos, rope_ptr, rope_len, R, D) * scale
     k_new = _rope(qkv_ptr + (H + g) * D, d, pos, rope_ptr, rope_len, R, D).to(k_cache_ptr.dtype.element_ty)
     v_new = tl.load(qkv_ptr + (H + HKV + g) * D + d, mask=dmask, other=0.0).to(v_cache_ptr.dtype.element_ty)

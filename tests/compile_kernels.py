@@ -1,0 +1,39 @@
+"""Compile each fused decode kernel specialization for sm_90 without a GPU (run by test_fused_decode)."""
+
+from __future__ import annotations
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource
+
+import legolm.kernels.decode as kd
+
+P = "*bf16"
+GEMV = dict(x_ptr="*fp32", nw_ptr=P, nb_ptr=P, w1_ptr=P, b1_ptr=P, w2_ptr=P, b2_ptr=P, w3_ptr=P, b3_ptr=P,
+            wu_ptr=P, bu_ptr=P, res_ptr="*fp32", out_ptr="*fp32", pmax_ptr="*fp32", pidx_ptr="*i32", N1="i32",
+            N2="i32", N="i32", K="i32", eps="fp32")
+ATTENTION = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", out_ptr=P, slot_ptr="*i64",
+                 pos_ptr="*i64", S="i32", rope_len="i32", scale="fp32")
+ADVANCE = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64",
+               slot_ptr="*i64", pos_ptr="*i64", finished_ptr="*i8", eos_id="i32")
+EMBED = dict(tok_ptr="*i64", pos_ptr="*i64", wte_ptr=P, wpe_ptr=P, out_ptr="*fp32", C="i32")
+GEMV_BLOCKS = dict(BLOCK_N=8, BLOCK_K=256)
+SPECS = [
+    (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=0, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, **GEMV_BLOCKS)),  # LayerNorm -> qkv
+    (kd.gemv_kernel, GEMV, dict(NORM=0, ACT=0, HAS_BIAS=1, HAS_RES=1, ARGMAX=0, **GEMV_BLOCKS)),  # proj/down + res
+    (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=2, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, **GEMV_BLOCKS)),  # up + tanh GELU
+    (kd.gemv_kernel, GEMV, dict(NORM=2, ACT=3, HAS_BIAS=0, HAS_RES=0, ARGMAX=0, **GEMV_BLOCKS)),  # RMSNorm -> SwiGLU
+    (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=1, HAS_BIAS=0, HAS_RES=0, ARGMAX=1, **GEMV_BLOCKS)),  # head + partials
+    (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=0, BLOCK_T=64)),  # GPT-2
+    (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64)),  # Pythia: partial RoPE
+    (kd.attention_kernel, ATTENTION, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=128)),  # SmolLM2: GQA
+    (kd.advance_kernel, ADVANCE, dict(GREEDY=1, HAS_EOS=1, BLOCK=4096)),
+    (kd.embed_kernel, EMBED, dict(HAS_WPE=1, BLOCK=1024)),
+]
+
+if __name__ == "__main__":
+    for fn, signature, consts in SPECS:
+        src = ASTSource(fn, {**signature, **{k: "constexpr" for k in consts}}, consts)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+        assert ".entry " + fn.__name__ in ptx, f"{fn.__name__}: no entry point in the PTX"
+        print("compiled", fn.__name__, consts, flush=True)
