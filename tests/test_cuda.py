@@ -143,3 +143,14 @@ def test_fused_decode_logits_in_bf16_close_to_fp32() -> None:
             nxt = want.argmax(-1)
             ref.emit(nxt)
             fused.emit(nxt)
+
+
+def test_prefill_graphs_match_eager_prefill() -> None:
+    """A prompt length's captured prefill replays with new prompts; a new length evicts the oldest."""
+    model = _model("pythia-160m", torch.float32)
+    eager = GenerationConfig(max_new_tokens=12, greedy=True, stop_at_eos=False, prefill_graphs=0)
+    graphs = GenerationConfig(max_new_tokens=12, greedy=True, stop_at_eos=False, prefill_graphs=1)
+    batches = [[[5, 17, 99, 3], [8, 9]], [[8, 1000, 12, 7, 9, 10], [3, 4, 5]], [[42, 43, 44, 45], [7, 7, 7]],
+               [[1, 2], [9, 8, 7, 6]]]
+    for prompts in batches:
+        assert generate(model, prompts, graphs).tokens == generate(model, prompts, eager).tokens

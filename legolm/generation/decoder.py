@@ -11,6 +11,7 @@ what decoding at batch 1 is bound by. Optionally the step is compiled with `torc
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -100,11 +101,13 @@ class DecodeSession:
         compile_mode: `torch.compile` mode (one of `COMPILE_MODES`).
         step: Another step function of `decode_step`'s signature (the fused Triton step); None = the
             torch step (compiled when ``compile``).
+        prefill_graphs: With ``cuda_graph``, the prefill of this many prompt lengths is kept as CUDA
+            graphs (least recently used dropped); 0 = eager prefill.
     """
 
     def __init__(self, model: TransformerLM, batch: int, max_len: int, greedy: bool, eos_id: int | None,
                  cuda_graph: bool = False, compile: bool = False, compile_mode: str = "default",
-                 step: StepFn | None = None) -> None:
+                 step: StepFn | None = None, prefill_graphs: int = 0) -> None:
         param = next(model.parameters())
         # A weak reference: sessions are cached per model, and must not keep it alive.
         self._model = weakref.ref(model)
@@ -115,6 +118,8 @@ class DecodeSession:
         self.fn: StepFn = step or (compiled_decode_step(compile_mode) if compile else decode_step)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
+        self.prefill_graphs = prefill_graphs if cuda_graph else 0
+        self._prefills: OrderedDict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]] = OrderedDict()
 
     @property
     def model(self) -> TransformerLM:
@@ -123,13 +128,46 @@ class DecodeSession:
         return model
 
     def prefill(self, idx: Tensor, lengths: Tensor) -> Tensor:
-        """Write left-padded prompts (B, P) with true ``lengths`` (B,) into the cache; last logits (B, V)."""
+        """Write left-padded prompts (B, P) with true ``lengths`` (B,) into the cache; last logits (B, V).
+
+        With prefill graphs, a prompt length seen before replays its captured graph (one launch
+        instead of hundreds); a new one is captured (and the least recently used dropped).
+        """
+        if not self.prefill_graphs:
+            return self._prefill(idx, lengths)
+        P = idx.shape[1]
+        if P not in self._prefills:
+            self._prefills[P] = self._capture_prefill(idx, lengths)
+            while len(self._prefills) > self.prefill_graphs:
+                self._prefills.popitem(last=False)
+        self._prefills.move_to_end(P)
+        graph, idx_buf, len_buf, out = self._prefills[P]
+        idx_buf.copy_(idx)
+        len_buf.copy_(lengths)
+        graph.replay()
+        return out
+
+    def _prefill(self, idx: Tensor, lengths: Tensor) -> Tensor:
         P, S = idx.shape[1], self.cache.max_len
         keys = torch.arange(S, device=idx.device)
         self.pad_mask.copy_(keys[None, :] >= (P - lengths)[:, None])
         positions = (keys[None, :P] - (P - lengths)[:, None]).clamp(min=0)  # (B, P)
-        return self.model(idx, cache=self.cache, input_pos=keys[:P], positions=positions,
-                          pad_mask=self.pad_mask)[:, -1]
+        h = self.model(idx, cache=self.cache, input_pos=keys[:P], positions=positions, pad_mask=self.pad_mask,
+                       logits=False)  # (B, P, C) after the final norm: only the last position needs the head
+        return self.model.lm_head(h[:, -1])
+
+    def _capture_prefill(self, idx: Tensor, lengths: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]:
+        """Warm up on a side stream, then record the prefill of this prompt shape (replayed by the caller)."""
+        idx_buf, len_buf = idx.clone(), lengths.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._prefill(idx_buf, len_buf)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._prefill(idx_buf, len_buf)
+        return graph, idx_buf, len_buf, out
 
     def start(self, first: Tensor, slot: int, lengths: Tensor) -> None:
         """Reset the step state and record the token sampled from the prompt's logits."""

@@ -48,6 +48,8 @@ class GenerationConfig:
         fused_attention_block: Cache slots per tile of the fused attention kernel (a power of two).
         fused_embed_block: Channels per tile of the fused embedding kernel (a power of two).
         fused_tune: Time the fused GEMV launch shapes on the GPU at the first step and keep the fastest.
+        prefill_graphs: With ``cuda_graph``, prompt lengths per session whose prefill is replayed as a
+            CUDA graph (captured at a length's first use; 0 = eager prefill).
         eos_check_every: Steps between checks whether every row is done (each check syncs the GPU).
         cache_bucket: KV-cache lengths are rounded up to a multiple of this, so calls of similar
             lengths share one cached session (cache buffers and captured graph).
@@ -68,6 +70,7 @@ class GenerationConfig:
     fused_attention_block: int = 64
     fused_embed_block: int = 1024
     fused_tune: bool = True
+    prefill_graphs: int = 4
     eos_check_every: int = 8
     cache_bucket: int = 256
     session_cache_size: int = 4
@@ -85,6 +88,8 @@ class GenerationConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.cache_bucket < 1:
             raise ConfigError(f"cache_bucket must be >= 1, got {self.cache_bucket}")
+        if self.prefill_graphs < 0:
+            raise ConfigError(f"prefill_graphs must be >= 0, got {self.prefill_graphs}")
         if self.session_cache_size < 0:
             raise ConfigError(f"session_cache_size must be >= 0, got {self.session_cache_size}")
         for name in ("fused_attention_block", "fused_embed_block"):
@@ -149,7 +154,8 @@ def _session(model: TransformerLM, batch: int, needed: int, config: GenerationCo
     device = next(model.parameters()).device
     graph = config.cuda_graph and device.type == "cuda"
     fused = (config.fused_attention_block, config.fused_embed_block, config.fused_tune) if config.fused else None
-    key = (_weights_key(model), batch, max_len, config.greedy, eos, graph, config.compile, config.compile_mode, fused)
+    key = (_weights_key(model), batch, max_len, config.greedy, eos, graph, config.compile, config.compile_mode, fused,
+           config.prefill_graphs)
     sessions = _SESSIONS.setdefault(model, OrderedDict())
     if key in sessions:
         sessions.move_to_end(key)
@@ -159,7 +165,7 @@ def _session(model: TransformerLM, batch: int, needed: int, config: GenerationCo
         check_fused(model, batch, device)
         step = FusedDecodeStep(model, config.fused_attention_block, config.fused_embed_block, config.fused_tune)
     session = DecodeSession(model, batch, max_len, config.greedy, eos, cuda_graph=graph, compile=config.compile,
-                            compile_mode=config.compile_mode, step=step)
+                            compile_mode=config.compile_mode, step=step, prefill_graphs=config.prefill_graphs)
     if config.session_cache_size > 0:
         sessions[key] = session
         while len(sessions) > config.session_cache_size:
