@@ -45,12 +45,12 @@ StepFn = Callable[[Batch, int], torch.Tensor]
 
 
 def skip_step(model: Skip2LoRAModel, cache: SkipCache | None, lr: float, device: torch.device,
-              precision: str, loss_chunk: int = 0) -> StepFn:
+              precision: str, loss_chunk: int = 0, compile: bool = False) -> StepFn:
     optim = OptimConfig(lr=lr, weight_decay=0.0, grad_clip=1.0)
     opt = build_optimizer(list(model.trainable()), optim, device)
     schedule = LRSchedule(lr, ScheduleConfig(warmup_steps=0, decay="constant"), total_steps=1)
     train = TrainStep(model, Skip2LoRALoss(cache, loss_chunk), opt, schedule, optim.grad_clip,
-                      autocast_for(device, precision), device)
+                      autocast_for(device, precision), device, compile=compile)
 
     def step(batch: Batch, i: int) -> torch.Tensor:
         return train([batch], i)[0]
@@ -89,6 +89,10 @@ def chunked(chunk: int) -> str:
     return f" + chunked CE ({chunk})" if chunk else ""
 
 
+def compiled(mode: str) -> str:
+    return " (compiled)" if mode == "compile" else ""
+
+
 def gpu(args: argparse.Namespace) -> None:
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype, precision = (torch.float32, "fp32") if device.type == "cpu" else (torch.bfloat16, "bf16-mixed")
@@ -111,16 +115,18 @@ def gpu(args: argparse.Namespace) -> None:
 
     chunks = [0, args.loss_chunk] if args.loss_chunk else [0]
     fresh = restorer(ours)  # every LoRA run starts from the same adapters
-    for chunk in chunks:
+    lora_rows: dict[str, dict[str, Any]] = {}  # mode -> the plain legolm LoRA row: each mode's reference
+    for mode, chunk in [(m, k) for m in args.modes for k in chunks]:
         free(device)
-        step = legolm_step(fresh(), args.lr, device, precision, args.compile, chunk)
-        rows.append({"impl": f"legolm LoRA{chunked(chunk)}", "trainable": n_lora,
+        step = legolm_step(fresh(), args.lr, device, precision, mode == "compile", chunk)
+        rows.append({"impl": f"legolm LoRA{chunked(chunk)}{compiled(mode)}", "trainable": n_lora, "mode": mode,
                      **epochs(step, train, args.epochs, device), "val loss": val_loss(ours, val, device, precision)})
+        lora_rows.setdefault(mode, rows[-1])
     plain = unload(ours)
     n_blocks = plain.config.n_layer
     skip_r = max(1, round(n_lora / (n_blocks * 2 * plain.config.n_embd)))
     storages = ["gpu", "cpu"] if device.type == "cuda" else ["cpu"]  # where the Skip-Cache lives
-    for storage, chunk in [(st, k) for st in (None, *storages) for k in chunks]:
+    for storage, mode, chunk in [(st, m, k) for st in (None, *storages) for m in args.modes for k in chunks]:
         cached = storage is not None
         free(device)
         model = Skip2LoRAModel(plain, Skip2LoRAConfig(block_indices=list(range(n_blocks)), r=skip_r,
@@ -132,23 +138,27 @@ def gpu(args: argparse.Namespace) -> None:
                               storage=storage, device=device, key="bench")
         data_ids = [{**b, "sample_ids": torch.arange(i * args.batch, (i + 1) * args.batch)}
                     for i, b in enumerate(train)]
-        step = skip_step(model, cache, args.lr, device, precision, chunk)
+        step = skip_step(model, cache, args.lr, device, precision, chunk, mode == "compile")
         where = f" + Skip-Cache ({storage})" if cached else ""
-        rows.append({"impl": f"legolm Skip2-LoRA{where}{chunked(chunk)}",
+        rows.append({"impl": f"legolm Skip2-LoRA{where}{chunked(chunk)}{compiled(mode)}", "mode": mode,
                      "trainable": sum(p.numel() for p in model.trainable()),
                      **epochs(step, data_ids, args.epochs, device),
                      "val loss": val_loss(model, val, device, precision)})
         plain = model.base  # the backbone, untouched, for the next run
-    ref = rows[1]["later epochs s"]
+    refs = {mode: float(row["later epochs s"]) for mode, row in lora_rows.items()}
+    eager_ref = refs[args.modes[0]]
     for row in rows:
-        row["later vs legolm LoRA"] = f"{ref / row['later epochs s']:.1f}x"
+        same = refs.get(row.get("mode", ""), eager_ref)
+        row[f"later vs legolm LoRA {args.modes[0]}"] = f"{eager_ref / row['later epochs s']:.1f}x"
+        row["later vs legolm LoRA same mode"] = f"{same / row['later epochs s']:.1f}x"
         for key in ("epoch 1 s", "later epochs s", "val loss"):
             row[key] = f"{row[key]:.3f}"
         row["peak GB"] = f"{row['peak GB']:.2f}"
         row["trainable"] = f"{row['trainable']:,}"
     print(f"\n{args.model}, batch {args.batch} x {args.seq}, {args.batches} batches per epoch, {args.epochs} epochs, "
           f"{precision}, {device_info()['device']}")
-    cols = ["impl", "trainable", "epoch 1 s", "later epochs s", "later vs legolm LoRA", "peak GB", "val loss"]
+    cols = ["impl", "trainable", "epoch 1 s", "later epochs s", f"later vs legolm LoRA {args.modes[0]}",
+            "later vs legolm LoRA same mode", "peak GB", "val loss"]
     table = print_table(rows, cols)
     if not args.smoke:
         print(f"wrote {write_result('skip2lora', {**device_info(), 'args': vars(args), 'rows': rows, 'table': table})}")
@@ -201,7 +211,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--r", type=int, default=8, help="LoRA rank (Skip2-LoRA's rank matches its parameter count)")
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--modes", nargs="+", choices=["eager", "compile"], default=["eager", "compile"],
+                        help="run every legolm row eagerly and/or under torch.compile (peft runs eagerly)")
     parser.add_argument("--loss-chunk", type=int, default=4096,
                         help="also run legolm with the loss scored this many tokens at a time (0 = not)")
     parser.add_argument("--smoke", action="store_true", help="tiny GPT-2 on CPU: checks it runs")

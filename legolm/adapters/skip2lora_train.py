@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from legolm.adapters.skip2lora import Skip2LoRAModel
 from legolm.adapters.skip_cache import (
@@ -40,17 +40,26 @@ class Skip2LoRALoss:
 
     def __call__(self, model: nn.Module, batch: Batch) -> LossOutput:
         assert isinstance(model, Skip2LoRAModel)
-        ids, labels = batch["input_ids"], batch["labels"]
-        if self.cache is None or not model.training:
-            feats = model.features(ids)
-        else:
-            sids = batch["sample_ids"]
-            new = self.cache.missing(sids)
-            if bool(new.any()):
-                self.cache.put(sids[new], model.features(ids[new.to(ids.device)]))
-            feats = self.cache.get(sids, ids.device)
+        labels = batch["labels"]
+        feats = self.features(model, batch)
         loss = head_cross_entropy(model.base.lm_head, model.head_input(feats), labels, self.chunk_tokens)
         return loss, (labels != IGNORE_INDEX).sum(), {}
+
+    @torch.compiler.disable
+    def features(self, model: Skip2LoRAModel, batch: Batch) -> Tensor:
+        """The backbone's features (B, K+1, T, C), from the cache where stored.
+
+        Runs outside `torch.compile` (host-side cache bookkeeping): the compiled step is the adapters,
+        the head and the loss, one graph for the filling first epoch and the cached later ones alike.
+        """
+        ids = batch["input_ids"]
+        if self.cache is None or not model.training:
+            return model.features(ids)
+        sids = batch["sample_ids"]
+        new = self.cache.missing(sids)
+        if bool(new.any()):
+            self.cache.put(sids[new], model.features(ids[new.to(ids.device)]))
+        return self.cache.get(sids, ids.device)
 
 
 class SkipCacheFlush(Callback):
