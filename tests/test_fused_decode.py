@@ -121,7 +121,9 @@ def test_kernels_compile_for_the_gpu() -> None:
     from pathlib import Path
 
     script = Path(__file__).with_name("compile_kernels.py")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    root = str(Path(__file__).resolve().parents[1])  # this checkout, installed or not
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "PYTHONPATH": path}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert done.stdout.count("compiled") == 10, done.stdout
