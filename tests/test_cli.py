@@ -91,6 +91,16 @@ def test_generate_in_process_matches_library(tiny_gpt2_dir: Path, capsys) -> Non
     assert all(len(tok.encode(t)) >= 1 for t in expected)
 
 
+def test_generate_fused_matches_the_torch_decoder(tiny_gpt2_dir: Path, capsys) -> None:
+    """`--fused` (its Triton kernels in the CPU interpreter here) prints the torch decoder's continuation."""
+    args = ["generate", "--model", str(tiny_gpt2_dir), "--prompt", "A much longer prompt about the sea",
+            "--max-new-tokens", "4", "--greedy", "--device", "cpu", "--no-stop-at-eos"]
+    assert main(args) == 0
+    want = capsys.readouterr().out
+    assert main([*args, "--fused"]) == 0
+    assert capsys.readouterr().out == want
+
+
 def test_generate_echo_and_seeded_sampling(tiny_gpt2_dir: Path, capsys) -> None:
     args = ["generate", "--model", str(tiny_gpt2_dir), "--prompt", "Once upon", "--max-new-tokens", "6",
             "--seed", "7", "--top-k", "50", "--echo", "--device", "cpu"]

@@ -123,7 +123,8 @@ class FusedDecodeStep:
         attention_block: Cache slots per tile of the attention kernel when it is not tuned.
         embed_block: Channels per tile of the embedding kernel.
         tune: At the first step on a GPU, time each GEMV role's and the attention's launch candidates
-            (as replayed CUDA graphs) and keep the fastest; else take the first candidate.
+            (as replayed CUDA graphs) and keep the fastest; else take the first candidate (in Triton's
+            CPU interpreter: `INTERPRETER_GEMV`).
     """
 
     def __init__(self, model: TransformerLM, attention_block: int, embed_block: int, tune: bool = True) -> None:
@@ -174,7 +175,9 @@ class FusedDecodeStep:
         """Per GEMV role the fastest candidate, and the attention's (timed at `ATTENTION_TUNE_SLOT`)."""
         kd = self.kd
         gemvs = self._gemvs(model, self.plans[0], greedy=True)
-        if not (self.tune and self.x.is_cuda):
+        if not self.x.is_cuda:
+            return {role: kd.INTERPRETER_GEMV for role in gemvs}
+        if not self.tune:
             return {role: kd.GEMV_CANDIDATES[0] for role in gemvs}
         saved = self.x.clone()
         chosen: dict[str, GemvConfig] = {}

@@ -45,7 +45,8 @@ class GenerationConfig:
             block instead of a dozen, captured into one CUDA graph. Batch 1, plain blocks (merge
             adapters first), CUDA (``TRITON_INTERPRET=1`` runs them on the CPU, slowly); ``compile``
             does not apply to it.
-        fused_attention_block: Cache slots per tile of the fused attention kernel (a power of two).
+        fused_attention_block: Cache slots per tile of the fused attention kernel when it is not tuned
+            (a power of two).
         fused_embed_block: Channels per tile of the fused embedding kernel (a power of two).
         fused_tune: Time the fused GEMV launch shapes on the GPU at the first step and keep the fastest.
         prefill_graphs: With ``cuda_graph``, prompt lengths per session whose prefill is replayed as a

@@ -244,6 +244,8 @@ GEMV_CANDIDATES = (
     GemvConfig(32, 128, 4), GemvConfig(2, 1024, 4), GemvConfig(4, 1024, 8), GemvConfig(8, 1024, 8),
     GemvConfig(1, 1024, 4), GemvConfig(2, 2048, 8), GemvConfig(1, 4096, 8),
 )
+# Off the GPU (Triton's interpreter, the tests) a few large programs interpret fastest.
+INTERPRETER_GEMV = GemvConfig(64, 256, 4)
 # Head GEMVs that feed the greedy reduction keep >= 8 rows per program (few partial maxima).
 HEAD_MIN_ROWS = 8
 
