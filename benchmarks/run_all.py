@@ -55,10 +55,11 @@ def latest(name: str) -> dict[str, Any] | None:
 def summary_rows(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
     """One line per row of a benchmark's JSON: its label columns, then its other columns as text."""
     rows = []
+    labels = ("model", "impl", "variant", "label", "kv_mode", "batch", "context")
     for row in result.get("rows", []):
-        label = " ".join(str(row[k]) for k in ("model", "impl", "variant", "batch", "context") if k in row)
-        figures = ", ".join(f"{k} {v}" for k, v in row.items()
-                            if k not in ("model", "impl", "variant", "batch", "context") and v not in ("", None))
+        label = " ".join(str(row[k]) for k in labels if k in row)
+        figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                            if k not in labels and v not in ("", None))
         rows.append({"benchmark": name, "row": label, "figures": figures})
     return rows
 
