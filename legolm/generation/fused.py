@@ -161,8 +161,8 @@ class FusedDecodeStep:
             "proj": lambda g: kd.gemv(self.attn, p.proj, self.h, g, bias=p.proj_bias, residual=self.x),
             "up": lambda g: kd.gemv(mlp_in, p.up, self.act, g, bias=p.up_bias, norm=p.norm_2, act=p.act, up=p.up_2),
             "down": lambda g: kd.gemv(self.act, p.down, self.x, g, bias=p.down_bias, residual=self.h),
-            "head": lambda g: kd.gemv(self.x, model.lm_head.weight, self.logits, g, norm=self.final_norm,
-                                      partial=partial),
+            "head": lambda g: kd.gemv(self.x, model.lm_head.weight, self.logits, g, bias=model.lm_head.bias,
+                                      norm=self.final_norm, partial=partial),
         }
 
     def _attention(self, model: TransformerLM, layer: LayerKVCache, slot: Tensor, pos: Tensor,

@@ -48,7 +48,8 @@ class GenerationConfig:
         fused_attention_block: Cache slots per tile of the fused attention kernel when it is not tuned
             (a power of two).
         fused_embed_block: Channels per tile of the fused embedding kernel (a power of two).
-        fused_tune: Time the fused GEMV launch shapes on the GPU at the first step and keep the fastest.
+        fused_tune: Time the fused GEMV and attention launch shapes on the GPU at the first step and keep
+            the fastest.
         prefill_graphs: With ``cuda_graph``, prompt lengths per session whose prefill is replayed as a
             CUDA graph (captured at a length's first use; 0 = eager prefill).
         eos_check_every: Steps between checks whether every row is done (each check syncs the GPU).
