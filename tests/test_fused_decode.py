@@ -96,13 +96,15 @@ def test_fused_step_in_bf16_is_close_to_fp32() -> None:
 def test_fused_refuses_what_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model("tiny-gpt2")
     with pytest.raises(ConfigError, match="batch 1"):
-        check_fused(model, 2, torch.device(DEVICE))
+        check_fused(2, torch.device(DEVICE))
     inject_lora(model, LoRAConfig(r=2, target_modules=["qkv"]))
     with pytest.raises(ConfigError, match="merge adapters"):
-        check_fused(model, 1, torch.device(DEVICE))
+        FusedDecodeStep(model, attention_block=64, embed_block=32)
+    with pytest.raises(ConfigError, match="merge adapters"):  # through generate, as a user meets it
+        generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=2, greedy=True, fused=True))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ConfigError, match="CUDA GPU"):
-        check_fused(_model("tiny-gpt2"), 1, torch.device("cpu"))
+        check_fused(1, torch.device("cpu"))
 
 
 def test_fused_block_sizes_are_validated() -> None:

@@ -87,6 +87,25 @@ def compiled_decode_step(mode: str = "default") -> StepFn:
     return _compiled_steps[mode]
 
 
+def capture(fn: Callable[[], Tensor], after_warmup: Callable[[], None] | None = None
+            ) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    """Run ``fn`` once on a side stream (compilation, autotuning, cuBLAS handles), then record it.
+
+    Returns the graph (not yet replayed) and ``fn``'s output tensor, which each replay rewrites.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    if after_warmup is not None:
+        after_warmup()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class DecodeSession:
     """The cache, step buffers and (on CUDA) captured graph of one decoding shape.
 
@@ -157,16 +176,9 @@ class DecodeSession:
         return self.model.lm_head(h[:, -1])
 
     def _capture_prefill(self, idx: Tensor, lengths: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]:
-        """Warm up on a side stream, then record the prefill of this prompt shape (replayed by the caller)."""
+        """Record the prefill of this prompt shape on static copies of its inputs (replayed by the caller)."""
         idx_buf, len_buf = idx.clone(), lengths.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._prefill(idx_buf, len_buf)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self._prefill(idx_buf, len_buf)
+        graph, out = capture(lambda: self._prefill(idx_buf, len_buf))
         return graph, idx_buf, len_buf, out
 
     def start(self, first: Tensor, slot: int, lengths: Tensor) -> None:
@@ -191,18 +203,13 @@ class DecodeSession:
         return self.logits
 
     def _capture(self) -> None:
-        """Warm up on a side stream (compilation, cuBLAS handles), then record the step.
-
-        The warm-up must not advance the decoding state, so it runs on a saved copy that is put back.
-        """
+        """Record the step. Its warm-up must not advance the decoding state, so the state is put back."""
         saved = [x.clone() for x in self.state.tensors()]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # one step only: it writes the next cache slot, which always exists
-            self.fn(self.model, self.cache, self.pad_mask, self.state, self.greedy, self.eos_id)
-        torch.cuda.current_stream().wait_stream(stream)
-        for buf, old in zip(self.state.tensors(), saved, strict=True):
-            buf.copy_(old)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.fn(self.model, self.cache, self.pad_mask, self.state, self.greedy, self.eos_id)
+
+        def restore() -> None:
+            for buf, old in zip(self.state.tensors(), saved, strict=True):
+                buf.copy_(old)
+
+        # one warm-up step only: it writes the next cache slot, which always exists
+        self.graph, self.logits = capture(
+            lambda: self.fn(self.model, self.cache, self.pad_mask, self.state, self.greedy, self.eos_id), restore)

@@ -164,7 +164,7 @@ def _session(model: TransformerLM, batch: int, needed: int, config: GenerationCo
         return sessions[key]
     step = None
     if config.fused:
-        check_fused(model, batch, device)
+        check_fused(batch, device)
         step = FusedDecodeStep(model, config.fused_attention_block, config.fused_embed_block, config.fused_tune)
     session = DecodeSession(model, batch, max_len, config.greedy, eos, cuda_graph=graph, compile=config.compile,
                             compile_mode=config.compile_mode, step=step, prefill_graphs=config.prefill_graphs)
