@@ -24,11 +24,12 @@ from typing import Any
 import torch
 
 from benchmarks.common import BENCH_DATA, ROOT, device_info, print_table, write_result
+from legolm.checkpoints.load import load_pretrained
 from legolm.cli.args import config_from_dict, load_yaml, merge
 from legolm.data.tokenized import load_tokenized
 from legolm.lego.config import STORE_DTYPES, LegoConfig
-from legolm.lego.model import LegoLM, load_lego
 from legolm.lego.report import val_windows
+from legolm.model.lego import LegoLM
 
 CORPUS = BENCH_DATA / "lego-tinystories-bpe4096"
 SMOKE = {"window": 64, "model": {"n_embd": 64, "n_head": 4, "block_size": 256},
@@ -44,7 +45,7 @@ def references(model: LegoLM, prompts: torch.Tensor, new: int, repeats: int, tau
     """Whole-call tok/s (prefill included), batch 1, greedy, same prompts: our loop at full depth and at τ,
     the deep model with legolm's standard decoder (CUDA graph on GPU), and with HF generate."""
     from legolm.generation import GenerationConfig, generate
-    from legolm.lego.early_exit import generate_with_early_exit
+    from legolm.generation.early_exit import generate_with_early_exit
 
     p0 = next(model.parameters())
     device, dtype = p0.device, p0.dtype
@@ -55,7 +56,7 @@ def references(model: LegoLM, prompts: torch.Tensor, new: int, repeats: int, tau
             (f"legolm early-exit loop, calibrated τ={tau:.3f}, kv fill",
              lambda p: generate_with_early_exit(model, p, new, tau)),
             ("legolm generate, deep model" + (" (CUDA graph)" if device.type == "cuda" else ""),
-             lambda p: generate(model.base, p.tolist(), cfg))]
+             lambda p: generate(model, p.tolist(), cfg))]
     hf = hf_model(model, device, dtype)
     model.to(device, dtype)  # hf_model compared on CPU in fp32
     if hf is not None:
@@ -89,12 +90,12 @@ def hf_model(model: LegoLM, device: torch.device, dtype: torch.dtype) -> Any:
     from legolm.checkpoints.native import export_hf
 
     with tempfile.TemporaryDirectory() as tmp:  # the user's path: export, then from_pretrained
-        export_hf(model.base.float().cpu(), Path(tmp) / "hf")
+        export_hf(model.float().cpu(), Path(tmp) / "hf")
         hf: Any = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf")
     hf.eval()
     x = torch.arange(1, 17)[None]
     with torch.no_grad():  # parity in fp32 before timing: the same deep model in both libraries
-        ours = model.base.float().cpu()(x)
+        ours = model.float().cpu()(x)
         rel = ((hf(x).logits - ours).abs().max() / ours.abs().max()).item()
     print(f"HF export of the deep model: max |logit diff| / max |logit| = {rel:.2e} (fp32, CPU)")
     if rel > 1e-3:
@@ -118,8 +119,9 @@ def main() -> None:
     from legolm.cli.lego import lego
 
     summary = lego(cfg, corpus)
-    model = load_lego(Path(cfg.run.out_dir) / "model", device=cfg.run.device if cfg.run.device != "auto"
-                      else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_pretrained(Path(cfg.run.out_dir) / "model", device=cfg.run.device if cfg.run.device != "auto"
+                            else ("cuda" if torch.cuda.is_available() else "cpu"))
+    assert isinstance(model, LegoLM)
     model.to(STORE_DTYPES[cfg.decode.dtype])
     d = cfg.decode
     prompts = val_windows(corpus.val, d.prompts, d.prompt_len)

@@ -9,12 +9,11 @@ from torch import Tensor
 
 from legolm.errors import ConfigError
 from legolm.generation import GenerationConfig, generate
+from legolm.generation.early_exit import generate_with_early_exit, write_kv
 from legolm.layers.attention import CausalSelfAttention
-from legolm.lego import LegoLM, exits, generate_with_early_exit
-from legolm.lego.early_exit import write_kv
 from legolm.model.config import ModelConfig
 from legolm.model.kv_cache import LayerKVCache
-from legolm.model.transformer import TransformerLM
+from legolm.model.lego import LegoLM, exits
 
 VOCAB, SPLIT, DEPTH, N_NEW = 97, 2, 5, 24
 PRESETS = ["tiny-pythia", "tiny-llama", "tiny-gpt2"]
@@ -28,7 +27,7 @@ def lego_model(preset: str, std: float = 0.3) -> LegoLM:
     no near-ties.
     """
     torch.manual_seed(0)
-    model = LegoLM(TransformerLM(ModelConfig.from_name(preset, vocab_size=VOCAB)))
+    model = LegoLM(ModelConfig.from_name(preset, vocab_size=VOCAB))
     model.mark_trained()
     model.extend(DEPTH, 0.5)
     g = torch.Generator().manual_seed(1)
@@ -46,14 +45,14 @@ def prompt(batch: int = 1, length: int = 6, seed: int = 0) -> Tensor:
 def mid_threshold(model: LegoLM, ids: Tensor) -> float:
     """The median shallow confidence along a full-depth continuation: about half the tokens exit."""
     full = generate_with_early_exit(model, ids, N_NEW, None).tokens
-    conf = model(torch.cat([ids, full], 1)).conf[:, ids.shape[1] - 1 :]
+    conf = model.forward_exits(torch.cat([ids, full], 1)).conf[:, ids.shape[1] - 1 :]
     return float(conf.median())
 
 
 def recompute(model: LegoLM, ids: Tensor, tokens: Tensor, tau: float) -> tuple[Tensor, Tensor]:
     """Without any cache: which generated tokens exit at τ, and the logits each comes from (B, N, V)."""
     seq = torch.cat([ids, tokens], 1)[:, :-1]
-    out = model(seq)
+    out = model.forward_exits(seq)
     assert out.deep_logits is not None
     P = ids.shape[1]
     ex = exits(out.conf[:, P - 1 :], tau)
@@ -68,7 +67,7 @@ def count_layer_calls(model: LegoLM) -> tuple[list[int], list[torch.utils.hooks.
         counts[0] += 1
         counts[1] += args[0].shape[1]
 
-    return counts, [block.register_forward_hook(hook) for block in model.base.blocks]
+    return counts, [block.register_forward_hook(hook) for block in model.blocks]
 
 
 # -- the two extremes -----------------------------------------------------------------------------------
@@ -77,7 +76,7 @@ def count_layer_calls(model: LegoLM) -> tuple[list[int], list[torch.utils.hooks.
 def test_never_exit_equals_full_depth_greedy(preset: str, kv_mode: str) -> None:
     model, ids = lego_model(preset), prompt()
     out = generate_with_early_exit(model, ids, N_NEW, 1.0, kv_mode=kv_mode)  # type: ignore[arg-type]
-    ref = generate(model.base, ids.tolist(), GenerationConfig(max_new_tokens=N_NEW, greedy=True, stop_at_eos=False))
+    ref = generate(model, ids.tolist(), GenerationConfig(max_new_tokens=N_NEW, greedy=True, stop_at_eos=False))
     assert out.tokens.tolist() == ref.tokens
     assert out.stats.shallow_count == 0 and out.stats.deep_count == N_NEW
     assert out.stats.actual_compute_cost == 1.0
@@ -94,7 +93,7 @@ def test_always_exit_equals_shallow_model_alone(preset: str, kv_mode: str) -> No
     assert out.tokens.tolist() == ref.tokens
     assert out.stats.shallow_ratio == 1.0
     assert out.stats.actual_compute_cost == pytest.approx(SPLIT / DEPTH)
-    deep = generate(model.base, ids.tolist(), GenerationConfig(max_new_tokens=N_NEW, greedy=True, stop_at_eos=False))
+    deep = generate(model, ids.tolist(), GenerationConfig(max_new_tokens=N_NEW, greedy=True, stop_at_eos=False))
     assert deep.tokens != ref.tokens  # the two extremes really differ on this model
 
 
@@ -138,7 +137,7 @@ def test_skip_mode_uses_cumulative_rope_positions(preset: str) -> None:
     kept = list(range(P)) + [P + t - 1 for t in deep_steps]
 
     def deep_logits(positions: list[int]) -> Tensor:
-        return model.forward_upper_layers(h_s[:, kept], positions=torch.tensor([positions]))[0]
+        return model.project(model.upper_hidden(h_s[:, kept], positions=torch.tensor([positions])))[0]
 
     cumulative = deep_logits(kept)
     for j, t in enumerate(deep_steps):
@@ -154,11 +153,11 @@ def test_skip_mode_uses_cumulative_rope_positions(preset: str) -> None:
 def test_write_kv_matches_the_keys_and_values_the_layer_writes(preset: str) -> None:
     """propagate: the K/V-only projection equals what the block's own attention stores (RoPE included)."""
     model = lego_model(preset)
-    block = model.base.blocks[SPLIT]
+    block = model.blocks[SPLIT]
     cfg = model.config
     h = torch.randn(1, 3, cfg.n_embd, generator=torch.Generator().manual_seed(2))
     pos = torch.tensor([4, 5, 6])
-    ctx = model.base.make_context(pos[None], h.dtype, input_pos=pos)
+    ctx = model.make_context(pos[None], h.dtype, input_pos=pos)
     ctx.mask = None  # plain causal attention over the 3 tokens; the cache write is what is compared
     own, ours = (LayerKVCache(1, cfg.kv_heads, 8, cfg.hd, torch.float32, "cpu") for _ in range(2))
     assert isinstance(block.attn, CausalSelfAttention)
@@ -256,20 +255,20 @@ def test_bad_input_is_a_clear_config_error(kwargs: dict[str, object], fragment: 
 
 
 def test_shallow_model_cannot_early_exit() -> None:
-    model = LegoLM(TransformerLM(ModelConfig.from_name("tiny-pythia")))
+    model = LegoLM(ModelConfig.from_name("tiny-pythia"))
     with pytest.raises(ConfigError, match="extend"):
         generate_with_early_exit(model, prompt(), 4, 0.5)
 
 
 def test_decode_path_nll_in_fill_mode_equals_the_hard_routed_full_forward() -> None:
     """Teacher-forced scoring through the decode path (fill) = generation's rule on one full forward."""
-    from legolm.lego.early_exit import decode_path_nll
+    from legolm.generation.early_exit import decode_path_nll
     from legolm.lego.evaluate import TokenScores
 
     model, ids = lego_model("tiny-llama"), prompt(batch=2, length=20, seed=7)
     tau = mid_threshold(model, ids[:1, :6])
     with torch.no_grad():
-        out = model(ids[:, :-1])
+        out = model.forward_exits(ids[:, :-1])
     assert out.deep_logits is not None
     labels = ids[:, 1:, None]
     scores = TokenScores(out.shallow_logits.log_softmax(-1).gather(-1, labels)[:, 5:].flatten(),
@@ -285,7 +284,7 @@ def test_macs_cost_charges_the_shallow_exit_by_hand() -> None:
     """Weight multiply-adds per step: blocks' linear weights, V·C per exit head, 2·C·H_kv·D per propagated K/V."""
     model, ids = lego_model("tiny-pythia"), prompt()
     cfg = model.config
-    block = sum(m.weight.numel() for m in model.base.blocks[0].modules() if isinstance(m, torch.nn.Linear))
+    block = sum(m.weight.numel() for m in model.blocks[0].modules() if isinstance(m, torch.nn.Linear))
     head = cfg.vocab_size * cfg.n_embd
     full = DEPTH * block + head
     assert generate_with_early_exit(model, ids, N_NEW, None).stats.macs_cost == 1.0

@@ -11,16 +11,15 @@ import pytest
 import torch
 
 from legolm.checkpoints.load import load_pretrained
+from legolm.checkpoints.native import save_checkpoint
 from legolm.data import DataConfig, TokenizedCorpus, prepare_corpus
 from legolm.errors import CheckpointError, ConfigError
-from legolm.lego import LegoLM, confidence, exits, load_lego, routed_log_probs, save_lego
 from legolm.lego.evaluate import TokenScores, score_tokens
 from legolm.lego.hard_examples import collect_hard_examples, create_hard_example_loader, evaluate_on_hard_examples
-from legolm.lego.model import routing_log_weights
-from legolm.lego.threshold import compute_confidence_threshold, quantile_threshold, shallow_confidences
+from legolm.lego.threshold import compute_confidence_threshold, shallow_confidences
 from legolm.lego.train import HardTokenLoss, RestoreBest, check_phase2, run_phase1, run_phase2
 from legolm.model.config import ModelConfig
-from legolm.model.transformer import TransformerLM
+from legolm.model.lego import LegoLM, confidence, exits, quantile_threshold, routed_log_probs, routing_log_weights
 from legolm.train.batches import WindowBatches
 from legolm.train.config import EvalConfig, FitConfig, OptimConfig, RunConfig, ScheduleConfig
 from legolm.train.fit import FitState
@@ -39,7 +38,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Tokeni
 def shallow(preset: str = "tiny-pythia", vocab: int = 320, layers: int = 1, seed: int = 0) -> LegoLM:
     torch.manual_seed(seed)
     cfg = ModelConfig.from_name(preset, vocab_size=vocab, layers=[ModelConfig.from_name(preset).layers[0]] * layers)
-    return LegoLM(TransformerLM(cfg))
+    return LegoLM(cfg)
 
 
 def extended(preset: str = "tiny-pythia", tau: float = 0.5) -> LegoLM:
@@ -115,19 +114,19 @@ def test_extend_copies_freezes_and_keeps_the_shallow_exit(preset: str) -> None:
     model.mark_trained()
     idx = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        before = model.base(idx)
+        before = model(idx)
     model.extend(5, 0.4)
     assert model.n_layer == 5 and model.split == 2 and model.extended and model.threshold == 0.4
     with torch.no_grad():
-        out = model(idx)
+        out = model.forward_exits(idx)
     torch.testing.assert_close(out.shallow_logits, before)  # the calibrated exit is unchanged
     assert model.shallow_exit is not None and out.deep_logits is not None
-    deep_head, shallow_head = model.base.lm_head.weight, model.shallow_exit.head.weight
+    deep_head, shallow_head = model.lm_head.weight, model.shallow_exit.head.weight
     torch.testing.assert_close(deep_head, shallow_head)  # the deep exit starts as a copy ...
-    assert deep_head.data_ptr() != shallow_head.data_ptr() != model.base.wte.weight.data_ptr()  # ... of its own
-    frozen = [model.base.wte, *model.base.blocks[:2], model.shallow_exit]
+    assert deep_head.data_ptr() != shallow_head.data_ptr() != model.wte.weight.data_ptr()  # ... of its own
+    frozen = [model.wte, *model.blocks[:2], model.shallow_exit]
     assert not any(p.requires_grad for m in frozen for p in m.parameters())
-    trainable = [*model.base.blocks[2:], model.base.norm, model.base.lm_head]
+    trainable = [*model.blocks[2:], model.norm, model.lm_head]
     assert all(p.requires_grad for m in trainable for p in m.parameters())
 
 
@@ -203,7 +202,7 @@ def test_phase2_loss_on_stored_states_equals_full_recomputation(corpus: Tokenize
     ids = torch.from_numpy(corpus.val[: 4 * WINDOW + 1].astype("int64"))
     x, y = ids[:-1].view(4, WINDOW), ids[1:].view(4, WINDOW)
     with torch.no_grad():
-        out = model(x)
+        out = model.forward_exits(x)
         assert out.deep_logits is not None
         logp = model.routed_log_probs(out) if kind == "routed" else out.deep_logits.log_softmax(-1)
     hard = out.conf < tau
@@ -230,24 +229,45 @@ def test_hard_example_evaluation_matches_full_forward_scores(corpus: TokenizedCo
 
 # -- checkpoints -----------------------------------------------------------------------------------------
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    """A LEGO model saves as a legolm checkpoint and loads back as a LegoLM (exits, τ, frozen flags)."""
     model = extended("tiny-llama", tau=0.37).eval()
     model.meta.routing_temperature = 0.02
-    save_lego(model, tmp_path / "ckpt")
+    model.calibrate(0.37, 0.5, torch.rand(1000))
+    save_checkpoint(model, tmp_path / "ckpt")
     with pytest.raises(Exception, match="already exists"):
-        save_lego(model, tmp_path / "ckpt")
-    loaded = load_lego(tmp_path / "ckpt")
-    assert loaded.meta == model.meta
+        save_checkpoint(model, tmp_path / "ckpt")
+    loaded = load_pretrained(tmp_path / "ckpt")
+    assert isinstance(loaded, LegoLM) and loaded.meta == model.meta
+    assert len(loaded.meta.confidence_quantiles) == 101
     idx = torch.randint(0, 320, (1, 10))
     with torch.no_grad():
-        a, b = model(idx), loaded(idx)
+        a, b = model.forward_exits(idx), loaded.forward_exits(idx)
         assert a.deep_logits is not None and b.deep_logits is not None
         torch.testing.assert_close(a.shallow_logits, b.shallow_logits, rtol=0, atol=0)
         torch.testing.assert_close(a.deep_logits, b.deep_logits, rtol=0, atol=0)
-        # the same directory is a plain legolm checkpoint of the deep model
-        torch.testing.assert_close(load_pretrained(tmp_path / "ckpt")(idx), a.deep_logits, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(idx), a.deep_logits, rtol=0, atol=0)  # forward = the deep model
     assert [p.requires_grad for p in loaded.parameters()] == [p.requires_grad for p in model.parameters()]
-    with pytest.raises(CheckpointError, match="not a LEGO checkpoint"):
-        load_lego(tmp_path)
+    # model.safetensors alone is the deep model: a plain loader of the weights sees no exit tensors
+    from safetensors.torch import load_file
+
+    assert not any(k.startswith("shallow_exit") for k in load_file(str(tmp_path / "ckpt" / "model.safetensors")))
+
+
+def test_a_corrupt_lego_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    save_checkpoint(extended(), tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "lego.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid LEGO metadata"):
+        load_pretrained(tmp_path / "ckpt")
+
+
+def test_threshold_for_ratio_interpolates_the_stored_quantiles() -> None:
+    model = extended()
+    conf = torch.linspace(0, 1, 10001)  # uniform: the r-quantile is r
+    model.calibrate(0.5, 0.5, conf)
+    for r in (0.1, 0.25, 0.735):
+        assert model.threshold_for_ratio(r) == pytest.approx(r, abs=1e-6)
+    with pytest.raises(ConfigError, match=r"target_ratio must be in \(0, 1\)"):
+        model.threshold_for_ratio(1.2)
 
 
 # -- training through fit --------------------------------------------------------------------------------

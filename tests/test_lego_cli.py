@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from legolm.checkpoints.load import load_pretrained
-from legolm.lego import load_lego
+from legolm.model.lego import LegoLM
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "lego-tiny.yaml")
@@ -67,13 +67,13 @@ def test_lego_command_prints_the_table_and_writes_its_outputs(run_dir: Path) -> 
 
 
 def test_the_saved_model_loads_as_lego_and_as_a_plain_deep_model(run_dir: Path) -> None:
-    model = load_lego(run_dir / "model")
-    assert model.extended and model.split == 1 and model.n_layer == 3
+    model = load_pretrained(run_dir / "model")
+    assert isinstance(model, LegoLM) and model.extended and model.split == 1 and model.n_layer == 3
     assert model.threshold == pytest.approx(json.loads((run_dir / "summary.json").read_text())["threshold"])
     idx = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
-        deep = model(idx).deep_logits
-        torch.testing.assert_close(load_pretrained(run_dir / "model")(idx), deep, rtol=0, atol=0)
+        deep = model.forward_exits(idx).deep_logits
+        torch.testing.assert_close(model(idx), deep, rtol=0, atol=0)
 
 
 def test_existing_run_dir_is_not_overwritten(run_dir: Path) -> None:

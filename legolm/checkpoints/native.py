@@ -1,46 +1,93 @@
-"""legolm's own checkpoint: ``legolm.json`` (the ModelConfig) + ``model.safetensors`` (+ tokenizer)."""
+"""legolm's own checkpoint: ``legolm.json`` (the ModelConfig) + ``model.safetensors`` (+ tokenizer).
+
+A `LegoLM` adds ``lego.json`` (its `LegoMeta`: split, calibrated τ, ...) and its shallow exit in
+``lego/shallow_exit.safetensors`` (a subfolder: readers of the model take every top-level
+``*.safetensors``). ``model.safetensors`` holds the deep model alone, so the directory is also an
+ordinary checkpoint of it (what `export_hf` writes).
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from legolm.checkpoints.hf import export_hf_state, read_weights
 from legolm.data.tokenizer import Tokenizer
 from legolm.errors import CheckpointError
 from legolm.model.config import ModelConfig
+from legolm.model.lego import LegoLM, LegoMeta
 from legolm.model.transformer import TransformerLM
 from legolm.utils.io import atomic_dir
 
 CONFIG_NAME = "legolm.json"
+LEGO_META = "lego.json"
+EXIT_WEIGHTS = "lego/shallow_exit.safetensors"
+EXIT_PREFIX = "shallow_exit."
 
 
 def _cpu_state(model: TransformerLM) -> dict:
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    """The deep model's tensors on the CPU (a LEGO model's shallow exit is saved apart)."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+             if not k.startswith(EXIT_PREFIX)}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)  # the same storage as wte.weight; safetensors refuses shared tensors
     return state
 
 
+def _save_lego(model: LegoLM, directory: Path) -> None:
+    (directory / LEGO_META).write_text(json.dumps(asdict(model.meta), indent=2) + "\n")
+    if model.shallow_exit is not None:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.shallow_exit.state_dict().items()}
+        (directory / EXIT_WEIGHTS).parent.mkdir()
+        save_file(state, str(directory / EXIT_WEIGHTS))
+
+
+def _lego_meta(directory: Path) -> LegoMeta:
+    try:
+        return LegoMeta(**json.loads((directory / LEGO_META).read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise CheckpointError(f"{directory / LEGO_META} is not valid LEGO metadata ({err})") from None
+
+
+def _exit_state(directory: Path) -> dict:
+    try:
+        return {EXIT_PREFIX + k: v for k, v in load_file(str(directory / EXIT_WEIGHTS)).items()}
+    except (OSError, RuntimeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"cannot read the shallow exit {directory / EXIT_WEIGHTS} ({first})") from None
+
+
 def save_checkpoint(model: TransformerLM, directory: str | Path, tokenizer: Tokenizer | None = None,
                     overwrite: bool = False) -> Path:
-    """Write a legolm checkpoint atomically (a temp directory renamed into place)."""
+    """Write a legolm checkpoint atomically (a temp directory renamed into place); a `LegoLM` with its exit."""
     with atomic_dir(directory, overwrite) as tmp:
         save_file(_cpu_state(model), str(tmp / "model.safetensors"))
         model.config.save(tmp / CONFIG_NAME)
+        if isinstance(model, LegoLM):
+            _save_lego(model, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
     return Path(directory)
 
 
 def load_checkpoint(directory: Path) -> TransformerLM:
+    """A legolm checkpoint directory: a `TransformerLM`, or a `LegoLM` where ``lego.json`` is present."""
     try:
         config = ModelConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{directory / CONFIG_NAME} is not valid JSON ({err})") from None
-    return TransformerLM.from_state_dict(config, read_weights(directory))
+    state = read_weights(directory)
+    if not (directory / LEGO_META).is_file():
+        return TransformerLM.from_state_dict(config, state)
+    meta = _lego_meta(directory)
+    exit_state = _exit_state(directory) if meta.split < config.n_layer else {}
+    model = LegoLM.from_state_dict(config, {**state, **exit_state}, meta=meta)
+    if model.shallow_exit is not None:  # as after extend: the exit frozen, lower layers frozen
+        model.freeze(True)
+    return model
 
 
 def export_hf(model: TransformerLM, directory: str | Path, tokenizer: Tokenizer | None = None,

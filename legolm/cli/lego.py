@@ -58,10 +58,10 @@ def lego(cfg: LegoConfig, corpus: Any = None) -> dict[str, Any]:
 
 def evaluate_and_report(cfg: LegoConfig, corpus: Any, out: Path) -> dict[str, Any]:
     """Train (`train_lego`), save, score the validation windows, time the decode settings, print the table."""
+    from legolm.checkpoints.native import save_checkpoint
     from legolm.lego.config import STORE_DTYPES
     from legolm.lego.evaluate import score_tokens
     from legolm.lego.hard_examples import evaluate_on_hard_examples
-    from legolm.lego.model import save_lego
     from legolm.lego.report import (
         Setting,
         curve_row,
@@ -71,16 +71,20 @@ def evaluate_and_report(cfg: LegoConfig, corpus: Any, out: Path) -> dict[str, An
         plot_curve,
         val_windows,
     )
-    from legolm.lego.threshold import quantile_threshold
+    from legolm.lego.split import plot_splits
     from legolm.lego.train import train_lego
+    from legolm.model.lego import quantile_threshold
     from legolm.train.distributed import current
-    from legolm.utils.io import atomic_write_text
 
     trained = train_lego(cfg, corpus)
     if not current().is_main:  # rank 0 evaluates, times and reports
         return {}
     model, tau, d = trained.model, trained.threshold, cfg.decode
-    save_lego(model, out / "model", corpus.tokenizer, overwrite=True)
+    save_checkpoint(model, out / "model", corpus.tokenizer, overwrite=True)
+    split_note = None
+    if trained.splits:
+        write_csv(out / "split_curve.csv", [asdict(p) for p in trained.splits])
+        split_note = plot_splits(trained.splits, out / "split_curve.png", cfg.lego.split_tolerance)
     scores = score_tokens(model, trained.val_batches, cfg.lego.calib_batches, progress=cfg.run.progress)
     hard = evaluate_on_hard_examples(model, trained.hard_val, cfg.phase2.eval.batch_size or cfg.phase2.batch_size)
     calibrated = f"calibrated r={cfg.lego.target_ratio:g}" if cfg.lego.threshold is None else "given"
@@ -100,11 +104,7 @@ def evaluate_and_report(cfg: LegoConfig, corpus: Any, out: Path) -> dict[str, An
     phase1_ppl, deep_ppl = scores.shallow_ppl(), scores.deep_ppl()
     table = format_table(rows, phase1_ppl, deep_ppl)
     note = plot_curve(rows, out / "curve.png", phase1_ppl, deep_ppl)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(asdict(rows[0])))
-    writer.writeheader()
-    writer.writerows(asdict(r) for r in rows)
-    atomic_write_text(out / "curve.csv", buf.getvalue())
+    write_csv(out / "curve.csv", [asdict(r) for r in rows])
     device = next(model.parameters()).device
     print(f"\nLEGO {model.split} -> {model.n_layer} layers, threshold {tau:.4f}; full-forward PPLs over "
           f"{len(scores):,} validation tokens, decode-path PPL over {scored.shape[0]} x {d.score_len}; decode: "
@@ -114,6 +114,8 @@ def evaluate_and_report(cfg: LegoConfig, corpus: Any, out: Path) -> dict[str, An
     print(f"\nhard validation tokens ({int(hard['hard_tokens']):,}): shallow PPL {hard['shallow_ppl']:.2f}, "
           f"deep PPL {hard['deep_ppl']:.2f}, routed PPL {hard['routed_ppl']:.2f}")
     print(note or f"quality/speed curve: {out / 'curve.png'}")
+    if trained.splits:
+        print(split_note or f"split curve: {out / 'split_curve.png'} (chosen k={model.split})")
     print(f"model saved to {out / 'model'}")
     fit_results = {name: None if r is None else {k: v for k, v in asdict(r).items() if k != "run_dir"}
                    for name, r in (("phase1", trained.phase1), ("phase2", trained.phase2))}
@@ -122,7 +124,19 @@ def evaluate_and_report(cfg: LegoConfig, corpus: Any, out: Path) -> dict[str, An
             "hard_val": hard, "hard_examples": {"train": trained.hard_train.summary(),
                                                 "val": trained.hard_val.summary()},
             "rows": [asdict(r) for r in rows], "baseline": asdict(measured[0]), "device": str(device),
+            "split_curve": [asdict(p) for p in trained.splits],
             **fit_results, "table": table, "model": str(out / "model")}
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows of equal keys as a CSV file, written atomically."""
+    from legolm.utils.io import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -9,6 +9,13 @@ YAML sections and dotted flags as in ``legolm pretrain``::
     lego: {num_layers: 6, target_ratio: 0.5}                     --lego.target-ratio 0.4
     decode: {prompts: 8, max_new_tokens: 64}
     run: {out_dir: runs/lego, device: cpu}
+
+Two ways into a LEGO model:
+
+* grown (default): ``model`` is the shallow model; phase 1 trains it, ``extend`` adds the upper
+  layers up to ``lego.num_layers``;
+* from a pretrained model: ``model.init`` names it and ``lego.split`` (or ``lego.split_candidates``,
+  chosen by a measured curve) is where the shallow exit sits; phase 1 trains only that exit.
 """
 
 from __future__ import annotations
@@ -22,8 +29,8 @@ import torch
 
 from legolm.data.tokenized import DataConfig
 from legolm.errors import ConfigError
-from legolm.lego.early_exit import KVMode
-from legolm.lego.threshold import check_target_ratio
+from legolm.generation.early_exit import KVMode
+from legolm.model.lego import check_target_ratio
 from legolm.train.config import EvalConfig, FitConfig, ModelSpec, OptimConfig, RunConfig, ScheduleConfig
 
 StoreDtype = Literal["float32", "bfloat16", "float16"]
@@ -64,8 +71,13 @@ class LegoSettings:
     """The LEGO method's own settings.
 
     Attributes:
-        num_layers: Depth after extend (the shallow model's depth is that of model.layers).
-        phase1: Train the shallow model first (false: model.init must be a trained shallow checkpoint).
+        num_layers: Depth after extend (the shallow model's depth is that of model.layers); grown route only.
+        split: Pretrained route: the shallow exit sits after this many blocks of model.init (None = grown route).
+        split_candidates: Pretrained route: train an exit after each of these block counts in phase 1 (jointly)
+            and keep the smallest whose routed perplexity at target_ratio, with the model's own upper layers,
+            is within split_tolerance of the full model's (the measured curve is saved); overrides split.
+        split_tolerance: Relative perplexity increase allowed when choosing the split from split_candidates.
+        phase1: Train the shallow model (or exit) first (false: model.init must be a trained shallow checkpoint).
         threshold: Routing threshold in [0, 1] to use instead of calibrating one (None = calibrate).
         target_ratio: Fraction of validation tokens below the calibrated threshold (hard), in (0, 1).
         routing_temperature: T of the routing weight sigmoid((conf - threshold) / T), > 0.
@@ -73,10 +85,14 @@ class LegoSettings:
         phase2_loss: routed (NLL of the soft-routed mixture, as evaluated) or deep (deep exit alone) on hard tokens.
         store_dtype: dtype of the stored lower-layer states (bfloat16/float16 halve their memory).
         calib_batches: Validation batches for calibration and evaluation (None = all).
+        collect_batches: Training batches scanned for hard examples (None = all of the training split).
         curve_ratios: Further thresholds for the quality/speed curve, as fractions of validation tokens below them.
     """
 
     num_layers: int = 6
+    split: int | None = None
+    split_candidates: list[int] = field(default_factory=list)
+    split_tolerance: float = 0.03
     phase1: bool = True
     threshold: float | None = None
     target_ratio: float = 0.5
@@ -85,6 +101,7 @@ class LegoSettings:
     phase2_loss: Literal["routed", "deep"] = "routed"
     store_dtype: StoreDtype = "float32"
     calib_batches: int | None = None
+    collect_batches: int | None = None
     curve_ratios: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.7, 0.9])
 
 
@@ -151,10 +168,19 @@ class LegoConfig:
         for r in self.lego.curve_ratios:
             check_target_ratio(r)
         shallow = len(self.model.layers) if self.model.layers else None
-        d = self.decode
+        d, lg = self.decode, self.lego
+        pretrained = lg.split is not None or bool(lg.split_candidates)
         checks = [
-            (shallow is None or self.lego.num_layers > shallow,
-             f"lego.num_layers={self.lego.num_layers} must exceed the shallow model's {shallow} layers (model.layers)"),
+            (pretrained or shallow is None or lg.num_layers > shallow,
+             f"lego.num_layers={lg.num_layers} must exceed the shallow model's {shallow} layers (model.layers)"),
+            (not pretrained or self.model.init is not None,
+             "lego.split / lego.split_candidates split a pretrained model: give model.init (a checkpoint, .gguf "
+             "or hub name)"),
+            (all(k >= 1 for k in [*lg.split_candidates, *([lg.split] if lg.split is not None else [])]),
+             "lego.split and lego.split_candidates must be >= 1 (blocks below the shallow exit)"),
+            (lg.split_tolerance >= 0, f"lego.split_tolerance must be >= 0, got {lg.split_tolerance}"),
+            (lg.collect_batches is None or lg.collect_batches >= 1,
+             f"lego.collect_batches must be >= 1, got {lg.collect_batches}"),
             (self.lego.threshold is None or 0.0 <= self.lego.threshold <= 1.0,
              f"lego.threshold must be in [0, 1] (a max softmax probability), got {self.lego.threshold}; "
              "leave it unset to calibrate one from lego.target_ratio"),

@@ -20,8 +20,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from legolm.errors import ConfigError
-from legolm.lego.model import LegoLM, exits, rewind, routed_log_probs
-from legolm.train.batches import Batch
+from legolm.model.lego import LegoLM, exits, routed_log_probs
+from legolm.train.batches import Batch, rewind
 
 
 @dataclass
@@ -73,7 +73,7 @@ def score_tokens(model: LegoLM, batches: Iterable[Batch], max_batches: int | Non
         if max_batches is not None and i >= max_batches:
             break
         labels = batch["labels"].to(device)[..., None]
-        out = model(batch["input_ids"].to(device))
+        out = model.forward_exits(batch["input_ids"].to(device))
         assert out.deep_logits is not None
         parts["shallow_logp"].append(out.shallow_logits.float().log_softmax(-1).gather(-1, labels).flatten().cpu())
         parts["deep_logp"].append(out.deep_logits.float().log_softmax(-1).gather(-1, labels).flatten().cpu())

@@ -22,8 +22,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from legolm.errors import ConfigError
-from legolm.lego.model import LegoLM, check_threshold, confidence, rewind, routed_log_probs
-from legolm.train.batches import Batch, resume_position
+from legolm.model.lego import LegoLM, check_threshold, confidence, routed_log_probs
+from legolm.train.batches import Batch, resume_position, rewind
 
 
 @dataclass
@@ -184,13 +184,13 @@ def evaluate_on_hard_examples(model: LegoLM, examples: HardExamples, batch_size:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    dtype = next(model.base.blocks[model.split].parameters()).dtype
+    dtype = next(model.blocks[model.split].parameters()).dtype
     sums = {"shallow": 0.0, "deep": 0.0, "routed": 0.0}
     n = 0
     for batch in create_hard_example_loader(examples, batch_size, shuffle=False):
         mask = batch["hard"].to(device)
         h_top = model.upper_hidden(batch["hidden"].to(device, dtype))  # (B, W, C)
-        lp_d = model.base.project(h_top[mask]).float().log_softmax(-1)  # (n, V)
+        lp_d = model.project(h_top[mask]).float().log_softmax(-1)  # (n, V)
         lp_d = lp_d.gather(-1, batch["labels"].to(device)[mask][:, None])[:, 0]
         lp_s, conf = batch["shallow_logp"].to(device)[mask], batch["conf"].to(device)[mask]
         lp_r = routed_log_probs(lp_s, lp_d, conf, model.threshold, model.meta.routing_temperature)

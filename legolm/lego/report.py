@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from legolm.lego.early_exit import KVMode, decode_path_nll, generate_with_early_exit
+from legolm.generation.early_exit import KVMode, decode_path_nll, generate_with_early_exit
 from legolm.lego.evaluate import TokenScores
-from legolm.lego.model import LegoLM
+from legolm.model.lego import LegoLM
 from legolm.utils.io import atomic_savefig
 
 

@@ -14,15 +14,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from legolm.errors import ConfigError
-from legolm.lego.model import LegoLM, confidence, rewind
-from legolm.train.batches import Batch
-
-
-def check_target_ratio(target_ratio: float) -> None:
-    """Raise `ConfigError` unless 0 < target_ratio < 1."""
-    if not 0.0 < target_ratio < 1.0:
-        raise ConfigError(f"target_ratio must be in (0, 1) (the fraction of validation tokens made hard), "
-                          f"got {target_ratio}; e.g. 0.5 makes the least confident half hard")
+from legolm.model.lego import LegoLM, check_target_ratio, confidence, quantile_threshold
+from legolm.train.batches import Batch, rewind
 
 
 @torch.no_grad()
@@ -43,14 +36,6 @@ def shallow_confidences(model: LegoLM, batches: Iterable[Batch], max_batches: in
     if not out:
         raise ConfigError("no validation batches to calibrate the threshold on; give the corpus validation text")
     return torch.cat(out)
-
-
-def quantile_threshold(conf: Tensor, target_ratio: float) -> float:
-    """The value with ``floor(target_ratio · N)`` of the N confidences strictly below it (ties aside)."""
-    check_target_ratio(target_ratio)
-    ordered = conf.flatten().sort().values
-    k = min(int(target_ratio * ordered.numel()), ordered.numel() - 1)
-    return float(ordered[k])
 
 
 def compute_confidence_threshold(model: LegoLM, val_data: Iterable[Batch], target_ratio: float,

@@ -2,11 +2,14 @@
 
 ::
 
-    phase 1   fit(shallow base, all windows, next-token loss, early stopping)        → mark_trained
-    calibrate τ = quantile of validation confidences at target_ratio
-    extend    copy + upper layers, freeze embeddings / lower layers / shallow exit
-    collect   lower-layer states of windows with hard tokens (train and val), once
-    phase 2   fit(LegoLM, stored states, loss on hard tokens, early stopping on val hard tokens)
+    grown:       phase 1   fit(shallow model, all windows, next-token loss, early stopping)   → mark_trained
+                 calibrate τ = quantile of validation confidences at target_ratio
+                 extend    copy + upper layers, freeze embeddings / lower layers / shallow exit
+    pretrained:  phase 1   fit(new exit(s) after block k of a frozen real model, exit loss)     → mark_trained
+                           (candidates: one exit per k, the split chosen by a measured curve, `lego.split`)
+                 calibrate τ, freeze embeddings / lower layers / shallow exit (upper = the model's own)
+    both:        collect   lower-layer states of windows with hard tokens (train and val), once
+                 phase 2   fit(LegoLM, stored states, loss on hard tokens, early stopping on val hard tokens)
 
 Phase 2's loss (`HardTokenLoss`) runs only the upper layers and the deep exit on the stored
 states; the shallow log-probability and confidence were stored with them. With
@@ -16,7 +19,7 @@ states; the shallow log-probability and confidence were stored with them. With
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast
 
@@ -24,12 +27,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from legolm.checkpoints.load import load_pretrained
 from legolm.data.tokenized import TokenizedCorpus, check_fits
 from legolm.errors import ConfigError
 from legolm.lego.config import STORE_DTYPES, LegoConfig
 from legolm.lego.hard_examples import HardExamples, collect_hard_examples, create_hard_example_loader
-from legolm.lego.model import LegoLM, routed_log_probs
-from legolm.lego.threshold import compute_confidence_threshold
+from legolm.lego.split import ExitLoss, ExitProbe, ExitProbeLoss, SplitPoint, choose_split, measure_splits
+from legolm.lego.threshold import shallow_confidences
+from legolm.model.lego import LegoLM, LegoMeta, quantile_threshold, routed_log_probs
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch, BatchSource, WindowBatches
 from legolm.train.config import FitConfig
@@ -64,7 +69,7 @@ def run_phase1(model: LegoLM, train: BatchSource, val: BatchSource, cfg: FitConf
     """Phase 1: train the shallow model on all windows (next-token loss, early stopping), then mark it trained."""
     if model.extended:
         raise ConfigError("phase 1 trains the shallow model, but this LEGO model is already extended")
-    result = fit(model.base, train, cfg, val=val, callbacks=[RestoreBest()])
+    result = fit(model, train, cfg, val=val, callbacks=[RestoreBest()])
     model.mark_trained()
     return result
 
@@ -83,9 +88,9 @@ class HardTokenLoss:
     def __call__(self, module: nn.Module, batch: Batch) -> LossOutput:
         model = cast(LegoLM, module)
         mask, labels = batch["hard"], batch["labels"]  # (B, W)
-        dtype = next(model.base.blocks[model.split].parameters()).dtype
+        dtype = next(model.blocks[model.split].parameters()).dtype
         h_top = model.upper_hidden(batch["hidden"].to(dtype))  # (B, W, C) with full causal context
-        logp_d = model.base.project(h_top[mask]).float().log_softmax(-1)  # (n, V): the head on hard tokens only
+        logp_d = model.project(h_top[mask]).float().log_softmax(-1)  # (n, V): the head on hard tokens only
         lp_d = logp_d.gather(-1, labels[mask][:, None])[:, 0]  # (n,)
         if self.kind == "deep":
             lp = lp_d
@@ -99,7 +104,7 @@ def check_phase2(model: LegoLM) -> None:
     """Phase 2 needs an extended model whose embeddings, lower layers and shallow exit are frozen."""
     if not model.extended:
         raise ConfigError("phase 2 trains the upper layers of an extended model; call extend() first")
-    frozen = [model.base.wte, *model.base.blocks[: model.split]]
+    frozen = model.lower_modules()
     if any(p.requires_grad for m in frozen for p in m.parameters()):
         raise ConfigError("phase 2 trains on the lower layers' stored outputs, so they must stay frozen; "
                           "extend with freeze_lower=True")
@@ -123,13 +128,14 @@ class LegoTraining:
     """What `train_lego` produced.
 
     Attributes:
-        model: The extended, phase-2-trained model (eval mode).
+        model: The phase-2-trained model with both exits (eval mode).
         threshold: Calibrated τ.
         phase1: Phase 1's `FitResult` (None when it was skipped).
         phase2: Phase 2's `FitResult`.
         hard_train: Stored training hard examples.
         hard_val: Stored validation hard examples.
         val_batches: The validation windows (shuffle off), for evaluation.
+        splits: Pretrained route with candidates: each candidate's measured point (else empty).
     """
 
     model: LegoLM
@@ -139,59 +145,113 @@ class LegoTraining:
     hard_train: HardExamples
     hard_val: HardExamples
     val_batches: WindowBatches
+    splits: list[SplitPoint] = field(default_factory=list)
 
 
 def shallow_model(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoLM:
-    """The phase-1 model: new (untrained) from the preset, or ``model.init`` (a trained checkpoint).
+    """The grown route's phase-1 model: new (untrained) from the preset, or ``model.init`` (trained).
 
     A LEGO checkpoint keeps its own trained flag; any other checkpoint (e.g. from ``legolm
     pretrain``) counts as trained.
     """
-    from legolm.checkpoints.load import load_pretrained
-    from legolm.lego.model import LEGO_META, load_lego
-
     if cfg.model.init is None:
         torch.manual_seed(cfg.run.seed)
-        return LegoLM(TransformerLM(cfg.model.model_config(corpus.vocab_size, corpus.eos_id, corpus.tokenizer.bos_id)))
+        return LegoLM(cfg.model.model_config(corpus.vocab_size, corpus.eos_id, corpus.tokenizer.bos_id))
+    model = _init_checkpoint(cfg)
+    if isinstance(model, LegoLM):
+        if model.extended:
+            raise ConfigError(f"model.init {cfg.model.init} is already extended; give the shallow (phase-1) model")
+        return model
+    lego = LegoLM.adopt(model)
+    lego.mark_trained()
+    return lego
+
+
+def _init_checkpoint(cfg: LegoConfig) -> TransformerLM:
+    assert cfg.model.init is not None
     if cfg.model.overrides():
         raise ConfigError(f"model.init starts from a checkpoint whose sizes are fixed; drop the overrides "
                           f"{sorted(cfg.model.overrides())}")
-    if (Path(cfg.model.init) / LEGO_META).is_file():
-        model = load_lego(cfg.model.init)
-        if model.extended:
-            raise ConfigError(f"model.init {cfg.model.init} is already extended; give the shallow (phase-1) model")
-        return model.float().train()
-    model = LegoLM(load_pretrained(cfg.model.init).float().train())
-    model.mark_trained()
-    return model
+    return load_pretrained(cfg.model.init).float().train()
 
 
-def train_lego(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoTraining:
-    """Phase 1, calibration, extension, hard-example collection and phase 2, as ``cfg`` says."""
-    out = Path(cfg.run.out_dir)
+def uses_pretrained_split(cfg: LegoConfig) -> bool:
+    """The pretrained route: ``lego.split`` or ``lego.split_candidates`` is set."""
+    return cfg.lego.split is not None or bool(cfg.lego.split_candidates)
+
+
+def _phase1_grown(cfg: LegoConfig, corpus: TokenizedCorpus, train: BatchSource, val: BatchSource,
+                  out: Path) -> tuple[LegoLM, FitResult | None]:
     model = shallow_model(cfg, corpus)
     check_fits(corpus, model.config, cfg.window)
     if cfg.lego.num_layers <= model.n_layer:
         raise ConfigError(f"lego.num_layers={cfg.lego.num_layers} must exceed the shallow model's "
                           f"{model.n_layer} layers")
+    phase1 = run_phase1(model, train, val, cfg.phase1.fit_config(cfg.window, cfg.run, out)) if cfg.lego.phase1 \
+        else None
+    return model, phase1
+
+
+def _phase1_split(cfg: LegoConfig, corpus: TokenizedCorpus, train: BatchSource, val: BatchSource,
+                  out: Path) -> tuple[LegoLM, FitResult | None, list[SplitPoint]]:
+    """Pretrained route: train the exit(s), choose the split from the candidates' measured curve."""
+    base = _init_checkpoint(cfg)
+    check_fits(corpus, base.config, cfg.window)
+    fit_cfg = cfg.phase1.fit_config(cfg.window, cfg.run, out)
+    if not cfg.lego.split_candidates:
+        assert cfg.lego.split is not None
+        model = LegoLM.from_pretrained_split(base, cfg.lego.split)
+        model.freeze_for_exit_training()
+        result = fit(model, train, fit_cfg, val=val, loss_fn=ExitLoss(), callbacks=[RestoreBest()]) \
+            if cfg.lego.phase1 else None
+        model.mark_trained()
+        return model, result, []
+    probe = ExitProbe(base, cfg.lego.split_candidates)
+    result = fit(probe, train, fit_cfg, val=val, loss_fn=ExitProbeLoss(), callbacks=[RestoreBest()]) \
+        if cfg.lego.phase1 else None
+    probe.to(resolve_device(cfg.run.device))
+    points = measure_splits(probe, val, cfg.lego.target_ratio, cfg.lego.routing_temperature,
+                            cfg.lego.split_tolerance, cfg.lego.calib_batches, cfg.run.progress)
+    best = choose_split(points)
+    tqdm.write("split curve: " + "; ".join(f"k={p.split}: shallow {p.shallow_ppl:.2f}, routed {p.routed_ppl:.2f} "
+                                          f"(full {p.full_ppl:.2f}), cost {p.cost:.3f}" for p in points)
+               + f"; chosen k={best.split}" + ("" if best.within_tolerance else
+                                              f" (none within {100 * cfg.lego.split_tolerance:g}%)"))
+    model = LegoLM.adopt(base, LegoMeta(split=best.split), probe.exit(best.split))
+    model.mark_trained()
+    return model, result, points
+
+
+def train_lego(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoTraining:
+    """Phase 1, calibration, extension (grown route), hard-example collection and phase 2, as ``cfg`` says."""
+    out = Path(cfg.run.out_dir)
     p1, p2 = cfg.phase1, cfg.phase2
     shard = init_distributed(cfg.run).shard()  # training batches are sharded; calibration reads all of val
     val = WindowBatches(corpus.val, cfg.window, p1.eval.batch_size or p1.batch_size, shuffle=False, drop_last=False)
     train = WindowBatches(corpus.train, cfg.window, p1.batch_size, shuffle=True, seed=cfg.run.seed, **shard)
-    phase1 = run_phase1(model, train, val, p1.fit_config(cfg.window, cfg.run, out / "phase1")) if cfg.lego.phase1 \
-        else None
+    points: list[SplitPoint] = []
+    if uses_pretrained_split(cfg):
+        model, phase1, points = _phase1_split(cfg, corpus, train, val, out / "phase1")
+    else:
+        model, phase1 = _phase1_grown(cfg, corpus, train, val, out / "phase1")
     model.to(resolve_device(cfg.run.device)).eval()
-    threshold = cfg.lego.threshold
-    if threshold is None:
-        threshold = compute_confidence_threshold(model, val, cfg.lego.target_ratio, cfg.lego.calib_batches)
-    model.extend(cfg.lego.num_layers, threshold, freeze_lower=cfg.lego.freeze_lower)
-    model.meta.routing_temperature, model.meta.target_ratio = cfg.lego.routing_temperature, cfg.lego.target_ratio
+    conf = shallow_confidences(model, val, cfg.lego.calib_batches)
+    threshold = cfg.lego.threshold if cfg.lego.threshold is not None else \
+        quantile_threshold(conf, cfg.lego.target_ratio)
+    if model.extended:  # pretrained route: the upper layers are the model's own
+        model.freeze(cfg.lego.freeze_lower)
+    else:
+        model.extend(cfg.lego.num_layers, threshold, freeze_lower=cfg.lego.freeze_lower)
+    model.calibrate(threshold, cfg.lego.target_ratio if cfg.lego.threshold is None else None, conf)
+    model.meta.routing_temperature = cfg.lego.routing_temperature
     store = STORE_DTYPES[cfg.lego.store_dtype]
     scan = WindowBatches(corpus.train, cfg.window, p1.batch_size, shuffle=False, drop_last=False)
-    hard_train = collect_hard_examples(model, scan, threshold, store_dtype=store, progress=cfg.run.progress)
-    hard_val = collect_hard_examples(model, val, threshold, store_dtype=store, progress=cfg.run.progress)
+    hard_train = collect_hard_examples(model, scan, threshold, store_dtype=store, max_batches=cfg.lego.collect_batches,
+                                       progress=cfg.run.progress)
+    hard_val = collect_hard_examples(model, val, threshold, store_dtype=store, max_batches=cfg.lego.calib_batches,
+                                     progress=cfg.run.progress)
     tqdm.write(f"threshold {threshold:.4f} (target ratio {cfg.lego.target_ratio}); train: {hard_train.summary()}; "
                f"val: {hard_val.summary()}")
     phase2 = run_phase2(model, hard_train, hard_val, p2.fit_config(cfg.window, cfg.run, out / "phase2"),
                         cfg.lego.phase2_loss)
-    return LegoTraining(model.eval(), threshold, phase1, phase2, hard_train, hard_val, val)
+    return LegoTraining(model.eval(), threshold, phase1, phase2, hard_train, hard_val, val, points)

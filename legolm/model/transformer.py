@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Self
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +33,25 @@ class LayersOutput:
 
     hidden: Tensor
     captured: dict[int, Tensor] = field(default_factory=dict)
+
+
+def init_weights(module: nn.Module, n_layer: int) -> None:
+    """GPT-2 initialisation of ``module``'s weights in a model of ``n_layer`` layers.
+
+    N(0, 0.02), residual output projections (``.proj``, ``.down``) scaled by 1/√(2·n_layer), zero
+    biases, norms reset. Used for whole models and for the layers `LegoLM.extend` appends.
+    """
+    std = 0.02
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.Linear):
+            scaled = name.endswith((".proj", ".down")) or name in ("proj", "down")
+            nn.init.normal_(sub.weight, 0.0, std / math.sqrt(2 * n_layer) if scaled else std)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.Embedding):
+            nn.init.normal_(sub.weight, 0.0, std)
+        elif isinstance(sub, (nn.LayerNorm, nn.RMSNorm)):
+            sub.reset_parameters()
 
 
 class TransformerLM(nn.Module):
@@ -70,26 +90,20 @@ class TransformerLM(nn.Module):
         return self
 
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, 0.02), residual output projections scaled by 1/√(2·n_layer)."""
-        std = 0.02
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                scaled = name.endswith((".proj", ".down"))  # outputs added to the residual stream
-                nn.init.normal_(module.weight, 0.0, std / math.sqrt(2 * self.config.n_layer) if scaled else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                module.reset_parameters()
+        """GPT-2 initialisation of every weight (see `init_weights`)."""
+        init_weights(self, self.config.n_layer)
 
     @classmethod
-    def from_state_dict(cls, config: ModelConfig, state: dict[str, Tensor], *, strict: bool = True) -> TransformerLM:
-        """Build without random init (on the meta device) and take the tensors of ``state``."""
+    def from_state_dict(cls, config: ModelConfig, state: dict[str, Tensor], *, strict: bool = True,
+                        **kwargs: Any) -> Self:
+        """Build without random init (on the meta device) and take the tensors of ``state``.
+
+        ``kwargs`` go to the constructor of a subclass (`LegoLM`'s meta).
+        """
         from legolm.checkpoints.validate import check_state_dict
 
         with torch.device("meta"):
-            model = cls(config)
+            model = cls(config, **kwargs)
         check_state_dict(model, state)
         if config.tie_embeddings:
             state = {**state, "lm_head.weight": state["wte.weight"]}

@@ -149,3 +149,10 @@ class WindowBatches:
             self.position = b + 1  # consumed once yielded: a checkpoint taken after this step skips it
             yield {"input_ids": rows_t[:, :-1], "labels": rows_t[:, 1:],
                    "sample_ids": torch.from_numpy(windows.astype(np.int64)), "batch_id": torch.tensor(b)}
+
+
+def rewind(batches: object) -> None:
+    """Start a batch source (`WindowBatches`, ...) from its first batch: a previous pass may have stopped early."""
+    set_epoch = getattr(batches, "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(0)

@@ -48,6 +48,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, or None when matplotlib (the ``plot`` extra) is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def atomic_savefig(fig: Any, path: str | Path, dpi: int) -> Path:
     """Save a matplotlib figure as PNG through a temporary file beside ``path``, then close it."""
     import matplotlib.pyplot as plt

@@ -56,8 +56,8 @@ from legolm.errors import ConfigError
 from legolm.generation.sampling import next_token
 from legolm.layers.attention import CausalSelfAttention, SplitQKV
 from legolm.layers.context import LayerContext
-from legolm.lego.model import LegoLM, check_threshold, confidence, exits
 from legolm.model.kv_cache import KVCache, LayerKVCache
+from legolm.model.lego import LegoLM, check_threshold, confidence, exits
 from legolm.model.rope import apply_rope
 
 KVMode = Literal["fill", "skip", "propagate"]
@@ -129,8 +129,8 @@ class _TwoCacheDecoder:
         self.layer_calls = self.token_layers = self.kv_projections = self.macs = 0
         # weight multiply-adds per token: each block's linear layers, an exit head, one layer's K/V projection
         self.block_macs = [sum(m.weight.numel() for m in b.modules() if isinstance(m, nn.Linear))
-                           for b in model.base.blocks]
-        self.head_macs = model.base.lm_head.weight.numel()
+                           for b in model.blocks]
+        self.head_macs = model.lm_head.weight.numel()
         self.kv_macs = 2 * cfg.n_embd * cfg.kv_heads * cfg.hd
         self.full_step_macs = sum(self.block_macs) + self.head_macs
 
@@ -190,13 +190,13 @@ class _TwoCacheDecoder:
 
     def _propagate(self, h_s: Tensor, position: int) -> None:
         """Write every upper layer's K/V computed from h_s (CALM's propagated state)."""
-        base = self.model.base
+        model = self.model
         pos = self._pos(position)
-        ctx = base.make_context(pos.expand(self.batch, 1), h_s.dtype, input_pos=pos)
+        ctx = model.make_context(pos.expand(self.batch, 1), h_s.dtype, input_pos=pos)
         for i in range(self.model.split, self.model.n_layer):
             layer_cache = self.upper_cache.get(i)
             assert layer_cache is not None
-            write_kv(base.blocks[i], h_s, ctx, layer_cache)
+            write_kv(model.blocks[i], h_s, ctx, layer_cache)
             self.kv_projections += 1
             self.macs += self.kv_macs
 

@@ -1,0 +1,196 @@
+"""LEGO from a pretrained model: a shallow exit after block k, and k chosen by a measured curve.
+
+The first k blocks of a real model get an exit of their own (a copy of the model's final norm and
+head, trained while the model stays frozen: a "tuned lens" with a full head; Belrose et al. 2023,
+"Eliciting Latent Predictions from Transformers with the Tuned Lens", arXiv 2303.08112). The
+upper blocks are the model's own, so the deep exit starts as the unmodified model.
+
+Phase 1 of the candidates trains one exit per candidate k in one pass over the data (the frozen
+model runs once per batch; `ExitProbeLoss` averages the exits' losses). Then, with the model's own
+upper layers as the deep exit, each k is measured on the validation windows::
+
+    shallow ppl, τ_k = quantile of conf at target_ratio, routed ppl at τ_k (soft weights, as evaluated),
+    cost(k) = [k·B + H + (1 - r)·((L - k)·B + H)] / (L·B + H)
+
+with B the weights of one block, H those of one head and r = 1 - target_ratio the shallow ratio
+(a batch-1 decode step reads every weight it uses once, so bytes read is its cost). The chosen k
+is the smallest (cheapest) whose routed perplexity is within ``tolerance`` of the full model's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from legolm.errors import ConfigError
+from legolm.lego.evaluate import TokenScores
+from legolm.model.lego import ExitHead, LegoLM, confidence, quantile_threshold
+from legolm.model.transformer import TransformerLM
+from legolm.train.batches import Batch, rewind
+from legolm.train.fit import LossOutput
+from legolm.train.head_loss import token_cross_entropy
+from legolm.utils.io import atomic_savefig, pyplot
+
+
+class ExitProbe(nn.Module):
+    """A frozen model with one trainable exit after each of ``splits`` blocks.
+
+    Args:
+        model: The pretrained model (frozen here).
+        splits: Block counts below each exit, each in [1, n_layer - 1].
+    """
+
+    def __init__(self, model: TransformerLM, splits: list[int]) -> None:
+        super().__init__()
+        L = model.config.n_layer
+        bad = [k for k in splits if not 1 <= k < L]
+        if bad or not splits:
+            raise ConfigError(f"split candidates must be in [1, {L - 1}] (blocks below the shallow exit), got "
+                              f"{splits}")
+        self.model = model.requires_grad_(False)
+        self.splits = sorted(set(splits))
+        self.exits = nn.ModuleDict({str(k): ExitHead.copy_of(model.norm, model.lm_head) for k in self.splits})
+
+    def hidden(self, idx: Tensor) -> dict[int, Tensor]:
+        """Hidden states after each split: {k: (B, T, C)} (no gradient: the model is frozen)."""
+        B, T = idx.shape
+        positions = torch.arange(T, device=idx.device).expand(B, T)
+        with torch.no_grad():
+            h = self.model.embed(idx, positions)
+            ctx = self.model.make_context(positions, h.dtype)
+            out = self.model.forward_layers(h, ctx, 0, max(self.splits), capture=[k - 1 for k in self.splits])
+        return {k: out.captured[k - 1] for k in self.splits}
+
+    def exit(self, k: int) -> ExitHead:
+        return self.exits[str(k)]  # type: ignore[return-value]
+
+
+class ExitProbeLoss:
+    """Mean next-token cross-entropy of all the probe's exits (phase 1 of the candidates)."""
+
+    def __call__(self, module: nn.Module, batch: Batch) -> LossOutput:
+        probe = module if isinstance(module, ExitProbe) else getattr(module, "module", module)
+        assert isinstance(probe, ExitProbe)
+        labels = batch["labels"]
+        hidden = probe.hidden(batch["input_ids"])
+        losses = [token_cross_entropy(probe.exit(k)(h), labels) for k, h in hidden.items()]
+        return torch.stack(losses).mean(), labels.numel(), {}
+
+
+class ExitLoss:
+    """Next-token cross-entropy of a `LegoLM`'s shallow exit (phase 1 of one pretrained split)."""
+
+    def __call__(self, module: nn.Module, batch: Batch) -> LossOutput:
+        model = module if isinstance(module, LegoLM) else getattr(module, "module", module)
+        assert isinstance(model, LegoLM)
+        with torch.no_grad():
+            h_s = model.lower(batch["input_ids"])
+        return token_cross_entropy(model.shallow_head(h_s), batch["labels"]), batch["labels"].numel(), {}
+
+
+@dataclass
+class SplitPoint:
+    """One candidate split, measured on the validation windows with the model's own upper layers.
+
+    Attributes:
+        split: Blocks below the exit.
+        shallow_ppl: Perplexity of the trained exit alone.
+        threshold: τ calibrated at the target ratio.
+        routed_ppl: Soft-routed perplexity at τ (the exit and the unmodified deep model).
+        hard_routed_ppl: Perplexity under generation's hard rule at τ.
+        full_ppl: The unmodified model's perplexity (the same for every candidate).
+        shallow_ratio: Validation tokens that exit at τ.
+        cost: Projected weights read per decoded token, ÷ the full model's (module docstring).
+        within_tolerance: routed_ppl <= (1 + tolerance) · full_ppl.
+    """
+
+    split: int
+    shallow_ppl: float
+    threshold: float
+    routed_ppl: float
+    hard_routed_ppl: float
+    full_ppl: float
+    shallow_ratio: float
+    cost: float
+    within_tolerance: bool
+
+
+def projected_cost(model: TransformerLM, split: int, shallow_ratio: float) -> float:
+    """Weights a batch-1 early-exit step reads ÷ those of a full-depth step (module docstring)."""
+    blocks = [sum(p.numel() for p in b.parameters()) for b in model.blocks]
+    head = model.lm_head.weight.numel()
+    lower, upper = sum(blocks[:split]) + head, sum(blocks[split:]) + head
+    return (lower + (1.0 - shallow_ratio) * upper) / (sum(blocks) + head)
+
+
+@torch.no_grad()
+def measure_splits(probe: ExitProbe, batches: Iterable[Batch], target_ratio: float, temperature: float,
+                   tolerance: float, max_batches: int | None = None, progress: bool = False) -> list[SplitPoint]:
+    """Each candidate exit and the full model over the validation windows (one forward per batch)."""
+    was_training = probe.training
+    probe.eval()
+    device = next(probe.parameters()).device
+    parts: dict[int, dict[str, list[Tensor]]] = {k: {"lp": [], "conf": []} for k in probe.splits}
+    deep: list[Tensor] = []
+    rewind(batches)
+    for i, batch in enumerate(tqdm(batches, desc="split curve", unit="batch", disable=not progress)):
+        if max_batches is not None and i >= max_batches:
+            break
+        idx, labels = batch["input_ids"].to(device), batch["labels"].to(device)[..., None]
+        deep.append(probe.model(idx).float().log_softmax(-1).gather(-1, labels).flatten().cpu())
+        for k, h in probe.hidden(idx).items():
+            logits = probe.exit(k)(h)
+            parts[k]["lp"].append(logits.float().log_softmax(-1).gather(-1, labels).flatten().cpu())
+            parts[k]["conf"].append(confidence(logits).flatten().cpu())
+    probe.train(was_training)
+    if not deep:
+        raise ConfigError("no validation batches to measure the split candidates on")
+    deep_lp = torch.cat(deep)
+    full_ppl = math.exp(-float(deep_lp.double().mean()))
+    points = []
+    for k in probe.splits:
+        scores = TokenScores(torch.cat(parts[k]["lp"]), deep_lp, torch.cat(parts[k]["conf"]))
+        tau = quantile_threshold(scores.conf, target_ratio)
+        routed = scores.routed_ppl(tau, temperature)
+        ratio = scores.shallow_ratio(tau)
+        points.append(SplitPoint(k, scores.shallow_ppl(), tau, routed, scores.hard_routed_ppl(tau), full_ppl, ratio,
+                                 projected_cost(probe.model, k, ratio), routed <= (1.0 + tolerance) * full_ppl))
+    return points
+
+
+def choose_split(points: list[SplitPoint]) -> SplitPoint:
+    """The cheapest candidate within tolerance; else the best routed perplexity (reported as missing it)."""
+    ok = [p for p in points if p.within_tolerance]
+    return min(ok, key=lambda p: p.cost) if ok else min(points, key=lambda p: p.routed_ppl)
+
+
+def plot_splits(points: list[SplitPoint], path: Path, tolerance: float) -> str | None:
+    """Perplexities and projected cost against the split (PNG); a note instead without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return f"{path.name} skipped: pip install matplotlib to draw the split curve"
+    ks = [p.split for p in points]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    ax.plot(ks, [p.shallow_ppl for p in points], "o--", label="shallow exit alone")
+    ax.plot(ks, [p.routed_ppl for p in points], "s-", label="routed at τ (model's own upper layers)")
+    full = points[0].full_ppl
+    ax.axhline(full, color="black", ls=":", label=f"full model {full:.2f}")
+    ax.axhline(full * (1 + tolerance), color="gray", ls=":", label=f"+{100 * tolerance:.0f}%")
+    ax.set_yscale("log")
+    ax.set_xlabel("blocks below the shallow exit (k)")
+    ax.set_ylabel("validation perplexity")
+    twin = ax.twinx()
+    twin.plot(ks, [p.cost for p in points], "^-.", color="tab:green", label="projected cost")
+    twin.set_ylabel("weights read per token ÷ full depth")
+    ax.legend(fontsize=7, loc="upper right")
+    twin.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    return None
