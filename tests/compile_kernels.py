@@ -7,28 +7,63 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource
 
 import legolm.kernels.decode as kd
+import legolm.kernels.rows as kr
 
 P = "*bf16"
 GEMV = dict(x_ptr="*fp32", nw_ptr=P, nb_ptr=P, w1_ptr=P, b1_ptr=P, w2_ptr=P, b2_ptr=P, w3_ptr=P, b3_ptr=P,
-            wu_ptr=P, bu_ptr=P, res_ptr="*fp32", out_ptr="*fp32", pmax_ptr="*fp32", pidx_ptr="*i32", N1="i32",
-            N2="i32", N="i32", K="i32", eps="fp32")
+            wu_ptr=P, bu_ptr=P, res_ptr="*fp32", out_ptr="*fp32", pmax_ptr="*fp32", pidx_ptr="*i32", psum_ptr="*fp32",
+            N1="i32", N2="i32", N="i32", K="i32", eps="fp32")
 ATTENTION = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", out_ptr=P, slot_ptr="*i64",
                  pos_ptr="*i64", S="i32", rope_len="i32", scale="fp32")
 ADVANCE = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64",
                slot_ptr="*i64", pos_ptr="*i64", finished_ptr="*i8", eos_id="i32")
 EMBED = dict(tok_ptr="*i64", pos_ptr="*i64", wte_ptr=P, wpe_ptr=P, out_ptr="*fp32", C="i32")
+EXIT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", psum_ptr="*fp32", n_parts="i32", tau_ptr="*fp32", deep_ptr="*i8",
+            exited_ptr="*i8", tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64", finished_ptr="*i8", eos_id="i32",
+            q_ptr="*i64", buckets_ptr="*i64", flush_ptr="*i8", n_buckets="i32")
+EMIT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64",
+            finished_ptr="*i8", eos_id="i32", counter_ptr="*i64")
+TICK = dict(pos_ptr="*i64", q_ptr="*i64", flush_ptr="*i8", n_buckets="i32")
+ROWS = dict(x_ptr="*fp32", nw_ptr=P, nb_ptr=P, w1_ptr=P, b1_ptr=P, w2_ptr=P, b2_ptr=P, w3_ptr=P, b3_ptr=P,
+            wu_ptr=P, bu_ptr=P, res_ptr="*fp32", out_ptr="*fp32", pmax_ptr="*fp32", pidx_ptr="*i32", M="i32",
+            N1="i32", N2="i32", N="i32", K="i32", stride_p="i32", eps="fp32")
+KV_ROWS = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", start_ptr="*i64", S="i32",
+               rope_len="i32", q_width="i32")
+ATT_ROWS = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", out_ptr="*fp32", start_ptr="*i64",
+                S="i32", rope_len="i32", q_width="i32", scale="fp32")
+GATHER = dict(src_ptr="*fp32", dst_ptr="*fp32", start_ptr="*i64", pos_ptr="*i64", row_ptr="*i64", ring="i32",
+              C="i32")
+SELECT = dict(src_ptr="*fp32", dst_ptr="*fp32", row_ptr="*i64", C="i32")
+ACCEPT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", stride_p="i32", drafts_ptr="*i64", T="i32",
+              tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64", finished_ptr="*i8", eos_id="i32", pos_ptr="*i64",
+              dpos_ptr="*i64", di_ptr="*i64", stats_ptr="*i64")
 GEMV_BLOCKS = dict(BLOCK_N=8, BLOCK_K=256)
+ROWS_BLOCKS = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)
 SPECS = [
-    (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=0, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, **GEMV_BLOCKS)),  # LayerNorm -> qkv
-    (kd.gemv_kernel, GEMV, dict(NORM=0, ACT=0, HAS_BIAS=1, HAS_RES=1, ARGMAX=0, **GEMV_BLOCKS)),  # proj/down + res
-    (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=2, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, **GEMV_BLOCKS)),  # up + tanh GELU
-    (kd.gemv_kernel, GEMV, dict(NORM=2, ACT=3, HAS_BIAS=0, HAS_RES=0, ARGMAX=0, **GEMV_BLOCKS)),  # RMSNorm -> SwiGLU
-    (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=1, HAS_BIAS=0, HAS_RES=0, ARGMAX=1, **GEMV_BLOCKS)),  # head + partials
+    (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=0, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # LN->qkv
+    (kd.gemv_kernel, GEMV, dict(NORM=0, ACT=0, HAS_BIAS=1, HAS_RES=1, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # + res
+    (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=2, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # tanh GELU
+    (kd.gemv_kernel, GEMV, dict(NORM=2, ACT=3, HAS_BIAS=0, HAS_RES=0, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # SwiGLU
+    (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=1, HAS_BIAS=0, HAS_RES=0, ARGMAX=1, SUMEXP=0, **GEMV_BLOCKS)),  # head
+    (kd.gemv_kernel, GEMV, dict(NORM=2, ACT=0, HAS_BIAS=0, HAS_RES=0, ARGMAX=1, SUMEXP=1, **GEMV_BLOCKS)),  # exit head
     (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=0, BLOCK_T=64)),  # GPT-2
     (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64)),  # Pythia: partial RoPE
     (kd.attention_kernel, ATTENTION, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=128)),  # SmolLM2: GQA
     (kd.advance_kernel, ADVANCE, dict(GREEDY=1, HAS_EOS=1, BLOCK=4096)),
     (kd.embed_kernel, EMBED, dict(HAS_WPE=1, BLOCK=1024)),
+    (kd.exit_kernel, EXIT, dict(HAS_EOS=1, FILL=1, BLOCK=4096, BLOCK_B=4)),
+    (kd.exit_kernel, EXIT, dict(HAS_EOS=0, FILL=0, BLOCK=4096, BLOCK_B=1)),
+    (kd.emit_kernel, EMIT, dict(HAS_EOS=1, HAS_COUNTER=1, BLOCK=4096)),
+    (kd.tick_kernel, TICK, dict(FILL=1, BLOCK_B=4)),
+    (kr.rows_gemv_kernel, ROWS, dict(NORM=1, ACT=1, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, **ROWS_BLOCKS)),  # LN -> GELU
+    (kr.rows_gemv_kernel, ROWS, dict(NORM=2, ACT=3, HAS_BIAS=0, HAS_RES=0, ARGMAX=0, **ROWS_BLOCKS)),  # SwiGLU
+    (kr.rows_gemv_kernel, ROWS, dict(NORM=0, ACT=0, HAS_BIAS=1, HAS_RES=1, ARGMAX=0, **ROWS_BLOCKS)),  # + res
+    (kr.rows_gemv_kernel, ROWS, dict(NORM=2, ACT=0, HAS_BIAS=0, HAS_RES=0, ARGMAX=1, **ROWS_BLOCKS)),  # head
+    (kr.kv_rows_kernel, KV_ROWS, dict(H=9, HKV=3, D=64, D_POW2=64, R=64)),
+    (kr.attention_rows_kernel, ATT_ROWS, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=64)),
+    (kr.gather_rows_kernel, GATHER, dict(BLOCK=1024)),
+    (kr.select_row_kernel, SELECT, dict(BLOCK=1024)),
+    (kr.accept_kernel, ACCEPT, dict(HAS_EOS=1, BLOCK_T=8, BLOCK=4096)),
 ]
 
 if __name__ == "__main__":

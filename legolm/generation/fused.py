@@ -27,6 +27,7 @@ from legolm.model.transformer import TransformerLM
 
 if TYPE_CHECKING:
     from legolm.kernels.decode import AttentionConfig, GemvConfig
+    from legolm.kernels.rows import RowsConfig
 
 Shape = TypeVar("Shape")  # a kernel's launch shape
 Norm = tuple[int, Tensor, Tensor | None, float]
@@ -61,6 +62,11 @@ def _linear(m: nn.Module, what: str) -> nn.Linear:
     if type(m) is not nn.Linear:
         raise _unsupported(f"{what} of type {type(m).__name__}")
     return m
+
+
+def exit_norm(m: nn.Module) -> Norm:
+    """The kernels' view of an exit's norm (`ConfigError` for one they cannot run)."""
+    return _norm(m)
 
 
 def _norm(m: nn.Module) -> Norm:
@@ -112,22 +118,26 @@ def plan_block(block: nn.Module) -> BlockPlan:
                      fc.bias, act, up_2, down.weight, down.bias, isinstance(block, ParallelBlock))
 
 
-class FusedDecodeStep:
-    """One decode step of a batch-1 `TransformerLM` through the fused kernels.
+class FusedStack:
+    """The fused kernels over one model's blocks: buffers, tuned launch shapes, and the pieces decoders use.
 
-    Per step: 1 embedding kernel, 5 per block, the head GEMV (which also reduces its rows to partial
-    maxima when greedy) and 1 kernel that emits the greedy token and advances the slot.
+    One token at a time (`embed`, `blocks` over any block range with its own cache slot, `head` of
+    any exit with greedy / confidence partials) and, with ``rows`` > 0, a few tokens at a time
+    through a block range (`rows_blocks`, `rows_head`; `legolm.kernels.rows`). The residual stream
+    is ``x`` (one token) or ``X`` (rows) in fp32.
 
     Args:
-        model: The model (its weights are read in place at every step).
+        model: The model (its weights are read in place at every launch).
         attention_block: Cache slots per tile of the attention kernel when it is not tuned.
-        embed_block: Channels per tile of the embedding kernel.
-        tune: At the first step on a GPU, time each GEMV role's and the attention's launch candidates
+        embed_block: Channels per tile of the embedding kernel (and of the row copies).
+        tune: At the first use on a GPU, time each GEMV role's and the attention's launch candidates
             (as replayed CUDA graphs) and keep the fastest; else take the first candidate (in Triton's
             CPU interpreter: `INTERPRETER_GEMV`).
+        rows: Largest number of rows a row pass takes (0: no row buffers).
     """
 
-    def __init__(self, model: TransformerLM, attention_block: int, embed_block: int, tune: bool = True) -> None:
+    def __init__(self, model: TransformerLM, attention_block: int, embed_block: int, tune: bool = True,
+                 rows: int = 0) -> None:
         import legolm.kernels.decode as kd
 
         self.kd = kd
@@ -136,34 +146,52 @@ class FusedDecodeStep:
         self.plans = [plan_block(b) for b in model.blocks]
         self.final_norm = _norm(model.norm)
         _linear(model.lm_head, "lm_head")
-        self.embed_block, self.tune = embed_block, tune
+        self.embed_block, self.tune, self.rows = embed_block, tune, rows
         self.attention_config = kd.AttentionConfig(attention_block, 4)
 
-        def buf(n: int, dtype: torch.dtype = torch.float32) -> Tensor:
-            return torch.zeros(n, dtype=dtype, device=param.device)
+        def buf(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=param.device)
 
-        q_width = (c.n_head + 2 * c.kv_heads) * c.hd
-        self.x, self.h, self.qkv = buf(c.n_embd), buf(c.n_embd), buf(q_width)
-        self.attn, self.act = buf(c.n_head * c.hd, param.dtype), buf(c.intermediate_size, param.dtype)
+        self.q_width = (c.n_head + 2 * c.kv_heads) * c.hd
+        self.x, self.h, self.qkv = buf(c.n_embd), buf(c.n_embd), buf(self.q_width)
+        self.attn, self.act = buf(c.n_head * c.hd, dtype=param.dtype), buf(c.intermediate_size, dtype=param.dtype)
         self.logits = buf(c.vocab_size)
         n_parts = -(-c.vocab_size // kd.HEAD_MIN_ROWS)
-        self.partial = (buf(n_parts), buf(n_parts, torch.int32))  # the head's per-program maxima and rows
+        self.partial = (buf(n_parts), buf(n_parts, dtype=torch.int32), buf(n_parts))  # max, row, Σ exp
         self.configs: dict[str, GemvConfig] | None = None
         self.tuning: dict[str, float] = {}  # role -> µs of its chosen launch shape
+        if rows:
+            import legolm.kernels.rows as kr
 
-    def _gemvs(self, model: TransformerLM, p: BlockPlan, greedy: bool) -> dict[str, Callable[[GemvConfig], None]]:
-        """The block's four GEMVs and the head's as functions of their launch shape (what the tuner times)."""
+            self.kr = kr
+            self.X, self.H, self.QKV = buf(rows, c.n_embd), buf(rows, c.n_embd), buf(rows, self.q_width)
+            self.ATT, self.ACT = buf(rows, c.n_head * c.hd), buf(rows, c.intermediate_size)
+            r_parts = -(-c.vocab_size // kr.ROWS_HEAD_MIN)
+            self.rows_partial = (buf(rows, r_parts), buf(rows, r_parts, dtype=torch.int32))
+            self.rows_logits = buf(rows, c.vocab_size)
+            self.start = torch.zeros(1, dtype=torch.long, device=param.device)  # first row's position
+            self.row_configs: dict[str, RowsConfig] = {}
+
+    # -- one token -----------------------------------------------------------------------------
+    def embed(self, model: TransformerLM, tok: Tensor, pos: Tensor) -> None:
+        """x = wte[tok] (+ wpe[pos])."""
+        self.kd.embed(tok, pos, model.wte.weight, model.wpe.weight if model.wpe is not None else None, self.x,
+                      self.embed_block)
+
+    def _gemvs(self, p: BlockPlan) -> dict[str, Callable[[GemvConfig], None]]:
+        """A block's four GEMVs as functions of their launch shape (what the tuner times)."""
         kd = self.kd
         mlp_in = self.x if p.parallel else self.h
-        partial = self.partial if greedy else None
         return {
             "qkv": lambda g: kd.gemv(self.x, p.qkv, self.qkv, g, bias=p.qkv_bias, norm=p.norm_1),
             "proj": lambda g: kd.gemv(self.attn, p.proj, self.h, g, bias=p.proj_bias, residual=self.x),
             "up": lambda g: kd.gemv(mlp_in, p.up, self.act, g, bias=p.up_bias, norm=p.norm_2, act=p.act, up=p.up_2),
             "down": lambda g: kd.gemv(self.act, p.down, self.x, g, bias=p.down_bias, residual=self.h),
-            "head": lambda g: kd.gemv(self.x, model.lm_head.weight, self.logits, g, bias=model.lm_head.bias,
-                                      norm=self.final_norm, partial=partial),
         }
+
+    def _head(self, norm: Norm, lin: nn.Linear, x: Tensor, mode: str) -> Callable[[GemvConfig], None]:
+        partial = {"logits": None, "greedy": self.partial[:2], "confidence": self.partial}[mode]
+        return lambda g: self.kd.gemv(x, lin.weight, self.logits, g, bias=lin.bias, norm=norm, partial=partial)
 
     def _attention(self, model: TransformerLM, layer: LayerKVCache, slot: Tensor, pos: Tensor,
                    config: AttentionConfig) -> None:
@@ -171,10 +199,33 @@ class FusedDecodeStep:
         self.kd.attention(self.qkv, layer.k, layer.v, model.rope, self.attn, slot, pos, c.n_head, c.kv_heads, c.hd,
                           c.rotary_dim, config)
 
+    def blocks(self, model: TransformerLM, cache: KVCache, start: int, end: int, slot: Tensor, pos: Tensor) -> None:
+        """Blocks ``start:end`` on x for the token at ``pos``, writing its K/V at cache slot ``slot``."""
+        configs = self.ensure_tuned(model, cache)
+        for i in range(start, end):
+            gemvs = self._gemvs(self.plans[i])
+            gemvs["qkv"](configs["qkv"])
+            self._attention(model, cache.layers[i], slot, pos, self.attention_config)
+            for role in ("proj", "up", "down"):
+                gemvs[role](configs[role])
+
+    def head(self, norm: Norm, lin: nn.Linear, mode: str, x: Tensor | None = None) -> int:
+        """An exit (norm + LM head) on x into ``logits``; ``mode``: logits only, greedy partials (max, row)
+        or confidence partials (also Σ exp). Returns the number of partials written."""
+        config = self.configs["head"] if self.configs is not None else self.kd.INTERPRETER_GEMV
+        self._head(norm, lin, self.x if x is None else x, mode)(config)
+        return -(-lin.out_features // config.block_n)
+
+    def ensure_tuned(self, model: TransformerLM, cache: KVCache) -> dict[str, GemvConfig]:
+        """The launch shapes of each role, chosen at the first call (`FusedStack` docstring)."""
+        if self.configs is None:
+            self.configs = self._choose(model, cache)
+        return self.configs
+
     def _choose(self, model: TransformerLM, cache: KVCache) -> dict[str, GemvConfig]:
         """Per GEMV role the fastest candidate, and the attention's (timed at `ATTENTION_TUNE_SLOT`)."""
         kd = self.kd
-        gemvs = self._gemvs(model, self.plans[0], greedy=True)
+        gemvs = {**self._gemvs(self.plans[0]), "head": self._head(self.final_norm, model.lm_head, self.x, "greedy")}
         if not self.x.is_cuda:
             return {role: kd.INTERPRETER_GEMV for role in gemvs}
         if not self.tune:
@@ -191,29 +242,96 @@ class FusedDecodeStep:
         self.x.copy_(saved)
         return chosen
 
+    # -- a few tokens at a time ------------------------------------------------------------------
+    def _rows_gemvs(self, p: BlockPlan, rows: int) -> dict[str, Callable[[RowsConfig], None]]:
+        kr, X, H = self.kr, self.X, self.H
+        mlp_in = X if p.parallel else H
+        return {
+            "qkv": lambda g: kr.rows_gemv(X, p.qkv, self.QKV, rows, g, bias=p.qkv_bias, norm=p.norm_1),
+            "proj": lambda g: kr.rows_gemv(self.ATT, p.proj, H, rows, g, bias=p.proj_bias, residual=X),
+            "up": lambda g: kr.rows_gemv(mlp_in, p.up, self.ACT, rows, g, bias=p.up_bias, norm=p.norm_2, act=p.act,
+                                         up=p.up_2),
+            "down": lambda g: kr.rows_gemv(self.ACT, p.down, X, rows, g, bias=p.down_bias, residual=H),
+        }
+
+    def _rows_head(self, norm: Norm, lin: nn.Linear, rows: int) -> Callable[[RowsConfig], None]:
+        return lambda g: self.kr.rows_gemv(self.X, lin.weight, self.rows_logits, rows, g, bias=lin.bias, norm=norm,
+                                           partial=self.rows_partial)
+
+    def rows_blocks(self, model: TransformerLM, cache: KVCache, start: int, end: int, rows: int) -> None:
+        """Blocks ``start:end`` on the first ``rows`` rows of X, at positions (= slots) self.start + 0..rows-1."""
+        c, kr = model.config, self.kr
+        configs = self.ensure_rows_tuned(model, cache, rows)
+        for i in range(start, end):
+            layer = cache.layers[i]
+            gemvs = self._rows_gemvs(self.plans[i], rows)
+            gemvs["qkv"](configs["qkv"])
+            kr.kv_rows(self.QKV, layer.k, layer.v, model.rope, self.start, rows, c.n_head, c.kv_heads, c.hd,
+                       c.rotary_dim)
+            kr.attention_rows(self.QKV, layer.k, layer.v, model.rope, self.ATT, self.start, rows, c.n_head,
+                              c.kv_heads, c.hd, c.rotary_dim, kr.ROWS_ATTENTION_BLOCK)
+            for role in ("proj", "up", "down"):
+                gemvs[role](configs[role])
+
+    def rows_head(self, norm: Norm, lin: nn.Linear, rows: int) -> int:
+        """An exit on the first ``rows`` rows of X, greedy partials per row; the number of partials per row."""
+        config = self.row_configs.get("head", self.kr.INTERPRETER_ROWS)
+        self._rows_head(norm, lin, rows)(config)
+        return -(-lin.out_features // config.block_n)
+
+    def ensure_rows_tuned(self, model: TransformerLM, cache: KVCache, rows: int) -> dict[str, RowsConfig]:
+        """Row-pass launch shapes, chosen at the first call (timed at ``rows`` rows on a GPU)."""
+        if not self.row_configs:
+            kr = self.kr
+            launches = {**self._rows_gemvs(self.plans[-1], rows),
+                        "head": self._rows_head(self.final_norm, model.lm_head, rows)}
+            for role, launch in launches.items():
+                if not self.X.is_cuda:
+                    self.row_configs[role] = kr.INTERPRETER_ROWS
+                elif not self.tune:
+                    self.row_configs[role] = kr.ROWS_CANDIDATES[0]
+                else:
+                    cands = tuple(g for g in kr.ROWS_CANDIDATES if role != "head" or g.block_n >= kr.ROWS_HEAD_MIN)
+                    saved = self.X.clone()
+                    self.row_configs[role], self.tuning[f"rows_{role}"] = _fastest(launch, cands)
+                    self.X.copy_(saved)
+        return self.row_configs
+
+
+class FusedDecodeStep:
+    """One decode step of a batch-1 `TransformerLM` through the fused kernels (`FusedStack`).
+
+    Per step: 1 embedding kernel, 5 per block, the head GEMV (which also reduces its rows to partial
+    maxima when greedy) and 1 kernel that emits the greedy token and advances the slot.
+
+    Args:
+        model: The model (its weights are read in place at every step).
+        attention_block: Cache slots per tile of the attention kernel when it is not tuned.
+        embed_block: Channels per tile of the embedding kernel.
+        tune: Time the launch shapes at the first step on a GPU (`FusedStack`).
+    """
+
+    def __init__(self, model: TransformerLM, attention_block: int, embed_block: int, tune: bool = True) -> None:
+        self.stack = FusedStack(model, attention_block, embed_block, tune)
+
+    @property
+    def tuning(self) -> dict[str, float]:
+        return self.stack.tuning
+
     def __call__(self, model: TransformerLM, cache: KVCache, pad_mask: Tensor, state: DecodeState, greedy: bool,
                  eos_id: int | None) -> Tensor:
         """Feed ``state.tok``; return the logits (1, V) of the next token (emitted here when greedy).
 
         ``pad_mask`` is unused: a batch of one has no padding.
         """
-        kd = self.kd
-        if self.configs is None:
-            self.configs = self._choose(model, cache)
-        kd.embed(state.tok, state.pos, model.wte.weight, model.wpe.weight if model.wpe is not None else None,
-                 self.x, self.embed_block)
-        for i, p in enumerate(self.plans):
-            gemvs = self._gemvs(model, p, greedy)
-            gemvs["qkv"](self.configs["qkv"])
-            self._attention(model, cache.layers[i], state.slot, state.pos, self.attention_config)
-            for role in ("proj", "up", "down"):
-                gemvs[role](self.configs[role])
-        head = self.configs["head"]
-        self._gemvs(model, self.plans[-1], greedy)["head"](head)
-        n_parts = -(-model.config.vocab_size // head.block_n)
-        kd.advance(self.partial if greedy else None, n_parts, state.tok, state.tokens, state.t, state.slot, state.pos,
-                   state.finished, eos_id, kd.ADVANCE_BLOCK)
-        return self.logits[None]  # (1, V)
+        st, kd = self.stack, self.stack.kd
+        st.ensure_tuned(model, cache)
+        st.embed(model, state.tok, state.pos)
+        st.blocks(model, cache, 0, model.config.n_layer, state.slot, state.pos)
+        n_parts = st.head(st.final_norm, model.lm_head, "greedy" if greedy else "logits")
+        kd.advance(st.partial[:2] if greedy else None, n_parts, state.tok, state.tokens, state.t, state.slot,
+                   state.pos, state.finished, eos_id, kd.ADVANCE_BLOCK)
+        return st.logits[None]  # (1, V)
 
 
 def _fastest(launch: Callable[[Shape], None], candidates: Sequence[Shape]) -> tuple[Shape, float]:

@@ -56,14 +56,16 @@ def _gelu(a, TANH: tl.constexpr):
 
 @triton.jit
 def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, wu_ptr, bu_ptr,
-                res_ptr, out_ptr, pmax_ptr, pidx_ptr, N1, N2, N, K, eps,
+                res_ptr, out_ptr, pmax_ptr, pidx_ptr, psum_ptr, N1, N2, N, K, eps,
                 NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                ARGMAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                ARGMAX: tl.constexpr, SUMEXP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[n] = act(W[n]·norm(x) + b[n]) (+ res[n]) for the BLOCK_N rows of this program.
 
     W is up to three row segments (rows < N1 of w1, < N2 of w2, the rest of w3: Llama's separate
     q/k/v projections); SwiGLU reads the matching row of ``wu`` too: silu(W[n]·x) · (Wu[n]·x).
-    ARGMAX also writes this program's largest output and its row (greedy decoding's first stage).
+    ARGMAX also writes this program's largest output and its row (greedy decoding's first stage);
+    SUMEXP also its Σ exp(out - largest), from which `exit_kernel` gets the softmax's maximum
+    probability without a second pass over the logits.
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -122,6 +124,8 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
         best = tl.max(y, 0)
         tl.store(pmax_ptr + tl.program_id(0), best)
         tl.store(pidx_ptr + tl.program_id(0), tl.min(tl.where(y == best, rows, N), 0))  # first of ties
+        if SUMEXP:
+            tl.store(psum_ptr + tl.program_id(0), tl.sum(tl.where(rmask, tl.exp(y - best), 0.0), 0))
 
 
 @triton.jit
@@ -132,25 +136,93 @@ def advance_kernel(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, slot
     tl.store(slot_ptr, tl.load(slot_ptr) + 1)
     tl.store(pos_ptr, tl.load(pos_ptr) + 1)
     if GREEDY:
-        best = tl.full([BLOCK], float("-inf"), tl.float32)
-        arg = tl.full([BLOCK], 2147483647, tl.int32)
-        for p0 in range(0, n_parts, BLOCK):
-            p = p0 + tl.arange(0, BLOCK)
-            v = tl.load(pmax_ptr + p, mask=p < n_parts, other=float("-inf"))
-            i = tl.load(pidx_ptr + p, mask=p < n_parts, other=2147483647)
-            take = (v > best) | ((v == best) & (i < arg))
-            best = tl.where(take, v, best)
-            arg = tl.where(take, i, arg)
-        top = tl.max(best, 0)
-        nxt = tl.min(tl.where(best == top, arg, 2147483647), 0).to(tl.int64)
-        if HAS_EOS:
-            done = tl.load(finished_ptr).to(tl.int1)
-            nxt = tl.where(done, eos_id, nxt)
-            tl.store(finished_ptr, (done | (nxt == eos_id)).to(tl.int8))
-        t = tl.load(t_ptr)
-        tl.store(tok_ptr, nxt)
-        tl.store(tokens_ptr + t, nxt)
-        tl.store(t_ptr, t + 1)
+        _, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK)
+        _emit(nxt, nxt >= 0, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, HAS_EOS)
+
+
+@triton.jit
+def _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK: tl.constexpr):
+    """The largest of the head's partial maxima and its row (the first of ties, like `torch.argmax`)."""
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    arg = tl.full([BLOCK], 2147483647, tl.int32)
+    for p0 in range(0, n_parts, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        v = tl.load(pmax_ptr + p, mask=p < n_parts, other=float("-inf"))
+        i = tl.load(pidx_ptr + p, mask=p < n_parts, other=2147483647)
+        take = (v > best) | ((v == best) & (i < arg))
+        best = tl.where(take, v, best)
+        arg = tl.where(take, i, arg)
+    top = tl.max(best, 0)
+    return top, tl.min(tl.where(best == top, arg, 2147483647), 0).to(tl.int64)
+
+
+@triton.jit
+def _emit(nxt, take, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, HAS_EOS: tl.constexpr):
+    """Where ``take``: append ``nxt`` (EOS once the row has finished) to ``tokens[t]``, make it the next input."""
+    if HAS_EOS:
+        done = tl.load(finished_ptr).to(tl.int1)
+        nxt = tl.where(done, eos_id, nxt)
+        tl.store(finished_ptr, (done | (nxt == eos_id)).to(tl.int8), mask=take)
+    t = tl.load(t_ptr)
+    tl.store(tok_ptr, nxt, mask=take)
+    tl.store(tokens_ptr + t, nxt, mask=take)
+    tl.store(t_ptr, t + 1, mask=take)
+
+
+@triton.jit
+def exit_kernel(pmax_ptr, pidx_ptr, psum_ptr, n_parts, tau_ptr, deep_ptr, exited_ptr, tok_ptr, tokens_ptr, t_ptr,
+                finished_ptr, eos_id, q_ptr, buckets_ptr, flush_ptr, n_buckets,
+                HAS_EOS: tl.constexpr, FILL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The shallow exit's decision for one token (LEGO early exit, batch 1).
+
+    From the shallow head's partials: the greedy token and the confidence
+    conf = max softmax = 1 / Σ_p s_p · exp(m_p - M) (m_p, s_p: a program's maximum and Σ exp(y - m_p);
+    M the largest m_p). It exits where conf >= τ (τ < 1; τ = 1 never exits): the shallow token is
+    emitted, ``exited[t]`` is set and ``deep`` (the upper layers' condition) cleared.
+    FILL (lazy KV fill): the current token joins the queue of ``q`` exited ones; ``flush[i]`` is set
+    for the smallest bucket that holds the q + 1 rows when they must run through the upper layers
+    now: a deep token, or a full queue (the largest bucket).
+    """
+    top, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK)
+    total = 0.0
+    for p0 in range(0, n_parts, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        v = tl.load(pmax_ptr + p, mask=p < n_parts, other=float("-inf"))
+        total += tl.sum(tl.load(psum_ptr + p, mask=p < n_parts, other=0.0) * tl.exp(v - top), 0)
+    tau = tl.load(tau_ptr)
+    ex = (1.0 / total >= tau) & (tau < 1.0)
+    t = tl.load(t_ptr)
+    tl.store(exited_ptr + t, ex.to(tl.int8))
+    tl.store(deep_ptr, (~ex).to(tl.int8))
+    _emit(nxt, ex, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, HAS_EOS)
+    if FILL:
+        rows = tl.load(q_ptr) + 1
+        b = tl.arange(0, BLOCK_B)
+        sizes = tl.load(buckets_ptr + b, mask=b < n_buckets, other=0)
+        below = tl.load(buckets_ptr + b - 1, mask=(b >= 1) & (b < n_buckets), other=0)
+        largest = tl.max(sizes, 0)
+        flush = (~ex) | (rows >= largest)
+        tl.store(flush_ptr + b, (flush & (below < rows) & (rows <= sizes)).to(tl.int8), mask=b < n_buckets)
+
+
+@triton.jit
+def emit_kernel(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, counter_ptr,
+                HAS_EOS: tl.constexpr, HAS_COUNTER: tl.constexpr, BLOCK: tl.constexpr):
+    """Emit the greedy token of a head's partials (and step ``counter``: skip mode's upper slot, a draft position)."""
+    _, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK)
+    _emit(nxt, nxt >= 0, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, HAS_EOS)
+    if HAS_COUNTER:
+        tl.store(counter_ptr, tl.load(counter_ptr) + 1)
+
+
+@triton.jit
+def tick_kernel(pos_ptr, q_ptr, flush_ptr, n_buckets, FILL: tl.constexpr, BLOCK_B: tl.constexpr):
+    """End of an early-exit step: the position advances; FILL: the queue empties if it was flushed, else grows."""
+    tl.store(pos_ptr, tl.load(pos_ptr) + 1)
+    if FILL:
+        b = tl.arange(0, BLOCK_B)
+        flushed = tl.max(tl.load(flush_ptr + b, mask=b < n_buckets, other=0), 0)
+        tl.store(q_ptr, tl.where(flushed > 0, 0, tl.load(q_ptr) + 1))
 
 
 @triton.jit
@@ -267,7 +339,7 @@ ATTENTION_CANDIDATES = (AttentionConfig(64, 4), AttentionConfig(32, 4), Attentio
 def gemv(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, config: GemvConfig, *,
          bias: Tensor | tuple[Tensor, Tensor, Tensor] | None = None, norm: tuple[int, Tensor, Tensor | None, float]
          | None = None, act: int = ACT_NONE, up: tuple[Tensor, Tensor | None] | None = None,
-         residual: Tensor | None = None, partial: tuple[Tensor, Tensor] | None = None) -> None:
+         residual: Tensor | None = None, partial: tuple[Tensor, ...] | None = None) -> None:
     """Launch `gemv_kernel`: ``out = act(W·norm(x) + b) (+ residual)``.
 
     Args:
@@ -281,7 +353,7 @@ def gemv(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, conf
         up: SwiGLU's up projection (N, K) and its bias.
         residual: (N,) added last.
         partial: fp32 and int32 buffers of at least cdiv(N, block_n): each program's largest output
-            and its row (for `advance`).
+            and its row (for `advance`); a third fp32 buffer gets its Σ exp(out - largest) (for `exit_`).
     """
     ws = w if isinstance(w, tuple) else (w, w, w)
     bs = bias if isinstance(bias, tuple) else ((bias, bias, bias) if bias is not None else (out, out, out))
@@ -291,11 +363,12 @@ def gemv(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, conf
     wu, bu = up if up is not None else (ws[0], None)
     N, K = out.numel(), x.numel()
     grid = (triton.cdiv(N, config.block_n),)
-    pmax, pidx = partial if partial is not None else (out, out)
+    pmax, pidx, psum = (*partial, out)[:3] if partial is not None else (out, out, out)
     gemv_kernel[grid](x, nw, nb if nb is not None else nw, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], wu,
                       bu if bu is not None else bs[0], residual if residual is not None else out, out, pmax, pidx,
-                      n1, n2, N, K, eps, NORM=kind, ACT=act, HAS_BIAS=bias is not None,
-                      HAS_RES=residual is not None, ARGMAX=partial is not None, BLOCK_N=config.block_n,
+                      psum, n1, n2, N, K, eps, NORM=kind, ACT=act, HAS_BIAS=bias is not None,
+                      HAS_RES=residual is not None, ARGMAX=partial is not None,
+                      SUMEXP=partial is not None and len(partial) == 3, BLOCK_N=config.block_n,
                       BLOCK_K=config.block_k, num_warps=config.num_warps)
 
 
@@ -318,6 +391,54 @@ def advance(partial: tuple[Tensor, Tensor] | None, n_parts: int, tok: Tensor, to
     advance_kernel[(1,)](pmax, pidx, n_parts, tok, tokens, t, slot, pos, finished.view(torch.int8),
                          eos_id if eos_id is not None else -1, GREEDY=partial is not None, HAS_EOS=eos_id is not None,
                          BLOCK=min(triton.next_power_of_2(max(n_parts, 1)), block))
+
+
+@dataclass
+class StepState:
+    """Device scalars of a batch-1 early-exit decode (every kernel reads them: nothing on the host).
+
+    Attributes:
+        tok: (1, 1) the next input token.
+        tokens: (N,) emitted tokens; ``t`` (1,) of them written.
+        exited: (N,) int8: token i came from the shallow exit.
+        finished: (1,) bool: EOS was emitted.
+        pos: (1,) position (and lower-cache slot) of the next input.
+    """
+
+    tok: Tensor
+    tokens: Tensor
+    t: Tensor
+    exited: Tensor
+    finished: Tensor
+    pos: Tensor
+
+
+def exit_(partial: tuple[Tensor, Tensor, Tensor], n_parts: int, tau: Tensor, deep: Tensor, state: StepState,
+          eos_id: int | None, block: int, fill: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+    """Launch `exit_kernel`: the shallow exit's decision; ``fill`` = (queue length, bucket sizes, flush flags)."""
+    q, buckets, flush = fill if fill is not None else (state.pos, state.pos, deep)
+    n_b = buckets.numel() if fill is not None else 1
+    exit_kernel[(1,)](*partial, n_parts, tau, deep.view(torch.int8), state.exited, state.tok, state.tokens, state.t,
+                      state.finished.view(torch.int8), eos_id if eos_id is not None else -1, q, buckets,
+                      flush.view(torch.int8), n_b, HAS_EOS=eos_id is not None, FILL=fill is not None,
+                      BLOCK=min(triton.next_power_of_2(max(n_parts, 1)), block), BLOCK_B=triton.next_power_of_2(n_b))
+
+
+def emit(partial: tuple[Tensor, ...], n_parts: int, tok: Tensor, tokens: Tensor, t: Tensor, finished: Tensor,
+         eos_id: int | None, block: int, counter: Tensor | None = None) -> None:
+    """Launch `emit_kernel`: append the greedy token of a head's partials; step ``counter`` if given."""
+    emit_kernel[(1,)](partial[0], partial[1], n_parts, tok, tokens, t, finished.view(torch.int8),
+                      eos_id if eos_id is not None else -1, counter if counter is not None else t,
+                      HAS_EOS=eos_id is not None, HAS_COUNTER=counter is not None,
+                      BLOCK=min(triton.next_power_of_2(max(n_parts, 1)), block))
+
+
+def tick(pos: Tensor, fill: tuple[Tensor, Tensor] | None = None) -> None:
+    """Launch `tick_kernel`: the position advances; ``fill`` = (queue length, flush flags)."""
+    q, flush = fill if fill is not None else (pos, pos)
+    n_b = flush.numel() if fill is not None else 1
+    tick_kernel[(1,)](pos, q, flush.view(torch.int8) if fill is not None else pos, n_b, FILL=fill is not None,
+                      BLOCK_B=triton.next_power_of_2(n_b))
 
 
 def embed(tok: Tensor, pos: Tensor, wte: Tensor, wpe: Tensor | None, out: Tensor, block: int) -> None:
