@@ -23,7 +23,7 @@ EXIT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", psum_ptr="*fp32", n_parts="i32", 
             q_ptr="*i64", buckets_ptr="*i64", flush_ptr="*i8", n_buckets="i32")
 EMIT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64",
             finished_ptr="*i8", eos_id="i32", counter_ptr="*i64")
-TICK = dict(pos_ptr="*i64", q_ptr="*i64", flush_ptr="*i8", n_buckets="i32")
+TICK = dict(pos_ptr="*i64", q_ptr="*i64", flush_ptr="*i8", n_buckets="i32", count_ptr="*i64")
 ROWS = dict(x_ptr="*fp32", nw_ptr=P, nb_ptr=P, w1_ptr=P, b1_ptr=P, w2_ptr=P, b2_ptr=P, w3_ptr=P, b3_ptr=P,
             wu_ptr=P, bu_ptr=P, res_ptr="*fp32", out_ptr="*fp32", pmax_ptr="*fp32", pidx_ptr="*i32", M="i32",
             N1="i32", N2="i32", N="i32", K="i32", stride_p="i32", eps="fp32")
@@ -31,8 +31,9 @@ KV_ROWS = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", 
                rope_len="i32", q_width="i32")
 ATT_ROWS = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", out_ptr="*fp32", start_ptr="*i64",
                 S="i32", rope_len="i32", q_width="i32", scale="fp32")
-GATHER = dict(src_ptr="*fp32", dst_ptr="*fp32", start_ptr="*i64", pos_ptr="*i64", row_ptr="*i64", ring="i32",
+GATHER = dict(src_ptr="*fp32", dst_ptr="*fp32", start_ptr="*i64", pos_ptr="*i64", q_ptr="*i64", ring="i32",
               C="i32")
+PUT = dict(src_ptr="*fp32", ring_ptr="*fp32", pos_ptr="*i64", ring="i32", C="i32")
 SELECT = dict(src_ptr="*fp32", dst_ptr="*fp32", row_ptr="*i64", C="i32")
 ACCEPT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", stride_p="i32", drafts_ptr="*i64", T="i32",
               tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64", finished_ptr="*i8", eos_id="i32", pos_ptr="*i64",
@@ -62,6 +63,7 @@ SPECS = [
     (kr.kv_rows_kernel, KV_ROWS, dict(H=9, HKV=3, D=64, D_POW2=64, R=64)),
     (kr.attention_rows_kernel, ATT_ROWS, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=64)),
     (kr.gather_rows_kernel, GATHER, dict(BLOCK=1024)),
+    (kr.put_row_kernel, PUT, dict(BLOCK=1024)),
     (kr.select_row_kernel, SELECT, dict(BLOCK=1024)),
     (kr.accept_kernel, ACCEPT, dict(HAS_EOS=1, BLOCK_T=8, BLOCK=4096)),
 ]

@@ -69,6 +69,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif get_origin(tp) is typing.Literal:
             group.add_argument(flag, dest=f.name, choices=get_args(tp), default=default, help=help_)
+        elif get_origin(tp) in (list, tuple):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else default
+            group.add_argument(flag, dest=f.name, nargs="+", type=get_args(tp)[0], default=default,
+                               help=f"{docs.get(f.name, '')} (default: {default})")
         else:
             group.add_argument(flag, dest=f.name, type=tp, default=default, help=help_)
 

@@ -43,6 +43,7 @@ The tests count both with forward hooks on the blocks (calls, and the T each cal
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,6 +86,9 @@ class EarlyExitStats:
         prefill_s: Wall time of the prefill (s).
         decode_s: Wall time of the decode steps (s).
         wall_s: prefill_s + decode_s.
+        rounds: Self-speculative draft-and-verify rounds (0 in threshold mode).
+        drafted: Tokens the shallow exit drafted in them.
+        accepted: Drafts the deep model confirmed.
     """
 
     shallow_count: int
@@ -101,6 +105,27 @@ class EarlyExitStats:
     prefill_s: float
     decode_s: float
     wall_s: float
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Confirmed drafts ÷ drafts (self-speculative)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Emitted tokens per verify pass of the upper layers (self-speculative; the first token is the prefill's)."""
+        return (self.shallow_count + self.deep_count - 1) / self.rounds if self.rounds else 0.0
+
+    def line(self, tokens: int) -> str:
+        """The one stats line `legolm generate` prints."""
+        rate = tokens / self.decode_s if self.decode_s > 0 else float("inf")
+        head = (f"speculative: acceptance {self.acceptance_rate:.3f}, {self.tokens_per_round:.2f} tokens per verify"
+                if self.rounds else f"early exit: shallow ratio {self.shallow_ratio:.3f}")
+        return (f"{head}, call cost {self.call_cost:.3f}, weight cost {self.macs_cost:.3f} (vs full depth), "
+                f"{rate:,.0f} tok/s decode, prefill {1000 * self.prefill_s:.1f} ms")
 
 
 @dataclass
@@ -361,3 +386,69 @@ def decode_path_nll(model: LegoLM, ids: Tensor, prompt_len: int, routing_thresho
     assert out.logits is not None
     logp = out.logits.log_softmax(-1).gather(-1, target.to(out.logits.device)[..., None])
     return -float(logp.double().sum()), target.numel(), out.stats.shallow_ratio
+
+
+def check_speculative(model: LegoLM, input_ids: Tensor, max_new_tokens: int, draft_tokens: int) -> None:
+    """`ConfigError` unless self-speculative decoding can run: two exits, d >= 1, room for the last round's drafts."""
+    if draft_tokens < 1:
+        raise ConfigError(f"draft_tokens must be >= 1, got {draft_tokens}")
+    _check(model, input_ids, max_new_tokens, "fill")
+    longest = input_ids.shape[1] + max_new_tokens + draft_tokens
+    if longest > model.config.block_size:
+        raise ConfigError(f"prompt + max_new_tokens + draft_tokens = {longest} exceeds the model's context of "
+                          f"{model.config.block_size} (the last round drafts past the end); generate fewer tokens")
+
+
+@torch.inference_mode()
+def generate_speculative(model: LegoLM, input_ids: Tensor, max_new_tokens: int, draft_tokens: int,
+                         eos_id: int | None = None) -> EarlyExitResult:
+    """Self-speculative greedy decoding of one prompt (1, P) with torch ops (the reference of the fused one).
+
+    Each round feeds the last token and ``draft_tokens`` greedy drafts of the shallow exit through
+    the lower layers (one KV cache of all layers), runs the upper layers once over those positions,
+    and keeps the drafts up to the first one the deep exit disagrees with, plus the deep token
+    there (LayerSkip, arXiv 2404.16710). The output equals full-depth greedy decoding.
+    """
+    check_speculative(model, input_ids, max_new_tokens, draft_tokens)
+    if input_ids.shape[0] != 1:
+        raise ConfigError(f"self-speculative decoding takes one prompt (batch 1), got {input_ids.shape[0]}")
+    p0 = next(model.parameters())
+    P, d, dev = input_ids.shape[1], draft_tokens, p0.device
+    cache = KVCache(model.config, 1, P + max_new_tokens + d + 1, dtype=p0.dtype, device=dev)
+    sync: Callable[[], None] = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    pos = torch.arange(P, device=dev)
+    h_s = model.lower(input_ids.to(dev), cache=cache, input_pos=pos)
+    out = [int(model.upper_last_logits(h_s, cache=cache, input_pos=pos).argmax(-1))]
+    sync()
+    t1 = time.perf_counter()
+    rounds = accepted = 0
+    n = P
+    while len(out) < max_new_tokens and (eos_id is None or out[-1] != eos_id):
+        tok, rows, drafts = out[-1], [], []
+        for i in range(d + 1):
+            h = model.lower(torch.tensor([[tok]], device=dev), cache=cache, input_pos=pos.new_tensor([n + i]))
+            rows.append(h)
+            if i < d:
+                tok = int(model.shallow_head(h)[0, -1].argmax())
+                drafts.append(tok)
+        top = model.upper_hidden(torch.cat(rows, 1), cache=cache, input_pos=torch.arange(n, n + d + 1, device=dev))
+        z = model.project(top)[0].argmax(-1).tolist()  # the deep token after each input
+        j = next((i for i in range(d) if z[i] != drafts[i]), d)
+        out += [*drafts[:j], z[j]]
+        rounds, accepted, n = rounds + 1, accepted + j, n + j + 1
+    sync()
+    t2 = time.perf_counter()
+    if eos_id is not None and eos_id in out:
+        out = out[: out.index(eos_id) + 1]
+    out = out[:max_new_tokens]
+    L, k = model.n_layer, model.split
+    steps = max(len(out) - 1, 1)
+    calls = rounds * ((d + 1) * k + (L - k))
+    stats = EarlyExitStats(
+        shallow_count=0, deep_count=len(out), shallow_ratio=0.0, decode_steps=steps, layer_calls=calls + L,
+        prefill_layer_calls=L, token_layer_evals=rounds * (d + 1) * L, actual_compute_cost=rounds * (d + 1) / steps,
+        call_cost=calls / (steps * L), macs_cost=math.nan, kv_projections=0, prefill_s=t1 - t0, decode_s=t2 - t1,
+        wall_s=t2 - t0, rounds=rounds, drafted=rounds * d, accepted=accepted)
+    tokens = torch.tensor([out], device=dev)
+    return EarlyExitResult(tokens, torch.zeros_like(tokens, dtype=torch.bool), stats)

@@ -11,8 +11,8 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -20,8 +20,11 @@ from torch import Tensor
 from legolm.data.tokenizer import Tokenizer
 from legolm.errors import ConfigError
 from legolm.generation.decoder import COMPILE_MODES, DecodeSession
+from legolm.generation.early_exit import EarlyExitStats, generate_speculative, generate_with_early_exit
 from legolm.generation.fused import FusedDecodeStep, check_fused
+from legolm.generation.fused_early_exit import FusedExitConfig, FusedLegoSession, fused_lego_generate
 from legolm.generation.sampling import next_token
+from legolm.model.lego import LegoLM
 from legolm.model.transformer import TransformerLM
 
 
@@ -56,6 +59,19 @@ class GenerationConfig:
         cache_bucket: KV-cache lengths are rounded up to a multiple of this, so calls of similar
             lengths share one cached session (cache buffers and captured graph).
         session_cache_size: Decoding sessions kept per model for reuse (0 = build one per call).
+        early_exit: LEGO models only: ``threshold`` (tokens whose shallow confidence reaches τ skip the
+            upper layers) or ``speculative`` (the shallow exit drafts, the upper layers verify: output
+            identical to full-depth greedy decoding); ``none`` decodes the deep model.
+        threshold: τ of threshold early exit in [0, 1] (None: the model's calibrated τ, or target_ratio's).
+        target_ratio: Instead of τ: the fraction of calibration tokens made hard (routed to the upper
+            layers), turned into τ with the quantiles stored at calibration.
+        kv_mode: Threshold mode's upper KV cache for exited tokens: fill (exact: queued tokens run
+            through the upper layers with the next deep one), skip (left out; cheapest, approximate) or
+            propagate (their K/V projected from the lower states; without --fused only).
+        draft_tokens: Speculative mode: tokens the shallow exit drafts per verify pass.
+        fill_buckets: Fused fill mode: row counts of the captured lazy-fill passes (the largest bounds
+            the queue of exited tokens).
+        graph_steps: Fused LEGO decoding: tokens (threshold) or rounds (speculative) per CUDA graph.
     """
 
     max_new_tokens: int = 64
@@ -76,6 +92,13 @@ class GenerationConfig:
     eos_check_every: int = 8
     cache_bucket: int = 256
     session_cache_size: int = 4
+    early_exit: Literal["none", "threshold", "speculative"] = "none"
+    threshold: float | None = None
+    target_ratio: float | None = None
+    kv_mode: Literal["fill", "skip", "propagate"] = "fill"
+    draft_tokens: int = 4
+    fill_buckets: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    graph_steps: int = 16
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -100,16 +123,46 @@ class GenerationConfig:
                 raise ConfigError(f"{name} must be a power of two, got {value}")
         if self.eos_check_every < 1:
             raise ConfigError(f"eos_check_every must be >= 1, got {self.eos_check_every}")
+        self._validate_early_exit()
+
+    def _validate_early_exit(self) -> None:
+        checks = [
+            (self.early_exit in ("none", "threshold", "speculative"),
+             f"early_exit must be none, threshold or speculative, got {self.early_exit!r}"),
+            (self.threshold is None or (0.0 <= self.threshold <= 1.0),
+             f"threshold must be in [0, 1] (a max softmax probability), got {self.threshold}"),
+            (self.target_ratio is None or 0.0 < self.target_ratio < 1.0,
+             f"target_ratio must be in (0, 1) (the fraction of tokens routed to the upper layers), got "
+             f"{self.target_ratio}"),
+            (self.threshold is None or self.target_ratio is None, "give threshold or target_ratio, not both"),
+            (self.kv_mode in ("fill", "skip", "propagate"), f"kv_mode must be fill, skip or propagate, got "
+                                                            f"{self.kv_mode!r}"),
+            (self.draft_tokens >= 1, f"draft_tokens must be >= 1, got {self.draft_tokens}"),
+            (bool(self.fill_buckets) and all(b >= 1 for b in self.fill_buckets)
+             and sorted(set(self.fill_buckets)) == list(self.fill_buckets),
+             f"fill_buckets must be increasing row counts >= 1, got {self.fill_buckets}"),
+            (self.graph_steps >= 1, f"graph_steps must be >= 1, got {self.graph_steps}"),
+            (self.early_exit != "speculative" or self.greedy, "speculative decoding is greedy: add --greedy"),
+            (self.early_exit == "none" or not self.fused or self.greedy,
+             "fused early exit decodes greedily: add --greedy, or drop --fused to sample"),
+            (self.early_exit == "none" or not self.fused or self.kv_mode != "propagate"
+             or self.early_exit == "speculative",
+             "fused early exit supports kv_mode fill or skip; drop --fused for propagate"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
 
 
 @dataclass
 class GenerationResult:
-    """New tokens per prompt (EOS included when hit) and timing."""
+    """New tokens per prompt (EOS included when hit), timing, and what LEGO decoding did (if it ran)."""
 
     tokens: list[list[int]]
     prefill_s: float
     decode_s: float
     steps: int
+    early_exit: EarlyExitStats | None = None
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -178,14 +231,21 @@ def _session(model: TransformerLM, batch: int, needed: int, config: GenerationCo
 def clear_sessions(model: TransformerLM) -> None:
     """Free the cached KV caches and CUDA graphs of ``model``."""
     _SESSIONS.pop(model, None)
+    if isinstance(model, LegoLM):
+        _LEGO_SESSIONS.pop(model, None)
 
 
 @torch.inference_mode()
 def generate(model: TransformerLM, prompts: Sequence[Sequence[int]], config: GenerationConfig,
              eos_id: int | None = None) -> GenerationResult:
-    """Continue each prompt (a list of token ids) by up to ``config.max_new_tokens`` tokens."""
+    """Continue each prompt (a list of token ids) by up to ``config.max_new_tokens`` tokens.
+
+    A `LegoLM` with ``config.early_exit`` set decodes through its exits (`generate_lego`).
+    """
     config.validate()
     _check_prompts(model, prompts, config.max_new_tokens)
+    if config.early_exit != "none":
+        return generate_lego(model, prompts, config, eos_id)
     device = next(model.parameters()).device
     idx, lengths = _left_pad(prompts, device)
     P, N = idx.shape[1], config.max_new_tokens
@@ -211,6 +271,83 @@ def generate(model: TransformerLM, prompts: Sequence[Sequence[int]], config: Gen
     steps = int(session.state.t.item())
     t2 = time.perf_counter()
     return GenerationResult(_trim(session.state.tokens[:, :steps].tolist(), eos), t1 - t0, t2 - t1, steps)
+
+
+def lego_threshold(model: LegoLM, config: GenerationConfig) -> float:
+    """τ of threshold early exit: the config's, else its target ratio's (stored quantiles), else the model's."""
+    if config.threshold is not None:
+        return config.threshold
+    if config.target_ratio is not None:
+        return model.threshold_for_ratio(config.target_ratio)
+    return model.threshold
+
+
+def _as_lego(model: TransformerLM, config: GenerationConfig) -> LegoLM:
+    if not isinstance(model, LegoLM) or not model.extended:
+        raise ConfigError(f"--early-exit {config.early_exit} needs a LEGO model with a shallow exit (the model/ "
+                          f"directory `legolm lego` writes); this {type(model).__name__} has none")
+    return model
+
+
+def generate_lego(model: TransformerLM, prompts: Sequence[Sequence[int]], config: GenerationConfig,
+                  eos_id: int | None = None) -> GenerationResult:
+    """LEGO decoding: threshold early exit or self-speculative, fused (batch 1, greedy) or with torch ops."""
+    lego = _as_lego(model, config)
+    eos = eos_id if config.stop_at_eos else None
+    tau = lego_threshold(lego, config) if config.early_exit == "threshold" else 0.0
+    device = next(model.parameters()).device
+    if config.fused:
+        check_fused(len(prompts), device)
+        session = _lego_session(lego, len(prompts[0]), config, eos)
+        tokens, stats = fused_lego_generate(session, torch.tensor([list(prompts[0])], device=device),
+                                            config.max_new_tokens, tau, config.eos_check_every)
+        rows = tokens.tolist()
+    elif config.early_exit == "speculative":
+        if len(prompts) != 1:
+            raise ConfigError(f"speculative decoding takes one prompt, got {len(prompts)}")
+        out = generate_speculative(lego, torch.tensor([list(prompts[0])]), config.max_new_tokens, config.draft_tokens,
+                                   eos)
+        rows, stats = out.tokens.tolist(), out.stats
+    else:
+        if len({len(p) for p in prompts}) > 1:
+            raise ConfigError("early exit without --fused decodes prompts of one length together; give prompts "
+                              "of equal token length or one prompt")
+        res = generate_with_early_exit(lego, torch.tensor([list(p) for p in prompts]), config.max_new_tokens, tau,
+                                       kv_mode=config.kv_mode, greedy=config.greedy,
+                                       temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                                       seed=config.seed, eos_id=eos)
+        rows, stats = res.tokens.tolist(), res.stats
+    return GenerationResult(_trim(rows, eos), stats.prefill_s, stats.decode_s, stats.decode_steps, stats)
+
+
+_LEGO_SESSIONS: weakref.WeakKeyDictionary[LegoLM, OrderedDict[tuple[Any, ...], FusedLegoSession]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _lego_session(model: LegoLM, prompt_len: int, config: GenerationConfig, eos: int | None) -> FusedLegoSession:
+    """A reusable fused LEGO session for this shape and mode (least recently used ones dropped)."""
+    overshoot = config.graph_steps * (config.draft_tokens + 1)  # a last graph may run past max_new_tokens
+    bucket = config.cache_bucket
+    needed = prompt_len + config.max_new_tokens + overshoot
+    max_len = -(-needed // bucket) * bucket
+    if max_len > model.config.block_size and model.config.positions == "learned":
+        max_len = needed  # the learned positions bound the cache, not the bucket
+    mode = FusedExitConfig(mode=config.early_exit, kv_mode=config.kv_mode, draft_tokens=config.draft_tokens,
+                           fill_buckets=tuple(config.fill_buckets), steps_per_graph=config.graph_steps,
+                           attention_block=config.fused_attention_block, embed_block=config.fused_embed_block,
+                           tune=config.fused_tune, prefill_graphs=config.prefill_graphs)
+    key = (_weights_key(model), max_len, config.max_new_tokens + overshoot, eos, mode)
+    sessions = _LEGO_SESSIONS.setdefault(model, OrderedDict())
+    if key in sessions:
+        sessions.move_to_end(key)
+        return sessions[key]
+    session = FusedLegoSession(model, max_len, config.max_new_tokens + overshoot, eos, mode)
+    if config.session_cache_size > 0:
+        sessions[key] = session
+        while len(sessions) > config.session_cache_size:
+            sessions.popitem(last=False)
+    return session
 
 
 def _trim(rows: list[list[int]], eos: int | None) -> list[list[int]]:

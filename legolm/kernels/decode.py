@@ -192,17 +192,18 @@ def exit_kernel(pmax_ptr, pidx_ptr, psum_ptr, n_parts, tau_ptr, deep_ptr, exited
     tau = tl.load(tau_ptr)
     ex = (1.0 / total >= tau) & (tau < 1.0)
     t = tl.load(t_ptr)
+    deep = 1 - ex.to(tl.int8)
     tl.store(exited_ptr + t, ex.to(tl.int8))
-    tl.store(deep_ptr, (~ex).to(tl.int8))
+    tl.store(deep_ptr, deep)
     _emit(nxt, ex, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, HAS_EOS)
     if FILL:
         rows = tl.load(q_ptr) + 1
         b = tl.arange(0, BLOCK_B)
         sizes = tl.load(buckets_ptr + b, mask=b < n_buckets, other=0)
         below = tl.load(buckets_ptr + b - 1, mask=(b >= 1) & (b < n_buckets), other=0)
-        largest = tl.max(sizes, 0)
-        flush = (~ex) | (rows >= largest)
-        tl.store(flush_ptr + b, (flush & (below < rows) & (rows <= sizes)).to(tl.int8), mask=b < n_buckets)
+        flush = tl.maximum(deep, (rows >= tl.max(sizes, 0)).to(tl.int8))
+        fits = (below < rows) & (rows <= sizes)
+        tl.store(flush_ptr + b, tl.where(fits, flush, 0).to(tl.int8), mask=b < n_buckets)
 
 
 @triton.jit
@@ -216,13 +217,15 @@ def emit_kernel(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, finishe
 
 
 @triton.jit
-def tick_kernel(pos_ptr, q_ptr, flush_ptr, n_buckets, FILL: tl.constexpr, BLOCK_B: tl.constexpr):
-    """End of an early-exit step: the position advances; FILL: the queue empties if it was flushed, else grows."""
+def tick_kernel(pos_ptr, q_ptr, flush_ptr, n_buckets, count_ptr, FILL: tl.constexpr, BLOCK_B: tl.constexpr):
+    """End of an early-exit step: the position advances; FILL: the queue empties if it was flushed (and
+    ``count`` counts the flush), else grows."""
     tl.store(pos_ptr, tl.load(pos_ptr) + 1)
     if FILL:
         b = tl.arange(0, BLOCK_B)
-        flushed = tl.max(tl.load(flush_ptr + b, mask=b < n_buckets, other=0), 0)
-        tl.store(q_ptr, tl.where(flushed > 0, 0, tl.load(q_ptr) + 1))
+        flushed = tl.max(tl.load(flush_ptr + b, mask=b < n_buckets, other=0), 0) > 0
+        tl.store(q_ptr, tl.where(flushed, 0, tl.load(q_ptr) + 1))
+        tl.store(count_ptr, tl.load(count_ptr) + flushed.to(tl.int64))
 
 
 @triton.jit
@@ -433,11 +436,11 @@ def emit(partial: tuple[Tensor, ...], n_parts: int, tok: Tensor, tokens: Tensor,
                       BLOCK=min(triton.next_power_of_2(max(n_parts, 1)), block))
 
 
-def tick(pos: Tensor, fill: tuple[Tensor, Tensor] | None = None) -> None:
-    """Launch `tick_kernel`: the position advances; ``fill`` = (queue length, flush flags)."""
-    q, flush = fill if fill is not None else (pos, pos)
+def tick(pos: Tensor, fill: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+    """Launch `tick_kernel`: the position advances; ``fill`` = (queue length, flush flags, flush counter)."""
+    q, flush, count = fill if fill is not None else (pos, pos, pos)
     n_b = flush.numel() if fill is not None else 1
-    tick_kernel[(1,)](pos, q, flush.view(torch.int8) if fill is not None else pos, n_b, FILL=fill is not None,
+    tick_kernel[(1,)](pos, q, flush.view(torch.int8) if fill is not None else pos, n_b, count, FILL=fill is not None,
                       BLOCK_B=triton.next_power_of_2(n_b))
 
 

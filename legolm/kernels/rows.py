@@ -164,18 +164,27 @@ def attention_rows_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, 
 
 
 @triton.jit
-def gather_rows_kernel(src_ptr, dst_ptr, start_ptr, pos_ptr, row_ptr, ring, C, BLOCK: tl.constexpr):
-    """dst[m] = src[(s + m) % ring] with s = max(pos + 1 - T, 0) (T = the grid's rows); row = pos - s.
+def put_row_kernel(src_ptr, ring_ptr, pos_ptr, ring, C, BLOCK: tl.constexpr):
+    """ring[pos % ring] = src (C,): the lower-layer state of the current position, kept for a lazy fill."""
+    dst = ring_ptr + (tl.load(pos_ptr) % ring) * C
+    for c0 in range(0, C, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        tl.store(dst + c, tl.load(src_ptr + c, mask=c < C, other=0.0), mask=c < C)
 
-    Lazy KV fill: the lower-layer states of the last T positions (a ring buffer) become the rows of
-    one upper-layer pass ending at the current position (or starting at 0 early in a sequence).
+
+@triton.jit
+def gather_rows_kernel(src_ptr, dst_ptr, start_ptr, pos_ptr, q_ptr, ring, C, BLOCK: tl.constexpr):
+    """dst[m] = src[(s + m) % ring] for the grid's T rows, s = pos - q: the q queued positions and the current one.
+
+    Lazy KV fill: the lower-layer states of the exited tokens and the current one (a ring buffer)
+    become the first q + 1 rows of one upper-layer pass of a fixed T >= q + 1 (a bucket); the rows
+    after them are stale and only write cache slots of later positions, which their own pass
+    rewrites before any query reads them.
     """
-    m, T = tl.program_id(0), tl.num_programs(0)
-    pos = tl.load(pos_ptr)
-    s = tl.maximum(pos + 1 - T, 0)
+    m = tl.program_id(0)
+    s = tl.load(pos_ptr) - tl.load(q_ptr)
     if m == 0:
         tl.store(start_ptr, s)
-        tl.store(row_ptr, pos - s)
     src = src_ptr + ((s + m) % ring) * C
     for c0 in range(0, C, BLOCK):
         c = c0 + tl.arange(0, BLOCK)
@@ -192,8 +201,8 @@ def select_row_kernel(src_ptr, dst_ptr, row_ptr, C, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def accept_kernel(pmax_ptr, pidx_ptr, n_parts, stride_p, drafts_ptr, T, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id,
-                  pos_ptr, dpos_ptr, di_ptr, stats_ptr, HAS_EOS: tl.constexpr, BLOCK_T: tl.constexpr,
+def accept_kernel(pmax_ptr, pidx_ptr, n_parts, stride_p, drafts_ptr, T, tok_ptr, tokens_ptr, t_ptr, finished_ptr,
+                  eos_id, pos_ptr, dpos_ptr, di_ptr, stats_ptr, HAS_EOS: tl.constexpr, BLOCK_T: tl.constexpr,
                   BLOCK: tl.constexpr):
     """Self-speculative verification (LayerSkip, arXiv 2404.16710), greedy, batch 1.
 
@@ -310,9 +319,14 @@ def attention_rows(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope: Tensor, 
                                           R=rotary_dim, BLOCK_T=block_t)
 
 
-def gather_rows(ring: Tensor, out: Tensor, start: Tensor, pos: Tensor, row: Tensor, rows: int, block: int) -> None:
-    """Launch `gather_rows_kernel`: the last ``rows`` positions' states from the ring (P, C) into out."""
-    gather_rows_kernel[(rows,)](ring, out, start, pos, row, ring.shape[0], ring.shape[1], BLOCK=block)
+def put_row(x: Tensor, ring: Tensor, pos: Tensor, block: int) -> None:
+    """Launch `put_row_kernel`: ring[pos % len(ring)] = x."""
+    put_row_kernel[(1,)](x, ring, pos, ring.shape[0], ring.shape[1], BLOCK=block)
+
+
+def gather_rows(ring: Tensor, out: Tensor, start: Tensor, pos: Tensor, q: Tensor, rows: int, block: int) -> None:
+    """Launch `gather_rows_kernel`: ``rows`` ring rows from position pos - q into out; start = pos - q."""
+    gather_rows_kernel[(rows,)](ring, out, start, pos, q, ring.shape[0], ring.shape[1], BLOCK=block)
 
 
 def select_row(src: Tensor, out: Tensor, row: Tensor, block: int) -> None:
@@ -324,10 +338,11 @@ def accept(partial: tuple[Tensor, Tensor], n_parts: int, drafts: Tensor, rows: i
            t: Tensor, finished: Tensor, eos_id: int | None, pos: Tensor, dpos: Tensor, di: Tensor, stats: Tensor,
            block: int) -> None:
     """Launch `accept_kernel` over ``rows`` = d + 1 verified rows (``n_parts`` head programs per row)."""
-    accept_kernel[(1,)](partial[0], partial[1], n_parts, partial[0].shape[1], drafts, rows, tok, tokens, t, finished.view(torch.int8),
-                        eos_id if eos_id is not None else -1, pos, dpos, di, stats, HAS_EOS=eos_id is not None,
-                        BLOCK_T=triton.next_power_of_2(rows), BLOCK=min(triton.next_power_of_2(n_parts), block))
+    accept_kernel[(1,)](partial[0], partial[1], n_parts, partial[0].shape[1], drafts, rows, tok, tokens, t,
+                        finished.view(torch.int8), eos_id if eos_id is not None else -1, pos, dpos, di, stats,
+                        HAS_EOS=eos_id is not None, BLOCK_T=triton.next_power_of_2(rows),
+                        BLOCK=min(triton.next_power_of_2(n_parts), block))
 
 
 __all__ = ["ACT_SWIGLU", "ROWS_CANDIDATES", "RowsConfig", "accept", "attention_rows", "gather_rows", "kv_rows",
-           "rows_gemv", "select_row"]
+           "put_row", "rows_gemv", "select_row"]

@@ -1,0 +1,368 @@
+"""LEGO decoding inside the fused decoder: early exit and self-speculative, batch 1, greedy.
+
+Both decoders are built from the fused Triton block kernels of ``--fused`` (`FusedStack`), keep
+every decision on the device, and on a GPU replay CUDA graphs of several tokens; nothing is read
+back to the host between tokens.
+
+Threshold early exit (CALM, Schuster et al. 2022, arXiv 2207.07061), one step::
+
+    embed ─ lower blocks ─ shallow head ─ exit_kernel: conf >= τ ? emit the shallow token : deep = 1
+                            (confidence partials)              │
+    IF deep (a conditional graph node):                        ▼
+        skip: upper blocks at the next dense upper slot ─ deep head ─ emit
+        fill: IF flush[b] (one node per bucket b): the q queued exited tokens and this one, b >= q + 1
+              rows, through the upper blocks at their positions (`legolm.kernels.rows`) ─ deep head on
+              this token's row ─ emit         (a full queue flushes without a deep token)
+    tick: position + 1; the queue empties or grows
+
+Self-speculative decoding (LayerSkip, Elhoushi et al. 2024, arXiv 2404.16710), one round::
+
+    d + 1 lower steps: the last token and d greedy drafts of the shallow exit (their lower K/V kept)
+    one row pass of the upper blocks over those d + 1 positions ─ deep head per row
+    accept_kernel: keep the drafts up to the first one the deep model disagrees with, plus its token
+
+Self-speculative output equals full-depth greedy decoding: every kept token is the deep model's
+greedy choice on a history of kept tokens, whose upper-layer K/V are exact (rejected drafts leave
+stale entries only in slots that later positions overwrite before anyone reads them).
+
+Without conditional graph nodes (CPU: Triton's interpreter in the tests) the same kernels run
+eagerly and the host reads each condition: the arithmetic is the same, only slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from legolm.errors import ConfigError
+from legolm.generation.decoder import capture
+from legolm.generation.early_exit import EarlyExitStats
+from legolm.generation.fused import FusedStack, exit_norm
+from legolm.model.kv_cache import KVCache
+from legolm.model.lego import LegoLM, confidence, exits
+
+Branch = Callable[[Tensor, Callable[[], None]], None]
+
+
+@dataclass(frozen=True)
+class FusedExitConfig:
+    """Settings of the fused LEGO decoders (`GenerationConfig` fills them).
+
+    Attributes:
+        mode: ``threshold`` (early exit) or ``speculative``.
+        kv_mode: Threshold mode's upper cache for exited tokens: ``fill`` (exact) or ``skip``.
+        draft_tokens: Speculative mode's drafts per round (d >= 1).
+        fill_buckets: Row counts of the lazy-fill passes (a queue of q exited tokens runs in the
+            smallest bucket >= q + 1; the largest bucket bounds the queue).
+        steps_per_graph: Tokens (threshold) or rounds (speculative) per captured CUDA graph.
+        attention_block: Cache slots per attention tile when not tuned.
+        embed_block: Channels per tile of the embedding and row-copy kernels.
+        tune: Time the launch shapes at the first use on a GPU.
+        prefill_graphs: Prompt lengths whose prefill is kept as a CUDA graph (LRU); 0 = eager prefill.
+    """
+
+    mode: str = "threshold"
+    kv_mode: str = "skip"
+    draft_tokens: int = 4
+    fill_buckets: tuple[int, ...] = (1, 2, 4, 8, 16)
+    steps_per_graph: int = 16
+    attention_block: int = 64
+    embed_block: int = 1024
+    tune: bool = True
+    prefill_graphs: int = 4
+
+
+def conditional_graphs_available() -> bool:
+    """CUDA graphs with conditional (IF) nodes: torch's capture API and CUDA >= 12.4."""
+    if not torch.cuda.is_available() or not hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"):
+        return False
+    major, minor = (int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+    return (major, minor) >= (12, 4)
+
+
+class FusedLegoSession:
+    """Caches, device state and captured graphs of one (model, cache length, settings) for batch-1 LEGO decoding.
+
+    Args:
+        model: An extended `LegoLM` (eval mode) with plain GPT-2 / Pythia / Llama blocks.
+        max_len: Cache slots (prompt + new tokens + the overshoot of one graph).
+        max_new: Tokens the output buffers hold (new tokens + one graph's overshoot).
+        eos_id: Stop id (rows keep emitting it), or None.
+        config: The decoder's settings.
+    """
+
+    def __init__(self, model: LegoLM, max_len: int, max_new: int, eos_id: int | None,
+                 config: FusedExitConfig) -> None:
+        import legolm.kernels.decode as kd
+
+        if not model.extended or model.shallow_exit is None:
+            raise ConfigError("early exit needs a LEGO model with two exits (legolm lego's model/ directory)")
+        if config.mode not in ("threshold", "speculative"):
+            raise ConfigError(f"fused LEGO decoding is threshold or speculative, got {config.mode!r}")
+        if config.mode == "threshold" and config.kv_mode not in ("fill", "skip"):
+            raise ConfigError(f"fused early exit supports kv_mode fill or skip, got {config.kv_mode!r}; "
+                              "decode without --fused for propagate")
+        self.kd, self.model, self.config, self.eos_id = kd, model, config, eos_id
+        c, p = model.config, model.lm_head.weight
+        self.fill = config.mode == "threshold" and config.kv_mode == "fill"
+        rows = config.draft_tokens + 1 if config.mode == "speculative" else max(config.fill_buckets) if self.fill \
+            else 0
+        self.stack = FusedStack(model, config.attention_block, config.embed_block, config.tune, rows=rows)
+        self.shallow_norm = exit_norm(model.shallow_exit.norm)
+        self.cache = KVCache(c, 1, max_len, dtype=p.dtype, device=p.device)
+        dev = p.device
+
+        def zeros(*shape: int, dtype: torch.dtype = torch.long) -> Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=dev)
+
+        self.state = kd.StepState(tok=zeros(1, 1), tokens=zeros(max_new), t=zeros(1),
+                                  exited=zeros(max_new, dtype=torch.int8), finished=zeros(1, dtype=torch.bool),
+                                  pos=zeros(1))
+        self.tau = zeros(1, dtype=torch.float32)
+        self.deep = zeros(1, dtype=torch.bool)
+        self.uslot = zeros(1)  # skip mode: the next dense slot of the upper cache
+        self.q = zeros(1)  # fill mode: exited tokens waiting for the upper layers
+        self.buckets = torch.tensor(sorted(config.fill_buckets), device=dev)
+        self.flush = zeros(len(config.fill_buckets), dtype=torch.bool)
+        self.flushes = zeros(1)
+        self.ring = zeros(max(config.fill_buckets), c.n_embd, dtype=torch.float32)
+        self.drafts = zeros(max(config.draft_tokens, 1))
+        self.dpos, self.di = zeros(1), zeros(1)
+        self.spec_stats = zeros(2)  # accepted drafts, rounds
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.use_graphs = p.is_cuda and conditional_graphs_available()
+        self.prefill_graphs = config.prefill_graphs if p.is_cuda else 0
+        self._prefills: OrderedDict[int, tuple[torch.cuda.CUDAGraph, Tensor, tuple[Tensor, ...]]] = OrderedDict()
+        self.warmed = False
+
+    # -- one token / one round -------------------------------------------------------------------
+    def _threshold_step(self, branch: Branch) -> None:
+        st, kd, m, s = self.stack, self.kd, self.model, self.state
+        assert m.shallow_exit is not None
+        st.embed(m, s.tok, s.pos)
+        st.blocks(m, self.cache, 0, m.split, s.pos, s.pos)
+        if self.fill:
+            st.kr.put_row(st.x, self.ring, s.pos, st.embed_block)
+        n = st.head(self.shallow_norm, m.shallow_exit.head, "confidence")
+        fill = (self.q, self.buckets, self.flush) if self.fill else None
+        kd.exit_((st.partial[0], st.partial[1], st.partial[2]), n, self.tau, self.deep, s, self.eos_id,
+                 kd.ADVANCE_BLOCK, fill)
+        if self.fill:
+            for i, rows in enumerate(self.config.fill_buckets):
+                branch(self.flush[i], functools.partial(self._flush, rows))
+            branch(self.deep, self._fill_deep)
+        else:
+            branch(self.deep, self._skip_deep)
+        kd.tick(s.pos, (self.q, self.flush, self.flushes) if self.fill else None)
+
+    def _skip_deep(self) -> None:
+        st, m, s = self.stack, self.model, self.state
+        st.blocks(m, self.cache, m.split, m.n_layer, self.uslot, s.pos)
+        n = st.head(st.final_norm, m.lm_head, "greedy")
+        self.kd.emit(st.partial, n, s.tok, s.tokens, s.t, s.finished, self.eos_id, self.kd.ADVANCE_BLOCK, self.uslot)
+
+    def _flush(self, rows: int) -> None:
+        st, m, s = self.stack, self.model, self.state
+        st.kr.gather_rows(self.ring, st.X, st.start, s.pos, self.q, rows, st.embed_block)
+        st.rows_blocks(m, self.cache, m.split, m.n_layer, rows)
+
+    def _fill_deep(self) -> None:
+        st, m, s = self.stack, self.model, self.state
+        st.kr.select_row(st.X, st.h, self.q, st.embed_block)  # this token's row (after the q queued ones)
+        n = st.head(st.final_norm, m.lm_head, "greedy", x=st.h)
+        self.kd.emit(st.partial, n, s.tok, s.tokens, s.t, s.finished, self.eos_id, self.kd.ADVANCE_BLOCK)
+
+    def _speculative_round(self, branch: Branch) -> None:
+        st, kd, m, s, d = self.stack, self.kd, self.model, self.state, self.config.draft_tokens
+        assert m.shallow_exit is not None
+        for i in range(d + 1):
+            st.embed(m, s.tok, self.dpos)
+            st.blocks(m, self.cache, 0, m.split, self.dpos, self.dpos)
+            st.X[i].copy_(st.x)
+            if i < d:
+                n = st.head(self.shallow_norm, m.shallow_exit.head, "greedy")
+                kd.emit(st.partial, n, s.tok, self.drafts, self.di, s.finished, None, kd.ADVANCE_BLOCK, self.dpos)
+        st.start.copy_(s.pos)
+        st.rows_blocks(m, self.cache, m.split, m.n_layer, d + 1)
+        n = st.rows_head(st.final_norm, m.lm_head, d + 1)
+        st.kr.accept((st.rows_partial[0], st.rows_partial[1]), n, self.drafts, d + 1, s.tok, s.tokens, s.t,
+                     s.finished, self.eos_id, s.pos, self.dpos, self.di, self.spec_stats, kd.ADVANCE_BLOCK)
+
+    def _unit(self, branch: Branch) -> None:
+        if self.config.mode == "speculative":
+            self._speculative_round(branch)
+        else:
+            self._threshold_step(branch)
+
+    # -- prefill -------------------------------------------------------------------------------
+    def _prefill_torch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """All layers over the prompt (1, P) into the cache; the shallow and deep logits of its last token."""
+        m = self.model
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        h_s = m.lower(idx, cache=self.cache, input_pos=pos)  # (1, P, C)
+        deep = m.upper_last_logits(h_s, cache=self.cache, input_pos=pos)  # (1, V)
+        return m.shallow_head(h_s[:, -1]), deep
+
+    def prefill(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.prefill_graphs:
+            return self._prefill_torch(idx)
+        P = idx.shape[1]
+        if P not in self._prefills:
+            buf = idx.clone()
+            graph, out = capture(lambda: torch.stack(self._prefill_torch(buf)))
+            self._prefills[P] = (graph, buf, (out,))
+            while len(self._prefills) > self.prefill_graphs:
+                self._prefills.popitem(last=False)
+        self._prefills.move_to_end(P)
+        graph, buf, (out,) = self._prefills[P]
+        buf.copy_(idx)
+        graph.replay()
+        return out[0], out[1]
+
+    def start(self, idx: Tensor, threshold: float) -> None:
+        """Prefill and the first token (the rule of the mode), and reset the device state."""
+        s, P = self.state, idx.shape[1]
+        for buf in (s.tokens, s.t, s.exited, s.finished, self.q, self.flushes, self.di, self.spec_stats, self.flush):
+            buf.zero_()
+        self.tau.fill_(threshold)
+        shallow, deep = self.prefill(idx)
+        if self.config.mode == "speculative":
+            first, ex = deep.argmax(-1), torch.zeros(1, dtype=torch.bool, device=deep.device)
+        else:
+            ex = exits(confidence(shallow), threshold)
+            first = torch.where(ex, shallow.argmax(-1), deep.argmax(-1))
+        s.tok.copy_(first[:, None])
+        s.tokens[0] = first[0]
+        s.exited[0] = ex[0].to(torch.int8)
+        s.t.fill_(1)
+        if self.eos_id is not None:
+            s.finished.copy_(first == self.eos_id)
+        for buf in (s.pos, self.uslot, self.dpos):
+            buf.fill_(P)
+
+    # -- running -------------------------------------------------------------------------------
+    def run_unit(self) -> None:
+        """One token (threshold) or round (speculative): a graph of `steps_per_graph` of them on a GPU."""
+        if not self.use_graphs:
+            self._unit(_host_branch)
+            return
+        if self.graph is None:
+            self._capture()
+        assert self.graph is not None
+        self.graph.replay()
+
+    def warm_up(self) -> None:
+        """Compile and tune every kernel of both branches once, outside any capture (before the first prefill)."""
+        if self.warmed:
+            return
+        self.stack.ensure_tuned(self.model, self.cache)
+        if self.stack.rows:
+            self.stack.ensure_rows_tuned(self.model, self.cache, self.stack.rows)
+        self.state.pos.fill_(0)
+        self._unit(_both_branches)
+        if self.stack.x.is_cuda:
+            torch.cuda.synchronize()
+        self.warmed = True
+
+    def _capture(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+
+        def branch(pred: Tensor, fn: Callable[[], None]) -> None:
+            graph.begin_capture_to_if_node(pred)
+            fn()
+            graph.end_capture_to_conditional_node()
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(self.config.steps_per_graph):
+                self._unit(branch)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = graph
+
+    @property
+    def units_per_replay(self) -> int:
+        return self.config.steps_per_graph if self.use_graphs else 1
+
+
+def _host_branch(pred: Tensor, fn: Callable[[], None]) -> None:
+    if bool(pred.item()):
+        fn()
+
+
+def _both_branches(pred: Tensor, fn: Callable[[], None]) -> None:
+    fn()
+
+
+@torch.inference_mode()
+def fused_lego_generate(session: FusedLegoSession, idx: Tensor, max_new_tokens: int, threshold: float,
+                        eos_check_every: int) -> tuple[Tensor, EarlyExitStats]:
+    """Greedy batch-1 LEGO decoding of ``idx`` (1, P) on a prepared session: new tokens (1, N) and stats."""
+    dev = session.stack.x.device
+    sync: Callable[[], None] = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    session.warm_up()
+    sync()
+    t0 = time.perf_counter()
+    session.start(idx.to(dev), threshold)
+    sync()
+    t1 = time.perf_counter()
+    s, units, replays = session.state, 0, 0
+    speculative = session.config.mode == "speculative"
+    while True:
+        if speculative:  # rounds emit 1..d+1 tokens: the host counts them after each replay
+            if int(s.t.item()) >= max_new_tokens:
+                break
+        elif units >= max_new_tokens - 1:  # one token per step
+            break
+        if session.eos_id is not None and (speculative or replays % eos_check_every == 0) \
+                and bool(s.finished.item()):
+            break
+        session.run_unit()
+        units, replays = units + session.units_per_replay, replays + 1
+    sync()
+    t2 = time.perf_counter()
+    n = min(int(s.t.item()), max_new_tokens)
+    tokens = s.tokens[:n][None].clone()
+    return tokens, _stats(session, tokens, n, t1 - t0, t2 - t1)
+
+
+def _stats(session: FusedLegoSession, tokens: Tensor, n: int, prefill_s: float, decode_s: float) -> EarlyExitStats:
+    """Counts and costs of a fused LEGO call (layer calls and weights read per decoded token vs full depth)."""
+    m = session.model
+    L, k = m.n_layer, m.split
+    blocks = [sum(p.numel() for p in b.parameters()) for b in m.blocks]
+    head = m.lm_head.weight.numel()
+    full = sum(blocks) + head
+    lower, upper = sum(blocks[:k]) + head, sum(blocks[k:]) + head
+    steps = max(n - 1, 1)
+    eos = session.eos_id
+    kept = n if eos is None or eos not in tokens[0].tolist() else tokens[0].tolist().index(eos) + 1
+    if session.config.mode == "speculative":
+        accepted, rounds = (int(v) for v in session.spec_stats.tolist())
+        d = session.config.draft_tokens
+        calls = rounds * ((d + 1) * k + (L - k))
+        weights = rounds * ((d + 1) * sum(blocks[:k]) + d * head + upper)
+        return EarlyExitStats(
+            shallow_count=0, deep_count=kept, shallow_ratio=0.0, decode_steps=steps, layer_calls=calls + L,
+            prefill_layer_calls=L, token_layer_evals=rounds * ((d + 1) * L),
+            actual_compute_cost=rounds * (d + 1) / steps, call_cost=calls / (steps * L),
+            macs_cost=weights / (steps * full), kv_projections=0, prefill_s=prefill_s,
+            decode_s=decode_s, wall_s=prefill_s + decode_s, rounds=rounds, drafted=rounds * d, accepted=accepted)
+    exited = session.state.exited[:n].bool()
+    shallow = int(exited[:kept].sum())
+    deep_steps = int((~exited[1:n]).sum())
+    passes = int(session.flushes.item()) if session.fill else deep_steps
+    calls = (n - 1) * k + passes * (L - k)
+    weights = (n - 1) * lower + passes * upper
+    return EarlyExitStats(
+        shallow_count=shallow, deep_count=kept - shallow, shallow_ratio=shallow / max(kept, 1), decode_steps=steps,
+        layer_calls=calls + L, prefill_layer_calls=L, token_layer_evals=(n - 1) * k + deep_steps * (L - k),
+        actual_compute_cost=((n - 1) * k + deep_steps * (L - k)) / (steps * L), call_cost=calls / (steps * L),
+        macs_cost=weights / (steps * full), kv_projections=0, prefill_s=prefill_s, decode_s=decode_s,
+        wall_s=prefill_s + decode_s)
