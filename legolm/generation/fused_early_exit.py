@@ -258,8 +258,12 @@ class FusedLegoSession:
         self.graph.replay()
 
     def warm_up(self) -> None:
-        """Compile and tune every kernel of both branches once, outside any capture (before the first prefill)."""
-        if self.warmed:
+        """Compile and tune every kernel of both branches once, outside any capture (before the first prefill).
+
+        Only graphs need it (a kernel compiled during capture would not be recorded); Triton's
+        interpreter compiles nothing.
+        """
+        if self.warmed or not self.use_graphs:
             return
         self.stack.ensure_tuned(self.model, self.cache)
         if self.stack.rows:
