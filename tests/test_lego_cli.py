@@ -94,3 +94,39 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, flags: list[str], fragm
     proc = _run(["lego", "--config", TINY, "--run.out-dir", str(tmp_path / "run"), *flags], tmp_path)
     _assert_user_error(proc, *fragments)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags", [
+    ["--early-exit", "threshold"],
+    ["--early-exit", "threshold", "--target-ratio", "0.3", "--kv-mode", "skip", "--fused"],
+    ["--early-exit", "speculative", "--draft-tokens", "2", "--fused"],
+])
+def test_generate_decodes_the_lego_model_through_its_exits(run_dir: Path, flags: list[str]) -> None:
+    """The text, then one stats line; speculative output equals plain greedy decoding of the same model."""
+    args = ["generate", "--model", str(run_dir / "model"), "--prompt", "The king", "--greedy",
+            "--max-new-tokens", "8", "--no-stop-at-eos"]
+    proc = _run([*args, *flags], run_dir.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stats = proc.stdout.rstrip("\n").rsplit("\n", 1)[1]
+    head = "speculative: acceptance" if "speculative" in flags else "early exit: shallow ratio"
+    assert stats.startswith(head) and "tok/s" in stats, stats
+    if "speculative" in flags:
+        plain = _run(args, run_dir.parent)
+        assert plain.returncode == 0 and proc.stdout == plain.stdout + stats + "\n"
+
+
+@pytest.mark.parametrize(("flags", "fragments"), [
+    (["--early-exit", "threshold", "--threshold", "1.5"], ("threshold must be in [0, 1]",)),
+    (["--early-exit", "threshold", "--target-ratio", "0"], ("target_ratio must be in (0, 1)",)),
+    (["--early-exit", "speculative", "--draft-tokens", "0"], ("draft_tokens must be >= 1",)),
+    (["--early-exit", "sometimes"], ("--early-exit", "invalid choice")),
+])
+def test_generate_bad_early_exit_input_is_one_line(run_dir: Path, flags: list[str], fragments: tuple[str, ...]) -> None:
+    proc = _run(["generate", "--model", str(run_dir / "model"), "--prompt", "The", "--greedy", *flags], run_dir.parent)
+    _assert_user_error(proc, *fragments)
+
+
+def test_generate_early_exit_on_a_model_without_an_exit_is_one_line(smollm2_gguf: Path, tmp_path: Path) -> None:
+    proc = _run(["generate", "--model", str(smollm2_gguf), "--prompt", "The", "--greedy", "--early-exit", "threshold"],
+                tmp_path)
+    _assert_user_error(proc, "needs a LEGO model with a shallow exit")

@@ -1,4 +1,10 @@
-"""``legolm generate``: continue prompts with a pretrained model."""
+"""``legolm generate``: continue prompts with a pretrained model.
+
+A LEGO model (the ``model/`` directory of ``legolm lego``) also decodes through its exits:
+``--early-exit threshold [--threshold T | --target-ratio R] [--kv-mode fill|skip|propagate]`` or
+``--early-exit speculative [--draft-tokens D]``, with ``--fused`` for the fast batch-1 decoders; one
+stats line follows the text (shallow ratio or acceptance, cost against full depth, tok/s).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import argparse
 from legolm.cli.args import add_dataclass_args, dataclass_from_args
 from legolm.cli.common import add_model_args, device_dtype
 from legolm.errors import LegolmError
-from legolm.generation import GenerationConfig, generate_text
+from legolm.generation import GenerationConfig, complete
 
 
 def run(ns: argparse.Namespace) -> None:
@@ -20,8 +26,11 @@ def run(ns: argparse.Namespace) -> None:
         raise LegolmError("empty prompt: give --prompt some text to continue")
     model = load_pretrained(ns.model, device=device, dtype=dtype)
     tokenizer = load_tokenizer(ns.model)
-    for prompt, text in zip(ns.prompt, generate_text(model, tokenizer, ns.prompt, config), strict=True):
+    texts, result = complete(model, tokenizer, ns.prompt, config)
+    for prompt, text in zip(ns.prompt, texts, strict=True):
         print(prompt + text if ns.echo else text, flush=True)
+    if result.early_exit is not None:
+        print(result.early_exit.line(sum(len(row) for row in result.tokens)), flush=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -360,8 +360,14 @@ def _trim(rows: list[list[int]], eos: int | None) -> list[list[int]]:
 def generate_text(model: TransformerLM, tokenizer: Tokenizer, prompts: Sequence[str],
                   config: GenerationConfig) -> list[str]:
     """Text in, continuations out (special tokens dropped)."""
+    return complete(model, tokenizer, prompts, config)[0]
+
+
+def complete(model: TransformerLM, tokenizer: Tokenizer, prompts: Sequence[str],
+             config: GenerationConfig) -> tuple[list[str], GenerationResult]:
+    """Text in: the continuations (special tokens dropped) and the `GenerationResult` (tokens, timing, stats)."""
     if any(not p for p in prompts):
         raise ConfigError("empty prompt: give at least one character of text to continue")
     eos = tokenizer.eos_id if tokenizer.eos_id is not None else model.config.eos_token_id
     result = generate(model, [tokenizer.encode(p) for p in prompts], config, eos_id=eos)
-    return [tokenizer.decode(row) for row in result.tokens]
+    return [tokenizer.decode(row) for row in result.tokens], result
