@@ -48,17 +48,24 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
 
 def test_lego_command_prints_the_table_and_writes_its_outputs(run_dir: Path) -> None:
     stdout = (run_dir.parent / "stdout.txt").read_text()
-    for column in ("phase-1 PPL", "deep PPL", "routed PPL", "shallow ratio", "compute cost", "MACs", "decode speedup"):
+    for column in ("shallow PPL", "deep PPL", "routed PPL (soft)", "decode-path PPL", "shallow ratio", "acceptance",
+                   "call cost", "weight cost", "vs full depth", "wall/call"):
         assert column in stdout
-    for label in ("never exit", "calibrated r=0.5", "r=0.3", "always exit"):
+    for label in ("full depth", "never exit", "calibrated r=0.5", "r=0.3", "always exit", "speculative d=2"):
         assert f"| {label} |" in stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = {(r["label"], r["kv_mode"]): r for r in summary["rows"]}
     assert {m for (label, m) in rows if label.startswith("calibrated")} == {"fill", "skip", "propagate"}
-    assert rows[("never exit", "fill")]["compute_cost"] == 1.0
-    assert rows[("always exit", "fill")]["compute_cost"] == pytest.approx(1 / 3)  # 1 of 3 layers
+    assert rows[("full depth", "—")]["speedup"] == 1.0 and rows[("full depth", "—")]["call_cost"] == 1.0
+    assert rows[("never exit", "fill")]["call_cost"] == 1.0
+    assert rows[("always exit", "fill")]["call_cost"] == pytest.approx(1 / 3)  # 1 of 3 layers
     assert rows[("always exit", "fill")]["hard_routed_ppl"] == pytest.approx(summary["phase1_ppl"])
     assert rows[("never exit", "fill")]["hard_routed_ppl"] == pytest.approx(summary["deep_ppl"])
+    spec = rows[("speculative d=2", "—")]
+    assert spec["decode_ppl"] == rows[("never exit", "fill")]["decode_ppl"]  # lossless: the deep model's path
+    assert 0.0 <= spec["acceptance"] <= 1.0 and 1.0 <= spec["tokens_per_round"] <= 3.0
+    q = summary["quality"]
+    assert q["all_shallow_ppl"] == pytest.approx(summary["phase1_ppl"]) and q["hard_deep_ppl"] > 1.0
     assert summary["phase1"]["steps"] >= 1 and summary["phase2"]["steps"] >= 1
     for name in ("phase1/metrics.csv", "phase2/metrics.csv", "curve.csv", "config.yaml"):
         assert (run_dir / name).is_file(), name

@@ -107,7 +107,10 @@ class LegoSettings:
 
 @dataclass
 class DecodeSettings:
-    """The early-exit decode measurement (batch 1, greedy, real validation-text prompts).
+    """The LEGO decode measurement (batch 1, greedy, real validation-text prompts).
+
+    Every setting is timed as whole `generate` calls against the fastest full-depth decoder of the
+    same model: the fused one on a GPU (``fused``), the static-cache decoder on a CPU.
 
     Attributes:
         prompts: Prompts, cut from the validation split at evenly spaced offsets.
@@ -118,8 +121,11 @@ class DecodeSettings:
         score_windows: Validation windows scored along the decode path (teacher forcing, batch 1).
         score_len: Tokens scored per window (after prompt_len tokens of context).
         dtype: Weights dtype while decoding (bfloat16 on a GPU; the perplexities of full forward passes stay fp32).
-        repeats: Timed rounds; the median round is reported (thresholds interleaved in each round).
+        repeats: Timed rounds; the median round is reported (settings interleaved in each round).
         warmup: Untimed rounds first.
+        draft_tokens: Self-speculative rows, one per draft length (empty: none).
+        fused: Decode through the fused Triton decoders on a CUDA GPU (threshold kv modes fill/skip and
+            speculative; the eager loop for propagate); off a GPU the torch decoders run.
     """
 
     prompts: int = 8
@@ -132,6 +138,8 @@ class DecodeSettings:
     dtype: StoreDtype = "float32"
     repeats: int = 3
     warmup: int = 1
+    draft_tokens: list[int] = field(default_factory=lambda: [2, 4])
+    fused: bool = True
 
 
 @dataclass
@@ -197,6 +205,7 @@ class LegoConfig:
              "decode.prompts, decode.prompt_len and decode.max_new_tokens must be >= 1"),
             (d.score_windows >= 1 and d.score_len >= 1, "decode.score_windows and decode.score_len must be >= 1"),
             (d.repeats >= 1 and d.warmup >= 0, "decode.repeats must be >= 1 and decode.warmup >= 0"),
+            (all(k >= 1 for k in d.draft_tokens), f"decode.draft_tokens must be >= 1, got {d.draft_tokens}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,25 +1,32 @@
-"""The quality/speed table of ``legolm lego``: perplexities and measured early-exit decode speed per setting.
+"""The tables of ``legolm lego``: quality of the exits, and measured LEGO decoding against full depth.
 
-A setting is a threshold τ and a ``kv_mode``. Decode speed is measured, not modelled: every
-setting greedily decodes the same real prompts at batch 1 with `generate_with_early_exit`, and
-the baseline is the same code at full depth (``routing_threshold=None``: no shallow exit, upper
-layers every step). Rounds interleave the settings so that a slow moment of a shared machine hits
-all of them alike; the median round counts. ``wall/compute`` is the measured wall-clock saving
-over the compute saving (token-layer evaluations; 1.0 = the time saved is all the skipped layer
-work; the issue asks >= 0.8). The table also gives the cost in layer calls (what a GPU at batch 1,
-bound by reading weights, pays) and in weight multiply-adds, which charge the shallow exit's head
-that every routed step evaluates and the layer counts leave out.
+Quality (`quality_table`): perplexity of the shallow exit, the deep exit and the routed mixture
+(soft weights, as trained; and generation's hard rule) over all validation tokens and over the
+hard ones (shallow confidence below τ).
 
-Quality, per setting: the soft-routed and hard-routed perplexity of full forward passes over the
-validation windows (`TokenScores`), and the decode-path perplexity: the validation text scored
-token by token through the early-exit decoder with that setting's cache (teacher forcing), which
-is what ``skip``/``propagate`` change (``fill`` equals the hard-routed one).
+Decoding (`measure_decode`): every setting greedily decodes the same real prompts at batch 1 as
+whole `generate` calls (prefill included), and the baseline is the fastest full-depth decoder of
+the same model: the fused Triton decoder on a GPU (``generate --fused``), the static-cache decoder
+on a CPU. Rounds interleave the settings so that a slow moment of a shared machine hits all of them
+alike; the median round counts. A setting is
+
+* ``threshold`` at τ with a ``kv_mode`` (early exit: confident tokens skip the upper layers), or
+* ``speculative`` with d drafts (the shallow exit drafts, the upper layers verify; lossless).
+
+Per setting: the decode-path perplexity (the validation text scored token by token through the
+decoder's rule and cache, teacher-forced; ``fill`` equals the hard-routed one, ``skip`` and
+``propagate`` show what their approximate caches cost; speculative output is the deep model's),
+the shallow ratio (threshold) or acceptance rate (speculative), the cost against full depth in
+layer calls and in weights read per token (what batch-1 decoding is bound by), tok/s, the speedup,
+and ``wall/call``: the measured wall-clock saving over the call-cost saving (1.0 = the time saved
+is all the skipped layer calls).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,92 +35,111 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from legolm.generation.early_exit import KVMode, decode_path_nll, generate_with_early_exit
+from legolm.generation import GenerationConfig, generate
+from legolm.generation.early_exit import EarlyExitStats, KVMode, decode_path_nll
 from legolm.lego.evaluate import TokenScores
 from legolm.model.lego import LegoLM
-from legolm.utils.io import atomic_savefig
+from legolm.utils.io import atomic_savefig, pyplot
 
 
 @dataclass
 class Setting:
-    """One point of the curve: how τ was chosen, τ (None = full-depth baseline) and the cache mode."""
+    """One decoder: ``full`` depth, ``threshold`` early exit at τ with a kv mode, or ``speculative`` with d drafts."""
 
     label: str
-    threshold: float | None
-    kv_mode: KVMode
+    mode: str
+    threshold: float | None = None
+    kv_mode: KVMode = "fill"
+    draft_tokens: int = 0
+
+    def config(self, max_new_tokens: int, fused: bool) -> GenerationConfig:
+        """The `GenerationConfig` of this setting (greedy, no EOS stop: every setting decodes as many tokens)."""
+        fast = fused and (self.mode != "threshold" or self.kv_mode != "propagate")
+        early = {"full": "none"}.get(self.mode, self.mode)
+        return GenerationConfig(max_new_tokens=max_new_tokens, greedy=True, stop_at_eos=False, fused=fast,
+                                early_exit=early, threshold=self.threshold, kv_mode=self.kv_mode,  # type: ignore[arg-type]
+                                draft_tokens=max(self.draft_tokens, 1))
 
 
 @dataclass
 class DecodeMeasure:
-    """One setting's decoding over all prompts (summed), the median of the timed rounds.
+    """One setting's decoding of all prompts: the median round's wall time and the stats summed over prompts.
 
     Attributes:
-        decode_s: Decode wall time of all prompts (prefill excluded), median round.
+        wall_s: Whole calls (prefill + decode) of all prompts, median round.
         tokens: Tokens generated over all prompts.
-        shallow_ratio: Generated tokens from the shallow exit.
-        compute_cost: Decode token-layer evaluations ÷ (decode steps × L), over all prompts.
-        call_cost: Decode layer calls ÷ (decode steps × L).
-        macs_cost: Decode weight multiply-adds (both exits' heads included) ÷ full depth's.
+        shallow_ratio: Generated tokens from the shallow exit (threshold).
+        acceptance: Confirmed drafts ÷ drafts (speculative).
+        tokens_per_round: Tokens per verify pass (speculative).
+        call_cost: Decode layer calls ÷ full depth's.
+        weight_cost: Decode weights read ÷ full depth's (both heads charged).
+        fused: The setting ran on the fused kernels.
     """
 
-    decode_s: float
+    wall_s: float
     tokens: int
     shallow_ratio: float
-    compute_cost: float
+    acceptance: float
+    tokens_per_round: float
     call_cost: float
-    macs_cost: float
+    weight_cost: float
+    fused: bool
 
 
-def measure_decode(model: LegoLM, prompts: Tensor, settings: list[Setting], max_new_tokens: int,
+def _summarize(stats: list[EarlyExitStats | None], wall_s: float, tokens: int, fused: bool) -> DecodeMeasure:
+    known = [s for s in stats if s is not None]
+    if not known:  # the full-depth decoder
+        return DecodeMeasure(wall_s, tokens, 0.0, 0.0, 0.0, 1.0, 1.0, fused)
+    steps = sum(s.decode_steps for s in known)
+    drafted = sum(s.drafted for s in known)
+    rounds = sum(s.rounds for s in known)
+    return DecodeMeasure(
+        wall_s=wall_s, tokens=tokens,
+        shallow_ratio=sum(s.shallow_count for s in known) / max(sum(s.shallow_count + s.deep_count for s in known), 1),
+        acceptance=sum(s.accepted for s in known) / drafted if drafted else 0.0,
+        tokens_per_round=sum(s.shallow_count + s.deep_count - 1 for s in known) / rounds if rounds else 0.0,
+        call_cost=sum(s.call_cost * s.decode_steps for s in known) / steps,
+        weight_cost=sum(s.macs_cost * s.decode_steps for s in known) / steps, fused=fused)
+
+
+def measure_decode(model: LegoLM, prompts: Tensor, settings: list[Setting], max_new_tokens: int, fused: bool,
                    repeats: int = 3, warmup: int = 1, progress: bool = False) -> list[DecodeMeasure]:
-    """Greedy early-exit decoding of each prompt row (batch 1) in each setting, timed.
-
-    Args:
-        model: Extended LEGO model (eval mode, on its device).
-        prompts: (n, P) prompt ids; each row is decoded alone.
-        settings: Thresholds and cache modes (threshold None = the full-depth baseline).
-        max_new_tokens: Tokens per prompt (no EOS stop).
-        repeats: Timed rounds (median reported).
-        warmup: Untimed rounds first.
-        progress: Show a tqdm bar (one tick per setting and round).
-    """
+    """Greedy decoding of each prompt row (batch 1) in each setting, timed as whole `generate` calls."""
     device = next(model.parameters()).device
+    use_fused = fused and device.type == "cuda"
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: list[list[float]] = [[] for _ in settings]
-    last: list[list] = [[] for _ in settings]
+    last: list[list[EarlyExitStats | None]] = [[] for _ in settings]
+    tokens = [0] * len(settings)
     bar = tqdm(total=(warmup + repeats) * len(settings), desc="decode timing", unit="run", disable=not progress)
     for r in range(warmup + repeats):
         for i, s in enumerate(settings):
             bar.update()
-            last[i] = [generate_with_early_exit(model, row[None].to(device), max_new_tokens, s.threshold,
-                                                kv_mode=s.kv_mode).stats for row in prompts]
+            cfg = s.config(max_new_tokens, use_fused)
+            sync()
+            t0 = time.perf_counter()
+            results = [generate(model, [row.tolist()], cfg) for row in prompts]
+            sync()
             if r >= warmup:
-                times[i].append(sum(st.decode_s for st in last[i]))
-    out = []
-    L = model.n_layer
-    for i in range(len(settings)):
-        stats = last[i]
-        steps = sum(st.decode_steps for st in stats)
-        tokens = sum(st.shallow_count + st.deep_count for st in stats)
-        out.append(DecodeMeasure(
-            decode_s=statistics.median(times[i]), tokens=tokens,
-            shallow_ratio=sum(st.shallow_count for st in stats) / tokens,
-            compute_cost=sum(st.token_layer_evals for st in stats) / (steps * L),
-            call_cost=sum(st.layer_calls - st.prefill_layer_calls for st in stats) / (steps * L),
-            macs_cost=sum(st.macs_cost * st.decode_steps for st in stats) / steps,
-        ))
-    return out
+                times[i].append(time.perf_counter() - t0)
+            last[i] = [res.early_exit for res in results]
+            tokens[i] = sum(len(res.tokens[0]) for res in results)
+    return [_summarize(last[i], statistics.median(times[i]), tokens[i], settings[i].config(1, use_fused).fused)
+            for i in range(len(settings))]
 
 
 def decode_path_ppl(model: LegoLM, windows: Tensor, prompt_len: int, setting: Setting,
                     progress: bool = False) -> float:
-    """Perplexity of ``windows[:, prompt_len:]`` along the decode path of ``setting`` (batch 1 per window)."""
-    assert setting.threshold is not None
+    """Perplexity of ``windows[:, prompt_len:]`` along the decode path of ``setting`` (batch 1 per window).
+
+    Full depth and speculative decoding emit the deep model's tokens: their path is τ = 1 (never exit).
+    """
+    tau = setting.threshold if setting.mode == "threshold" and setting.threshold is not None else 1.0
     device = next(model.parameters()).device
     nll = n = 0.0
-    for row in tqdm(windows, desc=f"decode-path ppl ({setting.label}, {setting.kv_mode})", unit="window",
-                    disable=not progress, leave=False):
-        row_nll, row_n, _ = decode_path_nll(model, row[None].to(device), prompt_len, setting.threshold,
-                                            setting.kv_mode)
+    for row in tqdm(windows, desc=f"decode-path ppl ({setting.label})", unit="window", disable=not progress,
+                    leave=False):
+        row_nll, row_n, _ = decode_path_nll(model, row[None].to(device), prompt_len, tau, setting.kv_mode)
         nll, n = nll + row_nll, n + row_n
     return math.exp(nll / n)
 
@@ -129,97 +155,123 @@ def val_windows(ids: np.ndarray, n: int, length: int, offset: int = 0) -> Tensor
 
 @dataclass
 class CurveRow:
-    """One setting of the quality/speed curve.
+    """One setting of the decode table (see the module docstring for each column).
 
     Attributes:
-        label: How τ was chosen (calibrated, a target ratio, never/always exit).
-        kv_mode: Upper-cache handling of exited tokens.
-        threshold: τ.
-        routed_ppl: Soft-routed perplexity at τ (training's continuous weights), full forward.
-        hard_routed_ppl: Perplexity under generation's hard rule at τ, full forward.
-        decode_ppl: Perplexity along the decode path with this kv_mode (teacher forcing).
+        label: How τ was chosen, or the decoder.
+        mode: full, threshold or speculative.
+        kv_mode: Threshold mode's upper-cache handling.
+        draft_tokens: Speculative mode's d.
+        threshold: τ (threshold mode; 1.0 otherwise).
+        routed_ppl: Soft-routed perplexity at τ, full forward passes.
+        hard_routed_ppl: Perplexity under generation's hard rule at τ, full forward passes.
+        decode_ppl: Perplexity along the decode path (teacher forcing).
         eval_shallow_ratio: Validation tokens that exit at τ.
         gen_shallow_ratio: Generated tokens that exited.
-        compute_cost: Token-layer evaluations ÷ full depth while decoding.
-        call_cost: Layer calls ÷ full depth while decoding.
-        macs_cost: Weight multiply-adds (shallow and deep heads included) ÷ full depth while decoding.
-        speedup: Full-depth decode time ÷ this setting's.
-        wall_over_compute: (1 - time/full-depth time) ÷ (1 - compute_cost).
-        tok_per_s: Generated tokens per second of decode time.
+        acceptance: Confirmed drafts ÷ drafts.
+        tokens_per_round: Tokens per verify pass.
+        call_cost: Decode layer calls ÷ full depth's.
+        weight_cost: Decode weights read ÷ full depth's.
+        tok_per_s: Generated tokens per second of whole calls.
+        speedup: This setting's tok/s ÷ the full-depth decoder's.
+        wall_over_call: (1 - time / full-depth time) ÷ (1 - call_cost).
+        fused: Ran on the fused kernels.
     """
 
     label: str
+    mode: str
     kv_mode: str
+    draft_tokens: int
     threshold: float
     routed_ppl: float
     hard_routed_ppl: float
     decode_ppl: float
     eval_shallow_ratio: float
     gen_shallow_ratio: float
-    compute_cost: float
+    acceptance: float
+    tokens_per_round: float
     call_cost: float
-    macs_cost: float
-    speedup: float
-    wall_over_compute: float
+    weight_cost: float
     tok_per_s: float
+    speedup: float
+    wall_over_call: float
+    fused: bool
 
 
 def curve_row(scores: TokenScores, temperature: float, setting: Setting, measured: DecodeMeasure,
               baseline: DecodeMeasure, decode_ppl: float) -> CurveRow:
-    """Join evaluation scores and the decode measurement of one setting."""
-    tau = setting.threshold
-    assert tau is not None
-    saved = 1.0 - measured.compute_cost
-    wall = 1.0 - measured.decode_s / baseline.decode_s
+    """Join the evaluation scores and the decode measurement of one setting."""
+    tau = setting.threshold if setting.mode == "threshold" and setting.threshold is not None else 1.0
+    saved = 1.0 - measured.call_cost
+    wall = 1.0 - measured.wall_s / baseline.wall_s
     return CurveRow(
-        label=setting.label, kv_mode=setting.kv_mode, threshold=tau, routed_ppl=scores.routed_ppl(tau, temperature),
+        label=setting.label, mode=setting.mode, kv_mode=setting.kv_mode if setting.mode == "threshold" else "—",
+        draft_tokens=setting.draft_tokens, threshold=tau, routed_ppl=scores.routed_ppl(tau, temperature),
         hard_routed_ppl=scores.hard_routed_ppl(tau), decode_ppl=decode_ppl,
         eval_shallow_ratio=scores.shallow_ratio(tau), gen_shallow_ratio=measured.shallow_ratio,
-        compute_cost=measured.compute_cost, call_cost=measured.call_cost,
-        macs_cost=measured.macs_cost, speedup=baseline.decode_s / measured.decode_s,
-        wall_over_compute=wall / saved if saved > 1e-9 else math.nan, tok_per_s=measured.tokens / measured.decode_s,
-    )
+        acceptance=measured.acceptance, tokens_per_round=measured.tokens_per_round, call_cost=measured.call_cost,
+        weight_cost=measured.weight_cost, tok_per_s=measured.tokens / measured.wall_s,
+        speedup=baseline.wall_s / measured.wall_s, wall_over_call=wall / saved if abs(saved) > 1e-9 else math.nan,
+        fused=measured.fused)
 
 
-def format_table(rows: list[CurveRow], phase1_ppl: float, deep_ppl: float) -> str:
-    """One markdown table: phase-1, deep and routed perplexity, shallow ratio, compute cost, speedup."""
-    head = ("| threshold | kv | τ | phase-1 PPL | deep PPL | routed PPL | hard-routed PPL | decode-path PPL "
-            "| shallow ratio (val / gen) | compute cost | calls | MACs | decode speedup | wall/compute | tok/s |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def format_table(rows: list[CurveRow]) -> str:
+    """One markdown table of the decode settings."""
+    head = ("| setting | kv / d | τ | routed PPL | hard-routed PPL | decode-path PPL | shallow ratio (val / gen) "
+            "| acceptance | call cost | weight cost | tok/s | vs full depth | wall/call |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        woc = "—" if math.isnan(r.wall_over_compute) else f"{r.wall_over_compute:.2f}"
-        lines.append(f"| {r.label} | {r.kv_mode} | {r.threshold:.4f} | {phase1_ppl:.2f} | {deep_ppl:.2f} | "
-                     f"{r.routed_ppl:.2f} | {r.hard_routed_ppl:.2f} | {r.decode_ppl:.2f} | "
-                     f"{r.eval_shallow_ratio:.3f} / {r.gen_shallow_ratio:.3f} | {r.compute_cost:.3f} | "
-                     f"{r.call_cost:.3f} | {r.macs_cost:.3f} | {r.speedup:.2f}x | {woc} | {r.tok_per_s:,.0f} |")
+        woc = "—" if math.isnan(r.wall_over_call) else f"{r.wall_over_call:.2f}"
+        kv = f"d={r.draft_tokens}" if r.mode == "speculative" else r.kv_mode
+        acc = f"{r.acceptance:.3f} ({r.tokens_per_round:.2f}/pass)" if r.mode == "speculative" else "—"
+        lines.append(f"| {r.label} | {kv} | {r.threshold:.4f} | {r.routed_ppl:.2f} | {r.hard_routed_ppl:.2f} | "
+                     f"{r.decode_ppl:.2f} | {r.eval_shallow_ratio:.3f} / {r.gen_shallow_ratio:.3f} | {acc} | "
+                     f"{r.call_cost:.3f} | {r.weight_cost:.3f} | {r.tok_per_s:,.0f} | {r.speedup:.2f}x | {woc} |")
     return "\n".join(lines)
 
 
+def quality_table(scores: TokenScores, tau: float, temperature: float) -> tuple[str, dict[str, float]]:
+    """Shallow / deep / routed (soft and hard) perplexity over all validation tokens and the hard ones."""
+    hard = scores.conf < tau
+    parts = {"all": scores, "hard": TokenScores(scores.shallow_logp[hard], scores.deep_logp[hard], scores.conf[hard])}
+    values: dict[str, float] = {"hard_fraction": float(hard.float().mean())}
+    lines = ["| tokens | count | shallow PPL | deep PPL | routed PPL (soft) | routed PPL (hard) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, part in parts.items():
+        row = {"shallow": part.shallow_ppl(), "deep": part.deep_ppl(), "routed": part.routed_ppl(tau, temperature),
+               "hard_routed": part.hard_routed_ppl(tau)}
+        values.update({f"{name}_{k}_ppl": v for k, v in row.items()})
+        lines.append(f"| {name} | {len(part):,} | {row['shallow']:.2f} | {row['deep']:.2f} | {row['routed']:.2f} | "
+                     f"{row['hard_routed']:.2f} |")
+    return "\n".join(lines), values
+
+
 def plot_curve(rows: list[CurveRow], path: Path, phase1_ppl: float, deep_ppl: float) -> str | None:
-    """Save decode-path perplexity against measured decode speedup (one line per kv mode) as a PNG.
+    """Decode-path perplexity against the measured speedup (threshold per kv mode, speculative) as a PNG.
 
     Returns a note instead when matplotlib is missing.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return f"{path.name} skipped: pip install matplotlib to draw the quality/speed curve"
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for mode, style in (("fill", "o-"), ("skip", "s--"), ("propagate", "^:")):
-        pts = sorted((r for r in rows if r.kv_mode == mode), key=lambda r: r.speedup)
+    groups = [(f"threshold, kv {m}", [r for r in rows if r.mode == "threshold" and r.kv_mode == m], style)
+              for m, style in (("fill", "o-"), ("skip", "s--"), ("propagate", "^:"))]
+    groups += [("speculative (lossless)", [r for r in rows if r.mode == "speculative"], "D"),
+               ("full depth", [r for r in rows if r.mode == "full"], "k*")]
+    for name, pts, style in groups:
+        pts = sorted(pts, key=lambda r: r.speedup)
         if not pts:
             continue
-        ax.plot([r.speedup for r in pts], [r.decode_ppl for r in pts], style, label=f"decode-path PPL, kv {mode}")
+        ax.plot([r.speedup for r in pts], [r.decode_ppl for r in pts], style, label=name)
         for r in pts:
-            ax.annotate(f"{r.label}\ncost {r.compute_cost:.2f}", (r.speedup, r.decode_ppl), fontsize=6,
-                        textcoords="offset points", xytext=(4, 4))
-    ax.axhline(phase1_ppl, color="gray", ls=":", label=f"phase-1 (shallow) PPL {phase1_ppl:.2f}")
-    ax.axhline(deep_ppl, color="black", ls=":", label=f"deep PPL {deep_ppl:.2f}")
-    ax.set_xlabel("measured decode speedup vs full depth (same code)")
-    ax.set_ylabel("validation perplexity")
+            ax.annotate(r.label if r.mode != "speculative" else f"d={r.draft_tokens}", (r.speedup, r.decode_ppl),
+                        fontsize=6, textcoords="offset points", xytext=(4, 4))
+    ax.axhline(phase1_ppl, color="gray", ls=":", label=f"shallow exit PPL {phase1_ppl:.2f}")
+    ax.axhline(deep_ppl, color="black", ls=":", label=f"deep exit PPL {deep_ppl:.2f}")
+    ax.axvline(1.0, color="black", lw=0.5)
+    ax.set_xlabel("measured tok/s ÷ the fastest full-depth decoder of the same model")
+    ax.set_ylabel("validation perplexity (decode path)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

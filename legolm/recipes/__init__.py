@@ -1,0 +1,1 @@
+"""Recipes: whole jobs assembled from the library (the CLI commands are thin front doors to them)."""

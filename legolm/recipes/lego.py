@@ -1,0 +1,138 @@
+"""The ``legolm lego`` job: train a LEGO model on real text, evaluate its exits, time its decoders, report.
+
+::
+
+    prepare corpus ─ train_lego (phase 1 ─ calibrate τ ─ extend | split ─ hard examples ─ phase 2)
+                   ─ save model/ (loads with load_pretrained as a LegoLM, τ included)
+                   ─ quality table (shallow / deep / routed, all and hard tokens)
+                   ─ decode table (full depth, threshold sweep, kv modes, speculative) ─ curve.png / curve.csv
+
+The run directory gets ``phase1/`` and ``phase2/`` (the runs of `fit`), ``model/``, ``curve.png``,
+``curve.csv``, ``split_curve.{png,csv}`` (pretrained route with candidates) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from legolm.checkpoints.native import save_checkpoint
+from legolm.cli.args import dump_yaml  # the config system lives there for now (issue 18 moves it down)
+from legolm.data.tokenized import TokenizedCorpus, prepare_corpus
+from legolm.lego.config import STORE_DTYPES, LegoConfig
+from legolm.lego.evaluate import TokenScores, score_tokens
+from legolm.lego.report import (
+    Setting,
+    curve_row,
+    decode_path_ppl,
+    format_table,
+    measure_decode,
+    plot_curve,
+    quality_table,
+    val_windows,
+)
+from legolm.lego.split import plot_splits
+from legolm.lego.train import LegoTraining, train_lego
+from legolm.model.lego import LegoLM, quantile_threshold
+from legolm.train.checkpoint import check_run_dir, open_run_dir
+from legolm.train.distributed import current, init_distributed
+from legolm.utils.io import atomic_write_text
+
+
+def run_lego(cfg: LegoConfig, corpus: TokenizedCorpus | None = None) -> dict[str, Any]:
+    """Check, prepare the data (unless ``corpus`` is given), train both phases, evaluate, decode, report."""
+    cfg.validate()
+    check_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume)
+    dist = init_distributed(cfg.run)  # under torchrun: both phases train on every rank, rank 0 reports
+    with dist.main_first():
+        corpus = corpus if corpus is not None else prepare_corpus(cfg.data, progress=cfg.run.progress)
+    dist.barrier()  # every rank has checked the run directory before rank 0 creates it
+    out = dist.on_main(lambda: open_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume))
+    if dist.is_main:
+        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    trained = train_lego(cfg, corpus)
+    if not current().is_main:  # rank 0 evaluates, times and reports
+        return {}
+    summary = evaluate_and_report(cfg, corpus, trained, out)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def decode_settings(cfg: LegoConfig, tau: float, scores: TokenScores) -> list[Setting]:
+    """Full depth first, then the threshold sweep (never ... always exit), the other kv modes at τ, speculative."""
+    d = cfg.decode
+    calibrated = f"calibrated r={cfg.lego.target_ratio:g}" if cfg.lego.threshold is None else "given"
+    sweep = [("never exit", 1.0), (calibrated, tau),
+             *[(f"r={r:g}", quantile_threshold(scores.conf, r)) for r in cfg.lego.curve_ratios], ("always exit", 0.0)]
+    sweep.sort(key=lambda item: -item[1])
+    return [Setting("full depth", "full"),
+            *[Setting(label, "threshold", t, d.kv_mode) for label, t in sweep],
+            *[Setting(calibrated, "threshold", tau, mode) for mode in d.compare_kv_modes if mode != d.kv_mode],
+            *[Setting(f"speculative d={k}", "speculative", draft_tokens=k) for k in d.draft_tokens]]
+
+
+def evaluate_and_report(cfg: LegoConfig, corpus: TokenizedCorpus, trained: LegoTraining, out: Path) -> dict[str, Any]:
+    """Save the model, score the validation windows, time the decoders, print and write the tables."""
+    model, tau, d = trained.model, trained.threshold, cfg.decode
+    save_checkpoint(model, out / "model", corpus.tokenizer, overwrite=True)
+    split_note = None
+    if trained.splits:
+        write_csv(out / "split_curve.csv", [asdict(p) for p in trained.splits])
+        split_note = plot_splits(trained.splits, out / "split_curve.png", cfg.lego.split_tolerance)
+    scores = score_tokens(model, trained.val_batches, cfg.lego.calib_batches, progress=cfg.run.progress)
+    temperature = model.meta.routing_temperature
+    quality, quality_values = quality_table(scores, tau, temperature)
+    settings = decode_settings(cfg, tau, scores)
+    model.to(STORE_DTYPES[d.dtype])  # decoding only from here on (saved and scored in fp32 above)
+    prompts = val_windows(corpus.val, d.prompts, d.prompt_len)
+    measured = measure_decode(model, prompts, settings, d.max_new_tokens, d.fused, d.repeats, d.warmup,
+                              progress=cfg.run.progress)
+    scored = val_windows(corpus.val, d.score_windows, d.prompt_len + d.score_len, offset=d.prompt_len)
+    paths = {}
+    rows = []
+    for s, m in zip(settings, measured, strict=True):
+        key = (s.mode == "threshold", s.threshold if s.mode == "threshold" else 1.0, s.kv_mode)
+        if key not in paths:  # full depth and speculative share the deep model's path
+            paths[key] = decode_path_ppl(model, scored, d.prompt_len, s, progress=cfg.run.progress)
+        rows.append(curve_row(scores, temperature, s, m, measured[0], paths[key]))
+    phase1_ppl, deep_ppl = scores.shallow_ppl(), scores.deep_ppl()
+    table = format_table(rows)
+    note = plot_curve(rows, out / "curve.png", phase1_ppl, deep_ppl)
+    write_csv(out / "curve.csv", [asdict(r) for r in rows])
+    device = next(model.parameters()).device
+    base = rows[0]
+    print(f"\nLEGO {model.split} -> {model.n_layer} layers, threshold {tau:.4f}; quality over {len(scores):,} "
+          f"validation tokens (fp32):\n\n{quality}\n")
+    print(f"decoding: batch 1, {d.prompts} prompts x {d.max_new_tokens} new tokens (greedy, {d.dtype}) on {device}, "
+          f"whole calls, median of {d.repeats} rounds; full depth ({'fused' if base.fused else 'static cache'}) "
+          f"{base.tok_per_s:,.0f} tok/s; decode-path PPL over {scored.shape[0]} x {d.score_len} tokens\n")
+    print(table)
+    print(note or f"quality/speed curve: {out / 'curve.png'}")
+    if trained.splits:
+        print(split_note or f"split curve: {out / 'split_curve.png'} (chosen k={model.split})")
+    print(f"model saved to {out / 'model'}")
+    fit_results = {name: None if r is None else {k: v for k, v in asdict(r).items() if k != "run_dir"}
+                   for name, r in (("phase1", trained.phase1), ("phase2", trained.phase2))}
+    return {"threshold": tau, "split": model.split, "num_layers": model.n_layer, "phase1_ppl": phase1_ppl,
+            "deep_ppl": deep_ppl, "routed_ppl": scores.routed_ppl(tau, temperature), "quality": quality_values,
+            "quality_table": quality, "hard_examples": {"train": trained.hard_train.summary(),
+                                                        "val": trained.hard_val.summary()},
+            "rows": [asdict(r) for r in rows], "device": str(device),
+            "split_curve": [asdict(p) for p in trained.splits], **fit_results, "table": table,
+            "model": str(out / "model")}
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows of equal keys as a CSV file, written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+__all__ = ["LegoLM", "decode_settings", "evaluate_and_report", "run_lego", "write_csv"]
