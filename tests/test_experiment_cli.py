@@ -119,3 +119,23 @@ def test_bad_input_is_refused_before_training(cache: Path, reversal_dir: Path, t
     (out / "keep.txt").write_text("mine")
     _bad(capsys, args, out, "already exists", "--overwrite")
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+# -- memory state sizes --------------------------------------------------------------------------------
+def _state_rows(capsys: pytest.CaptureFixture[str], *flags: str) -> dict[str, int]:
+    assert main(["experiment", "--state-sizes", *flags]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    return {r[1].strip(): int(r[5].replace(",", "")) for r in rows}
+
+
+def test_state_sizes_table_reaches_the_documented_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    """pythia-70m width 512, fp32. One head of 512: 512·512·4 + 512·4 = 1,050,624 B per memory; eight heads
+    of 64: 8·64·64·4 + 8·64·4 = 133,120 B (the guidelines' ~135 KB); + 8 B segment counter, + 4 B per memory
+    (token counts) for multi_memory; 4 memories for multi_memory and hierarchical (~540 KB)."""
+    default = _state_rows(capsys)
+    assert default == {"pythia": 0, "infini": 1_050_632, "multi_memory": 4 * 1_050_624 + 16 + 8,
+                       "hierarchical": 4 * 1_050_624 + 8}
+    documented = _state_rows(capsys, "--model.memory-heads", "8")
+    assert documented == {"pythia": 0, "infini": 133_128, "multi_memory": 532_504, "hierarchical": 532_488}
+    assert _state_rows(capsys, "--model.memory-heads", "8", "--model.num-memories", "2",
+                       "--models", "hierarchical") == {"hierarchical": 2 * 133_120 + 8}
