@@ -59,8 +59,10 @@ def test_experiment_trains_every_kind_and_writes_table_and_chart(cache: Path, re
                                                                   tmp_path: Path) -> None:
     out = tmp_path / "exp"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(_legolm() + tiny_args(cache, reversal_dir, out), capture_output=True, text=True,
-                          timeout=600, env=env)
+    suspicious_everywhere = ["--eval.ppl-bands.suspicious-below", "1e9", "--eval.ppl-bands.normal-up-to", "1e9",
+                             "--eval.ppl-bands.not-learning-above", "1e9"]  # the sanity check must fire
+    proc = subprocess.run(_legolm() + tiny_args(cache, reversal_dir, out) + suspicious_everywhere,
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["model"] for r in rows] == KINDS
@@ -80,6 +82,9 @@ def test_experiment_trains_every_kind_and_writes_table_and_chart(cache: Path, re
         assert r["forward_ppl"] < 512 and r["val_ppl"] < 512, "training must beat a uniform guess over the vocabulary"
         assert 0 <= r["forward_acc"] <= 1 and 0 <= r["backward_acc"] <= 1
         assert (out / r["model"] / "metrics.jsonl").is_file() and (out / r["model"] / "model" / "legolm.json").is_file()
+    for r in rows:  # one sanity line per model, printed and in results.md
+        line = f"ppl check: {r['model']} val perplexity {r['val_ppl']:,.2f} < 1e+09 -> suspicious: leakage"
+        assert line in proc.stdout and line in table
     assert by["pythia"]["memory_kb"] == 0
     one = (64 * 64 + 64) * 4  # fp32 M and z of one 64-wide memory head (tiny-pythia is 64 wide)
     assert by["infini"]["memory_kb"] * 1024 == one + 8  # + the int64 segment counter

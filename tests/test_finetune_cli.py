@@ -20,6 +20,7 @@ import transformers
 
 import legolm
 from legolm.adapters import load_adapter
+from legolm.eval.sanity import PPLBands
 
 COMMON = ["--window", "64", "--batch-size", "8", "--max-steps", "24", "--eval.every", "12", "--eval.max-batches", "2",
           "--eval-tokens", "1500", "--schedule.warmup-steps", "4", "--optim.lr", "0.01", "--no-run.progress"]
@@ -88,6 +89,11 @@ def test_full_finetune_saves_a_plain_model(setup: tuple[Path, Path], tmp_path: P
     assert res.returncode == 0, res.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["after"]["ppl"] < 0.5 * summary["before"]["ppl"]
+    # the random base is not learning (its perplexity is far above 1,000); each perplexity gets its check line
+    assert summary["before"]["ppl"] > 1000 and summary["ppl_check"]["held-out before"]["band"] == "not_learning"
+    for label in ("held-out before", "held-out after"):
+        check = PPLBands().check(label, summary[label.split()[-1]]["ppl"], 50257)
+        assert check.message in res.stdout.splitlines() and summary["ppl_check"][label]["band"] == check.band
     assert "adapter" not in summary["outputs"] and not (run / "adapter").exists()
     tuned, start = legolm.load_pretrained(run / "model"), legolm.load_pretrained(base)
     assert all(not torch.equal(a, b) for (_, a), (_, b) in
