@@ -113,6 +113,9 @@ def evaluate_and_report(cfg: LegoConfig, corpus: Any, out: Path) -> dict[str, An
     print(table)
     print(f"\nhard validation tokens ({int(hard['hard_tokens']):,}): shallow PPL {hard['shallow_ppl']:.2f}, "
           f"deep PPL {hard['deep_ppl']:.2f}, routed PPL {hard['routed_ppl']:.2f}")
+    print(cfg.phase1.eval.ppl_bands.lines({"phase-1 (shallow)": phase1_ppl}, model.config.vocab_size))  # sanity
+    print(cfg.phase2.eval.ppl_bands.lines({"deep": deep_ppl, "routed (calibrated)": scores.routed_ppl(
+        tau, model.meta.routing_temperature)}, model.config.vocab_size))
     print(note or f"quality/speed curve: {out / 'curve.png'}")
     print(f"model saved to {out / 'model'}")
     fit_results = {name: None if r is None else {k: v for k, v in asdict(r).items() if k != "run_dir"}
