@@ -122,6 +122,12 @@ def test_skip2lora_finetune_end_to_end_with_disk_skip_cache(setup: tuple[Path, P
     res = _run(args)
     assert res.returncode == 0, res.stderr
     assert "block   0: A (4, 32), B (32, 4): 256" in res.stdout  # 2 · 4 · 32 per adapter
+    # One count, printed twice: the Skip2-LoRA report and the training loop. Trainable: 2 adapters of 256 and the
+    # head LoRA 4·32 + 50,257·4 = 201,156. Total: the base (50,257·32 + 128·32 + 2 blocks of 12,704 + final norm 64
+    # = 1,637,792; tied head) plus the 201,668 trainable ones, the head LoRA once.
+    assert "lm_head LoRA: 201,156" in res.stdout
+    assert "trainable 201,668 of 1,839,460 parameters" in res.stdout
+    assert "training 201,668 of 1,839,460 parameters" in res.stdout
     assert "Skip-Cache: " in res.stdout and "on disk" in res.stdout
     summary = json.loads((run / "summary.json").read_text())
     assert summary["after"]["ppl"] < 0.97 * summary["before"]["ppl"]
