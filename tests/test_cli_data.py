@@ -79,6 +79,9 @@ def test_eval_ppl_console_script_matches_library(tiny_gpt2_dir: Path, env: dict[
     assert result["nll_sum"] == pytest.approx(expected.nll_sum, rel=1e-5)
     assert result["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-5)
     assert result["word_ppl"] == pytest.approx(expected.word_ppl, rel=1e-5)
+    # an untrained model (random weights) is not learning: the sanity check says so, in the output and the JSON
+    assert expected.ppl > 1000 and result["ppl_check"]["band"] == "not_learning"
+    assert result["ppl_check"]["message"] in proc.stdout.splitlines()
 
     again = _run(["eval", "ppl", "--model", str(tiny_gpt2_dir), "--data", "tinyshakespeare", "--max-length", "32",
                   "--stride", "16", "--max-tokens", "400", "--json", str(out)], env)
@@ -119,6 +122,7 @@ def test_eval_ppl_bad_input_subprocess(tiny_gpt2_dir: Path, env: dict[str, str],
     (["--max-length", "32", "--stride", "16", "--val-fraction", "1.5"], ("val_fraction",)),
     (["--max-length", "32", "--stride", "16", "--tokenizer", "bpe:x"], ("bpe:<vocab_size>",)),
     (["--max-length", "32", "--stride", "16", "--split", "test"], ("invalid choice",)),
+    (["--max-length", "32", "--stride", "16", "--normal-up-to", "2"], ("0 < 5 <= 2 <= 1000",)),
 ])
 def test_eval_ppl_bad_input_in_process(tiny_gpt2_dir: Path, capsys: pytest.CaptureFixture[str], extra: list[str],
                                        fragments: tuple[str, ...]) -> None:

@@ -59,8 +59,10 @@ def test_experiment_trains_every_kind_and_writes_table_and_chart(cache: Path, re
                                                                   tmp_path: Path) -> None:
     out = tmp_path / "exp"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(_legolm() + tiny_args(cache, reversal_dir, out), capture_output=True, text=True,
-                          timeout=600, env=env)
+    suspicious_everywhere = ["--eval.ppl-bands.suspicious-below", "1e9", "--eval.ppl-bands.normal-up-to", "1e9",
+                             "--eval.ppl-bands.not-learning-above", "1e9"]  # the sanity check must fire
+    proc = subprocess.run(_legolm() + tiny_args(cache, reversal_dir, out) + suspicious_everywhere,
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["model"] for r in rows] == KINDS
@@ -80,6 +82,9 @@ def test_experiment_trains_every_kind_and_writes_table_and_chart(cache: Path, re
         assert r["forward_ppl"] < 512 and r["val_ppl"] < 512, "training must beat a uniform guess over the vocabulary"
         assert 0 <= r["forward_acc"] <= 1 and 0 <= r["backward_acc"] <= 1
         assert (out / r["model"] / "metrics.jsonl").is_file() and (out / r["model"] / "model" / "legolm.json").is_file()
+    for r in rows:  # one sanity line per model, printed and in results.md
+        line = f"ppl check: {r['model']} val perplexity {r['val_ppl']:,.2f} < 1e+09 -> suspicious: leakage"
+        assert line in proc.stdout and line in table
     assert by["pythia"]["memory_kb"] == 0
     one = (64 * 64 + 64) * 4  # fp32 M and z of one 64-wide memory head (tiny-pythia is 64 wide)
     assert by["infini"]["memory_kb"] * 1024 == one + 8  # + the int64 segment counter
@@ -119,3 +124,23 @@ def test_bad_input_is_refused_before_training(cache: Path, reversal_dir: Path, t
     (out / "keep.txt").write_text("mine")
     _bad(capsys, args, out, "already exists", "--overwrite")
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+# -- memory state sizes --------------------------------------------------------------------------------
+def _state_rows(capsys: pytest.CaptureFixture[str], *flags: str) -> dict[str, int]:
+    assert main(["experiment", "--state-sizes", *flags]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    return {r[1].strip(): int(r[5].replace(",", "")) for r in rows}
+
+
+def test_state_sizes_table_reaches_the_documented_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    """pythia-70m width 512, fp32. One head of 512: 512·512·4 + 512·4 = 1,050,624 B per memory; eight heads
+    of 64: 8·64·64·4 + 8·64·4 = 133,120 B (the guidelines' ~135 KB); + 8 B segment counter, + 4 B per memory
+    (token counts) for multi_memory; 4 memories for multi_memory and hierarchical (~540 KB)."""
+    default = _state_rows(capsys)
+    assert default == {"pythia": 0, "infini": 1_050_632, "multi_memory": 4 * 1_050_624 + 16 + 8,
+                       "hierarchical": 4 * 1_050_624 + 8}
+    documented = _state_rows(capsys, "--model.memory-heads", "8")
+    assert documented == {"pythia": 0, "infini": 133_128, "multi_memory": 532_504, "hierarchical": 532_488}
+    assert _state_rows(capsys, "--model.memory-heads", "8", "--model.num-memories", "2",
+                       "--models", "hierarchical") == {"hierarchical": 2 * 133_120 + 8}

@@ -20,6 +20,7 @@ import transformers
 
 import legolm
 from legolm.adapters import load_adapter
+from legolm.eval.sanity import PPLBands
 
 COMMON = ["--window", "64", "--batch-size", "8", "--max-steps", "24", "--eval.every", "12", "--eval.max-batches", "2",
           "--eval-tokens", "1500", "--schedule.warmup-steps", "4", "--optim.lr", "0.01", "--no-run.progress"]
@@ -88,6 +89,11 @@ def test_full_finetune_saves_a_plain_model(setup: tuple[Path, Path], tmp_path: P
     assert res.returncode == 0, res.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["after"]["ppl"] < 0.5 * summary["before"]["ppl"]
+    # the random base is not learning (its perplexity is far above 1,000); each perplexity gets its check line
+    assert summary["before"]["ppl"] > 1000 and summary["ppl_check"]["held-out before"]["band"] == "not_learning"
+    for label in ("held-out before", "held-out after"):
+        check = PPLBands().check(label, summary[label.split()[-1]]["ppl"], 50257)
+        assert check.message in res.stdout.splitlines() and summary["ppl_check"][label]["band"] == check.band
     assert "adapter" not in summary["outputs"] and not (run / "adapter").exists()
     tuned, start = legolm.load_pretrained(run / "model"), legolm.load_pretrained(base)
     assert all(not torch.equal(a, b) for (_, a), (_, b) in
@@ -116,6 +122,12 @@ def test_skip2lora_finetune_end_to_end_with_disk_skip_cache(setup: tuple[Path, P
     res = _run(args)
     assert res.returncode == 0, res.stderr
     assert "block   0: A (4, 32), B (32, 4): 256" in res.stdout  # 2 · 4 · 32 per adapter
+    # One count, printed twice: the Skip2-LoRA report and the training loop. Trainable: 2 adapters of 256 and the
+    # head LoRA 4·32 + 50,257·4 = 201,156. Total: the base (50,257·32 + 128·32 + 2 blocks of 12,704 + final norm 64
+    # = 1,637,792; tied head) plus the 201,668 trainable ones, the head LoRA once.
+    assert "lm_head LoRA: 201,156" in res.stdout
+    assert "trainable 201,668 of 1,839,460 parameters" in res.stdout
+    assert "training 201,668 of 1,839,460 parameters" in res.stdout
     assert "Skip-Cache: " in res.stdout and "on disk" in res.stdout
     summary = json.loads((run / "summary.json").read_text())
     assert summary["after"]["ppl"] < 0.97 * summary["before"]["ppl"]

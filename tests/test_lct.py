@@ -172,8 +172,10 @@ def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_compares_lct_and_sequential_on_real_text(tmp_path: Path) -> None:
-    proc = _cli(["--epochs", "2", "--max-train-windows", "8", "--lag-windows", "2", "--eval.max-batches", "1"],
-                tmp_path)
+    suspicious_everywhere = ["--eval.ppl-bands.suspicious-below", "1e9", "--eval.ppl-bands.normal-up-to", "1e9",
+                             "--eval.ppl-bands.not-learning-above", "1e9"]  # the sanity check must fire
+    proc = _cli(["--epochs", "2", "--max-train-windows", "8", "--lag-windows", "2", "--eval.max-batches", "1",
+                 *suspicious_everywhere], tmp_path)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "run" / "lct.json").read_text())
     runs = {r["method"]: r for r in summary["runs"]}
@@ -182,6 +184,10 @@ def test_cli_compares_lct_and_sequential_on_real_text(tmp_path: Path) -> None:
     assert all(np.isfinite(e["val_ppl"]) for r in runs.values() for e in r["epochs"])
     assert set(summary["comparison"]) == {"epoch_speedup", "ppl_ratio"}  # speed is measured, not asserted here
     assert "| lct | 2 |" in proc.stdout and "faster than sequential" in proc.stdout
+    assert [c["band"] for c in summary["ppl_check"]] == ["suspicious", "suspicious"]
+    for method in ("lct", "sequential"):
+        line = f"ppl check: {method} final val (exact) perplexity {runs[method]['final_val_ppl']:,.2f} < 1e+09"
+        assert f"{line} -> suspicious: leakage" in proc.stdout
     assert (tmp_path / "run" / "lct" / "metrics.jsonl").is_file()
 
 

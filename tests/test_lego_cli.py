@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from legolm.checkpoints.load import load_pretrained
+from legolm.eval.sanity import PPLBands
 from legolm.model.lego import LegoLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,9 @@ def _assert_user_error(proc: subprocess.CompletedProcess[str], *fragments: str) 
 def run_dir(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
     tmp = tmp_path_factory.mktemp("lego_cli")
     out = tmp / "run"
-    proc = _run(["lego", "--config", TINY, "--run.out-dir", str(out)], tmp)
+    suspicious = ["--phase2.eval.ppl-bands.suspicious-below", "1e9", "--phase2.eval.ppl-bands.normal-up-to", "1e9",
+                  "--phase2.eval.ppl-bands.not-learning-above", "1e9"]  # phase 2's sanity check must fire
+    proc = _run(["lego", "--config", TINY, "--run.out-dir", str(out), *suspicious], tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (tmp / "stdout.txt").write_text(proc.stdout)
     return out
@@ -71,6 +74,16 @@ def test_lego_command_prints_the_table_and_writes_its_outputs(run_dir: Path) -> 
         assert (run_dir / name).is_file(), name
     if importlib.util.find_spec("matplotlib"):
         assert (run_dir / "curve.png").stat().st_size > 0
+
+
+def test_every_lego_perplexity_gets_its_sanity_line(run_dir: Path) -> None:
+    """Phase 1's bands are the defaults; phase 2's (deep, routed) are set to fire on any perplexity."""
+    stdout = (run_dir.parent / "stdout.txt").read_text().splitlines()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert PPLBands().check("phase-1 (shallow)", summary["phase1_ppl"], 512).message in stdout  # bpe:512
+    for label, key in (("deep", "deep_ppl"), ("routed (calibrated)", "routed_ppl")):
+        line = f"ppl check: {label} perplexity {summary[key]:,.2f} < 1e+09 -> suspicious: leakage"
+        assert any(s.startswith(line) for s in stdout), line
 
 
 def test_the_saved_model_loads_as_lego_and_as_a_plain_deep_model(run_dir: Path) -> None:

@@ -14,16 +14,17 @@ from legolm.data.tokenizer import Tokenizer
 from legolm.errors import ConfigError
 from legolm.generation import GenerationConfig, generate
 from legolm.layers.context import LayerContext
+from legolm.layers.hierarchical import HierarchicalMemory, folded_levels
 from legolm.layers.infini import BankedMemory
 from legolm.layers.memory import MemoryAttention, elu_plus_one, memory_read, memory_write
 from legolm.model.factory import create_model, model_config
-from legolm.model.memory_state import carry_memory, memory_state_nbytes
+from legolm.model.memory_state import carry_memory, memory_state_nbytes, save_memory_state
 from legolm.model.transformer import TransformerLM
 
 MEMORY_KINDS = ["infini", "multi_memory", "hierarchical"]
 # Options that make every kind use more than one memory slot within a few segments.
 SLOT_OPTIONS = {"infini": {"num_memory_banks": 2, "segments_per_bank": 1}, "multi_memory": {"num_memories": 3},
-                "hierarchical": {"coarse_every": 2}}
+                "hierarchical": {"coarse_every": 2, "num_memories": 3}}
 SEG = 8
 LN_HALF = math.log(0.5)  # σ(ln 0.5) = exp(ln 0.5) = 0.5: inputs below with round σ values
 
@@ -103,6 +104,71 @@ def test_infini_layer_output_by_hand() -> None:
     x = torch.tensor([[[0.0, 1.0], [LN_HALF, 0.0]]])
     out = attn(x, LayerContext(None, None, None, None))
     torch.testing.assert_close(out, torch.tensor([[[0.0, 0.5], [0.5 * LN_HALF, 0.5]]]))
+
+
+# -- hierarchical levels ------------------------------------------------------------------------------
+def test_hierarchical_levels_fold_by_hand() -> None:
+    """Three levels, coarse_every 2, linear rule, σ(k) = 1 (k = 0), segment s writes v = s + 1 on L tokens.
+
+    Each segment adds L·(s+1) to every entry of M and L to every entry of z of level 0. Folds: after
+    s1 (2 written) level 0 -> 1; after s3 (4 = 2²) levels 0, 1 -> 2; after s5 level 0 -> 1. After s6:
+    level 0 = s6 (7), level 1 = s4 + s5 (5 + 6 = 11), level 2 = s0..s3 (1 + 2 + 3 + 4 = 10).
+    """
+    assert [folded_levels(s, 2, 3) for s in range(8)] == [0, 1, 0, 2, 0, 1, 0, 2]  # capped at the top level
+    assert [folded_levels(s, 4, 2) for s in range(8)] == [0, 0, 0, 1, 0, 0, 0, 1]  # the two-level layer
+    L = 3
+    memory = HierarchicalMemory(heads=1, head_dim=2, levels=3, coarse_every=2, delta=False, eps=1e-6)
+    state = memory.init_state(1, 1, 2, 2, "cpu")
+    for s in range(7):
+        state = memory.write(torch.zeros(1, 1, L, 2), torch.full((1, 1, L, 2), s + 1.0), state, s)
+    torch.testing.assert_close(state["M"][0, :, 0], torch.tensor([7.0, 11.0, 10.0])[:, None, None] * L
+                               * torch.ones(3, 2, 2))
+    torch.testing.assert_close(state["z"][0, :, 0], torch.tensor([[1.0, 1.0], [2.0, 2.0], [4.0, 4.0]]) * L)
+
+
+def test_hierarchical_read_mixes_levels_by_stick_breaking() -> None:
+    """Gate logits b0 = 0, b1 = ln 3 (g0 = 1/2, g1 = 3/4): weights 1/2, 1/2·3/4 = 3/8, 1/2·1/4 = 1/8.
+
+    With σ(q) = 1, z = 1 and M = c·1 every level reads c (2c / 2), so A = 0.5·1 + 0.375·10 + 0.125·100.
+    """
+    memory = HierarchicalMemory(heads=1, head_dim=2, levels=3, coarse_every=2, delta=False, eps=1e-6)
+    assert memory.level_gate_bias is not None
+    with torch.no_grad():
+        memory.level_gate_bias.fill_(math.log(3.0))
+    state = memory.init_state(1, 1, 2, 2, "cpu")
+    state["M"] = torch.tensor([1.0, 10.0, 100.0]).view(1, 3, 1, 1, 1).expand(1, 3, 1, 2, 2).clone()
+    state["z"] = torch.ones(1, 3, 1, 2)
+    read = memory.read(torch.zeros(1, 1, 4, 2), state, 5)
+    torch.testing.assert_close(read, torch.full((1, 1, 4, 2), 0.5 + 3.75 + 12.5))
+
+
+def test_hierarchical_with_four_memories_trains_and_saves_the_documented_state(tmp_path: Path) -> None:
+    """The guidelines' layer: 4 memories, 8 memory heads of 64 (width 512), linear rule. One training step
+    reaches every expansion gate; the saved state is 4·(8·64·64·4 + 8·64·4) + 8 = 532,488 bytes (~540 KB)."""
+    with torch.device("meta"):  # the guidelines' own call, at the default sizes
+        assert "hierarchical" in create_model("hierarchical", num_memories=4, use_delta_rule=False).config.extra
+    torch.manual_seed(0)
+    model = create_model("hierarchical", num_memories=4, memory_heads=8, use_delta_rule=False, coarse_every=2,
+                         segment_len=SEG, num_layers=1, n_embd=512, n_head=8, intermediate_size=512, vocab_size=512)
+    memory = model.blocks[0].attn.memory
+    assert isinstance(memory, HierarchicalMemory) and memory.slots == 4
+    x = torch.randint(0, 512, (2, 10 * SEG + 1))  # 10 segments: level 3 is written after 2³ = 8 and read after
+    loss = nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert memory.gate_weight.grad is not None and memory.gate_weight.grad.abs().sum() > 0
+    assert memory.level_gate_weight is not None and memory.level_gate_weight.grad is not None
+    assert all(memory.level_gate_weight.grad[i].abs().sum() > 0 for i in range(2)), "a level gate got no gradient"
+    torch.optim.AdamW(model.parameters(), lr=1e-3).step()
+    assert memory_state_nbytes(model) == 4 * (8 * 64 * 64 * 4 + 8 * 64 * 4) + 8 == 532_488
+    model.reset_memory()
+    with torch.no_grad(), carry_memory(model):
+        model(x[:1, : 4 * SEG])  # one sequence: the state per sequence
+    saved = save_memory_state(model, tmp_path / "doc.memory.safetensors")
+    assert saved.tensor_bytes == 532_488 and saved.tensor_bytes < saved.file_bytes < saved.tensor_bytes + 2048
+    state = model.get_memory_state()
+    assert state["blocks.0.attn.M"].shape == (1, 4, 8, 64, 64)
+    assert state["blocks.0.attn.M"][:, 0].abs().sum() == 0 < state["blocks.0.attn.M"][:, 2].abs().sum()  # 4 = 2²
 
 
 # -- causality ---------------------------------------------------------------------------------------
@@ -216,6 +282,7 @@ def test_factory_defaults_and_composition() -> None:
     ("infini", {"num_memories": 2}, "unknown option(s) ['num_memories']"),
     ("multi_memory", {"memory_heads": 3}, "memory_heads=3 must divide"),
     ("hierarchical", {"coarse_every": 1.5}, "coarse_every must be an integer"),
+    ("hierarchical", {"num_memories": 1}, "num_memories must be >= 2"),
     ("infini", {"use_delta_rule": "yes"}, "use_delta_rule must be true or false"),
     ("multi_memory", {"eps": 0}, "eps must be > 0"),
     ("transformer", {}, "unknown model kind"),

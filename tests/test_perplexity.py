@@ -15,6 +15,7 @@ import legolm
 from legolm.data import Tokenizer
 from legolm.errors import ConfigError
 from legolm.eval import PPLResult, disjoint_ppl, sliding_window_ppl, windows
+from legolm.eval.sanity import PPLBands
 from legolm.model.config import ModelConfig
 
 
@@ -138,17 +139,17 @@ def test_more_context_lowers_real_perplexity(smollm2: legolm.TransformerLM,
     strided = sliding_window_ppl(smollm2, ids, 128, 64, batch_size=4, progress=False)
     assert strided.ppl < disjoint.ppl
     assert disjoint.n_tokens == len(ids) - 4 and strided.n_tokens == len(ids) - 1
-    assert strided.diagnostic is None and 5.0 < strided.ppl < 200.0  # a real model on real text
+    assert 5.0 < strided.ppl < 200.0 and not PPLBands().check("val", strided.ppl, 49_152).warns  # real model, text
 
 
 @pytest.mark.slow
-def test_repeated_text_triggers_the_diagnostic(smollm2: legolm.TransformerLM,
+def test_repeated_text_is_flagged_suspicious(smollm2: legolm.TransformerLM,
                                                smollm2_shakespeare_ids: np.ndarray) -> None:
     """Text the model has in its context (like leaked training text) gives an implausibly low perplexity."""
     passage = smollm2_shakespeare_ids[:64]
     result = sliding_window_ppl(smollm2, np.tile(passage, 4), 256, 256, progress=False)
-    assert result.ppl < 5.0
-    assert result.diagnostic is not None and "leakage" in result.diagnostic
+    verdict = PPLBands().check("repeated", result.ppl, smollm2.config.vocab_size)
+    assert result.ppl < 5.0 and verdict.band == "suspicious" and "leakage" in verdict.message
 
 
 def test_bad_window_settings() -> None:

@@ -19,6 +19,11 @@ import legolm
 from legolm.cli.main import main
 from legolm.data.tokenized import DataConfig, prepare_corpus
 from legolm.eval.perplexity import sliding_window_ppl
+from legolm.eval.sanity import PPLBands
+
+# Bands that make any finite perplexity "suspicious": the sanity check must fire under the held-out line.
+SUSPICIOUS_EVERYWHERE = ["--eval.ppl-bands.suspicious-below", "1e9", "--eval.ppl-bands.normal-up-to", "1e9",
+                         "--eval.ppl-bands.not-learning-above", "1e9"]
 
 
 def _legolm() -> list[str]:
@@ -57,6 +62,8 @@ def test_pretrain_trains_evaluates_saves_and_the_model_loads(cache: Path, tmp_pa
     assert "held-out sliding-window perplexity (window 32, stride 16" in proc.stdout
     assert "sample: Once upon a time" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
+    check = PPLBands().check("held-out", summary["final"]["ppl"], 512)  # vocabulary: the 512-token BPE
+    assert summary["ppl_check"]["band"] == check.band and check.message in proc.stdout.splitlines()
     for name in ("config.yaml", "metrics.jsonl", "metrics.csv", "model/legolm.json", "model/tokenizer.json"):
         assert (out / name).is_file(), name
     # The saved checkpoint is the trained model: the same held-out perplexity, recomputed here.
@@ -72,8 +79,9 @@ def test_pretrain_trains_evaluates_saves_and_the_model_loads(cache: Path, tmp_pa
 
 def test_kill_9_then_resume_gives_bit_identical_weights(cache: Path, tmp_path: Path) -> None:
     steps = ["--max-steps", "100", "--run.save-every", "10", "--eval.every", "50", "--sample.prompt", ""]
-    straight = run_cli(tiny_args(cache, tmp_path / "straight") + steps)
+    straight = run_cli(tiny_args(cache, tmp_path / "straight") + steps + SUSPICIOUS_EVERYWHERE)
     assert straight.returncode == 0, straight.stderr[-2000:]
+    assert "ppl check: held-out perplexity" in straight.stdout and "-> suspicious: leakage" in straight.stdout
 
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -120,6 +128,8 @@ def test_bad_config_values(cache: Path, tmp_path: Path, capsys: pytest.CaptureFi
     _bad(capsys, [*tiny_args(cache, out), "--window", "256"], out, "window 256 exceeds", "block_size 128")
     _bad(capsys, [*tiny_args(cache, out), "--model.vocab-size", "256"], out, "tokenizer has 512 tokens",
          "256")
+    _bad(capsys, [*tiny_args(cache, out), "--eval.ppl-bands.suspicious-below", "50"], out, "eval.ppl_bands:",
+         "0 < 50 <= 30 <= 1000")
 
 
 def test_bad_data(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -143,3 +143,28 @@ def test_cli_rank_of_a_real_text_finetune_and_an_adapter(tmp_path: Path, shakesp
 
     bad = _run(["analyze", "rank", "--base", str(tmp_path / "base")])
     assert bad.returncode == 2 and "exactly one of --tuned" in bad.stderr
+
+
+def test_cli_rank_without_matplotlib_writes_csv_and_json_and_skips_the_png(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Like every other command: the PNG is skipped with a note, the table files are written, exit 0."""
+    from legolm.cli.main import main
+
+    base, tuned = _tiny(), _tiny()
+    with torch.no_grad():  # a rank-1 change of one matrix
+        tuned.blocks[0].attn.qkv.weight.add_(torch.outer(torch.ones(192), torch.ones(64)))
+    legolm.save_checkpoint(base, tmp_path / "base")
+    legolm.save_checkpoint(tuned, tmp_path / "tuned")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    out = tmp_path / "rank"
+    code = main(["analyze", "rank", "--base", str(tmp_path / "base"), "--tuned", str(tmp_path / "tuned"),
+                 "--out", str(out), "--energy", "0.9"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["rank.csv", "rank.json"]
+    assert f"wrote rank.csv, rank.json to {out}" in captured.out
+    assert "note: energy.png skipped: pip install 'legolm[plot]' (matplotlib) to draw it" in captured.out
+    rows = {r["layer"]: r for r in csv.DictReader((out / "rank.csv").read_text().splitlines())}
+    assert rows["blocks.0.attn.qkv"]["rank@0.9"] == "1" and rows["blocks.0.attn.proj"]["rank@0.9"] == "0"
+    assert json.loads((out / "rank.json").read_text())["energy"]["blocks.0.attn.qkv"][0] == 1.0

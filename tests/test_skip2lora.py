@@ -17,6 +17,7 @@ from legolm.errors import CheckpointError, ConfigError
 from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import WindowBatches
+from legolm.utils.params import count_parameters
 
 T = 16
 
@@ -100,6 +101,15 @@ def test_trainable_count_matches_the_seed_example() -> None:
     per = [a.lora_A.numel() + a.lora_B.numel() for a in model.adapters.values() if isinstance(a, SkipAdapter)]
     assert per == [262_144] * 6 and sum(p.numel() for p in model.trainable()) == 1_572_864
     assert "trainable 1,572,864 of" in model.report()
+
+
+def test_head_lora_is_counted_once() -> None:
+    """tiny-pythia has 165,632 weights (2 x 32,768 embedding/head, 128 final norm, 2 x 49,984 per block); two
+    skip adapters add 2·(4·64 + 64·4) = 1,024 and the head LoRA 4·64 + 512·4 = 2,304, which lives inside the
+    base model: the total is 165,632 + 3,328 = 168,960, not 171,264 (the head LoRA counted twice)."""
+    model = _model(head=True)
+    assert count_parameters(model) == (3_328, 168_960)  # what `fit` prints
+    assert model.report().splitlines()[-1] == "trainable 3,328 of 168,960 parameters (1.97%)"
 
 
 @pytest.mark.parametrize(("indices", "match"), [([], "at least one"), ([0, 2], "out of range"),

@@ -42,6 +42,7 @@ from legolm.adapters.lora import check_lora_settings, lora_scaling
 from legolm.errors import CheckpointError, ConfigError
 from legolm.model.transformer import TransformerLM
 from legolm.utils.io import atomic_dir
+from legolm.utils.params import count_parameters
 
 CONFIG_FILE, WEIGHTS_FILE = "skip2lora_config.json", "skip2lora_model.safetensors"
 TAP_NORMS = ("none", "final")
@@ -182,8 +183,7 @@ class Skip2LoRAModel(nn.Module):
         head = sum(p.numel() for p in adapter_parameters(self.base))
         if head:
             lines.append(f"  lm_head LoRA: {head:,}")
-        trainable = sum(p.numel() for p in self.trainable())
-        total = trainable + self.base.num_parameters()
+        trainable, total = count_parameters(self)  # the numbers `fit` reports (the head LoRA is in the base)
         lines.append(f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
         return "\n".join(lines)
 

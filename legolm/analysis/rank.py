@@ -26,6 +26,9 @@ from legolm.adapters.lora import LoRALinear
 from legolm.errors import ConfigError, LegolmError
 from legolm.utils.io import atomic_savefig
 
+ENERGY_PNG = "energy.png"
+PLOT_NOTE = f"{ENERGY_PNG} skipped: pip install 'legolm[plot]' (matplotlib) to draw it"
+
 
 @dataclass
 class RankProfile:
@@ -154,7 +157,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 def write_rank_outputs(profiles: list[RankProfile], thresholds: list[float], directory: Path,
                        plot: bool = True, max_rank: int | None = None) -> list[Path]:
-    """``rank.csv``, ``rank.json`` (rows + energy curves) and optionally ``energy.png`` in ``directory``."""
+    """``rank.csv``, ``rank.json`` (rows + energy curves) and, with ``plot`` and matplotlib, ``energy.png`` in
+    ``directory``; returns the files written."""
     rows = rank_rows(profiles, thresholds)
     with open(directory / "rank.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -164,20 +168,20 @@ def write_rank_outputs(profiles: list[RankProfile], thresholds: list[float], dir
     (directory / "rank.json").write_text(json.dumps({"thresholds": thresholds, "layers": rows,
                                                      "energy": curves}, indent=1) + "\n")
     paths = [directory / "rank.csv", directory / "rank.json"]
-    if plot:
-        paths.append(plot_energy(profiles, thresholds, directory / "energy.png", max_rank))
-    return paths
+    png = plot_energy(profiles, thresholds, directory / ENERGY_PNG, max_rank) if plot else None
+    return [*paths, png] if png is not None else paths
 
 
-def plot_energy(profiles: list[RankProfile], thresholds: list[float], path: Path, max_rank: int | None = None) -> Path:
-    """E(r) of every layer on one chart (needs the optional ``matplotlib``)."""
+def plot_energy(profiles: list[RankProfile], thresholds: list[float], path: Path,
+                max_rank: int | None = None) -> Path | None:
+    """E(r) of every layer on one chart; None (no file) when the optional ``matplotlib`` is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise LegolmError("the energy plot needs matplotlib: pip install 'legolm[plot]', or pass --no-plot") from None
+        return None
     fig, ax = plt.subplots(figsize=(8, 5))
     cmap = plt.get_cmap("viridis")
     for i, p in enumerate(profiles):

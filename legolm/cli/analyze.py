@@ -17,6 +17,8 @@ from legolm.errors import LegolmError
 def run_rank(ns: argparse.Namespace) -> None:
     from legolm.adapters.peft_io import load_adapter
     from legolm.analysis.rank import (
+        ENERGY_PNG,
+        PLOT_NOTE,
         checkpoint_deltas,
         format_rows,
         lora_deltas,
@@ -44,8 +46,10 @@ def run_rank(ns: argparse.Namespace) -> None:
     print(summary(profiles, thresholds))
     if ns.out is not None:
         with atomic_dir(ns.out, ns.overwrite) as tmp:
-            write_rank_outputs(profiles, thresholds, tmp, plot=ns.plot, max_rank=ns.max_rank)
-        print(f"wrote rank.csv, rank.json{', energy.png' if ns.plot else ''} to {ns.out}")
+            names = [p.name for p in write_rank_outputs(profiles, thresholds, tmp, plot=ns.plot, max_rank=ns.max_rank)]
+        print(f"wrote {', '.join(names)} to {ns.out}")
+        if ns.plot and ENERGY_PNG not in names:
+            print(f"note: {PLOT_NOTE}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,6 +64,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", help="directory for rank.csv, rank.json, energy.png (must not exist unless --overwrite)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     r.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
-                   help="write energy.png (needs matplotlib; default: on)")
+                   help="write energy.png (needs matplotlib; skipped with a note without it; default: on)")
     r.add_argument("--max-rank", type=int, default=None, help="keep the energy curves up to this rank (default: all)")
     r.set_defaults(func=run_rank)

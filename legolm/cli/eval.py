@@ -26,7 +26,8 @@ from legolm.data.tokenized import (
 )
 from legolm.data.tokenizer import resolve_tokenizer
 from legolm.errors import ConfigError, LegolmError
-from legolm.eval.perplexity import SUSPICIOUS_PPL, PPLResult, check_windows, sliding_window_ppl
+from legolm.eval.perplexity import PPLResult, check_windows, sliding_window_ppl
+from legolm.eval.sanity import PPLBands
 from legolm.utils.io import atomic_write_text
 
 
@@ -40,7 +41,6 @@ class PPLConfig:
         batch_size: Windows per forward pass.
         split: Which documents: the held-out val split, train, or all (train then val).
         max_tokens: Score only the first N tokens of the split (None: all).
-        suspicious_ppl: Warn when the perplexity is below this (leakage or a broken causal mask).
     """
 
     max_length: int = 1024
@@ -48,11 +48,12 @@ class PPLConfig:
     batch_size: int = 8
     split: Literal["val", "train", "all"] = "val"
     max_tokens: int | None = None
-    suspicious_ppl: float = SUSPICIOUS_PPL
 
 
 def run(ns: argparse.Namespace) -> None:
     cfg = dataclass_from_args(PPLConfig, ns)
+    bands = dataclass_from_args(PPLBands, ns)
+    bands.validate()
     data_ns = argparse.Namespace(**{**vars(ns), "tokenizer": ns.tokenizer or ns.model})
     data_cfg = dataclass_from_args(DataConfig, data_ns)
     if ns.json and Path(ns.json).exists() and not ns.overwrite:
@@ -68,13 +69,13 @@ def run(ns: argparse.Namespace) -> None:
     ids = ids[: cfg.max_tokens] if cfg.max_tokens else ids
     n_bytes, n_words = _text_counts(corpus, cfg, ids)
     result = sliding_window_ppl(model, ids, cfg.max_length, cfg.stride, cfg.batch_size, device, n_bytes=n_bytes,
-                                n_words=n_words, suspicious_ppl=cfg.suspicious_ppl)
+                                n_words=n_words)
     _print_table(cfg, result)
-    if result.diagnostic:
-        print(f"warning: {result.diagnostic}")
+    verdict = bands.check(cfg.split, result.ppl, model.config.vocab_size)
+    print(verdict.message)
     if ns.json:
         payload = {"model": ns.model, "data": data_cfg.source, "data_dir": str(corpus.directory), "split": cfg.split,
-                   "tokenizer": corpus.manifest["tokenizer"], **result.to_dict()}
+                   "tokenizer": corpus.manifest["tokenizer"], **result.to_dict(), "ppl_check": verdict.to_dict()}
         Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(ns.json, json.dumps(payload, indent=2) + "\n")
         print(f"wrote {ns.json}")
@@ -125,6 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ppl = tasks.add_parser("ppl", help="sliding-window perplexity on held-out text", conflict_handler="resolve")
     add_model_args(ppl)
     add_dataclass_args(ppl, PPLConfig)
+    add_dataclass_args(ppl, PPLBands)
     add_dataclass_args(ppl, DataConfig)
     # The brief's names for two DataConfig fields (replacing --source and --tokenizer).
     ppl.add_argument("--data", "--source", dest="source", required=True,

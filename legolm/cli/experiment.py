@@ -7,7 +7,8 @@ and seed, then compared in one table and chart.
 Every setting is an `ExperimentConfig` key (``--print-config`` shows them all); ``--lr`` and
 ``--data`` are short for ``--optim.lr`` and ``--data.source``. The output directory
 (``--run.out-dir``, default runs/experiment) gets one run directory per model and
-results.md/.csv/.jsonl/.png.
+results.md/.csv/.jsonl/.png. ``--state-sizes`` only prints the memory state each model carries per
+sequence at the given settings (``--model.memory-heads 8`` gives the guidelines' sizes).
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def run(ns: argparse.Namespace) -> None:
     if ns.print_config:
         print(dump_yaml(cfg), end="")
         return
+    if ns.state_sizes:
+        from legolm.experiment.state_sizes import state_size_table
+
+        cfg.validate()
+        print(state_size_table(cfg.model, cfg.models))
+        return
     from legolm.experiment.run import run_experiment
 
     run_experiment(cfg)
@@ -45,5 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        allow_abbrev=False)
     p.add_argument("--lr", type=float, default=None, help="same as --optim.lr")
     p.add_argument("--data", default=None, help="same as --data.source (named source or file/folder)")
+    p.add_argument("--state-sizes", action="store_true",
+                   help="print the memory state per sequence of each model at these settings and exit (no training)")
     add_config_args(p, ExperimentConfig, ALIASES)
     p.set_defaults(func=run)

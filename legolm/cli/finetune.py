@@ -156,11 +156,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.method == "full" or (cfg.save_merged and cfg.method == "lora"):
         plain = merge_and_unload(model) if cfg.method == "lora" else model
         outputs["model"] = str(save_checkpoint(plain, run_dir / "model", corpus.tokenizer, overwrite=True))
+    checks = [cfg.eval.ppl_bands.check(label, r.ppl, model.config.vocab_size)
+              for label, r in (("held-out before", before), ("held-out after", after))]
     summary = {"method": cfg.method, "base_model": cfg.model, "before": before.to_dict(), "after": after.to_dict(),
+               "ppl_check": {c.label: c.to_dict() for c in checks},
                "fit": {k: v for k, v in dataclasses.asdict(result).items() if k != "run_dir"},
                "epochs": [dataclasses.asdict(r) for r in epochs.records], "outputs": outputs, "sample": sample}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    print(report(result.evals, before, after, outputs, cfg, sample))
+    print(report(result.evals, before, after, [c.message for c in checks], outputs, cfg, sample))
     return summary
 
 
@@ -192,15 +195,15 @@ def _sample(model: TransformerLM, corpus: TokenizedCorpus, cfg: FinetuneConfig) 
     return generate_text(model, corpus.tokenizer, [s.prompt], gen)[0]
 
 
-def report(evals: list[dict[str, float]], before: PPLResult, after: PPLResult, outputs: dict[str, str],
-           cfg: FinetuneConfig, sample: str) -> str:
-    """The evaluation table, held-out perplexity before/after, and where the outputs are."""
+def report(evals: list[dict[str, float]], before: PPLResult, after: PPLResult, checks: list[str],
+           outputs: dict[str, str], cfg: FinetuneConfig, sample: str) -> str:
+    """The evaluation table, held-out perplexity before/after with their sanity ``checks``, and the outputs."""
     lines = ["", "| step | train loss | val loss | val ppl |", "|---:|---:|---:|---:|"]
     lines += [f"| {int(r['step']):,} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} |"
               for r in evals]
     lines += ["", f"held-out sliding-window perplexity (window {after.max_length}, stride {after.stride}, "
               f"{after.n_tokens:,} tokens): before {before.ppl:.3f} -> after {after.ppl:.3f} "
-              f"({100 * (after.ppl / before.ppl - 1):+.1f}%)"]
+              f"({100 * (after.ppl / before.ppl - 1):+.1f}%)", *checks]
     if sample:
         lines += ["", f"sample: {cfg.sample.prompt}{sample}"]
     lines += [f"{name} saved to {path}" for name, path in outputs.items()]

@@ -71,10 +71,12 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
                                n_bytes=counts["bytes"], n_words=counts["words"], progress=cfg.run.progress)
     save_checkpoint(model, run_dir / "model", corpus.tokenizer, overwrite=True)
     sample = generate_text(model, corpus.tokenizer, [cfg.sample.prompt], gen)[0] if cfg.sample.prompt else ""
+    check = cfg.eval.ppl_bands.check("held-out", final.ppl, model.config.vocab_size)
     summary = {"fit": {k: v for k, v in asdict(result).items() if k != "run_dir"},
-               "final": final.to_dict(), "sample": sample, "model": str(run_dir / "model")}
+               "final": final.to_dict(), "ppl_check": check.to_dict(), "sample": sample,
+               "model": str(run_dir / "model")}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    print(report(result.evals, final, sample, cfg, run_dir))
+    print(report(result.evals, final, check.message, sample, cfg, run_dir))
     return summary
 
 
@@ -91,8 +93,8 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int, bos_id: int | No
     return load_pretrained(cfg.model.init).float().train()
 
 
-def report(evals: list[dict[str, float]], final: Any, sample: str, cfg: TrainConfig, run_dir: Path) -> str:
-    """The evaluation table, the held-out sliding-window perplexity and the sample."""
+def report(evals: list[dict[str, float]], final: Any, check: str, sample: str, cfg: TrainConfig, run_dir: Path) -> str:
+    """The evaluation table, the held-out sliding-window perplexity with its sanity ``check`` line, the sample."""
     lines = ["", "| step | train loss | val loss | val ppl |", "|---:|---:|---:|---:|"]
     for row in evals:
         lines.append(f"| {int(row['step']):,} | {row['train_loss']:.4f} | {row['val_loss']:.4f} | "
@@ -101,9 +103,7 @@ def report(evals: list[dict[str, float]], final: Any, sample: str, cfg: TrainCon
     if final.bits_per_byte is not None and final.word_ppl is not None:
         extra = f", {final.bits_per_byte:.3f} bits/byte, word ppl {final.word_ppl:.2f}"
     lines += ["", f"held-out sliding-window perplexity (window {final.max_length}, stride {final.stride}, "
-              f"{final.n_tokens:,} tokens): {final.ppl:.2f}{extra}"]
-    if final.diagnostic:
-        lines.append(f"warning: {final.diagnostic}")
+              f"{final.n_tokens:,} tokens): {final.ppl:.2f}{extra}", check]
     if sample:
         lines += ["", f"sample: {cfg.sample.prompt}{sample}"]
     lines += ["", f"model saved to {run_dir / 'model'} (legolm generate --model {run_dir / 'model'} ...)"]

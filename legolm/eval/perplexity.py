@@ -39,7 +39,6 @@ class LanguageModel(Protocol):
 
     def __call__(self, idx: Tensor) -> Tensor: ...
 
-SUSPICIOUS_PPL = 5.0  # below this on real text, suspect leakage or a broken causal mask
 
 
 @dataclass
@@ -53,7 +52,6 @@ class PPLResult:
         stride: Window step.
         n_bytes: UTF-8 bytes of the text, for bits per byte (None: unknown).
         n_words: Whitespace-separated words of the text, for word perplexity (None: unknown).
-        diagnostic: A warning when the perplexity is implausibly low for real text.
     """
 
     nll_sum: float
@@ -62,7 +60,6 @@ class PPLResult:
     stride: int
     n_bytes: int | None = None
     n_words: int | None = None
-    diagnostic: str | None = None
 
     @property
     def nll(self) -> float:
@@ -102,8 +99,7 @@ def windows(n: int, max_length: int, stride: int) -> Iterator[tuple[int, int, in
 @torch.inference_mode()
 def sliding_window_ppl(model: LanguageModel, ids: np.ndarray | Tensor, max_length: int, stride: int,
                        batch_size: int = 8, device: str | torch.device = "cpu", *, n_bytes: int | None = None,
-                       n_words: int | None = None, suspicious_ppl: float = SUSPICIOUS_PPL,
-                       progress: bool = True) -> PPLResult:
+                       n_words: int | None = None, progress: bool = True) -> PPLResult:
     """Perplexity of ``ids`` (a 1-D token stream) with windows of ``max_length`` moving by ``stride``.
 
     Args:
@@ -115,7 +111,6 @@ def sliding_window_ppl(model: LanguageModel, ids: np.ndarray | Tensor, max_lengt
         device: Where the windows go (the model must already be there).
         n_bytes: Bytes of the text, for bits per byte.
         n_words: Words of the text, for word perplexity.
-        suspicious_ppl: Perplexity below which `PPLResult.diagnostic` warns.
         progress: Show a tqdm bar (tokens scored).
 
     Raises:
@@ -134,13 +129,7 @@ def sliding_window_ppl(model: LanguageModel, ids: np.ndarray | Tensor, max_lengt
                 n_tokens += e - first
                 bar.update(e - first)
             bar.set_postfix(ppl=f"{math.exp(nll_sum / max(n_tokens, 1)):.2f}")
-    result = PPLResult(nll_sum, n_tokens, max_length, stride, n_bytes, n_words)
-    if result.ppl < suspicious_ppl:
-        result.diagnostic = (
-            f"perplexity {result.ppl:.2f} < {suspicious_ppl:g} is implausibly low for real text: check that the "
-            "evaluated text is held out from training (leakage, repeated text) and that attention is causal"
-        )
-    return result
+    return PPLResult(nll_sum, n_tokens, max_length, stride, n_bytes, n_words)
 
 
 def disjoint_ppl(model: LanguageModel, ids: np.ndarray | Tensor, max_length: int, batch_size: int = 8,

@@ -36,8 +36,8 @@ class ExperimentModelSpec:
         memory_heads: Memory layers: memory heads (1 = one head of width n_embd).
         num_memory_banks: infini: memory banks.
         segments_per_bank: infini: segments written into a bank before the next.
-        num_memories: multi_memory: independent memories.
-        coarse_every: hierarchical: segments between consolidations of the fine memory.
+        num_memories: multi_memory: independent memories; hierarchical: levels, fine to coarse (>= 2).
+        coarse_every: hierarchical: segments between consolidations of one level into the next.
     """
 
     base: str = "pythia-70m"

@@ -45,9 +45,12 @@ def describe(cfg: ExperimentConfig, results: list[ModelResult]) -> str:
             f"val PPL: sliding window {cfg.window}, stride {cfg.eval.final_stride or max(1, cfg.window // 2)}")
 
 
-def write_reports(results: list[ModelResult], cfg: ExperimentConfig, out: Path) -> str:
-    """Write results.md/.csv/.jsonl and results.png into ``out``; print and return the table."""
-    table = markdown_table(results) + "\n\n" + describe(cfg, results)
+def write_reports(results: list[ModelResult], cfg: ExperimentConfig, out: Path,
+                  vocab_size: int | None = None) -> str:
+    """Write results.md/.csv/.jsonl and results.png into ``out``; print and return the table, with the
+    perplexity sanity check of each model's validation PPL (``vocab_size``: the models' vocabulary)."""
+    checks = cfg.eval.ppl_bands.lines({f"{r.model} val": r.val_ppl for r in results}, vocab_size)
+    table = markdown_table(results) + "\n\n" + describe(cfg, results) + "\n\n" + checks
     atomic_write_text(out / TABLE, table + "\n")
     atomic_write_text(out / JSONL, "".join(json.dumps(asdict(r)) + "\n" for r in results))
     buf = io.StringIO()

@@ -93,9 +93,9 @@ def run_experiment(cfg: ExperimentConfig) -> list[ModelResult]:
     dist = init_distributed(cfg.run)  # under torchrun: every model trains on all ranks, in this process
     with dist.main_first():
         corpus = prepare_corpus(cfg.data_config(), progress=cfg.run.progress)  # tokenized once, cached for the runs
-    for kind in cfg.models:  # every model's options are checked before the first one trains
-        config = model_config(kind, **cfg.model.options(kind, corpus.vocab_size, corpus.eos_id,
-                                                        corpus.tokenizer.bos_id))
+    configs = [model_config(kind, **cfg.model.options(kind, corpus.vocab_size, corpus.eos_id, corpus.tokenizer.bos_id))
+               for kind in cfg.models]  # every model's options are checked before the first one trains
+    for config in configs:
         check_fits(corpus, config, cfg.window)
     _training_stream(cfg, corpus)  # reversal data present and readable
     dist.barrier()
@@ -109,7 +109,7 @@ def run_experiment(cfg: ExperimentConfig) -> list[ModelResult]:
         results = [_spawn(kind, cfg, out / kind) for kind in cfg.models]
     from legolm.experiment.report import write_reports
 
-    write_reports(results, cfg, out)
+    write_reports(results, cfg, out, configs[0].vocab_size)  # one corpus: one vocabulary for every model
     return results
 
 

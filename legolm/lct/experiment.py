@@ -79,7 +79,8 @@ def run_lct(cfg: LCTConfig) -> dict[str, Any]:
     dist = init_distributed(cfg.run)  # under torchrun: join the job (DDP; the LCT cache is shared by all ranks)
     with dist.main_first():
         corpus = prepare_corpus(cfg.data, progress=cfg.run.progress)
-    check_fits(corpus, cfg.model.model_config(corpus.vocab_size, corpus.eos_id), cfg.window)
+    model_config = cfg.model.model_config(corpus.vocab_size, corpus.eos_id)
+    check_fits(corpus, model_config, cfg.window)
     train_ids = corpus.train
     if cfg.max_train_windows is not None:
         train_ids = train_ids[: cfg.max_train_windows * cfg.window + 1]
@@ -87,12 +88,16 @@ def run_lct(cfg: LCTConfig) -> dict[str, Any]:
     if not dist.is_main:  # rank 0 writes the comparison
         return {}
     comparison = compare(runs)
-    summary = {"config": dataclasses.asdict(cfg), "runs": runs, "comparison": comparison}
+    checks = [cfg.eval.ppl_bands.check(f"{r['method']} final val (exact)", r["final_val_ppl"], model_config.vocab_size)
+              for r in runs]
+    summary = {"config": dataclasses.asdict(cfg), "runs": runs, "comparison": comparison,
+               "ppl_check": [c.to_dict() for c in checks]}
     out = Path(cfg.run.out_dir)
     atomic_write_text(out / "lct.json", json.dumps(summary, indent=2, default=str) + "\n")
     if cfg.run.plot:
         plot(runs, out / "lct.png")
     print(report(runs, comparison))
+    print("\n".join(c.message for c in checks))
     return summary
 
 

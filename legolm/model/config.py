@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from legolm.errors import ConfigError
+from legolm.layers import CUSTOM_PREFIX, registered_layers
 
 Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "gelu_tanh", "silu"]
@@ -24,7 +25,8 @@ class ModelConfig:
     wiring). Everything a checkpoint needs to be rebuilt is here, and nothing else.
 
     Attributes:
-        layers: Registered layer type of each block, bottom to top.
+        layers: Registered layer type of each block, bottom to top (``custom:<Class>``: a layer object given to
+            ``TransformerLM(config, layers=[...])``, which this config describes but cannot rebuild).
         vocab_size: Rows of the token embedding and of the LM head.
         n_embd: Model width C.
         n_head: Query heads.
@@ -98,23 +100,29 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first inconsistent field."""
-        from legolm.layers import registered_layers
-
         positive = ("vocab_size", "n_embd", "n_head", "intermediate_size", "block_size", "n_kv_head", "head_dim")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model config: {name} must be > 0, got {getattr(self, name)}")
-        if not self.layers:
-            raise ConfigError("model config: `layers` is empty; give at least one layer type, e.g. ['pythia']")
-        unknown = sorted(set(self.layers) - set(registered_layers()))
-        if unknown:
-            raise ConfigError(f"model config: unknown layer type(s) {unknown}; known: {registered_layers()}")
+        self._check_layers()
         if self.n_head % self.kv_heads:
             raise ConfigError(
                 f"model config: n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}"
             )
         if not 0.0 <= self.rotary_pct <= 1.0:
             raise ConfigError(f"model config: rotary_pct must be in [0, 1], got {self.rotary_pct}")
+
+    def _check_layers(self) -> None:
+        if not self.layers:
+            raise ConfigError("model config: `layers` is empty; give at least one layer type, e.g. ['pythia']")
+        objects = [type(n).__name__ for n in self.layers if not isinstance(n, str)]
+        if objects:
+            raise ConfigError(f"model config: `layers` holds type names, not {objects[0]} objects; pass layer objects "
+                              "to TransformerLM(config, layers=[...])")
+        custom = {n for n in self.layers if n.startswith(CUSTOM_PREFIX) and n != CUSTOM_PREFIX}
+        unknown = sorted(set(self.layers) - set(registered_layers()) - custom)
+        if unknown:
+            raise ConfigError(f"model config: unknown layer type(s) {unknown}; known: {registered_layers()}")
 
     # -- serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

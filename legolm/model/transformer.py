@@ -19,7 +19,7 @@ from typing import Any, Self
 import torch
 from torch import Tensor, nn
 
-from legolm.layers import build_layer
+from legolm.layers import LayerSpec, build_blocks, stack_config
 from legolm.layers.context import LayerContext
 from legolm.layers.norms import make_norm
 from legolm.model.config import ModelConfig
@@ -55,18 +55,19 @@ def init_weights(module: nn.Module, n_layer: int) -> None:
 
 
 class TransformerLM(nn.Module):
-    """A decoder-only language model assembled from registered layer types.
+    """A decoder-only language model assembled from registered layer types, or from layer objects.
 
     Args:
         config: Sizes and the per-layer types; see `ModelConfig`.
+        layers: Instead of ``config.layers``: names, builders or module instances (`legolm.layers`).
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layers: Sequence[LayerSpec] | None = None) -> None:
         super().__init__()
-        self.config = config
+        self.config = config = stack_config(config, layers)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.positions == "learned" else None
-        self.blocks = nn.ModuleList([build_layer(name, config, i) for i, name in enumerate(config.layers)])
+        self.blocks = nn.ModuleList(build_blocks(config, layers))
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:

@@ -111,6 +111,10 @@ def evaluate_and_report(cfg: LegoConfig, corpus: TokenizedCorpus, trained: LegoT
           f"whole calls, median of {d.repeats} rounds; full depth ({'fused' if base.fused else 'static cache'}) "
           f"{base.tok_per_s:,.0f} tok/s; decode-path PPL over {scored.shape[0]} x {d.score_len} tokens\n")
     print(table)
+    vocab = model.config.vocab_size
+    print(cfg.phase1.eval.ppl_bands.lines({"phase-1 (shallow)": phase1_ppl}, vocab))  # sanity
+    print(cfg.phase2.eval.ppl_bands.lines({"deep": deep_ppl, "routed (calibrated)": scores.routed_ppl(
+        tau, temperature)}, vocab))
     print(note or f"quality/speed curve: {out / 'curve.png'}")
     if trained.splits:
         print(split_note or f"split curve: {out / 'split_curve.png'} (chosen k={model.split})")

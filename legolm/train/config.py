@@ -19,6 +19,7 @@ from typing import Literal
 
 from legolm.data.tokenized import DataConfig
 from legolm.errors import ConfigError
+from legolm.eval.sanity import PPLBands
 from legolm.model.config import PRESETS, ModelConfig
 
 
@@ -75,6 +76,7 @@ class EvalConfig:
         patience: Stop after this many evaluations without improvement (0 = never stop early).
         min_delta: A validation perplexity must drop by more than this to count as an improvement.
         final_stride: Stride of the final sliding-window perplexity (None = half the window).
+        ppl_bands: Bands of the sanity check printed under the command's perplexities (legolm.eval.sanity).
     """
 
     every: int = 100
@@ -83,6 +85,7 @@ class EvalConfig:
     patience: int = 0
     min_delta: float = 0.0
     final_stride: int | None = None
+    ppl_bands: PPLBands = field(default_factory=PPLBands)
 
 
 @dataclass
@@ -196,6 +199,7 @@ class FitConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self.eval.ppl_bands.validate("eval.ppl_bands: ")
 
 
 @dataclass

@@ -51,6 +51,7 @@ from legolm.train.head_loss import IGNORE_INDEX, head_cross_entropy, token_cross
 from legolm.train.metrics import MetricsLogger
 from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
 from legolm.utils.io import atomic_write_text
+from legolm.utils.params import count_parameters
 
 LossOutput = tuple[Tensor, Tensor | int, dict[str, Tensor]]
 LossFn = Callable[[nn.Module, Batch], LossOutput]
@@ -178,12 +179,6 @@ def seed_everything(seed: int) -> None:
 def rank_seed(seed: int, rank: int, step: int) -> int:
     """The seed of rank ``rank`` > 0 from ``step`` on (rank 0 keeps the run's own RNG stream)."""
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared tensors are counted once."""
-    unique = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
