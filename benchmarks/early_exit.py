@@ -1,86 +1,101 @@
-"""LEGO early exit: measured decode speedup against full depth, same code, same process, at each threshold.
+"""LEGO decoding against the fastest full-depth decoders of the same model, on real text, one process per model.
 
-Trains a LEGO model on real text (TinyStories from ``.bench/``: phase 1, calibration, extension,
-phase 2, all through `legolm lego`'s pipeline), then times greedy batch-1 decoding at every
-threshold of the curve against the full-depth loop of the same code (`generate_with_early_exit`
-with ``routing_threshold=None``). For reference, the deep model alone is also timed with legolm's
-standard decoder (static cache + CUDA graph) and with Hugging Face ``generate`` (the deep model
-exported to GPT-NeoX), greedy, same prompts.
+Trains a LEGO model through `legolm lego`'s job (`run_lego`: phase 1, calibration, extension or a
+pretrained split, phase 2, the quality table, and the decode table: fused full depth, the threshold
+sweep, kv modes, self-speculative), then times more full-depth decoders of the deep model on the same
+prompts: legolm's CUDA-graph decoder (`generate` without ``--fused``) and Hugging Face ``generate`` of
+the exported deep model (greedy, and with ``assistant_early_exit``, its self-speculative peer).
 
-    python benchmarks/prepare_data.py               # once, where the shared data is (writes .bench/)
-    python -m benchmarks.early_exit                 # GPU: configs/lego-gpu.yaml
-    python -m benchmarks.early_exit --smoke         # CPU: tiny model, a few steps; checks it runs
+    python benchmarks/prepare_data.py                                   # once, where the shared data is
+    python -m benchmarks.early_exit --config configs/lego-gpu.yaml --name grown        # GPU
+    python -m benchmarks.early_exit --config configs/lego-smollm2-gpu.yaml --name smollm2
+    python -m benchmarks.early_exit --smoke                             # CPU: tiny model; checks it runs
+
+Writes ``benchmarks/results/early_exit-<name>-<date>.json`` (and the curve PNG beside it).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shutil
 import statistics
 import time
+from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import BENCH_DATA, ROOT, device_info, print_table, write_result
+from benchmarks.common import BENCH_DATA, RESULTS, ROOT, device_info, print_table, write_result
 from legolm.checkpoints.load import load_pretrained
 from legolm.cli.args import config_from_dict, load_yaml, merge
 from legolm.data.tokenized import load_tokenized
+from legolm.generation import GenerationConfig, generate
 from legolm.lego.config import STORE_DTYPES, LegoConfig
 from legolm.lego.report import val_windows
 from legolm.model.lego import LegoLM
+from legolm.recipes.lego import run_lego
 
-CORPUS = BENCH_DATA / "lego-tinystories-bpe4096"
-SMOKE = {"window": 64, "model": {"n_embd": 64, "n_head": 4, "block_size": 256},
+SMOKE = {"window": 64, "model": {"preset": "pythia-14m", "layers": ["pythia"], "n_embd": 64, "n_head": 4,
+                                 "block_size": 256, "init": None},
          "phase1": {"max_steps": 4, "batch_size": 4, "eval": {"every": 2, "max_batches": 2}},
          "phase2": {"max_steps": 4, "batch_size": 4, "eval": {"every": 2, "max_batches": 2}},
-         "lego": {"num_layers": 4, "calib_batches": 2, "curve_ratios": [0.3]},
+         "lego": {"num_layers": 3, "calib_batches": 2, "collect_batches": 4, "curve_ratios": [0.3], "split": None,
+                  "split_candidates": []},
          "decode": {"prompts": 1, "prompt_len": 8, "max_new_tokens": 8, "score_windows": 1, "score_len": 8,
-                    "repeats": 1, "warmup": 0, "dtype": "float32"},
+                    "repeats": 1, "warmup": 0, "dtype": "float32", "draft_tokens": [2]},
          "run": {"device": "cpu", "out_dir": "runs/lego-bench-smoke"}}
 
 
-def references(model: LegoLM, prompts: torch.Tensor, new: int, repeats: int, tau: float) -> list[dict[str, Any]]:
-    """Whole-call tok/s (prefill included), batch 1, greedy, same prompts: our loop at full depth and at τ,
-    the deep model with legolm's standard decoder (CUDA graph on GPU), and with HF generate."""
-    from legolm.generation import GenerationConfig, generate
-    from legolm.generation.early_exit import generate_with_early_exit
-
-    p0 = next(model.parameters())
-    device, dtype = p0.device, p0.dtype
+def whole_calls(fn: Callable[[torch.Tensor], object], prompts: torch.Tensor, repeats: int, device: torch.device
+                ) -> float:
+    """Median seconds of decoding every prompt row once (whole calls; a warm-up round first)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    cfg = GenerationConfig(max_new_tokens=new, greedy=True, stop_at_eos=False)
-    rows = [("legolm early-exit loop, full depth (threshold None)",
-             lambda p: generate_with_early_exit(model, p, new, None)),
-            (f"legolm early-exit loop, calibrated τ={tau:.3f}, kv fill",
-             lambda p: generate_with_early_exit(model, p, new, tau)),
-            ("legolm generate, deep model" + (" (CUDA graph)" if device.type == "cuda" else ""),
-             lambda p: generate(model, p.tolist(), cfg))]
-    hf = hf_model(model, device, dtype)
-    model.to(device, dtype)  # hf_model compared on CPU in fp32
-    if hf is not None:
-        rows.append(("HF generate, deep model", lambda p: hf.generate(
-            p, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
-            attention_mask=torch.ones_like(p))))
-    out = []
-    for name, fn in rows:
-        for row in prompts:  # warm-up (sessions, graph capture)
+    for row in prompts:
+        fn(row[None].to(device))
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        for row in prompts:
             fn(row[None].to(device))
-        times = []
-        for _ in range(repeats):
-            sync()
-            t0 = time.perf_counter()
-            for row in prompts:
-                fn(row[None].to(device))
-            sync()
-            times.append(time.perf_counter() - t0)
-        out.append({"decoder": name, "tok/s": round(len(prompts) * new / statistics.median(times))})
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def references(model: LegoLM, prompts: torch.Tensor, new: int, repeats: int, hf_prompts: int,
+               fused_tok_s: float) -> list[dict[str, Any]]:
+    """Full-depth decoders of the deep model that `run_lego`'s table does not time (greedy, batch 1)."""
+    device = next(model.parameters()).device
+    graph = GenerationConfig(max_new_tokens=new, greedy=True, stop_at_eos=False)
+    rows = [("legolm generate, CUDA graph" if device.type == "cuda" else "legolm generate, static cache",
+             lambda p: generate(model, p.tolist(), graph), prompts, repeats)]
+    hf = hf_model(model)
+    if hf is not None:
+        few = prompts[:hf_prompts]
+        kw = {"do_sample": False, "max_new_tokens": new, "min_new_tokens": new, "pad_token_id": 0}
+        rows.append(("HF generate (greedy)", lambda p: hf.generate(p, attention_mask=torch.ones_like(p), **kw), few,
+                     1))
+        rows.append((f"HF generate, assistant_early_exit={model.split}", lambda p: hf.generate(
+            p, attention_mask=torch.ones_like(p), assistant_early_exit=model.split, **kw), few, 1))
+    out = []
+    for name, fn, ps, reps in rows:
+        try:
+            seconds = whole_calls(fn, ps, reps, device)
+        except Exception as err:  # a peer's option may not exist in the installed transformers
+            out.append({"decoder": name, "tok/s": None, "vs fused": None, "note": f"failed: {err}".splitlines()[0]})
+            continue
+        tok_s = len(ps) * new / seconds
+        out.append({"decoder": name, "tok/s": round(tok_s), "vs fused": round(tok_s / fused_tok_s, 3), "note": ""})
     return out
 
 
-def hf_model(model: LegoLM, device: torch.device, dtype: torch.dtype) -> Any:
-    """The deep model as a transformers GPT-NeoX model, or None when transformers is missing."""
+def hf_model(model: LegoLM) -> Any:
+    """The deep model as a transformers model (checked against legolm in fp32), or None without transformers."""
     try:
         import transformers
     except ImportError:
@@ -89,14 +104,17 @@ def hf_model(model: LegoLM, device: torch.device, dtype: torch.dtype) -> Any:
 
     from legolm.checkpoints.native import export_hf
 
+    p = next(model.parameters())
+    device, dtype = p.device, p.dtype
     with tempfile.TemporaryDirectory() as tmp:  # the user's path: export, then from_pretrained
         export_hf(model.float().cpu(), Path(tmp) / "hf")
         hf: Any = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf")
     hf.eval()
     x = torch.arange(1, 17)[None]
     with torch.no_grad():  # parity in fp32 before timing: the same deep model in both libraries
-        ours = model.float().cpu()(x)
+        ours = model(x)
         rel = ((hf(x).logits - ours).abs().max() / ours.abs().max()).item()
+    model.to(device=device, dtype=dtype)
     print(f"HF export of the deep model: max |logit diff| / max |logit| = {rel:.2e} (fp32, CPU)")
     if rel > 1e-3:
         raise SystemExit(f"HF export of the deep model differs from legolm (relative {rel:.2e} > 1e-3)")
@@ -106,34 +124,46 @@ def hf_model(model: LegoLM, device: torch.device, dtype: torch.dtype) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "lego-gpu.yaml"))
-    parser.add_argument("--corpus", default=str(CORPUS), help="a load_tokenized folder (prepare_data.py)")
+    parser.add_argument("--corpus", default=str(BENCH_DATA / "lego-gutenberg-bpe4096"),
+                        help="a load_tokenized folder written by prepare_data.py (its tokenizer must be the model's)")
+    parser.add_argument("--name", default="grown", help="result file label")
+    parser.add_argument("--hf-prompts", type=int, default=2, help="prompts Hugging Face generate decodes (slow)")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps: checks it runs")
     args = parser.parse_args()
     data = load_yaml(args.config)
+    corpus_dir = Path(args.corpus)
     if args.smoke:
         data = merge(data, SMOKE)
     cfg = config_from_dict(LegoConfig, merge(data, {"run": {"overwrite": True}}))
-    if not Path(args.corpus).is_dir():
-        raise SystemExit(f"missing {args.corpus}: run `python benchmarks/prepare_data.py` first (needs LEGOLM_DATA)")
-    corpus = load_tokenized(args.corpus)
-    from legolm.cli.lego import lego
-
-    summary = lego(cfg, corpus)
-    model = load_pretrained(Path(cfg.run.out_dir) / "model", device=cfg.run.device if cfg.run.device != "auto"
-                            else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not corpus_dir.is_dir():
+        raise SystemExit(f"missing {corpus_dir}: run `python benchmarks/prepare_data.py` first (needs LEGOLM_DATA)")
+    summary = run_lego(cfg, load_tokenized(corpus_dir))
+    name = f"early_exit-{args.name}" + ("-smoke" if args.smoke else "")
+    payload = {**device_info(), "config": dataclasses.asdict(cfg), "smoke": args.smoke, **summary, "references": None}
+    if not args.smoke:  # the LEGO tables are kept even if the reference decoders below fail
+        write_result(name, payload)
+    model = load_pretrained(Path(cfg.run.out_dir) / "model", device=next_device(cfg))
     assert isinstance(model, LegoLM)
     model.to(STORE_DTYPES[cfg.decode.dtype])
     d = cfg.decode
-    prompts = val_windows(corpus.val, d.prompts, d.prompt_len)
-    payload = {**device_info(), "config": dataclasses.asdict(cfg), "smoke": args.smoke,
-               **{k: v for k, v in summary.items() if k != "table"}, "table": summary["table"], "references": None}
-    if not args.smoke:  # the LEGO table is kept even if the reference decoders below fail or run out of time
-        write_result("early_exit", payload)
-    payload["references"] = refs = references(model, prompts, d.max_new_tokens, d.repeats, summary["threshold"])
-    print("\nwhole calls (prefill included), batch 1, greedy, same prompts:")
-    print_table(refs, ["decoder", "tok/s"])
+    prompts = val_windows(load_tokenized(corpus_dir).val, d.prompts, d.prompt_len)
+    fused = summary["rows"][0]["tok_per_s"]
+    payload["references"] = refs = references(model, prompts, d.max_new_tokens, d.repeats, args.hf_prompts, fused)
+    print("\nmore full-depth decoders of the deep model (whole calls, batch 1, greedy, same prompts):")
+    print_table(refs, ["decoder", "tok/s", "vs fused", "note"])
     if not args.smoke:
-        print(f"results: {write_result('early_exit', payload)}")
+        print(f"results: {write_result(name, payload)}")
+        for png in ("curve", "split_curve"):
+            src = Path(cfg.run.out_dir) / f"{png}.png"
+            if src.is_file():
+                dst = RESULTS / f"{name}-{png.replace('_', '-')}-{date.today().isoformat()}.png"
+                shutil.copyfile(src, dst)
+                if os.environ.get("OUT"):
+                    shutil.copyfile(src, Path(os.environ["OUT"]) / dst.name)
+
+
+def next_device(cfg: LegoConfig) -> str:
+    return cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 if __name__ == "__main__":

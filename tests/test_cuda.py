@@ -154,3 +154,66 @@ def test_prefill_graphs_match_eager_prefill() -> None:
                [[1, 2], [9, 8, 7, 6]]]
     for prompts in batches:
         assert generate(model, prompts, graphs).tokens == generate(model, prompts, eager).tokens
+
+
+def _lego(preset: str, split: int = 2, layers: int = 6, agree: bool = False) -> Any:
+    """A LEGO model on the GPU (random weights): ``agree`` makes the deep exit mostly agree with the shallow one."""
+    from legolm.model.lego import LegoLM
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name(preset, layers=[ModelConfig.from_name(preset).layers[0]] * split)
+    model = LegoLM(cfg)
+    model.mark_trained()
+    model.extend(layers, 0.5)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 / p.shape[-1] ** 0.5 * 8)
+        if agree:
+            assert model.shallow_exit is not None
+            model.norm.load_state_dict(model.shallow_exit.norm.state_dict())
+            model.lm_head.weight.copy_(model.shallow_exit.head.weight)
+            for block in model.blocks[split:]:
+                for name, p in block.named_parameters():
+                    if name.endswith(("proj.weight", "down.weight")):
+                        p.mul_(0.15)
+    return model.to("cuda").eval()
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "pythia-160m", "smollm2-135m"])
+@pytest.mark.parametrize("kv_mode", ["skip", "fill"])
+def test_fused_early_exit_graphs_match_the_torch_loop(preset: str, kv_mode: str) -> None:
+    """CUDA graphs with conditional nodes: same tokens and exits as the eager early-exit loop (fp32)."""
+    from legolm.generation.early_exit import generate_with_early_exit
+    from legolm.generation.fused_early_exit import conditional_graphs_available
+    from legolm.model.lego import confidence
+
+    assert conditional_graphs_available()
+    model = _lego(preset)
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.no_grad():
+        tau = float(confidence(model.forward_exits(ids).shallow_logits).median())
+    ref = generate_with_early_exit(model, ids, 40, tau, kv_mode=kv_mode)
+    cfg = GenerationConfig(max_new_tokens=40, greedy=True, stop_at_eos=False, early_exit="threshold", threshold=tau,
+                           kv_mode=kv_mode, fused=True, graph_steps=8)
+    got = generate(model, ids.tolist(), cfg)
+    assert got.tokens == ref.tokens.tolist()
+    assert got.early_exit is not None and got.early_exit.shallow_ratio == pytest.approx(ref.stats.shallow_ratio)
+    again = generate(model, ids.tolist(), cfg)  # the session's graphs replayed for a second call
+    assert again.tokens == got.tokens
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "smollm2-135m"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_speculative_equals_fused_full_depth_greedy(preset: str, dtype: torch.dtype) -> None:
+    """Self-speculative output is the full-depth greedy output, also in bf16 against the fused decoder."""
+    model = _lego(preset, agree=True).to(dtype)
+    ids = [[5, 17, 99, 3, 42, 7, 8, 100]]
+    full = generate(model, ids, GenerationConfig(max_new_tokens=64, greedy=True, stop_at_eos=False, fused=True))
+    for d in (2, 4):
+        cfg = GenerationConfig(max_new_tokens=64, greedy=True, stop_at_eos=False, early_exit="speculative",
+                               draft_tokens=d, fused=True, graph_steps=4)
+        got = generate(model, ids, cfg)
+        assert got.tokens == full.tokens, f"d={d}"
+        assert got.early_exit is not None and 0.0 < got.early_exit.acceptance_rate < 1.0

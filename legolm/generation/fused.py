@@ -217,9 +217,17 @@ class FusedStack:
         return -(-lin.out_features // config.block_n)
 
     def ensure_tuned(self, model: TransformerLM, cache: KVCache) -> dict[str, GemvConfig]:
-        """The launch shapes of each role, chosen at the first call (`FusedStack` docstring)."""
+        """The launch shapes of each role, chosen at the first call (`FusedStack` docstring).
+
+        Choices are kept per model shape, dtype and device: later stacks of the same shape (other
+        sessions, LEGO decoders of the same model) reuse them instead of timing again.
+        """
         if self.configs is None:
-            self.configs = self._choose(model, cache)
+            key = _shape_key(model, self.x.device, self.tune)
+            if key not in _TUNED:
+                _TUNED[key] = (self._choose(model, cache), self.attention_config, dict(self.tuning))
+            self.configs, self.attention_config, tuning = _TUNED[key]
+            self.tuning.update(tuning)
         return self.configs
 
     def _choose(self, model: TransformerLM, cache: KVCache) -> dict[str, GemvConfig]:
@@ -280,7 +288,10 @@ class FusedStack:
         return -(-lin.out_features // config.block_n)
 
     def ensure_rows_tuned(self, model: TransformerLM, cache: KVCache, rows: int) -> dict[str, RowsConfig]:
-        """Row-pass launch shapes, chosen at the first call (timed at ``rows`` rows on a GPU)."""
+        """Row-pass launch shapes, chosen at the first call (timed at ``rows`` rows on a GPU; kept per shape)."""
+        key = (*_shape_key(model, self.x.device, self.tune), rows)
+        if not self.row_configs and key in _ROWS_TUNED:
+            self.row_configs = dict(_ROWS_TUNED[key])
         if not self.row_configs:
             kr = self.kr
             launches = {**self._rows_gemvs(self.plans[-1], rows),
@@ -295,7 +306,19 @@ class FusedStack:
                     saved = self.X.clone()
                     self.row_configs[role], self.tuning[f"rows_{role}"] = _fastest(launch, cands)
                     self.X.copy_(saved)
+            _ROWS_TUNED[key] = dict(self.row_configs)
         return self.row_configs
+
+
+_TUNED: dict[tuple[object, ...], tuple[dict[str, GemvConfig], AttentionConfig, dict[str, float]]] = {}
+_ROWS_TUNED: dict[tuple[object, ...], dict[str, RowsConfig]] = {}
+
+
+def _shape_key(model: TransformerLM, device: torch.device, tune: bool) -> tuple[object, ...]:
+    """What launch-shape choices depend on: the model's sizes and layer kinds, its dtype and device, tuning on."""
+    c = model.config
+    return (c.n_embd, c.n_head, c.kv_heads, c.hd, c.intermediate_size, c.vocab_size, tuple(c.layers),
+            model.lm_head.weight.dtype, str(device), tune)
 
 
 class FusedDecodeStep:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.early_exit import EarlyExitStats, KVMode, decode_path_nll
 from legolm.lego.evaluate import TokenScores
-from legolm.model.lego import LegoLM
+from legolm.model.lego import LegoLM, exits
 from legolm.utils.io import atomic_savefig, pyplot
 
 
@@ -133,14 +133,36 @@ def decode_path_ppl(model: LegoLM, windows: Tensor, prompt_len: int, setting: Se
     """Perplexity of ``windows[:, prompt_len:]`` along the decode path of ``setting`` (batch 1 per window).
 
     Full depth and speculative decoding emit the deep model's tokens: their path is τ = 1 (never exit).
+    ``fill`` keeps the upper cache exact, so its path is the hard rule on full forward passes
+    (`exact_path_ppl`; the tests check the two are equal); ``skip`` and ``propagate`` run the
+    early-exit loop token by token, teacher-forced.
     """
     tau = setting.threshold if setting.mode == "threshold" and setting.threshold is not None else 1.0
+    if setting.mode != "threshold" or setting.kv_mode == "fill":
+        return exact_path_ppl(model, windows, prompt_len, tau)
     device = next(model.parameters()).device
     nll = n = 0.0
     for row in tqdm(windows, desc=f"decode-path ppl ({setting.label})", unit="window", disable=not progress,
                     leave=False):
         row_nll, row_n, _ = decode_path_nll(model, row[None].to(device), prompt_len, tau, setting.kv_mode)
         nll, n = nll + row_nll, n + row_n
+    return math.exp(nll / n)
+
+
+@torch.no_grad()
+def exact_path_ppl(model: LegoLM, windows: Tensor, prompt_len: int, threshold: float) -> float:
+    """Perplexity of ``windows[:, prompt_len:]`` under generation's hard rule at τ, from full forward passes."""
+    device = next(model.parameters()).device
+    nll = n = 0.0
+    for row in windows:
+        ids = row[None].to(device)
+        out = model.forward_exits(ids[:, :-1])
+        assert out.deep_logits is not None
+        labels = ids[:, prompt_len:, None]
+        lp_s = out.shallow_logits[:, prompt_len - 1:].float().log_softmax(-1).gather(-1, labels)[..., 0]
+        lp_d = out.deep_logits[:, prompt_len - 1:].float().log_softmax(-1).gather(-1, labels)[..., 0]
+        lp = torch.where(exits(out.conf[:, prompt_len - 1:], threshold), lp_s, lp_d)
+        nll, n = nll - float(lp.double().sum()), n + lp.numel()
     return math.exp(nll / n)
 
 
