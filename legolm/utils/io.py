@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -13,9 +15,29 @@ from typing import Any
 from legolm.errors import LegolmError
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's (or a directory's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root``, then ``root`` itself (children before their folder)."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(Path(folder) / name)
+        fsync_path(folder)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``target`` that is renamed to ``target`` on success.
+
+    Before the rename every file written into it, and the directory, is fsync'ed; after it the
+    parent directory is, so a power loss leaves either the old ``target`` or the whole new one.
 
     Raises:
         LegolmError: ``target`` exists and ``overwrite`` is False.
@@ -27,25 +49,35 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        fsync_tree(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)
+            fsync_path(target.parent)
             shutil.rmtree(old)
         else:
             os.replace(tmp, target)
+            fsync_path(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
+    """Write ``text`` to a temporary file beside ``path``, fsync it, rename it into place, fsync the folder."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fsync_path(path.parent)
 
 
 def atomic_savefig(fig: Any, path: str | Path, dpi: int) -> Path:
@@ -63,3 +95,37 @@ def atomic_savefig(fig: Any, path: str | Path, dpi: int) -> Path:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _first_nonfinite(value: Any, where: str) -> str | None:
+    """The path (``runs[0].final_val_ppl``) of the first NaN/inf float inside ``value``, else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where} = {value}"
+    items: Any = ()
+    if isinstance(value, dict):
+        items = ((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
+    for path, item in items:
+        found = _first_nonfinite(item, path)
+        if found is not None:
+            return found
+    return None
+
+
+def finite_json(value: Any, what: str, indent: int | None = None) -> str:
+    """``value`` as strict JSON text (one line unless ``indent``), ending in a newline.
+
+    JSON has no NaN or infinity (Python would write a bare ``NaN``, which other readers refuse), so
+    a non-finite number is a `LegolmError` naming where it is instead.
+
+    Args:
+        value: Dicts, lists, strings and numbers (other objects are written as ``str``).
+        what: The file or result being written (named in the error).
+        indent: Passed to `json.dumps`.
+    """
+    found = _first_nonfinite(value, "")
+    if found is not None:
+        raise LegolmError(f"{what} would hold a non-finite number ({found}), which JSON cannot store; the run "
+                          "produced NaN/inf results: check its metrics and settings (e.g. a lower learning rate)")
+    return json.dumps(value, indent=indent, default=str, allow_nan=False) + "\n"
