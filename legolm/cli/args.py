@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -36,9 +37,11 @@ _NULL = ("none", "null", "~")
 
 
 def _attribute_docs(cls: type) -> dict[str, str]:
+    """Field name -> its text in the ``Attributes:`` sections of ``cls`` and its bases (continuation lines joined)."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
-        docs.update(re.findall(r"^\s{8}(\w+): (.+)$", klass.__doc__ or "", flags=re.MULTILINE))
+        found = re.findall(r"^ {8}(\w+): (.+(?:\n {12,}\S.*)*)", klass.__doc__ or "", flags=re.MULTILINE)
+        docs.update({name: " ".join(text.split()) for name, text in found})
     return docs
 
 
@@ -70,7 +73,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         elif get_origin(tp) is typing.Literal:
             group.add_argument(flag, dest=f.name, choices=get_args(tp), default=default, help=help_)
         else:
-            group.add_argument(flag, dest=f.name, type=tp, default=default, help=help_)
+            group.add_argument(flag, dest=f.name, type=_flag_type(tp, f.name), metavar=_metavar(tp), default=default,
+                               help=help_)
 
 
 def dataclass_from_args(cls: type[T], ns: argparse.Namespace) -> T:
@@ -90,7 +94,9 @@ def _type_name(tp: Any) -> str:
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """``value`` (from YAML or a flag's text) as type ``tp``, else a `ConfigError` naming ``key``."""
-    bad = ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+    bad = ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}"
+                      + (" (NaN is no setting)" if isinstance(value, (str, float)) and str(value).lower() == "nan"
+                         else ""))
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in _NULL):
@@ -148,7 +154,10 @@ def _to_int(v: Any) -> int:
 def _to_float(v: Any) -> float:
     if isinstance(v, bool):
         raise ValueError(v)
-    return float(v)  # also "3e-4", which YAML 1.1 reads as a string
+    out = float(v)  # also "3e-4", which YAML 1.1 reads as a string
+    if math.isnan(out):  # NaN is no setting (it passes no range check: NaN compares false)
+        raise ValueError(v)
+    return out
 
 
 def _to_str(v: Any) -> str:

@@ -78,6 +78,8 @@ class DataConfig:
             raise ConfigError(f"data: max_documents must be >= 2 (one train, one val), got {self.max_documents}")
         if self.min_document_chars < 1:
             raise ConfigError(f"data: min_document_chars must be >= 1, got {self.min_document_chars}")
+        if self.split_seed < 0:
+            raise ConfigError(f"data: split_seed must be >= 0, got {self.split_seed}")
 
 
 @dataclass
