@@ -118,22 +118,31 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is list:
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.startswith("[") else [value]
+            value = _parse_flag_yaml(value, bad) if value.startswith("[") else [value]
         if not isinstance(value, list):
             raise bad
         return [coerce(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _parse_flag_yaml(value, bad)
         if not isinstance(value, dict):
             raise bad
-        return value
+        key_type, value_type = get_args(tp) or (Any, Any)
+        return {coerce(k, key_type, f"{key}.<key>"): coerce(v, value_type, f"{key}[{k!r}]") for k, v in value.items()}
     converter = _SCALARS.get(tp)
     if converter is None:
         return value
     try:
         return converter(value)
     except (TypeError, ValueError):
+        raise bad from None
+
+
+def _parse_flag_yaml(text: str, bad: ConfigError) -> Any:
+    """A list or mapping written as YAML in a flag (``[1, 2]``, ``{q: 4}``); unparsable text raises ``bad``."""
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError:
         raise bad from None
 
 
@@ -232,15 +241,37 @@ def dump_yaml(config: Any) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML's safe loader without anchors/aliases: a config never needs them, and an alias bomb
+    (a few hundred bytes that expand to billions of nodes) must not reach the program."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in legolm configs",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` without aliases; errors (bad syntax, too deep a nesting) as ``yaml.YAMLError``."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass: no Python objects
+    except RecursionError:
+        raise yaml.YAMLError("the document nests too deeply") from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from ``path``; a missing file or one that is not a mapping is a `ConfigError`."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"cannot read config file {path} ({err.strerror}); check the --config path") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as err:
-        first = str(err).replace("\n", " ")
+        first = " ".join(str(err).split())
         raise ConfigError(f"config file {path} is not valid YAML ({first})") from None
     if data is None:
         return {}

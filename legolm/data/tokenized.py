@@ -33,7 +33,7 @@ from legolm.data.sources import cache_root
 from legolm.data.tokenizer import Tokenizer, parse_bpe_spec, resolve_tokenizer
 from legolm.errors import ConfigError, LegolmError
 from legolm.model.config import ModelConfig
-from legolm.utils.io import atomic_dir, atomic_write_text
+from legolm.utils.io import atomic_dir, atomic_write_text, read_json
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -248,8 +248,8 @@ def load_tokenized(directory: str | Path, tokenizer: Tokenizer | None = None) ->
     """
     directory = Path(directory)
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        manifest = read_json(directory / MANIFEST)
+    except LegolmError as err:
         raise LegolmError(f"{directory} is not tokenized data from prepare_corpus ({err})") from None
     # The caller's tokenizer must be the one that made the data; without one, the stored copy is used.
     tok, who = (tokenizer, "the requested tokenizer") if tokenizer else (_stored(directory), "its stored copy")

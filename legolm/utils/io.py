@@ -97,6 +97,34 @@ def atomic_savefig(fig: Any, path: str | Path, dpi: int) -> Path:
     return path
 
 
+def read_json(path: str | Path, expect: type = dict) -> Any:
+    """The JSON value in ``path`` (UTF-8), which must be an ``expect`` (dict by default).
+
+    Raises:
+        LegolmError: The file cannot be read, is not UTF-8, is not JSON (or nests too deeply), or
+            holds another kind of value; one line naming the file.
+    """
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise LegolmError(f"cannot read {path} ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise LegolmError(f"{path} is not UTF-8 text; it should be a JSON file") from None
+    except json.JSONDecodeError as err:
+        raise LegolmError(f"{path} is not valid JSON ({err})") from None
+    except RecursionError:
+        raise LegolmError(f"{path} nests too deeply to be a legolm/Hugging Face JSON file") from None
+    if not isinstance(value, expect):
+        raise LegolmError(f"{path} must hold a JSON {_JSON_KINDS.get(expect, expect.__name__)}, "
+                          f"not {_JSON_KINDS.get(type(value), type(value).__name__)}")
+    return value
+
+
+_JSON_KINDS = {dict: "object", list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
 def _first_nonfinite(value: Any, where: str) -> str | None:
     """The path (``runs[0].final_val_ppl``) of the first NaN/inf float inside ``value``, else None."""
     if isinstance(value, float) and not math.isfinite(value):
