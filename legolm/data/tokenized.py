@@ -33,7 +33,7 @@ from legolm.data.sources import cache_root
 from legolm.data.tokenizer import Tokenizer, parse_bpe_spec, resolve_tokenizer
 from legolm.errors import ConfigError, LegolmError
 from legolm.model.config import ModelConfig
-from legolm.utils.io import atomic_dir, atomic_write_text, read_json
+from legolm.utils.io import atomic_dir, atomic_write_text, check_writable, read_json
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -123,7 +123,8 @@ class TokenizedCorpus:
 
 
 # -- preparing -----------------------------------------------------------------------------------------
-def prepare_corpus(cfg: DataConfig, *, progress: bool = True, tokenizer: Tokenizer | None = None) -> TokenizedCorpus:
+def prepare_corpus(cfg: DataConfig, *, progress: bool = True, tokenizer: Tokenizer | None = None,
+                   hold_out: bool = True) -> TokenizedCorpus:
     """Tokenize ``cfg.source`` once (or load the stored arrays) and split it by document.
 
     Args:
@@ -131,6 +132,8 @@ def prepare_corpus(cfg: DataConfig, *, progress: bool = True, tokenizer: Tokeniz
         progress: Show a progress bar while tokenizing.
         tokenizer: An already loaded tokenizer to use instead of resolving ``cfg.tokenizer`` again
             (``cfg.tokenizer`` then only names it in the manifest).
+        hold_out: Split off validation documents (``val_fraction``); False keeps every document in
+            ``train`` (``val`` is empty), for scoring a whole text (even a single document).
 
     Raises:
         ConfigError / LegolmError: Empty corpus, no validation documents, unknown tokenizer,
@@ -141,13 +144,15 @@ def prepare_corpus(cfg: DataConfig, *, progress: bool = True, tokenizer: Tokeniz
     bpe_size = parse_bpe_spec(cfg.tokenizer)
     if tokenizer is None and bpe_size is None:
         tokenizer = resolve_tokenizer(cfg.tokenizer)
-    settings = _settings(cfg, source)
+    settings = _settings(cfg, source) if hold_out else {**_settings(cfg, source), "whole": True}
     key_parts = {**settings, "tokenizer": cfg.tokenizer if tokenizer is None else tokenizer.fingerprint()}
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root() / "tokenized"
     directory = root / f"{_slug(source.name)}-{key}"
     if not (directory / MANIFEST).is_file():
-        train_docs, val_docs = split_documents(_documents(cfg, source), cfg.val_fraction, cfg.split_seed)
+        check_writable(root, "data.cache_dir")
+        docs = _documents(cfg, source)
+        train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.split_seed) if hold_out else (docs, [])
         if tokenizer is None:
             tokenizer = resolve_tokenizer(cfg.tokenizer, train_docs)
         _write(directory, {"train": train_docs, "val": val_docs}, tokenizer,

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from legolm.errors import LegolmError
-from legolm.utils.io import atomic_write_text
+from legolm.utils.io import atomic_write_text, check_deletable, check_writable
 
 MARKER = ".legolm-run"
 LOCK = ".legolm-lock"
@@ -63,7 +63,10 @@ def check_run_dir(out_dir: str | Path, overwrite: bool, resume: bool, inputs: It
         LegolmError: One line naming the problem and the fix.
     """
     path = Path(out_dir)
-    if not path.exists() or path.resolve() in _HELD:  # this process opened (and checked) it already
+    if path.resolve() in _HELD:  # this process opened (and checked) it already
+        return
+    check_writable(path, "--run.out-dir")
+    if not path.exists():
         return
     if not path.is_dir():
         raise LegolmError(f"run directory {path} exists and is not a directory; choose another --run.out-dir")
@@ -71,7 +74,7 @@ def check_run_dir(out_dir: str | Path, overwrite: bool, resume: bool, inputs: It
         raise LegolmError(f"run directory {path} already exists; pass --overwrite to replace it, "
                           "--resume to continue it, or choose another --run.out-dir")
     if overwrite:
-        _check_deletable(path, inputs)
+        check_deletable(path, inputs)
     _check_ours(path, "--overwrite" if overwrite else "--resume")
     _check_unlocked(path)
 
@@ -82,22 +85,6 @@ def _check_ours(path: Path, flag: str) -> None:
         return
     raise LegolmError(f"{path} is not a legolm run directory (it has no {MARKER} file), so {flag} will not touch "
                       f"it; choose another --run.out-dir (if it is a run of an older legolm, create {path / MARKER})")
-
-
-def _check_deletable(path: Path, inputs: Iterable[str | Path | None]) -> None:
-    """``--overwrite`` never deletes the current directory, one above it, or a command's input."""
-    target = path.resolve()
-    cwd = Path.cwd().resolve()
-    if target == cwd or target in cwd.parents:
-        raise LegolmError(f"--overwrite would delete {path}, the current directory or one above it; "
-                          "choose a run directory below the current one")
-    for item in inputs:
-        if item is None or not str(item) or not Path(item).expanduser().exists():
-            continue
-        resolved = Path(item).expanduser().resolve()
-        if resolved == target or target in resolved.parents:
-            raise LegolmError(f"--overwrite would delete {item}, an input of this command inside {path}; "
-                              "choose another --run.out-dir or move the input out of it")
 
 
 def _check_unlocked(path: Path) -> None:

@@ -8,11 +8,56 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from legolm.errors import LegolmError
+
+
+def check_writable(path: str | Path, what: str, kind: str = "dir") -> None:
+    """Raise `LegolmError` unless ``path`` (a ``dir`` or ``file`` to be written) can be created there.
+
+    Nothing is created: the nearest existing folder must be writable, and an existing ``path`` must
+    be of the right kind.
+
+    Args:
+        path: Where the output goes.
+        what: The flag or setting it came from (named in the error).
+        kind: ``dir`` or ``file``.
+    """
+    target = Path(path).expanduser().absolute()
+    if target.exists() and (target.is_dir() != (kind == "dir")):
+        other = "a folder" if target.is_dir() else "a file"
+        raise LegolmError(f"{what} {path} is {other}, but a {'folder' if kind == 'dir' else 'file'} is written there; "
+                          f"choose another {what}")
+    folder = next(a for a in (target if target.is_dir() else target.parent, *target.parents) if a.exists())
+    if not folder.is_dir():
+        raise LegolmError(f"{what} {path} lies under {folder}, which is a file; choose another {what}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LegolmError(f"{what} {path} cannot be written ({folder} is not writable); choose another {what}")
+
+
+def check_deletable(path: str | Path, inputs: Iterable[str | Path | None], flag: str = "--overwrite") -> None:
+    """Raise `LegolmError` if replacing ``path`` would delete the current folder, one above it, or an input.
+
+    Args:
+        path: The folder about to be replaced.
+        inputs: Paths the same command reads (None and names that are no path are ignored).
+        flag: What asked for the replacement (named in the error).
+    """
+    target = Path(path).resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise LegolmError(f"{flag} would delete {path}, the current directory or one above it; "
+                          "choose an output folder below the current one")
+    for item in inputs:
+        if item is None or not str(item) or not Path(item).expanduser().exists():
+            continue
+        resolved = Path(item).expanduser().resolve()
+        if resolved == target or target in resolved.parents:
+            raise LegolmError(f"{flag} would delete {item}, an input of this command inside {path}; "
+                              "choose another output folder or move the input out of it")
 
 
 def fsync_path(path: str | Path) -> None:
