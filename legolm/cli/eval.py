@@ -20,6 +20,7 @@ from legolm.data.tokenized import (
     MANIFEST,
     DataConfig,
     TokenizedCorpus,
+    check_ids,
     decoded_counts,
     load_tokenized,
     prepare_corpus,
@@ -70,6 +71,7 @@ def run(ns: argparse.Namespace) -> None:
     cfg = dataclasses.replace(cfg, split=split)
     ids = corpus.split(cfg.split)
     ids = ids[: cfg.max_tokens] if cfg.max_tokens else ids
+    check_ids(ids, model.config.vocab_size, f"the {cfg.split} text")
     n_bytes, n_words = _text_counts(corpus, cfg, ids)
     result = sliding_window_ppl(model, ids, cfg.max_length, cfg.stride, cfg.batch_size, device, n_bytes=n_bytes,
                                 n_words=n_words, suspicious_ppl=cfg.suspicious_ppl)

@@ -297,6 +297,15 @@ def check_fits(corpus: TokenizedCorpus, model_config: ModelConfig, window: int) 
         if n < window + 1:
             raise ConfigError(f"the {name} split has {n} tokens, fewer than one window + 1 ({window + 1}); "
                               "use a shorter window, more documents or another val_fraction")
+        check_ids(corpus.split(name), model_config.vocab_size, f"the {name} split")
+
+
+def check_ids(ids: np.ndarray, vocab_size: int, what: str) -> None:
+    """Raise `ConfigError` when a token id of ``ids`` is not a row of a ``vocab_size``-row embedding."""
+    top = int(np.max(ids)) if len(ids) else -1
+    if top >= vocab_size:
+        raise ConfigError(f"{what} holds token id {top:,} but the model has only {vocab_size:,} embedding rows; "
+                          "use the model's own tokenizer (or data tokenized with it)")
 
 
 def decoded_counts(tokenizer: Tokenizer, ids: np.ndarray, eos_id: int) -> tuple[int, int]:
