@@ -56,10 +56,10 @@ def run(ns: argparse.Namespace) -> None:
     cfg = dataclass_from_args(PPLConfig, ns)
     data_ns = argparse.Namespace(**{**vars(ns), "tokenizer": ns.tokenizer or ns.model})
     data_cfg = dataclass_from_args(DataConfig, data_ns)
-    if ns.json and Path(ns.json).exists() and not ns.overwrite:
-        raise LegolmError(f"{ns.json} already exists; choose another --json path or pass --overwrite")
     if ns.json:
         check_writable(ns.json, "--json", kind="file")
+    if ns.json and Path(ns.json).exists() and not ns.overwrite:
+        raise LegolmError(f"{ns.json} already exists; choose another --json path or pass --overwrite")
     if cfg.max_tokens is not None and cfg.max_tokens < 2:
         raise LegolmError(f"--max-tokens must be >= 2, got {cfg.max_tokens}")
     device, dtype = device_dtype(ns)
