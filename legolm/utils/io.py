@@ -89,7 +89,8 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """
     target = Path(target)
     if target.exists() and not overwrite:
-        raise LegolmError(f"{target} already exists; choose another path or pass --overwrite")
+        raise LegolmError(f"{target} already exists; choose another path, or replace it (overwrite=True; "
+                          "--overwrite on the command line)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
