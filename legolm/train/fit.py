@@ -429,6 +429,8 @@ def _fit_in(run_dir: Path, model: nn.Module, train: BatchSource, cfg: FitConfig,
     )
     if logger.plot_note:
         say(logger.plot_note)
+    say(f"trained {result.steps:,} steps, {result.tokens:,} tokens in {_duration(result.seconds)} of wall time "
+        f"({result.tokens_per_s:,.0f} tokens/s on average)")
     return result
 
 
@@ -444,6 +446,18 @@ def restored_evals(rows: Sequence[dict[str, Any]], step: int) -> list[dict[str, 
             metrics = {k: v for k, v in row.items() if k not in ("step", "split", "train_loss")}
             evals.append({"step": row["step"], "train_loss": row.get("train_loss"), **metrics})
     return evals
+
+
+def _number(value: float) -> str:
+    """A metric for a log line: integers with thousands separators, others to 4 significant digits."""
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+
+
+def _duration(seconds: float) -> str:
+    """``1:02:03`` / ``2:03`` wall time."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _nonfinite_what(loss: float, grad_norm: float) -> str:
@@ -646,7 +660,7 @@ class _Loop:
         ppl = metrics.get("val_ppl", math.nan)
         self.last_val_ppl = ppl
         self.say(f"step {state.step:>7,} | train loss {format_loss(train_loss)} | "
-                 + " | ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in metrics.items()))
+                 + " | ".join(f"{k.replace('_', ' ')} {_number(v)}" for k, v in metrics.items()))
         if ppl < state.best_metric - self.cfg.eval.min_delta:
             state.best_metric, state.bad_evals = ppl, 0
         else:
