@@ -351,8 +351,11 @@ def fit(model: nn.Module, train: BatchSource, cfg: FitConfig, *, val: BatchSourc
         the checkpoints.
 
     Raises:
-        ConfigError: An invalid setting. LegolmError: The run directory exists (without
-            ``overwrite``/``resume``).
+        ConfigError: An invalid setting, or resuming on other data.
+        TrainingDiverged: A NaN/inf loss, gradient norm or weight (``optim.on_nonfinite``); nothing
+            non-finite was saved and the last finite checkpoint is kept.
+        LegolmError: The run directory exists (without ``overwrite``/``resume``), is held by another
+            process, or is not legolm's (see `legolm.train.run_dir`).
     """
     cfg.validate()
     ctx = init_distributed(cfg.run)
