@@ -20,7 +20,7 @@ Positions = Literal["learned", "rope"]
 
 # Sanity bounds, checked before any weight is allocated (a typo or a hostile config must not ask for terabytes).
 MAX_LAYERS = 1024
-MAX_BLOCK_SIZE = 1 << 22  # positions: RoPE tables and learned embeddings are sized by this
+MAX_BLOCK_SIZE = 1 << 20  # positions: RoPE tables and learned embeddings are sized by this
 MAX_VOCAB = 1 << 24
 MAX_WIDTH = 1 << 16  # n_embd, intermediate_size, head_dim
 MAX_HEADS = 1 << 12
