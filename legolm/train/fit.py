@@ -649,6 +649,7 @@ class _Loop:
         t0 = time.perf_counter()
         metrics = self.eval_fn()
         self.t_mark += time.perf_counter() - t0  # evaluation time is not training throughput
+        self.bar.unpause()  # nor is it in the bar's rate and ETA
         self.state.eval_s += time.perf_counter() - t0
         state = self.state
         train_loss = self.eval_loss / self.eval_steps if self.eval_steps else None  # None: no step since the last
