@@ -41,7 +41,6 @@ CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
 STEP_DIR = re.compile(rf"{PREFIX}(\d+)")
 CORRUPT_SUFFIX = ".unreadable"  # an unreadable checkpoint is renamed .step-<N>.unreadable (kept, out of the way)
-FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "trainer.json")
 SAFETENSORS_HEADER_BYTES = 8  # a safetensors file starts with its header's length, a little-endian u64
 
 
