@@ -18,3 +18,7 @@ class ConfigError(LegolmError):
 
 class CheckpointError(LegolmError):
     """A checkpoint that is missing, unsupported, truncated or does not match its config."""
+
+
+class TrainingDiverged(LegolmError):
+    """A non-finite loss, gradient norm or weight stopped a training run (nothing non-finite was saved)."""

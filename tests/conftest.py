@@ -16,6 +16,18 @@ SMOLLM2_GGUF = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAKESPEARE = "data/tinyshakespeare.txt"
 
 
+def _resolve_shared_env() -> None:
+    """Export LEGOLM_DATA once as an absolute path (the `shared` folder beside the checkout when unset), so
+    the library and every subprocess (some run from a temporary folder) find the same real data."""
+    raw = os.environ.get("LEGOLM_DATA")
+    path = (Path(raw).expanduser() if raw else DEFAULT_SHARED).resolve()
+    if path.is_dir():
+        os.environ["LEGOLM_DATA"] = str(path)
+
+
+_resolve_shared_env()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _torch_defaults() -> None:
     # 2 CPU cores on CI: keep torch from oversubscribing, and keep tests deterministic.

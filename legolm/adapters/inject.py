@@ -172,6 +172,10 @@ def inject_lora(model: TransformerLM, config: LoRAConfig) -> list[str]:
         alpha = pattern_value(config.alpha_pattern, aliases[name], config.alpha)
         base = model.get_submodule(name)
         assert isinstance(base, nn.Linear)
+        side = min(base.in_features, base.out_features)
+        if r > side:  # a larger rank adds nothing (and a huge one would allocate without end)
+            raise ConfigError(f"LoRA rank {r} for {aliases[name]} exceeds its smaller side {side} "
+                              f"({base.in_features} -> {base.out_features}); use r <= {side}")
         layer = LoRALinear(base, r, alpha, config.dropout, config.use_rslora)
         _replace(model, name, layer.train(base.training))  # new modules would otherwise be in training mode
     mark_trainable(model, config, aliases)

@@ -38,10 +38,10 @@ from legolm.adapters.inject import (
 )
 from legolm.adapters.lora import LoRALinear
 from legolm.checkpoints.hf import GPT2, Family, Rule
-from legolm.errors import CheckpointError, ConfigError
+from legolm.errors import CheckpointError, ConfigError, LegolmError
 from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
-from legolm.utils.io import atomic_dir
+from legolm.utils.io import atomic_dir, read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -166,9 +166,9 @@ def read_adapter_config(directory: str | Path) -> tuple[LoRAConfig, dict[str, An
     if not path.is_file():
         raise CheckpointError(f"{directory} has no {ADAPTER_CONFIG}; expected a peft adapter directory")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+        raw = read_json(path)
+    except LegolmError as err:
+        raise CheckpointError(str(err)) from None
     if raw.get("peft_type") != "LORA":
         raise CheckpointError(f"{path} is a {raw.get('peft_type')!r} adapter; legolm loads LORA adapters")
     used = [k for k, off in UNSUPPORTED.items() if raw.get(k) not in (off, None, False, [], {})]
@@ -176,16 +176,27 @@ def read_adapter_config(directory: str | Path) -> tuple[LoRAConfig, dict[str, An
         raise CheckpointError(f"{path} uses peft option(s) {used} that legolm does not support; merge the "
                               "adapter with peft first")
     targets = raw.get("target_modules") or []
-    config = LoRAConfig(
-        r=int(raw.get("r", 8)), alpha=float(raw.get("lora_alpha", 8)), dropout=float(raw.get("lora_dropout", 0.0)),
-        target_modules=[] if isinstance(targets, str) else list(targets),
-        target_regex=targets if isinstance(targets, str) else None,
-        rank_pattern={k: int(v) for k, v in (raw.get("rank_pattern") or {}).items()},
-        alpha_pattern={k: float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
-        use_rslora=bool(raw.get("use_rslora", False)), bias=raw.get("bias", "none"),
-        modules_to_save=list(raw.get("modules_to_save") or []),
-    )
+    try:
+        config = LoRAConfig(
+            r=_int(raw.get("r", 8)), alpha=float(raw.get("lora_alpha", 8)),
+            dropout=float(raw.get("lora_dropout", 0.0)),
+            target_modules=[] if isinstance(targets, str) else [str(t) for t in targets],
+            target_regex=targets if isinstance(targets, str) else None,
+            rank_pattern={str(k): _int(v) for k, v in (raw.get("rank_pattern") or {}).items()},
+            alpha_pattern={str(k): float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
+            use_rslora=bool(raw.get("use_rslora", False)), bias=raw.get("bias", "none"),
+            modules_to_save=[str(m) for m in raw.get("modules_to_save") or []],
+        )
+    except (TypeError, ValueError, AttributeError) as err:  # "abc" for r, a string or list where a mapping goes
+        raise CheckpointError(f"{path} has an ill-typed value ({err}); fix the adapter config") from None
     return config, raw
+
+
+def _int(value: Any) -> int:
+    """An integer of a JSON config (``8``, not ``8.5``, ``"8"`` or ``true``)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
 
 
 def load_adapter(model: TransformerLM, directory: str | Path) -> LoRAConfig:

@@ -39,9 +39,9 @@ from torch import Tensor, nn
 from legolm.adapters.base import adapter_parameters
 from legolm.adapters.inject import LM_HEAD, LoRAConfig, inject_lora
 from legolm.adapters.lora import check_lora_settings, lora_scaling
-from legolm.errors import CheckpointError, ConfigError
+from legolm.errors import CheckpointError, ConfigError, LegolmError
 from legolm.model.transformer import TransformerLM
-from legolm.utils.io import atomic_dir
+from legolm.utils.io import atomic_dir, read_json
 from legolm.utils.params import count_parameters
 
 CONFIG_FILE, WEIGHTS_FILE = "skip2lora_config.json", "skip2lora_model.safetensors"
@@ -207,7 +207,14 @@ def load_skip2lora(base: TransformerLM, directory: str | Path) -> Skip2LoRAModel
     d = Path(directory)
     if not (d / CONFIG_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"{d} is not a Skip2-LoRA adapter: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
-    meta = json.loads((d / CONFIG_FILE).read_text())
+    try:
+        meta = read_json(d / CONFIG_FILE)
+    except LegolmError as err:
+        raise CheckpointError(str(err)) from None
+    missing = [k for k in ("n_layer", "n_embd", "vocab_size", "skip2lora") if k not in meta]
+    if missing or not isinstance(meta["skip2lora"], dict):
+        raise CheckpointError(f"{d / CONFIG_FILE} lacks {missing or ['a skip2lora mapping']}; it is not a Skip2-LoRA "
+                              "adapter config")
     for key in ("n_layer", "n_embd", "vocab_size"):
         if meta[key] != getattr(base.config, key):
             raise CheckpointError(f"Skip2-LoRA adapter in {d} was made for a model with {key}={meta[key]}, "

@@ -76,9 +76,16 @@ def rank_for_energy(energy: Tensor, threshold: float) -> int:
 
 
 def rank_profiles(deltas: dict[str, Tensor]) -> list[RankProfile]:
-    """Singular values of every delta (computed in float64)."""
+    """Singular values of every delta (computed in float64).
+
+    Raises:
+        LegolmError: A delta holds NaN/inf (its singular values do not exist).
+    """
     out = []
     for name, delta in deltas.items():
+        if not bool(torch.isfinite(delta).all()):
+            raise LegolmError(f"the weight delta of {name} holds NaN/inf values, so it has no rank profile; "
+                              "check the --base and --tuned/--adapter weights (a diverged run?)")
         s = torch.linalg.svdvals(delta.detach().to("cpu", torch.float64))
         out.append(RankProfile(name, (delta.shape[0], delta.shape[1]), s))
     return out

@@ -61,9 +61,19 @@ def _tensor(t: Any) -> Tensor:
 
 
 def gguf_config(fields: dict[str, Any], name: str) -> ModelConfig:
+    """The `ModelConfig` a llama GGUF file describes; a missing or ill-typed field is one `CheckpointError` line."""
     arch = fields.get("general.architecture")
     if arch != "llama":
         raise CheckpointError(f"GGUF architecture {arch!r} is not supported; legolm reads 'llama' GGUF files")
+    try:
+        return _llama_config(fields, name)
+    except KeyError as err:
+        raise CheckpointError(f"GGUF file {name} lacks the field {err}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as err:
+        raise CheckpointError(f"GGUF file {name} has an ill-typed or zero size field ({err})") from None
+
+
+def _llama_config(fields: dict[str, Any], name: str) -> ModelConfig:
     n_head = int(fields["llama.attention.head_count"])
     n_embd = int(fields["llama.embedding_length"])
     vocab = fields.get("llama.vocab_size") or len(fields["tokenizer.ggml.tokens"])

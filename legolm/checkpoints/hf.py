@@ -11,7 +11,6 @@ layouts differ) plus its config mapping. The transforms:
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 from collections.abc import Callable
@@ -22,8 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from legolm.errors import CheckpointError
+from legolm.errors import CheckpointError, LegolmError
 from legolm.model.config import ModelConfig
+from legolm.utils.io import read_json
 
 Transform = Callable[[Tensor, ModelConfig], Tensor]
 
@@ -230,6 +230,9 @@ def config_from_hf(cfg: dict[str, Any], name: str = "custom") -> tuple[Family, M
         return family, ModelConfig.from_dict({**family.config_in(cfg), "name": name})
     except KeyError as err:
         raise CheckpointError(f"config.json lacks {err} needed for a {family.model_type} model") from None
+    except (TypeError, ValueError, ZeroDivisionError) as err:  # e.g. a size given as a string
+        raise CheckpointError(f"config.json of this {family.model_type} model has an ill-typed value ({err}); "
+                              "fix the file") from None
 
 
 def convert_state(state: dict[str, Tensor], family: Family, config: ModelConfig, to_hf: bool) -> dict[str, Tensor]:
@@ -285,9 +288,9 @@ def load_hf_dir(directory: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     if not cfg_path.is_file():
         raise CheckpointError(f"{directory} has no config.json; expected a Hugging Face model directory")
     try:
-        hf_cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({err})") from None
+        hf_cfg = read_json(cfg_path)
+    except LegolmError as err:
+        raise CheckpointError(str(err)) from None
     family, config = config_from_hf(hf_cfg, name=directory.name)
     state = convert_state(read_weights(directory), family, config, to_hf=False)
     return config, state

@@ -32,6 +32,7 @@ def resolve(path_or_name: str | Path) -> Path:
         return path
     name = str(path_or_name)
     looks_local = name.startswith((".", "/", "~")) or name.endswith((".gguf", ".safetensors"))
+    looks_local = looks_local or ("/" in name and Path(name.split("/")[0]).is_dir())  # runs/nope: a local folder
     if looks_local or name.count("/") > 1:
         raise CheckpointError(f"model path {name} does not exist")
     repo = HUB_NAMES.get(name, name)

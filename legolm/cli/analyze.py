@@ -10,8 +10,10 @@ Prints a per-layer table (rank kept at each --energy threshold) and writes ``ran
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from legolm.errors import LegolmError
+from legolm.utils.io import check_deletable, check_writable
 
 
 def run_rank(ns: argparse.Namespace) -> None:
@@ -35,6 +37,8 @@ def run_rank(ns: argparse.Namespace) -> None:
     thresholds = sorted(set(ns.energy))
     if any(not 0 < t <= 1 for t in thresholds):
         raise LegolmError(f"--energy thresholds must be in (0, 1], got {ns.energy}")
+    if ns.out is not None:
+        check_out(ns.out, [ns.base, ns.tuned, ns.adapter], ns.overwrite)
     base = load_pretrained(ns.base)
     if ns.adapter is not None:
         load_adapter(base, ns.adapter)
@@ -50,6 +54,15 @@ def run_rank(ns: argparse.Namespace) -> None:
         print(f"wrote {', '.join(names)} to {ns.out}")
         if ns.plot and ENERGY_PNG not in names:
             print(f"note: {PLOT_NOTE}")
+
+
+def check_out(out: str, inputs: list[str | None], overwrite: bool) -> None:
+    """Refuse an --out that cannot or may not be written, before any model is loaded."""
+    check_writable(out, "--out")
+    if Path(out).exists():
+        if not overwrite:
+            raise LegolmError(f"{out} already exists; choose another --out or pass --overwrite")
+        check_deletable(out, inputs)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

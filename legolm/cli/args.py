@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -36,9 +37,11 @@ _NULL = ("none", "null", "~")
 
 
 def _attribute_docs(cls: type) -> dict[str, str]:
+    """Field name -> its text in the ``Attributes:`` sections of ``cls`` and its bases (continuation lines joined)."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
-        docs.update(re.findall(r"^\s{8}(\w+): (.+)$", klass.__doc__ or "", flags=re.MULTILINE))
+        found = re.findall(r"^ {8}(\w+): (.+(?:\n {12,}\S.*)*)", klass.__doc__ or "", flags=re.MULTILINE)
+        docs.update({name: " ".join(text.split()) for name, text in found})
     return docs
 
 
@@ -74,7 +77,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
             group.add_argument(flag, dest=f.name, nargs="+", type=get_args(tp)[0], default=default,
                                help=f"{docs.get(f.name, '')} (default: {default})")
         else:
-            group.add_argument(flag, dest=f.name, type=tp, default=default, help=help_)
+            group.add_argument(flag, dest=f.name, type=_flag_type(tp, f.name), metavar=_metavar(tp), default=default,
+                               help=help_)
 
 
 def dataclass_from_args(cls: type[T], ns: argparse.Namespace) -> T:
@@ -94,7 +98,9 @@ def _type_name(tp: Any) -> str:
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """``value`` (from YAML or a flag's text) as type ``tp``, else a `ConfigError` naming ``key``."""
-    bad = ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+    bad = ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}"
+                      + (" (NaN is no setting)" if isinstance(value, (str, float)) and str(value).lower() == "nan"
+                         else ""))
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in _NULL):
@@ -116,22 +122,31 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is list:
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.startswith("[") else [value]
+            value = _parse_flag_yaml(value, bad) if value.startswith("[") else [value]
         if not isinstance(value, list):
             raise bad
         return [coerce(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _parse_flag_yaml(value, bad)
         if not isinstance(value, dict):
             raise bad
-        return value
+        key_type, value_type = get_args(tp) or (Any, Any)
+        return {coerce(k, key_type, f"{key}.<key>"): coerce(v, value_type, f"{key}[{k!r}]") for k, v in value.items()}
     converter = _SCALARS.get(tp)
     if converter is None:
         return value
     try:
         return converter(value)
     except (TypeError, ValueError):
+        raise bad from None
+
+
+def _parse_flag_yaml(text: str, bad: ConfigError) -> Any:
+    """A list or mapping written as YAML in a flag (``[1, 2]``, ``{q: 4}``); unparsable text raises ``bad``."""
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError:
         raise bad from None
 
 
@@ -152,7 +167,10 @@ def _to_int(v: Any) -> int:
 def _to_float(v: Any) -> float:
     if isinstance(v, bool):
         raise ValueError(v)
-    return float(v)  # also "3e-4", which YAML 1.1 reads as a string
+    out = float(v)  # also "3e-4", which YAML 1.1 reads as a string
+    if math.isnan(out):  # NaN is no setting (it passes no range check: NaN compares false)
+        raise ValueError(v)
+    return out
 
 
 def _to_str(v: Any) -> str:
@@ -227,15 +245,37 @@ def dump_yaml(config: Any) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML's safe loader without anchors/aliases: a config never needs them, and an alias bomb
+    (a few hundred bytes that expand to billions of nodes) must not reach the program."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in legolm configs",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` without aliases; errors (bad syntax, too deep a nesting) as ``yaml.YAMLError``."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass: no Python objects
+    except RecursionError:
+        raise yaml.YAMLError("the document nests too deeply") from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping from ``path``; a missing file or one that is not a mapping is a `ConfigError`."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"cannot read config file {path} ({err.strerror}); check the --config path") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as err:
-        first = str(err).replace("\n", " ")
+        first = " ".join(str(err).split())
         raise ConfigError(f"config file {path} is not valid YAML ({first})") from None
     if data is None:
         return {}

@@ -6,16 +6,14 @@ import argparse
 
 import torch
 
-from legolm.errors import LegolmError
+from legolm.utils.device import parse_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def device_dtype(ns: argparse.Namespace) -> tuple[str, torch.dtype]:
     """Resolve ``--device auto`` (CUDA when visible) and ``--dtype auto`` (bf16 on GPU, fp32 on CPU)."""
-    device = ns.device if ns.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LegolmError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    device = str(parse_device(ns.device, "--device"))
     dtype = ns.dtype if ns.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     return device, DTYPES[dtype]
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,6 +28,8 @@ from legolm.cli.args import add_config_args, dump_yaml, resolve_run_config
 from legolm.data.tokenized import DataConfig
 from legolm.errors import ConfigError
 from legolm.train.config import FitConfig, OptimConfig, RunConfig, SampleConfig
+from legolm.train.metrics import format_loss
+from legolm.utils.io import atomic_write_text, finite_json
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +82,7 @@ class FinetuneConfig(FitConfig):
         if self.eval_tokens is not None and self.eval_tokens < 2:
             raise ConfigError(f"eval_tokens must be >= 2 (or None for the whole val split), got {self.eval_tokens}")
         self.data.validate()
+        self.sample.validate()
 
 
 def run(ns: argparse.Namespace) -> None:
@@ -95,20 +97,20 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Check everything, load the base and the data, measure, `fit`, measure again, save; return the summary."""
     import torch
 
-    from legolm.adapters import inject_lora, merge_and_unload, save_adapter, trainable_report
-    from legolm.adapters.skip2lora import Skip2LoRAModel, save_skip2lora
+    from legolm.adapters import inject_lora, trainable_report
+    from legolm.adapters.skip2lora import Skip2LoRAModel
     from legolm.adapters.skip2lora_train import Skip2LoRALoss, SkipCacheFlush, build_skip_cache
     from legolm.checkpoints.load import load_pretrained, load_tokenizer
-    from legolm.checkpoints.native import save_checkpoint
     from legolm.data.tokenized import check_fits, prepare_corpus
     from legolm.train.batches import WindowBatches
     from legolm.train.callbacks import EpochTimer
-    from legolm.train.checkpoint import check_run_dir
     from legolm.train.distributed import init_distributed
     from legolm.train.fit import Callback, fit, resolve_device
+    from legolm.train.run_dir import check_run_dir, hold_run_dir
 
     cfg.validate()
-    check_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume)
+    inputs = [cfg.model, cfg.data.source, cfg.data.tokenizer, cfg.data.cache_dir, cfg.skip_cache.dir]
+    check_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume, inputs)
     dist = init_distributed(cfg.run)  # under torchrun: join the job (one rank per GPU)
     device = dist.device if dist.distributed else resolve_device(cfg.run.device)
     model = load_pretrained(cfg.model).float()  # fp32 weights; bf16 compute comes from run.precision
@@ -141,9 +143,21 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         print(f"held-out perplexity before fine-tuning: {before.ppl:.3f} ({before.n_tokens:,} tokens)")
     val = WindowBatches(corpus.val, cfg.window, cfg.eval.batch_size or cfg.batch_size, shuffle=False,
                         drop_last=False, **dist.shard())
-    result = fit(trained, train, cfg, val=val, loss_fn=loss_fn, callbacks=[*callbacks, epochs])
-    if before is None:  # ranks > 0: rank 0 measures, saves and reports
+    if before is None:  # ranks > 0: rank 0 holds the run directory, measures, saves and reports
+        fit(trained, train, cfg, val=val, loss_fn=loss_fn, callbacks=[*callbacks, epochs])
         return {}
+    with hold_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume, inputs):
+        result = fit(trained, train, cfg, val=val, loss_fn=loss_fn, callbacks=[*callbacks, epochs])
+        return finish(cfg, trained, model, corpus, result, before, epochs, device)
+
+
+def finish(cfg: FinetuneConfig, trained: TransformerLM | Skip2LoRAModel, model: TransformerLM, corpus: TokenizedCorpus,
+           result: Any, before: PPLResult, epochs: Any, device: torch.device) -> dict[str, Any]:
+    """Held-out perplexity after training, the adapter / merged model, the sample and ``summary.json``."""
+    from legolm.adapters import merge_and_unload, save_adapter
+    from legolm.adapters.skip2lora import Skip2LoRAModel, save_skip2lora
+    from legolm.checkpoints.native import save_checkpoint
+
     trained.eval()
     after = held_out_ppl(trained, corpus, cfg, device)
     run_dir = Path(cfg.run.out_dir)
@@ -162,7 +176,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                "ppl_check": {c.label: c.to_dict() for c in checks},
                "fit": {k: v for k, v in dataclasses.asdict(result).items() if k != "run_dir"},
                "epochs": [dataclasses.asdict(r) for r in epochs.records], "outputs": outputs, "sample": sample}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write_text(run_dir / "summary.json", finite_json(summary, f"{run_dir / 'summary.json'}", indent=2))
     print(report(result.evals, before, after, [c.message for c in checks], outputs, cfg, sample))
     return summary
 
@@ -199,7 +213,7 @@ def report(evals: list[dict[str, float]], before: PPLResult, after: PPLResult, c
            outputs: dict[str, str], cfg: FinetuneConfig, sample: str) -> str:
     """The evaluation table, held-out perplexity before/after with their sanity ``checks``, and the outputs."""
     lines = ["", "| step | train loss | val loss | val ppl |", "|---:|---:|---:|---:|"]
-    lines += [f"| {int(r['step']):,} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} |"
+    lines += [f"| {int(r['step']):,} | {format_loss(r['train_loss'])} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} |"
               for r in evals]
     lines += ["", f"held-out sliding-window perplexity (window {after.max_length}, stride {after.stride}, "
               f"{after.n_tokens:,} tokens): before {before.ppl:.3f} -> after {after.ppl:.3f} "

@@ -48,7 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from legolm.train.distributed import quiet_other_ranks
 
         quiet_other_ranks()
-    ns = build_parser().parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    bad = next((a for a in args if not _is_utf8(a)), None)
+    if bad is not None:
+        print(f"legolm: error: the argument {bad.encode('utf-8', 'replace').decode()!r} is not valid UTF-8 text; "
+              "pass UTF-8 (e.g. re-save the file it came from as UTF-8)", file=sys.stderr)
+        return 2
+    ns = build_parser().parse_args(args)
     func: Callable[[argparse.Namespace], None] = ns.func
     try:
         func(ns)
@@ -59,10 +65,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LegolmError as err:
         print(f"legolm: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if not err.filename:  # not about a path the user gave: a bug, keep its traceback
+            raise
+        print(f"legolm: error: cannot use {err.filename} ({err.strerror}); check the path and its permissions, "
+              "or choose another", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("legolm: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _is_utf8(arg: str) -> bool:
+    """Whether a command-line argument decoded cleanly (undecodable bytes arrive as lone surrogates)."""
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

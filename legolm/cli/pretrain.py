@@ -11,7 +11,6 @@ caught before the run directory is created; the run directory gets ``config.yaml
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from typing import Any
 from legolm.cli.args import add_config_args, dump_yaml, resolve_run_config
 from legolm.errors import ConfigError
 from legolm.train.config import TrainConfig
+from legolm.train.metrics import format_loss
+from legolm.utils.io import atomic_write_text, finite_json
 
 ALIASES = {"--overwrite": "run.overwrite", "--resume": "run.resume"}
 
@@ -35,21 +36,19 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
     """Check everything, prepare the data, `fit`, evaluate, save and sample; return the summary."""
     import torch
 
-    from legolm.checkpoints.native import save_checkpoint
     from legolm.data.tokenized import check_fits, prepare_corpus
-    from legolm.eval.perplexity import sliding_window_ppl
-    from legolm.generation import GenerationConfig, generate_text
+    from legolm.generation import GenerationConfig
     from legolm.train.batches import WindowBatches
-    from legolm.train.checkpoint import check_run_dir
     from legolm.train.distributed import init_distributed
     from legolm.train.fit import fit
+    from legolm.train.run_dir import check_run_dir, hold_run_dir
 
     cfg.validate()
-    cfg.data.validate()
     gen = GenerationConfig(max_new_tokens=cfg.sample.max_new_tokens, temperature=cfg.sample.temperature,
                            top_k=cfg.sample.top_k, seed=cfg.sample.seed)
     gen.validate()
-    check_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume)
+    inputs = [cfg.model.init, cfg.data.source, cfg.data.tokenizer, cfg.data.cache_dir]
+    check_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume, inputs)
     dist = init_distributed(cfg.run)  # under torchrun: join the job (one rank per GPU)
     with dist.main_first():  # rank 0 tokenizes and caches, the others read the cache
         corpus = prepare_corpus(cfg.data, progress=cfg.run.progress)
@@ -59,10 +58,20 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
     train = WindowBatches(corpus.train, cfg.window, cfg.batch_size, shuffle=True, seed=cfg.run.seed, **dist.shard())
     val = WindowBatches(corpus.val, cfg.window, cfg.eval.batch_size or cfg.batch_size, shuffle=False,
                         drop_last=False, **dist.shard())
-    result = fit(model, train, cfg, val=val)
-    if not dist.is_main:  # rank 0 evaluates, saves and samples
+    if not dist.is_main:  # rank 0 holds the run directory, evaluates, saves and samples
+        fit(model, train, cfg, val=val)
         return {}
-    run_dir = Path(cfg.run.out_dir)
+    with hold_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume, inputs) as run_dir:
+        result = fit(model, train, cfg, val=val)
+        return finish(cfg, model, corpus, result, gen, run_dir)
+
+
+def finish(cfg: TrainConfig, model: Any, corpus: Any, result: Any, gen: Any, run_dir: Path) -> dict[str, Any]:
+    """Held-out perplexity, the saved model, the sample and ``summary.json`` of a trained run."""
+    from legolm.checkpoints.native import save_checkpoint
+    from legolm.eval.perplexity import sliding_window_ppl
+    from legolm.generation import generate_text
+
     model.eval()
     device = next(model.parameters()).device
     stride = cfg.eval.final_stride or max(1, cfg.window // 2)
@@ -75,7 +84,7 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
     summary = {"fit": {k: v for k, v in asdict(result).items() if k != "run_dir"},
                "final": final.to_dict(), "ppl_check": check.to_dict(), "sample": sample,
                "model": str(run_dir / "model")}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write_text(run_dir / "summary.json", finite_json(summary, f"{run_dir / 'summary.json'}", indent=2))
     print(report(result.evals, final, check.message, sample, cfg, run_dir))
     return summary
 
@@ -97,7 +106,7 @@ def report(evals: list[dict[str, float]], final: Any, check: str, sample: str, c
     """The evaluation table, the held-out sliding-window perplexity with its sanity ``check`` line, the sample."""
     lines = ["", "| step | train loss | val loss | val ppl |", "|---:|---:|---:|---:|"]
     for row in evals:
-        lines.append(f"| {int(row['step']):,} | {row['train_loss']:.4f} | {row['val_loss']:.4f} | "
+        lines.append(f"| {int(row['step']):,} | {format_loss(row['train_loss'])} | {row['val_loss']:.4f} | "
                      f"{row['val_ppl']:.2f} |")
     extra = ""
     if final.bits_per_byte is not None and final.word_ppl is not None:

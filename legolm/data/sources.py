@@ -40,9 +40,20 @@ def cache_root() -> Path:
 
 
 def shared_root() -> Path | None:
-    """The folder ``LEGOLM_DATA`` names, or None when it is unset."""
+    """The folder ``LEGOLM_DATA`` names, as an absolute path (a relative one is taken from the current
+    folder), or None when it is unset.
+
+    Raises:
+        LegolmError: The variable is set but names no folder.
+    """
     root = os.environ.get(ENV_VAR)
-    return Path(root).expanduser() if root else None
+    if not root:
+        return None
+    path = Path(root).expanduser().absolute()
+    if not path.is_dir():
+        raise LegolmError(f"{ENV_VAR}={root} does not exist (as {path}); point it at the shared data folder "
+                          "(the one holding data/, tokenizers/ and models/), or unset it to download")
+    return path
 
 
 def shared_path(relative: str) -> Path:

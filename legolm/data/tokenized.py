@@ -33,7 +33,7 @@ from legolm.data.sources import cache_root
 from legolm.data.tokenizer import Tokenizer, parse_bpe_spec, resolve_tokenizer
 from legolm.errors import ConfigError, LegolmError
 from legolm.model.config import ModelConfig
-from legolm.utils.io import atomic_dir, atomic_write_text
+from legolm.utils.io import atomic_dir, atomic_write_text, check_writable, read_json
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -78,6 +78,8 @@ class DataConfig:
             raise ConfigError(f"data: max_documents must be >= 2 (one train, one val), got {self.max_documents}")
         if self.min_document_chars < 1:
             raise ConfigError(f"data: min_document_chars must be >= 1, got {self.min_document_chars}")
+        if self.split_seed < 0:
+            raise ConfigError(f"data: split_seed must be >= 0, got {self.split_seed}")
 
 
 @dataclass
@@ -121,7 +123,8 @@ class TokenizedCorpus:
 
 
 # -- preparing -----------------------------------------------------------------------------------------
-def prepare_corpus(cfg: DataConfig, *, progress: bool = True, tokenizer: Tokenizer | None = None) -> TokenizedCorpus:
+def prepare_corpus(cfg: DataConfig, *, progress: bool = True, tokenizer: Tokenizer | None = None,
+                   hold_out: bool = True) -> TokenizedCorpus:
     """Tokenize ``cfg.source`` once (or load the stored arrays) and split it by document.
 
     Args:
@@ -129,6 +132,8 @@ def prepare_corpus(cfg: DataConfig, *, progress: bool = True, tokenizer: Tokeniz
         progress: Show a progress bar while tokenizing.
         tokenizer: An already loaded tokenizer to use instead of resolving ``cfg.tokenizer`` again
             (``cfg.tokenizer`` then only names it in the manifest).
+        hold_out: Split off validation documents (``val_fraction``); False keeps every document in
+            ``train`` (``val`` is empty), for scoring a whole text (even a single document).
 
     Raises:
         ConfigError / LegolmError: Empty corpus, no validation documents, unknown tokenizer,
@@ -139,13 +144,15 @@ def prepare_corpus(cfg: DataConfig, *, progress: bool = True, tokenizer: Tokeniz
     bpe_size = parse_bpe_spec(cfg.tokenizer)
     if tokenizer is None and bpe_size is None:
         tokenizer = resolve_tokenizer(cfg.tokenizer)
-    settings = _settings(cfg, source)
+    settings = _settings(cfg, source) if hold_out else {**_settings(cfg, source), "whole": True}
     key_parts = {**settings, "tokenizer": cfg.tokenizer if tokenizer is None else tokenizer.fingerprint()}
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root() / "tokenized"
     directory = root / f"{_slug(source.name)}-{key}"
     if not (directory / MANIFEST).is_file():
-        train_docs, val_docs = split_documents(_documents(cfg, source), cfg.val_fraction, cfg.split_seed)
+        check_writable(root, "data.cache_dir")
+        docs = _documents(cfg, source)
+        train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.split_seed) if hold_out else (docs, [])
         if tokenizer is None:
             tokenizer = resolve_tokenizer(cfg.tokenizer, train_docs)
         _write(directory, {"train": train_docs, "val": val_docs}, tokenizer,
@@ -246,8 +253,8 @@ def load_tokenized(directory: str | Path, tokenizer: Tokenizer | None = None) ->
     """
     directory = Path(directory)
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        manifest = read_json(directory / MANIFEST)
+    except LegolmError as err:
         raise LegolmError(f"{directory} is not tokenized data from prepare_corpus ({err})") from None
     # The caller's tokenizer must be the one that made the data; without one, the stored copy is used.
     tok, who = (tokenizer, "the requested tokenizer") if tokenizer else (_stored(directory), "its stored copy")
@@ -290,6 +297,15 @@ def check_fits(corpus: TokenizedCorpus, model_config: ModelConfig, window: int) 
         if n < window + 1:
             raise ConfigError(f"the {name} split has {n} tokens, fewer than one window + 1 ({window + 1}); "
                               "use a shorter window, more documents or another val_fraction")
+        check_ids(corpus.split(name), model_config.vocab_size, f"the {name} split")
+
+
+def check_ids(ids: np.ndarray, vocab_size: int, what: str) -> None:
+    """Raise `ConfigError` when a token id of ``ids`` is not a row of a ``vocab_size``-row embedding."""
+    top = int(np.max(ids)) if len(ids) else -1
+    if top >= vocab_size:
+        raise ConfigError(f"{what} holds token id {top:,} but the model has only {vocab_size:,} embedding rows; "
+                          "use the model's own tokenizer (or data tokenized with it)")
 
 
 def decoded_counts(tokenizer: Tokenizer, ids: np.ndarray, eos_id: int) -> tuple[int, int]:

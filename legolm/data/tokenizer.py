@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from legolm.errors import CheckpointError, ConfigError, LegolmError
+from legolm.utils.io import read_json
 
 EOS_TOKEN = "<|endoftext|>"
 SHARED_TOKENIZERS = ("gpt2", "pythia")  # names found under <LEGOLM_DATA>/tokenizers/
@@ -94,9 +95,10 @@ class Tokenizer:
         """Load from a model or tokenizer directory (tokenizer.json, or vocab.json + merges.txt)."""
         d = Path(directory)
         if (d / "tokenizer.json").is_file():
-            backend = HFTokenizer.from_file(str(d / "tokenizer.json"))
+            backend = _backend(d / "tokenizer.json", lambda: HFTokenizer.from_file(str(d / "tokenizer.json")))
         elif (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
-            backend = HFTokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
+            bpe = _backend(d / "vocab.json", lambda: models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
+            backend = HFTokenizer(bpe)
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             backend.decoder = decoders.ByteLevel()
         else:
@@ -186,21 +188,47 @@ def resolve_tokenizer(spec: str, corpus_texts: Iterable[str] | None = None) -> T
         ) from None
 
 
+def _backend(path: Path, load: Callable[[], Any]) -> Any:
+    """``load()`` (a `tokenizers` reader of ``path``), its errors as one `CheckpointError` line."""
+    try:
+        return load()
+    except Exception as err:  # the Rust backend raises plain Exceptions
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path} is not a valid tokenizer file ({first})") from None
+
+
 def _special_ids(d: Path, backend: HFTokenizer) -> dict[str, Any]:
     """BOS/EOS ids from legolm's own metadata or from Hugging Face's tokenizer/generation configs."""
-    if (d / "legolm_tokenizer.json").is_file():
-        meta = json.loads((d / "legolm_tokenizer.json").read_text())
-        return {"bos_id": meta["bos_id"], "eos_id": meta["eos_id"], "add_bos": meta["add_bos"]}
+    try:
+        if (d / "legolm_tokenizer.json").is_file():
+            meta = read_json(d / "legolm_tokenizer.json")
+            ids = {"bos_id": meta.get("bos_id"), "eos_id": meta.get("eos_id"), "add_bos": meta.get("add_bos", False)}
+        else:
+            ids = _hf_special_ids(d)
+    except LegolmError as err:
+        raise CheckpointError(str(err)) from None
+    if ids["eos_id"] is None:
+        ids["eos_id"] = backend.token_to_id("<|endoftext|>")
+    vocab = backend.get_vocab_size(with_added_tokens=True)
+    for key in ("bos_id", "eos_id"):
+        value = ids[key]
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab):
+            raise CheckpointError(f"tokenizer in {d}: {key} {value!r} is not an id of its {vocab}-token vocabulary")
+    if not isinstance(ids["add_bos"], bool):
+        raise CheckpointError(f"tokenizer in {d}: add_bos must be true or false, got {ids['add_bos']!r}")
+    return ids
+
+
+def _hf_special_ids(d: Path) -> dict[str, Any]:
+    """BOS/EOS ids of Hugging Face's config.json / generation_config.json (the first of a list)."""
     ids: dict[str, Any] = {"bos_id": None, "eos_id": None, "add_bos": False}
     for name in ("config.json", "generation_config.json"):
         if (d / name).is_file():
-            cfg = json.loads((d / name).read_text())
+            cfg = read_json(d / name)
             for key in ("bos", "eos"):
                 value = cfg.get(f"{key}_token_id")
                 if isinstance(value, list):
                     value = value[0] if value else None
                 if value is not None:
                     ids[f"{key}_id"] = value
-    if ids["eos_id"] is None:
-        ids["eos_id"] = backend.token_to_id("<|endoftext|>")
     return ids

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from legolm.errors import ConfigError
 from legolm.model.config import ModelConfig
+from legolm.utils.finite import safe_exp
 
 
 class LanguageModel(Protocol):
@@ -68,7 +69,7 @@ class PPLResult:
 
     @property
     def ppl(self) -> float:
-        return math.exp(self.nll)
+        return safe_exp(self.nll)
 
     @property
     def bits_per_byte(self) -> float | None:
@@ -78,7 +79,7 @@ class PPLResult:
     @property
     def word_ppl(self) -> float | None:
         """exp(total NLL / words): perplexity per whitespace word (tokenizer-independent)."""
-        return math.exp(self.nll_sum / self.n_words) if self.n_words else None
+        return safe_exp(self.nll_sum / self.n_words) if self.n_words else None
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "nll": self.nll, "ppl": self.ppl, "bits_per_byte": self.bits_per_byte,
@@ -128,7 +129,7 @@ def sliding_window_ppl(model: LanguageModel, ids: np.ndarray | Tensor, max_lengt
                 nll_sum += float(losses[row, first - b - 1:].double().sum())
                 n_tokens += e - first
                 bar.update(e - first)
-            bar.set_postfix(ppl=f"{math.exp(nll_sum / max(n_tokens, 1)):.2f}")
+            bar.set_postfix(ppl=f"{safe_exp(nll_sum / max(n_tokens, 1)):.2f}")
     return PPLResult(nll_sum, n_tokens, max_length, stride, n_bytes, n_words)
 
 

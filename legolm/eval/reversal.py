@@ -23,7 +23,6 @@ the same teacher-forced forward pass (`greedy_complete` decodes for real; a test
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from torch import Tensor
 from legolm.data.tokenizer import Tokenizer
 from legolm.errors import ConfigError, LegolmError
 from legolm.model.transformer import TransformerLM
+from legolm.utils.finite import safe_exp
 
 SHARED_DIR = "data/reversal_curse/name_description"
 
@@ -145,7 +145,7 @@ class DirectionScore:
 
     @property
     def ppl(self) -> float:
-        return math.exp(self.nll_sum / self.n_tokens)
+        return safe_exp(self.nll_sum / self.n_tokens)
 
     @property
     def accuracy(self) -> float:

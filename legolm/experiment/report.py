@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from legolm.utils.io import atomic_savefig, atomic_write_text
+from legolm.utils.io import atomic_savefig, atomic_write_text, finite_json
 
 if TYPE_CHECKING:
     from legolm.experiment.config import ExperimentConfig
@@ -52,7 +51,7 @@ def write_reports(results: list[ModelResult], cfg: ExperimentConfig, out: Path,
     checks = cfg.eval.ppl_bands.lines({f"{r.model} val": r.val_ppl for r in results}, vocab_size)
     table = markdown_table(results) + "\n\n" + describe(cfg, results) + "\n\n" + checks
     atomic_write_text(out / TABLE, table + "\n")
-    atomic_write_text(out / JSONL, "".join(json.dumps(asdict(r)) + "\n" for r in results))
+    atomic_write_text(out / JSONL, "".join(finite_json(asdict(r), f"the {r.model} result") for r in results))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(asdict(results[0])))
     writer.writeheader()

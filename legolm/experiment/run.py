@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing as mp
-import shutil
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ from typing import Any
 
 from legolm.errors import LegolmError
 from legolm.experiment.config import ExperimentConfig
+from legolm.utils.io import atomic_write_text, finite_json
 
 RESULT, ERROR = "result.json", "error.txt"
 
@@ -85,11 +85,15 @@ def run_experiment(cfg: ExperimentConfig) -> list[ModelResult]:
     from legolm.data.tokenized import check_fits, prepare_corpus
     from legolm.model.factory import model_config
     from legolm.train.distributed import init_distributed
+    from legolm.train.run_dir import check_run_dir, open_run_dir, release_run_dir
 
     cfg.validate()
     out = Path(cfg.run.out_dir)
     if out.exists() and not cfg.run.overwrite:
         raise LegolmError(f"output directory {out} already exists; pass --overwrite or choose another --run.out-dir")
+    data = cfg.data_config()
+    inputs = [data.source, data.tokenizer, data.cache_dir, cfg.reversal.data_dir]
+    check_run_dir(out, cfg.run.overwrite, False, inputs)
     dist = init_distributed(cfg.run)  # under torchrun: every model trains on all ranks, in this process
     with dist.main_first():
         corpus = prepare_corpus(cfg.data_config(), progress=cfg.run.progress)  # tokenized once, cached for the runs
@@ -99,24 +103,22 @@ def run_experiment(cfg: ExperimentConfig) -> list[ModelResult]:
         check_fits(corpus, config, cfg.window)
     _training_stream(cfg, corpus)  # reversal data present and readable
     dist.barrier()
-    dist.on_main(lambda: _fresh_dir(out))
-    if dist.distributed:  # a torchrun rank joins its process group once: no process per model
-        scored = [train_and_score(kind, cfg, out / kind) for kind in cfg.models]
-        results = [r for r in scored if r is not None]
-        if not dist.is_main:
-            return []
-    else:
-        results = [_spawn(kind, cfg, out / kind) for kind in cfg.models]
-    from legolm.experiment.report import write_reports
+    dist.on_main(lambda: open_run_dir(out, cfg.run.overwrite, False, inputs))  # emptied, marked and locked
+    try:
+        if dist.distributed:  # a torchrun rank joins its process group once: no process per model
+            scored = [train_and_score(kind, cfg, out / kind) for kind in cfg.models]
+            results = [r for r in scored if r is not None]
+            if not dist.is_main:
+                return []
+        else:
+            results = [_spawn(kind, cfg, out / kind) for kind in cfg.models]
+        from legolm.experiment.report import write_reports
 
-    write_reports(results, cfg, out, configs[0].vocab_size)  # one corpus: one vocabulary for every model
+        write_reports(results, cfg, out, configs[0].vocab_size)  # one corpus: one vocabulary for every model
+    finally:
+        if dist.is_main:
+            release_run_dir(out)
     return results
-
-
-def _fresh_dir(out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
 
 
 def _spawn(kind: str, cfg: ExperimentConfig, run_dir: Path) -> ModelResult:
@@ -142,7 +144,7 @@ def _worker(kind: str, cfg: ExperimentConfig, run_dir: str) -> None:
         result = train_and_score(kind, cfg, path)
         assert result is not None  # a plain process is rank 0
         path.mkdir(parents=True, exist_ok=True)
-        (path / RESULT).write_text(json.dumps(asdict(result), indent=2) + "\n")
+        atomic_write_text(path / RESULT, finite_json(asdict(result), f"the {kind} result", indent=2))
     except LegolmError as err:
         path.mkdir(parents=True, exist_ok=True)
         (path / ERROR).write_text(str(err) + "\n")

@@ -43,7 +43,6 @@ The tests count both with forward hooks on the blocks (calls, and the T each cal
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -388,6 +387,28 @@ def decode_path_nll(model: LegoLM, ids: Tensor, prompt_len: int, routing_thresho
     return -float(logp.double().sum()), target.numel(), out.stats.shallow_ratio
 
 
+def block_weights(model: LegoLM) -> tuple[list[int], int]:
+    """Weights each block and one exit head hold (what a batch-1 decode step reads per call)."""
+    return [sum(p.numel() for p in b.parameters()) for b in model.blocks], model.lm_head.weight.numel()
+
+
+def speculative_stats(model: LegoLM, d: int, rounds: int, accepted: int, tokens: int, prefill_s: float,
+                      decode_s: float) -> EarlyExitStats:
+    """Counts and costs of self-speculative decoding: per round d + 1 lower-block passes, d shallow heads,
+    one pass of the upper blocks and the deep head; against full depth for every token after the first."""
+    L, k = model.n_layer, model.split
+    blocks, head = block_weights(model)
+    steps = max(tokens - 1, 1)
+    calls = rounds * ((d + 1) * k + (L - k))
+    weights = rounds * ((d + 1) * sum(blocks[:k]) + d * head + sum(blocks[k:]) + head)
+    return EarlyExitStats(
+        shallow_count=0, deep_count=tokens, shallow_ratio=0.0, decode_steps=steps, layer_calls=calls + L,
+        prefill_layer_calls=L, token_layer_evals=rounds * (d + 1) * L, actual_compute_cost=rounds * (d + 1) / steps,
+        call_cost=calls / (steps * L), macs_cost=weights / (steps * (sum(blocks) + head)), kv_projections=0,
+        prefill_s=prefill_s, decode_s=decode_s, wall_s=prefill_s + decode_s, rounds=rounds, drafted=rounds * d,
+        accepted=accepted)
+
+
 def check_speculative(model: LegoLM, input_ids: Tensor, max_new_tokens: int, draft_tokens: int) -> None:
     """`ConfigError` unless self-speculative decoding can run: two exits, d >= 1, room for the last round's drafts."""
     if draft_tokens < 1:
@@ -442,13 +463,6 @@ def generate_speculative(model: LegoLM, input_ids: Tensor, max_new_tokens: int, 
     if eos_id is not None and eos_id in out:
         out = out[: out.index(eos_id) + 1]
     out = out[:max_new_tokens]
-    L, k = model.n_layer, model.split
-    steps = max(len(out) - 1, 1)
-    calls = rounds * ((d + 1) * k + (L - k))
-    stats = EarlyExitStats(
-        shallow_count=0, deep_count=len(out), shallow_ratio=0.0, decode_steps=steps, layer_calls=calls + L,
-        prefill_layer_calls=L, token_layer_evals=rounds * (d + 1) * L, actual_compute_cost=rounds * (d + 1) / steps,
-        call_cost=calls / (steps * L), macs_cost=math.nan, kv_projections=0, prefill_s=t1 - t0, decode_s=t2 - t1,
-        wall_s=t2 - t0, rounds=rounds, drafted=rounds * d, accepted=accepted)
+    stats = speculative_stats(model, d, rounds, accepted, len(out), t1 - t0, t2 - t1)
     tokens = torch.tensor([out], device=dev)
     return EarlyExitResult(tokens, torch.zeros_like(tokens, dtype=torch.bool), stats)

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from legolm.errors import ConfigError
 from legolm.generation.decoder import capture
-from legolm.generation.early_exit import EarlyExitStats
+from legolm.generation.early_exit import EarlyExitStats, block_weights, speculative_stats
 from legolm.generation.fused import FusedStack, exit_norm
 from legolm.model.kv_cache import KVCache
 from legolm.model.lego import LegoLM, confidence, exits
@@ -340,24 +340,16 @@ def _stats(session: FusedLegoSession, tokens: Tensor, n: int, prefill_s: float, 
     """Counts and costs of a fused LEGO call (layer calls and weights read per decoded token vs full depth)."""
     m = session.model
     L, k = m.n_layer, m.split
-    blocks = [sum(p.numel() for p in b.parameters()) for b in m.blocks]
-    head = m.lm_head.weight.numel()
+    eos = session.eos_id
+    row = tokens[0].tolist()
+    kept = n if eos is None or eos not in row else row.index(eos) + 1
+    if session.config.mode == "speculative":
+        accepted, rounds = (int(v) for v in session.spec_stats.tolist())
+        return speculative_stats(m, session.config.draft_tokens, rounds, accepted, kept, prefill_s, decode_s)
+    blocks, head = block_weights(m)
     full = sum(blocks) + head
     lower, upper = sum(blocks[:k]) + head, sum(blocks[k:]) + head
     steps = max(n - 1, 1)
-    eos = session.eos_id
-    kept = n if eos is None or eos not in tokens[0].tolist() else tokens[0].tolist().index(eos) + 1
-    if session.config.mode == "speculative":
-        accepted, rounds = (int(v) for v in session.spec_stats.tolist())
-        d = session.config.draft_tokens
-        calls = rounds * ((d + 1) * k + (L - k))
-        weights = rounds * ((d + 1) * sum(blocks[:k]) + d * head + upper)
-        return EarlyExitStats(
-            shallow_count=0, deep_count=kept, shallow_ratio=0.0, decode_steps=steps, layer_calls=calls + L,
-            prefill_layer_calls=L, token_layer_evals=rounds * ((d + 1) * L),
-            actual_compute_cost=rounds * (d + 1) / steps, call_cost=calls / (steps * L),
-            macs_cost=weights / (steps * full), kv_projections=0, prefill_s=prefill_s,
-            decode_s=decode_s, wall_s=prefill_s + decode_s, rounds=rounds, drafted=rounds * d, accepted=accepted)
     exited = session.state.exited[:n].bool()
     shallow = int(exited[:kept].sum())
     deep_steps = int((~exited[1:n]).sum())

@@ -109,6 +109,8 @@ class GenerationConfig:
             raise ConfigError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise ConfigError(f"seed must be in [0, 2**64 - 1] (or unset), got {self.seed}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.cache_bucket < 1:

@@ -8,7 +8,6 @@ evaluated by the exact recurrence after every epoch, and gets its own run direct
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from legolm.lct.cache import LaggedStateCache, cache_bytes, choose_device
 from legolm.lct.context_pythia import ContextPythia
 from legolm.lct.train import LagMonitor, LCTConfig, LCTLoss, SequentialLoss, exact_eval
 from legolm.train.batches import WindowBatches
-from legolm.utils.io import atomic_savefig, atomic_write_text
+from legolm.utils.io import atomic_savefig, atomic_write_text, finite_json
 
 
 def method_config(cfg: LCTConfig, method: str, steps_per_epoch: int) -> LCTConfig:
@@ -67,15 +66,16 @@ def train_method(cfg: LCTConfig, method: str, train_ids: Any, val_ids: Any, voca
 def run_lct(cfg: LCTConfig) -> dict[str, Any]:
     """Prepare the data once, train every method, write and print the comparison."""
     from legolm.data.tokenized import check_fits, prepare_corpus
-    from legolm.train.checkpoint import check_run_dir
     from legolm.train.distributed import init_distributed
+    from legolm.train.run_dir import check_run_dir
 
     cfg.validate()
     cfg.data.validate()
-    for method in cfg.methods:
-        check_run_dir(Path(cfg.run.out_dir) / method, cfg.run.overwrite, cfg.run.resume)
     if cfg.run.resume:
         raise ConfigError("legolm lct compares whole runs; --resume is not supported, rerun with --overwrite")
+    inputs = [cfg.data.source, cfg.data.tokenizer, cfg.data.cache_dir]
+    for method in cfg.methods:
+        check_run_dir(Path(cfg.run.out_dir) / method, cfg.run.overwrite, cfg.run.resume, inputs)
     dist = init_distributed(cfg.run)  # under torchrun: join the job (DDP; the LCT cache is shared by all ranks)
     with dist.main_first():
         corpus = prepare_corpus(cfg.data, progress=cfg.run.progress)
@@ -93,7 +93,7 @@ def run_lct(cfg: LCTConfig) -> dict[str, Any]:
     summary = {"config": dataclasses.asdict(cfg), "runs": runs, "comparison": comparison,
                "ppl_check": [c.to_dict() for c in checks]}
     out = Path(cfg.run.out_dir)
-    atomic_write_text(out / "lct.json", json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write_text(out / "lct.json", finite_json(summary, f"{out / 'lct.json'}", indent=2))
     if cfg.run.plot:
         plot(runs, out / "lct.png")
     print(report(runs, comparison))

@@ -196,7 +196,7 @@ class CurveRow:
         weight_cost: Decode weights read ÷ full depth's.
         tok_per_s: Generated tokens per second of whole calls.
         speedup: This setting's tok/s ÷ the full-depth decoder's.
-        wall_over_call: (1 - time / full-depth time) ÷ (1 - call_cost).
+        wall_over_call: (1 - time / full-depth time) ÷ (1 - call_cost); None where no call is saved.
         fused: Ran on the fused kernels.
     """
 
@@ -216,7 +216,7 @@ class CurveRow:
     weight_cost: float
     tok_per_s: float
     speedup: float
-    wall_over_call: float
+    wall_over_call: float | None
     fused: bool
 
 
@@ -233,7 +233,7 @@ def curve_row(scores: TokenScores, temperature: float, setting: Setting, measure
         eval_shallow_ratio=scores.shallow_ratio(tau), gen_shallow_ratio=measured.shallow_ratio,
         acceptance=measured.acceptance, tokens_per_round=measured.tokens_per_round, call_cost=measured.call_cost,
         weight_cost=measured.weight_cost, tok_per_s=measured.tokens / measured.wall_s,
-        speedup=baseline.wall_s / measured.wall_s, wall_over_call=wall / saved if abs(saved) > 1e-9 else math.nan,
+        speedup=baseline.wall_s / measured.wall_s, wall_over_call=wall / saved if abs(saved) > 1e-9 else None,
         fused=measured.fused)
 
 
@@ -243,7 +243,7 @@ def format_table(rows: list[CurveRow]) -> str:
             "| acceptance | call cost | weight cost | tok/s | vs full depth | wall/call |")
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        woc = "—" if math.isnan(r.wall_over_call) else f"{r.wall_over_call:.2f}"
+        woc = "—" if r.wall_over_call is None else f"{r.wall_over_call:.2f}"
         kv = f"d={r.draft_tokens}" if r.mode == "speculative" else r.kv_mode
         acc = f"{r.acceptance:.3f} ({r.tokens_per_round:.2f}/pass)" if r.mode == "speculative" else "—"
         lines.append(f"| {r.label} | {kv} | {r.threshold:.4f} | {r.routed_ppl:.2f} | {r.hard_routed_ppl:.2f} | "

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from legolm.errors import ConfigError
 from legolm.layers import CUSTOM_PREFIX, registered_layers
@@ -14,6 +18,13 @@ from legolm.layers import CUSTOM_PREFIX, registered_layers
 Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "gelu_tanh", "silu"]
 Positions = Literal["learned", "rope"]
+
+# Sanity bounds, checked before any weight is allocated (a typo or a hostile config must not ask for terabytes).
+MAX_LAYERS = 1024
+MAX_BLOCK_SIZE = 1 << 20  # positions: RoPE tables and learned embeddings are sized by this
+MAX_VOCAB = 1 << 24
+MAX_WIDTH = 1 << 16  # n_embd, intermediate_size, head_dim
+MAX_HEADS = 1 << 12
 
 
 @dataclass
@@ -71,11 +82,23 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.check_types()
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
+            if self.n_head > 0 and self.n_embd % self.n_head:
+                raise ConfigError(f"model config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                                  "choose sizes whose quotient is the head width (or give head_dim)")
             self.head_dim = self.n_embd // max(self.n_head, 1)
         self.validate()
+
+    def check_types(self) -> None:
+        """Raise `ConfigError` naming the first field whose value is not of its type (or not one of its choices)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _is_instance(value, hints[f.name]):
+                raise ConfigError(f"model config: {f.name} must be {_describe(hints[f.name])}, got {value!r}")
 
     @property
     def n_layer(self) -> int:
@@ -100,10 +123,20 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first inconsistent field."""
-        positive = ("vocab_size", "n_embd", "n_head", "intermediate_size", "block_size", "n_kv_head", "head_dim")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model config: {name} must be > 0, got {getattr(self, name)}")
+        bounds = {"vocab_size": MAX_VOCAB, "n_embd": MAX_WIDTH, "n_head": MAX_HEADS, "intermediate_size": MAX_WIDTH,
+                  "block_size": MAX_BLOCK_SIZE, "n_kv_head": MAX_HEADS, "head_dim": MAX_WIDTH}
+        for name, limit in bounds.items():
+            if not 0 < getattr(self, name) <= limit:
+                raise ConfigError(f"model config: {name} must be in [1, {limit:,}], got {getattr(self, name)}")
+        if len(self.layers) > MAX_LAYERS:
+            raise ConfigError(f"model config: {len(self.layers):,} layers exceed the limit of {MAX_LAYERS:,}")
+        for name in ("norm_eps", "rope_base"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigError(f"model config: {name} must be > 0 and finite, got {getattr(self, name)}")
+        for name in ("bos_token_id", "eos_token_id"):
+            token = getattr(self, name)
+            if token is not None and token < 0:
+                raise ConfigError(f"model config: {name} must be a token id >= 0 (or null), got {token}")
         self._check_layers()
         if self.n_head % self.kv_heads:
             raise ConfigError(
@@ -148,6 +181,40 @@ class ModelConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], "name": name, **overrides})
+
+
+def _is_instance(value: Any, tp: Any) -> bool:
+    """Whether ``value`` fits the annotation ``tp`` (ints are floats too; bools are not numbers)."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, arg) for arg in get_args(tp))
+    if origin is Literal:
+        return value in get_args(tp)
+    if origin is list:
+        return isinstance(value, list) and all(_is_instance(v, get_args(tp)[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(get_args(tp)[0])}"
+    return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+_TYPE_NAMES = {type(None): "null", int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
 def _gpt2(n_layer: int, n_embd: int, n_head: int, vocab: int = 50257, block: int = 1024) -> dict[str, Any]:

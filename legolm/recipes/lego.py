@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,27 +37,28 @@ from legolm.lego.report import (
 from legolm.lego.split import plot_splits
 from legolm.lego.train import LegoTraining, train_lego
 from legolm.model.lego import LegoLM, quantile_threshold
-from legolm.train.checkpoint import check_run_dir, open_run_dir
-from legolm.train.distributed import current, init_distributed
-from legolm.utils.io import atomic_write_text
+from legolm.train.distributed import init_distributed
+from legolm.train.run_dir import check_run_dir, hold_run_dir
+from legolm.utils.io import atomic_write_text, finite_json
 
 
 def run_lego(cfg: LegoConfig, corpus: TokenizedCorpus | None = None) -> dict[str, Any]:
     """Check, prepare the data (unless ``corpus`` is given), train both phases, evaluate, decode, report."""
     cfg.validate()
-    check_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume)
+    inputs = [cfg.model.init, cfg.data.source, cfg.data.tokenizer, cfg.data.cache_dir]
+    check_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume, inputs)
     dist = init_distributed(cfg.run)  # under torchrun: both phases train on every rank, rank 0 reports
     with dist.main_first():
         corpus = corpus if corpus is not None else prepare_corpus(cfg.data, progress=cfg.run.progress)
     dist.barrier()  # every rank has checked the run directory before rank 0 creates it
-    out = dist.on_main(lambda: open_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume))
-    if dist.is_main:
-        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-    trained = train_lego(cfg, corpus)
-    if not current().is_main:  # rank 0 evaluates, times and reports
+    if not dist.is_main:  # rank 0 holds the run directory, evaluates, times and reports
+        train_lego(cfg, corpus)
         return {}
-    summary = evaluate_and_report(cfg, corpus, trained, out)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    with hold_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume, inputs) as out:
+        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+        trained = train_lego(cfg, corpus)
+        summary = evaluate_and_report(cfg, corpus, trained, out)
+        atomic_write_text(out / "summary.json", finite_json(summary, str(out / "summary.json"), indent=2))
     return summary
 
 

@@ -12,6 +12,7 @@ pretraining on a token stream::
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
@@ -22,6 +23,7 @@ from torch import Tensor
 from legolm.errors import ConfigError
 
 Batch = dict[str, Tensor]
+HASH_TOKENS = 1 << 20  # tokens hashed at a time by `token_fingerprint`
 
 
 @runtime_checkable
@@ -59,6 +61,14 @@ def resume_position(windows: int, batch_size: int, world_size: int) -> int:
     return windows // per_step
 
 
+def token_fingerprint(ids: np.ndarray) -> str:
+    """sha256 of a token stream's values (the same for any integer dtype), read in slices."""
+    h = hashlib.sha256()
+    for start in range(0, len(ids), HASH_TOKENS):
+        h.update(np.asarray(ids[start:start + HASH_TOKENS], dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
 class WindowBatches:
     """Fixed-length windows of a 1-D token array, batched, optionally shuffled, sharded by rank.
 
@@ -76,7 +86,9 @@ class WindowBatches:
         rank 1        w1    w3 |   w5    w7 | …
 
     The saved position counts the windows consumed by all ranks together, so a run resumes on
-    any number of ranks whose ``batch_size × world_size`` divides it.
+    any number of ranks whose ``batch_size × world_size`` divides it. It also records the window
+    length and a fingerprint of the token stream: resuming on other data (another source, tokenizer,
+    split or window) is refused, since the saved position would name other windows.
 
     Each batch: ``input_ids`` (B, W) and ``labels`` (B, W) int64, ``sample_ids`` (B,) window
     indices, ``batch_id`` () position of the batch in the epoch.
@@ -110,6 +122,14 @@ class WindowBatches:
         self.rank, self.world_size = rank, world_size
         self.n_windows, self.per_rank = n_windows, per_rank
         self.epoch, self.position = 0, 0
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """`token_fingerprint` of the token stream (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = token_fingerprint(self.ids)
+        return self._fingerprint
 
     def __len__(self) -> int:
         full, rest = divmod(self.per_rank, self.batch_size)
@@ -133,11 +153,27 @@ class WindowBatches:
         self.epoch, self.position = epoch, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "windows": self.position * self.batch_size * self.world_size}
+        return {"epoch": self.epoch, "windows": self.position * self.batch_size * self.world_size,
+                "window": self.window, "tokens": len(self.ids), "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_same_data(state)
         self.epoch, self.position = int(state["epoch"]), resume_position(int(state["windows"]), self.batch_size,
                                                                          self.world_size)
+
+    def check_same_data(self, state: dict[str, Any]) -> None:
+        """Raise `ConfigError` unless ``state`` (from `state_dict`) was saved on these tokens and windows."""
+        if "window" in state and int(state["window"]) != self.window:
+            raise ConfigError(f"cannot resume: the run trained on {state['window']}-token windows, this one asks for "
+                              f"{self.window}; resume with --window {state['window']} (or start a new run)")
+        if "tokens" in state and int(state["tokens"]) != len(self.ids):
+            raise ConfigError(f"cannot resume: the run trained on {int(state['tokens']):,} tokens, this data has "
+                              f"{len(self.ids):,} (another source, tokenizer or split?); resume with the run's own "
+                              "data settings (its config.yaml) or start a new run")
+        if "fingerprint" in state and state["fingerprint"] != self.fingerprint:
+            raise ConfigError("cannot resume: the training tokens differ from the run's (another source, tokenizer "
+                              "or split?); resume with the run's own data settings (its config.yaml) or start a new "
+                              "run")
 
     def __iter__(self) -> Iterator[Batch]:
         order = self.order(self.epoch)

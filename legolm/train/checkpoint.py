@@ -1,4 +1,4 @@
-"""Training checkpoints: everything a run needs to continue bit for bit, written atomically.
+"""Training checkpoints: everything a run needs to continue bit for bit, written atomically and durably.
 
 ::
 
@@ -10,9 +10,10 @@
         trainer.json          step, epoch, data position, best metric, early-stopping count,
                               tokens, elapsed time, Python and NumPy RNG states
 
-Each checkpoint is written into a temporary directory that is renamed into place, so a process
-killed mid-write leaves the previous checkpoint intact (and a ``.step-*.tmp-*`` directory that
-the next resume deletes).
+Each checkpoint is written into a temporary directory whose files are fsync'ed and which is then
+renamed into place, so a process killed mid-write (or a power loss) leaves the previous checkpoint
+intact (and a ``.step-*.tmp-*`` directory that the next resume deletes). On resume an unreadable
+newest checkpoint (a damaged disk, a file truncated by hand) is set aside and the previous one used.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,43 +32,37 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from legolm.errors import CheckpointError, LegolmError
+from legolm.errors import CheckpointError
+from legolm.train.run_dir import check_run_dir as check_run_dir  # re-exported: they lived here before run_dir.py
+from legolm.train.run_dir import open_run_dir as open_run_dir
 from legolm.utils.io import atomic_dir
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
+STEP_DIR = re.compile(rf"{PREFIX}(\d+)")
+CORRUPT_SUFFIX = ".unreadable"  # an unreadable checkpoint is renamed .step-<N>.unreadable (kept, out of the way)
+SAFETENSORS_HEADER_BYTES = 8  # a safetensors file starts with its header's length, a little-endian u64
 
 
-def check_run_dir(out_dir: str | Path, overwrite: bool, resume: bool) -> None:
-    """Refuse an existing run directory unless asked to overwrite or resume it (no side effects)."""
-    path = Path(out_dir)
-    if path.exists() and not (overwrite or resume):
-        raise LegolmError(f"run directory {path} already exists; pass --overwrite to replace it, "
-                          "--resume to continue it, or choose another --run.out-dir")
-    if path.exists() and not path.is_dir():
-        raise LegolmError(f"run directory {path} exists and is not a directory; choose another --run.out-dir")
-
-
-def open_run_dir(out_dir: str | Path, overwrite: bool, resume: bool) -> Path:
-    """Create the run directory (replacing it with ``overwrite``, keeping it with ``resume``)."""
-    check_run_dir(out_dir, overwrite, resume)
-    path = Path(out_dir)
-    if path.exists() and overwrite:
-        old = path.with_name(f".{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        path.rename(old)
-        shutil.rmtree(old)
-    path.mkdir(parents=True, exist_ok=True)
-    for leftover in (path / CHECKPOINTS).glob(f".{PREFIX}*.tmp-*"):  # a write cut short by a kill
-        shutil.rmtree(leftover)
-    return path
+def checkpoint_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every ``checkpoints/step-<N>`` folder, oldest first (stray names are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return sorted(found)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The complete checkpoint of the highest step in ``run_dir``, if any."""
-    found = sorted((Path(run_dir) / CHECKPOINTS).glob(f"{PREFIX}*"), key=lambda p: int(p.name[len(PREFIX):]))
-    return found[-1] if found else None
+    """The checkpoint of the highest step in ``run_dir``, if any (see `load_latest_checkpoint` for a readable one)."""
+    found = checkpoint_dirs(run_dir)
+    return found[-1][1] if found else None
+
+
+def remove_partial_checkpoints(run_dir: str | Path) -> None:
+    """Delete the temporary folders of checkpoint writes cut short by a kill."""
+    for leftover in (Path(run_dir) / CHECKPOINTS).glob(f".{PREFIX}*.tmp-*"):
+        shutil.rmtree(leftover)
 
 
 def _rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -110,21 +106,62 @@ def save_training_checkpoint(run_dir: str | Path, step: int, model: nn.Module, o
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(rng_tensors, tmp / "rng.pt")
         (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "rng": rng_json}) + "\n")
-    for old in sorted(root.glob(f"{PREFIX}*"))[:-keep]:
+    for _, old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old)
     return target
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """A checkpoint whose files are missing, truncated or garbage (as opposed to one of another model)."""
+
+
+def _check_safetensors(path: Path) -> None:
+    """Raise ``ValueError`` unless ``path`` is as long as its safetensors header says (a torn write is not)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(SAFETENSORS_HEADER_BYTES)
+        n = int.from_bytes(head, "little") if len(head) == SAFETENSORS_HEADER_BYTES else size
+        if n > size - SAFETENSORS_HEADER_BYTES:
+            raise ValueError(f"model.safetensors is truncated ({size} bytes)")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("model.safetensors has no tensor header")
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    expected = SAFETENSORS_HEADER_BYTES + n + max(ends, default=0)
+    if expected != size:
+        raise ValueError(f"model.safetensors holds {size} bytes, its header describes {expected}")
+
+
+def read_training_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(trainer state, optimizer state, RNG tensors) of the checkpoint at ``path``, every file checked.
+
+    Raises:
+        UnreadableCheckpoint: A file is missing, truncated or not what it should be.
+    """
+    try:
+        _check_safetensors(path / "model.safetensors")
+        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        rng_tensors = torch.load(path / "rng.pt", weights_only=True)
+        trainer = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+        if not (isinstance(trainer, dict) and {"fit", "data", "rng"} <= trainer.keys()):
+            raise ValueError("trainer.json lacks fit/data/rng")
+    except Exception as err:  # any failure to read means the same: unreadable
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UnreadableCheckpoint(f"checkpoint {path} is unreadable ({first})") from None
+    return trainer, optimizer_state, rng_tensors
+
+
 @contextlib.contextmanager
 def _reading(path: Path) -> Iterator[None]:
-    """Turn a broken or mismatched checkpoint into one `CheckpointError` line."""
+    """Turn a mismatched checkpoint into one `CheckpointError` line."""
     try:
         yield
     except CheckpointError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except Exception as err:  # safetensors raises its own error type
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"cannot resume from {path} ({first}); delete it to fall back to an older one") from None
+        raise CheckpointError(f"cannot resume from {path} ({first}); resume with the settings it was written "
+                              "with, or start again with --overwrite") from None
 
 
 def load_training_checkpoint(path: Path, model: nn.Module, device: torch.device) -> tuple[dict[str, Any],
@@ -133,17 +170,63 @@ def load_training_checkpoint(path: Path, model: nn.Module, device: torch.device)
 
     The optimizer state is keyed by parameter name; load it with `Wrapped.load_optimizer_state`
     once the optimizer exists.
+
+    Raises:
+        UnreadableCheckpoint: A file is missing or torn. CheckpointError: The checkpoint is of another model.
     """
+    state, optimizer_state, rng_tensors = read_training_checkpoint(path)
     with _reading(path):
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
         if missing or unexpected:
             raise CheckpointError(f"checkpoint {path} does not match the model: missing {sorted(missing)[:5]}, "
                                   f"unexpected {sorted(unexpected)[:5]}; resume with the config it was written with")
-        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        rng_tensors = torch.load(path / "rng.pt", weights_only=True)
-        state: dict[str, Any] = json.loads((path / "trainer.json").read_text())
-    _set_rng_state(state.pop("rng"), rng_tensors)
+        _set_rng_state(state.pop("rng"), rng_tensors)
     return state, optimizer_state
+
+
+Saved = tuple[dict[str, Any], dict[str, Any]]  # (trainer state, optimizer state)
+
+
+def load_latest_checkpoint(run_dir: Path, model: nn.Module, device: torch.device, say: Callable[[str], None],
+                           set_aside: bool = True) -> tuple[Path | None, Saved | None]:
+    """Load the newest readable checkpoint of ``run_dir`` (see `load_training_checkpoint`).
+
+    Unreadable newer ones (a torn or damaged write) are renamed ``.step-<N>.unreadable`` (with
+    ``set_aside``: one process of a job does it) and the previous one is used, saying so through ``say``.
+
+    Returns:
+        (its path, (trainer state, optimizer state)), or (None, None) when there is no checkpoint.
+
+    Raises:
+        CheckpointError: Checkpoints exist but none is readable, or they are of another model.
+    """
+    found = checkpoint_dirs(run_dir)
+    bad: list[tuple[Path, str]] = []
+    for _, path in reversed(found):
+        try:
+            saved = load_training_checkpoint(path, model, device)
+        except UnreadableCheckpoint as err:
+            bad.append((path, str(err)))
+            continue
+        for broken, reason in bad:
+            aside = _free_name(broken.with_name(f".{broken.name}{CORRUPT_SUFFIX}"))
+            if set_aside:
+                broken.rename(aside)
+            say(f"warning: {reason}; moved it to {aside} and resumed from the previous checkpoint {path.name}")
+        return path, saved
+    if bad:
+        raise CheckpointError(f"no readable checkpoint in {Path(run_dir) / CHECKPOINTS}: {bad[0][1]}; start again "
+                              "with --overwrite (or delete the damaged checkpoints)")
+    return None, None
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``path-1``, ``path-2``, ... : the first that does not exist."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 def load_optimizer_checkpoint(path: Path, load: Callable[[dict[str, Any]], None], state: dict[str, Any]) -> None:

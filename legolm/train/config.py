@@ -14,6 +14,7 @@ In YAML each nested dataclass is a section, on the command line a dotted prefix:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,6 +22,10 @@ from legolm.data.tokenized import DataConfig
 from legolm.errors import ConfigError
 from legolm.eval.sanity import PPLBands
 from legolm.model.config import PRESETS, ModelConfig
+from legolm.utils.device import check_device_name
+
+MAX_SEED = 2**32 - 1  # NumPy's legacy global seeding (np.random.seed) takes seeds in [0, 2**32 - 1]
+MAX_SAMPLE_SEED = 2**64 - 1  # a torch.Generator takes seeds in [0, 2**64 - 1]
 
 
 def uses_bf16(device_type: str, precision: str) -> bool:
@@ -39,6 +44,8 @@ class OptimConfig:
         weight_decay: Decoupled weight decay on >= 2-D parameters (matrices, embeddings).
         grad_clip: Clip the global gradient norm to this (0 = no clipping).
         fused: Use the fused AdamW kernel (None = on CUDA only).
+        on_nonfinite: A NaN/inf loss or gradient norm: stop (the run ends with an error) or skip (drop that update).
+        max_skipped_steps: With on_nonfinite skip, end the run with an error once more steps than this are skipped.
     """
 
     lr: float = 1e-3
@@ -48,6 +55,29 @@ class OptimConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     fused: bool | None = None
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 10
+
+    def checks(self) -> list[tuple[bool, str]]:
+        """(ok, message) of each setting: finite, in range (NaN fails every comparison)."""
+        return [
+            (0 < self.lr < math.inf, f"optim.lr must be > 0 and finite, got {self.lr}"),
+            (0 <= self.weight_decay < math.inf,
+             f"optim.weight_decay must be >= 0 and finite, got {self.weight_decay}"),
+            (0 < self.eps < math.inf, f"optim.eps must be > 0 and finite (e.g. 1e-8), got {self.eps}"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+             f"optim.beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}"),
+            (0 <= self.grad_clip < math.inf,
+             f"optim.grad_clip must be >= 0 and finite (0 = off), got {self.grad_clip}"),
+            (self.max_skipped_steps >= 0, f"optim.max_skipped_steps must be >= 0, got {self.max_skipped_steps}"),
+        ]
+
+
+def _raise_first(checks: list[tuple[bool, str]]) -> None:
+    """Raise `ConfigError` with the message of the first failed (ok, message) check."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 @dataclass
@@ -175,11 +205,7 @@ class FitConfig:
             (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.max_steps is not None or self.epochs is not None, "set max_steps or epochs (or both)"),
             (self.loss_chunk_tokens >= 0, f"loss_chunk_tokens must be >= 0 (0 = off), got {self.loss_chunk_tokens}"),
-            (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
-            (self.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.optim.weight_decay}"),
-            (0 <= self.optim.beta1 < 1 and 0 <= self.optim.beta2 < 1,
-             f"optim.beta1/beta2 must be in [0, 1), got {self.optim.beta1}, {self.optim.beta2}"),
-            (self.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {self.optim.grad_clip}"),
+            *self.optim.checks(),
             (self.schedule.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {self.schedule.warmup_steps}"),
             (0 <= self.schedule.min_lr_ratio <= 1,
              f"schedule.min_lr_ratio must be in [0, 1], got {self.schedule.min_lr_ratio}"),
@@ -194,11 +220,13 @@ class FitConfig:
             (self.run.log_every >= 1, f"run.log_every must be >= 1, got {self.run.log_every}"),
             (self.run.save_every >= 0, f"run.save_every must be >= 0 (0 = only at the end), got {self.run.save_every}"),
             (self.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {self.run.keep_checkpoints}"),
+            (0 <= self.run.seed <= MAX_SEED, f"run.seed must be in [0, {MAX_SEED}], got {self.run.seed}"),
+            (math.isfinite(self.eval.min_delta) and self.eval.min_delta >= 0,
+             f"eval.min_delta must be >= 0 and finite, got {self.eval.min_delta}"),
             (not (self.run.overwrite and self.run.resume), "--overwrite and --resume exclude each other; pick one"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        _raise_first(checks)
+        check_device_name(self.run.device, "run.device")
         self.eval.ppl_bands.validate("eval.ppl_bands: ")
 
 
@@ -266,6 +294,16 @@ class SampleConfig:
     top_k: int = 40
     seed: int = 0
 
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first bad sample setting (before any training)."""
+        _raise_first([
+            (self.max_new_tokens >= 1, f"sample.max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (0 < self.temperature < math.inf,
+             f"sample.temperature must be > 0 and finite, got {self.temperature}"),
+            (self.top_k >= 0, f"sample.top_k must be >= 0 (0 = off), got {self.top_k}"),
+            (0 <= self.seed <= MAX_SAMPLE_SEED, f"sample.seed must be in [0, {MAX_SAMPLE_SEED}], got {self.seed}"),
+        ])
+
 
 @dataclass
 class TrainConfig(FitConfig):
@@ -280,3 +318,8 @@ class TrainConfig(FitConfig):
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataConfig = field(default_factory=DataConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        self.data.validate()
+        self.sample.validate()

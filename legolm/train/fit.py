@@ -36,20 +36,22 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from legolm.errors import ConfigError, LegolmError
+from legolm.errors import ConfigError, TrainingDiverged
 from legolm.train.batches import Batch, BatchSource
 from legolm.train.checkpoint import (
     latest_checkpoint,
+    load_latest_checkpoint,
     load_optimizer_checkpoint,
-    load_training_checkpoint,
-    open_run_dir,
+    remove_partial_checkpoints,
     save_training_checkpoint,
 )
 from legolm.train.config import FitConfig, uses_bf16
 from legolm.train.distributed import DistContext, Wrapped, init_distributed
 from legolm.train.head_loss import IGNORE_INDEX, head_cross_entropy, token_cross_entropy
-from legolm.train.metrics import MetricsLogger
+from legolm.train.metrics import MetricsLogger, format_loss
 from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
+from legolm.train.run_dir import open_run_dir, release_run_dir
+from legolm.utils.device import parse_device
 from legolm.utils.io import atomic_write_text
 from legolm.utils.params import count_parameters
 
@@ -99,6 +101,7 @@ class FitState:
     eval_s: float = 0.0
     stop: bool = False
     stopped_early: bool = False
+    skipped_steps: int = 0
 
 
 class Callback:
@@ -137,6 +140,7 @@ class FitResult:
         stopped_early: Early stopping (or a callback) ended the run before its last step.
         evals: One row per evaluation: step, train_loss (mean since the previous one), val metrics.
         run_dir: The run directory.
+        skipped_steps: Steps whose update was dropped for a non-finite loss or gradient (optim.on_nonfinite skip).
     """
 
     best_val_ppl: float
@@ -149,18 +153,14 @@ class FitResult:
     trainable_params: int
     total_params: int
     stopped_early: bool
-    evals: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
     run_dir: Path | None = None
+    skipped_steps: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` = CUDA when visible, else CPU; a CUDA device that is not there is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LegolmError("run.device cuda was asked for but no CUDA GPU is visible; use --run.device cpu")
-    return device
+    """``auto`` = CUDA when visible, else CPU; a bad name or a CUDA device that is not there is a user error."""
+    return parse_device(name, "run.device")
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -207,17 +207,30 @@ class TrainStep:
         compile: Compile the loss call.
         compile_mode: The `torch.compile` mode.
         wrapped: The model as a distributed run trains it (default: ``model`` in this process).
+        skip_nonfinite: Drop the update of a step whose loss or gradient norm is not finite (over all
+            ranks); this waits for the device once per step. Without it the update is applied and
+            the caller reads ``finite`` when it syncs anyway (`fit` stops the run).
+
+    Attributes:
+        finite: Whether the last step's loss and gradient norm were finite (a bool tensor, not synced).
+        grad_norm: The last step's global gradient norm before clipping (a tensor).
+        skipped: Whether the last step's update was dropped (only with ``skip_nonfinite``).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
                  grad_clip: float, autocast: contextlib.AbstractContextManager[Any], device: torch.device,
-                 compile: bool = False, compile_mode: str = "default", wrapped: Wrapped | None = None) -> None:
+                 compile: bool = False, compile_mode: str = "default", wrapped: Wrapped | None = None,
+                 skip_nonfinite: bool = False) -> None:
         self.wrapped = wrapped if wrapped is not None else Wrapped(model)
         self.model, self.loss_fn, self.optimizer, self.schedule = self.wrapped.model, loss_fn, optimizer, schedule
         self.grad_clip, self.autocast, self.device = grad_clip, autocast, device
+        self.skip_nonfinite = skip_nonfinite
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         runner = self.wrapped.runner
         self.run: Callable[..., LossOutput] = torch.compile(runner, mode=compile_mode) if compile else runner
+        self.finite: Tensor = torch.ones((), dtype=torch.bool, device=device)
+        self.grad_norm: Tensor = torch.zeros((), device=device)
+        self.skipped = False
 
     def forward(self, batch: Batch) -> LossOutput:
         """The loss of one batch under this step's autocast (also used for evaluation)."""
@@ -235,12 +248,30 @@ class TrainStep:
                 (loss / len(micro_batches)).backward()
             total = loss.detach() if total is None else total + loss.detach()
             tokens = tokens + n
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         assert total is not None
-        return total / len(micro_batches), tokens, lr
+        mean = total / len(micro_batches)
+        norm = self._grad_norm()
+        full = getattr(norm, "full_tensor", None)  # FSDP2: the norm of sharded grads, a DTensor
+        self.grad_norm = full() if callable(full) else norm
+        self.finite = torch.isfinite(mean) & torch.isfinite(self.grad_norm)
+        self.skipped = self.skip_nonfinite and self._any_rank_nonfinite()
+        if not self.skipped:
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip, norm)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return mean, tokens, lr
+
+    def _grad_norm(self) -> Tensor:
+        """Global L2 norm of the gradients (0 when no parameter has one), as `clip_grad_norm_` computes it."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.nn.utils.get_total_norm(grads)
+
+    def _any_rank_nonfinite(self) -> bool:
+        """Whether the last step was not finite on any rank (one device sync)."""
+        return bool(self.wrapped.ctx.all_reduce_sum((~self.finite).double().reshape(1))[0] > 0)
 
 
 def evaluate_loss(step: TrainStep, batches: BatchSource, max_batches: int | None = None) -> dict[str, float]:
@@ -315,8 +346,11 @@ def fit(model: nn.Module, train: BatchSource, cfg: FitConfig, *, val: BatchSourc
         the checkpoints.
 
     Raises:
-        ConfigError: An invalid setting. LegolmError: The run directory exists (without
-            ``overwrite``/``resume``).
+        ConfigError: An invalid setting, or resuming on other data.
+        TrainingDiverged: A NaN/inf loss, gradient norm or weight (``optim.on_nonfinite``); nothing
+            non-finite was saved and the last finite checkpoint is kept.
+        LegolmError: The run directory exists (without ``overwrite``/``resume``), is held by another
+            process, or is not legolm's (see `legolm.train.run_dir`).
     """
     cfg.validate()
     ctx = init_distributed(cfg.run)
@@ -325,14 +359,28 @@ def fit(model: nn.Module, train: BatchSource, cfg: FitConfig, *, val: BatchSourc
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     check_shards(train, ctx)
-    per_epoch, n_steps = total_steps(cfg, len(train))
-    trainable, total = count_parameters(model)
-    if trainable == 0:
+    total_steps(cfg, len(train))
+    if count_parameters(model)[0] == 0:
         raise ConfigError("the model has no trainable parameters (all have requires_grad=False)")
     ctx.barrier()  # every rank has checked the run directory before rank 0 creates it
     run_dir = ctx.on_main(lambda: open_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume))
-    ckpt = latest_checkpoint(run_dir) if cfg.run.resume else None
-    saved = load_training_checkpoint(ckpt, model, device) if ckpt is not None else None
+    try:
+        return _fit_in(run_dir, model, train, cfg, ctx, device, val, loss_fn, eval_fn, callbacks)
+    finally:
+        if ctx.is_main:
+            release_run_dir(run_dir)
+
+
+def _fit_in(run_dir: Path, model: nn.Module, train: BatchSource, cfg: FitConfig, ctx: DistContext,
+            device: torch.device, val: BatchSource | None, loss_fn: LossFn | None, eval_fn: EvalFn | None,
+            callbacks: Sequence[Callback]) -> FitResult:
+    """`fit` once its run directory is open (and locked)."""
+    per_epoch, n_steps = total_steps(cfg, len(train))
+    trainable, total = count_parameters(model)
+    say = tqdm.write if ctx.is_main else _silent
+    if ctx.is_main:
+        remove_partial_checkpoints(run_dir)
+    ckpt, saved = load_latest_checkpoint(run_dir, model, device, say, ctx.is_main) if cfg.run.resume else (None, None)
     if ctx.strategy != "fsdp2":  # FSDP2 shards a copy and fills the model at the end
         model.to(device)
     model.train()
@@ -340,9 +388,9 @@ def fit(model: nn.Module, train: BatchSource, cfg: FitConfig, *, val: BatchSourc
     optimizer = build_optimizer(trainable_parameters(wrapped.model), cfg.optim, device)  # FSDP2: shards
     schedule = LRSchedule(cfg.optim.lr, cfg.schedule, n_steps)
     step = TrainStep(model, loss_fn or NextTokenLoss(cfg.loss_chunk_tokens), optimizer, schedule, cfg.optim.grad_clip,
-                     autocast_for(device, cfg.run.precision), device, cfg.run.compile, cfg.run.compile_mode, wrapped)
+                     autocast_for(device, cfg.run.precision), device, cfg.run.compile, cfg.run.compile_mode, wrapped,
+                     skip_nonfinite=cfg.optim.on_nonfinite == "skip")
     state = _start(cfg, ckpt, saved, step, train, ctx)
-    say = tqdm.write if ctx.is_main else _silent
     if ctx.is_main:
         from legolm.cli.args import dump_yaml
 
@@ -365,22 +413,65 @@ def fit(model: nn.Module, train: BatchSource, cfg: FitConfig, *, val: BatchSourc
     say(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%) on {where}, "
         f"{n_steps:,} steps ({per_epoch:,} per epoch), run dir {run_dir}")
     loop = _Loop(cfg, step, train, state, logger, evaluate, callbacks, run_dir, n_steps)
-    loop.saved_step = state.step if ckpt is not None else -1
+    if ckpt is not None:  # the run's evaluations so far (every rank gets rank 0's, so they agree on what is left)
+        loop.saved_step = state.step
+        loop.evals = ctx.on_main(lambda: restored_evals(logger.rows, state.step))
+        loop.last_val_ppl = loop.evals[-1].get("val_ppl", math.nan) if loop.evals else math.nan
     loop.run()
     wrapped.finish()
     result = FitResult(
         best_val_ppl=state.best_metric, final_val_ppl=loop.last_val_ppl, steps=state.step, tokens=state.tokens,
         seconds=state.elapsed_s, tokens_per_s=state.tokens / max(state.elapsed_s, 1e-9),
         peak_memory_mb=peak_memory_mb(device), trainable_params=trainable, total_params=total,
-        stopped_early=state.stopped_early, evals=loop.evals, run_dir=run_dir,
+        stopped_early=state.stopped_early, evals=loop.evals, run_dir=run_dir, skipped_steps=state.skipped_steps,
     )
     if logger.plot_note:
         say(logger.plot_note)
+    say(f"trained {result.steps:,} steps, {result.tokens:,} tokens in {_duration(result.seconds)} of wall time "
+        f"({result.tokens_per_s:,.0f} tokens/s on average)")
     return result
 
 
 def _silent(message: str) -> None:
     """What ranks > 0 print."""
+
+
+def restored_evals(rows: Sequence[dict[str, Any]], step: int) -> list[dict[str, Any]]:
+    """`FitResult.evals` rows of the evaluations logged in ``rows`` (metrics.jsonl) up to ``step``."""
+    evals = []
+    for row in rows:
+        if row.get("split") == "val" and row["step"] <= step:
+            metrics = {k: v for k, v in row.items() if k not in ("step", "split", "train_loss")}
+            evals.append({"step": row["step"], "train_loss": row.get("train_loss"), **metrics})
+    return evals
+
+
+def _number(value: float) -> str:
+    """A metric for a log line: integers with thousands separators, others to 4 significant digits."""
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+
+
+def _duration(seconds: float) -> str:
+    """``1:02:03`` / ``2:03`` wall time."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _nonfinite_what(loss: float, grad_norm: float) -> str:
+    """``the loss is nan`` / ``the gradient norm is inf`` / both."""
+    parts = [f"the loss is {loss:g}" if not math.isfinite(loss) else "",
+             f"the gradient norm is {grad_norm:g}" if not math.isfinite(grad_norm) else ""]
+    return " and ".join(p for p in parts if p) or "a non-finite value"
+
+
+def _nonfinite_params(params: Sequence[Tensor], ctx: DistContext) -> bool:
+    """Whether any of ``params`` (this rank's shards under FSDP2) holds a NaN/inf on any rank."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    if not local:
+        return False
+    bad = torch.stack([~torch.isfinite(p.detach()).all() for p in local]).sum().double().reshape(1)
+    return bool(ctx.all_reduce_sum(bad)[0] > 0)
 
 
 def check_shards(train: BatchSource, ctx: DistContext) -> None:
@@ -422,22 +513,35 @@ class _Loop:
         self.ctx = step.wrapped.ctx
         self.say = tqdm.write if self.ctx.is_main else _silent
         self.saved_step = -1
-        self.evals: list[dict[str, float]] = []
+        self.evals: list[dict[str, Any]] = []
         self.last_val_ppl = math.nan
         self.log_loss: Tensor | float = 0.0  # summed step losses since the last log line
         self.log_tokens: Tensor | int = 0
         self.log_steps = 0
         self.eval_loss, self.eval_steps = 0.0, 0  # since the last evaluation (for the table)
         self.lr = 0.0
+        # the first non-finite step not yet reported: (step, loss, grad norm), step -1 = none; read when syncing
+        self.nonfinite = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64, device=step.device)
 
     def run(self) -> None:
-        state, cfg, train = self.state, self.cfg, self.train
+        state, cfg = self.state, self.cfg
         for cb in self.callbacks:
             cb.on_train_start(state, self.step.model)
         self.bar = tqdm(total=self.n_steps, initial=state.step, unit="step",
                         disable=not (cfg.run.progress and self.ctx.is_main), dynamic_ncols=True)
         self.t_mark = self.t_start = time.perf_counter()
         self.elapsed_at_start = state.elapsed_s
+        try:
+            self.loop()
+            self.finish()
+        except TrainingDiverged:
+            self.bar.close()
+            self.logger.close()  # the metrics up to the divergence stay readable
+            raise
+
+    def loop(self) -> None:
+        """Steps until the last one (or a stop), epoch after epoch."""
+        state, cfg, train = self.state, self.cfg, self.train
         while state.step < self.n_steps and not state.stop:
             micro: list[Batch] = []
             for batch in train:
@@ -452,14 +556,17 @@ class _Loop:
                 train.set_epoch(state.epoch)
                 for cb in self.callbacks:
                     cb.on_epoch_end(state, self.step.model)
-        self.finish()
 
     def train_step(self, micro: list[Batch]) -> None:
         state, cfg = self.state, self.cfg
         loss, tokens, self.lr = self.step(micro, state.step)
         state.step += 1
-        self.log_loss, self.log_tokens = self.log_loss + loss, self.log_tokens + tokens
-        self.log_steps += 1
+        if self.step.skipped:
+            self.skip(loss)
+        else:
+            self.record_nonfinite(loss)
+            self.log_loss, self.log_tokens = self.log_loss + loss, self.log_tokens + tokens
+            self.log_steps += 1
         self.bar.update(1)
         evaluate = bool(cfg.eval.every) and state.step % cfg.eval.every == 0
         if state.step % cfg.run.log_every == 0 or evaluate:
@@ -471,13 +578,53 @@ class _Loop:
         for cb in self.callbacks:
             cb.on_step_end(state, self.step.model)
 
+    def record_nonfinite(self, loss: Tensor) -> None:
+        """Remember the first step whose loss or gradient norm is not finite, without waiting for the device."""
+        now = torch.stack([torch.full((), float(self.state.step), dtype=torch.float64, device=self.step.device),
+                           loss.detach().double(), self.step.grad_norm.detach().double()])
+        first = (self.nonfinite[0] < 0) & ~self.step.finite
+        self.nonfinite = torch.where(first, now, self.nonfinite)
+
+    def skip(self, loss: Tensor) -> None:
+        """A step whose update was dropped (optim.on_nonfinite skip): count it, stop past the limit."""
+        state, limit = self.state, self.cfg.optim.max_skipped_steps
+        state.skipped_steps += 1
+        what = _nonfinite_what(float(loss), float(self.step.grad_norm))
+        if state.skipped_steps > limit:
+            raise self.diverged(f"{what} at step {state.step:,}, {state.skipped_steps} steps skipped, more than "
+                                f"optim.max_skipped_steps {limit}")
+        self.say(f"step {state.step:,}: {what}; update skipped ({state.skipped_steps} of at most {limit})")
+
+    def diverged(self, what: str) -> TrainingDiverged:
+        """The one-line error that ends a run whose training is no longer finite."""
+        last = latest_checkpoint(self.run_dir) if self.ctx.is_main else None
+        kept = f"the last checkpoint {last} is finite" if last is not None else "no checkpoint was written"
+        return TrainingDiverged(
+            f"training diverged: {what}; the run stopped and wrote nothing non-finite ({kept}); lower --optim.lr, "
+            "raise --schedule.warmup-steps or set --optim.grad-clip (or --optim.on-nonfinite skip)")
+
+    def check_nonfinite(self, count: float) -> None:
+        """Raise `TrainingDiverged` when ``count`` (summed over ranks) non-finite steps were recorded."""
+        if count > 0:
+            step, loss, norm = self.nonfinite.tolist()
+            where = f" at step {int(step):,}" if step >= 0 else " on another rank"
+            raise self.diverged(f"{_nonfinite_what(loss, norm)}{where}")
+
+    def check_weights(self) -> None:
+        """Raise `TrainingDiverged` when a trained weight is NaN/inf on any rank (before it could be saved)."""
+        if _nonfinite_params(self.step.params, self.ctx):
+            raise self.diverged(f"a trained weight is not finite after step {self.state.step:,}")
+
     def log_train(self) -> None:
         """Sync once: mean loss (over ranks too) and tokens/s of all ranks since the last log line."""
+        bad = (self.nonfinite[0] >= 0).double()
         if not self.log_steps:
+            self.check_nonfinite(float(self.ctx.all_reduce_sum(bad.reshape(1))[0]))
             return
         sums = torch.stack([torch.as_tensor(v, device=self.step.device).double()
-                            for v in (self.log_loss, self.log_tokens)])
-        loss_sum, token_sum = self.ctx.all_reduce_sum(sums).tolist()
+                            for v in (self.log_loss, self.log_tokens)] + [bad])
+        loss_sum, token_sum, bad_sum = self.ctx.all_reduce_sum(sums).tolist()
+        self.check_nonfinite(bad_sum)
         now = time.perf_counter()
         loss = loss_sum / self.ctx.world_size / self.log_steps
         tokens = int(token_sum)
@@ -497,18 +644,22 @@ class _Loop:
         t0 = time.perf_counter()
         metrics = self.eval_fn()
         self.t_mark += time.perf_counter() - t0  # evaluation time is not training throughput
+        self.bar.unpause()  # nor is it in the bar's rate and ETA
         self.state.eval_s += time.perf_counter() - t0
         state = self.state
-        train_loss = self.eval_loss / self.eval_steps if self.eval_steps else math.nan
+        train_loss = self.eval_loss / self.eval_steps if self.eval_steps else None  # None: no step since the last
         self.eval_loss, self.eval_steps = 0.0, 0
+        bad = {k: v for k, v in metrics.items() if k in ("val_loss", "val_ppl") and not math.isfinite(v)}
+        if bad:
+            raise self.diverged(f"the validation metrics {bad} are not finite at step {state.step:,}")
         row = {"step": state.step, "train_loss": train_loss, **metrics}
         self.evals.append(row)
-        self.logger.log({"step": state.step, "split": "val", **metrics})
+        self.logger.log({"step": state.step, "split": "val", "train_loss": train_loss, **metrics})
         self.logger.flush()
         ppl = metrics.get("val_ppl", math.nan)
         self.last_val_ppl = ppl
-        self.say(f"step {state.step:>7,} | train loss {train_loss:.4f} | "
-                 + " | ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in metrics.items()))
+        self.say(f"step {state.step:>7,} | train loss {format_loss(train_loss)} | "
+                 + " | ".join(f"{k.replace('_', ' ')} {_number(v)}" for k, v in metrics.items()))
         if ppl < state.best_metric - self.cfg.eval.min_delta:
             state.best_metric, state.bad_evals = ppl, 0
         else:
@@ -523,6 +674,7 @@ class _Loop:
     def save(self) -> None:
         """Rank 0 writes the full model and optimizer state (under FSDP2 every rank helps gather them)."""
         self.log_train()  # the saved token count and time are exact at this step
+        self.check_weights()
         self.saved_step = self.state.step
         wrapped = self.step.wrapped
         if not (self.ctx.is_main or wrapped.collective_state):
@@ -535,6 +687,7 @@ class _Loop:
 
     def finish(self) -> None:
         self.log_train()
+        self.check_weights()
         last_eval = self.evals[-1]["step"] if self.evals else -1
         if last_eval != self.state.step:
             self.evaluate()

@@ -20,6 +20,11 @@ from legolm.utils.io import atomic_savefig, atomic_write_text
 JSONL, CSV, PLOT = "metrics.jsonl", "metrics.csv", "loss.png"
 
 
+def format_loss(value: float | None) -> str:
+    """A loss for a log line or table (``-`` when there is none, e.g. no step since the last evaluation)."""
+    return "-" if value is None else f"{value:.4f}"
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a metrics JSONL file; a last line cut short by a kill is skipped."""
     if not path.is_file():

@@ -1,0 +1,43 @@
+"""Device names from flags and configs: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``."""
+
+from __future__ import annotations
+
+import torch
+
+from legolm.errors import ConfigError, LegolmError
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device_name(name: str, what: str = "--device") -> torch.device | None:
+    """``name`` as a `torch.device` (None for ``auto``); a name that is no device is one `ConfigError` line.
+
+    Availability is not checked here (see `parse_device`), so configs can be checked on any machine.
+
+    Args:
+        name: The user's value.
+        what: The flag or config key it came from (named in the error).
+    """
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise ConfigError(f"{what} {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def parse_device(name: str, what: str = "--device") -> torch.device:
+    """``name`` as a `torch.device` (``auto`` = CUDA when visible, else CPU).
+
+    Raises:
+        ConfigError: Not a device name. LegolmError: CUDA asked for but no GPU is visible.
+    """
+    device = check_device_name(name, what)
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LegolmError(f"{what} {name} was asked for but no CUDA GPU is visible; use {what} cpu")
+    return device
