@@ -196,7 +196,7 @@ def test_fused_early_exit_graphs_match_the_torch_loop(preset: str, kv_mode: str)
         tau = float(confidence(model.forward_exits(ids).shallow_logits).median())
     ref = generate_with_early_exit(model, ids, 40, tau, kv_mode=kv_mode)
     cfg = GenerationConfig(max_new_tokens=40, greedy=True, stop_at_eos=False, early_exit="threshold", threshold=tau,
-                           kv_mode=kv_mode, fused=True, graph_steps=8)
+                           kv_mode=kv_mode, fused=True, graph_steps=8, fused_tune=False)
     got = generate(model, ids.tolist(), cfg)
     assert got.tokens == ref.tokens.tolist()
     assert got.early_exit is not None and got.early_exit.shallow_ratio == pytest.approx(ref.stats.shallow_ratio)
@@ -210,10 +210,11 @@ def test_fused_speculative_equals_fused_full_depth_greedy(preset: str, dtype: to
     """Self-speculative output is the full-depth greedy output, also in bf16 against the fused decoder."""
     model = _lego(preset, agree=True).to(dtype)
     ids = [[5, 17, 99, 3, 42, 7, 8, 100]]
-    full = generate(model, ids, GenerationConfig(max_new_tokens=64, greedy=True, stop_at_eos=False, fused=True))
+    full = generate(model, ids, GenerationConfig(max_new_tokens=64, greedy=True, stop_at_eos=False, fused=True,
+                                                 fused_tune=False))
     for d in (2, 4):
         cfg = GenerationConfig(max_new_tokens=64, greedy=True, stop_at_eos=False, early_exit="speculative",
-                               draft_tokens=d, fused=True, graph_steps=4)
+                               draft_tokens=d, fused=True, graph_steps=4, fused_tune=False)
         got = generate(model, ids, cfg)
         assert got.tokens == full.tokens, f"d={d}"
         assert got.early_exit is not None and 0.0 < got.early_exit.acceptance_rate < 1.0
