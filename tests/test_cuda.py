@@ -184,12 +184,11 @@ def _lego(preset: str, split: int = 2, layers: int = 6, agree: bool = False) -> 
 @pytest.mark.parametrize("preset", ["gpt2", "pythia-160m", "smollm2-135m"])
 @pytest.mark.parametrize("kv_mode", ["skip", "fill"])
 def test_fused_early_exit_graphs_match_the_torch_loop(preset: str, kv_mode: str) -> None:
-    """CUDA graphs with conditional nodes: same tokens and exits as the eager early-exit loop (fp32)."""
+    """CUDA graphs (with conditional nodes where torch has them, else one graph per part of a step): same tokens
+    and exits as the eager early-exit loop (fp32)."""
     from legolm.generation.early_exit import generate_with_early_exit
-    from legolm.generation.fused_early_exit import conditional_graphs_available
     from legolm.model.lego import confidence
 
-    assert conditional_graphs_available()
     model = _lego(preset)
     ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(2)).cuda()
     with torch.no_grad():

@@ -125,25 +125,38 @@ class FusedLegoSession:
                                   exited=zeros(max_new, dtype=torch.int8), finished=zeros(1, dtype=torch.bool),
                                   pos=zeros(1))
         self.tau = zeros(1, dtype=torch.float32)
-        self.deep = zeros(1, dtype=torch.bool)
+        self.flags = zeros(1 + len(config.fill_buckets), dtype=torch.bool)  # one read gives every condition
+        self.deep, self.flush = self.flags[:1], self.flags[1:]
         self.uslot = zeros(1)  # skip mode: the next dense slot of the upper cache
         self.q = zeros(1)  # fill mode: exited tokens waiting for the upper layers
         self.buckets = torch.tensor(sorted(config.fill_buckets), device=dev)
-        self.flush = zeros(len(config.fill_buckets), dtype=torch.bool)
         self.flushes = zeros(1)
         self.ring = zeros(max(config.fill_buckets), c.n_embd, dtype=torch.float32)
         self.drafts = zeros(max(config.draft_tokens, 1))
         self.dpos, self.di = zeros(1), zeros(1)
         self.spec_stats = zeros(2)  # accepted drafts, rounds
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.use_graphs = p.is_cuda and conditional_graphs_available()
+        self.parts: tuple[torch.cuda.CUDAGraph, list[tuple[int, torch.cuda.CUDAGraph]], torch.cuda.CUDAGraph] | None \
+            = None
+        # how a unit runs: "graph" (several units per CUDA graph: speculative, or threshold with conditional
+        # nodes), "parts" (threshold without them: graphs of the step's parts, the host reads the conditions
+        # once a step), "eager" (no CUDA: kernels launched one by one, the host reads the conditions)
+        self.runner = "eager" if not p.is_cuda else \
+            "graph" if config.mode == "speculative" or conditional_graphs_available() else "parts"
         self.prefill_graphs = config.prefill_graphs if p.is_cuda else 0
         self._prefills: OrderedDict[int, tuple[torch.cuda.CUDAGraph, Tensor, tuple[Tensor, ...]]] = OrderedDict()
         self.warmed = False
 
     # -- one token / one round -------------------------------------------------------------------
     def _threshold_step(self, branch: Branch) -> None:
-        st, kd, m, s = self.stack, self.kd, self.model, self.state
+        self._lower_part()
+        for index, fn in self._branches():
+            branch(self.flags[index], fn)
+        self._tick()
+
+    def _lower_part(self) -> None:
+        """Embedding, lower blocks, the shallow exit and its decision (every step)."""
+        st, m, s = self.stack, self.model, self.state
         assert m.shallow_exit is not None
         st.embed(m, s.tok, s.pos)
         st.blocks(m, self.cache, 0, m.split, s.pos, s.pos)
@@ -151,15 +164,21 @@ class FusedLegoSession:
             st.kr.put_row(st.x, self.ring, s.pos, st.embed_block)
         n = st.head(self.shallow_norm, m.shallow_exit.head, "confidence")
         fill = (self.q, self.buckets, self.flush) if self.fill else None
-        kd.exit_((st.partial[0], st.partial[1], st.partial[2]), n, self.tau, self.deep, s, self.eos_id,
-                 kd.ADVANCE_BLOCK, fill)
-        if self.fill:
-            for i, rows in enumerate(self.config.fill_buckets):
-                branch(self.flush[i], functools.partial(self._flush, rows))
-            branch(self.deep, self._fill_deep)
-        else:
-            branch(self.deep, self._skip_deep)
-        kd.tick(s.pos, (self.q, self.flush, self.flushes) if self.fill else None)
+        self.kd.exit_((st.partial[0], st.partial[1], st.partial[2]), n, self.tau, self.deep, s, self.eos_id,
+                      self.kd.ADVANCE_BLOCK, fill)
+
+    def _branches(self) -> list[tuple[int, Callable[[], None]]]:
+        """The step's conditional parts, in order: (index of its condition in ``flags``, what runs when it is set).
+
+        ``flags[0]`` is "deep" (the upper layers run for this token), ``flags[1 + i]`` "flush bucket i".
+        """
+        if not self.fill:
+            return [(0, self._skip_deep)]
+        flushes = [(1 + i, functools.partial(self._flush, rows)) for i, rows in enumerate(self.config.fill_buckets)]
+        return [*flushes, (0, self._fill_deep)]
+
+    def _tick(self) -> None:
+        self.kd.tick(self.state.pos, (self.q, self.flush, self.flushes) if self.fill else None)
 
     def _skip_deep(self) -> None:
         st, m, s = self.stack, self.model, self.state
@@ -228,7 +247,7 @@ class FusedLegoSession:
     def start(self, idx: Tensor, threshold: float) -> None:
         """Prefill and the first token (the rule of the mode), and reset the device state."""
         s, P = self.state, idx.shape[1]
-        for buf in (s.tokens, s.t, s.exited, s.finished, self.q, self.flushes, self.di, self.spec_stats, self.flush):
+        for buf in (s.tokens, s.t, s.exited, s.finished, self.q, self.flushes, self.di, self.spec_stats, self.flags):
             buf.zero_()
         self.tau.fill_(threshold)
         shallow, deep = self.prefill(idx)
@@ -248,51 +267,79 @@ class FusedLegoSession:
 
     # -- running -------------------------------------------------------------------------------
     def run_unit(self) -> None:
-        """One token (threshold) or round (speculative): a graph of `steps_per_graph` of them on a GPU."""
-        if not self.use_graphs:
+        """One token (threshold) or round (speculative); with ``runner`` "graph", `steps_per_graph` of them."""
+        if self.runner == "eager":
             self._unit(_host_branch)
-            return
-        if self.graph is None:
-            self._capture()
-        assert self.graph is not None
-        self.graph.replay()
+        elif self.runner == "graph":
+            assert self.graph is not None, "warm_up() captures the graphs before the first prefill"
+            self.graph.replay()
+        else:
+            assert self.parts is not None, "warm_up() captures the graphs before the first prefill"
+            lower, branches, tick = self.parts
+            lower.replay()
+            flags = self.flags.tolist()  # the one device-to-host read of a step
+            for index, graph in branches:
+                if flags[index]:
+                    graph.replay()
+            tick.replay()
 
     def warm_up(self) -> None:
-        """Compile and tune every kernel of both branches once, outside any capture (before the first prefill).
+        """Tune and compile every kernel of every branch once, then capture the graphs (before the first prefill).
 
-        Only graphs need it (a kernel compiled during capture would not be recorded); Triton's
-        interpreter compiles nothing.
+        A kernel compiled during capture would not be recorded, and capture must not run inside a
+        generation (it would advance its state): so it all happens here, once per session.
+        Triton's interpreter (no CUDA) compiles nothing and captures nothing.
         """
-        if self.warmed or not self.use_graphs:
+        if self.warmed or self.runner == "eager":
             return
         self.stack.ensure_tuned(self.model, self.cache)
         if self.stack.rows:
             self.stack.ensure_rows_tuned(self.model, self.cache, self.stack.rows)
         self.state.pos.fill_(0)
         self._unit(_both_branches)
-        if self.stack.x.is_cuda:
-            torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        if self.runner == "graph":
+            self.graph = _record(self._units)
+        else:
+            self.parts = (_record(lambda graph: self._lower_part()),
+                          [(index, _record(functools.partial(_call, fn))) for index, fn in self._branches()],
+                          _record(lambda graph: self._tick()))
+        torch.cuda.synchronize()
         self.warmed = True
 
-    def _capture(self) -> None:
-        graph = torch.cuda.CUDAGraph()
-
-        def branch(pred: Tensor, fn: Callable[[], None]) -> None:
-            graph.begin_capture_to_if_node(pred)
-            fn()
-            graph.end_capture_to_conditional_node()
-
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(self.config.steps_per_graph):
-                self._unit(branch)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = graph
+    def _units(self, graph: torch.cuda.CUDAGraph) -> None:
+        """`steps_per_graph` units into ``graph``, branches as its conditional nodes."""
+        for _ in range(self.config.steps_per_graph):
+            self._unit(_conditional(graph))
 
     @property
     def units_per_replay(self) -> int:
-        return self.config.steps_per_graph if self.use_graphs else 1
+        return self.config.steps_per_graph if self.runner == "graph" else 1
+
+
+def _call(fn: Callable[[], None], graph: torch.cuda.CUDAGraph) -> None:
+    fn()
+
+
+def _record(fn: Callable[[torch.cuda.CUDAGraph], None]) -> torch.cuda.CUDAGraph:
+    """Capture ``fn(graph)`` into a new CUDA graph on a side stream (kernels compiled already; nothing runs)."""
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.graph(graph, stream=stream):
+        fn(graph)
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph
+
+
+def _conditional(graph: torch.cuda.CUDAGraph) -> Branch:
+    """A branch recorded as a conditional (IF) node of ``graph``, which runs it when ``pred`` is set on the device."""
+    def branch(pred: Tensor, fn: Callable[[], None]) -> None:
+        graph.begin_capture_to_if_node(pred)
+        fn()
+        graph.end_capture_to_conditional_node()
+
+    return branch
 
 
 def _host_branch(pred: Tensor, fn: Callable[[], None]) -> None:

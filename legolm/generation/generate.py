@@ -328,15 +328,27 @@ _LEGO_SESSIONS: weakref.WeakKeyDictionary[LegoLM, OrderedDict[tuple[Any, ...], F
 
 
 def _lego_session(model: LegoLM, prompt_len: int, config: GenerationConfig, eos: int | None) -> FusedLegoSession:
-    """A reusable fused LEGO session for this shape and mode (least recently used ones dropped)."""
-    overshoot = config.graph_steps * (config.draft_tokens + 1)  # a last graph may run past max_new_tokens
-    bucket = config.cache_bucket
+    """A reusable fused LEGO session for this shape and mode (least recently used ones dropped).
+
+    A captured graph runs whole units, so the last replay may go past ``max_new_tokens``: its
+    units are bounded so that no position reaches the model's context (RoPE tables, learned positions).
+    """
+    room = model.config.block_size - (prompt_len + config.max_new_tokens)  # >= 0: checked with the prompts
+    if config.early_exit == "speculative":
+        d = config.draft_tokens
+        if room < d:
+            raise ConfigError(f"prompt + max_new_tokens + draft_tokens = {model.config.block_size - room + d} "
+                              f"exceeds the model's context of {model.config.block_size} (the last round drafts "
+                              "past the end); generate fewer tokens")
+        steps = max(1, min(config.graph_steps, 1 + (room + 1 - d) // (d + 1)))
+        overshoot = steps * (d + 1)
+    else:
+        steps = max(1, min(config.graph_steps, room + 1))
+        overshoot = steps
     needed = prompt_len + config.max_new_tokens + overshoot
-    max_len = -(-needed // bucket) * bucket
-    if max_len > model.config.block_size and model.config.positions == "learned":
-        max_len = needed  # the learned positions bound the cache, not the bucket
+    max_len = min(-(-needed // config.cache_bucket) * config.cache_bucket, model.config.block_size)
     mode = FusedExitConfig(mode=config.early_exit, kv_mode=config.kv_mode, draft_tokens=config.draft_tokens,
-                           fill_buckets=tuple(config.fill_buckets), steps_per_graph=config.graph_steps,
+                           fill_buckets=tuple(config.fill_buckets), steps_per_graph=steps,
                            attention_block=config.fused_attention_block, embed_block=config.fused_embed_block,
                            tune=config.fused_tune, prefill_graphs=config.prefill_graphs)
     key = (_weights_key(model), max_len, config.max_new_tokens + overshoot, eos, mode)

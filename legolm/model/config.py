@@ -82,6 +82,8 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.layers, list):  # layer objects get their own message (the generic one would print them)
+            self._check_layers()
         self.check_types()
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
