@@ -197,3 +197,42 @@ def test_early_exit_on_a_model_without_an_exit_is_refused() -> None:
     for model in (plain, LegoLM(ModelConfig.from_name("tiny-pythia", vocab_size=97))):
         with pytest.raises(ConfigError, match="needs a LEGO model with a shallow exit"):
             generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=4, greedy=True, early_exit="threshold"))
+
+
+class _Replayed:
+    """Stands in for a captured CUDA graph on the CPU: replay() runs what was recorded."""
+
+    def __init__(self, fn: object) -> None:
+        self.fn = fn
+
+    def replay(self) -> None:
+        self.fn(None)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(("mode", "kv_mode", "runner"), [("threshold", "skip", "parts"), ("threshold", "fill", "parts"),
+                                                         ("speculative", "fill", "graph")])
+def test_the_gpu_runners_control_flow_on_the_cpu(monkeypatch: pytest.MonkeyPatch, mode: str, kv_mode: str,
+                                                 runner: str) -> None:
+    """The GPU runners' control flow with graphs replaced by their recorded functions: a step as graphs of its
+    parts with the conditions read once (threshold), several rounds per replay (speculative)."""
+    import legolm.generation.fused_early_exit as fe
+
+    monkeypatch.setattr(fe, "_record", _Replayed)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    init = fe.FusedLegoSession.__init__
+
+    def gpu_init(self: fe.FusedLegoSession, *args: object, **kwargs: object) -> None:
+        init(self, *args, **kwargs)  # type: ignore[arg-type]
+        self.runner = runner
+
+    monkeypatch.setattr(fe.FusedLegoSession, "__init__", gpu_init)
+    model = (drafting_model if mode == "speculative" else lego_model)("tiny-llama")
+    ids = prompt()
+    n = N_NEW // 2
+    tau = mid_threshold(model, ids)
+    cfg = greedy(max_new_tokens=n, early_exit=mode, threshold=tau if mode == "threshold" else None, kv_mode=kv_mode,
+                 draft_tokens=2, fused=True, fused_tune=False, fill_buckets=[1, 2, 4], graph_steps=3)
+    got = generate(model, ids.tolist(), cfg)
+    want = generate_with_early_exit(model, ids, n, tau, kv_mode=kv_mode).tokens.tolist() if mode == "threshold" \
+        else generate(model, ids.tolist(), greedy(max_new_tokens=n)).tokens
+    assert got.tokens == want
