@@ -12,9 +12,9 @@ import legolm.kernels.rows as kr
 P = "*bf16"
 GEMV = dict(x_ptr="*fp32", nw_ptr=P, nb_ptr=P, w1_ptr=P, b1_ptr=P, w2_ptr=P, b2_ptr=P, w3_ptr=P, b3_ptr=P,
             wu_ptr=P, bu_ptr=P, res_ptr="*fp32", out_ptr="*fp32", pmax_ptr="*fp32", pidx_ptr="*i32", psum_ptr="*fp32",
-            N1="i32", N2="i32", N="i32", K="i32", eps="fp32")
+            N1="i32", N2="i32", N="i32", K="i32", eps="fp32", stride_x="i32", stride_out="i32", stride_p="i32")
 ATTENTION = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", out_ptr=P, slot_ptr="*i64",
-                 pos_ptr="*i64", S="i32", rope_len="i32", scale="fp32")
+                 pos_ptr="*i64", S="i32", rope_len="i32", scale="fp32", q_width="i32")
 ADVANCE = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64",
                slot_ptr="*i64", pos_ptr="*i64", finished_ptr="*i8", eos_id="i32")
 EMBED = dict(tok_ptr="*i64", pos_ptr="*i64", wte_ptr=P, wpe_ptr=P, out_ptr="*fp32", C="i32")
@@ -24,13 +24,8 @@ EXIT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", psum_ptr="*fp32", n_parts="i32", 
 EMIT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64",
             finished_ptr="*i8", eos_id="i32", counter_ptr="*i64")
 TICK = dict(pos_ptr="*i64", q_ptr="*i64", flush_ptr="*i8", n_buckets="i32", count_ptr="*i64")
-ROWS = dict(x_ptr="*fp32", nw_ptr=P, nb_ptr=P, w1_ptr=P, b1_ptr=P, w2_ptr=P, b2_ptr=P, w3_ptr=P, b3_ptr=P,
-            wu_ptr=P, bu_ptr=P, res_ptr="*fp32", out_ptr="*fp32", pmax_ptr="*fp32", pidx_ptr="*i32", M="i32",
-            N1="i32", N2="i32", N="i32", K="i32", stride_p="i32", eps="fp32")
 KV_ROWS = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", start_ptr="*i64", S="i32",
                rope_len="i32", q_width="i32")
-ATT_ROWS = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", out_ptr="*fp32", start_ptr="*i64",
-                S="i32", rope_len="i32", q_width="i32", scale="fp32")
 GATHER = dict(src_ptr="*fp32", dst_ptr="*fp32", start_ptr="*i64", pos_ptr="*i64", q_ptr="*i64", ring="i32",
               C="i32")
 PUT = dict(src_ptr="*fp32", ring_ptr="*fp32", pos_ptr="*i64", ring="i32", C="i32")
@@ -39,7 +34,6 @@ ACCEPT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", stride_p="i32", 
               tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64", finished_ptr="*i8", eos_id="i32", pos_ptr="*i64",
               dpos_ptr="*i64", di_ptr="*i64", stats_ptr="*i64")
 GEMV_BLOCKS = dict(BLOCK_N=8, BLOCK_K=256)
-ROWS_BLOCKS = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)
 SPECS = [
     (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=0, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # LN->qkv
     (kd.gemv_kernel, GEMV, dict(NORM=0, ACT=0, HAS_BIAS=1, HAS_RES=1, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # + res
@@ -47,21 +41,17 @@ SPECS = [
     (kd.gemv_kernel, GEMV, dict(NORM=2, ACT=3, HAS_BIAS=0, HAS_RES=0, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # SwiGLU
     (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=1, HAS_BIAS=0, HAS_RES=0, ARGMAX=1, SUMEXP=0, **GEMV_BLOCKS)),  # head
     (kd.gemv_kernel, GEMV, dict(NORM=2, ACT=0, HAS_BIAS=0, HAS_RES=0, ARGMAX=1, SUMEXP=1, **GEMV_BLOCKS)),  # exit head
-    (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=0, BLOCK_T=64)),  # GPT-2
-    (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64)),  # Pythia: partial RoPE
-    (kd.attention_kernel, ATTENTION, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=128)),  # SmolLM2: GQA
+    (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=0, BLOCK_T=64, WRITE=1)),  # GPT-2
+    (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, WRITE=1)),  # Pythia
+    (kd.attention_kernel, ATTENTION, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=128, WRITE=1)),  # SmolLM2: GQA
+    (kd.attention_kernel, ATTENTION, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=128, WRITE=0)),  # rows
     (kd.advance_kernel, ADVANCE, dict(GREEDY=1, HAS_EOS=1, BLOCK=4096)),
     (kd.embed_kernel, EMBED, dict(HAS_WPE=1, BLOCK=1024)),
     (kd.exit_kernel, EXIT, dict(HAS_EOS=1, FILL=1, BLOCK=4096, BLOCK_B=4)),
     (kd.exit_kernel, EXIT, dict(HAS_EOS=0, FILL=0, BLOCK=4096, BLOCK_B=1)),
     (kd.emit_kernel, EMIT, dict(HAS_EOS=1, HAS_COUNTER=1, BLOCK=4096)),
     (kd.tick_kernel, TICK, dict(FILL=1, BLOCK_B=4)),
-    (kr.rows_gemv_kernel, ROWS, dict(NORM=1, ACT=1, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, **ROWS_BLOCKS)),  # LN -> GELU
-    (kr.rows_gemv_kernel, ROWS, dict(NORM=2, ACT=3, HAS_BIAS=0, HAS_RES=0, ARGMAX=0, **ROWS_BLOCKS)),  # SwiGLU
-    (kr.rows_gemv_kernel, ROWS, dict(NORM=0, ACT=0, HAS_BIAS=1, HAS_RES=1, ARGMAX=0, **ROWS_BLOCKS)),  # + res
-    (kr.rows_gemv_kernel, ROWS, dict(NORM=2, ACT=0, HAS_BIAS=0, HAS_RES=0, ARGMAX=1, **ROWS_BLOCKS)),  # head
     (kr.kv_rows_kernel, KV_ROWS, dict(H=9, HKV=3, D=64, D_POW2=64, R=64)),
-    (kr.attention_rows_kernel, ATT_ROWS, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=64)),
     (kr.gather_rows_kernel, GATHER, dict(BLOCK=1024)),
     (kr.put_row_kernel, PUT, dict(BLOCK=1024)),
     (kr.select_row_kernel, SELECT, dict(BLOCK=1024)),

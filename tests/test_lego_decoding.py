@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from legolm.errors import ConfigError
 from legolm.generation import GenerationConfig, generate
@@ -38,45 +37,37 @@ def drafting_model(preset: str) -> LegoLM:
     return model
 
 
-# -- the row kernels, by hand against torch ------------------------------------------------------------
-def test_row_kernels_match_torch() -> None:
-    """rows_gemv (LayerNorm, bias, GELU, residual; RMSNorm + SwiGLU; per-row argmax), the K/V write of
-    all rows and causal attention over the cache, on 5 rows at a cache offset."""
-    from legolm.kernels import rows as kr
-    from legolm.kernels.decode import ACT_GELU, ACT_SWIGLU, NORM_LAYER, NORM_RMS
+# -- the row passes: bit for bit the one-token kernels ---------------------------------------------------
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_row_pass_gives_the_one_token_steps_bit_for_bit(preset: str) -> None:
+    """The upper blocks over 3 rows equal 3 one-token steps exactly (same K/V cache, same final states):
+    the identity self-speculative decoding relies on."""
+    from legolm.generation.fused import FusedStack
+    from legolm.model.kv_cache import KVCache
 
-    g = torch.Generator().manual_seed(0)
-    R, K, N = 5, 48, 40
-    x, w, b, wu = (torch.randn(*s, generator=g) for s in ((8, K), (N, K), (N,), (N, K)))
-    nw, nb, res = torch.randn(K, generator=g), torch.randn(K, generator=g), torch.randn(8, N, generator=g)
-    out = torch.full((8, N), float("nan"))
-    cfg = kr.RowsConfig(16, 16, 4)
-    kr.rows_gemv(x, w, out, R, cfg, bias=b, norm=(NORM_LAYER, nw, nb, 1e-5), act=ACT_GELU, residual=res)
-    want = F.gelu(F.layer_norm(x[:R], (K,), nw, nb, 1e-5) @ w.T + b) + res[:R]
-    torch.testing.assert_close(out[:R], want, atol=1e-4, rtol=1e-4)
-    assert out[R:].isnan().all()  # rows past R untouched
-    kr.rows_gemv(x, w, out, R, cfg, norm=(NORM_RMS, nw, None, 1e-6), act=ACT_SWIGLU, up=(wu, None))
-    xn = F.rms_norm(x[:R], (K,), nw, 1e-6)
-    torch.testing.assert_close(out[:R], F.silu(xn @ w.T) * (xn @ wu.T), atol=1e-4, rtol=1e-4)
-    pmax, pidx = torch.zeros(8, 8), torch.zeros(8, 8, dtype=torch.int32)
-    kr.rows_gemv(x, w, out, R, cfg, partial=(pmax, pidx))
-    n_parts = -(-N // cfg.block_n)
-    best = pmax[:R, :n_parts].argmax(1)
-    assert pidx[:R, :n_parts].gather(1, best[:, None])[:, 0].tolist() == (x[:R] @ w.T).argmax(1).tolist()
-    H, HKV, D, S, start = 4, 2, 8, 32, 7
-    qkv = torch.randn(8, (H + 2 * HKV) * D, generator=g)
-    kc, vc = torch.randn(1, HKV, S, D, generator=g), torch.randn(1, HKV, S, D, generator=g)
-    at = torch.tensor([start])
-    kr.kv_rows(qkv, kc, vc, torch.empty(0), at, R, H, HKV, D, 0)
-    torch.testing.assert_close(kc[0, :, start:start + R], qkv[:R, H * D:(H + HKV) * D].view(R, HKV, D).transpose(0, 1))
-    att = torch.zeros(8, H * D)
-    kr.attention_rows(qkv, kc, vc, torch.empty(0), att, at, R, H, HKV, D, 0, 4)
-    q = qkv[:R, :H * D].view(R, H, D).transpose(0, 1)
-    keys = torch.arange(S)
-    mask = keys[None, :] <= (start + torch.arange(R))[:, None]  # row m sees slots 0..start+m
-    want = F.scaled_dot_product_attention(q, kc[0].repeat_interleave(2, 0), vc[0].repeat_interleave(2, 0),
-                                          attn_mask=mask)
-    torch.testing.assert_close(att[:R].view(R, H, D).transpose(0, 1), want, atol=1e-5, rtol=1e-5)
+    model = lego_model(preset)
+    c, P, rows = model.config, 5, 3
+    stack = FusedStack(model, attention_block=4, embed_block=32, tune=False, rows=rows)
+    caches = [KVCache(c, 1, 16) for _ in range(2)]
+    g = torch.Generator().manual_seed(3)
+    prompt_h = torch.randn(1, P, c.n_embd, generator=g)
+    with torch.no_grad():
+        for cache in caches:  # the same prompt K/V in both caches
+            model.upper_hidden(prompt_h, cache=cache, input_pos=torch.arange(P))
+    h = torch.randn(rows, c.n_embd, generator=g)
+    one = []
+    for m in range(rows):  # one token at a time, positions P..P+2
+        stack.x.copy_(h[m])
+        pos = torch.tensor([P + m])
+        stack.blocks(model, caches[0], model.split, model.n_layer, pos, pos)
+        one.append(stack.x.clone())
+    stack.X.copy_(h)
+    stack.start.fill_(P)
+    stack.rows_blocks(model, caches[1], model.split, model.n_layer, rows)
+    assert torch.equal(stack.X, torch.stack(one))
+    for i in range(model.split, model.n_layer):
+        assert torch.equal(caches[0].layers[i].k, caches[1].layers[i].k)
+        assert torch.equal(caches[0].layers[i].v, caches[1].layers[i].v)
 
 
 # -- threshold early exit: fused = the torch loop -------------------------------------------------------

@@ -27,7 +27,6 @@ from legolm.model.transformer import TransformerLM
 
 if TYPE_CHECKING:
     from legolm.kernels.decode import AttentionConfig, GemvConfig
-    from legolm.kernels.rows import RowsConfig
 
 Shape = TypeVar("Shape")  # a kernel's launch shape
 Norm = tuple[int, Tensor, Tensor | None, float]
@@ -160,17 +159,16 @@ class FusedStack:
         self.partial = (buf(n_parts), buf(n_parts, dtype=torch.int32), buf(n_parts))  # max, row, Σ exp
         self.configs: dict[str, GemvConfig] | None = None
         self.tuning: dict[str, float] = {}  # role -> µs of its chosen launch shape
-        if rows:
+        if rows:  # the same buffers with a row per token (dtypes as above: the same arithmetic)
             import legolm.kernels.rows as kr
 
             self.kr = kr
             self.X, self.H, self.QKV = buf(rows, c.n_embd), buf(rows, c.n_embd), buf(rows, self.q_width)
-            self.ATT, self.ACT = buf(rows, c.n_head * c.hd), buf(rows, c.intermediate_size)
-            r_parts = -(-c.vocab_size // kr.ROWS_HEAD_MIN)
-            self.rows_partial = (buf(rows, r_parts), buf(rows, r_parts, dtype=torch.int32))
+            self.ATT = buf(rows, c.n_head * c.hd, dtype=param.dtype)
+            self.ACT = buf(rows, c.intermediate_size, dtype=param.dtype)
+            self.rows_partial = (buf(rows, n_parts), buf(rows, n_parts, dtype=torch.int32))
             self.rows_logits = buf(rows, c.vocab_size)
             self.start = torch.zeros(1, dtype=torch.long, device=param.device)  # first row's position
-            self.row_configs: dict[str, RowsConfig] = {}
 
     # -- one token -----------------------------------------------------------------------------
     def embed(self, model: TransformerLM, tok: Tensor, pos: Tensor) -> None:
@@ -251,67 +249,37 @@ class FusedStack:
         return chosen
 
     # -- a few tokens at a time ------------------------------------------------------------------
-    def _rows_gemvs(self, p: BlockPlan, rows: int) -> dict[str, Callable[[RowsConfig], None]]:
-        kr, X, H = self.kr, self.X, self.H
-        mlp_in = X if p.parallel else H
-        return {
-            "qkv": lambda g: kr.rows_gemv(X, p.qkv, self.QKV, rows, g, bias=p.qkv_bias, norm=p.norm_1),
-            "proj": lambda g: kr.rows_gemv(self.ATT, p.proj, H, rows, g, bias=p.proj_bias, residual=X),
-            "up": lambda g: kr.rows_gemv(mlp_in, p.up, self.ACT, rows, g, bias=p.up_bias, norm=p.norm_2, act=p.act,
-                                         up=p.up_2),
-            "down": lambda g: kr.rows_gemv(self.ACT, p.down, X, rows, g, bias=p.down_bias, residual=H),
-        }
-
-    def _rows_head(self, norm: Norm, lin: nn.Linear, rows: int) -> Callable[[RowsConfig], None]:
-        return lambda g: self.kr.rows_gemv(self.X, lin.weight, self.rows_logits, rows, g, bias=lin.bias, norm=norm,
-                                           partial=self.rows_partial)
-
     def rows_blocks(self, model: TransformerLM, cache: KVCache, start: int, end: int, rows: int) -> None:
-        """Blocks ``start:end`` on the first ``rows`` rows of X, at positions (= slots) self.start + 0..rows-1."""
-        c, kr = model.config, self.kr
-        configs = self.ensure_rows_tuned(model, cache, rows)
+        """Blocks ``start:end`` on the first ``rows`` rows of X, at positions (= slots) self.start + 0..rows-1.
+
+        The one-token kernels with a row axis, and the same launch shapes: each row's arithmetic is
+        that of one-token decoding (`legolm.kernels.rows`); the keys and values of all rows are
+        written first, so that each row attends to those before it.
+        """
+        c, kd, kr = model.config, self.kd, self.kr
+        g = self.ensure_tuned(model, cache)
+        X, H = self.X, self.H
         for i in range(start, end):
-            layer = cache.layers[i]
-            gemvs = self._rows_gemvs(self.plans[i], rows)
-            gemvs["qkv"](configs["qkv"])
+            p, layer = self.plans[i], cache.layers[i]
+            kd.gemv(X, p.qkv, self.QKV, g["qkv"], bias=p.qkv_bias, norm=p.norm_1, rows=rows)
             kr.kv_rows(self.QKV, layer.k, layer.v, model.rope, self.start, rows, c.n_head, c.kv_heads, c.hd,
                        c.rotary_dim)
-            kr.attention_rows(self.QKV, layer.k, layer.v, model.rope, self.ATT, self.start, rows, c.n_head,
-                              c.kv_heads, c.hd, c.rotary_dim, kr.ROWS_ATTENTION_BLOCK)
-            for role in ("proj", "up", "down"):
-                gemvs[role](configs[role])
+            kd.attention(self.QKV, layer.k, layer.v, model.rope, self.ATT, self.start, self.start, c.n_head,
+                         c.kv_heads, c.hd, c.rotary_dim, self.attention_config, rows=rows)
+            kd.gemv(self.ATT, p.proj, H, g["proj"], bias=p.proj_bias, residual=X, rows=rows)
+            kd.gemv(X if p.parallel else H, p.up, self.ACT, g["up"], bias=p.up_bias, norm=p.norm_2, act=p.act,
+                    up=p.up_2, rows=rows)
+            kd.gemv(self.ACT, p.down, X, g["down"], bias=p.down_bias, residual=H, rows=rows)
 
     def rows_head(self, norm: Norm, lin: nn.Linear, rows: int) -> int:
         """An exit on the first ``rows`` rows of X, greedy partials per row; the number of partials per row."""
-        config = self.row_configs.get("head", self.kr.INTERPRETER_ROWS)
-        self._rows_head(norm, lin, rows)(config)
+        config = self.configs["head"] if self.configs is not None else self.kd.INTERPRETER_GEMV
+        self.kd.gemv(self.X, lin.weight, self.rows_logits, config, bias=lin.bias, norm=norm,
+                     partial=self.rows_partial, rows=rows)
         return -(-lin.out_features // config.block_n)
-
-    def ensure_rows_tuned(self, model: TransformerLM, cache: KVCache, rows: int) -> dict[str, RowsConfig]:
-        """Row-pass launch shapes, chosen at the first call (timed at ``rows`` rows on a GPU; kept per shape)."""
-        key = (*_shape_key(model, self.x.device, self.tune), rows)
-        if not self.row_configs and key in _ROWS_TUNED:
-            self.row_configs = dict(_ROWS_TUNED[key])
-        if not self.row_configs:
-            kr = self.kr
-            launches = {**self._rows_gemvs(self.plans[-1], rows),
-                        "head": self._rows_head(self.final_norm, model.lm_head, rows)}
-            for role, launch in launches.items():
-                if not self.X.is_cuda:
-                    self.row_configs[role] = kr.INTERPRETER_ROWS
-                elif not self.tune:
-                    self.row_configs[role] = kr.ROWS_CANDIDATES[0]
-                else:
-                    cands = tuple(g for g in kr.ROWS_CANDIDATES if role != "head" or g.block_n >= kr.ROWS_HEAD_MIN)
-                    saved = self.X.clone()
-                    self.row_configs[role], self.tuning[f"rows_{role}"] = _fastest(launch, cands)
-                    self.X.copy_(saved)
-            _ROWS_TUNED[key] = dict(self.row_configs)
-        return self.row_configs
 
 
 _TUNED: dict[tuple[object, ...], tuple[dict[str, GemvConfig], AttentionConfig, dict[str, float]]] = {}
-_ROWS_TUNED: dict[tuple[object, ...], dict[str, RowsConfig]] = {}
 
 
 def _shape_key(model: TransformerLM, device: torch.device, tune: bool) -> tuple[object, ...]:

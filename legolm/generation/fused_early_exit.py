@@ -293,8 +293,6 @@ class FusedLegoSession:
         if self.warmed or self.runner == "eager":
             return
         self.stack.ensure_tuned(self.model, self.cache)
-        if self.stack.rows:
-            self.stack.ensure_rows_tuned(self.model, self.cache, self.stack.rows)
         self.state.pos.fill_(0)
         self._unit(_both_branches)
         torch.cuda.synchronize()

@@ -56,7 +56,7 @@ def _gelu(a, TANH: tl.constexpr):
 
 @triton.jit
 def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, wu_ptr, bu_ptr,
-                res_ptr, out_ptr, pmax_ptr, pidx_ptr, psum_ptr, N1, N2, N, K, eps,
+                res_ptr, out_ptr, pmax_ptr, pidx_ptr, psum_ptr, N1, N2, N, K, eps, stride_x, stride_out, stride_p,
                 NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                 ARGMAX: tl.constexpr, SUMEXP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[n] = act(W[n]·norm(x) + b[n]) (+ res[n]) for the BLOCK_N rows of this program.
@@ -66,8 +66,19 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
     ARGMAX also writes this program's largest output and its row (greedy decoding's first stage);
     SUMEXP also its Σ exp(out - largest), from which `exit_kernel` gets the softmax's maximum
     probability without a second pass over the logits.
+
+    Grid (vectors, column blocks): program (r, c) computes vector r (x, out, residual and partials
+    offset by their row strides) — the same arithmetic for one token or for a few (`legolm.kernels.rows`),
+    so a multi-token pass gives bit for bit the one-token logits. Consecutive programs share a weight tile.
     """
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    vec = tl.program_id(0)
+    x_ptr += vec * stride_x
+    res_ptr += vec * stride_out
+    out_ptr += vec * stride_out
+    pmax_ptr += vec * stride_p
+    pidx_ptr += vec * stride_p
+    psum_ptr += vec * stride_p
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     in2, in3 = rows >= N1, rows >= N2
     local = tl.where(in3, rows - N2, tl.where(in2, rows - N1, rows)).to(tl.int64)
@@ -122,10 +133,10 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
     if ARGMAX:
         y = tl.where(rmask, y, float("-inf"))
         best = tl.max(y, 0)
-        tl.store(pmax_ptr + tl.program_id(0), best)
-        tl.store(pidx_ptr + tl.program_id(0), tl.min(tl.where(y == best, rows, N), 0))  # first of ties
+        tl.store(pmax_ptr + tl.program_id(1), best)
+        tl.store(pidx_ptr + tl.program_id(1), tl.min(tl.where(y == best, rows, N), 0))  # first of ties
         if SUMEXP:
-            tl.store(psum_ptr + tl.program_id(0), tl.sum(tl.where(rmask, tl.exp(y - best), 0.0), 0))
+            tl.store(psum_ptr + tl.program_id(1), tl.sum(tl.where(rmask, tl.exp(y - best), 0.0), 0))
 
 
 @triton.jit
@@ -245,17 +256,22 @@ def _rope(ptr, d, pos, rope_ptr, rope_len, R: tl.constexpr, D: tl.constexpr):
 
 @triton.jit
 def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, slot_ptr, pos_ptr, S, rope_len, scale,
-                     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_POW2: tl.constexpr, R: tl.constexpr,
-                     BLOCK_T: tl.constexpr):
-    """One query head: RoPE on q and the new k, the new k/v into cache slot ``slot``, then softmax
+                     q_width, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_POW2: tl.constexpr,
+                     R: tl.constexpr, BLOCK_T: tl.constexpr, WRITE: tl.constexpr):
+    """One query head: RoPE on q and the new k, the new k/v into cache slot ``slot`` (WRITE), then softmax
     attention over slots 0..slot (the cached ones streamed in BLOCK_T tiles, online softmax).
 
     qkv is [q heads | k heads | v heads] (fp32); the caches are (HKV, S, D) in the model's dtype.
+    Grid (heads, tokens): token m of a multi-token pass sits at slot + m and position pos + m (its
+    qkv and output rows offset by m); the keys of the tokens before it were written by `kv_rows_kernel`
+    (WRITE off), its own enter the softmax first, as in the one-token step.
     """
-    h = tl.program_id(0)
+    h, m = tl.program_id(0), tl.program_id(1)
+    qkv_ptr += m * q_width
+    out_ptr += m * (H * D)
     g = h // (H // HKV)
-    slot = tl.load(slot_ptr)
-    pos = tl.load(pos_ptr)
+    slot = tl.load(slot_ptr) + m
+    pos = tl.load(pos_ptr) + m
     d = tl.arange(0, D_POW2)
     dmask = d < D
     base = g.to(tl.int64) * S * D
@@ -267,7 +283,7 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, slot_
     q = _rope(qkv_ptr + h * D, d, pos, rope_ptr, rope_len, R, D) * scale
     k_new = _rope(qkv_ptr + (H + g) * D, d, pos, rope_ptr, rope_len, R, D).to(k_cache_ptr.dtype.element_ty)
     v_new = tl.load(qkv_ptr + (H + HKV + g) * D + d, mask=dmask, other=0.0).to(v_cache_ptr.dtype.element_ty)
-    if h % (H // HKV) == 0:  # one program per kv head writes the cache
+    if WRITE and h % (H // HKV) == 0:  # one program per kv head writes the cache
         tl.store(k_cache_ptr + base + slot * D + d, k_new, mask=dmask)
         tl.store(v_cache_ptr + base + slot * D + d, v_new, mask=dmask)
     m = tl.sum(q * k_new.to(tl.float32), 0)  # the new token's score starts the online softmax
@@ -342,11 +358,11 @@ ATTENTION_CANDIDATES = (AttentionConfig(64, 4), AttentionConfig(32, 4), Attentio
 def gemv(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, config: GemvConfig, *,
          bias: Tensor | tuple[Tensor, Tensor, Tensor] | None = None, norm: tuple[int, Tensor, Tensor | None, float]
          | None = None, act: int = ACT_NONE, up: tuple[Tensor, Tensor | None] | None = None,
-         residual: Tensor | None = None, partial: tuple[Tensor, ...] | None = None) -> None:
-    """Launch `gemv_kernel`: ``out = act(W·norm(x) + b) (+ residual)``.
+         residual: Tensor | None = None, partial: tuple[Tensor, ...] | None = None, rows: int = 0) -> None:
+    """Launch `gemv_kernel`: ``out = act(W·norm(x) + b) (+ residual)``, for one vector or ``rows`` of them.
 
     Args:
-        x: (K,) input vector.
+        x: (K,) input vector, or (R, K) with ``rows`` > 0 (then out, residual and partials have R rows).
         w: (N, K) weight, or three row segments (N1, K), (N2 - N1, K), (N - N2, K).
         out: (N,) output.
         config: Launch shape.
@@ -360,30 +376,36 @@ def gemv(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, conf
     """
     ws = w if isinstance(w, tuple) else (w, w, w)
     bs = bias if isinstance(bias, tuple) else ((bias, bias, bias) if bias is not None else (out, out, out))
-    n1 = ws[0].shape[0] if isinstance(w, tuple) else out.numel()
-    n2 = n1 + ws[1].shape[0] if isinstance(w, tuple) else out.numel()
+    N, K = out.shape[-1], x.shape[-1]
+    n1 = ws[0].shape[0] if isinstance(w, tuple) else N
+    n2 = n1 + ws[1].shape[0] if isinstance(w, tuple) else N
     kind, nw, nb, eps = norm if norm is not None else (NORM_NONE, x, None, 0.0)
     wu, bu = up if up is not None else (ws[0], None)
-    N, K = out.numel(), x.numel()
-    grid = (triton.cdiv(N, config.block_n),)
+    grid = (max(rows, 1), triton.cdiv(N, config.block_n))
     pmax, pidx, psum = (*partial, out)[:3] if partial is not None else (out, out, out)
+    stride_p = pmax.shape[-1] if rows and partial is not None else 0
     gemv_kernel[grid](x, nw, nb if nb is not None else nw, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], wu,
                       bu if bu is not None else bs[0], residual if residual is not None else out, out, pmax, pidx,
-                      psum, n1, n2, N, K, eps, NORM=kind, ACT=act, HAS_BIAS=bias is not None,
-                      HAS_RES=residual is not None, ARGMAX=partial is not None,
+                      psum, n1, n2, N, K, eps, K if rows else 0, N if rows else 0, stride_p, NORM=kind, ACT=act,
+                      HAS_BIAS=bias is not None, HAS_RES=residual is not None, ARGMAX=partial is not None,
                       SUMEXP=partial is not None and len(partial) == 3, BLOCK_N=config.block_n,
                       BLOCK_K=config.block_k, num_warps=config.num_warps)
 
 
 def attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope: Tensor, out: Tensor, slot: Tensor, pos: Tensor,
-              n_head: int, n_kv_head: int, head_dim: int, rotary_dim: int, config: AttentionConfig) -> None:
-    """Launch `attention_kernel` over the heads (caches (1, HKV, S, D); rope (2, L, R) fp32 or empty)."""
+              n_head: int, n_kv_head: int, head_dim: int, rotary_dim: int, config: AttentionConfig,
+              rows: int = 0) -> None:
+    """Launch `attention_kernel` over the heads (caches (1, HKV, S, D); rope (2, L, R) fp32 or empty).
+
+    ``rows`` > 0: that many consecutive tokens (qkv (R, ·), out (R, H·D)) whose keys and values
+    `kv_rows` has written already.
+    """
     S = k_cache.shape[2]
     rope_len = rope.shape[1] if rope.numel() else 0
-    attention_kernel[(n_head,)](qkv, k_cache, v_cache, rope if rope.numel() else qkv, out, slot, pos, S, rope_len,
-                                head_dim ** -0.5, H=n_head, HKV=n_kv_head, D=head_dim,
-                                D_POW2=triton.next_power_of_2(head_dim), R=rotary_dim, BLOCK_T=config.block_t,
-                                num_warps=config.num_warps)
+    attention_kernel[(n_head, max(rows, 1))](qkv, k_cache, v_cache, rope if rope.numel() else qkv, out, slot, pos, S,
+                                             rope_len, head_dim ** -0.5, qkv.shape[-1], H=n_head, HKV=n_kv_head,
+                                             D=head_dim, D_POW2=triton.next_power_of_2(head_dim), R=rotary_dim,
+                                             BLOCK_T=config.block_t, WRITE=rows == 0, num_warps=config.num_warps)
 
 
 def advance(partial: tuple[Tensor, Tensor] | None, n_parts: int, tok: Tensor, tokens: Tensor, t: Tensor,

@@ -1,119 +1,28 @@
-"""Triton kernels for a few tokens at once through the upper layers (batch 1, T <= 64 rows).
+"""Triton kernels for a few tokens at once through the upper layers (batch 1), and LEGO's bookkeeping.
 
 Self-speculative verification (the d drafted tokens and the last accepted one) and lazy KV fill
 (the queued exited tokens and the deep one) both run the upper layers over T consecutive
-positions whose lower-layer states are known. At batch 1 a block is still bound by reading its
-weights, so each weight tile is read once and multiplied with all T rows (`rows_gemv_kernel`, a
-``tl.dot`` of the rows with the tile); a block is six launches::
+positions whose lower-layer states are known. They run the one-token kernels of
+`legolm.kernels.decode` with a row axis (each program computes one row exactly as one-token
+decoding does, consecutive programs share a weight tile, so the weights are read from memory
+about once), plus one kernel here that writes the keys and values of all rows first, so that
+each row attends to the rows before it::
 
-    X ─┬─[1 norm₁ → qkv (+bias)]─[2 RoPE k, write k/v of all rows]─[3 RoPE q, attention over 0..own slot]
-       │                      ─[4 proj + bias + X]─ H ─[5 norm₂ → up → GELU | SwiGLU]─[6 down + bias + H]─ X
+    X ─┬─[1 norm₁ → qkv (+bias), every row]─[2 RoPE k, write k/v of all rows]─[3 attention, every row]
+       │          ─[4 proj + bias + X]─ H ─[5 norm₂ → up → GELU | SwiGLU]─[6 down + bias + H]─ X
 
-Attention is split in two launches because row t attends to the keys rows < t write in the same
-step (a kernel boundary orders them). Every launch reads the first row's position from device
-memory, so a step is captured once into a CUDA graph. Rows are fp32 (the residual stream, as in
-the one-token kernels) and the dot products run in fp32 (``input_precision="ieee"``): the logits
-equal those of one-token decoding up to summation order, which keeps self-speculative greedy
-output identical to full-depth greedy output.
+The same arithmetic as one-token decoding means the verified logits are bit for bit those of
+full-depth decoding: self-speculative greedy output equals full-depth greedy output.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from legolm.kernels.decode import ACT_NONE, ACT_SWIGLU, NORM_NONE, _gelu, _rope
-
-
-@triton.jit
-def _rows_norm_stats(x_ptr, ms, mmask, K, eps, NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Per-row mean (0 for RMSNorm) and 1/std of the (M, K) rows at ``x_ptr``, two passes."""
-    mean = tl.zeros([BLOCK_M], tl.float32)
-    if NORM == 1:
-        s = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            mask = mmask[:, None] & (offs < K)[None, :]
-            s += tl.load(x_ptr + ms[:, None] * K + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(s, 1) / K
-    s2 = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        mask = mmask[:, None] & (offs < K)[None, :]
-        x = tl.load(x_ptr + ms[:, None] * K + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(mask, x - mean[:, None], 0.0)
-        s2 += d * d
-    return mean, 1.0 / tl.sqrt(tl.sum(s2, 1) / K + eps)
-
-
-@triton.jit
-def rows_gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, wu_ptr, bu_ptr,
-                     res_ptr, out_ptr, pmax_ptr, pidx_ptr, M, N1, N2, N, K, stride_p, eps,
-                     NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                     ARGMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[m, n] = act(W[n]·norm(x[m]) + b[n]) (+ res[m, n]) for the M rows and this program's BLOCK_N columns.
-
-    Weights as in `gemv_kernel` (three row segments; SwiGLU's ``wu``). ARGMAX writes, per row, this
-    program's largest output and its column at ``pmax[m, program]`` (row stride ``stride_p``).
-    """
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    in2, in3 = cols >= N1, cols >= N2
-    local = tl.where(in3, cols - N2, tl.where(in2, cols - N1, cols)).to(tl.int64)
-    wrow = tl.where(in3, w3_ptr + local * K, tl.where(in2, w2_ptr + local * K, w1_ptr + local * K))
-    ms = tl.arange(0, BLOCK_M)
-    mmask = ms < M
-    mean = tl.zeros([BLOCK_M], tl.float32)
-    rstd = tl.full([BLOCK_M], 1.0, tl.float32)
-    if NORM != 0:
-        mean, rstd = _rows_norm_stats(x_ptr, ms, mmask, K, eps, NORM, BLOCK_M, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        kmask = offs < K
-        xmask = mmask[:, None] & kmask[None, :]
-        x = tl.load(x_ptr + ms[:, None] * K + offs[None, :], mask=xmask, other=0.0).to(tl.float32)
-        if NORM != 0:
-            x = (x - mean[:, None]) * rstd[:, None] * tl.load(nw_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
-            if NORM == 1:
-                x += tl.load(nb_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
-            x = tl.where(xmask, x, 0.0)
-        wmask = cmask[:, None] & kmask[None, :]
-        w = tl.load(wrow[:, None] + offs[None, :], mask=wmask, other=0.0).to(tl.float32)
-        acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        if ACT == 3:
-            wu = tl.load(wu_ptr + local[:, None] * K + offs[None, :], mask=wmask, other=0.0).to(tl.float32)
-            acc_u += tl.dot(x, tl.trans(wu), input_precision="ieee")
-    y = acc
-    if HAS_BIAS:
-        b = tl.load(tl.where(in3, b3_ptr + local, tl.where(in2, b2_ptr + local, b1_ptr + local)), mask=cmask,
-                    other=0.0).to(tl.float32)
-        y += b[None, :]
-    if ACT == 1:
-        y = _gelu(y, False)
-    elif ACT == 2:
-        y = _gelu(y, True)
-    elif ACT == 3:
-        u = acc_u
-        if HAS_BIAS:
-            u += tl.load(bu_ptr + local, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        y = y * tl.sigmoid(y) * u
-    omask = mmask[:, None] & cmask[None, :]
-    if HAS_RES:
-        y += tl.load(res_ptr + ms[:, None] * N + cols[None, :], mask=omask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + ms[:, None] * N + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=omask)
-    if ARGMAX:
-        y = tl.where(cmask[None, :], y, float("-inf"))
-        best = tl.max(y, 1)  # (BLOCK_M,)
-        arg = tl.min(tl.where(y == best[:, None], cols[None, :], N), 1)  # the first of ties
-        tl.store(pmax_ptr + ms * stride_p + pid, best, mask=mmask)
-        tl.store(pidx_ptr + ms * stride_p + pid, arg, mask=mmask)
+from legolm.kernels.decode import _rope
 
 
 @triton.jit
@@ -130,37 +39,6 @@ def kv_rows_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, start_ptr, S, ro
     base = g.to(tl.int64) * S * D + pos * D
     tl.store(k_cache_ptr + base + d, k.to(k_cache_ptr.dtype.element_ty), mask=dmask)
     tl.store(v_cache_ptr + base + d, v.to(v_cache_ptr.dtype.element_ty), mask=dmask)
-
-
-@triton.jit
-def attention_rows_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, start_ptr, S, rope_len, q_width,
-                          scale, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_POW2: tl.constexpr,
-                          R: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Row m, query head h: softmax attention over cache slots 0..start + m (online softmax over tiles)."""
-    m, h = tl.program_id(0), tl.program_id(1)
-    g = h // (H // HKV)
-    last = tl.load(start_ptr) + m
-    d = tl.arange(0, D_POW2)
-    dmask = d < D
-    q = _rope(qkv_ptr + m * q_width + h * D, d, last, rope_ptr, rope_len, R, D) * scale
-    base = g.to(tl.int64) * S * D
-    m_i = tl.max(tl.full([BLOCK_T], float("-inf"), tl.float32), 0)
-    l_sum = tl.sum(tl.zeros([BLOCK_T], tl.float32), 0)
-    acc = tl.zeros([D_POW2], tl.float32)
-    for t0 in range(0, last + 1, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        tmask = t <= last
-        kv_mask = tmask[:, None] & dmask[None, :]
-        k = tl.load(k_cache_ptr + base + t[:, None] * D + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(v_cache_ptr + base + t[:, None] * D + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        s = tl.where(tmask, tl.sum(k * q[None, :], 1), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        p = tl.exp(s - m_new)
-        alpha = tl.exp(m_i - m_new)
-        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-        l_sum = l_sum * alpha + tl.sum(p, 0)
-        m_i = m_new
-    tl.store(out_ptr + m * (H * D) + h * D + d, (acc / l_sum).to(out_ptr.dtype.element_ty), mask=dmask)
 
 
 @triton.jit
@@ -248,58 +126,6 @@ def accept_kernel(pmax_ptr, pidx_ptr, n_parts, stride_p, drafts_ptr, T, tok_ptr,
     tl.store(stats_ptr + 1, tl.load(stats_ptr + 1) + 1)
 
 
-@dataclass(frozen=True)
-class RowsConfig:
-    """Launch shape of one `rows_gemv_kernel` call: columns per program, K tile, warps (rows: all, padded)."""
-
-    block_n: int
-    block_k: int
-    num_warps: int
-
-
-# Candidates the tuner times on the GPU (the first is the choice without a GPU). ``tl.dot`` wants
-# tiles of at least 16 in every dimension.
-ROWS_CANDIDATES = (
-    RowsConfig(16, 64, 4), RowsConfig(16, 128, 4), RowsConfig(32, 64, 4), RowsConfig(32, 128, 4),
-    RowsConfig(16, 256, 4), RowsConfig(64, 64, 4), RowsConfig(32, 256, 8), RowsConfig(64, 128, 8),
-)
-INTERPRETER_ROWS = RowsConfig(64, 64, 4)  # off the GPU a few large programs interpret fastest
-ROWS_HEAD_MIN = 16  # head launches keep >= 16 columns per program (few partial maxima per row)
-ROWS_ATTENTION_BLOCK = 64  # cache slots per attention tile
-MIN_ROWS = 16  # tl.dot's smallest tile
-
-
-def block_m(rows: int) -> int:
-    """Rows padded to a power of two >= 16 (``tl.dot``)."""
-    return max(MIN_ROWS, triton.next_power_of_2(rows))
-
-
-def rows_gemv(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, rows: int, config: RowsConfig, *,
-              bias: Tensor | tuple[Tensor, Tensor, Tensor] | None = None,
-              norm: tuple[int, Tensor, Tensor | None, float] | None = None, act: int = ACT_NONE,
-              up: tuple[Tensor, Tensor | None] | None = None, residual: Tensor | None = None,
-              partial: tuple[Tensor, Tensor] | None = None) -> None:
-    """Launch `rows_gemv_kernel` over the first ``rows`` rows of x (R, K) -> out (R, N).
-
-    ``partial``: fp32 / int32 buffers (R, >= cdiv(N, block_n)): per row, each program's maximum.
-    """
-    ws = w if isinstance(w, tuple) else (w, w, w)
-    N, K = out.shape[1], x.shape[1]
-    bs = bias if isinstance(bias, tuple) else ((bias, bias, bias) if bias is not None else (out, out, out))
-    n1 = ws[0].shape[0] if isinstance(w, tuple) else N
-    n2 = n1 + ws[1].shape[0] if isinstance(w, tuple) else N
-    kind, nw, nb, eps = norm if norm is not None else (NORM_NONE, x, None, 0.0)
-    wu, bu = up if up is not None else (ws[0], None)
-    grid = (triton.cdiv(N, config.block_n),)
-    pmax, pidx = partial if partial is not None else (out, out)
-    stride_p = pmax.shape[1] if partial is not None else 1
-    rows_gemv_kernel[grid](x, nw, nb if nb is not None else nw, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], wu,
-                           bu if bu is not None else bs[0], residual if residual is not None else out, out, pmax,
-                           pidx, rows, n1, n2, N, K, stride_p, eps, NORM=kind, ACT=act, HAS_BIAS=bias is not None,
-                           HAS_RES=residual is not None, ARGMAX=partial is not None, BLOCK_M=block_m(rows),
-                           BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps)
-
-
 def kv_rows(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope: Tensor, start: Tensor, rows: int, n_head: int,
             n_kv_head: int, head_dim: int, rotary_dim: int) -> None:
     """Launch `kv_rows_kernel`: the keys/values of ``rows`` rows of qkv (R, q_width) into slots start.. of the cache."""
@@ -307,16 +133,6 @@ def kv_rows(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope: Tensor, start: 
     kv_rows_kernel[(rows, n_kv_head)](qkv, k_cache, v_cache, rope if rope.numel() else qkv, start, k_cache.shape[2],
                                       rope_len, qkv.shape[1], H=n_head, HKV=n_kv_head, D=head_dim,
                                       D_POW2=triton.next_power_of_2(head_dim), R=rotary_dim)
-
-
-def attention_rows(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope: Tensor, out: Tensor, start: Tensor,
-                   rows: int, n_head: int, n_kv_head: int, head_dim: int, rotary_dim: int, block_t: int) -> None:
-    """Launch `attention_rows_kernel` over (rows, heads) -> out (R, H·D)."""
-    rope_len = rope.shape[1] if rope.numel() else 0
-    attention_rows_kernel[(rows, n_head)](qkv, k_cache, v_cache, rope if rope.numel() else qkv, out, start,
-                                          k_cache.shape[2], rope_len, qkv.shape[1], head_dim ** -0.5, H=n_head,
-                                          HKV=n_kv_head, D=head_dim, D_POW2=triton.next_power_of_2(head_dim),
-                                          R=rotary_dim, BLOCK_T=block_t)
 
 
 def put_row(x: Tensor, ring: Tensor, pos: Tensor, block: int) -> None:
@@ -344,5 +160,4 @@ def accept(partial: tuple[Tensor, Tensor], n_parts: int, drafts: Tensor, rows: i
                         BLOCK=min(triton.next_power_of_2(n_parts), block))
 
 
-__all__ = ["ACT_SWIGLU", "ROWS_CANDIDATES", "RowsConfig", "accept", "attention_rows", "gather_rows", "kv_rows",
-           "put_row", "rows_gemv", "select_row"]
+__all__ = ["accept", "gather_rows", "kv_rows", "put_row", "select_row"]
