@@ -20,6 +20,7 @@ from legolm.lego.threshold import compute_confidence_threshold, shallow_confiden
 from legolm.lego.train import HardTokenLoss, RestoreBest, check_phase2, run_phase1, run_phase2
 from legolm.model.config import ModelConfig
 from legolm.model.lego import LegoLM, confidence, exits, quantile_threshold, routed_log_probs, routing_log_weights
+from legolm.model.transformer import TransformerLM
 from legolm.train.batches import WindowBatches
 from legolm.train.config import EvalConfig, FitConfig, OptimConfig, RunConfig, ScheduleConfig
 from legolm.train.fit import FitState
@@ -325,3 +326,68 @@ def test_restore_best_loads_the_weights_of_the_best_evaluation() -> None:
         cb.on_eval(state, layer, {"val_ppl": ppl})
     cb.on_train_end(state, layer)
     assert torch.equal(layer.weight, values[4.0])
+
+
+def test_restore_best_gives_the_start_back_when_training_never_beats_it() -> None:
+    layer = torch.nn.Linear(2, 2)
+    start = layer.weight.detach().clone()
+    cb, state = RestoreBest(start=(layer, 3.0)), FitState()
+    for step, ppl in enumerate([9.0, 4.0]):
+        with torch.no_grad():
+            layer.weight.fill_(float(step))
+        cb.on_eval(state, layer, {"val_ppl": ppl})
+    cb.on_train_end(state, layer)
+    assert torch.equal(layer.weight, start)
+
+
+@pytest.mark.parametrize("preset", ["tiny-pythia", "tiny-gpt2", "tiny-llama"])
+def test_identity_init_makes_the_deep_exit_start_equal_to_the_shallow_one(preset: str) -> None:
+    """Function-preserving growth: every new block is the identity, the deep head a copy of the shallow one."""
+    model = shallow(preset, layers=2)
+    with torch.no_grad():  # a shallow model with non-trivial norms (the deep exit copies them)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.mark_trained()
+    model.extend(5, 0.4, identity_init=True)
+    idx = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model.forward_exits(idx)
+    assert out.deep_logits is not None and torch.equal(out.deep_logits, out.shallow_logits)
+    new = [p for b in model.blocks[2:] for n, p in b.named_parameters() if n.split(".")[-2] in ("proj", "down")]
+    assert new and all(not p.any() for p in new) and all(p.requires_grad for p in new)
+    model2 = shallow(preset, layers=2)
+    model2.mark_trained()
+    model2.extend(5, 0.4, identity_init=False)
+    with torch.no_grad():
+        out2 = model2.forward_exits(idx)
+    assert out2.deep_logits is not None and not torch.equal(out2.deep_logits, out2.shallow_logits)
+
+
+def test_a_pretrained_split_starts_as_the_logit_lens_and_trains_only_its_lens_and_norm(tmp_path: Path) -> None:
+    """The tuned-lens exit: identity lens into a copy of the final norm and the model's own (shared) head."""
+    torch.manual_seed(0)
+    base = TransformerLM(ModelConfig.from_name("tiny-llama", vocab_size=320, layers=["llama"] * 4))
+    model = LegoLM.from_pretrained_split(base, 2)
+    assert model.extended and model.meta.exit_lens and model.shallow_exit is not None
+    assert model.shallow_exit.head is base.lm_head  # shared, not copied
+    idx = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        h = base(idx, end=2)
+        torch.testing.assert_close(model.forward_exits(idx).shallow_logits, base.lm_head(base.norm(h)))
+        torch.testing.assert_close(model(idx), base(idx), rtol=0, atol=0)  # the deep model is the model
+    model.freeze_for_exit_training()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"shallow_exit.lens.weight", "shallow_exit.lens.bias", "shallow_exit.norm.weight"}
+    with torch.no_grad():
+        model.shallow_exit.lens.weight.mul_(1.5)  # a trained lens
+    model.mark_trained()
+    model.calibrate(0.3, 0.5)
+    save_checkpoint(model, tmp_path / "ckpt")
+    loaded = load_pretrained(tmp_path / "ckpt")
+    assert isinstance(loaded, LegoLM) and loaded.meta.exit_lens
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.forward_exits(idx).shallow_logits, model.forward_exits(idx).shallow_logits,
+                                   rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="tuned lens"):
+        model.shallow_model()

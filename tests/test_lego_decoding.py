@@ -227,3 +227,30 @@ def test_the_gpu_runners_control_flow_on_the_cpu(monkeypatch: pytest.MonkeyPatch
     want = generate_with_early_exit(model, ids, n, tau, kv_mode=kv_mode).tokens.tolist() if mode == "threshold" \
         else generate(model, ids.tolist(), greedy(max_new_tokens=n)).tokens
     assert got.tokens == want
+
+
+@pytest.mark.parametrize("mode", ["threshold", "speculative"])
+def test_fused_decoding_of_a_pretrained_split_with_its_lens(mode: str) -> None:
+    """A pretrained split's exit reads through its lens in the fused kernels too (one more GEMV)."""
+    torch.manual_seed(0)
+    base = TransformerLM(ModelConfig.from_name("tiny-llama", vocab_size=97, layers=["llama"] * 4))
+    model = LegoLM.from_pretrained_split(base, 2)
+    assert model.shallow_exit is not None and model.shallow_exit.lens is not None
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+        C = model.config.n_embd
+        model.shallow_exit.lens.weight.copy_(torch.eye(C) + 0.2 * torch.randn(C, C))
+    model.mark_trained()
+    ids = prompt()
+    n = N_NEW // 2
+    if mode == "threshold":
+        tau = mid_threshold(model, ids)
+        want = generate_with_early_exit(model, ids, n, tau, kv_mode="skip").tokens.tolist()
+        cfg = greedy(max_new_tokens=n, early_exit="threshold", threshold=tau, kv_mode="skip", fused=True,
+                     fused_tune=False)
+    else:
+        want = generate(model, ids.tolist(), greedy(max_new_tokens=n)).tokens
+        cfg = greedy(max_new_tokens=n, early_exit="speculative", draft_tokens=2, fused=True, fused_tune=False)
+    assert generate(model, ids.tolist(), cfg).tokens == want

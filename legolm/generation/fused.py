@@ -154,7 +154,7 @@ class FusedStack:
         self.q_width = (c.n_head + 2 * c.kv_heads) * c.hd
         self.x, self.h, self.qkv = buf(c.n_embd), buf(c.n_embd), buf(self.q_width)
         self.attn, self.act = buf(c.n_head * c.hd, dtype=param.dtype), buf(c.intermediate_size, dtype=param.dtype)
-        self.logits = buf(c.vocab_size)
+        self.logits, self.lensed = buf(c.vocab_size), buf(c.n_embd)
         n_parts = -(-c.vocab_size // kd.HEAD_MIN_ROWS)
         self.partial = (buf(n_parts), buf(n_parts, dtype=torch.int32), buf(n_parts))  # max, row, Σ exp
         self.configs: dict[str, GemvConfig] | None = None
@@ -207,12 +207,17 @@ class FusedStack:
             for role in ("proj", "up", "down"):
                 gemvs[role](configs[role])
 
-    def head(self, norm: Norm, lin: nn.Linear, mode: str, x: Tensor | None = None) -> int:
-        """An exit (norm + LM head) on x into ``logits``; ``mode``: logits only, greedy partials (max, row)
-        or confidence partials (also Σ exp). Returns the number of partials written."""
-        config = self.configs["head"] if self.configs is not None else self.kd.INTERPRETER_GEMV
-        self._head(norm, lin, self.x if x is None else x, mode)(config)
-        return -(-lin.out_features // config.block_n)
+    def head(self, norm: Norm, lin: nn.Linear, mode: str, x: Tensor | None = None,
+             lens: nn.Linear | None = None) -> int:
+        """An exit ((lens +) norm + LM head) on x into ``logits``; ``mode``: logits only, greedy partials (max,
+        row) or confidence partials (also Σ exp). Returns the number of partials written."""
+        configs = self.configs or {"head": self.kd.INTERPRETER_GEMV, "proj": self.kd.INTERPRETER_GEMV}
+        x = self.x if x is None else x
+        if lens is not None:  # a (C, C) map like the attention output projection: its launch shape
+            self.kd.gemv(x, _linear(lens, "exit lens").weight, self.lensed, configs["proj"], bias=lens.bias)
+            x = self.lensed
+        self._head(norm, lin, x, mode)(configs["head"])
+        return -(-lin.out_features // configs["head"].block_n)
 
     def ensure_tuned(self, model: TransformerLM, cache: KVCache) -> dict[str, GemvConfig]:
         """The launch shapes of each role, chosen at the first call (`FusedStack` docstring).

@@ -162,7 +162,7 @@ class FusedLegoSession:
         st.blocks(m, self.cache, 0, m.split, s.pos, s.pos)
         if self.fill:
             st.kr.put_row(st.x, self.ring, s.pos, st.embed_block)
-        n = st.head(self.shallow_norm, m.shallow_exit.head, "confidence")
+        n = st.head(self.shallow_norm, m.shallow_exit.head, "confidence", lens=m.shallow_exit.lens)
         fill = (self.q, self.buckets, self.flush) if self.fill else None
         self.kd.exit_((st.partial[0], st.partial[1], st.partial[2]), n, self.tau, self.deep, s, self.eos_id,
                       self.kd.ADVANCE_BLOCK, fill)
@@ -205,7 +205,7 @@ class FusedLegoSession:
             st.blocks(m, self.cache, 0, m.split, self.dpos, self.dpos)
             st.X[i].copy_(st.x)
             if i < d:
-                n = st.head(self.shallow_norm, m.shallow_exit.head, "greedy")
+                n = st.head(self.shallow_norm, m.shallow_exit.head, "greedy", lens=m.shallow_exit.lens)
                 kd.emit(st.partial, n, s.tok, self.drafts, self.di, s.finished, None, kd.ADVANCE_BLOCK, self.dpos)
         st.start.copy_(s.pos)
         st.rows_blocks(m, self.cache, m.split, m.n_layer, d + 1)

@@ -82,6 +82,8 @@ class LegoSettings:
         target_ratio: Fraction of validation tokens below the calibrated threshold (hard), in (0, 1).
         routing_temperature: T of the routing weight sigmoid((conf - threshold) / T), > 0.
         freeze_lower: Freeze embeddings and lower layers in phase 2 (required: it trains on their stored outputs).
+        identity_init: The grown route's new blocks start as the identity (residual output projections zero): the
+            deep exit starts equal to the shallow one.
         phase2_loss: routed (NLL of the soft-routed mixture, as evaluated) or deep (deep exit alone) on hard tokens.
         store_dtype: dtype of the stored lower-layer states (bfloat16/float16 halve their memory).
         calib_batches: Validation batches for calibration and evaluation (None = all).
@@ -98,6 +100,7 @@ class LegoSettings:
     target_ratio: float = 0.5
     routing_temperature: float = 0.05
     freeze_lower: bool = True
+    identity_init: bool = True
     phase2_loss: Literal["routed", "deep"] = "routed"
     store_dtype: StoreDtype = "float32"
     calib_batches: int | None = None

@@ -1,9 +1,10 @@
 """LEGO from a pretrained model: a shallow exit after block k, and k chosen by a measured curve.
 
-The first k blocks of a real model get an exit of their own (a copy of the model's final norm and
-head, trained while the model stays frozen: a "tuned lens" with a full head; Belrose et al. 2023,
-"Eliciting Latent Predictions from Transformers with the Tuned Lens", arXiv 2303.08112). The
-upper blocks are the model's own, so the deep exit starts as the unmodified model.
+The first k blocks of a real model get an exit of their own: an affine lens (identity at first)
+into a copy of the model's final norm and the model's own head, the lens and norm trained while the
+model stays frozen (the "tuned lens" of Belrose et al. 2023, "Eliciting Latent Predictions from
+Transformers with the Tuned Lens", arXiv 2303.08112). The upper blocks are the model's own, so the
+deep exit starts as the unmodified model.
 
 Phase 1 of the candidates trains one exit per candidate k in one pass over the data (the frozen
 model runs once per batch; `ExitProbeLoss` averages the exits' losses). Then, with the model's own
@@ -55,7 +56,9 @@ class ExitProbe(nn.Module):
                               f"{splits}")
         self.model = model.requires_grad_(False)
         self.splits = sorted(set(splits))
-        self.exits = nn.ModuleDict({str(k): ExitHead.copy_of(model.norm, model.lm_head) for k in self.splits})
+        self.exits = nn.ModuleDict({str(k): ExitHead.tuned_lens(model.norm, model.lm_head) for k in self.splits})
+        for e in self.exits.values():
+            e.trainable()  # type: ignore[operator]
 
     def hidden(self, idx: Tensor) -> dict[int, Tensor]:
         """Hidden states after each split: {k: (B, T, C)} (no gradient: the model is frozen)."""

@@ -31,7 +31,12 @@ from legolm.checkpoints.load import load_pretrained
 from legolm.data.tokenized import TokenizedCorpus, check_fits
 from legolm.errors import ConfigError
 from legolm.lego.config import STORE_DTYPES, LegoConfig
-from legolm.lego.hard_examples import HardExamples, collect_hard_examples, create_hard_example_loader
+from legolm.lego.hard_examples import (
+    HardExamples,
+    collect_hard_examples,
+    create_hard_example_loader,
+    evaluate_on_hard_examples,
+)
 from legolm.lego.split import ExitLoss, ExitProbe, ExitProbeLoss, SplitPoint, choose_split, measure_splits
 from legolm.lego.threshold import shallow_confidences
 from legolm.model.lego import LegoLM, LegoMeta, quantile_threshold, routed_log_probs
@@ -43,17 +48,25 @@ from legolm.train.fit import Callback, FitResult, FitState, LossOutput, fit, res
 
 
 class RestoreBest(Callback):
-    """Keep the trainable weights of the best validation perplexity and load them back at the end."""
+    """Keep the trainable weights of the best validation perplexity and load them back at the end.
 
-    def __init__(self) -> None:
+    Args:
+        start: The model before training and its validation perplexity: training that never beats
+            them gives the starting weights back.
+    """
+
+    def __init__(self, start: tuple[nn.Module, float] | None = None) -> None:
         self.best = math.inf
         self.weights: dict[str, Tensor] | None = None
+        if start is not None:
+            model, ppl = start
+            self.best, self.weights = ppl, _trainable_copy(model)
 
     def on_eval(self, state: FitState, model: nn.Module, metrics: dict[str, float]) -> None:
         ppl = metrics.get("val_ppl", math.nan)
         if ppl < self.best:
             self.best = ppl
-            self.weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            self.weights = _trainable_copy(model)
 
     def on_train_end(self, state: FitState, model: nn.Module) -> None:
         if self.weights is None:
@@ -63,6 +76,10 @@ class RestoreBest(Callback):
             for name, value in self.weights.items():
                 params[name].copy_(value)
         tqdm.write(f"restored the weights of the best validation perplexity {self.best:.4g}")
+
+
+def _trainable_copy(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def run_phase1(model: LegoLM, train: BatchSource, val: BatchSource, cfg: FitConfig) -> FitResult:
@@ -115,12 +132,18 @@ def run_phase2(model: LegoLM, train: HardExamples, val: HardExamples, cfg: FitCo
     """Phase 2: train the upper layers and deep exit on stored hard examples, early stopping on ``val``.
 
     In a distributed run every rank holds all the examples and trains on its shard of them.
+    The model before training counts as the first evaluation (the hard tokens' perplexity under the
+    same loss): phase 2 keeps the upper layers it starts with unless training beats them on ``val``.
     """
     check_phase2(model)
     shard = init_distributed(cfg.run).shard()
     train_batches = create_hard_example_loader(train, cfg.batch_size, shuffle=True, seed=cfg.run.seed, **shard)
-    val_batches = create_hard_example_loader(val, cfg.eval.batch_size or cfg.batch_size, shuffle=False)
-    return fit(model, train_batches, cfg, val=val_batches, loss_fn=HardTokenLoss(loss), callbacks=[RestoreBest()])
+    eval_batch = cfg.eval.batch_size or cfg.batch_size
+    val_batches = create_hard_example_loader(val, eval_batch, shuffle=False)
+    before = evaluate_on_hard_examples(model, val, eval_batch)[f"{loss}_ppl"]
+    tqdm.write(f"phase 2 starts at validation {loss} perplexity {before:.4g} on the hard tokens")
+    return fit(model, train_batches, cfg, val=val_batches, loss_fn=HardTokenLoss(loss),
+               callbacks=[RestoreBest(start=(model, before))])
 
 
 @dataclass
@@ -217,7 +240,7 @@ def _phase1_split(cfg: LegoConfig, corpus: TokenizedCorpus, train: BatchSource, 
                                           f"(full {p.full_ppl:.2f}), cost {p.cost:.3f}" for p in points)
                + f"; chosen k={best.split}" + ("" if best.within_tolerance else
                                               f" (none within {100 * cfg.lego.split_tolerance:g}%)"))
-    model = LegoLM.adopt(base, LegoMeta(split=best.split), probe.exit(best.split))
+    model = LegoLM.adopt(base, LegoMeta(split=best.split, exit_lens=True), probe.exit(best.split))
     model.mark_trained()
     return model, result, points
 
@@ -241,7 +264,8 @@ def train_lego(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoTraining:
     if model.extended:  # pretrained route: the upper layers are the model's own
         model.freeze(cfg.lego.freeze_lower)
     else:
-        model.extend(cfg.lego.num_layers, threshold, freeze_lower=cfg.lego.freeze_lower)
+        model.extend(cfg.lego.num_layers, threshold, freeze_lower=cfg.lego.freeze_lower,
+                     identity_init=cfg.lego.identity_init)
     model.calibrate(threshold, cfg.lego.target_ratio if cfg.lego.threshold is None else None, conf)
     model.meta.routing_temperature = cfg.lego.routing_temperature
     store = STORE_DTYPES[cfg.lego.store_dtype]

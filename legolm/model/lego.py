@@ -89,6 +89,17 @@ def routed_log_probs(logp_s: Tensor, logp_d: Tensor, conf: Tensor, threshold: fl
     return torch.logaddexp(log_w + logp_s.float(), log_1mw + logp_d.float())
 
 
+def zero_residual_outputs(block: nn.Module) -> None:
+    """Zero the linear layers whose outputs are added to the residual stream (``proj``, ``down``): the block
+    becomes the identity. Their inputs are not zero, so they get gradients at once."""
+    with torch.no_grad():
+        for name, sub in block.named_modules():
+            if isinstance(sub, nn.Linear) and name.rsplit(".", 1)[-1] in ("proj", "down"):
+                sub.weight.zero_()
+                if sub.bias is not None:
+                    sub.bias.zero_()
+
+
 def check_threshold(threshold: float) -> None:
     """Raise `ConfigError` unless ``threshold`` is a probability in [0, 1]."""
     if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0) or math.isnan(threshold):
@@ -112,14 +123,37 @@ def quantile_threshold(conf: Tensor, target_ratio: float) -> float:
 
 # -- model -----------------------------------------------------------------------------------------
 class ExitHead(nn.Module):
-    """Final norm + LM head of one exit: (B, T, C) -> (B, T, vocab)."""
+    """One exit: (optional lens) -> norm -> LM head, (B, T, C) -> (B, T, vocab).
 
-    def __init__(self, norm: nn.Module, head: nn.Linear) -> None:
+    The lens is an affine map of the hidden states into the basis the norm and head expect (the
+    "tuned lens" of Belrose et al. 2023, arXiv 2303.08112): a pretrained model's intermediate states
+    differ from its last ones (outlier dimensions, other scales), so its own final norm and head read
+    them badly (SmolLM2-135M after 12 of 30 blocks: perplexity in the millions). Initialised to the
+    identity, it is what phase 1 trains for a pretrained split, with the model's head shared and frozen.
+    """
+
+    def __init__(self, norm: nn.Module, head: nn.Linear, lens: nn.Linear | None = None) -> None:
         super().__init__()
-        self.norm, self.head = norm, head
+        self.norm, self.head, self.lens = norm, head, lens
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.head(self.norm(h))
+        return self.head(self.norm(self.lens(h) if self.lens is not None else h))
+
+    @classmethod
+    def tuned_lens(cls, norm: nn.Module, head: nn.Linear) -> ExitHead:
+        """An exit reading through a new identity lens, a copy of ``norm`` and ``head`` itself (shared)."""
+        w = head.weight
+        lens = nn.Linear(head.in_features, head.in_features, bias=True, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lens.weight.copy_(torch.eye(head.in_features, device=w.device, dtype=w.dtype))
+            lens.bias.zero_()
+        return cls(copy.deepcopy(norm), head, lens)
+
+    def trainable(self) -> None:
+        """Phase 1 of a pretrained split: the lens and the norm train, a shared head does not."""
+        self.requires_grad_(True)
+        if self.lens is not None:
+            self.head.requires_grad_(False)
 
     @classmethod
     def copy_of(cls, norm: nn.Module, head: nn.Linear) -> ExitHead:
@@ -145,6 +179,7 @@ class LegoMeta:
         target_ratio: Fraction of validation tokens below τ when it was calibrated.
         confidence_quantiles: Quantiles 0%, 1%, ..., 100% of the validation tokens' shallow confidence
             (what `threshold_for_ratio` turns a target ratio into τ with, at generation time).
+        exit_lens: The shallow exit reads through a tuned lens (a pretrained split's exit).
     """
 
     split: int
@@ -153,6 +188,7 @@ class LegoMeta:
     routing_temperature: float = 0.05
     target_ratio: float | None = None
     confidence_quantiles: list[float] = field(default_factory=list)
+    exit_lens: bool = False
 
 
 @dataclass
@@ -178,7 +214,9 @@ class LegoLM(TransformerLM):
         super().__init__(config)
         self.meta = meta or LegoMeta(split=config.n_layer)
         if shallow_exit is None and self.meta.split < config.n_layer:  # filled by a checkpoint's weights
-            shallow_exit = ExitHead(make_norm(config), nn.Linear(config.n_embd, config.vocab_size, bias=False))
+            C = config.n_embd
+            lens = nn.Linear(C, C, bias=True) if self.meta.exit_lens else None
+            shallow_exit = ExitHead(make_norm(config), nn.Linear(C, config.vocab_size, bias=False), lens)
         self.shallow_exit = shallow_exit
         self._check_split()
 
@@ -205,13 +243,14 @@ class LegoLM(TransformerLM):
     def from_pretrained_split(cls, model: TransformerLM, split: int) -> LegoLM:
         """A pretrained model split after block ``split``: a new shallow exit, the upper blocks its own.
 
-        The exit starts as a copy of the model's final norm and head (the "logit lens"); phase 1
-        trains it (`LegoLM.freeze_for_exit_training`), the model itself is not changed.
+        The exit is a tuned lens (`ExitHead.tuned_lens`) into a copy of the model's final norm and its
+        own head; phase 1 trains the lens and the norm (`LegoLM.freeze_for_exit_training`), the model
+        itself is not changed.
         """
         if not 1 <= split < model.config.n_layer:
             raise ConfigError(f"lego.split={split} must be in [1, {model.config.n_layer - 1}]: the shallow exit "
                               f"sits after one of the first {model.config.n_layer - 1} blocks")
-        return cls.adopt(model, LegoMeta(split=split), ExitHead.copy_of(model.norm, model.lm_head))
+        return cls.adopt(model, LegoMeta(split=split, exit_lens=True), ExitHead.tuned_lens(model.norm, model.lm_head))
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -312,13 +351,15 @@ class LegoLM(TransformerLM):
             self.meta.confidence_quantiles = [float(v) for v in torch.quantile(conf.double().flatten(), grid)]
 
     def extend(self, num_layers: int, routing_threshold: float, freeze_lower: bool = True,
-               layer_type: str | None = None) -> LegoLM:
+               layer_type: str | None = None, identity_init: bool = True) -> LegoLM:
         """Add upper layers on top of the trained shallow model, in place.
 
         The shallow model's norm/head move to the frozen shallow exit; the deep exit (the model's own
         norm/head) starts as a copy of them and trains (untied from the embeddings). The new layers
-        are freshly initialised as in `TransformerLM` (residual projections scaled for the new
-        depth): their residual outputs start small, so the deep exit starts close to the shallow one.
+        are initialised as in `TransformerLM`; with ``identity_init`` their residual output projections
+        start at zero, so each new block is the identity and the deep exit starts *equal* to the
+        shallow one (function-preserving growth, as in Net2Net, Chen et al. 2016, arXiv 1511.05641):
+        phase 2 can only move it from there, and keeps it there if training does not help.
 
         Args:
             num_layers: Total depth after extension (> the current depth).
@@ -326,6 +367,7 @@ class LegoLM(TransformerLM):
             freeze_lower: Freeze embeddings and lower layers (phase 2 needs it: it trains on their
                 stored outputs).
             layer_type: Registered type of the new layers (default: that of the top layer).
+            identity_init: Zero the new blocks' residual output projections (see above).
 
         Raises:
             ConfigError: Not trained yet, already extended, too few layers or τ outside [0, 1].
@@ -348,6 +390,8 @@ class LegoLM(TransformerLM):
                       for i in range(old.n_layer, num_layers)]
         for block in new_blocks:
             init_weights(block, num_layers)
+            if identity_init:
+                zero_residual_outputs(block)
         self.shallow_exit = ExitHead.copy_of(self.norm, self.lm_head)
         if self.lm_head.weight is self.wte.weight:  # the deep head trains: it gets its own copy
             self.lm_head.weight = nn.Parameter(self.wte.weight.detach().clone())
@@ -379,12 +423,18 @@ class LegoLM(TransformerLM):
         if self.shallow_exit is None:
             raise ConfigError("exit training needs a separate shallow exit (LegoLM.from_pretrained_split)")
         self.requires_grad_(False)
-        self.shallow_exit.requires_grad_(True)
+        self.shallow_exit.trainable()
 
     def shallow_model(self) -> TransformerLM:
-        """The shallow model alone as a `TransformerLM` (layers 0..split-1 and the shallow exit, shared weights)."""
+        """The shallow model alone as a `TransformerLM` (layers 0..split-1 and the shallow exit, shared weights).
+
+        Refused for an exit with a lens (a `TransformerLM` has no place for it).
+        """
         if self.shallow_exit is None:
             return self
+        if self.shallow_exit.lens is not None:
+            raise ConfigError("this shallow exit reads through a tuned lens; use LegoLM.forward_exits or "
+                              "generate(..., early_exit=...) instead of a stand-alone shallow model")
         c = self.config
         cfg = ModelConfig.from_dict({**c.to_dict(), "layers": c.layers[: self.split], "tie_embeddings": False})
         with torch.device("meta"):
