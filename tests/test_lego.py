@@ -127,8 +127,11 @@ def test_extend_copies_freezes_and_keeps_the_shallow_exit(preset: str) -> None:
     assert deep_head.data_ptr() != shallow_head.data_ptr() != model.wte.weight.data_ptr()  # ... of its own
     frozen = [model.wte, *model.blocks[:2], model.shallow_exit]
     assert not any(p.requires_grad for m in frozen for p in m.parameters())
-    trainable = [*model.blocks[2:], model.norm, model.lm_head]
+    trainable = [*model.blocks[2:], model.norm]
     assert all(p.requires_grad for m in trainable for p in m.parameters())
+    assert not model.lm_head.weight.requires_grad  # the deep head starts calibrated and stays so (default)
+    model.freeze(True, train_deep_head=True)
+    assert model.lm_head.weight.requires_grad and not model.shallow_exit.head.weight.requires_grad
 
 
 def test_extend_refuses_bad_requests() -> None:
@@ -296,7 +299,9 @@ def test_two_phases_on_real_text(corpus: TokenizedCorpus, tmp_path: Path) -> Non
     before = evaluate_on_hard_examples(model, hard_val)
     result2 = run_phase2(model, hard_train, hard_val, fit_config(tmp_path / "p2", 30))
     after = evaluate_on_hard_examples(model.eval(), hard_val)
-    assert after["routed_nll"] < before["routed_nll"] - 0.05  # phase 2 helps where the shallow model is unsure
+    # phase 2 helps where the shallow model is unsure: held-out hard tokens, 30 steps from identity-initialised
+    # upper layers under the frozen (calibrated) deep head: 4.155 -> 4.126 nats when this test was written
+    assert after["routed_nll"] < before["routed_nll"] - 0.02
     assert result2.trainable_params == sum(p.numel() for p in upper.values())
     for name, value in frozen.items():  # embeddings, lower layer and shallow exit untouched
         assert torch.equal(dict(model.named_parameters())[name], value), name

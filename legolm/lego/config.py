@@ -84,6 +84,8 @@ class LegoSettings:
         freeze_lower: Freeze embeddings and lower layers in phase 2 (required: it trains on their stored outputs).
         identity_init: The grown route's new blocks start as the identity (residual output projections zero): the
             deep exit starts equal to the shallow one.
+        train_deep_head: Phase 2 also trains the deep exit's head (off: the upper blocks and the final norm train
+            under a head that starts calibrated and stays so).
         phase2_loss: routed (NLL of the soft-routed mixture, as evaluated) or deep (deep exit alone) on hard tokens.
         store_dtype: dtype of the stored lower-layer states (bfloat16/float16 halve their memory).
         calib_batches: Validation batches for calibration and evaluation (None = all).
@@ -101,6 +103,7 @@ class LegoSettings:
     routing_temperature: float = 0.05
     freeze_lower: bool = True
     identity_init: bool = True
+    train_deep_head: bool = False
     phase2_loss: Literal["routed", "deep"] = "routed"
     store_dtype: StoreDtype = "float32"
     calib_batches: int | None = None

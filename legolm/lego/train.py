@@ -262,10 +262,10 @@ def train_lego(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoTraining:
     threshold = cfg.lego.threshold if cfg.lego.threshold is not None else \
         quantile_threshold(conf, cfg.lego.target_ratio)
     if model.extended:  # pretrained route: the upper layers are the model's own
-        model.freeze(cfg.lego.freeze_lower)
+        model.freeze(cfg.lego.freeze_lower, cfg.lego.train_deep_head)
     else:
         model.extend(cfg.lego.num_layers, threshold, freeze_lower=cfg.lego.freeze_lower,
-                     identity_init=cfg.lego.identity_init)
+                     identity_init=cfg.lego.identity_init, train_deep_head=cfg.lego.train_deep_head)
     model.calibrate(threshold, cfg.lego.target_ratio if cfg.lego.threshold is None else None, conf)
     model.meta.routing_temperature = cfg.lego.routing_temperature
     store = STORE_DTYPES[cfg.lego.store_dtype]
