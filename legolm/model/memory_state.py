@@ -201,8 +201,9 @@ def check_memory_record(metadata: dict[str, Any], fingerprint: ModelFingerprint,
 
 
 def memory_state_to_bytes(state: dict[str, Tensor], fingerprint: ModelFingerprint) -> bytes:
-    """A memory state as the bytes of the file `save_memory_state` writes (tensors on the CPU + record)."""
-    cpu = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    """A memory state as the bytes of the file `save_memory_state` writes (tensors on the CPU + record); equal
+    states give equal bytes."""
+    cpu = {k: state[k].detach().cpu().contiguous() for k in sorted(state)}
     return save_bytes(cpu, metadata={METADATA_KEY: json.dumps(memory_record(cpu, fingerprint))})
 
 

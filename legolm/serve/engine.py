@@ -111,11 +111,17 @@ class Engine:
 
     def _serve(self) -> None:
         while not self._stopping.is_set():
-            self._collect(block=not self._running and not self._waiting)
-            self._drop_cancelled()
-            self._admit()
-            if self._running:
-                self._step()
+            self.run_once(block=True)
+
+    def run_once(self, block: bool = False) -> None:
+        """One turn of the loop: take new jobs (with ``block``, waiting up to engine_poll_s when idle), drop
+        cancelled ones, admit waiting ones, and run one decode step. The engine thread repeats it; tests
+        may call it themselves on an engine that was not started."""
+        self._collect(block=block and not self._running and not self._waiting)
+        self._drop_cancelled()
+        self._admit()
+        if self._running:
+            self._step()
 
     def _collect(self, block: bool) -> None:
         """Move submitted jobs to the waiting line (waiting up to engine_poll_s for one when idle)."""
