@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 
+TINY_GPT2_CONTEXT = 1024
 STARTUP_S = 180.0  # loading torch, FastAPI and the model on a busy 2-core machine
 LISTENING = re.compile(r"on (http://[\d.]+:\d+)/v1")
 
@@ -86,3 +87,17 @@ def _wait_for_url(proc: subprocess.Popen[str], log: Path) -> str:
         if proc.poll() is not None:
             raise AssertionError(f"legolm serve exited with {proc.returncode}: {log.read_text()}")
     raise AssertionError(f"legolm serve did not start within {STARTUP_S} s: {log.read_text()}")
+
+
+def make_tiny_gpt2(directory: Path, tokenizer_dir: Path) -> Path:
+    """A tiny random Hugging Face GPT-2 (1,024 positions) with the real GPT-2 tokenizer files beside it."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=TINY_GPT2_CONTEXT, n_embd=32, n_layer=2, n_head=4,
+                                  bos_token_id=50256, eos_token_id=50256)
+    transformers.GPT2LMHeadModel(cfg).eval().save_pretrained(directory)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tokenizer_dir / name, directory / name)
+    return directory

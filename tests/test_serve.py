@@ -5,7 +5,6 @@ strings, seeds, logprobs, a bounded load test, a client that leaves mid-stream, 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import threading
 from pathlib import Path
@@ -14,15 +13,14 @@ import httpx
 import openai
 import pytest
 import torch
-import transformers
 
 import legolm
 from legolm.cli.main import main
 from legolm.generation import GenerationConfig, generate
-from tests.serve_helpers import Server, running_server
+from tests.serve_helpers import TINY_GPT2_CONTEXT, Server, make_tiny_gpt2, running_server
 
 MODEL = "tiny_gpt2"
-CONTEXT = 1024
+CONTEXT = TINY_GPT2_CONTEXT
 MAX_BATCH = 4
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -30,15 +28,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_dir: Path) -> Path:
-    """A tiny random HF GPT-2 (1,024 positions) with the real GPT-2 tokenizer files."""
-    d = tmp_path_factory.mktemp("serve") / MODEL
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=CONTEXT, n_embd=32, n_layer=2, n_head=4,
-                                  bos_token_id=50256, eos_token_id=50256)
-    transformers.GPT2LMHeadModel(cfg).eval().save_pretrained(d)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(gpt2_tokenizer_dir / name, d / name)
-    return d
+    return make_tiny_gpt2(tmp_path_factory.mktemp("serve") / MODEL, gpt2_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +199,8 @@ BAD = [
     ("{not json", 400, "not valid JSON"),
     ('{"model": "gpt-4", "prompt": "x"}', 404, "does not exist"),
     ('{"model": "tiny_gpt2", "prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
-    ('{"model": "tiny_gpt2", "prompt": "x", "max_tokens": 1024}', 400, "context"),
-    ('{"model": "tiny_gpt2", "prompt": "' + "word " * 1100 + '"}', 400, "context"),
+    ('{"model": "tiny_gpt2", "prompt": "x", "max_tokens": ' + str(CONTEXT) + "}", 400, "context"),
+    ('{"model": "tiny_gpt2", "prompt": "' + "word " * (CONTEXT + 1) + '"}', 400, "context"),
     ('{"model": "tiny_gpt2", "prompt": "x", "temprature": 0.5}', 400, "unknown field 'temprature'"),
     ('{"model": "tiny_gpt2", "prompt": "x", "n": 2}', 400, "n > 1"),
     ('{"model": "tiny_gpt2", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
