@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -279,8 +280,10 @@ def save(rows: list[dict[str, Any]], args: argparse.Namespace, complete: bool) -
     table = print_table(rows, columns) if complete else ""
     if args.smoke:
         return "nothing (--smoke)"
-    return write_result("serve", {**device_info(), "args": vars(args), "complete": complete, "rows": rows,
-                                  "table": table})
+    where = {} if torch.cuda.is_available() else {"cpu_cores": os.cpu_count(), "omp_threads": torch.get_num_threads()}
+    return write_result("serve" if torch.cuda.is_available() else "serve-cpu",
+                        {**device_info(), **where, "args": vars(args), "complete": complete, "rows": rows,
+                         "table": table})
 
 
 if __name__ == "__main__":
