@@ -258,6 +258,8 @@ def _busy_port() -> socket.socket:
     (["--max-batch", "0"], "max_batch"),
     (["--early-exit", "threshold"], "LEGO model"),
     (["--chat-template", "/nonexistent/chat.jinja"], "chat template"),
+    (["--threshold", "0.5"], "without --early-exit"),
+    (["--fused-embed-block", "1000"], "power of two"),
 ])
 def test_serve_bad_flags_are_one_line(model_dir: Path, flags: list[str], fragment: str,
                                       capsys: pytest.CaptureFixture[str]) -> None:

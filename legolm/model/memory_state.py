@@ -17,6 +17,11 @@ The file is one safetensors file: the state tensors named ``<layer module>.<tens
 ``blocks.0.attn.M``) and, in its metadata, a JSON record of the model's config fingerprint, a
 fingerprint of its weights (a memory is only meaningful for the weights that wrote it), the
 shape of every tensor and the byte count.
+
+The same file as bytes, for a state held apart from the model (a server's memory sessions):
+`memory_state_to_bytes(state, ModelFingerprint.of(model))` and `memory_state_from_bytes(model, data,
+fingerprint)`, which refuses another model's state as `load_memory_state` does; the fingerprint is
+computed once (hashing the weights is the slow part).
 """
 
 from __future__ import annotations

@@ -96,6 +96,12 @@ class ServeConfig:
             (self.disconnect_poll_s > 0, f"disconnect_poll_s must be > 0, got {self.disconnect_poll_s}"),
             (self.engine_poll_s > 0, f"engine_poll_s must be > 0, got {self.engine_poll_s}"),
         ]
+        for name in ("fused_attention_block", "fused_embed_block"):
+            value = getattr(self, name)
+            checks.append((value >= 1 and not value & (value - 1), f"{name} must be a power of two, got {value}"))
+        exit_only = [f"--{n.replace('_', '-')}" for n in ("threshold", "target_ratio") if getattr(self, n) is not None]
+        checks.append((self.early_exit != "none" or not exit_only,
+                       f"{' and '.join(exit_only)} set without --early-exit threshold: add it, or drop the flag"))
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
