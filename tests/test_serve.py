@@ -209,6 +209,8 @@ BAD = [
     ('{"model": "tiny_gpt2", "prompt": ""}', 400, "empty"),
     ('{"model": "tiny_gpt2", "messages": []}', 400, "prompt"),
     ('[1, 2]', 400, "JSON object"),
+    ('{"model": "tiny_gpt2", "prompt": "x", "seed": 18446744073709551616}', 400, "seed"),
+    ('{"model": "tiny_gpt2", "prompt": "x", "top_p": 0}', 400, "top_p"),
 ]
 
 

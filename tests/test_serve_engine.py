@@ -5,6 +5,7 @@ step by step, and the HTTP 409 of a busy session."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -213,28 +214,64 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on() -> None:
     assert isinstance(s3.end(), DoneEvent) and len(s3.tokens()) == 5
 
 
-def test_a_busy_session_is_http_409() -> None:
-    """In process over ASGI, the engine not running: the first request holds its session while it waits,
-    a second request and an upload to that session get 409 with OpenAI's error body."""
+class _Gated(Backend):
+    """Wraps a backend; admitting a job waits until the test opens the gate."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner, self.entered, self.gate = inner, threading.Event(), threading.Event()
+        self.name, self.device, self.capacity, self.context = "gated", inner.device, inner.capacity, inner.context
+        self.sessions = inner.sessions
+
+    def admit(self, job: Job) -> Choice:
+        self.entered.set()
+        self.gate.wait()
+        return self.inner.admit(job)
+
+    def step(self, jobs: Sequence[Job]) -> list[Choice]:
+        return self.inner.step(jobs)
+
+    def release(self, job: Job) -> None:
+        self.inner.release(job)
+
+    def final_memory(self, job: Job) -> dict[str, torch.Tensor] | None:
+        return self.inner.final_memory(job)
+
+
+def test_a_busy_session_is_http_409_and_a_stopped_engine_503() -> None:
+    """In process over ASGI: while the first request of a session is being admitted (held at a gate), a second
+    request and an upload to that session get 409 with OpenAI's error body; it then completes; a request to
+    a stopped engine gets 503."""
     engine, sessions, model, tok = _memory_engine()
+    gated = _Gated(engine.backend)
+    engine.backend = gated
     fingerprint = ModelFingerprint.of(model)
     state = ServerState("m", model, tok, engine, engine.config, engine.metrics, None, sessions, fingerprint, 0)
     app = create_app(state)
     with torch.no_grad(), carry_memory(model):
         model(torch.tensor([[1, 2, 3]]))
     valid = memory_state_to_bytes(get_memory_state(model), fingerprint)
+    body = {"model": "m", "prompt": "the cat", "max_tokens": 4, "session": "s"}
 
-    async def scenario() -> tuple[httpx.Response, httpx.Response]:
+    async def scenario() -> list[httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            body = {"model": "m", "prompt": "the cat", "max_tokens": 4, "session": "s"}
             first = asyncio.create_task(client.post("/v1/completions", json=body))
-            while engine.waiting == 0:
+            while not gated.entered.is_set():
                 await asyncio.sleep(0.01)
             second = await client.post("/v1/completions", json=body)
             upload = await client.put("/v1/sessions/s/memory", content=valid)
-            first.cancel()
-            return second, upload
+            gated.gate.set()
+            done = await first
+            engine.stop()
+            down = await client.post("/v1/completions", json={**body, "session": None})
+            return [second, upload, done, down]
 
-    second, upload = asyncio.run(scenario())
+    engine.start()
+    try:
+        second, upload, done, down = asyncio.run(scenario())
+    finally:
+        gated.gate.set()
+        engine.stop()
     assert second.status_code == 409 and second.json()["error"]["code"] == "session_busy"
     assert upload.status_code == 409
+    assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 4 and len(sessions) == 1
+    assert down.status_code == 503 and down.json()["error"]["code"] == "engine_down"

@@ -36,7 +36,7 @@ from legolm.model.memory_state import ModelFingerprint, memory_state_from_bytes,
 from legolm.model.transformer import TransformerLM
 from legolm.serve.chat import ChatTemplate
 from legolm.serve.config import ServeConfig
-from legolm.serve.engine import Engine, QueueFull
+from legolm.serve.engine import Engine, EngineDown, QueueFull
 from legolm.serve.job import DoneEvent, ErrorEvent, Event, Job, TokenEvent
 from legolm.serve.metrics import CONTENT_TYPE, Metrics
 from legolm.serve.protocol import (
@@ -122,11 +122,10 @@ class Run:
                 raise ApiError(409, str(err), param="session", code="session_busy") from None
         try:
             state.engine.submit(job)
-        except (QueueFull, LegolmError) as err:
+        except LegolmError as err:
             if job.session is not None and state.sessions is not None:
                 state.sessions.release(job.session, None)
-            status = 429 if isinstance(err, QueueFull) else 400
-            raise ApiError(status, str(err), code="queue_full" if status == 429 else None) from None
+            raise submit_error(err) from None
 
     async def next(self) -> Event:
         return await self.events.get()
@@ -146,6 +145,15 @@ class Run:
                 self.text.push(event.choice.token)
             else:
                 return event
+
+
+def submit_error(err: LegolmError) -> ApiError:
+    """429 for a full queue, 503 for a stopped engine, else 400 (the backend cannot run the request)."""
+    if isinstance(err, QueueFull):
+        return ApiError(429, str(err), code="queue_full")
+    if isinstance(err, EngineDown):
+        return ApiError(503, str(err), kind="server_error", code="engine_down")
+    return ApiError(400, str(err))
 
 
 # -- request parsing -------------------------------------------------------------------------------------

@@ -41,6 +41,10 @@ class QueueFull(LegolmError):
     """Too many requests are waiting (HTTP 429)."""
 
 
+class EngineDown(LegolmError):
+    """The engine thread is not running (HTTP 503)."""
+
+
 class Engine:
     """Runs jobs on ``backend`` in its own thread (see the module docstring).
 
@@ -69,9 +73,12 @@ class Engine:
         """Queue ``job``; its events go to ``job.deliver``.
 
         Raises:
+            EngineDown: The engine thread failed or was stopped.
             QueueFull: ``max_queue`` requests are already waiting.
             LegolmError: The backend cannot run this request (the handler answers 400).
         """
+        if self.failure is not None or self._stopping.is_set():
+            raise EngineDown(f"the engine is not running ({self.failure or 'stopped'}); see the server log")
         self.backend.check(job)
         if self._inbox.qsize() + len(self._waiting) >= self.config.max_queue:
             raise QueueFull(f"{self.config.max_queue} requests are already waiting; retry later")
@@ -158,10 +165,10 @@ class Engine:
             self._start(job)
 
     def _start(self, job: Job) -> None:
-        job.generator = make_generator(job.params, self.backend.device)
-        job.text = TextStream(self.tokenizer, job.stop) if job.stop else None
         self._running.append(job)
         try:
+            job.generator = make_generator(job.params, self.backend.device)
+            job.text = TextStream(self.tokenizer, job.stop) if job.stop else None
             choice = self.backend.admit(job)
         except Exception as err:
             self._fail([job], err)
@@ -183,7 +190,13 @@ class Engine:
             self._accept(job, choice)
 
     def _accept(self, job: Job, choice: Choice) -> None:
-        """Record and send a job's new token; retire the job if it is done."""
+        """Record and send a job's new token; retire the job if it is done (fail it if that goes wrong)."""
+        try:
+            self._record(job, choice)
+        except Exception as err:
+            self._fail([job], err)
+
+    def _record(self, job: Job, choice: Choice) -> None:
         now = time.perf_counter()
         with self.metrics.lock:
             self.metrics.completion_tokens.inc()
