@@ -86,6 +86,23 @@ def test_each_row_samples_with_its_own_settings_and_seed() -> None:
     assert first[1].logprob is None and first[1].top is None
 
 
+def test_unseeded_rows_are_sampled_together_with_their_own_settings() -> None:
+    """One batched draw: each row keeps only its own top-k / nucleus, and frequencies follow its softmax."""
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]] * 4)
+    rows = [SamplingParams(greedy=False, top_k=2), SamplingParams(greedy=False, top_p=0.5),
+            SamplingParams(greedy=False, temperature=0.5), SamplingParams(greedy=True)]
+    draws = torch.tensor([[c.token for c in pick(logits, rows, [None] * 4)] for _ in range(3000)])
+    assert set(draws[:, 0].tolist()) == {0, 1}
+    assert set(draws[:, 1].tolist()) == {0}, "the best token alone holds more than half the mass"
+    assert set(draws[:, 3].tolist()) == {0}
+    want = (logits[0] / 0.5).softmax(-1)
+    freq = torch.bincount(draws[:, 2], minlength=4).float() / len(draws)
+    assert torch.allclose(freq, want, atol=0.03), (freq, want)
+    top2 = logits[0, :2].softmax(-1)
+    assert abs(float((draws[:, 0] == 0).float().mean()) - float(top2[0])) < 0.03
+
+
 # -- text ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gpt2_tokenizer(gpt2_tokenizer_dir: Path) -> Tokenizer:
