@@ -11,9 +11,11 @@ import openai
 import pytest
 import torch
 
+import legolm
 from legolm.checkpoints.native import save_checkpoint
 from legolm.cli.main import main
 from legolm.data.tokenizer import train_bpe
+from legolm.generation import GenerationConfig, complete
 from legolm.model.config import ModelConfig
 from legolm.model.lego import LegoLM
 from legolm.serve.backends import make_backend
@@ -90,31 +92,33 @@ def test_fused_server_equals_the_batched_one(tmp_path: Path, gpt2_tokenizer_dir:
                                              capsys: pytest.CaptureFixture[str]) -> None:
     """--fused: each request through the fused batch-1 step (interpreted Triton here), two at a time."""
     model_dir = make_tiny_gpt2(tmp_path / "tiny_gpt2", gpt2_tokenizer_dir)
-    want = _generate(["--model", str(model_dir), "--prompt", "Hello there", "--max-new-tokens", "3"], capsys)
+    want = _generate(["--model", str(model_dir), "--prompt", "Hello there", "--max-new-tokens", "2"], capsys)
     with running_server(["--model", str(model_dir), "--fused", "--max-batch", "2", "--max-context", "32"],
                         tmp_path / "server.log") as server:
-        r = server.client().completions.create(model="tiny_gpt2", prompt="Hello there", max_tokens=3, temperature=0)
+        r = server.client().completions.create(model="tiny_gpt2", prompt="Hello there", max_tokens=2, temperature=0)
         assert r.choices[0].text == want
         assert server.health()["backend"] == "fused"
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_server_completes_and_chats_like_legolm_generate(smollm2_gguf: Path, tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_smollm2_gguf_server_completes_and_chats_like_legolm_generate(smollm2_gguf: Path, tmp_path: Path) -> None:
     """The real SmolLM2-135M-Instruct (4-bit GGUF) on the CPU: a completion and a chat reply (its GGUF chat
-    template), a few tokens each, equal to `legolm generate` on the same (templated) prompt."""
+    template), a few tokens each, equal to what `legolm generate --greedy` prints for the same (templated)
+    prompt (`generation.complete`, its library call, on one load of the model)."""
     prompt = "The capital of France is"
     rendered = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
                 "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
-    want_text = _generate(["--model", str(smollm2_gguf), "--prompt", prompt, "--max-new-tokens", "4"], capsys)
-    want_chat = _generate(["--model", str(smollm2_gguf), "--prompt", rendered, "--max-new-tokens", "6"], capsys)
+    model, tok = legolm.load_pretrained(smollm2_gguf), legolm.load_tokenizer(smollm2_gguf)
+    want_text = complete(model, tok, [prompt], GenerationConfig(max_new_tokens=4, greedy=True))[0][0]
+    want_chat = complete(model, tok, [rendered], GenerationConfig(max_new_tokens=6, greedy=True))[0][0]
+    del model
     with running_server(["--model", str(smollm2_gguf), "--max-batch", "2", "--max-context", "128"],
                         tmp_path / "server.log") as server:
         client: openai.OpenAI = server.client()
-        model = "SmolLM2-135M-Instruct.Q4_1"
-        r = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0)
+        name = "SmolLM2-135M-Instruct.Q4_1"
+        r = client.completions.create(model=name, prompt=prompt, max_tokens=4, temperature=0)
         assert r.choices[0].text == want_text and "Paris" in want_text
-        chat = client.chat.completions.create(model=model, max_tokens=6, temperature=0, stream=True,
+        chat = client.chat.completions.create(model=name, max_tokens=6, temperature=0, stream=True,
                                               messages=[{"role": "user", "content": "What is the capital of France?"}])
         reply = "".join(c.choices[0].delta.content or "" for c in chat)
         assert reply == want_chat and "Paris" in reply
