@@ -74,7 +74,7 @@ def join_model() -> None:
 
 
 # texts the GPU machine reads as the shared-data folder (LEGOLM_DATA=.bench/shared), e.g. `legolm lct`
-SHARED_COPIES = ["data/tinyshakespeare.txt"]
+SHARED_COPIES = ["data/tinyshakespeare.txt", "tokenizers/gpt2/vocab.json", "tokenizers/gpt2/merges.txt"]  # serve: GPT-2
 
 
 def copy_shared() -> None:

@@ -34,6 +34,7 @@ SUITE: dict[str, list[str]] = {
     "early_exit": ["benchmarks.early_exit"],
     "memory_layers": ["benchmarks.memory_layers"],
     "lct": ["benchmarks.lct"],
+    "serve": ["benchmarks.serve"],
 }
 
 
@@ -55,7 +56,7 @@ def latest(name: str) -> dict[str, Any] | None:
 def summary_rows(name: str, result: dict[str, Any]) -> list[dict[str, Any]]:
     """One line per row of a benchmark's JSON: its label columns, then its other columns as text."""
     rows = []
-    labels = ("model", "impl", "variant", "label", "kv_mode", "batch", "context")
+    labels = ("model", "impl", "variant", "label", "kv_mode", "batch", "context", "server", "clients")
     for row in result.get("rows", []):
         label = " ".join(str(row[k]) for k in labels if k in row)
         figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()

@@ -18,6 +18,7 @@ from legolm.layers.hierarchical import HierarchicalMemory, folded_levels
 from legolm.layers.infini import BankedMemory
 from legolm.layers.memory import MemoryAttention, elu_plus_one, memory_read, memory_write
 from legolm.model.factory import create_model, model_config
+from legolm.model.kv_cache import KVCache
 from legolm.model.memory_state import carry_memory, memory_state_nbytes, save_memory_state
 from legolm.model.transformer import TransformerLM
 
@@ -344,11 +345,15 @@ def test_carried_memory_is_detached_so_training_can_continue() -> None:
     assert beta.grad is not None and beta.grad.abs().sum() > 0, "the gate β must train"
 
 
-def test_kv_cached_generation_is_refused_with_a_clear_error() -> None:
+def test_a_kv_cache_is_refused_with_a_clear_error_and_generate_decodes() -> None:
+    """A KV cache handed to a memory layer is refused in one line; `generate` decodes the model through
+    its segment caches instead (tests/test_memory_decode.py checks the tokens)."""
     model = _tiny("infini")
+    cache = KVCache(model.config, 1, 8)
     with pytest.raises(ConfigError, match="cannot run with a KV cache") as err:
-        generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=2, greedy=True))
+        model(torch.tensor([[1, 2, 3]]), cache=cache, input_pos=torch.arange(3))
     assert "\n" not in str(err.value)
+    assert len(generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=2, greedy=True)).tokens[0]) >= 1
 
 
 def test_streaming_another_batch_size_needs_a_reset() -> None:

@@ -24,6 +24,7 @@ COMMANDS = [
     "legolm.cli.lego",
     "legolm.cli.lct",
     "legolm.cli.experiment",
+    "legolm.cli.serve",
 ]
 
 

@@ -23,6 +23,7 @@ from legolm.generation.decoder import COMPILE_MODES, DecodeSession
 from legolm.generation.early_exit import EarlyExitStats, generate_speculative, generate_with_early_exit
 from legolm.generation.fused import FusedDecodeStep, check_fused
 from legolm.generation.fused_early_exit import FusedExitConfig, FusedLegoSession, fused_lego_generate
+from legolm.generation.memory_decode import generate_memory, has_memory_layers
 from legolm.generation.sampling import next_token
 from legolm.model.lego import LegoLM
 from legolm.model.transformer import TransformerLM
@@ -248,6 +249,8 @@ def generate(model: TransformerLM, prompts: Sequence[Sequence[int]], config: Gen
     _check_prompts(model, prompts, config.max_new_tokens)
     if config.early_exit != "none":
         return generate_lego(model, prompts, config, eos_id)
+    if has_memory_layers(model):
+        return _generate_with_memory(model, prompts, config, eos_id)
     device = next(model.parameters()).device
     idx, lengths = _left_pad(prompts, device)
     P, N = idx.shape[1], config.max_new_tokens
@@ -273,6 +276,18 @@ def generate(model: TransformerLM, prompts: Sequence[Sequence[int]], config: Gen
     steps = int(session.state.t.item())
     t2 = time.perf_counter()
     return GenerationResult(_trim(session.state.tokens[:, :steps].tolist(), eos), t1 - t0, t2 - t1, steps)
+
+
+def _generate_with_memory(model: TransformerLM, prompts: Sequence[Sequence[int]], config: GenerationConfig,
+                          eos_id: int | None) -> GenerationResult:
+    """Memory-layer models: each prompt through `legolm.generation.memory_decode` (memory carried across the
+    prompt and the new tokens)."""
+    if config.fused or config.compile:
+        raise ConfigError("memory-layer models decode through their segment caches: drop --fused / --compile")
+    rows, prefill_s, decode_s, steps = generate_memory(
+        model, prompts, config.max_new_tokens, greedy=config.greedy, temperature=config.temperature,
+        top_k=config.top_k, top_p=config.top_p, seed=config.seed, eos_id=eos_id if config.stop_at_eos else None)
+    return GenerationResult(rows, prefill_s, decode_s, steps)
 
 
 def lego_threshold(model: LegoLM, config: GenerationConfig) -> float:

@@ -29,6 +29,12 @@ then it starts from the memory the previous call left (or `set_memory_state`) an
 one, detached (no gradient flows into an earlier call: the double-backward bug of carrying a
 graph). Calls whose lengths are multiples of ``segment_len`` then give exactly the outputs of
 one long call. The KV-cached decoder is refused (see `MemoryAttention.forward`).
+
+Incremental decoding (`SegmentCache`): a layer given a `SegmentCache` instead of a KV cache keeps
+the memory of the complete segments and the keys/values of the current, partial one; each call
+adds its tokens to that segment and writes it into the memory once it holds ``segment_len``
+tokens. Token by token this gives the outputs of one long call (up to floating-point rounding),
+which is how `legolm.generation.memory_decode` decodes memory models.
 """
 
 from __future__ import annotations
@@ -176,6 +182,30 @@ class CompressiveMemory(nn.Module):
         """State after segment ``segment`` with raw keys k (B, Hm, L, Dk) and values v (B, Hm, L, Dv)."""
 
 
+# -- incremental decoding ------------------------------------------------------------------------------
+@dataclass
+class SegmentCache:
+    """One memory layer's decoding state for ``B`` sequences at the same position.
+
+    Attributes:
+        state: The memory after the complete segments (M, z, segment, ...), as `MemoryLayer` states are.
+        segment: Complete segments so far (``state["segment"]`` on the host).
+        k: (B, H, L, D) local-attention keys of the current segment (the first ``fill`` are valid).
+        v: (B, H, L, D) its values.
+        mk: (B, Hm, L, Dm) fp32 memory keys of the current segment, written into the memory when it is full.
+        mv: (B, Hm, L, Dm) fp32 memory values.
+        fill: Tokens of the current segment seen so far (< L).
+    """
+
+    state: State
+    segment: int
+    k: Tensor
+    v: Tensor
+    mk: Tensor
+    mv: Tensor
+    fill: int = 0
+
+
 # -- the protocol every memory layer implements -----------------------------------------------------
 class MemoryLayer(nn.Module):
     """A module that keeps a memory between calls; the model finds these with ``isinstance``.
@@ -250,12 +280,15 @@ class MemoryAttention(MemoryLayer):
         return self.memory.init_state(batch, self.memory_heads, dm, dm, device)
 
     # -- forward -------------------------------------------------------------------------------------
-    def forward(self, x: Tensor, ctx: LayerContext, cache: KVStore | None = None) -> Tensor:
+    def forward(self, x: Tensor, ctx: LayerContext, cache: KVStore | SegmentCache | None = None) -> Tensor:
+        if isinstance(cache, SegmentCache):
+            return self.forward_cached(x, cache)
         if cache is not None or ctx.mask is not None:
             raise ConfigError(
                 f"the {self.layer_type} memory layer cannot run with a KV cache or a padding mask: its memory is "
-                "written per segment, which cached/padded decoding does not do. Score or decode it with full "
-                "forward passes model(idx) on unpadded rows (legolm.eval.reversal.greedy_complete)"
+                "written per segment, which a KV cache or left padding does not do. Decode it with "
+                "legolm.generation.generate (its memory decoder gives the layer a SegmentCache) or score it with "
+                "full forward passes model(idx) on unpadded rows"
             )
         B, T, _ = x.shape
         H, D, L = self.n_head, self.head_dim, self.segment_len
@@ -279,6 +312,63 @@ class MemoryAttention(MemoryLayer):
         y = torch.cat(outs, dim=2)  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
+    # -- incremental decoding (SegmentCache) -----------------------------------------------------------
+    def segment_cache(self, batch: int, dtype: torch.dtype, device: torch.device | str,
+                      state: State | None = None) -> SegmentCache:
+        """An empty decoding state, or one continuing from memory ``state`` (from `get_memory_state`)."""
+        start = self.empty_memory_state(batch, device) if not state else {k: v.to(device) for k, v in state.items()}
+        H, D, L, Hm = self.n_head, self.head_dim, self.segment_len, self.memory_heads
+        dm = H * D // Hm
+        return SegmentCache(
+            start, int(start["segment"]), torch.zeros(batch, H, L, D, dtype=dtype, device=device),
+            torch.zeros(batch, H, L, D, dtype=dtype, device=device),
+            torch.zeros(batch, Hm, L, dm, dtype=torch.float32, device=device),
+            torch.zeros(batch, Hm, L, dm, dtype=torch.float32, device=device))
+
+    def forward_cached(self, x: Tensor, cache: SegmentCache) -> Tensor:
+        """Continue the sequence of ``cache`` by x (B, T, C): the outputs one long call would give."""
+        B, T, _ = x.shape
+        H, D = self.n_head, self.head_dim
+        q, k, v = (_heads(t, H) for t in self.qkv(x).chunk(3, dim=-1))  # (B, H, T, D) each
+        mq, mk, mv = (_heads(t, self.memory_heads) for t in self.mem_qkv(x).chunk(3, dim=-1))  # (B, Hm, T, Dm)
+        gate = torch.sigmoid(self.beta).view(1, H, 1, 1)
+        outs, start = [], 0
+        while start < T:  # one piece per (part of a) segment
+            n = min(self.segment_len - cache.fill, T - start)
+            piece = slice(start, start + n)
+            local = self._local_cached(q[:, :, piece], k[:, :, piece], v[:, :, piece], cache)
+            with torch.autocast(x.device.type, enabled=False):  # memory math in fp32, as in forward
+                mem = self.memory.read(mq[:, :, piece].float(), cache.state, cache.segment)  # (B, Hm, n, Dm)
+            fill = slice(cache.fill, cache.fill + n)
+            cache.mk[:, :, fill], cache.mv[:, :, fill] = mk[:, :, piece].float(), mv[:, :, piece].float()
+            cache.fill += n
+            if cache.fill == self.segment_len:
+                cache.state, cache.segment, cache.fill = self.flushed_state(cache), cache.segment + 1, 0
+            mem = mem.transpose(1, 2).reshape(B, -1, H, D).transpose(1, 2).to(local.dtype)  # (B, H, n, D)
+            outs.append(gate * mem + (1 - gate) * local)
+            start += n
+        y = torch.cat(outs, dim=2)  # (B, H, T, D)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+    def _local_cached(self, q: Tensor, k: Tensor, v: Tensor, cache: SegmentCache) -> Tensor:
+        """Causal softmax attention of n new tokens over the current segment's earlier ones and themselves."""
+        f, n = cache.fill, q.shape[2]
+        cache.k[:, :, f:f + n], cache.v[:, :, f:f + n] = k, v
+        if f == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        keys = torch.arange(f + n, device=q.device)
+        mask = keys[None, :] <= (f + torch.arange(n, device=q.device))[:, None]  # (n, f + n)
+        return F.scaled_dot_product_attention(q, cache.k[:, :, :f + n], cache.v[:, :, :f + n], attn_mask=mask)
+
+    def flushed_state(self, cache: SegmentCache) -> State:
+        """The memory with the current (possibly partial) segment written, as a call ending here leaves it."""
+        if cache.fill == 0:
+            return cache.state
+        with torch.autocast(cache.mk.device.type, enabled=False):
+            state = self.memory.write(cache.mk[:, :, :cache.fill], cache.mv[:, :, :cache.fill], cache.state,
+                                      cache.segment)
+        return {**state, "segment": state["segment"] + 1}
+
     def _start_state(self, batch: int, device: torch.device) -> State:
         if not self.carry or self.stored is None:
             return self.empty_memory_state(batch, device)
@@ -296,7 +386,7 @@ class MemoryBlock(nn.Module):
         super().__init__()
         self.norm_1, self.attn, self.norm_2, self.mlp = norm_1, attn, norm_2, mlp
 
-    def forward(self, x: Tensor, ctx: LayerContext, cache: KVStore | None = None) -> Tensor:
+    def forward(self, x: Tensor, ctx: LayerContext, cache: KVStore | SegmentCache | None = None) -> Tensor:
         return x + self.attn(self.norm_1(x), ctx, cache) + self.mlp(self.norm_2(x))  # (B, T, C)
 
 

@@ -17,6 +17,11 @@ The file is one safetensors file: the state tensors named ``<layer module>.<tens
 ``blocks.0.attn.M``) and, in its metadata, a JSON record of the model's config fingerprint, a
 fingerprint of its weights (a memory is only meaningful for the weights that wrote it), the
 shape of every tensor and the byte count.
+
+The same file as bytes, for a state held apart from the model (a server's memory sessions):
+`memory_state_to_bytes(state, ModelFingerprint.of(model))` and `memory_state_from_bytes(model, data,
+fingerprint)`, which refuses another model's state as `load_memory_state` does; the fingerprint is
+computed once (hashing the weights is the slow part).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -43,6 +50,7 @@ FORMAT = "legolm-memory"
 FORMAT_VERSION = 1
 METADATA_KEY = "legolm_memory"
 HASH_CHUNK_ELEMENTS = 1 << 22  # parameters hashed per step (bounds the temporary copy)
+HEADER_LENGTH_BYTES = 8  # safetensors: a little-endian u64 header length, then the JSON header
 
 
 def memory_layers(model: nn.Module) -> dict[str, MemoryLayer]:
@@ -89,6 +97,20 @@ def set_memory_state(model: nn.Module, state: dict[str, Tensor]) -> None:
     Raises:
         ConfigError: A layer is missing from ``state``, a tensor is unknown, or a shape differs.
     """
+    layers = check_memory_state(model, state)
+    for name, layer in layers.items():
+        layer.set_memory_state({key: state[f"{name}.{key}"] for key in layer.empty_memory_state(1)})
+
+
+def check_memory_state(model: nn.Module, state: dict[str, Tensor]) -> dict[str, MemoryLayer]:
+    """Check that ``state`` has exactly the tensors (names and shapes) of ``model``'s memory layers.
+
+    Returns:
+        The memory layers by module name.
+
+    Raises:
+        ConfigError: A layer is missing from ``state``, a tensor is unknown, or a shape differs.
+    """
     layers = _require_layers(model)
     known: set[str] = set()
     for name, layer in layers.items():
@@ -106,8 +128,7 @@ def set_memory_state(model: nn.Module, state: dict[str, Tensor]) -> None:
     unknown = sorted(set(state) - known)
     if unknown:
         raise ConfigError(f"memory state holds tensors this model has no layer for: {unknown[:3]}")
-    for name, layer in layers.items():
-        layer.set_memory_state({key: state[f"{name}.{key}"] for key in layer.empty_memory_state(1)})
+    return layers
 
 
 def memory_state_nbytes(model: nn.Module, batch: int = 1) -> int:
@@ -141,6 +162,101 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What a memory file must match to be loaded: the architecture and the weights that wrote it.
+
+    Attributes:
+        config: `config_fingerprint` of the model.
+        weights: `weights_fingerprint` of the model.
+    """
+
+    config: str
+    weights: str
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelFingerprint:
+        """Both fingerprints of ``model`` (hashing every weight: compute it once per model)."""
+        return cls(config_fingerprint(model), weights_fingerprint(model))
+
+
+def memory_record(state: dict[str, Tensor], fingerprint: ModelFingerprint) -> dict[str, Any]:
+    """The JSON record a memory file stores beside the tensors of ``state``."""
+    return {
+        "format": FORMAT, "version": FORMAT_VERSION,
+        "config_fingerprint": fingerprint.config, "weights_fingerprint": fingerprint.weights,
+        "shapes": {k: list(v.shape) for k, v in state.items()}, "dtypes": {k: str(v.dtype) for k, v in state.items()},
+        "tensor_bytes": sum(v.numel() * v.element_size() for v in state.values()),
+    }
+
+
+def check_memory_record(metadata: dict[str, Any], fingerprint: ModelFingerprint, source: str,
+                        check_weights: bool = True) -> None:
+    """Refuse the memory of another architecture (or, with ``check_weights``, of other weights).
+
+    Raises:
+        CheckpointError: A fingerprint differs; the message names ``source``.
+    """
+    if metadata.get("config_fingerprint") != fingerprint.config:
+        raise CheckpointError(f"{source} holds the memory of a model with another architecture (config fingerprint "
+                              "differs); load it into the model that wrote it")
+    if check_weights and metadata.get("weights_fingerprint") != fingerprint.weights:
+        raise CheckpointError(f"{source} was written by other weights (weights fingerprint differs); load the same "
+                              "checkpoint first, or pass check_weights=False to load it anyway")
+
+
+def memory_state_to_bytes(state: dict[str, Tensor], fingerprint: ModelFingerprint) -> bytes:
+    """A memory state as the bytes of the file `save_memory_state` writes (tensors on the CPU + record); equal
+    states give equal bytes."""
+    cpu = {k: state[k].detach().cpu().contiguous() for k in sorted(state)}
+    return save_bytes(cpu, metadata={METADATA_KEY: json.dumps(memory_record(cpu, fingerprint))})
+
+
+def memory_state_from_bytes(model: nn.Module, data: bytes, fingerprint: ModelFingerprint, source: str = "the upload",
+                            check_weights: bool = True) -> dict[str, Tensor]:
+    """The state in the bytes of a memory file, checked against ``model`` (fingerprints, names, shapes).
+
+    Raises:
+        CheckpointError: Not a memory file, or written by another architecture or other weights.
+        ConfigError: Layer names or shapes do not match.
+    """
+    header = _safetensors_header(data, source)
+    raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    try:
+        tensors = load_bytes(data)
+    except Exception as err:  # safetensors raises its own error types for broken data
+        raise CheckpointError(f"{source} is not a readable safetensors file ({type(err).__name__}: {err})") from None
+    metadata = _record(raw, source)
+    check_memory_record(metadata, fingerprint, source, check_weights)
+    check_memory_state(model, tensors)
+    return tensors
+
+
+def _safetensors_header(data: bytes, source: str) -> dict[str, Any]:
+    """The JSON header of safetensors bytes (8-byte little-endian length, then the JSON)."""
+    size = int.from_bytes(data[:HEADER_LENGTH_BYTES], "little") if len(data) >= HEADER_LENGTH_BYTES else -1
+    try:
+        if not 0 < size <= len(data) - HEADER_LENGTH_BYTES:
+            raise ValueError("truncated")
+        header = json.loads(data[HEADER_LENGTH_BYTES:HEADER_LENGTH_BYTES + size])
+    except (ValueError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{source} is not a safetensors file (no readable header)")
+    return header
+
+
+def _record(raw: str | None, source: str) -> dict[str, Any]:
+    try:
+        metadata = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        metadata = None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{source} is a safetensors file but not a legolm memory state (no {METADATA_KEY} "
+                              "record)")
+    return metadata
+
+
 # -- files --------------------------------------------------------------------------------------------
 @dataclass
 class MemoryFile:
@@ -172,13 +288,8 @@ def save_memory_state(model: nn.Module, path: str | Path, overwrite: bool = Fals
     state = {k: v.detach().cpu().contiguous() for k, v in get_memory_state(model).items()}
     if not state:
         raise LegolmError("no memory is stored yet: run the model inside `with carry_memory(model):` first")
-    tensor_bytes = sum(v.numel() * v.element_size() for v in state.values())
-    metadata = {
-        "format": FORMAT, "version": FORMAT_VERSION,
-        "config_fingerprint": config_fingerprint(model), "weights_fingerprint": weights_fingerprint(model),
-        "shapes": {k: list(v.shape) for k, v in state.items()}, "dtypes": {k: str(v.dtype) for k, v in state.items()},
-        "tensor_bytes": tensor_bytes,
-    }
+    metadata = memory_record(state, ModelFingerprint.of(model))
+    tensor_bytes = metadata["tensor_bytes"]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
@@ -201,13 +312,7 @@ def read_memory_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except Exception as err:  # safetensors raises its own error types for broken files
         raise CheckpointError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
-    try:
-        metadata = json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        metadata = None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is a safetensors file but not a legolm memory state (no {METADATA_KEY} record)")
-    return tensors, metadata
+    return tensors, _record(raw, str(path))
 
 
 def load_memory_state(model: nn.Module, path: str | Path, check_weights: bool = True) -> MemoryFile:
@@ -224,12 +329,8 @@ def load_memory_state(model: nn.Module, path: str | Path, check_weights: bool = 
     """
     _require_layers(model)
     tensors, metadata = read_memory_file(path)
-    if metadata.get("config_fingerprint") != config_fingerprint(model):
-        raise CheckpointError(f"{path} holds the memory of a model with another architecture (config fingerprint "
-                              "differs); load it into the model that wrote it")
-    if check_weights and metadata.get("weights_fingerprint") != weights_fingerprint(model):
-        raise CheckpointError(f"{path} was written by other weights (weights fingerprint differs); load the same "
-                              "checkpoint first, or pass check_weights=False to load it anyway")
+    weights = weights_fingerprint(model) if check_weights else ""
+    check_memory_record(metadata, ModelFingerprint(config_fingerprint(model), weights), str(path), check_weights)
     set_memory_state(model, tensors)
     p = Path(path)
     return MemoryFile(p, int(metadata.get("tensor_bytes", 0)), p.stat().st_size, metadata)

@@ -1,0 +1,32 @@
+"""``legolm serve``: an OpenAI-compatible HTTP server (completions, chat, streaming, metrics, memory sessions).
+
+    legolm serve --model PATH_OR_NAME [--host 127.0.0.1 --port 8000] [--device cuda --dtype bfloat16]
+                 [--max-batch 16] [--fused] [--early-exit threshold|speculative ...]
+
+Every setting is a `ServeConfig` flag; the job is `legolm.recipes.serve.serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from legolm.cli.args import add_dataclass_args, dataclass_from_args
+from legolm.cli.common import add_model_args, device_dtype
+from legolm.serve.config import ServeConfig
+
+
+def run(ns: argparse.Namespace) -> None:
+    config = dataclass_from_args(ServeConfig, ns)
+    config.validate()
+    device, dtype = device_dtype(ns)
+    from legolm.recipes.serve import serve  # the heavy imports (torch, FastAPI, uvicorn) only when it runs
+
+    serve(ns.model, device, dtype, config)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over HTTP with the OpenAI API", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_dataclass_args(p, ServeConfig)
+    p.set_defaults(func=run)

@@ -1,0 +1,115 @@
+"""Chat templates: the model's own Jinja template (GGUF metadata or Hugging Face tokenizer files) turns
+chat messages into the prompt text, as `transformers`' ``apply_chat_template`` does.
+
+Where the template comes from, first found: ``--chat-template FILE``; a GGUF file's
+``tokenizer.chat_template``; a model directory's ``chat_template.jinja``, or the ``chat_template``
+of its ``tokenizer_config.json`` (a string, or a list of named templates: "default" is taken).
+Templates run in Jinja's immutable sandbox with ``raise_exception`` and ``strftime_now``, and get
+``messages``, ``add_generation_prompt=True``, ``bos_token`` and ``eos_token``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from legolm.checkpoints.gguf import _reader
+from legolm.checkpoints.load import resolve
+from legolm.data.tokenizer import Tokenizer
+from legolm.errors import ConfigError, LegolmError
+
+GGUF_KEY = "tokenizer.chat_template"
+JINJA_FILE = "chat_template.jinja"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+DEFAULT_NAME = "default"  # the template picked from a list of named ones
+
+
+class ChatTemplate:
+    """A compiled chat template.
+
+    Args:
+        source: The Jinja text.
+        tokenizer: Gives the ``bos_token`` / ``eos_token`` strings the template may print.
+    """
+
+    def __init__(self, source: str, tokenizer: Tokenizer) -> None:
+        try:
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise ConfigError("chat templates need Jinja2: pip install 'legolm[serve]'") from None
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            self.template = env.from_string(source)
+        except jinja2.TemplateError as err:
+            raise ConfigError(f"the chat template does not compile ({err})") from None
+        self._errors: tuple[type[Exception], ...] = (jinja2.TemplateError,)
+        self.source = source
+        self.bos = _token(tokenizer, tokenizer.bos_id)
+        self.eos = _token(tokenizer, tokenizer.eos_id)
+
+    def render(self, messages: Sequence[dict[str, Any]]) -> str:
+        """The prompt text of ``messages`` ({"role", "content"} each), ending where the assistant's reply starts.
+
+        Raises:
+            LegolmError: The template refused the messages (e.g. roles out of order).
+        """
+        try:
+            return str(self.template.render(messages=list(messages), add_generation_prompt=True,
+                                            bos_token=self.bos, eos_token=self.eos))
+        except self._errors as err:
+            raise LegolmError(f"the chat template refused these messages ({err})") from None
+
+
+def _raise(message: str) -> None:
+    raise LegolmError(message)
+
+
+def _token(tokenizer: Tokenizer, token_id: int | None) -> str:
+    if token_id is None:
+        return ""
+    return str(tokenizer.backend.id_to_token(token_id) or "")
+
+
+def model_template_source(path_or_name: str | Path) -> str | None:
+    """The chat template stored with a model (see the module docstring), or None."""
+    path = resolve(path_or_name)
+    if path.is_file() and path.suffix == ".gguf":
+        field = _reader(path).fields.get(GGUF_KEY)
+        return str(field.contents()) if field is not None else None
+    if not path.is_dir():
+        return None
+    if (path / JINJA_FILE).is_file():
+        return (path / JINJA_FILE).read_text(encoding="utf-8")
+    if (path / TOKENIZER_CONFIG).is_file():
+        try:
+            template = json.loads((path / TOKENIZER_CONFIG).read_text(encoding="utf-8")).get("chat_template")
+        except (json.JSONDecodeError, AttributeError):
+            return None
+        if isinstance(template, list):
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get(DEFAULT_NAME)
+        return template if isinstance(template, str) else None
+    return None
+
+
+def load_chat_template(path_or_name: str | Path, tokenizer: Tokenizer, override: str | None = None
+                       ) -> ChatTemplate | None:
+    """The template to serve chat with: ``override`` (a file) if given, else the model's; None without one.
+
+    Raises:
+        ConfigError: ``override`` cannot be read, or a template does not compile.
+    """
+    if override is not None:
+        try:
+            source: str | None = Path(override).read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"cannot read the chat template {override} ({err.strerror})") from None
+    else:
+        source = model_template_source(path_or_name)
+    return ChatTemplate(source, tokenizer) if source else None
