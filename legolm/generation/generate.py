@@ -66,9 +66,10 @@ class GenerationConfig:
         threshold: τ of threshold early exit in [0, 1] (None: the model's calibrated τ, or target_ratio's).
         target_ratio: Instead of τ: the fraction of calibration tokens made hard (routed to the upper
             layers), turned into τ with the quantiles stored at calibration.
-        kv_mode: Threshold mode's upper KV cache for exited tokens: fill (exact: queued tokens run
-            through the upper layers with the next deep one), skip (left out; cheapest, approximate) or
-            propagate (their K/V projected from the lower states; without --fused only).
+        kv_mode: Threshold mode's upper KV cache for exited tokens: skip (left out; the default: as
+            good as fill in every decode-path measurement so far and the fastest), fill (exact: queued
+            tokens run through the upper layers with the next deep one) or propagate (their K/V projected
+            from the lower states; without --fused only).
         draft_tokens: Speculative mode: tokens the shallow exit drafts per verify pass.
         fill_buckets: Fused fill mode: row counts of the captured lazy-fill passes (the largest bounds
             the queue of exited tokens).
@@ -96,7 +97,7 @@ class GenerationConfig:
     early_exit: Literal["none", "threshold", "speculative"] = "none"
     threshold: float | None = None
     target_ratio: float | None = None
-    kv_mode: Literal["fill", "skip", "propagate"] = "fill"
+    kv_mode: Literal["fill", "skip", "propagate"] = "skip"
     draft_tokens: int = 4
     fill_buckets: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     graph_steps: int = 16
