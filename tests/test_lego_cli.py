@@ -150,3 +150,28 @@ def test_generate_early_exit_on_a_model_without_an_exit_is_one_line(smollm2_gguf
     proc = _run(["generate", "--model", str(smollm2_gguf), "--prompt", "The", "--greedy", "--early-exit", "threshold"],
                 tmp_path)
     _assert_user_error(proc, "needs a LEGO model with a shallow exit")
+
+
+def test_lego_from_a_pretrained_checkpoint_chooses_its_split_by_the_curve(tmp_path: Path, shared_dir: Path) -> None:
+    """The pretrained route end to end: tuned-lens exits at the candidates, the split curve, phase 2 on the
+    model's own upper blocks, and a model/ that loads as a LegoLM whose deep model is the checkpoint's
+    architecture."""
+    from legolm.checkpoints.native import save_checkpoint
+    from legolm.model.config import ModelConfig
+    from legolm.model.transformer import TransformerLM
+
+    torch.manual_seed(0)
+    base = TransformerLM(ModelConfig.from_name("tiny-pythia", vocab_size=50304, layers=["pythia"] * 4))
+    save_checkpoint(base, tmp_path / "base")
+    out = tmp_path / "run"
+    proc = _run(["lego", "--config", str(ROOT / "configs" / "lego-split-tiny.yaml"), "--model.init",
+                 str(tmp_path / "base"), "--run.out-dir", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    curve = {p["split"]: p for p in summary["split_curve"]}
+    assert set(curve) == {1, 2} and all(p["full_ppl"] == curve[1]["full_ppl"] for p in curve.values())
+    assert curve[1]["cost"] < curve[2]["cost"]  # fewer blocks below the exit: cheaper
+    assert summary["split"] in curve and (out / "split_curve.csv").is_file()
+    model = load_pretrained(out / "model")
+    assert isinstance(model, LegoLM) and model.meta.exit_lens and model.split == summary["split"]
+    assert model.n_layer == 4 and model.threshold == pytest.approx(summary["threshold"])
