@@ -137,7 +137,7 @@ def test_skip_mode_uses_cumulative_rope_positions(preset: str) -> None:
     kept = list(range(P)) + [P + t - 1 for t in deep_steps]
 
     def deep_logits(positions: list[int]) -> Tensor:
-        return model.project(model.upper_hidden(h_s[:, kept], positions=torch.tensor([positions])))[0]
+        return model.forward_upper_layers(h_s[:, kept], positions=torch.tensor([positions]))[0]
 
     cumulative = deep_logits(kept)
     for j, t in enumerate(deep_steps):

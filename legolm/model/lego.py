@@ -311,6 +311,11 @@ class LegoLM(TransformerLM):
         ctx = self.make_context(positions, h.dtype, cache, input_pos)
         return self.forward_layers(h, ctx, self.split, None, cache).hidden
 
+    def forward_upper_layers(self, h: Tensor, *, cache: KVCache | None = None, input_pos: Tensor | None = None,
+                             positions: Tensor | None = None) -> Tensor:
+        """The upper layers and the deep exit (the LEGO specification's name): (B, T, C) -> (B, T, V)."""
+        return self.project(self.upper_hidden(h, cache=cache, input_pos=input_pos, positions=positions))
+
     def upper_last_logits(self, h: Tensor, *, cache: KVCache | None = None, input_pos: Tensor | None = None,
                           positions: Tensor | None = None) -> Tensor:
         """Upper layers over ``h`` (B, T, C), writing their K/V to ``cache``; deep logits of the last token (B, V).
@@ -324,7 +329,7 @@ class LegoLM(TransformerLM):
         """Both exits over whole sequences: (B, T) -> logits (B, T, V) and confidence (B, T)."""
         h_s = self.lower(idx)  # (B, T, C)
         shallow = self.shallow_head(h_s)
-        deep = self.project(self.upper_hidden(h_s)) if self.extended else None
+        deep = self.forward_upper_layers(h_s) if self.extended else None
         return LegoOutput(shallow, deep, confidence(shallow))
 
     def routed_log_probs(self, out: LegoOutput, threshold: float | None = None,
