@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -396,3 +397,15 @@ def test_a_pretrained_split_starts_as_the_logit_lens_and_trains_only_its_lens_an
                                    rtol=0, atol=0)
     with pytest.raises(ConfigError, match="tuned lens"):
         model.shallow_model()
+
+
+def test_phase2_fraction_reserves_whole_documents_phase1_never_sees() -> None:
+    from legolm.lego.train import split_training_tokens
+
+    ids = np.array([5, 6, 0, 7, 8, 9, 0, 1, 2, 0, 3, 0])  # four documents ending in EOS 0
+    first, second = split_training_tokens(ids, 0, 0.5)  # 50% of 12 = index 6, the EOS there ends the cut
+    assert first.tolist() == [5, 6, 0, 7, 8, 9, 0] and second.tolist() == [1, 2, 0, 3, 0]
+    both = split_training_tokens(ids, 0, 0.0)
+    assert both[0] is ids and both[1] is ids
+    with pytest.raises(ConfigError, match="phase2_fraction"):
+        split_training_tokens(np.array([1, 2, 3, 0]), 0, 0.5)  # one document: nothing left for phase 2

@@ -90,6 +90,8 @@ class LegoSettings:
         store_dtype: dtype of the stored lower-layer states (bfloat16/float16 halve their memory).
         calib_batches: Validation batches for calibration and evaluation (None = all).
         collect_batches: Training batches scanned for hard examples (None = all of the training split).
+        phase2_fraction: Fraction of the training tokens (the end of the stream, cut after a document) that phase 1
+            never trains on and phase 2 collects its hard examples from (0 = both phases use all of it).
         curve_ratios: Further thresholds for the quality/speed curve, as fractions of validation tokens below them.
     """
 
@@ -108,6 +110,7 @@ class LegoSettings:
     store_dtype: StoreDtype = "float32"
     calib_batches: int | None = None
     collect_batches: int | None = None
+    phase2_fraction: float = 0.0
     curve_ratios: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.7, 0.9])
 
 
@@ -195,6 +198,7 @@ class LegoConfig:
             (lg.split_tolerance >= 0, f"lego.split_tolerance must be >= 0, got {lg.split_tolerance}"),
             (lg.collect_batches is None or lg.collect_batches >= 1,
              f"lego.collect_batches must be >= 1, got {lg.collect_batches}"),
+            (0.0 <= lg.phase2_fraction < 1.0, f"lego.phase2_fraction must be in [0, 1), got {lg.phase2_fraction}"),
             (self.lego.threshold is None or 0.0 <= self.lego.threshold <= 1.0,
              f"lego.threshold must be in [0, 1] (a max softmax probability), got {self.lego.threshold}; "
              "leave it unset to calibrate one from lego.target_ratio"),

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -245,13 +246,32 @@ def _phase1_split(cfg: LegoConfig, corpus: TokenizedCorpus, train: BatchSource, 
     return model, result, points
 
 
+def split_training_tokens(ids: np.ndarray, eos_id: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The training stream for phase 1 and the one phase 2 collects hard examples from.
+
+    ``fraction`` > 0 reserves the end of the stream (cut after a document's EOS) for phase 2: phase 1
+    never trains on it, so its hard tokens are hard the way unseen text is, not the residue of what
+    phase 1 memorised. 0: both phases use the whole stream.
+    """
+    if fraction <= 0:
+        return ids, ids
+    at = int(len(ids) * (1.0 - fraction))
+    ends = np.flatnonzero(np.asarray(ids[at:]) == eos_id)
+    cut = at + int(ends[0]) + 1 if len(ends) else at
+    if cut <= 0 or cut >= len(ids):
+        raise ConfigError(f"lego.phase2_fraction={fraction} leaves one of the phases no training text; "
+                          "give a fraction that keeps whole documents on both sides")
+    return ids[:cut], ids[cut:]
+
+
 def train_lego(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoTraining:
     """Phase 1, calibration, extension (grown route), hard-example collection and phase 2, as ``cfg`` says."""
     out = Path(cfg.run.out_dir)
     p1, p2 = cfg.phase1, cfg.phase2
     shard = init_distributed(cfg.run).shard()  # training batches are sharded; calibration reads all of val
     val = WindowBatches(corpus.val, cfg.window, p1.eval.batch_size or p1.batch_size, shuffle=False, drop_last=False)
-    train = WindowBatches(corpus.train, cfg.window, p1.batch_size, shuffle=True, seed=cfg.run.seed, **shard)
+    phase1_ids, phase2_ids = split_training_tokens(corpus.train, corpus.eos_id, cfg.lego.phase2_fraction)
+    train = WindowBatches(phase1_ids, cfg.window, p1.batch_size, shuffle=True, seed=cfg.run.seed, **shard)
     points: list[SplitPoint] = []
     if uses_pretrained_split(cfg):
         model, phase1, points = _phase1_split(cfg, corpus, train, val, out / "phase1")
@@ -269,7 +289,7 @@ def train_lego(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoTraining:
     model.calibrate(threshold, cfg.lego.target_ratio if cfg.lego.threshold is None else None, conf)
     model.meta.routing_temperature = cfg.lego.routing_temperature
     store = STORE_DTYPES[cfg.lego.store_dtype]
-    scan = WindowBatches(corpus.train, cfg.window, p1.batch_size, shuffle=False, drop_last=False)
+    scan = WindowBatches(phase2_ids, cfg.window, p1.batch_size, shuffle=False, drop_last=False)
     hard_train = collect_hard_examples(model, scan, threshold, store_dtype=store, max_batches=cfg.lego.collect_batches,
                                        progress=cfg.run.progress)
     hard_val = collect_hard_examples(model, val, threshold, store_dtype=store, max_batches=cfg.lego.calib_batches,
