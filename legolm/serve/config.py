@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from legolm.errors import ConfigError
+from legolm.generation.generate import GenerationConfig
+
+_GEN = GenerationConfig()
 
 
 @dataclass
@@ -31,7 +34,8 @@ class ServeConfig:
         early_exit: LEGO models: threshold or speculative decoding through the shallow exit (none = deep).
         threshold: Threshold early exit's tau (None: the model's calibrated one, or target_ratio's).
         target_ratio: Instead of tau: the fraction of tokens routed to the upper layers.
-        kv_mode: Threshold mode's upper KV cache for exited tokens: fill, skip or propagate.
+        kv_mode: Threshold mode's upper KV cache for exited tokens: skip (the default, as in `legolm generate`),
+            fill or propagate.
         draft_tokens: Speculative mode: tokens drafted per verify pass.
         max_queue: Requests waiting for a free row beyond which new ones get HTTP 429.
         prefill_tokens_per_step: Prompt tokens prefilled between two decode steps (at least one request
@@ -58,14 +62,14 @@ class ServeConfig:
     context_bucket: int = 256
     cuda_graph: bool = True
     fused: bool = False
-    fused_attention_block: int = 64
-    fused_embed_block: int = 1024
-    fused_tune: bool = True
+    fused_attention_block: int = _GEN.fused_attention_block  # the decoder settings default as in `generate`
+    fused_embed_block: int = _GEN.fused_embed_block
+    fused_tune: bool = _GEN.fused_tune
     early_exit: Literal["none", "threshold", "speculative"] = "none"
     threshold: float | None = None
     target_ratio: float | None = None
-    kv_mode: Literal["fill", "skip", "propagate"] = "fill"
-    draft_tokens: int = 4
+    kv_mode: Literal["fill", "skip", "propagate"] = _GEN.kv_mode
+    draft_tokens: int = _GEN.draft_tokens
     max_queue: int = 256
     prefill_tokens_per_step: int = 4096
     completion_max_tokens: int = 16
