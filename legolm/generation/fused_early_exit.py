@@ -13,7 +13,7 @@ Threshold early exit (CALM, Schuster et al. 2022, arXiv 2207.07061), one step::
         fill: IF flush[b] (one node per bucket b): the q queued exited tokens and this one, b >= q + 1
               rows, through the upper blocks at their positions (`legolm.kernels.rows`) ─ deep head on
               this token's row ─ emit         (a full queue flushes without a deep token)
-    tick: position + 1; the queue empties or grows
+    (the next step opens with the tick: position + 1; the queue empties or grows)
 
 Self-speculative decoding (LayerSkip, Elhoushi et al. 2024, arXiv 2404.16710), one round::
 
@@ -136,8 +136,7 @@ class FusedLegoSession:
         self.dpos, self.di = zeros(1), zeros(1)
         self.spec_stats = zeros(2)  # accepted drafts, rounds
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.parts: tuple[torch.cuda.CUDAGraph, list[tuple[int, torch.cuda.CUDAGraph]], torch.cuda.CUDAGraph] | None \
-            = None
+        self.parts: tuple[torch.cuda.CUDAGraph, list[tuple[int, torch.cuda.CUDAGraph]]] | None = None
         # how a unit runs: "graph" (several units per CUDA graph: speculative, or threshold with conditional
         # nodes), "parts" (threshold without them: graphs of the step's parts, the host reads the conditions
         # once a step), "eager" (no CUDA: kernels launched one by one, the host reads the conditions)
@@ -152,12 +151,16 @@ class FusedLegoSession:
         self._lower_part()
         for index, fn in self._branches():
             branch(self.flags[index], fn)
-        self._tick()
 
     def _lower_part(self) -> None:
-        """Embedding, lower blocks, the shallow exit and its decision (every step)."""
+        """The previous step's tick, then embedding, lower blocks, the shallow exit and its decision (every step).
+
+        The tick (position + 1; fill: the queue) opens the step rather than closing the last one, so
+        a step without the upper layers is one graph (`start` sets the position one short).
+        """
         st, m, s = self.stack, self.model, self.state
         assert m.shallow_exit is not None
+        self._tick()
         st.embed(m, s.tok, s.pos)
         st.blocks(m, self.cache, 0, m.split, s.pos, s.pos)
         if self.fill:
@@ -264,7 +267,9 @@ class FusedLegoSession:
             s.finished.copy_(first == self.eos_id)
         for buf in (s.pos, self.uslot, self.dpos):
             buf.fill_(P)
-
+        if self.config.mode == "threshold":  # one short: the first step's tick (closing the prefill) fixes them
+            s.pos.fill_(P - 1)
+            self.q.fill_(-1)
     # -- running -------------------------------------------------------------------------------
     def run_unit(self) -> None:
         """One token (threshold) or round (speculative); with ``runner`` "graph", `steps_per_graph` of them."""
@@ -275,13 +280,12 @@ class FusedLegoSession:
             self.graph.replay()
         else:
             assert self.parts is not None, "warm_up() captures the graphs before the first prefill"
-            lower, branches, tick = self.parts
+            lower, branches = self.parts
             lower.replay()
             flags = self.flags.tolist()  # the one device-to-host read of a step
             for index, graph in branches:
                 if flags[index]:
                     graph.replay()
-            tick.replay()
 
     def warm_up(self) -> None:
         """Tune and compile every kernel of every branch once, then capture the graphs (before the first prefill).
@@ -300,8 +304,7 @@ class FusedLegoSession:
             self.graph = _record(self._units)
         else:
             self.parts = (_record(lambda graph: self._lower_part()),
-                          [(index, _record(functools.partial(_call, fn))) for index, fn in self._branches()],
-                          _record(lambda graph: self._tick()))
+                          [(index, _record(functools.partial(_call, fn))) for index, fn in self._branches()])
         torch.cuda.synchronize()
         self.warmed = True
 
