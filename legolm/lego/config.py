@@ -91,7 +91,9 @@ class LegoSettings:
         calib_batches: Validation batches for calibration and evaluation (None = all).
         collect_batches: Training batches scanned for hard examples (None = all of the training split).
         phase2_fraction: Fraction of the training tokens (the end of the stream, cut after a document) that phase 1
-            never trains on and phase 2 collects its hard examples from (0 = both phases use all of it).
+            never trains on and phase 2 collects its hard examples from (0 = both phases use all of it). Hard
+            tokens of text phase 1 trained on are not like those of new text: trained on them, the upper layers
+            got worse on held-out hard tokens in every run (README, "LEGO").
         curve_ratios: Further thresholds for the quality/speed curve, as fractions of validation tokens below them.
     """
 
@@ -110,7 +112,7 @@ class LegoSettings:
     store_dtype: StoreDtype = "float32"
     calib_batches: int | None = None
     collect_batches: int | None = None
-    phase2_fraction: float = 0.0
+    phase2_fraction: float = 0.3
     curve_ratios: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.7, 0.9])
 
 
