@@ -6,6 +6,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource
 
+import legolm.kernels.cross_entropy as kce
 import legolm.kernels.decode as kd
 import legolm.kernels.rows as kr
 
@@ -33,6 +34,7 @@ SELECT = dict(src_ptr="*fp32", dst_ptr="*fp32", row_ptr="*i64", C="i32")
 ACCEPT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", stride_p="i32", drafts_ptr="*i64", T="i32",
               tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64", finished_ptr="*i8", eos_id="i32", pos_ptr="*i64",
               dpos_ptr="*i64", di_ptr="*i64", stats_ptr="*i64")
+CE = dict(logits_ptr=P, labels_ptr="*i64", loss_ptr="*fp32", V="i32", stride="i32", ignore_index="i32")
 GEMV_BLOCKS = dict(BLOCK_N=8, BLOCK_K=256)
 SPECS = [
     (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=0, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # LN->qkv
@@ -56,6 +58,7 @@ SPECS = [
     (kr.put_row_kernel, PUT, dict(BLOCK=1024)),
     (kr.select_row_kernel, SELECT, dict(BLOCK=1024)),
     (kr.accept_kernel, ACCEPT, dict(HAS_EOS=1, BLOCK_T=8, BLOCK=4096)),
+    (kce.ce_grad_kernel, CE, dict(BLOCK_V=4096)),
 ]
 
 if __name__ == "__main__":

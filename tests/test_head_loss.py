@@ -132,3 +132,52 @@ def test_bad_chunk_settings_are_refused() -> None:
     with pytest.raises(ConfigError, match="needs a model with an lm_head"):
         NextTokenLoss(8)(nn.Embedding(10, 4), {"input_ids": torch.zeros(1, 4, dtype=torch.long),
                                                "labels": torch.zeros(1, 4, dtype=torch.long)})
+
+
+@pytest.mark.parametrize(("chunk", "v", "block_v"), [(5, 29, 8), (36, 29, 32), (16, 700, 256)])
+@pytest.mark.parametrize("trainable_head", [True, False])
+def test_the_triton_softmax_step_equals_the_whole_logits_loss(chunk: int, v: int, block_v: int,
+                                                              trainable_head: bool,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Triton kernel (Triton's interpreter off the GPU), fp32, several tiles per row and a partial last
+    tile, unscored rows: loss and gradients of x and W against the whole-logits loss in fp64."""
+    import legolm.kernels.cross_entropy as kce
+
+    monkeypatch.setattr(kce, "CE_BLOCK_V", block_v)
+    monkeypatch.setattr(kce.ce_grad_, "__defaults__", (block_v,))
+    torch.manual_seed(3)
+    head64 = nn.Linear(8, v, bias=False).double().requires_grad_(trainable_head)
+    x64, labels = _inputs(v=v)
+    ref = _grads(head64, x64, labels, 0)
+    head = nn.Linear(8, v, bias=False).requires_grad_(trainable_head)
+    with torch.no_grad():
+        head.weight.copy_(head64.weight)
+    x = x64.detach().float().requires_grad_(True)
+    loss = head_cross_entropy(head, x, labels, chunk, kernel="triton")
+    loss.backward()
+    assert x.grad is not None
+    got = [loss.detach(), x.grad, *([head.weight.grad] if trainable_head else [])]
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-6)
+
+
+def test_the_triton_kernel_writes_every_gradient_and_zero_for_unscored_rows() -> None:
+    from legolm.kernels.cross_entropy import ce_grad_
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, 50, generator=g)
+    labels = torch.tensor([3, IGNORE_INDEX, 0, 49, 7, IGNORE_INDEX])
+    want = torch.softmax(logits, -1) - F.one_hot(labels.clamp(min=0), 50)
+    want[labels == IGNORE_INDEX] = 0.0
+    lse = torch.logsumexp(logits, -1)
+    want_loss = torch.where(labels == IGNORE_INDEX, 0.0, lse - logits.gather(1, labels.clamp(min=0)[:, None])[:, 0])
+    rows = torch.full((6,), float("nan"))
+    ce_grad_(logits, labels, rows, IGNORE_INDEX, block_v=16)
+    torch.testing.assert_close(rows, want_loss)
+    torch.testing.assert_close(logits, want)
+
+
+def test_loss_kernel_is_a_validated_setting() -> None:
+    cfg = FitConfig(loss_kernel="cuda")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="loss_kernel must be torch or triton"):
+        cfg.validate()

@@ -20,7 +20,7 @@ from legolm.adapters.skip_cache import (
 from legolm.data.sources import cache_root
 from legolm.train.batches import Batch
 from legolm.train.fit import Callback, FitState, LossOutput
-from legolm.train.head_loss import IGNORE_INDEX, head_cross_entropy
+from legolm.train.head_loss import IGNORE_INDEX, LossKernel, head_cross_entropy
 
 
 class Skip2LoRALoss:
@@ -33,16 +33,17 @@ class Skip2LoRALoss:
     Args:
         cache: The Skip-Cache, or None to run the backbone every step.
         chunk_tokens: Score this many positions at a time (`head_cross_entropy`; 0 = all at once).
+        kernel: The chunks' softmax step: torch ops or the Triton kernel.
     """
 
-    def __init__(self, cache: SkipCache | None, chunk_tokens: int = 0) -> None:
-        self.cache, self.chunk_tokens = cache, chunk_tokens
+    def __init__(self, cache: SkipCache | None, chunk_tokens: int = 0, kernel: LossKernel = "torch") -> None:
+        self.cache, self.chunk_tokens, self.kernel = cache, chunk_tokens, kernel
 
     def __call__(self, model: nn.Module, batch: Batch) -> LossOutput:
         assert isinstance(model, Skip2LoRAModel)
         labels = batch["labels"]
         feats = self.features(model, batch)
-        loss = head_cross_entropy(model.base.lm_head, model.head_input(feats), labels, self.chunk_tokens)
+        loss = head_cross_entropy(model.base.lm_head, model.head_input(feats), labels, self.chunk_tokens, self.kernel)
         return loss, (labels != IGNORE_INDEX).sum(), {}
 
     @torch.compiler.disable

@@ -178,6 +178,8 @@ class FitConfig:
         loss_chunk_tokens: Next-token losses score this many positions at a time through the LM head,
             so the (tokens x vocabulary) logits never exist whole (0 = all at once). Same loss and
             gradients; far less peak memory for large vocabularies (`legolm.train.head_loss`).
+        loss_kernel: The chunked loss's softmax step: torch ops, or one Triton kernel per chunk (the logits
+            stay in the matmul's dtype; needs Triton: a CUDA GPU, or TRITON_INTERPRET=1 on a CPU).
         optim: AdamW settings.
         schedule: Learning-rate schedule.
         eval: Validation and early stopping.
@@ -190,6 +192,7 @@ class FitConfig:
     max_steps: int | None = 1000
     epochs: int | None = None
     loss_chunk_tokens: int = 0
+    loss_kernel: Literal["torch", "triton"] = "torch"
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -205,6 +208,7 @@ class FitConfig:
             (self.epochs is None or self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.max_steps is not None or self.epochs is not None, "set max_steps or epochs (or both)"),
             (self.loss_chunk_tokens >= 0, f"loss_chunk_tokens must be >= 0 (0 = off), got {self.loss_chunk_tokens}"),
+            (self.loss_kernel in ("torch", "triton"), f"loss_kernel must be torch or triton, got {self.loss_kernel!r}"),
             *self.optim.checks(),
             (self.schedule.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {self.schedule.warmup_steps}"),
             (0 <= self.schedule.min_lr_ratio <= 1,

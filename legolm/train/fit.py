@@ -47,7 +47,7 @@ from legolm.train.checkpoint import (
 )
 from legolm.train.config import FitConfig, uses_bf16
 from legolm.train.distributed import DistContext, Wrapped, init_distributed
-from legolm.train.head_loss import IGNORE_INDEX, head_cross_entropy, token_cross_entropy
+from legolm.train.head_loss import IGNORE_INDEX, LossKernel, head_cross_entropy, token_cross_entropy
 from legolm.train.metrics import MetricsLogger, format_loss
 from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
 from legolm.train.run_dir import open_run_dir, release_run_dir
@@ -69,10 +69,11 @@ class NextTokenLoss:
     Args:
         chunk_tokens: Score this many positions at a time (`head_cross_entropy`; 0 = all at once).
             Needs a model whose forward takes ``logits=False`` and that has an ``lm_head``.
+        kernel: The chunks' softmax step: torch ops or the Triton kernel (`head_cross_entropy`).
     """
 
-    def __init__(self, chunk_tokens: int = 0) -> None:
-        self.chunk_tokens = chunk_tokens
+    def __init__(self, chunk_tokens: int = 0, kernel: LossKernel = "torch") -> None:
+        self.chunk_tokens, self.kernel = chunk_tokens, kernel
 
     def __call__(self, model: nn.Module, batch: Batch) -> LossOutput:
         labels = batch["labels"]  # (B, T)
@@ -82,7 +83,7 @@ class NextTokenLoss:
                 raise ConfigError(f"loss_chunk_tokens needs a model with an lm_head (a TransformerLM); "
                                   f"{type(model).__name__} has none: set loss_chunk_tokens to 0")
             x = model(batch["input_ids"], logits=False)  # (B, T, C)
-            loss = head_cross_entropy(head, x, labels, self.chunk_tokens)
+            loss = head_cross_entropy(head, x, labels, self.chunk_tokens, self.kernel)
         else:
             loss = token_cross_entropy(model(batch["input_ids"]), labels)  # logits (B, T, V)
         return loss, (labels != IGNORE_INDEX).sum(), {}
@@ -387,8 +388,9 @@ def _fit_in(run_dir: Path, model: nn.Module, train: BatchSource, cfg: FitConfig,
     wrapped = Wrapped(model, ctx, cfg.run)
     optimizer = build_optimizer(trainable_parameters(wrapped.model), cfg.optim, device)  # FSDP2: shards
     schedule = LRSchedule(cfg.optim.lr, cfg.schedule, n_steps)
-    step = TrainStep(model, loss_fn or NextTokenLoss(cfg.loss_chunk_tokens), optimizer, schedule, cfg.optim.grad_clip,
-                     autocast_for(device, cfg.run.precision), device, cfg.run.compile, cfg.run.compile_mode, wrapped,
+    loss = loss_fn or NextTokenLoss(cfg.loss_chunk_tokens, cfg.loss_kernel)
+    step = TrainStep(model, loss, optimizer, schedule, cfg.optim.grad_clip, autocast_for(device, cfg.run.precision),
+                     device, cfg.run.compile, cfg.run.compile_mode, wrapped,
                      skip_nonfinite=cfg.optim.on_nonfinite == "skip")
     state = _start(cfg, ckpt, saved, step, train, ctx)
     if ctx.is_main:

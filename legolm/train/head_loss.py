@@ -12,11 +12,15 @@ is the end of the graph, so they are known there) and scaled in backward: no rec
 same FLOPs as the unchunked loss (the approach of Liger Kernel's fused linear cross-entropy, Hsu et
 al. 2024, arXiv 2410.10989). Any other head (a LoRA-wrapped one, say) is checkpointed per chunk:
 its chunk forward runs again in backward. Without autograd (evaluation) chunks are just summed.
+
+``kernel="triton"`` does each chunk's softmax step with one Triton kernel
+(`legolm.kernels.cross_entropy`): the logits stay in the matmul's dtype (bf16 under autocast) and are
+read twice and overwritten once with the gradient, instead of about seven passes over an fp32 copy.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +28,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+LossKernel = Literal["torch", "triton"]
+LOSS_KERNELS: tuple[LossKernel, ...] = ("torch", "triton")
 
 
-def head_cross_entropy(head: nn.Module, x: Tensor, labels: Tensor, chunk_tokens: int = 0) -> Tensor:
+def head_cross_entropy(head: nn.Module, x: Tensor, labels: Tensor, chunk_tokens: int = 0,
+                       kernel: LossKernel = "torch") -> Tensor:
     """Mean next-token cross-entropy of ``head(x)`` over the labels that are not ``IGNORE_INDEX``.
 
     Args:
@@ -34,13 +41,14 @@ def head_cross_entropy(head: nn.Module, x: Tensor, labels: Tensor, chunk_tokens:
         x: Head inputs (..., C).
         labels: Targets (...), ``IGNORE_INDEX`` where a position is not scored.
         chunk_tokens: Rows of logits alive at a time (0 = all at once, plain `F.cross_entropy`).
+        kernel: The softmax step of a chunk of a plain head: torch ops, or the Triton kernel.
     """
     x, labels = x.reshape(-1, x.shape[-1]), labels.reshape(-1)  # (N, C), (N,)
     if chunk_tokens <= 0 or x.shape[0] <= chunk_tokens:
         return token_cross_entropy(head(x), labels)
     n = (labels != IGNORE_INDEX).sum()
     if torch.is_grad_enabled() and isinstance(head, nn.Linear) and head.bias is None:
-        total = _fused_linear_cross_entropy(x, head.weight, labels, chunk_tokens)
+        total = _fused_linear_cross_entropy(x, head.weight, labels, chunk_tokens, kernel == "triton")
     else:
         total = sum(checkpoint(_chunk_loss_sum, head, xc, yc, use_reentrant=False)
                     for xc, yc in zip(x.split(chunk_tokens), labels.split(chunk_tokens), strict=True))
@@ -48,11 +56,11 @@ def head_cross_entropy(head: nn.Module, x: Tensor, labels: Tensor, chunk_tokens:
 
 
 @torch.compiler.disable
-def _fused_linear_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
+def _fused_linear_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor, chunk: int, triton_step: bool) -> Tensor:
     """`_LinearCrossEntropy` run eagerly even inside a compiled step: traced by torch.compile (2.11, CUDA,
     bf16 autocast), the function that computes its gradients in forward returned none, and the model never
     trained. The graph break costs one boundary between the compiled body and the loss."""
-    return _LinearCrossEntropy.apply(x, weight, labels, chunk)
+    return _LinearCrossEntropy.apply(x, weight, labels, chunk, triton_step)
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
@@ -74,7 +82,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``x @ weight.T`` chunk by chunk, gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, labels: Tensor, chunk: int, triton_step: bool) -> Tensor:
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
             w = weight.to(dtype)  # (V, C), the matmul dtype autocast would use
@@ -84,15 +92,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total = torch.zeros((), device=x.device, dtype=acc)
             for start in range(0, x.shape[0], chunk):
                 xc, yc = x[start:start + chunk].to(dtype), labels[start:start + chunk]
-                logits = (xc @ w.T).to(acc)  # (n, V)
-                scored = yc != IGNORE_INDEX
-                target = torch.where(scored, yc, 0)
-                lse = torch.logsumexp(logits, dim=-1)  # (n,)
-                picked = logits.gather(1, target[:, None]).squeeze(1)
-                total += ((lse - picked) * scored).sum()
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place; d(sum)/d logits = softmax - onehot
-                g.scatter_add_(1, target[:, None], -torch.ones_like(picked)[:, None])
-                g = g.mul_(scored[:, None]).to(dtype)  # 0 where not scored (in place: one fp32 chunk alive)
+                step = _triton_step if triton_step else _torch_step
+                loss, g = step(xc @ w.T, yc, acc)  # (n, V) logits in -> summed loss, softmax - onehot (dtype)
+                total += loss
                 if grad_x is not None:
                     grad_x[start:start + chunk] = (g @ w).to(x.dtype)
                 if grad_w is not None:
@@ -103,4 +105,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         grad_x, grad_w = (None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors)
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None
+
+
+def _torch_step(logits: Tensor, labels: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Summed loss of a chunk and its gradient softmax − onehot (0 where not scored), with torch ops in ``acc``."""
+    dtype = logits.dtype
+    logits = logits.to(acc)  # (n, V)
+    scored = labels != IGNORE_INDEX
+    target = torch.where(scored, labels, 0)
+    lse = torch.logsumexp(logits, dim=-1)  # (n,)
+    picked = logits.gather(1, target[:, None]).squeeze(1)
+    loss = ((lse - picked) * scored).sum()
+    g = logits.sub_(lse[:, None]).exp_()  # softmax, in place; d(sum)/d logits = softmax - onehot
+    g.scatter_add_(1, target[:, None], -torch.ones_like(picked)[:, None])
+    return loss, g.mul_(scored[:, None]).to(dtype)  # in place: one fp32 chunk alive
+
+
+def _triton_step(logits: Tensor, labels: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """`_torch_step` as one Triton kernel over the logits in their own dtype (the gradient written over them)."""
+    from legolm.kernels.cross_entropy import ce_grad_  # Triton is an optional dependency
+
+    rows = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
+    ce_grad_(logits, labels, rows, IGNORE_INDEX)
+    return rows.sum().to(acc), logits

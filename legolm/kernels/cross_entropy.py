@@ -1,0 +1,56 @@
+"""Triton kernel of the chunked linear cross-entropy's softmax step: loss and gradient in two passes over a row.
+
+`legolm.train.head_loss` computes the logits of a chunk of tokens with one matmul, then needs, per
+row, log-sum-exp, the target's logit, and the gradient softmax − onehot. In torch that is about seven
+passes over an fp32 copy of the chunk's logits (upcast, logsumexp, gather, subtract, exp, scatter,
+mask, downcast). This kernel reads the logits in their own dtype (bf16 under autocast) twice and
+writes the gradient over them once, in place::
+
+    pass 1: online max and Σ exp over the row           → lse, loss = lse − logit[label]
+    pass 2: g = exp(logit − lse) − [v == label], × scale  → written over the logits (their dtype)
+
+Rows whose label is the ignore index get loss 0 and gradient 0. Arithmetic in fp32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def ce_grad_kernel(logits_ptr, labels_ptr, loss_ptr, V, stride, ignore_index, BLOCK_V: tl.constexpr):
+    """One row: its loss into ``loss[row]``, its gradient over its logits."""
+    row = tl.program_id(0)
+    ptr = logits_ptr + row.to(tl.int64) * stride
+    label = tl.load(labels_ptr + row)
+    scored = label != ignore_index
+    m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)
+    s = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)
+    for v0 in range(0, V, BLOCK_V):
+        v = v0 + tl.arange(0, BLOCK_V)
+        x = tl.load(ptr + v, mask=v < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m = m_new
+    lse = m + tl.log(s)
+    target = tl.where(scored, label, 0)
+    picked = tl.load(ptr + target).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(scored, lse - picked, 0.0))
+    keep = scored.to(tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        v = v0 + tl.arange(0, BLOCK_V)
+        x = tl.load(ptr + v, mask=v < V, other=0.0).to(tl.float32)
+        g = tl.exp(x - lse) - tl.where(v == target, 1.0, 0.0)
+        tl.store(ptr + v, (g * keep).to(logits_ptr.dtype.element_ty), mask=v < V)
+
+
+CE_BLOCK_V = 4096  # logits per tile of a row (a power of two)
+
+
+def ce_grad_(logits: Tensor, labels: Tensor, loss: Tensor, ignore_index: int, block_v: int = CE_BLOCK_V) -> None:
+    """Per row of ``logits`` (n, V): the loss into ``loss`` (n,) fp32, softmax − onehot written over the logits."""
+    n, V = logits.shape
+    ce_grad_kernel[(n,)](logits, labels, loss, V, logits.stride(0), ignore_index,
+                         BLOCK_V=min(block_v, triton.next_power_of_2(V)))
