@@ -48,6 +48,16 @@ class Ctx:
         (out / "legolm.json").write_text(json.dumps(cfg))
         return str(out)
 
+    def hf_export(self, name: str, **changes: object) -> str:
+        """The tiny model exported in Hugging Face format, its config.json changed by ``changes``."""
+        from legolm.checkpoints.load import load_pretrained
+        from legolm.checkpoints.native import export_hf
+
+        out = export_hf(load_pretrained(self.model), self.work / "inputs" / name)
+        cfg = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**cfg, **changes}))
+        return str(out)
+
     def hf_dir(self, name: str, config: bytes | str) -> str:
         out = self.work / "inputs" / name
         out.mkdir(parents=True)
@@ -104,6 +114,7 @@ def _marked_folder(c: Ctx, name: str, cwd: str | None = None, relative: bool = F
     return name if relative else str(out)
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALIAS_BOMB = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b, *b]\n"
 
 # (id, argv from the context, a fragment the error line must hold)
@@ -126,6 +137,11 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("width-not-divisible", lambda c: pretrain(c, "--model.n-embd", "65"), "not divisible by n_head"),
     ("huge-context", lambda c: pretrain(c, "--model.block-size", str(2**40)), "block_size must be in"),
     ("many-layers", lambda c: pretrain(c, "--model.layers", *["pythia"] * 2000), "layers exceed the limit"),
+    ("weights-beyond-memory", lambda c: pretrain(c, "--model.layers", *["pythia"] * 8, "--model.n-embd", "65536",
+                                                 "--model.n-head", "16", "--model.intermediate-size", "65536"),
+     "parameters need"),
+    ("lego-num-layers-huge", lambda c: ["lego", "--config", str(CONFIGS / "lego-tiny.yaml"), "--lego.num-layers",
+                                        "100000", "--run.out-dir", str(c.work / "run")], "exceeds the limit of 1,024"),
     # config files
     ("yaml-not-utf8", lambda c: pretrain(c, "--config", c.file("a.yaml", b"optim:\n  lr: \xff\xfe\n")), "not UTF-8"),
     ("yaml-alias-bomb", lambda c: pretrain(c, "--config", c.file("bomb.yaml", ALIAS_BOMB)), "aliases"),
@@ -140,6 +156,10 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("lora-rank-huge", lambda c: ["finetune", "--model", str(c.model), "--data", "tinyshakespeare",
                                   "--data.max-documents", "20", "--lora.r", "1000000000", "--run.device", "cpu",
                                   "--run.out-dir", str(c.work / "ft")], "exceeds its smaller side"),
+    ("skip2lora-rank-huge", lambda c: ["finetune", "--model", str(c.model), "--method", "skip2lora",
+                                       "--skip2lora.block-indices", "0", "1", "--skip2lora.r", "1000000000",
+                                       "--data", "tinyshakespeare", "--data.max-documents", "20", "--run.device",
+                                       "cpu", "--run.out-dir", str(c.work / "ft")], "exceeds the model width 64"),
     # the run directory
     ("overwrite-cwd", lambda c: [*pretrain(c), "--run.out-dir", ".", "--overwrite"],
      "the current directory or one above it"),
@@ -166,6 +186,17 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("legolm-config-string-eos", lambda c: generate(c, model=c.model_with("eos", lambda d: d.update(eos_token_id="2"))),
      "eos_token_id must be an integer"),
     ("hf-config-a-list", lambda c: generate(c, model=c.hf_dir("list", "[1, 2]")), "must hold a JSON object"),
+    ("legolm-config-a-list", lambda c: generate(c, model=_legolm_config(c, "[1, 2]")), "must hold a JSON object"),
+    ("legolm-config-not-utf8", lambda c: generate(c, model=_legolm_config(c, b"{\"name\": \"\xe9\"}")),
+     "not UTF-8"),
+    ("legolm-config-sizes-not-the-weights",
+     lambda c: generate(c, model=c.model_with("wide", lambda d: d.update(n_embd=128, vocab_size=1 << 24))),
+     "legolm.json does not match the weights"),
+    ("hf-heads-do-not-split-the-weights", lambda c: generate(c, model=c.hf_export("heads", num_attention_heads=2,
+                                                                                  hidden_size=32)),
+     "does not fit a gpt_neox model of n_head=2"),
+    ("hf-context-2-40", lambda c: generate(c, model=c.hf_export("ctx", max_position_embeddings=2**40)),
+     "block_size must be in"),
     ("hf-config-not-utf8", lambda c: generate(c, model=c.hf_dir("latin", b"{\"n_embd\": \"\xe9\"}")), "not UTF-8"),
     ("hf-config-string-size", lambda c: generate(c, model=c.hf_dir("str", json.dumps(
         {"model_type": "gpt2", "n_layer": 1, "n_embd": "64", "n_head": 4, "vocab_size": 512, "n_positions": 64}))),
@@ -189,6 +220,12 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("analyze-nonfinite", lambda c: ["analyze", "rank", "--base", str(c.model), "--tuned", _inf_weights(c)],
      "holds NaN/inf values"),
 ]
+
+
+def _legolm_config(c: Ctx, text: bytes | str) -> str:
+    out = c.model_with("raw", lambda d: None)
+    Path(out, "legolm.json").write_bytes(text.encode() if isinstance(text, str) else text)
+    return out
 
 
 def _garbage_tokenizer(c: Ctx) -> str:

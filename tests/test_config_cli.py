@@ -33,7 +33,7 @@ def test_defaults_then_yaml_then_flags(tmp_path: Path) -> None:
     high = tmp_path / "high.yaml"
     high.write_text("optim:\n  lr: 1.0e-4\n")
     cfg = _parse(["--config", str(low), "--config", str(high), "--optim.lr", "5e-4", "--model.layers", "llama",
-                  "llama", "--run.out_dir", "runs/x", "--overwrite", "--no-run.progress", "--optim.fused", "none"])
+                  "llama", "--run.out_dir", "runs/x", "--overwrite", "--no-run.progress", "--optim.fused", "auto"])
     assert cfg.optim.lr == 5e-4  # flag beats both files
     assert cfg.optim.weight_decay == 0.05 and cfg.model.n_embd == 96 and cfg.batch_size == 4  # from the YAML
     assert cfg.optim.beta2 == 0.95 and cfg.window == 128  # untouched defaults
@@ -112,6 +112,60 @@ def test_config_from_dict_checks_nested_types() -> None:
         config_from_dict(TrainConfig, {"max_steps": "many"})
     cfg = config_from_dict(TrainConfig, {"max_steps": None, "epochs": 2, "run": {"compile": "yes"}})
     assert cfg.max_steps is None and cfg.epochs == 2 and cfg.run.compile is True
+
+
+@pytest.mark.parametrize(("flags", "fused"), [
+    ([], None), (["--optim.fused"], True), (["--no-optim.fused"], False), (["--optim.fused", "auto"], None),
+    (["--optim.fused=auto"], None), (["--no-optim.fused", "--optim.fused"], True),
+])
+def test_an_auto_setting_is_on_off_or_auto(flags: list[str], fused: bool | None) -> None:
+    assert _parse(flags).optim.fused is fused
+
+
+def test_an_auto_setting_reads_auto_from_yaml(tmp_path: Path) -> None:
+    for text, fused in (("auto", None), ("null", None), ("true", True), ("false", False)):
+        f = tmp_path / "c.yaml"
+        f.write_text(f"optim: {{fused: {text}}}\n")
+        assert _parse(["--config", str(f)]).optim.fused is fused
+
+
+@pytest.mark.parametrize("flags", [
+    ["--optim.fused", "none"], ["--optim.fused", "true"], ["--optim.fused", "false"], ["--no-optim.fused", "auto"],
+    ["--no-optim.fused=auto"], ["--no-run.progress=false"], ["--run.progress", "false"], ["--overwrite=yes"],
+])
+def test_on_off_flags_take_no_true_false_values(capsys: pytest.CaptureFixture[str], flags: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--print-config", *flags])
+    assert exc.value.code == 2
+    _one_error_line(capsys)
+
+
+def _on_off_offenders(parser: argparse.ArgumentParser, prog: str) -> list[str]:
+    """Flags of ``parser`` (and its subcommands) that switch something on or off in another style than
+    ``--x / --no-x`` (plus ``auto`` for settings with an automatic choice)."""
+    from legolm.cli.args import OnOffAction
+
+    commands = {"--help", "--print-config", "--state-sizes"}  # actions, not settings
+    bad = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                bad += _on_off_offenders(sub, f"{prog} {name}")
+        elif isinstance(action, OnOffAction):
+            on = [s for s in action.option_strings if not s.startswith("--no-")]
+            if sorted(action.option_strings) != sorted(on + ["--no-" + s[2:] for s in on]):
+                bad.append(f"{prog} {action.option_strings}")
+        elif action.nargs == 0 and not set(action.option_strings) & commands:
+            bad.append(f"{prog} {action.option_strings} ({type(action).__name__})")
+        elif "bool" in getattr(action.type, "__name__", ""):
+            bad.append(f"{prog} {action.option_strings} takes a true/false value")
+    return bad
+
+
+def test_every_on_off_flag_has_one_style() -> None:
+    from legolm.cli.main import build_parser
+
+    assert _on_off_offenders(build_parser(), "legolm") == []
 
 
 def test_generate_keeps_its_flat_flags(capsys: pytest.CaptureFixture[str]) -> None:

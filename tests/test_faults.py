@@ -131,6 +131,19 @@ def test_a_weight_that_turns_inf_is_never_saved(corpus: TokenizedCorpus, tmp_pat
     assert [step for step, _ in checkpoint_dirs(tmp_path / "run")] == [2, 4]
 
 
+def test_a_validation_loss_past_exps_range_is_inf_perplexity_and_stops(corpus: TokenizedCorpus,
+                                                                       tmp_path: Path) -> None:
+    """A finite validation loss above ~709 nats has perplexity inf (not exp(700)): the run stops as diverged."""
+    class HugeWhenEvaluating(NaNAt):
+        def __call__(self, model: nn.Module, batch: Batch) -> LossOutput:
+            loss, n, metrics = self.inner(model, batch)
+            return (loss if model.training else loss * 1000.0), n, metrics
+
+    train, val = batches(corpus)
+    with pytest.raises(TrainingDiverged, match=r"'val_ppl': inf"):
+        fit(tiny_model(), train, fit_config(tmp_path / "run", steps=4), val=val, loss_fn=HugeWhenEvaluating(set()))
+
+
 def test_skip_mode_drops_nonfinite_updates_and_stops_past_its_limit(corpus: TokenizedCorpus, tmp_path: Path) -> None:
     train, val = batches(corpus)
     cfg = fit_config(tmp_path / "skip", steps=10, save_every=5)

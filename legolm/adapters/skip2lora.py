@@ -69,9 +69,13 @@ class Skip2LoRAConfig:
     lora_head: bool = False
     tap_norm: Literal["none", "final"] = "none"
 
-    def validate(self, n_layer: int) -> None:
-        """Raise `ConfigError` for indices a model of ``n_layer`` blocks cannot use, or bad sizes."""
+    def validate(self, n_layer: int, width: int) -> None:
+        """Raise `ConfigError` for indices a model of ``n_layer`` blocks cannot use, or bad sizes (``width``:
+        n_embd, the larger bound of an adapter's rank)."""
         check_lora_settings(self.r, self.alpha, self.dropout, where="Skip2-LoRA")
+        if self.r > width:  # n_embd -> r -> n_embd: a larger rank adds nothing (and a huge one would not fit)
+            raise ConfigError(f"Skip2-LoRA rank r={self.r:,} exceeds the model width {width} (each adapter maps "
+                              f"n_embd -> r -> n_embd); use r <= {width}")
         if self.tap_norm not in TAP_NORMS:
             raise ConfigError(f"Skip2-LoRA tap_norm must be one of {', '.join(TAP_NORMS)}, got {self.tap_norm!r}")
         if not self.block_indices:
@@ -118,7 +122,7 @@ class Skip2LoRAModel(nn.Module):
     """
 
     def __init__(self, base: TransformerLM, config: Skip2LoRAConfig) -> None:
-        config.validate(base.config.n_layer)
+        config.validate(base.config.n_layer, base.config.n_embd)
         super().__init__()
         self.base, self.skip_config = base, config
         self.config = base.config  # what generic evaluation code reads (vocab, context)
@@ -153,7 +157,7 @@ class Skip2LoRAModel(nn.Module):
         B, T = idx.shape
         positions = torch.arange(T, device=idx.device).expand(B, T)
         h = self.base.embed(idx, positions)
-        out = self.base.forward_layers(h, self.base.make_context(positions, h.dtype), capture=self.indices)
+        out = self.base.forward_layers(h, self.base.make_context(positions, h.dtype, span=T), capture=self.indices)
         tap = self.base.norm if self.skip_config.tap_norm == "final" else (lambda x: x)
         taps = [tap(out.captured[i]) for i in self.indices] + [self.base.norm(out.hidden)]
         return torch.stack(taps, dim=1)
@@ -219,7 +223,11 @@ def load_skip2lora(base: TransformerLM, directory: str | Path) -> Skip2LoRAModel
         if meta[key] != getattr(base.config, key):
             raise CheckpointError(f"Skip2-LoRA adapter in {d} was made for a model with {key}={meta[key]}, "
                                   f"this one has {getattr(base.config, key)}; load it onto the model it was trained on")
-    model = Skip2LoRAModel(base, Skip2LoRAConfig(**meta["skip2lora"]))
+    try:
+        config = Skip2LoRAConfig(**meta["skip2lora"])
+    except TypeError as err:  # a key this version does not know, or one missing
+        raise CheckpointError(f"{d / CONFIG_FILE} is not a Skip2-LoRA adapter config ({err})") from None
+    model = Skip2LoRAModel(base, config)
     state = load_file(str(d / WEIGHTS_FILE))
     adapters = {k.removeprefix("adapters."): v for k, v in state.items() if k.startswith("adapters.")}
     model.adapters.load_state_dict(adapters)

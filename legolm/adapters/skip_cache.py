@@ -84,7 +84,7 @@ def choose_storage(config: SkipCacheConfig, nbytes: int, device: torch.device, d
     raise ConfigError(f"the Skip-Cache needs {mib:,.1f} MiB and fits none of the allowed storages {config.storage} "
                       f"(budgets: gpu {config.gpu_budget_mb:,.0f}, cpu {config.cpu_budget_mb:,.0f}, disk "
                       f"{config.disk_budget_mb:,.0f} MiB); raise a budget, allow disk, store bfloat16, or turn "
-                      "the cache off with --skip-cache.enabled false")
+                      "the cache off with --no-skip-cache.enabled")
 
 
 def fingerprint(backbone: torch.nn.Module, tokens: np.ndarray, window: int, indices: list[int],

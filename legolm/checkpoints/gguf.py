@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from legolm.checkpoints.validate import check_shapes
 from legolm.data.tokenizer import Tokenizer
 from legolm.errors import CheckpointError
 from legolm.model.config import ModelConfig
@@ -53,11 +54,15 @@ def _unpermute(w: Tensor, n_head: int) -> Tensor:
     return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
 
 
+def _shape(t: Any) -> tuple[int, ...]:
+    """A GGUF tensor's shape in torch order (GGML lists dims fastest-first)."""
+    return tuple(int(d) for d in reversed(t.shape))
+
+
 def _tensor(t: Any) -> Tensor:
     from gguf.quants import dequantize
 
-    shape = tuple(int(d) for d in reversed(t.shape))  # GGML lists dims fastest-first
-    return torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape))
+    return torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(_shape(t)))
 
 
 def gguf_config(fields: dict[str, Any], name: str) -> ModelConfig:
@@ -103,15 +108,28 @@ def _key(name: str, config: ModelConfig) -> tuple[str | None, int]:
 
 
 def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor], Tokenizer]:
-    """Config, dequantised legolm-named state dict and tokenizer of a GGUF file."""
+    """Config, dequantised legolm-named state dict and tokenizer of a GGUF file.
+
+    The tensors' shapes (from the file's header) are checked against the metadata's config first,
+    on the meta device, so a file whose sizes disagree is one line before anything is dequantised.
+    """
     reader = _reader(path)
     fields = read_fields(reader)
     config = gguf_config(fields, path.stem)
-    state: dict[str, Tensor] = {}
-    for t in reader.tensors:
-        key, heads = _key(t.name, config)
-        if key is not None:
-            w = _tensor(t)
-            state[key] = _unpermute(w, heads) if heads else w
-    config.tie_embeddings = "lm_head.weight" not in state
-    return config, state, Tokenizer.from_gguf_fields(fields)
+    tensors = {key: (t, heads) for t in reader.tensors for key, heads in [_key(t.name, config)] if key is not None}
+    config.tie_embeddings = "lm_head.weight" not in tensors
+    layout = {key: _placed(torch.empty(_shape(t), device="meta"), heads, t.name) for key, (t, heads) in tensors.items()}
+    check_shapes(config, layout, "the GGUF metadata")
+    tokenizer = Tokenizer.from_gguf_fields(fields)  # a broken vocabulary also fails before the big work
+    state = {key: _placed(_tensor(t), heads, t.name) for key, (t, heads) in tensors.items()}
+    return config, state, tokenizer
+
+
+def _placed(w: Tensor, heads: int, name: str) -> Tensor:
+    """``w`` in legolm's layout: q/k rows un-permuted by ``heads`` (0: as stored)."""
+    if not heads:
+        return w
+    if w.shape[0] % (2 * heads):
+        raise CheckpointError(f"GGUF tensor {name} has {w.shape[0]} rows, which {heads} heads cannot split into "
+                              "rotary pairs; the file's head counts do not match its weights")
+    return _unpermute(w, heads)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import pickle
 import re
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from legolm.checkpoints.validate import check_shapes, meta_state
 from legolm.errors import CheckpointError, LegolmError
 from legolm.model.config import ModelConfig
 from legolm.utils.io import read_json
@@ -249,7 +252,7 @@ def convert_state(state: dict[str, Tensor], family: Family, config: ModelConfig,
             other = rule.match(key, hf_side=not to_hf)
             if other is not None:
                 fn = rule.to_hf if to_hf else rule.to_ours
-                out[other] = fn(tensor, config) if fn else tensor
+                out[other] = _relayout(fn, tensor, config, original, family) if fn else tensor
                 break
         else:
             raise CheckpointError(f"tensor {original!r} has no {family.model_type} mapping; is the checkpoint complete "
@@ -257,20 +260,60 @@ def convert_state(state: dict[str, Tensor], family: Family, config: ModelConfig,
     return out
 
 
+def _relayout(fn: Transform, tensor: Tensor, config: ModelConfig, key: str, family: Family) -> Tensor:
+    """``fn(tensor, config)``; a tensor whose shape the config's heads cannot split is one `CheckpointError`."""
+    try:
+        return fn(tensor, config)
+    except RuntimeError:
+        raise CheckpointError(f"tensor {key!r} of shape {tuple(tensor.shape)} does not fit a {family.model_type} "
+                              f"model of n_head={config.n_head}, head_dim={config.hd}; config.json does not match "
+                              "the weights") from None
+
+
+def read_shapes(directory: Path) -> dict[str, Tensor]:
+    """The weights of `read_weights` as meta tensors of their shapes: safetensors headers only, nothing read."""
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:  # pytorch_model.bin: no header to read; memory-mapped, its shapes cost no reads either
+        return meta_state({k: v.shape for k, v in _read_bin(directory, mmap=True).items()})
+    shapes: dict[str, list[int]] = {}
+    with _reading(directory):
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                shapes.update({k: handle.get_slice(k).get_shape() for k in handle.keys()})  # noqa: SIM118 (no __iter__)
+    return meta_state(shapes)
+
+
 def read_weights(directory: Path) -> dict[str, Tensor]:
     """Read safetensors (single or sharded) or, failing that, pytorch_model.bin with weights_only=True."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        return _read_bin(directory, mmap=False)
+    state: dict[str, Tensor] = {}
+    with _reading(directory):
+        for f in files:
+            state.update(load_file(str(f)))
+    return state
+
+
+def _read_bin(directory: Path, mmap: bool) -> dict[str, Tensor]:
+    if not (directory / "pytorch_model.bin").is_file():
+        raise CheckpointError(f"no weights in {directory}: expected *.safetensors or pytorch_model.bin")
+    path = directory / "pytorch_model.bin"
+    with _reading(directory):  # memory-mapped only in the zip format torch.save writes since 1.6
+        return dict(torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path)))
+
+
+@contextmanager
+def _reading(directory: Path) -> Iterator[None]:
+    """Errors of reading the weight files in ``directory`` as one `CheckpointError` line."""
+    from safetensors import SafetensorError
+
     try:
-        if files:
-            state: dict[str, Tensor] = {}
-            for f in files:
-                state.update(load_file(str(f)))
-            return state
-        if (directory / "pytorch_model.bin").is_file():
-            return dict(torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True))
+        yield
     except pickle.UnpicklingError:
         raise CheckpointError(f"{directory / 'pytorch_model.bin'} holds Python objects other than tensors and "
                               "is refused (loaded with weights_only=True); save its state dict as "
@@ -279,7 +322,6 @@ def read_weights(directory: Path) -> dict[str, Tensor]:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"cannot read the weights in {directory} ({first}); the file is truncated or "
                               "corrupt: download it again") from None
-    raise CheckpointError(f"no weights in {directory}: expected *.safetensors or pytorch_model.bin")
 
 
 def load_hf_dir(directory: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
@@ -292,6 +334,8 @@ def load_hf_dir(directory: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     except LegolmError as err:
         raise CheckpointError(str(err)) from None
     family, config = config_from_hf(hf_cfg, name=directory.name)
+    # names, layouts and shapes first, on the meta device: a config that does not fit is one line, before any read
+    check_shapes(config, convert_state(read_shapes(directory), family, config, to_hf=False), "config.json")
     state = convert_state(read_weights(directory), family, config, to_hf=False)
     return config, state
 

@@ -14,13 +14,14 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from legolm.checkpoints.hf import export_hf_state, read_weights
+from legolm.checkpoints.hf import export_hf_state, read_shapes, read_weights
+from legolm.checkpoints.validate import check_shapes
 from legolm.data.tokenizer import Tokenizer
-from legolm.errors import CheckpointError
+from legolm.errors import CheckpointError, LegolmError
 from legolm.model.config import ModelConfig
 from legolm.model.lego import LegoLM, LegoMeta
 from legolm.model.transformer import TransformerLM
-from legolm.utils.io import atomic_dir
+from legolm.utils.io import atomic_dir, read_json
 
 CONFIG_NAME = "legolm.json"
 LEGO_META = "lego.json"
@@ -76,9 +77,11 @@ def save_checkpoint(model: TransformerLM, directory: str | Path, tokenizer: Toke
 def load_checkpoint(directory: Path) -> TransformerLM:
     """A legolm checkpoint directory: a `TransformerLM`, or a `LegoLM` where ``lego.json`` is present."""
     try:
-        config = ModelConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{directory / CONFIG_NAME} is not valid JSON ({err})") from None
+        data = read_json(directory / CONFIG_NAME)
+    except LegolmError as err:
+        raise CheckpointError(str(err)) from None
+    config = ModelConfig.from_dict(data)
+    check_shapes(config, read_shapes(directory), CONFIG_NAME)  # headers only: before any weight is read
     state = read_weights(directory)
     if not (directory / LEGO_META).is_file():
         return TransformerLM.from_state_dict(config, state)

@@ -1,14 +1,42 @@
-"""Check a state dict against a model before loading it, with messages a user can act on."""
+"""Check a state dict against a model before loading it, with messages a user can act on.
+
+Loaders check the weights' shapes as the file headers give them (`meta_state`: tensors on the
+meta device, nothing read or allocated) against the config before any weight is read, so a
+config that does not describe its weights is one line, not a traceback or a huge allocation.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
+import torch
 from torch import Tensor, nn
 
 from legolm.errors import CheckpointError
+from legolm.model.config import ModelConfig
+from legolm.model.transformer import TransformerLM
 
 
-def check_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Raise `CheckpointError` if keys are missing or unexpected or a shape differs from the config."""
+def meta_state(shapes: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
+    """Tensors of these shapes on the meta device (no memory): a state dict's layout without its data."""
+    return {key: torch.empty(tuple(shape), device="meta") for key, shape in shapes.items()}
+
+
+def check_shapes(config: ModelConfig, state: dict[str, Tensor], source: str) -> None:
+    """`check_state_dict` against a model of ``config`` built on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = TransformerLM(config)
+    check_state_dict(model, state, source)
+
+
+def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: str = "the config") -> None:
+    """Raise `CheckpointError` if keys are missing or unexpected or a shape differs from the config.
+
+    Args:
+        model: The model the weights are for (on the meta device is enough).
+        state: Its weights (or `meta_state` of their shapes).
+        source: Where the config came from (``config.json``, ``legolm.json``, ...), named in the errors.
+    """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if getattr(getattr(model, "config", None), "tie_embeddings", False):
         expected.pop("lm_head.weight", None)
@@ -17,11 +45,11 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
     unexpected = sorted(set(state) - set(expected))
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s), first {missing[:3]}; "
-                              "is the config.json for these weights?")
+                              f"is {source} the config of these weights?")
     if unexpected:
         raise CheckpointError(f"checkpoint has {len(unexpected)} unexpected tensor(s), first {unexpected[:3]}; "
-                              "is the config.json for these weights?")
+                              f"is {source} the config of these weights?")
     for key, shape in expected.items():
         if tuple(state[key].shape) != shape:
-            raise CheckpointError(f"tensor {key} has shape {tuple(state[key].shape)} but the config implies "
-                                  f"{shape}; the config.json does not match the weights")
+            raise CheckpointError(f"tensor {key} has shape {tuple(state[key].shape)} but {source} implies "
+                                  f"{shape}; {source} does not match the weights")

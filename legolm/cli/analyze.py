@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from legolm.cli.args import OnOffAction
 from legolm.errors import LegolmError
 from legolm.utils.io import check_deletable, check_writable
 
@@ -75,8 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--energy", type=float, nargs="+", default=[0.9, 0.95],
                    help="energy thresholds to report the rank for (default: 0.9 0.95)")
     r.add_argument("--out", help="directory for rank.csv, rank.json, energy.png (must not exist unless --overwrite)")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    r.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
+    r.add_argument("--overwrite", action=OnOffAction, default=False, help="replace an existing --out directory")
+    r.add_argument("--plot", action=OnOffAction, default=True,
                    help="write energy.png (needs matplotlib; skipped with a note without it; default: on)")
     r.add_argument("--max-rank", type=int, default=None, help="keep the energy curves up to this rank (default: all)")
     r.set_defaults(func=run_rank)

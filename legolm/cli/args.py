@@ -1,8 +1,12 @@
 """Dataclass-driven options: a config dataclass's fields are its flags and its YAML keys.
 
-Flat (`add_dataclass_args`): ``field_name: int = 3`` becomes ``--field-name INT`` (default 3); a
-``bool`` becomes a ``--flag / --no-flag`` pair; the field's line in the docstring's
-``Attributes:`` section is its help.
+Flat (`add_dataclass_args`): ``field_name: int = 3`` becomes ``--field-name INT`` (default 3); the
+field's line in the docstring's ``Attributes:`` section is its help.
+
+Every on/off setting has one style, flat or nested: a ``bool`` field is a ``--flag / --no-flag``
+pair that takes no value; a ``bool | None`` field (None = decide automatically, e.g. the fused
+AdamW kernel on CUDA only) is the same pair plus ``--flag auto``, and ``auto`` (or ``null``) is
+also its YAML spelling.
 
 Nested (`add_config_args` / `resolve_config`, jsonargparse-style): nested dataclasses are YAML
 sections and dotted flags (``--optim.lr 3e-4``, ``--model.layers pythia pythia``, underscores or
@@ -34,6 +38,7 @@ from legolm.errors import ConfigError
 T = TypeVar("T")
 _DEST = "cfg:"  # argparse dest prefix of the dotted flags
 _NULL = ("none", "null", "~")
+AUTO = "auto"  # the value of a ``bool | None`` setting that leaves the choice to legolm (None)
 
 
 def _attribute_docs(cls: type) -> dict[str, str]:
@@ -57,6 +62,38 @@ def _optional(tp: Any) -> bool:
     return get_origin(tp) in (typing.Union, types.UnionType) and type(None) in get_args(tp)
 
 
+def _is_bool(tp: Any) -> bool:
+    """``bool`` or ``bool | None``: an on/off flag."""
+    return _scalar_type(tp) is bool
+
+
+class OnOffAction(argparse.Action):
+    """``--x`` (true) / ``--no-x`` (false), and for a ``bool | None`` setting also ``--x auto`` (None).
+
+    Like `argparse.BooleanOptionalAction`, plus the one value ``auto`` where the setting has an
+    automatic choice: no on/off flag takes true/false/none as a value.
+    """
+
+    def __init__(self, option_strings: list[str], dest: str, auto: bool = False, **kwargs: Any) -> None:
+        flags = [f for s in option_strings for f in (s, "--no-" + s[2:])]
+        self.auto = auto
+        super().__init__(flags, dest, nargs="?" if auto else 0, metavar=AUTO if auto else None, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        flag = option_string or self.option_strings[0]
+        negated = flag.startswith("--no-")
+        values = None if values == [] else values  # nargs=0 passes []
+        if values is not None and (negated or values != AUTO):
+            on = "--" + flag[5:] if negated else flag
+            raise argparse.ArgumentError(self, f"takes no value except {AUTO} ({on} turns it on, --no-{on[2:]} "
+                                               f"off, {on} {AUTO} leaves the choice to legolm); got {values!r}")
+        setattr(namespace, self.dest, None if values == AUTO else not negated)
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
+
+
 # -- flat flags (legolm generate) ---------------------------------------------------------------------
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per field of dataclass ``cls``."""
@@ -67,9 +104,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         tp = _scalar_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_ = f"{docs.get(f.name, '')} (default: {default})"
+        help_ = f"{docs.get(f.name, '')} (default: {_shown(default, tp)})"
         if tp is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
+            group.add_argument(flag, dest=f.name, action=OnOffAction, auto=_optional(hints[f.name]), default=default,
+                               help=help_)
         elif get_origin(tp) is typing.Literal:
             group.add_argument(flag, dest=f.name, choices=get_args(tp), default=default, help=help_)
         elif get_origin(tp) in (list, tuple):
@@ -103,7 +141,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                          else ""))
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in _NULL):
+        auto = _is_bool(tp) and isinstance(value, str) and value.lower() == AUTO
+        if value is None or auto or (isinstance(value, str) and value.lower() in _NULL):
             if _optional(tp):
                 return None
             raise bad
@@ -299,13 +338,14 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, aliases: dict[st
     Args:
         parser: Where to add them.
         cls: The config dataclass.
-        aliases: Extra short flags for boolean keys, e.g. ``{"--overwrite": "run.overwrite"}``.
+        aliases: Extra short on/off flags for boolean keys, e.g. ``{"--overwrite": "run.overwrite"}``
+            (``--overwrite / --no-overwrite``).
     """
     parser.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
                         help="YAML file of config values (repeatable; flags override it)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     for flag, key in (aliases or {}).items():
-        parser.add_argument(flag, dest=_DEST + key, action="store_const", const=True, default=argparse.SUPPRESS,
+        parser.add_argument(flag, dest=_DEST + key, action=OnOffAction, default=argparse.SUPPRESS,
                             help=f"same as --{key}")
     _add_section(parser, cls, "")
     keys = set(config_keys(cls))
@@ -351,15 +391,20 @@ def _add_section(parser: argparse.ArgumentParser, cls: type, prefix: str) -> Non
         flags = list(dict.fromkeys(["--" + key.replace("_", "-"), "--" + key]))
         default = f.default if f.default is not dataclasses.MISSING else "(see YAML)"
         kw: dict[str, Any] = dict(dest=_DEST + key, default=argparse.SUPPRESS,
-                                  help=f"{docs.get(name, '')} (default: {default})")
-        if tp is bool:
-            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+                                  help=f"{docs.get(name, '')} (default: {_shown(default, tp)})")
+        if _is_bool(tp):
+            group.add_argument(*flags, action=OnOffAction, auto=_optional(tp), **kw)
         elif get_origin(_scalar_type(tp)) is list:
             group.add_argument(*flags, nargs="+", type=_flag_type(tp, key, list_item=True), metavar="VALUE", **kw)
         else:
             group.add_argument(*flags, type=_flag_type(tp, key), metavar=_metavar(tp), **kw)
     for name, tp in nested:
         _add_section(parser, tp, f"{prefix}{name}.")
+
+
+def _shown(default: Any, tp: Any) -> Any:
+    """A default as the command line spells it (None of an on/off setting is ``auto``)."""
+    return AUTO if default is None and _is_bool(tp) else default
 
 
 def _metavar(tp: Any) -> str:

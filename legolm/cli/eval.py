@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from legolm.checkpoints.load import load_pretrained, load_tokenizer
-from legolm.cli.args import add_dataclass_args, dataclass_from_args
+from legolm.cli.args import OnOffAction, add_dataclass_args, dataclass_from_args
 from legolm.cli.common import add_model_args, device_dtype
 from legolm.data.tokenized import (
     MANIFEST,
@@ -150,5 +150,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     ppl.add_argument("--tokenizer", default=None,
                      help="tokenizer spec (default: the model's own, the same the model was trained with)")
     ppl.add_argument("--json", default=None, help="also write the result as JSON to this path")
-    ppl.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    ppl.add_argument("--overwrite", action=OnOffAction, default=False, help="replace an existing --json file")
     ppl.set_defaults(func=run)

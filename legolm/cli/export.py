@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from legolm.cli.args import OnOffAction
 from legolm.errors import LegolmError
 from legolm.utils.io import check_deletable, check_writable
 
@@ -49,5 +50,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="legolm/Hugging Face directory, .gguf file, or hub name")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--format", choices=["hf", "legolm"], default="hf")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output checkpoint directory")
+    p.add_argument("--overwrite", action=OnOffAction, default=False,
+                   help="replace an existing output checkpoint directory")
     p.set_defaults(func=run)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from legolm.cli.args import add_dataclass_args, dataclass_from_args
+from legolm.cli.args import OnOffAction, add_dataclass_args, dataclass_from_args
 from legolm.cli.common import add_model_args, device_dtype
 from legolm.errors import LegolmError
 from legolm.generation import GenerationConfig, complete
@@ -37,6 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue a prompt with a pretrained model")
     add_model_args(p)
     p.add_argument("--prompt", action="append", required=True, help="text to continue (repeat for a batch)")
-    p.add_argument("--echo", action=argparse.BooleanOptionalAction, default=False, help="print the prompt too")
+    p.add_argument("--echo", action=OnOffAction, default=False, help="print the prompt too")
     add_dataclass_args(p, GenerationConfig)
     p.set_defaults(func=run)

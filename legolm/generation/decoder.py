@@ -132,6 +132,7 @@ class DecodeSession:
         self._model = weakref.ref(model)
         self.greedy, self.eos_id, self.use_graph = greedy, eos_id, cuda_graph
         self.cache = KVCache(model.config, batch, max_len, dtype=param.dtype, device=param.device)
+        model.reserve_positions(max_len)  # a fused step reads model.rope directly
         self.pad_mask = torch.ones(batch, max_len, dtype=torch.bool, device=param.device)  # (B, S) real keys
         self.state = DecodeState.empty(batch, max_len, param.device)
         self.fn: StepFn = step or (compiled_decode_step(compile_mode) if compile else decode_step)

@@ -116,6 +116,7 @@ class FusedLegoSession:
         self.stack = FusedStack(model, config.attention_block, config.embed_block, config.tune, rows=rows)
         self.shallow_norm = exit_norm(model.shallow_exit.norm)
         self.cache = KVCache(c, 1, max_len, dtype=p.dtype, device=p.device)
+        model.reserve_positions(max_len)  # the kernels read model.rope, in graphs captured before any prefill
         dev = p.device
 
         def zeros(*shape: int, dtype: torch.dtype = torch.long) -> Tensor:

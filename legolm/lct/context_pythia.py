@@ -79,7 +79,7 @@ class ContextPythia(nn.Module):
         if prev_states is not None:
             prev = torch.cat([prev[:, :1], prev_states[:, :-1].to(prev.dtype)], dim=1)  # shift right
         h = self.inject(idx, positions, prev)
-        h = self.lm.forward_layers(h, self.lm.make_context(positions, h.dtype)).hidden  # (B, T, C)
+        h = self.lm.forward_layers(h, self.lm.make_context(positions, h.dtype, span=T)).hidden  # (B, T, C)
         return ContextOutput(self.lm.project(h), h)
 
     def forward_sequential(self, idx: Tensor) -> ContextOutput:
@@ -91,7 +91,7 @@ class ContextPythia(nn.Module):
         for t in range(T):
             pos = torch.full((B, 1), t, device=idx.device)
             h = self.inject(idx[:, t:t + 1], pos, state)  # (B, 1, C)
-            base = self.lm.make_context(pos, h.dtype)
+            base = self.lm.make_context(pos, h.dtype, span=T)
             ctx = LayerContext(base.cos, base.sin, torch.ones(1, 1, 1, t + 1, dtype=torch.bool, device=idx.device),
                                pos[0])
             for block, cache in zip(self.lm.blocks, caches, strict=True):

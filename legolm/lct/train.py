@@ -16,7 +16,6 @@ is from the exact states of the current weights, mean |cache - exact|.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +31,7 @@ from legolm.train.config import FitConfig, ModelSpec
 from legolm.train.distributed import all_gather_cat
 from legolm.train.fit import LossOutput, autocast_for
 from legolm.train.head_loss import token_cross_entropy
+from legolm.utils.finite import safe_exp
 
 
 class SequentialLoss:
@@ -85,7 +85,7 @@ def exact_eval(model: ContextPythia, batches: BatchSource, max_batches: int | No
             count += batch["labels"].numel()
     model.train(was_training)
     mean = total / max(count, 1)
-    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0)), "val_tokens": count}
+    return {"val_loss": mean, "val_ppl": safe_exp(mean), "val_tokens": count}
 
 
 class LagMonitor(EpochTimer):

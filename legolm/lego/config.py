@@ -30,6 +30,7 @@ import torch
 from legolm.data.tokenized import DataConfig
 from legolm.errors import ConfigError
 from legolm.generation.early_exit import KVMode
+from legolm.model.config import MAX_LAYERS
 from legolm.model.lego import check_target_ratio
 from legolm.train.config import EvalConfig, FitConfig, ModelSpec, OptimConfig, RunConfig, ScheduleConfig
 
@@ -192,6 +193,8 @@ class LegoConfig:
         checks = [
             (pretrained or shallow is None or lg.num_layers > shallow,
              f"lego.num_layers={lg.num_layers} must exceed the shallow model's {shallow} layers (model.layers)"),
+            (pretrained or lg.num_layers <= MAX_LAYERS,
+             f"lego.num_layers={lg.num_layers:,} exceeds the limit of {MAX_LAYERS:,} layers"),
             (not pretrained or self.model.init is not None,
              "lego.split / lego.split_candidates split a pretrained model: give model.init (a checkpoint, .gguf "
              "or hub name)"),

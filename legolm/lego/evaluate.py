@@ -11,7 +11,6 @@ evaluation see the same conditions.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 from legolm.errors import ConfigError
 from legolm.model.lego import LegoLM, exits, routed_log_probs
 from legolm.train.batches import Batch, rewind
+from legolm.utils.finite import safe_exp
 
 
 @dataclass
@@ -37,7 +37,7 @@ class TokenScores:
 
     @staticmethod
     def _ppl(logp: Tensor) -> float:
-        return math.exp(-float(logp.double().mean()))
+        return safe_exp(-float(logp.double().mean()))
 
     def shallow_ppl(self) -> float:
         return self._ppl(self.shallow_logp)

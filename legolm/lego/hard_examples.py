@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from legolm.errors import ConfigError
 from legolm.model.lego import LegoLM, check_threshold, confidence, routed_log_probs
 from legolm.train.batches import Batch, resume_position, rewind
+from legolm.utils.finite import safe_exp
 
 
 @dataclass
@@ -201,5 +202,5 @@ def evaluate_on_hard_examples(model: LegoLM, examples: HardExamples, batch_size:
     out: dict[str, float] = {"hard_tokens": n}
     for key, total in sums.items():
         out[f"{key}_nll"] = total / n
-        out[f"{key}_ppl"] = math.exp(total / n)
+        out[f"{key}_ppl"] = safe_exp(total / n)
     return out

@@ -24,7 +24,6 @@ is all the skipped layer calls).
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from legolm.generation import GenerationConfig, generate
 from legolm.generation.early_exit import EarlyExitStats, KVMode, decode_path_nll
 from legolm.lego.evaluate import TokenScores
 from legolm.model.lego import LegoLM, exits
+from legolm.utils.finite import safe_exp
 from legolm.utils.io import atomic_savefig, pyplot
 
 # Units per captured graph: speculative rounds emit 1..d+1 tokens, so a replay of many rounds would
@@ -152,7 +152,7 @@ def decode_path_ppl(model: LegoLM, windows: Tensor, prompt_len: int, setting: Se
                     leave=False):
         row_nll, row_n, _ = decode_path_nll(model, row[None].to(device), prompt_len, tau, setting.kv_mode)
         nll, n = nll + row_nll, n + row_n
-    return math.exp(nll / n)
+    return safe_exp(nll / n)
 
 
 @torch.no_grad()
@@ -169,7 +169,7 @@ def exact_path_ppl(model: LegoLM, windows: Tensor, prompt_len: int, threshold: f
         lp_d = out.deep_logits[:, prompt_len - 1:].float().log_softmax(-1).gather(-1, labels)[..., 0]
         lp = torch.where(exits(out.conf[:, prompt_len - 1:], threshold), lp_s, lp_d)
         nll, n = nll - float(lp.double().sum()), n + lp.numel()
-    return math.exp(nll / n)
+    return safe_exp(nll / n)
 
 
 def val_windows(ids: np.ndarray, n: int, length: int, offset: int = 0) -> Tensor:

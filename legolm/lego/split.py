@@ -20,7 +20,6 @@ is the smallest (cheapest) whose routed perplexity is within ``tolerance`` of th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch, rewind
 from legolm.train.fit import LossOutput
 from legolm.train.head_loss import token_cross_entropy
+from legolm.utils.finite import safe_exp
 from legolm.utils.io import atomic_savefig, pyplot
 
 
@@ -155,7 +155,7 @@ def measure_splits(probe: ExitProbe, batches: Iterable[Batch], target_ratio: flo
     if not deep:
         raise ConfigError("no validation batches to measure the split candidates on")
     deep_lp = torch.cat(deep)
-    full_ppl = math.exp(-float(deep_lp.double().mean()))
+    full_ppl = safe_exp(-float(deep_lp.double().mean()))
     points = []
     for k in probe.splits:
         scores = TokenScores(torch.cat(parts[k]["lp"]), deep_lp, torch.cat(parts[k]["conf"]))

@@ -19,12 +19,32 @@ from typing import Any, Self
 import torch
 from torch import Tensor, nn
 
+from legolm.errors import ConfigError
 from legolm.layers import LayerSpec, build_blocks, stack_config
 from legolm.layers.context import LayerContext
 from legolm.layers.norms import make_norm
 from legolm.model.config import ModelConfig
 from legolm.model.kv_cache import KVCache
 from legolm.model.rope import rope_tables
+from legolm.utils.device import memory_bytes
+
+ROPE_MIN_ROWS = 64  # the smallest RoPE table built (it grows in powers of two)
+
+
+def check_fits_memory(config: ModelConfig) -> None:
+    """Raise `ConfigError` when the weights of a model of ``config`` alone exceed the memory of the device
+    models are built on (counted on the meta device: nothing is allocated)."""
+    device = torch.get_default_device()
+    available = memory_bytes(device)
+    with torch.device("meta"):
+        n = TransformerLM(config).num_parameters()
+    need = n * torch.get_default_dtype().itemsize
+    if available is not None and need > available:
+        raise ConfigError(f"model config: {n:,} parameters need {need / 1e9:,.1f} GB as "
+                          f"{str(torch.get_default_dtype())[6:]}, more than the {available / 1e9:,.1f} GB of "
+                          f"memory of {'this machine' if device.type == 'cpu' else device}; choose smaller sizes "
+                          f"(vocab_size x n_embd is "
+                          f"{config.vocab_size * config.n_embd:,} alone)")
 
 
 @dataclass
@@ -63,6 +83,8 @@ class TransformerLM(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, layers: Sequence[LayerSpec] | None = None) -> None:
+        if layers is None and torch.get_default_device().type != "meta":
+            check_fits_memory(config)  # before the first weight is allocated
         super().__init__()
         self.config = config = stack_config(config, layers)
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
@@ -73,13 +95,29 @@ class TransformerLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.rope: Tensor
-        self.register_buffer("rope", self._rope_tables(), persistent=False)  # (2, block_size, R) cos/sin
+        self.register_buffer("rope", self._rope_tables(0), persistent=False)  # (2, rows, R) cos/sin, grown on use
+        self._retired_rope: list[Tensor] = []
         self.reset_parameters()
 
     # -- construction --------------------------------------------------------------------------
-    def _rope_tables(self, device: torch.device | None = None) -> Tensor:
+    def _rope_tables(self, rows: int, device: torch.device | None = None) -> Tensor:
         c = self.config
-        return rope_tables(c.rotary_dim, c.block_size, c.rope_base, device) if c.rotary_dim else torch.empty(0)
+        return rope_tables(c.rotary_dim, rows, c.rope_base, device) if c.rotary_dim else torch.empty(0)
+
+    def reserve_positions(self, n: int) -> None:
+        """Make the RoPE tables cover positions 0..n-1 (at most the context, ``block_size``).
+
+        The tables are sized by what the model is run on, not by the config's context (a 2**20-position
+        config would otherwise build 1 GiB of tables for a 128-token run): they grow on demand to the
+        next power of two. A table that is replaced stays alive, because CUDA graphs captured with it
+        keep reading its memory (its rows are the same as the new table's first rows).
+        """
+        c = self.config
+        if not c.rotary_dim or self.rope.shape[1] >= min(n, c.block_size):
+            return
+        rows = min(c.block_size, max(ROPE_MIN_ROWS, 1 << (n - 1).bit_length()))
+        self._retired_rope.append(self.rope)
+        self.rope = self._rope_tables(rows, self.rope.device)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> TransformerLM:
         """`.to()`, `.bfloat16()`, ... move the RoPE tables but keep them fp32, as Hugging Face computes
@@ -111,7 +149,7 @@ class TransformerLM(nn.Module):
         model.load_state_dict(state, strict=strict, assign=True)
         if config.tie_embeddings:
             model.lm_head.weight = model.wte.weight
-        model.rope = model._rope_tables()
+        model.rope = model._rope_tables(0)
         return model
 
     def num_parameters(self, trainable_only: bool = False) -> int:
@@ -149,10 +187,11 @@ class TransformerLM(nn.Module):
         """
         end = self.config.n_layer if end is None else end
         B, T = x.shape[0], x.shape[1]
+        span = T if positions is None and input_pos is None else None  # positions 0..T-1
         if positions is None:
             positions = (input_pos if input_pos is not None else torch.arange(T, device=x.device)).expand(B, T)
         h = self.embed(x, positions) if start == 0 else x
-        ctx = self.make_context(positions, h.dtype, cache, input_pos, pad_mask)
+        ctx = self.make_context(positions, h.dtype, cache, input_pos, pad_mask, span=span)
         h = self.forward_layers(h, ctx, start, end, cache).hidden
         if end != self.config.n_layer:
             return h
@@ -164,10 +203,16 @@ class TransformerLM(nn.Module):
         return h + self.wpe(positions) if self.wpe is not None else h
 
     def make_context(self, positions: Tensor, dtype: torch.dtype, cache: KVCache | None = None,
-                     input_pos: Tensor | None = None, pad_mask: Tensor | None = None) -> LayerContext:
-        """RoPE tables for ``positions`` (B, T) and the attention mask, shared by all layers."""
+                     input_pos: Tensor | None = None, pad_mask: Tensor | None = None,
+                     span: int | None = None) -> LayerContext:
+        """RoPE tables for ``positions`` (B, T) and the attention mask, shared by all layers.
+
+        ``span``: every position is below it (known without reading ``positions``, which would sync a
+        GPU); default: the cache's length, else the model's context. The RoPE tables grow to cover it.
+        """
         cos = sin = None
-        if self.rope.numel():
+        if self.config.rotary_dim:
+            self.reserve_positions(span or (cache.max_len if cache is not None else self.config.block_size))
             cs = self.rope[:, positions].to(dtype)  # (2, B, T, R)
             cos, sin = cs[0].unsqueeze(1), cs[1].unsqueeze(1)  # (B, 1, T, R)
         mask = None

@@ -43,7 +43,8 @@ class OptimConfig:
         eps: AdamW denominator epsilon.
         weight_decay: Decoupled weight decay on >= 2-D parameters (matrices, embeddings).
         grad_clip: Clip the global gradient norm to this (0 = no clipping).
-        fused: Use the fused AdamW kernel (None = on CUDA only).
+        fused: The fused AdamW kernel: --optim.fused on, --no-optim.fused off, --optim.fused auto (YAML: true,
+            false, auto or null; None in Python) uses it on CUDA only.
         on_nonfinite: A NaN/inf loss or gradient norm: stop (the run ends with an error) or skip (drop that update).
         max_skipped_steps: With on_nonfinite skip, end the run with an error once more steps than this are skipped.
     """

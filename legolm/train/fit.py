@@ -52,6 +52,7 @@ from legolm.train.metrics import MetricsLogger, format_loss
 from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
 from legolm.train.run_dir import open_run_dir, release_run_dir
 from legolm.utils.device import parse_device
+from legolm.utils.finite import safe_exp
 from legolm.utils.io import atomic_write_text
 from legolm.utils.params import count_parameters
 
@@ -306,7 +307,7 @@ def evaluate_loss(step: TrainStep, batches: BatchSource, max_batches: int | None
     if n_tokens == 0:
         raise ConfigError("the validation batches hold no scored tokens; give the corpus more validation text")
     mean = float(total) / n_tokens
-    return {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0)), "val_tokens": n_tokens}
+    return {"val_loss": mean, "val_ppl": safe_exp(mean), "val_tokens": n_tokens}
 
 
 def total_steps(cfg: FitConfig, batches_per_epoch: int) -> tuple[int, int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from legolm.errors import ConfigError, LegolmError
@@ -41,3 +43,15 @@ def parse_device(name: str, what: str = "--device") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LegolmError(f"{what} {name} was asked for but no CUDA GPU is visible; use {what} cpu")
     return device
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """Total memory of ``device`` (host RAM for the CPU, the GPU's for CUDA); None where it is unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "cpu":
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (AttributeError, OSError, ValueError):  # not POSIX
+            return None
+    return None
