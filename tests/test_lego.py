@@ -232,6 +232,23 @@ def test_hard_example_evaluation_matches_full_forward_scores(corpus: TokenizedCo
     assert got["routed_ppl"] == pytest.approx(on_hard.routed_ppl(tau, model.meta.routing_temperature), rel=1e-5)
 
 
+@pytest.mark.parametrize(("tolerance", "tau"), [(1e-5, 0.8), (0.2, 0.3), (10.0, 0.2)])
+def test_quality_calibration_takes_the_most_exits_within_tolerance(tolerance: float, tau: float) -> None:
+    """Deep p = 0.5 everywhere (ppl 2); the shallow exit is right (0.5) on its two confident tokens and wrong
+    (0.05) on the others. Near-hard routing (T = 1e-6; the token at τ itself gets w = 1/2): τ = 0.8 exits the
+    good two (ppl 2); τ = 0.3 also half-exits a bad one (ppl 2·(0.5/0.275)^(1/4) = 2.32); τ = 0.2 is worse (4.13)."""
+    half, bad = math.log(0.5), math.log(0.05)
+    conf = torch.tensor([0.9, 0.8, 0.3, 0.2])
+    scores = TokenScores(torch.tensor([half, half, bad, bad]), torch.full((4,), half), conf)
+    assert scores.routed_ppl(0.3, 1e-6) == pytest.approx(2 * (0.5 / 0.275) ** 0.25, rel=1e-4)
+    assert scores.quality_threshold(2.0, tolerance, 1e-6, grid=4) == pytest.approx(tau)
+
+
+def test_quality_calibration_never_exits_when_nothing_holds_the_bound() -> None:
+    scores = TokenScores(torch.full((4,), -5.0), torch.full((4,), -1.0), torch.tensor([0.99, 0.98, 0.97, 0.96]))
+    assert scores.quality_threshold(math.e, 0.0, 0.05, grid=4) == 1.0
+
+
 # -- checkpoints -----------------------------------------------------------------------------------------
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
     """A LEGO model saves as a legolm checkpoint and loads back as a LegoLM (exits, τ, frozen flags)."""

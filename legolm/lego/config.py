@@ -77,7 +77,12 @@ class LegoSettings:
         split_candidates: Pretrained route: train an exit after each of these block counts in phase 1 (jointly)
             and keep the smallest whose routed perplexity at target_ratio, with the model's own upper layers,
             is within split_tolerance of the full model's (the measured curve is saved); overrides split.
-        split_tolerance: Relative perplexity increase allowed when choosing the split from split_candidates.
+        split_tolerance: Relative perplexity increase allowed over the unmodified model when choosing the split from
+            split_candidates, and by calibrate: quality.
+        calibrate: How τ is calibrated: ratio (target_ratio of the validation tokens fall below it) or quality
+            (pretrained route: the most exits whose soft-routed validation perplexity, with the model's own upper
+            layers, stays within split_tolerance of the unmodified model's; each split candidate gets its own).
+        quality_grid: calibrate: quality tries the confidences' quantiles at 0, 1/quality_grid, 2/quality_grid, ...
         phase1: Train the shallow model (or exit) first (false: model.init must be a trained shallow checkpoint).
         threshold: Routing threshold in [0, 1] to use instead of calibrating one (None = calibrate).
         target_ratio: Fraction of validation tokens below the calibrated threshold (hard), in (0, 1).
@@ -102,6 +107,8 @@ class LegoSettings:
     split: int | None = None
     split_candidates: list[int] = field(default_factory=list)
     split_tolerance: float = 0.03
+    calibrate: Literal["ratio", "quality"] = "ratio"
+    quality_grid: int = 100
     phase1: bool = True
     threshold: float | None = None
     target_ratio: float = 0.5
@@ -201,6 +208,12 @@ class LegoConfig:
             (all(k >= 1 for k in [*lg.split_candidates, *([lg.split] if lg.split is not None else [])]),
              "lego.split and lego.split_candidates must be >= 1 (blocks below the shallow exit)"),
             (lg.split_tolerance >= 0, f"lego.split_tolerance must be >= 0, got {lg.split_tolerance}"),
+            (lg.calibrate == "ratio" or pretrained,
+             "lego.calibrate: quality bounds the routed perplexity by the unmodified model's, which only the "
+             "pretrained route has (lego.split / lego.split_candidates); use lego.calibrate ratio"),
+            (lg.calibrate == "ratio" or lg.threshold is None,
+             "lego.calibrate: quality calibrates τ itself; drop lego.threshold or use lego.calibrate ratio"),
+            (lg.quality_grid >= 2, f"lego.quality_grid must be >= 2, got {lg.quality_grid}"),
             (lg.collect_batches is None or lg.collect_batches >= 1,
              f"lego.collect_batches must be >= 1, got {lg.collect_batches}"),
             (0.0 <= lg.phase2_fraction < 1.0, f"lego.phase2_fraction must be in [0, 1), got {lg.phase2_fraction}"),

@@ -53,6 +53,18 @@ class TokenScores:
         """Perplexity under generation's rule: the shallow exit where conf >= τ, else the deep one."""
         return self._ppl(torch.where(exits(self.conf, threshold), self.shallow_logp, self.deep_logp))
 
+    def quality_threshold(self, reference_ppl: float, tolerance: float, temperature: float, grid: int) -> float:
+        """The lowest τ (most exits) whose soft-routed perplexity is within ``tolerance`` of ``reference_ppl``.
+
+        Candidates are the confidences' quantiles at 0, 1/grid, 2/grid, ..., and 1.0 (no token exits on the
+        hard rule); 1.0 when no candidate holds the bound.
+        """
+        bound = (1.0 + tolerance) * reference_ppl
+        ordered = self.conf.flatten().sort().values
+        picks = [ordered[min(i * len(ordered) // grid, len(ordered) - 1)] for i in range(grid)]
+        candidates = sorted({*(float(t) for t in picks), 1.0})
+        return min((t for t in candidates if self.routed_ppl(t, temperature) <= bound), default=1.0)
+
     def shallow_ratio(self, threshold: float) -> float:
         """Fraction of tokens that would exit at the shallow exit."""
         return float(exits(self.conf, threshold).float().mean())

@@ -10,10 +10,11 @@ Phase 1 of the candidates trains one exit per candidate k in one pass over the d
 model runs once per batch; `ExitProbeLoss` averages the exits' losses). Then, with the model's own
 upper layers as the deep exit, each k is measured on the validation windows::
 
-    shallow ppl, τ_k = quantile of conf at target_ratio, routed ppl at τ_k (soft weights, as evaluated),
+    shallow ppl, τ_k (the quantile of conf at target_ratio, or with ``calibrate: quality`` the most
+    exits whose routed ppl stays within tolerance of the full model's), routed ppl at τ_k (soft weights),
     cost(k) = [k·B + H + (1 - r)·((L - k)·B + H)] / (L·B + H)
 
-with B the weights of one block, H those of one head and r = 1 - target_ratio the shallow ratio
+with B the weights of one block, H those of one head and r the shallow ratio at τ_k
 (a batch-1 decode step reads every weight it uses once, so bytes read is its cost). The chosen k
 is the smallest (cheapest) whose routed perplexity is within ``tolerance`` of the full model's.
 """
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from legolm.errors import ConfigError
+from legolm.lego.config import LegoSettings
 from legolm.lego.evaluate import TokenScores
 from legolm.model.lego import ExitHead, LegoLM, confidence, quantile_threshold
 from legolm.model.transformer import TransformerLM
@@ -132,9 +134,17 @@ def projected_cost(model: TransformerLM, split: int, shallow_ratio: float) -> fl
     return (lower + (1.0 - shallow_ratio) * upper) / (sum(blocks) + head)
 
 
+def calibrated_threshold(scores: TokenScores, settings: LegoSettings, reference_ppl: float) -> float:
+    """τ by ``settings.calibrate``: the target_ratio quantile, or the most exits within tolerance of the reference."""
+    if settings.calibrate == "quality":
+        return scores.quality_threshold(reference_ppl, settings.split_tolerance, settings.routing_temperature,
+                                        settings.quality_grid)
+    return quantile_threshold(scores.conf, settings.target_ratio)
+
+
 @torch.no_grad()
-def measure_splits(probe: ExitProbe, batches: Iterable[Batch], target_ratio: float, temperature: float,
-                   tolerance: float, max_batches: int | None = None, progress: bool = False) -> list[SplitPoint]:
+def measure_splits(probe: ExitProbe, batches: Iterable[Batch], settings: LegoSettings,
+                   max_batches: int | None = None, progress: bool = False) -> list[SplitPoint]:
     """Each candidate exit and the full model over the validation windows (one forward per batch)."""
     was_training = probe.training
     probe.eval()
@@ -157,9 +167,10 @@ def measure_splits(probe: ExitProbe, batches: Iterable[Batch], target_ratio: flo
     deep_lp = torch.cat(deep)
     full_ppl = safe_exp(-float(deep_lp.double().mean()))
     points = []
+    temperature, tolerance = settings.routing_temperature, settings.split_tolerance
     for k in probe.splits:
         scores = TokenScores(torch.cat(parts[k]["lp"]), deep_lp, torch.cat(parts[k]["conf"]))
-        tau = quantile_threshold(scores.conf, target_ratio)
+        tau = calibrated_threshold(scores, settings, full_ppl)
         routed = scores.routed_ppl(tau, temperature)
         ratio = scores.shallow_ratio(tau)
         points.append(SplitPoint(k, scores.shallow_ppl(), tau, routed, scores.hard_routed_ppl(tau), full_ppl, ratio,

@@ -32,13 +32,22 @@ from legolm.checkpoints.load import load_pretrained
 from legolm.data.tokenized import TokenizedCorpus, check_fits
 from legolm.errors import ConfigError
 from legolm.lego.config import STORE_DTYPES, LegoConfig
+from legolm.lego.evaluate import score_tokens
 from legolm.lego.hard_examples import (
     HardExamples,
     collect_hard_examples,
     create_hard_example_loader,
     evaluate_on_hard_examples,
 )
-from legolm.lego.split import ExitLoss, ExitProbe, ExitProbeLoss, SplitPoint, choose_split, measure_splits
+from legolm.lego.split import (
+    ExitLoss,
+    ExitProbe,
+    ExitProbeLoss,
+    SplitPoint,
+    calibrated_threshold,
+    choose_split,
+    measure_splits,
+)
 from legolm.lego.threshold import shallow_confidences
 from legolm.model.lego import LegoLM, LegoMeta, quantile_threshold, routed_log_probs
 from legolm.model.transformer import TransformerLM
@@ -160,6 +169,7 @@ class LegoTraining:
         hard_val: Stored validation hard examples.
         val_batches: The validation windows (shuffle off), for evaluation.
         splits: Pretrained route with candidates: each candidate's measured point (else empty).
+        reference_ppl: Pretrained route: the unmodified model's validation perplexity (else None).
     """
 
     model: LegoLM
@@ -170,6 +180,7 @@ class LegoTraining:
     hard_val: HardExamples
     val_batches: WindowBatches
     splits: list[SplitPoint] = field(default_factory=list)
+    reference_ppl: float | None = None
 
 
 def shallow_model(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoLM:
@@ -234,16 +245,37 @@ def _phase1_split(cfg: LegoConfig, corpus: TokenizedCorpus, train: BatchSource, 
     result = fit(probe, train, fit_cfg, val=val, loss_fn=ExitProbeLoss(), callbacks=[RestoreBest()]) \
         if cfg.lego.phase1 else None
     probe.to(resolve_device(cfg.run.device))
-    points = measure_splits(probe, val, cfg.lego.target_ratio, cfg.lego.routing_temperature,
-                            cfg.lego.split_tolerance, cfg.lego.calib_batches, cfg.run.progress)
+    points = measure_splits(probe, val, cfg.lego, cfg.lego.calib_batches, cfg.run.progress)
     best = choose_split(points)
     tqdm.write("split curve: " + "; ".join(f"k={p.split}: shallow {p.shallow_ppl:.2f}, routed {p.routed_ppl:.2f} "
-                                          f"(full {p.full_ppl:.2f}), cost {p.cost:.3f}" for p in points)
+                                          f"(full {p.full_ppl:.2f}) at shallow ratio {p.shallow_ratio:.3f}, "
+                                          f"cost {p.cost:.3f}" for p in points)
                + f"; chosen k={best.split}" + ("" if best.within_tolerance else
                                               f" (none within {100 * cfg.lego.split_tolerance:g}%)"))
     model = LegoLM.adopt(base, LegoMeta(split=best.split, exit_lens=True), probe.exit(best.split))
     model.mark_trained()
     return model, result, points
+
+
+def _threshold(cfg: LegoConfig, model: LegoLM, conf: Tensor, val: WindowBatches) -> tuple[float, float | None, str]:
+    """τ (given, or calibrated by ``lego.calibrate``), the unmodified model's perplexity (pretrained route) and
+    how τ was found.
+
+    On the pretrained route the deep exit before phase 2 is the unmodified model, so its validation
+    perplexity is the reference that ``calibrate: quality`` bounds the routed perplexity by.
+    """
+    lg = cfg.lego
+    reference_ppl = None
+    if model.extended:
+        scores = score_tokens(model, val, lg.calib_batches, progress=cfg.run.progress)
+        reference_ppl = scores.deep_ppl()
+    if lg.threshold is not None:
+        return lg.threshold, reference_ppl, "given"
+    if lg.calibrate == "quality":
+        assert reference_ppl is not None  # LegoConfig.validate: quality needs the pretrained route
+        return (calibrated_threshold(scores, lg, reference_ppl), reference_ppl,
+                f"quality: routed within {100 * lg.split_tolerance:g}% of the unmodified {reference_ppl:.4g}")
+    return quantile_threshold(conf, lg.target_ratio), reference_ppl, f"target ratio {lg.target_ratio}"
 
 
 def split_training_tokens(ids: np.ndarray, eos_id: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -279,14 +311,14 @@ def train_lego(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoTraining:
         model, phase1 = _phase1_grown(cfg, corpus, train, val, out / "phase1")
     model.to(resolve_device(cfg.run.device)).eval()
     conf = shallow_confidences(model, val, cfg.lego.calib_batches)
-    threshold = cfg.lego.threshold if cfg.lego.threshold is not None else \
-        quantile_threshold(conf, cfg.lego.target_ratio)
+    threshold, reference_ppl, rule = _threshold(cfg, model, conf, val)
     if model.extended:  # pretrained route: the upper layers are the model's own
         model.freeze(cfg.lego.freeze_lower, cfg.lego.train_deep_head)
     else:
         model.extend(cfg.lego.num_layers, threshold, freeze_lower=cfg.lego.freeze_lower,
                      identity_init=cfg.lego.identity_init, train_deep_head=cfg.lego.train_deep_head)
-    model.calibrate(threshold, cfg.lego.target_ratio if cfg.lego.threshold is None else None, conf)
+    hard_ratio = float((conf < threshold).float().mean())
+    model.calibrate(threshold, hard_ratio if cfg.lego.threshold is None and 0 < hard_ratio < 1 else None, conf)
     model.meta.routing_temperature = cfg.lego.routing_temperature
     store = STORE_DTYPES[cfg.lego.store_dtype]
     scan = WindowBatches(phase2_ids, cfg.window, p1.batch_size, shuffle=False, drop_last=False)
@@ -294,8 +326,8 @@ def train_lego(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoTraining:
                                        progress=cfg.run.progress)
     hard_val = collect_hard_examples(model, val, threshold, store_dtype=store, max_batches=cfg.lego.calib_batches,
                                      progress=cfg.run.progress)
-    tqdm.write(f"threshold {threshold:.4f} (target ratio {cfg.lego.target_ratio}); train: {hard_train.summary()}; "
-               f"val: {hard_val.summary()}")
+    tqdm.write(f"threshold {threshold:.4f} ({rule}; {hard_ratio:.3f} of validation tokens hard); train: "
+               f"{hard_train.summary()}; val: {hard_val.summary()}")
     phase2 = run_phase2(model, hard_train, hard_val, p2.fit_config(cfg.window, cfg.run, out / "phase2"),
                         cfg.lego.phase2_loss)
-    return LegoTraining(model.eval(), threshold, phase1, phase2, hard_train, hard_val, val, points)
+    return LegoTraining(model.eval(), threshold, phase1, phase2, hard_train, hard_val, val, points, reference_ppl)

@@ -65,7 +65,9 @@ def run_lego(cfg: LegoConfig, corpus: TokenizedCorpus | None = None) -> dict[str
 def decode_settings(cfg: LegoConfig, tau: float, scores: TokenScores) -> list[Setting]:
     """Full depth first, then the threshold sweep (never ... always exit), the other kv modes at τ, speculative."""
     d = cfg.decode
-    calibrated = f"calibrated r={cfg.lego.target_ratio:g}" if cfg.lego.threshold is None else "given"
+    lg = cfg.lego
+    calibrated = "given" if lg.threshold is not None else f"calibrated r={lg.target_ratio:g}" \
+        if lg.calibrate == "ratio" else f"calibrated +{100 * lg.split_tolerance:g}%"
     sweep = [("never exit", 1.0), (calibrated, tau),
              *[(f"r={r:g}", quantile_threshold(scores.conf, r)) for r in cfg.lego.curve_ratios], ("always exit", 0.0)]
     sweep.sort(key=lambda item: -item[1])
@@ -118,6 +120,7 @@ def evaluate_and_report(cfg: LegoConfig, corpus: TokenizedCorpus, trained: LegoT
     print(note or f"quality/speed curve: {out / 'curve.png'}")
     if trained.splits:
         print(split_note or f"split curve: {out / 'split_curve.png'} (chosen k={model.split})")
+    reference = vs_unmodified(scores, tau, temperature, trained.reference_ppl, cfg.lego.split_tolerance)
     print(f"model saved to {out / 'model'}")
     fit_results = {name: None if r is None else {k: v for k, v in asdict(r).items() if k != "run_dir"}
                    for name, r in (("phase1", trained.phase1), ("phase2", trained.phase2))}
@@ -126,8 +129,22 @@ def evaluate_and_report(cfg: LegoConfig, corpus: TokenizedCorpus, trained: LegoT
             "quality_table": quality, "hard_examples": {"train": trained.hard_train.summary(),
                                                         "val": trained.hard_val.summary()},
             "rows": [asdict(r) for r in rows], "device": str(device),
-            "split_curve": [asdict(p) for p in trained.splits], **fit_results, "table": table,
-            "model": str(out / "model")}
+            "split_curve": [asdict(p) for p in trained.splits], "vs_unmodified": reference, **fit_results,
+            "table": table, "model": str(out / "model")}
+
+
+def vs_unmodified(scores: TokenScores, tau: float, temperature: float, reference_ppl: float | None,
+                  tolerance: float) -> dict[str, Any] | None:
+    """Pretrained route: routed perplexity at τ against the unmodified model's (printed; None on the grown route)."""
+    if reference_ppl is None:
+        return None
+    routed = scores.routed_ppl(tau, temperature)
+    row = {"unmodified_ppl": reference_ppl, "routed_ppl": routed, "routed_over_unmodified": routed / reference_ppl,
+           "shallow_ratio": scores.shallow_ratio(tau), "within_tolerance": routed <= (1 + tolerance) * reference_ppl}
+    print(f"routed perplexity {routed:.4g} vs the unmodified model's {reference_ppl:.4g} "
+          f"({100 * (routed / reference_ppl - 1):+.2f}%, tolerance {100 * tolerance:g}%) at shallow ratio "
+          f"{row['shallow_ratio']:.3f}")
+    return row
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
