@@ -202,7 +202,8 @@ class CurveRow:
         weight_cost: Decode weights read ÷ full depth's.
         tok_per_s: Generated tokens per second of whole calls.
         speedup: This setting's tok/s ÷ the full-depth decoder's.
-        wall_over_call: (1 - time / full-depth time) ÷ (1 - call_cost); None where no call is saved.
+        wall_over_call: (1 - time / full-depth time) ÷ (1 - call_cost); None where under ``MIN_CALL_SAVING`` of the
+            calls is saved (the ratio of two near-zero savings says nothing).
         fused: Ran on the fused kernels.
     """
 
@@ -226,6 +227,9 @@ class CurveRow:
     fused: bool
 
 
+MIN_CALL_SAVING = 0.05  # wall/call is reported where a setting saves at least this fraction of the calls
+
+
 def curve_row(scores: TokenScores, temperature: float, setting: Setting, measured: DecodeMeasure,
               baseline: DecodeMeasure, decode_ppl: float) -> CurveRow:
     """Join the evaluation scores and the decode measurement of one setting."""
@@ -239,7 +243,7 @@ def curve_row(scores: TokenScores, temperature: float, setting: Setting, measure
         eval_shallow_ratio=scores.shallow_ratio(tau), gen_shallow_ratio=measured.shallow_ratio,
         acceptance=measured.acceptance, tokens_per_round=measured.tokens_per_round, call_cost=measured.call_cost,
         weight_cost=measured.weight_cost, tok_per_s=measured.tokens / measured.wall_s,
-        speedup=baseline.wall_s / measured.wall_s, wall_over_call=wall / saved if abs(saved) > 1e-9 else None,
+        speedup=baseline.wall_s / measured.wall_s, wall_over_call=wall / saved if saved >= MIN_CALL_SAVING else None,
         fused=measured.fused)
 
 
