@@ -31,7 +31,7 @@ import torch
 
 from benchmarks.common import BENCH_DATA, RESULTS, ROOT, device_info, print_table, write_result
 from legolm.checkpoints.load import load_pretrained
-from legolm.cli.args import config_from_dict, load_yaml, merge
+from legolm.cli.args import config_from_dict, load_yaml, merge, parse_yaml
 from legolm.data.tokenized import load_tokenized
 from legolm.generation import GenerationConfig, generate
 from legolm.lego.config import STORE_DTYPES, LegoConfig
@@ -129,8 +129,10 @@ def main() -> None:
     parser.add_argument("--name", default="grown", help="result file label")
     parser.add_argument("--hf-prompts", type=int, default=2, help="prompts Hugging Face generate decodes (slow)")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few steps: checks it runs")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted, YAML value), e.g. lego.phase2_easy_weight=0.5; repeatable")
     args = parser.parse_args()
-    data = load_yaml(args.config)
+    data = merge(load_yaml(args.config), overrides(args.set))
     corpus_dir = Path(args.corpus)
     if args.smoke:
         data = merge(data, SMOKE)
@@ -160,6 +162,21 @@ def main() -> None:
                 shutil.copyfile(src, dst)
                 if os.environ.get("OUT"):
                     shutil.copyfile(src, Path(os.environ["OUT"]) / dst.name)
+
+
+def overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set wants KEY=VALUE, got {item!r}")
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = parse_yaml(value)
+    return out
 
 
 def next_device(cfg: LegoConfig) -> str:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from benchmarks.common import cycled
@@ -33,3 +34,12 @@ def test_serve_benchmark_runs_end_to_end_on_the_cpu() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| tiny-gpt2")]
     assert len(rows) == 4 and {"legolm serve", "hf generate server"} <= {r.split("|")[2].strip() for r in rows}
+
+
+def test_early_exit_benchmark_overrides_nest_dotted_keys_with_yaml_values() -> None:
+    from benchmarks.early_exit import overrides
+
+    assert overrides(["lego.phase2_easy_weight=0.5", "lego.split_candidates=[3, 6]", "window=64", "run.device=cpu"]) \
+        == {"lego": {"phase2_easy_weight": 0.5, "split_candidates": [3, 6]}, "window": 64, "run": {"device": "cpu"}}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        overrides(["lego.phase2_easy_weight"])

@@ -195,15 +195,17 @@ def test_hard_example_loader_is_a_resumable_batch_source(corpus: TokenizedCorpus
     torch.testing.assert_close(batch["hidden"], ex.hidden[:2])
 
 
-@pytest.mark.parametrize("kind", ["routed", "deep"])
-def test_phase2_loss_on_stored_states_equals_full_recomputation(corpus: TokenizedCorpus, kind: str) -> None:
-    """Phase 2 never reruns the lower layers, yet its loss is that of the whole model on the windows."""
+@pytest.mark.parametrize(("kind", "easy_weight"), [("routed", 0.0), ("deep", 0.0), ("deep", 0.25), ("routed", 1.0)])
+def test_phase2_loss_on_stored_states_equals_full_recomputation(corpus: TokenizedCorpus, kind: str,
+                                                                easy_weight: float) -> None:
+    """Phase 2 never reruns the lower layers, yet its loss is that of the whole model on the windows
+    (the easy tokens weighted by ``easy_weight``)."""
     model = extended().eval()
     tau = compute_confidence_threshold(model, windows(corpus), 0.5)
     model.meta.routing_threshold = tau
     ex = collect_hard_examples(model, windows(corpus), tau)
     batch = next(iter(create_hard_example_loader(ex, 4, shuffle=False)))
-    loss, n, _ = HardTokenLoss(kind)(model, batch)  # type: ignore[arg-type]
+    loss, n, _ = HardTokenLoss(kind, easy_weight)(model, batch)  # type: ignore[arg-type]
     ids = torch.from_numpy(corpus.val[: 4 * WINDOW + 1].astype("int64"))
     x, y = ids[:-1].view(4, WINDOW), ids[1:].view(4, WINDOW)
     with torch.no_grad():
@@ -211,8 +213,9 @@ def test_phase2_loss_on_stored_states_equals_full_recomputation(corpus: Tokenize
         assert out.deep_logits is not None
         logp = model.routed_log_probs(out) if kind == "routed" else out.deep_logits.log_softmax(-1)
     hard = out.conf < tau
-    expected = -logp.gather(-1, y[..., None])[..., 0][hard].mean()
-    assert int(n) == int(hard.sum()) > 0
+    nll = -logp.gather(-1, y[..., None])[..., 0]
+    expected = (nll[hard].sum() + easy_weight * nll[~hard].sum()) / (hard.sum() + easy_weight * (~hard).sum())
+    assert int(n) == int(hard.sum()) > 0 and int((~hard).sum()) > 0
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -111,6 +111,7 @@ def test_existing_run_dir_is_not_overwritten(run_dir: Path) -> None:
     (["--decode.kv-mode", "lazy"], ("kv-mode",)),
     (["--lego.calibrate", "quality"], ("lego.calibrate: quality", "pretrained route")),
     (["--lego.calibrate", "often"], ("lego.calibrate",)),
+    (["--lego.phase2-easy-weight", "-1"], ("lego.phase2_easy_weight must be >= 0",)),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, flags: list[str], fragments: tuple[str, ...]) -> None:
     proc = _run(["lego", "--config", TINY, "--run.out-dir", str(tmp_path / "run"), *flags], tmp_path)

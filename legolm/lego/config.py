@@ -93,6 +93,9 @@ class LegoSettings:
         train_deep_head: Phase 2 also trains the deep exit's head (off: the upper blocks and the final norm train
             under a head that starts calibrated and stays so).
         phase2_loss: routed (NLL of the soft-routed mixture, as evaluated) or deep (deep exit alone) on hard tokens.
+        phase2_easy_weight: Weight of the easy tokens of the stored windows in the phase-2 loss, relative to the
+            hard ones (0: hard tokens only, the LEGO method; > 0 keeps the deep exit good everywhere, which raises
+            self-speculative acceptance).
         store_dtype: dtype of the stored lower-layer states (bfloat16/float16 halve their memory).
         calib_batches: Validation batches for calibration and evaluation (None = all).
         collect_batches: Training batches scanned for hard examples (None = all of the training split).
@@ -117,6 +120,7 @@ class LegoSettings:
     identity_init: bool = True
     train_deep_head: bool = False
     phase2_loss: Literal["routed", "deep"] = "routed"
+    phase2_easy_weight: float = 0.0
     store_dtype: StoreDtype = "float32"
     calib_batches: int | None = None
     collect_batches: int | None = None
@@ -216,6 +220,7 @@ class LegoConfig:
             (lg.quality_grid >= 2, f"lego.quality_grid must be >= 2, got {lg.quality_grid}"),
             (lg.collect_batches is None or lg.collect_batches >= 1,
              f"lego.collect_batches must be >= 1, got {lg.collect_batches}"),
+            (lg.phase2_easy_weight >= 0, f"lego.phase2_easy_weight must be >= 0, got {lg.phase2_easy_weight}"),
             (0.0 <= lg.phase2_fraction < 1.0, f"lego.phase2_fraction must be in [0, 1), got {lg.phase2_fraction}"),
             (self.lego.threshold is None or 0.0 <= self.lego.threshold <= 1.0,
              f"lego.threshold must be in [0, 1] (a max softmax probability), got {self.lego.threshold}; "

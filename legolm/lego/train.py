@@ -55,6 +55,7 @@ from legolm.train.batches import Batch, BatchSource, WindowBatches
 from legolm.train.config import FitConfig
 from legolm.train.distributed import init_distributed
 from legolm.train.fit import Callback, FitResult, FitState, LossOutput, fit, resolve_device
+from legolm.utils.finite import safe_exp
 
 
 class RestoreBest(Callback):
@@ -107,24 +108,45 @@ class HardTokenLoss:
     Args:
         kind: ``routed``: -log(w · p_s + (1 - w) · p_d) with the continuous routing weight w of the
             stored shallow confidence (what evaluation reports); ``deep``: -log p_d alone.
+        easy_weight: Weight λ of the other (easy) tokens of the same windows: the loss is
+            (Σ_hard ℓ + λ · Σ_easy ℓ) / (n_hard + λ · n_easy). 0 trains on the hard tokens alone (the LEGO
+            method); λ > 0 keeps the deep exit a whole model, agreeing with the shallow one where that one
+            is sure (what self-speculative drafts need).
     """
 
-    def __init__(self, kind: Literal["routed", "deep"] = "routed") -> None:
+    def __init__(self, kind: Literal["routed", "deep"] = "routed", easy_weight: float = 0.0) -> None:
         self.kind = kind
+        self.easy_weight = easy_weight
 
     def __call__(self, module: nn.Module, batch: Batch) -> LossOutput:
         model = cast(LegoLM, module)
-        mask, labels = batch["hard"], batch["labels"]  # (B, W)
+        hard, labels = batch["hard"], batch["labels"]  # (B, W)
+        mask = torch.ones_like(hard) if self.easy_weight > 0 else hard  # the tokens the head runs on
         dtype = next(model.blocks[model.split].parameters()).dtype
         h_top = model.upper_hidden(batch["hidden"].to(dtype))  # (B, W, C) with full causal context
-        logp_d = model.project(h_top[mask]).float().log_softmax(-1)  # (n, V): the head on hard tokens only
+        logp_d = model.project(h_top[mask]).float().log_softmax(-1)  # (n, V): the head on those tokens only
         lp_d = logp_d.gather(-1, labels[mask][:, None])[:, 0]  # (n,)
         if self.kind == "deep":
             lp = lp_d
         else:
             lp = routed_log_probs(batch["shallow_logp"][mask], lp_d, batch["conf"][mask], model.threshold,
                                   model.meta.routing_temperature)
-        return -lp.mean(), mask.sum(), {}
+        weight = torch.where(hard[mask], 1.0, self.easy_weight)  # (n,)
+        return -(weight * lp).sum() / weight.sum(), hard.sum(), {}
+
+
+def _val_ppl(model: LegoLM, batches: BatchSource, loss_fn: HardTokenLoss) -> float:
+    """Validation perplexity of ``loss_fn`` (token-weighted), as ``fit`` evaluates it."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            loss, n, _ = loss_fn(model, {k: v.to(device) for k, v in batch.items()})
+            total, count = total + float(loss) * int(n), count + int(n)
+    model.train(was_training)
+    return safe_exp(total / max(count, 1))
 
 
 def check_phase2(model: LegoLM) -> None:
@@ -138,7 +160,7 @@ def check_phase2(model: LegoLM) -> None:
 
 
 def run_phase2(model: LegoLM, train: HardExamples, val: HardExamples, cfg: FitConfig,
-               loss: Literal["routed", "deep"] = "routed") -> FitResult:
+               loss: Literal["routed", "deep"] = "routed", easy_weight: float = 0.0) -> FitResult:
     """Phase 2: train the upper layers and deep exit on stored hard examples, early stopping on ``val``.
 
     In a distributed run every rank holds all the examples and trains on its shard of them.
@@ -150,9 +172,12 @@ def run_phase2(model: LegoLM, train: HardExamples, val: HardExamples, cfg: FitCo
     train_batches = create_hard_example_loader(train, cfg.batch_size, shuffle=True, seed=cfg.run.seed, **shard)
     eval_batch = cfg.eval.batch_size or cfg.batch_size
     val_batches = create_hard_example_loader(val, eval_batch, shuffle=False)
-    before = evaluate_on_hard_examples(model, val, eval_batch)[f"{loss}_ppl"]
-    tqdm.write(f"phase 2 starts at validation {loss} perplexity {before:.4g} on the hard tokens")
-    return fit(model, train_batches, cfg, val=val_batches, loss_fn=HardTokenLoss(loss),
+    loss_fn = HardTokenLoss(loss, easy_weight)
+    before = evaluate_on_hard_examples(model, val, eval_batch)[f"{loss}_ppl"] if easy_weight == 0 else \
+        _val_ppl(model, val_batches, loss_fn)
+    tokens = "the hard tokens" if easy_weight == 0 else f"the hard tokens (easy ones weighted {easy_weight:g})"
+    tqdm.write(f"phase 2 starts at validation {loss} perplexity {before:.4g} on {tokens}")
+    return fit(model, train_batches, cfg, val=val_batches, loss_fn=loss_fn,
                callbacks=[RestoreBest(start=(model, before))])
 
 
@@ -329,5 +354,5 @@ def train_lego(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoTraining:
     tqdm.write(f"threshold {threshold:.4f} ({rule}; {hard_ratio:.3f} of validation tokens hard); train: "
                f"{hard_train.summary()}; val: {hard_val.summary()}")
     phase2 = run_phase2(model, hard_train, hard_val, p2.fit_config(cfg.window, cfg.run, out / "phase2"),
-                        cfg.lego.phase2_loss)
+                        cfg.lego.phase2_loss, cfg.lego.phase2_easy_weight)
     return LegoTraining(model.eval(), threshold, phase1, phase2, hard_train, hard_val, val, points, reference_ppl)
