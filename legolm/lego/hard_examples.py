@@ -113,8 +113,8 @@ def collect_hard_examples(model: LegoLM, batches: Iterable[Batch], threshold: fl
     stored = {k: torch.cat(v) if v else torch.empty(0) for k, v in parts.items()}
     if not stored["hidden"].numel():
         raise ConfigError(f"no token has shallow confidence below the threshold {threshold:.4g}: no hard examples "
-                          "to train on; raise lego.target_ratio, check lego.threshold, or (lego.calibrate: quality, where "
-                          "every token exits within tolerance) lower lego.split_tolerance")
+                          "to train on; raise lego.target_ratio, check lego.threshold, or (lego.calibrate: quality, "
+                          "where every token exits within tolerance) lower lego.split_tolerance")
     return HardExamples(threshold=threshold, windows_seen=windows, tokens_seen=tokens, **stored)
 
 
