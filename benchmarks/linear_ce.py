@@ -46,7 +46,7 @@ and 32, bf16, Triton kernels in the interpreter, the compiled row with the ``aot
 (inductor's C++ build alone takes longer than the whole smoke run); no memory figures. It writes
 JSON only where ``--json`` says. Triton's interpreter rounds fp32 -> bf16 toward zero where the GPU
 rounds to nearest even, so the smoke's Triton rows (legolm triton, Liger) show about twice the bf16
-gradient error of the torch rows; on the GPU that difference is not expected.
+gradient error of the torch rows (the GPU run shows whether any difference remains).
 """
 
 from __future__ import annotations
