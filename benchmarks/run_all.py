@@ -30,6 +30,7 @@ SUITE: dict[str, list[str]] = {
     "pretrain": ["benchmarks.pretrain"],
     "lora": ["benchmarks.lora"],
     "skip2lora": ["benchmarks.skip2lora"],
+    "linear_ce": ["benchmarks.linear_ce"],
     "decode": ["benchmarks.decode", "--no-hf-static"],
     "early_exit": ["benchmarks.early_exit"],
     "memory_layers": ["benchmarks.memory_layers"],
