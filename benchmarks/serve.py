@@ -10,9 +10,10 @@ streamed chunks of one request).
 
 - legolm: ``legolm serve`` in its own process (continuous batching over the static KV cache, a CUDA
   graph per step shape), ``--max-batch`` the largest C.
-- peer: a FastAPI app in this process whose requests each run ``model.generate`` (greedy, dynamic
-  cache) in their own thread and stream its tokens through a ``BaseStreamer``: what a server written
-  around ``transformers`` does without a batching scheduler.
+- peer: a FastAPI app in its own process (``--peer-server``, the same weights saved with
+  ``save_pretrained``) whose requests each run ``model.generate`` (greedy, dynamic cache) in their own
+  thread and stream its tokens through a ``BaseStreamer``: what a server written around
+  ``transformers`` does without a batching scheduler.
 
     python benchmarks/prepare_data.py                      # once, where the shared data is
     python -m benchmarks.serve --models gpt2 --clients 1 8 32 64
@@ -86,6 +87,23 @@ def legolm_server(model_dir: Path, device: str, dtype: str, max_batch: int, cont
     cmd = [sys.executable, "-m", "legolm.cli.main", "serve", "--model", str(model_dir), "--port", "0",
            "--device", device, "--dtype", dtype, "--max-batch", str(max_batch), "--max-context", str(context),
            "--served-model-name", MODEL_ID, "--log-level", "warning"]
+    with spawned(cmd, log) as url:
+        yield url.removesuffix("/v1")
+
+
+@contextlib.contextmanager
+def peer_server(hf_dir: Path, device: str, dtype: str, log: Path) -> Iterator[str]:
+    """The peer in its own process, as legolm's server is (in this one, its generate threads would share the
+    GIL with the load generator); yields its base URL."""
+    cmd = [sys.executable, "-m", "benchmarks.serve", "--peer-server", str(hf_dir), "--peer-device", device,
+           "--peer-dtype", dtype]
+    with spawned(cmd, log) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def spawned(cmd: list[str], log: Path) -> Iterator[str]:
+    """Run ``cmd`` until the context ends; yields the URL of the first stdout line that holds one."""
     with log.open("w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
@@ -95,8 +113,8 @@ def legolm_server(model_dir: Path, device: str, dtype: str, max_batch: int, cont
         while "http://" not in line:
             line = proc.stdout.readline()
             if (not line and proc.poll() is not None) or time.monotonic() > deadline:
-                raise SystemExit(f"legolm serve did not start: {log.read_text()}")
-        yield line.strip().rsplit(" ", 1)[1].removesuffix("/v1")
+                raise SystemExit(f"{cmd[2]} did not start: {log.read_text()}")
+        yield line.strip().rsplit(" ", 1)[1]
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -149,19 +167,14 @@ def peer_app(hf: Any) -> Any:
     return app
 
 
-@contextlib.contextmanager
-def peer_server(hf: Any) -> Iterator[str]:
+def serve_peer(hf_dir: str, device: str, dtype: str) -> None:
+    """``--peer-server``: load the exported HF model and serve `peer_app` until terminated."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).to(device).eval()
     sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(peer_app(hf), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
+    print(f"peer serving on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
+    uvicorn.Server(uvicorn.Config(peer_app(hf), log_level="warning")).run(sockets=[sock])
 
 
 # -- the load ------------------------------------------------------------------------------------------------
@@ -243,7 +256,13 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--smoke", action="store_true", help="CPU check: tiny-gpt2, 1 and 2 clients, 8 tokens")
+    parser.add_argument("--peer-server", help=argparse.SUPPRESS)  # internal: the peer's own process
+    parser.add_argument("--peer-device", help=argparse.SUPPRESS)
+    parser.add_argument("--peer-dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peer_server:
+        serve_peer(args.peer_server, args.peer_device, args.peer_dtype)
+        return
     if args.smoke:
         args.models, args.clients, args.rounds, args.prompt_tokens, args.new_tokens = ["tiny-gpt2"], [1, 2], 1, 16, 8
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -256,18 +275,19 @@ def main() -> None:
         hf, ours = build_pair(preset, device, getattr(torch, dtype_name), tok.vocab_size)
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(ours, Path(tmp) / preset, tokenizer=tok)
-            del ours
+            hf.save_pretrained(Path(tmp) / "hf")
+            del ours, hf
+            if device == "cuda":
+                torch.cuda.empty_cache()
             print(f"{preset}: legolm serve", flush=True)
             with legolm_server(Path(tmp) / preset, device, dtype_name, max(args.clients), context,
                                Path(tmp) / "server.log") as url:
                 rows += [{"model": preset, **r} for r in run_levels("legolm serve", url, prompts, args)]
+            save(rows, args, complete=False)
             print(f"{preset}: transformers generate server", flush=True)
-            with peer_server(hf) as url:
+            with peer_server(Path(tmp) / "hf", device, dtype_name, Path(tmp) / "peer.log") as url:
                 rows += [{"model": preset, **r} for r in run_levels("hf generate server", url, prompts, args)]
-        del hf
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        save(rows, args, complete=False)
+            save(rows, args, complete=False)
     print(f"\nServing, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens per request, {args.rounds} "
           f"requests per client, {dtype_name}, {device_info()['device']}")
     print(f"wrote {save(rows, args, complete=True)}")
