@@ -4,9 +4,12 @@ decoding, the multi-token row kernels against torch, the costs they report, and 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from legolm.checkpoints.load import load_pretrained, load_tokenizer
 from legolm.errors import ConfigError
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.early_exit import generate_speculative, generate_with_early_exit
@@ -254,3 +257,16 @@ def test_fused_decoding_of_a_pretrained_split_with_its_lens(mode: str) -> None:
         want = generate(model, ids.tolist(), greedy(max_new_tokens=n)).tokens
         cfg = greedy(max_new_tokens=n, early_exit="speculative", draft_tokens=2, fused=True, fused_tune=False)
     assert generate(model, ids.tolist(), cfg).tokens == want
+
+
+def test_speculative_on_the_real_smollm2_is_its_greedy_output(smollm2_gguf: Path, shakespeare_text: str) -> None:
+    """The real SmolLM2-135M split after 24 of its 30 blocks (its logit lens as the drafter): self-speculative
+    decoding of real text emits exactly the full model's greedy tokens, with drafts both kept and rejected."""
+    base = load_pretrained(smollm2_gguf).float().eval()
+    model = LegoLM.from_pretrained_split(base, 24).eval()
+    model.mark_trained()
+    ids = load_tokenizer(smollm2_gguf).encode(shakespeare_text[:400])[:48]
+    want = generate(model, [ids], greedy(max_new_tokens=16)).tokens
+    got = generate(model, [ids], greedy(max_new_tokens=16, early_exit="speculative", draft_tokens=3))
+    assert got.tokens == want
+    assert got.early_exit is not None and 0.0 < got.early_exit.acceptance_rate < 1.0
