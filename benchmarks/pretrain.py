@@ -186,6 +186,8 @@ def main() -> None:
     peak = matmul_flops(device, args.matmul_n, torch.bfloat16 if autocast else torch.float32, 50 if autocast else 3)
     print(f"measured {'bf16' if autocast else 'fp32'} matmul rate: {peak / 1e12:,.3f} TFLOP/s", flush=True)
     rows: list[dict[str, Any]] = []
+    default = parser.get_default("models")  # another choice of models writes its own file
+    name = "pretrain" if args.models == default else "pretrain-" + "-".join(args.models)
     for preset in args.models:
         config = padded_config(preset, args.vocab_multiple, overrides)
         fpt = flops_per_token(config, args.seq)
@@ -226,7 +228,7 @@ def main() -> None:
                          "MFU": f"{100 * r['mfu']:.1f}%", "vs hf eager": f"{r['tok_s'] / base['tok_s']:.2f}x" if base
                          else "", "loss first->last": f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}"})
         if not args.smoke:  # a run cut at the call's limit keeps the models measured so far
-            write_result("pretrain", {**device_info(), "args": vars(args), "matmul_tflops": peak / 1e12,
+            write_result(name, {**device_info(), "args": vars(args), "matmul_tflops": peak / 1e12,
                                       "complete": False, "rows": rows, "table": ""})
     print(f"\nPretraining step, batch {args.batch} x {args.seq} real-text tokens, "
           f"{'bf16 autocast, fused AdamW' if autocast else 'fp32, AdamW'}, {device_info()['device']}, "
@@ -235,7 +237,7 @@ def main() -> None:
                                "loss first->last", "note"])
     if args.smoke:  # a crash check, not a measurement: nothing goes to benchmarks/results
         return
-    path = write_result("pretrain", {**device_info(), "args": vars(args), "matmul_tflops": peak / 1e12,
+    path = write_result(name, {**device_info(), "args": vars(args), "matmul_tflops": peak / 1e12,
                                      "complete": True, "rows": rows, "table": table})
     print(f"wrote {path}")
 

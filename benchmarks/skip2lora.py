@@ -211,7 +211,8 @@ def gpu(args: argparse.Namespace) -> None:
             "later vs legolm LoRA same mode", "peak GB", "val loss", "note"]
     table = print_table(rows, cols)
     if not args.smoke:
-        name = "skip2lora" if args.model == "gpt2" else f"skip2lora-{args.model}"
+        name = "skip2lora" + ("" if args.model == "gpt2" else f"-{args.model}") \
+            + ("" if args.modes == ["eager", "compile"] else "-" + "-".join(args.modes))  # a subset: its own file
         print(f"wrote {write_result(name, {**device_info(), 'args': vars(args), 'rows': rows, 'table': table})}")
 
 
