@@ -28,7 +28,15 @@ import numpy as np
 import torch
 
 from benchmarks.common import device_info, print_table, real_tokens, timed, write_result
-from benchmarks.peers import LITGPT, LitgptDecoder, litgpt_compile_settings, litgpt_model, litgpt_unsupported, missing
+from benchmarks.peers import (
+    LITGPT,
+    LitgptDecoder,
+    failure,
+    litgpt_compile_settings,
+    litgpt_model,
+    litgpt_unsupported,
+    missing,
+)
 from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
 from legolm.generation import GenerationConfig, generate
 from legolm.model.config import ModelConfig
@@ -56,8 +64,11 @@ def build_pair(preset: str, dtype: torch.dtype, device: str = "cuda", litgpt: bo
     lit: Any = None
     if litgpt:
         why = missing(LITGPT) or litgpt_unsupported(config)
-        lit = f"litgpt {why}" if why else \
-            litgpt_model({k: v.detach().clone() for k, v in hf.state_dict().items()}, config).to(device, dtype).eval()
+        try:
+            lit = f"litgpt {why}" if why else litgpt_model(
+                {k: v.detach().clone() for k, v in hf.state_dict().items()}, config).to(device, dtype).eval()
+        except Exception as err:  # a peer that breaks is a row saying so
+            lit = f"litgpt {failure(err)}"
     return hf, ours, lit
 
 
@@ -167,7 +178,7 @@ def main() -> None:
                     sec, toks, first_call[name] = run_litgpt(lit, prompts, args.new_tokens, comp, args.compile_backend)
                     results[name] = (sec, toks)
                 except Exception as err:  # a peer configuration that fails is reported, not fatal
-                    notes[name] = f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                    notes[name] = f"litgpt {failure(err)}"
                     print(f"{name} failed on {preset} batch {batch}: {notes[name]}")
             for name, (sec, toks) in results.items():
                 print(f"{preset} batch {batch} {name}: {n_tok / sec:,.0f} tok/s", flush=True)

@@ -47,6 +47,7 @@ from benchmarks.peers import (
     PEERS,
     adapters_to_fp32,
     copy_peft_lora,
+    failure,
     hf_logits_loss,
     litgpt_model,
     litgpt_unsupported,
@@ -204,9 +205,11 @@ def build_litgpt(state: dict[str, torch.Tensor], preset: str, cfg: LoRAConfig, p
         return f"litgpt {why}"
     try:
         model = litgpt_model({k: v.clone() for k, v in state.items()}, ModelConfig.from_name(preset), cfg)
+        copy_peft_lora(model, peft_model)
     except ValueError as err:  # a target litgpt cannot adapt
         return f"litgpt: {err}"
-    copy_peft_lora(model, peft_model)
+    except Exception as err:
+        return f"litgpt {failure(err)}"
     return adapters_to_fp32(model.to(dtype)).train()
 
 
@@ -214,13 +217,18 @@ def trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def run(name: str, make: Callable[[], StepFn], data: list[Batch], warmup: int, device: torch.device
-        ) -> dict[str, Any]:
+def run(name: str, make: Callable[[], StepFn], data: list[Batch], warmup: int, device: torch.device,
+        peer: bool = False) -> dict[str, Any]:
+    """One row; a peer's row that breaks reads "failed: ..." (legolm's rows raise)."""
     print(f"  timing {name} ...", flush=True)
     try:
         return {"impl": name, **measure(make(), data, warmup, device)}
     except torch.cuda.OutOfMemoryError:
         return {"impl": name, "tok/s": float("nan"), "peak GB": float("nan"), "note": "out of memory"}
+    except Exception as err:
+        if not peer:
+            raise
+        return {"impl": name, "note": failure(err)}
     finally:
         free(device)
 
@@ -289,7 +297,7 @@ def main() -> None:
                    device), "trainable": n_peft}]
     if "peft-compile" in args.peers and args.compile:
         rows.append({**run("peft compile", lambda: peft_step(fresh_peft(), args.lr, device, precision, True, backend),
-                           data, args.warmup, device), "trainable": n_peft})
+                           data, args.warmup, device, peer=True), "trainable": n_peft})
     theirs = base = fresh_peft = None  # free peft's model before the next runs (peak memory is per run)
     free(device)
     if isinstance(lit, str):
@@ -298,7 +306,7 @@ def main() -> None:
         fresh_lit = restorer(lit.to(device))
         for c in modes:
             rows.append({**run(label("litgpt", c), lambda c=c: peer_step(  # type: ignore[misc]
-                fresh_lit(), logits_loss, args.lr, device, precision, c, backend), data, args.warmup, device),
+                fresh_lit(), logits_loss, args.lr, device, precision, c, backend), data, args.warmup, device, True),
                 "trainable": trainable(lit)})
         lit = fresh_lit = None
         free(device)
@@ -314,7 +322,7 @@ def main() -> None:
                      "trainable": n_trainable})
     reference = rows[0]["tok/s"]
     for row in rows:
-        if "tok/s" in row:
+        if "tok/s" in row and "note" not in row:
             row["vs peft"] = f"{row['tok/s'] / reference:.2f}x"
         for key in ("tok/s", "peak GB", "loss first", "loss last"):
             if key in row:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import sys
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,6 +50,13 @@ def missing(module: str) -> str | None:
     except Exception as err:  # a peer that is there but breaks on import is reported, not fatal
         return f"import failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     return None
+
+
+def failure(err: BaseException) -> str:
+    """A peer row's note when the peer broke at run time (its traceback goes to stderr; the benchmark goes on)."""
+    traceback.print_exception(err, file=sys.stderr)
+    first = str(err).splitlines()[0] if str(err) else ""
+    return f"failed: {type(err).__name__}: {first}"[:200]
 
 
 def family_of(config: ModelConfig) -> str:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import BENCH_DATA, cycled, device_info, print_table, write_result
-from benchmarks.peers import LITGPT, litgpt_model, litgpt_unsupported, logits_loss, missing, train_step
+from benchmarks.peers import LITGPT, failure, litgpt_model, litgpt_unsupported, logits_loss, missing, train_step
 from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
 from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
@@ -202,12 +202,21 @@ def main() -> None:
                     notes[variant] = f"litgpt {why}"
                     print(f"{preset} {variant}: {notes[variant]}", flush=True)
                     continue
-            model = build_model(library, config, device)
             loss_fn = {"hf": hf_loss, "litgpt": logits_loss}.get(library) or \
                 NextTokenLoss(args.loss_chunk if "chunked" in extra else 0)
             print(f"{preset}: timing {variant} ...", flush=True)
-            r = time_variant(model, loss_fn, mode == "compile", batches, args.warmup, device, autocast,
-                             args.compile_mode, args.compile_backend)
+            try:
+                model = build_model(library, config, device)
+                r = time_variant(model, loss_fn, mode == "compile", batches, args.warmup, device, autocast,
+                                 args.compile_mode, args.compile_backend)
+            except Exception as err:  # a peer that breaks is a row saying so; legolm's and HF's failures raise
+                if library != "litgpt":
+                    raise
+                notes[variant] = f"litgpt {failure(err)}"
+                model = None
+                torch._dynamo.reset()
+                gc.collect()
+                continue
             tok_s = args.batch * args.seq * r["steps"] / r["seconds"]
             results[variant] = {**r, "tok_s": tok_s, "mfu": tok_s * fpt / peak}
             print(f"{preset} {variant}: {tok_s:,.0f} tok/s, {r['peak_gb']:.1f} GB, MFU {100 * tok_s * fpt / peak:.1f}%,"
@@ -229,7 +238,7 @@ def main() -> None:
                          else "", "loss first->last": f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}"})
         if not args.smoke:  # a run cut at the call's limit keeps the models measured so far
             write_result(name, {**device_info(), "args": vars(args), "matmul_tflops": peak / 1e12,
-                                      "complete": False, "rows": rows, "table": ""})
+                                "complete": False, "rows": rows, "table": ""})
     print(f"\nPretraining step, batch {args.batch} x {args.seq} real-text tokens, "
           f"{'bf16 autocast, fused AdamW' if autocast else 'fp32, AdamW'}, {device_info()['device']}, "
           f"matmul peak {peak / 1e12:,.3f} TFLOP/s")
@@ -238,7 +247,7 @@ def main() -> None:
     if args.smoke:  # a crash check, not a measurement: nothing goes to benchmarks/results
         return
     path = write_result(name, {**device_info(), "args": vars(args), "matmul_tflops": peak / 1e12,
-                                     "complete": True, "rows": rows, "table": table})
+                               "complete": True, "rows": rows, "table": table})
     print(f"wrote {path}")
 
 

@@ -55,7 +55,7 @@ from benchmarks.lora import (
     sync,
     trainable,
 )
-from benchmarks.peers import PEERS, logits_loss, train_step
+from benchmarks.peers import PEERS, failure, logits_loss, train_step
 from legolm.adapters import LoRAConfig
 from legolm.adapters.inject import unload
 from legolm.adapters.skip2lora import Skip2LoRAConfig, Skip2LoRAModel
@@ -139,10 +139,13 @@ def gpu(args: argparse.Namespace) -> None:
     for mode in args.modes:
         if mode == "compile" and "peft-compile" not in args.peers:
             continue
-        step = peft_step(fresh_peft(), args.lr, device, precision, mode == "compile", backend)
-        rows.append({"impl": f"peft LoRA{compiled(mode)}", "trainable": n_lora, "mode": mode,
-                     **epochs(step, train, args.epochs, device),
-                     "val loss": val_loss(lambda x: theirs(input_ids=x).logits, val, device, precision)})
+        impl = f"peft LoRA{compiled(mode)}"
+        try:
+            step = peft_step(fresh_peft(), args.lr, device, precision, mode == "compile", backend)
+            rows.append({"impl": impl, "trainable": n_lora, "mode": mode, **epochs(step, train, args.epochs, device),
+                         "val loss": val_loss(lambda x: theirs(input_ids=x).logits, val, device, precision)})
+        except Exception as err:  # a peer that breaks is a row saying so
+            rows.append({"impl": impl, "mode": mode, "note": failure(err)})
         free(device)
     theirs = base = fresh_peft = None
     free(device)
@@ -152,10 +155,14 @@ def gpu(args: argparse.Namespace) -> None:
         lit_model = lit.to(device)
         fresh_lit = restorer(lit_model)
         for mode in args.modes:
-            step = peer_step(fresh_lit(), logits_loss, args.lr, device, precision, mode == "compile", backend)
-            rows.append({"impl": f"litgpt LoRA{compiled(mode)}", "trainable": trainable(lit_model), "mode": mode,
-                         **epochs(step, train, args.epochs, device),
-                         "val loss": val_loss(lit_model, val, device, precision)})
+            impl = f"litgpt LoRA{compiled(mode)}"
+            try:
+                step = peer_step(fresh_lit(), logits_loss, args.lr, device, precision, mode == "compile", backend)
+                rows.append({"impl": impl, "trainable": trainable(lit_model), "mode": mode,
+                             **epochs(step, train, args.epochs, device),
+                             "val loss": val_loss(lit_model, val, device, precision)})
+            except Exception as err:  # a peer that breaks is a row saying so
+                rows.append({"impl": impl, "mode": mode, "note": f"litgpt {failure(err)}"})
             free(device)
         lit = lit_model = fresh_lit = None
         free(device)
