@@ -45,16 +45,17 @@ def cycled(source: WindowBatches, n: int, device: torch.device) -> list[dict[str
 
 
 def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, Any]:
-    """Median wall time (s) of ``fn`` after ``warmup`` calls, synchronising CUDA around each call."""
+    """Median wall time (s) of ``fn`` after ``warmup`` calls, synchronising CUDA (where there is one) around each."""
     out = None
     for _ in range(warmup):
         out = fn()
     times = []
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         out = fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
 

@@ -1,34 +1,56 @@
-"""Decode throughput: legolm vs Hugging Face `generate`, same weights, same GPU, same process.
+"""Decode throughput: legolm vs Hugging Face `generate` and litgpt, same weights, same GPU, same process.
 
-For each model shape (random weights of the real architecture, shared by both libraries), prompts
+For each model shape (random weights of the real architecture, shared by every library), prompts
 are windows of real text (Tiny Shakespeare); every run produces exactly ``--new-tokens`` greedy
 tokens per row (no EOS stop). tok/s counts generated tokens over the whole call (prefill included),
 with legolm's decoding session (static cache + captured graph) reused from the first call, as HF's
 static cache reuses its compiled graphs; the first call's time (capture, compile) is reported apart.
 
+litgpt (Pythia only: it has no GPT-2) decodes with its own ``litgpt.generate.base.generate`` on a
+`litgpt.GPT` holding the same weights (litgpt's HF converter), its KV cache sized for prompt + new
+tokens: "litgpt generate" eagerly, and at batch 1 "litgpt generate compile" as ``litgpt generate
+--compile`` runs it (its ``next_token`` under ``torch.compile(mode="reduce-overhead")``, with its
+dynamo/inductor settings); at batch > 1 its ``batched_generate_fn`` (eager; litgpt compiles only
+the batch-1 path). Without litgpt its rows read "not installed" (benchmarks/peers.py).
+
     python benchmarks/prepare_data.py            # once, where the shared data is
     python -m benchmarks.decode --models gpt2 pythia-160m --batch 1 16
+    python -m benchmarks.decode --smoke          # CPU, tiny shapes: legolm eager, HF, litgpt (aot_eager)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from typing import Any
 
 import numpy as np
 import torch
 
 from benchmarks.common import device_info, print_table, real_tokens, timed, write_result
+from benchmarks.peers import (
+    LITGPT,
+    LitgptDecoder,
+    failure,
+    litgpt_compile_settings,
+    litgpt_model,
+    litgpt_unsupported,
+    missing,
+)
 from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
 from legolm.generation import GenerationConfig, generate
 from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 
-TOKENIZER = {"gpt2": "gpt2", "gpt2-medium": "gpt2", "pythia-160m": "pythia", "pythia-70m": "pythia"}
+TOKENIZER = {"gpt2": "gpt2", "gpt2-medium": "gpt2", "pythia-160m": "pythia", "pythia-70m": "pythia",
+             "tiny-gpt2": "gpt2", "tiny-pythia": "pythia"}
+SMOKE_MODELS = {"gpt2": "tiny-gpt2", "pythia-160m": "tiny-pythia"}
 
 
-def build_pair(preset: str, dtype: torch.dtype) -> tuple[Any, TransformerLM]:
-    """An HF model with random weights of the preset's shape, and legolm loaded from its state dict."""
+def build_pair(preset: str, dtype: torch.dtype, device: str = "cuda", litgpt: bool = False
+               ) -> tuple[Any, TransformerLM, Any]:
+    """An HF model with random weights of the preset's shape, legolm loaded from its state dict, and litgpt's `GPT`
+    through litgpt's converter (or why there is none, a string; None when not asked for)."""
     import transformers
 
     config = ModelConfig.from_name(preset)
@@ -36,19 +58,40 @@ def build_pair(preset: str, dtype: torch.dtype) -> tuple[Any, TransformerLM]:
     hf_cfg, _ = export_hf_state(config, TransformerLM(config).state_dict())
     family = family_for(hf_cfg["model_type"])
     cfg_cls = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
-    hf = getattr(transformers, family.architecture)(cfg_cls).to("cuda", dtype).eval()
+    hf = getattr(transformers, family.architecture)(cfg_cls).to(device, dtype).eval()
     state = convert_state({k: v for k, v in hf.state_dict().items()}, family, config, to_hf=False)
-    ours = TransformerLM.from_state_dict(config, state).to("cuda", dtype).eval()
-    return hf, ours
+    ours = TransformerLM.from_state_dict(config, state).to(device, dtype).eval()
+    lit: Any = None
+    if litgpt:
+        why = missing(LITGPT) or litgpt_unsupported(config)
+        try:
+            lit = f"litgpt {why}" if why else litgpt_model(
+                {k: v.detach().clone() for k, v in hf.state_dict().items()}, config).to(device, dtype).eval()
+        except Exception as err:  # a peer that breaks is a row saying so
+            lit = f"litgpt {failure(err)}"
+    return hf, ours, lit
 
 
 def prompts_for(preset: str, batch: int, length: int) -> list[list[int]]:
-    ids = real_tokens(TOKENIZER[preset]).astype(np.int64)
+    ids = real_tokens(TOKENIZER[preset]).astype(np.int64) % ModelConfig.from_name(preset).vocab_size
     return [ids[i * 997: i * 997 + length].tolist() for i in range(batch)]
 
 
+def run_litgpt(model: Any, prompts: list[list[int]], new: int, compile: bool, backend: str
+               ) -> tuple[float, list[int], float]:
+    """Steady-state seconds per call of litgpt's generate, the first row's tokens, and the first call's seconds."""
+    idx = torch.tensor(prompts, device=next(model.parameters()).device)
+    settings = litgpt_compile_settings() if compile else contextlib.nullcontext()
+    with settings:
+        decode = LitgptDecoder(model, len(prompts[0]), new, len(prompts), compile, backend)
+        first, _ = timed(lambda: decode(idx), repeats=1, warmup=0)  # compiles (and captures) when compiled
+        seconds, out = timed(lambda: decode(idx), repeats=3, warmup=2 if compile else 0)
+    model.clear_kv_cache()
+    return seconds, out[0], first
+
+
 def run_hf(hf: Any, prompts: list[list[int]], new: int, static: bool) -> tuple[float, list[int]]:
-    idx = torch.tensor(prompts, device="cuda")
+    idx = torch.tensor(prompts, device=hf.device)
     kwargs: dict[str, Any] = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
                                   attention_mask=torch.ones_like(idx))
     if static:  # transformers compiles the decode step itself when the cache is static
@@ -84,11 +127,22 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--hf-static", action=argparse.BooleanOptionalAction, default=True,
                         help="also time HF generate with a static cache + torch.compile")
+    parser.add_argument("--litgpt", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time litgpt's generate (eager; compiled at batch 1)")
+    parser.add_argument("--compile-backend", default=None, help="torch.compile backend of the litgpt rows (default "
+                        "inductor; aot_eager with --smoke)")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, fp32: legolm eager, HF, litgpt")
     args = parser.parse_args()
-    dtype = torch.bfloat16
+    device, dtype = "cuda", torch.bfloat16
+    if args.smoke:
+        args.models = [SMOKE_MODELS.get(m, m) for m in args.models]
+        args.batch, args.prompt_tokens, args.new_tokens, args.hf_static = [1, 2], 8, 6, False
+        args.compile_backend = args.compile_backend or "aot_eager"
+        device, dtype = "cpu", torch.float32
+    args.compile_backend = args.compile_backend or "inductor"
     rows: list[dict[str, Any]] = []
     for preset in args.models:
-        hf, ours = build_pair(preset, dtype)
+        hf, ours, lit = build_pair(preset, dtype, device, args.litgpt)
         for batch in args.batch:
             prompts = prompts_for(preset, batch, args.prompt_tokens)
             n_tok = batch * args.new_tokens
@@ -97,7 +151,10 @@ def main() -> None:
                         "legolm compile+graph": (True, True, False)}
             if batch == 1:  # the fused Triton step decodes one sequence
                 variants["legolm fused triton+graph"] = (True, False, True)
+            if args.smoke:  # graphs, compiled steps and Triton kernels are GPU paths
+                variants = {"legolm eager": (False, False, False)}
             results = {"hf generate": (t_hf, ref)}
+            notes: dict[str, str] = {}
             first_call: dict[str, float] = {}
             prefill: dict[str, float] = {}
             for name, (graph, comp, fused) in variants.items():
@@ -110,6 +167,19 @@ def main() -> None:
                     results["hf static+compile"] = run_hf(hf, prompts, args.new_tokens, static=True)
                 except Exception as err:  # a peer configuration that fails is reported, not fatal
                     print(f"hf static+compile failed on {preset} batch {batch}: {str(err).splitlines()[0]}")
+            lit_rows = {"litgpt generate": False, "litgpt generate compile": True} if batch == 1 \
+                else {"litgpt batched_generate_fn": False}
+            for name, comp in lit_rows.items() if lit is not None else ():
+                if isinstance(lit, str):
+                    notes[name] = lit
+                    continue
+                print(f"  timing {name} ...", flush=True)
+                try:
+                    sec, toks, first_call[name] = run_litgpt(lit, prompts, args.new_tokens, comp, args.compile_backend)
+                    results[name] = (sec, toks)
+                except Exception as err:  # a peer configuration that fails is reported, not fatal
+                    notes[name] = f"litgpt {failure(err)}"
+                    print(f"{name} failed on {preset} batch {batch}: {notes[name]}")
             for name, (sec, toks) in results.items():
                 print(f"{preset} batch {batch} {name}: {n_tok / sec:,.0f} tok/s", flush=True)
                 rows.append({"model": preset, "batch": batch, "impl": name, "tok/s": f"{n_tok / sec:,.0f}",
@@ -117,17 +187,27 @@ def main() -> None:
                              "vs hf": f"{t_hf / sec:.1f}x", "greedy agree": f"{agree(toks, ref)}/{len(ref)}",
                              "first call s": f"{first_call[name]:.2f}" if name in first_call else "",
                              "prefill ms": f"{1000 * prefill[name]:.1f}" if name in prefill else ""})
-            save(rows, args, complete=False)  # a run cut short still leaves the rows measured so far
-        del hf, ours
-        torch.cuda.empty_cache()
-    print(f"\nDecode, {args.prompt_tokens}-token real-text prompts, {args.new_tokens} new tokens, bf16, "
+            for name, why in notes.items():
+                rows.append({"model": preset, "batch": batch, "impl": name, "note": why})
+            if not args.smoke:
+                save(rows, args, complete=False)  # a run cut short still leaves the rows measured so far
+        del hf, ours, lit
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print(f"\nDecode, {args.prompt_tokens}-token real-text prompts, {args.new_tokens} new tokens, {dtype}, "
           f"{device_info()['device']}")
+    if args.smoke:  # a crash check, not a measurement: nothing goes to benchmarks/results
+        print_table(rows, COLUMNS)
+        return
     print(f"wrote {save(rows, args, complete=True)}")
+
+
+COLUMNS = ["model", "batch", "impl", "tok/s", "ms/step", "vs hf", "greedy agree", "first call s", "prefill ms", "note"]
 
 
 def save(rows: list[dict[str, Any]], args: argparse.Namespace, complete: bool) -> Any:
     """Print (when complete) and write the table; ``complete`` False marks a partial result."""
-    columns = ["model", "batch", "impl", "tok/s", "ms/step", "vs hf", "greedy agree", "first call s", "prefill ms"]
+    columns = COLUMNS
     table = print_table(rows, columns) if complete else ""
     return write_result("decode", {**device_info(), "args": vars(args), "complete": complete, "rows": rows,
                                    "table": table})

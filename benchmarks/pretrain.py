@@ -8,6 +8,9 @@ cross-entropy on the logits. Only the model differs, eager or under `torch.compi
 
     legolm     legolm.train.fit.TrainStep (what `fit` runs) on a TransformerLM
     hf         the same TrainStep on transformers' GPT2LMHeadModel / GPTNeoXForCausalLM (SDPA attention)
+    litgpt     the same TrainStep on litgpt's `GPT`, the weights through litgpt's own HF converter
+               (``copy_weights_gpt_neox``); Pythia only (litgpt has no GPT-2: its rows read "not supported"),
+               "not installed" without litgpt (see benchmarks/peers.py and the README's Benchmarks)
     chunked    legolm with the loss scored ``--loss-chunk`` tokens at a time (``loss_chunk_tokens``)
 
 The vocabulary is padded to a multiple of 64 (50257 -> 50304, as nanoGPT does) for BOTH
@@ -19,6 +22,9 @@ without the embeddings, plus the LM head's matmul; PaLM appendix B).
     python benchmarks/prepare_data.py                       # once, where the shared data is
     python -m benchmarks.pretrain                           # gpt2 and pythia-160m, 16 x 1024, bf16
     python -m benchmarks.pretrain --smoke                   # CPU, tiny shapes: checks that it runs
+    python -m benchmarks.pretrain --models pythia-160m --variants hf compile litgpt compile legolm compile
+
+``--smoke`` compiles with the ``aot_eager`` backend (inductor's C++ build would take longer than the run).
 """
 
 from __future__ import annotations
@@ -35,16 +41,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import BENCH_DATA, cycled, device_info, print_table, write_result
+from benchmarks.peers import LITGPT, failure, litgpt_model, litgpt_unsupported, logits_loss, missing, train_step
 from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
 from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch, WindowBatches
 from legolm.train.config import OptimConfig, ScheduleConfig
-from legolm.train.fit import LossOutput, NextTokenLoss, TrainStep
+from legolm.train.fit import LossOutput, NextTokenLoss
 from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
 
 TOKENIZER = {"gpt2": "gpt2", "pythia-160m": "pythia", "tiny-gpt2": "gpt2", "tiny-pythia": "pythia"}
-VARIANTS = ["hf eager", "hf compile", "legolm eager", "legolm compile", "legolm compile chunked"]
+VARIANTS = ["hf eager", "hf compile", "litgpt eager", "litgpt compile", "legolm eager", "legolm compile",
+            "legolm compile chunked"]
 
 
 def hf_loss(model: nn.Module, batch: Batch) -> LossOutput:
@@ -62,7 +70,8 @@ def padded_config(preset: str, vocab_multiple: int, overrides: dict[str, Any]) -
 
 
 def build_model(library: str, config: ModelConfig, device: torch.device) -> nn.Module:
-    """HF's randomly initialised model of ``config``'s shape, or legolm holding the same weights; fp32, train."""
+    """HF's randomly initialised model of ``config``'s shape, or legolm / litgpt holding the same weights; fp32,
+    train."""
     import transformers
 
     with torch.device("meta"):
@@ -75,6 +84,8 @@ def build_model(library: str, config: ModelConfig, device: torch.device) -> nn.M
     hf = getattr(transformers, family.architecture)(cfg).to(device).train()
     if library == "hf":
         return hf
+    if library == "litgpt":  # through litgpt's own converter
+        return litgpt_model({k: v.detach().clone() for k, v in hf.state_dict().items()}, config).to(device).train()
     state = convert_state({k: v.detach().clone() for k, v in hf.state_dict().items()}, family, config, to_hf=False)
     del hf
     return TransformerLM.from_state_dict(config, state).to(device).train()
@@ -120,13 +131,14 @@ def real_batches(preset: str, batch: int, seq: int, n: int, device: torch.device
 
 
 def time_variant(model: nn.Module, loss_fn: Any, compile: bool, batches: list[Batch], warmup: int,
-                 device: torch.device, autocast: bool, compile_mode: str) -> dict[str, float]:
+                 device: torch.device, autocast: bool, compile_mode: str, backend: str = "inductor"
+                 ) -> dict[str, float]:
     """Warm up (compiling), then time ``len(batches) - warmup`` steps; peak memory of the whole run."""
     optim = OptimConfig(lr=6e-4, weight_decay=0.1, grad_clip=1.0)
     optimizer = build_optimizer(trainable_parameters(model), optim, device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     schedule = LRSchedule(optim.lr, ScheduleConfig(warmup_steps=warmup), len(batches))
-    step = TrainStep(model, loss_fn, optimizer, schedule, optim.grad_clip, ctx, device, compile, compile_mode)
+    step = train_step(model, loss_fn, optimizer, schedule, optim.grad_clip, ctx, device, compile, backend, compile_mode)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -153,6 +165,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--vocab-multiple", type=int, default=64, help="pad the vocabulary to a multiple of this")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode for the compiled variants")
+    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; "
+                        "aot_eager with --smoke)")
     parser.add_argument("--matmul-n", type=int, default=8192, help="size of the bf16 matmul that sets the peak")
     parser.add_argument("--loss-chunk", type=int, default=4096, help="tokens per loss chunk of the 'chunked' variant")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, fp32, a few steps")
@@ -162,6 +176,8 @@ def main() -> None:
         args.models = [{"gpt2": "tiny-gpt2", "pythia-160m": "tiny-pythia"}.get(m, m) for m in args.models]
         args.batch, args.seq, args.steps, args.warmup, args.matmul_n, args.loss_chunk = 2, 64, 3, 2, 512, 32
         overrides = {"vocab_size": 50257}  # the real tokenizers' ids on the tiny shapes
+        args.compile_backend = args.compile_backend or "aot_eager"
+    args.compile_backend = args.compile_backend or "inductor"
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     autocast = device.type == "cuda"
     if device.type == "cuda":
@@ -170,18 +186,37 @@ def main() -> None:
     peak = matmul_flops(device, args.matmul_n, torch.bfloat16 if autocast else torch.float32, 50 if autocast else 3)
     print(f"measured {'bf16' if autocast else 'fp32'} matmul rate: {peak / 1e12:,.3f} TFLOP/s", flush=True)
     rows: list[dict[str, Any]] = []
+    default = parser.get_default("models")  # another choice of models writes its own file
+    name = "pretrain" if args.models == default else "pretrain-" + "-".join(args.models)
     for preset in args.models:
         config = padded_config(preset, args.vocab_multiple, overrides)
         fpt = flops_per_token(config, args.seq)
         batches = real_batches(preset, args.batch, args.seq, args.warmup + args.steps, device)
         results: dict[str, dict[str, float]] = {}
+        notes: dict[str, str] = {}
         for variant in args.variants:
             library, mode, *extra = variant.split()  # "chunked": the loss scored args.loss_chunk tokens at a time
-            model = build_model(library, config, device)
-            loss_fn = hf_loss if library == "hf" else NextTokenLoss(args.loss_chunk if "chunked" in extra else 0)
+            if library == "litgpt":
+                why = missing(LITGPT) or litgpt_unsupported(config)
+                if why:
+                    notes[variant] = f"litgpt {why}"
+                    print(f"{preset} {variant}: {notes[variant]}", flush=True)
+                    continue
+            loss_fn = {"hf": hf_loss, "litgpt": logits_loss}.get(library) or \
+                NextTokenLoss(args.loss_chunk if "chunked" in extra else 0)
             print(f"{preset}: timing {variant} ...", flush=True)
-            r = time_variant(model, loss_fn, mode == "compile", batches, args.warmup, device, autocast,
-                             args.compile_mode)
+            try:
+                model = build_model(library, config, device)
+                r = time_variant(model, loss_fn, mode == "compile", batches, args.warmup, device, autocast,
+                                 args.compile_mode, args.compile_backend)
+            except Exception as err:  # a peer that breaks is a row saying so; legolm's and HF's failures raise
+                if library != "litgpt":
+                    raise
+                notes[variant] = f"litgpt {failure(err)}"
+                model = None
+                torch._dynamo.reset()
+                gc.collect()
+                continue
             tok_s = args.batch * args.seq * r["steps"] / r["seconds"]
             results[variant] = {**r, "tok_s": tok_s, "mfu": tok_s * fpt / peak}
             print(f"{preset} {variant}: {tok_s:,.0f} tok/s, {r['peak_gb']:.1f} GB, MFU {100 * tok_s * fpt / peak:.1f}%,"
@@ -192,23 +227,27 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         base = results.get("hf eager")
-        for variant, r in results.items():
+        for variant in args.variants:
+            if variant in notes:
+                rows.append({"model": preset, "impl": variant, "note": notes[variant]})
+                continue
+            r = results[variant]
             rows.append({"model": preset, "impl": variant, "tok/s": f"{r['tok_s']:,.0f}",
                          "ms/step": f"{1000 * r['seconds'] / r['steps']:.1f}", "peak GB": f"{r['peak_gb']:.1f}",
                          "MFU": f"{100 * r['mfu']:.1f}%", "vs hf eager": f"{r['tok_s'] / base['tok_s']:.2f}x" if base
                          else "", "loss first->last": f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}"})
         if not args.smoke:  # a run cut at the call's limit keeps the models measured so far
-            write_result("pretrain", {**device_info(), "args": vars(args), "matmul_tflops": peak / 1e12,
-                                      "complete": False, "rows": rows, "table": ""})
+            write_result(name, {**device_info(), "args": vars(args), "matmul_tflops": peak / 1e12,
+                                "complete": False, "rows": rows, "table": ""})
     print(f"\nPretraining step, batch {args.batch} x {args.seq} real-text tokens, "
           f"{'bf16 autocast, fused AdamW' if autocast else 'fp32, AdamW'}, {device_info()['device']}, "
           f"matmul peak {peak / 1e12:,.3f} TFLOP/s")
     table = print_table(rows, ["model", "impl", "tok/s", "ms/step", "peak GB", "MFU", "vs hf eager",
-                               "loss first->last"])
+                               "loss first->last", "note"])
     if args.smoke:  # a crash check, not a measurement: nothing goes to benchmarks/results
         return
-    path = write_result("pretrain", {**device_info(), "args": vars(args), "matmul_tflops": peak / 1e12,
-                                     "complete": True, "rows": rows, "table": table})
+    path = write_result(name, {**device_info(), "args": vars(args), "matmul_tflops": peak / 1e12,
+                               "complete": True, "rows": rows, "table": table})
     print(f"wrote {path}")
 
 

@@ -1,17 +1,25 @@
 """Skip2-LoRA vs LoRA: time per epoch (first and later), peak memory and validation loss.
 
 ``gpu`` (default): on an HF-shaped GPT-2 (random weights of the real 124M shape, shared by all
-runs), the same real-text batches form each epoch; peft LoRA, legolm LoRA (`fit`'s `TrainStep`)
-and legolm Skip2-LoRA without and with the Skip-Cache train the same number of parameters:
-LoRA r=8 on c_attn + c_proj is 811,008, Skip2-LoRA on all 12 blocks with r=44 is 12·2·768·44 =
-811,008. Epoch 1 of the cached run fills the cache; later epochs skip the backbone.
+runs; ``--model pythia-160m`` for Pythia), the same real-text batches form each epoch; peft LoRA,
+legolm LoRA and legolm Skip2-LoRA without and with the Skip-Cache train the same number of
+parameters: LoRA r=8 on c_attn + c_proj is 811,008, Skip2-LoRA on all 12 blocks with r=44 is
+12·2·768·44 = 811,008 (on Pythia LoRA r=8 on query_key_value + dense, 442,368, and Skip2-LoRA
+r=24). Epoch 1 of the cached run fills the cache; later epochs skip the backbone. Every row trains
+through `fit`'s `TrainStep`, eagerly and (``--modes``) with its loss call compiled: peft's model
+("peft LoRA", "(compiled)" for peft under torch.compile), litgpt's `litgpt.lora.GPT` on Pythia
+("litgpt LoRA", its weights through litgpt's converter, its adapters started from peft's; its
+fused-QKV LoRA has one A per q, k and v, hence more trainable parameters; "not supported" on
+GPT-2, "not installed" without litgpt), and legolm's. See benchmarks/lora.py and benchmarks/peers.py.
 
 ``compare``: reads the ``summary.json`` of ``legolm finetune`` runs (e.g. ``--method lora`` and
 ``--method skip2lora`` on the same base and data) and prints their per-epoch table and a PNG. This
 is how the real-model comparison (a pretrained base, held-out perplexity) is reported.
 
     python -m benchmarks.skip2lora                       # GPU
-    python -m benchmarks.skip2lora --smoke               # CPU, tiny GPT-2: checks it runs
+    python -m benchmarks.skip2lora --model pythia-160m   # GPU, Pythia: the litgpt rows too
+    python -m benchmarks.skip2lora --smoke               # CPU, tiny GPT-2: checks it runs (compiles with aot_eager)
+    python -m benchmarks.skip2lora --smoke --model pythia-160m   # CPU, tiny Pythia: every row
     python -m benchmarks.skip2lora compare runs/ft-lora runs/ft-skip2lora --png runs/skip2lora.png
 """
 
@@ -29,7 +37,25 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import device_info, print_table, write_result
-from benchmarks.lora import batches, build_ours, build_peft, free, hf_model, peft_step, restorer, sync
+from benchmarks.lora import (
+    DEFAULT_TARGETS,
+    SMOKE_MODELS,
+    TOKENIZER,
+    batches,
+    build_litgpt,
+    build_ours,
+    build_peft,
+    free,
+    hf_model,
+    legolm_step,
+    model_type,
+    peer_step,
+    peft_step,
+    restorer,
+    sync,
+    trainable,
+)
+from benchmarks.peers import PEERS, failure, logits_loss, train_step
 from legolm.adapters import LoRAConfig
 from legolm.adapters.inject import unload
 from legolm.adapters.skip2lora import Skip2LoRAConfig, Skip2LoRAModel
@@ -37,7 +63,7 @@ from legolm.adapters.skip2lora_train import Skip2LoRALoss
 from legolm.adapters.skip_cache import SkipCache
 from legolm.train.batches import Batch
 from legolm.train.config import OptimConfig, ScheduleConfig
-from legolm.train.fit import TrainStep, autocast_for
+from legolm.train.fit import autocast_for
 from legolm.train.optim import LRSchedule, build_optimizer
 from legolm.utils.io import atomic_savefig
 
@@ -45,12 +71,12 @@ StepFn = Callable[[Batch, int], torch.Tensor]
 
 
 def skip_step(model: Skip2LoRAModel, cache: SkipCache | None, lr: float, device: torch.device,
-              precision: str, loss_chunk: int = 0, compile: bool = False) -> StepFn:
+              precision: str, loss_chunk: int = 0, compile: bool = False, backend: str = "inductor") -> StepFn:
     optim = OptimConfig(lr=lr, weight_decay=0.0, grad_clip=1.0)
     opt = build_optimizer(list(model.trainable()), optim, device)
     schedule = LRSchedule(lr, ScheduleConfig(warmup_steps=0, decay="constant"), total_steps=1)
-    train = TrainStep(model, Skip2LoRALoss(cache, loss_chunk), opt, schedule, optim.grad_clip,
-                      autocast_for(device, precision), device, compile=compile)
+    train = train_step(model, Skip2LoRALoss(cache, loss_chunk), opt, schedule, optim.grad_clip,
+                       autocast_for(device, precision), device, compile, backend)
 
     def step(batch: Batch, i: int) -> torch.Tensor:
         return train([batch], i)[0]
@@ -96,29 +122,58 @@ def compiled(mode: str) -> str:
 def gpu(args: argparse.Namespace) -> None:
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype, precision = (torch.float32, "fp32") if device.type == "cpu" else (torch.bfloat16, "bf16-mixed")
+    backend = args.compile_backend
+    kind = model_type(args.model)
     base = hf_model(args.model)
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    data = batches(base.config.vocab_size, args.batches + args.val_batches, args.batch, args.seq)
+    data = batches(base.config.vocab_size, args.batches + args.val_batches, args.batch, args.seq, TOKENIZER[kind])
     train, val = data[: args.batches], data[args.batches:]
-    lora = LoRAConfig(r=args.r, alpha=2.0 * args.r, target_modules=["c_attn", "c_proj"])
+    lora = LoRAConfig(r=args.r, alpha=2.0 * args.r, target_modules=DEFAULT_TARGETS[kind])
     theirs = build_peft(base, lora, dtype, device)
     n_lora = theirs.get_nb_trainable_parameters()[0]
+    cpu = torch.device("cpu")  # the other models wait on the CPU until their rows run (peak GB per row)
+    ours = build_ours(state, args.model, lora, theirs, dtype, cpu)  # adapters copied before peft trains
+    lit = build_litgpt(state, args.model, lora, theirs, dtype) if "litgpt" in args.peers else None
     rows: list[dict[str, Any]] = []
-    autocast = autocast_for(device, precision)
-    rows.append({"impl": "peft LoRA", "trainable": n_lora,
-                 **epochs(peft_step(theirs, args.lr, device, autocast), train, args.epochs, device),
-                 "val loss": val_loss(lambda x: theirs(input_ids=x).logits, val, device, precision)})
-    theirs = base = None
+    fresh_peft = restorer(theirs)
+    for mode in args.modes:
+        if mode == "compile" and "peft-compile" not in args.peers:
+            continue
+        impl = f"peft LoRA{compiled(mode)}"
+        try:
+            step = peft_step(fresh_peft(), args.lr, device, precision, mode == "compile", backend)
+            rows.append({"impl": impl, "trainable": n_lora, "mode": mode, **epochs(step, train, args.epochs, device),
+                         "val loss": val_loss(lambda x: theirs(input_ids=x).logits, val, device, precision)})
+        except Exception as err:  # a peer that breaks is a row saying so
+            rows.append({"impl": impl, "mode": mode, "note": failure(err)})
+        free(device)
+    theirs = base = fresh_peft = None
     free(device)
-    ours = build_ours(state, args.model, lora, build_peft(hf_model(args.model), lora, dtype, device), dtype, device)
-    from benchmarks.lora import legolm_step
+    if isinstance(lit, str):
+        rows += [{"impl": f"litgpt LoRA{compiled(mode)}", "mode": mode, "note": lit} for mode in args.modes]
+    elif lit is not None:
+        lit_model = lit.to(device)
+        fresh_lit = restorer(lit_model)
+        for mode in args.modes:
+            impl = f"litgpt LoRA{compiled(mode)}"
+            try:
+                step = peer_step(fresh_lit(), logits_loss, args.lr, device, precision, mode == "compile", backend)
+                rows.append({"impl": impl, "trainable": trainable(lit_model), "mode": mode,
+                             **epochs(step, train, args.epochs, device),
+                             "val loss": val_loss(lit_model, val, device, precision)})
+            except Exception as err:  # a peer that breaks is a row saying so
+                rows.append({"impl": impl, "mode": mode, "note": f"litgpt {failure(err)}"})
+            free(device)
+        lit = lit_model = fresh_lit = None
+        free(device)
+    ours = ours.to(device)
 
     chunks = [0, args.loss_chunk] if args.loss_chunk else [0]
     fresh = restorer(ours)  # every LoRA run starts from the same adapters
     lora_rows: dict[str, dict[str, Any]] = {}  # mode -> the plain legolm LoRA row: each mode's reference
     for mode, chunk in [(m, k) for m in args.modes for k in chunks]:
         free(device)
-        step = legolm_step(fresh(), args.lr, device, precision, mode == "compile", chunk)
+        step = legolm_step(fresh(), args.lr, device, precision, mode == "compile", chunk, backend)
         rows.append({"impl": f"legolm LoRA{chunked(chunk)}{compiled(mode)}", "trainable": n_lora, "mode": mode,
                      **epochs(step, train, args.epochs, device), "val loss": val_loss(ours, val, device, precision)})
         lora_rows.setdefault(mode, rows[-1])
@@ -138,7 +193,7 @@ def gpu(args: argparse.Namespace) -> None:
                               storage=storage, device=device, key="bench")
         data_ids = [{**b, "sample_ids": torch.arange(i * args.batch, (i + 1) * args.batch)}
                     for i, b in enumerate(train)]
-        step = skip_step(model, cache, args.lr, device, precision, chunk, mode == "compile")
+        step = skip_step(model, cache, args.lr, device, precision, chunk, mode == "compile", backend)
         where = f" + Skip-Cache ({storage})" if cached else ""
         rows.append({"impl": f"legolm Skip2-LoRA{where}{chunked(chunk)}{compiled(mode)}", "mode": mode,
                      "trainable": sum(p.numel() for p in model.trainable()),
@@ -148,6 +203,8 @@ def gpu(args: argparse.Namespace) -> None:
     refs = {mode: float(row["later epochs s"]) for mode, row in lora_rows.items()}
     eager_ref = refs[args.modes[0]]
     for row in rows:
+        if "note" in row:  # a peer that did not run
+            continue
         same = refs.get(row.get("mode", ""), eager_ref)
         row[f"later vs legolm LoRA {args.modes[0]}"] = f"{eager_ref / row['later epochs s']:.1f}x"
         row["later vs legolm LoRA same mode"] = f"{same / row['later epochs s']:.1f}x"
@@ -158,10 +215,12 @@ def gpu(args: argparse.Namespace) -> None:
     print(f"\n{args.model}, batch {args.batch} x {args.seq}, {args.batches} batches per epoch, {args.epochs} epochs, "
           f"{precision}, {device_info()['device']}")
     cols = ["impl", "trainable", "epoch 1 s", "later epochs s", f"later vs legolm LoRA {args.modes[0]}",
-            "later vs legolm LoRA same mode", "peak GB", "val loss"]
+            "later vs legolm LoRA same mode", "peak GB", "val loss", "note"]
     table = print_table(rows, cols)
     if not args.smoke:
-        print(f"wrote {write_result('skip2lora', {**device_info(), 'args': vars(args), 'rows': rows, 'table': table})}")
+        name = "skip2lora" + ("" if args.model == "gpt2" else f"-{args.model}") \
+            + ("" if args.modes == ["eager", "compile"] else "-" + "-".join(args.modes))  # a subset: its own file
+        print(f"wrote {write_result(name, {**device_info(), 'args': vars(args), 'rows': rows, 'table': table})}")
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -212,7 +271,11 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=8, help="LoRA rank (Skip2-LoRA's rank matches its parameter count)")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--modes", nargs="+", choices=["eager", "compile"], default=["eager", "compile"],
-                        help="run every legolm row eagerly and/or under torch.compile (peft runs eagerly)")
+                        help="run every row eagerly and/or under torch.compile")
+    parser.add_argument("--peers", nargs="*", default=PEERS, choices=PEERS,
+                        help="peer rows beside eager peft LoRA (litgpt LoRA, peft LoRA compiled)")
+    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; "
+                        "aot_eager with --smoke)")
     parser.add_argument("--loss-chunk", type=int, default=4096,
                         help="also run legolm with the loss scored this many tokens at a time (0 = not)")
     parser.add_argument("--smoke", action="store_true", help="tiny GPT-2 on CPU: checks it runs")
@@ -221,7 +284,10 @@ def main() -> None:
         compare(args)
         return
     if args.smoke:
-        args.model, args.batch, args.seq, args.batches, args.val_batches, args.epochs = "tiny-gpt2", 2, 32, 3, 1, 2
+        args.model = SMOKE_MODELS.get(args.model, args.model)
+        args.batch, args.seq, args.batches, args.val_batches, args.epochs = 2, 32, 3, 1, 2
+        args.compile_backend = args.compile_backend or "aot_eager"
+    args.compile_backend = args.compile_backend or "inductor"
     gpu(args)
 
 
