@@ -140,6 +140,33 @@ def test_lct_loss_initialises_with_a_no_grad_forward_then_feeds_the_last_visit()
     assert model.ctx_proj.weight.grad is not None
 
 
+@pytest.mark.parametrize("passes", [1, T])
+def test_refresh_passes_recompute_the_cached_states_with_the_current_weights(passes: int) -> None:
+    """From a stale cache, each refresh pass is one parallel forward over the states the last one made; after T
+    passes the states are exact, so the training loss is the exact recurrence's."""
+    model = _model().train()
+    data = _batches()
+    batch = next(iter(data))
+    ids, sids = batch["input_ids"], batch["sample_ids"]
+    stale = torch.randn(ids.shape[0], T, C)
+    cache = LaggedStateCache(data.n_windows, T, C, torch.float32, torch.device("cpu"))
+    cache.put(sids, ids, stale)
+    loss, _, _ = LCTLoss(cache, refresh_passes=passes)(model, batch)
+    with torch.no_grad():
+        prev = stale
+        for _ in range(passes):
+            prev = model(ids, prev).states
+        want = model(ids, prev).logits
+        exact = model.forward_sequential(ids).logits
+    ce = torch.nn.functional.cross_entropy
+    torch.testing.assert_close(loss.detach(), ce(want.flatten(0, 1), batch["labels"].flatten()), atol=1e-5, rtol=1e-5)
+    stale_loss = ce(model(ids, stale).logits.flatten(0, 1), batch["labels"].flatten())
+    assert not torch.allclose(loss.detach(), stale_loss.detach())  # the refresh changed what trains
+    if passes == T:
+        torch.testing.assert_close(loss.detach(), ce(exact.flatten(0, 1), batch["labels"].flatten()),
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_sequential_loss_equals_cross_entropy_of_the_recurrence() -> None:
     model = _model()
     batch = next(iter(_batches()))
@@ -196,3 +223,12 @@ def test_cli_refuses_a_cache_over_budget(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("legolm: error:") and "budget" in lines[0]
+
+
+@pytest.mark.parametrize("passes", ["-1", "33"])
+def test_cli_refuses_refresh_passes_outside_the_window(tmp_path: Path, passes: str) -> None:
+    proc = _cli(["--epochs", "1", "--lct.refresh-passes", passes], tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("legolm: error:") and "lct.refresh_passes" in lines[0]
+    assert not (tmp_path / "run").exists()

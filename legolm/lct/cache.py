@@ -21,19 +21,25 @@ from legolm.errors import ConfigError
 
 @dataclass
 class LCTCacheConfig:
-    """Where the lagged states live.
+    """Where the lagged states live, and how fresh they are kept.
 
     Attributes:
         device: auto (the training device when the budget allows, else CPU RAM), cuda or cpu.
         budget_mb: Largest cache allowed on the training device, in MiB (CPU RAM when it does not fit).
         cpu_budget_mb: Largest cache allowed in CPU RAM, in MiB.
         dtype: Storage dtype of the states.
+        refresh_passes: No-grad parallel passes that bring a window's cached states up to the current
+            weights before its training forward (each pass feeds the states it computed to the next: a
+            Jacobi iteration towards the exact recurrence, whose first p positions are exact after p
+            passes). 0 trains on the states of the last visit, an epoch old (the method as published);
+            each pass costs one forward of the batch without gradients.
     """
 
     device: Literal["auto", "cuda", "cpu"] = "auto"
     budget_mb: float = 2048.0
     cpu_budget_mb: float = 8192.0
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    refresh_passes: int = 0
 
 
 def cache_bytes(n_samples: int, window: int, width: int, dtype: torch.dtype) -> int:

@@ -49,10 +49,13 @@ class LCTLoss:
     Args:
         cache: The per-window state cache (filled lazily: a window seen for the first time gets
             its states from one no-grad forward with an empty context).
+        refresh_passes: No-grad parallel passes over the cached states with the current weights
+            before the training forward (`LCTCacheConfig.refresh_passes`).
     """
 
-    def __init__(self, cache: LaggedStateCache) -> None:
+    def __init__(self, cache: LaggedStateCache, refresh_passes: int = 0) -> None:
         self.cache = cache
+        self.refresh_passes = refresh_passes
 
     def __call__(self, model: nn.Module, batch: Batch) -> LossOutput:
         assert isinstance(model, ContextPythia)
@@ -63,7 +66,11 @@ class LCTLoss:
             with torch.no_grad():
                 rows = new.to(ids.device)
                 self.cache.put(sids[new.cpu()], ids[rows], model(ids[rows]).states)
-        out = model(ids, self.cache.get(sids, ids, ids.device))
+        prev = self.cache.get(sids, ids, ids.device)
+        with torch.no_grad():
+            for _ in range(self.refresh_passes):  # Jacobi steps towards the exact states of these weights
+                prev = model(ids, prev).states
+        out = model(ids, prev)
         self.cache.put(*all_gather_cat(sids, ids, out.states.detach()))  # every rank's windows, as one process
         return token_cross_entropy(out.logits, batch["labels"]), batch["labels"].numel(), {}
 
@@ -151,5 +158,8 @@ class LCTConfig(FitConfig):
         if self.run.strategy == "fsdp2":
             raise ConfigError("legolm lct evaluates and probes the whole model outside the training forward, which "
                               "FSDP2 shards; use --run.strategy ddp")
+        if self.lct.refresh_passes < 0 or self.lct.refresh_passes > self.window:
+            raise ConfigError(f"lct.refresh_passes must be in [0, window={self.window}] (after `window` passes the "
+                              f"states are exact), got {self.lct.refresh_passes}")
         if self.lct.budget_mb <= 0 or self.lct.cpu_budget_mb < 0:
             raise ConfigError("lct.budget_mb must be > 0 and lct.cpu_budget_mb >= 0")
