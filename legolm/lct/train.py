@@ -151,5 +151,9 @@ class LCTConfig(FitConfig):
         if self.run.strategy == "fsdp2":
             raise ConfigError("legolm lct evaluates and probes the whole model outside the training forward, which "
                               "FSDP2 shards; use --run.strategy ddp")
+        if "sequential" in self.methods and self.run.activation_checkpointing != "none":
+            raise ConfigError("exact sequential training writes a growing key/value cache in each block's forward, "
+                              "which activation checkpointing would write again when it recomputes the block; run "
+                              "--methods lct alone or use --run.activation-checkpointing none")
         if self.lct.budget_mb <= 0 or self.lct.cpu_budget_mb < 0:
             raise ConfigError("lct.budget_mb must be > 0 and lct.cpu_budget_mb >= 0")

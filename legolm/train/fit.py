@@ -420,8 +420,11 @@ def _fit_in(run_dir: Path, model: nn.Module, train: BatchSource, cfg: FitConfig,
         loop.saved_step = state.step
         loop.evals = ctx.on_main(lambda: restored_evals(logger.rows, state.step))
         loop.last_val_ppl = loop.evals[-1].get("val_ppl", math.nan) if loop.evals else math.nan
-    loop.run()
-    wrapped.finish()
+    try:
+        loop.run()
+        wrapped.finish()
+    finally:
+        wrapped.release()
     result = FitResult(
         best_val_ppl=state.best_metric, final_val_ppl=loop.last_val_ppl, steps=state.step, tokens=state.tokens,
         seconds=state.elapsed_s, tokens_per_s=state.tokens / max(state.elapsed_s, 1e-9),
