@@ -8,6 +8,7 @@ backward show that each mode recomputes what it claims (a mode silently left off
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,24 +46,29 @@ def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, VOCAB, (B, T), generator=g), torch.randint(0, VOCAB, (B, T), generator=g)
 
 
-def loss_and_grads(model: nn.Module, mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def next_token_loss(model: nn.Module) -> torch.Tensor:
+    idx, labels = batch()
+    return token_cross_entropy(model(idx), labels)
+
+
+def loss_and_grads(model: nn.Module, mode: str, loss_fn: Callable[[nn.Module], torch.Tensor] = next_token_loss
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and gradients of one step with ``mode`` (dropout, if any, drawn from the same seed)."""
     apply_activation_checkpointing(model, mode)
     model.zero_grad(set_to_none=True)
-    idx, labels = batch()
     torch.manual_seed(123)
-    loss = token_cross_entropy(model(idx), labels)
+    loss = loss_fn(model)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     remove_activation_checkpointing(model)
     return loss.detach(), grads
 
 
-def assert_same_step(model: nn.Module) -> None:
-    ref_loss, ref = loss_and_grads(model, "none")
+def assert_same_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor] = next_token_loss) -> None:
+    ref_loss, ref = loss_and_grads(model, "none", loss_fn)
     assert ref and all(g.abs().max() > 0 for g in ref.values() if g.numel() > 1)
     for mode in ("blocks", "selective"):
-        loss, grads = loss_and_grads(model, mode)
+        loss, grads = loss_and_grads(model, mode, loss_fn)
         torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
         assert grads.keys() == ref.keys()
         for name in ref:
@@ -95,6 +101,23 @@ def test_lora_with_dropout_checkpoints_to_the_same_gradients() -> None:
         torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
         for name in ref:
             torch.testing.assert_close(grads[name], ref[name], rtol=1e-5, atol=1e-7, msg=f"{mode}: {name}")
+
+
+def test_lego_phase2_loss_checkpoints_to_the_same_gradients() -> None:
+    """Phase 2 runs the upper blocks on stored lower-layer states (the lower ones frozen, not run)."""
+    from legolm.lego.train import HardTokenLoss
+    from legolm.model.lego import LegoLM
+
+    torch.manual_seed(0)
+    model = LegoLM(ModelConfig.from_name("tiny-pythia", vocab_size=VOCAB))
+    model.mark_trained()
+    model.extend(4, routing_threshold=0.5, identity_init=False)
+    g = torch.Generator().manual_seed(2)
+    stored = {"hidden": torch.randn(B, T, model.config.n_embd, generator=g), "labels": batch()[1],
+              "hard": torch.rand(B, T, generator=g) < 0.5, "shallow_logp": -5 * torch.rand(B, T, generator=g),
+              "conf": torch.rand(B, T, generator=g)}
+    loss = HardTokenLoss("routed", easy_weight=0.3)
+    assert_same_step(model, lambda m: loss(m, stored)[0])
 
 
 class OpCounter(TorchDispatchMode):
@@ -182,11 +205,12 @@ def pretrain_args(tmp_path: Path, name: str, *extra: str) -> list[str]:
             str(tmp_path / name), "--no-run.progress", "--no-run.plot", "--sample.prompt", "", *extra]
 
 
-def test_pretrain_flag_trains_to_the_same_weights(tmp_path: Path) -> None:
+def test_pretrain_flag_trains_to_the_same_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from safetensors.torch import load_file
 
     assert main(pretrain_args(tmp_path, "none")) == 0
     assert main(pretrain_args(tmp_path, "blocks", "--run.activation-checkpointing", "blocks")) == 0
+    assert "activation checkpointing blocks on 2 blocks" in capsys.readouterr().out
     assert main(pretrain_args(tmp_path, "sel", "--run.activation-checkpointing", "selective")) == 0
     ref = load_file(str(tmp_path / "none" / "model" / "model.safetensors"))
     for name in ("blocks", "sel"):

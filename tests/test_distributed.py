@@ -124,6 +124,19 @@ def test_fsdp2_matches_one_process_and_saves_full_weights(runs: dict[str, Path])
         torch.testing.assert_close(optim["state"][name]["exp_avg_sq"], state["exp_avg_sq"], atol=1e-8, rtol=1e-3)
 
 
+@pytest.mark.parametrize(("strategy", "mode"), [("fsdp2", "blocks"), ("fsdp2", "selective"), ("ddp", "selective")])
+def test_checkpointed_blocks_train_like_one_plain_process(runs: dict[str, Path], tmp_path: Path, strategy: str,
+                                                          mode: str) -> None:
+    """Activation checkpointing under FSDP2 (all-gathers outside the recomputed blocks) and DDP: the same weights."""
+    batch, accum = (4, 1) if strategy == "fsdp2" else (2, 2)
+    out = tmp_path / "run"
+    proc = torchrun(*pretrain_args(runs["cache"], out, batch, accum), "--run.strategy", strategy,
+                    "--run.activation-checkpointing", mode)
+    assert f"activation checkpointing {mode} on 2 blocks" in proc.stdout  # applied to the module the ranks train
+    assert_same_weights(weights(runs["one"] / "model"), weights(out / "model"), initial_weights(runs))
+    assert f"activation_checkpointing: {mode}" in (out / "config.yaml").read_text()
+
+
 def _resume_from_step(src: Path, dst: Path, step: int) -> None:
     """A copy of run ``src`` as if it had stopped right after its checkpoint at ``step``."""
     shutil.copytree(src, dst)

@@ -51,6 +51,7 @@ from torch.utils.checkpoint import (
 )
 
 from legolm.errors import ConfigError
+from legolm.layers.context import LayerContext
 from legolm.layers.memory import MemoryLayer
 
 ActivationCheckpointing = Literal["none", "blocks", "selective"]
@@ -92,7 +93,8 @@ _SELECTIVE_CONTEXT = partial(create_selective_checkpoint_contexts, _save_matmuls
 
 def _recompute_guard(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Raise `ConfigError` when recomputing ``block``'s forward would not reproduce it."""
-    cache = args[2] if len(args) > 2 else kwargs.get("cache")
+    legolm_block = len(args) > 1 and isinstance(args[1], LayerContext)  # block(x, ctx, cache); peers' differ
+    cache = (args[2] if len(args) > 2 else kwargs.get("cache")) if legolm_block else None
     if cache is not None:
         raise ConfigError("activation checkpointing recomputes each block's forward in backward, but this block was "
                           f"given a cache ({type(cache).__name__}) that its forward writes (e.g. LCT's sequential "

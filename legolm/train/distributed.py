@@ -276,14 +276,15 @@ class Wrapped:
         self.ctx, self.original = ctx or DistContext(), model
         self.strategy = self.ctx.strategy
         run = run or RunConfig()
+        self.checkpointing = run.activation_checkpointing  # and `checkpointed`: how many blocks it applies to
         if self.strategy == "fsdp2":
             self.model = _fsdp2_copy(model, self.ctx)
-            apply_activation_checkpointing(self.model, run.activation_checkpointing)  # the copy only
+            self.checkpointed = apply_activation_checkpointing(self.model, run.activation_checkpointing)  # the copy
             self.loss_module = LossModule(self.model)
             self.runner: nn.Module = _fully_shard(self.loss_module, self.ctx, run)
         else:
             self.model, self.loss_module = model, LossModule(model)
-            apply_activation_checkpointing(model, run.activation_checkpointing)  # taken off by `release`
+            self.checkpointed = apply_activation_checkpointing(model, run.activation_checkpointing)  # see `release`
             self.runner = self.loss_module
         if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
