@@ -125,7 +125,8 @@ def test_fsdp2_matches_one_process_and_saves_full_weights(runs: dict[str, Path])
         torch.testing.assert_close(optim["state"][name]["exp_avg_sq"], state["exp_avg_sq"], atol=1e-8, rtol=1e-3)
 
 
-@pytest.mark.parametrize(("strategy", "mode"), [("fsdp2", "blocks"), ("fsdp2", "selective"), ("ddp", "selective")])
+@pytest.mark.parametrize(("strategy", "mode"), [("fsdp2", "blocks"), ("fsdp2", "selective"), ("ddp", "blocks"),
+                                              ("ddp", "selective")])
 def test_checkpointed_blocks_train_like_one_plain_process(runs: dict[str, Path], tmp_path: Path, strategy: str,
                                                           mode: str) -> None:
     """Activation checkpointing under FSDP2 (all-gathers outside the recomputed blocks) and DDP: the same weights."""
@@ -145,7 +146,8 @@ COMPILED_ATOL = 1e-3  # inductor's fused kernels round differently from eager; a
 
 
 @pytest.mark.skipif(not COMPILE_TESTS, reason="compiles on 2 CPU ranks for minutes: set LEGOLM_COMPILE_TESTS=1")
-@pytest.mark.parametrize(("strategy", "mode"), [("ddp", "none"), ("fsdp2", "none"), ("fsdp2", "selective")])
+@pytest.mark.parametrize(("strategy", "mode"), [("ddp", "none"), ("ddp", "blocks"), ("fsdp2", "none"),
+                                              ("fsdp2", "selective")])
 def test_compiled_step_trains_like_one_eager_process(runs: dict[str, Path], tmp_path: Path, strategy: str,
                                                      mode: str) -> None:
     """``--run.compile`` under DDP and FSDP2 (and with activation checkpointing): the eager process's weights."""

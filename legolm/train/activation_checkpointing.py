@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -47,7 +47,6 @@ from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
     create_selective_checkpoint_contexts,
-    noop_context_fn,
 )
 
 from legolm.errors import ConfigError
@@ -55,7 +54,7 @@ from legolm.layers.context import LayerContext
 from legolm.layers.memory import MemoryLayer
 
 ActivationCheckpointing = Literal["none", "blocks", "selective"]
-MODES: tuple[str, ...] = ("none", "blocks", "selective")
+MODES: tuple[str, ...] = get_args(ActivationCheckpointing)
 # The ModuleLists whose elements are blocks: legolm's (blocks), transformers' GPT-2 (h) and Llama /
 # GPT-NeoX (layers) stacks, so peer models get the same treatment (FSDP2 shards these one by one).
 BLOCK_LISTS = ("blocks", "h", "layers")
@@ -111,13 +110,16 @@ def _checkpointed_class(base: type[nn.Module], mode: str) -> type[nn.Module]:
     if key in _CLASSES:
         return _CLASSES[key]
     original: Callable[..., Any] = base.forward
-    context_fn: Callable[[], Any] = _SELECTIVE_CONTEXT if mode == "selective" else noop_context_fn
+    selective = mode == "selective"
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():  # evaluation, generation: nothing is kept for backward anyway
             return original(self, *args, **kwargs)
         _recompute_guard(self, args, kwargs)
-        return checkpoint(original, self, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+        if selective:
+            return checkpoint(original, self, *args, use_reentrant=False, context_fn=_SELECTIVE_CONTEXT, **kwargs)
+        # no context_fn at all: torch.compile (2.13) cannot trace checkpoint given the default noop_context_fn
+        return checkpoint(original, self, *args, use_reentrant=False, **kwargs)
 
     forward.__doc__ = f"{base.__name__}.forward under activation checkpointing ({mode})."
     cls = type(f"Checkpointed{base.__name__}", (base,), {"forward": forward, "_ac_base": base, "_ac_mode": mode})
