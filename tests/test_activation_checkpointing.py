@@ -121,6 +121,18 @@ def test_lego_phase2_loss_checkpoints_to_the_same_gradients() -> None:
     assert_same_step(model, lambda m: loss(m, stored)[0])
 
 
+def test_lct_parallel_forward_checkpoints_to_the_same_gradients() -> None:
+    """LCT's ``lct`` method: one parallel forward reading lagged states (no cache in the blocks)."""
+    from legolm.lct.context_pythia import ContextPythia
+
+    torch.manual_seed(0)
+    model = ContextPythia(ModelConfig.from_name("tiny-pythia", vocab_size=VOCAB))
+    torch.nn.init.normal_(model.ctx_proj.weight, std=0.02)  # zero-initialised: give the context path a gradient
+    idx, labels = batch()
+    prev = torch.randn(B, T, model.config.n_embd, generator=torch.Generator().manual_seed(3))
+    assert_same_step(model, lambda m: token_cross_entropy(m(idx, prev).logits, labels))
+
+
 class OpCounter(TorchDispatchMode):
     """Counts the aten ops that actually run (ops selective checkpointing returns from its store do not)."""
 
