@@ -14,16 +14,25 @@ one after the other from the same random weights (HF's init, converted into lego
 
 tok/s counts the tokens of all ranks (N x B x T x steps / wall time after warmup, ranks
 synchronised at start and end). Scaling efficiency = tok/s(N GPUs) / (N x tok/s(1 GPU)), per
-library; the goal is >= 90% for DDP.
+library, activation checkpointing and eager/compiled variant; "peak vs 1 GPU" = rank 0's peak
+CUDA memory over the single GPU's, same variant (FSDP2's goal for the 1B-class model: <= 60%).
+
+Each launch times every variant one after the other, from fresh weights: ``--activation-checkpointing
+none blocks selective`` (`legolm.train.activation_checkpointing`, applied through `Wrapped` to
+both libraries' blocks alike) and, with ``--compile``, the compiled step beside the eager one.
+The batches are TinyStories in GPT-2 tokens: a preset with a smaller vocabulary (tinyllama-1.1b:
+Llama 2's 32,000) gets GPT-2's, padded, so every token id is a row (the table prints the count).
 
     python benchmarks/prepare_data.py                    # once, where the shared data is
     python -m benchmarks.distributed                     # gpt2 124M, 16 x 1024 per GPU, all visible GPUs
+    python -m benchmarks.distributed --model tinyllama-1.1b --batch 8 --activation-checkpointing none blocks --compile
     python -m benchmarks.distributed --smoke             # CPU, gloo, 2 processes, tiny shapes
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import subprocess
@@ -31,13 +40,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 
 from benchmarks.common import BENCH_DATA, cycled, device_info, print_table, write_result
 from benchmarks.pretrain import build_model, hf_loss, padded_config
+from legolm.model.config import ModelConfig
+from legolm.model.transformer import TransformerLM
+from legolm.train.activation_checkpointing import MODES, ActivationCheckpointing
 from legolm.train.batches import Batch, WindowBatches
 from legolm.train.config import OptimConfig, RunConfig, ScheduleConfig
 from legolm.train.distributed import DistContext, Wrapped, init_distributed, teardown
@@ -47,6 +59,8 @@ from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
 LAUNCHES: dict[str, Literal["none", "ddp", "fsdp2"]] = {"single": "none", "ddp": "ddp", "fsdp2": "fsdp2"}
 LIBRARIES = ["legolm", "hf"]
 CORPUS = "tinystories_gpt2.npy"
+STEP_MODES = ["eager", "compiled"]
+CORPUS_VOCAB = 50257  # GPT-2's token ids: the smallest vocabulary the batches fit
 
 
 def rank_batches(ctx: DistContext, batch: int, seq: int, n: int) -> list[Batch]:
@@ -65,11 +79,34 @@ def sync(ctx: DistContext) -> None:
     ctx.barrier()
 
 
+def bench_config(args: argparse.Namespace) -> ModelConfig:
+    """The preset, its vocabulary raised to the corpus's (GPT-2's) where smaller and padded to ``vocab_multiple``."""
+    preset = ModelConfig.from_name(args.model)
+    overrides = {"vocab_size": CORPUS_VOCAB} if preset.vocab_size < CORPUS_VOCAB else {}
+    return padded_config(args.model, args.vocab_multiple, overrides)
+
+
+def parameters(config: ModelConfig) -> int:
+    """Parameters of a `TransformerLM` of ``config``, counted on the meta device."""
+    with torch.device("meta"):
+        return TransformerLM(config).num_parameters()
+
+
+def variants(args: argparse.Namespace) -> list[tuple[str, str, bool]]:
+    """(library, activation checkpointing, compiled) of every timed row of a launch, in order."""
+    modes = [m == "compiled" for m in (STEP_MODES if args.compile else args.modes)]
+    return [(lib, ac, compiled) for lib in args.libraries for ac in args.activation_checkpointing
+            for compiled in modes]
+
+
+def variant_key(library: str, ac: str, compiled: bool) -> str:
+    return f"{library}|{ac}|{'compiled' if compiled else 'eager'}"
+
+
 def time_library(library: str, ctx: DistContext, run: RunConfig, args: argparse.Namespace,
-                 batches: list[Batch]) -> dict[str, float]:
-    """Warm up, then time the steps of one library's model under ``run.strategy``."""
-    overrides = {"vocab_size": 50257} if args.smoke else {}
-    config = padded_config(args.model, args.vocab_multiple, overrides)
+                 batches: list[Batch], compiled: bool = False) -> dict[str, float]:
+    """Warm up, then time the steps of one library's model under ``run.strategy`` (and its activation checkpointing)."""
+    config = bench_config(args)
     build_on = torch.device("cpu") if run.strategy == "fsdp2" else ctx.device  # FSDP2 shards a host copy
     model = build_model(library, config, build_on)
     wrapped = Wrapped(model, ctx, run)
@@ -78,7 +115,7 @@ def time_library(library: str, ctx: DistContext, run: RunConfig, args: argparse.
     schedule = LRSchedule(optim.lr, ScheduleConfig(warmup_steps=args.warmup), len(batches))
     loss_fn = hf_loss if library == "hf" else NextTokenLoss()
     step = TrainStep(model, loss_fn, optimizer, schedule, optim.grad_clip, autocast_for(ctx.device, run.precision),
-                     ctx.device, args.compile, "default", wrapped)
+                     ctx.device, compiled, "default", wrapped)
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
     t0 = time.perf_counter()
@@ -93,6 +130,7 @@ def time_library(library: str, ctx: DistContext, run: RunConfig, args: argparse.
     mean_loss = ctx.all_reduce_sum(torch.stack([losses[0], losses[-1]]).double()) / ctx.world_size
     del step, optimizer, wrapped, model
     gc.collect()
+    torch.compiler.reset()  # the next variant compiles its own model
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()
     return {"tok_s": ctx.world_size * args.batch * args.seq * args.steps / seconds, "seconds": seconds,
@@ -101,16 +139,19 @@ def time_library(library: str, ctx: DistContext, run: RunConfig, args: argparse.
 
 def worker(args: argparse.Namespace) -> None:
     """One launch (plain process or torchrun rank): time each library; rank 0 writes ``args.result``."""
-    run = RunConfig(strategy=LAUNCHES[args.launch], device="cpu" if args.smoke else "auto",
-                    precision="fp32" if args.smoke else "bf16-mixed")
-    ctx = init_distributed(run)
+    base = RunConfig(strategy=LAUNCHES[args.launch], device="cpu" if args.smoke else "auto",
+                     precision="fp32" if args.smoke else "bf16-mixed")
+    ctx = init_distributed(base)
     if not ctx.distributed:
         ctx = DistContext(device=torch.device("cpu" if args.smoke else "cuda"))
     if ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     batches = rank_batches(ctx, args.batch, args.seq, args.warmup + args.steps)
-    results = {lib: time_library(lib, ctx, run, args, batches) for lib in args.libraries}
+    results = {}
+    for lib, ac, compiled in variants(args):
+        run = dataclasses.replace(base, activation_checkpointing=cast(ActivationCheckpointing, ac))
+        results[variant_key(lib, ac, compiled)] = time_library(lib, ctx, run, args, batches, compiled)
     if ctx.is_main:
         Path(args.result).write_text(json.dumps({"world_size": ctx.world_size, "results": results}))
     teardown(wait=True)
@@ -134,15 +175,19 @@ def launch(launch: str, nproc: int, args: argparse.Namespace, argv: list[str], o
 
 
 def report(found: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[dict[str, str]]:
+    """One row per launch and variant: throughput, scaling efficiency and peak memory against the single GPU."""
     rows = []
+    nan = {"tok_s": float("nan"), "peak_gb": float("nan")}
     for launch, data in found.items():
         n = data["world_size"]
-        for lib, r in data["results"].items():
-            base = found["single"]["results"][lib]["tok_s"] if "single" in found else float("nan")
-            eff = r["tok_s"] / (n * base)
-            rows.append({"impl": lib, "launch": launch, "GPUs": str(n), "tok/s": f"{r['tok_s']:,.0f}",
-                         "tok/s per GPU": f"{r['tok_s'] / n:,.0f}", "scaling eff.": f"{100 * eff:.1f}%",
-                         "peak GB (rank 0)": f"{r['peak_gb']:.1f}",
+        for key, r in data["results"].items():
+            lib, ac, mode = key.split("|")
+            single = found["single"]["results"].get(key, nan) if "single" in found else nan
+            eff = r["tok_s"] / (n * single["tok_s"])
+            rows.append({"impl": lib, "launch": launch, "GPUs": str(n), "act. ckpt": ac, "step": mode,
+                         "tok/s": f"{r['tok_s']:,.0f}", "tok/s per GPU": f"{r['tok_s'] / n:,.0f}",
+                         "scaling eff.": f"{100 * eff:.1f}%", "peak GB (rank 0)": f"{r['peak_gb']:.1f}",
+                         "peak vs 1 GPU": f"{100 * r['peak_gb'] / single['peak_gb']:.0f}%",
                          "loss first->last": f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}"})
     return rows
 
@@ -158,7 +203,12 @@ def main() -> None:
     parser.add_argument("--launches", nargs="+", default=list(LAUNCHES), choices=list(LAUNCHES))
     parser.add_argument("--libraries", nargs="+", default=LIBRARIES, choices=LIBRARIES)
     parser.add_argument("--vocab-multiple", type=int, default=64, help="pad the vocabulary to a multiple of this")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the wrapped loss")
+    parser.add_argument("--modes", nargs="+", default=["eager"], choices=STEP_MODES,
+                        help="the training step eager and/or under torch.compile: one row per mode")
+    parser.add_argument("--compile", action="store_true", help="short for --modes eager compiled")
+    parser.add_argument("--tag", default="", help="result file benchmarks/results/distributed-TAG-DATE.json")
+    parser.add_argument("--activation-checkpointing", nargs="+", default=["none"], choices=list(MODES),
+                        help="activation checkpointing of the blocks: one row per mode (run.activation_checkpointing)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per launch")
     parser.add_argument("--smoke", action="store_true", help="CPU, gloo, 2 processes, tiny-gpt2, a few steps")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -177,16 +227,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         found = {name: launch(name, nproc, args, argv, Path(tmp)) for name in args.launches}
     rows = report(found, args)
-    print(f"\nTraining step of {args.model}, batch {args.batch} x {args.seq} real-text tokens per GPU, "
-          f"{'fp32 on CPU (gloo)' if args.smoke else 'bf16 autocast (NCCL)'}, {args.steps} timed steps"
-          f"{', compiled' if args.compile else ''}:\n")
+    config = bench_config(args)
+    print(f"\nTraining step of {args.model} ({parameters(config) / 1e9:.3f} B parameters, vocabulary "
+          f"{config.vocab_size:,}), batch {args.batch} x {args.seq} real-text tokens per GPU, "
+          f"{'fp32 on CPU (gloo)' if args.smoke else 'bf16 autocast (NCCL)'}, {args.steps} timed steps:\n")
     table = print_table(rows, list(rows[0]))
     if args.smoke:  # a crash check on CPU, not a measurement: nothing goes to benchmarks/results
         return
     payload = {**device_info(), "nproc": nproc, "args": {k: v for k, v in vars(args).items()
                                                          if k not in ("worker", "launch", "result")},
-               "launches": found, "table": table}
-    path = write_result("distributed", payload)
+               "parameters": parameters(config), "vocab_size": config.vocab_size, "launches": found, "table": table}
+    path = write_result("distributed" + (f"-{args.tag}" if args.tag else ""), payload)
     print(f"\nwrote {path}")
 
 

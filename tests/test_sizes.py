@@ -36,6 +36,35 @@ def _llama(**overrides: object) -> TransformerLM:
     return TransformerLM(ModelConfig.from_name("tiny-llama", **overrides))
 
 
+# -- the 1B-class preset ---------------------------------------------------------------------------------
+TINYLLAMA_PARAMS = 1_100_048_384  # TinyLlama-1.1B's published count (its Hugging Face checkpoint: 1.10 B)
+
+
+def test_tinyllama_preset_has_the_real_models_parameters_without_allocating() -> None:
+    """Built on the meta device (no weight allocated): TinyLlama-1.1B's count and shapes, as transformers builds it."""
+    import transformers
+
+    from legolm.checkpoints.hf import export_hf_state
+
+    config = ModelConfig.from_name("tinyllama-1.1b")
+    with torch.device("meta"):
+        model = TransformerLM(config)
+    assert all(p.is_meta for p in model.parameters())
+    assert model.num_parameters() == TINYLLAMA_PARAMS
+    assert f"{model.num_parameters() / 1e9:.2f}" == "1.10"
+    assert (config.n_layer, config.n_embd, config.n_head, config.kv_heads, config.intermediate_size,
+            config.vocab_size, config.block_size, config.rope_base, config.tie_embeddings) == (
+        22, 2048, 32, 4, 5632, 32000, 2048, 10000.0, False)
+    hf_cfg, state = export_hf_state(config, model.state_dict())
+    cfg = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(cfg)
+    assert sum(p.numel() for p in hf.parameters()) == TINYLLAMA_PARAMS
+    hf_shapes = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in state.items()} == hf_shapes  # every tensor, same name and shape
+    assert hf_shapes["model.layers.0.self_attn.k_proj.weight"] == (256, 2048)  # 4 KV heads of 64
+
+
 # -- RoPE tables ---------------------------------------------------------------------------------------
 def test_rope_tables_follow_the_positions_used_not_the_context() -> None:
     model = _llama(block_size=MAX_BLOCK_SIZE)  # a 2**20-position context: full tables would be 128 MiB here

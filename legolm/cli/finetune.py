@@ -79,6 +79,10 @@ class FinetuneConfig(FitConfig):
             self.lora.validate()
         if self.method == "skip2lora":
             self.skip_cache.validate()
+            if self.run.activation_checkpointing != "none":
+                raise ConfigError(f"--run.activation-checkpointing {self.run.activation_checkpointing} does nothing "
+                                  "for Skip2-LoRA: its backbone runs without autograd (nothing is kept for backward) "
+                                  "and the adapters sit outside the blocks; use --run.activation-checkpointing none")
         if self.eval_tokens is not None and self.eval_tokens < 2:
             raise ConfigError(f"eval_tokens must be >= 2 (or None for the whole val split), got {self.eval_tokens}")
         self.data.validate()

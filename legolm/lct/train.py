@@ -161,5 +161,9 @@ class LCTConfig(FitConfig):
         if self.lct.refresh_passes < 0 or self.lct.refresh_passes > self.window:
             raise ConfigError(f"lct.refresh_passes must be in [0, window={self.window}] (after `window` passes the "
                               f"states are exact), got {self.lct.refresh_passes}")
+        if "sequential" in self.methods and self.run.activation_checkpointing != "none":
+            raise ConfigError("exact sequential training writes a growing key/value cache in each block's forward, "
+                              "which activation checkpointing would write again when it recomputes the block; run "
+                              "--methods lct alone or use --run.activation-checkpointing none")
         if self.lct.budget_mb <= 0 or self.lct.cpu_budget_mb < 0:
             raise ConfigError("lct.budget_mb must be > 0 and lct.cpu_budget_mb >= 0")

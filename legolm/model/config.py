@@ -254,6 +254,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smollm2-135m": {
         **_llama(30, 576, 9, 3, 1536, 49152, 8192, 100000.0), "bos_token_id": 1, "eos_token_id": 2,
     },
+    # TinyLlama-1.1B (Zhang et al. 2024, "TinyLlama: An Open-Source Small Language Model", arXiv:2401.02385; the
+    # config.json of TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T): Llama 2's architecture and 32,000-token
+    # tokenizer at 22 layers x 2048, 32 query / 4 key-value heads, SwiGLU 5632, RMSNorm 1e-5, RoPE theta 10,000,
+    # 2,048 positions, an untied head: 1,100,048,384 parameters. The 1B-class model of the scale-out benchmarks.
+    "tinyllama-1.1b": {
+        **_llama(22, 2048, 32, 4, 5632, 32000, 2048, 10000.0), "tie_embeddings": False, "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
     # Tiny configs for tests and CPU smoke runs.
     "tiny-gpt2": _gpt2(2, 64, 4, vocab=512, block=128),
     "tiny-pythia": _pythia(2, 64, 4, vocab=512, block=128),

@@ -143,6 +143,9 @@ class RunConfig:
         backend: Process-group backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo.
         find_unused_parameters: DDP: let trainable parameters go without a gradient in a step (slower).
         reshard_after_forward: FSDP2: free each block's gathered weights after its forward (less memory, more traffic).
+        activation_checkpointing: Recompute activations in backward instead of keeping them, per block: none,
+            blocks (keep each block's input, rerun its forward) or selective (keep matmul and attention outputs,
+            recompute norms and pointwise ops); see legolm.train.activation_checkpointing.
     """
 
     out_dir: str = "runs/pretrain"
@@ -164,6 +167,7 @@ class RunConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     find_unused_parameters: bool = False
     reshard_after_forward: bool = True
+    activation_checkpointing: Literal["none", "blocks", "selective"] = "none"
 
 
 @dataclass

@@ -46,13 +46,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from legolm.errors import ConfigError, LegolmError
+from legolm.train.activation_checkpointing import (
+    apply_activation_checkpointing,
+    block_modules,
+    remove_activation_checkpointing,
+)
 from legolm.train.config import RunConfig, uses_bf16
 
 T = TypeVar("T")
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-# FSDP2 shards every element of a ModuleList of these names on its own: legolm's blocks, and
-# transformers' GPT-2 (h) and Llama / GPT-NeoX (layers) stacks, so peer models shard the same way.
-BLOCK_LISTS = ("blocks", "h", "layers")
 
 
 class Shard(TypedDict):
@@ -266,19 +268,23 @@ class Wrapped:
     Args:
         model: The caller's model, on its training device.
         ctx: The job (`init_distributed`).
-        run: Run settings (DDP's ``find_unused_parameters``, FSDP2's ``reshard_after_forward``).
+        run: Run settings (DDP's ``find_unused_parameters``, FSDP2's ``reshard_after_forward``, the
+            activation checkpointing of the blocks, applied to the trained module before DDP / ``fully_shard``).
     """
 
     def __init__(self, model: nn.Module, ctx: DistContext | None = None, run: RunConfig | None = None) -> None:
         self.ctx, self.original = ctx or DistContext(), model
         self.strategy = self.ctx.strategy
         run = run or RunConfig()
+        self.checkpointing = run.activation_checkpointing  # and `checkpointed`: how many blocks it applies to
         if self.strategy == "fsdp2":
             self.model = _fsdp2_copy(model, self.ctx)
+            self.checkpointed = apply_activation_checkpointing(self.model, run.activation_checkpointing)  # the copy
             self.loss_module = LossModule(self.model)
             self.runner: nn.Module = _fully_shard(self.loss_module, self.ctx, run)
         else:
             self.model, self.loss_module = model, LossModule(model)
+            self.checkpointed = apply_activation_checkpointing(model, run.activation_checkpointing)  # see `release`
             self.runner = self.loss_module
         if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -355,6 +361,11 @@ class Wrapped:
         set_optimizer_state_dict(self.loss_module if not full else self.runner, optimizer, state,
                                  options=StateDictOptions(full_state_dict=full))
 
+    def release(self) -> None:
+        """Give the caller's model back as it came: its blocks lose activation checkpointing (no collectives)."""
+        if self.strategy != "fsdp2":  # FSDP2 checkpointed its own copy
+            remove_activation_checkpointing(self.original)
+
     def finish(self) -> None:
         """FSDP2: gather the trained weights into the caller's model on every rank and move it to the device."""
         if self.strategy != "fsdp2":
@@ -388,9 +399,7 @@ def _fully_shard(loss_module: LossModule, ctx: DistContext, run: RunConfig) -> n
 
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     mp = _mixed_precision(ctx.device, run.precision)
-    blocks = [b for name, m in loss_module.named_modules() if name.split(".")[-1] in BLOCK_LISTS
-              and isinstance(m, nn.ModuleList) for b in m]
-    for block in blocks:
+    for block in block_modules(loss_module):
         fully_shard(block, mesh=mesh, reshard_after_forward=run.reshard_after_forward, mp_policy=mp)
     fully_shard(loss_module, mesh=mesh, mp_policy=mp)
     return loss_module

@@ -414,14 +414,19 @@ def _fit_in(run_dir: Path, model: nn.Module, train: BatchSource, cfg: FitConfig,
 
     where = f"{ctx.world_size} ranks ({ctx.strategy}, rank 0 on {device})" if ctx.distributed else str(device)
     say(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%) on {where}, "
-        f"{n_steps:,} steps ({per_epoch:,} per epoch), run dir {run_dir}")
+        f"{n_steps:,} steps ({per_epoch:,} per epoch), run dir {run_dir}"
+        + (f", activation checkpointing {wrapped.checkpointing} on {wrapped.checkpointed} blocks"
+           if wrapped.checkpointed else ""))
     loop = _Loop(cfg, step, train, state, logger, evaluate, callbacks, run_dir, n_steps)
     if ckpt is not None:  # the run's evaluations so far (every rank gets rank 0's, so they agree on what is left)
         loop.saved_step = state.step
         loop.evals = ctx.on_main(lambda: restored_evals(logger.rows, state.step))
         loop.last_val_ppl = loop.evals[-1].get("val_ppl", math.nan) if loop.evals else math.nan
-    loop.run()
-    wrapped.finish()
+    try:
+        loop.run()
+        wrapped.finish()
+    finally:
+        wrapped.release()
     result = FitResult(
         best_val_ppl=state.best_metric, final_val_ppl=loop.last_val_ppl, steps=state.step, tokens=state.tokens,
         seconds=state.elapsed_s, tokens_per_s=state.tokens / max(state.elapsed_s, 1e-9),
