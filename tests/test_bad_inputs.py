@@ -103,6 +103,18 @@ def _inf_weights(c: Ctx) -> str:
     return str(out)
 
 
+def _integer_weights(c: Ctx, hf: bool) -> str:
+    """The tiny model (legolm or Hugging Face layout) with its weights stored as int32."""
+    from safetensors.torch import load_file, save_file
+
+    out = Path(c.hf_export("int-hf")) if hf else Path(c.model_with("int", lambda d: None))
+    state = {k: (v * 100).to(torch.int32) for k, v in load_file(str(out / "model.safetensors")).items()}
+    save_file(state, str(out / "model.safetensors"))
+    if hf:
+        shutil.copy(c.model / "tokenizer.json", out)
+    return str(out)
+
+
 def _marked_folder(c: Ctx, name: str, cwd: str | None = None, relative: bool = False) -> str:
     """A folder ``name`` in the work folder carrying legolm's run marker (``cwd``: then move into that subfolder)."""
     out = c.work / name
@@ -201,6 +213,10 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("hf-config-string-size", lambda c: generate(c, model=c.hf_dir("str", json.dumps(
         {"model_type": "gpt2", "n_layer": 1, "n_embd": "64", "n_head": 4, "vocab_size": 512, "n_positions": 64}))),
      "n_embd must be an integer"),
+    ("legolm-integer-weights", lambda c: generate(c, model=_integer_weights(c, hf=False)),
+     "holds int32 values, not floating point"),
+    ("hf-integer-weights", lambda c: generate(c, model=_integer_weights(c, hf=True)),
+     "holds int32 values, not floating point"),
     ("tokenizer-json-garbage", lambda c: generate(c, model=_garbage_tokenizer(c)), "is not a valid tokenizer file"),
     ("eval-ids-beyond-vocab", lambda c: ["eval", "ppl", "--model", str(c.model), "--data",
                                          c.file("story.txt", "Once upon a time there was a cat. " * 40),
