@@ -16,7 +16,6 @@ from legolm.errors import CheckpointError
 from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 
-
 # safetensors' dtype names (a header's ``dtype``); a name not here is taken as floating point
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -25,7 +24,8 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def meta_state(shapes: Mapping[str, Sequence[int]], dtypes: Mapping[str, torch.dtype] | None = None) -> dict[str, Tensor]:
+def meta_state(shapes: Mapping[str, Sequence[int]],
+               dtypes: Mapping[str, torch.dtype] | None = None) -> dict[str, Tensor]:
     """Tensors of these shapes (and ``dtypes``, default float32) on the meta device (no memory): a state dict's
     layout without its data."""
     dtypes = dtypes or {}
