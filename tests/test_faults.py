@@ -340,14 +340,18 @@ def test_finetune_overwrite_never_deletes_its_base_model(tmp_path: Path, capsys:
 
 
 # -- resume --------------------------------------------------------------------------------------------
-def test_resume_with_other_data_or_window_is_refused_and_changes_nothing(cache: Path, tmp_path: Path,
-                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_with_other_data_tokenizer_window_or_model_is_refused_and_changes_nothing(
+        cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     assert main([*tiny_args(cache, out, steps=6), "--run.save-every", "3", "--sample.prompt", ""]) == 0
     capsys.readouterr()
     snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK}
     for change, fragment in ((["--data.max-documents", "24"], "the run trained on"),
-                             (["--window", "16"], "the run trained on 32-token windows")):
+                             (["--data.source", "tinystories"], "the run trained on"),
+                             (["--window", "16"], "the run trained on 32-token windows"),
+                             (["--data.tokenizer", "bpe:384"], "is of another model (wte.weight is 512x64 there, "
+                                                               "384x64 here"),
+                             (["--model.n-embd", "32"], "is of another model")):
         assert main(tiny_args(cache, out, steps=9) + change + ["--resume"]) == 2
         _one_error_line(capsys.readouterr().err, "cannot resume", fragment)
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK} == snapshot
