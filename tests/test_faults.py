@@ -357,6 +357,28 @@ def test_resume_with_other_data_tokenizer_window_or_model_is_refused_and_changes
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK} == snapshot
 
 
+def test_resuming_keeps_one_row_per_step_and_the_summary_covers_the_whole_run(
+        cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    base = [*tiny_args(cache, out, steps=12), "--run.save-every", "6", "--sample.prompt", ""]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main([*base, "--resume"]) == 0  # a finished run: nothing to train, nothing logged twice
+    capsys.readouterr()
+    assert main([*tiny_args(cache, out, steps=18), "--run.save-every", "6", "--sample.prompt", "", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    rows = strict_json_lines(out / "metrics.jsonl")
+    keys = [(r["step"], r["split"]) for r in rows]
+    assert len(keys) == len(set(keys)), keys
+    assert [r["step"] for r in rows if r["split"] == "val"] == [6, 12, 18]
+    fit_summary = json.loads((out / "summary.json").read_text())["fit"]
+    assert [e["step"] for e in fit_summary["evals"]] == [6, 12, 18]
+    assert fit_summary["steps"] == 18 and fit_summary["tokens"] == 18 * BATCH * WINDOW
+    # the end of the run: wall time and mean tokens/s of the whole run, counts as integers with separators
+    assert f"trained 18 steps, {18 * BATCH * WINDOW:,} tokens in " in printed and "tokens/s on average" in printed
+    assert "e+0" not in printed, printed
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
