@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,7 @@ class Ctx:
     work: Path
     model: Path
     cache: Path
+    env: dict[str, str] = field(default_factory=dict)  # environment variables the case sets
 
     def file(self, name: str, data: bytes | str) -> str:
         path = self.work / "inputs" / name
@@ -182,6 +183,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("overwrite-input", lambda c: [*pretrain(c), "--run.out-dir", _marked_folder(c, "old"), "--data.source",
                                    c.file("../old/text.txt", "Some text. " * 300), "--overwrite"],
      "an input of this command"),
+    ("legolm-data-missing", lambda c: _env(c, LEGOLM_DATA="../no-such-shared") or pretrain(
+        c, "--data.max-documents", "21"), "LEGOLM_DATA=../no-such-shared does not exist"),
     ("out-dir-is-a-file", lambda c: [*pretrain(c), "--run.out-dir", c.file("plain.txt", "x")], "is a file"),
     # models and their files
     ("generate-device-banana", lambda c: generate(c, "--device", "banana"), "'banana' is not a device"),
@@ -238,6 +241,11 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
 ]
 
 
+def _env(c: Ctx, **values: str) -> None:
+    """Set environment variables for the case (the test restores them)."""
+    c.env.update(values)
+
+
 def _legolm_config(c: Ctx, text: bytes | str) -> str:
     out = c.model_with("raw", lambda d: None)
     Path(out, "legolm.json").write_bytes(text.encode() if isinstance(text, str) else text)
@@ -264,6 +272,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv: Callable[[Ctx], l
     monkeypatch.chdir(work)
     ctx = Ctx(work, tiny_model_dir, corpus[1])
     args = argv(ctx)
+    for name, value in ctx.env.items():
+        monkeypatch.setenv(name, value)
     before = _snapshot(work)
     try:
         code = main(args)
