@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from legolm.train import FitConfig, NextTokenLoss, WindowBatches, fit
 from legolm.train.batches import Batch
 from legolm.train.checkpoint import checkpoint_dirs, latest_checkpoint
 from legolm.train.fit import Callback, FitState, LossOutput
+from legolm.train.metrics import MetricsLogger
 from legolm.train.run_dir import LOCK, MARKER, hold_run_dir
 from legolm.utils import io as legolm_io
 from legolm.utils.io import atomic_dir, finite_json
@@ -195,6 +197,17 @@ def test_pretrain_cli_nan_exits_2_with_one_line_and_writes_no_model(cache: Path,
     assert not (out / "model").exists() and not (out / "summary.json").exists()
     for _, ckpt in checkpoint_dirs(out):
         assert all_finite(ckpt / "model.safetensors")
+
+
+def test_the_loss_plot_of_a_run_with_nothing_finite_warns_nothing(tmp_path: Path) -> None:
+    """A run that diverges at once ends with its one error line, not a matplotlib legend warning before it."""
+    pytest.importorskip("matplotlib")
+    logger = MetricsLogger(tmp_path, plot=True)
+    logger.log({"step": 1, "split": "train", "loss": math.nan, "lr": 1e-3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logger.close()
+    assert (tmp_path / "loss.png").is_file()
 
 
 def test_finite_json_refuses_nan_and_names_where(tmp_path: Path) -> None:
