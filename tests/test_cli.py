@@ -273,3 +273,15 @@ def test_python_dash_m_legolm_is_the_legolm_command(tmp_path: Path) -> None:
                           env={**os.environ, "PYTHONPATH": str(Path(legolm.__file__).parents[1])})
     expected = f"legolm: error: model path {tmp_path / 'nope'} does not exist"
     assert proc.returncode == 2 and proc.stderr.strip() == expected, proc.stderr
+
+
+def test_a_relative_legolm_data_is_made_absolute_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``LEGOLM_DATA=../shared`` names the folder beside the one the command started in, for the whole command and
+    the processes it starts."""
+    (tmp_path / "checkout").mkdir()
+    monkeypatch.chdir(tmp_path / "checkout")
+    monkeypatch.setenv("LEGOLM_DATA", "../shared")
+    assert main(["generate", "--model", "nope/", "--prompt", "x"]) == 2
+    capsys.readouterr()
+    assert os.environ["LEGOLM_DATA"] == str(tmp_path / "shared")
