@@ -280,6 +280,7 @@ def test_a_relative_legolm_data_is_made_absolute_once(tmp_path: Path, monkeypatc
     """``LEGOLM_DATA=../shared`` names the folder beside the one the command started in, for the whole command and
     the processes it starts."""
     (tmp_path / "checkout").mkdir()
+    (tmp_path / "shared").mkdir()
     monkeypatch.chdir(tmp_path / "checkout")
     monkeypatch.setenv("LEGOLM_DATA", "../shared")
     assert main(["generate", "--model", "nope/", "--prompt", "x"]) == 2
