@@ -221,6 +221,18 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("hf-integer-weights", lambda c: generate(c, model=_integer_weights(c, hf=True)),
      "holds int32 values, not floating point"),
     ("tokenizer-json-garbage", lambda c: generate(c, model=_garbage_tokenizer(c)), "is not a valid tokenizer file"),
+    ("tokenizer-json-empty", lambda c: generate(c, model=_garbage_tokenizer(c, "")), "is not a valid tokenizer file"),
+    ("tokenizer-json-wrong-schema", lambda c: generate(c, model=_garbage_tokenizer(c, '{"model": {"type": "BPE", '
+                                                                                      '"vocab": [1, 2]}}')),
+     "is not a valid tokenizer file"),
+    ("hf-config-too-deep", lambda c: generate(c, model=c.hf_dir("deep", '{"a": ' * 100_000 + "1" + "}" * 100_000)),
+     "nests too deeply"),
+    ("hf-config-float-size", lambda c: generate(c, model=c.hf_export("float", hidden_size=64.0)),
+     "n_embd must be an integer, got 64.0"),
+    ("hf-config-heads-do-not-divide", lambda c: generate(c, model=c.hf_export("heads3", num_attention_heads=3)),
+     "n_embd=64 is not divisible by n_head=3"),
+    ("hf-config-string-eos", lambda c: generate(c, model=c.hf_export("eos-hf", eos_token_id="x")),
+     "eos_token_id must be an integer or null"),
     ("eval-ids-beyond-vocab", lambda c: ["eval", "ppl", "--model", str(c.model), "--data",
                                          c.file("story.txt", "Once upon a time there was a cat. " * 40),
                                          "--tokenizer", "gpt2", "--max-length", "32", "--stride", "32",
@@ -252,9 +264,9 @@ def _legolm_config(c: Ctx, text: bytes | str) -> str:
     return out
 
 
-def _garbage_tokenizer(c: Ctx) -> str:
+def _garbage_tokenizer(c: Ctx, text: str = "{\"model\": 42") -> str:
     out = c.model_with("tok", lambda d: None)
-    Path(out, "tokenizer.json").write_text("{\"model\": 42")
+    Path(out, "tokenizer.json").write_text(text)
     return out
 
 
