@@ -155,6 +155,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
      "parameters need"),
     ("lego-num-layers-huge", lambda c: ["lego", "--config", str(CONFIGS / "lego-tiny.yaml"), "--lego.num-layers",
                                         "100000", "--run.out-dir", str(c.work / "run")], "exceeds the limit of 1,024"),
+    ("lego-phase2-lr-inf", lambda c: ["lego", "--config", str(CONFIGS / "lego-tiny.yaml"), "--phase2.optim.lr", "inf",
+                                      "--run.out-dir", str(c.work / "run")], "phase2.optim.lr must be > 0 and finite"),
     # config files
     ("yaml-not-utf8", lambda c: pretrain(c, "--config", c.file("a.yaml", b"optim:\n  lr: \xff\xfe\n")), "not UTF-8"),
     ("yaml-alias-bomb", lambda c: pretrain(c, "--config", c.file("bomb.yaml", ALIAS_BOMB)), "aliases"),
