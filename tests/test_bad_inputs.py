@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -32,6 +32,7 @@ class Ctx:
     work: Path
     model: Path
     cache: Path
+    env: dict[str, str] = field(default_factory=dict)  # environment variables the case sets
 
     def file(self, name: str, data: bytes | str) -> str:
         path = self.work / "inputs" / name
@@ -103,6 +104,18 @@ def _inf_weights(c: Ctx) -> str:
     return str(out)
 
 
+def _integer_weights(c: Ctx, hf: bool) -> str:
+    """The tiny model (legolm or Hugging Face layout) with its weights stored as int32."""
+    from safetensors.torch import load_file, save_file
+
+    out = Path(c.hf_export("int-hf")) if hf else Path(c.model_with("int", lambda d: None))
+    state = {k: (v * 100).to(torch.int32) for k, v in load_file(str(out / "model.safetensors")).items()}
+    save_file(state, str(out / "model.safetensors"))
+    if hf:
+        shutil.copy(c.model / "tokenizer.json", out)
+    return str(out)
+
+
 def _marked_folder(c: Ctx, name: str, cwd: str | None = None, relative: bool = False) -> str:
     """A folder ``name`` in the work folder carrying legolm's run marker (``cwd``: then move into that subfolder)."""
     out = c.work / name
@@ -142,6 +155,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
      "parameters need"),
     ("lego-num-layers-huge", lambda c: ["lego", "--config", str(CONFIGS / "lego-tiny.yaml"), "--lego.num-layers",
                                         "100000", "--run.out-dir", str(c.work / "run")], "exceeds the limit of 1,024"),
+    ("lego-phase2-lr-inf", lambda c: ["lego", "--config", str(CONFIGS / "lego-tiny.yaml"), "--phase2.optim.lr", "inf",
+                                      "--run.out-dir", str(c.work / "run")], "phase2.optim.lr must be > 0 and finite"),
     # config files
     ("yaml-not-utf8", lambda c: pretrain(c, "--config", c.file("a.yaml", b"optim:\n  lr: \xff\xfe\n")), "not UTF-8"),
     ("yaml-alias-bomb", lambda c: pretrain(c, "--config", c.file("bomb.yaml", ALIAS_BOMB)), "aliases"),
@@ -170,6 +185,8 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("overwrite-input", lambda c: [*pretrain(c), "--run.out-dir", _marked_folder(c, "old"), "--data.source",
                                    c.file("../old/text.txt", "Some text. " * 300), "--overwrite"],
      "an input of this command"),
+    ("legolm-data-missing", lambda c: _env(c, LEGOLM_DATA="../no-such-shared") or pretrain(
+        c, "--data.max-documents", "21"), "LEGOLM_DATA=../no-such-shared does not exist"),
     ("out-dir-is-a-file", lambda c: [*pretrain(c), "--run.out-dir", c.file("plain.txt", "x")], "is a file"),
     # models and their files
     ("generate-device-banana", lambda c: generate(c, "--device", "banana"), "'banana' is not a device"),
@@ -201,7 +218,23 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("hf-config-string-size", lambda c: generate(c, model=c.hf_dir("str", json.dumps(
         {"model_type": "gpt2", "n_layer": 1, "n_embd": "64", "n_head": 4, "vocab_size": 512, "n_positions": 64}))),
      "n_embd must be an integer"),
+    ("legolm-integer-weights", lambda c: generate(c, model=_integer_weights(c, hf=False)),
+     "holds int32 values, not floating point"),
+    ("hf-integer-weights", lambda c: generate(c, model=_integer_weights(c, hf=True)),
+     "holds int32 values, not floating point"),
     ("tokenizer-json-garbage", lambda c: generate(c, model=_garbage_tokenizer(c)), "is not a valid tokenizer file"),
+    ("tokenizer-json-empty", lambda c: generate(c, model=_garbage_tokenizer(c, "")), "is not a valid tokenizer file"),
+    ("tokenizer-json-wrong-schema", lambda c: generate(c, model=_garbage_tokenizer(c, '{"model": {"type": "BPE", '
+                                                                                      '"vocab": [1, 2]}}')),
+     "is not a valid tokenizer file"),
+    ("hf-config-too-deep", lambda c: generate(c, model=c.hf_dir("deep", '{"a": ' * 100_000 + "1" + "}" * 100_000)),
+     "nests too deeply"),
+    ("hf-config-float-size", lambda c: generate(c, model=c.hf_export("float", hidden_size=64.0)),
+     "n_embd must be an integer, got 64.0"),
+    ("hf-config-heads-do-not-divide", lambda c: generate(c, model=c.hf_export("heads3", num_attention_heads=3)),
+     "n_embd=64 is not divisible by n_head=3"),
+    ("hf-config-string-eos", lambda c: generate(c, model=c.hf_export("eos-hf", eos_token_id="x")),
+     "eos_token_id must be an integer or null"),
     ("eval-ids-beyond-vocab", lambda c: ["eval", "ppl", "--model", str(c.model), "--data",
                                          c.file("story.txt", "Once upon a time there was a cat. " * 40),
                                          "--tokenizer", "gpt2", "--max-length", "32", "--stride", "32",
@@ -222,15 +255,20 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
 ]
 
 
+def _env(c: Ctx, **values: str) -> None:
+    """Set environment variables for the case (the test restores them)."""
+    c.env.update(values)
+
+
 def _legolm_config(c: Ctx, text: bytes | str) -> str:
     out = c.model_with("raw", lambda d: None)
     Path(out, "legolm.json").write_bytes(text.encode() if isinstance(text, str) else text)
     return out
 
 
-def _garbage_tokenizer(c: Ctx) -> str:
+def _garbage_tokenizer(c: Ctx, text: str = "{\"model\": 42") -> str:
     out = c.model_with("tok", lambda d: None)
-    Path(out, "tokenizer.json").write_text("{\"model\": 42")
+    Path(out, "tokenizer.json").write_text(text)
     return out
 
 
@@ -248,6 +286,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv: Callable[[Ctx], l
     monkeypatch.chdir(work)
     ctx = Ctx(work, tiny_model_dir, corpus[1])
     args = argv(ctx)
+    for name, value in ctx.env.items():
+        monkeypatch.setenv(name, value)
     before = _snapshot(work)
     try:
         code = main(args)

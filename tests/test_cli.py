@@ -264,3 +264,25 @@ def test_export_to_existing_directory_without_overwrite(tiny_gpt2_dir: Path, tmp
         assert [p.name for p in out.iterdir()] == ["precious.txt"]
         assert (out / "precious.txt").read_text() == "do not touch"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # no temp dirs left behind
+
+
+def test_python_dash_m_legolm_is_the_legolm_command(tmp_path: Path) -> None:
+    """``python -m legolm`` runs the same CLI: here a user mistake, one line and exit 2."""
+    proc = subprocess.run([sys.executable, "-m", "legolm", "generate", "--model", str(tmp_path / "nope"), "--prompt",
+                           "x"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(legolm.__file__).parents[1])})
+    expected = f"legolm: error: model path {tmp_path / 'nope'} does not exist"
+    assert proc.returncode == 2 and proc.stderr.strip() == expected, proc.stderr
+
+
+def test_a_relative_legolm_data_is_made_absolute_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``LEGOLM_DATA=../shared`` names the folder beside the one the command started in, for the whole command and
+    the processes it starts."""
+    (tmp_path / "checkout").mkdir()
+    (tmp_path / "shared").mkdir()
+    monkeypatch.chdir(tmp_path / "checkout")
+    monkeypatch.setenv("LEGOLM_DATA", "../shared")
+    assert main(["generate", "--model", "nope/", "--prompt", "x"]) == 2
+    capsys.readouterr()
+    assert os.environ["LEGOLM_DATA"] == str(tmp_path / "shared")

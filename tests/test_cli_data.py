@@ -141,3 +141,18 @@ def test_model_without_tokenizer_asks_for_one(tmp_path: Path, capsys: pytest.Cap
     code = main(["eval", "ppl", "--model", str(tmp_path / "bare"), "--data", "tinyshakespeare", "--max-length", "32",
                  "--stride", "16"])
     _one_line_error(code, capsys.readouterr().err, "brings no tokenizer", "pass --tokenizer")
+
+
+def test_eval_ppl_scores_all_of_a_single_document_file(tiny_gpt2_dir: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A file given to eval ppl is the user's evaluation text: one document, no flags, all of it scored."""
+    text = "Once upon a time there was a little cat who liked to play in the garden with her friends. " * 20
+    story = tmp_path / "my.txt"
+    story.write_text(text + "\n", encoding="utf-8")
+    out = tmp_path / "ppl.json"
+    code = main(["eval", "ppl", "--model", str(tiny_gpt2_dir), "--data", str(story), "--max-length", "64",
+                 "--stride", "32", "--device", "cpu", "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    n = len(legolm.load_tokenizer(tiny_gpt2_dir).encode(text.strip()))
+    assert result["split"] == "all" and result["n_tokens"] in (n - 1, n), (result, n)  # the first too after a separator

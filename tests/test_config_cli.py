@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from legolm.cli.args import add_config_args, config_from_dict, dump_yaml, resolve_config
-from legolm.cli.main import main
+from legolm.cli.main import build_parser, main
 from legolm.errors import ConfigError
 from legolm.train.config import TrainConfig
 
@@ -185,3 +186,26 @@ def test_a_yaml_section_keeps_the_commands_own_defaults_for_keys_it_does_not_set
     assert cfg.data.source == "tinystories" and cfg.data.tokenizer == default.data.tokenizer == "model"
     assert cfg.lora.r == 4 and cfg.lora.target_modules == default.lora.target_modules == ["all-linear"]
     assert cfg.run.out_dir == default.run.out_dir == "runs/finetune"
+
+
+def _helps(parser: argparse.ArgumentParser, name: str = "legolm") -> list[tuple[str, str, str]]:
+    """(command, option, help text without argparse's default suffix) of every option of every command."""
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                out += _helps(sub, f"{name} {sub_name}")
+        elif action.help and action.help != argparse.SUPPRESS:
+            text = re.sub(r"\s*\(default: %\(default\)s\)$", "", action.help).strip()
+            out.append((name, (action.option_strings or [action.dest])[0], text))
+    return out
+
+
+def test_no_help_text_is_cut_mid_sentence() -> None:
+    """A setting's help is its whole docstring entry (continuation lines included): every sentence-style help ends
+    as a sentence does."""
+    helps = _helps(build_parser())
+    assert len(helps) > 300
+    cut = [(cmd, opt, text[-50:]) for cmd, opt, text in helps
+           if text[:1].isupper() and not text.endswith((".", ")", "?", "!", ":", "`"))]
+    assert not cut, cut

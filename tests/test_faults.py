@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from legolm.train import FitConfig, NextTokenLoss, WindowBatches, fit
 from legolm.train.batches import Batch
 from legolm.train.checkpoint import checkpoint_dirs, latest_checkpoint
 from legolm.train.fit import Callback, FitState, LossOutput
+from legolm.train.metrics import MetricsLogger
 from legolm.train.run_dir import LOCK, MARKER, hold_run_dir
 from legolm.utils import io as legolm_io
 from legolm.utils.io import atomic_dir, finite_json
@@ -197,6 +199,17 @@ def test_pretrain_cli_nan_exits_2_with_one_line_and_writes_no_model(cache: Path,
         assert all_finite(ckpt / "model.safetensors")
 
 
+def test_the_loss_plot_of_a_run_with_nothing_finite_warns_nothing(tmp_path: Path) -> None:
+    """A run that diverges at once ends with its one error line, not a matplotlib legend warning before it."""
+    pytest.importorskip("matplotlib")
+    logger = MetricsLogger(tmp_path, plot=True)
+    logger.log({"step": 1, "split": "train", "loss": math.nan, "lr": 1e-3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logger.close()
+    assert (tmp_path / "loss.png").is_file()
+
+
 def test_finite_json_refuses_nan_and_names_where(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"runs\[1\]\.final_val_ppl = nan"):
         finite_json({"runs": [{"final_val_ppl": 3.0}, {"final_val_ppl": math.nan}]}, "lct.json")
@@ -340,17 +353,43 @@ def test_finetune_overwrite_never_deletes_its_base_model(tmp_path: Path, capsys:
 
 
 # -- resume --------------------------------------------------------------------------------------------
-def test_resume_with_other_data_or_window_is_refused_and_changes_nothing(cache: Path, tmp_path: Path,
-                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_with_other_data_tokenizer_window_or_model_is_refused_and_changes_nothing(
+        cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     assert main([*tiny_args(cache, out, steps=6), "--run.save-every", "3", "--sample.prompt", ""]) == 0
     capsys.readouterr()
     snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK}
     for change, fragment in ((["--data.max-documents", "24"], "the run trained on"),
-                             (["--window", "16"], "the run trained on 32-token windows")):
+                             (["--data.source", "tinystories"], "the run trained on"),
+                             (["--window", "16"], "the run trained on 32-token windows"),
+                             (["--data.tokenizer", "bpe:384"], "is of another model (wte.weight is 512x64 there, "
+                                                               "384x64 here"),
+                             (["--model.n-embd", "32"], "is of another model")):
         assert main(tiny_args(cache, out, steps=9) + change + ["--resume"]) == 2
         _one_error_line(capsys.readouterr().err, "cannot resume", fragment)
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK} == snapshot
+
+
+def test_resuming_keeps_one_row_per_step_and_the_summary_covers_the_whole_run(
+        cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    base = [*tiny_args(cache, out, steps=12), "--run.save-every", "6", "--sample.prompt", ""]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main([*base, "--resume"]) == 0  # a finished run: nothing to train, nothing logged twice
+    capsys.readouterr()
+    assert main([*tiny_args(cache, out, steps=18), "--run.save-every", "6", "--sample.prompt", "", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    rows = strict_json_lines(out / "metrics.jsonl")
+    keys = [(r["step"], r["split"]) for r in rows]
+    assert len(keys) == len(set(keys)), keys
+    assert [r["step"] for r in rows if r["split"] == "val"] == [6, 12, 18]
+    fit_summary = json.loads((out / "summary.json").read_text())["fit"]
+    assert [e["step"] for e in fit_summary["evals"]] == [6, 12, 18]
+    assert fit_summary["steps"] == 18 and fit_summary["tokens"] == 18 * BATCH * WINDOW
+    # the end of the run: wall time and mean tokens/s of the whole run, counts as integers with separators
+    assert f"trained 18 steps, {18 * BATCH * WINDOW:,} tokens in " in printed and "tokens/s on average" in printed
+    assert "e+0" not in printed, printed
 
 
 def _truncate(path: Path) -> None:

@@ -7,6 +7,8 @@ from a folder that has the shared data beside it as ``../shared`` (as a checkout
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import os
 import re
 import shlex
@@ -65,3 +67,50 @@ def test_the_readme_test_command_is_the_one_ci_runs() -> None:
     assert test_cmd in ci, "README's test command differs from .ci/run's"
     assert "LEGOLM_DATA" not in test_cmd  # works as written: tests/conftest.py finds ../shared itself
     assert shlex.split(test_cmd)[0] == "python3"
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(name)
+    return None
+
+
+def _readme_commands(text: str) -> list[str]:
+    """Every `legolm` command line of the README: in its bash blocks (continuation lines joined, comments and
+    other commands of an ``&&`` chain dropped) and in inline code."""
+    commands = []
+    for block in _readme_bash(text):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("#", 1)[0].split("&&"):
+                words = part.split()
+                start = next((i for i, w in enumerate(words) if w.endswith(("legolm", "legolm.cli.main", "legolm)"))),
+                             None)
+                if start is not None:
+                    commands.append(" ".join(words[start + 1:]))
+    commands += [m.group(1) for m in re.finditer(r"`legolm ([^`]+)`", text)]
+    return commands
+
+
+def test_every_readme_command_names_a_real_subcommand_and_real_flags() -> None:
+    """The README's commands use the CLI that exists: each subcommand, and each ``--flag`` (also those shown as
+    optional ``[--x ...]``), is one the parser knows."""
+    from legolm.cli.main import build_parser
+
+    commands = _readme_commands(README.read_text(encoding="utf-8"))
+    assert len(commands) > 10
+    root = build_parser()
+    for command in commands:
+        words = command.replace("[", " ").replace("]", " ").replace("|", " ").split()
+        parser = root
+        while words and (sub := _subparser(parser, words[0])) is not None:
+            parser, words = sub, words[1:]
+        assert parser is not root, f"README: `legolm {command}` names no subcommand"
+        known = {s for action in parser._actions for s in action.option_strings}
+        for flag, value in itertools.pairwise(words):
+            if flag == "--config" and value.startswith("configs/"):
+                assert (ROOT / value).is_file(), f"README: `legolm {command}` names a config that does not exist"
+        for word in words:
+            flag = word.split("=", 1)[0]
+            if flag.startswith("--") and flag != "--" and flag.rstrip(".") not in known:
+                raise AssertionError(f"README: `legolm {command}` uses {flag}, which `{parser.prog}` does not take")

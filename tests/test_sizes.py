@@ -22,7 +22,7 @@ from legolm.checkpoints import gguf as gguf_io
 from legolm.checkpoints import hf as hf_io
 from legolm.checkpoints.gguf import _LAYER_KEYS, _TOP_KEYS
 from legolm.checkpoints.native import export_hf, save_checkpoint
-from legolm.errors import CheckpointError, ConfigError
+from legolm.errors import CheckpointError, ConfigError, LegolmError
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.decoder import DecodeSession
 from legolm.model import transformer
@@ -222,4 +222,13 @@ def test_gguf_head_counts_that_cannot_split_the_rows_are_one_line(tmp_path: Path
 def test_gguf_of_too_many_layers_is_refused_by_its_metadata(tmp_path: Path) -> None:
     path = write_llama_gguf(tmp_path / "m.gguf", _llama(), block_count=100_000)
     with pytest.raises(ConfigError, match="100,000 layers exceed the limit"):
+        legolm.load_pretrained(path)
+
+
+@pytest.mark.parametrize(("fields", "match"), [({"head_count": 0}, "llama.attention.head_count is 0"),
+                                               ({"head_count_kv": 0}, "n_kv_head must be in"),
+                                               ({"embedding_length": 0}, "n_embd must be in")])
+def test_gguf_zero_sizes_are_one_line(tmp_path: Path, fields: dict[str, int], match: str) -> None:
+    path = write_llama_gguf(tmp_path / "m.gguf", _llama(), **fields)
+    with pytest.raises(LegolmError, match=match):
         legolm.load_pretrained(path)

@@ -266,3 +266,42 @@ def test_existing_run_dir_is_refused(corpus: TokenizedCorpus, tmp_path: Path) ->
     (tmp_path / "run").mkdir()
     with pytest.raises(LegolmError, match=r"already exists.*--overwrite"):
         fit(tiny_model(), WindowBatches(corpus.train, WINDOW, BATCH), fit_config(tmp_path))
+
+
+def test_evaluation_and_checkpoint_time_is_not_in_the_progress_bar_rate(corpus: TokenizedCorpus, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar's elapsed time (its rate and ETA) leaves out evaluations and checkpoints, so the ETA does not
+    jump after each."""
+    import sys
+    import time
+
+    from tqdm.auto import tqdm
+
+    fit_module = sys.modules["legolm.train.fit"]  # the module (legolm.train.fit is also the function's name)
+
+    pause = 1.0
+    closed: list[float] = []
+
+    class Bar(tqdm):  # type: ignore[type-arg]
+        def close(self) -> None:
+            closed.append(self.format_dict["elapsed"])
+            super().close()
+
+    def slow_eval(model: torch.nn.Module) -> dict[str, float]:
+        time.sleep(pause)
+        return {"val_loss": 1.0, "val_ppl": math.e}
+
+    save = fit_module.save_training_checkpoint
+
+    def slow_save(*args: object, **kwargs: object) -> Path:
+        time.sleep(pause)
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "tqdm", Bar)
+    monkeypatch.setattr(fit_module, "save_training_checkpoint", slow_save)
+    cfg = fit_config(tmp_path, max_steps=8)
+    cfg.run.progress, cfg.run.save_every = True, 4
+    t0 = time.perf_counter()
+    fit(tiny_model(), WindowBatches(corpus.train, WINDOW, BATCH), cfg, eval_fn=slow_eval)  # eval and save at 4, 8
+    wall = time.perf_counter() - t0
+    assert closed and closed[0] < wall - 4 * pause, (closed, wall)

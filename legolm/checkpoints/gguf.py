@@ -81,6 +81,9 @@ def gguf_config(fields: dict[str, Any], name: str) -> ModelConfig:
 def _llama_config(fields: dict[str, Any], name: str) -> ModelConfig:
     n_head = int(fields["llama.attention.head_count"])
     n_embd = int(fields["llama.embedding_length"])
+    if n_head < 1:  # before the head width n_embd // n_head is taken
+        raise CheckpointError(f"GGUF file {name}: llama.attention.head_count is {n_head}; a llama model has at "
+                              "least one attention head (a damaged or hand-edited file?)")
     vocab = fields.get("llama.vocab_size") or len(fields["tokenizer.ggml.tokens"])
     return ModelConfig(
         layers=["llama"] * int(fields["llama.block_count"]), vocab_size=int(vocab), n_embd=n_embd, n_head=n_head,

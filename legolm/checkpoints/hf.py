@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from legolm.checkpoints.validate import check_shapes, meta_state
+from legolm.checkpoints.validate import SAFETENSORS_DTYPES, check_shapes, meta_state
 from legolm.errors import CheckpointError, LegolmError
 from legolm.model.config import ModelConfig
 from legolm.utils.io import read_json
@@ -276,13 +276,18 @@ def read_shapes(directory: Path) -> dict[str, Tensor]:
 
     files = sorted(directory.glob("*.safetensors"))
     if not files:  # pytorch_model.bin: no header to read; memory-mapped, its shapes cost no reads either
-        return meta_state({k: v.shape for k, v in _read_bin(directory, mmap=True).items()})
+        weights = _read_bin(directory, mmap=True)
+        return meta_state({k: v.shape for k, v in weights.items()}, {k: v.dtype for k, v in weights.items()})
     shapes: dict[str, list[int]] = {}
+    dtypes: dict[str, torch.dtype] = {}
     with _reading(directory):
         for f in files:
             with safe_open(str(f), framework="pt") as handle:
-                shapes.update({k: handle.get_slice(k).get_shape() for k in handle.keys()})  # noqa: SIM118 (no __iter__)
-    return meta_state(shapes)
+                for k in handle.keys():  # noqa: SIM118 (no __iter__)
+                    header = handle.get_slice(k)
+                    shapes[k] = header.get_shape()
+                    dtypes[k] = SAFETENSORS_DTYPES.get(header.get_dtype(), torch.float32)
+    return meta_state(shapes, dtypes)
 
 
 def read_weights(directory: Path) -> dict[str, Tensor]:

@@ -55,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"legolm: error: the argument {bad.encode('utf-8', 'replace').decode()!r} is not valid UTF-8 text; "
               "pass UTF-8 (e.g. re-save the file it came from as UTF-8)", file=sys.stderr)
         return 2
+    from legolm.data.sources import pin_shared_root
+
+    pin_shared_root()
     ns = build_parser().parse_args(args)
     func: Callable[[argparse.Namespace], None] = ns.func
     try:

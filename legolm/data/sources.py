@@ -39,6 +39,14 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV_VAR, Path.home() / ".cache" / "legolm")).expanduser()
 
 
+def pin_shared_root() -> None:
+    """Make a relative ``LEGOLM_DATA`` absolute in this process's environment, once, from the current folder: the
+    same folder for the whole command and for any process it starts (which may run from another folder)."""
+    root = os.environ.get(ENV_VAR)
+    if root and not Path(root).expanduser().is_absolute() and Path(root).expanduser().is_dir():  # (a missing
+        os.environ[ENV_VAR] = os.path.abspath(Path(root).expanduser())  # one stays as given, for its error line)
+
+
 def shared_root() -> Path | None:
     """The folder ``LEGOLM_DATA`` names, as an absolute path (a relative one is taken from the current
     folder), or None when it is unset.

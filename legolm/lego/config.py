@@ -192,8 +192,15 @@ class LegoConfig:
     def validate(self) -> None:
         """Raise `ConfigError` naming the first bad setting and its fix."""
         out = Path(self.run.out_dir)
-        for phase in (self.phase1, self.phase2):
-            phase.fit_config(self.window, self.run, out).validate()
+        for name, phase in (("phase1", self.phase1), ("phase2", self.phase2)):
+            try:
+                phase.fit_config(self.window, self.run, out).validate()
+            except ConfigError as err:  # name the phase's own setting: phase2.optim.lr, not optim.lr
+                message = str(err)
+                section = message.split(".", 1)[0]
+                if section in ("optim", "schedule", "eval") and "." in message.split(" ", 1)[0]:
+                    message = f"{name}.{message}"
+                raise ConfigError(message) from None
         self.data.validate()
         check_target_ratio(self.lego.target_ratio)
         for r in self.lego.curve_ratios:

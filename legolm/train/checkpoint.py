@@ -115,8 +115,9 @@ class UnreadableCheckpoint(CheckpointError):
     """A checkpoint whose files are missing, truncated or garbage (as opposed to one of another model)."""
 
 
-def _check_safetensors(path: Path) -> None:
-    """Raise ``ValueError`` unless ``path`` is as long as its safetensors header says (a torn write is not)."""
+def _check_safetensors(path: Path) -> dict[str, Any]:
+    """``path``'s safetensors header; raise ``ValueError`` unless the file is as long as it says (a torn write is
+    not)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(SAFETENSORS_HEADER_BYTES)
@@ -130,6 +131,7 @@ def _check_safetensors(path: Path) -> None:
     expected = SAFETENSORS_HEADER_BYTES + n + max(ends, default=0)
     if expected != size:
         raise ValueError(f"model.safetensors holds {size} bytes, its header describes {expected}")
+    return header
 
 
 def read_training_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -175,6 +177,7 @@ def load_training_checkpoint(path: Path, model: nn.Module, device: torch.device)
         UnreadableCheckpoint: A file is missing or torn. CheckpointError: The checkpoint is of another model.
     """
     state, optimizer_state, rng_tensors = read_training_checkpoint(path)
+    _check_same_model(path, model)
     with _reading(path):
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
         if missing or unexpected:
@@ -182,6 +185,19 @@ def load_training_checkpoint(path: Path, model: nn.Module, device: torch.device)
                                   f"unexpected {sorted(unexpected)[:5]}; resume with the config it was written with")
         _set_rng_state(state.pop("rng"), rng_tensors)
     return state, optimizer_state
+
+
+def _check_same_model(path: Path, model: nn.Module) -> None:
+    """Raise `CheckpointError` when a weight of the checkpoint at ``path`` has another shape than ``model``'s
+    (another width, depth of a layer, or vocabulary: a different tokenizer), from the header alone."""
+    header = _check_safetensors(path / "model.safetensors")
+    for key, tensor in model.state_dict().items():
+        saved = header.get(key)
+        if isinstance(saved, dict) and list(saved.get("shape", ())) != list(tensor.shape):
+            there, here = ("x".join(map(str, s)) for s in (saved["shape"], tensor.shape))
+            raise CheckpointError(f"cannot resume: checkpoint {path} is of another model ({key} is {there} there, "
+                                  f"{here} here: another model setting or tokenizer vocabulary); resume with the run's "
+                                  "own model and data settings (its config.yaml) or start a new run")
 
 
 Saved = tuple[dict[str, Any], dict[str, Any]]  # (trainer state, optimizer state)

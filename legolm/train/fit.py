@@ -687,11 +687,14 @@ class _Loop:
         wrapped = self.step.wrapped
         if not (self.ctx.is_main or wrapped.collective_state):
             return
+        t0 = time.perf_counter()
         module, optimizer_state = wrapped.model_to_save(), wrapped.optimizer_state(self.step.optimizer)
         if module is not None:
             trainer = {"fit": asdict(self.state), "data": self.train.state_dict()}
             save_training_checkpoint(self.run_dir, self.state.step, module, optimizer_state, trainer,
                                      self.cfg.run.keep_checkpoints)
+        self.t_mark += time.perf_counter() - t0  # like an evaluation: not in tokens/s,
+        self.bar.unpause()  # nor in the bar's rate and ETA
 
     def finish(self) -> None:
         self.log_train()

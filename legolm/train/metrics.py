@@ -112,7 +112,8 @@ class MetricsLogger:
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy (nats/token)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # nothing finite to draw yet (a run that diverged at once): no legend
+            ax.legend()
         fig.tight_layout()
         atomic_savefig(fig, self.dir / PLOT, dpi=100)
 
