@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from benchmarks.common import BENCH_DATA, ROOT, device_info, print_table, write_result
-from legolm.cli.args import config_from_dict, load_yaml, merge
+from legolm.config import config_from_dict, load_yaml, merge
 from legolm.lct.train import LCTConfig
 
 SMOKE = {"epochs": 1, "max_train_windows": 64, "lag_windows": 8,

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from legolm.cli.args import add_config_args, dump_yaml, resolve_config
+from legolm.cli.args import add_config_args, resolve_config
+from legolm.config import dump_yaml
 from legolm.experiment.config import ExperimentConfig
 
 ALIASES = {"--overwrite": "run.overwrite"}

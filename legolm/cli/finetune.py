@@ -24,7 +24,8 @@ from legolm.adapters.inject import LoRAConfig
 from legolm.adapters.skip2lora import Skip2LoRAConfig
 from legolm.adapters.skip_cache import SkipCacheConfig
 from legolm.cli import args as cli_args
-from legolm.cli.args import add_config_args, dump_yaml, resolve_run_config
+from legolm.cli.args import add_config_args, resolve_run_config
+from legolm.config import dump_yaml
 from legolm.data.tokenized import DataConfig
 from legolm.errors import ConfigError
 from legolm.train.config import FitConfig, OptimConfig, RunConfig, SampleConfig

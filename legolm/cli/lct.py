@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from legolm.cli.args import add_config_args, dump_yaml, resolve_config
+from legolm.cli.args import add_config_args, resolve_config
+from legolm.config import dump_yaml
 from legolm.lct.train import LCTConfig
 
 ALIASES = {"--overwrite": "run.overwrite"}

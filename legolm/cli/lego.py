@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 
-from legolm.cli.args import add_config_args, dump_yaml, resolve_run_config
+from legolm.cli.args import add_config_args, resolve_run_config
+from legolm.config import dump_yaml
 from legolm.lego.config import LegoConfig
 
 ALIASES = {"--overwrite": "run.overwrite", "--resume": "run.resume"}

@@ -15,7 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from legolm.cli.args import add_config_args, dump_yaml, resolve_run_config
+from legolm.cli.args import add_config_args, resolve_run_config
+from legolm.config import dump_yaml
 from legolm.errors import ConfigError
 from legolm.train.config import TrainConfig
 from legolm.train.metrics import format_loss

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from legolm.config import dump_yaml
 from legolm.errors import ConfigError, TrainingDiverged
 from legolm.train.batches import Batch, BatchSource
 from legolm.train.checkpoint import (
@@ -395,8 +396,6 @@ def _fit_in(run_dir: Path, model: nn.Module, train: BatchSource, cfg: FitConfig,
                      skip_nonfinite=cfg.optim.on_nonfinite == "skip")
     state = _start(cfg, ckpt, saved, step, train, ctx)
     if ctx.is_main:
-        from legolm.cli.args import dump_yaml
-
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     logger = MetricsLogger(run_dir, state.step if cfg.run.resume else None, cfg.run.plot, cfg.run.tensorboard,
                            enabled=ctx.is_main)
