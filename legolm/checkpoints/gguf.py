@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from legolm.checkpoints.validate import check_shapes
 from legolm.data.tokenizer import Tokenizer
 from legolm.errors import CheckpointError
 from legolm.model.config import ModelConfig
+from legolm.model.transformer import check_shapes
 
 _LAYER_KEYS = {
     "attn_norm.weight": "norm_1.weight",

@@ -175,8 +175,8 @@ def train_and_score(kind: str, cfg: ExperimentConfig, run_dir: Path) -> ModelRes
     from legolm.data.tokenized import prepare_corpus
     from legolm.eval.perplexity import sliding_window_ppl
     from legolm.eval.reversal import evaluate_reversal
+    from legolm.layers.memory_state import memory_state_nbytes
     from legolm.model.factory import create_model
-    from legolm.model.memory_state import memory_state_nbytes
     from legolm.train.batches import WindowBatches
     from legolm.train.distributed import current
     from legolm.train.fit import autocast_for, fit

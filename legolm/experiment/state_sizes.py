@@ -19,9 +19,9 @@ import torch
 
 from legolm.experiment.config import ExperimentModelSpec
 from legolm.layers.memory import MemoryAttention
+from legolm.layers.memory_state import memory_layers, memory_state_nbytes
 from legolm.model.config import PRESETS
 from legolm.model.factory import create_model
-from legolm.model.memory_state import memory_layers, memory_state_nbytes
 
 
 @dataclass
