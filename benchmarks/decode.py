@@ -20,8 +20,8 @@ import torch
 
 from benchmarks.common import device_info, print_table, real_tokens, timed, write_result
 from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
+from legolm.core.config import ModelConfig
 from legolm.generation import GenerationConfig, generate
-from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 
 TOKENIZER = {"gpt2": "gpt2", "gpt2-medium": "gpt2", "pythia-160m": "pythia", "pythia-70m": "pythia"}

@@ -30,7 +30,7 @@ from benchmarks.common import device_info, print_table, real_tokens, write_resul
 from legolm.adapters import LoRAConfig, adapter_layers, inject_lora
 from legolm.adapters.inject import hf_family, hf_module_names
 from legolm.checkpoints.hf import GPT2, convert_state, export_hf_state
-from legolm.model.config import ModelConfig
+from legolm.core.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch
 from legolm.train.config import OptimConfig, ScheduleConfig

@@ -36,7 +36,7 @@ from torch import nn
 
 from benchmarks.common import BENCH_DATA, cycled, device_info, print_table, write_result
 from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
-from legolm.model.config import ModelConfig
+from legolm.core.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch, WindowBatches
 from legolm.train.config import OptimConfig, ScheduleConfig

@@ -2,10 +2,10 @@
 
 from legolm.checkpoints.load import load_pretrained, load_tokenizer
 from legolm.checkpoints.native import export_hf, save_checkpoint
+from legolm.core.config import PRESETS, ModelConfig
+from legolm.core.kv_cache import KVCache
 from legolm.data.tokenizer import Tokenizer
 from legolm.errors import LegolmError
-from legolm.model.config import PRESETS, ModelConfig
-from legolm.model.kv_cache import KVCache
 from legolm.model.transformer import TransformerLM
 
 __all__ = [

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import torch
 
+from legolm.core.config import ModelConfig
 from legolm.generation import GenerationConfig, generate
-from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")

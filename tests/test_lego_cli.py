@@ -157,7 +157,7 @@ def test_lego_from_a_pretrained_checkpoint_chooses_its_split_by_the_curve(tmp_pa
     model's own upper blocks, and a model/ that loads as a LegoLM whose deep model is the checkpoint's
     architecture."""
     from legolm.checkpoints.native import save_checkpoint
-    from legolm.model.config import ModelConfig
+    from legolm.core.config import ModelConfig
     from legolm.model.transformer import TransformerLM
 
     torch.manual_seed(0)

@@ -25,8 +25,8 @@ from torch import nn
 from legolm.adapters.base import AdapterLayer, adapter_layers
 from legolm.adapters.lora import LoRALinear, check_lora_settings
 from legolm.checkpoints.hf import FAMILIES, Family
+from legolm.core.config import ModelConfig
 from legolm.errors import ConfigError, LegolmError
-from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 
 ALL_LINEAR = "all-linear"

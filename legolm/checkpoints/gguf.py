@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from legolm.core.config import ModelConfig
 from legolm.data.tokenizer import Tokenizer
 from legolm.errors import CheckpointError
-from legolm.model.config import ModelConfig
 from legolm.model.transformer import check_shapes
 
 _LAYER_KEYS = {

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from legolm.core.config import ModelConfig
 from legolm.errors import CheckpointError, LegolmError
-from legolm.model.config import ModelConfig
 from legolm.model.transformer import check_shapes
 from legolm.model.validate import meta_state
 from legolm.utils.io import read_json

@@ -27,11 +27,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from legolm.core.kv_cache import KVCache, KVStore
 from legolm.errors import ConfigError
 from legolm.generation.sampling import next_token
 from legolm.layers.memory import MemoryAttention, MemoryBlock, MemoryLayer, SegmentCache
 from legolm.layers.memory_state import check_memory_state, get_memory_state, memory_layers, set_memory_state
-from legolm.model.kv_cache import KVCache, KVStore
 from legolm.model.transformer import TransformerLM
 
 State = dict[str, Tensor]

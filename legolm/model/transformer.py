@@ -19,13 +19,13 @@ from typing import Any, Self
 import torch
 from torch import Tensor, nn
 
+from legolm.core.config import ModelConfig
+from legolm.core.context import LayerContext
+from legolm.core.kv_cache import KVCache
+from legolm.core.rope import rope_tables
 from legolm.errors import ConfigError
 from legolm.layers import LayerSpec, build_blocks, stack_config
-from legolm.layers.context import LayerContext
 from legolm.layers.norms import make_norm
-from legolm.model.config import ModelConfig
-from legolm.model.kv_cache import KVCache
-from legolm.model.rope import rope_tables
 from legolm.model.validate import check_state_dict
 from legolm.utils.device import memory_bytes
 

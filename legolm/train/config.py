@@ -18,10 +18,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from legolm.core.config import PRESETS, ModelConfig
 from legolm.data.tokenized import DataConfig
 from legolm.errors import ConfigError
 from legolm.eval.sanity import PPLBands
-from legolm.model.config import PRESETS, ModelConfig
 from legolm.utils.device import check_device_name
 
 MAX_SEED = 2**32 - 1  # NumPy's legacy global seeding (np.random.seed) takes seeds in [0, 2**32 - 1]
