@@ -1,10 +1,10 @@
 """legolm: build, train, fine-tune and serve small decoder-only language models."""
 
-from legolm.checkpoints.load import load_pretrained, load_tokenizer
+from legolm.checkpoints.load import load_pretrained
 from legolm.checkpoints.native import export_hf, save_checkpoint
 from legolm.core.config import PRESETS, ModelConfig
 from legolm.core.kv_cache import KVCache
-from legolm.data.tokenizer import Tokenizer
+from legolm.data.tokenizer import Tokenizer, load_tokenizer
 from legolm.errors import LegolmError
 from legolm.model.transformer import TransformerLM
 

@@ -101,8 +101,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from legolm.adapters import inject_lora, trainable_report
     from legolm.adapters.skip2lora import Skip2LoRAModel
     from legolm.adapters.skip2lora_train import Skip2LoRALoss, SkipCacheFlush, build_skip_cache
-    from legolm.checkpoints.load import load_pretrained, load_tokenizer
+    from legolm.checkpoints.load import load_pretrained
     from legolm.data.tokenized import check_fits, prepare_corpus
+    from legolm.data.tokenizer import load_tokenizer
     from legolm.train.batches import WindowBatches
     from legolm.train.callbacks import EpochTimer
     from legolm.train.distributed import init_distributed

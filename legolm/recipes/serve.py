@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from legolm.checkpoints.load import load_pretrained, load_tokenizer
+from legolm.checkpoints.load import load_pretrained
+from legolm.data.tokenizer import load_tokenizer
 from legolm.errors import ConfigError, LegolmError
 from legolm.layers.memory_state import ModelFingerprint
 from legolm.serve.app import ServerState, create_app
