@@ -42,7 +42,7 @@ def run(ns: argparse.Namespace) -> None:
         cfg.validate()
         print(state_size_table(cfg.model, cfg.models))
         return
-    from legolm.experiment.run import run_experiment
+    from legolm.recipes.experiment import run_experiment
 
     run_experiment(cfg)
 
