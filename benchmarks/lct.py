@@ -48,7 +48,7 @@ def main() -> None:
     os.environ["LEGOLM_DATA"] = str(shared)  # the GPU machine has no ../shared
     data = merge(load_yaml(args.config), SMOKE) if args.smoke else load_yaml(args.config)
     cfg = config_from_dict(LCTConfig, merge(data, {"run": {"overwrite": True}}))
-    from legolm.lct.experiment import run_lct
+    from legolm.recipes.lct import run_lct
 
     summary = run_lct(cfg)
     rows = rows_of(summary)

@@ -18,7 +18,7 @@ ALIASES = {"--overwrite": "run.overwrite"}
 
 
 def run(ns: argparse.Namespace) -> None:
-    from legolm.lct.experiment import run_lct
+    from legolm.recipes.lct import run_lct
 
     cfg = resolve_config(LCTConfig, ns)
     if ns.print_config:

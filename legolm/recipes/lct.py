@@ -1,4 +1,4 @@
-"""``legolm lct``: LCT and exact sequential training of the same `ContextPythia` on the same data.
+"""The ``legolm lct`` job: LCT and exact sequential training of the same `ContextPythia` on the same data.
 
 Each method starts from the same seed and weights, sees the same windows in the same order, is
 evaluated by the exact recurrence after every epoch, and gets its own run directory
