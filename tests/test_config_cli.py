@@ -178,8 +178,8 @@ def test_generate_keeps_its_flat_flags(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_a_yaml_section_keeps_the_commands_own_defaults_for_keys_it_does_not_set() -> None:
-    from legolm.cli.finetune import FinetuneConfig
     from legolm.config import config_from_dict
+    from legolm.recipes.finetune import FinetuneConfig
 
     default = FinetuneConfig()
     cfg = config_from_dict(FinetuneConfig, {"data": {"source": "tinystories"}, "lora": {"r": 4}})
