@@ -42,7 +42,8 @@ from legolm.train.batches import Batch, WindowBatches
 from legolm.train.config import OptimConfig, RunConfig, ScheduleConfig
 from legolm.train.distributed import DistContext, Wrapped, init_distributed, teardown
 from legolm.train.fit import NextTokenLoss, TrainStep, autocast_for
-from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
+from legolm.train.optim import LRSchedule, build_optimizer
+from legolm.utils.params import trainable_parameters
 
 LAUNCHES: dict[str, Literal["none", "ddp", "fsdp2"]] = {"single": "none", "ddp": "ddp", "fsdp2": "fsdp2"}
 LIBRARIES = ["legolm", "hf"]

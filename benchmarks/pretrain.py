@@ -41,7 +41,8 @@ from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch, WindowBatches
 from legolm.train.config import OptimConfig, ScheduleConfig
 from legolm.train.fit import LossOutput, NextTokenLoss, TrainStep
-from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
+from legolm.train.optim import LRSchedule, build_optimizer
+from legolm.utils.params import trainable_parameters
 
 TOKENIZER = {"gpt2": "gpt2", "pythia-160m": "pythia", "tiny-gpt2": "gpt2", "tiny-pythia": "pythia"}
 VARIANTS = ["hf eager", "hf compile", "legolm eager", "legolm compile", "legolm compile chunked"]

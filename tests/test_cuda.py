@@ -60,7 +60,8 @@ def test_train_step_takes_batches_already_on_the_gpu() -> None:
 
     from legolm.train.config import OptimConfig, ScheduleConfig
     from legolm.train.fit import NextTokenLoss, TrainStep
-    from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
+    from legolm.train.optim import LRSchedule, build_optimizer
+    from legolm.utils.params import trainable_parameters
 
     torch.manual_seed(0)
     model = TransformerLM(ModelConfig.from_name("tiny-gpt2")).to("cuda").train()

@@ -218,11 +218,6 @@ def mark_trainable(model: TransformerLM, config: LoRAConfig, aliases: dict[str, 
         model.get_submodule(name).requires_grad_(True)
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """What an optimiser should update: the parameters with ``requires_grad``."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 # -- merging -------------------------------------------------------------------------------------
 def merge_adapters(model: nn.Module) -> None:
     """Fold every adapter into its base weight (forward then runs the base layers alone)."""

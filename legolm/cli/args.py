@@ -38,6 +38,7 @@ from legolm.config import (
     config_from_dict,
     config_keys,
     dataclass_fields,
+    dump_yaml,
     is_bool,
     is_optional,
     load_yaml,
@@ -253,3 +254,10 @@ def resolve_run_config(cls: type[T], ns: argparse.Namespace) -> T:
         base.get("run", {}).pop("overwrite", None)
         cfg = resolve_config(cls, ns, base)
     return cfg
+
+
+def printed_config(ns: argparse.Namespace, cfg: Any) -> bool:
+    """With ``--print-config``: print the resolved ``cfg`` as YAML and return True (the command stops there)."""
+    if ns.print_config:
+        print(dump_yaml(cfg), end="")
+    return bool(ns.print_config)

@@ -18,8 +18,7 @@ from __future__ import annotations
 import argparse
 
 from legolm.cli import args as cli_args
-from legolm.cli.args import add_config_args, resolve_run_config
-from legolm.config import dump_yaml
+from legolm.cli.args import add_config_args, printed_config, resolve_run_config
 from legolm.recipes.finetune import FinetuneConfig
 
 ALIASES = {"--overwrite": "run.overwrite", "--resume": "run.resume"}
@@ -27,8 +26,7 @@ ALIASES = {"--overwrite": "run.overwrite", "--resume": "run.resume"}
 
 def run(ns: argparse.Namespace) -> None:
     cfg = resolve_run_config(FinetuneConfig, ns)
-    if ns.print_config:
-        print(dump_yaml(cfg), end="")
+    if printed_config(ns, cfg):
         return
     from legolm.recipes.finetune import finetune
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from legolm.cli.args import add_config_args, resolve_config
-from legolm.config import dump_yaml
+from legolm.cli.args import add_config_args, printed_config, resolve_config
 from legolm.lct.train import LCTConfig
 
 ALIASES = {"--overwrite": "run.overwrite"}
@@ -21,8 +20,7 @@ def run(ns: argparse.Namespace) -> None:
     from legolm.recipes.lct import run_lct
 
     cfg = resolve_config(LCTConfig, ns)
-    if ns.print_config:
-        print(dump_yaml(cfg), end="")
+    if printed_config(ns, cfg):
         return
     run_lct(cfg)
 

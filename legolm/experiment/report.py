@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from legolm.utils.io import atomic_savefig, atomic_write_text, finite_json
+from legolm.utils.io import atomic_savefig, atomic_write_text, finite_json, pyplot
 
 if TYPE_CHECKING:
     from legolm.experiment.config import ExperimentConfig
@@ -105,12 +105,8 @@ def write_reports(results: list[ModelResult], cfg: ExperimentConfig, out: Path,
 def chart(results: list[ModelResult], path: Path) -> str | None:
     """Bar charts of validation PPL, reversal PPL (forward/backward), exact match and speed; a note
     instead of the PNG when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return f"{path.name} skipped: pip install matplotlib to draw the chart"
     names = [r.model for r in results]
     x = list(range(len(results)))

@@ -146,7 +146,7 @@ def train_and_score(kind: str, cfg: ExperimentConfig, run_dir: Path) -> ModelRes
     shard = current().shard()
     train = WindowBatches(_training_stream(cfg, corpus), cfg.window, cfg.batch_size, shuffle=True, seed=cfg.run.seed,
                           **shard)
-    eval_batch = cfg.eval.batch_size or cfg.batch_size
+    eval_batch = cfg.eval_batch_size
     val = WindowBatches(corpus.val, cfg.window, eval_batch, shuffle=False, drop_last=False, **shard)
     run_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(run_dir), overwrite=True))
     fit_result = fit(model, train, run_cfg, val=val)

@@ -89,14 +89,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from legolm.train.batches import WindowBatches
     from legolm.train.callbacks import EpochTimer
     from legolm.train.distributed import init_distributed
-    from legolm.train.fit import Callback, fit, resolve_device
+    from legolm.train.fit import Callback, fit
     from legolm.train.run_dir import check_run_dir, hold_run_dir
 
     cfg.validate()
     inputs = [cfg.model, cfg.data.source, cfg.data.tokenizer, cfg.data.cache_dir, cfg.skip_cache.dir]
     check_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume, inputs)
     dist = init_distributed(cfg.run)  # under torchrun: join the job (one rank per GPU)
-    device = dist.device if dist.distributed else resolve_device(cfg.run.device)
+    device = dist.run_device(cfg.run.device)
     model = load_pretrained(cfg.model).float()  # fp32 weights; bf16 compute comes from run.precision
     tokenizer = load_tokenizer(cfg.model) if cfg.data.tokenizer == MODEL_TOKENIZER else None
     data_cfg = dataclasses.replace(cfg.data, tokenizer=cfg.model) if tokenizer is not None else cfg.data
@@ -125,7 +125,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     before = held_out_ppl(trained, corpus, cfg, device) if dist.is_main else None
     if before is not None:
         print(f"held-out perplexity before fine-tuning: {before.ppl:.3f} ({before.n_tokens:,} tokens)")
-    val = WindowBatches(corpus.val, cfg.window, cfg.eval.batch_size or cfg.batch_size, shuffle=False,
+    val = WindowBatches(corpus.val, cfg.window, cfg.eval_batch_size, shuffle=False,
                         drop_last=False, **dist.shard())
     if before is None:  # ranks > 0: rank 0 holds the run directory, measures, saves and reports
         fit(trained, train, cfg, val=val, loss_fn=loss_fn, callbacks=[*callbacks, epochs])
@@ -176,7 +176,7 @@ def held_out_ppl(model: TransformerLM | Skip2LoRAModel, corpus: TokenizedCorpus,
     stride = cfg.eval.final_stride or max(1, cfg.window // 2)
     was_training = model.training
     model.eval()
-    result = sliding_window_ppl(model, ids, cfg.window, stride, cfg.eval.batch_size or cfg.batch_size, device,
+    result = sliding_window_ppl(model, ids, cfg.window, stride, cfg.eval_batch_size, device,
                                 n_bytes=counts.get("bytes"), n_words=counts.get("words"),
                                 progress=cfg.run.progress)
     model.train(was_training)

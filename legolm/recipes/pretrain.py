@@ -42,7 +42,7 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
     model = build_model(cfg, corpus.vocab_size, corpus.eos_id, corpus.tokenizer.bos_id)
     check_fits(corpus, model.config, cfg.window)
     train = WindowBatches(corpus.train, cfg.window, cfg.batch_size, shuffle=True, seed=cfg.run.seed, **dist.shard())
-    val = WindowBatches(corpus.val, cfg.window, cfg.eval.batch_size or cfg.batch_size, shuffle=False,
+    val = WindowBatches(corpus.val, cfg.window, cfg.eval_batch_size, shuffle=False,
                         drop_last=False, **dist.shard())
     if not dist.is_main:  # rank 0 holds the run directory, evaluates, saves and samples
         fit(model, train, cfg, val=val)
@@ -62,7 +62,7 @@ def finish(cfg: TrainConfig, model: Any, corpus: Any, result: Any, gen: Any, run
     device = next(model.parameters()).device
     stride = cfg.eval.final_stride or max(1, cfg.window // 2)
     counts = corpus.counts("val")
-    final = sliding_window_ppl(model, corpus.val, cfg.window, stride, cfg.eval.batch_size or cfg.batch_size, device,
+    final = sliding_window_ppl(model, corpus.val, cfg.window, stride, cfg.eval_batch_size, device,
                                n_bytes=counts["bytes"], n_words=counts["words"], progress=cfg.run.progress)
     save_checkpoint(model, run_dir / "model", corpus.tokenizer, overwrite=True)
     sample = generate_text(model, corpus.tokenizer, [cfg.sample.prompt], gen)[0] if cfg.sample.prompt else ""

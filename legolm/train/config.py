@@ -199,6 +199,11 @@ class FitConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    @property
+    def eval_batch_size(self) -> int:
+        """Sequences per validation batch: ``eval.batch_size``, else the training ``batch_size``."""
+        return self.eval.batch_size or self.batch_size
+
     def validate(self) -> None:
         """Raise `ConfigError` naming the first invalid setting and its fix."""
         checks = [
