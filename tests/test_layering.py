@@ -1,7 +1,8 @@
 """The package's floors run one way (`legolm.layering.FLOORS`): no import points up, no import circle closes.
 
 Every ``import`` of a legolm module in every file of ``legolm/`` counts, also those inside
-functions and under ``TYPE_CHECKING``.
+functions and under ``TYPE_CHECKING``. The benchmarks use the library and its recipes, never the
+command line's modules.
 """
 
 from __future__ import annotations
@@ -85,6 +86,13 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_no_import_circles() -> None:
     cycle = _cycle(_graph())
     assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_benchmarks_do_not_import_the_command_line() -> None:
+    known = set(_modules())
+    cli = [f"{p.name} imports {t}" for p in sorted((PACKAGE.parent / "benchmarks").glob("*.py"))
+           for t in sorted(_imports(f"benchmarks.{p.stem}", p, known)) if t.startswith("legolm.cli")]
+    assert not cli, "\n".join(cli)
 
 
 def test_the_check_finds_an_upward_import_and_a_circle() -> None:
