@@ -9,8 +9,7 @@ Every setting is a `FinetuneConfig` key (``--print-config`` shows them all). The
 checkpoints, progress, metrics and evaluation as ``legolm pretrain``; in addition the held-out
 sliding-window perplexity is measured before and after training with the same windows. The run
 directory gets ``adapter/`` (peft format: ``peft.PeftModel.from_pretrained`` loads it), ``model/``
-(the merged model with ``--save-merged``, or the fully fine-tuned one) and ``summary.json``. The
-job is `legolm.recipes.finetune.finetune`.
+(the merged model with ``--save-merged``, or the fully fine-tuned one) and ``summary.json``.
 """
 
 from __future__ import annotations

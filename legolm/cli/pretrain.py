@@ -5,8 +5,7 @@
 Every setting is a `TrainConfig` key (``--print-config`` shows them all, resolved). Bad input is
 caught before the run directory is created; the run directory gets ``config.yaml``, metrics,
 ``loss.png``, ``checkpoints/`` (for ``--resume``), ``model/`` (a legolm checkpoint that
-``legolm generate`` and ``legolm eval ppl`` load) and ``summary.json``. The job is
-`legolm.recipes.pretrain.pretrain`.
+``legolm generate`` and ``legolm eval ppl`` load) and ``summary.json``.
 """
 
 from __future__ import annotations
