@@ -38,8 +38,8 @@ from benchmarks.peers import (
     missing,
 )
 from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
+from legolm.core.config import ModelConfig
 from legolm.generation import GenerationConfig, generate
-from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 
 TOKENIZER = {"gpt2": "gpt2", "gpt2-medium": "gpt2", "pythia-160m": "pythia", "pythia-70m": "pythia",

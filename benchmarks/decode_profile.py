@@ -24,11 +24,11 @@ import legolm.generation.decoder as decoder_mod
 import legolm.layers.attention as attention_mod
 from benchmarks.common import device_info, print_table, timed, write_result
 from benchmarks.decode import prompts_for
+from legolm.core.config import ModelConfig
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.decoder import DecodeSession
 from legolm.generation.fused import FusedDecodeStep
 from legolm.generation.generate import _SESSIONS
-from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 
 

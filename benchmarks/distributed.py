@@ -47,14 +47,15 @@ import torch
 
 from benchmarks.common import BENCH_DATA, cycled, device_info, print_table, write_result
 from benchmarks.pretrain import build_model, hf_loss, padded_config
-from legolm.model.config import ModelConfig
+from legolm.core.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 from legolm.train.activation_checkpointing import MODES, ActivationCheckpointing
 from legolm.train.batches import Batch, WindowBatches
 from legolm.train.config import OptimConfig, RunConfig, ScheduleConfig
 from legolm.train.distributed import DistContext, Wrapped, init_distributed, teardown
 from legolm.train.fit import NextTokenLoss, TrainStep, autocast_for
-from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
+from legolm.train.optim import LRSchedule, build_optimizer
+from legolm.utils.params import trainable_parameters
 
 LAUNCHES: dict[str, Literal["none", "ddp", "fsdp2"]] = {"single": "none", "ddp": "ddp", "fsdp2": "fsdp2"}
 LIBRARIES = ["legolm", "hf"]

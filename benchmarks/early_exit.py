@@ -31,7 +31,7 @@ import torch
 
 from benchmarks.common import BENCH_DATA, RESULTS, ROOT, device_info, print_table, write_result
 from legolm.checkpoints.load import load_pretrained
-from legolm.cli.args import config_from_dict, load_yaml, merge, parse_yaml
+from legolm.config import config_from_dict, load_yaml, merge, parse_yaml
 from legolm.data.tokenized import load_tokenized
 from legolm.generation import GenerationConfig, generate
 from legolm.lego.config import STORE_DTYPES, LegoConfig

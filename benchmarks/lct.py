@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from benchmarks.common import BENCH_DATA, ROOT, device_info, print_table, write_result
-from legolm.cli.args import config_from_dict, load_yaml, merge
+from legolm.config import config_from_dict, load_yaml, merge
 from legolm.lct.train import LCTConfig
 
 SMOKE = {"epochs": 1, "max_train_windows": 64, "lag_windows": 8,
@@ -48,7 +48,7 @@ def main() -> None:
     os.environ["LEGOLM_DATA"] = str(shared)  # the GPU machine has no ../shared
     data = merge(load_yaml(args.config), SMOKE) if args.smoke else load_yaml(args.config)
     cfg = config_from_dict(LCTConfig, merge(data, {"run": {"overwrite": True}}))
-    from legolm.lct.experiment import run_lct
+    from legolm.recipes.lct import run_lct
 
     summary = run_lct(cfg)
     rows = rows_of(summary)

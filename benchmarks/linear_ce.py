@@ -142,7 +142,7 @@ def final_hidden(model: nn.Module, idx: Tensor, device: torch.device, per_call: 
 
 
 def build_inputs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Inputs:
-    from legolm.model.config import ModelConfig
+    from legolm.core.config import ModelConfig
     from legolm.model.transformer import TransformerLM
 
     if args.model == "smollm2":

@@ -58,7 +58,7 @@ from benchmarks.peers import (
 from legolm.adapters import LoRAConfig, adapter_layers, inject_lora
 from legolm.adapters.inject import hf_family, hf_module_names
 from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
-from legolm.model.config import ModelConfig
+from legolm.core.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch
 from legolm.train.config import OptimConfig, ScheduleConfig

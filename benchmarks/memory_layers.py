@@ -37,9 +37,9 @@ import torch
 
 from benchmarks.common import RESULTS, device_info, print_table, real_tokens, write_result
 from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
+from legolm.core.kv_cache import KVCache
+from legolm.layers.memory_state import carry_memory, memory_state_nbytes
 from legolm.model.factory import create_model
-from legolm.model.kv_cache import KVCache
-from legolm.model.memory_state import carry_memory, memory_state_nbytes
 from legolm.model.transformer import TransformerLM
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}

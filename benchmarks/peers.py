@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from legolm.adapters import LoRAConfig
-from legolm.model.config import ModelConfig
+from legolm.core.config import ModelConfig
 from legolm.train.batches import Batch
 from legolm.train.fit import LossFn, LossOutput, TrainStep
 from legolm.train.optim import LRSchedule

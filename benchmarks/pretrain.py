@@ -43,12 +43,13 @@ from torch import nn
 from benchmarks.common import BENCH_DATA, cycled, device_info, print_table, write_result
 from benchmarks.peers import LITGPT, failure, litgpt_model, litgpt_unsupported, logits_loss, missing, train_step
 from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
-from legolm.model.config import ModelConfig
+from legolm.core.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch, WindowBatches
 from legolm.train.config import OptimConfig, ScheduleConfig
 from legolm.train.fit import LossOutput, NextTokenLoss
-from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
+from legolm.train.optim import LRSchedule, build_optimizer
+from legolm.utils.params import trainable_parameters
 
 TOKENIZER = {"gpt2": "gpt2", "pythia-160m": "pythia", "tiny-gpt2": "gpt2", "tiny-pythia": "pythia"}
 VARIANTS = ["hf eager", "hf compile", "litgpt eager", "litgpt compile", "legolm eager", "legolm compile",

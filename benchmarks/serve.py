@@ -46,9 +46,9 @@ from fastapi.responses import StreamingResponse
 from benchmarks.common import BENCH_DATA, device_info, print_table, write_result
 from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
 from legolm.checkpoints.native import save_checkpoint
+from legolm.core.config import ModelConfig
 from legolm.data.sources import shared_path
 from legolm.data.tokenizer import Tokenizer
-from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 from legolm.recipes.serve import bind
 

@@ -1,11 +1,11 @@
 """legolm: build, train, fine-tune and serve small decoder-only language models."""
 
-from legolm.checkpoints.load import load_pretrained, load_tokenizer
+from legolm.checkpoints.load import load_pretrained
 from legolm.checkpoints.native import export_hf, save_checkpoint
-from legolm.data.tokenizer import Tokenizer
+from legolm.core.config import PRESETS, ModelConfig
+from legolm.core.kv_cache import KVCache
+from legolm.data.tokenizer import Tokenizer, load_tokenizer
 from legolm.errors import LegolmError
-from legolm.model.config import PRESETS, ModelConfig
-from legolm.model.kv_cache import KVCache
 from legolm.model.transformer import TransformerLM
 
 __all__ = [

@@ -20,10 +20,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from legolm.adapters.inject import LoRAConfig, inject_lora
 from legolm.cli.main import main
+from legolm.core.config import ModelConfig
+from legolm.core.kv_cache import KVCache
 from legolm.errors import ConfigError
-from legolm.model.config import ModelConfig
-from legolm.model.kv_cache import KVCache
-from legolm.model.memory_state import carry_memory
+from legolm.layers.memory_state import carry_memory
 from legolm.model.transformer import TransformerLM
 from legolm.train.activation_checkpointing import (
     apply_activation_checkpointing,

@@ -19,8 +19,8 @@ import torch
 
 from legolm.checkpoints.native import save_checkpoint
 from legolm.cli.main import main
+from legolm.core.config import ModelConfig
 from legolm.data.tokenized import DataConfig, TokenizedCorpus, prepare_corpus
-from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 from legolm.train.run_dir import MARKER
 

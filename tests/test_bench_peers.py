@@ -18,7 +18,7 @@ import torch
 
 from benchmarks.peers import LITGPT, litgpt_unsupported, missing
 from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
-from legolm.model.config import ModelConfig
+from legolm.core.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 
 ROOT = Path(__file__).resolve().parents[1]

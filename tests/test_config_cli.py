@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from legolm.cli.args import add_config_args, config_from_dict, dump_yaml, resolve_config
+from legolm.cli.args import add_config_args, resolve_config
 from legolm.cli.main import build_parser, main
+from legolm.config import config_from_dict, dump_yaml
 from legolm.errors import ConfigError
 from legolm.train.config import TrainConfig
 
@@ -178,8 +179,8 @@ def test_generate_keeps_its_flat_flags(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_a_yaml_section_keeps_the_commands_own_defaults_for_keys_it_does_not_set() -> None:
-    from legolm.cli.args import config_from_dict
-    from legolm.cli.finetune import FinetuneConfig
+    from legolm.config import config_from_dict
+    from legolm.recipes.finetune import FinetuneConfig
 
     default = FinetuneConfig()
     cfg = config_from_dict(FinetuneConfig, {"data": {"source": "tinystories"}, "lora": {"r": 4}})

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import torch
 
+from legolm.core.config import ModelConfig
 from legolm.generation import GenerationConfig, generate
-from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
@@ -60,7 +60,8 @@ def test_train_step_takes_batches_already_on_the_gpu() -> None:
 
     from legolm.train.config import OptimConfig, ScheduleConfig
     from legolm.train.fit import NextTokenLoss, TrainStep
-    from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
+    from legolm.train.optim import LRSchedule, build_optimizer
+    from legolm.utils.params import trainable_parameters
 
     torch.manual_seed(0)
     model = TransformerLM(ModelConfig.from_name("tiny-gpt2")).to("cuda").train()

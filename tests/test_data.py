@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import legolm
+from legolm.core.config import ModelConfig
 from legolm.data import (
     DataConfig,
     Tokenizer,
@@ -27,7 +28,6 @@ from legolm.data import tokenized as tokenized_mod
 from legolm.data.corpus import ResolvedSource, group_blocks, split_books, wikitext_articles
 from legolm.data.tokenized import decoded_counts
 from legolm.errors import ConfigError, LegolmError
-from legolm.model.config import ModelConfig
 
 EOS = "<|endoftext|>"
 

@@ -250,7 +250,7 @@ def _layer_dtype_in_forward(precision: str, store: Path) -> torch.dtype:
     """The dtype a block's linear weight has inside an FSDP2 forward (1 gloo rank, in this process)."""
     import torch.distributed as dist
 
-    from legolm.model.config import ModelConfig
+    from legolm.core.config import ModelConfig
     from legolm.model.transformer import TransformerLM
     from legolm.train.config import RunConfig
     from legolm.train.distributed import DistContext, LossModule, _fully_shard

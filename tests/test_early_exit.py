@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import Tensor
 
+from legolm.core.config import ModelConfig
+from legolm.core.kv_cache import LayerKVCache
 from legolm.errors import ConfigError
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.early_exit import generate_with_early_exit, write_kv
 from legolm.layers.attention import CausalSelfAttention
-from legolm.model.config import ModelConfig
-from legolm.model.kv_cache import LayerKVCache
 from legolm.model.lego import LegoLM, exits
 
 VOCAB, SPLIT, DEPTH, N_NEW = 97, 2, 5, 24

@@ -26,9 +26,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from legolm.cli.main import main
+from legolm.core.config import ModelConfig
 from legolm.data.tokenized import DataConfig, TokenizedCorpus, prepare_corpus
 from legolm.errors import CheckpointError, TrainingDiverged
-from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 from legolm.train import FitConfig, NextTokenLoss, WindowBatches, fit
 from legolm.train.batches import Batch

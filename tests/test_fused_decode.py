@@ -11,11 +11,11 @@ import torch
 
 from legolm.adapters import LoRAConfig
 from legolm.adapters.inject import inject_lora
+from legolm.core.config import ModelConfig
 from legolm.errors import ConfigError
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.decoder import DecodeSession
 from legolm.generation.fused import FusedDecodeStep, check_fused
-from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,10 +9,10 @@ import re
 import pytest
 import torch
 
+from legolm.core.config import ModelConfig
 from legolm.errors import ConfigError
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.generate import _SESSIONS
-from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 
 

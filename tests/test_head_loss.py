@@ -11,8 +11,8 @@ from torch import nn
 from legolm.adapters import LoRAConfig, inject_lora
 from legolm.adapters.skip2lora import Skip2LoRAConfig, Skip2LoRAModel
 from legolm.adapters.skip2lora_train import Skip2LoRALoss
+from legolm.core.config import ModelConfig
 from legolm.errors import ConfigError
-from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import WindowBatches
 from legolm.train.config import FitConfig

@@ -13,13 +13,13 @@ from torch import Tensor, nn
 from legolm.checkpoints.load import load_pretrained
 from legolm.checkpoints.native import save_checkpoint
 from legolm.cli.main import main
+from legolm.core.config import ModelConfig
+from legolm.core.context import LayerContext
+from legolm.core.kv_cache import KVStore
 from legolm.errors import ConfigError, LegolmError
 from legolm.layers import build_layer, hierarchical, infini, pythia
-from legolm.layers.context import LayerContext
 from legolm.layers.norms import make_norm
-from legolm.model.config import ModelConfig
 from legolm.model.factory import model_config
-from legolm.model.kv_cache import KVStore
 from legolm.model.transformer import TransformerLM
 
 NAMES = ["infini", "pythia", "hierarchical"]

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import legolm
+from legolm.core.config import PRESETS, ModelConfig
+from legolm.core.kv_cache import KVCache, LayerKVCache
+from legolm.core.rope import apply_rope, rope_tables
 from legolm.errors import ConfigError
 from legolm.generation.sampling import filter_logits, next_token
-from legolm.model.config import PRESETS, ModelConfig
-from legolm.model.kv_cache import KVCache, LayerKVCache
-from legolm.model.rope import apply_rope, rope_tables
 from legolm.model.transformer import TransformerLM
 
 TINY = ["tiny-gpt2", "tiny-pythia", "tiny-llama"]

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from legolm.core.config import ModelConfig
 from legolm.errors import ConfigError
 from legolm.lct.cache import LaggedStateCache, LCTCacheConfig, cache_bytes, choose_device
 from legolm.lct.context_pythia import ContextPythia
 from legolm.lct.train import LCTLoss, SequentialLoss
-from legolm.model.config import ModelConfig
 from legolm.train.batches import WindowBatches
 
 T, C = 12, 64

@@ -13,13 +13,13 @@ import torch
 
 from legolm.checkpoints.load import load_pretrained
 from legolm.checkpoints.native import save_checkpoint
+from legolm.core.config import ModelConfig
 from legolm.data import DataConfig, TokenizedCorpus, prepare_corpus
 from legolm.errors import CheckpointError, ConfigError
 from legolm.lego.evaluate import TokenScores, score_tokens
 from legolm.lego.hard_examples import collect_hard_examples, create_hard_example_loader, evaluate_on_hard_examples
 from legolm.lego.threshold import compute_confidence_threshold, shallow_confidences
 from legolm.lego.train import HardTokenLoss, RestoreBest, check_phase2, run_phase1, run_phase2
-from legolm.model.config import ModelConfig
 from legolm.model.lego import LegoLM, confidence, exits, quantile_threshold, routed_log_probs, routing_log_weights
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import WindowBatches

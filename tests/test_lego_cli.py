@@ -166,7 +166,7 @@ def test_lego_from_a_pretrained_checkpoint_chooses_its_split_by_the_curve(tmp_pa
     token may exit within tolerance and phase 2 has nothing to learn from: one line saying so (the mid-range
     case is hand-checked in test_lego.py)."""
     from legolm.checkpoints.native import save_checkpoint
-    from legolm.model.config import ModelConfig
+    from legolm.core.config import ModelConfig
     from legolm.model.transformer import TransformerLM
 
     torch.manual_seed(0)

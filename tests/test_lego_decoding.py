@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from legolm.checkpoints.load import load_pretrained, load_tokenizer
+from legolm.checkpoints.load import load_pretrained
+from legolm.core.config import ModelConfig
+from legolm.data.tokenizer import load_tokenizer
 from legolm.errors import ConfigError
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.early_exit import generate_speculative, generate_with_early_exit
-from legolm.model.config import ModelConfig
 from legolm.model.lego import LegoLM
 from legolm.model.transformer import TransformerLM
 from tests.test_early_exit import N_NEW, PRESETS, SPLIT, lego_model, mid_threshold, prompt
@@ -45,8 +46,8 @@ def drafting_model(preset: str) -> LegoLM:
 def test_a_row_pass_gives_the_one_token_steps_bit_for_bit(preset: str) -> None:
     """The upper blocks over 3 rows equal 3 one-token steps exactly (same K/V cache, same final states):
     the identity self-speculative decoding relies on."""
+    from legolm.core.kv_cache import KVCache
     from legolm.generation.fused import FusedStack
-    from legolm.model.kv_cache import KVCache
 
     model = lego_model(preset)
     c, P, rows = model.config, 5, 3

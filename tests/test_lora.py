@@ -23,11 +23,11 @@ from legolm.adapters import (
     inject_lora,
     merge_adapters,
     merge_and_unload,
-    trainable_parameters,
     trainable_report,
     unmerge_adapters,
 )
 from legolm.errors import ConfigError, LegolmError
+from legolm.utils.params import trainable_parameters
 
 
 def _tiny(preset: str = "tiny-gpt2", seed: int = 0) -> legolm.TransformerLM:

@@ -10,13 +10,13 @@ import torch
 
 from legolm.checkpoints.native import save_checkpoint
 from legolm.cli.main import main
+from legolm.core.kv_cache import KVCache
 from legolm.data.tokenizer import train_bpe
 from legolm.errors import ConfigError
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.memory_decode import MemoryDecoder
+from legolm.layers.memory_state import carry_memory, get_memory_state, set_memory_state
 from legolm.model.factory import create_model
-from legolm.model.kv_cache import KVCache
-from legolm.model.memory_state import carry_memory, get_memory_state, set_memory_state
 from legolm.model.transformer import TransformerLM
 
 SEG = 8

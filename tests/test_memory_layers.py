@@ -10,16 +10,16 @@ import pytest
 import torch
 from torch import nn
 
+from legolm.core.context import LayerContext
+from legolm.core.kv_cache import KVCache
 from legolm.data.tokenizer import Tokenizer
 from legolm.errors import ConfigError
 from legolm.generation import GenerationConfig, generate
-from legolm.layers.context import LayerContext
 from legolm.layers.hierarchical import HierarchicalMemory, folded_levels
 from legolm.layers.infini import BankedMemory
 from legolm.layers.memory import MemoryAttention, elu_plus_one, memory_read, memory_write
+from legolm.layers.memory_state import carry_memory, memory_state_nbytes, save_memory_state
 from legolm.model.factory import create_model, model_config
-from legolm.model.kv_cache import KVCache
-from legolm.model.memory_state import carry_memory, memory_state_nbytes, save_memory_state
 from legolm.model.transformer import TransformerLM
 
 MEMORY_KINDS = ["infini", "multi_memory", "hierarchical"]

@@ -14,14 +14,14 @@ from safetensors.torch import save_file
 
 from legolm.checkpoints.native import save_checkpoint
 from legolm.errors import CheckpointError, ConfigError, LegolmError
-from legolm.model.factory import create_model
-from legolm.model.memory_state import (
+from legolm.layers.memory_state import (
     carry_memory,
     load_memory_state,
     memory_state_nbytes,
     read_memory_file,
     save_memory_state,
 )
+from legolm.model.factory import create_model
 from legolm.model.transformer import TransformerLM
 
 SEG = 8
@@ -78,7 +78,7 @@ def test_file_round_trip_in_another_process(tmp_path: Path, ids: torch.Tensor) -
     script = textwrap.dedent(f"""
         import torch
         from legolm.checkpoints.native import load_checkpoint
-        from legolm.model.memory_state import carry_memory, load_memory_state
+        from legolm.layers.memory_state import carry_memory, load_memory_state
         from pathlib import Path
         d = Path({str(tmp_path)!r})
         model = load_checkpoint(d / "ckpt").eval()

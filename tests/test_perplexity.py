@@ -12,11 +12,11 @@ import transformers
 from tiny_hf import randomize_
 
 import legolm
+from legolm.core.config import ModelConfig
 from legolm.data import Tokenizer
 from legolm.errors import ConfigError
 from legolm.eval import PPLResult, disjoint_ppl, sliding_window_ppl, windows
 from legolm.eval.sanity import PPLBands
-from legolm.model.config import ModelConfig
 
 
 @pytest.fixture(scope="module")

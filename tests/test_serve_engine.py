@@ -13,10 +13,10 @@ import httpx
 import pytest
 import torch
 
+from legolm.core.config import ModelConfig
 from legolm.data.tokenizer import Tokenizer, train_bpe
 from legolm.generation.slots import SlotDecoder, row_bucket
-from legolm.model.config import ModelConfig
-from legolm.model.memory_state import ModelFingerprint, carry_memory, get_memory_state, memory_state_to_bytes
+from legolm.layers.memory_state import ModelFingerprint, carry_memory, get_memory_state, memory_state_to_bytes
 from legolm.model.transformer import TransformerLM
 from legolm.serve.app import ServerState, create_app
 from legolm.serve.backends import Backend, make_backend

@@ -16,8 +16,8 @@ from legolm.checkpoints.native import save_checkpoint
 from legolm.cli.main import main
 from legolm.data.tokenizer import Tokenizer, train_bpe
 from legolm.generation import GenerationConfig, generate
+from legolm.layers.memory_state import carry_memory, get_memory_state, load_memory_state, save_memory_state
 from legolm.model.factory import create_model
-from legolm.model.memory_state import carry_memory, get_memory_state, load_memory_state, save_memory_state
 from legolm.model.transformer import TransformerLM
 from tests.serve_helpers import Server, running_server
 

@@ -14,9 +14,9 @@ import torch
 import legolm
 from legolm.checkpoints.native import save_checkpoint
 from legolm.cli.main import main
+from legolm.core.config import ModelConfig
 from legolm.data.tokenizer import train_bpe
 from legolm.generation import GenerationConfig, complete
-from legolm.model.config import ModelConfig
 from legolm.model.lego import LegoLM
 from legolm.serve.backends import make_backend
 from legolm.serve.config import ServeConfig

@@ -22,12 +22,12 @@ from legolm.checkpoints import gguf as gguf_io
 from legolm.checkpoints import hf as hf_io
 from legolm.checkpoints.gguf import _LAYER_KEYS, _TOP_KEYS
 from legolm.checkpoints.native import export_hf, save_checkpoint
+from legolm.core.config import MAX_BLOCK_SIZE, ModelConfig
+from legolm.core.rope import rope_tables
 from legolm.errors import CheckpointError, ConfigError, LegolmError
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.decoder import DecodeSession
 from legolm.model import transformer
-from legolm.model.config import MAX_BLOCK_SIZE, ModelConfig
-from legolm.model.rope import rope_tables
 from legolm.model.transformer import ROPE_MIN_ROWS, TransformerLM
 
 

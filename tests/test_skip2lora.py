@@ -13,8 +13,8 @@ import torch
 from legolm.adapters.skip2lora import Skip2LoRAConfig, Skip2LoRAModel, SkipAdapter, load_skip2lora, save_skip2lora
 from legolm.adapters.skip2lora_train import Skip2LoRALoss, build_skip_cache
 from legolm.adapters.skip_cache import SkipCache, SkipCacheConfig, cache_nbytes, choose_storage, fingerprint
+from legolm.core.config import ModelConfig
 from legolm.errors import CheckpointError, ConfigError
-from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import WindowBatches
 from legolm.utils.params import count_parameters

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from legolm.core.config import ModelConfig
 from legolm.data.tokenized import DataConfig, TokenizedCorpus, prepare_corpus
 from legolm.errors import ConfigError, LegolmError
-from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 from legolm.train import (
     Callback,

@@ -13,7 +13,6 @@ from legolm.adapters.inject import (
     inject_lora,
     merge_adapters,
     merge_and_unload,
-    trainable_parameters,
     unload,
     unmerge_adapters,
 )
@@ -34,7 +33,6 @@ __all__ = [
     "merge_and_unload",
     "read_adapter_config",
     "save_adapter",
-    "trainable_parameters",
     "trainable_report",
     "unload",
     "unmerge_adapters",

@@ -25,8 +25,8 @@ from torch import nn
 from legolm.adapters.base import AdapterLayer, adapter_layers
 from legolm.adapters.lora import LoRALinear, check_lora_settings
 from legolm.checkpoints.hf import FAMILIES, Family
+from legolm.core.config import ModelConfig
 from legolm.errors import ConfigError, LegolmError
-from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 
 ALL_LINEAR = "all-linear"
@@ -216,11 +216,6 @@ def mark_trainable(model: TransformerLM, config: LoRAConfig, aliases: dict[str, 
         if name in layers:
             raise ConfigError(f"{name} is both a LoRA target and in modules_to_save; choose one")
         model.get_submodule(name).requires_grad_(True)
-
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """What an optimiser should update: the parameters with ``requires_grad``."""
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 # -- merging -------------------------------------------------------------------------------------

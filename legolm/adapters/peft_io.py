@@ -38,8 +38,8 @@ from legolm.adapters.inject import (
 )
 from legolm.adapters.lora import LoRALinear
 from legolm.checkpoints.hf import GPT2, Family, Rule
+from legolm.core.config import ModelConfig
 from legolm.errors import CheckpointError, ConfigError, LegolmError
-from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 from legolm.utils.io import atomic_dir, read_json
 

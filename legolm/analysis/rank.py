@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from legolm.adapters.base import adapter_layers
 from legolm.adapters.lora import LoRALinear
 from legolm.errors import ConfigError, LegolmError
-from legolm.utils.io import atomic_savefig
+from legolm.utils.io import atomic_savefig, pyplot
 
 ENERGY_PNG = "energy.png"
 PLOT_NOTE = f"{ENERGY_PNG} skipped: pip install 'legolm[plot]' (matplotlib) to draw it"
@@ -182,12 +182,8 @@ def write_rank_outputs(profiles: list[RankProfile], thresholds: list[float], dir
 def plot_energy(profiles: list[RankProfile], thresholds: list[float], path: Path,
                 max_rank: int | None = None) -> Path | None:
     """E(r) of every layer on one chart; None (no file) when the optional ``matplotlib`` is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(8, 5))
     cmap = plt.get_cmap("viridis")

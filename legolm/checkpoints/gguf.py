@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from legolm.checkpoints.validate import check_shapes
+from legolm.core.config import ModelConfig
 from legolm.data.tokenizer import Tokenizer
 from legolm.errors import CheckpointError
-from legolm.model.config import ModelConfig
+from legolm.model.transformer import check_shapes
+from legolm.utils.gguf_file import gguf_reader, read_fields
 
 _LAYER_KEYS = {
     "attn_norm.weight": "norm_1.weight",
@@ -30,22 +31,6 @@ _LAYER_KEYS = {
     "ffn_down.weight": "mlp.down.weight",
 }
 _TOP_KEYS = {"token_embd.weight": "wte.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
-
-
-def _reader(path: Path) -> Any:
-    try:
-        import gguf
-    except ImportError:
-        raise CheckpointError("reading GGUF needs the gguf package: pip install 'legolm[gguf]'") from None
-    try:
-        return gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError) as err:
-        raise CheckpointError(f"{path} is not a readable GGUF file ({err}); is it truncated?") from None
-
-
-def read_fields(reader: Any) -> dict[str, Any]:
-    """All metadata as plain Python values."""
-    return {name: f.contents() for name, f in reader.fields.items()}
 
 
 def _unpermute(w: Tensor, n_head: int) -> Tensor:
@@ -116,7 +101,7 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, Tensor], Tokenizer]:
     The tensors' shapes (from the file's header) are checked against the metadata's config first,
     on the meta device, so a file whose sizes disagree is one line before anything is dequantised.
     """
-    reader = _reader(path)
+    reader = gguf_reader(path)
     fields = read_fields(reader)
     config = gguf_config(fields, path.stem)
     tensors = {key: (t, heads) for t in reader.tensors for key, heads in [_key(t.name, config)] if key is not None}

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from legolm.checkpoints.validate import SAFETENSORS_DTYPES, check_shapes, meta_state
+from legolm.core.config import ModelConfig
 from legolm.errors import CheckpointError, LegolmError
-from legolm.model.config import ModelConfig
+from legolm.model.transformer import check_shapes
+from legolm.model.validate import SAFETENSORS_DTYPES, meta_state
 from legolm.utils.io import read_json
 
 Transform = Callable[[Tensor, ModelConfig], Tensor]

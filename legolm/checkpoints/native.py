@@ -15,12 +15,11 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from legolm.checkpoints.hf import export_hf_state, read_shapes, read_weights
-from legolm.checkpoints.validate import check_shapes
+from legolm.core.config import ModelConfig
 from legolm.data.tokenizer import Tokenizer
 from legolm.errors import CheckpointError, LegolmError
-from legolm.model.config import ModelConfig
 from legolm.model.lego import LegoLM, LegoMeta
-from legolm.model.transformer import TransformerLM
+from legolm.model.transformer import TransformerLM, check_shapes
 from legolm.utils.io import atomic_dir, read_json
 
 CONFIG_NAME = "legolm.json"

@@ -1,4 +1,7 @@
-"""Dataclass-driven options: a config dataclass's fields are its flags and its YAML keys.
+"""The command line's options, built from config dataclasses: a config's fields are its flags.
+
+The dict/YAML side (coercion, merging, loading, dumping, key listing) is `legolm.config`; this
+module holds only the argparse front door.
 
 Flat (`add_dataclass_args`): ``field_name: int = 3`` becomes ``--field-name INT`` (default 3); the
 field's line in the docstring's ``Attributes:`` section is its help.
@@ -15,7 +18,7 @@ dashes). Values are resolved in this order, later wins::
     dataclass defaults  <  base dict (e.g. a resumed run's saved config)  <  --config a.yaml  <  flags
 
 Unknown keys (in YAML or flags) and ill-typed values are one-line `ConfigError`s that list the
-valid keys; ``--print-config`` dumps the resolved YAML.
+valid keys; ``--print-config`` dumps the resolved YAML (`legolm.config.dump_yaml`).
 """
 
 from __future__ import annotations
@@ -23,22 +26,31 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import math
 import re
-import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin
 
-import yaml
-
+from legolm.config import (
+    AUTO,
+    coerce,
+    config_from_dict,
+    config_keys,
+    dataclass_fields,
+    dump_yaml,
+    is_bool,
+    is_optional,
+    load_yaml,
+    merge,
+    scalar_type,
+    type_name,
+    unknown_key,
+)
 from legolm.errors import ConfigError
 
 T = TypeVar("T")
 _DEST = "cfg:"  # argparse dest prefix of the dotted flags
-_NULL = ("none", "null", "~")
-AUTO = "auto"  # the value of a ``bool | None`` setting that leaves the choice to legolm (None)
 
 
 def _attribute_docs(cls: type) -> dict[str, str]:
@@ -48,23 +60,6 @@ def _attribute_docs(cls: type) -> dict[str, str]:
         found = re.findall(r"^ {8}(\w+): (.+(?:\n {12,}\S.*)*)", klass.__doc__ or "", flags=re.MULTILINE)
         docs.update({name: " ".join(text.split()) for name, text in found})
     return docs
-
-
-def _scalar_type(tp: Any) -> Any:
-    """Strip ``X | None`` to X."""
-    if get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
-
-
-def _optional(tp: Any) -> bool:
-    return get_origin(tp) in (typing.Union, types.UnionType) and type(None) in get_args(tp)
-
-
-def _is_bool(tp: Any) -> bool:
-    """``bool`` or ``bool | None``: an on/off flag."""
-    return _scalar_type(tp) is bool
 
 
 class OnOffAction(argparse.Action):
@@ -102,11 +97,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        tp = _scalar_type(hints[f.name])
+        tp = scalar_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
         help_ = f"{docs.get(f.name, '')} (default: {_shown(default, tp)})"
         if tp is bool:
-            group.add_argument(flag, dest=f.name, action=OnOffAction, auto=_optional(hints[f.name]), default=default,
+            group.add_argument(flag, dest=f.name, action=OnOffAction, auto=is_optional(hints[f.name]), default=default,
                                help=help_)
         elif get_origin(tp) is typing.Literal:
             group.add_argument(flag, dest=f.name, choices=get_args(tp), default=default, help=help_)
@@ -123,212 +118,6 @@ def dataclass_from_args(cls: type[T], ns: argparse.Namespace) -> T:
     """Build ``cls`` from the parsed flags that `add_dataclass_args` added."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in vars(ns).items() if k in names})
-
-
-# -- values --------------------------------------------------------------------------------------------
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is typing.Literal:
-        return "one of " + "|".join(map(str, get_args(tp)))
-    if get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def coerce(value: Any, tp: Any, key: str) -> Any:
-    """``value`` (from YAML or a flag's text) as type ``tp``, else a `ConfigError` naming ``key``."""
-    bad = ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}"
-                      + (" (NaN is no setting)" if isinstance(value, (str, float)) and str(value).lower() == "nan"
-                         else ""))
-    origin = get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        auto = _is_bool(tp) and isinstance(value, str) and value.lower() == AUTO
-        if value is None or auto or (isinstance(value, str) and value.lower() in _NULL):
-            if _optional(tp):
-                return None
-            raise bad
-        inner = _scalar_type(tp)
-        if get_origin(inner) in (list, dict):
-            return coerce(value, inner, key)
-        try:
-            return coerce(value, inner, key)
-        except ConfigError:
-            raise bad from None
-    if value is None:
-        raise bad
-    if origin is typing.Literal:
-        if value not in get_args(tp):
-            raise bad
-        return value
-    if origin is list:
-        if isinstance(value, str):
-            value = _parse_flag_yaml(value, bad) if value.startswith("[") else [value]
-        if not isinstance(value, list):
-            raise bad
-        return [coerce(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if isinstance(value, str):
-            value = _parse_flag_yaml(value, bad)
-        if not isinstance(value, dict):
-            raise bad
-        key_type, value_type = get_args(tp) or (Any, Any)
-        return {coerce(k, key_type, f"{key}.<key>"): coerce(v, value_type, f"{key}[{k!r}]") for k, v in value.items()}
-    converter = _SCALARS.get(tp)
-    if converter is None:
-        return value
-    try:
-        return converter(value)
-    except (TypeError, ValueError):
-        raise bad from None
-
-
-def _parse_flag_yaml(text: str, bad: ConfigError) -> Any:
-    """A list or mapping written as YAML in a flag (``[1, 2]``, ``{q: 4}``); unparsable text raises ``bad``."""
-    try:
-        return parse_yaml(text)
-    except yaml.YAMLError:
-        raise bad from None
-
-
-def _to_bool(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-        return v.lower() in ("true", "yes", "on", "1")
-    raise ValueError(v)
-
-
-def _to_int(v: Any) -> int:
-    if isinstance(v, (bool, float)):
-        raise ValueError(v)
-    return int(v)
-
-
-def _to_float(v: Any) -> float:
-    if isinstance(v, bool):
-        raise ValueError(v)
-    out = float(v)  # also "3e-4", which YAML 1.1 reads as a string
-    if math.isnan(out):  # NaN is no setting (it passes no range check: NaN compares false)
-        raise ValueError(v)
-    return out
-
-
-def _to_str(v: Any) -> str:
-    if isinstance(v, (dict, list)):
-        raise ValueError(v)
-    return str(v)
-
-
-_SCALARS: dict[Any, Callable[[Any], Any]] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
-
-
-# -- dict <-> dataclass --------------------------------------------------------------------------------
-def _fields(cls: type) -> dict[str, tuple[dataclasses.Field[Any], Any]]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
-
-
-def config_keys(cls: type, prefix: str = "") -> dict[str, Any]:
-    """Dotted leaf key -> type, for every field of ``cls`` and its nested dataclasses."""
-    keys: dict[str, Any] = {}
-    for name, (_, tp) in _fields(cls).items():
-        if dataclasses.is_dataclass(tp):
-            keys.update(config_keys(tp, f"{prefix}{name}."))  # type: ignore[arg-type]
-        else:
-            keys[prefix + name] = tp
-    return keys
-
-
-def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
-    valid = sorted(_fields(cls))
-    close = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
-    hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-    where = f"of {prefix.rstrip('.')} " if prefix else ""
-    return ConfigError(f"unknown config key {prefix}{key}{hint}; valid keys {where}are: {', '.join(valid)}")
-
-
-def config_from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", base: T | None = None) -> T:
-    """Build dataclass ``cls`` from a nested dict; missing keys keep their defaults.
-
-    A nested section starts from the enclosing field's own default (``default_factory``), so a
-    YAML section that sets one key keeps the other keys the command chose as defaults.
-    """
-    fields = _fields(cls)
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        if name not in fields:
-            raise _unknown_key(cls, name, prefix)
-        f, tp = fields[name]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key {prefix}{name} is a section: give it a mapping of keys, not {value!r}")
-            kwargs[name] = config_from_dict(tp, value, f"{prefix}{name}.", _field_default(f, base))  # type: ignore
-        else:
-            kwargs[name] = coerce(value, tp, prefix + name)
-    try:
-        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)  # type: ignore
-    except TypeError as err:
-        raise ConfigError(f"config section {prefix.rstrip('.') or cls.__name__}: {err}") from None
-
-
-def _field_default(f: dataclasses.Field[Any], owner: Any) -> Any:
-    """The current value of field ``f`` in ``owner``, else the field's default (None when it has none)."""
-    if owner is not None:
-        return getattr(owner, f.name)
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None if f.default is dataclasses.MISSING else f.default
-
-
-def dump_yaml(config: Any) -> str:
-    """A dataclass config as YAML (the format `--config` reads)."""
-    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True)
-
-
-class _NoAliasLoader(yaml.SafeLoader):
-    """YAML's safe loader without anchors/aliases: a config never needs them, and an alias bomb
-    (a few hundred bytes that expand to billions of nodes) must not reach the program."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in legolm configs",
-                                              event.start_mark)
-        return super().compose_node(parent, index)
-
-
-def parse_yaml(text: str) -> Any:
-    """``yaml.safe_load`` without aliases; errors (bad syntax, too deep a nesting) as ``yaml.YAMLError``."""
-    try:
-        return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass: no Python objects
-    except RecursionError:
-        raise yaml.YAMLError("the document nests too deeply") from None
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from ``path``; a missing file or one that is not a mapping is a `ConfigError`."""
-    path = Path(path)
-    try:
-        data = parse_yaml(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {path} ({err.strerror}); check the --config path") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
-    except yaml.YAMLError as err:
-        first = " ".join(str(err).split())
-        raise ConfigError(f"config file {path} is not valid YAML ({first})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys (like `optim: {{lr: 3.0e-4}}`)")
-    return data
-
-
-def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge nested dicts; values of ``override`` win."""
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 # -- nested flags --------------------------------------------------------------------------------------
@@ -366,24 +155,24 @@ def _unknown_flag(cls: type, flag: str, keys: set[str]) -> ConfigError:
     section, _, leaf = key.rpartition(".")
     sub: Any = cls
     for part in filter(None, section.split(".")):
-        tp = _fields(sub).get(part, (None, None))[1]
+        tp = dataclass_fields(sub).get(part, (None, None))[1]
         if not dataclasses.is_dataclass(tp):
             close = difflib.get_close_matches(key, sorted(keys), n=1)
             hint = f" (did you mean --{close[0]}?)" if close else ""
             return ConfigError(f"unknown flag {flag}{hint}; valid sections: {', '.join(_sections(cls))}")
         sub = tp
-    return _unknown_key(sub, leaf, f"{section}." if section else "")
+    return unknown_key(sub, leaf, f"{section}." if section else "")
 
 
 def _sections(cls: type) -> list[str]:
-    return [n for n, (_, tp) in _fields(cls).items() if dataclasses.is_dataclass(tp)]
+    return [n for n, (_, tp) in dataclass_fields(cls).items() if dataclasses.is_dataclass(tp)]
 
 
 def _add_section(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:
     docs = _attribute_docs(cls)
     group = parser.add_argument_group(prefix.rstrip(".") or cls.__name__)
     nested: list[tuple[str, Any]] = []
-    for name, (f, tp) in _fields(cls).items():
+    for name, (f, tp) in dataclass_fields(cls).items():
         if dataclasses.is_dataclass(tp):
             nested.append((name, tp))
             continue
@@ -392,9 +181,9 @@ def _add_section(parser: argparse.ArgumentParser, cls: type, prefix: str) -> Non
         default = f.default if f.default is not dataclasses.MISSING else "(see YAML)"
         kw: dict[str, Any] = dict(dest=_DEST + key, default=argparse.SUPPRESS,
                                   help=f"{docs.get(name, '')} (default: {_shown(default, tp)})")
-        if _is_bool(tp):
-            group.add_argument(*flags, action=OnOffAction, auto=_optional(tp), **kw)
-        elif get_origin(_scalar_type(tp)) is list:
+        if is_bool(tp):
+            group.add_argument(*flags, action=OnOffAction, auto=is_optional(tp), **kw)
+        elif get_origin(scalar_type(tp)) is list:
             group.add_argument(*flags, nargs="+", type=_flag_type(tp, key, list_item=True), metavar="VALUE", **kw)
         else:
             group.add_argument(*flags, type=_flag_type(tp, key), metavar=_metavar(tp), **kw)
@@ -404,11 +193,11 @@ def _add_section(parser: argparse.ArgumentParser, cls: type, prefix: str) -> Non
 
 def _shown(default: Any, tp: Any) -> Any:
     """A default as the command line spells it (None of an on/off setting is ``auto``)."""
-    return AUTO if default is None and _is_bool(tp) else default
+    return AUTO if default is None and is_bool(tp) else default
 
 
 def _metavar(tp: Any) -> str:
-    inner = _scalar_type(tp)
+    inner = scalar_type(tp)
     if get_origin(inner) is typing.Literal:
         return "{" + ",".join(map(str, get_args(inner))) + "}"
     return getattr(inner, "__name__", "VALUE").upper()
@@ -416,7 +205,7 @@ def _metavar(tp: Any) -> str:
 
 def _flag_type(tp: Any, key: str, list_item: bool = False) -> Callable[[str], Any]:
     """argparse ``type=``: the flag's text coerced to ``tp`` (to its items for ``nargs='+'`` lists)."""
-    item = get_args(_scalar_type(tp))[0] if list_item else tp
+    item = get_args(scalar_type(tp))[0] if list_item else tp
 
     def convert(text: str) -> Any:
         try:
@@ -424,7 +213,7 @@ def _flag_type(tp: Any, key: str, list_item: bool = False) -> Callable[[str], An
         except ConfigError as err:
             raise argparse.ArgumentTypeError(str(err).split(": ", 1)[1]) from None
 
-    convert.__name__ = _type_name(item)
+    convert.__name__ = type_name(item)
     return convert
 
 
@@ -465,3 +254,10 @@ def resolve_run_config(cls: type[T], ns: argparse.Namespace) -> T:
         base.get("run", {}).pop("overwrite", None)
         cfg = resolve_config(cls, ns, base)
     return cfg
+
+
+def printed_config(ns: argparse.Namespace, cfg: Any) -> bool:
+    """With ``--print-config``: print the resolved ``cfg`` as YAML and return True (the command stops there)."""
+    if ns.print_config:
+        print(dump_yaml(cfg), end="")
+    return bool(ns.print_config)

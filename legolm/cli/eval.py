@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from legolm.checkpoints.load import load_pretrained, load_tokenizer
+from legolm.checkpoints.load import load_pretrained
 from legolm.cli.args import OnOffAction, add_dataclass_args, dataclass_from_args
 from legolm.cli.common import add_model_args, device_dtype
 from legolm.data.tokenized import (
@@ -25,7 +25,7 @@ from legolm.data.tokenized import (
     load_tokenized,
     prepare_corpus,
 )
-from legolm.data.tokenizer import resolve_tokenizer
+from legolm.data.tokenizer import load_tokenizer, resolve_tokenizer
 from legolm.errors import ConfigError, LegolmError
 from legolm.eval.perplexity import PPLResult, check_windows, sliding_window_ppl
 from legolm.eval.sanity import PPLBands

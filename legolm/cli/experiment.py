@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from legolm.cli.args import add_config_args, dump_yaml, resolve_config
+from legolm.cli.args import add_config_args, printed_config, resolve_config
 from legolm.experiment.config import ExperimentConfig
 
 ALIASES = {"--overwrite": "run.overwrite"}
@@ -32,8 +32,7 @@ def load_config(ns: argparse.Namespace) -> ExperimentConfig:
 
 def run(ns: argparse.Namespace) -> None:
     cfg = load_config(ns)
-    if ns.print_config:
-        print(dump_yaml(cfg), end="")
+    if printed_config(ns, cfg):
         return
     if ns.state_sizes:
         from legolm.experiment.state_sizes import state_size_table
@@ -41,7 +40,7 @@ def run(ns: argparse.Namespace) -> None:
         cfg.validate()
         print(state_size_table(cfg.model, cfg.models))
         return
-    from legolm.experiment.run import run_experiment
+    from legolm.recipes.experiment import run_experiment
 
     run_experiment(cfg)
 

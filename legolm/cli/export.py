@@ -31,8 +31,9 @@ def check_out(out: str, model: str, overwrite: bool) -> None:
 
 
 def run(ns: argparse.Namespace) -> None:
-    from legolm.checkpoints.load import load_pretrained, load_tokenizer
+    from legolm.checkpoints.load import load_pretrained
     from legolm.checkpoints.native import export_hf, save_checkpoint
+    from legolm.data.tokenizer import load_tokenizer
 
     check_out(ns.out, ns.model, ns.overwrite)
     model = load_pretrained(ns.model)

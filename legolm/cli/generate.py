@@ -17,7 +17,8 @@ from legolm.generation import GenerationConfig, complete
 
 
 def run(ns: argparse.Namespace) -> None:
-    from legolm.checkpoints.load import load_pretrained, load_tokenizer
+    from legolm.checkpoints.load import load_pretrained
+    from legolm.data.tokenizer import load_tokenizer
 
     device, dtype = device_dtype(ns)
     config = dataclass_from_args(GenerationConfig, ns)

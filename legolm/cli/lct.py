@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import argparse
 
-from legolm.cli.args import add_config_args, dump_yaml, resolve_config
+from legolm.cli.args import add_config_args, printed_config, resolve_config
 from legolm.lct.train import LCTConfig
 
 ALIASES = {"--overwrite": "run.overwrite"}
 
 
 def run(ns: argparse.Namespace) -> None:
-    from legolm.lct.experiment import run_lct
+    from legolm.recipes.lct import run_lct
 
     cfg = resolve_config(LCTConfig, ns)
-    if ns.print_config:
-        print(dump_yaml(cfg), end="")
+    if printed_config(ns, cfg):
         return
     run_lct(cfg)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from legolm.cli.args import add_config_args, dump_yaml, resolve_run_config
+from legolm.cli.args import add_config_args, printed_config, resolve_run_config
 from legolm.lego.config import LegoConfig
 
 ALIASES = {"--overwrite": "run.overwrite", "--resume": "run.resume"}
@@ -21,8 +21,7 @@ ALIASES = {"--overwrite": "run.overwrite", "--resume": "run.resume"}
 
 def run(ns: argparse.Namespace) -> None:
     cfg = resolve_run_config(LegoConfig, ns)
-    if ns.print_config:
-        print(dump_yaml(cfg), end="")
+    if printed_config(ns, cfg):
         return
     from legolm.recipes.lego import run_lego  # the heavy imports (torch, the library) only when it runs
 

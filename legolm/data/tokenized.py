@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from legolm.core.config import ModelConfig
 from legolm.data.corpus import DocSplit, ResolvedSource, read_documents, resolve_source
 from legolm.data.sources import cache_root
 from legolm.data.tokenizer import Tokenizer, parse_bpe_spec, resolve_tokenizer
 from legolm.errors import ConfigError, LegolmError
-from legolm.model.config import ModelConfig
 from legolm.utils.io import atomic_dir, atomic_write_text, check_writable, read_json
 
 MANIFEST = "manifest.json"

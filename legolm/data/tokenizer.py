@@ -18,6 +18,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from legolm.errors import CheckpointError, ConfigError, LegolmError
+from legolm.utils.gguf_file import gguf_reader, read_fields
+from legolm.utils.hub import resolve
 from legolm.utils.io import read_json
 
 EOS_TOKEN = "<|endoftext|>"
@@ -169,7 +171,6 @@ def resolve_tokenizer(spec: str, corpus_texts: Iterable[str] | None = None) -> T
     Raises:
         ConfigError: An unknown spec (the message lists what is accepted).
     """
-    from legolm.checkpoints.load import load_tokenizer
     from legolm.data.sources import shared_path
 
     vocab_size = parse_bpe_spec(spec)
@@ -186,6 +187,18 @@ def resolve_tokenizer(spec: str, corpus_texts: Iterable[str] | None = None) -> T
             f"unknown tokenizer {spec!r} ({err}); expected one of {', '.join(SHARED_TOKENIZERS)}, "
             f"{BPE_PREFIX}<vocab_size>, a tokenizer/model directory, a .gguf file or a Hugging Face hub name"
         ) from None
+
+
+def load_tokenizer(path_or_name: str | Path) -> Tokenizer:
+    """The tokenizer that comes with a checkpoint (directory files or the GGUF's vocabulary)."""
+    path = resolve(path_or_name)
+    if path.is_file() and path.suffix == ".gguf":
+        return Tokenizer.from_gguf_fields(read_fields(gguf_reader(path)))
+    if path.is_dir():
+        return Tokenizer.from_dir(path)
+    if path.is_file() and path.suffix == ".json":
+        return Tokenizer.from_dir(path.parent)
+    raise CheckpointError(f"no tokenizer found for {path}")
 
 
 def _backend(path: Path, load: Callable[[], Any]) -> Any:

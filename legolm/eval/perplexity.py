@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from legolm.core.config import ModelConfig
 from legolm.errors import ConfigError
-from legolm.model.config import ModelConfig
 from legolm.utils.finite import safe_exp
 
 

@@ -10,10 +10,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from legolm.core.config import PRESETS
 from legolm.data.tokenized import DataConfig
 from legolm.errors import ConfigError
 from legolm.eval.reversal import ReversalConfig
-from legolm.model.config import PRESETS
 from legolm.model.factory import KINDS, layer_options
 from legolm.train.config import FitConfig, RunConfig
 

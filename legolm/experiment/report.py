@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from legolm.utils.io import atomic_savefig, atomic_write_text, finite_json
+from legolm.utils.io import atomic_savefig, atomic_write_text, finite_json, pyplot
 
 if TYPE_CHECKING:
     from legolm.experiment.config import ExperimentConfig
-    from legolm.experiment.run import ModelResult
 
 TABLE, CSV_FILE, JSONL, CHART = "results.md", "results.csv", "results.jsonl", "results.png"
 COLUMNS = [  # (header, field, format)
@@ -22,6 +21,47 @@ COLUMNS = [  # (header, field, format)
     ("tok/s", "tokens_per_s", "{:,.0f}"), ("peak MB", "peak_memory_mb", "{:,.0f}"),
     ("memory KiB", "memory_kb", "{:,.1f}"), ("train s", "train_s", "{:,.1f}"), ("total s", "total_s", "{:,.1f}"),
 ]
+
+
+@dataclass
+class ModelResult:
+    """One row of the experiment's table.
+
+    Attributes:
+        model: Model kind.
+        params: Parameters.
+        val_ppl: Sliding-window perplexity of the held-out corpus documents.
+        forward_ppl: Reversal-curse completions in the trained direction.
+        backward_ppl: Reversal-curse completions in the reversed direction.
+        gap: backward_ppl - forward_ppl.
+        forward_acc: Greedy exact match, trained direction.
+        backward_acc: Greedy exact match, reversed direction.
+        tokens_per_s: Training tokens per second.
+        peak_memory_mb: Peak memory of training (CUDA allocated, or the process's peak RSS on CPU).
+        train_s: Training wall time.
+        total_s: Wall time of the model's whole run (build, train, evaluate).
+        memory_kb: Memory-layer state per sequence (KiB; 0 for pythia).
+        steps: Optimizer steps.
+        tokens: Training tokens seen.
+        device: Where it ran.
+    """
+
+    model: str
+    params: int
+    val_ppl: float
+    forward_ppl: float
+    backward_ppl: float
+    gap: float
+    forward_acc: float
+    backward_acc: float
+    tokens_per_s: float
+    peak_memory_mb: float
+    train_s: float
+    total_s: float
+    memory_kb: float
+    steps: int
+    tokens: int
+    device: str
 
 
 def markdown_table(results: list[ModelResult]) -> str:
@@ -65,12 +105,8 @@ def write_reports(results: list[ModelResult], cfg: ExperimentConfig, out: Path,
 def chart(results: list[ModelResult], path: Path) -> str | None:
     """Bar charts of validation PPL, reversal PPL (forward/backward), exact match and speed; a note
     instead of the PNG when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return f"{path.name} skipped: pip install matplotlib to draw the chart"
     names = [r.model for r in results]
     x = list(range(len(results)))

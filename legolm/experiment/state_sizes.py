@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from legolm.core.config import PRESETS
 from legolm.experiment.config import ExperimentModelSpec
 from legolm.layers.memory import MemoryAttention
-from legolm.model.config import PRESETS
+from legolm.layers.memory_state import memory_layers, memory_state_nbytes
 from legolm.model.factory import create_model
-from legolm.model.memory_state import memory_layers, memory_state_nbytes
 
 
 @dataclass

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from legolm.model.kv_cache import KVCache
+from legolm.core.kv_cache import KVCache
 from legolm.model.transformer import TransformerLM
 
 

@@ -52,13 +52,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from legolm.core.context import LayerContext
+from legolm.core.kv_cache import KVCache, LayerKVCache
+from legolm.core.rope import apply_rope
 from legolm.errors import ConfigError
 from legolm.generation.sampling import next_token
 from legolm.layers.attention import CausalSelfAttention, SplitQKV
-from legolm.layers.context import LayerContext
-from legolm.model.kv_cache import KVCache, LayerKVCache
 from legolm.model.lego import LegoLM, check_threshold, confidence, exits
-from legolm.model.rope import apply_rope
 
 KVMode = Literal["fill", "skip", "propagate"]
 KV_MODES: tuple[KVMode, ...] = ("fill", "skip", "propagate")

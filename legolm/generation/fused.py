@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 from torch import Tensor, nn
 
+from legolm.core.kv_cache import KVCache, LayerKVCache
 from legolm.errors import ConfigError
 from legolm.generation.decoder import DecodeState
 from legolm.layers.attention import CausalSelfAttention, SplitQKV
 from legolm.layers.blocks import ParallelBlock, SequentialBlock
 from legolm.layers.mlp import GeluMLP, SwiGLUMLP
-from legolm.model.kv_cache import KVCache, LayerKVCache
 from legolm.model.transformer import TransformerLM
 
 if TYPE_CHECKING:

@@ -40,11 +40,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from legolm.core.kv_cache import KVCache
 from legolm.errors import ConfigError
 from legolm.generation.decoder import capture
 from legolm.generation.early_exit import EarlyExitStats, block_weights, speculative_stats
 from legolm.generation.fused import FusedStack, exit_norm
-from legolm.model.kv_cache import KVCache
 from legolm.model.lego import LegoLM, confidence, exits
 
 Branch = Callable[[Tensor, Callable[[], None]], None]

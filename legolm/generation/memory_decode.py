@@ -12,7 +12,7 @@ forward pass over the prompt and the tokens so far (up to floating-point roundin
     other layers:  KV cache (every position so far)
 
 The memory carries like ``with carry_memory(model): model(prompt + tokens)``: a decoder may start
-from a saved state (`legolm.model.memory_state`), and `MemoryDecoder.memory_state` is the state
+from a saved state (`legolm.layers.memory_state`), and `MemoryDecoder.memory_state` is the state
 such a call would leave (the last, partial segment written). `generate_memory` is what
 `legolm.generation.generate` runs for these models: each prompt alone (segment boundaries are per
 sequence), from empty memory, or inside ``carry_memory(model)`` from the model's carried memory,
@@ -27,11 +27,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from legolm.core.kv_cache import KVCache, KVStore
 from legolm.errors import ConfigError
 from legolm.generation.sampling import next_token
 from legolm.layers.memory import MemoryAttention, MemoryBlock, MemoryLayer, SegmentCache
-from legolm.model.kv_cache import KVCache, KVStore
-from legolm.model.memory_state import check_memory_state, get_memory_state, memory_layers, set_memory_state
+from legolm.layers.memory_state import check_memory_state, get_memory_state, memory_layers, set_memory_state
 from legolm.model.transformer import TransformerLM
 
 State = dict[str, Tensor]

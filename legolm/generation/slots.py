@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from legolm.core.context import LayerContext
+from legolm.core.kv_cache import KVCache, LayerKVCache
 from legolm.errors import ConfigError
-from legolm.layers.context import LayerContext
-from legolm.model.kv_cache import KVCache, LayerKVCache
 from legolm.model.transformer import TransformerLM
 
 

@@ -1,6 +1,7 @@
 """Layer types: each is a builder ``(config, layer_idx) -> nn.Module`` registered by name.
 
-A new layer type is one new file with a ``build`` function plus one line in `_REGISTRY`.
+A new layer type is one new file with a ``build`` function plus one line in
+`legolm.core.layer_types.LAYER_MODULES` (the names `ModelConfig` accepts).
 
 A model can also be assembled from layer objects, without registering anything first
 (`stack_config` and `build_blocks`, what ``TransformerLM(config, layers=[...])`` runs): each entry of ``layers`` is
@@ -26,36 +27,22 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from legolm.core.layer_types import CUSTOM_PREFIX, LAYER_MODULES, registered_layers
 from legolm.errors import ConfigError
 
 if TYPE_CHECKING:
-    from legolm.model.config import ModelConfig
+    from legolm.core.config import ModelConfig
 
 LayerBuilder = Callable[["ModelConfig", int], nn.Module]
 LayerSpec = str | nn.Module | LayerBuilder
-CUSTOM_PREFIX = "custom:"  # config.layers name of an unregistered layer object
-
-_REGISTRY: dict[str, str] = {
-    "gpt2": "legolm.layers.gpt2",
-    "pythia": "legolm.layers.pythia",
-    "llama": "legolm.layers.llama",
-    "infini": "legolm.layers.infini",
-    "multi_memory": "legolm.layers.multi_memory",
-    "hierarchical": "legolm.layers.hierarchical",
-}
-
-
-def registered_layers() -> list[str]:
-    """Names usable in ``ModelConfig.layers``."""
-    return sorted(_REGISTRY)
 
 
 def _builder(name: str) -> LayerBuilder:
     if name.startswith(CUSTOM_PREFIX):
         raise ConfigError(f"layer type {name!r} was an unregistered layer object: this config cannot rebuild it. "
                           "Build the model with TransformerLM(config, layers=[...]) and the same objects, then load "
-                          "the weights; or register the type (one file + one line in legolm/layers/__init__.py)")
-    builder: LayerBuilder = importlib.import_module(_REGISTRY[name]).build
+                          "the weights; or register the type (one file + one line in legolm/core/layer_types.py)")
+    builder: LayerBuilder = importlib.import_module(LAYER_MODULES[name]).build
     return builder
 
 
@@ -70,7 +57,7 @@ def layer_name(spec: LayerSpec) -> str:
         return spec
     if isinstance(spec, nn.Module):
         return CUSTOM_PREFIX + type(spec).__name__
-    for name, module in _REGISTRY.items():
+    for name, module in LAYER_MODULES.items():
         if getattr(spec, "__module__", None) == module and getattr(spec, "__name__", None) == "build":
             return name
     return CUSTOM_PREFIX + getattr(spec, "__name__", type(spec).__name__)

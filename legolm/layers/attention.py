@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from legolm.layers.context import LayerContext
-from legolm.model.config import ModelConfig
-from legolm.model.kv_cache import KVStore
-from legolm.model.rope import apply_rope
+from legolm.core.config import ModelConfig
+from legolm.core.context import LayerContext
+from legolm.core.kv_cache import KVStore
+from legolm.core.rope import apply_rope
 
 
 class SplitQKV(nn.Module):

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from legolm.core.context import LayerContext
+from legolm.core.kv_cache import KVStore
 from legolm.layers.attention import CausalSelfAttention
-from legolm.layers.context import LayerContext
-from legolm.model.kv_cache import KVStore
 
 
 class SequentialBlock(nn.Module):

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from legolm.core.config import ModelConfig
 from legolm.errors import ConfigError
 from legolm.layers.memory import (
     CompressiveMemory,
@@ -47,7 +48,6 @@ from legolm.layers.memory import (
     elu_plus_one,
     memory_block,
 )
-from legolm.model.config import ModelConfig
 
 LAYER_TYPE = "hierarchical"
 FINE = 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from legolm.core.config import ModelConfig
 from legolm.layers.memory import (
     CompressiveMemory,
     MemoryBlock,
@@ -30,7 +31,6 @@ from legolm.layers.memory import (
     memory_block,
     written_slots,
 )
-from legolm.model.config import ModelConfig
 
 LAYER_TYPE = "infini"
 

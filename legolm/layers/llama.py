@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from legolm.core.config import ModelConfig
 from legolm.layers.attention import split_attention
 from legolm.layers.blocks import SequentialBlock
 from legolm.layers.mlp import swiglu_mlp
 from legolm.layers.norms import make_norm
-from legolm.model.config import ModelConfig
 
 
 def build(config: ModelConfig, layer_idx: int) -> nn.Module:

@@ -49,10 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from legolm.core.config import ModelConfig
+from legolm.core.context import LayerContext
+from legolm.core.kv_cache import KVStore
 from legolm.errors import ConfigError
-from legolm.layers.context import LayerContext
-from legolm.model.config import ModelConfig
-from legolm.model.kv_cache import KVStore
 
 State = dict[str, Tensor]
 OptionsT = TypeVar("OptionsT", bound="MemoryOptions")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from legolm.model.config import ModelConfig
+from legolm.core.config import ModelConfig
 
 
 class GeluMLP(nn.Module):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from legolm.core.config import ModelConfig
 from legolm.layers.memory import (
     CompressiveMemory,
     MemoryBlock,
@@ -28,7 +29,6 @@ from legolm.layers.memory import (
     memory_block,
     written_slots,
 )
-from legolm.model.config import ModelConfig
 
 LAYER_TYPE = "multi_memory"
 

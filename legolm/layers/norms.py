@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from legolm.model.config import ModelConfig
+from legolm.core.config import ModelConfig
 
 
 def make_norm(config: ModelConfig) -> nn.Module:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from legolm.layers.context import LayerContext
-from legolm.model.config import ModelConfig
+from legolm.core.config import ModelConfig
+from legolm.core.context import LayerContext
 from legolm.model.transformer import TransformerLM
 
 

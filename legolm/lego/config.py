@@ -27,10 +27,10 @@ from typing import Literal
 
 import torch
 
+from legolm.core.config import MAX_LAYERS
 from legolm.data.tokenized import DataConfig
 from legolm.errors import ConfigError
 from legolm.generation.early_exit import KVMode
-from legolm.model.config import MAX_LAYERS
 from legolm.model.lego import check_target_ratio
 from legolm.train.config import EvalConfig, FitConfig, ModelSpec, OptimConfig, RunConfig, ScheduleConfig
 

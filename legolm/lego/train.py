@@ -54,7 +54,8 @@ from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch, BatchSource, WindowBatches
 from legolm.train.config import FitConfig
 from legolm.train.distributed import init_distributed
-from legolm.train.fit import Callback, FitResult, FitState, LossOutput, fit, resolve_device
+from legolm.train.fit import Callback, FitResult, FitState, LossOutput, fit
+from legolm.utils.device import resolve_device
 from legolm.utils.finite import safe_exp
 
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from legolm.core.config import ModelConfig
 from legolm.errors import ConfigError
 from legolm.layers.hierarchical import HierarchicalOptions
 from legolm.layers.infini import InfiniOptions
 from legolm.layers.memory import MemoryOptions
 from legolm.layers.multi_memory import MultiMemoryOptions
-from legolm.model.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 
 KINDS = ("pythia", "infini", "multi_memory", "hierarchical")

@@ -45,11 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from legolm.core.config import ModelConfig
+from legolm.core.kv_cache import KVCache
 from legolm.errors import ConfigError
 from legolm.layers import build_layer
 from legolm.layers.norms import make_norm
-from legolm.model.config import ModelConfig
-from legolm.model.kv_cache import KVCache
 from legolm.model.transformer import TransformerLM, init_weights
 
 CONFIDENCE_QUANTILES = 101  # stored quantiles of the validation confidence (0%, 1%, ..., 100%)

@@ -19,13 +19,14 @@ from typing import Any, Self
 import torch
 from torch import Tensor, nn
 
+from legolm.core.config import ModelConfig
+from legolm.core.context import LayerContext
+from legolm.core.kv_cache import KVCache
+from legolm.core.rope import rope_tables
 from legolm.errors import ConfigError
 from legolm.layers import LayerSpec, build_blocks, stack_config
-from legolm.layers.context import LayerContext
 from legolm.layers.norms import make_norm
-from legolm.model.config import ModelConfig
-from legolm.model.kv_cache import KVCache
-from legolm.model.rope import rope_tables
+from legolm.model.validate import check_state_dict
 from legolm.utils.device import memory_bytes
 
 ROPE_MIN_ROWS = 64  # the smallest RoPE table built (it grows in powers of two)
@@ -139,8 +140,6 @@ class TransformerLM(nn.Module):
 
         ``kwargs`` go to the constructor of a subclass (`LegoLM`'s meta).
         """
-        from legolm.checkpoints.validate import check_state_dict
-
         with torch.device("meta"):
             model = cls(config, **kwargs)
         check_state_dict(model, state)
@@ -241,21 +240,28 @@ class TransformerLM(nn.Module):
         """Final norm and LM head: (B, T, C) -> (B, T, vocab)."""
         return self.lm_head(self.norm(h))
 
-    # -- memory layers (see legolm.model.memory_state) ---------------------------------------------
+    # -- memory layers (see legolm.layers.memory_state) ---------------------------------------------
     def reset_memory(self) -> None:
         """Forget the carried memory of every memory layer (infini, multi_memory, hierarchical)."""
-        from legolm.model.memory_state import reset_memory
+        from legolm.layers.memory_state import reset_memory
 
         reset_memory(self)
 
     def get_memory_state(self) -> dict[str, Tensor]:
         """The carried memory of every memory layer, ``{"<layer>.<tensor>": tensor}``."""
-        from legolm.model.memory_state import get_memory_state
+        from legolm.layers.memory_state import get_memory_state
 
         return get_memory_state(self)
 
     def set_memory_state(self, state: dict[str, Tensor]) -> None:
         """Carry ``state`` (from `get_memory_state`) into the next forward under ``carry_memory``."""
-        from legolm.model.memory_state import set_memory_state
+        from legolm.layers.memory_state import set_memory_state
 
         set_memory_state(self, state)
+
+
+def check_shapes(config: ModelConfig, state: dict[str, Tensor], source: str) -> None:
+    """`check_state_dict` against a model of ``config`` built on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = TransformerLM(config)
+    check_state_dict(model, state, source)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from legolm.checkpoints.native import save_checkpoint
-from legolm.cli.args import dump_yaml  # the config system lives there for now (issue 18 moves it down)
+from legolm.config import dump_yaml
 from legolm.data.tokenized import TokenizedCorpus, prepare_corpus
 from legolm.lego.config import STORE_DTYPES, LegoConfig
 from legolm.lego.evaluate import TokenScores, score_tokens

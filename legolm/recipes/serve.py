@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from legolm.checkpoints.load import load_pretrained, load_tokenizer
+from legolm.checkpoints.load import load_pretrained
+from legolm.data.tokenizer import load_tokenizer
 from legolm.errors import ConfigError, LegolmError
-from legolm.model.memory_state import ModelFingerprint
+from legolm.layers.memory_state import ModelFingerprint
 from legolm.serve.app import ServerState, create_app
 from legolm.serve.backends import make_backend
 from legolm.serve.chat import load_chat_template

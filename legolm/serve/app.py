@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 
 from legolm.data.tokenizer import Tokenizer
 from legolm.errors import CheckpointError, ConfigError, LegolmError
-from legolm.model.memory_state import ModelFingerprint, memory_state_from_bytes, memory_state_to_bytes
+from legolm.layers.memory_state import ModelFingerprint, memory_state_from_bytes, memory_state_to_bytes
 from legolm.model.transformer import TransformerLM
 from legolm.serve.chat import ChatTemplate
 from legolm.serve.config import ServeConfig

@@ -16,10 +16,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from legolm.checkpoints.gguf import _reader
-from legolm.checkpoints.load import resolve
 from legolm.data.tokenizer import Tokenizer
 from legolm.errors import ConfigError, LegolmError
+from legolm.utils.gguf_file import gguf_reader
+from legolm.utils.hub import resolve
 
 GGUF_KEY = "tokenizer.chat_template"
 JINJA_FILE = "chat_template.jinja"
@@ -80,7 +80,7 @@ def model_template_source(path_or_name: str | Path) -> str | None:
     """The chat template stored with a model (see the module docstring), or None."""
     path = resolve(path_or_name)
     if path.is_file() and path.suffix == ".gguf":
-        field = _reader(path).fields.get(GGUF_KEY)
+        field = gguf_reader(path).fields.get(GGUF_KEY)
         return str(field.contents()) if field is not None else None
     if not path.is_dir():
         return None

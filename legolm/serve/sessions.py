@@ -3,7 +3,7 @@
 A request that names a session starts from the session's memory (empty for a new one) and, when it
 finishes, leaves the memory of its prompt and completion there (see `legolm.generation.memory_decode`).
 Each session serves one request at a time; its memory can be downloaded and uploaded as the
-fingerprinted file of `legolm.model.memory_state`, so a conversation moves between servers.
+fingerprinted file of `legolm.layers.memory_state`, so a conversation moves between servers.
 """
 
 from __future__ import annotations

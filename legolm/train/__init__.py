@@ -13,7 +13,7 @@ from legolm.train.config import (
 )
 from legolm.train.distributed import DistContext, Wrapped, init_distributed
 from legolm.train.fit import Callback, FitResult, FitState, NextTokenLoss, TrainStep, evaluate_loss, fit
-from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
+from legolm.train.optim import LRSchedule, build_optimizer
 
 __all__ = [
     "Batch",
@@ -39,5 +39,4 @@ __all__ = [
     "evaluate_loss",
     "fit",
     "init_distributed",
-    "trainable_parameters",
 ]

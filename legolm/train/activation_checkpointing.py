@@ -49,8 +49,8 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
+from legolm.core.context import LayerContext
 from legolm.errors import ConfigError
-from legolm.layers.context import LayerContext
 from legolm.layers.memory import MemoryLayer
 
 ActivationCheckpointing = Literal["none", "blocks", "selective"]

@@ -18,10 +18,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from legolm.core.config import PRESETS, ModelConfig
 from legolm.data.tokenized import DataConfig
 from legolm.errors import ConfigError
 from legolm.eval.sanity import PPLBands
-from legolm.model.config import PRESETS, ModelConfig
 from legolm.utils.device import check_device_name
 
 MAX_SEED = 2**32 - 1  # NumPy's legacy global seeding (np.random.seed) takes seeds in [0, 2**32 - 1]
@@ -202,6 +202,11 @@ class FitConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Sequences per validation batch: ``eval.batch_size``, else the training ``batch_size``."""
+        return self.eval.batch_size or self.batch_size
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first invalid setting and its fix."""

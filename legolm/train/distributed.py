@@ -52,6 +52,7 @@ from legolm.train.activation_checkpointing import (
     remove_activation_checkpointing,
 )
 from legolm.train.config import RunConfig, uses_bf16
+from legolm.utils.device import resolve_device
 
 T = TypeVar("T")
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -105,6 +106,11 @@ class DistContext:
     def distributed(self) -> bool:
         """A process group is up (strategy ddp or fsdp2)."""
         return self.strategy != "none"
+
+    def run_device(self, name: str) -> torch.device:
+        """Where a run computes: this rank's device under a process group, else the ``run.device``
+        setting ``name`` resolved (`resolve_device`)."""
+        return self.device if self.distributed else resolve_device(name)
 
     def shard(self) -> Shard:
         """``rank`` and ``world_size`` keyword arguments for a batch source (`WindowBatches`)."""

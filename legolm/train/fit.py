@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from legolm.config import dump_yaml
 from legolm.errors import ConfigError, TrainingDiverged
 from legolm.train.batches import Batch, BatchSource
 from legolm.train.checkpoint import (
@@ -49,12 +50,11 @@ from legolm.train.config import FitConfig, uses_bf16
 from legolm.train.distributed import DistContext, Wrapped, init_distributed
 from legolm.train.head_loss import IGNORE_INDEX, LossKernel, head_cross_entropy, token_cross_entropy
 from legolm.train.metrics import MetricsLogger, format_loss
-from legolm.train.optim import LRSchedule, build_optimizer, trainable_parameters
+from legolm.train.optim import LRSchedule, build_optimizer
 from legolm.train.run_dir import open_run_dir, release_run_dir
-from legolm.utils.device import parse_device
 from legolm.utils.finite import safe_exp
 from legolm.utils.io import atomic_write_text
-from legolm.utils.params import count_parameters
+from legolm.utils.params import count_parameters, trainable_parameters
 
 LossOutput = tuple[Tensor, Tensor | int, dict[str, Tensor]]
 LossFn = Callable[[nn.Module, Batch], LossOutput]
@@ -158,11 +158,6 @@ class FitResult:
     evals: list[dict[str, Any]] = field(default_factory=list)
     run_dir: Path | None = None
     skipped_steps: int = 0
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` = CUDA when visible, else CPU; a bad name or a CUDA device that is not there is a user error."""
-    return parse_device(name, "run.device")
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -356,7 +351,7 @@ def fit(model: nn.Module, train: BatchSource, cfg: FitConfig, *, val: BatchSourc
     """
     cfg.validate()
     ctx = init_distributed(cfg.run)
-    device = ctx.device if ctx.distributed else resolve_device(cfg.run.device)
+    device = ctx.run_device(cfg.run.device)
     if device.type == "cuda" and cfg.run.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -395,8 +390,6 @@ def _fit_in(run_dir: Path, model: nn.Module, train: BatchSource, cfg: FitConfig,
                      skip_nonfinite=cfg.optim.on_nonfinite == "skip")
     state = _start(cfg, ckpt, saved, step, train, ctx)
     if ctx.is_main:
-        from legolm.cli.args import dump_yaml
-
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
     logger = MetricsLogger(run_dir, state.step if cfg.run.resume else None, cfg.run.plot, cfg.run.tensorboard,
                            enabled=ctx.is_main)

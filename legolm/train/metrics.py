@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from legolm.errors import ConfigError
-from legolm.utils.io import atomic_savefig, atomic_write_text
+from legolm.utils.io import atomic_savefig, atomic_write_text, pyplot
 
 JSONL, CSV, PLOT = "metrics.jsonl", "metrics.csv", "loss.png"
 
@@ -95,12 +95,8 @@ class MetricsLogger:
             self.tb.flush()
 
     def _plot(self) -> None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = pyplot()
+        if plt is None:
             self.plot_note = "loss.png skipped: pip install 'legolm[plot]' (matplotlib) to draw it"
             return
         fig, ax = plt.subplots(figsize=(7, 4))

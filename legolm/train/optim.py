@@ -11,11 +11,6 @@ from torch import nn
 from legolm.train.config import OptimConfig, ScheduleConfig
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters `fit` optimises: those with ``requires_grad`` (callers freeze the rest)."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter 2019) with weight decay on matrices only.
 

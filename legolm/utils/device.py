@@ -45,6 +45,12 @@ def parse_device(name: str, what: str = "--device") -> torch.device:
     return device
 
 
+def resolve_device(name: str) -> torch.device:
+    """The ``run.device`` setting: ``auto`` = CUDA when visible, else CPU; a bad name or a CUDA device
+    that is not there is a user error."""
+    return parse_device(name, "run.device")
+
+
 def memory_bytes(device: torch.device) -> int | None:
     """Total memory of ``device`` (host RAM for the CPU, the GPU's for CUDA); None where it is unknown."""
     if device.type == "cuda":

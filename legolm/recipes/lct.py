@@ -1,4 +1,4 @@
-"""``legolm lct``: LCT and exact sequential training of the same `ContextPythia` on the same data.
+"""The ``legolm lct`` job: LCT and exact sequential training of the same `ContextPythia` on the same data.
 
 Each method starts from the same seed and weights, sees the same windows in the same order, is
 evaluated by the exact recurrence after every epoch, and gets its own run directory
@@ -18,7 +18,7 @@ from legolm.lct.cache import LaggedStateCache, cache_bytes, choose_device
 from legolm.lct.context_pythia import ContextPythia
 from legolm.lct.train import LagMonitor, LCTConfig, LCTLoss, SequentialLoss, exact_eval
 from legolm.train.batches import WindowBatches
-from legolm.utils.io import atomic_savefig, atomic_write_text, finite_json
+from legolm.utils.io import atomic_savefig, atomic_write_text, finite_json, pyplot
 
 
 def method_config(cfg: LCTConfig, method: str, steps_per_epoch: int) -> LCTConfig:
@@ -30,14 +30,14 @@ def method_config(cfg: LCTConfig, method: str, steps_per_epoch: int) -> LCTConfi
 def train_method(cfg: LCTConfig, method: str, train_ids: Any, val_ids: Any, vocab: int, eos: int) -> dict[str, Any]:
     """Train one method through `fit`; return its per-epoch records and totals."""
     from legolm.train.distributed import init_distributed
-    from legolm.train.fit import fit, resolve_device
+    from legolm.train.fit import fit
 
     torch.manual_seed(cfg.run.seed)
     model = ContextPythia(cfg.model.model_config(vocab, eos))
     dist = init_distributed(cfg.run)
-    device = dist.device if dist.distributed else resolve_device(cfg.run.device)
+    device = dist.run_device(cfg.run.device)
     train = WindowBatches(train_ids, cfg.window, cfg.batch_size, shuffle=True, seed=cfg.run.seed, **dist.shard())
-    val = WindowBatches(val_ids, cfg.window, cfg.eval.batch_size or cfg.batch_size, shuffle=False, drop_last=False)
+    val = WindowBatches(val_ids, cfg.window, cfg.eval_batch_size, shuffle=False, drop_last=False)
 
     def eval_fn(m: object) -> dict[str, float]:
         return exact_eval(model, val, cfg.eval.max_batches, device, cfg.run.precision)
@@ -131,12 +131,8 @@ def report(runs: list[dict[str, Any]], comparison: dict[str, float]) -> str:
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
     """Validation perplexity and cache lag per epoch (skipped with a note without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("note: lct.png skipped (pip install matplotlib)")
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))

@@ -14,8 +14,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from legolm.core.config import ModelConfig
 from legolm.errors import ConfigError
-from legolm.model.config import ModelConfig
 
 
 class KVStore(Protocol):

@@ -1,8 +1,9 @@
 """Check a state dict against a model before loading it, with messages a user can act on.
 
 Loaders check the weights' shapes as the file headers give them (`meta_state`: tensors on the
-meta device, nothing read or allocated) against the config before any weight is read, so a
-config that does not describe its weights is one line, not a traceback or a huge allocation.
+meta device, nothing read or allocated) against the config before any weight is read
+(`legolm.model.transformer.check_shapes`), so a config that does not describe its weights is one
+line, not a traceback or a huge allocation.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from legolm.errors import CheckpointError
-from legolm.model.config import ModelConfig
-from legolm.model.transformer import TransformerLM
 
 # safetensors' dtype names (a header's ``dtype``); a name not here is taken as floating point
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -31,13 +30,6 @@ def meta_state(shapes: Mapping[str, Sequence[int]],
     dtypes = dtypes or {}
     return {key: torch.empty(tuple(shape), device="meta", dtype=dtypes.get(key, torch.float32))
             for key, shape in shapes.items()}
-
-
-def check_shapes(config: ModelConfig, state: dict[str, Tensor], source: str) -> None:
-    """`check_state_dict` against a model of ``config`` built on the meta device (nothing allocated)."""
-    with torch.device("meta"):
-        model = TransformerLM(config)
-    check_state_dict(model, state, source)
 
 
 def check_state_dict(model: nn.Module, state: dict[str, Tensor], source: str = "the config") -> None:

@@ -1,5 +1,5 @@
-"""The unified experiment: every model trained by `fit` on the same text, budget and seed, then
-scored the same way.
+"""The ``legolm experiment`` job, the unified experiment: every model trained by `fit` on the same
+text, budget and seed, then scored the same way.
 
 ::
 
@@ -23,56 +23,16 @@ import json
 import multiprocessing as mp
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from legolm.errors import LegolmError
 from legolm.experiment.config import ExperimentConfig
+from legolm.experiment.report import ModelResult, write_reports
 from legolm.utils.io import atomic_write_text, finite_json
 
 RESULT, ERROR = "result.json", "error.txt"
-
-
-@dataclass
-class ModelResult:
-    """One row of the experiment's table.
-
-    Attributes:
-        model: Model kind.
-        params: Parameters.
-        val_ppl: Sliding-window perplexity of the held-out corpus documents.
-        forward_ppl: Reversal-curse completions in the trained direction.
-        backward_ppl: Reversal-curse completions in the reversed direction.
-        gap: backward_ppl - forward_ppl.
-        forward_acc: Greedy exact match, trained direction.
-        backward_acc: Greedy exact match, reversed direction.
-        tokens_per_s: Training tokens per second.
-        peak_memory_mb: Peak memory of training (CUDA allocated, or the process's peak RSS on CPU).
-        train_s: Training wall time.
-        total_s: Wall time of the model's whole run (build, train, evaluate).
-        memory_kb: Memory-layer state per sequence (KiB; 0 for pythia).
-        steps: Optimizer steps.
-        tokens: Training tokens seen.
-        device: Where it ran.
-    """
-
-    model: str
-    params: int
-    val_ppl: float
-    forward_ppl: float
-    backward_ppl: float
-    gap: float
-    forward_acc: float
-    backward_acc: float
-    tokens_per_s: float
-    peak_memory_mb: float
-    train_s: float
-    total_s: float
-    memory_kb: float
-    steps: int
-    tokens: int
-    device: str
 
 
 def run_experiment(cfg: ExperimentConfig) -> list[ModelResult]:
@@ -112,8 +72,6 @@ def run_experiment(cfg: ExperimentConfig) -> list[ModelResult]:
                 return []
         else:
             results = [_spawn(kind, cfg, out / kind) for kind in cfg.models]
-        from legolm.experiment.report import write_reports
-
         write_reports(results, cfg, out, configs[0].vocab_size)  # one corpus: one vocabulary for every model
     finally:
         if dist.is_main:
@@ -175,8 +133,8 @@ def train_and_score(kind: str, cfg: ExperimentConfig, run_dir: Path) -> ModelRes
     from legolm.data.tokenized import prepare_corpus
     from legolm.eval.perplexity import sliding_window_ppl
     from legolm.eval.reversal import evaluate_reversal
+    from legolm.layers.memory_state import memory_state_nbytes
     from legolm.model.factory import create_model
-    from legolm.model.memory_state import memory_state_nbytes
     from legolm.train.batches import WindowBatches
     from legolm.train.distributed import current
     from legolm.train.fit import autocast_for, fit
@@ -188,7 +146,7 @@ def train_and_score(kind: str, cfg: ExperimentConfig, run_dir: Path) -> ModelRes
     shard = current().shard()
     train = WindowBatches(_training_stream(cfg, corpus), cfg.window, cfg.batch_size, shuffle=True, seed=cfg.run.seed,
                           **shard)
-    eval_batch = cfg.eval.batch_size or cfg.batch_size
+    eval_batch = cfg.eval_batch_size
     val = WindowBatches(corpus.val, cfg.window, eval_batch, shuffle=False, drop_last=False, **shard)
     run_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(run_dir), overwrite=True))
     fit_result = fit(model, train, run_cfg, val=val)

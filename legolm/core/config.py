@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from legolm.core.layer_types import CUSTOM_PREFIX, registered_layers
 from legolm.errors import ConfigError
-from legolm.layers import CUSTOM_PREFIX, registered_layers
 
 Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "gelu_tanh", "silu"]
