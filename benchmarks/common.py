@@ -15,6 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from legolm.checkpoints.hf import export_hf_state, family_for
+from legolm.core.config import ModelConfig
+from legolm.model.transformer import TransformerLM
 from legolm.train.batches import WindowBatches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,3 +91,18 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def hf_random_model(config: ModelConfig) -> Any:
+    """transformers' model of ``config``'s shape (GPT-2 / GPT-NeoX / Llama), randomly initialised with seed 0 (fp32,
+    CPU, SDPA attention): the weights every library of a benchmark starts from, through its own converter."""
+    import transformers
+
+    with torch.device("meta"):
+        shapes = TransformerLM(config).state_dict()
+    hf_cfg, _ = export_hf_state(config, shapes)
+    family = family_for(hf_cfg["model_type"])
+    cfg = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return getattr(transformers, family.architecture)(cfg)

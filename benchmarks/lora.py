@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.common import device_info, print_table, real_tokens, write_result
+from benchmarks.common import device_info, hf_random_model, print_table, real_tokens, write_result
 from benchmarks.peers import (
     LITGPT,
     PEERS,
@@ -74,17 +74,7 @@ SMOKE_MODELS = {"gpt2": "tiny-gpt2", "pythia-160m": "tiny-pythia"}
 
 def hf_model(preset: str) -> Any:
     """A transformers GPT-2 / GPT-NeoX with random weights of the preset's shape (fp32, CPU, SDPA attention)."""
-    import transformers
-
-    config = ModelConfig.from_name(preset)
-    with torch.device("meta"):
-        shapes = TransformerLM(config).state_dict()
-    hf_cfg, _ = export_hf_state(config, shapes)
-    family = family_for(hf_cfg["model_type"])
-    cfg = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return getattr(transformers, family.architecture)(cfg)
+    return hf_random_model(ModelConfig.from_name(preset))
 
 
 def model_type(preset: str) -> str:

@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import BENCH_DATA, cycled, device_info, print_table, write_result
+from benchmarks.common import BENCH_DATA, cycled, device_info, hf_random_model, print_table, write_result
 from benchmarks.peers import LITGPT, failure, litgpt_model, litgpt_unsupported, logits_loss, missing, train_step
-from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
+from legolm.checkpoints.hf import convert_state, family_for
 from legolm.core.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch, WindowBatches
@@ -73,20 +73,12 @@ def padded_config(preset: str, vocab_multiple: int, overrides: dict[str, Any]) -
 def build_model(library: str, config: ModelConfig, device: torch.device) -> nn.Module:
     """HF's randomly initialised model of ``config``'s shape, or legolm / litgpt holding the same weights; fp32,
     train."""
-    import transformers
-
-    with torch.device("meta"):
-        shapes = TransformerLM(config).state_dict()
-    hf_cfg, _ = export_hf_state(config, shapes)
-    family = family_for(hf_cfg["model_type"])
-    cfg = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    hf = getattr(transformers, family.architecture)(cfg).to(device).train()
+    hf = hf_random_model(config).to(device).train()
     if library == "hf":
         return hf
     if library == "litgpt":  # through litgpt's own converter
         return litgpt_model({k: v.detach().clone() for k, v in hf.state_dict().items()}, config).to(device).train()
+    family = family_for(hf.config.model_type)
     state = convert_state({k: v.detach().clone() for k, v in hf.state_dict().items()}, family, config, to_hf=False)
     del hf
     return TransformerLM.from_state_dict(config, state).to(device).train()
