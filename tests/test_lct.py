@@ -167,6 +167,28 @@ def test_refresh_passes_recompute_the_cached_states_with_the_current_weights(pas
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_window_grad_passes_give_the_exact_recurrences_gradients() -> None:
+    """With every refresh pass keeping its graph (grad_passes = refresh_passes = T), the lagged step is exact
+    backpropagation through time: the same loss and gradients as sequential training, from any stale cache."""
+    model = _model().train()
+    data = _batches()
+    batch = next(iter(data))
+    cache = LaggedStateCache(data.n_windows, T, C, torch.float32, torch.device("cpu"))
+    cache.put(batch["sample_ids"], batch["input_ids"], torch.randn(batch["input_ids"].shape[0], T, C))
+    grads = []
+    for loss_fn in (LCTLoss(cache, refresh_passes=T, grad_passes=T), SequentialLoss()):
+        model.zero_grad()
+        loss, _, _ = loss_fn(model, batch)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "ctx_proj.weight" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+    model.zero_grad()
+    LCTLoss(cache, refresh_passes=T, grad_passes=0)(model, batch)[0].backward()  # detached context: another gradient
+    assert not torch.allclose(model.ctx_proj.weight.grad, grads[1]["ctx_proj.weight"], atol=1e-5, rtol=1e-4)
+
+
 def test_sequential_loss_equals_cross_entropy_of_the_recurrence() -> None:
     model = _model()
     batch = next(iter(_batches()))
@@ -225,10 +247,14 @@ def test_cli_refuses_a_cache_over_budget(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("legolm: error:") and "budget" in lines[0]
 
 
-@pytest.mark.parametrize("passes", ["-1", "33"])
-def test_cli_refuses_refresh_passes_outside_the_window(tmp_path: Path, passes: str) -> None:
-    proc = _cli(["--epochs", "1", "--lct.refresh-passes", passes], tmp_path)
+@pytest.mark.parametrize(("flags", "key"), [
+    (["--lct.refresh-passes", "-1"], "lct.refresh_passes"),
+    (["--lct.refresh-passes", "33"], "lct.refresh_passes"),
+    (["--lct.refresh-passes", "2", "--lct.grad-passes", "3"], "lct.grad_passes"),
+])
+def test_cli_refuses_refresh_and_grad_passes_out_of_range(tmp_path: Path, flags: list[str], key: str) -> None:
+    proc = _cli(["--epochs", "1", *flags], tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("legolm: error:") and "lct.refresh_passes" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("legolm: error:") and key in lines[0]
     assert not (tmp_path / "run").exists()

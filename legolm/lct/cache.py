@@ -33,6 +33,10 @@ class LCTCacheConfig:
             Jacobi iteration towards the exact recurrence, whose first p positions are exact after p
             passes). 0 trains on the states of the last visit, an epoch old (the method as published);
             each pass costs one forward of the batch without gradients.
+        grad_passes: Of the refresh passes, how many of the last ones keep their graph, so the gradient also
+            flows through that many steps of the recurrence (truncated backpropagation through time over
+            `grad_passes` steps; with grad_passes = refresh_passes = window the gradient is exact BPTT's). Each
+            costs a forward and a backward of the batch.
     """
 
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -40,6 +44,7 @@ class LCTCacheConfig:
     cpu_budget_mb: float = 8192.0
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     refresh_passes: int = 0
+    grad_passes: int = 0
 
 
 def cache_bytes(n_samples: int, window: int, width: int, dtype: torch.dtype) -> int:

@@ -49,13 +49,15 @@ class LCTLoss:
     Args:
         cache: The per-window state cache (filled lazily: a window seen for the first time gets
             its states from one no-grad forward with an empty context).
-        refresh_passes: No-grad parallel passes over the cached states with the current weights
-            before the training forward (`LCTCacheConfig.refresh_passes`).
+        refresh_passes: Parallel passes over the cached states with the current weights before the
+            training forward (`LCTCacheConfig.refresh_passes`).
+        grad_passes: The last of them that keep their graph (`LCTCacheConfig.grad_passes`).
     """
 
-    def __init__(self, cache: LaggedStateCache, refresh_passes: int = 0) -> None:
+    def __init__(self, cache: LaggedStateCache, refresh_passes: int = 0, grad_passes: int = 0) -> None:
         self.cache = cache
         self.refresh_passes = refresh_passes
+        self.grad_passes = grad_passes
 
     def __call__(self, model: nn.Module, batch: Batch) -> LossOutput:
         assert isinstance(model, ContextPythia)
@@ -67,8 +69,8 @@ class LCTLoss:
                 rows = new.to(ids.device)
                 self.cache.put(sids[new.cpu()], ids[rows], model(ids[rows]).states)
         prev = self.cache.get(sids, ids, ids.device)
-        with torch.no_grad():
-            for _ in range(self.refresh_passes):  # Jacobi steps towards the exact states of these weights
+        for i in range(self.refresh_passes):  # Jacobi steps towards the exact states of these weights
+            with torch.set_grad_enabled(i >= self.refresh_passes - self.grad_passes and torch.is_grad_enabled()):
                 prev = model(ids, prev).states
         out = model(ids, prev)
         self.cache.put(*all_gather_cat(sids, ids, out.states.detach()))  # every rank's windows, as one process
@@ -165,5 +167,8 @@ class LCTConfig(FitConfig):
             raise ConfigError("exact sequential training writes a growing key/value cache in each block's forward, "
                               "which activation checkpointing would write again when it recomputes the block; run "
                               "--methods lct alone or use --run.activation-checkpointing none")
+        if not 0 <= self.lct.grad_passes <= self.lct.refresh_passes:
+            raise ConfigError(f"lct.grad_passes must be in [0, lct.refresh_passes={self.lct.refresh_passes}] (the last "
+                              f"refresh passes keep their graph), got {self.lct.grad_passes}")
         if self.lct.budget_mb <= 0 or self.lct.cpu_budget_mb < 0:
             raise ConfigError("lct.budget_mb must be > 0 and lct.cpu_budget_mb >= 0")

@@ -54,7 +54,7 @@ def train_method(cfg: LCTConfig, method: str, train_ids: Any, val_ids: Any, voca
               f"= {nbytes / 2**20:,.1f} MiB on {where}")
         cache = LaggedStateCache(train.n_windows, cfg.window, model.config.n_embd, dtype, where)
     monitor = LagMonitor(probe, cache, device)
-    loss_fn = LCTLoss(cache, cfg.lct.refresh_passes) if cache is not None else SequentialLoss()
+    loss_fn = LCTLoss(cache, cfg.lct.refresh_passes, cfg.lct.grad_passes) if cache is not None else SequentialLoss()
     result = fit(model, train, method_config(cfg, method, len(train) // cfg.grad_accum), loss_fn=loss_fn,
                  eval_fn=eval_fn, callbacks=[monitor])
     epochs = [{**{k: v for k, v in dataclasses.asdict(r).items() if k != "extra"}, **r.extra} for r in monitor.records]
