@@ -84,8 +84,8 @@ def _readme_commands(text: str) -> list[str]:
         for line in block.replace("\\\n", " ").splitlines():
             for part in line.split("#", 1)[0].split("&&"):
                 words = part.split()
-                start = next((i for i, w in enumerate(words) if w.endswith(("legolm", "legolm.cli.main", "legolm)"))),
-                             None)
+                start = next((i for i, w in enumerate(words) if w.endswith(("legolm", "legolm.cli.main", "legolm)"))
+                              and not (i and words[i - 1].startswith("--"))), None)  # not a flag's value
                 if start is not None:
                     commands.append(" ".join(words[start + 1:]))
     commands += [m.group(1) for m in re.finditer(r"`legolm ([^`]+)`", text)]
