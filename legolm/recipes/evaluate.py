@@ -1,0 +1,147 @@
+"""The ``legolm eval ppl`` job: sliding-window perplexity of a model on held-out real text.
+
+The text is a named source or a file/folder (tokenized once with the model's own tokenizer and split
+by document exactly as training splits it), or a folder of tokenized data that
+`legolm.data.prepare_corpus` wrote (refused if another tokenizer made it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+
+from legolm.checkpoints.load import load_pretrained
+from legolm.data.tokenized import (
+    MANIFEST,
+    DataConfig,
+    TokenizedCorpus,
+    check_ids,
+    decoded_counts,
+    load_tokenized,
+    prepare_corpus,
+)
+from legolm.data.tokenizer import load_tokenizer, resolve_tokenizer
+from legolm.errors import ConfigError, LegolmError
+from legolm.eval.perplexity import PPLResult, check_windows, sliding_window_ppl
+from legolm.eval.sanity import PPLBands
+from legolm.utils.io import atomic_write_text, check_writable, finite_json
+
+
+@dataclass
+class PPLConfig:
+    """Windows and the slice of text that ``legolm eval ppl`` scores.
+
+    Attributes:
+        max_length: Window length in tokens (at most the model's block_size).
+        stride: Tokens each window moves on; max_length = disjoint windows, smaller = more context per token.
+        batch_size: Windows per forward pass.
+        split: Documents scored: auto (all of a file/folder you give, val of a named source), val, train or all.
+        max_tokens: Score only the first N tokens of the split (None: all).
+    """
+
+    max_length: int = 1024
+    stride: int = 512
+    batch_size: int = 8
+    split: Literal["auto", "val", "train", "all"] = "auto"
+    max_tokens: int | None = None
+
+
+def evaluate_ppl(model_spec: str, cfg: PPLConfig, bands: PPLBands, data_cfg: DataConfig, device: str,
+                 dtype: torch.dtype, own_tokenizer: bool, json_path: str | None = None,
+                 overwrite: bool = False) -> dict[str, Any]:
+    """Score ``model_spec`` on ``data_cfg``'s text: print the table and the sanity verdict, write ``json_path``.
+
+    Args:
+        model_spec: Model path, .gguf or hub name.
+        cfg: Windows and the slice of text scored.
+        bands: Perplexity sanity bands.
+        data_cfg: The text (its ``tokenizer`` is used unless ``own_tokenizer``).
+        device: Device of the model.
+        dtype: Weights dtype.
+        own_tokenizer: Use the model's own tokenizer (no --tokenizer given).
+        json_path: Also write the result here (refused if it exists, unless ``overwrite``).
+        overwrite: Replace an existing ``json_path``.
+    """
+    bands.validate()
+    if json_path:
+        check_writable(json_path, "--json", kind="file")
+    if json_path and Path(json_path).exists() and not overwrite:
+        raise LegolmError(f"{json_path} already exists; choose another --json path or pass --overwrite")
+    if cfg.max_tokens is not None and cfg.max_tokens < 2:
+        raise LegolmError(f"--max-tokens must be >= 2, got {cfg.max_tokens}")
+    model = load_pretrained(model_spec, device=device, dtype=dtype)
+    check_windows(model.config.block_size, cfg.max_length, cfg.stride, cfg.batch_size)  # before any tokenizing
+    data_cfg.validate()
+    split = resolve_split(cfg.split, data_cfg.source)
+    corpus = _corpus(data_cfg, model=model_spec if own_tokenizer else None, hold_out=split != "all")
+    cfg = dataclasses.replace(cfg, split=split)
+    ids = corpus.split(cfg.split)
+    ids = ids[: cfg.max_tokens] if cfg.max_tokens else ids
+    check_ids(ids, model.config.vocab_size, f"the {cfg.split} text")
+    n_bytes, n_words = _text_counts(corpus, cfg, ids)
+    result = sliding_window_ppl(model, ids, cfg.max_length, cfg.stride, cfg.batch_size, device, n_bytes=n_bytes,
+                                n_words=n_words)
+    _print_table(cfg, result)
+    verdict = bands.check(cfg.split, result.ppl, model.config.vocab_size)
+    print(verdict.message)
+    payload = {"model": model_spec, "data": data_cfg.source, "data_dir": str(corpus.directory), "split": cfg.split,
+               "tokenizer": corpus.manifest["tokenizer"], **result.to_dict(), "ppl_check": verdict.to_dict()}
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json_path, finite_json(payload, str(json_path), indent=2))
+        print(f"wrote {json_path}")
+    return payload
+
+
+def resolve_split(split: str, source: str) -> Literal["val", "train", "all"]:
+    """``auto``: all of a text file/folder the user gives (it is the evaluation text), else the val split."""
+    if split in ("val", "train", "all"):
+        return cast(Literal["val", "train", "all"], split)
+    path = Path(source).expanduser()
+    return "all" if path.exists() and not (path / MANIFEST).is_file() else "val"
+
+
+def _corpus(data_cfg: DataConfig, model: str | None, hold_out: bool = True) -> TokenizedCorpus:
+    """Stored tokenized data (checked against the tokenizer), or the source tokenized now.
+
+    Args:
+        data_cfg: The data settings; ``tokenizer`` is the spec to use.
+        model: The model path when its own tokenizer is wanted (no --tokenizer given).
+        hold_out: Split the documents into train/val (False: all of them in one stream).
+    """
+    if model is None:
+        tokenizer = resolve_tokenizer(data_cfg.tokenizer)
+    else:
+        try:
+            tokenizer = load_tokenizer(model)
+        except LegolmError as err:
+            raise ConfigError(f"--model {model} brings no tokenizer ({err}); pass --tokenizer (e.g. gpt2)") from None
+    if (Path(data_cfg.source).expanduser() / MANIFEST).is_file():
+        return load_tokenized(Path(data_cfg.source).expanduser(), tokenizer)
+    return prepare_corpus(data_cfg, tokenizer=tokenizer, hold_out=hold_out)
+
+
+def _text_counts(corpus: TokenizedCorpus, cfg: PPLConfig, ids: Any) -> tuple[int, int]:
+    """Bytes and words of the scored text: the manifest's for a whole split, else decoded."""
+    if cfg.max_tokens is None or cfg.max_tokens >= len(corpus.split(cfg.split)):
+        counts = corpus.counts(cfg.split)
+        return counts["bytes"], counts["words"]
+    return decoded_counts(corpus.tokenizer, ids, corpus.eos_id)
+
+
+def _print_table(cfg: PPLConfig, r: PPLResult) -> None:
+    row: dict[str, Any] = {
+        "split": cfg.split, "tokens scored": f"{r.n_tokens:,}", "max_length": r.max_length, "stride": r.stride,
+        "nll/token": f"{r.nll:.4f}", "ppl": f"{r.ppl:.3f}", "bits/byte": f"{r.bits_per_byte:.4f}",
+        "word ppl": f"{r.word_ppl:.2f}",
+    }
+    widths = {k: max(len(k), len(str(v))) for k, v in row.items()}
+    print("| " + " | ".join(k.ljust(widths[k]) for k in row) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths.values()) + "|")
+    print("| " + " | ".join(str(v).ljust(widths[k]) for k, v in row.items()) + " |")
+
+
