@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from legolm.checkpoints.hf import export_hf_state, family_for
+from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
 from legolm.core.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import WindowBatches
@@ -106,3 +106,10 @@ def hf_random_model(config: ModelConfig) -> Any:
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return getattr(transformers, family.architecture)(cfg)
+
+
+def legolm_copy(hf: Any, config: ModelConfig) -> TransformerLM:
+    """legolm's model holding ``hf``'s weights, through the library's own converter (same device and dtype)."""
+    state = convert_state({k: v.detach().clone() for k, v in hf.state_dict().items()}, family_for(hf.config.model_type),
+                          config, to_hf=False)
+    return TransformerLM.from_state_dict(config, state)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import device_info, print_table, real_tokens, timed, write_result
+from benchmarks.common import device_info, hf_random_model, legolm_copy, print_table, real_tokens, timed, write_result
 from benchmarks.peers import (
     LITGPT,
     LitgptDecoder,
@@ -37,7 +37,6 @@ from benchmarks.peers import (
     litgpt_unsupported,
     missing,
 )
-from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
 from legolm.core.config import ModelConfig
 from legolm.generation import GenerationConfig, generate
 from legolm.model.transformer import TransformerLM
@@ -51,16 +50,9 @@ def build_pair(preset: str, dtype: torch.dtype, device: str = "cuda", litgpt: bo
                ) -> tuple[Any, TransformerLM, Any]:
     """An HF model with random weights of the preset's shape, legolm loaded from its state dict, and litgpt's `GPT`
     through litgpt's converter (or why there is none, a string; None when not asked for)."""
-    import transformers
-
     config = ModelConfig.from_name(preset)
-    torch.manual_seed(0)
-    hf_cfg, _ = export_hf_state(config, TransformerLM(config).state_dict())
-    family = family_for(hf_cfg["model_type"])
-    cfg_cls = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
-    hf = getattr(transformers, family.architecture)(cfg_cls).to(device, dtype).eval()
-    state = convert_state({k: v for k, v in hf.state_dict().items()}, family, config, to_hf=False)
-    ours = TransformerLM.from_state_dict(config, state).to(device, dtype).eval()
+    hf = hf_random_model(config).to(device, dtype).eval()
+    ours = legolm_copy(hf, config).eval()
     lit: Any = None
     if litgpt:
         why = missing(LITGPT) or litgpt_unsupported(config)

@@ -31,7 +31,7 @@ import torch
 
 from benchmarks.common import BENCH_DATA, RESULTS, ROOT, device_info, print_table, write_result
 from legolm.checkpoints.load import load_pretrained
-from legolm.config import config_from_dict, load_yaml, merge, parse_yaml
+from legolm.config import config_from_dict, load_yaml, merge, nested, parse_yaml
 from legolm.data.tokenized import load_tokenized
 from legolm.generation import GenerationConfig, generate
 from legolm.lego.config import STORE_DTYPES, LegoConfig
@@ -166,17 +166,11 @@ def main() -> None:
 
 def overrides(items: list[str]) -> dict[str, Any]:
     """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set wants KEY=VALUE, got {item!r}")
-        *parents, leaf = key.split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = parse_yaml(value)
-    return out
+    pairs = [item.partition("=") for item in items]
+    bad = [item for item, (key, sep, _) in zip(items, pairs, strict=True) if not sep or not key]
+    if bad:
+        raise SystemExit(f"--set wants KEY=VALUE, got {bad[0]!r}")
+    return nested((key, parse_yaml(value)) for key, _, value in pairs)
 
 
 def next_device(cfg: LegoConfig) -> str:

@@ -40,9 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import BENCH_DATA, cycled, device_info, hf_random_model, print_table, write_result
+from benchmarks.common import BENCH_DATA, cycled, device_info, hf_random_model, legolm_copy, print_table, write_result
 from benchmarks.peers import LITGPT, failure, litgpt_model, litgpt_unsupported, logits_loss, missing, train_step
-from legolm.checkpoints.hf import convert_state, family_for
 from legolm.core.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch, WindowBatches
@@ -78,10 +77,9 @@ def build_model(library: str, config: ModelConfig, device: torch.device) -> nn.M
         return hf
     if library == "litgpt":  # through litgpt's own converter
         return litgpt_model({k: v.detach().clone() for k, v in hf.state_dict().items()}, config).to(device).train()
-    family = family_for(hf.config.model_type)
-    state = convert_state({k: v.detach().clone() for k, v in hf.state_dict().items()}, family, config, to_hf=False)
+    ours = legolm_copy(hf, config)
     del hf
-    return TransformerLM.from_state_dict(config, state).to(device).train()
+    return ours.to(device).train()
 
 
 def flops_per_token(config: ModelConfig, seq: int) -> float:

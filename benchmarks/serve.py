@@ -43,8 +43,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from benchmarks.common import BENCH_DATA, device_info, print_table, write_result
-from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
+from benchmarks.common import BENCH_DATA, device_info, hf_random_model, legolm_copy, print_table, write_result
 from legolm.checkpoints.native import save_checkpoint
 from legolm.core.config import ModelConfig
 from legolm.data.sources import shared_path
@@ -61,18 +60,11 @@ MODEL_ID = "bench"
 def build_pair(preset: str, device: str, dtype: torch.dtype, min_vocab: int) -> tuple[Any, TransformerLM]:
     """An HF model with random weights of the preset's shape (at least ``min_vocab`` words), and legolm's copy of
     the same weights."""
-    import transformers
-
     config = ModelConfig.from_name(preset)
     if config.vocab_size < min_vocab:
         config = ModelConfig.from_name(preset, vocab_size=min_vocab)
-    torch.manual_seed(0)
-    hf_cfg, _ = export_hf_state(config, TransformerLM(config).state_dict())
-    family = family_for(hf_cfg["model_type"])
-    cfg_cls = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
-    hf = getattr(transformers, family.architecture)(cfg_cls).to(device, dtype).eval()
-    state = convert_state({k: v for k, v in hf.state_dict().items()}, family, config, to_hf=False)
-    return hf, TransformerLM.from_state_dict(config, state).eval()
+    hf = hf_random_model(config).to(device, dtype).eval()
+    return hf, legolm_copy(hf, config).eval()
 
 
 def gpt2_tokenizer() -> Tokenizer:

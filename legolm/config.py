@@ -17,7 +17,7 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin
 
@@ -243,6 +243,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys (like `optim: {{lr: 3.0e-4}}`)")
     return data
+
+
+def nested(pairs: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """Dotted keys and their values as a nested dict: ``[("a.b", 1), ("c", 2)]`` -> ``{"a": {"b": 1}, "c": 2}``."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        *sections, leaf = key.split(".")
+        node = out
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    return out
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from legolm.config import (
     is_optional,
     load_yaml,
     merge,
+    nested,
     scalar_type,
     type_name,
     unknown_key,
@@ -219,15 +220,7 @@ def _flag_type(tp: Any, key: str, list_item: bool = False) -> Callable[[str], An
 
 def cli_overrides(ns: argparse.Namespace) -> dict[str, Any]:
     """The dotted flags given on the command line, as a nested dict."""
-    out: dict[str, Any] = {}
-    for dest, value in vars(ns).items():
-        if dest.startswith(_DEST):
-            *sections, leaf = dest[len(_DEST):].split(".")
-            node = out
-            for s in sections:
-                node = node.setdefault(s, {})
-            node[leaf] = value
-    return out
+    return nested((dest[len(_DEST):], value) for dest, value in vars(ns).items() if dest.startswith(_DEST))
 
 
 def resolve_config(cls: type[T], ns: argparse.Namespace, base: dict[str, Any] | None = None) -> T:

@@ -37,7 +37,6 @@ from legolm.lego.hard_examples import (
     HardExamples,
     collect_hard_examples,
     create_hard_example_loader,
-    evaluate_on_hard_examples,
 )
 from legolm.lego.split import (
     ExitLoss,
@@ -171,11 +170,10 @@ def run_phase2(model: LegoLM, train: HardExamples, val: HardExamples, cfg: FitCo
     check_phase2(model)
     shard = init_distributed(cfg.run).shard()
     train_batches = create_hard_example_loader(train, cfg.batch_size, shuffle=True, seed=cfg.run.seed, **shard)
-    eval_batch = cfg.eval.batch_size or cfg.batch_size
+    eval_batch = cfg.eval_batch_size
     val_batches = create_hard_example_loader(val, eval_batch, shuffle=False)
     loss_fn = HardTokenLoss(loss, easy_weight)
-    before = evaluate_on_hard_examples(model, val, eval_batch)[f"{loss}_ppl"] if easy_weight == 0 else \
-        _val_ppl(model, val_batches, loss_fn)
+    before = _val_ppl(model, val_batches, loss_fn)  # the start, measured as fit measures every evaluation
     tokens = "the hard tokens" if easy_weight == 0 else f"the hard tokens (easy ones weighted {easy_weight:g})"
     tqdm.write(f"phase 2 starts at validation {loss} perplexity {before:.4g} on {tokens}")
     return fit(model, train_batches, cfg, val=val_batches, loss_fn=loss_fn,
