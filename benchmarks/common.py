@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
+from legolm.config import nested, parse_yaml
 from legolm.core.config import ModelConfig
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import WindowBatches
@@ -113,3 +114,12 @@ def legolm_copy(hf: Any, config: ModelConfig) -> TransformerLM:
     state = convert_state({k: v.detach().clone() for k, v in hf.state_dict().items()}, family_for(hf.config.model_type),
                           config, to_hf=False)
     return TransformerLM.from_state_dict(config, state)
+
+
+def overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML)."""
+    pairs = [item.partition("=") for item in items]
+    bad = [item for item, (key, sep, _) in zip(items, pairs, strict=True) if not sep or not key]
+    if bad:
+        raise SystemExit(f"--set wants KEY=VALUE, got {bad[0]!r}")
+    return nested((key, parse_yaml(value)) for key, _, value in pairs)

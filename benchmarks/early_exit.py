@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import BENCH_DATA, RESULTS, ROOT, device_info, print_table, write_result
+from benchmarks.common import BENCH_DATA, RESULTS, ROOT, device_info, overrides, print_table, write_result
 from legolm.checkpoints.load import load_pretrained
-from legolm.config import config_from_dict, load_yaml, merge, nested, parse_yaml
+from legolm.config import config_from_dict, load_yaml, merge
 from legolm.data.tokenized import load_tokenized
 from legolm.generation import GenerationConfig, generate
 from legolm.lego.config import STORE_DTYPES, LegoConfig
@@ -162,15 +162,6 @@ def main() -> None:
                 shutil.copyfile(src, dst)
                 if os.environ.get("OUT"):
                     shutil.copyfile(src, Path(os.environ["OUT"]) / dst.name)
-
-
-def overrides(items: list[str]) -> dict[str, Any]:
-    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML)."""
-    pairs = [item.partition("=") for item in items]
-    bad = [item for item, (key, sep, _) in zip(items, pairs, strict=True) if not sep or not key]
-    if bad:
-        raise SystemExit(f"--set wants KEY=VALUE, got {bad[0]!r}")
-    return nested((key, parse_yaml(value)) for key, _, value in pairs)
 
 
 def next_device(cfg: LegoConfig) -> str:

@@ -7,6 +7,7 @@ own code; the peer of LCT is the exact token-by-token recurrence. The text comes
 
     python -m benchmarks.prepare_data            # once, where the shared data is
     python -m benchmarks.lct                     # GPU (carry .bench)
+    python -m benchmarks.lct --name lct-1024 --set max_train_windows=1024 --set lct.grad_passes=1 ...
     python -m benchmarks.lct --smoke             # CPU: 1 epoch of 64 windows, fp32: checks it runs
 """
 
@@ -16,7 +17,7 @@ import argparse
 import os
 from typing import Any
 
-from benchmarks.common import BENCH_DATA, ROOT, device_info, print_table, write_result
+from benchmarks.common import BENCH_DATA, ROOT, device_info, overrides, print_table, write_result
 from legolm.config import config_from_dict, load_yaml, merge
 from legolm.lct.train import LCTConfig
 
@@ -41,26 +42,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "lct-gpu.yaml"))
     parser.add_argument("--smoke", action="store_true", help="CPU, 1 epoch of 64 windows: checks it runs")
+    parser.add_argument("--name", default="lct", help="result file label")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted, YAML value), e.g. lct.grad_passes=1; repeatable")
     args = parser.parse_args()
     shared = BENCH_DATA / "shared"
     if not (shared / "data" / "tinyshakespeare.txt").is_file():
         raise SystemExit(f"missing {shared}: run `python -m benchmarks.prepare_data` first (needs LEGOLM_DATA)")
     os.environ["LEGOLM_DATA"] = str(shared)  # the GPU machine has no ../shared
-    data = merge(load_yaml(args.config), SMOKE) if args.smoke else load_yaml(args.config)
+    data = merge(load_yaml(args.config), overrides(args.set))
+    data = merge(data, SMOKE) if args.smoke else data
     cfg = config_from_dict(LCTConfig, merge(data, {"run": {"overwrite": True}}))
     from legolm.recipes.lct import run_lct
 
     summary = run_lct(cfg)
     rows = rows_of(summary)
     comparison = summary["comparison"]
-    print(f"\nLCT vs sequential, {cfg.max_train_windows} windows of {cfg.window}, {cfg.epochs} epochs, "
-          f"{cfg.run.precision}, {device_info()['device']}: LCT epochs {comparison['epoch_speedup']:.1f}x faster, "
-          f"val ppl ratio {comparison['ppl_ratio']:.3f}")
+    versus = (f": LCT epochs {comparison['epoch_speedup']:.1f}x faster, val ppl ratio {comparison['ppl_ratio']:.3f}"
+              if comparison else "")
+    print(f"\n{' vs '.join(cfg.methods)}, {cfg.max_train_windows} windows of {cfg.window}, {cfg.epochs} epochs, "
+          f"{cfg.run.precision}, {device_info()['device']}{versus}")
     table = print_table(rows, ["impl", "epoch 1 s", "later epochs s", "final val ppl", "final lag"])
     if not args.smoke:
         payload = {**device_info(), "config": summary["config"], "comparison": comparison, "rows": rows,
                    "table": table}
-        print(f"wrote {write_result('lct', payload)}")
+        print(f"wrote {write_result(args.name, payload)}")
 
 
 if __name__ == "__main__":

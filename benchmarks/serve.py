@@ -11,9 +11,11 @@ streamed chunks of one request).
 - legolm: ``legolm serve`` in its own process (continuous batching over the static KV cache, a CUDA
   graph per step shape), ``--max-batch`` the largest C.
 - peer: a FastAPI app in its own process (``--peer-server``, the same weights saved with
-  ``save_pretrained``) whose requests each run ``model.generate`` (greedy, dynamic cache) in their own
-  thread and stream its tokens through a ``BaseStreamer``: what a server written around
-  ``transformers`` does without a batching scheduler.
+  ``save_pretrained``) that queues each request for one worker on the process's main thread, which
+  runs ``model.generate`` (greedy, dynamic cache) and streams its tokens through a ``BaseStreamer``:
+  what a server written around ``transformers`` does without a batching scheduler. (A thread per
+  request measured ~9x slower per token on the H200 than ``generate`` on the main thread, so the
+  peer does not use one.)
 
     python benchmarks/prepare_data.py                      # once, where the shared data is
     python -m benchmarks.serve --models gpt2 --clients 1 8 32 64
@@ -26,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import queue
 import subprocess
 import sys
 import tempfile
@@ -129,28 +132,21 @@ class _QueueStreamer:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
 
 
-def peer_app(hf: Any) -> Any:
-    """The peer: POST /v1/completions (token-id prompt, stream: true) on ``hf.generate``, a thread per request."""
+Job = tuple[list[int], int, _QueueStreamer]
+
+
+def peer_app(jobs: queue.Queue[Job]) -> Any:
+    """The peer: POST /v1/completions (token-id prompt, stream: true) queues a ``generate`` job for the worker."""
     app = FastAPI()
-    device = next(hf.parameters()).device
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> StreamingResponse:
         body = await request.json()
-        idx = torch.tensor([body["prompt"]], device=device)
-        n = int(body["max_tokens"])
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()  # type: ignore[var-annotated]
-        streamer = _QueueStreamer(loop, queue)
-
-        def run() -> None:
-            with torch.inference_mode():
-                hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=n,
-                            min_new_tokens=n, pad_token_id=0, streamer=streamer)
-
-        threading.Thread(target=run, daemon=True).start()
+        loop, tokens = asyncio.get_running_loop(), asyncio.Queue()  # type: ignore[var-annotated]
+        jobs.put((body["prompt"], int(body["max_tokens"]), _QueueStreamer(loop, tokens)))
 
         async def events() -> Any:
-            while (token := await queue.get()) is not None:
+            while (token := await tokens.get()) is not None:
                 yield f'data: {{"choices":[{{"index":0,"text":"","token":{token}}}]}}\n\n'
             yield "data: [DONE]\n\n"
 
@@ -160,13 +156,22 @@ def peer_app(hf: Any) -> Any:
 
 
 def serve_peer(hf_dir: str, device: str, dtype: str) -> None:
-    """``--peer-server``: load the exported HF model and serve `peer_app` until terminated."""
+    """``--peer-server``: load the exported HF model, serve `peer_app` from a background thread, and run every
+    queued ``generate`` on this process's main thread, one request at a time, until terminated."""
     import transformers
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    jobs: queue.Queue[Job] = queue.Queue()
     sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(peer_app(jobs), log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
     print(f"peer serving on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
-    uvicorn.Server(uvicorn.Config(peer_app(hf), log_level="warning")).run(sockets=[sock])
+    with torch.inference_mode():
+        while True:
+            prompt, n, streamer = jobs.get()
+            idx = torch.tensor([prompt], device=device)
+            hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=n,
+                        min_new_tokens=n, pad_token_id=0, streamer=streamer)
 
 
 # -- the load ------------------------------------------------------------------------------------------------
