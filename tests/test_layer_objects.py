@@ -116,3 +116,14 @@ def test_one_instance_twice_and_objects_in_the_config_are_refused() -> None:
         TransformerLM(cfg, layers=[block, block])
     with pytest.raises(LegolmError, match="holds type names, not ParallelBlock objects"):
         ModelConfig.from_name("tiny-pythia", layers=[block])
+
+
+def test_from_state_dict_builds_the_rope_tables_where_the_weights_are() -> None:
+    """Weights on another device (here meta, on the GPU cuda) must bring the RoPE tables along: positions index
+    them on the weights' device (a CPU table under cuda weights failed the GPU decode benchmark)."""
+    config = ModelConfig.from_name("tiny-llama")
+    with torch.device("meta"):
+        state = TransformerLM(config).state_dict()
+    model = TransformerLM.from_state_dict(config, state)
+    assert model.rope.device.type == "meta"
+    assert model.wte.weight.device.type == "meta"

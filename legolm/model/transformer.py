@@ -148,7 +148,7 @@ class TransformerLM(nn.Module):
         model.load_state_dict(state, strict=strict, assign=True)
         if config.tie_embeddings:
             model.lm_head.weight = model.wte.weight
-        model.rope = model._rope_tables(0)
+        model.rope = model._rope_tables(0, next(iter(state.values())).device)  # where the weights are
         return model
 
     def num_parameters(self, trainable_only: bool = False) -> int:
