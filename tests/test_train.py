@@ -221,6 +221,71 @@ def test_early_stopping_with_a_custom_eval(corpus: TokenizedCorpus, tmp_path: Pa
     assert result.stopped_early and result.steps == 8 and result.best_val_ppl == 40.0
 
 
+class _Snapshots(Callback):
+    """The trainable weights at every evaluation, by step."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_eval(self, state: FitState, model: torch.nn.Module, metrics: dict[str, float]) -> None:
+        self.at[state.step] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_keep_best_restores_the_best_evaluations_weights(corpus: TokenizedCorpus, tmp_path: Path) -> None:
+    """Scripted val ppl 50, 30, 40, 45 at steps 2, 4, 6, 8: the model ends with step 4's weights, which differ
+    from step 8's (without keep_best it keeps step 8's)."""
+    def run(name: str, keep: bool) -> tuple[TransformerLM, _Snapshots]:
+        scores, snaps, model = iter([50.0, 30.0, 40.0, 45.0]), _Snapshots(), tiny_model()
+        cfg = fit_config(tmp_path, name, max_steps=8)
+        cfg.eval.every, cfg.eval.keep_best = 2, keep
+        fit(model, WindowBatches(corpus.train, WINDOW, BATCH), cfg, eval_fn=lambda m: {"val_ppl": next(scores)},
+            callbacks=[snaps])
+        return model, snaps
+
+    kept, snaps = run("kept", keep=True)
+    assert sorted(snaps.at) == [2, 4, 6, 8]
+    for name, value in _trainable(kept).items():
+        assert torch.equal(value, snaps.at[4][name]), name
+    assert any(not torch.equal(snaps.at[4][n], snaps.at[8][n]) for n in snaps.at[4])
+    last, snaps = run("last", keep=False)
+    for name, value in _trainable(last).items():
+        assert torch.equal(value, snaps.at[8][name]), name
+    on_disk = load_file(str(tmp_path / "kept" / "best.safetensors"))
+    for name, value in on_disk.items():
+        assert torch.equal(value, snaps.at[4][name]), name
+
+
+def test_keep_best_survives_a_resume(corpus: TokenizedCorpus, tmp_path: Path) -> None:
+    """The best (step 4) is before the crash at step 5; the resumed run ends with step 4's weights."""
+    snaps = _Snapshots()
+
+    def run(crash: bool, resume: bool) -> TransformerLM:
+        scores = iter([50.0, 30.0, 40.0, 45.0][2 if resume else 0:])  # evaluations at 2, 4 | 6, 8
+        model = tiny_model(seed=1 if resume else 0)
+        cfg = fit_config(tmp_path, "resumed", max_steps=8)
+        cfg.eval.every, cfg.eval.keep_best, cfg.run.save_every, cfg.run.resume = 2, True, 2, resume
+        fit(model, WindowBatches(corpus.train, WINDOW, BATCH), cfg, eval_fn=lambda m: {"val_ppl": next(scores)},
+            callbacks=[snaps, _Crash()] if crash else [snaps])
+        return model
+
+    with pytest.raises(KeyboardInterrupt):
+        run(crash=True, resume=False)
+    resumed = run(crash=False, resume=True)
+    for name, value in _trainable(resumed).items():
+        assert torch.equal(value, snaps.at[4][name]), name
+
+
+def test_keep_best_with_fsdp2_is_a_config_error(tmp_path: Path) -> None:
+    cfg = fit_config(tmp_path)
+    cfg.eval.keep_best, cfg.run.strategy = True, "fsdp2"
+    with pytest.raises(ConfigError, match="keep_best"):
+        cfg.validate()
+
+
 class _Recorder(Callback):
     def __init__(self) -> None:
         self.epochs: list[int] = []

@@ -106,6 +106,8 @@ class EvalConfig:
         batch_size: Sequences per validation batch (None = the training batch size).
         patience: Stop after this many evaluations without improvement (0 = never stop early).
         min_delta: A validation perplexity must drop by more than this to count as an improvement.
+        keep_best: When training ends, restore the trainable weights of the best evaluation (Hugging Face's
+            ``load_best_model_at_end``); with ``patience`` this is early stopping that keeps the best model.
         final_stride: Stride of the final sliding-window perplexity (None = half the window).
         ppl_bands: Bands of the sanity check printed under the command's perplexities (legolm.eval.sanity).
     """
@@ -115,6 +117,7 @@ class EvalConfig:
     batch_size: int | None = None
     patience: int = 0
     min_delta: float = 0.0
+    keep_best: bool = False
     final_stride: int | None = None
     ppl_bands: PPLBands = field(default_factory=PPLBands)
 
@@ -238,6 +241,8 @@ class FitConfig:
             (math.isfinite(self.eval.min_delta) and self.eval.min_delta >= 0,
              f"eval.min_delta must be >= 0 and finite, got {self.eval.min_delta}"),
             (not (self.run.overwrite and self.run.resume), "--overwrite and --resume exclude each other; pick one"),
+            (not (self.eval.keep_best and self.run.strategy == "fsdp2"),
+             "eval.keep_best needs whole parameters on each rank: use it with run.strategy none or ddp, not fsdp2"),
         ]
         _raise_first(checks)
         check_device_name(self.run.device, "run.device")

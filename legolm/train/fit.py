@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from legolm.config import dump_yaml
 from legolm.errors import ConfigError, TrainingDiverged
 from legolm.train.batches import Batch, BatchSource
+from legolm.train.best import BestWeights
 from legolm.train.checkpoint import (
     latest_checkpoint,
     load_latest_checkpoint,
@@ -523,6 +524,7 @@ class _Loop:
         self.lr = 0.0
         # the first non-finite step not yet reported: (step, loss, grad norm), step -1 = none; read when syncing
         self.nonfinite = torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64, device=step.device)
+        self.best = BestWeights.load(run_dir) if cfg.eval.keep_best and cfg.run.resume else BestWeights()
 
     def run(self) -> None:
         state, cfg = self.state, self.cfg
@@ -663,6 +665,7 @@ class _Loop:
                  + " | ".join(f"{k.replace('_', ' ')} {_number(v)}" for k, v in metrics.items()))
         if ppl < state.best_metric - self.cfg.eval.min_delta:
             state.best_metric, state.bad_evals = ppl, 0
+            self.keep(ppl)
         else:
             state.bad_evals += 1
             if self.cfg.eval.patience and state.bad_evals >= self.cfg.eval.patience:
@@ -699,5 +702,16 @@ class _Loop:
             self.save()
         self.bar.close()
         self.logger.close()
+        if self.cfg.eval.keep_best and self.best.step != self.state.step and self.best.restore(self.step.model):
+            self.say(f"restored the weights of the best evaluation: step {self.best.step:,}, "
+                     f"val ppl {self.best.val_ppl:.4g} (the last, step {self.state.step:,}: {self.last_val_ppl:.4g})")
         for cb in self.callbacks:
             cb.on_train_end(self.state, self.step.model)
+
+    def keep(self, ppl: float) -> None:
+        """``eval.keep_best``: snapshot the trainable weights of a new best evaluation (rank 0 also on disk)."""
+        if not self.cfg.eval.keep_best:
+            return
+        self.best.snapshot(self.step.model, self.state.step, ppl)
+        if self.ctx.is_main:
+            self.best.save(self.run_dir)
