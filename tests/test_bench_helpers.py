@@ -43,3 +43,55 @@ def test_early_exit_benchmark_overrides_nest_dotted_keys_with_yaml_values() -> N
         == {"lego": {"phase2_easy_weight": 0.5, "split_candidates": [3, 6]}, "window": 64, "run": {"device": "cpu"}}
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         overrides(["lego.phase2_easy_weight"])
+
+
+def _search_grid(tmp_path: Path, runs: list[dict[str, object]]) -> dict[str, object]:
+    return {"base": "configs/skip2lora-vs-lora-smollm2.yaml", "common": {"epochs": 3},
+            "corpora": {"a": {"data": {"max_documents": 2}}, "b": {"data": {"max_documents": 3}, "eval": {"every": 7}}},
+            "runs": runs}
+
+
+def test_skip2lora_search_builds_each_runs_config_from_base_common_corpus_and_run(tmp_path: Path) -> None:
+    from benchmarks.skip2lora_search import planned, run_config
+    from legolm.errors import ConfigError
+
+    grid = _search_grid(tmp_path, [{"name": "l", "method": "lora", "set": {"optim": {"lr": 5e-4}}},
+                                   {"name": "s", "method": "skip2lora", "corpora": ["b"],
+                                    "set": {"skip2lora": {"r": 4}}}])
+    plan = planned(grid, None)
+    assert [(c, r["name"]) for c, r in plan] == [("a", "l"), ("b", "l"), ("b", "s")]
+    assert [(c, r["name"]) for c, r in planned(grid, ["a"])] == [("a", "l")]
+    cfg = run_config(grid, "b", plan[2][1], tmp_path)
+    got = (cfg.method, cfg.skip2lora.r, cfg.epochs, cfg.data.max_documents, cfg.eval.every)
+    assert got == ("skip2lora", 4, 3, 3, 7)
+    assert cfg.skip2lora.block_indices == [2, 5, 8, 11, 14, 17, 20, 23, 26, 29]  # from the base file
+    assert cfg.optim.lr == 2e-3 and cfg.run.out_dir == str(tmp_path / "b" / "s") and cfg.run.overwrite
+    lora = run_config(grid, "a", plan[0][1], tmp_path)
+    assert (lora.method, lora.optim.lr, lora.eval.every) == ("lora", 5e-4, 9)
+    with pytest.raises(ConfigError):  # a misspelt key fails before any run starts
+        run_config(grid, "a", {"name": "x", "method": "lora", "set": {"optim": {"learning_rate": 1}}}, tmp_path)
+
+
+def test_skip2lora_search_reports_the_gap_to_the_best_lora_run(tmp_path: Path) -> None:
+    import json
+
+    from benchmarks.skip2lora_search import report, result_row, run_config
+
+    grid = _search_grid(tmp_path, [])
+    rows = []
+    for name, method, after, seconds in (("l1", "lora", 40.0, [10.0, 8.0, 6.0]), ("l2", "lora", 50.0, [9.0, 9.0]),
+                                         ("s", "skip2lora", 44.0, [5.0, 1.0, 2.0])):
+        run = {"name": name, "method": method}
+        cfg = run_config(grid, "a", run, tmp_path)
+        Path(cfg.run.out_dir).mkdir(parents=True)
+        summary = {"method": method, "fit": {"trainable_params": 100}, "before": {"ppl": 60.0},
+                   "after": {"ppl": after},
+                   "epochs": [{"train_seconds": s, "val_ppl": 70.0 - i if i < 2 else 90.0}
+                              for i, s in enumerate(seconds)]}
+        (Path(cfg.run.out_dir) / "summary.json").write_text(json.dumps(summary))
+        rows.append(result_row("a", run, cfg))
+    assert rows[0]["later s"] == 7.0 and rows[2]["later s"] == 1.5 and rows[0]["best epoch"] == 2
+    table = report(rows)
+    assert [r["run"] for r in rows] == ["l1", "l2", "s"]
+    assert rows[2]["vs best lora"] == pytest.approx(0.1) and rows[1]["vs best lora"] == pytest.approx(0.25)
+    assert table.index("| l1") < table.index("| s ") < table.index("| l2")  # sorted by held-out ppl
