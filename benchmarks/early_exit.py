@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import BENCH_DATA, RESULTS, ROOT, device_info, overrides, print_table, write_result
-from legolm.checkpoints.load import load_pretrained
+from legolm.checkpoints.loader import load_pretrained
 from legolm.config import config_from_dict, load_yaml, merge
 from legolm.data.tokenized import load_tokenized
 from legolm.generation import GenerationConfig, generate

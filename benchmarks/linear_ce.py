@@ -147,12 +147,11 @@ def build_inputs(args: argparse.Namespace, device: torch.device, dtype: torch.dt
 
     if args.model == "smollm2":
         from benchmarks.prepare_data import MODEL_TARGET, SMOLLM2
-        from legolm.checkpoints.gguf import load_gguf
+        from legolm.checkpoints.loader import load
         from legolm.data.sources import shared_path
 
         path = MODEL_TARGET if MODEL_TARGET.is_file() else shared_path(SMOLLM2)
-        config, state, tokenizer = load_gguf(path)
-        model = TransformerLM.from_state_dict(config, state).to(device)
+        model, tokenizer = load(path, device=device)
         ids = np.array(tokenizer.encode(shakespeare_text()), dtype=np.int64)
         source = f"SmolLM2-135M-Instruct (pretrained, {path.name}), Tiny Shakespeare in its own tokenizer"
     else:

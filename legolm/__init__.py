@@ -1,6 +1,6 @@
 """legolm: build, train, fine-tune and serve small decoder-only language models."""
 
-from legolm.checkpoints.load import load_pretrained
+from legolm.checkpoints.loader import load, load_pretrained
 from legolm.checkpoints.native import export_hf, save_checkpoint
 from legolm.core.config import PRESETS, ModelConfig
 from legolm.core.kv_cache import KVCache
@@ -16,6 +16,7 @@ __all__ = [
     "Tokenizer",
     "TransformerLM",
     "export_hf",
+    "load",
     "load_pretrained",
     "load_tokenizer",
     "save_checkpoint",

@@ -20,5 +20,9 @@ class CheckpointError(LegolmError):
     """A checkpoint that is missing, unsupported, truncated or does not match its config."""
 
 
+class TokenizerError(CheckpointError):
+    """A checkpoint whose tokenizer is missing or unreadable (its weights may still load)."""
+
+
 class TrainingDiverged(LegolmError):
     """A non-finite loss, gradient norm or weight stopped a training run (nothing non-finite was saved)."""

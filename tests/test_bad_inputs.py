@@ -51,7 +51,7 @@ class Ctx:
 
     def hf_export(self, name: str, **changes: object) -> str:
         """The tiny model exported in Hugging Face format, its config.json changed by ``changes``."""
-        from legolm.checkpoints.load import load_pretrained
+        from legolm.checkpoints.loader import load_pretrained
         from legolm.checkpoints.native import export_hf
 
         out = export_hf(load_pretrained(self.model), self.work / "inputs" / name)

@@ -84,7 +84,7 @@ def test_generate_in_process_matches_library(tiny_gpt2_dir: Path, capsys) -> Non
                  "--max-new-tokens", "5", "--greedy", "--device", "cpu", "--no-stop-at-eos"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    model, tok = legolm.load_pretrained(tiny_gpt2_dir), legolm.load_tokenizer(tiny_gpt2_dir)
+    model, tok = legolm.load(tiny_gpt2_dir)
     expected = generate_text(model, tok, prompts, GenerationConfig(greedy=True, max_new_tokens=5,
                                                                     stop_at_eos=False))
     assert out == "".join(t + "\n" for t in expected)

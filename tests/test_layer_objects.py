@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from legolm.checkpoints.load import load_pretrained
+from legolm.checkpoints.loader import load_pretrained
 from legolm.checkpoints.native import save_checkpoint
 from legolm.cli.main import main
 from legolm.core.config import ModelConfig

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from legolm.checkpoints.load import load_pretrained
+from legolm.checkpoints.loader import load_pretrained
 from legolm.checkpoints.native import save_checkpoint
 from legolm.core.config import ModelConfig
 from legolm.data import DataConfig, TokenizedCorpus, prepare_corpus

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from legolm.checkpoints.load import load_pretrained
+from legolm.checkpoints.loader import load_pretrained
 from legolm.eval.sanity import PPLBands
 from legolm.model.lego import LegoLM
 

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from legolm.checkpoints.load import load_pretrained
+from legolm.checkpoints.loader import load
 from legolm.core.config import ModelConfig
-from legolm.data.tokenizer import load_tokenizer
 from legolm.errors import ConfigError
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.early_exit import generate_speculative, generate_with_early_exit
@@ -263,10 +262,10 @@ def test_fused_decoding_of_a_pretrained_split_with_its_lens(mode: str) -> None:
 def test_speculative_on_the_real_smollm2_is_its_greedy_output(smollm2_gguf: Path, shakespeare_text: str) -> None:
     """The real SmolLM2-135M split after 24 of its 30 blocks (its logit lens as the drafter): self-speculative
     decoding of real text emits exactly the full model's greedy tokens, with drafts both kept and rejected."""
-    base = load_pretrained(smollm2_gguf).float().eval()
-    model = LegoLM.from_pretrained_split(base, 24).eval()
+    base, tokenizer = load(smollm2_gguf)
+    model = LegoLM.from_pretrained_split(base.float().eval(), 24).eval()
     model.mark_trained()
-    ids = load_tokenizer(smollm2_gguf).encode(shakespeare_text[:400])[:48]
+    ids = tokenizer.encode(shakespeare_text[:400])[:48]
     want = generate(model, [ids], greedy(max_new_tokens=16)).tokens
     got = generate(model, [ids], greedy(max_new_tokens=16, early_exit="speculative", draft_tokens=3))
     assert got.tokens == want

@@ -120,13 +120,19 @@ def test_matches_hugging_face_guide_on_hf_gpt2(shakespeare_ids: np.ndarray, tmp_
 
 # -- the real model ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf: Path) -> legolm.TransformerLM:
-    return legolm.load_pretrained(smollm2_gguf)
+def smollm2_loaded(smollm2_gguf: Path) -> tuple[legolm.TransformerLM, legolm.Tokenizer]:
+    return legolm.load(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")
-def smollm2_shakespeare_ids(smollm2_gguf: Path, shakespeare_text: str) -> np.ndarray:
-    tok = legolm.load_tokenizer(smollm2_gguf)
+def smollm2(smollm2_loaded: tuple[legolm.TransformerLM, legolm.Tokenizer]) -> legolm.TransformerLM:
+    return smollm2_loaded[0]
+
+
+@pytest.fixture(scope="module")
+def smollm2_shakespeare_ids(smollm2_loaded: tuple[legolm.TransformerLM, legolm.Tokenizer],
+                            shakespeare_text: str) -> np.ndarray:
+    tok = smollm2_loaded[1]
     return np.array(tok.encode(shakespeare_text[:4000]), dtype=np.int64)[:512]
 
 

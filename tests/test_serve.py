@@ -102,7 +102,7 @@ def test_chat_equals_legolm_generate_on_the_templated_prompt(server: Server, mod
 def test_two_concurrent_streams_share_the_batch(server: Server, model_dir: Path) -> None:
     """A long stream is running when a second one joins; both equal their solo greedy decodes, and decode
     steps ran with both rows."""
-    model, tok = legolm.load_pretrained(model_dir), legolm.load_tokenizer(model_dir)
+    model, tok = legolm.load(model_dir)
     prompts, lengths = ["The first story begins", "Second"], [400, 60]
     solo = [tok.decode(generate(model, [tok.encode(p)], GenerationConfig(max_new_tokens=n, greedy=True,
                                                                           stop_at_eos=False)).tokens[0])
@@ -139,7 +139,7 @@ def test_seeded_sampling_stop_strings_and_logprobs(server: Server, model_dir: Pa
     text_s, finish = streamed(client.completions.create(**{**kw, "temperature": 0, "stop": stop, "stream": True}))  # type: ignore[call-overload]
     assert (text_s, finish) == (cut.choices[0].text, "stop")
     lp = client.completions.create(**{**kw, "temperature": 0, "max_tokens": 3, "logprobs": 2}).choices[0].logprobs  # type: ignore[call-overload]
-    model, tok = legolm.load_pretrained(model_dir), legolm.load_tokenizer(model_dir)
+    model, tok = legolm.load(model_dir)
     ids = tok.encode("Once upon a time") + tok.encode(greedy.choices[0].text)[:2]
     with torch.no_grad():
         want = model(torch.tensor([ids]))[0, -3:].log_softmax(-1)

@@ -108,7 +108,7 @@ def test_smollm2_gguf_server_completes_and_chats_like_legolm_generate(smollm2_gg
     prompt = "The capital of France is"
     rendered = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
                 "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
-    model, tok = legolm.load_pretrained(smollm2_gguf), legolm.load_tokenizer(smollm2_gguf)
+    model, tok = legolm.load(smollm2_gguf)
     want_text = complete(model, tok, [prompt], GenerationConfig(max_new_tokens=4, greedy=True))[0][0]
     want_chat = complete(model, tok, [rendered], GenerationConfig(max_new_tokens=6, greedy=True))[0][0]
     del model

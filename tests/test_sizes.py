@@ -175,8 +175,10 @@ def test_hf_sizes_that_disagree_with_the_weights_are_one_line(tmp_path: Path) ->
         legolm.load_pretrained(out)
 
 
-def write_llama_gguf(path: Path, model: TransformerLM, **fields: int) -> Path:
-    """``model`` (a Llama stack) as a float32 GGUF file; ``fields`` override its metadata sizes."""
+def write_llama_gguf(path: Path, model: TransformerLM, tokenizer: legolm.Tokenizer | None = None,
+                     **fields: int) -> Path:
+    """``model`` (a Llama stack) as a float32 GGUF file, with ``tokenizer`` (a byte-level BPE) as its vocabulary;
+    ``fields`` override its metadata sizes."""
     import gguf
 
     c = model.config
@@ -188,6 +190,13 @@ def write_llama_gguf(path: Path, model: TransformerLM, **fields: int) -> Path:
     for name, value in sizes.items():
         getattr(writer, f"add_{name}")(value)
     writer.add_layer_norm_rms_eps(c.norm_eps)
+    if tokenizer is not None:
+        bpe = json.loads(tokenizer.backend.to_str())["model"]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(sorted(bpe["vocab"], key=bpe["vocab"].get))
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+        if tokenizer.eos_id is not None:
+            writer.add_eos_token_id(tokenizer.eos_id)
     names = {ours: theirs for theirs, ours in _TOP_KEYS.items()}
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight" and c.tie_embeddings:

@@ -18,13 +18,18 @@ N_TOKENS = 4096
 
 
 @pytest.fixture(scope="module")
-def model(smollm2_gguf: Path) -> legolm.TransformerLM:
-    return legolm.load_pretrained(smollm2_gguf)
+def loaded(smollm2_gguf: Path) -> tuple[legolm.TransformerLM, legolm.Tokenizer]:
+    return legolm.load(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_gguf: Path) -> legolm.Tokenizer:
-    return legolm.load_tokenizer(smollm2_gguf)
+def model(loaded: tuple[legolm.TransformerLM, legolm.Tokenizer]) -> legolm.TransformerLM:
+    return loaded[0]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(loaded: tuple[legolm.TransformerLM, legolm.Tokenizer]) -> legolm.Tokenizer:
+    return loaded[1]
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ def run_rank(ns: argparse.Namespace) -> None:
         summary,
         write_rank_outputs,
     )
-    from legolm.checkpoints.load import load_pretrained
+    from legolm.checkpoints.loader import load_pretrained
     from legolm.utils.io import atomic_dir
 
     if (ns.tuned is None) == (ns.adapter is None):

@@ -31,16 +31,11 @@ def check_out(out: str, model: str, overwrite: bool) -> None:
 
 
 def run(ns: argparse.Namespace) -> None:
-    from legolm.checkpoints.load import load_pretrained
+    from legolm.checkpoints.loader import load
     from legolm.checkpoints.native import export_hf, save_checkpoint
-    from legolm.data.tokenizer import load_tokenizer
 
     check_out(ns.out, ns.model, ns.overwrite)
-    model = load_pretrained(ns.model)
-    try:
-        tokenizer = load_tokenizer(ns.model)
-    except LegolmError:
-        tokenizer = None
+    model, tokenizer = load(ns.model, tokenizer_required=False)  # exported without one when it has none
     save = export_hf if ns.format == "hf" else save_checkpoint
     out = save(model, ns.out, tokenizer, overwrite=ns.overwrite)
     print(f"wrote {ns.format} checkpoint to {out}")

@@ -17,16 +17,14 @@ from legolm.generation import GenerationConfig, complete
 
 
 def run(ns: argparse.Namespace) -> None:
-    from legolm.checkpoints.load import load_pretrained
-    from legolm.data.tokenizer import load_tokenizer
+    from legolm.checkpoints.loader import load
 
     device, dtype = device_dtype(ns)
     config = dataclass_from_args(GenerationConfig, ns)
     config.validate()
     if any(not p for p in ns.prompt):
         raise LegolmError("empty prompt: give --prompt some text to continue")
-    model = load_pretrained(ns.model, device=device, dtype=dtype)
-    tokenizer = load_tokenizer(ns.model)
+    model, tokenizer = load(ns.model, device=device, dtype=dtype)
     texts, result = complete(model, tokenizer, ns.prompt, config)
     for prompt, text in zip(ns.prompt, texts, strict=True):
         print(prompt + text if ns.echo else text, flush=True)

@@ -17,7 +17,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from legolm.errors import CheckpointError, ConfigError, LegolmError
+from legolm.errors import ConfigError, LegolmError, TokenizerError
 from legolm.utils.gguf_file import gguf_reader, read_fields
 from legolm.utils.hub import resolve
 from legolm.utils.io import read_json
@@ -104,7 +104,7 @@ class Tokenizer:
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             backend.decoder = decoders.ByteLevel()
         else:
-            raise CheckpointError(f"no tokenizer in {d}: expected tokenizer.json or vocab.json + merges.txt")
+            raise TokenizerError(f"no tokenizer in {d}: expected tokenizer.json or vocab.json + merges.txt")
         return cls(backend, **_special_ids(d, backend))
 
     @classmethod
@@ -112,7 +112,7 @@ class Tokenizer:
         """Rebuild the byte-level BPE tokenizer that a GGUF file stores (``tokenizer.ggml.*``)."""
         kind = fields.get("tokenizer.ggml.model")
         if kind != "gpt2":
-            raise CheckpointError(f"GGUF tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2')")
+            raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2')")
         tokens: list[str] = fields["tokenizer.ggml.tokens"]
         merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
         backend = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
@@ -190,24 +190,35 @@ def resolve_tokenizer(spec: str, corpus_texts: Iterable[str] | None = None) -> T
 
 
 def load_tokenizer(path_or_name: str | Path) -> Tokenizer:
-    """The tokenizer that comes with a checkpoint (directory files or the GGUF's vocabulary)."""
-    path = resolve(path_or_name)
+    """The tokenizer that comes with a checkpoint (directory files or the GGUF's vocabulary).
+
+    For the model as well use `legolm.load`, which reads the checkpoint once for both.
+    """
+    return checkpoint_tokenizer(resolve(path_or_name))
+
+
+def checkpoint_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer stored at a resolved checkpoint path (a model directory, a .gguf file or a tokenizer.json).
+
+    Raises:
+        TokenizerError: None there, or one that cannot be read.
+    """
     if path.is_file() and path.suffix == ".gguf":
         return Tokenizer.from_gguf_fields(read_fields(gguf_reader(path)))
     if path.is_dir():
         return Tokenizer.from_dir(path)
     if path.is_file() and path.suffix == ".json":
         return Tokenizer.from_dir(path.parent)
-    raise CheckpointError(f"no tokenizer found for {path}")
+    raise TokenizerError(f"no tokenizer found for {path}")
 
 
 def _backend(path: Path, load: Callable[[], Any]) -> Any:
-    """``load()`` (a `tokenizers` reader of ``path``), its errors as one `CheckpointError` line."""
+    """``load()`` (a `tokenizers` reader of ``path``), its errors as one `TokenizerError` line."""
     try:
         return load()
     except Exception as err:  # the Rust backend raises plain Exceptions
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path} is not a valid tokenizer file ({first})") from None
+        raise TokenizerError(f"{path} is not a valid tokenizer file ({first})") from None
 
 
 def _special_ids(d: Path, backend: HFTokenizer) -> dict[str, Any]:
@@ -219,16 +230,16 @@ def _special_ids(d: Path, backend: HFTokenizer) -> dict[str, Any]:
         else:
             ids = _hf_special_ids(d)
     except LegolmError as err:
-        raise CheckpointError(str(err)) from None
+        raise TokenizerError(str(err)) from None
     if ids["eos_id"] is None:
         ids["eos_id"] = backend.token_to_id("<|endoftext|>")
     vocab = backend.get_vocab_size(with_added_tokens=True)
     for key in ("bos_id", "eos_id"):
         value = ids[key]
         if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab):
-            raise CheckpointError(f"tokenizer in {d}: {key} {value!r} is not an id of its {vocab}-token vocabulary")
+            raise TokenizerError(f"tokenizer in {d}: {key} {value!r} is not an id of its {vocab}-token vocabulary")
     if not isinstance(ids["add_bos"], bool):
-        raise CheckpointError(f"tokenizer in {d}: add_bos must be true or false, got {ids['add_bos']!r}")
+        raise TokenizerError(f"tokenizer in {d}: add_bos must be true or false, got {ids['add_bos']!r}")
     return ids
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from legolm.checkpoints.load import load_pretrained
+from legolm.checkpoints.loader import load_pretrained
 from legolm.data.tokenized import TokenizedCorpus, check_fits
 from legolm.errors import ConfigError
 from legolm.lego.config import STORE_DTYPES, LegoConfig

@@ -14,7 +14,7 @@ from typing import Any, Literal, cast
 
 import torch
 
-from legolm.checkpoints.load import load_pretrained
+from legolm.checkpoints.loader import load, load_pretrained
 from legolm.data.tokenized import (
     MANIFEST,
     DataConfig,
@@ -24,10 +24,11 @@ from legolm.data.tokenized import (
     load_tokenized,
     prepare_corpus,
 )
-from legolm.data.tokenizer import load_tokenizer, resolve_tokenizer
-from legolm.errors import ConfigError, LegolmError
+from legolm.data.tokenizer import Tokenizer, resolve_tokenizer
+from legolm.errors import ConfigError, LegolmError, TokenizerError
 from legolm.eval.perplexity import PPLResult, check_windows, sliding_window_ppl
 from legolm.eval.sanity import PPLBands
+from legolm.model.transformer import TransformerLM
 from legolm.utils.io import atomic_write_text, check_writable, finite_json
 
 
@@ -73,11 +74,11 @@ def evaluate_ppl(model_spec: str, cfg: PPLConfig, bands: PPLBands, data_cfg: Dat
         raise LegolmError(f"{json_path} already exists; choose another --json path or pass --overwrite")
     if cfg.max_tokens is not None and cfg.max_tokens < 2:
         raise LegolmError(f"--max-tokens must be >= 2, got {cfg.max_tokens}")
-    model = load_pretrained(model_spec, device=device, dtype=dtype)
+    model, tokenizer = _model_and_tokenizer(model_spec, device, dtype, own_tokenizer)
     check_windows(model.config.block_size, cfg.max_length, cfg.stride, cfg.batch_size)  # before any tokenizing
     data_cfg.validate()
     split = resolve_split(cfg.split, data_cfg.source)
-    corpus = _corpus(data_cfg, model=model_spec if own_tokenizer else None, hold_out=split != "all")
+    corpus = _corpus(data_cfg, tokenizer or resolve_tokenizer(data_cfg.tokenizer), hold_out=split != "all")
     cfg = dataclasses.replace(cfg, split=split)
     ids = corpus.split(cfg.split)
     ids = ids[: cfg.max_tokens] if cfg.max_tokens else ids
@@ -105,21 +106,25 @@ def resolve_split(split: str, source: str) -> Literal["val", "train", "all"]:
     return "all" if path.exists() and not (path / MANIFEST).is_file() else "val"
 
 
-def _corpus(data_cfg: DataConfig, model: str | None, hold_out: bool = True) -> TokenizedCorpus:
-    """Stored tokenized data (checked against the tokenizer), or the source tokenized now.
+def _model_and_tokenizer(model_spec: str, device: str, dtype: torch.dtype,
+                         own_tokenizer: bool) -> tuple[TransformerLM, Tokenizer | None]:
+    """The model, and its own tokenizer when that is the one wanted (read with it: the checkpoint once)."""
+    if not own_tokenizer:
+        return load_pretrained(model_spec, device=device, dtype=dtype), None
+    try:
+        return load(model_spec, device=device, dtype=dtype)
+    except TokenizerError as err:
+        raise ConfigError(f"--model {model_spec} brings no tokenizer ({err}); pass --tokenizer (e.g. gpt2)") from None
+
+
+def _corpus(data_cfg: DataConfig, tokenizer: Tokenizer, hold_out: bool = True) -> TokenizedCorpus:
+    """Stored tokenized data (checked against ``tokenizer``), or the source tokenized with it now.
 
     Args:
-        data_cfg: The data settings; ``tokenizer`` is the spec to use.
-        model: The model path when its own tokenizer is wanted (no --tokenizer given).
+        data_cfg: The data settings.
+        tokenizer: The tokenizer to use.
         hold_out: Split the documents into train/val (False: all of them in one stream).
     """
-    if model is None:
-        tokenizer = resolve_tokenizer(data_cfg.tokenizer)
-    else:
-        try:
-            tokenizer = load_tokenizer(model)
-        except LegolmError as err:
-            raise ConfigError(f"--model {model} brings no tokenizer ({err}); pass --tokenizer (e.g. gpt2)") from None
     if (Path(data_cfg.source).expanduser() / MANIFEST).is_file():
         return load_tokenized(Path(data_cfg.source).expanduser(), tokenizer)
     return prepare_corpus(data_cfg, tokenizer=tokenizer, hold_out=hold_out)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from legolm.adapters.skip2lora import Skip2LoRAModel
     from legolm.data.tokenized import TokenizedCorpus
+    from legolm.data.tokenizer import Tokenizer
     from legolm.eval.perplexity import PPLResult
     from legolm.model.transformer import TransformerLM
 
@@ -87,9 +88,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from legolm.adapters import inject_lora, trainable_report
     from legolm.adapters.skip2lora import Skip2LoRAModel
     from legolm.adapters.skip2lora_train import Skip2LoRALoss, SkipCacheFlush, build_skip_cache
-    from legolm.checkpoints.load import load_pretrained
+    from legolm.checkpoints.loader import load, load_pretrained
     from legolm.data.tokenized import check_fits, prepare_corpus
-    from legolm.data.tokenizer import load_tokenizer
     from legolm.train.batches import WindowBatches
     from legolm.train.callbacks import EpochTimer
     from legolm.train.distributed import init_distributed
@@ -101,8 +101,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     check_run_dir(cfg.run.out_dir, cfg.run.overwrite, cfg.run.resume, inputs)
     dist = init_distributed(cfg.run)  # under torchrun: join the job (one rank per GPU)
     device = dist.run_device(cfg.run.device)
-    model = load_pretrained(cfg.model).float()  # fp32 weights; bf16 compute comes from run.precision
-    tokenizer = load_tokenizer(cfg.model) if cfg.data.tokenizer == MODEL_TOKENIZER else None
+    tokenizer: Tokenizer | None = None
+    if cfg.data.tokenizer == MODEL_TOKENIZER:  # the base model's own: read with it
+        model, tokenizer = load(cfg.model)
+    else:
+        model = load_pretrained(cfg.model)
+    model = model.float()  # fp32 weights; bf16 compute comes from run.precision
     data_cfg = dataclasses.replace(cfg.data, tokenizer=cfg.model) if tokenizer is not None else cfg.data
     with dist.main_first():  # rank 0 tokenizes and caches, the others read the cache
         corpus = prepare_corpus(data_cfg, progress=cfg.run.progress, tokenizer=tokenizer)

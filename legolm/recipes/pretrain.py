@@ -77,7 +77,7 @@ def finish(cfg: TrainConfig, model: Any, corpus: Any, result: Any, gen: Any, run
 
 def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int, bos_id: int | None) -> Any:
     """A new `TransformerLM` from the preset and overrides, or the checkpoint ``model.init``."""
-    from legolm.checkpoints.load import load_pretrained
+    from legolm.checkpoints.loader import load_pretrained
     from legolm.model.transformer import TransformerLM
 
     if cfg.model.init is None:

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from legolm.checkpoints.load import load_pretrained
-from legolm.data.tokenizer import load_tokenizer
+from legolm.checkpoints.loader import load
 from legolm.errors import ConfigError, LegolmError
 from legolm.layers.memory_state import ModelFingerprint
 from legolm.serve.app import ServerState, create_app
@@ -40,8 +39,7 @@ def model_name(path_or_name: str) -> str:
 def build_server(model_path: str, device: str, dtype: torch.dtype, config: ServeConfig) -> ServerState:
     """Everything the routes need, the engine not yet started."""
     config.validate()
-    model = load_pretrained(model_path, device=device, dtype=dtype)
-    tokenizer = load_tokenizer(model_path)
+    model, tokenizer = load(model_path, device=device, dtype=dtype)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                           f"{model.config.vocab_size}: they do not belong together")

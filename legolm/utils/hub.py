@@ -1,6 +1,6 @@
 """Where a model is: a local path, or a Hugging Face hub snapshot downloaded for a name.
 
-Used by the checkpoint loaders (`legolm.checkpoints.load`), the tokenizer loader
+Used by the checkpoint loaders (`legolm.checkpoints.loader`), the tokenizer loader
 (`legolm.data.tokenizer.load_tokenizer`) and the chat templates (`legolm.serve.chat`).
 """
 
