@@ -14,6 +14,8 @@ Parallel (GPT-NeoX / Pythia): attention and MLP both read the block input::
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from legolm.core.context import LayerContext
@@ -34,11 +36,15 @@ class SequentialBlock(nn.Module):
 
 
 class ParallelBlock(nn.Module):
-    """GPT-NeoX block: x + attn(norm_1(x)) + mlp(norm_2(x))."""
+    """GPT-NeoX block: x + attn(norm_1(x)) + mlp(norm_2(x)).
 
-    def __init__(self, norm_1: nn.Module, attn: CausalSelfAttention, norm_2: nn.Module, mlp: nn.Module) -> None:
+    ``attn`` is any attention module called as ``attn(x, ctx, cache)``; ``cache`` is whatever it
+    keeps (a `KVStore`, or a memory layer's ``SegmentCache``, see `legolm.layers.memory.MemoryBlock`).
+    """
+
+    def __init__(self, norm_1: nn.Module, attn: nn.Module, norm_2: nn.Module, mlp: nn.Module) -> None:
         super().__init__()
         self.norm_1, self.attn, self.norm_2, self.mlp = norm_1, attn, norm_2, mlp
 
-    def forward(self, x: Tensor, ctx: LayerContext, cache: KVStore | None = None) -> Tensor:
+    def forward(self, x: Tensor, ctx: LayerContext, cache: Any = None) -> Tensor:
         return x + self.attn(self.norm_1(x), ctx, cache) + self.mlp(self.norm_2(x))  # (B, T, C)

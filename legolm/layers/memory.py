@@ -53,6 +53,7 @@ from legolm.core.config import ModelConfig
 from legolm.core.context import LayerContext
 from legolm.core.kv_cache import KVStore
 from legolm.errors import ConfigError
+from legolm.layers.blocks import ParallelBlock
 
 State = dict[str, Tensor]
 OptionsT = TypeVar("OptionsT", bound="MemoryOptions")
@@ -379,15 +380,17 @@ class MemoryAttention(MemoryLayer):
         return self.stored
 
 
-class MemoryBlock(nn.Module):
-    """GPT-NeoX parallel residual around a `MemoryAttention`: x + attn(norm_1(x)) + mlp(norm_2(x))."""
+class MemoryBlock(ParallelBlock):
+    """GPT-NeoX parallel residual around a `MemoryAttention` (`ParallelBlock`'s wiring and parameter names).
+
+    A type of its own: the memory decoder (`legolm.generation.memory_decode`) takes these blocks, the
+    fused decoders take plain ones only, and a stack of objects records it as ``custom:MemoryBlock``.
+    """
+
+    attn: MemoryAttention
 
     def __init__(self, norm_1: nn.Module, attn: MemoryAttention, norm_2: nn.Module, mlp: nn.Module) -> None:
-        super().__init__()
-        self.norm_1, self.attn, self.norm_2, self.mlp = norm_1, attn, norm_2, mlp
-
-    def forward(self, x: Tensor, ctx: LayerContext, cache: KVStore | SegmentCache | None = None) -> Tensor:
-        return x + self.attn(self.norm_1(x), ctx, cache) + self.mlp(self.norm_2(x))  # (B, T, C)
+        super().__init__(norm_1, attn, norm_2, mlp)
 
 
 def memory_block(config: ModelConfig, memory: CompressiveMemory, options: MemoryOptions,
