@@ -38,7 +38,7 @@ import torch
 from benchmarks.common import RESULTS, device_info, print_table, real_tokens, write_result
 from legolm.checkpoints.hf import convert_state, export_hf_state, family_for
 from legolm.core.kv_cache import KVCache
-from legolm.layers.memory_state import carry_memory, memory_state_nbytes
+from legolm.layers.memory_state import carry_memory, memory_state_nbytes, reset_memory
 from legolm.model.factory import create_model
 from legolm.model.transformer import TransformerLM
 
@@ -107,7 +107,7 @@ def legolm_stream(model: TransformerLM, ids: torch.Tensor, chunk: int) -> Callab
     @torch.inference_mode()
     def run() -> int:
         if memory:
-            model.reset_memory()
+            reset_memory(model)
             with carry_memory(model):
                 for s in range(0, n, chunk):
                     model(ids[:, s:s + chunk])

@@ -15,7 +15,7 @@ from legolm.data.tokenizer import train_bpe
 from legolm.errors import ConfigError
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.memory_decode import MemoryDecoder
-from legolm.layers.memory_state import carry_memory, get_memory_state, set_memory_state
+from legolm.layers.memory_state import carry_memory, get_memory_state, reset_memory, set_memory_state
 from legolm.model.factory import create_model
 from legolm.model.transformer import TransformerLM
 
@@ -58,7 +58,7 @@ def test_token_by_token_logits_and_memory_equal_one_long_call(kind: str) -> None
         full = model(seq)[0]
         dec = MemoryDecoder(model, seq.shape[1])
         logits = [dec.feed(seq[:, :5])[0]] + [dec.feed(seq[:, t:t + 1])[0] for t in range(5, seq.shape[1])]
-        model.reset_memory()
+        reset_memory(model)
         with carry_memory(model):
             model(seq)
     torch.testing.assert_close(torch.stack(logits[:-1]), full[4:-1], atol=1e-4, rtol=1e-4)
@@ -93,7 +93,7 @@ def test_generate_continues_and_updates_the_carried_memory() -> None:
         next_logits = model(torch.tensor([prompt + new[:-1]]))[0, -1]
         model(torch.tensor([[new[-1]]]))  # ... and the last token: the sequence is prompt + new
     assert new[-1] == int(next_logits.argmax())
-    model.reset_memory()
+    reset_memory(model)
     with torch.no_grad(), carry_memory(model):
         model(history)
         model(torch.tensor([prompt + new]))

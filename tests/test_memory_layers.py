@@ -18,7 +18,13 @@ from legolm.generation import GenerationConfig, generate
 from legolm.layers.hierarchical import HierarchicalMemory, folded_levels
 from legolm.layers.infini import BankedMemory
 from legolm.layers.memory import MemoryAttention, elu_plus_one, memory_read, memory_write
-from legolm.layers.memory_state import carry_memory, memory_state_nbytes, save_memory_state
+from legolm.layers.memory_state import (
+    carry_memory,
+    get_memory_state,
+    memory_state_nbytes,
+    reset_memory,
+    save_memory_state,
+)
 from legolm.model.factory import create_model, model_config
 from legolm.model.transformer import TransformerLM
 
@@ -162,12 +168,12 @@ def test_hierarchical_with_four_memories_trains_and_saves_the_documented_state(t
     assert all(memory.level_gate_weight.grad[i].abs().sum() > 0 for i in range(2)), "a level gate got no gradient"
     torch.optim.AdamW(model.parameters(), lr=1e-3).step()
     assert memory_state_nbytes(model) == 4 * (8 * 64 * 64 * 4 + 8 * 64 * 4) + 8 == 532_488
-    model.reset_memory()
+    reset_memory(model)
     with torch.no_grad(), carry_memory(model):
         model(x[:1, : 4 * SEG])  # one sequence: the state per sequence
     saved = save_memory_state(model, tmp_path / "doc.memory.safetensors")
     assert saved.tensor_bytes == 532_488 and saved.tensor_bytes < saved.file_bytes < saved.tensor_bytes + 2048
-    state = model.get_memory_state()
+    state = get_memory_state(model)
     assert state["blocks.0.attn.M"].shape == (1, 4, 8, 64, 64)
     assert state["blocks.0.attn.M"][:, 0].abs().sum() == 0 < state["blocks.0.attn.M"][:, 2].abs().sum()  # 4 = 2²
 
@@ -204,7 +210,7 @@ def test_carried_chunks_equal_one_long_call(kind: str) -> None:
     model = _tiny(kind, layers=[kind, kind])
     x = torch.randint(0, 512, (2, 6 * SEG))
     whole = model(x)
-    model.reset_memory()
+    reset_memory(model)
     with carry_memory(model):
         chunks = [model(x[:, s:s + 2 * SEG]) for s in range(0, 6 * SEG, 2 * SEG)]
     torch.testing.assert_close(torch.cat(chunks, dim=1), whole, rtol=1e-5, atol=1e-5)
@@ -322,7 +328,7 @@ def test_no_nan_in_bf16_over_long_real_text(kind: str, shakespeare_ids: torch.Te
         ref = model(x, end=1)  # hidden states after the memory layer (B, T, C)
         with torch.autocast("cpu", dtype=torch.bfloat16), carry_memory(model):
             mixed = model(x, end=1)
-        state = model.get_memory_state()
+        state = get_memory_state(model)
         bf16 = model.to(torch.bfloat16)(x, end=1)
     for out in (mixed, bf16):
         assert torch.isfinite(out).all()
@@ -362,5 +368,5 @@ def test_streaming_another_batch_size_needs_a_reset() -> None:
         model(torch.randint(0, 512, (2, SEG)))
         with pytest.raises(ConfigError, match="reset_memory"):
             model(torch.randint(0, 512, (3, SEG)))
-        model.reset_memory()
+        reset_memory(model)
         assert model(torch.randint(0, 512, (3, SEG))).shape == (3, SEG, 512)

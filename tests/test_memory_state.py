@@ -16,10 +16,13 @@ from legolm.checkpoints.native import save_checkpoint
 from legolm.errors import CheckpointError, ConfigError, LegolmError
 from legolm.layers.memory_state import (
     carry_memory,
+    get_memory_state,
     load_memory_state,
     memory_state_nbytes,
     read_memory_file,
+    reset_memory,
     save_memory_state,
+    set_memory_state,
 )
 from legolm.model.factory import create_model
 from legolm.model.transformer import TransformerLM
@@ -54,13 +57,13 @@ def ids() -> torch.Tensor:
 def test_state_round_trip_gives_identical_outputs(kind: str, ids: torch.Tensor) -> None:
     model = _model(kind)
     _stream(model, ids[:, : 2 * SEG], ids[:, 2 * SEG: 4 * SEG])
-    state = model.get_memory_state()
+    state = get_memory_state(model)
     assert state and all(k.startswith("blocks.0.attn.") for k in state)
     expected = _stream(model, ids[:, 4 * SEG:])[0]
     other = _copy(model)
-    other.set_memory_state(state)
+    set_memory_state(other, state)
     assert torch.equal(_stream(other, ids[:, 4 * SEG:])[0], expected)
-    other.reset_memory()
+    reset_memory(other)
     assert not torch.equal(_stream(other, ids[:, 4 * SEG:])[0], expected), "the memory must matter"
 
 
@@ -114,7 +117,7 @@ def test_incompatible_models_are_refused(tmp_path: Path, ids: torch.Tensor) -> N
     with pytest.raises(CheckpointError, match="other weights"):
         load_memory_state(other_weights, path)
     load_memory_state(other_weights, path, check_weights=False)  # the user's explicit choice
-    assert torch.equal(other_weights.get_memory_state()["blocks.0.attn.M"], model.get_memory_state()["blocks.0.attn.M"])
+    assert torch.equal(get_memory_state(other_weights)["blocks.0.attn.M"], get_memory_state(model)["blocks.0.attn.M"])
     with pytest.raises(ConfigError, match="no memory layers"):
         load_memory_state(create_model("pythia", base="tiny-pythia", num_layers=2), path)
 
@@ -122,14 +125,14 @@ def test_incompatible_models_are_refused(tmp_path: Path, ids: torch.Tensor) -> N
 def test_state_of_other_sizes_is_refused_in_memory(ids: torch.Tensor) -> None:
     model = _model("infini")
     _stream(model, ids)
-    state = model.get_memory_state()
+    state = get_memory_state(model)
     wide = _model("infini", memory_heads=2)
     with pytest.raises(ConfigError, match="shape"):
-        wide.set_memory_state(state)
+        set_memory_state(wide, state)
     with pytest.raises(ConfigError, match="lacks"):
-        _model("multi_memory").set_memory_state(state)
+        set_memory_state(_model("multi_memory"), state)
     with pytest.raises(ConfigError, match="no layer for"):
-        _copy(model).set_memory_state({**state, "blocks.1.attn.M": state["blocks.0.attn.M"]})
+        set_memory_state(_copy(model), {**state, "blocks.1.attn.M": state["blocks.0.attn.M"]})
 
 
 def test_files_are_never_overwritten_unasked_and_bad_files_are_named(tmp_path: Path, ids: torch.Tensor) -> None:

@@ -16,7 +16,13 @@ from legolm.checkpoints.native import save_checkpoint
 from legolm.cli.main import main
 from legolm.data.tokenizer import Tokenizer, train_bpe
 from legolm.generation import GenerationConfig, generate
-from legolm.layers.memory_state import carry_memory, get_memory_state, load_memory_state, save_memory_state
+from legolm.layers.memory_state import (
+    carry_memory,
+    get_memory_state,
+    load_memory_state,
+    reset_memory,
+    save_memory_state,
+)
 from legolm.model.factory import create_model
 from legolm.model.transformer import TransformerLM
 from tests.serve_helpers import Server, running_server
@@ -102,7 +108,7 @@ def test_a_session_moves_to_another_server_process(servers: tuple[Server, Server
     (tmp_path / "conv.safetensors").write_bytes(exported)
     load_memory_state(model, tmp_path / "conv.safetensors")
     loaded = get_memory_state(model)
-    model.reset_memory()
+    reset_memory(model)
     with torch.no_grad(), carry_memory(model):
         model(torch.tensor([ids + new]))
         for name, want in get_memory_state(model).items():

@@ -109,7 +109,7 @@ def _check_single(model: TransformerLM, state: State) -> None:
     batch = {int(v.shape[0]) for k, v in state.items() if k.endswith(".M")}
     if batch != {1}:
         raise ConfigError(f"the memory state holds {sorted(batch)} sequence(s); a decoder continues one "
-                          "(call model.reset_memory() or load a single-sequence memory)")
+                          "(call reset_memory(model) or load a single-sequence memory)")
 
 
 def _names(model: TransformerLM) -> dict[int, str]:

@@ -376,7 +376,8 @@ class MemoryAttention(MemoryLayer):
         stored_batch = self.stored["M"].shape[0]
         if stored_batch != batch:
             raise ConfigError(f"the carried {self.layer_type} memory holds {stored_batch} sequence(s) but this call "
-                              f"has {batch}; call model.reset_memory() before streaming a new batch")
+                              f"has {batch}; call reset_memory(model) (legolm.layers.memory_state) before streaming "
+                              "a new batch")
         return self.stored
 
 

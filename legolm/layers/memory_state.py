@@ -3,7 +3,7 @@
 Stream a long document through a memory model in chunks, keep the memory, and continue later
 (another process or machine) from the saved file::
 
-    model.reset_memory()
+    reset_memory(model)
     with carry_memory(model):                      # each call continues the memory of the last
         for chunk in chunks:                       # (B, T) ids, T a multiple of segment_len
             logits = model(chunk)

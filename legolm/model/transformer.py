@@ -240,25 +240,6 @@ class TransformerLM(nn.Module):
         """Final norm and LM head: (B, T, C) -> (B, T, vocab)."""
         return self.lm_head(self.norm(h))
 
-    # -- memory layers (see legolm.layers.memory_state) ---------------------------------------------
-    def reset_memory(self) -> None:
-        """Forget the carried memory of every memory layer (infini, multi_memory, hierarchical)."""
-        from legolm.layers.memory_state import reset_memory
-
-        reset_memory(self)
-
-    def get_memory_state(self) -> dict[str, Tensor]:
-        """The carried memory of every memory layer, ``{"<layer>.<tensor>": tensor}``."""
-        from legolm.layers.memory_state import get_memory_state
-
-        return get_memory_state(self)
-
-    def set_memory_state(self, state: dict[str, Tensor]) -> None:
-        """Carry ``state`` (from `get_memory_state`) into the next forward under ``carry_memory``."""
-        from legolm.layers.memory_state import set_memory_state
-
-        set_memory_state(self, state)
-
 
 def check_shapes(config: ModelConfig, state: dict[str, Tensor], source: str) -> None:
     """`check_state_dict` against a model of ``config`` built on the meta device (nothing allocated)."""
