@@ -240,23 +240,21 @@ def uses_pretrained_split(cfg: LegoConfig) -> bool:
 
 
 def _phase1_grown(cfg: LegoConfig, corpus: TokenizedCorpus, train: BatchSource, val: BatchSource,
-                  out: Path) -> tuple[LegoLM, FitResult | None]:
+                  fit_cfg: FitConfig) -> tuple[LegoLM, FitResult | None]:
     model = shallow_model(cfg, corpus)
     check_fits(corpus, model.config, cfg.window)
     if cfg.lego.num_layers <= model.n_layer:
         raise ConfigError(f"lego.num_layers={cfg.lego.num_layers} must exceed the shallow model's "
                           f"{model.n_layer} layers")
-    phase1 = run_phase1(model, train, val, cfg.phase1.fit_config(cfg.window, cfg.run, out)) if cfg.lego.phase1 \
-        else None
+    phase1 = run_phase1(model, train, val, fit_cfg) if cfg.lego.phase1 else None
     return model, phase1
 
 
 def _phase1_split(cfg: LegoConfig, corpus: TokenizedCorpus, train: BatchSource, val: BatchSource,
-                  out: Path) -> tuple[LegoLM, FitResult | None, list[SplitPoint]]:
+                  fit_cfg: FitConfig) -> tuple[LegoLM, FitResult | None, list[SplitPoint]]:
     """Pretrained route: train the exit(s), choose the split from the candidates' measured curve."""
     base = _init_checkpoint(cfg)
     check_fits(corpus, base.config, cfg.window)
-    fit_cfg = cfg.phase1.fit_config(cfg.window, cfg.run, out)
     if not cfg.lego.split_candidates:
         assert cfg.lego.split is not None
         model = LegoLM.from_pretrained_split(base, cfg.lego.split)
@@ -323,16 +321,16 @@ def split_training_tokens(ids: np.ndarray, eos_id: int, fraction: float) -> tupl
 def train_lego(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoTraining:
     """Phase 1, calibration, extension (grown route), hard-example collection and phase 2, as ``cfg`` says."""
     out = Path(cfg.run.out_dir)
-    p1, p2 = cfg.phase1, cfg.phase2
+    p1 = cfg.phase1.fit_config(cfg.window, cfg.run, out / "phase1")
     shard = init_distributed(cfg.run).shard()  # training batches are sharded; calibration reads all of val
-    val = WindowBatches(corpus.val, cfg.window, p1.eval.batch_size or p1.batch_size, shuffle=False, drop_last=False)
+    val = WindowBatches(corpus.val, cfg.window, p1.eval_batch_size, shuffle=False, drop_last=False)
     phase1_ids, phase2_ids = split_training_tokens(corpus.train, corpus.eos_id, cfg.lego.phase2_fraction)
     train = WindowBatches(phase1_ids, cfg.window, p1.batch_size, shuffle=True, seed=cfg.run.seed, **shard)
     points: list[SplitPoint] = []
     if uses_pretrained_split(cfg):
-        model, phase1, points = _phase1_split(cfg, corpus, train, val, out / "phase1")
+        model, phase1, points = _phase1_split(cfg, corpus, train, val, p1)
     else:
-        model, phase1 = _phase1_grown(cfg, corpus, train, val, out / "phase1")
+        model, phase1 = _phase1_grown(cfg, corpus, train, val, p1)
     model.to(resolve_device(cfg.run.device)).eval()
     conf = shallow_confidences(model, val, cfg.lego.calib_batches)
     threshold, reference_ppl, rule = _threshold(cfg, model, conf, val)
@@ -352,6 +350,6 @@ def train_lego(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoTraining:
                                      progress=cfg.run.progress)
     tqdm.write(f"threshold {threshold:.4f} ({rule}; {hard_ratio:.3f} of validation tokens hard); train: "
                f"{hard_train.summary()}; val: {hard_val.summary()}")
-    phase2 = run_phase2(model, hard_train, hard_val, p2.fit_config(cfg.window, cfg.run, out / "phase2"),
+    phase2 = run_phase2(model, hard_train, hard_val, cfg.phase2.fit_config(cfg.window, cfg.run, out / "phase2"),
                         cfg.lego.phase2_loss, cfg.lego.phase2_easy_weight)
     return LegoTraining(model.eval(), threshold, phase1, phase2, hard_train, hard_val, val, points, reference_ppl)
