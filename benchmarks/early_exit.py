@@ -1,8 +1,8 @@
 """LEGO decoding against the fastest full-depth decoders of the same model, on real text, one process per model.
 
-Trains a LEGO model through `legolm lego`'s job (`run_lego`: phase 1, calibration, extension or a
-pretrained split, phase 2, the quality table, and the decode table: fused full depth, the threshold
-sweep, kv modes, self-speculative), then times more full-depth decoders of the deep model on the same
+Trains a LEGO model through `legolm lego`'s job (`legolm.recipes.lego.run`: phase 1, calibration,
+extension or a pretrained split, phase 2, the quality table, and the decode table: fused full depth,
+the threshold sweep, kv modes, self-speculative), then times more full-depth decoders of the deep model on the same
 prompts: legolm's CUDA-graph decoder (`generate` without ``--fused``) and Hugging Face ``generate`` of
 the exported deep model (greedy, and with ``assistant_early_exit``, its self-speculative peer).
 
@@ -37,7 +37,7 @@ from legolm.generation import GenerationConfig, generate
 from legolm.lego.config import STORE_DTYPES, LegoConfig
 from legolm.lego.report import val_windows
 from legolm.model.lego import LegoLM
-from legolm.recipes.lego import run_lego
+from legolm.recipes import lego
 
 SMOKE = {"window": 64, "model": {"preset": "pythia-14m", "layers": ["pythia"], "n_embd": 64, "n_head": 4,
                                  "block_size": 256, "init": None},
@@ -69,7 +69,7 @@ def whole_calls(fn: Callable[[torch.Tensor], object], prompts: torch.Tensor, rep
 
 def references(model: LegoLM, prompts: torch.Tensor, new: int, repeats: int, hf_prompts: int,
                fused_tok_s: float) -> list[dict[str, Any]]:
-    """Full-depth decoders of the deep model that `run_lego`'s table does not time (greedy, batch 1)."""
+    """Full-depth decoders of the deep model that `lego.run`'s table does not time (greedy, batch 1)."""
     device = next(model.parameters()).device
     graph = GenerationConfig(max_new_tokens=new, greedy=True, stop_at_eos=False)
     rows = [("legolm generate, CUDA graph" if device.type == "cuda" else "legolm generate, static cache",
@@ -139,7 +139,7 @@ def main() -> None:
     cfg = config_from_dict(LegoConfig, merge(data, {"run": {"overwrite": True}}))
     if not corpus_dir.is_dir():
         raise SystemExit(f"missing {corpus_dir}: run `python benchmarks/prepare_data.py` first (needs LEGOLM_DATA)")
-    summary = run_lego(cfg, load_tokenized(corpus_dir))
+    summary = lego.run(cfg, load_tokenized(corpus_dir))
     name = f"early_exit-{args.name}" + ("-smoke" if args.smoke else "")
     payload = {**device_info(), "config": dataclasses.asdict(cfg), "smoke": args.smoke, **summary, "references": None}
     if not args.smoke:  # the LEGO tables are kept even if the reference decoders below fail

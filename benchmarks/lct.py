@@ -53,9 +53,9 @@ def main() -> None:
     data = merge(load_yaml(args.config), overrides(args.set))
     data = merge(data, SMOKE) if args.smoke else data
     cfg = config_from_dict(LCTConfig, merge(data, {"run": {"overwrite": True}}))
-    from legolm.recipes.lct import run_lct
+    from legolm.recipes import lct
 
-    summary = run_lct(cfg)
+    summary = lct.run(cfg)
     rows = rows_of(summary)
     comparison = summary["comparison"]
     versus = (f": LCT epochs {comparison['epoch_speedup']:.1f}x faster, val ppl ratio {comparison['ppl_ratio']:.3f}"

@@ -13,13 +13,14 @@ from legolm.cli.args import OnOffAction, add_dataclass_args, dataclass_from_args
 from legolm.cli.common import add_model_args, device_dtype
 from legolm.data.tokenized import DataConfig
 from legolm.eval.sanity import PPLBands
-from legolm.recipes.evaluate import PPLConfig, evaluate_ppl
+from legolm.recipes import evaluate
+from legolm.recipes.evaluate import PPLConfig
 
 
 def run(ns: argparse.Namespace) -> None:
     data_ns = argparse.Namespace(**{**vars(ns), "tokenizer": ns.tokenizer or ns.model})
     device, dtype = device_dtype(ns)
-    evaluate_ppl(ns.model, dataclass_from_args(PPLConfig, ns), dataclass_from_args(PPLBands, ns),
+    evaluate.run(ns.model, dataclass_from_args(PPLConfig, ns), dataclass_from_args(PPLBands, ns),
                  dataclass_from_args(DataConfig, data_ns), device, dtype, own_tokenizer=ns.tokenizer is None,
                  json_path=ns.json, overwrite=ns.overwrite)
 

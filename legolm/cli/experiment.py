@@ -40,9 +40,9 @@ def run(ns: argparse.Namespace) -> None:
         cfg.validate()
         print(state_size_table(cfg.model, cfg.models))
         return
-    from legolm.recipes.experiment import run_experiment
+    from legolm.recipes import experiment
 
-    run_experiment(cfg)
+    experiment.run(cfg)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

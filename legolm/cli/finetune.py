@@ -27,9 +27,9 @@ def run(ns: argparse.Namespace) -> None:
     cfg = resolve_run_config(FinetuneConfig, ns)
     if printed_config(ns, cfg):
         return
-    from legolm.recipes.finetune import finetune
+    from legolm.recipes import finetune
 
-    finetune(cfg)
+    finetune.run(cfg)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

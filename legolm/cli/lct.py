@@ -17,12 +17,12 @@ ALIASES = {"--overwrite": "run.overwrite"}
 
 
 def run(ns: argparse.Namespace) -> None:
-    from legolm.recipes.lct import run_lct
+    from legolm.recipes import lct
 
     cfg = resolve_config(LCTConfig, ns)
     if printed_config(ns, cfg):
         return
-    run_lct(cfg)
+    lct.run(cfg)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

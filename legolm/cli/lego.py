@@ -4,7 +4,7 @@ phase 2, the quality table and LEGO decoding timed against the fastest full-dept
     legolm lego --config configs/lego-tinystories.yaml [--lego.target-ratio 0.4 ...] [--overwrite]
 
 Every setting is a `LegoConfig` key (``--print-config`` shows them all); the job is
-`legolm.recipes.lego.run_lego`. The run directory gets ``phase1/`` and ``phase2/`` (the runs of
+`legolm.recipes.lego.run`. The run directory gets ``phase1/`` and ``phase2/`` (the runs of
 `fit`: metrics, loss.png, checkpoints), ``model/`` (the LEGO checkpoint: ``legolm generate --model
 run/model --early-exit threshold|speculative``), ``curve.png``, ``curve.csv`` and ``summary.json``.
 """
@@ -23,9 +23,9 @@ def run(ns: argparse.Namespace) -> None:
     cfg = resolve_run_config(LegoConfig, ns)
     if printed_config(ns, cfg):
         return
-    from legolm.recipes.lego import run_lego  # the heavy imports (torch, the library) only when it runs
+    from legolm.recipes import lego  # the heavy imports (torch, the library) only when it runs
 
-    run_lego(cfg)
+    lego.run(cfg)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -22,9 +22,9 @@ def run(ns: argparse.Namespace) -> None:
     cfg = resolve_run_config(TrainConfig, ns)
     if printed_config(ns, cfg):
         return
-    from legolm.recipes.pretrain import pretrain
+    from legolm.recipes import pretrain
 
-    pretrain(cfg)
+    pretrain.run(cfg)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -3,7 +3,7 @@
     legolm serve --model PATH_OR_NAME [--host 127.0.0.1 --port 8000] [--device cuda --dtype bfloat16]
                  [--max-batch 16] [--fused] [--early-exit threshold|speculative ...]
 
-Every setting is a `ServeConfig` flag; the job is `legolm.recipes.serve.serve`.
+Every setting is a `ServeConfig` flag; the job is `legolm.recipes.serve.run`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ def run(ns: argparse.Namespace) -> None:
     config = dataclass_from_args(ServeConfig, ns)
     config.validate()
     device, dtype = device_dtype(ns)
-    from legolm.recipes.serve import serve  # the heavy imports (torch, FastAPI, uvicorn) only when it runs
+    from legolm.recipes import serve  # the heavy imports (torch, FastAPI, uvicorn) only when it runs
 
-    serve(ns.model, device, dtype, config)
+    serve.run(ns.model, device, dtype, config)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -51,7 +51,7 @@ class PPLConfig:
     max_tokens: int | None = None
 
 
-def evaluate_ppl(model_spec: str, cfg: PPLConfig, bands: PPLBands, data_cfg: DataConfig, device: str,
+def run(model_spec: str, cfg: PPLConfig, bands: PPLBands, data_cfg: DataConfig, device: str,
                  dtype: torch.dtype, own_tokenizer: bool, json_path: str | None = None,
                  overwrite: bool = False) -> dict[str, Any]:
     """Score ``model_spec`` on ``data_cfg``'s text: print the table and the sanity verdict, write ``json_path``.

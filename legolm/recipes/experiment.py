@@ -35,7 +35,7 @@ from legolm.utils.io import atomic_write_text, finite_json
 RESULT, ERROR = "result.json", "error.txt"
 
 
-def run_experiment(cfg: ExperimentConfig) -> list[ModelResult]:
+def run(cfg: ExperimentConfig) -> list[ModelResult]:
     """Check the settings and the data, then train and score each model in turn (see the module docstring).
 
     Raises:

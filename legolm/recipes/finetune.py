@@ -81,7 +81,7 @@ class FinetuneConfig(FitConfig):
         self.sample.validate()
 
 
-def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Check everything, load the base and the data, measure, `fit`, measure again, save; return the summary."""
     import torch
 

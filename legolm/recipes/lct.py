@@ -63,7 +63,7 @@ def train_method(cfg: LCTConfig, method: str, train_ids: Any, val_ids: Any, voca
             "params": result.total_params, "cache_mb": cache.nbytes / 2**20 if cache is not None else 0.0}
 
 
-def run_lct(cfg: LCTConfig) -> dict[str, Any]:
+def run(cfg: LCTConfig) -> dict[str, Any]:
     """Prepare the data once, train every method, write and print the comparison."""
     from legolm.data.tokenized import check_fits, prepare_corpus
     from legolm.train.distributed import init_distributed

@@ -42,7 +42,7 @@ from legolm.train.run_dir import check_run_dir, hold_run_dir
 from legolm.utils.io import atomic_write_text, finite_json
 
 
-def run_lego(cfg: LegoConfig, corpus: TokenizedCorpus | None = None) -> dict[str, Any]:
+def run(cfg: LegoConfig, corpus: TokenizedCorpus | None = None) -> dict[str, Any]:
     """Check, prepare the data (unless ``corpus`` is given), train both phases, evaluate, decode, report."""
     cfg.validate()
     inputs = [cfg.model.init, cfg.data.source, cfg.data.tokenizer, cfg.data.cache_dir]
@@ -156,4 +156,4 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-__all__ = ["LegoLM", "decode_settings", "evaluate_and_report", "run_lego", "write_csv"]
+__all__ = ["LegoLM", "decode_settings", "evaluate_and_report", "run", "write_csv"]

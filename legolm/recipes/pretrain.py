@@ -18,7 +18,7 @@ from legolm.train.metrics import format_loss
 from legolm.utils.io import atomic_write_text, finite_json
 
 
-def pretrain(cfg: TrainConfig) -> dict[str, Any]:
+def run(cfg: TrainConfig) -> dict[str, Any]:
     """Check everything, prepare the data, `fit`, evaluate, save and sample; return the summary."""
     import torch
 

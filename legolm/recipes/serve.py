@@ -85,7 +85,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(model_path: str, device: str, dtype: torch.dtype, config: ServeConfig) -> None:
+def run(model_path: str, device: str, dtype: torch.dtype, config: ServeConfig) -> None:
     """Serve ``model_path`` until interrupted (Ctrl-C / SIGTERM)."""
     try:
         import uvicorn
