@@ -119,10 +119,10 @@ def test_eval_ppl_bad_input_subprocess(tiny_gpt2_dir: Path, env: dict[str, str],
 @pytest.mark.parametrize("extra, fragments", [
     (["--max-length", "32", "--stride", "40"], ("stride 40",)),
     (["--max-length", "65", "--stride", "32"], ("block_size",)),
-    (["--max-length", "32", "--stride", "16", "--val-fraction", "1.5"], ("val_fraction",)),
+    (["--max-length", "32", "--stride", "16", "--data.val-fraction", "1.5"], ("val_fraction",)),
     (["--max-length", "32", "--stride", "16", "--tokenizer", "bpe:x"], ("bpe:<vocab_size>",)),
-    (["--max-length", "32", "--stride", "16", "--split", "test"], ("invalid choice",)),
-    (["--max-length", "32", "--stride", "16", "--normal-up-to", "2"], ("0 < 5 <= 2 <= 1000",)),
+    (["--max-length", "32", "--stride", "16", "--split", "test"], ("--split", "expected one of auto|val|train|all")),
+    (["--max-length", "32", "--stride", "16", "--ppl-bands.normal-up-to", "2"], ("ppl_bands", "0 < 5 <= 2 <= 1000")),
 ])
 def test_eval_ppl_bad_input_in_process(tiny_gpt2_dir: Path, capsys: pytest.CaptureFixture[str], extra: list[str],
                                        fragments: tuple[str, ...]) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from legolm.cli.args import add_config_args, resolve_config
+from legolm.cli.args import _DEST, OnOffAction, add_config_args, resolve_config
 from legolm.cli.main import build_parser, main
 from legolm.config import config_from_dict, dump_yaml
 from legolm.errors import ConfigError
@@ -210,3 +210,83 @@ def test_no_help_text_is_cut_mid_sentence() -> None:
     cut = [(cmd, opt, text[-50:]) for cmd, opt, text in helps
            if text[:1].isupper() and not text.endswith((".", ")", "?", "!", ":", "`"))]
     assert not cut, cut
+
+
+# -- one flag style, one alias mechanism ------------------------------------------------------------------
+def _commands(parser: argparse.ArgumentParser,
+              words: tuple[str, ...] = ()) -> dict[tuple[str, ...], argparse.ArgumentParser]:
+    """Every command's parser (``("eval", "ppl")`` -> its parser), leaves only."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return {words: parser}
+    return {k: v for name, sub in subs[0].choices.items() for k, v in _commands(sub, (*words, name)).items()}
+
+
+def _aliases(parser: argparse.ArgumentParser) -> list[tuple[str, str, argparse.Action]]:
+    """(alias, the key's own flag, action) of a command: the option strings that are not the key's own names."""
+    out = []
+    for action in parser._actions:
+        if not action.dest.startswith(_DEST):
+            continue
+        key = action.dest[len(_DEST):]
+        own = {"--" + key, "--" + key.replace("_", "-")}
+        own |= {"--no-" + flag[2:] for flag in own}
+        out += [(flag, "--" + key.replace("_", "-"), action) for flag in action.option_strings
+                if flag not in own and not flag.startswith("--no-")]
+    return out
+
+
+def test_every_command_has_one_flag_style() -> None:
+    """Each command's options are the keys of its config (dotted when nested) and aliases of them, plus the
+    ``--config`` / ``--print-config`` pair; no command keeps flags of another kind."""
+    commands = _commands(build_parser())
+    assert set(commands) == {("generate",), ("export",), ("analyze", "rank"), ("finetune",), ("eval", "ppl"),
+                             ("pretrain",), ("lego",), ("lct",), ("experiment",), ("serve",)}
+    for words, parser in commands.items():
+        other = {s for a in parser._actions if not a.dest.startswith(_DEST) for s in a.option_strings}
+        assert other <= {"-h", "--help", "--config", "--print-config", "--state-sizes"}, (words, other)
+        assert not parser.allow_abbrev, words
+
+
+def test_aliases_are_declared_once_and_only_where_expected() -> None:
+    found = {(" ".join(words), alias, own) for words, parser in _commands(build_parser()).items()
+             for alias, own, _ in _aliases(parser)}
+    resume = {("--overwrite", "--run.overwrite"), ("--resume", "--run.resume")}
+    assert found == {
+        *(("pretrain", *a) for a in resume), *(("lego", *a) for a in resume),
+        *(("finetune", *a) for a in resume), ("finetune", "--data", "--data.source"),
+        ("lct", "--overwrite", "--run.overwrite"),
+        ("experiment", "--overwrite", "--run.overwrite"), ("experiment", "--lr", "--optim.lr"),
+        ("experiment", "--data", "--data.source"),
+        ("eval ppl", "--data", "--data.source"), ("eval ppl", "--tokenizer", "--data.tokenizer"),
+    }
+
+
+def test_an_alias_must_name_a_key() -> None:
+    with pytest.raises(ValueError, match=r"--lr -> optim\.lrr"):
+        add_config_args(argparse.ArgumentParser(), TrainConfig, {"--lr": "optim.lrr"})
+
+
+def test_each_alias_and_its_dotted_flag_give_the_same_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Through every command's parser: the alias and the key's own flag (and their --no- forms) resolve to the
+    same config, which differs from the default one (the flag took effect)."""
+    monkeypatch.chdir(tmp_path)  # --resume looks for the run's saved config.yaml
+
+    def printed(words: tuple[str, ...], *flags: str) -> str:
+        assert main([*words, *flags, "--print-config"]) == 0
+        return capsys.readouterr().out
+
+    checked = 0
+    for words, parser in _commands(build_parser()).items():
+        for alias, own, action in _aliases(parser):
+            if isinstance(action, OnOffAction):
+                forms = [([alias], [own]), (["--no-" + alias[2:]], ["--no-" + own[2:]])]
+            else:
+                value = {"float": "0.125", "int": "7"}.get(getattr(action.type, "__name__", ""), "some-text")
+                forms = [([alias, value], [own, value])]
+            for short, dotted in forms:
+                assert printed(words, *short) == printed(words, *dotted), (words, short)
+            assert printed(words, *forms[0][0]) != printed(words), (words, alias)
+            checked += 1
+    assert checked == 13

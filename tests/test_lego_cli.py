@@ -142,7 +142,7 @@ def test_generate_decodes_the_lego_model_through_its_exits(run_dir: Path, flags:
     (["--early-exit", "threshold", "--threshold", "1.5"], ("threshold must be in [0, 1]",)),
     (["--early-exit", "threshold", "--target-ratio", "0"], ("target_ratio must be in (0, 1)",)),
     (["--early-exit", "speculative", "--draft-tokens", "0"], ("draft_tokens must be >= 1",)),
-    (["--early-exit", "sometimes"], ("--early-exit", "invalid choice")),
+    (["--early-exit", "sometimes"], ("--early-exit", "expected one of none|threshold|speculative")),
 ])
 def test_generate_bad_early_exit_input_is_one_line(run_dir: Path, flags: list[str], fragments: tuple[str, ...]) -> None:
     proc = _run(["generate", "--model", str(run_dir / "model"), "--prompt", "The", "--greedy", *flags], run_dir.parent)

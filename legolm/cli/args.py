@@ -1,24 +1,28 @@
-"""The command line's options, built from config dataclasses: a config's fields are its flags.
+"""The command line's options, built from config dataclasses: a config's keys are its flags.
 
 The dict/YAML side (coercion, merging, loading, dumping, key listing) is `legolm.config`; this
-module holds only the argparse front door.
+module holds only the argparse front door. Every command has one config dataclass and one flag
+style (`add_config_args` / `resolve_config`, jsonargparse-style): a top-level field is a flag of its
+own name (``max_new_tokens: int = 64`` is ``--max-new-tokens INT``), a nested dataclass is a YAML
+section and a dotted prefix (``--optim.lr 3e-4``, ``--model.layers pythia pythia``); underscores
+or dashes. The field's line in the docstring's ``Attributes:`` section is its help. A list setting
+takes several values, and given twice it adds to them (``--prompt a --prompt b``).
 
-Flat (`add_dataclass_args`): ``field_name: int = 3`` becomes ``--field-name INT`` (default 3); the
-field's line in the docstring's ``Attributes:`` section is its help.
+Every on/off setting has one style: a ``bool`` field is a ``--flag / --no-flag`` pair that takes no
+value; a ``bool | None`` field (None = decide automatically, e.g. the fused AdamW kernel on CUDA
+only) is the same pair plus ``--flag auto``, and ``auto`` (or ``null``) is also its YAML spelling.
 
-Every on/off setting has one style, flat or nested: a ``bool`` field is a ``--flag / --no-flag``
-pair that takes no value; a ``bool | None`` field (None = decide automatically, e.g. the fused
-AdamW kernel on CUDA only) is the same pair plus ``--flag auto``, and ``auto`` (or ``null``) is
-also its YAML spelling.
+Aliases are the one way to give a dotted key a short flat name: a command passes
+``{"--data": "data.source", "--overwrite": "run.overwrite"}`` to `add_config_args`, and the short
+flag is another name of the same option (an on/off key's short name gets its ``--no-`` form too).
 
-Nested (`add_config_args` / `resolve_config`, jsonargparse-style): nested dataclasses are YAML
-sections and dotted flags (``--optim.lr 3e-4``, ``--model.layers pythia pythia``, underscores or
-dashes). Values are resolved in this order, later wins::
+Values are resolved in this order, later wins::
 
     dataclass defaults  <  base dict (e.g. a resumed run's saved config)  <  --config a.yaml  <  flags
 
 Unknown keys (in YAML or flags) and ill-typed values are one-line `ConfigError`s that list the
-valid keys; ``--print-config`` dumps the resolved YAML (`legolm.config.dump_yaml`).
+valid keys; ``--print-config`` dumps the resolved YAML (`legolm.config.dump_yaml`). Flags are never
+abbreviated (``--optim.l`` is no ``--optim.lr``).
 """
 
 from __future__ import annotations
@@ -90,55 +94,26 @@ class OnOffAction(argparse.Action):
         return " | ".join(self.option_strings)
 
 
-# -- flat flags (legolm generate) ---------------------------------------------------------------------
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per field of dataclass ``cls``."""
-    hints = typing.get_type_hints(cls)
-    docs = _attribute_docs(cls)
-    group = parser.add_argument_group(cls.__name__)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        tp = scalar_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_ = f"{docs.get(f.name, '')} (default: {_shown(default, tp)})"
-        if tp is bool:
-            group.add_argument(flag, dest=f.name, action=OnOffAction, auto=is_optional(hints[f.name]), default=default,
-                               help=help_)
-        elif get_origin(tp) is typing.Literal:
-            group.add_argument(flag, dest=f.name, choices=get_args(tp), default=default, help=help_)
-        elif get_origin(tp) in (list, tuple):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else default
-            group.add_argument(flag, dest=f.name, nargs="+", type=get_args(tp)[0], default=default,
-                               help=f"{docs.get(f.name, '')} (default: {default})")
-        else:
-            group.add_argument(flag, dest=f.name, type=_flag_type(tp, f.name), metavar=_metavar(tp), default=default,
-                               help=help_)
-
-
-def dataclass_from_args(cls: type[T], ns: argparse.Namespace) -> T:
-    """Build ``cls`` from the parsed flags that `add_dataclass_args` added."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    return cls(**{k: v for k, v in vars(ns).items() if k in names})
-
-
-# -- nested flags --------------------------------------------------------------------------------------
 def add_config_args(parser: argparse.ArgumentParser, cls: type, aliases: dict[str, str] | None = None) -> None:
-    """``--config FILE.yaml``, ``--print-config`` and one dotted flag per leaf field of ``cls``.
+    """``--config FILE.yaml``, ``--print-config`` and one flag per leaf key of ``cls`` (dotted when nested).
 
     Args:
-        parser: Where to add them.
+        parser: Where to add them (its flags are never abbreviated from here on).
         cls: The config dataclass.
-        aliases: Extra short on/off flags for boolean keys, e.g. ``{"--overwrite": "run.overwrite"}``
-            (``--overwrite / --no-overwrite``).
+        aliases: Short flat names of dotted keys, e.g. ``{"--data": "data.source", "--overwrite":
+            "run.overwrite"}``: each is another name of the key's own flag (``--no-overwrite`` too).
     """
+    keys = set(config_keys(cls))
+    names: dict[str, list[str]] = {}
+    for flag, key in (aliases or {}).items():
+        if key not in keys or not flag.startswith("--"):
+            raise ValueError(f"alias {flag} -> {key}: not a --flag for a key of {cls.__name__}")
+        names.setdefault(key, []).append(flag)
+    parser.allow_abbrev = False
     parser.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
                         help="YAML file of config values (repeatable; flags override it)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    for flag, key in (aliases or {}).items():
-        parser.add_argument(flag, dest=_DEST + key, action=OnOffAction, default=argparse.SUPPRESS,
-                            help=f"same as --{key}")
-    _add_section(parser, cls, "")
-    keys = set(config_keys(cls))
+    _add_section(parser, cls, "", names)
     parse = parser.parse_known_args
 
     def strict(args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
@@ -169,7 +144,7 @@ def _sections(cls: type) -> list[str]:
     return [n for n, (_, tp) in dataclass_fields(cls).items() if dataclasses.is_dataclass(tp)]
 
 
-def _add_section(parser: argparse.ArgumentParser, cls: type, prefix: str) -> None:
+def _add_section(parser: argparse.ArgumentParser, cls: type, prefix: str, aliases: dict[str, list[str]]) -> None:
     docs = _attribute_docs(cls)
     group = parser.add_argument_group(prefix.rstrip(".") or cls.__name__)
     nested: list[tuple[str, Any]] = []
@@ -178,18 +153,21 @@ def _add_section(parser: argparse.ArgumentParser, cls: type, prefix: str) -> Non
             nested.append((name, tp))
             continue
         key = prefix + name
-        flags = list(dict.fromkeys(["--" + key.replace("_", "-"), "--" + key]))
+        flags = list(dict.fromkeys(["--" + key.replace("_", "-"), "--" + key, *aliases.get(key, [])]))
         default = f.default if f.default is not dataclasses.MISSING else "(see YAML)"
+        if not prefix and f.default_factory is not dataclasses.MISSING:  # a section's may be the command's own
+            default = f.default_factory()
         kw: dict[str, Any] = dict(dest=_DEST + key, default=argparse.SUPPRESS,
                                   help=f"{docs.get(name, '')} (default: {_shown(default, tp)})")
         if is_bool(tp):
             group.add_argument(*flags, action=OnOffAction, auto=is_optional(tp), **kw)
         elif get_origin(scalar_type(tp)) is list:
-            group.add_argument(*flags, nargs="+", type=_flag_type(tp, key, list_item=True), metavar="VALUE", **kw)
+            group.add_argument(*flags, action="extend", nargs="+", type=_flag_type(tp, key, list_item=True),
+                               metavar="VALUE", **kw)
         else:
             group.add_argument(*flags, type=_flag_type(tp, key), metavar=_metavar(tp), **kw)
     for name, tp in nested:
-        _add_section(parser, tp, f"{prefix}{name}.")
+        _add_section(parser, tp, f"{prefix}{name}.", aliases)
 
 
 def _shown(default: Any, tp: Any) -> Any:

@@ -18,20 +18,11 @@ import argparse
 from legolm.cli.args import add_config_args, printed_config, resolve_config
 from legolm.experiment.config import ExperimentConfig
 
-ALIASES = {"--overwrite": "run.overwrite"}
-
-
-def load_config(ns: argparse.Namespace) -> ExperimentConfig:
-    cfg = resolve_config(ExperimentConfig, ns)
-    if ns.lr is not None:
-        cfg.optim.lr = ns.lr
-    if ns.data is not None:
-        cfg.data.source = ns.data
-    return cfg
+ALIASES = {"--overwrite": "run.overwrite", "--lr": "optim.lr", "--data": "data.source"}
 
 
 def run(ns: argparse.Namespace) -> None:
-    cfg = load_config(ns)
+    cfg = resolve_config(ExperimentConfig, ns)
     if printed_config(ns, cfg):
         return
     if ns.state_sizes:
@@ -49,8 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("experiment", help="compare pythia and memory-layer models under equal training",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        allow_abbrev=False)
-    p.add_argument("--lr", type=float, default=None, help="same as --optim.lr")
-    p.add_argument("--data", default=None, help="same as --data.source (named source or file/folder)")
     p.add_argument("--state-sizes", action="store_true",
                    help="print the memory state per sequence of each model at these settings and exit (no training)")
     add_config_args(p, ExperimentConfig, ALIASES)

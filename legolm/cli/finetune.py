@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 
-from legolm.cli import args as cli_args
 from legolm.cli.args import add_config_args, printed_config, resolve_run_config
 from legolm.recipes.finetune import FinetuneConfig
 
-ALIASES = {"--overwrite": "run.overwrite", "--resume": "run.resume"}
+ALIASES = {"--overwrite": "run.overwrite", "--resume": "run.resume", "--data": "data.source"}
 
 
 def run(ns: argparse.Namespace) -> None:
@@ -37,6 +36,4 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                        allow_abbrev=False)
     add_config_args(p, FinetuneConfig, ALIASES)
-    p.add_argument("--data", dest=cli_args._DEST + "data.source", default=argparse.SUPPRESS, metavar="SOURCE",
-                   help="same as --data.source")
     p.set_defaults(func=run)

@@ -1,41 +1,32 @@
 """``legolm generate``: continue prompts with a pretrained model.
 
+    legolm generate --model PATH_OR_NAME --prompt TEXT [--prompt TEXT2 ...] [--max-new-tokens N --greedy ...]
+
 A LEGO model (the ``model/`` directory of ``legolm lego``) also decodes through its exits:
 ``--early-exit threshold [--threshold T | --target-ratio R] [--kv-mode fill|skip|propagate]`` or
 ``--early-exit speculative [--draft-tokens D]``, with ``--fused`` for the fast batch-1 decoders; one
-stats line follows the text (shallow ratio or acceptance, cost against full depth, tok/s).
+stats line follows the text (shallow ratio or acceptance, cost against full depth, tok/s). Every
+setting is a `GenerateConfig` key (``--print-config`` shows them all); the job is
+`legolm.recipes.generate.run`.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from legolm.cli.args import OnOffAction, add_dataclass_args, dataclass_from_args
-from legolm.cli.common import add_model_args, device_dtype
-from legolm.errors import LegolmError
-from legolm.generation import GenerationConfig, complete
+from legolm.cli.args import add_config_args, printed_config, resolve_config
+from legolm.recipes import generate
 
 
 def run(ns: argparse.Namespace) -> None:
-    from legolm.checkpoints.loader import load
-
-    device, dtype = device_dtype(ns)
-    config = dataclass_from_args(GenerationConfig, ns)
-    config.validate()
-    if any(not p for p in ns.prompt):
-        raise LegolmError("empty prompt: give --prompt some text to continue")
-    model, tokenizer = load(ns.model, device=device, dtype=dtype)
-    texts, result = complete(model, tokenizer, ns.prompt, config)
-    for prompt, text in zip(ns.prompt, texts, strict=True):
-        print(prompt + text if ns.echo else text, flush=True)
-    if result.early_exit is not None:
-        print(result.early_exit.line(sum(len(row) for row in result.tokens)), flush=True)
+    cfg = resolve_config(generate.GenerateConfig, ns)
+    if printed_config(ns, cfg):
+        return
+    generate.run(cfg)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="continue a prompt with a pretrained model")
-    add_model_args(p)
-    p.add_argument("--prompt", action="append", required=True, help="text to continue (repeat for a batch)")
-    p.add_argument("--echo", action=OnOffAction, default=False, help="print the prompt too")
-    add_dataclass_args(p, GenerationConfig)
+    p = sub.add_parser("generate", help="continue a prompt with a pretrained model", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, generate.GenerateConfig)
     p.set_defaults(func=run)

@@ -25,6 +25,7 @@ from legolm.utils.io import read_json
 EOS_TOKEN = "<|endoftext|>"
 SHARED_TOKENIZERS = ("gpt2", "pythia")  # names found under <LEGOLM_DATA>/tokenizers/
 BPE_PREFIX = "bpe:"
+MODEL_TOKENIZER = "model"  # a data.tokenizer value of finetune and eval ppl: the model's own tokenizer
 # The parts of a tokenizer.json that decide which ids a text becomes (decoder/padding do not).
 _FINGERPRINT_KEYS = ("normalizer", "pre_tokenizer", "model", "added_tokens")
 

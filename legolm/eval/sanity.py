@@ -11,7 +11,7 @@ and one more rule for "not learning" that holds at any vocabulary size: a perple
 the vocabulary size V is no better than a uniform guess over V tokens (exp(ln V) = V), which an
 untrained model reaches. The bands assume a subword vocabulary (thousands of tokens); with a
 character-level vocabulary of tens of symbols a trained model sits below 5. The thresholds are
-settings (`PPLBands`: ``eval.ppl_bands`` of the training commands, flat flags of ``legolm eval ppl``).
+settings (`PPLBands`: ``eval.ppl_bands`` of the training commands, ``ppl_bands`` of ``legolm eval ppl``).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ by document exactly as training splits it), or a folder of tokenized data that
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -24,77 +24,90 @@ from legolm.data.tokenized import (
     load_tokenized,
     prepare_corpus,
 )
-from legolm.data.tokenizer import Tokenizer, resolve_tokenizer
+from legolm.data.tokenizer import MODEL_TOKENIZER, Tokenizer, resolve_tokenizer
 from legolm.errors import ConfigError, LegolmError, TokenizerError
 from legolm.eval.perplexity import PPLResult, check_windows, sliding_window_ppl
 from legolm.eval.sanity import PPLBands
 from legolm.model.transformer import TransformerLM
+from legolm.utils.device import DtypeName, device_and_dtype
 from legolm.utils.io import atomic_write_text, check_writable, finite_json
 
 
 @dataclass
 class PPLConfig:
-    """Windows and the slice of text that ``legolm eval ppl`` scores.
+    """``legolm eval ppl``: the model, the text, the windows and the slice of the text scored.
 
     Attributes:
+        model: The model: a legolm/Hugging Face directory, .gguf file, or hub name.
+        data: The text (data.source: a named source, a file/folder, or a tokenized-data folder) and its tokenizer
+            (data.tokenizer: model = the model's own, the one it was trained with).
         max_length: Window length in tokens (at most the model's block_size).
         stride: Tokens each window moves on; max_length = disjoint windows, smaller = more context per token.
         batch_size: Windows per forward pass.
         split: Documents scored: auto (all of a file/folder you give, val of a named source), val, train or all.
         max_tokens: Score only the first N tokens of the split (None: all).
+        ppl_bands: Bands of the sanity check printed under the perplexity.
+        json: Also write the result as JSON to this path.
+        overwrite: Replace an existing json file.
+        device: cpu, cuda, cuda:N or auto (CUDA when visible).
+        dtype: Weights dtype (auto: bf16 on a GPU, fp32 on the CPU).
     """
 
+    model: str = ""
+    data: DataConfig = field(default_factory=lambda: DataConfig(source="", tokenizer=MODEL_TOKENIZER))
     max_length: int = 1024
     stride: int = 512
     batch_size: int = 8
     split: Literal["auto", "val", "train", "all"] = "auto"
     max_tokens: int | None = None
+    ppl_bands: PPLBands = field(default_factory=PPLBands)
+    json: str | None = None
+    overwrite: bool = False
+    device: str = "auto"
+    dtype: DtypeName = "auto"
+
+    def validate(self) -> None:
+        """Raise `LegolmError` naming the first missing or bad setting (the data's own settings: `DataConfig`)."""
+        if not self.model:
+            raise ConfigError("give --model (a legolm/Hugging Face directory, .gguf file or hub name)")
+        if not self.data.source:
+            raise ConfigError("give --data (a named source such as tinyshakespeare, a file/folder, or a "
+                              "tokenized-data folder)")
+        self.ppl_bands.validate("ppl_bands: ")
+        if self.json:
+            check_writable(self.json, "--json", kind="file")
+        if self.json and Path(self.json).exists() and not self.overwrite:
+            raise LegolmError(f"{self.json} already exists; choose another --json path or pass --overwrite")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise LegolmError(f"--max-tokens must be >= 2, got {self.max_tokens}")
 
 
-def run(model_spec: str, cfg: PPLConfig, bands: PPLBands, data_cfg: DataConfig, device: str,
-                 dtype: torch.dtype, own_tokenizer: bool, json_path: str | None = None,
-                 overwrite: bool = False) -> dict[str, Any]:
-    """Score ``model_spec`` on ``data_cfg``'s text: print the table and the sanity verdict, write ``json_path``.
-
-    Args:
-        model_spec: Model path, .gguf or hub name.
-        cfg: Windows and the slice of text scored.
-        bands: Perplexity sanity bands.
-        data_cfg: The text (its ``tokenizer`` is used unless ``own_tokenizer``).
-        device: Device of the model.
-        dtype: Weights dtype.
-        own_tokenizer: Use the model's own tokenizer (no --tokenizer given).
-        json_path: Also write the result here (refused if it exists, unless ``overwrite``).
-        overwrite: Replace an existing ``json_path``.
-    """
-    bands.validate()
-    if json_path:
-        check_writable(json_path, "--json", kind="file")
-    if json_path and Path(json_path).exists() and not overwrite:
-        raise LegolmError(f"{json_path} already exists; choose another --json path or pass --overwrite")
-    if cfg.max_tokens is not None and cfg.max_tokens < 2:
-        raise LegolmError(f"--max-tokens must be >= 2, got {cfg.max_tokens}")
-    model, tokenizer = _model_and_tokenizer(model_spec, device, dtype, own_tokenizer)
+def run(cfg: PPLConfig) -> dict[str, Any]:
+    """Score ``cfg.model`` on ``cfg.data``'s text: print the table and the sanity verdict, write ``cfg.json``."""
+    cfg.validate()
+    device, dtype = device_and_dtype(cfg.device, cfg.dtype)
+    own_tokenizer = cfg.data.tokenizer == MODEL_TOKENIZER
+    model, tokenizer = _model_and_tokenizer(cfg.model, device, dtype, own_tokenizer)
     check_windows(model.config.block_size, cfg.max_length, cfg.stride, cfg.batch_size)  # before any tokenizing
+    data_cfg = dataclasses.replace(cfg.data, tokenizer=cfg.model) if own_tokenizer else cfg.data
     data_cfg.validate()
     split = resolve_split(cfg.split, data_cfg.source)
     corpus = _corpus(data_cfg, tokenizer or resolve_tokenizer(data_cfg.tokenizer), hold_out=split != "all")
-    cfg = dataclasses.replace(cfg, split=split)
-    ids = corpus.split(cfg.split)
+    ids = corpus.split(split)
     ids = ids[: cfg.max_tokens] if cfg.max_tokens else ids
-    check_ids(ids, model.config.vocab_size, f"the {cfg.split} text")
-    n_bytes, n_words = _text_counts(corpus, cfg, ids)
+    check_ids(ids, model.config.vocab_size, f"the {split} text")
+    n_bytes, n_words = _text_counts(corpus, split, cfg.max_tokens, ids)
     result = sliding_window_ppl(model, ids, cfg.max_length, cfg.stride, cfg.batch_size, device, n_bytes=n_bytes,
                                 n_words=n_words)
-    _print_table(cfg, result)
-    verdict = bands.check(cfg.split, result.ppl, model.config.vocab_size)
+    _print_table(split, result)
+    verdict = cfg.ppl_bands.check(split, result.ppl, model.config.vocab_size)
     print(verdict.message)
-    payload = {"model": model_spec, "data": data_cfg.source, "data_dir": str(corpus.directory), "split": cfg.split,
+    payload = {"model": cfg.model, "data": data_cfg.source, "data_dir": str(corpus.directory), "split": split,
                "tokenizer": corpus.manifest["tokenizer"], **result.to_dict(), "ppl_check": verdict.to_dict()}
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(json_path, finite_json(payload, str(json_path), indent=2))
-        print(f"wrote {json_path}")
+    if cfg.json:
+        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cfg.json, finite_json(payload, str(cfg.json), indent=2))
+        print(f"wrote {cfg.json}")
     return payload
 
 
@@ -130,17 +143,17 @@ def _corpus(data_cfg: DataConfig, tokenizer: Tokenizer, hold_out: bool = True) -
     return prepare_corpus(data_cfg, tokenizer=tokenizer, hold_out=hold_out)
 
 
-def _text_counts(corpus: TokenizedCorpus, cfg: PPLConfig, ids: Any) -> tuple[int, int]:
+def _text_counts(corpus: TokenizedCorpus, split: str, max_tokens: int | None, ids: Any) -> tuple[int, int]:
     """Bytes and words of the scored text: the manifest's for a whole split, else decoded."""
-    if cfg.max_tokens is None or cfg.max_tokens >= len(corpus.split(cfg.split)):
-        counts = corpus.counts(cfg.split)
+    if max_tokens is None or max_tokens >= len(corpus.split(split)):
+        counts = corpus.counts(split)
         return counts["bytes"], counts["words"]
     return decoded_counts(corpus.tokenizer, ids, corpus.eos_id)
 
 
-def _print_table(cfg: PPLConfig, r: PPLResult) -> None:
+def _print_table(split: str, r: PPLResult) -> None:
     row: dict[str, Any] = {
-        "split": cfg.split, "tokens scored": f"{r.n_tokens:,}", "max_length": r.max_length, "stride": r.stride,
+        "split": split, "tokens scored": f"{r.n_tokens:,}", "max_length": r.max_length, "stride": r.stride,
         "nll/token": f"{r.nll:.4f}", "ppl": f"{r.ppl:.3f}", "bits/byte": f"{r.bits_per_byte:.4f}",
         "word ppl": f"{r.word_ppl:.2f}",
     }

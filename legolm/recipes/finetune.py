@@ -18,6 +18,7 @@ from legolm.adapters.inject import LoRAConfig
 from legolm.adapters.skip2lora import Skip2LoRAConfig
 from legolm.adapters.skip_cache import SkipCacheConfig
 from legolm.data.tokenized import DataConfig
+from legolm.data.tokenizer import MODEL_TOKENIZER, Tokenizer
 from legolm.errors import ConfigError
 from legolm.train.config import FitConfig, OptimConfig, RunConfig, SampleConfig
 from legolm.train.metrics import format_loss
@@ -28,11 +29,9 @@ if TYPE_CHECKING:
 
     from legolm.adapters.skip2lora import Skip2LoRAModel
     from legolm.data.tokenized import TokenizedCorpus
-    from legolm.data.tokenizer import Tokenizer
     from legolm.eval.perplexity import PPLResult
     from legolm.model.transformer import TransformerLM
 
-MODEL_TOKENIZER = "model"  # data.tokenizer value meaning "the base model's own tokenizer"
 
 
 @dataclass

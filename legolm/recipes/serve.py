@@ -4,7 +4,7 @@
                  [--max-batch 16] [--fused] [--early-exit threshold|speculative ...] [--chat-template FILE]
 
 `build_server` makes the `ServerState` (model, tokenizer, chat template, backend, engine, metrics,
-sessions); `serve` binds the socket first (a busy port is one error line before anything loads
+sessions); `run` binds the socket first (a busy port is one error line before anything loads
 twice), prints where it listens, and runs uvicorn until interrupted.
 """
 
@@ -13,8 +13,6 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
-
-import torch
 
 from legolm.checkpoints.loader import load
 from legolm.errors import ConfigError, LegolmError
@@ -26,6 +24,7 @@ from legolm.serve.config import ServeConfig
 from legolm.serve.engine import Engine
 from legolm.serve.metrics import Metrics
 from legolm.serve.sessions import SessionStore
+from legolm.utils.device import device_and_dtype
 
 
 def model_name(path_or_name: str) -> str:
@@ -36,10 +35,11 @@ def model_name(path_or_name: str) -> str:
     return path.name if path.is_dir() else path_or_name
 
 
-def build_server(model_path: str, device: str, dtype: torch.dtype, config: ServeConfig) -> ServerState:
-    """Everything the routes need, the engine not yet started."""
+def build_server(config: ServeConfig) -> ServerState:
+    """Everything the routes need for ``config.model``, the engine not yet started."""
     config.validate()
-    model, tokenizer = load(model_path, device=device, dtype=dtype)
+    device, dtype = device_and_dtype(config.device, config.dtype)
+    model, tokenizer = load(config.model, device=device, dtype=dtype)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                           f"{model.config.vocab_size}: they do not belong together")
@@ -50,9 +50,9 @@ def build_server(model_path: str, device: str, dtype: torch.dtype, config: Serve
     engine = Engine(backend, tokenizer, eos, config, metrics, sessions)
     _gauges(metrics, engine, sessions)
     return ServerState(
-        model_id=config.served_model_name or model_name(model_path), model=model, tokenizer=tokenizer,
+        model_id=config.served_model_name or model_name(config.model), model=model, tokenizer=tokenizer,
         engine=engine, config=config, metrics=metrics,
-        template=load_chat_template(model_path, tokenizer, config.chat_template), sessions=sessions,
+        template=load_chat_template(config.model, tokenizer, config.chat_template), sessions=sessions,
         fingerprint=ModelFingerprint.of(model) if sessions is not None else None, created=int(time.time()))
 
 
@@ -85,15 +85,15 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(model_path: str, device: str, dtype: torch.dtype, config: ServeConfig) -> None:
-    """Serve ``model_path`` until interrupted (Ctrl-C / SIGTERM)."""
+def run(config: ServeConfig) -> None:
+    """Serve ``config.model`` until interrupted (Ctrl-C / SIGTERM)."""
     try:
         import uvicorn
     except ImportError:
         raise LegolmError("legolm serve needs FastAPI and uvicorn: pip install 'legolm[serve]'") from None
     config.validate()
     sock = bind(config.host, config.port)
-    state = build_server(model_path, device, dtype, config)
+    state = build_server(config)
     host, port = sock.getsockname()[:2]
     backend = state.engine.backend
     print(f"legolm serve: {state.model_id} ({backend.name} decoder, {backend.capacity} at once, context "

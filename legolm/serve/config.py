@@ -7,15 +7,19 @@ from typing import Literal
 
 from legolm.errors import ConfigError
 from legolm.generation.generate import GenerationConfig
+from legolm.utils.device import DtypeName
 
 _GEN = GenerationConfig()
 
 
 @dataclass
 class ServeConfig:
-    """How to serve.
+    """What to serve and how.
 
     Attributes:
+        model: The model: a legolm/Hugging Face directory, .gguf file, or hub name.
+        device: cpu, cuda, cuda:N or auto (CUDA when visible).
+        dtype: Weights dtype (auto: bf16 on a GPU, fp32 on the CPU).
         host: Address to listen on (127.0.0.1 = this machine only; 0.0.0.0 = every interface).
         port: TCP port (0 = any free port; the chosen one is printed).
         served_model_name: The model id clients send (default: the model path's file or directory name).
@@ -54,6 +58,9 @@ class ServeConfig:
         log_level: uvicorn's log level (info logs each request).
     """
 
+    model: str = ""
+    device: str = "auto"
+    dtype: DtypeName = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str | None = None
@@ -85,6 +92,7 @@ class ServeConfig:
     def validate(self) -> None:
         """Raise `ConfigError` naming the first bad setting."""
         checks = [
+            (bool(self.model), "give --model (a legolm/Hugging Face directory, .gguf file or hub name)"),
             (0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}"),
             (self.max_batch >= 1, f"max_batch must be >= 1, got {self.max_batch}"),
             (self.max_context >= 2, f"max_context must be >= 2 (a prompt token and a new one), got {self.max_context}"),

@@ -1,14 +1,17 @@
-"""Device names from flags and configs: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``."""
+"""Device names from flags and configs: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; weight dtypes by name."""
 
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 import torch
 
 from legolm.errors import ConfigError, LegolmError
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]  # a config's weights dtype (auto: bf16 on GPU)
 
 
 def check_device_name(name: str, what: str = "--device") -> torch.device | None:
@@ -43,6 +46,12 @@ def parse_device(name: str, what: str = "--device") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LegolmError(f"{what} {name} was asked for but no CUDA GPU is visible; use {what} cpu")
     return device
+
+
+def device_and_dtype(device: str, dtype: DtypeName) -> tuple[str, torch.dtype]:
+    """A command's ``device`` and weights ``dtype``: ``auto`` = CUDA when visible, and bf16 on a GPU, fp32 else."""
+    name = str(parse_device(device, "--device"))
+    return name, DTYPES[dtype if dtype != "auto" else ("bfloat16" if name.startswith("cuda") else "float32")]
 
 
 def resolve_device(name: str) -> torch.device:
