@@ -192,7 +192,8 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     n_val = round(len(docs) * val_fraction)
     if n_val == 0:
         raise ConfigError(f"no validation documents: {len(docs)} document(s) x val_fraction {val_fraction} "
-                          "rounds to 0; raise --val-fraction or use a corpus with more documents")
+                          "rounds to 0; raise data.val_fraction (--data.val-fraction) or use a corpus with more "
+                          "documents")
     if n_val == len(docs):
         raise ConfigError(f"no training documents: val_fraction {val_fraction} holds out all {len(docs)}; lower it")
     val_idx = set(np.random.default_rng(seed).permutation(len(docs))[:n_val].tolist())
