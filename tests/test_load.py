@@ -13,6 +13,7 @@ from legolm.checkpoints import loader as load_module
 from legolm.data import tokenizer as tokenizer_module
 from legolm.data.tokenizer import Tokenizer, train_bpe
 from legolm.errors import TokenizerError
+from legolm.utils.gguf_file import gguf_reader, read_fields
 from tests.test_sizes import _llama, write_llama_gguf
 
 TEXT = "Once upon a time a small cat sat by the sea. The sea was grey and the cat was grey too. " * 20
@@ -83,3 +84,39 @@ def test_a_checkpoint_without_a_tokenizer(tmp_path: Path) -> None:
     model, tokenizer = legolm.load(path, tokenizer_required=False)
     assert tokenizer is None
     _same_model(model, legolm.load_pretrained(path))
+
+
+def test_the_chat_template_comes_with_the_tokenizer_from_every_source(tmp_path: Path, bpe: Tokenizer,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """GGUF ``tokenizer.chat_template`` (read in the one parse of `load`), a directory's tokenizer_config.json
+    (a string, or a named list: "default"), ``chat_template.jinja`` first; `Tokenizer.save` keeps it."""
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+    path = write_llama_gguf(tmp_path / "tiny.gguf", _llama(vocab_size=bpe.vocab_size), bpe)
+    fields = read_fields(gguf_reader(path))
+    assert Tokenizer.from_gguf_fields({**fields, "tokenizer.chat_template": template}).chat_template == template
+    assert Tokenizer.from_gguf_fields(fields).chat_template is None
+    d = tmp_path / "dir"
+    d.mkdir()
+    bpe.save(d)
+    assert Tokenizer.from_dir(d).chat_template is None
+    (d / "tokenizer_config.json").write_text(f'{{"chat_template": [{{"name": "tool", "template": "x"}}, '
+                                             f'{{"name": "default", "template": "{template}"}}]}}')
+    assert Tokenizer.from_dir(d).chat_template == template
+    (d / "chat_template.jinja").write_text("jinja first")
+    loaded = Tokenizer.from_dir(d)
+    assert loaded.chat_template == "jinja first"
+    again = tmp_path / "again"
+    again.mkdir()
+    loaded.save(again)
+    assert Tokenizer.from_dir(again).chat_template == "jinja first"
+
+
+def test_the_real_smollm2_gguf_brings_its_chat_template(smollm2_gguf: Path) -> None:
+    from legolm.serve.chat import load_chat_template
+
+    tokenizer = legolm.load_tokenizer(smollm2_gguf)
+    assert tokenizer.chat_template is not None and "<|im_start|>" in tokenizer.chat_template
+    chat = load_chat_template(tokenizer)
+    assert chat is not None
+    assert chat.render([{"role": "user", "content": "Hi"}]).endswith("<|im_start|>user\nHi<|im_end|>\n"
+                                                                       "<|im_start|>assistant\n")

@@ -26,6 +26,9 @@ EOS_TOKEN = "<|endoftext|>"
 SHARED_TOKENIZERS = ("gpt2", "pythia")  # names found under <LEGOLM_DATA>/tokenizers/
 BPE_PREFIX = "bpe:"
 MODEL_TOKENIZER = "model"  # a data.tokenizer value of finetune and eval ppl: the model's own tokenizer
+GGUF_CHAT_TEMPLATE = "tokenizer.chat_template"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+DEFAULT_TEMPLATE_NAME = "default"  # the template picked from a list of named ones
 # The parts of a tokenizer.json that decide which ids a text becomes (decoder/padding do not).
 _FINGERPRINT_KEYS = ("normalizer", "pre_tokenizer", "model", "added_tokens")
 
@@ -38,11 +41,14 @@ class Tokenizer:
         bos_id: Beginning-of-sequence id, or None.
         eos_id: End-of-sequence id, or None.
         add_bos: Prepend ``bos_id`` in `encode`.
+        chat_template: The Jinja chat template stored with the tokenizer (GGUF ``tokenizer.chat_template``,
+            a directory's ``chat_template.jinja`` or ``tokenizer_config.json``), or None.
     """
 
     def __init__(self, backend: HFTokenizer, bos_id: int | None = None, eos_id: int | None = None,
-                 add_bos: bool = False) -> None:
+                 add_bos: bool = False, chat_template: str | None = None) -> None:
         self.backend, self.bos_id, self.eos_id, self.add_bos = backend, bos_id, eos_id, add_bos
+        self.chat_template = chat_template
         self._fingerprint: tuple[tuple[int | None, int | None, bool], str] | None = None
 
     @property
@@ -86,11 +92,14 @@ class Tokenizer:
         return str(self.backend.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def save(self, directory: str | Path) -> None:
-        """Write ``tokenizer.json`` and ``legolm_tokenizer.json`` (special ids) into a directory."""
+        """Write ``tokenizer.json``, ``legolm_tokenizer.json`` (special ids) and the chat template, if any
+        (``chat_template.jinja``), into a directory."""
         directory = Path(directory)
         self.backend.save(str(directory / "tokenizer.json"))
         meta = {"bos_id": self.bos_id, "eos_id": self.eos_id, "add_bos": self.add_bos}
         (directory / "legolm_tokenizer.json").write_text(json.dumps(meta) + "\n")
+        if self.chat_template is not None:
+            (directory / CHAT_TEMPLATE_FILE).write_text(self.chat_template, encoding="utf-8")
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
@@ -106,7 +115,7 @@ class Tokenizer:
             backend.decoder = decoders.ByteLevel()
         else:
             raise TokenizerError(f"no tokenizer in {d}: expected tokenizer.json or vocab.json + merges.txt")
-        return cls(backend, **_special_ids(d, backend))
+        return cls(backend, **_special_ids(d, backend), chat_template=_dir_chat_template(d))
 
     @classmethod
     def from_gguf_fields(cls, fields: dict[str, Any]) -> Tokenizer:
@@ -127,8 +136,10 @@ class Tokenizer:
         types = fields.get("tokenizer.ggml.token_type", [])
         special = [tokens[i] for i, t in enumerate(types) if t == 3]  # 3 = CONTROL
         backend.add_special_tokens(special)
+        template = fields.get(GGUF_CHAT_TEMPLATE)
         return cls(backend, fields.get("tokenizer.ggml.bos_token_id"), fields.get("tokenizer.ggml.eos_token_id"),
-                   bool(fields.get("tokenizer.ggml.add_bos_token", False)))
+                   bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+                   str(template) if template is not None else None)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -220,6 +231,23 @@ def _backend(path: Path, load: Callable[[], Any]) -> Any:
     except Exception as err:  # the Rust backend raises plain Exceptions
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise TokenizerError(f"{path} is not a valid tokenizer file ({first})") from None
+
+
+def _dir_chat_template(d: Path) -> str | None:
+    """A directory's chat template: ``chat_template.jinja``, else the ``chat_template`` of
+    ``tokenizer_config.json`` (a string, or a list of named templates: "default" is taken), else None."""
+    if (d / CHAT_TEMPLATE_FILE).is_file():
+        return (d / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    if not (d / "tokenizer_config.json").is_file():
+        return None
+    try:
+        template = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get(DEFAULT_TEMPLATE_NAME)
+    return template if isinstance(template, str) else None
 
 
 def _special_ids(d: Path, backend: HFTokenizer) -> dict[str, Any]:

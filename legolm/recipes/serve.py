@@ -52,7 +52,7 @@ def build_server(config: ServeConfig) -> ServerState:
     return ServerState(
         model_id=config.served_model_name or model_name(config.model), model=model, tokenizer=tokenizer,
         engine=engine, config=config, metrics=metrics,
-        template=load_chat_template(config.model, tokenizer, config.chat_template), sessions=sessions,
+        template=load_chat_template(tokenizer, config.chat_template), sessions=sessions,
         fingerprint=ModelFingerprint.of(model) if sessions is not None else None, created=int(time.time()))
 
 

@@ -10,7 +10,6 @@ Templates run in Jinja's immutable sandbox with ``raise_exception`` and ``strfti
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -18,13 +17,6 @@ from typing import Any
 
 from legolm.data.tokenizer import Tokenizer
 from legolm.errors import ConfigError, LegolmError
-from legolm.utils.gguf_file import gguf_reader
-from legolm.utils.hub import resolve
-
-GGUF_KEY = "tokenizer.chat_template"
-JINJA_FILE = "chat_template.jinja"
-TOKENIZER_CONFIG = "tokenizer_config.json"
-DEFAULT_NAME = "default"  # the template picked from a list of named ones
 
 
 class ChatTemplate:
@@ -76,31 +68,9 @@ def _token(tokenizer: Tokenizer, token_id: int | None) -> str:
     return str(tokenizer.backend.id_to_token(token_id) or "")
 
 
-def model_template_source(path_or_name: str | Path) -> str | None:
-    """The chat template stored with a model (see the module docstring), or None."""
-    path = resolve(path_or_name)
-    if path.is_file() and path.suffix == ".gguf":
-        field = gguf_reader(path).fields.get(GGUF_KEY)
-        return str(field.contents()) if field is not None else None
-    if not path.is_dir():
-        return None
-    if (path / JINJA_FILE).is_file():
-        return (path / JINJA_FILE).read_text(encoding="utf-8")
-    if (path / TOKENIZER_CONFIG).is_file():
-        try:
-            template = json.loads((path / TOKENIZER_CONFIG).read_text(encoding="utf-8")).get("chat_template")
-        except (json.JSONDecodeError, AttributeError):
-            return None
-        if isinstance(template, list):
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get(DEFAULT_NAME)
-        return template if isinstance(template, str) else None
-    return None
-
-
-def load_chat_template(path_or_name: str | Path, tokenizer: Tokenizer, override: str | None = None
-                       ) -> ChatTemplate | None:
-    """The template to serve chat with: ``override`` (a file) if given, else the model's; None without one.
+def load_chat_template(tokenizer: Tokenizer, override: str | None = None) -> ChatTemplate | None:
+    """The template to serve chat with: ``override`` (a file) if given, else the one stored with the model's
+    tokenizer (``Tokenizer.chat_template``, read with it); None without one.
 
     Raises:
         ConfigError: ``override`` cannot be read, or a template does not compile.
@@ -111,5 +81,5 @@ def load_chat_template(path_or_name: str | Path, tokenizer: Tokenizer, override:
         except OSError as err:
             raise ConfigError(f"cannot read the chat template {override} ({err.strerror})") from None
     else:
-        source = model_template_source(path_or_name)
+        source = tokenizer.chat_template
     return ChatTemplate(source, tokenizer) if source else None
