@@ -23,7 +23,7 @@ The grid file:
     corpora: {shakespeare: {data: {source: tinyshakespeare}}, ...}
     runs: [{name: lora-lr2e-3, method: lora, set: {optim: {lr: 2.0e-3}}, corpora: [shakespeare]}, ...]
 
-(a run without ``corpora`` runs on every corpus). Selection uses the validation split that the held-out
+(a run without ``corpora`` runs on every corpus; runs go in the listed order). Selection uses the validation split that the held-out
 perplexity also reads: the search budget is the same for both methods, so is the optimism.
 """
 
@@ -57,8 +57,9 @@ def run_config(grid: dict[str, Any], corpus: str, run: dict[str, Any], out: Path
 
 
 def planned(grid: dict[str, Any], only: list[str] | None) -> list[tuple[str, dict[str, Any]]]:
+    """(corpus, run) pairs in the grid's run order (each run on its corpora), ``only`` those corpora."""
     corpora = [c for c in grid["corpora"] if not only or c in only]
-    return [(c, r) for c in corpora for r in grid["runs"] if c in r.get("corpora", list(grid["corpora"]))]
+    return [(c, r) for r in grid["runs"] for c in corpora if c in r.get("corpora", list(grid["corpora"]))]
 
 
 def execute(cfg: FinetuneConfig, log: Path) -> None:
