@@ -23,8 +23,9 @@ The grid file:
     corpora: {shakespeare: {data: {source: tinyshakespeare}}, ...}
     runs: [{name: lora-lr2e-3, method: lora, set: {optim: {lr: 2.0e-3}}, corpora: [shakespeare]}, ...]
 
-(a run without ``corpora`` runs on every corpus; runs go in the listed order). Selection uses the validation split that the held-out
-perplexity also reads: the search budget is the same for both methods, so is the optimism.
+(a run without ``corpora`` runs on every corpus; runs go in the listed order). Selection uses the
+validation split that the held-out perplexity also reads: the search budget is the same for both
+methods, so is the optimism.
 """
 
 from __future__ import annotations
