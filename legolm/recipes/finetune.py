@@ -42,10 +42,9 @@ class FinetuneConfig(FitConfig):
         method: lora (adapters on the frozen base), skip2lora (block outputs to the head) or full (every weight trains).
         model: Base model: legolm/HF directory, .gguf file or hub name.
         lora: LoRA targets and sizes (method lora).
-        skip2lora: Skip2-LoRA block indices and sizes (method skip2lora). Defaults for pretrained bases, from the
-            search in README "Skip2-LoRA and the Skip-Cache": ``tap_norm: final`` and ``lora_head: true`` (the
-            paper's raw taps, `Skip2LoRAConfig`'s default, diverge on SmolLM2; the head's LoRA narrowed the gap to
-            LoRA in every pair measured).
+        skip2lora: Skip2-LoRA block indices and sizes (method skip2lora). For pretrained bases ``tap_norm``
+            defaults to ``final`` (the paper's raw taps, `Skip2LoRAConfig`'s default, diverge on SmolLM2; the
+            search in README "Skip2-LoRA and the Skip-Cache" picked final norm taps of every third block).
         skip_cache: Skip-Cache of the frozen backbone's features (method skip2lora).
         data: Corpus, tokenizer (model = the base model's own) and split.
         save_merged: With LoRA, also save the merged model (a plain legolm checkpoint) in model/.
@@ -56,8 +55,7 @@ class FinetuneConfig(FitConfig):
     method: Literal["lora", "skip2lora", "full"] = "lora"
     model: str = ""
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=8, alpha=16.0, target_modules=["all-linear"]))
-    skip2lora: Skip2LoRAConfig = field(default_factory=lambda: Skip2LoRAConfig(block_indices=[], tap_norm="final",
-                                                                                lora_head=True))
+    skip2lora: Skip2LoRAConfig = field(default_factory=lambda: Skip2LoRAConfig(block_indices=[], tap_norm="final"))
     skip_cache: SkipCacheConfig = field(default_factory=SkipCacheConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(tokenizer=MODEL_TOKENIZER))
     save_merged: bool = False
