@@ -32,9 +32,12 @@ row's model is on the GPU only during its own run, so peak GB is that row's. tok
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -63,6 +66,7 @@ from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch
 from legolm.train.config import OptimConfig, ScheduleConfig
 from legolm.train.fit import LossFn, NextTokenLoss, autocast_for
+from legolm.train.head_loss import LossKernel
 from legolm.train.optim import LRSchedule, build_optimizer
 
 StepFn = Callable[[Batch, int], torch.Tensor]
@@ -72,22 +76,39 @@ DEFAULT_TARGETS = {"gpt2": ["c_attn", "c_proj"], "gpt_neox": ["query_key_value",
 SMOKE_MODELS = {"gpt2": "tiny-gpt2", "pythia-160m": "tiny-pythia"}
 
 
-def hf_model(preset: str) -> Any:
-    """A transformers GPT-2 / GPT-NeoX with random weights of the preset's shape (fp32, CPU, SDPA attention)."""
-    return hf_random_model(ModelConfig.from_name(preset))
-
-
-def model_type(preset: str) -> str:
-    """The Hugging Face model_type of a legolm preset (gpt2, gpt_neox, llama)."""
+def bench_config(preset: str, corpus: str | None = None) -> ModelConfig:
+    """The preset's shape; with ``corpus`` (a prepared corpus directory, e.g. ``.bench/lego-gutenberg-bpe4096``)
+    its vocabulary instead of the preset's: the same backbone with a small head."""
     config = ModelConfig.from_name(preset)
+    if corpus is None:
+        return config
+    manifest = Path(corpus) / "manifest.json"
+    if not manifest.is_file():
+        raise SystemExit(f"--corpus {corpus}: no manifest.json there; give a corpus directory prepared by "
+                         "`python -m benchmarks.prepare_data` (e.g. .bench/lego-gutenberg-bpe4096)")
+    return dataclasses.replace(config, vocab_size=int(json.loads(manifest.read_text())["vocab_size"]))
+
+
+def text_tokens(kind: str, corpus: str | None = None) -> np.ndarray:
+    """Real-text token ids: Tiny Shakespeare in the model type's tokenizer, or a corpus directory's training split."""
+    return real_tokens(TOKENIZER[kind]) if corpus is None else np.load(Path(corpus) / "train.npy")
+
+
+def hf_model(config: ModelConfig) -> Any:
+    """A transformers GPT-2 / GPT-NeoX with random weights of ``config``'s shape (fp32, CPU, SDPA attention)."""
+    return hf_random_model(config)
+
+
+def model_type(config: ModelConfig) -> str:
+    """The Hugging Face model_type of a legolm config (gpt2, gpt_neox, llama)."""
     with torch.device("meta"):
         shapes = TransformerLM(config).state_dict()
     return str(export_hf_state(config, shapes)[0]["model_type"])
 
 
-def batches(vocab: int, n: int, batch: int, seq: int, tokenizer: str = "gpt2") -> list[Batch]:
+def batches(vocab: int, n: int, batch: int, seq: int, tokens: np.ndarray) -> list[Batch]:
     """``n`` batches of real-text windows (inputs and next-token labels), the same for every run."""
-    ids = real_tokens(tokenizer).astype(np.int64) % vocab
+    ids = tokens.astype(np.int64) % vocab
     need = n * batch * (seq + 1)
     if need > len(ids):
         ids = np.tile(ids, need // len(ids) + 1)
@@ -135,9 +156,9 @@ def restorer(model: M) -> Callable[[], M]:
 
 
 def legolm_step(model: TransformerLM, lr: float, device: torch.device, precision: str, compile: bool,
-                loss_chunk: int = 0, backend: str = "inductor") -> StepFn:
+                loss_chunk: int = 0, backend: str = "inductor", kernel: LossKernel = "torch") -> StepFn:
     """`fit`'s own step: `TrainStep` with its optimizer (fused AdamW on CUDA over the trainable params)."""
-    return peer_step(model, NextTokenLoss(loss_chunk), lr, device, precision, compile, backend)
+    return peer_step(model, NextTokenLoss(loss_chunk, kernel), lr, device, precision, compile, backend)
 
 
 def sync(device: torch.device) -> None:
@@ -170,11 +191,10 @@ def build_peft(base: Any, cfg: LoRAConfig, dtype: torch.dtype, device: torch.dev
     return peft.get_peft_model(model, pcfg).train()
 
 
-def build_ours(state: dict[str, torch.Tensor], preset: str, cfg: LoRAConfig, peft_model: Any, dtype: torch.dtype,
-               device: torch.device) -> TransformerLM:
+def build_ours(state: dict[str, torch.Tensor], config: ModelConfig, cfg: LoRAConfig, peft_model: Any,
+               dtype: torch.dtype, device: torch.device) -> TransformerLM:
     """legolm from the same base weights, LoRA injected, A copied from peft (B is zero in both)."""
-    config = ModelConfig.from_name(preset)
-    family = family_for(model_type(preset))
+    family = family_for(model_type(config))
     ours = TransformerLM.from_state_dict(config, convert_state(state, family, config, to_hf=False)).to(device, dtype)
     inject_lora(ours, cfg)
     theirs = dict(peft_model.named_modules())
@@ -186,15 +206,15 @@ def build_ours(state: dict[str, torch.Tensor], preset: str, cfg: LoRAConfig, pef
     return ours.train()
 
 
-def build_litgpt(state: dict[str, torch.Tensor], preset: str, cfg: LoRAConfig, peft_model: Any, dtype: torch.dtype,
-                 ) -> nn.Module | str:
+def build_litgpt(state: dict[str, torch.Tensor], config: ModelConfig, cfg: LoRAConfig, peft_model: Any,
+                 dtype: torch.dtype) -> nn.Module | str:
     """`litgpt.lora.GPT` from the same base weights (litgpt's converter), its adapters copied from peft's, base in
     ``dtype`` and adapters fp32, on the CPU; or why there is none ("not installed", "not supported: ...")."""
-    why = missing(LITGPT) or litgpt_unsupported(ModelConfig.from_name(preset))
+    why = missing(LITGPT) or litgpt_unsupported(config)
     if why:
         return f"litgpt {why}"
     try:
-        model = litgpt_model({k: v.clone() for k, v in state.items()}, ModelConfig.from_name(preset), cfg)
+        model = litgpt_model({k: v.clone() for k, v in state.items()}, config, cfg)
         copy_peft_lora(model, peft_model)
     except ValueError as err:  # a target litgpt cannot adapt
         return f"litgpt: {err}"
@@ -262,20 +282,21 @@ def main() -> None:
     dtype, precision = (torch.float32, "fp32") if device.type == "cpu" else (torch.bfloat16, "bf16-mixed")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    kind = model_type(args.model)
+    config = bench_config(args.model)
+    kind = model_type(config)
     args.targets = args.targets or DEFAULT_TARGETS[kind]
     cfg = LoRAConfig(r=args.r, alpha=args.alpha, target_modules=args.targets)
-    base = hf_model(args.model)
+    base = hf_model(config)
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    data = batches(base.config.vocab_size, args.warmup + args.steps, args.batch, args.seq, TOKENIZER[kind])
+    data = batches(base.config.vocab_size, args.warmup + args.steps, args.batch, args.seq, text_tokens(kind))
 
     theirs = build_peft(base, cfg, dtype, device)
     n_peft = theirs.get_nb_trainable_parameters()[0]
     cpu = torch.device("cpu")  # every other model waits on the CPU until its rows run (peak GB per row)
-    ours = build_ours(state, args.model, cfg, theirs, dtype, cpu)
+    ours = build_ours(state, config, cfg, theirs, dtype, cpu)
     n_trainable = trainable(ours)
     assert n_trainable == n_peft, "legolm and peft adapt different modules"
-    lit = build_litgpt(state, args.model, cfg, theirs, dtype) if "litgpt" in args.peers else None
+    lit = build_litgpt(state, config, cfg, theirs, dtype) if "litgpt" in args.peers else None
     fresh_peft = restorer(theirs)  # every run starts from the same adapter weights
     fresh_ours = restorer(ours)
     modes = [False, True] if args.compile else [False]

@@ -40,8 +40,8 @@ from benchmarks.common import device_info, print_table, write_result
 from benchmarks.lora import (
     DEFAULT_TARGETS,
     SMOKE_MODELS,
-    TOKENIZER,
     batches,
+    bench_config,
     build_litgpt,
     build_ours,
     build_peft,
@@ -53,6 +53,7 @@ from benchmarks.lora import (
     peft_step,
     restorer,
     sync,
+    text_tokens,
     trainable,
 )
 from benchmarks.peers import PEERS, failure, logits_loss, train_step
@@ -64,6 +65,7 @@ from legolm.adapters.skip_cache import SkipCache
 from legolm.train.batches import Batch
 from legolm.train.config import OptimConfig, ScheduleConfig
 from legolm.train.fit import autocast_for
+from legolm.train.head_loss import LossKernel
 from legolm.train.optim import LRSchedule, build_optimizer
 from legolm.utils.io import atomic_savefig
 
@@ -71,11 +73,12 @@ StepFn = Callable[[Batch, int], torch.Tensor]
 
 
 def skip_step(model: Skip2LoRAModel, cache: SkipCache | None, lr: float, device: torch.device,
-              precision: str, loss_chunk: int = 0, compile: bool = False, backend: str = "inductor") -> StepFn:
+              precision: str, loss_chunk: int = 0, compile: bool = False, backend: str = "inductor",
+              kernel: LossKernel = "torch") -> StepFn:
     optim = OptimConfig(lr=lr, weight_decay=0.0, grad_clip=1.0)
     opt = build_optimizer(list(model.trainable()), optim, device)
     schedule = LRSchedule(lr, ScheduleConfig(warmup_steps=0, decay="constant"), total_steps=1)
-    train = train_step(model, Skip2LoRALoss(cache, loss_chunk), opt, schedule, optim.grad_clip,
+    train = train_step(model, Skip2LoRALoss(cache, loss_chunk, kernel), opt, schedule, optim.grad_clip,
                        autocast_for(device, precision), device, compile, backend)
 
     def step(batch: Batch, i: int) -> torch.Tensor:
@@ -111,8 +114,42 @@ def epochs(step: StepFn, data: list[Batch], n_epochs: int, device: torch.device)
     return {"epoch 1 s": times[0], "later epochs s": sum(times[1:]) / max(len(times) - 1, 1), "peak GB": peak}
 
 
-def chunked(chunk: int) -> str:
-    return f" + chunked CE ({chunk})" if chunk else ""
+@torch.no_grad()
+def head_gemm_floor(model: torch.nn.Module, data: list[Batch], device: torch.device, dtype: torch.dtype,
+                    repeats: int) -> float:
+    """Seconds per epoch of the frozen head's two GEMMs alone, timed here: logits = X Wᵀ and dX = dlogits W.
+
+    A cached Skip2-LoRA epoch cannot beat them (the adapters feed the head, so both run for every
+    token). X is the backbone's output on the first batch and dlogits the true loss gradient there;
+    the median of ``repeats`` timings of one batch, times the batches of an epoch.
+    """
+    head = model.lm_head.weight.to(device, dtype)  # type: ignore[union-attr]
+    b = data[0]
+    x = model.to(device)(b["input_ids"].to(device), logits=False).flatten(0, 1).to(dtype)  # (N, C)
+    grad = (x @ head.T).float().softmax(-1)  # (N, V)
+    grad[torch.arange(x.shape[0], device=device), b["labels"].to(device).flatten()] -= 1.0
+    grad = (grad / x.shape[0]).to(dtype)
+
+    def gemms() -> None:
+        x @ head.T
+        grad @ head
+
+    if device.type != "cuda":
+        return math.nan
+    gemms()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        gemms()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2] * len(data)
+
+
+def chunked(chunk: int, kernel: str = "torch") -> str:
+    return f" + chunked CE ({chunk}{', triton' if kernel == 'triton' else ''})" if chunk else ""
 
 
 def compiled(mode: str) -> str:
@@ -123,17 +160,19 @@ def gpu(args: argparse.Namespace) -> None:
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     dtype, precision = (torch.float32, "fp32") if device.type == "cpu" else (torch.bfloat16, "bf16-mixed")
     backend = args.compile_backend
-    kind = model_type(args.model)
-    base = hf_model(args.model)
+    config = bench_config(args.model, args.corpus)
+    kind = model_type(config)
+    base = hf_model(config)
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    data = batches(base.config.vocab_size, args.batches + args.val_batches, args.batch, args.seq, TOKENIZER[kind])
+    data = batches(config.vocab_size, args.batches + args.val_batches, args.batch, args.seq,
+                   text_tokens(kind, args.corpus))
     train, val = data[: args.batches], data[args.batches:]
     lora = LoRAConfig(r=args.r, alpha=2.0 * args.r, target_modules=DEFAULT_TARGETS[kind])
     theirs = build_peft(base, lora, dtype, device)
     n_lora = theirs.get_nb_trainable_parameters()[0]
     cpu = torch.device("cpu")  # the other models wait on the CPU until their rows run (peak GB per row)
-    ours = build_ours(state, args.model, lora, theirs, dtype, cpu)  # adapters copied before peft trains
-    lit = build_litgpt(state, args.model, lora, theirs, dtype) if "litgpt" in args.peers else None
+    ours = build_ours(state, config, lora, theirs, dtype, cpu)  # adapters copied before peft trains
+    lit = build_litgpt(state, config, lora, theirs, dtype) if "litgpt" in args.peers else None
     rows: list[dict[str, Any]] = []
     fresh_peft = restorer(theirs)
     for mode in args.modes:
@@ -173,11 +212,13 @@ def gpu(args: argparse.Namespace) -> None:
     lora_rows: dict[str, dict[str, Any]] = {}  # mode -> the plain legolm LoRA row: each mode's reference
     for mode, chunk in [(m, k) for m in args.modes for k in chunks]:
         free(device)
-        step = legolm_step(fresh(), args.lr, device, precision, mode == "compile", chunk, backend)
-        rows.append({"impl": f"legolm LoRA{chunked(chunk)}{compiled(mode)}", "trainable": n_lora, "mode": mode,
+        step = legolm_step(fresh(), args.lr, device, precision, mode == "compile", chunk, backend, args.loss_kernel)
+        impl = f"legolm LoRA{chunked(chunk, args.loss_kernel)}{compiled(mode)}"
+        rows.append({"impl": impl, "trainable": n_lora, "mode": mode,
                      **epochs(step, train, args.epochs, device), "val loss": val_loss(ours, val, device, precision)})
         lora_rows.setdefault(mode, rows[-1])
     plain = unload(ours)
+    floor = head_gemm_floor(plain, train, device, dtype, args.floor_repeats)
     n_blocks = plain.config.n_layer
     skip_r = max(1, round(n_lora / (n_blocks * 2 * plain.config.n_embd)))
     storages = ["gpu", "cpu"] if device.type == "cuda" else ["cpu"]  # where the Skip-Cache lives
@@ -193,9 +234,10 @@ def gpu(args: argparse.Namespace) -> None:
                               storage=storage, device=device, key="bench")
         data_ids = [{**b, "sample_ids": torch.arange(i * args.batch, (i + 1) * args.batch)}
                     for i, b in enumerate(train)]
-        step = skip_step(model, cache, args.lr, device, precision, chunk, mode == "compile", backend)
+        step = skip_step(model, cache, args.lr, device, precision, chunk, mode == "compile", backend, args.loss_kernel)
         where = f" + Skip-Cache ({storage})" if cached else ""
-        rows.append({"impl": f"legolm Skip2-LoRA{where}{chunked(chunk)}{compiled(mode)}", "mode": mode,
+        impl = f"legolm Skip2-LoRA{where}{chunked(chunk, args.loss_kernel)}{compiled(mode)}"
+        rows.append({"impl": impl, "mode": mode,
                      "trainable": sum(p.numel() for p in model.trainable()),
                      **epochs(step, data_ids, args.epochs, device),
                      "val loss": val_loss(model, val, device, precision)})
@@ -208,19 +250,23 @@ def gpu(args: argparse.Namespace) -> None:
         same = refs.get(row.get("mode", ""), eager_ref)
         row[f"later vs legolm LoRA {args.modes[0]}"] = f"{eager_ref / row['later epochs s']:.1f}x"
         row["later vs legolm LoRA same mode"] = f"{same / row['later epochs s']:.1f}x"
+        row["later vs head GEMM floor"] = f"{row['later epochs s'] / floor:.2f}x" if floor == floor else ""
         for key in ("epoch 1 s", "later epochs s", "val loss"):
             row[key] = f"{row[key]:.3f}"
         row["peak GB"] = f"{row['peak GB']:.2f}"
         row["trainable"] = f"{row['trainable']:,}"
-    print(f"\n{args.model}, batch {args.batch} x {args.seq}, {args.batches} batches per epoch, {args.epochs} epochs, "
-          f"{precision}, {device_info()['device']}")
+    print(f"\n{args.model} (vocab {config.vocab_size:,}), batch {args.batch} x {args.seq}, {args.batches} batches "
+          f"per epoch, {args.epochs} epochs, {precision}, {device_info()['device']}; the head's two GEMMs alone: "
+          f"{floor:.3f} s per epoch (measured)")
     cols = ["impl", "trainable", "epoch 1 s", "later epochs s", f"later vs legolm LoRA {args.modes[0]}",
-            "later vs legolm LoRA same mode", "peak GB", "val loss", "note"]
+            "later vs legolm LoRA same mode", "later vs head GEMM floor", "peak GB", "val loss", "note"]
     table = print_table(rows, cols)
     if not args.smoke:
         name = "skip2lora" + ("" if args.model == "gpt2" else f"-{args.model}") \
+            + ("" if args.corpus is None else f"-vocab{config.vocab_size}") \
             + ("" if args.modes == ["eager", "compile"] else "-" + "-".join(args.modes))  # a subset: its own file
-        print(f"wrote {write_result(name, {**device_info(), 'args': vars(args), 'rows': rows, 'table': table})}")
+        result = {**device_info(), "args": vars(args), "head_gemm_floor_s": floor, "rows": rows, "table": table}
+        print(f"wrote {write_result(name, result)}")
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -278,6 +324,12 @@ def main() -> None:
                         "aot_eager with --smoke)")
     parser.add_argument("--loss-chunk", type=int, default=4096,
                         help="also run legolm with the loss scored this many tokens at a time (0 = not)")
+    parser.add_argument("--loss-kernel", choices=["torch", "triton"], default="torch",
+                        help="the chunked loss's softmax step (legolm rows with --loss-chunk)")
+    parser.add_argument("--corpus", default=None, help="a prepared corpus directory (e.g. "
+                        ".bench/lego-gutenberg-bpe4096): its text and its vocabulary for the model "
+                        "(a small head on the preset's backbone)")
+    parser.add_argument("--floor-repeats", type=int, default=10, help="timings of the head-GEMM floor")
     parser.add_argument("--smoke", action="store_true", help="tiny GPT-2 on CPU: checks it runs")
     args = parser.parse_args()
     if args.mode == "compare":
