@@ -65,7 +65,7 @@ from legolm.adapters.skip_cache import SkipCache
 from legolm.train.batches import Batch
 from legolm.train.config import OptimConfig, ScheduleConfig
 from legolm.train.fit import autocast_for
-from legolm.train.head_loss import LossKernel
+from legolm.train.head_loss import VOCAB_ALIGN, LossKernel
 from legolm.train.optim import LRSchedule, build_optimizer
 from legolm.utils.io import atomic_savefig
 
@@ -121,13 +121,17 @@ def head_gemm_floor(model: torch.nn.Module, data: list[Batch], device: torch.dev
 
     A cached Skip2-LoRA epoch cannot beat them (the adapters feed the head, so both run for every
     token). X is the backbone's output on the first batch and dlogits the true loss gradient there;
-    the median of ``repeats`` timings of one batch, times the batches of an epoch.
+    the median of ``repeats`` timings of one batch, times the batches of an epoch. The head's rows are
+    padded to a multiple of 64 (zeros) as the chunked loss pads them: cuBLAS is several times slower on
+    an odd vocabulary (GPT-2's 50,257) in the GEMM whose K it is.
     """
-    head = model.lm_head.weight.to(device, dtype)  # type: ignore[union-attr]
+    weight = model.lm_head.weight.to(device, dtype)  # type: ignore[union-attr]
+    head = F.pad(weight, (0, 0, 0, -weight.shape[0] % VOCAB_ALIGN))  # (V', C)
     b = data[0]
     x = model.to(device)(b["input_ids"].to(device), logits=False).flatten(0, 1).to(dtype)  # (N, C)
     grad = (x @ head.T).float().softmax(-1)  # (N, V)
     grad[torch.arange(x.shape[0], device=device), b["labels"].to(device).flatten()] -= 1.0
+    grad[:, weight.shape[0]:] = 0.0
     grad = (grad / x.shape[0]).to(dtype)
 
     def gemms() -> None:

@@ -231,3 +231,17 @@ def test_save_and_load_round_trip_and_refuse_another_model(tmp_path: Path) -> No
 def test_unknown_tap_norm_is_refused() -> None:
     with pytest.raises(ConfigError, match="tap_norm must be one of none, final"):
         Skip2LoRAModel(_base(), Skip2LoRAConfig(block_indices=[0], tap_norm="rms"))
+
+
+def test_stacked_adapters_give_the_per_adapter_sum_and_its_gradients() -> None:
+    """head_input runs the K adapters as two matmuls; values and gradients equal K separate adapters."""
+    model = _model("tiny-gpt2", indices=[0, 1])
+    feats = torch.randn(2, 3, T, model.base.config.n_embd)  # K = 2 taps + the final norm's output
+    got = model.head_input(feats)
+    grads = torch.autograd.grad(got.square().sum(), list(model.trainable()))
+    adapters = [a for a in model.adapters.values() if isinstance(a, SkipAdapter)]
+    want = feats[:, -1] + sum(a(feats[:, k]) for k, a in enumerate(adapters))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(grads, torch.autograd.grad(want.square().sum(), list(model.trainable())), strict=True):
+        assert w.abs().sum() > 0
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)

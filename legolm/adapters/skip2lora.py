@@ -91,25 +91,26 @@ class Skip2LoRAConfig:
 
 
 class SkipAdapter(nn.Module):
-    """Sᵢ(h) = s · B A dropout(h): n_embd -> r -> n_embd, A Kaiming-uniform (as LoRA), B zero.
+    """Sᵢ(h) = s · B A h: n_embd -> r -> n_embd, A Kaiming-uniform (as LoRA), B zero.
+
+    `Skip2LoRAModel.head_input` runs all adapters at once (and applies the input dropout); ``forward``
+    is one adapter alone.
 
     Args:
         width: n_embd.
         r: Rank.
         alpha: Scale numerator (s = alpha / r).
-        dropout: Input dropout probability.
     """
 
-    def __init__(self, width: int, r: int, alpha: float, dropout: float) -> None:
+    def __init__(self, width: int, r: int, alpha: float) -> None:
         super().__init__()
         self.scaling = lora_scaling(r, alpha, use_rslora=False)
         self.lora_A = nn.Parameter(torch.empty(r, width))
         self.lora_B = nn.Parameter(torch.zeros(width, r))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, h: Tensor) -> Tensor:
-        z = F.linear(self.dropout(h).to(self.lora_A.dtype), self.lora_A)  # (B, T, r)
+        z = F.linear(h.to(self.lora_A.dtype), self.lora_A)  # (B, T, r)
         return F.linear(z, self.lora_B) * self.scaling  # (B, T, C)
 
 
@@ -128,9 +129,9 @@ class Skip2LoRAModel(nn.Module):
         self.config = base.config  # what generic evaluation code reads (vocab, context)
         base.requires_grad_(False)
         param = next(base.parameters())
-        adapters = {str(i): SkipAdapter(base.config.n_embd, config.r, config.alpha, config.dropout)
-                    for i in config.block_indices}
+        adapters = {str(i): SkipAdapter(base.config.n_embd, config.r, config.alpha) for i in config.block_indices}
         self.adapters = nn.ModuleDict(adapters).to(param.device)
+        self.tap_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if config.lora_head:
             inject_lora(base, LoRAConfig(r=config.r, alpha=config.alpha, dropout=config.dropout,
                                          target_modules=[LM_HEAD]))
@@ -163,10 +164,18 @@ class Skip2LoRAModel(nn.Module):
         return torch.stack(taps, dim=1)
 
     def head_input(self, feats: Tensor) -> Tensor:
-        """What the head reads, from features (B, K+1, T, C): norm(h_L-1) + Σᵢ Sᵢ(hᵢ), (B, T, C)."""
-        x = feats[:, -1].float()  # (B, T, C)
-        for k, adapter in enumerate(self.adapters.values()):
-            x = x + adapter(feats[:, k])
+        """What the head reads, from features (B, K+1, T, C): norm(h_L-1) + Σᵢ Sᵢ(dropout(hᵢ)), (B, T, C).
+
+        All K adapters run as two matmuls, not 2K: the A products as one batched matmul over the
+        taps, the B products as one GEMM over the concatenated ranks (Σᵢ sᵢBᵢzᵢ = [s₁B₁ … s_KB_K] [z₁; …; z_K]),
+        so the tap sum happens inside the GEMM instead of as K full-size additions.
+        """
+        adapters = [a for a in self.adapters.values() if isinstance(a, SkipAdapter)]
+        a = torch.stack([ad.lora_A for ad in adapters])  # (K, r, C)
+        b = torch.cat([ad.lora_B * ad.scaling for ad in adapters], dim=1)  # (C, K·r)
+        taps = self.tap_dropout(feats[:, : len(adapters)]).to(a.dtype)  # (B, K, T, C)
+        z = torch.einsum("bktc,krc->btkr", taps, a)  # (B, T, K, r)
+        x = feats[:, -1].float() + F.linear(z.flatten(2), b)  # (B, T, C)
         return x.to(self.base.wte.weight.dtype)  # the head's weight dtype (autocast may lower it)
 
     def head(self, feats: Tensor) -> Tensor:

@@ -85,20 +85,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, labels: Tensor, chunk: int, triton_step: bool) -> Tensor:
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            w = weight.to(dtype)  # (V, C), the matmul dtype autocast would use
+            V = weight.shape[0]
+            w = _aligned_rows(weight.to(dtype))  # (V', C), V' >= V: zero rows pad V to a multiple of VOCAB_ALIGN
             grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
             acc = torch.promote_types(dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
-            grad_w = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
+            grad_w = torch.zeros_like(w, dtype=acc) if ctx.needs_input_grad[1] else None
             total = torch.zeros((), device=x.device, dtype=acc)
             for start in range(0, x.shape[0], chunk):
                 xc, yc = x[start:start + chunk].to(dtype), labels[start:start + chunk]
+                logits = xc @ w.T  # (n, V'); the pad columns are 0 and meet zero rows of w below
                 step = _triton_step if triton_step else _torch_step
-                loss, g = step(xc @ w.T, yc, acc)  # (n, V) logits in -> summed loss, softmax - onehot (dtype)
+                loss, g = step(logits[:, :V], yc, acc)  # summed loss, softmax - onehot (dtype)
+                if g.data_ptr() != logits.data_ptr():  # the torch step returns a new tensor
+                    logits[:, :V] = g
                 total += loss
                 if grad_x is not None:
-                    grad_x[start:start + chunk] = (g @ w).to(x.dtype)
+                    grad_x[start:start + chunk] = (logits @ w).to(x.dtype)
                 if grad_w is not None:
-                    grad_w += (g.T @ xc).to(acc)
+                    grad_w += (logits.T @ xc).to(acc)
+            grad_w = None if grad_w is None else grad_w[:V]
         ctx.save_for_backward(grad_x, None if grad_w is None else grad_w.to(weight.dtype))
         return total
 
@@ -106,6 +111,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         grad_x, grad_w = (None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors)
         return grad_x, grad_w, None, None, None
+
+
+VOCAB_ALIGN = 64  # the chunked loss pads the head's rows to a multiple of this: a GEMM whose K is the vocabulary
+# (the input gradient, softmax @ W) leaves cuBLAS's fast kernels when K is odd (GPT-2's 50,257: 3x slower, H200)
+
+
+def _aligned_rows(w: Tensor) -> Tensor:
+    """``w`` (V, C) with zero rows appended up to a multiple of `VOCAB_ALIGN` (itself when aligned)."""
+    pad = -w.shape[0] % VOCAB_ALIGN
+    return w if pad == 0 else torch.cat([w, w.new_zeros(pad, w.shape[1])])
 
 
 def _torch_step(logits: Tensor, labels: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
