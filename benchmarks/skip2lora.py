@@ -98,6 +98,17 @@ def val_loss(forward: Callable[[torch.Tensor], torch.Tensor], val: list[Batch], 
     return total / len(val)
 
 
+def profile_epoch(step: StepFn, data: list[Batch], epoch: int, rows: int) -> str:
+    """One more epoch under `torch.profiler` (CPU and CUDA): its ``rows`` most expensive ops by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i, b in enumerate(data):
+            step(b, epoch * len(data) + i)
+        torch.cuda.synchronize()
+    return str(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows))
+
+
 def epochs(step: StepFn, data: list[Batch], n_epochs: int, device: torch.device) -> dict[str, Any]:
     """Seconds of each epoch over ``data`` and the peak memory of the run."""
     if device.type == "cuda":
@@ -225,7 +236,8 @@ def gpu(args: argparse.Namespace) -> None:
     floor = head_gemm_floor(plain, train, device, dtype, args.floor_repeats)
     n_blocks = plain.config.n_layer
     skip_r = max(1, round(n_lora / (n_blocks * 2 * plain.config.n_embd)))
-    storages = ["gpu", "cpu"] if device.type == "cuda" else ["cpu"]  # where the Skip-Cache lives
+    storages = args.storages if device.type == "cuda" else ["cpu"]  # where the Skip-Cache lives
+    profiles: dict[str, str] = {}
     for storage, mode, chunk in [(st, m, k) for st in (None, *storages) for m in args.modes for k in chunks]:
         cached = storage is not None
         free(device)
@@ -245,6 +257,9 @@ def gpu(args: argparse.Namespace) -> None:
                      "trainable": sum(p.numel() for p in model.trainable()),
                      **epochs(step, data_ids, args.epochs, device),
                      "val loss": val_loss(model, val, device, precision)})
+        if args.profile and storage == "gpu" and device.type == "cuda":
+            profiles[impl] = profile_epoch(step, data_ids, args.epochs, args.profile)
+            print(f"profile of one more epoch, {impl}:\n{profiles[impl]}")
         plain = model.base  # the backbone, untouched, for the next run
     refs = {mode: float(row["later epochs s"]) for mode, row in lora_rows.items()}
     eager_ref = refs[args.modes[0]]
@@ -269,7 +284,8 @@ def gpu(args: argparse.Namespace) -> None:
         name = "skip2lora" + ("" if args.model == "gpt2" else f"-{args.model}") \
             + ("" if args.corpus is None else f"-vocab{config.vocab_size}") \
             + ("" if args.modes == ["eager", "compile"] else "-" + "-".join(args.modes))  # a subset: its own file
-        result = {**device_info(), "args": vars(args), "head_gemm_floor_s": floor, "rows": rows, "table": table}
+        result = {**device_info(), "args": vars(args), "head_gemm_floor_s": floor, "rows": rows, "table": table,
+                  "profiles": profiles}
         print(f"wrote {write_result(name, result)}")
 
 
@@ -334,6 +350,10 @@ def main() -> None:
                         ".bench/lego-gutenberg-bpe4096): its text and its vocabulary for the model "
                         "(a small head on the preset's backbone)")
     parser.add_argument("--floor-repeats", type=int, default=10, help="timings of the head-GEMM floor")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="profile one more epoch of each GPU Skip-Cache row: its ROWS costliest ops (0 = not)")
+    parser.add_argument("--storages", nargs="+", choices=["gpu", "cpu"], default=["gpu", "cpu"],
+                        help="where the Skip-Cache rows keep the cache (the GPU machine; CPU runs use cpu)")
     parser.add_argument("--smoke", action="store_true", help="tiny GPT-2 on CPU: checks it runs")
     args = parser.parse_args()
     if args.mode == "compare":
