@@ -245,3 +245,16 @@ def test_stacked_adapters_give_the_per_adapter_sum_and_its_gradients() -> None:
     for g, w in zip(grads, torch.autograd.grad(want.square().sum(), list(model.trainable())), strict=True):
         assert w.abs().sum() > 0
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_a_complete_cache_answers_missing_without_reading_the_ids() -> None:
+    """Once every window is stored, `missing` does not copy the ids back from the device (no sync per step):
+    ids on the meta device (which cannot be copied to the host) then work; before, they are read."""
+    cache = SkipCache(3, 2, T, 8, torch.float32, "cpu", torch.device("cpu"), "k")
+    meta_ids = torch.empty(2, dtype=torch.long, device="meta")
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        cache.missing(meta_ids)
+    cache.put(torch.tensor([0, 2]), torch.zeros(2, 2, T, 8))
+    assert cache.missing(torch.tensor([0, 1, 2])).tolist() == [False, True, False]
+    cache.put(torch.tensor([1]), torch.zeros(1, 2, T, 8))
+    assert cache.missing(meta_ids).tolist() == [False, False]

@@ -129,6 +129,7 @@ class SkipCache:
             where = device if storage == "gpu" else torch.device("cpu")
             self.data = torch.empty(self.shape, dtype=dtype, device=where)
             self.filled = torch.zeros(n_windows, dtype=torch.bool)
+        self.complete = bool(self.filled.all())  # every window stored: `missing` need not read the ids
 
     @property
     def nbytes(self) -> int:
@@ -153,7 +154,13 @@ class SkipCache:
         return data, filled
 
     def missing(self, sample_ids: Tensor) -> Tensor:
-        """(B,) True where a window's features are not stored yet."""
+        """(B,) True where a window's features are not stored yet (a host tensor).
+
+        Once every window is stored, the answer is known without reading the ids: ids already on the
+        GPU are not copied back, so a cached step never waits for the device.
+        """
+        if self.complete:
+            return torch.zeros(sample_ids.shape[0], dtype=torch.bool)
         return ~self.filled[sample_ids.cpu()]
 
     def get(self, sample_ids: Tensor, device: torch.device) -> Tensor:
@@ -167,6 +174,7 @@ class SkipCache:
         ids = sample_ids.to(self.data.device)
         self.data[ids] = features.to(self.data.device, self.dtype)
         self.filled[sample_ids.cpu()] = True
+        self.complete = bool(self.filled.all())
 
     def flush(self) -> None:
         """Make a disk cache durable: the features first, then the flags saying which are stored."""
