@@ -7,12 +7,13 @@ deepened only where it is unsure; the model type is `legolm.model.lego.LegoLM`, 
     model.extend(num_layers=6, routing_threshold=tau)
     hard = collect_hard_examples(model, train_batches, tau)     # lower-layer states, stored once
     ...                                           # phase 2 trains the upper layers (run_phase2)
+    ...                                           # optional phase 3 distils the shallow exit (run_phase3)
     generate(model, prompts, GenerationConfig(early_exit="threshold", fused=True))
 """
 
 from legolm.lego.hard_examples import HardExamples, collect_hard_examples, evaluate_on_hard_examples
 from legolm.lego.threshold import compute_confidence_threshold
-from legolm.lego.train import LegoTraining, run_phase1, run_phase2, train_lego
+from legolm.lego.train import LegoTraining, run_phase1, run_phase2, run_phase3, train_lego
 
 __all__ = [
     "HardExamples",
@@ -22,5 +23,6 @@ __all__ = [
     "evaluate_on_hard_examples",
     "run_phase1",
     "run_phase2",
+    "run_phase3",
     "train_lego",
 ]

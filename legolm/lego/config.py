@@ -6,6 +6,7 @@ YAML sections and dotted flags as in ``legolm pretrain``::
     model: {preset: pythia-14m, layers: [pythia, pythia]}        (the shallow model)
     phase1: {max_steps: 1500, eval: {every: 100, patience: 3}}
     phase2: {max_steps: 1500, optim: {lr: 1.0e-3}}
+    phase3: {max_steps: 400}                                     (optional exit distillation; 0 = off)
     lego: {num_layers: 6, target_ratio: 0.5}                     --lego.target-ratio 0.4
     decode: {prompts: 8, max_new_tokens: 64}
     run: {out_dir: runs/lego, device: cpu}
@@ -35,6 +36,7 @@ from legolm.model.lego import check_target_ratio
 from legolm.train.config import EvalConfig, FitConfig, ModelSpec, OptimConfig, RunConfig, ScheduleConfig
 
 StoreDtype = Literal["float32", "bfloat16", "float16"]
+PHASE_OFF = 0  # phase3.max_steps that skips phase 3
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -104,6 +106,9 @@ class LegoSettings:
             tokens of text phase 1 trained on are not like those of new text: trained on them, the upper layers
             got worse on held-out hard tokens in every run (README, "LEGO").
         curve_ratios: Further thresholds for the quality/speed curve, as fractions of validation tokens below them.
+        distill_weight: Phase 3 (exit distillation): weight α of KL(p_deep ‖ p_shallow) in the loss
+            α · KL + (1 - α) · CE(labels, p_shallow), in [0, 1] (1: match the deep model alone, which is what
+            self-speculative acceptance needs).
     """
 
     num_layers: int = 6
@@ -126,6 +131,7 @@ class LegoSettings:
     collect_batches: int | None = None
     phase2_fraction: float = 0.3
     curve_ratios: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.7, 0.9])
+    distill_weight: float = 1.0
 
 
 @dataclass
@@ -175,6 +181,8 @@ class LegoConfig:
         data: Corpus, tokenizer and split.
         phase1: Training of the shallow model on all data.
         phase2: Training of the upper layers on the stored hard examples.
+        phase3: Optional exit distillation after phase 2: only the shallow exit trains, towards the deep
+            model's distribution (``max_steps: 0``, the default, skips it).
         lego: Depth, threshold calibration, routing and storage.
         decode: The decode-speed measurement.
         run: Run directory, device, seed, progress (shared by both phases).
@@ -185,14 +193,23 @@ class LegoConfig:
     data: DataConfig = field(default_factory=DataConfig)
     phase1: PhaseConfig = field(default_factory=PhaseConfig)
     phase2: PhaseConfig = field(default_factory=PhaseConfig)
+    phase3: PhaseConfig = field(default_factory=lambda: PhaseConfig(max_steps=PHASE_OFF))
     lego: LegoSettings = field(default_factory=LegoSettings)
     decode: DecodeSettings = field(default_factory=DecodeSettings)
     run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="runs/lego"))
 
+    @property
+    def distills(self) -> bool:
+        """Phase 3 (exit distillation) runs: ``phase3.max_steps`` is not 0."""
+        return self.phase3.max_steps != PHASE_OFF
+
     def validate(self) -> None:
         """Raise `ConfigError` naming the first bad setting and its fix."""
         out = Path(self.run.out_dir)
-        for name, phase in (("phase1", self.phase1), ("phase2", self.phase2)):
+        if self.phase3.max_steps is not None and self.phase3.max_steps < PHASE_OFF:
+            raise ConfigError(f"phase3.max_steps must be >= 0 (0 skips phase 3), got {self.phase3.max_steps}")
+        phases = [("phase1", self.phase1), ("phase2", self.phase2)]
+        for name, phase in phases + ([("phase3", self.phase3)] if self.distills else []):
             try:
                 phase.fit_config(self.window, self.run, out).validate()
             except ConfigError as err:  # name the phase's own setting: phase2.optim.lr, not optim.lr
@@ -228,6 +245,9 @@ class LegoConfig:
             (lg.collect_batches is None or lg.collect_batches >= 1,
              f"lego.collect_batches must be >= 1, got {lg.collect_batches}"),
             (lg.phase2_easy_weight >= 0, f"lego.phase2_easy_weight must be >= 0, got {lg.phase2_easy_weight}"),
+            (0.0 <= lg.distill_weight <= 1.0,
+             f"lego.distill_weight must be in [0, 1] (the weight of KL(deep ‖ shallow) against the label loss in "
+             f"phase 3), got {lg.distill_weight}"),
             (0.0 <= lg.phase2_fraction < 1.0, f"lego.phase2_fraction must be in [0, 1), got {lg.phase2_fraction}"),
             (self.lego.threshold is None or 0.0 <= self.lego.threshold <= 1.0,
              f"lego.threshold must be in [0, 1] (a max softmax probability), got {self.lego.threshold}; "

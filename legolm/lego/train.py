@@ -1,4 +1,4 @@
-"""The two LEGO training phases, both on the one loop `fit`.
+"""The LEGO training phases (two, and an optional third), all on the one loop `fit`.
 
 ::
 
@@ -10,6 +10,12 @@
                  calibrate τ, freeze embeddings / lower layers / shallow exit (upper = the model's own)
     both:        collect   lower-layer states of windows with hard tokens (train and val), once
                  phase 2   fit(LegoLM, stored states, loss on hard tokens, early stopping on val hard tokens)
+    optional:    phase 3   fit(LegoLM, phase-1 windows, α·KL(deep ‖ shallow) + (1-α)·CE, only the shallow exit's
+                           own parameters train, early stopping on val windows)   → re-calibrate τ (same rule)
+
+Phase 3 (`legolm.lego.distill`) trains the drafter of self-speculative decoding towards its
+verifier (draft-head distillation, Kangaroo, arXiv 2404.18911); the shallow confidences move, so τ
+is calibrated again by the rule the run used.
 
 Phase 2's loss (`HardTokenLoss`) runs only the upper layers and the deep exit on the stored
 states; the shallow log-probability and confidence were stored with them. With
@@ -32,7 +38,8 @@ from legolm.checkpoints.loader import load_pretrained
 from legolm.data.tokenized import TokenizedCorpus, check_fits
 from legolm.errors import ConfigError
 from legolm.lego.config import STORE_DTYPES, LegoConfig
-from legolm.lego.evaluate import score_tokens
+from legolm.lego.distill import DistillLoss, DistillReport, exit_agreement
+from legolm.lego.evaluate import TokenScores, score_tokens
 from legolm.lego.hard_examples import (
     HardExamples,
     collect_hard_examples,
@@ -48,12 +55,12 @@ from legolm.lego.split import (
     measure_splits,
 )
 from legolm.lego.threshold import shallow_confidences
-from legolm.model.lego import LegoLM, LegoMeta, quantile_threshold, routed_log_probs
+from legolm.model.lego import LegoLM, LegoMeta, exits, quantile_threshold, routed_log_probs
 from legolm.model.transformer import TransformerLM
-from legolm.train.batches import Batch, BatchSource, WindowBatches
+from legolm.train.batches import Batch, BatchSource, WindowBatches, rewind
 from legolm.train.config import FitConfig
 from legolm.train.distributed import init_distributed
-from legolm.train.fit import Callback, FitResult, FitState, LossOutput, fit
+from legolm.train.fit import Callback, FitResult, FitState, LossFn, LossOutput, fit
 from legolm.utils.device import resolve_device
 from legolm.utils.finite import safe_exp
 
@@ -135,14 +142,17 @@ class HardTokenLoss:
         return -(weight * lp).sum() / weight.sum(), hard.sum(), {}
 
 
-def _val_ppl(model: LegoLM, batches: BatchSource, loss_fn: HardTokenLoss) -> float:
-    """Validation perplexity of ``loss_fn`` (token-weighted), as ``fit`` evaluates it."""
+def _val_ppl(model: LegoLM, batches: BatchSource, loss_fn: LossFn, max_batches: int | None = None) -> float:
+    """Validation perplexity of ``loss_fn`` (token-weighted) over the first ``max_batches``, as ``fit`` evaluates it."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
+    rewind(batches)
     with torch.no_grad():
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
             loss, n, _ = loss_fn(model, {k: v.to(device) for k, v in batch.items()})
             total, count = total + float(loss) * int(n), count + int(n)
     model.train(was_training)
@@ -180,6 +190,29 @@ def run_phase2(model: LegoLM, train: HardExamples, val: HardExamples, cfg: FitCo
                callbacks=[RestoreBest(start=(model, before))])
 
 
+def run_phase3(model: LegoLM, train: BatchSource, val: BatchSource, cfg: FitConfig,
+               distill_weight: float = 1.0) -> FitResult:
+    """Phase 3: exit distillation, only the shallow exit's own parameters trained towards the deep model.
+
+    Loss `DistillLoss` (α = ``distill_weight``) on ``train`` windows, early stopping on ``val``; the
+    model before training counts as the first evaluation (as in phase 2), so the exit it ends with is
+    never worse on ``val`` than the one it started with. Every other parameter stays bit-for-bit as
+    it was, and the trainable flags are given back as they were.
+    """
+    if not model.extended:
+        raise ConfigError("phase 3 distils the shallow exit towards the deep one; extend() the model first")
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.freeze_for_distillation()
+    loss_fn = DistillLoss(distill_weight)
+    try:
+        before = _val_ppl(model, val, loss_fn, cfg.eval.max_batches)
+        tqdm.write(f"phase 3 starts at validation distillation loss {math.log(before):.4g} (α={distill_weight:g})")
+        return fit(model, train, cfg, val=val, loss_fn=loss_fn, callbacks=[RestoreBest(start=(model, before))])
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+
+
 @dataclass
 class LegoTraining:
     """What `train_lego` produced.
@@ -194,6 +227,8 @@ class LegoTraining:
         val_batches: The validation windows (shuffle off), for evaluation.
         splits: Pretrained route with candidates: each candidate's measured point (else empty).
         reference_ppl: Pretrained route: the unmodified model's validation perplexity (else None).
+        phase3: Phase 3's `FitResult` (None when it was off).
+        distill: What phase 3 changed (None when it was off).
     """
 
     model: LegoLM
@@ -205,6 +240,8 @@ class LegoTraining:
     val_batches: WindowBatches
     splits: list[SplitPoint] = field(default_factory=list)
     reference_ppl: float | None = None
+    phase3: FitResult | None = None
+    distill: DistillReport | None = None
 
 
 def shallow_model(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoLM:
@@ -286,18 +323,62 @@ def _threshold(cfg: LegoConfig, model: LegoLM, conf: Tensor, val: WindowBatches)
     On the pretrained route the deep exit before phase 2 is the unmodified model, so its validation
     perplexity is the reference that ``calibrate: quality`` bounds the routed perplexity by.
     """
-    lg = cfg.lego
     reference_ppl = None
+    scores = None
     if model.extended:
-        scores = score_tokens(model, val, lg.calib_batches, progress=cfg.run.progress)
+        scores = score_tokens(model, val, cfg.lego.calib_batches, progress=cfg.run.progress)
         reference_ppl = scores.deep_ppl()
+    threshold, rule = _calibrate(cfg, model, conf, val, reference_ppl, scores)
+    return threshold, reference_ppl, rule
+
+
+def _calibrate(cfg: LegoConfig, model: LegoLM, conf: Tensor, val: WindowBatches, reference_ppl: float | None,
+               scores: TokenScores | None = None) -> tuple[float, str]:
+    """τ by the run's rule (given, target-ratio quantile of ``conf``, or ``calibrate: quality`` against
+    ``reference_ppl``) and how it was found; ``scores`` of the current model, else measured here if needed."""
+    lg = cfg.lego
     if lg.threshold is not None:
-        return lg.threshold, reference_ppl, "given"
+        return lg.threshold, "given"
     if lg.calibrate == "quality":
         assert reference_ppl is not None  # LegoConfig.validate: quality needs the pretrained route
-        return (calibrated_threshold(scores, lg, reference_ppl), reference_ppl,
+        scores = scores or score_tokens(model, val, lg.calib_batches, progress=cfg.run.progress)
+        return (calibrated_threshold(scores, lg, reference_ppl),
                 f"quality: routed within {100 * lg.split_tolerance:g}% of the unmodified {reference_ppl:.4g}")
-    return quantile_threshold(conf, lg.target_ratio), reference_ppl, f"target ratio {lg.target_ratio}"
+    return quantile_threshold(conf, lg.target_ratio), f"target ratio {lg.target_ratio}"
+
+
+def _store_threshold(cfg: LegoConfig, model: LegoLM, threshold: float, conf: Tensor) -> float:
+    """Record τ, the ratio it was calibrated at and the quantiles of ``conf`` in the model; the hard ratio."""
+    hard_ratio = float((conf < threshold).float().mean())
+    model.calibrate(threshold, hard_ratio if cfg.lego.threshold is None and 0 < hard_ratio < 1 else None, conf)
+    return hard_ratio
+
+
+def distill_exit(cfg: LegoConfig, model: LegoLM, train_ids: np.ndarray, val: WindowBatches,
+                 reference_ppl: float | None, out: Path) -> tuple[FitResult, DistillReport]:
+    """Phase 3 on the phase-1 training windows, then τ re-calibrated by the run's rule on the new confidences.
+
+    The phase-1 windows (not phase 2's): the upper layers never trained on them, so the deep model's
+    predictions there are like those on new text, which is what the drafter meets when decoding.
+    """
+    lg = cfg.lego
+    p3 = cfg.phase3.fit_config(cfg.window, cfg.run, out / "phase3")
+    shard = init_distributed(cfg.run).shard()
+    train = WindowBatches(train_ids, cfg.window, p3.batch_size, shuffle=True, seed=cfg.run.seed, **shard)
+    tau_before, conf_before = model.threshold, shallow_confidences(model, val, lg.calib_batches)
+    before = exit_agreement(model, val, lg.calib_batches, progress=cfg.run.progress)
+    result = run_phase3(model, train, val, p3, lg.distill_weight)
+    model.eval()
+    after = exit_agreement(model, val, lg.calib_batches, progress=cfg.run.progress)
+    conf = shallow_confidences(model, val, lg.calib_batches)
+    threshold, rule = _calibrate(cfg, model, conf, val, reference_ppl)
+    _store_threshold(cfg, model, threshold, conf)
+    report = DistillReport(
+        distill_weight=lg.distill_weight, agreement_before=before.agreement, agreement_after=after.agreement,
+        shallow_ppl_before=before.shallow_ppl, shallow_ppl_after=after.shallow_ppl, threshold_before=tau_before,
+        threshold=threshold, shallow_ratio_before=float(exits(conf_before, tau_before).float().mean()),
+        shallow_ratio=float(exits(conf, threshold).float().mean()), tokens=after.tokens, rule=rule)
+    return result, report
 
 
 def split_training_tokens(ids: np.ndarray, eos_id: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -319,7 +400,8 @@ def split_training_tokens(ids: np.ndarray, eos_id: int, fraction: float) -> tupl
 
 
 def train_lego(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoTraining:
-    """Phase 1, calibration, extension (grown route), hard-example collection and phase 2, as ``cfg`` says."""
+    """Phase 1, calibration, extension (grown route), hard-example collection, phase 2 and (``phase3.max_steps``
+    > 0) exit distillation with τ re-calibrated, as ``cfg`` says."""
     out = Path(cfg.run.out_dir)
     p1 = cfg.phase1.fit_config(cfg.window, cfg.run, out / "phase1")
     shard = init_distributed(cfg.run).shard()  # training batches are sharded; calibration reads all of val
@@ -339,8 +421,7 @@ def train_lego(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoTraining:
     else:
         model.extend(cfg.lego.num_layers, threshold, freeze_lower=cfg.lego.freeze_lower,
                      identity_init=cfg.lego.identity_init, train_deep_head=cfg.lego.train_deep_head)
-    hard_ratio = float((conf < threshold).float().mean())
-    model.calibrate(threshold, hard_ratio if cfg.lego.threshold is None and 0 < hard_ratio < 1 else None, conf)
+    hard_ratio = _store_threshold(cfg, model, threshold, conf)
     model.meta.routing_temperature = cfg.lego.routing_temperature
     store = STORE_DTYPES[cfg.lego.store_dtype]
     scan = WindowBatches(phase2_ids, cfg.window, p1.batch_size, shuffle=False, drop_last=False)
@@ -352,4 +433,9 @@ def train_lego(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoTraining:
                f"{hard_train.summary()}; val: {hard_val.summary()}")
     phase2 = run_phase2(model, hard_train, hard_val, cfg.phase2.fit_config(cfg.window, cfg.run, out / "phase2"),
                         cfg.lego.phase2_loss, cfg.lego.phase2_easy_weight)
-    return LegoTraining(model.eval(), threshold, phase1, phase2, hard_train, hard_val, val, points, reference_ppl)
+    phase3, distill = None, None
+    if cfg.distills:
+        phase3, distill = distill_exit(cfg, model.eval(), phase1_ids, val, reference_ppl, out)
+        threshold = distill.threshold
+    return LegoTraining(model.eval(), threshold, phase1, phase2, hard_train, hard_val, val, points, reference_ppl,
+                        phase3, distill)

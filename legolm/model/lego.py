@@ -437,6 +437,24 @@ class LegoLM(TransformerLM):
         self.requires_grad_(False)
         self.shallow_exit.trainable()
 
+    def exit_own_parameters(self) -> dict[str, nn.Parameter]:
+        """The shallow exit's parameters that nothing else in the model shares, by name.
+
+        A pretrained split's exit reads through the model's own (shared, frozen) head: only its lens and
+        norm are its own; a grown model's exit owns its norm and head (copies made by `extend`).
+        """
+        if self.shallow_exit is None:
+            raise ConfigError("this LEGO model has no separate shallow exit; extend() it first")
+        outside = {id(p) for n, p in self.named_parameters(remove_duplicate=False) if not n.startswith("shallow_exit.")}
+        return {f"shallow_exit.{n}": p for n, p in self.shallow_exit.named_parameters() if id(p) not in outside}
+
+    def freeze_for_distillation(self) -> None:
+        """Phase 3 (exit distillation): only the shallow exit's own parameters train, all else is frozen."""
+        own = self.exit_own_parameters()
+        self.requires_grad_(False)
+        for p in own.values():
+            p.requires_grad_(True)
+
     def shallow_model(self) -> TransformerLM:
         """The shallow model alone as a `TransformerLM` (layers 0..split-1 and the shallow exit, shared weights).
 

@@ -2,13 +2,15 @@
 
 ::
 
-    prepare corpus ─ train_lego (phase 1 ─ calibrate τ ─ extend | split ─ hard examples ─ phase 2)
+    prepare corpus ─ train_lego (phase 1 ─ calibrate τ ─ extend | split ─ hard examples ─ phase 2
+                                 [─ phase 3: exit distillation ─ re-calibrate τ])
                    ─ save model/ (loads with load_pretrained as a LegoLM, τ included)
                    ─ quality table (shallow / deep / routed, all and hard tokens)
                    ─ decode table (full depth, threshold sweep, kv modes, speculative) ─ curve.png / curve.csv
 
-The run directory gets ``phase1/`` and ``phase2/`` (the runs of `fit`), ``model/``, ``curve.png``,
-``curve.csv``, ``split_curve.{png,csv}`` (pretrained route with candidates) and ``summary.json``.
+The run directory gets ``phase1/``, ``phase2/`` and ``phase3/`` (the runs of `fit`; phase 3 when on),
+``model/``, ``curve.png``, ``curve.csv``, ``split_curve.{png,csv}`` (pretrained route with candidates) and
+``summary.json`` (with a ``phase3`` block: agreement, shallow perplexity and τ before and after distillation).
 """
 
 from __future__ import annotations
@@ -121,9 +123,12 @@ def evaluate_and_report(cfg: LegoConfig, corpus: TokenizedCorpus, trained: LegoT
     if trained.splits:
         print(split_note or f"split curve: {out / 'split_curve.png'} (chosen k={model.split})")
     reference = vs_unmodified(scores, tau, temperature, trained.reference_ppl, cfg.lego.split_tolerance)
+    if trained.distill is not None:
+        print(trained.distill.line())
     print(f"model saved to {out / 'model'}")
     fit_results = {name: None if r is None else {k: v for k, v in asdict(r).items() if k != "run_dir"}
                    for name, r in (("phase1", trained.phase1), ("phase2", trained.phase2))}
+    fit_results["phase3"] = phase3_block(trained)
     return {"threshold": tau, "split": model.split, "num_layers": model.n_layer, "phase1_ppl": phase1_ppl,
             "deep_ppl": deep_ppl, "routed_ppl": scores.routed_ppl(tau, temperature), "quality": quality_values,
             "quality_table": quality, "hard_examples": {"train": trained.hard_train.summary(),
@@ -131,6 +136,13 @@ def evaluate_and_report(cfg: LegoConfig, corpus: TokenizedCorpus, trained: LegoT
             "rows": [asdict(r) for r in rows], "device": str(device),
             "split_curve": [asdict(p) for p in trained.splits], "vs_unmodified": reference, **fit_results,
             "table": table, "model": str(out / "model")}
+
+
+def phase3_block(trained: LegoTraining) -> dict[str, Any] | None:
+    """The summary's ``phase3`` block: what exit distillation changed, and its `fit` run (None when it was off)."""
+    if trained.distill is None or trained.phase3 is None:
+        return None
+    return {**asdict(trained.distill), "fit": {k: v for k, v in asdict(trained.phase3).items() if k != "run_dir"}}
 
 
 def vs_unmodified(scores: TokenScores, tau: float, temperature: float, reference_ppl: float | None,

@@ -1,0 +1,230 @@
+"""LEGO phase 3, exit distillation: the loss by hand, only the shallow exit's own parameters change, the
+exits agree more on held-out real text, τ is re-calibrated, the summary reports it and the saved model
+loads back distilled."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.common import overrides
+from legolm.checkpoints.loader import load_pretrained
+from legolm.config import config_from_dict, load_yaml, merge
+from legolm.core.config import ModelConfig
+from legolm.data import DataConfig, TokenizedCorpus, prepare_corpus
+from legolm.errors import ConfigError
+from legolm.lego.config import LegoConfig, LegoSettings, PhaseConfig
+from legolm.lego.distill import DistillLoss, distill_loss, exit_agreement
+from legolm.lego.hard_examples import collect_hard_examples
+from legolm.lego.threshold import compute_confidence_threshold, shallow_confidences
+from legolm.lego.train import LegoTraining, run_phase1, run_phase2, run_phase3, train_lego
+from legolm.model.lego import LegoLM, quantile_threshold
+from legolm.model.transformer import TransformerLM
+from legolm.train.batches import WindowBatches
+from legolm.train.config import EvalConfig, FitConfig, ModelSpec, OptimConfig, RunConfig, ScheduleConfig
+from legolm.train.head_loss import IGNORE_INDEX
+
+ROOT = Path(__file__).resolve().parents[1]
+WINDOW = 32
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> TokenizedCorpus:
+    """Tiny Shakespeare (30 documents) with a 320-token BPE trained on its training documents."""
+    cache = tmp_path_factory.mktemp("lego_distill_data")
+    return prepare_corpus(DataConfig(source="tinyshakespeare", tokenizer=f"bpe:{VOCAB}", max_documents=30,
+                                     cache_dir=str(cache)), progress=False)
+
+
+def fit_config(out: Path, steps: int, lr: float = 3e-3) -> FitConfig:
+    return FitConfig(window=WINDOW, batch_size=8, max_steps=steps, optim=OptimConfig(lr=lr),
+                     schedule=ScheduleConfig(warmup_steps=2), eval=EvalConfig(every=max(steps // 2, 1), max_batches=6),
+                     run=RunConfig(out_dir=str(out), device="cpu", progress=False, plot=False, log_every=5))
+
+
+def windows(ids: object, shuffle: bool = False) -> WindowBatches:
+    return WindowBatches(ids, WINDOW, 8, shuffle=shuffle, seed=0, drop_last=False)  # type: ignore[arg-type]
+
+
+# -- the loss, by hand ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("alpha", [1.0, 0.0, 0.25])
+def test_distill_loss_by_hand(alpha: float) -> None:
+    """Token 1: p_s uniform over 3, p_d = (1/2, 1/4, 1/4), label 0; token 2: p_s = p_d = (3/5, 1/5, 1/5), label 1;
+    token 3 is ignored (label IGNORE_INDEX) and must not count."""
+    shallow = torch.tensor([[0.0, 0.0, 0.0], [math.log(3), 0.0, 0.0], [9.0, -9.0, 0.0]], requires_grad=True)
+    deep = torch.tensor([[math.log(2), 0.0, 0.0], [math.log(3), 0.0, 0.0], [-9.0, 9.0, 0.0]], requires_grad=True)
+    labels = torch.tensor([0, 1, IGNORE_INDEX])
+    kl = [0.5 * math.log(0.5 * 3) + 2 * 0.25 * math.log(0.25 * 3), 0.0]  # Σ p_d log(p_d / p_s)
+    ce = [math.log(3), math.log(5)]
+    expected = sum(alpha * k + (1 - alpha) * c for k, c in zip(kl, ce, strict=True)) / 2
+    loss = distill_loss(shallow, deep, labels, alpha)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert deep.grad is None  # the deep model is the target: no gradient flows into it
+    assert shallow.grad is not None and torch.equal(shallow.grad[2], torch.zeros(3))  # ignored token
+
+
+def test_distill_weight_outside_unit_interval_is_refused() -> None:
+    for bad in (-0.1, 1.5, math.nan):
+        with pytest.raises(ConfigError, match=r"lego.distill_weight must be in \[0, 1\]"):
+            LegoConfig(lego=LegoSettings(distill_weight=bad)).validate()
+    with pytest.raises(ConfigError, match=r"phase3.max_steps must be >= 0"):
+        LegoConfig(phase3=PhaseConfig(max_steps=-1)).validate()
+    with pytest.raises(ConfigError, match=r"phase3.optim.lr"):
+        LegoConfig(phase3=PhaseConfig(max_steps=5, optim=OptimConfig(lr=-1.0))).validate()
+    LegoConfig(phase3=PhaseConfig(max_steps=0, optim=OptimConfig(lr=-1.0))).validate()  # off: not checked
+
+
+def test_phase3_is_off_by_default_and_in_every_shipped_config() -> None:
+    assert not LegoConfig().distills and LegoConfig().phase3.max_steps == 0
+    for path in sorted((ROOT / "configs").glob("lego-*.yaml")):
+        assert not config_from_dict(LegoConfig, load_yaml(str(path))).distills, path.name
+
+
+def test_benchmark_set_overrides_reach_the_nested_phase3_keys() -> None:
+    """``python -m benchmarks.early_exit --set phase3.max_steps=400 --set ...`` (the same merge as its main)."""
+    data = merge(load_yaml(str(ROOT / "configs" / "lego-gpu.yaml")),
+                 overrides(["phase3.max_steps=400", "phase3.optim.lr=5e-4", "lego.distill_weight=0.8"]))
+    cfg = config_from_dict(LegoConfig, data)
+    assert cfg.distills and cfg.phase3.max_steps == 400 and cfg.phase3.optim.lr == 5e-4
+    assert cfg.lego.distill_weight == 0.8 and cfg.phase2.max_steps == 1600  # the rest as the file says
+
+
+# -- phase 3 on a trained model ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def phase2_model(corpus: TokenizedCorpus, tmp_path_factory: pytest.TempPathFactory) -> LegoLM:
+    """A grown 1 -> 3 layer model after phases 1 and 2 on real text (the state phase 3 starts from)."""
+    out = tmp_path_factory.mktemp("lego_distill_runs")
+    torch.manual_seed(0)
+    model = LegoLM(ModelConfig.from_name("tiny-pythia", vocab_size=VOCAB, layers=["pythia"]))
+    run_phase1(model, windows(corpus.train, shuffle=True), windows(corpus.val), fit_config(out / "p1", 40))
+    model.eval()
+    tau = compute_confidence_threshold(model, windows(corpus.val), 0.5)
+    model.extend(3, tau)
+    hard_train = collect_hard_examples(model, windows(corpus.train), tau)
+    hard_val = collect_hard_examples(model, windows(corpus.val), tau)
+    run_phase2(model, hard_train, hard_val, fit_config(out / "p2", 30, lr=1e-2))
+    return model.eval()
+
+
+def test_phase3_changes_only_the_shallow_exit_and_raises_agreement(phase2_model: LegoLM, corpus: TokenizedCorpus,
+                                                                   tmp_path: Path) -> None:
+    import copy
+
+    model = copy.deepcopy(phase2_model)
+    own = set(model.exit_own_parameters())
+    assert own == {"shallow_exit.norm.weight", "shallow_exit.norm.bias", "shallow_exit.head.weight"}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    held_out = windows(corpus.val)  # phase 3 trains on training windows; agreement is measured on validation ones
+    before = exit_agreement(model, held_out)
+    result = run_phase3(model, windows(corpus.train, shuffle=True), held_out, fit_config(tmp_path / "p3", 30))
+    after = exit_agreement(model.eval(), held_out)
+    assert result.trainable_params == sum(p.numel() for n, p in model.named_parameters() if n in own)
+    for key, value in model.state_dict().items():
+        if key not in own:  # embeddings, every block, the deep norm and head: bit for bit
+            assert torch.equal(value, state[key]), key
+    assert any(not torch.equal(model.state_dict()[k], state[k]) for k in own)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # phase 2's flags given back
+    # 0.599 -> 0.913 of 21,440 held-out tokens (shallow perplexity 55.5 -> 54.8) when this test was written
+    assert after.agreement > before.agreement + 0.1, (before, after)
+
+
+def test_phase3_of_a_pretrained_split_trains_the_lens_and_norm_never_the_shared_head(corpus: TokenizedCorpus,
+                                                                                    tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = TransformerLM(ModelConfig.from_name("tiny-llama", vocab_size=VOCAB, layers=["llama"] * 3))
+    model = LegoLM.from_pretrained_split(base, 1)
+    model.mark_trained()
+    model.calibrate(0.3, 0.5)
+    assert set(model.exit_own_parameters()) == {"shallow_exit.lens.weight", "shallow_exit.lens.bias",
+                                                "shallow_exit.norm.weight"}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    run_phase3(model, windows(corpus.train, shuffle=True), windows(corpus.val), fit_config(tmp_path / "p3", 4))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, state[k])}
+    assert changed and changed <= {"shallow_exit.lens.weight", "shallow_exit.lens.bias", "shallow_exit.norm.weight"}
+    assert torch.equal(model.lm_head.weight, state["lm_head.weight"])  # the head the exit shares
+
+
+def test_distill_loss_on_a_model_matches_its_two_exits(phase2_model: LegoLM, corpus: TokenizedCorpus) -> None:
+    batch = next(iter(windows(corpus.val)))
+    with torch.no_grad():
+        out = phase2_model.forward_exits(batch["input_ids"])
+        assert out.deep_logits is not None
+        expected = distill_loss(out.shallow_logits, out.deep_logits, batch["labels"], 0.5)
+        loss, n, _ = DistillLoss(0.5)(phase2_model, batch)
+    torch.testing.assert_close(loss, expected)
+    assert int(n) == batch["labels"].numel()
+
+
+# -- through train_lego: τ re-calibrated, summary, saved model ----------------------------------------------------
+def lego_config(out: Path) -> LegoConfig:
+    def phase(steps: int, lr: float = 3e-3) -> PhaseConfig:
+        return PhaseConfig(batch_size=8, max_steps=steps, optim=OptimConfig(lr=lr),
+                           schedule=ScheduleConfig(warmup_steps=2),
+                           eval=EvalConfig(every=10, max_batches=6, patience=2))
+
+    cfg = LegoConfig(window=WINDOW, model=ModelSpec(preset="tiny-pythia", layers=["pythia"]),
+                     phase1=phase(40), phase2=phase(20, 1e-2), phase3=phase(30),
+                     lego=LegoSettings(num_layers=3, target_ratio=0.4, calib_batches=6, curve_ratios=[],
+                                       identity_init=False),  # the deep exit starts (and stays) unlike the shallow
+                     run=RunConfig(out_dir=str(out), device="cpu", progress=False, plot=False, log_every=10))
+    d = cfg.decode
+    d.prompts, d.prompt_len, d.max_new_tokens, d.score_windows, d.score_len = 1, 8, 4, 1, 4
+    d.repeats, d.warmup, d.draft_tokens, d.compare_kv_modes = 1, 0, [2], []
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def distilled(corpus: TokenizedCorpus, tmp_path_factory: pytest.TempPathFactory) -> tuple[LegoConfig, LegoTraining,
+                                                                                          dict[str, object]]:
+    from legolm.recipes.lego import evaluate_and_report
+
+    out = tmp_path_factory.mktemp("lego_distill_job") / "run"
+    cfg = lego_config(out)
+    cfg.validate()
+    trained = train_lego(cfg, corpus)
+    out.mkdir(parents=True, exist_ok=True)
+    return cfg, trained, evaluate_and_report(cfg, corpus, trained, out)
+
+
+def test_tau_is_recalibrated_on_the_distilled_confidences(distilled: tuple[LegoConfig, LegoTraining,
+                                                                            dict[str, object]]) -> None:
+    cfg, trained, summary = distilled
+    model, report = trained.model, trained.distill
+    assert report is not None and trained.phase3 is not None and trained.phase3.steps >= 1
+    conf = shallow_confidences(model, trained.val_batches, cfg.lego.calib_batches)
+    tau = quantile_threshold(conf, cfg.lego.target_ratio)  # the run's rule (target ratio) on the new confidences
+    assert report.threshold == tau == model.threshold == trained.threshold == summary["threshold"]
+    assert report.threshold != report.threshold_before  # the confidences moved, so τ did
+    assert float((conf < tau).float().mean()) == pytest.approx(cfg.lego.target_ratio, abs=2 / conf.numel())
+    assert model.meta.target_ratio == pytest.approx(cfg.lego.target_ratio, abs=2 / conf.numel())
+    assert report.shallow_ratio == pytest.approx(1 - cfg.lego.target_ratio, abs=2 / conf.numel())
+
+
+def test_summary_reports_phase3(distilled: tuple[LegoConfig, LegoTraining, dict[str, object]]) -> None:
+    cfg, trained, summary = distilled
+    block = summary["phase3"]
+    assert isinstance(block, dict) and trained.distill is not None
+    assert block["agreement_after"] > block["agreement_before"]
+    assert block["threshold"] == summary["threshold"] and block["distill_weight"] == cfg.lego.distill_weight
+    for key in ("shallow_ppl_before", "shallow_ppl_after", "shallow_ratio", "tokens"):
+        assert key in block, key
+    assert block["fit"]["steps"] == trained.phase3.steps  # type: ignore[union-attr]
+    assert (Path(cfg.run.out_dir) / "phase3" / "metrics.csv").is_file()
+
+
+def test_the_saved_model_loads_back_distilled(distilled: tuple[LegoConfig, LegoTraining, dict[str, object]]) -> None:
+    cfg, trained, summary = distilled
+    loaded = load_pretrained(Path(cfg.run.out_dir) / "model")
+    assert isinstance(loaded, LegoLM) and loaded.meta == trained.model.meta
+    assert loaded.threshold == summary["threshold"]
+    for name, value in trained.model.exit_own_parameters().items():
+        assert torch.equal(dict(loaded.named_parameters())[name], value), name
+    assert trained.distill is not None
+    again = exit_agreement(loaded, trained.val_batches, cfg.lego.calib_batches)
+    assert again.agreement == pytest.approx(trained.distill.agreement_after, abs=1e-9)
