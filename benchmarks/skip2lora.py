@@ -74,12 +74,12 @@ StepFn = Callable[[Batch, int], torch.Tensor]
 
 def skip_step(model: Skip2LoRAModel, cache: SkipCache | None, lr: float, device: torch.device,
               precision: str, loss_chunk: int = 0, compile: bool = False, backend: str = "inductor",
-              kernel: LossKernel = "torch") -> StepFn:
+              kernel: LossKernel = "torch", compile_mode: str = "default") -> StepFn:
     optim = OptimConfig(lr=lr, weight_decay=0.0, grad_clip=1.0)
     opt = build_optimizer(list(model.trainable()), optim, device)
     schedule = LRSchedule(lr, ScheduleConfig(warmup_steps=0, decay="constant"), total_steps=1)
     train = train_step(model, Skip2LoRALoss(cache, loss_chunk, kernel), opt, schedule, optim.grad_clip,
-                       autocast_for(device, precision), device, compile, backend)
+                       autocast_for(device, precision), device, compile, backend, compile_mode)
 
     def step(batch: Batch, i: int) -> torch.Tensor:
         return train([batch], i)[0]
@@ -250,9 +250,12 @@ def gpu(args: argparse.Namespace) -> None:
                               storage=storage, device=device, key="bench")
         data_ids = [{**b, "sample_ids": torch.arange(i * args.batch, (i + 1) * args.batch)}
                     for i, b in enumerate(train)]
-        step = skip_step(model, cache, args.lr, device, precision, chunk, mode == "compile", backend, args.loss_kernel)
+        step = skip_step(model, cache, args.lr, device, precision, chunk, mode == "compile", backend, args.loss_kernel,
+                         args.skip_compile_mode)
         where = f" + Skip-Cache ({storage})" if cached else ""
-        impl = f"legolm Skip2-LoRA{where}{chunked(chunk, args.loss_kernel)}{compiled(mode)}"
+        how = compiled(mode) if mode != "compile" or args.skip_compile_mode == "default" else \
+            f" (compiled, {args.skip_compile_mode})"
+        impl = f"legolm Skip2-LoRA{where}{chunked(chunk, args.loss_kernel)}{how}"
         rows.append({"impl": impl, "mode": mode,
                      "trainable": sum(p.numel() for p in model.trainable()),
                      **epochs(step, data_ids, args.epochs, device),
@@ -350,6 +353,9 @@ def main() -> None:
                         ".bench/lego-gutenberg-bpe4096): its text and its vocabulary for the model "
                         "(a small head on the preset's backbone)")
     parser.add_argument("--floor-repeats", type=int, default=10, help="timings of the head-GEMM floor")
+    parser.add_argument("--skip-compile-mode", default="default", choices=["default", "reduce-overhead"],
+                        help="torch.compile mode of the Skip2-LoRA rows (reduce-overhead: CUDA graphs of the compiled "
+                        "step, for steps bound by launches)")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="profile one more epoch of each GPU Skip-Cache row: its ROWS costliest ops (0 = not)")
     parser.add_argument("--storages", nargs="+", choices=["gpu", "cpu"], default=["gpu", "cpu"],
