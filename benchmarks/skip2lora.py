@@ -62,10 +62,11 @@ from legolm.adapters.inject import unload
 from legolm.adapters.skip2lora import Skip2LoRAConfig, Skip2LoRAModel
 from legolm.adapters.skip2lora_train import Skip2LoRALoss
 from legolm.adapters.skip_cache import SkipCache
+from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch
 from legolm.train.config import OptimConfig, ScheduleConfig
 from legolm.train.fit import autocast_for
-from legolm.train.head_loss import VOCAB_ALIGN, LossKernel
+from legolm.train.head_loss import VOCAB_ALIGN, LossKernel, head_cross_entropy
 from legolm.train.optim import LRSchedule, build_optimizer
 from legolm.utils.io import atomic_savefig
 
@@ -123,6 +124,98 @@ def epochs(step: StepFn, data: list[Batch], n_epochs: int, device: torch.device)
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
     return {"epoch 1 s": times[0], "later epochs s": sum(times[1:]) / max(len(times) - 1, 1), "peak GB": peak}
+
+
+def graphed_cached_step(model: Skip2LoRAModel, cache: SkipCache, lr: float, device: torch.device, precision: str,
+                        batch: Batch, warmup: int) -> StepFn:
+    """A cached Skip2-LoRA step as ONE CUDA graph: cache gather, adapters, head, loss, backward, clipping, AdamW.
+
+    For steps bound by launches (a small head: 1.2 ms of GPU work in a 4 ms compiled step), every kernel of
+    the step, optimizer included, replays from one graph (the whole-step graph of torchtitan / Megatron):
+    the sample ids and labels are copied into static buffers, the graph reads the Skip-Cache on the GPU
+    by those ids. AdamW is fused and capturable with a constant learning rate (the benchmark's schedule).
+    Off the GPU the same body runs eagerly (the CPU smoke run). Only for a filled GPU cache.
+    """
+    params = list(model.trainable())
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=cuda, capturable=cuda)
+    ids = batch["sample_ids"].to(device).clone()
+    labels = batch["labels"].to(device).clone()
+    grad_clip = 1.0
+
+    def body() -> torch.Tensor:
+        opt.zero_grad(set_to_none=False)
+        with autocast_for(device, precision):
+            feats = cache.data[ids]  # (B, K+1, T, C), on the GPU
+            loss = head_cross_entropy(model.base.lm_head, model.head_input(feats), labels)
+        loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, torch.nn.utils.get_total_norm(grads))
+        opt.step()
+        return loss.detach()
+
+    if not cuda:
+        def eager(b: Batch, i: int) -> torch.Tensor:
+            ids.copy_(b["sample_ids"])
+            labels.copy_(b["labels"])
+            return body()
+
+        return eager
+    for p in params:  # gradients exist before capture, so zero_grad keeps their buffers
+        p.grad = torch.zeros_like(p)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = body()
+
+    def step(b: Batch, i: int) -> torch.Tensor:
+        ids.copy_(b["sample_ids"], non_blocking=True)
+        labels.copy_(b["labels"], non_blocking=True)
+        graph.replay()
+        return out
+
+    return step
+
+
+def graphed_row(plain: torch.nn.Module, train: list[Batch], val: list[Batch], args: argparse.Namespace,
+                device: torch.device, precision: str, skip_r: int) -> dict[str, Any]:
+    """Skip2-LoRA with a Skip-Cache on the training device: epoch 1 eager (fills the cache), later epochs one
+    CUDA graph per step (`graphed_cached_step`; its warm-up steps train too, and it starts a new AdamW)."""
+    assert isinstance(plain, TransformerLM)
+    n_blocks, cuda = plain.config.n_layer, device.type == "cuda"
+    model = Skip2LoRAModel(plain, Skip2LoRAConfig(block_indices=list(range(n_blocks)), r=skip_r,
+                                                  alpha=2.0 * skip_r)).to(device)
+    shape = (len(train) * args.batch, n_blocks + 1, args.seq, plain.config.n_embd)
+    cache = SkipCache(*shape, dtype=torch.bfloat16 if cuda else torch.float32, storage="gpu" if cuda else "cpu",
+                      device=device, key="bench")
+    data = [{**b, "sample_ids": torch.arange(i * args.batch, (i + 1) * args.batch)} for i, b in enumerate(train)]
+    if cuda:  # pinned: the graph's input copies do not wait for the device, so the host runs ahead
+        data = [{k: v.pin_memory() for k, v in b.items()} for b in data]
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    fill = skip_step(model, cache, args.lr, device, precision)
+    graphed: StepFn | None = None
+    for e in range(args.epochs):
+        if e == 1:
+            graphed = graphed_cached_step(model, cache, args.lr, device, precision, data[0], args.graph_warmup)
+        step = fill if graphed is None else graphed
+        sync(device)
+        t0 = time.perf_counter()
+        for i, b in enumerate(data):
+            step(b, e * len(data) + i)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    where = "gpu" if cuda else "cpu"
+    return {"impl": f"legolm Skip2-LoRA + Skip-Cache ({where}), one CUDA graph per step", "mode": "graph",
+            "trainable": sum(p.numel() for p in model.trainable()), "epoch 1 s": times[0],
+            "later epochs s": sum(times[1:]) / max(len(times) - 1, 1),
+            "peak GB": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else math.nan,
+            "val loss": val_loss(model, val, device, precision)}
 
 
 @torch.no_grad()
@@ -264,6 +357,9 @@ def gpu(args: argparse.Namespace) -> None:
             profiles[impl] = profile_epoch(step, data_ids, args.epochs, args.profile)
             print(f"profile of one more epoch, {impl}:\n{profiles[impl]}")
         plain = model.base  # the backbone, untouched, for the next run
+    if args.graph_step:
+        free(device)
+        rows.append(graphed_row(plain, train, val, args, device, precision, skip_r))
     refs = {mode: float(row["later epochs s"]) for mode, row in lora_rows.items()}
     eager_ref = refs[args.modes[0]]
     for row in rows:
@@ -356,6 +452,9 @@ def main() -> None:
     parser.add_argument("--skip-compile-mode", default="default", choices=["default", "reduce-overhead"],
                         help="torch.compile mode of the Skip2-LoRA rows (reduce-overhead: CUDA graphs of the compiled "
                         "step, for steps bound by launches)")
+    parser.add_argument("--graph-step", action="store_true",
+                        help="add a row whose cached epochs replay one CUDA graph per step (optimizer included)")
+    parser.add_argument("--graph-warmup", type=int, default=3, help="eager steps before capturing that graph")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="profile one more epoch of each GPU Skip-Cache row: its ROWS costliest ops (0 = not)")
     parser.add_argument("--storages", nargs="+", choices=["gpu", "cpu"], default=["gpu", "cpu"],
