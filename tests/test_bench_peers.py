@@ -140,7 +140,7 @@ def test_litgpt_greedy_decoding_gives_legolms_tokens(litgpt_path: str) -> None:
 
 @pytest.mark.parametrize("argv", [["benchmarks.pretrain", "--models", "pythia-160m"],
                                   ["benchmarks.lora", "--model", "pythia-160m"],
-                                  ["benchmarks.skip2lora", "--model", "pythia-160m"],
+                                  ["benchmarks.skip2lora", "--model", "pythia-160m", "--graph-step"],
                                   ["benchmarks.decode", "--models", "pythia-160m"]])
 def test_benchmark_smoke_runs_have_the_peer_rows(argv: list[str], litgpt_path: str) -> None:
     """Each benchmark's --smoke (CPU, tiny Pythia) runs its litgpt and compiled-peft rows to a figure."""
