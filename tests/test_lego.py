@@ -278,6 +278,41 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert not any(k.startswith("shallow_exit") for k in load_file(str(tmp_path / "ckpt" / "model.safetensors")))
 
 
+def test_a_draft_exit_saves_and_loads_beside_the_shallow_exit(tmp_path: Path) -> None:
+    """``lego/draft_exit.safetensors`` and the meta flag: the loaded drafter is the saved one; model.safetensors and
+    the HF export hold the deep model alone; a model without a draft exit loads without one."""
+    from safetensors.torch import load_file
+
+    from legolm.checkpoints.native import export_hf
+
+    plain = extended("tiny-llama", tau=0.37).eval()
+    save_checkpoint(plain, tmp_path / "plain")
+    assert not (tmp_path / "plain" / "lego" / "draft_exit.safetensors").exists()
+    loaded_plain = load_pretrained(tmp_path / "plain")
+    assert isinstance(loaded_plain, LegoLM) and loaded_plain.draft_exit is None and not loaded_plain.meta.draft_exit
+    model = extended("tiny-llama", tau=0.37).eval()
+    draft = model.add_draft_exit()
+    assert model.shallow_exit is not None and draft.head is not model.shallow_exit.head  # a grown exit's own copy
+    with torch.no_grad():
+        draft.head.weight.add_(0.1 * torch.randn_like(draft.head.weight))
+    save_checkpoint(model, tmp_path / "ckpt")
+    loaded = load_pretrained(tmp_path / "ckpt")
+    assert isinstance(loaded, LegoLM) and loaded.meta == model.meta and loaded.meta.draft_exit
+    assert loaded.draft_exit is not None and loaded.drafter is loaded.draft_exit
+    idx = torch.randint(0, 320, (1, 10))
+    with torch.no_grad():
+        h_s = loaded.lower(idx)
+        torch.testing.assert_close(loaded.draft_logits(h_s), model.draft_logits(h_s), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.shallow_head(h_s), model.shallow_head(h_s), rtol=0, atol=0)
+        assert not torch.equal(loaded.draft_logits(h_s), loaded.shallow_head(h_s))
+    assert not any(p.requires_grad for p in loaded.draft_exit.parameters())
+    deep = set(load_file(str(tmp_path / "ckpt" / "model.safetensors")))
+    assert deep == set(load_file(str(tmp_path / "plain" / "model.safetensors")))
+    assert not any(k.startswith("draft_exit") for k in deep)
+    hf = export_hf(loaded, tmp_path / "hf")
+    assert not any("exit" in k for k in load_file(str(hf / "model.safetensors")))
+
+
 def test_a_corrupt_lego_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     save_checkpoint(extended(), tmp_path / "ckpt")
     (tmp_path / "ckpt" / "lego.json").write_text("{not json")
@@ -417,6 +452,20 @@ def test_a_pretrained_split_starts_as_the_logit_lens_and_trains_only_its_lens_an
                                    rtol=0, atol=0)
     with pytest.raises(ConfigError, match="tuned lens"):
         model.shallow_model()
+    draft = model.add_draft_exit()  # a copy of the exit's own lens and norm, the model's head shared
+    assert draft.head is model.lm_head and draft.lens is not model.shallow_exit.lens
+    assert set(model.exit_own_parameters("draft_exit")) == {"draft_exit.lens.weight", "draft_exit.lens.bias",
+                                                            "draft_exit.norm.weight"}
+    with torch.no_grad():
+        torch.testing.assert_close(model.draft_logits(model.lower(idx)), model.forward_exits(idx).shallow_logits,
+                                   rtol=0, atol=0)  # starts equal to the shallow exit
+        draft.norm.weight.mul_(1.5)
+    save_checkpoint(model, tmp_path / "drafted")
+    again = load_pretrained(tmp_path / "drafted")
+    assert isinstance(again, LegoLM) and again.draft_exit is not None and again.draft_exit.lens is not None
+    with torch.no_grad():
+        torch.testing.assert_close(again.draft_logits(again.lower(idx)), model.draft_logits(model.lower(idx)),
+                                   rtol=0, atol=0)
 
 
 def test_phase2_fraction_reserves_whole_documents_phase1_never_sees() -> None:

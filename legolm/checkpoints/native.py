@@ -2,8 +2,10 @@
 
 A `LegoLM` adds ``lego.json`` (its `LegoMeta`: split, calibrated τ, ...) and its shallow exit in
 ``lego/shallow_exit.safetensors`` (a subfolder: readers of the model take every top-level
-``*.safetensors``). ``model.safetensors`` holds the deep model alone, so the directory is also an
-ordinary checkpoint of it (what `export_hf` writes).
+``*.safetensors``), and a draft exit, where phase 3 made one, in ``lego/draft_exit.safetensors``
+(``lego.json`` says so, so the module exists before its weights are read). ``model.safetensors``
+holds the deep model alone, so the directory is also an ordinary checkpoint of it (what `export_hf`
+writes).
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ CONFIG_NAME = "legolm.json"
 LEGO_META = "lego.json"
 EXIT_WEIGHTS = "lego/shallow_exit.safetensors"
 EXIT_PREFIX = "shallow_exit."
+DRAFT_WEIGHTS = "lego/draft_exit.safetensors"
+DRAFT_PREFIX = "draft_exit."
 
 
 def _cpu_state(model: TransformerLM) -> dict:
-    """The deep model's tensors on the CPU (a LEGO model's shallow exit is saved apart)."""
+    """The deep model's tensors on the CPU (a LEGO model's shallow and draft exits are saved apart)."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
-             if not k.startswith(EXIT_PREFIX)}
+             if not k.startswith((EXIT_PREFIX, DRAFT_PREFIX))}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)  # the same storage as wte.weight; safetensors refuses shared tensors
     return state
@@ -39,10 +43,11 @@ def _cpu_state(model: TransformerLM) -> dict:
 
 def _save_lego(model: LegoLM, directory: Path) -> None:
     (directory / LEGO_META).write_text(json.dumps(asdict(model.meta), indent=2) + "\n")
-    if model.shallow_exit is not None:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.shallow_exit.state_dict().items()}
-        (directory / EXIT_WEIGHTS).parent.mkdir()
-        save_file(state, str(directory / EXIT_WEIGHTS))
+    for head, path in ((model.shallow_exit, EXIT_WEIGHTS), (model.draft_exit, DRAFT_WEIGHTS)):
+        if head is not None:
+            state = {k: v.detach().to("cpu").contiguous() for k, v in head.state_dict().items()}
+            (directory / path).parent.mkdir(exist_ok=True)
+            save_file(state, str(directory / path))
 
 
 def _lego_meta(directory: Path) -> LegoMeta:
@@ -52,12 +57,13 @@ def _lego_meta(directory: Path) -> LegoMeta:
         raise CheckpointError(f"{directory / LEGO_META} is not valid LEGO metadata ({err})") from None
 
 
-def _exit_state(directory: Path) -> dict:
+def _exit_state(directory: Path, path: str = EXIT_WEIGHTS, prefix: str = EXIT_PREFIX) -> dict:
     try:
-        return {EXIT_PREFIX + k: v for k, v in load_file(str(directory / EXIT_WEIGHTS)).items()}
+        return {prefix + k: v for k, v in load_file(str(directory / path)).items()}
     except (OSError, RuntimeError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"cannot read the shallow exit {directory / EXIT_WEIGHTS} ({first})") from None
+        what = prefix.rstrip(".").replace("_", " ")
+        raise CheckpointError(f"cannot read the {what} {directory / path} ({first})") from None
 
 
 def save_checkpoint(model: TransformerLM, directory: str | Path, tokenizer: Tokenizer | None = None,
@@ -86,8 +92,9 @@ def load_checkpoint(directory: Path) -> TransformerLM:
         return TransformerLM.from_state_dict(config, state)
     meta = _lego_meta(directory)
     exit_state = _exit_state(directory) if meta.split < config.n_layer else {}
-    model = LegoLM.from_state_dict(config, {**state, **exit_state}, meta=meta)
-    if model.shallow_exit is not None:  # as after extend: the exit frozen, lower layers frozen
+    draft_state = _exit_state(directory, DRAFT_WEIGHTS, DRAFT_PREFIX) if meta.draft_exit else {}
+    model = LegoLM.from_state_dict(config, {**state, **exit_state, **draft_state}, meta=meta)
+    if model.shallow_exit is not None:  # as after extend: the exits frozen, lower layers frozen
         model.freeze(True)
     return model
 

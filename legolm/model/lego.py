@@ -5,7 +5,8 @@ adds upper layers that train only on the tokens the shallow model is unsure of (
 shallow exit stays frozen, so the confidence threshold calibrated on it stays valid. The idea of
 exiting early on confident tokens follows CALM (Schuster et al. 2022, "Confident Adaptive
 Language Modeling", arXiv 2207.07061); the same exit serves as the drafter of self-speculative
-decoding (LayerSkip, Elhoushi et al. 2024, arXiv 2404.16710).
+decoding (LayerSkip, Elhoushi et al. 2024, arXiv 2404.16710), unless phase 3 gave the model a separate
+draft exit (`LegoLM.draft_exit`, at the same split) to draft with instead.
 
 ::
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +55,7 @@ from legolm.layers.norms import make_norm
 from legolm.model.transformer import TransformerLM, init_weights
 
 CONFIDENCE_QUANTILES = 101  # stored quantiles of the validation confidence (0%, 1%, ..., 100%)
+ExitName = Literal["shallow_exit", "draft_exit"]  # a `LegoLM`'s extra exits, by attribute name
 
 
 # -- routing ---------------------------------------------------------------------------------------
@@ -180,6 +183,8 @@ class LegoMeta:
         confidence_quantiles: Quantiles 0%, 1%, ..., 100% of the validation tokens' shallow confidence
             (what `threshold_for_ratio` turns a target ratio into τ with, at generation time).
         exit_lens: The shallow exit reads through a tuned lens (a pretrained split's exit).
+        draft_exit: The model has a separate draft exit at the split (phase 3 with ``lego.distill_into:
+            draft``), shaped like the shallow exit (a lens where it has one).
     """
 
     split: int
@@ -189,6 +194,7 @@ class LegoMeta:
     target_ratio: float | None = None
     confidence_quantiles: list[float] = field(default_factory=list)
     exit_lens: bool = False
+    draft_exit: bool = False
 
 
 @dataclass
@@ -207,6 +213,11 @@ class LegoLM(TransformerLM):
         config: All layers (before `extend`, only the shallow model's).
         meta: Split, phase-1 flag and routing settings (default: the shallow model alone).
         shallow_exit: The shallow exit when ``meta.split < n_layer`` (None before `extend`).
+
+    A separate draft exit (``draft_exit``, made by `add_draft_exit`) drafts for self-speculative
+    decoding instead of the shallow exit, which then serves threshold early exit alone; draft heads
+    apart from the model's own exits as in Medusa (Cai et al. 2024, arXiv 2401.10774) and EAGLE (Li
+    et al. 2024, arXiv 2401.15077).
     """
 
     def __init__(self, config: ModelConfig, meta: LegoMeta | None = None,
@@ -214,17 +225,24 @@ class LegoLM(TransformerLM):
         super().__init__(config)
         self.meta = meta or LegoMeta(split=config.n_layer)
         if shallow_exit is None and self.meta.split < config.n_layer:  # filled by a checkpoint's weights
-            C = config.n_embd
-            lens = nn.Linear(C, C, bias=True) if self.meta.exit_lens else None
-            shallow_exit = ExitHead(make_norm(config), nn.Linear(C, config.vocab_size, bias=False), lens)
+            shallow_exit = self._empty_exit()
         self.shallow_exit = shallow_exit
+        self.draft_exit: ExitHead | None = self._empty_exit() if self.meta.draft_exit else None
         self._check_split()
+
+    def _empty_exit(self) -> ExitHead:
+        """An exit shaped as the meta says (a lens with ``exit_lens``), its weights to be loaded."""
+        C = self.config.n_embd
+        lens = nn.Linear(C, C, bias=True) if self.meta.exit_lens else None
+        return ExitHead(make_norm(self.config), nn.Linear(C, self.config.vocab_size, bias=False), lens)
 
     def _check_split(self) -> None:
         if not 1 <= self.meta.split <= self.n_layer:
             raise ConfigError(f"LEGO split {self.meta.split} must be in [1, {self.n_layer}]")
         if self.meta.split == self.n_layer and self.shallow_exit is not None:
             raise ConfigError(f"a LEGO model split at its top layer {self.n_layer} has no separate shallow exit")
+        if self.draft_exit is not None and self.shallow_exit is None:
+            raise ConfigError("a LEGO draft exit sits beside the shallow exit; this model has none")
 
     @classmethod
     def adopt(cls, model: TransformerLM, meta: LegoMeta | None = None,
@@ -236,6 +254,7 @@ class LegoLM(TransformerLM):
                                                                     model.lm_head)
         lego.rope = model.rope
         lego.meta, lego.shallow_exit = meta or LegoMeta(split=model.config.n_layer), shallow_exit
+        lego.meta.draft_exit, lego.draft_exit = False, None
         lego._check_split()
         return lego.train(model.training)
 
@@ -265,6 +284,20 @@ class LegoLM(TransformerLM):
     def extended(self) -> bool:
         """Both exits exist (the shallow one after ``split``, the deep one on top)."""
         return self.shallow_exit is not None
+
+    @property
+    def drafter(self) -> ExitHead | None:
+        """The exit self-speculative decoding drafts with: the draft exit if there is one, else the shallow exit."""
+        return self.draft_exit if self.draft_exit is not None else self.shallow_exit
+
+    def exit_head(self, name: ExitName) -> ExitHead:
+        """The shallow or the draft exit by name (`ConfigError` where the model has none)."""
+        head = self.shallow_exit if name == "shallow_exit" else self.draft_exit
+        if head is None:
+            raise ConfigError(f"this LEGO model has no {name.replace('_', ' ')}"
+                              + ("; extend() it first" if name == "shallow_exit" else "; phase 3 with "
+                                 "lego.distill_into: draft makes one"))
+        return head
 
     @property
     def threshold(self) -> float:
@@ -301,6 +334,10 @@ class LegoLM(TransformerLM):
     def shallow_head(self, h_s: Tensor) -> Tensor:
         """The shallow exit on lower-layer states: (B, T, C) -> (B, T, V)."""
         return self.shallow_exit(h_s) if self.shallow_exit is not None else self.project(h_s)
+
+    def draft_logits(self, h_s: Tensor) -> Tensor:
+        """The drafter (`drafter`) on lower-layer states: (B, T, C) -> (B, T, V); threshold exits never use it."""
+        return self.draft_exit(h_s) if self.draft_exit is not None else self.shallow_head(h_s)
 
     def upper_hidden(self, h: Tensor, *, cache: KVCache | None = None, input_pos: Tensor | None = None,
                      positions: Tensor | None = None) -> Tensor:
@@ -427,8 +464,9 @@ class LegoLM(TransformerLM):
             module.requires_grad_(False)
         if not train_deep_head:
             self.lm_head.requires_grad_(False)
-        if self.shallow_exit is not None:
-            self.shallow_exit.requires_grad_(False)
+        for head in (self.shallow_exit, self.draft_exit):
+            if head is not None:
+                head.requires_grad_(False)
 
     def freeze_for_exit_training(self) -> None:
         """Phase 1 of a pretrained split: only the shallow exit trains, the model stays as it is."""
@@ -437,23 +475,37 @@ class LegoLM(TransformerLM):
         self.requires_grad_(False)
         self.shallow_exit.trainable()
 
-    def exit_own_parameters(self) -> dict[str, nn.Parameter]:
-        """The shallow exit's parameters that nothing else in the model shares, by name.
+    def exit_own_parameters(self, name: ExitName = "shallow_exit") -> dict[str, nn.Parameter]:
+        """The parameters of exit ``name`` that nothing else in the model shares, by name.
 
         A pretrained split's exit reads through the model's own (shared, frozen) head: only its lens and
-        norm are its own; a grown model's exit owns its norm and head (copies made by `extend`).
+        norm are its own; a grown model's exit owns its norm and head (copies made by `extend`). A draft
+        exit owns what its shallow exit owns (`add_draft_exit`).
         """
-        if self.shallow_exit is None:
-            raise ConfigError("this LEGO model has no separate shallow exit; extend() it first")
-        outside = {id(p) for n, p in self.named_parameters(remove_duplicate=False) if not n.startswith("shallow_exit.")}
-        return {f"shallow_exit.{n}": p for n, p in self.shallow_exit.named_parameters() if id(p) not in outside}
+        head = self.exit_head(name)
+        outside = {id(p) for n, p in self.named_parameters(remove_duplicate=False) if not n.startswith(f"{name}.")}
+        return {f"{name}.{n}": p for n, p in head.named_parameters() if id(p) not in outside}
 
-    def freeze_for_distillation(self) -> None:
-        """Phase 3 (exit distillation): only the shallow exit's own parameters train, all else is frozen."""
-        own = self.exit_own_parameters()
+    def freeze_for_distillation(self, name: ExitName = "shallow_exit") -> None:
+        """Phase 3 (exit distillation): only the own parameters of exit ``name`` train, all else is frozen."""
+        own = self.exit_own_parameters(name)
         self.requires_grad_(False)
         for p in own.values():
             p.requires_grad_(True)
+
+    def add_draft_exit(self) -> ExitHead:
+        """A new draft exit (replacing any), starting as a copy of the shallow exit's own parameters.
+
+        Its lens and norm, and a head the shallow exit owns, are copies; a head the shallow exit shares
+        with the deep model (a pretrained split) stays shared, and frozen by `freeze_for_distillation`.
+        """
+        src = self.exit_head("shallow_exit")
+        self.draft_exit = None  # a previous draft exit's parameters must not count as "outside" below
+        own = {id(p) for p in self.exit_own_parameters().values()}
+        head = copy.deepcopy(src.head) if id(src.head.weight) in own else src.head
+        self.draft_exit = ExitHead(copy.deepcopy(src.norm), head, copy.deepcopy(src.lens))
+        self.meta.draft_exit = True
+        return self.draft_exit
 
     def shallow_model(self) -> TransformerLM:
         """The shallow model alone as a `TransformerLM` (layers 0..split-1 and the shallow exit, shared weights).
