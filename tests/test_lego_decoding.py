@@ -148,6 +148,48 @@ def test_speculative_with_an_unrelated_deep_exit_still_equals_greedy() -> None:
     assert out.stats.acceptance_rate < 0.2
 
 
+def drafted_model() -> LegoLM:
+    """`drafting_model` with a draft exit that is a copy of the deep norm and head (drafts mostly accepted) and a
+    shallow exit redrawn at random (its drafts mostly rejected): which exit drafts shows in the acceptance."""
+    model = drafting_model("tiny-llama")
+    draft = model.add_draft_exit()  # the shallow exit's copy: here equal to the deep exit's norm and head
+    assert model.shallow_exit is not None and draft.head is not model.shallow_exit.head
+    with torch.no_grad():
+        w = model.shallow_exit.head.weight
+        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(7)) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_speculative_drafts_with_the_draft_exit_and_stays_lossless(fused: bool) -> None:
+    model, ids = drafted_model().to(DEVICE), prompt().to(DEVICE)
+    n = N_NEW if not fused else N_NEW // 2  # the interpreter is slow
+    want = generate(model, ids.tolist(), greedy(max_new_tokens=n)).tokens
+    spec = greedy(max_new_tokens=n, early_exit="speculative", draft_tokens=2, fused=fused, fused_tune=False)
+    with_draft = generate(model, ids.tolist(), spec)
+    draft_exit, model.draft_exit = model.draft_exit, None  # the shallow exit drafts again
+    with_shallow = generate(model, ids.tolist(), spec)
+    model.draft_exit = draft_exit
+    assert with_draft.tokens == want and with_shallow.tokens == want  # lossless with either drafter
+    assert with_draft.early_exit is not None and with_shallow.early_exit is not None
+    rate_draft, rate_shallow = with_draft.early_exit.acceptance_rate, with_shallow.early_exit.acceptance_rate
+    assert rate_draft > rate_shallow + 0.3, (rate_draft, rate_shallow)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_threshold_early_exit_never_reads_the_draft_exit(fused: bool) -> None:
+    model, ids = drafted_model().to(DEVICE), prompt().to(DEVICE)
+    n = N_NEW if not fused else N_NEW // 2
+    tau = mid_threshold(model, ids)
+    cfg = greedy(max_new_tokens=n, early_exit="threshold", threshold=tau, kv_mode="skip", fused=fused,
+                 fused_tune=False)
+    got = generate(model, ids.tolist(), cfg)
+    model.draft_exit = None
+    plain = generate(model, ids.tolist(), cfg)
+    assert got.tokens == plain.tokens and got.early_exit is not None and plain.early_exit is not None
+    assert got.early_exit.shallow_ratio == plain.early_exit.shallow_ratio > 0
+
+
 def test_speculative_stops_at_eos() -> None:
     model, ids = drafting_model("tiny-llama").to(DEVICE), prompt().to(DEVICE)
     row = generate(model, ids.tolist(), greedy()).tokens[0]

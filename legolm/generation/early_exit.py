@@ -425,7 +425,8 @@ def generate_speculative(model: LegoLM, input_ids: Tensor, max_new_tokens: int, 
                          eos_id: int | None = None) -> EarlyExitResult:
     """Self-speculative greedy decoding of one prompt (1, P) with torch ops (the reference of the fused one).
 
-    Each round feeds the last token and ``draft_tokens`` greedy drafts of the shallow exit through
+    Each round feeds the last token and ``draft_tokens`` greedy drafts of the drafter (`LegoLM.drafter`:
+    the draft exit where phase 3 made one, else the shallow exit) through
     the lower layers (one KV cache of all layers), runs the upper layers once over those positions,
     and keeps the drafts up to the first one the deep exit disagrees with, plus the deep token
     there (LayerSkip, arXiv 2404.16710). The output equals full-depth greedy decoding.
@@ -451,7 +452,7 @@ def generate_speculative(model: LegoLM, input_ids: Tensor, max_new_tokens: int, 
             h = model.lower(torch.tensor([[tok]], device=dev), cache=cache, input_pos=pos.new_tensor([n + i]))
             rows.append(h)
             if i < d:
-                tok = int(model.shallow_head(h)[0, -1].argmax())
+                tok = int(model.draft_logits(h)[0, -1].argmax())
                 drafts.append(tok)
         top = model.upper_hidden(torch.cat(rows, 1), cache=cache, input_pos=torch.arange(n, n + d + 1, device=dev))
         z = model.project(top)[0].argmax(-1).tolist()  # the deep token after each input

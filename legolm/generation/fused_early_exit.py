@@ -17,9 +17,12 @@ Threshold early exit (CALM, Schuster et al. 2022, arXiv 2207.07061), one step::
 
 Self-speculative decoding (LayerSkip, Elhoushi et al. 2024, arXiv 2404.16710), one round::
 
-    d + 1 lower steps: the last token and d greedy drafts of the shallow exit (their lower K/V kept)
+    d + 1 lower steps: the last token and d greedy drafts of the drafter (their lower K/V kept)
     one row pass of the upper blocks over those d + 1 positions ─ deep head per row
     accept_kernel: keep the drafts up to the first one the deep model disagrees with, plus its token
+
+The drafter is `LegoLM.drafter`: the draft exit where phase 3 made one, else the shallow exit;
+threshold mode always reads the shallow exit.
 
 Self-speculative output equals full-depth greedy decoding: every kept token is the deep model's
 greedy choice on a history of kept tokens, whose upper-layer K/V are exact (rejected drafts leave
@@ -45,7 +48,7 @@ from legolm.errors import ConfigError
 from legolm.generation.decoder import capture
 from legolm.generation.early_exit import EarlyExitStats, block_weights, speculative_stats
 from legolm.generation.fused import FusedStack, exit_norm
-from legolm.model.lego import LegoLM, confidence, exits
+from legolm.model.lego import ExitHead, LegoLM, confidence, exits
 
 Branch = Callable[[Tensor, Callable[[], None]], None]
 
@@ -114,7 +117,11 @@ class FusedLegoSession:
         rows = config.draft_tokens + 1 if config.mode == "speculative" else max(config.fill_buckets) if self.fill \
             else 0
         self.stack = FusedStack(model, config.attention_block, config.embed_block, config.tune, rows=rows)
-        self.shallow_norm = exit_norm(model.shallow_exit.norm)
+        self.shallow_norm = exit_norm(model.shallow_exit.norm)  # threshold mode's exit, never the draft exit
+        drafter = model.drafter  # speculative mode's exit: the draft exit where there is one
+        assert drafter is not None
+        self.drafter: ExitHead = drafter
+        self.draft_norm = exit_norm(self.drafter.norm)
         self.cache = KVCache(c, 1, max_len, dtype=p.dtype, device=p.device)
         model.reserve_positions(max_len)  # the kernels read model.rope, in graphs captured before any prefill
         dev = p.device
@@ -203,13 +210,12 @@ class FusedLegoSession:
 
     def _speculative_round(self, branch: Branch) -> None:
         st, kd, m, s, d = self.stack, self.kd, self.model, self.state, self.config.draft_tokens
-        assert m.shallow_exit is not None
         for i in range(d + 1):
             st.embed(m, s.tok, self.dpos)
             st.blocks(m, self.cache, 0, m.split, self.dpos, self.dpos)
             st.X[i].copy_(st.x)
             if i < d:
-                n = st.head(self.shallow_norm, m.shallow_exit.head, "greedy", lens=m.shallow_exit.lens)
+                n = st.head(self.draft_norm, self.drafter.head, "greedy", lens=self.drafter.lens)
                 kd.emit(st.partial, n, s.tok, self.drafts, self.di, s.finished, None, kd.ADVANCE_BLOCK, self.dpos)
         st.start.copy_(s.pos)
         st.rows_blocks(m, self.cache, m.split, m.n_layer, d + 1)
