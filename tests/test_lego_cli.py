@@ -114,6 +114,7 @@ def test_existing_run_dir_is_not_overwritten(run_dir: Path) -> None:
     (["--lego.phase2-easy-weight", "-1"], ("lego.phase2_easy_weight must be >= 0",)),
     (["--lego.distill-weight", "1.5"], ("lego.distill_weight must be in [0, 1]",)),
     (["--lego.distill-weight", "-0.1", "--phase3.max-steps", "10"], ("lego.distill_weight must be in [0, 1]",)),
+    (["--lego.distill-into", "heads"], ("lego.distill_into", "draft|exit")),
     (["--phase3.max-steps", "-1"], ("phase3.max_steps must be >= 0",)),
     (["--phase3.max-steps", "10", "--phase3.optim.lr", "-1"], ("phase3.optim.lr",)),
 ])

@@ -4,6 +4,7 @@ loads back distilled."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from legolm.config import config_from_dict, load_yaml, merge
 from legolm.core.config import ModelConfig
 from legolm.data import DataConfig, TokenizedCorpus, prepare_corpus
 from legolm.errors import ConfigError
-from legolm.lego.config import LegoConfig, LegoSettings, PhaseConfig
+from legolm.lego.config import DistillInto, LegoConfig, LegoSettings, PhaseConfig
 from legolm.lego.distill import DistillLoss, distill_loss, exit_agreement
 from legolm.lego.hard_examples import collect_hard_examples
 from legolm.lego.threshold import compute_confidence_threshold, shallow_confidences
@@ -79,6 +80,14 @@ def test_distill_weight_outside_unit_interval_is_refused() -> None:
     LegoConfig(phase3=PhaseConfig(max_steps=0, optim=OptimConfig(lr=-1.0))).validate()  # off: not checked
 
 
+def test_distill_into_is_draft_by_default_and_a_bad_value_is_refused() -> None:
+    assert LegoSettings().distill_into == "draft"
+    with pytest.raises(ConfigError, match=r"lego.distill_into must be one of draft\|exit"):
+        LegoConfig(lego=LegoSettings(distill_into="heads")).validate()  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"lego.distill_into"):
+        config_from_dict(LegoConfig, {"lego": {"distill_into": "heads"}})
+
+
 def test_phase3_is_off_by_default_and_in_every_shipped_config() -> None:
     assert not LegoConfig().distills and LegoConfig().phase3.max_steps == 0
     for path in sorted((ROOT / "configs").glob("lego-*.yaml")):
@@ -122,7 +131,8 @@ def test_phase3_changes_only_the_shallow_exit_and_raises_agreement(phase2_model:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     held_out = windows(corpus.val)  # phase 3 trains on training windows; agreement is measured on validation ones
     before = exit_agreement(model, held_out)
-    result = run_phase3(model, windows(corpus.train, shuffle=True), held_out, fit_config(tmp_path / "p3", 30))
+    result = run_phase3(model, windows(corpus.train, shuffle=True), held_out, fit_config(tmp_path / "p3", 30),
+                        into="exit")
     after = exit_agreement(model.eval(), held_out)
     assert result.trainable_params == sum(p.numel() for n, p in model.named_parameters() if n in own)
     for key, value in model.state_dict().items():
@@ -132,6 +142,61 @@ def test_phase3_changes_only_the_shallow_exit_and_raises_agreement(phase2_model:
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # phase 2's flags given back
     # 0.599 -> 0.913 of 21,440 held-out tokens (shallow perplexity 55.5 -> 54.8) when this test was written
     assert after.agreement > before.agreement + 0.1, (before, after)
+
+
+def test_phase3_into_a_draft_exit_leaves_the_shallow_exit_and_tau_alone(phase2_model: LegoLM, corpus: TokenizedCorpus,
+                                                                        tmp_path: Path) -> None:
+    """``distill_into: draft``: a new draft exit (a copy of the shallow exit) trains; every tensor the model had
+    (the shallow exit included), τ and the trainable flags stay; the drafter agrees more with the deep exit."""
+    import copy
+
+    model = copy.deepcopy(phase2_model)
+    assert model.draft_exit is None and model.drafter is model.shallow_exit
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    meta = copy.deepcopy(model.meta)
+    held_out = windows(corpus.val)
+    before = exit_agreement(model, held_out)
+    result = run_phase3(model, windows(corpus.train, shuffle=True), held_out, fit_config(tmp_path / "p3", 30),
+                        into="draft")
+    model.eval()
+    assert model.draft_exit is not None and model.drafter is model.draft_exit
+    own = set(model.exit_own_parameters("draft_exit"))
+    assert own == {"draft_exit.norm.weight", "draft_exit.norm.bias", "draft_exit.head.weight"}
+    assert result.trainable_params == sum(p.numel() for n, p in model.named_parameters() if n in own)
+    now = model.state_dict()
+    assert set(now) == set(state) | own
+    for key, value in state.items():  # embeddings, blocks, deep norm/head and the shallow exit: bit for bit
+        assert torch.equal(now[key], value), key
+    assert all(not torch.equal(now[k], state[k.replace("draft_exit", "shallow_exit")]) for k in own)
+    assert model.meta.draft_exit and meta == dataclasses.replace(model.meta, draft_exit=False)  # τ, quantiles kept
+    assert {n: p.requires_grad for n, p in model.named_parameters() if n not in own} == flags
+    assert not any(p.requires_grad for p in model.draft_exit.parameters())  # frozen after phase 3
+    shallow_after = exit_agreement(model, held_out)
+    drafter_after = exit_agreement(model, held_out, target="draft_exit")
+    assert shallow_after == before  # the threshold exit is the one it was
+    # 0.599 -> 0.913 of the held-out tokens, as with distill_into: exit, when this test was written
+    assert drafter_after.agreement > before.agreement + 0.1, (before, drafter_after)
+
+
+def test_phase3_into_a_draft_exit_of_a_pretrained_split_shares_the_head_frozen(corpus: TokenizedCorpus,
+                                                                             tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = TransformerLM(ModelConfig.from_name("tiny-llama", vocab_size=VOCAB, layers=["llama"] * 3))
+    model = LegoLM.from_pretrained_split(base, 1)
+    model.mark_trained()
+    model.calibrate(0.3, 0.5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    run_phase3(model, windows(corpus.train, shuffle=True), windows(corpus.val), fit_config(tmp_path / "p3", 4))
+    assert model.draft_exit is not None and model.shallow_exit is not None
+    assert model.draft_exit.head is model.lm_head is model.shallow_exit.head  # one head, shared
+    assert model.draft_exit.lens is not model.shallow_exit.lens and model.draft_exit.norm is not model.norm
+    assert set(model.exit_own_parameters("draft_exit")) == {"draft_exit.lens.weight", "draft_exit.lens.bias",
+                                                            "draft_exit.norm.weight"}
+    now = model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in state.items())  # the shared head and the shallow exit
+    assert any(not torch.equal(now[k], now[k.replace("draft_exit", "shallow_exit")])
+               for k in ("draft_exit.lens.weight", "draft_exit.norm.weight"))
 
 
 def test_phase3_of_a_pretrained_split_trains_the_lens_and_norm_never_the_shared_head(corpus: TokenizedCorpus,
@@ -144,7 +209,8 @@ def test_phase3_of_a_pretrained_split_trains_the_lens_and_norm_never_the_shared_
     assert set(model.exit_own_parameters()) == {"shallow_exit.lens.weight", "shallow_exit.lens.bias",
                                                 "shallow_exit.norm.weight"}
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    run_phase3(model, windows(corpus.train, shuffle=True), windows(corpus.val), fit_config(tmp_path / "p3", 4))
+    run_phase3(model, windows(corpus.train, shuffle=True), windows(corpus.val), fit_config(tmp_path / "p3", 4),
+               into="exit")
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, state[k])}
     assert changed and changed <= {"shallow_exit.lens.weight", "shallow_exit.lens.bias", "shallow_exit.norm.weight"}
     assert torch.equal(model.lm_head.weight, state["lm_head.weight"])  # the head the exit shares
@@ -162,7 +228,7 @@ def test_distill_loss_on_a_model_matches_its_two_exits(phase2_model: LegoLM, cor
 
 
 # -- through train_lego: τ re-calibrated, summary, saved model ----------------------------------------------------
-def lego_config(out: Path) -> LegoConfig:
+def lego_config(out: Path, into: DistillInto = "exit") -> LegoConfig:
     def phase(steps: int, lr: float = 3e-3) -> PhaseConfig:
         return PhaseConfig(batch_size=8, max_steps=steps, optim=OptimConfig(lr=lr),
                            schedule=ScheduleConfig(warmup_steps=2),
@@ -171,7 +237,8 @@ def lego_config(out: Path) -> LegoConfig:
     cfg = LegoConfig(window=WINDOW, model=ModelSpec(preset="tiny-pythia", layers=["pythia"]),
                      phase1=phase(40), phase2=phase(20, 1e-2), phase3=phase(30),
                      lego=LegoSettings(num_layers=3, target_ratio=0.4, calib_batches=6, curve_ratios=[],
-                                       identity_init=False),  # the deep exit starts (and stays) unlike the shallow
+                                       identity_init=False,  # the deep exit starts (and stays) unlike the shallow
+                                       distill_into=into),
                      run=RunConfig(out_dir=str(out), device="cpu", progress=False, plot=False, log_every=10))
     d = cfg.decode
     d.prompts, d.prompt_len, d.max_new_tokens, d.score_windows, d.score_len = 1, 8, 4, 1, 4
@@ -228,3 +295,49 @@ def test_the_saved_model_loads_back_distilled(distilled: tuple[LegoConfig, LegoT
     assert trained.distill is not None
     again = exit_agreement(loaded, trained.val_batches, cfg.lego.calib_batches)
     assert again.agreement == pytest.approx(trained.distill.agreement_after, abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def drafted(corpus: TokenizedCorpus, tmp_path_factory: pytest.TempPathFactory) -> tuple[LegoConfig, LegoTraining,
+                                                                                        dict[str, object]]:
+    """The same run with ``lego.distill_into: draft`` (the default)."""
+    from legolm.recipes.lego import evaluate_and_report
+
+    out = tmp_path_factory.mktemp("lego_draft_job") / "run"
+    cfg = lego_config(out, into="draft")
+    cfg.validate()
+    trained = train_lego(cfg, corpus)
+    out.mkdir(parents=True, exist_ok=True)
+    return cfg, trained, evaluate_and_report(cfg, corpus, trained, out)
+
+
+def test_summary_of_a_draft_run_keeps_tau_and_reports_the_drafter(drafted: tuple[LegoConfig, LegoTraining,
+                                                                                  dict[str, object]]) -> None:
+    cfg, trained, summary = drafted
+    block, report, model = summary["phase3"], trained.distill, trained.model
+    assert isinstance(block, dict) and report is not None and model.draft_exit is not None
+    assert block["into"] == "draft" and block["rule"] == "unchanged"
+    assert block["threshold"] == block["threshold_before"] == summary["threshold"] == model.threshold
+    assert block["shallow_ratio"] == block["shallow_ratio_before"]
+    assert block["shallow_ppl_after"] == block["shallow_ppl_before"] == block["drafter_ppl_before"]
+    assert block["agreement_after"] > block["agreement_before"]
+    conf = shallow_confidences(model, trained.val_batches, cfg.lego.calib_batches)
+    assert model.threshold == quantile_threshold(conf, cfg.lego.target_ratio)  # phase 2's τ on unchanged confidences
+    again = exit_agreement(model, trained.val_batches, cfg.lego.calib_batches, target="draft_exit")
+    assert again.agreement == pytest.approx(block["agreement_after"], abs=1e-9)
+    assert "into a draft exit" in report.line() and "unchanged" in report.line()
+
+
+def test_a_saved_draft_run_loads_back_with_its_drafter(drafted: tuple[LegoConfig, LegoTraining,
+                                                                      dict[str, object]]) -> None:
+    cfg, trained, _ = drafted
+    loaded = load_pretrained(Path(cfg.run.out_dir) / "model")
+    assert isinstance(loaded, LegoLM) and loaded.meta == trained.model.meta and loaded.meta.draft_exit
+    assert loaded.draft_exit is not None and loaded.drafter is loaded.draft_exit
+    params = dict(loaded.named_parameters())
+    for name, value in trained.model.named_parameters():
+        assert torch.equal(params[name], value), name
+    ids = next(iter(trained.val_batches))["input_ids"][:1]
+    with torch.no_grad():
+        h_s = loaded.lower(ids)
+        torch.testing.assert_close(loaded.draft_logits(h_s), trained.model.draft_logits(h_s), rtol=0, atol=0)

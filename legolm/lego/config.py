@@ -36,6 +36,8 @@ from legolm.model.lego import check_target_ratio
 from legolm.train.config import EvalConfig, FitConfig, ModelSpec, OptimConfig, RunConfig, ScheduleConfig
 
 StoreDtype = Literal["float32", "bfloat16", "float16"]
+DistillInto = Literal["draft", "exit"]
+DISTILL_INTO = ("draft", "exit")
 PHASE_OFF = 0  # phase3.max_steps that skips phase 3
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -109,6 +111,9 @@ class LegoSettings:
         distill_weight: Phase 3 (exit distillation): weight α of KL(p_deep ‖ p_shallow) in the loss
             α · KL + (1 - α) · CE(labels, p_shallow), in [0, 1] (1: match the deep model alone, which is what
             self-speculative acceptance needs).
+        distill_into: Phase 3's trained exit: draft (a separate draft exit at the split, a copy of the shallow
+            exit's own parameters: speculative decoding drafts with it, threshold early exit keeps the shallow
+            exit and τ unchanged) or exit (the shallow exit itself, τ re-calibrated on its new confidences).
     """
 
     num_layers: int = 6
@@ -132,6 +137,7 @@ class LegoSettings:
     phase2_fraction: float = 0.3
     curve_ratios: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.7, 0.9])
     distill_weight: float = 1.0
+    distill_into: DistillInto = "draft"
 
 
 @dataclass
@@ -181,8 +187,9 @@ class LegoConfig:
         data: Corpus, tokenizer and split.
         phase1: Training of the shallow model on all data.
         phase2: Training of the upper layers on the stored hard examples.
-        phase3: Optional exit distillation after phase 2: only the shallow exit trains, towards the deep
-            model's distribution (``max_steps: 0``, the default, skips it).
+        phase3: Optional exit distillation after phase 2: only a draft exit (or the shallow exit, as
+            ``lego.distill_into`` says) trains, towards the deep model's distribution (``max_steps: 0``,
+            the default, skips it).
         lego: Depth, threshold calibration, routing and storage.
         decode: The decode-speed measurement.
         run: Run directory, device, seed, progress (shared by both phases).
@@ -248,6 +255,9 @@ class LegoConfig:
             (0.0 <= lg.distill_weight <= 1.0,
              f"lego.distill_weight must be in [0, 1] (the weight of KL(deep ‖ shallow) against the label loss in "
              f"phase 3), got {lg.distill_weight}"),
+            (lg.distill_into in DISTILL_INTO,
+             f"lego.distill_into must be one of {'|'.join(DISTILL_INTO)} (the exit phase 3 trains), "
+             f"got {lg.distill_into!r}"),
             (0.0 <= lg.phase2_fraction < 1.0, f"lego.phase2_fraction must be in [0, 1), got {lg.phase2_fraction}"),
             (self.lego.threshold is None or 0.0 <= self.lego.threshold <= 1.0,
              f"lego.threshold must be in [0, 1] (a max softmax probability), got {self.lego.threshold}; "

@@ -11,13 +11,19 @@ model's distribution, everything else frozen::
     p_s = softmax(shallow_exit(h_s))      (the only trained part)
     loss = α · KL(p_d ‖ p_s) + (1 - α) · CE(labels, p_s)      (token mean)
 
+``lego.distill_into`` picks the trained exit. ``draft`` (the default) trains a separate draft exit
+(`LegoLM.add_draft_exit`, a copy of the shallow exit's own parameters at the same split) and leaves
+the shallow exit, τ and everything else as they were: threshold early exit keeps its exit, and
+self-speculative decoding drafts with the distilled one, the draft heads kept apart from the model's
+own exits as in Medusa and EAGLE. ``exit`` distils the shallow exit itself (τ is then re-calibrated).
+
 This is draft-head distillation as in Kangaroo (Liu et al. 2024, arXiv 2404.18911: a shallow
 sub-network plus an adapter trained to match the full model) and the draft heads of Medusa (Cai et
 al. 2024, arXiv 2401.10774) and EAGLE (Li et al. 2024, arXiv 2401.15077), trained on the target
-model's own outputs. The trade-off: threshold early exit keeps the shallow token where it is
-confident, and that token now follows the deep model rather than the truth.
+model's own outputs. The trade-off of ``exit``: threshold early exit keeps the shallow token where it
+is confident, and that token now follows the deep model rather than the truth.
 
-`exit_agreement` measures what it is for: the fraction of validation tokens where the shallow
+`exit_agreement` measures what it is for: the fraction of validation tokens where the trained exit's
 argmax equals the deep argmax (the acceptance rate of greedy drafts, token by token).
 """
 
@@ -32,7 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from legolm.errors import ConfigError
-from legolm.model.lego import LegoLM
+from legolm.model.lego import ExitName, LegoLM
 from legolm.train.batches import Batch, rewind
 from legolm.train.fit import LossOutput
 from legolm.train.head_loss import IGNORE_INDEX
@@ -63,18 +69,20 @@ def _lego(module: nn.Module) -> LegoLM:
 
 
 class DistillLoss:
-    """Phase-3 loss of a `LegoLM` on windows (``input_ids``/``labels``): `distill_loss` of its two exits.
+    """Phase-3 loss of a `LegoLM` on windows (``input_ids``/``labels``): `distill_loss` of the trained exit
+    against the deep exit.
 
     The lower layers run once; the upper layers and deep exit run without gradient on their output.
 
     Args:
         alpha: Weight of KL(p_deep ‖ p_shallow) against the label cross-entropy, in [0, 1].
+        target: The trained exit: the shallow exit or the draft exit.
     """
 
-    def __init__(self, alpha: float = 1.0) -> None:
+    def __init__(self, alpha: float = 1.0, target: ExitName = "shallow_exit") -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"lego.distill_weight must be in [0, 1], got {alpha}")
-        self.alpha = alpha
+        self.alpha, self.target = alpha, target
 
     def __call__(self, module: nn.Module, batch: Batch) -> LossOutput:
         model = _lego(module)
@@ -82,17 +90,17 @@ class DistillLoss:
         with torch.no_grad():
             h_s = model.lower(batch["input_ids"])  # (B, T, C)
             deep = model.forward_upper_layers(h_s)  # (B, T, V)
-        loss = distill_loss(model.shallow_head(h_s), deep, labels, self.alpha)
+        loss = distill_loss(model.exit_head(self.target)(h_s), deep, labels, self.alpha)
         return loss, (labels != IGNORE_INDEX).sum(), {}
 
 
 @dataclass
 class ExitAgreement:
-    """Shallow against deep exit over validation windows.
+    """An exit (the shallow or the draft exit) against the deep exit over validation windows.
 
     Attributes:
-        agreement: Fraction of tokens whose shallow argmax equals the deep argmax.
-        shallow_ppl: Perplexity of the shallow exit on the labels.
+        agreement: Fraction of tokens whose argmax of the exit equals the deep argmax.
+        shallow_ppl: Perplexity of the exit on the labels.
         tokens: Tokens measured.
     """
 
@@ -103,10 +111,11 @@ class ExitAgreement:
 
 @torch.no_grad()
 def exit_agreement(model: LegoLM, batches: Iterable[Batch], max_batches: int | None = None,
-                   progress: bool = False) -> ExitAgreement:
-    """`ExitAgreement` of an extended model over ``batches`` (the first ``max_batches``)."""
+                   progress: bool = False, target: ExitName = "shallow_exit") -> ExitAgreement:
+    """`ExitAgreement` of exit ``target`` of an extended model over ``batches`` (the first ``max_batches``)."""
     if not model.extended:
         raise ConfigError("exit agreement needs both exits; extend() the model first")
+    head = model.exit_head(target)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -117,11 +126,11 @@ def exit_agreement(model: LegoLM, batches: Iterable[Batch], max_batches: int | N
         if max_batches is not None and i >= max_batches:
             break
         labels = batch["labels"].to(device)
-        out = model.forward_exits(batch["input_ids"].to(device))
-        assert out.deep_logits is not None
+        h_s = model.lower(batch["input_ids"].to(device))  # (B, T, C)
+        logits, deep = head(h_s), model.forward_upper_layers(h_s)  # (B, T, V) each
         mask = labels != IGNORE_INDEX
-        same += float((out.shallow_logits.argmax(-1) == out.deep_logits.argmax(-1))[mask].sum())
-        logp = out.shallow_logits.float().log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+        same += float((logits.argmax(-1) == deep.argmax(-1))[mask].sum())
+        logp = logits.float().log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
         nll, n = nll - float(logp[mask].double().sum()), n + int(mask.sum())
     model.train(was_training)
     if n == 0:
@@ -134,22 +143,30 @@ class DistillReport:
     """What phase 3 changed, on the validation windows (the ``phase3`` block of the summary).
 
     Attributes:
+        into: The trained exit: ``draft`` (a separate draft exit) or ``exit`` (the shallow exit).
         distill_weight: α of the loss.
-        agreement_before: Shallow/deep argmax agreement after phase 2.
-        agreement_after: The same after phase 3.
+        agreement_before: Drafter/deep argmax agreement after phase 2 (the drafter then: the shallow exit,
+            which a new draft exit starts as a copy of).
+        agreement_after: The same after phase 3 (the drafter now: the trained exit).
+        drafter_ppl_before: The drafter's perplexity after phase 2 (the shallow exit's).
+        drafter_ppl_after: The trained exit's perplexity after phase 3.
         shallow_ppl_before: The shallow exit's perplexity after phase 2.
-        shallow_ppl_after: The same after phase 3.
+        shallow_ppl_after: The same after phase 3 (unchanged with ``draft``: that exit is not trained).
         threshold_before: τ after phase 2.
-        threshold: τ re-calibrated on the distilled exit's confidences (the same rule).
+        threshold: τ after phase 3: re-calibrated on the distilled exit's confidences (the same rule) with
+            ``exit``, unchanged with ``draft``.
         shallow_ratio_before: Validation tokens exiting at the old τ, old confidences.
-        shallow_ratio: Validation tokens exiting at the new τ, new confidences.
+        shallow_ratio: Validation tokens exiting at the new τ, new confidences (unchanged with ``draft``).
         tokens: Validation tokens measured.
         rule: How τ was found.
     """
 
+    into: str
     distill_weight: float
     agreement_before: float
     agreement_after: float
+    drafter_ppl_before: float
+    drafter_ppl_after: float
     shallow_ppl_before: float
     shallow_ppl_after: float
     threshold_before: float
@@ -161,8 +178,14 @@ class DistillReport:
 
     def line(self) -> str:
         """One printed line of the numbers above."""
-        return (f"phase 3 (exit distillation, α={self.distill_weight:g}): agreement with the deep exit "
-                f"{self.agreement_before:.3f} -> {self.agreement_after:.3f}, "
+        if self.into == "draft":
+            return (f"phase 3 (exit distillation into a draft exit, α={self.distill_weight:g}): drafter agreement "
+                    f"with the deep exit {self.agreement_before:.3f} -> {self.agreement_after:.3f}, "
+                    f"drafter PPL {self.drafter_ppl_before:.2f} -> {self.drafter_ppl_after:.2f}; shallow exit, "
+                    f"τ {self.threshold:.4f} and shallow ratio {self.shallow_ratio:.3f} unchanged "
+                    f"({self.tokens:,} validation tokens)")
+        return (f"phase 3 (exit distillation into the shallow exit, α={self.distill_weight:g}): agreement with the "
+                f"deep exit {self.agreement_before:.3f} -> {self.agreement_after:.3f}, "
                 f"shallow PPL {self.shallow_ppl_before:.2f} -> {self.shallow_ppl_after:.2f}, "
                 f"τ {self.threshold_before:.4f} -> {self.threshold:.4f} ({self.rule}), "
                 f"shallow ratio {self.shallow_ratio_before:.3f} -> {self.shallow_ratio:.3f} "

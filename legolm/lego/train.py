@@ -10,12 +10,15 @@
                  calibrate τ, freeze embeddings / lower layers / shallow exit (upper = the model's own)
     both:        collect   lower-layer states of windows with hard tokens (train and val), once
                  phase 2   fit(LegoLM, stored states, loss on hard tokens, early stopping on val hard tokens)
-    optional:    phase 3   fit(LegoLM, phase-1 windows, α·KL(deep ‖ shallow) + (1-α)·CE, only the shallow exit's
-                           own parameters train, early stopping on val windows)   → re-calibrate τ (same rule)
+    optional:    phase 3   fit(LegoLM, phase-1 windows, α·KL(deep ‖ drafter) + (1-α)·CE, only the drafter's
+                           own parameters train, early stopping on val windows)
+                           draft (default): a new draft exit, a copy of the shallow exit; shallow exit and τ kept
+                           exit: the shallow exit itself   → re-calibrate τ (same rule)
 
 Phase 3 (`legolm.lego.distill`) trains the drafter of self-speculative decoding towards its
-verifier (draft-head distillation, Kangaroo, arXiv 2404.18911); the shallow confidences move, so τ
-is calibrated again by the rule the run used.
+verifier (draft-head distillation, Kangaroo, arXiv 2404.18911). By default that is a separate draft
+exit and threshold early exit keeps its shallow exit and τ; with ``lego.distill_into: exit`` the
+shallow confidences move, so τ is calibrated again by the rule the run used.
 
 Phase 2's loss (`HardTokenLoss`) runs only the upper layers and the deep exit on the stored
 states; the shallow log-probability and confidence were stored with them. With
@@ -37,7 +40,7 @@ from tqdm.auto import tqdm
 from legolm.checkpoints.loader import load_pretrained
 from legolm.data.tokenized import TokenizedCorpus, check_fits
 from legolm.errors import ConfigError
-from legolm.lego.config import STORE_DTYPES, LegoConfig
+from legolm.lego.config import STORE_DTYPES, DistillInto, LegoConfig
 from legolm.lego.distill import DistillLoss, DistillReport, exit_agreement
 from legolm.lego.evaluate import TokenScores, score_tokens
 from legolm.lego.hard_examples import (
@@ -55,7 +58,7 @@ from legolm.lego.split import (
     measure_splits,
 )
 from legolm.lego.threshold import shallow_confidences
-from legolm.model.lego import LegoLM, LegoMeta, exits, quantile_threshold, routed_log_probs
+from legolm.model.lego import ExitName, LegoLM, LegoMeta, exits, quantile_threshold, routed_log_probs
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch, BatchSource, WindowBatches, rewind
 from legolm.train.config import FitConfig
@@ -190,27 +193,38 @@ def run_phase2(model: LegoLM, train: HardExamples, val: HardExamples, cfg: FitCo
                callbacks=[RestoreBest(start=(model, before))])
 
 
-def run_phase3(model: LegoLM, train: BatchSource, val: BatchSource, cfg: FitConfig,
-               distill_weight: float = 1.0) -> FitResult:
-    """Phase 3: exit distillation, only the shallow exit's own parameters trained towards the deep model.
+def distilled_exit(into: DistillInto) -> ExitName:
+    """The exit phase 3 trains for ``lego.distill_into``."""
+    return "draft_exit" if into == "draft" else "shallow_exit"
 
-    Loss `DistillLoss` (α = ``distill_weight``) on ``train`` windows, early stopping on ``val``; the
-    model before training counts as the first evaluation (as in phase 2), so the exit it ends with is
-    never worse on ``val`` than the one it started with. Every other parameter stays bit-for-bit as
-    it was, and the trainable flags are given back as they were.
+
+def run_phase3(model: LegoLM, train: BatchSource, val: BatchSource, cfg: FitConfig,
+               distill_weight: float = 1.0, into: DistillInto = "draft") -> FitResult:
+    """Phase 3: exit distillation, only one exit's own parameters trained towards the deep model.
+
+    ``into``: ``draft`` makes a new draft exit (`LegoLM.add_draft_exit`, a copy of the shallow exit)
+    and trains it, ``exit`` trains the shallow exit. Loss `DistillLoss` (α = ``distill_weight``) on
+    ``train`` windows, early stopping on ``val``; the model before training counts as the first
+    evaluation (as in phase 2), so the exit it ends with is never worse on ``val`` than the one it
+    started with. Every other parameter stays bit-for-bit as it was, and the trainable flags are
+    given back as they were (a new draft exit's own parameters end frozen, like the shallow exit).
     """
     if not model.extended:
-        raise ConfigError("phase 3 distils the shallow exit towards the deep one; extend() the model first")
+        raise ConfigError("phase 3 distils an exit towards the deep one; extend() the model first")
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    model.freeze_for_distillation()
-    loss_fn = DistillLoss(distill_weight)
+    target = distilled_exit(into)
+    if target == "draft_exit":
+        model.add_draft_exit()
+    model.freeze_for_distillation(target)
+    loss_fn = DistillLoss(distill_weight, target)
     try:
         before = _val_ppl(model, val, loss_fn, cfg.eval.max_batches)
-        tqdm.write(f"phase 3 starts at validation distillation loss {math.log(before):.4g} (α={distill_weight:g})")
+        tqdm.write(f"phase 3 starts at validation distillation loss {math.log(before):.4g} (α={distill_weight:g}, "
+                   f"into the {target.replace('_', ' ')})")
         return fit(model, train, cfg, val=val, loss_fn=loss_fn, callbacks=[RestoreBest(start=(model, before))])
     finally:
         for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
+            p.requires_grad_(flags.get(name, False))
 
 
 @dataclass
@@ -356,7 +370,8 @@ def _store_threshold(cfg: LegoConfig, model: LegoLM, threshold: float, conf: Ten
 
 def distill_exit(cfg: LegoConfig, model: LegoLM, train_ids: np.ndarray, val: WindowBatches,
                  reference_ppl: float | None, out: Path) -> tuple[FitResult, DistillReport]:
-    """Phase 3 on the phase-1 training windows, then τ re-calibrated by the run's rule on the new confidences.
+    """Phase 3 on the phase-1 training windows into ``lego.distill_into``'s exit; ``exit``: then τ
+    re-calibrated by the run's rule on the new confidences, ``draft``: the shallow exit and τ unchanged.
 
     The phase-1 windows (not phase 2's): the upper layers never trained on them, so the deep model's
     predictions there are like those on new text, which is what the drafter meets when decoding.
@@ -366,17 +381,23 @@ def distill_exit(cfg: LegoConfig, model: LegoLM, train_ids: np.ndarray, val: Win
     shard = init_distributed(cfg.run).shard()
     train = WindowBatches(train_ids, cfg.window, p3.batch_size, shuffle=True, seed=cfg.run.seed, **shard)
     tau_before, conf_before = model.threshold, shallow_confidences(model, val, lg.calib_batches)
-    before = exit_agreement(model, val, lg.calib_batches, progress=cfg.run.progress)
-    result = run_phase3(model, train, val, p3, lg.distill_weight)
+    before = exit_agreement(model, val, lg.calib_batches, progress=cfg.run.progress)  # the shallow exit
+    result = run_phase3(model, train, val, p3, lg.distill_weight, lg.distill_into)
     model.eval()
-    after = exit_agreement(model, val, lg.calib_batches, progress=cfg.run.progress)
-    conf = shallow_confidences(model, val, lg.calib_batches)
-    threshold, rule = _calibrate(cfg, model, conf, val, reference_ppl)
-    _store_threshold(cfg, model, threshold, conf)
+    target = distilled_exit(lg.distill_into)
+    after = exit_agreement(model, val, lg.calib_batches, progress=cfg.run.progress, target=target)
+    if target == "draft_exit":  # the shallow exit did not train: its numbers and τ stay
+        shallow_after, conf, threshold, rule = before, conf_before, tau_before, "unchanged"
+    else:
+        shallow_after, conf = after, shallow_confidences(model, val, lg.calib_batches)
+        threshold, rule = _calibrate(cfg, model, conf, val, reference_ppl)
+        _store_threshold(cfg, model, threshold, conf)
     report = DistillReport(
-        distill_weight=lg.distill_weight, agreement_before=before.agreement, agreement_after=after.agreement,
-        shallow_ppl_before=before.shallow_ppl, shallow_ppl_after=after.shallow_ppl, threshold_before=tau_before,
-        threshold=threshold, shallow_ratio_before=float(exits(conf_before, tau_before).float().mean()),
+        into=lg.distill_into, distill_weight=lg.distill_weight, agreement_before=before.agreement,
+        agreement_after=after.agreement, drafter_ppl_before=before.shallow_ppl, drafter_ppl_after=after.shallow_ppl,
+        shallow_ppl_before=before.shallow_ppl, shallow_ppl_after=shallow_after.shallow_ppl,
+        threshold_before=tau_before, threshold=threshold,
+        shallow_ratio_before=float(exits(conf_before, tau_before).float().mean()),
         shallow_ratio=float(exits(conf, threshold).float().mean()), tokens=after.tokens, rule=rule)
     return result, report
 

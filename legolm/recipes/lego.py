@@ -3,14 +3,15 @@
 ::
 
     prepare corpus ─ train_lego (phase 1 ─ calibrate τ ─ extend | split ─ hard examples ─ phase 2
-                                 [─ phase 3: exit distillation ─ re-calibrate τ])
+                                 [─ phase 3: distillation into a draft exit | into the shallow exit ─ re-calibrate τ])
                    ─ save model/ (loads with load_pretrained as a LegoLM, τ included)
                    ─ quality table (shallow / deep / routed, all and hard tokens)
                    ─ decode table (full depth, threshold sweep, kv modes, speculative) ─ curve.png / curve.csv
 
 The run directory gets ``phase1/``, ``phase2/`` and ``phase3/`` (the runs of `fit`; phase 3 when on),
 ``model/``, ``curve.png``, ``curve.csv``, ``split_curve.{png,csv}`` (pretrained route with candidates) and
-``summary.json`` (with a ``phase3`` block: agreement, shallow perplexity and τ before and after distillation).
+``summary.json`` (with a ``phase3`` block: which exit trained, the drafter's agreement with the deep exit and
+perplexity, the shallow perplexity and τ before and after distillation).
 """
 
 from __future__ import annotations
