@@ -179,13 +179,19 @@ def test_phase3_into_a_draft_exit_leaves_the_shallow_exit_and_tau_alone(phase2_m
     assert drafter_after.agreement > before.agreement + 0.1, (before, drafter_after)
 
 
-def test_phase3_into_a_draft_exit_of_a_pretrained_split_shares_the_head_frozen(corpus: TokenizedCorpus,
-                                                                             tmp_path: Path) -> None:
+def _pretrained_split() -> LegoLM:
+    """A tiny Llama split after block 1 (its exit reads through the model's own head), τ set."""
     torch.manual_seed(0)
     base = TransformerLM(ModelConfig.from_name("tiny-llama", vocab_size=VOCAB, layers=["llama"] * 3))
     model = LegoLM.from_pretrained_split(base, 1)
     model.mark_trained()
     model.calibrate(0.3, 0.5)
+    return model
+
+
+def test_phase3_into_a_draft_exit_of_a_pretrained_split_shares_the_head_frozen(corpus: TokenizedCorpus,
+                                                                             tmp_path: Path) -> None:
+    model = _pretrained_split()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     run_phase3(model, windows(corpus.train, shuffle=True), windows(corpus.val), fit_config(tmp_path / "p3", 4))
     assert model.draft_exit is not None and model.shallow_exit is not None
@@ -201,11 +207,7 @@ def test_phase3_into_a_draft_exit_of_a_pretrained_split_shares_the_head_frozen(c
 
 def test_phase3_of_a_pretrained_split_trains_the_lens_and_norm_never_the_shared_head(corpus: TokenizedCorpus,
                                                                                     tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    base = TransformerLM(ModelConfig.from_name("tiny-llama", vocab_size=VOCAB, layers=["llama"] * 3))
-    model = LegoLM.from_pretrained_split(base, 1)
-    model.mark_trained()
-    model.calibrate(0.3, 0.5)
+    model = _pretrained_split()
     assert set(model.exit_own_parameters()) == {"shallow_exit.lens.weight", "shallow_exit.lens.bias",
                                                 "shallow_exit.norm.weight"}
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -246,21 +248,27 @@ def lego_config(out: Path, into: DistillInto = "exit") -> LegoConfig:
     return cfg
 
 
-@pytest.fixture(scope="module")
-def distilled(corpus: TokenizedCorpus, tmp_path_factory: pytest.TempPathFactory) -> tuple[LegoConfig, LegoTraining,
-                                                                                          dict[str, object]]:
+Job = tuple[LegoConfig, LegoTraining, dict[str, object]]
+
+
+def _job(corpus: TokenizedCorpus, tmp_path_factory: pytest.TempPathFactory, name: str, into: DistillInto) -> Job:
+    """A whole `train_lego` run with phase 3 into ``into``, and its report."""
     from legolm.recipes.lego import evaluate_and_report
 
-    out = tmp_path_factory.mktemp("lego_distill_job") / "run"
-    cfg = lego_config(out)
+    out = tmp_path_factory.mktemp(name) / "run"
+    cfg = lego_config(out, into=into)
     cfg.validate()
     trained = train_lego(cfg, corpus)
     out.mkdir(parents=True, exist_ok=True)
     return cfg, trained, evaluate_and_report(cfg, corpus, trained, out)
 
 
-def test_tau_is_recalibrated_on_the_distilled_confidences(distilled: tuple[LegoConfig, LegoTraining,
-                                                                            dict[str, object]]) -> None:
+@pytest.fixture(scope="module")
+def distilled(corpus: TokenizedCorpus, tmp_path_factory: pytest.TempPathFactory) -> Job:
+    return _job(corpus, tmp_path_factory, "lego_distill_job", "exit")
+
+
+def test_tau_is_recalibrated_on_the_distilled_confidences(distilled: Job) -> None:
     cfg, trained, summary = distilled
     model, report = trained.model, trained.distill
     assert report is not None and trained.phase3 is not None and trained.phase3.steps >= 1
@@ -273,7 +281,7 @@ def test_tau_is_recalibrated_on_the_distilled_confidences(distilled: tuple[LegoC
     assert report.shallow_ratio == pytest.approx(1 - cfg.lego.target_ratio, abs=2 / conf.numel())
 
 
-def test_summary_reports_phase3(distilled: tuple[LegoConfig, LegoTraining, dict[str, object]]) -> None:
+def test_summary_reports_phase3(distilled: Job) -> None:
     cfg, trained, summary = distilled
     block = summary["phase3"]
     assert isinstance(block, dict) and trained.distill is not None
@@ -285,7 +293,7 @@ def test_summary_reports_phase3(distilled: tuple[LegoConfig, LegoTraining, dict[
     assert (Path(cfg.run.out_dir) / "phase3" / "metrics.csv").is_file()
 
 
-def test_the_saved_model_loads_back_distilled(distilled: tuple[LegoConfig, LegoTraining, dict[str, object]]) -> None:
+def test_the_saved_model_loads_back_distilled(distilled: Job) -> None:
     cfg, trained, summary = distilled
     loaded = load_pretrained(Path(cfg.run.out_dir) / "model")
     assert isinstance(loaded, LegoLM) and loaded.meta == trained.model.meta
@@ -298,21 +306,12 @@ def test_the_saved_model_loads_back_distilled(distilled: tuple[LegoConfig, LegoT
 
 
 @pytest.fixture(scope="module")
-def drafted(corpus: TokenizedCorpus, tmp_path_factory: pytest.TempPathFactory) -> tuple[LegoConfig, LegoTraining,
-                                                                                        dict[str, object]]:
+def drafted(corpus: TokenizedCorpus, tmp_path_factory: pytest.TempPathFactory) -> Job:
     """The same run with ``lego.distill_into: draft`` (the default)."""
-    from legolm.recipes.lego import evaluate_and_report
-
-    out = tmp_path_factory.mktemp("lego_draft_job") / "run"
-    cfg = lego_config(out, into="draft")
-    cfg.validate()
-    trained = train_lego(cfg, corpus)
-    out.mkdir(parents=True, exist_ok=True)
-    return cfg, trained, evaluate_and_report(cfg, corpus, trained, out)
+    return _job(corpus, tmp_path_factory, "lego_draft_job", "draft")
 
 
-def test_summary_of_a_draft_run_keeps_tau_and_reports_the_drafter(drafted: tuple[LegoConfig, LegoTraining,
-                                                                                  dict[str, object]]) -> None:
+def test_summary_of_a_draft_run_keeps_tau_and_reports_the_drafter(drafted: Job) -> None:
     cfg, trained, summary = drafted
     block, report, model = summary["phase3"], trained.distill, trained.model
     assert isinstance(block, dict) and report is not None and model.draft_exit is not None
@@ -328,8 +327,7 @@ def test_summary_of_a_draft_run_keeps_tau_and_reports_the_drafter(drafted: tuple
     assert "into a draft exit" in report.line() and "unchanged" in report.line()
 
 
-def test_a_saved_draft_run_loads_back_with_its_drafter(drafted: tuple[LegoConfig, LegoTraining,
-                                                                      dict[str, object]]) -> None:
+def test_a_saved_draft_run_loads_back_with_its_drafter(drafted: Job) -> None:
     cfg, trained, _ = drafted
     loaded = load_pretrained(Path(cfg.run.out_dir) / "model")
     assert isinstance(loaded, LegoLM) and loaded.meta == trained.model.meta and loaded.meta.draft_exit
