@@ -49,6 +49,7 @@ from benchmarks.lora import (
     hf_model,
     legolm_step,
     model_type,
+    optim_config,
     peer_step,
     peft_step,
     restorer,
@@ -64,9 +65,9 @@ from legolm.adapters.skip2lora_train import Skip2LoRALoss
 from legolm.adapters.skip_cache import SkipCache
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch
-from legolm.train.config import OptimConfig, ScheduleConfig
+from legolm.train.config import ScheduleConfig
 from legolm.train.fit import autocast_for
-from legolm.train.head_loss import VOCAB_ALIGN, LossKernel, head_cross_entropy
+from legolm.train.head_loss import LossKernel, aligned_rows, head_cross_entropy
 from legolm.train.optim import LRSchedule, build_optimizer
 from legolm.utils.io import atomic_savefig
 
@@ -76,7 +77,7 @@ StepFn = Callable[[Batch, int], torch.Tensor]
 def skip_step(model: Skip2LoRAModel, cache: SkipCache | None, lr: float, device: torch.device,
               precision: str, loss_chunk: int = 0, compile: bool = False, backend: str = "inductor",
               kernel: LossKernel = "torch", compile_mode: str = "default") -> StepFn:
-    optim = OptimConfig(lr=lr, weight_decay=0.0, grad_clip=1.0)
+    optim = optim_config(lr)
     opt = build_optimizer(list(model.trainable()), optim, device)
     schedule = LRSchedule(lr, ScheduleConfig(warmup_steps=0, decay="constant"), total_steps=1)
     train = train_step(model, Skip2LoRALoss(cache, loss_chunk, kernel), opt, schedule, optim.grad_clip,
@@ -141,10 +142,11 @@ def graphed_cached_step(model: Skip2LoRAModel, cache: SkipCache, lr: float, devi
     """
     params = list(model.trainable())
     cuda = device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=cuda, capturable=cuda)
+    optim = optim_config(lr)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                            weight_decay=optim.weight_decay, fused=cuda, capturable=cuda)
     ids = batch["sample_ids"].to(device).clone()
     labels = batch["labels"].to(device).clone()
-    grad_clip = 1.0
 
     def body() -> torch.Tensor:
         opt.zero_grad(set_to_none=False)
@@ -153,7 +155,7 @@ def graphed_cached_step(model: Skip2LoRAModel, cache: SkipCache, lr: float, devi
             loss = head_cross_entropy(model.base.lm_head, model.head_input(feats), labels)
         loss.backward()
         grads = [p.grad for p in params if p.grad is not None]
-        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, torch.nn.utils.get_total_norm(grads))
+        torch.nn.utils.clip_grads_with_norm_(params, optim.grad_clip, torch.nn.utils.get_total_norm(grads))
         opt.step()
         return loss.detach()
 
@@ -224,7 +226,7 @@ def head_gemm_floor(model: torch.nn.Module, data: list[Batch], device: torch.dev
     an odd vocabulary (GPT-2's 50,257) in the GEMM whose K it is.
     """
     weight = model.lm_head.weight.to(device, dtype)  # type: ignore[union-attr]
-    head = F.pad(weight, (0, 0, 0, -weight.shape[0] % VOCAB_ALIGN))  # (V', C)
+    head = aligned_rows(weight)  # (V', C)
     b = data[0]
     x = model.to(device)(b["input_ids"].to(device), logits=False).flatten(0, 1).to(dtype)  # (N, C)
     grad = (x @ head.T).float().softmax(-1)  # (N, V)

@@ -86,7 +86,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
             V = weight.shape[0]
-            w = _aligned_rows(weight.to(dtype))  # (V', C), V' >= V: zero rows pad V to a multiple of VOCAB_ALIGN
+            w = aligned_rows(weight.to(dtype))  # (V', C), V' >= V: zero rows pad V to a multiple of VOCAB_ALIGN
             grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
             acc = torch.promote_types(dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
             grad_w = torch.zeros_like(w, dtype=acc) if ctx.needs_input_grad[1] else None
@@ -117,7 +117,7 @@ VOCAB_ALIGN = 64  # the chunked loss pads the head's rows to a multiple of this:
 # (the input gradient, softmax @ W) leaves cuBLAS's fast kernels when K is odd (GPT-2's 50,257: 3x slower, H200)
 
 
-def _aligned_rows(w: Tensor) -> Tensor:
+def aligned_rows(w: Tensor) -> Tensor:
     """``w`` (V, C) with zero rows appended up to a multiple of `VOCAB_ALIGN` (itself when aligned)."""
     pad = -w.shape[0] % VOCAB_ALIGN
     return w if pad == 0 else torch.cat([w, w.new_zeros(pad, w.shape[1])])
