@@ -41,6 +41,7 @@ from legolm.lego.split import plot_splits
 from legolm.lego.train import LegoTraining, train_lego
 from legolm.model.lego import LegoLM, quantile_threshold
 from legolm.train.distributed import init_distributed
+from legolm.train.fit import FitResult
 from legolm.train.run_dir import check_run_dir, hold_run_dir
 from legolm.utils.io import atomic_write_text, finite_json
 
@@ -127,8 +128,8 @@ def evaluate_and_report(cfg: LegoConfig, corpus: TokenizedCorpus, trained: LegoT
     if trained.distill is not None:
         print(trained.distill.line())
     print(f"model saved to {out / 'model'}")
-    fit_results = {name: None if r is None else {k: v for k, v in asdict(r).items() if k != "run_dir"}
-                   for name, r in (("phase1", trained.phase1), ("phase2", trained.phase2))}
+    fit_results: dict[str, Any] = {name: fit_summary(r) for name, r in (("phase1", trained.phase1),
+                                                                         ("phase2", trained.phase2))}
     fit_results["phase3"] = phase3_block(trained)
     return {"threshold": tau, "split": model.split, "num_layers": model.n_layer, "phase1_ppl": phase1_ppl,
             "deep_ppl": deep_ppl, "routed_ppl": scores.routed_ppl(tau, temperature), "quality": quality_values,
@@ -139,11 +140,16 @@ def evaluate_and_report(cfg: LegoConfig, corpus: TokenizedCorpus, trained: LegoT
             "table": table, "model": str(out / "model")}
 
 
+def fit_summary(result: FitResult | None) -> dict[str, Any] | None:
+    """A phase's `FitResult` for the summary (its run directory left out), None when the phase did not run."""
+    return None if result is None else {k: v for k, v in asdict(result).items() if k != "run_dir"}
+
+
 def phase3_block(trained: LegoTraining) -> dict[str, Any] | None:
     """The summary's ``phase3`` block: what exit distillation changed, and its `fit` run (None when it was off)."""
     if trained.distill is None or trained.phase3 is None:
         return None
-    return {**asdict(trained.distill), "fit": {k: v for k, v in asdict(trained.phase3).items() if k != "run_dir"}}
+    return {**asdict(trained.distill), "fit": fit_summary(trained.phase3)}
 
 
 def vs_unmodified(scores: TokenScores, tau: float, temperature: float, reference_ppl: float | None,
