@@ -134,6 +134,10 @@ class FusedLegoSession:
                                   pos=zeros(1))
         self.tau = zeros(1, dtype=torch.float32)
         self.flags = zeros(1 + len(config.fill_buckets), dtype=torch.bool)  # one read gives every condition
+        # "parts": the lower graph ends by copying the flags into pinned host memory, and the host waits on
+        # an event instead of a pageable `.tolist()` (no allocation, no staging copy on the token's critical path)
+        self.host_flags = torch.zeros(self.flags.shape, dtype=torch.bool, pin_memory=p.is_cuda)
+        self.flags_ready = torch.cuda.Event() if p.is_cuda else None
         self.deep, self.flush = self.flags[:1], self.flags[1:]
         self.uslot = zeros(1)  # skip mode: the next dense slot of the upper cache
         self.q = zeros(1)  # fill mode: exited tokens waiting for the upper layers
@@ -177,6 +181,11 @@ class FusedLegoSession:
         fill = (self.q, self.buckets, self.flush) if self.fill else None
         self.kd.exit_((st.partial[0], st.partial[1], st.partial[2]), n, self.tau, self.deep, s, self.eos_id,
                       self.kd.ADVANCE_BLOCK, fill)
+
+    def _lower_part_to_host(self) -> None:
+        """`_lower_part`, then its conditions copied to ``host_flags`` (the "parts" runner's lower graph)."""
+        self._lower_part()
+        self.host_flags.copy_(self.flags, non_blocking=True)
 
     def _branches(self) -> list[tuple[int, Callable[[], None]]]:
         """The step's conditional parts, in order: (index of its condition in ``flags``, what runs when it is set).
@@ -288,8 +297,11 @@ class FusedLegoSession:
         else:
             assert self.parts is not None, "warm_up() captures the graphs before the first prefill"
             lower, branches = self.parts
-            lower.replay()
-            flags = self.flags.tolist()  # the one device-to-host read of a step
+            lower.replay()  # ends with the flags' copy into host_flags
+            if self.flags_ready is not None:
+                self.flags_ready.record()
+                self.flags_ready.synchronize()  # the one wait of a step
+            flags = self.host_flags.tolist()
             for index, graph in branches:
                 if flags[index]:
                     graph.replay()
@@ -310,7 +322,7 @@ class FusedLegoSession:
         if self.runner == "graph":
             self.graph = _record(self._units)
         else:
-            self.parts = (_record(lambda graph: self._lower_part()),
+            self.parts = (_record(lambda graph: self._lower_part_to_host()),
                           [(index, _record(functools.partial(_call, fn))) for index, fn in self._branches()])
         torch.cuda.synchronize()
         self.warmed = True
