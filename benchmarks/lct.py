@@ -64,8 +64,9 @@ def main() -> None:
           f"{cfg.run.precision}, {device_info()['device']}{versus}")
     table = print_table(rows, ["impl", "epoch 1 s", "later epochs s", "final val ppl", "final lag"])
     if not args.smoke:
+        epochs = {run["method"]: run["epochs"] for run in summary["runs"]}  # per-epoch seconds, exact val ppl, lag
         payload = {**device_info(), "config": summary["config"], "comparison": comparison, "rows": rows,
-                   "table": table}
+                   "epochs": epochs, "table": table}
         print(f"wrote {write_result(args.name, payload)}")
 
 

@@ -95,3 +95,22 @@ def test_skip2lora_search_reports_the_gap_to_the_best_lora_run(tmp_path: Path) -
     assert [r["run"] for r in rows] == ["l1", "l2", "s"]
     assert rows[2]["vs best lora"] == pytest.approx(0.1) and rows[1]["vs best lora"] == pytest.approx(0.25)
     assert table.index("| l1") < table.index("| s ") < table.index("| l2")  # sorted by held-out ppl
+
+
+def test_lct_epochs_reads_joined_logs_and_a_cut_runs_val_metrics(tmp_path: Path) -> None:
+    """`benchmarks.lct_epochs` takes each run's per-epoch table under its ``tail`` header, and a cut run's val lines."""
+    from benchmarks.lct_epochs import parse_log, parse_metrics
+
+    log = tmp_path / "joined.log"
+    log.write_text("==> a.log <==\n| method | epoch | train s | val ppl (exact) | lag mean abs | lag relative |\n"
+                   "|---|---:|---:|---:|---:|---:|\n| lct | 1 | 8.2 | 335.71 | 0.3 | 109.90% |\n"
+                   "| lct | 2 | 5.9 | 249.12 | 0.1 | 57.93% |\n\n==> runs/b.log <==\n"
+                   "| sequential | 1 | 62.1 | 768.49 |  |  |\n| lct  | 4.34      | 1.12           | 359.74 |\n")
+    assert parse_log(log) == {"a": [{"epoch": 1, "train_s": 8.2, "val_ppl": 335.71},
+                                    {"epoch": 2, "train_s": 5.9, "val_ppl": 249.12}],
+                              "b": [{"epoch": 1, "train_s": 62.1, "val_ppl": 768.49}]}
+    metrics = tmp_path / "val.jsonl"
+    metrics.write_text('runs/x/sequential/metrics.jsonl:{"step": 128, "split": "val", "val_ppl": 303.2}\n'
+                       'runs/y/lct/metrics.jsonl:{"step": 128, "split": "val", "val_ppl": 999.0}\n'
+                       'runs/x/sequential/metrics.jsonl:{"step": 256, "split": "val", "val_ppl": 240.0}\n')
+    assert parse_metrics(f"x={metrics}:128") == ("x", [{"epoch": 1, "val_ppl": 303.2}, {"epoch": 2, "val_ppl": 240.0}])
