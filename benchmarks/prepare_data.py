@@ -73,8 +73,11 @@ def join_model() -> None:
     print(f"joined {MODEL_TARGET} ({len(data):,} bytes, sha256 ok)")
 
 
-# texts the GPU machine reads as the shared-data folder (LEGOLM_DATA=.bench/shared), e.g. `legolm lct`
-SHARED_COPIES = ["data/tinyshakespeare.txt", "tokenizers/gpt2/vocab.json", "tokenizers/gpt2/merges.txt"]  # serve: GPT-2
+# texts the GPU machine reads as the shared-data folder (LEGOLM_DATA=.bench/shared): `legolm lct` (Tiny
+# Shakespeare, Gutenberg), the second Skip2-LoRA base's pretraining (TinyStories), serve (GPT-2's tokenizer)
+SHARED_COPIES = ["data/tinyshakespeare.txt", "data/gutenberg/gutenberg_26_novels.txt",
+                 "data/tinystories/tinystories_sample_2MB.txt", "tokenizers/gpt2/vocab.json",
+                 "tokenizers/gpt2/merges.txt"]
 
 
 def copy_shared() -> None:
