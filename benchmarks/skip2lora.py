@@ -131,14 +131,16 @@ def epochs(step: StepFn, data: list[Batch], n_epochs: int, device: torch.device,
 
 
 def graphed_cached_step(model: Skip2LoRAModel, cache: SkipCache, lr: float, device: torch.device, precision: str,
-                        batch: Batch, warmup: int) -> StepFn:
+                        batch: Batch, warmup: int, compile_backend: str | None = None) -> StepFn:
     """A cached Skip2-LoRA step as ONE CUDA graph: cache gather, adapters, head, loss, backward, clipping, AdamW.
 
     For steps bound by launches (a small head: 1.2 ms of GPU work in a 4 ms compiled step), every kernel of
     the step, optimizer included, replays from one graph (the whole-step graph of torchtitan / Megatron):
     the sample ids and labels are copied into static buffers, the graph reads the Skip-Cache on the GPU
     by those ids. AdamW is fused and capturable with a constant learning rate (the benchmark's schedule).
-    Off the GPU the same body runs eagerly (the CPU smoke run). Only for a filled GPU cache.
+    With ``compile_backend`` the loss's forward (and so its backward) is a `torch.compile` region, compiled
+    during the warm-up steps, whose kernels the graph then captures with the rest of the step.
+    Off the GPU the same body runs without a graph (the CPU smoke run). Only for a filled GPU cache.
     """
     params = list(model.trainable())
     cuda = device.type == "cuda"
@@ -148,11 +150,16 @@ def graphed_cached_step(model: Skip2LoRAModel, cache: SkipCache, lr: float, devi
     ids = batch["sample_ids"].to(device).clone()
     labels = batch["labels"].to(device).clone()
 
-    def body() -> torch.Tensor:
-        opt.zero_grad(set_to_none=False)
+    def forward() -> torch.Tensor:
         with autocast_for(device, precision):
             feats = cache.data[ids]  # (B, K+1, T, C), on the GPU
-            loss = head_cross_entropy(model.base.lm_head, model.head_input(feats), labels)
+            return head_cross_entropy(model.base.lm_head, model.head_input(feats), labels)
+
+    loss_of = torch.compile(forward, backend=compile_backend) if compile_backend else forward
+
+    def body() -> torch.Tensor:
+        opt.zero_grad(set_to_none=False)
+        loss = loss_of()
         loss.backward()
         grads = [p.grad for p in params if p.grad is not None]
         torch.nn.utils.clip_grads_with_norm_(params, optim.grad_clip, torch.nn.utils.get_total_norm(grads))
@@ -188,10 +195,12 @@ def graphed_cached_step(model: Skip2LoRAModel, cache: SkipCache, lr: float, devi
 
 
 def graphed_row(plain: torch.nn.Module, train: list[Batch], val: list[Batch], args: argparse.Namespace,
-                device: torch.device, precision: str, skip_r: int) -> dict[str, Any]:
+                device: torch.device, precision: str, skip_r: int, compiled_body: bool) -> dict[str, Any]:
     """Skip2-LoRA with a Skip-Cache on the training device: epoch 1 eager (fills the cache), later epochs one
-    CUDA graph per step (`graphed_cached_step`; its warm-up steps train too, and it starts a new AdamW)."""
+    CUDA graph per step (`graphed_cached_step`; its warm-up steps train too, and it starts a new AdamW),
+    the loss compiled first with ``compiled_body``."""
     assert isinstance(plain, TransformerLM)
+    backend = args.compile_backend
     n_blocks, cuda = plain.config.n_layer, device.type == "cuda"
     model = Skip2LoRAModel(plain, Skip2LoRAConfig(block_indices=list(range(n_blocks)), r=skip_r,
                                                   alpha=2.0 * skip_r)).to(device)
@@ -205,11 +214,13 @@ def graphed_row(plain: torch.nn.Module, train: list[Batch], val: list[Batch], ar
 
     def before_epoch(e: int) -> None:
         if e == 1:  # the cache is full: capture the graphed step (untimed)
-            current[0] = graphed_cached_step(model, cache, args.lr, device, precision, data[0], args.graph_warmup)
+            current[0] = graphed_cached_step(model, cache, args.lr, device, precision, data[0], args.graph_warmup,
+                                             backend if compiled_body else None)
 
     timed = epochs(lambda b, i: current[0](b, i), data, args.epochs, device, before_epoch)
     where = "gpu" if cuda else "cpu"
-    return {"impl": f"legolm Skip2-LoRA + Skip-Cache ({where}), one CUDA graph per step", "mode": "graph",
+    how = ", compiled loss" if compiled_body else ""
+    return {"impl": f"legolm Skip2-LoRA + Skip-Cache ({where}), one CUDA graph per step{how}",
             "trainable": sum(p.numel() for p in model.trainable()), **timed,
             "val loss": val_loss(model, val, device, precision)}
 
@@ -353,9 +364,10 @@ def gpu(args: argparse.Namespace) -> None:
             profiles[impl] = profile_epoch(step, data_ids, args.epochs, args.profile)
             print(f"profile of one more epoch, {impl}:\n{profiles[impl]}")
         plain = model.base  # the backbone, untouched, for the next run
-    if args.graph_step:
+    for mode in args.modes if args.graph_step else []:  # eager: the eager body captured; compile: the compiled one
         free(device)
-        rows.append(graphed_row(plain, train, val, args, device, precision, skip_r))
+        rows.append({**graphed_row(plain, train, val, args, device, precision, skip_r, mode == "compile"),
+                     "mode": mode})
     refs = {mode: float(row["later epochs s"]) for mode, row in lora_rows.items()}
     eager_ref = refs[args.modes[0]]
     for row in rows:
