@@ -125,7 +125,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
         if lora:
             ax.axhline(min(lora) * GOAL, ls="--", c="grey", label="best LoRA + 5%")
         ax.axhline(mine[0]["before"], ls=":", c="black", label="base model")
-        ax.set(xlabel="seconds per epoch after the first", ylabel="held-out perplexity", title=corpus)
+        ax.set(xlabel="seconds per epoch after the first", ylabel="held-out perplexity (log)", yscale="log",
+               title=corpus)
         ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=120)
