@@ -88,10 +88,16 @@ def test_distill_into_is_draft_by_default_and_a_bad_value_is_refused() -> None:
         config_from_dict(LegoConfig, {"lego": {"distill_into": "heads"}})
 
 
-def test_phase3_is_off_by_default_and_in_every_shipped_config() -> None:
+def test_phase3_is_off_by_default_and_on_only_into_a_draft_exit_in_the_gpu_config() -> None:
+    """The default and the CPU configs are the method as published; the GPU config adds the separate draft exit,
+    which leaves threshold mode's shallow exit and τ as phase 2 left them."""
     assert not LegoConfig().distills and LegoConfig().phase3.max_steps == 0
     for path in sorted((ROOT / "configs").glob("lego-*.yaml")):
-        assert not config_from_dict(LegoConfig, load_yaml(str(path))).distills, path.name
+        cfg = config_from_dict(LegoConfig, load_yaml(str(path)))
+        if path.name == "lego-gpu.yaml":
+            assert cfg.distills and cfg.lego.distill_into == "draft" and cfg.phase3.max_steps == 400
+        else:
+            assert not cfg.distills, path.name
 
 
 def test_benchmark_set_overrides_reach_the_nested_phase3_keys() -> None:
