@@ -129,7 +129,6 @@ class SkipCache:
             where = device if storage == "gpu" else torch.device("cpu")
             self.data = torch.empty(self.shape, dtype=dtype, device=where)
             self.filled = torch.zeros(n_windows, dtype=torch.bool)
-        self.complete = bool(self.filled.all())  # every window stored: `missing` need not read the ids
 
     @property
     def nbytes(self) -> int:
@@ -159,7 +158,7 @@ class SkipCache:
         Once every window is stored, the answer is known without reading the ids: ids already on the
         GPU are not copied back, so a cached step never waits for the device.
         """
-        if self.complete:
+        if bool(self.filled.all()):  # a host tensor: no device read
             return torch.zeros(sample_ids.shape[0], dtype=torch.bool)
         return ~self.filled[sample_ids.cpu()]
 
@@ -174,7 +173,6 @@ class SkipCache:
         ids = sample_ids.to(self.data.device)
         self.data[ids] = features.to(self.data.device, self.dtype)
         self.filled[sample_ids.cpu()] = True
-        self.complete = bool(self.filled.all())
 
     def flush(self) -> None:
         """Make a disk cache durable: the features first, then the flags saying which are stored."""

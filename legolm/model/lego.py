@@ -337,7 +337,8 @@ class LegoLM(TransformerLM):
 
     def draft_logits(self, h_s: Tensor) -> Tensor:
         """The drafter (`drafter`) on lower-layer states: (B, T, C) -> (B, T, V); threshold exits never use it."""
-        return self.draft_exit(h_s) if self.draft_exit is not None else self.shallow_head(h_s)
+        drafter = self.drafter
+        return drafter(h_s) if drafter is not None else self.project(h_s)
 
     def upper_hidden(self, h: Tensor, *, cache: KVCache | None = None, input_pos: Tensor | None = None,
                      positions: Tensor | None = None) -> Tensor:
