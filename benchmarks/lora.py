@@ -94,11 +94,6 @@ def text_tokens(kind: str, corpus: str | None = None) -> np.ndarray:
     return real_tokens(TOKENIZER[kind]) if corpus is None else np.load(Path(corpus) / "train.npy")
 
 
-def hf_model(config: ModelConfig) -> Any:
-    """A transformers GPT-2 / GPT-NeoX with random weights of ``config``'s shape (fp32, CPU, SDPA attention)."""
-    return hf_random_model(config)
-
-
 def model_type(config: ModelConfig) -> str:
     """The Hugging Face model_type of a legolm config (gpt2, gpt_neox, llama)."""
     with torch.device("meta"):
@@ -286,7 +281,7 @@ def main() -> None:
     kind = model_type(config)
     args.targets = args.targets or DEFAULT_TARGETS[kind]
     cfg = LoRAConfig(r=args.r, alpha=args.alpha, target_modules=args.targets)
-    base = hf_model(config)
+    base = hf_random_model(config)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     data = batches(base.config.vocab_size, args.warmup + args.steps, args.batch, args.seq, text_tokens(kind))
 

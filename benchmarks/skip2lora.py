@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import device_info, print_table, write_result
+from benchmarks.common import device_info, hf_random_model, print_table, write_result
 from benchmarks.lora import (
     DEFAULT_TARGETS,
     SMOKE_MODELS,
@@ -46,7 +46,6 @@ from benchmarks.lora import (
     build_ours,
     build_peft,
     free,
-    hf_model,
     legolm_step,
     model_type,
     optim_config,
@@ -277,7 +276,7 @@ def gpu(args: argparse.Namespace) -> None:
     backend = args.compile_backend
     config = bench_config(args.model, args.corpus)
     kind = model_type(config)
-    base = hf_model(config)
+    base = hf_random_model(config)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     data = batches(config.vocab_size, args.batches + args.val_batches, args.batch, args.seq,
                    text_tokens(kind, args.corpus))
