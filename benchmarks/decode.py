@@ -92,12 +92,11 @@ def run_hf(hf: Any, prompts: list[list[int]], new: int, static: bool) -> tuple[f
     return seconds, out[0, idx.shape[1]:].tolist()
 
 
-def run_ours(model: TransformerLM, prompts: list[list[int]], new: int, graph: bool, compile: bool,
-             fused: bool = False) -> tuple[float, list[int], float, float]:
+def run_ours(model: TransformerLM, prompts: list[list[int]], new: int, **decoder: bool) -> tuple[float, list[int],
+                                                                                                float, float]:
     """Steady-state seconds per call (session and graph reused), tokens, the first call's seconds, and the
-    prefill's seconds within a call."""
-    cfg = GenerationConfig(max_new_tokens=new, greedy=True, stop_at_eos=False, cuda_graph=graph, compile=compile,
-                           fused=fused)
+    prefill's seconds within a call; ``decoder``: the `GenerationConfig` switches of the variant."""
+    cfg = GenerationConfig(max_new_tokens=new, greedy=True, stop_at_eos=False, **decoder)
     first, _ = timed(lambda: generate(model, prompts, cfg), repeats=1, warmup=0)  # builds the session
     seconds, out = timed(lambda: generate(model, prompts, cfg), repeats=3, warmup=0)
     return seconds, out.tokens[0], first, out.prefill_s
@@ -139,20 +138,20 @@ def main() -> None:
             prompts = prompts_for(preset, batch, args.prompt_tokens)
             n_tok = batch * args.new_tokens
             t_hf, ref = run_hf(hf, prompts, args.new_tokens, static=False)
-            variants = {"legolm eager": (False, False, False), "legolm cuda-graph": (True, False, False),
-                        "legolm compile+graph": (True, True, False)}
+            variants = {"legolm eager": dict(cuda_graph=False), "legolm cuda-graph": dict(cuda_graph=True),
+                        "legolm compile+graph": dict(cuda_graph=True, compile=True)}
             if batch == 1:  # the fused Triton step decodes one sequence
-                variants["legolm fused triton+graph"] = (True, False, True)
+                variants["legolm fused triton+graph, no PDL"] = dict(fused=True, fused_pdl=False)
+                variants["legolm fused triton+graph"] = dict(fused=True)
             if args.smoke:  # graphs, compiled steps and Triton kernels are GPU paths
-                variants = {"legolm eager": (False, False, False)}
+                variants = {"legolm eager": dict(cuda_graph=False)}
             results = {"hf generate": (t_hf, ref)}
             notes: dict[str, str] = {}
             first_call: dict[str, float] = {}
             prefill: dict[str, float] = {}
-            for name, (graph, comp, fused) in variants.items():
+            for name, decoder in variants.items():
                 print(f"  timing {name} ...", flush=True)
-                sec, toks, first_call[name], prefill[name] = run_ours(ours, prompts, args.new_tokens, graph, comp,
-                                                                      fused)
+                sec, toks, first_call[name], prefill[name] = run_ours(ours, prompts, args.new_tokens, **decoder)
                 results[name] = (sec, toks)
             if args.hf_static:
                 try:

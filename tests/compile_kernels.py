@@ -35,7 +35,7 @@ ACCEPT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", stride_p="i32", 
               tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64", finished_ptr="*i8", eos_id="i32", pos_ptr="*i64",
               dpos_ptr="*i64", di_ptr="*i64", stats_ptr="*i64")
 CE = dict(logits_ptr=P, labels_ptr="*i64", loss_ptr="*fp32", V="i32", stride="i32", ignore_index="i32")
-GEMV_BLOCKS = dict(BLOCK_N=8, BLOCK_K=256)
+GEMV_BLOCKS = dict(BLOCK_N=8, BLOCK_K=256, PDL=0)
 SPECS = [
     (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=0, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # LN->qkv
     (kd.gemv_kernel, GEMV, dict(NORM=0, ACT=0, HAS_BIAS=1, HAS_RES=1, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # + res
@@ -43,10 +43,13 @@ SPECS = [
     (kd.gemv_kernel, GEMV, dict(NORM=2, ACT=3, HAS_BIAS=0, HAS_RES=0, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # SwiGLU
     (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=1, HAS_BIAS=0, HAS_RES=0, ARGMAX=1, SUMEXP=0, **GEMV_BLOCKS)),  # head
     (kd.gemv_kernel, GEMV, dict(NORM=2, ACT=0, HAS_BIAS=0, HAS_RES=0, ARGMAX=1, SUMEXP=1, **GEMV_BLOCKS)),  # exit head
-    (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=0, BLOCK_T=64, WRITE=1)),  # GPT-2
-    (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, WRITE=1)),  # Pythia
-    (kd.attention_kernel, ATTENTION, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=128, WRITE=1)),  # SmolLM2: GQA
-    (kd.attention_kernel, ATTENTION, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=128, WRITE=0)),  # rows
+    (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=0, BLOCK_T=64, WRITE=1, PDL=0)),  # GPT-2
+    (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, WRITE=1, PDL=0)),  # Pythia
+    (kd.attention_kernel, ATTENTION, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=128, WRITE=1, PDL=0)),  # GQA
+    (kd.attention_kernel, ATTENTION, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=128, WRITE=0, PDL=0)),  # rows
+    (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=0, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, SUMEXP=0, BLOCK_N=8, BLOCK_K=256,
+                                PDL=1)),  # programmatic dependent launch: griddepcontrol in the PTX
+    (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, WRITE=1, PDL=1)),
     (kd.advance_kernel, ADVANCE, dict(GREEDY=1, HAS_EOS=1, BLOCK=4096)),
     (kd.embed_kernel, EMBED, dict(HAS_WPE=1, BLOCK=1024)),
     (kd.exit_kernel, EXIT, dict(HAS_EOS=1, FILL=1, BLOCK=4096, BLOCK_B=4)),
@@ -66,4 +69,5 @@ if __name__ == "__main__":
         src = ASTSource(fn, {**signature, **{k: "constexpr" for k in consts}}, consts)
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
         assert ".entry " + fn.__name__ in ptx, f"{fn.__name__}: no entry point in the PTX"
+        assert ("griddepcontrol.wait" in ptx) == bool(consts.get("PDL")), f"{fn.__name__}: PDL {consts.get('PDL')}"
         print("compiled", fn.__name__, consts, flush=True)

@@ -146,6 +146,34 @@ def test_fused_decode_logits_in_bf16_close_to_fp32() -> None:
             fused.emit(nxt)
 
 
+@pytest.mark.parametrize("preset", ["gpt2", "pythia-160m", "smollm2-135m"])
+def test_fused_decode_with_pdl_equals_without(preset: str) -> None:
+    """Programmatic dependent launch changes when kernels start, never what they compute: the logits of every
+    step of a replayed graph are bit-identical with and without it (a kernel reading its input before the
+    previous one finished would show here as a difference)."""
+    from legolm.generation.decoder import DecodeSession
+    from legolm.generation.fused import FusedDecodeStep
+    from legolm.kernels.decode import pdl_supported
+
+    if not pdl_supported(torch.device("cuda")):
+        pytest.skip("this GPU or Triton has no programmatic dependent launch")
+    model = _model(preset, torch.bfloat16)
+    prompt = torch.tensor([[5, 17, 99, 3, 42, 7] * 12], device="cuda")
+    lengths = torch.tensor([prompt.shape[1]], device="cuda")
+    steps = [FusedDecodeStep(model, 64, 1024, tune=False, pdl=pdl) for pdl in (False, True)]
+    assert [s.stack.pdl for s in steps] == [False, True]
+    sessions = [DecodeSession(model, 1, 512, greedy=False, eos_id=None, cuda_graph=True, step=s) for s in steps]
+    with torch.inference_mode():
+        for s in sessions:
+            s.start(s.prefill(prompt, lengths).argmax(-1), prompt.shape[1], lengths)
+        for _ in range(300):
+            want, got = (s.step().clone() for s in sessions)
+            assert torch.equal(got, want)
+            nxt = want.argmax(-1)
+            for s in sessions:
+                s.emit(nxt)
+
+
 def test_prefill_graphs_match_eager_prefill() -> None:
     """A prompt length's captured prefill replays with new prompts; a new length evicts the oldest."""
     model = _model("pythia-160m", torch.float32)

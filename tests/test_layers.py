@@ -288,7 +288,8 @@ def test_config_defaults_fill_in() -> None:
 
 @pytest.mark.parametrize(
     ("name", "count"),
-    [("gpt2", 124_439_808), ("pythia-160m", 162_322_944), ("smollm2-135m", 134_515_008)],
+    [("gpt2", 124_439_808), ("pythia-160m", 162_322_944), ("pythia-410m", 405_334_016),
+     ("smollm2-135m", 134_515_008)],
 )
 def test_preset_parameter_counts_match_published_models(name: str, count: int) -> None:
     with torch.device("meta"):

@@ -251,6 +251,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pythia-14m": _pythia(6, 128, 4),
     "pythia-70m": _pythia(6, 512, 8),
     "pythia-160m": _pythia(12, 768, 12),
+    "pythia-410m": _pythia(24, 1024, 16),
     "smollm2-135m": {
         **_llama(30, 576, 9, 3, 1536, 49152, 8192, 100000.0), "bos_token_id": 1, "eos_token_id": 2,
     },

@@ -133,10 +133,13 @@ class FusedStack:
             (as replayed CUDA graphs) and keep the fastest; else take the first candidate (in Triton's
             CPU interpreter: `INTERPRETER_GEMV`).
         rows: Largest number of rows a row pass takes (0: no row buffers).
+        pdl: Launch the GEMV and attention kernels with programmatic dependent launch where the GPU and
+            Triton support it (`legolm.kernels.decode.pdl_supported`): each starts loading its weights
+            while the previous kernel finishes.
     """
 
     def __init__(self, model: TransformerLM, attention_block: int, embed_block: int, tune: bool = True,
-                 rows: int = 0) -> None:
+                 rows: int = 0, pdl: bool = True) -> None:
         import legolm.kernels.decode as kd
 
         self.kd = kd
@@ -146,6 +149,7 @@ class FusedStack:
         self.final_norm = _norm(model.norm)
         _linear(model.lm_head, "lm_head")
         self.embed_block, self.tune, self.rows = embed_block, tune, rows
+        self.pdl = pdl and kd.pdl_supported(param.device)
         self.attention_config = kd.AttentionConfig(attention_block, 4)
 
         def buf(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -181,21 +185,23 @@ class FusedStack:
         kd = self.kd
         mlp_in = self.x if p.parallel else self.h
         return {
-            "qkv": lambda g: kd.gemv(self.x, p.qkv, self.qkv, g, bias=p.qkv_bias, norm=p.norm_1),
-            "proj": lambda g: kd.gemv(self.attn, p.proj, self.h, g, bias=p.proj_bias, residual=self.x),
-            "up": lambda g: kd.gemv(mlp_in, p.up, self.act, g, bias=p.up_bias, norm=p.norm_2, act=p.act, up=p.up_2),
-            "down": lambda g: kd.gemv(self.act, p.down, self.x, g, bias=p.down_bias, residual=self.h),
+            "qkv": lambda g: kd.gemv(self.x, p.qkv, self.qkv, g, bias=p.qkv_bias, norm=p.norm_1, pdl=self.pdl),
+            "proj": lambda g: kd.gemv(self.attn, p.proj, self.h, g, bias=p.proj_bias, residual=self.x, pdl=self.pdl),
+            "up": lambda g: kd.gemv(mlp_in, p.up, self.act, g, bias=p.up_bias, norm=p.norm_2, act=p.act, up=p.up_2,
+                                    pdl=self.pdl),
+            "down": lambda g: kd.gemv(self.act, p.down, self.x, g, bias=p.down_bias, residual=self.h, pdl=self.pdl),
         }
 
     def _head(self, norm: Norm, lin: nn.Linear, x: Tensor, mode: str) -> Callable[[GemvConfig], None]:
         partial = {"logits": None, "greedy": self.partial[:2], "confidence": self.partial}[mode]
-        return lambda g: self.kd.gemv(x, lin.weight, self.logits, g, bias=lin.bias, norm=norm, partial=partial)
+        return lambda g: self.kd.gemv(x, lin.weight, self.logits, g, bias=lin.bias, norm=norm, partial=partial,
+                                      pdl=self.pdl)
 
     def _attention(self, model: TransformerLM, layer: LayerKVCache, slot: Tensor, pos: Tensor,
                    config: AttentionConfig) -> None:
         c = model.config
         self.kd.attention(self.qkv, layer.k, layer.v, model.rope, self.attn, slot, pos, c.n_head, c.kv_heads, c.hd,
-                          c.rotary_dim, config)
+                          c.rotary_dim, config, pdl=self.pdl)
 
     def blocks(self, model: TransformerLM, cache: KVCache, start: int, end: int, slot: Tensor, pos: Tensor) -> None:
         """Blocks ``start:end`` on x for the token at ``pos``, writing its K/V at cache slot ``slot``."""
@@ -214,7 +220,8 @@ class FusedStack:
         configs = self.configs or {"head": self.kd.INTERPRETER_GEMV, "proj": self.kd.INTERPRETER_GEMV}
         x = self.x if x is None else x
         if lens is not None:  # a (C, C) map like the attention output projection: its launch shape
-            self.kd.gemv(x, _linear(lens, "exit lens").weight, self.lensed, configs["proj"], bias=lens.bias)
+            self.kd.gemv(x, _linear(lens, "exit lens").weight, self.lensed, configs["proj"], bias=lens.bias,
+                         pdl=self.pdl)
             x = self.lensed
         self._head(norm, lin, x, mode)(configs["head"])
         return -(-lin.out_features // configs["head"].block_n)
@@ -226,7 +233,7 @@ class FusedStack:
         sessions, LEGO decoders of the same model) reuse them instead of timing again.
         """
         if self.configs is None:
-            key = _shape_key(model, self.x.device, self.tune)
+            key = _shape_key(model, self.x.device, self.tune, self.pdl)
             if key not in _TUNED:
                 _TUNED[key] = (self._choose(model, cache), self.attention_config, dict(self.tuning))
             self.configs, self.attention_config, tuning = _TUNED[key]
@@ -266,32 +273,33 @@ class FusedStack:
         X, H = self.X, self.H
         for i in range(start, end):
             p, layer = self.plans[i], cache.layers[i]
-            kd.gemv(X, p.qkv, self.QKV, g["qkv"], bias=p.qkv_bias, norm=p.norm_1, rows=rows)
+            kd.gemv(X, p.qkv, self.QKV, g["qkv"], bias=p.qkv_bias, norm=p.norm_1, rows=rows, pdl=self.pdl)
             kr.kv_rows(self.QKV, layer.k, layer.v, model.rope, self.start, rows, c.n_head, c.kv_heads, c.hd,
                        c.rotary_dim)
             kd.attention(self.QKV, layer.k, layer.v, model.rope, self.ATT, self.start, self.start, c.n_head,
-                         c.kv_heads, c.hd, c.rotary_dim, self.attention_config, rows=rows)
-            kd.gemv(self.ATT, p.proj, H, g["proj"], bias=p.proj_bias, residual=X, rows=rows)
+                         c.kv_heads, c.hd, c.rotary_dim, self.attention_config, rows=rows, pdl=self.pdl)
+            kd.gemv(self.ATT, p.proj, H, g["proj"], bias=p.proj_bias, residual=X, rows=rows, pdl=self.pdl)
             kd.gemv(X if p.parallel else H, p.up, self.ACT, g["up"], bias=p.up_bias, norm=p.norm_2, act=p.act,
-                    up=p.up_2, rows=rows)
-            kd.gemv(self.ACT, p.down, X, g["down"], bias=p.down_bias, residual=H, rows=rows)
+                    up=p.up_2, rows=rows, pdl=self.pdl)
+            kd.gemv(self.ACT, p.down, X, g["down"], bias=p.down_bias, residual=H, rows=rows, pdl=self.pdl)
 
     def rows_head(self, norm: Norm, lin: nn.Linear, rows: int) -> int:
         """An exit on the first ``rows`` rows of X, greedy partials per row; the number of partials per row."""
         config = self.configs["head"] if self.configs is not None else self.kd.INTERPRETER_GEMV
         self.kd.gemv(self.X, lin.weight, self.rows_logits, config, bias=lin.bias, norm=norm,
-                     partial=self.rows_partial, rows=rows)
+                     partial=self.rows_partial, rows=rows, pdl=self.pdl)
         return -(-lin.out_features // config.block_n)
 
 
 _TUNED: dict[tuple[object, ...], tuple[dict[str, GemvConfig], AttentionConfig, dict[str, float]]] = {}
 
 
-def _shape_key(model: TransformerLM, device: torch.device, tune: bool) -> tuple[object, ...]:
-    """What launch-shape choices depend on: the model's sizes and layer kinds, its dtype and device, tuning on."""
+def _shape_key(model: TransformerLM, device: torch.device, tune: bool, pdl: bool) -> tuple[object, ...]:
+    """What launch-shape choices depend on: the model's sizes and layer kinds, its dtype and device, tuning and
+    PDL on."""
     c = model.config
     return (c.n_embd, c.n_head, c.kv_heads, c.hd, c.intermediate_size, c.vocab_size, tuple(c.layers),
-            model.lm_head.weight.dtype, str(device), tune)
+            model.lm_head.weight.dtype, str(device), tune, pdl)
 
 
 class FusedDecodeStep:
@@ -305,10 +313,12 @@ class FusedDecodeStep:
         attention_block: Cache slots per tile of the attention kernel when it is not tuned.
         embed_block: Channels per tile of the embedding kernel.
         tune: Time the launch shapes at the first step on a GPU (`FusedStack`).
+        pdl: Programmatic dependent launch of the GEMV and attention kernels where supported (`FusedStack`).
     """
 
-    def __init__(self, model: TransformerLM, attention_block: int, embed_block: int, tune: bool = True) -> None:
-        self.stack = FusedStack(model, attention_block, embed_block, tune)
+    def __init__(self, model: TransformerLM, attention_block: int, embed_block: int, tune: bool = True,
+                 pdl: bool = True) -> None:
+        self.stack = FusedStack(model, attention_block, embed_block, tune, pdl=pdl)
 
     @property
     def tuning(self) -> dict[str, float]:

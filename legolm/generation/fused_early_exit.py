@@ -67,6 +67,7 @@ class FusedExitConfig:
         attention_block: Cache slots per attention tile when not tuned.
         embed_block: Channels per tile of the embedding and row-copy kernels.
         tune: Time the launch shapes at the first use on a GPU.
+        pdl: Programmatic dependent launch of the GEMV and attention kernels where supported (`FusedStack`).
         prefill_graphs: Prompt lengths whose prefill is kept as a CUDA graph (LRU); 0 = eager prefill.
     """
 
@@ -78,6 +79,7 @@ class FusedExitConfig:
     attention_block: int = 64
     embed_block: int = 1024
     tune: bool = True
+    pdl: bool = True
     prefill_graphs: int = 4
 
 
@@ -116,7 +118,8 @@ class FusedLegoSession:
         self.fill = config.mode == "threshold" and config.kv_mode == "fill"
         rows = config.draft_tokens + 1 if config.mode == "speculative" else max(config.fill_buckets) if self.fill \
             else 0
-        self.stack = FusedStack(model, config.attention_block, config.embed_block, config.tune, rows=rows)
+        self.stack = FusedStack(model, config.attention_block, config.embed_block, config.tune, rows=rows,
+                                pdl=config.pdl)
         self.shallow_norm = exit_norm(model.shallow_exit.norm)  # threshold mode's exit, never the draft exit
         drafter = model.drafter  # speculative mode's exit: the draft exit where there is one
         assert drafter is not None

@@ -54,6 +54,9 @@ class GenerationConfig:
         fused_embed_block: Channels per tile of the fused embedding kernel (a power of two).
         fused_tune: Time the fused GEMV and attention launch shapes on the GPU at the first step and keep
             the fastest.
+        fused_pdl: Launch the fused GEMV and attention kernels with programmatic dependent launch (sm_90+
+            and a Triton that has it; ignored elsewhere): each kernel loads its weights while the
+            previous one finishes.
         prefill_graphs: With ``cuda_graph``, prompt lengths per session whose prefill is replayed as a
             CUDA graph (captured at a length's first use; 0 = eager prefill).
         eos_check_every: Steps between checks whether every row is done (each check syncs the GPU).
@@ -90,6 +93,7 @@ class GenerationConfig:
     fused_attention_block: int = 64
     fused_embed_block: int = 1024
     fused_tune: bool = True
+    fused_pdl: bool = True
     prefill_graphs: int = 4
     eos_check_every: int = 8
     cache_bucket: int = 256
@@ -212,7 +216,8 @@ def _session(model: TransformerLM, batch: int, needed: int, config: GenerationCo
     max_len = min(-(-needed // bucket) * bucket, model.config.block_size)
     device = next(model.parameters()).device
     graph = config.cuda_graph and device.type == "cuda"
-    fused = (config.fused_attention_block, config.fused_embed_block, config.fused_tune) if config.fused else None
+    fused = (config.fused_attention_block, config.fused_embed_block, config.fused_tune, config.fused_pdl) \
+        if config.fused else None
     key = (_weights_key(model), batch, max_len, config.greedy, eos, graph, config.compile, config.compile_mode, fused,
            config.prefill_graphs)
     sessions = _SESSIONS.setdefault(model, OrderedDict())
@@ -222,7 +227,8 @@ def _session(model: TransformerLM, batch: int, needed: int, config: GenerationCo
     step = None
     if config.fused:
         check_fused(batch, device)
-        step = FusedDecodeStep(model, config.fused_attention_block, config.fused_embed_block, config.fused_tune)
+        step = FusedDecodeStep(model, config.fused_attention_block, config.fused_embed_block, config.fused_tune,
+                               config.fused_pdl)
     session = DecodeSession(model, batch, max_len, config.greedy, eos, cuda_graph=graph, compile=config.compile,
                             compile_mode=config.compile_mode, step=step, prefill_graphs=config.prefill_graphs)
     if config.session_cache_size > 0:
@@ -366,7 +372,7 @@ def _lego_session(model: LegoLM, prompt_len: int, config: GenerationConfig, eos:
     mode = FusedExitConfig(mode=config.early_exit, kv_mode=config.kv_mode, draft_tokens=config.draft_tokens,
                            fill_buckets=tuple(config.fill_buckets), steps_per_graph=steps,
                            attention_block=config.fused_attention_block, embed_block=config.fused_embed_block,
-                           tune=config.fused_tune, prefill_graphs=config.prefill_graphs)
+                           tune=config.fused_tune, pdl=config.fused_pdl, prefill_graphs=config.prefill_graphs)
     key = (_weights_key(model), max_len, config.max_new_tokens + overshoot, eos, mode)
     sessions = _LEGO_SESSIONS.setdefault(model, OrderedDict())
     if key in sessions:

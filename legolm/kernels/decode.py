@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
 ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU = 0, 1, 2, 3
@@ -47,6 +48,15 @@ def _norm_stats(x_ptr, K, eps, NORM: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _pdl_sync(PDL: tl.constexpr):
+    """With PDL: let the next kernel launch now, then wait until the previous one finished and its writes are
+    visible. Nothing before this point may read another kernel's output or write anything."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
+@triton.jit
 def _gelu(a, TANH: tl.constexpr):
     if TANH:  # 0.5·a·(1 + tanh(√(2/π)·(a + 0.044715·a³))), tanh(u) = 2·sigmoid(2u) − 1
         u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
@@ -58,7 +68,8 @@ def _gelu(a, TANH: tl.constexpr):
 def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, wu_ptr, bu_ptr,
                 res_ptr, out_ptr, pmax_ptr, pidx_ptr, psum_ptr, N1, N2, N, K, eps, stride_x, stride_out, stride_p,
                 NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                ARGMAX: tl.constexpr, SUMEXP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                ARGMAX: tl.constexpr, SUMEXP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                PDL: tl.constexpr):
     """out[n] = act(W[n]·norm(x) + b[n]) (+ res[n]) for the BLOCK_N rows of this program.
 
     W is up to three row segments (rows < N1 of w1, < N2 of w2, the rest of w3: Llama's separate
@@ -70,6 +81,10 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
     Grid (vectors, column blocks): program (r, c) computes vector r (x, out, residual and partials
     offset by their row strides) — the same arithmetic for one token or for a few (`legolm.kernels.rows`),
     so a multi-token pass gives bit for bit the one-token logits. Consecutive programs share a weight tile.
+
+    PDL (programmatic dependent launch): the program starts while the previous kernel still runs,
+    loads its first weight tile (weights are constant), lets the next kernel launch, and only then
+    waits for the previous kernel's results (`_pdl_sync`): a GEMV's fixed latency hides behind the last one.
     """
     vec = tl.program_id(0)
     x_ptr += vec * stride_x
@@ -91,6 +106,7 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
     wu = w
     if ACT == 3:
         wu = tl.load(wu_ptr + local[:, None] * K + first[None, :], mask=wmask, other=0.0)
+    _pdl_sync(PDL)  # everything below may read what earlier kernels wrote
     mean, rstd = 0.0, 1.0
     if NORM != 0:
         mean, rstd = _norm_stats(x_ptr, K, eps, NORM, BLOCK_K)
@@ -257,7 +273,7 @@ def _rope(ptr, d, pos, rope_ptr, rope_len, R: tl.constexpr, D: tl.constexpr):
 @triton.jit
 def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, slot_ptr, pos_ptr, S, rope_len, scale,
                      q_width, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_POW2: tl.constexpr,
-                     R: tl.constexpr, BLOCK_T: tl.constexpr, WRITE: tl.constexpr):
+                     R: tl.constexpr, BLOCK_T: tl.constexpr, WRITE: tl.constexpr, PDL: tl.constexpr):
     """One query head: RoPE on q and the new k, the new k/v into cache slot ``slot`` (WRITE), then softmax
     attention over slots 0..slot (the cached ones streamed in BLOCK_T tiles, online softmax).
 
@@ -266,6 +282,7 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, slot_
     qkv and output rows offset by m); the keys of the tokens before it were written by `kv_rows_kernel`
     (WRITE off), its own enter the softmax first, as in the one-token step.
     """
+    _pdl_sync(PDL)  # the slot, the position and q/k/v come from earlier kernels
     h, m = tl.program_id(0), tl.program_id(1)
     qkv_ptr += m * q_width
     out_ptr += m * (H * D)
@@ -355,10 +372,26 @@ ATTENTION_CANDIDATES = (AttentionConfig(64, 4), AttentionConfig(32, 4), Attentio
                         AttentionConfig(128, 8), AttentionConfig(256, 8))
 
 
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch (a kernel starts before the previous one ends; CUDA graphs keep the
+    edge): an sm_90+ GPU and a Triton with the ``launch_pdl`` option."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__
+
+
+def _pdl(pdl: bool) -> dict[str, bool]:
+    """Launch arguments of a kernel with a ``PDL`` switch (Triton's interpreter takes no ``launch_pdl``)."""
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
+
+
 def gemv(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, config: GemvConfig, *,
          bias: Tensor | tuple[Tensor, Tensor, Tensor] | None = None, norm: tuple[int, Tensor, Tensor | None, float]
          | None = None, act: int = ACT_NONE, up: tuple[Tensor, Tensor | None] | None = None,
-         residual: Tensor | None = None, partial: tuple[Tensor, ...] | None = None, rows: int = 0) -> None:
+         residual: Tensor | None = None, partial: tuple[Tensor, ...] | None = None, rows: int = 0,
+         pdl: bool = False) -> None:
     """Launch `gemv_kernel`: ``out = act(W·norm(x) + b) (+ residual)``, for one vector or ``rows`` of them.
 
     Args:
@@ -373,6 +406,7 @@ def gemv(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, conf
         residual: (N,) added last.
         partial: fp32 and int32 buffers of at least cdiv(N, block_n): each program's largest output
             and its row (for `advance`); a third fp32 buffer gets its Σ exp(out - largest) (for `exit_`).
+        pdl: Launch as a programmatic dependent of the previous kernel (`pdl_supported`).
     """
     ws = w if isinstance(w, tuple) else (w, w, w)
     bs = bias if isinstance(bias, tuple) else ((bias, bias, bias) if bias is not None else (out, out, out))
@@ -389,12 +423,12 @@ def gemv(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, conf
                       psum, n1, n2, N, K, eps, K if rows else 0, N if rows else 0, stride_p, NORM=kind, ACT=act,
                       HAS_BIAS=bias is not None, HAS_RES=residual is not None, ARGMAX=partial is not None,
                       SUMEXP=partial is not None and len(partial) == 3, BLOCK_N=config.block_n,
-                      BLOCK_K=config.block_k, num_warps=config.num_warps)
+                      BLOCK_K=config.block_k, num_warps=config.num_warps, **_pdl(pdl))
 
 
 def attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope: Tensor, out: Tensor, slot: Tensor, pos: Tensor,
               n_head: int, n_kv_head: int, head_dim: int, rotary_dim: int, config: AttentionConfig,
-              rows: int = 0) -> None:
+              rows: int = 0, pdl: bool = False) -> None:
     """Launch `attention_kernel` over the heads (caches (1, HKV, S, D); rope (2, L, R) fp32 or empty).
 
     ``rows`` > 0: that many consecutive tokens (qkv (R, ·), out (R, H·D)) whose keys and values
@@ -405,7 +439,8 @@ def attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope: Tensor, out: 
     attention_kernel[(n_head, max(rows, 1))](qkv, k_cache, v_cache, rope if rope.numel() else qkv, out, slot, pos, S,
                                              rope_len, head_dim ** -0.5, qkv.shape[-1], H=n_head, HKV=n_kv_head,
                                              D=head_dim, D_POW2=triton.next_power_of_2(head_dim), R=rotary_dim,
-                                             BLOCK_T=config.block_t, WRITE=rows == 0, num_warps=config.num_warps)
+                                             BLOCK_T=config.block_t, WRITE=rows == 0, num_warps=config.num_warps,
+                                             **_pdl(pdl))
 
 
 def advance(partial: tuple[Tensor, Tensor] | None, n_parts: int, tok: Tensor, tokens: Tensor, t: Tensor,

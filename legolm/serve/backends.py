@@ -158,7 +158,8 @@ class FusedBackend(Backend):
         self.capacity, self.context, self.device = config.max_batch, context, device
 
         def session() -> DecodeSession:
-            step = FusedDecodeStep(model, config.fused_attention_block, config.fused_embed_block, config.fused_tune)
+            step = FusedDecodeStep(model, config.fused_attention_block, config.fused_embed_block, config.fused_tune,
+                                   config.fused_pdl)
             return DecodeSession(model, 1, context, greedy=False, eos_id=None,
                                  cuda_graph=config.cuda_graph and device.type == "cuda", step=step)
 
@@ -217,7 +218,7 @@ class LegoBackend(Backend):
             seed=p.seed, stop_at_eos=stop_at_eos, early_exit=c.early_exit, threshold=c.threshold,
             target_ratio=c.target_ratio, kv_mode=c.kv_mode, draft_tokens=c.draft_tokens, fused=c.fused,
             cuda_graph=c.cuda_graph, fused_attention_block=c.fused_attention_block,
-            fused_embed_block=c.fused_embed_block, fused_tune=c.fused_tune)
+            fused_embed_block=c.fused_embed_block, fused_tune=c.fused_tune, fused_pdl=c.fused_pdl)
 
     def check(self, job: Job) -> None:
         if job.params.logprobs is not None:

@@ -35,6 +35,7 @@ class ServeConfig:
         fused_attention_block: Cache slots per tile of the fused attention kernel (a power of two).
         fused_embed_block: Channels per tile of the fused embedding kernel (a power of two).
         fused_tune: Time the fused kernels' launch shapes at the first step on the GPU.
+        fused_pdl: Programmatic dependent launch of the fused GEMV and attention kernels (where supported).
         early_exit: LEGO models: threshold or speculative decoding through the shallow exit (none = deep).
         threshold: Threshold early exit's tau (None: the model's calibrated one, or target_ratio's).
         target_ratio: Instead of tau: the fraction of tokens routed to the upper layers.
@@ -72,6 +73,7 @@ class ServeConfig:
     fused_attention_block: int = _GEN.fused_attention_block  # the decoder settings default as in `generate`
     fused_embed_block: int = _GEN.fused_embed_block
     fused_tune: bool = _GEN.fused_tune
+    fused_pdl: bool = _GEN.fused_pdl
     early_exit: Literal["none", "threshold", "speculative"] = "none"
     threshold: float | None = None
     target_ratio: float | None = None
