@@ -246,13 +246,24 @@ class _Replayed:
 
 
 @pytest.mark.parametrize(("mode", "kv_mode", "runner"), [("threshold", "skip", "parts"), ("threshold", "fill", "parts"),
+                                                         ("threshold", "skip", "optimistic"),
                                                          ("speculative", "fill", "graph")])
 def test_the_gpu_runners_control_flow_on_the_cpu(monkeypatch: pytest.MonkeyPatch, mode: str, kv_mode: str,
                                                  runner: str) -> None:
     """The GPU runners' control flow with graphs replaced by their recorded functions: a step as graphs of its
-    parts with the conditions read once (threshold), several rounds per replay (speculative)."""
+    parts with the conditions read once (threshold; optimistic: the next lower step queued before the read and
+    undone after a deep token), several rounds per replay (speculative). Tokens, and the routing stats, as the
+    eager runner gives them."""
     import legolm.generation.fused_early_exit as fe
 
+    model = (drafting_model if mode == "speculative" else lego_model)("tiny-llama")
+    ids = prompt()
+    n = N_NEW // 2
+    tau = mid_threshold(model, ids)
+    cfg = greedy(max_new_tokens=n, early_exit=mode, threshold=tau if mode == "threshold" else None, kv_mode=kv_mode,
+                 draft_tokens=2, fused=True, fused_tune=False, fill_buckets=[1, 2, 4], graph_steps=3,
+                 session_cache_size=0)
+    eager = generate(model, ids.tolist(), cfg)  # the CPU's own runner: kernels one by one
     monkeypatch.setattr(fe, "_record", _Replayed)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     init = fe.FusedLegoSession.__init__
@@ -262,16 +273,15 @@ def test_the_gpu_runners_control_flow_on_the_cpu(monkeypatch: pytest.MonkeyPatch
         self.runner = runner
 
     monkeypatch.setattr(fe.FusedLegoSession, "__init__", gpu_init)
-    model = (drafting_model if mode == "speculative" else lego_model)("tiny-llama")
-    ids = prompt()
-    n = N_NEW // 2
-    tau = mid_threshold(model, ids)
-    cfg = greedy(max_new_tokens=n, early_exit=mode, threshold=tau if mode == "threshold" else None, kv_mode=kv_mode,
-                 draft_tokens=2, fused=True, fused_tune=False, fill_buckets=[1, 2, 4], graph_steps=3)
     got = generate(model, ids.tolist(), cfg)
     want = generate_with_early_exit(model, ids, n, tau, kv_mode=kv_mode).tokens.tolist() if mode == "threshold" \
         else generate(model, ids.tolist(), greedy(max_new_tokens=n)).tokens
     assert got.tokens == want
+    if mode == "threshold":  # (speculative graphs run whole replays of rounds: their counts include the overshoot)
+        stats = [(e.shallow_count, e.deep_count, e.call_cost) for e in (got.early_exit, eager.early_exit)
+                 if e is not None]
+        assert len(stats) == 2 and stats[0] == stats[1]
+        assert 0 < stats[0][0] < n and stats[0][1] > 0  # both exits taken: deep tokens after exited ones and back
 
 
 @pytest.mark.parametrize("mode", ["threshold", "speculative"])
