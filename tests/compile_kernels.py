@@ -24,10 +24,7 @@ EXIT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", psum_ptr="*fp32", n_parts="i32", 
             q_ptr="*i64", buckets_ptr="*i64", flush_ptr="*i8", n_buckets="i32")
 EMIT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64",
             finished_ptr="*i8", eos_id="i32", counter_ptr="*i64")
-TICK = dict(pos_ptr="*i64", q_ptr="*i64", flush_ptr="*i8", n_buckets="i32", count_ptr="*i64", saved_ptr="*i64",
-            t_ptr="*i64", finished_ptr="*i8", x_ptr="*fp32", xs_ptr="*fp32", C="i32")
-RESTORE = dict(saved_ptr="*i64", pos_ptr="*i64", t_ptr="*i64", finished_ptr="*i8", exited_ptr="*i8", xs_ptr="*fp32",
-               x_ptr="*fp32", C="i32")
+TICK = dict(pos_ptr="*i64", q_ptr="*i64", flush_ptr="*i8", n_buckets="i32", count_ptr="*i64")
 KV_ROWS = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", start_ptr="*i64", S="i32",
                rope_len="i32", q_width="i32")
 GATHER = dict(src_ptr="*fp32", dst_ptr="*fp32", start_ptr="*i64", pos_ptr="*i64", q_ptr="*i64", ring="i32",
@@ -58,9 +55,7 @@ SPECS = [
     (kd.exit_kernel, EXIT, dict(HAS_EOS=1, FILL=1, BLOCK=4096, BLOCK_B=4)),
     (kd.exit_kernel, EXIT, dict(HAS_EOS=0, FILL=0, BLOCK=4096, BLOCK_B=1)),
     (kd.emit_kernel, EMIT, dict(HAS_EOS=1, HAS_COUNTER=1, BLOCK=4096)),
-    (kd.tick_kernel, TICK, dict(FILL=1, SNAP=0, BLOCK_B=4, BLOCK_C=1024)),
-    (kd.tick_kernel, TICK, dict(FILL=0, SNAP=1, BLOCK_B=1, BLOCK_C=1024)),
-    (kd.restore_kernel, RESTORE, dict(BLOCK_C=1024)),
+    (kd.tick_kernel, TICK, dict(FILL=1, BLOCK_B=4)),
     (kr.kv_rows_kernel, KV_ROWS, dict(H=9, HKV=3, D=64, D_POW2=64, R=64)),
     (kr.gather_rows_kernel, GATHER, dict(BLOCK=1024)),
     (kr.put_row_kernel, PUT, dict(BLOCK=1024)),

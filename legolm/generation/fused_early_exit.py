@@ -28,16 +28,8 @@ Self-speculative output equals full-depth greedy decoding: every kept token is t
 greedy choice on a history of kept tokens, whose upper-layer K/V are exact (rejected drafts leave
 stale entries only in slots that later positions overwrite before anyone reads them).
 
-Without conditional graph nodes the host reads each step's condition. On a GPU the step's parts are
-CUDA graphs, and in skip mode the host does not wait idle for that read (the optimistic runner)::
-
-    lower(t) ─ lower(t+1) ──────────────────────────── lower(t+2) ─ …     token t exited: nothing to undo
-                   └ host reads deep(t) meanwhile
-    lower(t) ─ lower(t+1) ─ restore ─ upper(t) ─ lower(t+1) ─ …        token t went deep: lower(t+1) ran on
-                                                                      a wrong input; restore undoes it
-
-Off the GPU (Triton's interpreter, the tests) the same kernels run eagerly and the host reads each
-condition: the arithmetic is the same, only slower.
+Without conditional graph nodes (CPU: Triton's interpreter in the tests) the same kernels run
+eagerly and the host reads each condition: the arithmetic is the same, only slower.
 """
 
 from __future__ import annotations
@@ -77,8 +69,6 @@ class FusedExitConfig:
         tune: Time the launch shapes at the first use on a GPU.
         pdl: Programmatic dependent launch of the GEMV and attention kernels where supported (`FusedStack`).
         prefill_graphs: Prompt lengths whose prefill is kept as a CUDA graph (LRU); 0 = eager prefill.
-        optimistic: Threshold skip mode on a GPU without conditional graph nodes: launch the next token's
-            lower graph before the host has read this token's decision, undone when the token goes deep.
     """
 
     mode: str = "threshold"
@@ -91,7 +81,6 @@ class FusedExitConfig:
     tune: bool = True
     pdl: bool = True
     prefill_graphs: int = 4
-    optimistic: bool = True
 
 
 def conditional_graphs_available() -> bool:
@@ -150,9 +139,8 @@ class FusedLegoSession:
         self.flags = zeros(1 + len(config.fill_buckets), dtype=torch.bool)  # one read gives every condition
         # "parts": the lower graph ends by copying the flags into pinned host memory, and the host waits on
         # an event instead of a pageable `.tolist()` (no allocation, no staging copy on the token's critical path)
-        # two of each: the optimistic runner reads one step's conditions while the next step writes its own
-        self.host_flags = torch.zeros((2, *self.flags.shape), dtype=torch.bool, pin_memory=p.is_cuda)
-        self.flags_ready = [torch.cuda.Event(), torch.cuda.Event()] if p.is_cuda else None
+        self.host_flags = torch.zeros(self.flags.shape, dtype=torch.bool, pin_memory=p.is_cuda)
+        self.flags_ready = torch.cuda.Event() if p.is_cuda else None
         self.deep, self.flush = self.flags[:1], self.flags[1:]
         self.uslot = zeros(1)  # skip mode: the next dense slot of the upper cache
         self.q = zeros(1)  # fill mode: exited tokens waiting for the upper layers
@@ -162,18 +150,13 @@ class FusedLegoSession:
         self.drafts = zeros(max(config.draft_tokens, 1))
         self.dpos, self.di = zeros(1), zeros(1)
         self.spec_stats = zeros(2)  # accepted drafts, rounds
-        self.saved, self.xs = zeros(3), zeros(c.n_embd, dtype=torch.float32)  # the optimistic runner's undo
-        self.pending: int | None = None  # the optimistic runner: host_flags slot of the step launched last
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.parts: tuple[list[torch.cuda.CUDAGraph], list[tuple[int, torch.cuda.CUDAGraph]]] | None = None
-        self.restore_graph: torch.cuda.CUDAGraph | None = None
+        self.parts: tuple[torch.cuda.CUDAGraph, list[tuple[int, torch.cuda.CUDAGraph]]] | None = None
         # how a unit runs: "graph" (several units per CUDA graph: speculative, or threshold with conditional
         # nodes), "parts" (threshold without them: graphs of the step's parts, the host reads the conditions
-        # once a step), "optimistic" (parts in skip mode, the next lower graph launched before the read),
-        # "eager" (no CUDA: kernels launched one by one, the host reads the conditions)
+        # once a step), "eager" (no CUDA: kernels launched one by one, the host reads the conditions)
         self.runner = "eager" if not p.is_cuda else \
-            "graph" if config.mode == "speculative" or conditional_graphs_available() else \
-            "optimistic" if config.optimistic and not self.fill else "parts"
+            "graph" if config.mode == "speculative" or conditional_graphs_available() else "parts"
         self.prefill_graphs = config.prefill_graphs if p.is_cuda else 0
         self._prefills: OrderedDict[int, tuple[torch.cuda.CUDAGraph, Tensor, tuple[Tensor, ...]]] = OrderedDict()
         self.warmed = False
@@ -202,10 +185,10 @@ class FusedLegoSession:
         self.kd.exit_((st.partial[0], st.partial[1], st.partial[2]), n, self.tau, self.deep, s, self.eos_id,
                       self.kd.ADVANCE_BLOCK, fill)
 
-    def _lower_part_to_host(self, slot: int) -> None:
-        """`_lower_part`, then its conditions copied to ``host_flags[slot]`` (the "parts" runners' lower graphs)."""
+    def _lower_part_to_host(self) -> None:
+        """`_lower_part`, then its conditions copied to ``host_flags`` (the "parts" runner's lower graph)."""
         self._lower_part()
-        self.host_flags[slot].copy_(self.flags, non_blocking=True)
+        self.host_flags.copy_(self.flags, non_blocking=True)
 
     def _branches(self) -> list[tuple[int, Callable[[], None]]]:
         """The step's conditional parts, in order: (index of its condition in ``flags``, what runs when it is set).
@@ -218,12 +201,7 @@ class FusedLegoSession:
         return [*flushes, (0, self._fill_deep)]
 
     def _tick(self) -> None:
-        snapshot = (self.saved, self.state, self.stack.x, self.xs, self.config.embed_block) \
-            if self.runner == "optimistic" else None
-        self.kd.tick(self.state.pos, (self.q, self.flush, self.flushes) if self.fill else None, snapshot)
-
-    def _restore(self) -> None:
-        self.kd.restore(self.saved, self.state, self.xs, self.stack.x, self.config.embed_block)
+        self.kd.tick(self.state.pos, (self.q, self.flush, self.flushes) if self.fill else None)
 
     def _skip_deep(self) -> None:
         st, m, s = self.stack, self.model, self.state
@@ -308,7 +286,6 @@ class FusedLegoSession:
             s.finished.copy_(first == self.eos_id)
         for buf in (s.pos, self.uslot, self.dpos):
             buf.fill_(P)
-        self.pending = None
         if self.config.mode == "threshold":  # one short: the first step's tick (closing the prefill) fixes them
             s.pos.fill_(P - 1)
             self.q.fill_(-1)
@@ -320,44 +297,17 @@ class FusedLegoSession:
         elif self.runner == "graph":
             assert self.graph is not None, "warm_up() captures the graphs before the first prefill"
             self.graph.replay()
-        elif self.runner == "optimistic":
-            self._run_optimistic()
         else:
             assert self.parts is not None, "warm_up() captures the graphs before the first prefill"
-            lowers, branches = self.parts
-            self._launch_lower(lowers, 0)
-            flags = self._read_flags(0)  # the one wait of a step
+            lower, branches = self.parts
+            lower.replay()  # ends with the flags' copy into host_flags
+            if self.flags_ready is not None:
+                self.flags_ready.record()
+                self.flags_ready.synchronize()  # the one wait of a step
+            flags = self.host_flags.tolist()
             for index, graph in branches:
                 if flags[index]:
                     graph.replay()
-
-    def _launch_lower(self, lowers: list[torch.cuda.CUDAGraph], slot: int) -> None:
-        """Replay the lower graph that copies its conditions into ``host_flags[slot]``; an event marks its end."""
-        lowers[slot].replay()
-        if self.flags_ready is not None:
-            self.flags_ready[slot].record()
-
-    def _read_flags(self, slot: int) -> list[bool]:
-        if self.flags_ready is not None:
-            self.flags_ready[slot].synchronize()
-        return self.host_flags[slot].tolist()
-
-    def _run_optimistic(self) -> None:
-        """Decide the pending step (skip mode): the next step's lower graph is queued before the host reads
-        the pending one's condition, so the GPU is not idle meanwhile; if the pending token went deep, that
-        lower step ran on a wrong input: undo it, run the upper layers, and queue it again."""
-        assert self.parts is not None and self.restore_graph is not None, "warm_up() captures the graphs first"
-        lowers, ((_, upper),) = self.parts
-        if self.pending is None:
-            self._launch_lower(lowers, 0)
-            self.pending = 0
-        now, after = self.pending, 1 - self.pending
-        self._launch_lower(lowers, after)
-        if self._read_flags(now)[0]:  # deep
-            self.restore_graph.replay()
-            upper.replay()
-            self._launch_lower(lowers, after)
-        self.pending = after
 
     def warm_up(self) -> None:
         """Tune and compile every kernel of every branch once, then capture the graphs (before the first prefill).
@@ -371,17 +321,12 @@ class FusedLegoSession:
         self.stack.ensure_tuned(self.model, self.cache)
         self.state.pos.fill_(0)
         self._unit(_both_branches)
-        if self.runner == "optimistic":
-            self._restore()  # compiles it (start() resets what it wrote)
         torch.cuda.synchronize()
         if self.runner == "graph":
             self.graph = _record(self._units)
         else:
-            self.parts = ([_record(functools.partial(_call, functools.partial(self._lower_part_to_host, slot)))
-                           for slot in (0, 1)],
+            self.parts = (_record(lambda graph: self._lower_part_to_host()),
                           [(index, _record(functools.partial(_call, fn))) for index, fn in self._branches()])
-            if self.runner == "optimistic":
-                self.restore_graph = _record(functools.partial(_call, self._restore))
         torch.cuda.synchronize()
         self.warmed = True
 

@@ -77,9 +77,6 @@ class GenerationConfig:
         fill_buckets: Fused fill mode: row counts of the captured lazy-fill passes (the largest bounds
             the queue of exited tokens).
         graph_steps: Fused LEGO decoding: tokens (threshold) or rounds (speculative) per CUDA graph.
-        optimistic_exit: Fused threshold skip mode on a GPU without conditional graph nodes: queue the next
-            token's lower layers before the host has read whether this token goes deep (undone when it
-            does), so the GPU does not wait for the host between tokens.
     """
 
     max_new_tokens: int = 64
@@ -108,7 +105,6 @@ class GenerationConfig:
     draft_tokens: int = 4
     fill_buckets: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     graph_steps: int = 16
-    optimistic_exit: bool = True
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -376,8 +372,7 @@ def _lego_session(model: LegoLM, prompt_len: int, config: GenerationConfig, eos:
     mode = FusedExitConfig(mode=config.early_exit, kv_mode=config.kv_mode, draft_tokens=config.draft_tokens,
                            fill_buckets=tuple(config.fill_buckets), steps_per_graph=steps,
                            attention_block=config.fused_attention_block, embed_block=config.fused_embed_block,
-                           tune=config.fused_tune, pdl=config.fused_pdl, prefill_graphs=config.prefill_graphs,
-                           optimistic=config.optimistic_exit)
+                           tune=config.fused_tune, pdl=config.fused_pdl, prefill_graphs=config.prefill_graphs)
     key = (_weights_key(model), max_len, config.max_new_tokens + overshoot, eos, mode)
     sessions = _LEGO_SESSIONS.setdefault(model, OrderedDict())
     if key in sessions:

@@ -244,40 +244,15 @@ def emit_kernel(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, finishe
 
 
 @triton.jit
-def tick_kernel(pos_ptr, q_ptr, flush_ptr, n_buckets, count_ptr, saved_ptr, t_ptr, finished_ptr, x_ptr, xs_ptr, C,
-                FILL: tl.constexpr, SNAP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Start of an early-exit step: the position advances; FILL: the queue empties if it was flushed (and
-    ``count`` counts the flush), else grows. SNAP (the optimistic runner) first keeps what `restore_kernel`
-    needs to undo this step: position, tokens emitted, finished, and the residual stream x (the previous
-    step's lower output, which its upper layers may still need)."""
-    pos = tl.load(pos_ptr)
-    if SNAP:
-        tl.store(saved_ptr, pos)
-        tl.store(saved_ptr + 1, tl.load(t_ptr))
-        tl.store(saved_ptr + 2, tl.load(finished_ptr).to(tl.int64))
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            tl.store(xs_ptr + c, tl.load(x_ptr + c, mask=c < C), mask=c < C)
-    tl.store(pos_ptr, pos + 1)
+def tick_kernel(pos_ptr, q_ptr, flush_ptr, n_buckets, count_ptr, FILL: tl.constexpr, BLOCK_B: tl.constexpr):
+    """End of an early-exit step: the position advances; FILL: the queue empties if it was flushed (and
+    ``count`` counts the flush), else grows."""
+    tl.store(pos_ptr, tl.load(pos_ptr) + 1)
     if FILL:
         b = tl.arange(0, BLOCK_B)
         flushed = tl.max(tl.load(flush_ptr + b, mask=b < n_buckets, other=0), 0) > 0
         tl.store(q_ptr, tl.where(flushed, 0, tl.load(q_ptr) + 1))
         tl.store(count_ptr, tl.load(count_ptr) + flushed.to(tl.int64))
-
-
-@triton.jit
-def restore_kernel(saved_ptr, pos_ptr, t_ptr, finished_ptr, exited_ptr, xs_ptr, x_ptr, C, BLOCK_C: tl.constexpr):
-    """Undo a step that ran on a wrong input (the optimistic runner, after its previous token went deep): the
-    state `tick_kernel` kept comes back, and the slot its exit decision wrote is the deep token's again."""
-    t = tl.load(saved_ptr + 1)
-    tl.store(pos_ptr, tl.load(saved_ptr))
-    tl.store(t_ptr, t)
-    tl.store(finished_ptr, tl.load(saved_ptr + 2).to(tl.int8))
-    tl.store(exited_ptr + t, tl.zeros([], tl.int8))
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        tl.store(x_ptr + c, tl.load(xs_ptr + c, mask=c < C), mask=c < C)
 
 
 @triton.jit
@@ -518,23 +493,12 @@ def emit(partial: tuple[Tensor, ...], n_parts: int, tok: Tensor, tokens: Tensor,
                       BLOCK=min(triton.next_power_of_2(max(n_parts, 1)), block))
 
 
-def tick(pos: Tensor, fill: tuple[Tensor, Tensor, Tensor] | None = None,
-         snapshot: tuple[Tensor, StepState, Tensor, Tensor, int] | None = None) -> None:
-    """Launch `tick_kernel`: the position advances; ``fill`` = (queue length, flush flags, flush counter);
-    ``snapshot`` = (saved (3,) int64, the state, x, its copy, channels per tile) for `restore`."""
+def tick(pos: Tensor, fill: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+    """Launch `tick_kernel`: the position advances; ``fill`` = (queue length, flush flags, flush counter)."""
     q, flush, count = fill if fill is not None else (pos, pos, pos)
     n_b = flush.numel() if fill is not None else 1
-    saved, state, x, xs, block = snapshot if snapshot is not None else (pos, None, pos, pos, 1)
-    t, finished = (state.t, state.finished.view(torch.int8)) if state is not None else (pos, pos)
-    tick_kernel[(1,)](pos, q, flush.view(torch.int8) if fill is not None else pos, n_b, count, saved, t, finished, x,
-                      xs, x.numel(), FILL=fill is not None, SNAP=snapshot is not None,
-                      BLOCK_B=triton.next_power_of_2(n_b), BLOCK_C=block)
-
-
-def restore(saved: Tensor, state: StepState, xs: Tensor, x: Tensor, block: int) -> None:
-    """Launch `restore_kernel`: the state and x as `tick` kept them (``saved`` (3,) int64, ``xs`` x's copy)."""
-    restore_kernel[(1,)](saved, state.pos, state.t, state.finished.view(torch.int8), state.exited, xs, x, x.numel(),
-                         BLOCK_C=block)
+    tick_kernel[(1,)](pos, q, flush.view(torch.int8) if fill is not None else pos, n_b, count, FILL=fill is not None,
+                      BLOCK_B=triton.next_power_of_2(n_b))
 
 
 def embed(tok: Tensor, pos: Tensor, wte: Tensor, wpe: Tensor | None, out: Tensor, block: int) -> None:

@@ -161,8 +161,6 @@ class DecodeSettings:
         draft_tokens: Self-speculative rows, one per draft length (empty: none).
         fused: Decode through the fused Triton decoders on a CUDA GPU (threshold kv modes fill/skip and
             speculative; the eager loop for propagate); off a GPU the torch decoders run.
-        compare_host_wait: Also time the calibrated skip row with the host waiting for each token's decision
-            before it queues the next (`GenerationConfig.optimistic_exit` off), in the same run.
     """
 
     prompts: int = 8
@@ -177,7 +175,6 @@ class DecodeSettings:
     warmup: int = 1
     draft_tokens: list[int] = field(default_factory=lambda: [2, 4])
     fused: bool = True
-    compare_host_wait: bool = True
 
 
 @dataclass

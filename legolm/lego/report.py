@@ -49,15 +49,13 @@ TOKENS_PER_GRAPH = 16
 
 @dataclass
 class Setting:
-    """One decoder: ``full`` depth, ``threshold`` early exit at τ with a kv mode, or ``speculative`` with d drafts;
-    ``optimistic``: `GenerationConfig.optimistic_exit`."""
+    """One decoder: ``full`` depth, ``threshold`` early exit at τ with a kv mode, or ``speculative`` with d drafts."""
 
     label: str
     mode: str
     threshold: float | None = None
     kv_mode: KVMode = "fill"
     draft_tokens: int = 0
-    optimistic: bool = True
 
     def config(self, max_new_tokens: int, fused: bool) -> GenerationConfig:
         """The `GenerationConfig` of this setting (greedy, no EOS stop: every setting decodes as many tokens)."""
@@ -66,7 +64,7 @@ class Setting:
         return GenerationConfig(max_new_tokens=max_new_tokens, greedy=True, stop_at_eos=False, fused=fast,
                                 early_exit=early, threshold=self.threshold, kv_mode=self.kv_mode,  # type: ignore[arg-type]
                                 draft_tokens=max(self.draft_tokens, 1), graph_steps=ROUNDS_PER_GRAPH
-                                if self.mode == "speculative" else TOKENS_PER_GRAPH, optimistic_exit=self.optimistic)
+                                if self.mode == "speculative" else TOKENS_PER_GRAPH)
 
 
 @dataclass

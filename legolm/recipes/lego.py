@@ -78,8 +78,6 @@ def decode_settings(cfg: LegoConfig, tau: float, scores: TokenScores) -> list[Se
     return [Setting("full depth", "full"),
             *[Setting(label, "threshold", t, d.kv_mode) for label, t in sweep],
             *[Setting(calibrated, "threshold", tau, mode) for mode in d.compare_kv_modes if mode != d.kv_mode],
-            *([Setting(f"{calibrated}, host waits", "threshold", tau, "skip", optimistic=False)]
-              if d.compare_host_wait and "skip" in (d.kv_mode, *d.compare_kv_modes) else []),
             *[Setting(f"speculative d={k}", "speculative", draft_tokens=k) for k in d.draft_tokens]]
 
 
