@@ -10,6 +10,7 @@ anything else (adapters not merged, memory layers) is refused with the reason.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -150,6 +151,8 @@ class FusedStack:
         _linear(model.lm_head, "lm_head")
         self.embed_block, self.tune, self.rows = embed_block, tune, rows
         self.pdl = pdl and kd.pdl_supported(param.device)
+        # every GEMV and attention launch of this stack, with its PDL setting
+        self.gemv, self.attend = (functools.partial(fn, pdl=self.pdl) for fn in (kd.gemv, kd.attention))
         self.attention_config = kd.AttentionConfig(attention_block, 4)
 
         def buf(*shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -182,26 +185,23 @@ class FusedStack:
 
     def _gemvs(self, p: BlockPlan) -> dict[str, Callable[[GemvConfig], None]]:
         """A block's four GEMVs as functions of their launch shape (what the tuner times)."""
-        kd = self.kd
         mlp_in = self.x if p.parallel else self.h
         return {
-            "qkv": lambda g: kd.gemv(self.x, p.qkv, self.qkv, g, bias=p.qkv_bias, norm=p.norm_1, pdl=self.pdl),
-            "proj": lambda g: kd.gemv(self.attn, p.proj, self.h, g, bias=p.proj_bias, residual=self.x, pdl=self.pdl),
-            "up": lambda g: kd.gemv(mlp_in, p.up, self.act, g, bias=p.up_bias, norm=p.norm_2, act=p.act, up=p.up_2,
-                                    pdl=self.pdl),
-            "down": lambda g: kd.gemv(self.act, p.down, self.x, g, bias=p.down_bias, residual=self.h, pdl=self.pdl),
+            "qkv": lambda g: self.gemv(self.x, p.qkv, self.qkv, g, bias=p.qkv_bias, norm=p.norm_1),
+            "proj": lambda g: self.gemv(self.attn, p.proj, self.h, g, bias=p.proj_bias, residual=self.x),
+            "up": lambda g: self.gemv(mlp_in, p.up, self.act, g, bias=p.up_bias, norm=p.norm_2, act=p.act, up=p.up_2),
+            "down": lambda g: self.gemv(self.act, p.down, self.x, g, bias=p.down_bias, residual=self.h),
         }
 
     def _head(self, norm: Norm, lin: nn.Linear, x: Tensor, mode: str) -> Callable[[GemvConfig], None]:
         partial = {"logits": None, "greedy": self.partial[:2], "confidence": self.partial}[mode]
-        return lambda g: self.kd.gemv(x, lin.weight, self.logits, g, bias=lin.bias, norm=norm, partial=partial,
-                                      pdl=self.pdl)
+        return lambda g: self.gemv(x, lin.weight, self.logits, g, bias=lin.bias, norm=norm, partial=partial)
 
     def _attention(self, model: TransformerLM, layer: LayerKVCache, slot: Tensor, pos: Tensor,
                    config: AttentionConfig) -> None:
         c = model.config
-        self.kd.attention(self.qkv, layer.k, layer.v, model.rope, self.attn, slot, pos, c.n_head, c.kv_heads, c.hd,
-                          c.rotary_dim, config, pdl=self.pdl)
+        self.attend(self.qkv, layer.k, layer.v, model.rope, self.attn, slot, pos, c.n_head, c.kv_heads, c.hd,
+                          c.rotary_dim, config)
 
     def blocks(self, model: TransformerLM, cache: KVCache, start: int, end: int, slot: Tensor, pos: Tensor) -> None:
         """Blocks ``start:end`` on x for the token at ``pos``, writing its K/V at cache slot ``slot``."""
@@ -220,8 +220,7 @@ class FusedStack:
         configs = self.configs or {"head": self.kd.INTERPRETER_GEMV, "proj": self.kd.INTERPRETER_GEMV}
         x = self.x if x is None else x
         if lens is not None:  # a (C, C) map like the attention output projection: its launch shape
-            self.kd.gemv(x, _linear(lens, "exit lens").weight, self.lensed, configs["proj"], bias=lens.bias,
-                         pdl=self.pdl)
+            self.gemv(x, _linear(lens, "exit lens").weight, self.lensed, configs["proj"], bias=lens.bias)
             x = self.lensed
         self._head(norm, lin, x, mode)(configs["head"])
         return -(-lin.out_features // configs["head"].block_n)
@@ -268,26 +267,26 @@ class FusedStack:
         that of one-token decoding (`legolm.kernels.rows`); the keys and values of all rows are
         written first, so that each row attends to those before it.
         """
-        c, kd, kr = model.config, self.kd, self.kr
+        c, kr = model.config, self.kr
         g = self.ensure_tuned(model, cache)
         X, H = self.X, self.H
         for i in range(start, end):
             p, layer = self.plans[i], cache.layers[i]
-            kd.gemv(X, p.qkv, self.QKV, g["qkv"], bias=p.qkv_bias, norm=p.norm_1, rows=rows, pdl=self.pdl)
+            self.gemv(X, p.qkv, self.QKV, g["qkv"], bias=p.qkv_bias, norm=p.norm_1, rows=rows)
             kr.kv_rows(self.QKV, layer.k, layer.v, model.rope, self.start, rows, c.n_head, c.kv_heads, c.hd,
                        c.rotary_dim)
-            kd.attention(self.QKV, layer.k, layer.v, model.rope, self.ATT, self.start, self.start, c.n_head,
-                         c.kv_heads, c.hd, c.rotary_dim, self.attention_config, rows=rows, pdl=self.pdl)
-            kd.gemv(self.ATT, p.proj, H, g["proj"], bias=p.proj_bias, residual=X, rows=rows, pdl=self.pdl)
-            kd.gemv(X if p.parallel else H, p.up, self.ACT, g["up"], bias=p.up_bias, norm=p.norm_2, act=p.act,
-                    up=p.up_2, rows=rows, pdl=self.pdl)
-            kd.gemv(self.ACT, p.down, X, g["down"], bias=p.down_bias, residual=H, rows=rows, pdl=self.pdl)
+            self.attend(self.QKV, layer.k, layer.v, model.rope, self.ATT, self.start, self.start, c.n_head,
+                         c.kv_heads, c.hd, c.rotary_dim, self.attention_config, rows=rows)
+            self.gemv(self.ATT, p.proj, H, g["proj"], bias=p.proj_bias, residual=X, rows=rows)
+            self.gemv(X if p.parallel else H, p.up, self.ACT, g["up"], bias=p.up_bias, norm=p.norm_2, act=p.act,
+                    up=p.up_2, rows=rows)
+            self.gemv(self.ACT, p.down, X, g["down"], bias=p.down_bias, residual=H, rows=rows)
 
     def rows_head(self, norm: Norm, lin: nn.Linear, rows: int) -> int:
         """An exit on the first ``rows`` rows of X, greedy partials per row; the number of partials per row."""
         config = self.configs["head"] if self.configs is not None else self.kd.INTERPRETER_GEMV
-        self.kd.gemv(self.X, lin.weight, self.rows_logits, config, bias=lin.bias, norm=norm,
-                     partial=self.rows_partial, rows=rows, pdl=self.pdl)
+        self.gemv(self.X, lin.weight, self.rows_logits, config, bias=lin.bias, norm=norm,
+                     partial=self.rows_partial, rows=rows)
         return -(-lin.out_features // config.block_n)
 
 
