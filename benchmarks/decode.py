@@ -39,6 +39,7 @@ from benchmarks.peers import (
 )
 from legolm.core.config import ModelConfig
 from legolm.generation import GenerationConfig, generate
+from legolm.generation.persistent import PersistentShape
 from legolm.model.transformer import TransformerLM
 
 TOKENIZER = {"gpt2": "gpt2", "gpt2-medium": "gpt2", "pythia-160m": "pythia", "pythia-70m": "pythia",
@@ -92,8 +93,8 @@ def run_hf(hf: Any, prompts: list[list[int]], new: int, static: bool) -> tuple[f
     return seconds, out[0, idx.shape[1]:].tolist()
 
 
-def run_ours(model: TransformerLM, prompts: list[list[int]], new: int, **decoder: bool) -> tuple[float, list[int],
-                                                                                                float, float]:
+def run_ours(model: TransformerLM, prompts: list[list[int]], new: int, **decoder: Any) -> tuple[float, list[int],
+                                                                                               float, float]:
     """Steady-state seconds per call (session and graph reused), tokens, the first call's seconds, and the
     prefill's seconds within a call; ``decoder``: the `GenerationConfig` switches of the variant."""
     cfg = GenerationConfig(max_new_tokens=new, greedy=True, stop_at_eos=False, **decoder)
@@ -122,6 +123,9 @@ def main() -> None:
                         help="also time litgpt's generate (eager; compiled at batch 1)")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend of the litgpt rows (default "
                         "inductor; aot_eager with --smoke)")
+    parser.add_argument("--persistent-shapes", nargs="*", default=["8:8192:8192"], metavar="WARPS:TILE:HEAD_TILE",
+                        help="launch shapes of the persistent fused step to time at batch 1 (warps per program, "
+                        "weight elements per chunk of a block's GEMV and of the head)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, fp32: legolm eager, HF, litgpt")
     args = parser.parse_args()
     device, dtype = "cuda", torch.bfloat16
@@ -143,6 +147,11 @@ def main() -> None:
             if batch == 1:  # the fused Triton step decodes one sequence
                 variants["legolm fused triton+graph, no PDL"] = dict(fused=True, fused_pdl=False)
                 variants["legolm fused triton+graph"] = dict(fused=True)
+                for spec in args.persistent_shapes:
+                    warps, tile, head_tile = (int(v) for v in spec.split(":"))
+                    shape = PersistentShape(num_warps=warps, tile=tile, head_tile=head_tile)
+                    variants[f"legolm fused persistent {spec}"] = dict(fused=True, fused_kernel="persistent",
+                                                                       fused_persistent=shape)
             if args.smoke:  # graphs, compiled steps and Triton kernels are GPU paths
                 variants = {"legolm eager": dict(cuda_graph=False)}
             results = {"hf generate": (t_hf, ref)}

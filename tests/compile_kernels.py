@@ -8,6 +8,7 @@ from triton.compiler.compiler import ASTSource
 
 import legolm.kernels.cross_entropy as kce
 import legolm.kernels.decode as kd
+import legolm.kernels.persistent as kp
 import legolm.kernels.rows as kr
 
 P = "*bf16"
@@ -34,6 +35,14 @@ SELECT = dict(src_ptr="*fp32", dst_ptr="*fp32", row_ptr="*i64", C="i32")
 ACCEPT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", stride_p="i32", drafts_ptr="*i64", T="i32",
               tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64", finished_ptr="*i8", eos_id="i32", pos_ptr="*i64",
               dpos_ptr="*i64", di_ptr="*i64", stats_ptr="*i64")
+PERSISTENT = dict(tab_ptr="*i64", wte_ptr=P, wpe_ptr=P, fnw_ptr=P, fnb_ptr=P, head_w_ptr=P, head_b_ptr=P,
+                  rope_ptr="*fp32", x_ptr="*fp32", h_ptr="*fp32", qkv_ptr="*fp32", attn_ptr=P, act_ptr=P,
+                  logits_ptr="*fp32", pmax_ptr="*fp32", pidx_ptr="*i32", sync_ptr="*i32", tok_ptr="*i64",
+                  tokens_ptr="*i64", t_ptr="*i64", slot_ptr="*i64", pos_ptr="*i64", finished_ptr="*i8", eos_id="i32",
+                  n_layer="i32", C="i32", N1="i32", N2="i32", QW="i32", F="i32", V="i32", S="i32", rope_len="i32",
+                  scale="fp32", eps_1="fp32", eps_2="fp32", eps_f="fp32")
+PERSISTENT_BLOCKS = dict(NS=kp.NS, BLOCK_T=64, BLOCK_C=1024, BN_QKV=32, BK_QKV=256, BN_PROJ=8, BK_PROJ=1024, BN_UP=32,
+                         BK_UP=256, BN_DOWN=8, BK_DOWN=1024, BN_HEAD=32, BK_HEAD=256, GREEDY=1, HAS_EOS=1, BLOCK_P=256)
 CE = dict(logits_ptr=P, labels_ptr="*i64", loss_ptr="*fp32", V="i32", stride="i32", ignore_index="i32")
 GEMV_BLOCKS = dict(BLOCK_N=8, BLOCK_K=256, PDL=0)
 SPECS = [
@@ -62,12 +71,24 @@ SPECS = [
     (kr.select_row_kernel, SELECT, dict(BLOCK=1024)),
     (kr.accept_kernel, ACCEPT, dict(HAS_EOS=1, BLOCK_T=8, BLOCK=4096)),
     (kce.ce_grad_kernel, CE, dict(BLOCK_V=4096)),
+    (kp.persistent_step_kernel, PERSISTENT, dict(  # GPT-2
+        NORM_1=1, NORM_2=1, NORM_F=1, ACT=2, QKV_BIAS=1, PROJ_BIAS=1, UP_BIAS=1, DOWN_BIAS=1, HEAD_BIAS=0, HAS_WPE=1,
+        PARALLEL=0, H=12, HKV=12, D=64, D_POW2=64, R=0, **PERSISTENT_BLOCKS)),
+    (kp.persistent_step_kernel, PERSISTENT, dict(  # SmolLM2: split q/k/v, GQA, SwiGLU, RMSNorm
+        NORM_1=2, NORM_2=2, NORM_F=2, ACT=3, QKV_BIAS=0, PROJ_BIAS=0, UP_BIAS=0, DOWN_BIAS=0, HEAD_BIAS=0, HAS_WPE=0,
+        PARALLEL=0, H=9, HKV=3, D=64, D_POW2=64, R=64, **PERSISTENT_BLOCKS)),
 ]
+# What Triton's launcher specializes at a real launch: pointers and sizes that are multiples of 16
+ALIGNED = ("N1", "N2", "N", "K", "C", "QW", "F", "V", "S", "stride_x", "stride_out")
+VECTORIZED = (kd.gemv_kernel, kp.persistent_step_kernel)  # weight tiles must load 16 bytes per thread at a time
 
 if __name__ == "__main__":
     for fn, signature, consts in SPECS:
-        src = ASTSource(fn, {**signature, **{k: "constexpr" for k in consts}}, consts)
+        names = list(signature)
+        attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in names if k.endswith("_ptr") or k in ALIGNED}
+        src = ASTSource(fn, {**signature, **{k: "constexpr" for k in consts}}, consts, attrs=attrs)
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
         assert ".entry " + fn.__name__ in ptx, f"{fn.__name__}: no entry point in the PTX"
+        assert fn not in VECTORIZED or "ld.global.v4.b32" in ptx, f"{fn.__name__}: weight loads not vectorized"
         assert ("griddepcontrol.wait" in ptx) == bool(consts.get("PDL")), f"{fn.__name__}: PDL {consts.get('PDL')}"
         print("compiled", fn.__name__, consts, flush=True)

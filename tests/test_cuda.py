@@ -174,6 +174,46 @@ def test_fused_decode_with_pdl_equals_without(preset: str) -> None:
                 s.emit(nxt)
 
 
+@pytest.mark.parametrize("preset", ["gpt2", "pythia-160m", "smollm2-135m"])
+def test_persistent_decode_matches_torch_decode(preset: str) -> None:
+    """The persistent step on every SM (real grid barriers), captured in a CUDA graph: the torch step's greedy
+    tokens, fp32."""
+    model = _model(preset, torch.float32)
+    prompts = [[5, 17, 99, 3, 42, 7] * 12]
+    cfg = GenerationConfig(max_new_tokens=32, greedy=True, stop_at_eos=False)
+    want = generate(model, prompts, cfg).tokens
+    cfg.fused, cfg.fused_kernel = True, "persistent"
+    assert generate(model, prompts, cfg).tokens == want
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "smollm2-135m"])
+def test_persistent_decode_follows_the_blocks_step_in_bf16(preset: str) -> None:
+    """300 replayed bf16 steps fed the same tokens: the persistent step's logits stay within rounding of the
+    five-kernel step's (a program reading a phase's input before the barrier would show as a large error), and
+    every launch leaves the barrier counters at rest."""
+    from legolm.generation.decoder import DecodeSession
+    from legolm.generation.fused import FusedDecodeStep
+    from legolm.generation.persistent import PersistentDecodeStep, PersistentShape
+
+    model = _model(preset, torch.bfloat16)
+    prompt = torch.tensor([[5, 17, 99, 3, 42, 7] * 12], device="cuda")
+    lengths = torch.tensor([prompt.shape[1]], device="cuda")
+    persistent = PersistentDecodeStep(model, PersistentShape(), 64, 1024)
+    steps = [FusedDecodeStep(model, 64, 1024, tune=False), persistent]
+    sessions = [DecodeSession(model, 1, 512, greedy=False, eos_id=None, cuda_graph=True, step=s) for s in steps]
+    with torch.inference_mode():
+        for s in sessions:
+            s.start(s.prefill(prompt, lengths).argmax(-1), prompt.shape[1], lengths)
+        for _ in range(300):
+            want, got = (s.step().clone() for s in sessions)
+            assert ((got - want).norm() / want.norm()).item() < 1e-2
+            nxt = want.argmax(-1)
+            for s in sessions:
+                s.emit(nxt)
+    count, _, done = persistent.sync.tolist()
+    assert (count, done) == (0, 0)
+
+
 def test_prefill_graphs_match_eager_prefill() -> None:
     """A prompt length's captured prefill replays with new prompts; a new length evicts the oldest."""
     model = _model("pythia-160m", torch.float32)

@@ -21,9 +21,10 @@ from legolm.data.tokenizer import Tokenizer
 from legolm.errors import ConfigError
 from legolm.generation.decoder import COMPILE_MODES, DecodeSession
 from legolm.generation.early_exit import EarlyExitStats, generate_speculative, generate_with_early_exit
-from legolm.generation.fused import FusedDecodeStep, check_fused
+from legolm.generation.fused import check_fused
 from legolm.generation.fused_early_exit import FusedExitConfig, FusedLegoSession, fused_lego_generate
 from legolm.generation.memory_decode import generate_memory, has_memory_layers
+from legolm.generation.persistent import FUSED_KERNELS, PersistentShape, fused_step
 from legolm.generation.sampling import next_token
 from legolm.model.lego import LegoLM
 from legolm.model.transformer import TransformerLM
@@ -57,6 +58,10 @@ class GenerationConfig:
         fused_pdl: Launch the fused GEMV and attention kernels with programmatic dependent launch (sm_90+
             and a Triton that has it; ignored elsewhere): each kernel loads its weights while the
             previous one finishes.
+        fused_kernel: ``blocks`` (five kernel launches per block, launch shapes tuned, PDL) or
+            ``persistent`` (the whole step in one launch of one program per SM, grid barriers between
+            its phases; `legolm.kernels.persistent`). Plain decoding only (not LEGO early exit).
+        fused_persistent: Launch shape of the persistent step.
         prefill_graphs: With ``cuda_graph``, prompt lengths per session whose prefill is replayed as a
             CUDA graph (captured at a length's first use; 0 = eager prefill).
         eos_check_every: Steps between checks whether every row is done (each check syncs the GPU).
@@ -94,6 +99,8 @@ class GenerationConfig:
     fused_embed_block: int = 1024
     fused_tune: bool = True
     fused_pdl: bool = True
+    fused_kernel: Literal["blocks", "persistent"] = "blocks"
+    fused_persistent: PersistentShape = field(default_factory=PersistentShape)
     prefill_graphs: int = 4
     eos_check_every: int = 8
     cache_bucket: int = 256
@@ -131,6 +138,9 @@ class GenerationConfig:
                 raise ConfigError(f"{name} must be a power of two, got {value}")
         if self.eos_check_every < 1:
             raise ConfigError(f"eos_check_every must be >= 1, got {self.eos_check_every}")
+        if self.fused_kernel not in FUSED_KERNELS:
+            raise ConfigError(f"fused_kernel must be one of {', '.join(FUSED_KERNELS)}, got {self.fused_kernel!r}")
+        self.fused_persistent.validate()
         self._validate_early_exit()
 
     def _validate_early_exit(self) -> None:
@@ -216,8 +226,8 @@ def _session(model: TransformerLM, batch: int, needed: int, config: GenerationCo
     max_len = min(-(-needed // bucket) * bucket, model.config.block_size)
     device = next(model.parameters()).device
     graph = config.cuda_graph and device.type == "cuda"
-    fused = (config.fused_attention_block, config.fused_embed_block, config.fused_tune, config.fused_pdl) \
-        if config.fused else None
+    fused = (config.fused_attention_block, config.fused_embed_block, config.fused_tune, config.fused_pdl,
+             config.fused_kernel, config.fused_persistent) if config.fused else None
     key = (_weights_key(model), batch, max_len, config.greedy, eos, graph, config.compile, config.compile_mode, fused,
            config.prefill_graphs)
     sessions = _SESSIONS.setdefault(model, OrderedDict())
@@ -227,8 +237,8 @@ def _session(model: TransformerLM, batch: int, needed: int, config: GenerationCo
     step = None
     if config.fused:
         check_fused(batch, device)
-        step = FusedDecodeStep(model, config.fused_attention_block, config.fused_embed_block, config.fused_tune,
-                               config.fused_pdl)
+        step = fused_step(model, config.fused_kernel, config.fused_persistent, config.fused_attention_block,
+                          config.fused_embed_block, config.fused_tune, config.fused_pdl)
     session = DecodeSession(model, batch, max_len, config.greedy, eos, cuda_graph=graph, compile=config.compile,
                             compile_mode=config.compile_mode, step=step, prefill_graphs=config.prefill_graphs)
     if config.session_cache_size > 0:

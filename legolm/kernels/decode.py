@@ -16,6 +16,7 @@ keeps the model's dtype. `TRITON_INTERPRET=1` runs the same kernels on CPU tenso
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,19 +30,20 @@ ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU = 0, 1, 2, 3
 
 
 @triton.jit
-def _norm_stats(x_ptr, K, eps, NORM: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Mean (0 for RMSNorm) and 1/std of the K-vector at ``x_ptr``, two passes for accuracy."""
+def _norm_stats(x_ptr, K, eps, NORM: tl.constexpr, BLOCK_K: tl.constexpr, CM: tl.constexpr):
+    """Mean (0 for RMSNorm) and 1/std of the K-vector at ``x_ptr``, two passes for accuracy (CM: the loads'
+    cache modifier)."""
     mean = 0.0
     if NORM == 1:
         s = tl.zeros([BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
-            s += tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+            s += tl.load(x_ptr + offs, mask=offs < K, other=0.0, cache_modifier=CM).to(tl.float32)
         mean = tl.sum(s, 0) / K
     s2 = tl.zeros([BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=offs < K, other=0.0, cache_modifier=CM).to(tl.float32)
         d = tl.where(offs < K, x - mean, 0.0)
         s2 += d * d
     return mean, 1.0 / tl.sqrt(tl.sum(s2, 0) / K + eps)
@@ -70,10 +72,10 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
                 NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                 ARGMAX: tl.constexpr, SUMEXP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 PDL: tl.constexpr):
-    """out[n] = act(W[n]·norm(x) + b[n]) (+ res[n]) for the BLOCK_N rows of this program.
+    """out[n] = act(W[n]·norm(x) + b[n]) (+ res[n]) for the BLOCK_N rows of this program (`_gemv_rows`).
 
     W is up to three row segments (rows < N1 of w1, < N2 of w2, the rest of w3: Llama's separate
-    q/k/v projections); SwiGLU reads the matching row of ``wu`` too: silu(W[n]·x) · (Wu[n]·x).
+    q/k/v projections), each a whole number of blocks.
     ARGMAX also writes this program's largest output and its row (greedy decoding's first stage);
     SUMEXP also its Σ exp(out - largest), from which `exit_kernel` gets the softmax's maximum
     probability without a second pass over the logits.
@@ -93,58 +95,16 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
     pmax_ptr += vec * stride_p
     pidx_ptr += vec * stride_p
     psum_ptr += vec * stride_p
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r0 = tl.program_id(1) * BLOCK_N
+    rows = r0 + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    in2, in3 = rows >= N1, rows >= N2
-    local = tl.where(in3, rows - N2, tl.where(in2, rows - N1, rows)).to(tl.int64)
-    wrow = tl.where(in3, w3_ptr + local * K, tl.where(in2, w2_ptr + local * K, w1_ptr + local * K))
-    first = tl.arange(0, BLOCK_K)
-    wmask = rmask[:, None] & (first < K)[None, :]
-    # Software pipelining: the first weight tile is in flight while the norm statistics are computed,
-    # and each iteration issues the next tile's loads before it uses the current one.
-    w = tl.load(wrow[:, None] + first[None, :], mask=wmask, other=0.0)
-    wu = w
-    if ACT == 3:
-        wu = tl.load(wu_ptr + local[:, None] * K + first[None, :], mask=wmask, other=0.0)
-    _pdl_sync(PDL)  # everything below may read what earlier kernels wrote
-    mean, rstd = 0.0, 1.0
-    if NORM != 0:
-        mean, rstd = _norm_stats(x_ptr, K, eps, NORM, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    acc_u = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        kmask = offs < K
-        nxt = offs + BLOCK_K
-        nmask = rmask[:, None] & (nxt < K)[None, :]
-        w_next = tl.load(wrow[:, None] + nxt[None, :], mask=nmask, other=0.0)
-        wu_next = w_next
-        if ACT == 3:
-            wu_next = tl.load(wu_ptr + local[:, None] * K + nxt[None, :], mask=nmask, other=0.0)
-        x = tl.load(x_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
-        if NORM != 0:
-            x = (x - mean) * rstd * tl.load(nw_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
-            if NORM == 1:
-                x += tl.load(nb_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * x[None, :]
-        if ACT == 3:
-            acc_u += wu.to(tl.float32) * x[None, :]
-        w, wu = w_next, wu_next
-    y = tl.sum(acc, 1)
-    if HAS_BIAS:
-        y += tl.load(tl.where(in3, b3_ptr + local, tl.where(in2, b2_ptr + local, b1_ptr + local)),
-                     mask=rmask, other=0.0).to(tl.float32)
-    if ACT == 1:
-        y = _gelu(y, False)
-    elif ACT == 2:
-        y = _gelu(y, True)
-    elif ACT == 3:
-        u = tl.sum(acc_u, 1)
-        if HAS_BIAS:
-            u += tl.load(bu_ptr + local, mask=rmask, other=0.0).to(tl.float32)
-        y = y * tl.sigmoid(y) * u
-    if HAS_RES:
-        y += tl.load(res_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    # the block's segment (the host keeps blocks inside one): a scalar choice keeps the loads vectorized
+    in2, in3 = r0 >= N1, r0 >= N2
+    w_ptr = tl.where(in3, w3_ptr, tl.where(in2, w2_ptr, w1_ptr))
+    b_ptr = tl.where(in3, b3_ptr, tl.where(in2, b2_ptr, b1_ptr))
+    local = rows - tl.where(in3, N2, tl.where(in2, N1, 0))
+    y = _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, rows, local, rmask, K, eps, NORM,
+                   ACT, HAS_BIAS, HAS_RES, BLOCK_K, PDL, "")
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
     if ARGMAX:
         y = tl.where(rmask, y, float("-inf"))
@@ -156,6 +116,68 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
 
 
 @triton.jit
+def _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, rows, local, rmask, K, eps,
+               NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+               BLOCK_K: tl.constexpr, PDL: tl.constexpr, CM: tl.constexpr):
+    """act(W[n]·norm(x) + b[n]) (+ res[n]) in fp32 for the output rows ``rows`` (where ``rmask``), which are the
+    rows ``local`` of W and b.
+
+    SwiGLU reads the matching row of ``wu`` too: silu(W[n]·x) · (Wu[n]·x). CM is the cache modifier of the
+    loads of x and res (".cg" where another program wrote them in the same launch:
+    `legolm.kernels.persistent`). With PDL, `_pdl_sync` follows the first weight tile's loads.
+    """
+    local = local.to(tl.int64)
+    wrow = w_ptr + local * K
+    first = tl.arange(0, BLOCK_K)
+    wmask = rmask[:, None] & (first < K)[None, :]
+    # Software pipelining: the first weight tile is in flight while the norm statistics are computed,
+    # and each iteration issues the next tile's loads before it uses the current one.
+    w = tl.load(wrow[:, None] + first[None, :], mask=wmask, other=0.0)
+    wu = w
+    if ACT == 3:
+        wu = tl.load(wu_ptr + local[:, None] * K + first[None, :], mask=wmask, other=0.0)
+    _pdl_sync(PDL)  # everything below may read what earlier kernels wrote
+    mean, rstd = 0.0, 1.0
+    if NORM != 0:
+        mean, rstd = _norm_stats(x_ptr, K, eps, NORM, BLOCK_K, CM)
+    acc = tl.zeros([rows.shape[0], BLOCK_K], tl.float32)
+    acc_u = tl.zeros([rows.shape[0], BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        kmask = offs < K
+        nxt = offs + BLOCK_K
+        nmask = rmask[:, None] & (nxt < K)[None, :]
+        w_next = tl.load(wrow[:, None] + nxt[None, :], mask=nmask, other=0.0)
+        wu_next = w_next
+        if ACT == 3:
+            wu_next = tl.load(wu_ptr + local[:, None] * K + nxt[None, :], mask=nmask, other=0.0)
+        x = tl.load(x_ptr + offs, mask=kmask, other=0.0, cache_modifier=CM).to(tl.float32)
+        if NORM != 0:
+            x = (x - mean) * rstd * tl.load(nw_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
+            if NORM == 1:
+                x += tl.load(nb_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * x[None, :]
+        if ACT == 3:
+            acc_u += wu.to(tl.float32) * x[None, :]
+        w, wu = w_next, wu_next
+    y = tl.sum(acc, 1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + local, mask=rmask, other=0.0).to(tl.float32)
+    if ACT == 1:
+        y = _gelu(y, False)
+    elif ACT == 2:
+        y = _gelu(y, True)
+    elif ACT == 3:
+        u = tl.sum(acc_u, 1)
+        if HAS_BIAS:
+            u += tl.load(bu_ptr + local, mask=rmask, other=0.0).to(tl.float32)
+        y = y * tl.sigmoid(y) * u
+    if HAS_RES:
+        y += tl.load(res_ptr + rows, mask=rmask, other=0.0, cache_modifier=CM).to(tl.float32)
+    return y
+
+
+@triton.jit
 def advance_kernel(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, slot_ptr, pos_ptr, finished_ptr, eos_id,
                    GREEDY: tl.constexpr, HAS_EOS: tl.constexpr, BLOCK: tl.constexpr):
     """End of a step: slot and position advance; greedy also reduces the head's partial maxima to the
@@ -163,19 +185,20 @@ def advance_kernel(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, slot
     tl.store(slot_ptr, tl.load(slot_ptr) + 1)
     tl.store(pos_ptr, tl.load(pos_ptr) + 1)
     if GREEDY:
-        _, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK)
+        _, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK, "")
         _emit(nxt, nxt >= 0, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, HAS_EOS)
 
 
 @triton.jit
-def _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK: tl.constexpr):
-    """The largest of the head's partial maxima and its row (the first of ties, like `torch.argmax`)."""
+def _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK: tl.constexpr, CM: tl.constexpr):
+    """The largest of the head's partial maxima and its row (the first of ties, like `torch.argmax`);
+    CM: the loads' cache modifier."""
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     arg = tl.full([BLOCK], 2147483647, tl.int32)
     for p0 in range(0, n_parts, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
-        v = tl.load(pmax_ptr + p, mask=p < n_parts, other=float("-inf"))
-        i = tl.load(pidx_ptr + p, mask=p < n_parts, other=2147483647)
+        v = tl.load(pmax_ptr + p, mask=p < n_parts, other=float("-inf"), cache_modifier=CM)
+        i = tl.load(pidx_ptr + p, mask=p < n_parts, other=2147483647, cache_modifier=CM)
         take = (v > best) | ((v == best) & (i < arg))
         best = tl.where(take, v, best)
         arg = tl.where(take, i, arg)
@@ -210,7 +233,7 @@ def exit_kernel(pmax_ptr, pidx_ptr, psum_ptr, n_parts, tau_ptr, deep_ptr, exited
     for the smallest bucket that holds the q + 1 rows when they must run through the upper layers
     now: a deep token, or a full queue (the largest bucket).
     """
-    top, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK)
+    top, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK, "")
     total = 0.0
     for p0 in range(0, n_parts, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
@@ -237,7 +260,7 @@ def exit_kernel(pmax_ptr, pidx_ptr, psum_ptr, n_parts, tau_ptr, deep_ptr, exited
 def emit_kernel(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, counter_ptr,
                 HAS_EOS: tl.constexpr, HAS_COUNTER: tl.constexpr, BLOCK: tl.constexpr):
     """Emit the greedy token of a head's partials (and step ``counter``: skip mode's upper slot, a draft position)."""
-    _, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK)
+    _, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK, "")
     _emit(nxt, nxt >= 0, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, HAS_EOS)
     if HAS_COUNTER:
         tl.store(counter_ptr, tl.load(counter_ptr) + 1)
@@ -256,16 +279,16 @@ def tick_kernel(pos_ptr, q_ptr, flush_ptr, n_buckets, count_ptr, FILL: tl.conste
 
 
 @triton.jit
-def _rope(ptr, d, pos, rope_ptr, rope_len, R: tl.constexpr, D: tl.constexpr):
+def _rope(ptr, d, pos, rope_ptr, rope_len, R: tl.constexpr, D: tl.constexpr, CM: tl.constexpr):
     """The head vector at ``ptr`` with its first R dims rotated for ``pos`` (half-split pairs)."""
-    x = tl.load(ptr + d, mask=d < D, other=0.0).to(tl.float32)
+    x = tl.load(ptr + d, mask=d < D, other=0.0, cache_modifier=CM).to(tl.float32)
     if R > 0:
         rot = d < R
         partner = tl.where(d < R // 2, d + R // 2, d - R // 2)
         sign = tl.where(d < R // 2, -1.0, 1.0)
         cos = tl.load(rope_ptr + pos * R + d, mask=rot, other=1.0)
         sin = tl.load(rope_ptr + (rope_len + pos) * R + d, mask=rot, other=0.0)
-        xp = tl.load(ptr + partner, mask=rot, other=0.0).to(tl.float32)
+        xp = tl.load(ptr + partner, mask=rot, other=0.0, cache_modifier=CM).to(tl.float32)
         x = x * cos + sign * xp * sin
     return x
 
@@ -274,21 +297,29 @@ def _rope(ptr, d, pos, rope_ptr, rope_len, R: tl.constexpr, D: tl.constexpr):
 def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, slot_ptr, pos_ptr, S, rope_len, scale,
                      q_width, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_POW2: tl.constexpr,
                      R: tl.constexpr, BLOCK_T: tl.constexpr, WRITE: tl.constexpr, PDL: tl.constexpr):
-    """One query head: RoPE on q and the new k, the new k/v into cache slot ``slot`` (WRITE), then softmax
-    attention over slots 0..slot (the cached ones streamed in BLOCK_T tiles, online softmax).
+    """One query head of one token (`_attend`).
 
-    qkv is [q heads | k heads | v heads] (fp32); the caches are (HKV, S, D) in the model's dtype.
     Grid (heads, tokens): token m of a multi-token pass sits at slot + m and position pos + m (its
     qkv and output rows offset by m); the keys of the tokens before it were written by `kv_rows_kernel`
     (WRITE off), its own enter the softmax first, as in the one-token step.
     """
     _pdl_sync(PDL)  # the slot, the position and q/k/v come from earlier kernels
     h, m = tl.program_id(0), tl.program_id(1)
-    qkv_ptr += m * q_width
-    out_ptr += m * (H * D)
+    _attend(qkv_ptr + m * q_width, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr + m * (H * D), h,
+            tl.load(slot_ptr) + m, tl.load(pos_ptr) + m, S, rope_len, scale, H, HKV, D, D_POW2, R, BLOCK_T, WRITE, "")
+
+
+@triton.jit
+def _attend(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, h, slot, pos, S, rope_len, scale,
+            H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_POW2: tl.constexpr, R: tl.constexpr,
+            BLOCK_T: tl.constexpr, WRITE: tl.constexpr, CM: tl.constexpr):
+    """Query head h: RoPE on q and the new k, the new k/v into cache slot ``slot`` (WRITE), then softmax
+    attention over slots 0..slot (the cached ones streamed in BLOCK_T tiles, online softmax).
+
+    qkv is [q heads | k heads | v heads] (fp32, loaded with cache modifier CM); the caches are (HKV, S, D)
+    in the model's dtype.
+    """
     g = h // (H // HKV)
-    slot = tl.load(slot_ptr) + m
-    pos = tl.load(pos_ptr) + m
     d = tl.arange(0, D_POW2)
     dmask = d < D
     base = g.to(tl.int64) * S * D
@@ -297,9 +328,10 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, slot_
     first_mask = (t_first < slot)[:, None] & dmask[None, :]
     k = tl.load(k_cache_ptr + base + t_first[:, None] * D + d[None, :], mask=first_mask, other=0.0)
     v = tl.load(v_cache_ptr + base + t_first[:, None] * D + d[None, :], mask=first_mask, other=0.0)
-    q = _rope(qkv_ptr + h * D, d, pos, rope_ptr, rope_len, R, D) * scale
-    k_new = _rope(qkv_ptr + (H + g) * D, d, pos, rope_ptr, rope_len, R, D).to(k_cache_ptr.dtype.element_ty)
-    v_new = tl.load(qkv_ptr + (H + HKV + g) * D + d, mask=dmask, other=0.0).to(v_cache_ptr.dtype.element_ty)
+    q = _rope(qkv_ptr + h * D, d, pos, rope_ptr, rope_len, R, D, CM) * scale
+    k_new = _rope(qkv_ptr + (H + g) * D, d, pos, rope_ptr, rope_len, R, D, CM).to(k_cache_ptr.dtype.element_ty)
+    v_new = tl.load(qkv_ptr + (H + HKV + g) * D + d, mask=dmask, other=0.0,
+                    cache_modifier=CM).to(v_cache_ptr.dtype.element_ty)
     if WRITE and h % (H // HKV) == 0:  # one program per kv head writes the cache
         tl.store(k_cache_ptr + base + slot * D + d, k_new, mask=dmask)
         tl.store(v_cache_ptr + base + slot * D + d, v_new, mask=dmask)
@@ -415,14 +447,17 @@ def gemv(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, conf
     n2 = n1 + ws[1].shape[0] if isinstance(w, tuple) else N
     kind, nw, nb, eps = norm if norm is not None else (NORM_NONE, x, None, 0.0)
     wu, bu = up if up is not None else (ws[0], None)
-    grid = (max(rows, 1), triton.cdiv(N, config.block_n))
+    # blocks stay inside one weight segment (`gemv_kernel`): for split weights, rows per program divide each
+    # segment (a power of two, so the head's partial count never changes: its weight is one segment)
+    block_n = math.gcd(config.block_n, n1, n2 - n1) if isinstance(w, tuple) else config.block_n
+    grid = (max(rows, 1), triton.cdiv(N, block_n))
     pmax, pidx, psum = (*partial, out)[:3] if partial is not None else (out, out, out)
     stride_p = pmax.shape[-1] if rows and partial is not None else 0
     gemv_kernel[grid](x, nw, nb if nb is not None else nw, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], wu,
                       bu if bu is not None else bs[0], residual if residual is not None else out, out, pmax, pidx,
                       psum, n1, n2, N, K, eps, K if rows else 0, N if rows else 0, stride_p, NORM=kind, ACT=act,
                       HAS_BIAS=bias is not None, HAS_RES=residual is not None, ARGMAX=partial is not None,
-                      SUMEXP=partial is not None and len(partial) == 3, BLOCK_N=config.block_n,
+                      SUMEXP=partial is not None and len(partial) == 3, BLOCK_N=block_n,
                       BLOCK_K=config.block_k, num_warps=config.num_warps, **_pdl(pdl))
 
 

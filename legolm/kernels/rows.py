@@ -34,7 +34,7 @@ def kv_rows_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, start_ptr, S, ro
     d = tl.arange(0, D_POW2)
     dmask = d < D
     row = qkv_ptr + m * q_width
-    k = _rope(row + (H + g) * D, d, pos, rope_ptr, rope_len, R, D)
+    k = _rope(row + (H + g) * D, d, pos, rope_ptr, rope_len, R, D, "")
     v = tl.load(row + (H + HKV + g) * D + d, mask=dmask, other=0.0)
     base = g.to(tl.int64) * S * D + pos * D
     tl.store(k_cache_ptr + base + d, k.to(k_cache_ptr.dtype.element_ty), mask=dmask)

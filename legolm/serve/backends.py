@@ -26,9 +26,10 @@ from torch import Tensor
 
 from legolm.errors import ConfigError, LegolmError
 from legolm.generation.decoder import DecodeSession
-from legolm.generation.fused import FusedDecodeStep, check_fused
+from legolm.generation.fused import check_fused
 from legolm.generation.generate import GenerationConfig, generate
 from legolm.generation.memory_decode import MemoryDecoder, has_memory_layers
+from legolm.generation.persistent import fused_step
 from legolm.generation.slots import SlotDecoder
 from legolm.model.lego import LegoLM
 from legolm.model.transformer import TransformerLM
@@ -158,8 +159,8 @@ class FusedBackend(Backend):
         self.capacity, self.context, self.device = config.max_batch, context, device
 
         def session() -> DecodeSession:
-            step = FusedDecodeStep(model, config.fused_attention_block, config.fused_embed_block, config.fused_tune,
-                                   config.fused_pdl)
+            step = fused_step(model, config.fused_kernel, config.fused_persistent, config.fused_attention_block,
+                              config.fused_embed_block, config.fused_tune, config.fused_pdl)
             return DecodeSession(model, 1, context, greedy=False, eos_id=None,
                                  cuda_graph=config.cuda_graph and device.type == "cuda", step=step)
 

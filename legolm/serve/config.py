@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from legolm.errors import ConfigError
 from legolm.generation.generate import GenerationConfig
+from legolm.generation.persistent import FUSED_KERNELS, PersistentShape
 from legolm.utils.device import DtypeName
 
 _GEN = GenerationConfig()
@@ -36,6 +37,8 @@ class ServeConfig:
         fused_embed_block: Channels per tile of the fused embedding kernel (a power of two).
         fused_tune: Time the fused kernels' launch shapes at the first step on the GPU.
         fused_pdl: Programmatic dependent launch of the fused GEMV and attention kernels (where supported).
+        fused_kernel: Plain models' fused step: blocks (five launches per block) or persistent (one launch).
+        fused_persistent: Launch shape of the persistent step.
         early_exit: LEGO models: threshold or speculative decoding through the shallow exit (none = deep).
         threshold: Threshold early exit's tau (None: the model's calibrated one, or target_ratio's).
         target_ratio: Instead of tau: the fraction of tokens routed to the upper layers.
@@ -74,6 +77,8 @@ class ServeConfig:
     fused_embed_block: int = _GEN.fused_embed_block
     fused_tune: bool = _GEN.fused_tune
     fused_pdl: bool = _GEN.fused_pdl
+    fused_kernel: Literal["blocks", "persistent"] = _GEN.fused_kernel
+    fused_persistent: PersistentShape = field(default_factory=PersistentShape)
     early_exit: Literal["none", "threshold", "speculative"] = "none"
     threshold: float | None = None
     target_ratio: float | None = None
@@ -113,6 +118,9 @@ class ServeConfig:
         for name in ("fused_attention_block", "fused_embed_block"):
             value = getattr(self, name)
             checks.append((value >= 1 and not value & (value - 1), f"{name} must be a power of two, got {value}"))
+        checks.append((self.fused_kernel in FUSED_KERNELS,
+                       f"fused_kernel must be one of {', '.join(FUSED_KERNELS)}, got {self.fused_kernel!r}"))
+        self.fused_persistent.validate()
         exit_only = [f"--{n.replace('_', '-')}" for n in ("threshold", "target_ratio") if getattr(self, n) is not None]
         checks.append((self.early_exit != "none" or not exit_only,
                        f"{' and '.join(exit_only)} set without --early-exit threshold: add it, or drop the flag"))
