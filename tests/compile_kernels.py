@@ -41,10 +41,11 @@ PERSISTENT = dict(tab_ptr="*i64", wte_ptr=P, wpe_ptr=P, fnw_ptr=P, fnb_ptr=P, he
                   tokens_ptr="*i64", t_ptr="*i64", slot_ptr="*i64", pos_ptr="*i64", finished_ptr="*i8", eos_id="i32",
                   n_layer="i32", C="i32", N1="i32", N2="i32", QW="i32", F="i32", V="i32", S="i32", rope_len="i32",
                   scale="fp32", eps_1="fp32", eps_2="fp32", eps_f="fp32")
-PERSISTENT_BLOCKS = dict(NS=kp.NS, BLOCK_T=64, BLOCK_C=1024, BN_QKV=32, BK_QKV=256, BN_PROJ=8, BK_PROJ=1024, BN_UP=32,
-                         BK_UP=256, BN_DOWN=8, BK_DOWN=1024, BN_HEAD=32, BK_HEAD=256, GREEDY=1, HAS_EOS=1, BLOCK_P=256)
+PERSISTENT_BLOCKS = dict(NS=kp.NS, BLOCK_T=64, BLOCK_C=1024, C_POW2=1024, BN_QKV=32, BK_QKV=256, BN_PROJ=8,
+                         BK_PROJ=1024, BN_UP=32, BK_UP=256, BN_DOWN=8, BK_DOWN=1024, BN_HEAD=32, BK_HEAD=256, GREEDY=1,
+                         HAS_EOS=1, BLOCK_P=256)
 CE = dict(logits_ptr=P, labels_ptr="*i64", loss_ptr="*fp32", V="i32", stride="i32", ignore_index="i32")
-GEMV_BLOCKS = dict(BLOCK_N=8, BLOCK_K=256, PDL=0)
+GEMV_BLOCKS = dict(BLOCK_N=8, BLOCK_K=256, K_POW2=1024, PDL=0)
 SPECS = [
     (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=0, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # LN->qkv
     (kd.gemv_kernel, GEMV, dict(NORM=0, ACT=0, HAS_BIAS=1, HAS_RES=1, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # + res
@@ -57,7 +58,7 @@ SPECS = [
     (kd.attention_kernel, ATTENTION, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=128, WRITE=1, PDL=0)),  # GQA
     (kd.attention_kernel, ATTENTION, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=128, WRITE=0, PDL=0)),  # rows
     (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=0, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, SUMEXP=0, BLOCK_N=8, BLOCK_K=256,
-                                PDL=1)),  # programmatic dependent launch: griddepcontrol in the PTX
+                                K_POW2=1024, PDL=1)),  # programmatic dependent launch: griddepcontrol in the PTX
     (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, WRITE=1, PDL=1)),
     (kd.advance_kernel, ADVANCE, dict(GREEDY=1, HAS_EOS=1, BLOCK=4096)),
     (kd.embed_kernel, EMBED, dict(HAS_WPE=1, BLOCK=1024)),

@@ -46,7 +46,7 @@ def test_persistent_step_matches_torch_step(preset: str) -> None:
         a, b = ref.cache.layers[i], fused.cache.layers[i]
         torch.testing.assert_close(b.k, a.k, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(b.v, a.v, atol=1e-5, rtol=1e-5)
-    assert step.sync.tolist() == [0, 4 * (5 * 2 - (preset == "tiny-pythia") * 2), 0], "barriers left counters set"
+    assert step.sync.tolist() == [0, 0], "a step left the barrier counters set"
 
 
 @torch.inference_mode()

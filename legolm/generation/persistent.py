@@ -105,7 +105,7 @@ class PersistentDecodeStep:
         self.attn, self.act = buf(c.n_head * c.hd, param.dtype), buf(c.intermediate_size, param.dtype)
         self.logits = buf(c.vocab_size)
         self.pmax, self.pidx = buf(self.programs), buf(self.programs, torch.int32)
-        self.sync = buf(3, torch.int32)  # barrier count and generation, end-of-step count
+        self.sync = buf(2, torch.int32)  # barrier arrivals, programs done with the step
         self._table: tuple[int, Tensor] | None = None
 
     def table(self, cache: KVCache) -> Tensor:
@@ -165,7 +165,7 @@ class PersistentDecodeStep:
             QKV_BIAS=p0.qkv_bias is not None, PROJ_BIAS=p0.proj_bias is not None, UP_BIAS=p0.up_bias is not None,
             DOWN_BIAS=p0.down_bias is not None, HEAD_BIAS=head.bias is not None, HAS_WPE=model.wpe is not None,
             PARALLEL=p0.parallel, H=c.n_head, HKV=c.kv_heads, D=c.hd, D_POW2=triton.next_power_of_2(c.hd),
-            R=c.rotary_dim, BLOCK_T=self.attention_block, BLOCK_C=self.embed_block,
+            R=c.rotary_dim, BLOCK_T=self.attention_block, BLOCK_C=self.embed_block, C_POW2=triton.next_power_of_2(C),
             BN_QKV=qs.block_n, BK_QKV=qs.block_k, BN_PROJ=ps.block_n, BK_PROJ=ps.block_k, BN_UP=us.block_n,
             BK_UP=us.block_k, BN_DOWN=ds.block_n, BK_DOWN=ds.block_k, BN_HEAD=hs.block_n, BK_HEAD=hs.block_k,
             GREEDY=greedy, HAS_EOS=eos_id is not None, BLOCK_P=triton.next_power_of_2(P), num_warps=shape.num_warps)

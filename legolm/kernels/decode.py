@@ -30,23 +30,16 @@ ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU = 0, 1, 2, 3
 
 
 @triton.jit
-def _norm_stats(x_ptr, K, eps, NORM: tl.constexpr, BLOCK_K: tl.constexpr, CM: tl.constexpr):
-    """Mean (0 for RMSNorm) and 1/std of the K-vector at ``x_ptr``, two passes for accuracy (CM: the loads'
-    cache modifier)."""
+def _norm_stats(x_ptr, K, eps, NORM: tl.constexpr, K_POW2: tl.constexpr, CM: tl.constexpr):
+    """Mean (0 for RMSNorm) and 1/std of the K-vector at ``x_ptr`` (K <= K_POW2): one load, then two passes over
+    the registers for accuracy (CM: the load's cache modifier)."""
+    offs = tl.arange(0, K_POW2)
+    x = tl.load(x_ptr + offs, mask=offs < K, other=0.0, cache_modifier=CM).to(tl.float32)
     mean = 0.0
     if NORM == 1:
-        s = tl.zeros([BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs = k0 + tl.arange(0, BLOCK_K)
-            s += tl.load(x_ptr + offs, mask=offs < K, other=0.0, cache_modifier=CM).to(tl.float32)
-        mean = tl.sum(s, 0) / K
-    s2 = tl.zeros([BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs, mask=offs < K, other=0.0, cache_modifier=CM).to(tl.float32)
-        d = tl.where(offs < K, x - mean, 0.0)
-        s2 += d * d
-    return mean, 1.0 / tl.sqrt(tl.sum(s2, 0) / K + eps)
+        mean = tl.sum(x, 0) / K
+    d = tl.where(offs < K, x - mean, 0.0)
+    return mean, 1.0 / tl.sqrt(tl.sum(d * d, 0) / K + eps)
 
 
 @triton.jit
@@ -71,7 +64,7 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
                 res_ptr, out_ptr, pmax_ptr, pidx_ptr, psum_ptr, N1, N2, N, K, eps, stride_x, stride_out, stride_p,
                 NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                 ARGMAX: tl.constexpr, SUMEXP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                PDL: tl.constexpr):
+                K_POW2: tl.constexpr, PDL: tl.constexpr):
     """out[n] = act(W[n]·norm(x) + b[n]) (+ res[n]) for the BLOCK_N rows of this program (`_gemv_rows`).
 
     W is up to three row segments (rows < N1 of w1, < N2 of w2, the rest of w3: Llama's separate
@@ -104,7 +97,7 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
     b_ptr = tl.where(in3, b3_ptr, tl.where(in2, b2_ptr, b1_ptr))
     local = rows - tl.where(in3, N2, tl.where(in2, N1, 0))
     y = _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, rows, local, rmask, K, eps, NORM,
-                   ACT, HAS_BIAS, HAS_RES, BLOCK_K, PDL, "")
+                   ACT, HAS_BIAS, HAS_RES, BLOCK_K, K_POW2, PDL, "")
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
     if ARGMAX:
         y = tl.where(rmask, y, float("-inf"))
@@ -118,7 +111,7 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
 @triton.jit
 def _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, rows, local, rmask, K, eps,
                NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-               BLOCK_K: tl.constexpr, PDL: tl.constexpr, CM: tl.constexpr):
+               BLOCK_K: tl.constexpr, K_POW2: tl.constexpr, PDL: tl.constexpr, CM: tl.constexpr):
     """act(W[n]·norm(x) + b[n]) (+ res[n]) in fp32 for the output rows ``rows`` (where ``rmask``), which are the
     rows ``local`` of W and b.
 
@@ -139,27 +132,30 @@ def _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, row
     _pdl_sync(PDL)  # everything below may read what earlier kernels wrote
     mean, rstd = 0.0, 1.0
     if NORM != 0:
-        mean, rstd = _norm_stats(x_ptr, K, eps, NORM, BLOCK_K, CM)
+        mean, rstd = _norm_stats(x_ptr, K, eps, NORM, K_POW2, CM)
     acc = tl.zeros([rows.shape[0], BLOCK_K], tl.float32)
     acc_u = tl.zeros([rows.shape[0], BLOCK_K], tl.float32)
+    x = tl.load(x_ptr + first, mask=first < K, other=0.0, cache_modifier=CM)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         kmask = offs < K
         nxt = offs + BLOCK_K
         nmask = rmask[:, None] & (nxt < K)[None, :]
+        # the next tile's weights and input are in flight while this one is used
         w_next = tl.load(wrow[:, None] + nxt[None, :], mask=nmask, other=0.0)
         wu_next = w_next
         if ACT == 3:
             wu_next = tl.load(wu_ptr + local[:, None] * K + nxt[None, :], mask=nmask, other=0.0)
-        x = tl.load(x_ptr + offs, mask=kmask, other=0.0, cache_modifier=CM).to(tl.float32)
+        x_next = tl.load(x_ptr + nxt, mask=nxt < K, other=0.0, cache_modifier=CM)
+        xf = x.to(tl.float32)
         if NORM != 0:
-            x = (x - mean) * rstd * tl.load(nw_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
+            xf = (xf - mean) * rstd * tl.load(nw_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
             if NORM == 1:
-                x += tl.load(nb_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * x[None, :]
+                xf += tl.load(nb_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * xf[None, :]
         if ACT == 3:
-            acc_u += wu.to(tl.float32) * x[None, :]
-        w, wu = w_next, wu_next
+            acc_u += wu.to(tl.float32) * xf[None, :]
+        w, wu, x = w_next, wu_next, x_next
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + local, mask=rmask, other=0.0).to(tl.float32)
@@ -458,7 +454,8 @@ def gemv(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, conf
                       psum, n1, n2, N, K, eps, K if rows else 0, N if rows else 0, stride_p, NORM=kind, ACT=act,
                       HAS_BIAS=bias is not None, HAS_RES=residual is not None, ARGMAX=partial is not None,
                       SUMEXP=partial is not None and len(partial) == 3, BLOCK_N=block_n,
-                      BLOCK_K=config.block_k, num_warps=config.num_warps, **_pdl(pdl))
+                      BLOCK_K=config.block_k, K_POW2=triton.next_power_of_2(K), num_warps=config.num_warps,
+                      **_pdl(pdl))
 
 
 def attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope: Tensor, out: Tensor, slot: Tensor, pos: Tensor,
