@@ -119,35 +119,40 @@ def persistent_step_kernel(
     w = wte_ptr  # the weights' pointer type
     barrier = 0  # barriers passed in this launch
     for layer in range(n_layer):
+        # every address of the block first: one memory round trip, not one before each phase
         n1w, n1b = _addr(tab_ptr, layer, 0, w, NS), _addr(tab_ptr, layer, 1, w, NS)
-        for seg in tl.static_range(3):  # q, k, v rows (one fused weight: all of them in the first)
-            lo = 0 if seg == 0 else N1 if seg == 1 else N2
-            hi = N1 if seg == 0 else N2 if seg == 1 else QW
-            ws, bs = _addr(tab_ptr, layer, 2 + 2 * seg, w, NS), _addr(tab_ptr, layer, 3 + 2 * seg, w, NS)
-            _gemv_phase(x_ptr, n1w, n1b, ws, bs, ws, bs, x_ptr, qkv_ptr + lo, hi - lo, C, eps_1, pid, NP, NORM_1, 0,
-                        QKV_BIAS, False, BN_QKV, BK_QKV, C_POW2)
+        qw, qb = _addr(tab_ptr, layer, 2, w, NS), _addr(tab_ptr, layer, 3, w, NS)
+        kw, kb = _addr(tab_ptr, layer, 4, w, NS), _addr(tab_ptr, layer, 5, w, NS)
+        vw, vb = _addr(tab_ptr, layer, 6, w, NS), _addr(tab_ptr, layer, 7, w, NS)
+        pw, pb = _addr(tab_ptr, layer, 8, w, NS), _addr(tab_ptr, layer, 9, w, NS)
+        n2w, n2b = _addr(tab_ptr, layer, 10, w, NS), _addr(tab_ptr, layer, 11, w, NS)
+        uw, ub = _addr(tab_ptr, layer, 12, w, NS), _addr(tab_ptr, layer, 13, w, NS)
+        u2w, u2b = _addr(tab_ptr, layer, 14, w, NS), _addr(tab_ptr, layer, 15, w, NS)
+        dw, db = _addr(tab_ptr, layer, 16, w, NS), _addr(tab_ptr, layer, 17, w, NS)
+        kc, vc = _addr(tab_ptr, layer, 18, w, NS), _addr(tab_ptr, layer, 19, w, NS)
+        # q, k and v rows (one fused weight: all of them in the first, N1 = N2 = QW)
+        _gemv_phase(x_ptr, n1w, n1b, qw, qb, qw, qb, x_ptr, qkv_ptr, N1, C, eps_1, pid, NP, NORM_1, 0, QKV_BIAS,
+                    False, BN_QKV, BK_QKV, C_POW2)
+        _gemv_phase(x_ptr, n1w, n1b, kw, kb, kw, kb, x_ptr, qkv_ptr + N1, N2 - N1, C, eps_1, pid, NP, NORM_1, 0,
+                    QKV_BIAS, False, BN_QKV, BK_QKV, C_POW2)
+        _gemv_phase(x_ptr, n1w, n1b, vw, vb, vw, vb, x_ptr, qkv_ptr + N2, QW - N2, C, eps_1, pid, NP, NORM_1, 0,
+                    QKV_BIAS, False, BN_QKV, BK_QKV, C_POW2)
         barrier += NP
         _grid_sync(sync_ptr, barrier)
-        kc, vc = _addr(tab_ptr, layer, 18, w, NS), _addr(tab_ptr, layer, 19, w, NS)
         for head in range(pid, H, NP):
             _attend(qkv_ptr, kc, vc, rope_ptr, attn_ptr, head, slot, pos, S, rope_len, scale, H, HKV, D, D_POW2, R,
                     BLOCK_T, True, ".cg")
         barrier += NP
         _grid_sync(sync_ptr, barrier)
-        pw, pb = _addr(tab_ptr, layer, 8, w, NS), _addr(tab_ptr, layer, 9, w, NS)
         _gemv_phase(attn_ptr, pw, pw, pw, pb, pw, pb, x_ptr, h_ptr, C, H * D, 0.0, pid, NP, 0, 0, PROJ_BIAS, True,
                     BN_PROJ, BK_PROJ, C_POW2)
-        if not PARALLEL:
+        if not PARALLEL:  # the MLP reads h: after the projection (parallel: x, in the same phase)
             barrier += NP
-        _grid_sync(sync_ptr, barrier)
-        n2w, n2b = _addr(tab_ptr, layer, 10, w, NS), _addr(tab_ptr, layer, 11, w, NS)
-        uw, ub = _addr(tab_ptr, layer, 12, w, NS), _addr(tab_ptr, layer, 13, w, NS)
-        u2w, u2b = _addr(tab_ptr, layer, 14, w, NS), _addr(tab_ptr, layer, 15, w, NS)
+            _grid_sync(sync_ptr, barrier)
         _gemv_phase(x_ptr if PARALLEL else h_ptr, n2w, n2b, uw, ub, u2w, u2b, x_ptr, act_ptr, F, C, eps_2, pid, NP,
                     NORM_2, ACT, UP_BIAS, False, BN_UP, BK_UP, C_POW2)
         barrier += NP
         _grid_sync(sync_ptr, barrier)
-        dw, db = _addr(tab_ptr, layer, 16, w, NS), _addr(tab_ptr, layer, 17, w, NS)
         _gemv_phase(act_ptr, dw, dw, dw, db, dw, db, h_ptr, x_ptr, C, F, 0.0, pid, NP, 0, 0, DOWN_BIAS, True,
                     BN_DOWN, BK_DOWN, C_POW2)
         barrier += NP
