@@ -123,9 +123,9 @@ def main() -> None:
                         help="also time litgpt's generate (eager; compiled at batch 1)")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend of the litgpt rows (default "
                         "inductor; aot_eager with --smoke)")
-    parser.add_argument("--persistent-shapes", nargs="*", default=["16:16384"], metavar="WARPS:HEAD_TILE",
+    parser.add_argument("--persistent-shapes", nargs="*", default=["8:8192:8192"], metavar="WARPS:TILE:HEAD_TILE",
                         help="launch shapes of the persistent fused step to time at batch 1 (warps per program, "
-                        "weight elements per chunk of the head)")
+                        "weight elements per chunk of a block's GEMV and of the head)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, fp32: legolm eager, HF, litgpt")
     args = parser.parse_args()
     device, dtype = "cuda", torch.bfloat16
@@ -148,8 +148,8 @@ def main() -> None:
                 variants["legolm fused triton+graph, no PDL"] = dict(fused=True, fused_pdl=False)
                 variants["legolm fused triton+graph"] = dict(fused=True)
                 for spec in args.persistent_shapes:
-                    warps, head_tile = (int(v) for v in spec.split(":"))
-                    shape = PersistentShape(num_warps=warps, head_tile=head_tile)
+                    warps, tile, head_tile = (int(v) for v in spec.split(":"))
+                    shape = PersistentShape(num_warps=warps, tile=tile, head_tile=head_tile)
                     variants[f"legolm fused persistent {spec}"] = dict(fused=True, fused_kernel="persistent",
                                                                        fused_persistent=shape)
             if args.smoke:  # graphs, compiled steps and Triton kernels are GPU paths

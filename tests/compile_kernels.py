@@ -41,9 +41,9 @@ PERSISTENT = dict(tab_ptr="*i64", wte_ptr=P, wpe_ptr=P, fnw_ptr=P, fnb_ptr=P, he
                   tokens_ptr="*i64", t_ptr="*i64", slot_ptr="*i64", pos_ptr="*i64", finished_ptr="*i8", eos_id="i32",
                   n_layer="i32", C="i32", N1="i32", N2="i32", QW="i32", F="i32", V="i32", S="i32", rope_len="i32",
                   scale="fp32", eps_1="fp32", eps_2="fp32", eps_f="fp32")
-PERSISTENT_BLOCKS = dict(NS=kp.NS, BLOCK_T=64, BLOCK_C=1024, C_POW2=1024, HD_POW2=1024, F_POW2=4096, BN_Q=32,
-                         BN_K=1, BN_V=1, BN_P=8, BN_U=32, BN_D=8, BN_HEAD=32, BK_HEAD=512, GREEDY=1, HAS_EOS=1,
-                         BLOCK_P=256)
+PERSISTENT_BLOCKS = dict(NS=kp.NS, BLOCK_T=64, BLOCK_C=1024, C_POW2=1024, BN_QKV=32, BK_QKV=256, BN_PROJ=8,
+                         BK_PROJ=1024, BN_UP=32, BK_UP=256, BN_DOWN=8, BK_DOWN=1024, BN_HEAD=32, BK_HEAD=256, GREEDY=1,
+                         HAS_EOS=1, BLOCK_P=256)
 CE = dict(logits_ptr=P, labels_ptr="*i64", loss_ptr="*fp32", V="i32", stride="i32", ignore_index="i32")
 GEMV_BLOCKS = dict(BLOCK_N=8, BLOCK_K=256, K_POW2=1024, PDL=0)
 SPECS = [
@@ -75,9 +75,6 @@ SPECS = [
     (kp.persistent_step_kernel, PERSISTENT, dict(  # GPT-2
         NORM_1=1, NORM_2=1, NORM_F=1, ACT=2, QKV_BIAS=1, PROJ_BIAS=1, UP_BIAS=1, DOWN_BIAS=1, HEAD_BIAS=0, HAS_WPE=1,
         PARALLEL=0, H=12, HKV=12, D=64, D_POW2=64, R=0, **PERSISTENT_BLOCKS)),
-    (kp.persistent_step_kernel, PERSISTENT, dict(  # Pythia: parallel residual, partial RoPE
-        NORM_1=1, NORM_2=1, NORM_F=1, ACT=1, QKV_BIAS=1, PROJ_BIAS=1, UP_BIAS=1, DOWN_BIAS=1, HEAD_BIAS=0, HAS_WPE=0,
-        PARALLEL=1, H=12, HKV=12, D=64, D_POW2=64, R=16, **PERSISTENT_BLOCKS)),
     (kp.persistent_step_kernel, PERSISTENT, dict(  # SmolLM2: split q/k/v, GQA, SwiGLU, RMSNorm
         NORM_1=2, NORM_2=2, NORM_F=2, ACT=3, QKV_BIAS=0, PROJ_BIAS=0, UP_BIAS=0, DOWN_BIAS=0, HEAD_BIAS=0, HAS_WPE=0,
         PARALLEL=0, H=9, HKV=3, D=64, D_POW2=64, R=64, **PERSISTENT_BLOCKS)),
@@ -91,8 +88,7 @@ if __name__ == "__main__":
         names = list(signature)
         attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in names if k.endswith("_ptr") or k in ALIGNED}
         src = ASTSource(fn, {**signature, **{k: "constexpr" for k in consts}}, consts, attrs=attrs)
-        warps = 16 if fn is kp.persistent_step_kernel else 4  # the persistent step's default
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
         assert ".entry " + fn.__name__ in ptx, f"{fn.__name__}: no entry point in the PTX"
         assert fn not in VECTORIZED or "ld.global.v4.b32" in ptx, f"{fn.__name__}: weight loads not vectorized"
         assert ("griddepcontrol.wait" in ptx) == bool(consts.get("PDL")), f"{fn.__name__}: PDL {consts.get('PDL')}"

@@ -30,23 +30,23 @@ class PersistentShape:
         programs: Programs (one per SM at most: the grid barrier needs them all resident); 0 = one per SM.
             Triton's CPU interpreter runs programs one after another, so it always runs one.
         num_warps: Warps per program.
-        tile: Most weight elements of a program's register tile in a block's GEMV phase (its share of
-            the rows, rounded up to a power of two, times the input size, likewise): a larger model is
-            refused.
-        head_block_n: Weight rows per chunk of the LM head (a program walks its share in chunks).
+        max_block_n: Most weight rows per chunk of a block's GEMV phase (a program's share, when smaller).
+        tile: Weight elements per chunk (rows × K tile) of a block's GEMV phase.
+        head_block_n: Weight rows per chunk of the LM head.
         head_tile: Weight elements per chunk of the LM head.
     """
 
     programs: int = 0
-    num_warps: int = 16
-    tile: int = 65536
+    num_warps: int = 8
+    max_block_n: int = 32
+    tile: int = 8192
     head_block_n: int = 32
-    head_tile: int = 16384
+    head_tile: int = 8192
 
     def validate(self) -> None:
         if self.programs < 0:
             raise ConfigError(f"persistent programs must be >= 0 (0 = one per SM), got {self.programs}")
-        for name in ("num_warps", "tile", "head_block_n", "head_tile"):
+        for name in ("num_warps", "max_block_n", "tile", "head_block_n", "head_tile"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ConfigError(f"persistent {name} must be a power of two, got {value}")
@@ -106,40 +106,16 @@ class PersistentDecodeStep:
         self.logits = buf(c.vocab_size)
         self.pmax, self.pidx = buf(self.programs), buf(self.programs, torch.int32)
         self.sync = buf(2, torch.int32)  # barrier arrivals, programs done with the step
-        self.tiles = self._tiles(model)
         self._table: tuple[int, Tensor] | None = None
 
-    def _tiles(self, model: TransformerLM) -> dict[str, int]:
-        """Rows of each register tile (and the padded input sizes); `ConfigError` when one exceeds ``shape.tile``."""
-        c, P, p0, pow2 = model.config, self.programs, self.plans[0], triton.next_power_of_2
-        qkv = p0.qkv
-        q, k = (qkv[0].shape[0], qkv[1].shape[0]) if isinstance(qkv, tuple) else (self.q_width, 0)
-        v = self.q_width - q - k
-        kp = self.kp
-        t = dict(BN_Q=kp.share_rows(q, P), BN_K=kp.share_rows(k, P), BN_V=kp.share_rows(v, P),
-                 BN_P=kp.share_rows(c.n_embd, P), BN_U=kp.share_rows(c.intermediate_size, P),
-                 BN_D=kp.share_rows(c.n_embd, P), C_POW2=pow2(c.n_embd), HD_POW2=pow2(c.n_head * c.hd),
-                 F_POW2=pow2(c.intermediate_size))
-        biggest = max(t["BN_Q"] * t["C_POW2"], t["BN_P"] * t["HD_POW2"], t["BN_U"] * t["C_POW2"],
-                      t["BN_D"] * t["F_POW2"])
-        if biggest > self.shape.tile:
-            raise ConfigError(f"the persistent fused step holds a program's share of each weight in registers: "
-                              f"{biggest:,} elements here, over fused_persistent.tile {self.shape.tile:,} (a model "
-                              f"too large for {P} programs); use --fused-kernel blocks")
-        t["BN_HEAD"] = self.shape.head_block_n
-        t["BK_HEAD"] = min(t["C_POW2"], max(self.shape.head_tile // self.shape.head_block_n, 16))
-        return t
-
     def table(self, cache: KVCache) -> Tensor:
-        """(n_layer + 1, NS) int64 addresses of each block's weights and KV caches (`legolm.kernels.persistent.SLOTS`);
-        the last row repeats the first (the kernel loads the next block's tiles after the last block).
+        """(n_layer, NS) int64 addresses of each block's weights and KV caches (`legolm.kernels.persistent.SLOTS`).
 
         Built at the first step of a cache (outside any graph capture: the step's warm-up).
         """
         key = cache.layers[0].k.data_ptr()
         if self._table is None or self._table[0] != key:
             rows = [self._row(p, cache.layers[i].k, cache.layers[i].v) for i, p in enumerate(self.plans)]
-            rows.append(rows[0])
             if any(a % 16 for row in rows for a in row):
                 raise ConfigError("the persistent fused step needs 16-byte aligned weights (views into a larger "
                                   "buffer may not be); use --fused-kernel blocks for this model")
@@ -168,6 +144,12 @@ class PersistentDecodeStep:
         qkv = p0.qkv
         n1, n2 = (qkv[0].shape[0], qkv[0].shape[0] + qkv[1].shape[0]) if isinstance(qkv, tuple) else \
             (self.q_width, self.q_width)
+        layer = kp.phase_shape  # rows per chunk and K tile of each phase
+        qs = layer(self.q_width, C, P, shape.max_block_n, shape.tile)
+        ps = layer(C, c.n_head * c.hd, P, shape.max_block_n, shape.tile)
+        us = layer(F, C, P, shape.max_block_n, shape.tile)
+        ds = layer(C, F, P, shape.max_block_n, shape.tile)
+        hs = layer(V, C, P, shape.head_block_n, shape.head_tile)
         fn, fb = self.final_norm[1], self.final_norm[2]
         head = model.lm_head
         rope = model.rope
@@ -183,8 +165,10 @@ class PersistentDecodeStep:
             QKV_BIAS=p0.qkv_bias is not None, PROJ_BIAS=p0.proj_bias is not None, UP_BIAS=p0.up_bias is not None,
             DOWN_BIAS=p0.down_bias is not None, HEAD_BIAS=head.bias is not None, HAS_WPE=model.wpe is not None,
             PARALLEL=p0.parallel, H=c.n_head, HKV=c.kv_heads, D=c.hd, D_POW2=triton.next_power_of_2(c.hd),
-            R=c.rotary_dim, BLOCK_T=self.attention_block, BLOCK_C=self.embed_block, **self.tiles, GREEDY=greedy,
-            HAS_EOS=eos_id is not None, BLOCK_P=triton.next_power_of_2(P), num_warps=shape.num_warps)
+            R=c.rotary_dim, BLOCK_T=self.attention_block, BLOCK_C=self.embed_block, C_POW2=triton.next_power_of_2(C),
+            BN_QKV=qs.block_n, BK_QKV=qs.block_k, BN_PROJ=ps.block_n, BK_PROJ=ps.block_k, BN_UP=us.block_n,
+            BK_UP=us.block_k, BN_DOWN=ds.block_n, BK_DOWN=ds.block_k, BN_HEAD=hs.block_n, BK_HEAD=hs.block_k,
+            GREEDY=greedy, HAS_EOS=eos_id is not None, BLOCK_P=triton.next_power_of_2(P), num_warps=shape.num_warps)
         return self.logits[None]  # (1, V)
 
 

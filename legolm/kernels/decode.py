@@ -34,47 +34,12 @@ def _norm_stats(x_ptr, K, eps, NORM: tl.constexpr, K_POW2: tl.constexpr, CM: tl.
     """Mean (0 for RMSNorm) and 1/std of the K-vector at ``x_ptr`` (K <= K_POW2): one load, then two passes over
     the registers for accuracy (CM: the load's cache modifier)."""
     offs = tl.arange(0, K_POW2)
-    return _stats(tl.load(x_ptr + offs, mask=offs < K, other=0.0, cache_modifier=CM).to(tl.float32), offs, K, eps,
-                  NORM)
-
-
-@triton.jit
-def _stats(x, offs, K, eps, NORM: tl.constexpr):
-    """Mean (0 for RMSNorm) and 1/std of the fp32 vector x (entries at ``offs`` >= K are padding)."""
+    x = tl.load(x_ptr + offs, mask=offs < K, other=0.0, cache_modifier=CM).to(tl.float32)
     mean = 0.0
     if NORM == 1:
         mean = tl.sum(x, 0) / K
     d = tl.where(offs < K, x - mean, 0.0)
     return mean, 1.0 / tl.sqrt(tl.sum(d * d, 0) / K + eps)
-
-
-@triton.jit
-def _normed(x, offs, kmask, mean, rstd, nw_ptr, nb_ptr, NORM: tl.constexpr):
-    """The fp32 input entries x (at ``offs``) after the norm: (x - mean) · rstd · w (+ b for LayerNorm)."""
-    x = (x - mean) * rstd * tl.load(nw_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
-    if NORM == 1:
-        x += tl.load(nb_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
-    return x
-
-
-@triton.jit
-def _epilogue(y, u, b_ptr, bu_ptr, res_ptr, rows, local, rmask, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-              HAS_RES: tl.constexpr, CM: tl.constexpr):
-    """A GEMV's outputs y (and SwiGLU's up outputs u) for ``rows`` (rows ``local`` of the weight): bias,
-    activation, residual (loaded with cache modifier CM)."""
-    if HAS_BIAS:
-        y += tl.load(b_ptr + local, mask=rmask, other=0.0).to(tl.float32)
-    if ACT == 1:
-        y = _gelu(y, False)
-    elif ACT == 2:
-        y = _gelu(y, True)
-    elif ACT == 3:
-        if HAS_BIAS:
-            u += tl.load(bu_ptr + local, mask=rmask, other=0.0).to(tl.float32)
-        y = y * tl.sigmoid(y) * u
-    if HAS_RES:
-        y += tl.load(res_ptr + rows, mask=rmask, other=0.0, cache_modifier=CM).to(tl.float32)
-    return y
 
 
 @triton.jit
@@ -184,16 +149,28 @@ def _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, row
         x_next = tl.load(x_ptr + nxt, mask=nxt < K, other=0.0, cache_modifier=CM)
         xf = x.to(tl.float32)
         if NORM != 0:
-            xf = _normed(xf, offs, kmask, mean, rstd, nw_ptr, nb_ptr, NORM)
+            xf = (xf - mean) * rstd * tl.load(nw_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
+            if NORM == 1:
+                xf += tl.load(nb_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
         acc += w.to(tl.float32) * xf[None, :]
         if ACT == 3:
             acc_u += wu.to(tl.float32) * xf[None, :]
         w, wu, x = w_next, wu_next, x_next
     y = tl.sum(acc, 1)
-    u = y
-    if ACT == 3:
+    if HAS_BIAS:
+        y += tl.load(b_ptr + local, mask=rmask, other=0.0).to(tl.float32)
+    if ACT == 1:
+        y = _gelu(y, False)
+    elif ACT == 2:
+        y = _gelu(y, True)
+    elif ACT == 3:
         u = tl.sum(acc_u, 1)
-    return _epilogue(y, u, b_ptr, bu_ptr, res_ptr, rows, local, rmask, ACT, HAS_BIAS, HAS_RES, CM)
+        if HAS_BIAS:
+            u += tl.load(bu_ptr + local, mask=rmask, other=0.0).to(tl.float32)
+        y = y * tl.sigmoid(y) * u
+    if HAS_RES:
+        y += tl.load(res_ptr + rows, mask=rmask, other=0.0, cache_modifier=CM).to(tl.float32)
+    return y
 
 
 @triton.jit
