@@ -75,6 +75,9 @@ SPECS = [
     (kp.persistent_step_kernel, PERSISTENT, dict(  # GPT-2
         NORM_1=1, NORM_2=1, NORM_F=1, ACT=2, QKV_BIAS=1, PROJ_BIAS=1, UP_BIAS=1, DOWN_BIAS=1, HEAD_BIAS=0, HAS_WPE=1,
         PARALLEL=0, H=12, HKV=12, D=64, D_POW2=64, R=0, **PERSISTENT_BLOCKS)),
+    (kp.persistent_step_kernel, PERSISTENT, dict(  # Pythia: parallel residual, partial RoPE
+        NORM_1=1, NORM_2=1, NORM_F=1, ACT=1, QKV_BIAS=1, PROJ_BIAS=1, UP_BIAS=1, DOWN_BIAS=1, HEAD_BIAS=0, HAS_WPE=0,
+        PARALLEL=1, H=12, HKV=12, D=64, D_POW2=64, R=16, **PERSISTENT_BLOCKS)),
     (kp.persistent_step_kernel, PERSISTENT, dict(  # SmolLM2: split q/k/v, GQA, SwiGLU, RMSNorm
         NORM_1=2, NORM_2=2, NORM_F=2, ACT=3, QKV_BIAS=0, PROJ_BIAS=0, UP_BIAS=0, DOWN_BIAS=0, HEAD_BIAS=0, HAS_WPE=0,
         PARALLEL=0, H=9, HKV=3, D=64, D_POW2=64, R=64, **PERSISTENT_BLOCKS)),
