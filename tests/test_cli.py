@@ -99,6 +99,10 @@ def test_generate_fused_matches_the_torch_decoder(tiny_gpt2_dir: Path, capsys) -
     want = capsys.readouterr().out
     assert main([*args, "--fused"]) == 0
     assert capsys.readouterr().out == want
+    assert main([*args, "--fused", "--fused-kernel", "persistent"]) == 0  # the one-launch step: one program here
+    assert capsys.readouterr().out == want
+    assert main([*args, "--fused", "--fused-kernel", "persistent", "--fused-persistent.tile", "1000"]) == 2
+    assert capsys.readouterr().err.strip() == "legolm: error: persistent tile must be a power of two, got 1000"
 
 
 def test_generate_echo_and_seeded_sampling(tiny_gpt2_dir: Path, capsys) -> None:
