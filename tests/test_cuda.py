@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+from torch import Tensor
 
 from legolm.core.config import ModelConfig
 from legolm.generation import GenerationConfig, generate
@@ -151,24 +153,31 @@ def test_fused_decode_with_pdl_equals_without(preset: str) -> None:
     """Programmatic dependent launch changes when kernels start, never what they compute: the logits of every
     step of a replayed graph are bit-identical with and without it (a kernel reading its input before the
     previous one finished would show here as a difference)."""
-    from legolm.generation.decoder import DecodeSession
     from legolm.generation.fused import FusedDecodeStep
     from legolm.kernels.decode import pdl_supported
 
     if not pdl_supported(torch.device("cuda")):
         pytest.skip("this GPU or Triton has no programmatic dependent launch")
     model = _model(preset, torch.bfloat16)
-    prompt = torch.tensor([[5, 17, 99, 3, 42, 7] * 12], device="cuda")
-    lengths = torch.tensor([prompt.shape[1]], device="cuda")
     steps = [FusedDecodeStep(model, 64, 1024, tune=False, pdl=pdl) for pdl in (False, True)]
     assert [s.stack.pdl for s in steps] == [False, True]
+    _replay_side_by_side(model, steps, torch.equal)
+
+
+def _replay_side_by_side(model: Any, steps: list[Any], same: Callable[[Tensor, Tensor], bool]) -> None:
+    """300 replayed bf16 steps of two step functions fed the first one's greedy tokens: ``same(got, want)`` holds
+    for the logits of every step."""
+    from legolm.generation.decoder import DecodeSession
+
+    prompt = torch.tensor([[5, 17, 99, 3, 42, 7] * 12], device="cuda")
+    lengths = torch.tensor([prompt.shape[1]], device="cuda")
     sessions = [DecodeSession(model, 1, 512, greedy=False, eos_id=None, cuda_graph=True, step=s) for s in steps]
     with torch.inference_mode():
         for s in sessions:
             s.start(s.prefill(prompt, lengths).argmax(-1), prompt.shape[1], lengths)
         for _ in range(300):
             want, got = (s.step().clone() for s in sessions)
-            assert torch.equal(got, want)
+            assert same(got, want)
             nxt = want.argmax(-1)
             for s in sessions:
                 s.emit(nxt)
@@ -191,25 +200,13 @@ def test_persistent_decode_follows_the_blocks_step_in_bf16(preset: str) -> None:
     """300 replayed bf16 steps fed the same tokens: the persistent step's logits stay within rounding of the
     five-kernel step's (a program reading a phase's input before the barrier would show as a large error), and
     every launch leaves the barrier counters at rest."""
-    from legolm.generation.decoder import DecodeSession
     from legolm.generation.fused import FusedDecodeStep
     from legolm.generation.persistent import PersistentDecodeStep, PersistentShape
 
     model = _model(preset, torch.bfloat16)
-    prompt = torch.tensor([[5, 17, 99, 3, 42, 7] * 12], device="cuda")
-    lengths = torch.tensor([prompt.shape[1]], device="cuda")
     persistent = PersistentDecodeStep(model, PersistentShape(), 64, 1024)
-    steps = [FusedDecodeStep(model, 64, 1024, tune=False), persistent]
-    sessions = [DecodeSession(model, 1, 512, greedy=False, eos_id=None, cuda_graph=True, step=s) for s in steps]
-    with torch.inference_mode():
-        for s in sessions:
-            s.start(s.prefill(prompt, lengths).argmax(-1), prompt.shape[1], lengths)
-        for _ in range(300):
-            want, got = (s.step().clone() for s in sessions)
-            assert ((got - want).norm() / want.norm()).item() < 1e-2
-            nxt = want.argmax(-1)
-            for s in sessions:
-                s.emit(nxt)
+    _replay_side_by_side(model, [FusedDecodeStep(model, 64, 1024, tune=False), persistent],
+                         lambda got, want: ((got - want).norm() / want.norm()).item() < 1e-2)
     assert persistent.sync.tolist() == [0, 0]
 
 

@@ -14,7 +14,7 @@ from legolm.adapters.inject import inject_lora
 from legolm.core.config import ModelConfig
 from legolm.errors import ConfigError
 from legolm.generation import GenerationConfig, generate
-from legolm.generation.decoder import DecodeSession
+from legolm.generation.decoder import DecodeSession, StepFn
 from legolm.generation.fused import FusedDecodeStep, check_fused
 from legolm.model.transformer import TransformerLM
 
@@ -44,7 +44,14 @@ def _sessions(model: TransformerLM, block_t: int) -> tuple[DecodeSession, Decode
 def test_fused_step_matches_torch_step(preset: str) -> None:
     """Logits of every step and the cache it writes, fp32, prompts longer than one attention tile."""
     model = _model(preset)
-    ref, fused = _sessions(model, block_t=4)  # 9 cached slots = three tiles, the last one partial
+    assert_matches_torch_step(model, FusedDecodeStep(model, attention_block=4, embed_block=32, tune=False))
+
+
+def assert_matches_torch_step(model: TransformerLM, step: StepFn) -> None:
+    """Four decode steps of ``step`` against the torch step on a 9-token prompt (three attention tiles of 4 slots,
+    the last one partial): the logits of each step, the slot it advances to, and the K/V cache it writes."""
+    ref = DecodeSession(model, 1, 64, greedy=False, eos_id=None)
+    fused = DecodeSession(model, 1, 64, greedy=False, eos_id=None, step=step)
     prompt = torch.tensor([[5, 17, 99, 3, 42, 7, 8, 100, 12]], device=DEVICE)
     lengths = torch.tensor([prompt.shape[1]], device=DEVICE)
     first = ref.prefill(prompt, lengths).argmax(-1)
@@ -57,6 +64,7 @@ def test_fused_step_matches_torch_step(preset: str) -> None:
         nxt = want.argmax(-1)
         ref.emit(nxt)
         fused.emit(nxt)
+    assert int(fused.state.slot) == int(ref.state.slot) == prompt.shape[1] + 4
     for i in range(model.config.n_layer):
         a, b = ref.cache.layers[i], fused.cache.layers[i]
         torch.testing.assert_close(b.k, a.k, atol=1e-5, rtol=1e-5)

@@ -12,9 +12,8 @@ import torch
 
 from legolm.errors import ConfigError
 from legolm.generation import GenerationConfig, generate
-from legolm.generation.decoder import DecodeSession
 from legolm.generation.persistent import PersistentDecodeStep, PersistentShape
-from tests.test_fused_decode import DEVICE, _model
+from tests.test_fused_decode import _model, assert_matches_torch_step
 
 # a chunk smaller than a program's rows (tiny models: 64 channels, 192-512 rows) so that each phase loops
 SHAPE = PersistentShape(max_block_n=16, tile=256, head_block_n=32, head_tile=1024)
@@ -27,25 +26,7 @@ def test_persistent_step_matches_torch_step(preset: str) -> None:
     partial RoPE, Llama: split q/k/v, GQA, SwiGLU, RMSNorm), prompts longer than one attention tile."""
     model = _model(preset)
     step = PersistentDecodeStep(model, SHAPE, attention_block=4, embed_block=32)
-    ref = DecodeSession(model, 1, 64, greedy=False, eos_id=None)
-    fused = DecodeSession(model, 1, 64, greedy=False, eos_id=None, step=step)
-    prompt = torch.tensor([[5, 17, 99, 3, 42, 7, 8, 100, 12]], device=DEVICE)
-    lengths = torch.tensor([prompt.shape[1]], device=DEVICE)
-    first = ref.prefill(prompt, lengths).argmax(-1)
-    fused.prefill(prompt, lengths)
-    for s in (ref, fused):
-        s.start(first, prompt.shape[1], lengths)
-    for _ in range(4):
-        want, got = ref.step(), fused.step()
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        nxt = want.argmax(-1)
-        ref.emit(nxt)
-        fused.emit(nxt)
-    assert int(fused.state.slot) == int(ref.state.slot) == prompt.shape[1] + 4
-    for i in range(model.config.n_layer):
-        a, b = ref.cache.layers[i], fused.cache.layers[i]
-        torch.testing.assert_close(b.k, a.k, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(b.v, a.v, atol=1e-5, rtol=1e-5)
+    assert_matches_torch_step(model, step)
     assert step.sync.tolist() == [0, 0], "a step left the barrier counters set"
 
 
