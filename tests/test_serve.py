@@ -262,6 +262,8 @@ def _busy_port() -> socket.socket:
     (["--chat-template", "/nonexistent/chat.jinja"], "chat template"),
     (["--threshold", "0.5"], "without --early-exit"),
     (["--fused-embed-block", "1000"], "power of two"),
+    (["--fused-kernel", "megakernel"], "expected one of blocks|persistent"),
+    (["--fused-persistent.num-warps", "3"], "persistent num_warps must be a power of two"),
 ])
 def test_serve_bad_flags_are_one_line(model_dir: Path, flags: list[str], fragment: str,
                                       capsys: pytest.CaptureFixture[str]) -> None:
