@@ -262,7 +262,6 @@ def _busy_port() -> socket.socket:
     (["--chat-template", "/nonexistent/chat.jinja"], "chat template"),
     (["--threshold", "0.5"], "without --early-exit"),
     (["--fused-embed-block", "1000"], "power of two"),
-    (["--fused-kernel", "megakernel"], "expected one of blocks|persistent"),
     (["--fused-persistent.num-warps", "3"], "persistent num_warps must be a power of two"),
 ])
 def test_serve_bad_flags_are_one_line(model_dir: Path, flags: list[str], fragment: str,
@@ -270,6 +269,13 @@ def test_serve_bad_flags_are_one_line(model_dir: Path, flags: list[str], fragmen
     code = main(["serve", "--model", str(model_dir), "--device", "cpu", "--port", "0", *flags])
     _, err = capsys.readouterr()
     assert code == 2 and err.count("\n") == 1 and err.startswith("legolm: error:") and fragment in err, err
+
+
+def test_serve_unknown_fused_kernel_is_one_line(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:  # argparse's own choice check
+        main(["serve", "--model", str(model_dir), "--device", "cpu", "--port", "0", "--fused-kernel", "megakernel"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and "expected one of blocks|persistent" in err, err
 
 
 def test_serve_missing_model_and_busy_port_are_one_line(model_dir: Path, tmp_path: Path,
