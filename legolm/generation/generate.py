@@ -24,7 +24,7 @@ from legolm.generation.early_exit import EarlyExitStats, generate_speculative, g
 from legolm.generation.fused import check_fused
 from legolm.generation.fused_early_exit import FusedExitConfig, FusedLegoSession, fused_lego_generate
 from legolm.generation.memory_decode import generate_memory, has_memory_layers
-from legolm.generation.persistent import FUSED_KERNELS, PersistentShape, fused_step
+from legolm.generation.persistent import PersistentShape, check_fused_kernel, fused_step
 from legolm.generation.sampling import next_token
 from legolm.model.lego import LegoLM
 from legolm.model.transformer import TransformerLM
@@ -138,9 +138,7 @@ class GenerationConfig:
                 raise ConfigError(f"{name} must be a power of two, got {value}")
         if self.eos_check_every < 1:
             raise ConfigError(f"eos_check_every must be >= 1, got {self.eos_check_every}")
-        if self.fused_kernel not in FUSED_KERNELS:
-            raise ConfigError(f"fused_kernel must be one of {', '.join(FUSED_KERNELS)}, got {self.fused_kernel!r}")
-        self.fused_persistent.validate()
+        check_fused_kernel(self.fused_kernel, self.fused_persistent, self.early_exit)
         self._validate_early_exit()
 
     def _validate_early_exit(self) -> None:

@@ -107,6 +107,30 @@ class PersistentDecodeStep:
         self.pmax, self.pidx = buf(self.programs), buf(self.programs, torch.int32)
         self.sync = buf(2, torch.int32)  # barrier arrivals, programs done with the step
         self._table: tuple[int, Tensor] | None = None
+        qkv = self.plans[0].qkv  # rows of the q and q + k weights (one fused weight: all of them)
+        self.qkv_rows = (qkv[0].shape[0], qkv[0].shape[0] + qkv[1].shape[0]) if isinstance(qkv, tuple) else \
+            (self.q_width, self.q_width)
+        self.constants = self._constants(model)
+
+    def _constants(self, model: TransformerLM) -> dict[str, int]:
+        """The kernel's compile-time switches and sizes for this model: its block kind, and each phase's rows per
+        chunk and K tile (`legolm.kernels.persistent.phase_shape`)."""
+        c, p0, shape, P, pow2 = model.config, self.plans[0], self.shape, self.programs, triton.next_power_of_2
+        C, F, layer = c.n_embd, c.intermediate_size, self.kp.phase_shape
+        qs = layer(self.q_width, C, P, shape.max_block_n, shape.tile)
+        ps = layer(C, c.n_head * c.hd, P, shape.max_block_n, shape.tile)
+        us = layer(F, C, P, shape.max_block_n, shape.tile)
+        ds = layer(C, F, P, shape.max_block_n, shape.tile)
+        hs = layer(c.vocab_size, C, P, shape.head_block_n, shape.head_tile)
+        return dict(
+            NORM_1=p0.norm_1[0], NORM_2=p0.norm_2[0], NORM_F=self.final_norm[0], ACT=p0.act,
+            QKV_BIAS=p0.qkv_bias is not None, PROJ_BIAS=p0.proj_bias is not None, UP_BIAS=p0.up_bias is not None,
+            DOWN_BIAS=p0.down_bias is not None, HEAD_BIAS=model.lm_head.bias is not None,
+            HAS_WPE=model.wpe is not None, PARALLEL=p0.parallel, H=c.n_head, HKV=c.kv_heads, D=c.hd,
+            D_POW2=pow2(c.hd), R=c.rotary_dim, BLOCK_T=self.attention_block, BLOCK_C=self.embed_block,
+            C_POW2=pow2(C), BN_QKV=qs.block_n, BK_QKV=qs.block_k, BN_PROJ=ps.block_n, BK_PROJ=ps.block_k,
+            BN_UP=us.block_n, BK_UP=us.block_k, BN_DOWN=ds.block_n, BK_DOWN=ds.block_k, BN_HEAD=hs.block_n,
+            BK_HEAD=hs.block_k, BLOCK_P=pow2(P))
 
     def table(self, cache: KVCache) -> Tensor:
         """(n_layer, NS) int64 addresses of each block's weights and KV caches (`legolm.kernels.persistent.SLOTS`).
@@ -140,41 +164,33 @@ class PersistentDecodeStep:
 
         ``pad_mask`` is unused: a batch of one has no padding.
         """
-        kp, c, p0, shape = self.kp, model.config, self.plans[0], self.shape
-        table = self.table(cache)
-        P, C, F, V = self.programs, c.n_embd, c.intermediate_size, c.vocab_size
-        qkv = p0.qkv
-        n1, n2 = (qkv[0].shape[0], qkv[0].shape[0] + qkv[1].shape[0]) if isinstance(qkv, tuple) else \
-            (self.q_width, self.q_width)
-        layer = kp.phase_shape  # rows per chunk and K tile of each phase
-        qs = layer(self.q_width, C, P, shape.max_block_n, shape.tile)
-        ps = layer(C, c.n_head * c.hd, P, shape.max_block_n, shape.tile)
-        us = layer(F, C, P, shape.max_block_n, shape.tile)
-        ds = layer(C, F, P, shape.max_block_n, shape.tile)
-        hs = layer(V, C, P, shape.head_block_n, shape.head_tile)
-        fn, fb = self.final_norm[1], self.final_norm[2]
-        head = model.lm_head
-        rope = model.rope
-        kp.persistent_step_kernel[(P,)](
-            table, kp.NS, model.wte.weight, model.wpe.weight if model.wpe is not None else model.wte.weight,
-            fn, fb if fb is not None else fn, head.weight, head.bias if head.bias is not None else head.weight,
-            rope if rope.numel() else self.x, self.x, self.h, self.qkv, self.attn, self.act, self.logits, self.pmax,
-            self.pidx, self.sync, state.tok, state.tokens, state.t, state.slot, state.pos,
-            state.finished.view(torch.int8), eos_id if eos_id is not None else -1,
-            c.n_layer, C, n1, n2, self.q_width, F, V, cache.layers[0].k.shape[2], rope.shape[1] if rope.numel() else 0,
-            c.hd ** -0.5, p0.norm_1[3], p0.norm_2[3], self.final_norm[3],
-            NORM_1=p0.norm_1[0], NORM_2=p0.norm_2[0], NORM_F=self.final_norm[0], ACT=p0.act,
-            QKV_BIAS=p0.qkv_bias is not None, PROJ_BIAS=p0.proj_bias is not None, UP_BIAS=p0.up_bias is not None,
-            DOWN_BIAS=p0.down_bias is not None, HEAD_BIAS=head.bias is not None, HAS_WPE=model.wpe is not None,
-            PARALLEL=p0.parallel, H=c.n_head, HKV=c.kv_heads, D=c.hd, D_POW2=triton.next_power_of_2(c.hd),
-            R=c.rotary_dim, BLOCK_T=self.attention_block, BLOCK_C=self.embed_block, C_POW2=triton.next_power_of_2(C),
-            BN_QKV=qs.block_n, BK_QKV=qs.block_k, BN_PROJ=ps.block_n, BK_PROJ=ps.block_k, BN_UP=us.block_n,
-            BK_UP=us.block_k, BN_DOWN=ds.block_n, BK_DOWN=ds.block_k, BN_HEAD=hs.block_n, BK_HEAD=hs.block_k,
-            GREEDY=greedy, HAS_EOS=eos_id is not None, BLOCK_P=triton.next_power_of_2(P), num_warps=shape.num_warps)
+        c, fn, fb, head, rope = model.config, self.final_norm[1], self.final_norm[2], model.lm_head, model.rope
+        n1, n2 = self.qkv_rows
+        self.kp.persistent_step_kernel[(self.programs,)](
+            self.table(cache), self.kp.NS, model.wte.weight,
+            model.wpe.weight if model.wpe is not None else model.wte.weight, fn, fb if fb is not None else fn,
+            head.weight, head.bias if head.bias is not None else head.weight, rope if rope.numel() else self.x,
+            self.x, self.h, self.qkv, self.attn, self.act, self.logits, self.pmax, self.pidx, self.sync, state.tok,
+            state.tokens, state.t, state.slot, state.pos, state.finished.view(torch.int8),
+            eos_id if eos_id is not None else -1, c.n_layer, c.n_embd, n1, n2, self.q_width, c.intermediate_size,
+            c.vocab_size, cache.layers[0].k.shape[2], rope.shape[1] if rope.numel() else 0, c.hd ** -0.5,
+            self.plans[0].norm_1[3], self.plans[0].norm_2[3], self.final_norm[3], **self.constants, GREEDY=greedy,
+            HAS_EOS=eos_id is not None, num_warps=self.shape.num_warps)
         return self.logits[None]  # (1, V)
 
 
 FUSED_KERNELS = ("blocks", "persistent")
+
+
+def check_fused_kernel(kernel: str, shape: PersistentShape, early_exit: str) -> None:
+    """`ConfigError` for an unknown fused kernel, a bad persistent shape, or the persistent step with LEGO early
+    exit (whose decoders are built from the five-kernel blocks)."""
+    if kernel not in FUSED_KERNELS:
+        raise ConfigError(f"fused_kernel must be one of {', '.join(FUSED_KERNELS)}, got {kernel!r}")
+    shape.validate()
+    if kernel == "persistent" and early_exit != "none":
+        raise ConfigError("LEGO early exit decodes through the five-kernel fused blocks: drop --fused-kernel "
+                          "persistent, or --early-exit")
 
 
 def fused_step(model: TransformerLM, kernel: str, persistent: PersistentShape, attention_block: int,

@@ -7,7 +7,7 @@ from typing import Literal
 
 from legolm.errors import ConfigError
 from legolm.generation.generate import GenerationConfig
-from legolm.generation.persistent import FUSED_KERNELS, PersistentShape
+from legolm.generation.persistent import PersistentShape, check_fused_kernel
 from legolm.utils.device import DtypeName
 
 _GEN = GenerationConfig()
@@ -118,9 +118,7 @@ class ServeConfig:
         for name in ("fused_attention_block", "fused_embed_block"):
             value = getattr(self, name)
             checks.append((value >= 1 and not value & (value - 1), f"{name} must be a power of two, got {value}"))
-        checks.append((self.fused_kernel in FUSED_KERNELS,
-                       f"fused_kernel must be one of {', '.join(FUSED_KERNELS)}, got {self.fused_kernel!r}"))
-        self.fused_persistent.validate()
+        check_fused_kernel(self.fused_kernel, self.fused_persistent, self.early_exit)
         exit_only = [f"--{n.replace('_', '-')}" for n in ("threshold", "target_ratio") if getattr(self, n) is not None]
         checks.append((self.early_exit != "none" or not exit_only,
                        f"{' and '.join(exit_only)} set without --early-exit threshold: add it, or drop the flag"))
