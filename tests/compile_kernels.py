@@ -10,6 +10,7 @@ import legolm.kernels.cross_entropy as kce
 import legolm.kernels.decode as kd
 import legolm.kernels.persistent as kp
 import legolm.kernels.rows as kr
+import legolm.kernels.splitk as ks
 
 P = "*bf16"
 GEMV = dict(x_ptr="*fp32", nw_ptr=P, nb_ptr=P, w1_ptr=P, b1_ptr=P, w2_ptr=P, b2_ptr=P, w3_ptr=P, b3_ptr=P,
@@ -45,6 +46,13 @@ PERSISTENT_BLOCKS = dict(NS=kp.NS, BLOCK_T=64, BLOCK_C=1024, C_POW2=1024, BN_QKV
                          BK_PROJ=1024, BN_UP=32, BK_UP=256, BN_DOWN=8, BK_DOWN=1024, BN_HEAD=32, BK_HEAD=256, GREEDY=1,
                          HAS_EOS=1, BLOCK_P=256)
 CE = dict(logits_ptr=P, labels_ptr="*i64", loss_ptr="*fp32", V="i32", stride="i32", ignore_index="i32")
+QKV_PREP = dict(x_ptr="*fp32", nw_ptr=P, nb_ptr=P, w1_ptr=P, b1_ptr=P, w2_ptr=P, b2_ptr=P, w3_ptr=P, b3_ptr=P,
+                out_ptr="*fp32", pb_ptr=P, h_ptr="*fp32", zero_ptr="*fp32", N1="i32", N2="i32", N="i32", K="i32",
+                eps="fp32")
+ATTENTION_PROJ = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", wp_ptr=P, h_ptr="*fp32",
+                      slot_ptr="*i64", pos_ptr="*i64", S="i32", rope_len="i32", scale="fp32", C="i32")
+MLP = dict(x_ptr="*fp32", nw_ptr=P, nb_ptr=P, wg_ptr=P, bg_ptr=P, wu_ptr=P, bu_ptr=P, wd_ptr=P, bd_ptr=P,
+           res_ptr="*fp32", out_ptr="*fp32", F="i32", C="i32", eps="fp32")
 GEMV_BLOCKS = dict(BLOCK_N=8, BLOCK_K=256, K_POW2=1024, PDL=0)
 SPECS = [
     (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=0, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # LN->qkv
@@ -72,6 +80,16 @@ SPECS = [
     (kr.select_row_kernel, SELECT, dict(BLOCK=1024)),
     (kr.accept_kernel, ACCEPT, dict(HAS_EOS=1, BLOCK_T=8, BLOCK=4096)),
     (kce.ce_grad_kernel, CE, dict(BLOCK_V=4096)),
+    (ks.qkv_prep_kernel, QKV_PREP, dict(NORM=1, HAS_BIAS=1, HAS_PB=1, BLOCK_N=8, BLOCK_K=256, K_POW2=1024, PREP=8,
+                                        PDL=1)),
+    (ks.attention_proj_kernel, ATTENTION_PROJ, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, ROWS=128,
+                                                    PDL=1)),  # Pythia
+    (ks.attention_proj_kernel, ATTENTION_PROJ, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=64, ROWS=128,
+                                                    PDL=0)),  # SmolLM2
+    (ks.mlp_kernel, MLP, dict(NORM=1, ACT=2, HAS_BIAS=1, HAS_DOWN_BIAS=1, BLOCK_N=32, BLOCK_K=256, K_POW2=1024,
+                              BLOCK_C=128, PDL=1)),  # GPT-2
+    (ks.mlp_kernel, MLP, dict(NORM=2, ACT=3, HAS_BIAS=0, HAS_DOWN_BIAS=0, BLOCK_N=32, BLOCK_K=256, K_POW2=1024,
+                              BLOCK_C=128, PDL=0)),  # SmolLM2
     (kp.persistent_step_kernel, PERSISTENT, dict(  # GPT-2
         NORM_1=1, NORM_2=1, NORM_F=1, ACT=2, QKV_BIAS=1, PROJ_BIAS=1, UP_BIAS=1, DOWN_BIAS=1, HEAD_BIAS=0, HAS_WPE=1,
         PARALLEL=0, H=12, HKV=12, D=64, D_POW2=64, R=0, **PERSISTENT_BLOCKS)),
@@ -84,7 +102,8 @@ SPECS = [
 ]
 # What Triton's launcher specializes at a real launch: pointers and sizes that are multiples of 16
 ALIGNED = ("N1", "N2", "N", "K", "C", "QW", "F", "V", "S", "stride_x", "stride_out")
-VECTORIZED = (kd.gemv_kernel, kp.persistent_step_kernel)  # weight tiles must load 16 bytes per thread at a time
+VECTORIZED = (kd.gemv_kernel, kp.persistent_step_kernel, ks.qkv_prep_kernel, ks.attention_proj_kernel,
+              ks.mlp_kernel)  # weight tiles must load 16 bytes per thread at a time
 
 if __name__ == "__main__":
     for fn, signature, consts in SPECS:

@@ -183,16 +183,28 @@ def _replay_side_by_side(model: Any, steps: list[Any], same: Callable[[Tensor, T
                 s.emit(nxt)
 
 
+@pytest.mark.parametrize("kernel", ["persistent", "splitk"])
 @pytest.mark.parametrize("preset", ["gpt2", "pythia-160m", "smollm2-135m"])
-def test_persistent_decode_matches_torch_decode(preset: str) -> None:
-    """The persistent step on every SM (real grid barriers), captured in a CUDA graph: the torch step's greedy
-    tokens, fp32."""
+def test_persistent_and_split_k_decode_match_torch_decode(preset: str, kernel: str) -> None:
+    """The persistent step on every SM (real grid barriers) and the split-K blocks (real atomics), captured in a
+    CUDA graph and tuned: the torch step's greedy tokens, fp32."""
     model = _model(preset, torch.float32)
     prompts = [[5, 17, 99, 3, 42, 7] * 12]
     cfg = GenerationConfig(max_new_tokens=32, greedy=True, stop_at_eos=False)
     want = generate(model, prompts, cfg).tokens
-    cfg.fused, cfg.fused_kernel = True, "persistent"
+    cfg.fused, cfg.fused_kernel = True, kernel
     assert generate(model, prompts, cfg).tokens == want
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "pythia-160m", "smollm2-135m"])
+def test_split_k_decode_follows_the_blocks_step_in_bf16(preset: str) -> None:
+    """300 replayed bf16 steps fed the same tokens: the split-K blocks' logits stay within rounding of the
+    five-kernel step's (an atomic add into a buffer not cleared, or read too early, would show as a large error)."""
+    from legolm.generation.fused import FusedDecodeStep
+
+    model = _model(preset, torch.bfloat16)
+    _replay_side_by_side(model, [FusedDecodeStep(model, 64, 1024), FusedDecodeStep(model, 64, 1024, split_k=True)],
+                         lambda got, want: ((got - want).norm() / want.norm()).item() < 1e-2)
 
 
 @pytest.mark.parametrize("preset", ["gpt2", "smollm2-135m"])

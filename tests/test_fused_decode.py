@@ -6,6 +6,8 @@ these tests check the kernels' arithmetic on CI; `tests/test_cuda.py` checks the
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 import torch
 
@@ -21,9 +23,12 @@ from legolm.model.transformer import TransformerLM
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _model(preset: str, dtype: torch.dtype = torch.float32) -> TransformerLM:
+def _model(preset: str, dtype: torch.dtype = torch.float32, n_layer: int | None = None) -> TransformerLM:
     torch.manual_seed(0)
-    model = TransformerLM(ModelConfig.from_name(preset)).eval()
+    config = ModelConfig.from_name(preset)
+    if n_layer is not None:
+        config.layers = config.layers[:1] * n_layer
+    model = TransformerLM(config).eval()
     with torch.no_grad():  # non-trivial norms and biases (the init leaves them at 1 and 0), and
         for name, p in model.named_parameters():  # activations of order 1, where GELU's shape shows
             if "norm" in name or name.endswith("bias"):
@@ -39,12 +44,15 @@ def _sessions(model: TransformerLM, block_t: int) -> tuple[DecodeSession, Decode
             DecodeSession(model, 1, 64, greedy=False, eos_id=None, step=step))
 
 
+@pytest.mark.parametrize("split_k", [False, True], ids=["five-kernels", "split-k"])
 @pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-pythia", "tiny-llama"])
 @torch.inference_mode()
-def test_fused_step_matches_torch_step(preset: str) -> None:
-    """Logits of every step and the cache it writes, fp32, prompts longer than one attention tile."""
-    model = _model(preset)
-    assert_matches_torch_step(model, FusedDecodeStep(model, attention_block=4, embed_block=32, tune=False))
+def test_fused_step_matches_torch_step(preset: str, split_k: bool) -> None:
+    """Logits of every step and the cache it writes, fp32, prompts longer than one attention tile; split-K blocks
+    (three kernels) too, with an odd number of blocks (the result ends in the second residual buffer)."""
+    model = _model(preset, n_layer=3 if split_k else None)
+    step = FusedDecodeStep(model, attention_block=4, embed_block=32, tune=False, split_k=split_k)
+    assert_matches_torch_step(model, step)
 
 
 def assert_matches_torch_step(model: TransformerLM, step: StepFn) -> None:
@@ -71,13 +79,15 @@ def assert_matches_torch_step(model: TransformerLM, step: StepFn) -> None:
         torch.testing.assert_close(b.v, a.v, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["blocks", "splitk"])
 @torch.inference_mode()
-def test_fused_generate_gives_the_torch_tokens_and_stops_at_eos() -> None:
+def test_fused_generate_gives_the_torch_tokens_and_stops_at_eos(kernel: Literal["blocks", "splitk"]) -> None:
     """Greedy tokens come from the fused head + reduction kernels; EOS stops the row there too."""
     model = _model("tiny-pythia")
     prompts = [[5, 6, 7, 8, 9, 10, 11]]
     cfg = GenerationConfig(max_new_tokens=10, greedy=True, stop_at_eos=False)
-    fused = GenerationConfig(max_new_tokens=10, greedy=True, stop_at_eos=False, fused=True, fused_tune=False)
+    fused = GenerationConfig(max_new_tokens=10, greedy=True, stop_at_eos=False, fused=True, fused_tune=False,
+                             fused_kernel=kernel)
     want = generate(model, prompts, cfg).tokens
     assert generate(model, prompts, fused).tokens == want
     row = want[0]
@@ -136,4 +146,4 @@ def test_kernels_compile_for_the_gpu() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "PYTHONPATH": path}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert done.stdout.count("compiled") == 27, done.stdout
+    assert done.stdout.count("compiled") == 32, done.stdout

@@ -28,6 +28,7 @@ from legolm.model.transformer import TransformerLM
 
 if TYPE_CHECKING:
     from legolm.kernels.decode import AttentionConfig, GemvConfig
+    from legolm.kernels.splitk import AttentionProjConfig, MlpConfig
 
 Shape = TypeVar("Shape")  # a kernel's launch shape
 Norm = tuple[int, Tensor, Tensor | None, float]
@@ -137,10 +138,12 @@ class FusedStack:
         pdl: Launch the GEMV and attention kernels with programmatic dependent launch where the GPU and
             Triton support it (`legolm.kernels.decode.pdl_supported`): each starts loading its weights
             while the previous kernel finishes.
+        split_k: One token's blocks in three launches each (`legolm.kernels.splitk`: the projections after
+            the attention and the MLP reduce by fp32 atomic adds) instead of five.
     """
 
     def __init__(self, model: TransformerLM, attention_block: int, embed_block: int, tune: bool = True,
-                 rows: int = 0, pdl: bool = True) -> None:
+                 rows: int = 0, pdl: bool = True, split_k: bool = False) -> None:
         import legolm.kernels.decode as kd
 
         self.kd = kd
@@ -149,7 +152,7 @@ class FusedStack:
         self.plans = [plan_block(b) for b in model.blocks]
         self.final_norm = _norm(model.norm)
         _linear(model.lm_head, "lm_head")
-        self.embed_block, self.tune, self.rows = embed_block, tune, rows
+        self.embed_block, self.tune, self.rows, self.split_k = embed_block, tune, rows, split_k
         self.pdl = pdl and kd.pdl_supported(param.device)
         # every GEMV and attention launch of this stack, with its PDL setting
         self.gemv, self.attend = (functools.partial(fn, pdl=self.pdl) for fn in (kd.gemv, kd.attention))
@@ -165,6 +168,12 @@ class FusedStack:
         n_parts = -(-c.vocab_size // kd.HEAD_MIN_ROWS)
         self.partial = (buf(n_parts), buf(n_parts, dtype=torch.int32), buf(n_parts))  # max, row, Σ exp
         self.configs: dict[str, GemvConfig] | None = None
+        if split_k:
+            import legolm.kernels.splitk as ks
+
+            self.ks = ks
+            self.x2 = buf(c.n_embd)  # the blocks alternate between x and x2 (`legolm.kernels.splitk`)
+            self.split_configs = (ks.INTERPRETER_ATTENTION_PROJ, ks.INTERPRETER_MLP)
         self.tuning: dict[str, float] = {}  # role -> µs of its chosen launch shape
         if rows:  # the same buffers with a row per token (dtypes as above: the same arithmetic)
             import legolm.kernels.rows as kr
@@ -206,12 +215,37 @@ class FusedStack:
     def blocks(self, model: TransformerLM, cache: KVCache, start: int, end: int, slot: Tensor, pos: Tensor) -> None:
         """Blocks ``start:end`` on x for the token at ``pos``, writing its K/V at cache slot ``slot``."""
         configs = self.ensure_tuned(model, cache)
+        if self.split_k:
+            self._split_k_blocks(model, cache, start, end, slot, pos)
+            return
         for i in range(start, end):
             gemvs = self._gemvs(self.plans[i])
             gemvs["qkv"](configs["qkv"])
             self._attention(model, cache.layers[i], slot, pos, self.attention_config)
             for role in ("proj", "up", "down"):
                 gemvs[role](configs[role])
+
+    def _split_k_blocks(self, model: TransformerLM, cache: KVCache, start: int, end: int, slot: Tensor,
+                        pos: Tensor) -> None:
+        """`blocks` in three launches per block (`legolm.kernels.splitk`); the result ends in x."""
+        src, dst = self.x, self.x2
+        for i in range(start, end):
+            self._split_k_block(model, cache.layers[i], self.plans[i], src, dst, slot, pos, *self.split_configs)
+            src, dst = dst, src
+        if src is not self.x:  # an odd number of blocks
+            self.x.copy_(src)
+
+    def _split_k_block(self, model: TransformerLM, layer: LayerKVCache, p: BlockPlan, src: Tensor, dst: Tensor,
+                       slot: Tensor, pos: Tensor, attention: AttentionProjConfig, mlp: MlpConfig) -> None:
+        """One block from the residual ``src`` into ``dst`` in three launches."""
+        c, ks = model.config, self.ks
+        assert self.configs is not None
+        ks.qkv_prep(src, p.qkv, self.qkv, self.configs["qkv_prep"], bias=p.qkv_bias, norm=p.norm_1,
+                    proj_bias=p.proj_bias, h=self.h, zero=dst, pdl=self.pdl)
+        ks.attention_proj(self.qkv, layer.k, layer.v, model.rope, p.proj, self.h, slot, pos, c.n_head, c.kv_heads,
+                          c.hd, c.rotary_dim, attention, pdl=self.pdl)
+        ks.mlp(src if p.parallel else self.h, p.norm_2, p.up, p.up_bias, p.act, p.up_2, p.down, p.down_bias, self.h,
+               dst, mlp, pdl=self.pdl)
 
     def head(self, norm: Norm, lin: nn.Linear, mode: str, x: Tensor | None = None,
              lens: nn.Linear | None = None) -> int:
@@ -232,10 +266,14 @@ class FusedStack:
         sessions, LEGO decoders of the same model) reuse them instead of timing again.
         """
         if self.configs is None:
-            key = _shape_key(model, self.x.device, self.tune, self.pdl)
+            key = _shape_key(model, self.x.device, self.tune, self.pdl, self.split_k)
             if key not in _TUNED:
-                _TUNED[key] = (self._choose(model, cache), self.attention_config, dict(self.tuning))
-            self.configs, self.attention_config, tuning = _TUNED[key]
+                chosen = self._choose(model, cache)
+                split = self._choose_split_k(model, cache, chosen) if self.split_k else None
+                _TUNED[key] = (chosen, self.attention_config, split, dict(self.tuning))
+            self.configs, self.attention_config, split, tuning = _TUNED[key]
+            if split is not None:
+                self.split_configs = split
             self.tuning.update(tuning)
         return self.configs
 
@@ -258,6 +296,34 @@ class FusedStack:
             lambda g: self._attention(model, layer, at, at, g), kd.ATTENTION_CANDIDATES)
         self.x.copy_(saved)
         return chosen
+
+    def _choose_split_k(self, model: TransformerLM, cache: KVCache,
+                        chosen: dict[str, GemvConfig]) -> tuple[AttentionProjConfig, MlpConfig]:
+        """The split-K kernels' launch shapes (`legolm.kernels.splitk`), each timed with the others' first
+        candidate; adds the "qkv_prep" role to ``chosen``."""
+        ks, kd = self.ks, self.kd
+        p, layer = self.plans[0], cache.layers[0]
+        at = torch.full((1,), min(kd.ATTENTION_TUNE_SLOT, layer.k.shape[2] - 1), device=self.x.device)
+        attn, mlp = self.split_configs
+        if not self.x.is_cuda:
+            chosen["qkv_prep"] = kd.INTERPRETER_GEMV
+            return attn, mlp
+        if not self.tune:
+            chosen["qkv_prep"] = kd.GEMV_CANDIDATES[0]
+            return ks.ATTENTION_PROJ_CANDIDATES[0], ks.MLP_CANDIDATES[0]
+        saved = self.x.clone()
+        chosen["qkv_prep"], self.tuning["qkv_prep"] = _fastest(
+            lambda g: ks.qkv_prep(self.x, p.qkv, self.qkv, g, bias=p.qkv_bias, norm=p.norm_1, proj_bias=p.proj_bias,
+                                  h=self.h, zero=self.x2, pdl=self.pdl), kd.GEMV_CANDIDATES)
+        attn, self.tuning["attention_proj"] = _fastest(
+            lambda g: ks.attention_proj(self.qkv, layer.k, layer.v, model.rope, p.proj, self.h, at, at,
+                                        model.config.n_head, model.config.kv_heads, model.config.hd,
+                                        model.config.rotary_dim, g, pdl=self.pdl), ks.ATTENTION_PROJ_CANDIDATES)
+        mlp, self.tuning["mlp"] = _fastest(
+            lambda g: ks.mlp(self.h, p.norm_2, p.up, p.up_bias, p.act, p.up_2, p.down, p.down_bias, self.h, self.x2,
+                             g, pdl=self.pdl), ks.MLP_CANDIDATES)
+        self.x.copy_(saved)
+        return attn, mlp
 
     # -- a few tokens at a time ------------------------------------------------------------------
     def rows_blocks(self, model: TransformerLM, cache: KVCache, start: int, end: int, rows: int) -> None:
@@ -290,15 +356,17 @@ class FusedStack:
         return -(-lin.out_features // config.block_n)
 
 
-_TUNED: dict[tuple[object, ...], tuple[dict[str, GemvConfig], AttentionConfig, dict[str, float]]] = {}
+_TUNED: dict[tuple[object, ...], tuple[dict[str, GemvConfig], AttentionConfig,
+                                       tuple[AttentionProjConfig, MlpConfig] | None, dict[str, float]]] = {}
 
 
-def _shape_key(model: TransformerLM, device: torch.device, tune: bool, pdl: bool) -> tuple[object, ...]:
-    """What launch-shape choices depend on: the model's sizes and layer kinds, its dtype and device, tuning and
-    PDL on."""
+def _shape_key(model: TransformerLM, device: torch.device, tune: bool, pdl: bool,
+               split_k: bool) -> tuple[object, ...]:
+    """What launch-shape choices depend on: the model's sizes and layer kinds, its dtype and device, tuning, PDL
+    and split-K on."""
     c = model.config
     return (c.n_embd, c.n_head, c.kv_heads, c.hd, c.intermediate_size, c.vocab_size, tuple(c.layers),
-            model.lm_head.weight.dtype, str(device), tune, pdl)
+            model.lm_head.weight.dtype, str(device), tune, pdl, split_k)
 
 
 class FusedDecodeStep:
@@ -313,11 +381,12 @@ class FusedDecodeStep:
         embed_block: Channels per tile of the embedding kernel.
         tune: Time the launch shapes at the first step on a GPU (`FusedStack`).
         pdl: Programmatic dependent launch of the GEMV and attention kernels where supported (`FusedStack`).
+        split_k: Three launches per block instead of five (`FusedStack`).
     """
 
     def __init__(self, model: TransformerLM, attention_block: int, embed_block: int, tune: bool = True,
-                 pdl: bool = True) -> None:
-        self.stack = FusedStack(model, attention_block, embed_block, tune, pdl=pdl)
+                 pdl: bool = True, split_k: bool = False) -> None:
+        self.stack = FusedStack(model, attention_block, embed_block, tune, pdl=pdl, split_k=split_k)
 
     @property
     def tuning(self) -> dict[str, float]:

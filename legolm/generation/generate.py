@@ -58,9 +58,11 @@ class GenerationConfig:
         fused_pdl: Launch the fused GEMV and attention kernels with programmatic dependent launch (sm_90+
             and a Triton that has it; ignored elsewhere): each kernel loads its weights while the
             previous one finishes.
-        fused_kernel: ``blocks`` (five kernel launches per block, launch shapes tuned, PDL) or
+        fused_kernel: ``blocks`` (five kernel launches per block, launch shapes tuned, PDL), ``splitk``
+            (three per block: the projections after the attention and the MLP reduce by fp32 atomic
+            adds, so the last bits of a sum vary from run to run; `legolm.kernels.splitk`) or
             ``persistent`` (the whole step in one launch of one program per SM, grid barriers between
-            its phases; `legolm.kernels.persistent`). Plain decoding only (not LEGO early exit).
+            its phases; `legolm.kernels.persistent`). The last two: plain decoding only (not LEGO early exit).
         fused_persistent: Launch shape of the persistent step.
         prefill_graphs: With ``cuda_graph``, prompt lengths per session whose prefill is replayed as a
             CUDA graph (captured at a length's first use; 0 = eager prefill).
@@ -99,7 +101,7 @@ class GenerationConfig:
     fused_embed_block: int = 1024
     fused_tune: bool = True
     fused_pdl: bool = True
-    fused_kernel: Literal["blocks", "persistent"] = "blocks"
+    fused_kernel: Literal["blocks", "splitk", "persistent"] = "blocks"
     fused_persistent: PersistentShape = field(default_factory=PersistentShape)
     prefill_graphs: int = 4
     eos_check_every: int = 8

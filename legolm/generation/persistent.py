@@ -179,23 +179,24 @@ class PersistentDecodeStep:
         return self.logits[None]  # (1, V)
 
 
-FUSED_KERNELS = ("blocks", "persistent")
+FUSED_KERNELS = ("blocks", "splitk", "persistent")
 
 
 def check_fused_kernel(kernel: str, shape: PersistentShape, early_exit: str) -> None:
-    """`ConfigError` for an unknown fused kernel, a bad persistent shape, or the persistent step with LEGO early
-    exit (whose decoders are built from the five-kernel blocks)."""
+    """`ConfigError` for an unknown fused kernel, a bad persistent shape, or a step other than the five-kernel
+    blocks with LEGO early exit (whose decoders are built from those)."""
     if kernel not in FUSED_KERNELS:
         raise ConfigError(f"fused_kernel must be one of {', '.join(FUSED_KERNELS)}, got {kernel!r}")
     shape.validate()
-    if kernel == "persistent" and early_exit != "none":
-        raise ConfigError("LEGO early exit decodes through the five-kernel fused blocks: drop --fused-kernel "
-                          "persistent, or --early-exit")
+    if kernel != "blocks" and early_exit != "none":
+        raise ConfigError(f"LEGO early exit decodes through the five-kernel fused blocks: drop --fused-kernel "
+                          f"{kernel}, or --early-exit")
 
 
 def fused_step(model: TransformerLM, kernel: str, persistent: PersistentShape, attention_block: int,
                embed_block: int, tune: bool, pdl: bool) -> FusedDecodeStep | PersistentDecodeStep:
-    """The fused decode step of ``kernel``: "blocks" (five launches per block, tuned, PDL) or "persistent"."""
+    """The fused decode step of ``kernel``: "blocks" (five launches per block, tuned, PDL), "splitk" (three) or
+    "persistent" (one)."""
     if kernel == "persistent":
         return PersistentDecodeStep(model, persistent, attention_block, embed_block)
-    return FusedDecodeStep(model, attention_block, embed_block, tune, pdl)
+    return FusedDecodeStep(model, attention_block, embed_block, tune, pdl, split_k=kernel == "splitk")

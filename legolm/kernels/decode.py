@@ -91,11 +91,7 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
     r0 = tl.program_id(1) * BLOCK_N
     rows = r0 + tl.arange(0, BLOCK_N)
     rmask = rows < N
-    # the block's segment (the host keeps blocks inside one): a scalar choice keeps the loads vectorized
-    in2, in3 = r0 >= N1, r0 >= N2
-    w_ptr = tl.where(in3, w3_ptr, tl.where(in2, w2_ptr, w1_ptr))
-    b_ptr = tl.where(in3, b3_ptr, tl.where(in2, b2_ptr, b1_ptr))
-    local = rows - tl.where(in3, N2, tl.where(in2, N1, 0))
+    w_ptr, b_ptr, local = _segment(r0, rows, N1, N2, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr)
     y = _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, rows, local, rmask, K, eps, NORM,
                    ACT, HAS_BIAS, HAS_RES, BLOCK_K, K_POW2, PDL, "")
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
@@ -106,6 +102,17 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
         tl.store(pidx_ptr + tl.program_id(1), tl.min(tl.where(y == best, rows, N), 0))  # first of ties
         if SUMEXP:
             tl.store(psum_ptr + tl.program_id(1), tl.sum(tl.where(rmask, tl.exp(y - best), 0.0), 0))
+
+
+@triton.jit
+def _segment(r0, rows, N1, N2, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr):
+    """The weight and bias segment of the block of rows starting at r0 (rows < N1 of w1, < N2 of w2, the rest of
+    w3; the host keeps blocks inside one), and ``rows``' indices in it. A scalar choice keeps the loads
+    vectorized."""
+    in2, in3 = r0 >= N1, r0 >= N2
+    w_ptr = tl.where(in3, w3_ptr, tl.where(in2, w2_ptr, w1_ptr))
+    b_ptr = tl.where(in3, b3_ptr, tl.where(in2, b2_ptr, b1_ptr))
+    return w_ptr, b_ptr, rows - tl.where(in3, N2, tl.where(in2, N1, 0))
 
 
 @triton.jit
@@ -309,8 +316,21 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, slot_
 def _attend(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, h, slot, pos, S, rope_len, scale,
             H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_POW2: tl.constexpr, R: tl.constexpr,
             BLOCK_T: tl.constexpr, WRITE: tl.constexpr, CM: tl.constexpr):
-    """Query head h: RoPE on q and the new k, the new k/v into cache slot ``slot`` (WRITE), then softmax
-    attention over slots 0..slot (the cached ones streamed in BLOCK_T tiles, online softmax).
+    """`_attend_head` for query head h, its output stored at ``out[h·D:(h+1)·D]`` in out's dtype; WRITE: the
+    first query head of each kv head writes the new k/v into the cache."""
+    d = tl.arange(0, D_POW2)
+    o = _attend_head(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, h, slot, pos, S, rope_len, scale,
+                     WRITE and h % (H // HKV) == 0, H, HKV, D, D_POW2, R, BLOCK_T, CM)
+    tl.store(out_ptr + h * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+@triton.jit
+def _attend_head(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, h, slot, pos, S, rope_len, scale, write,
+                 H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_POW2: tl.constexpr, R: tl.constexpr,
+                 BLOCK_T: tl.constexpr, CM: tl.constexpr):
+    """Query head h's attention output (D_POW2,) in fp32: RoPE on q and the new k, the new k/v into cache slot
+    ``slot`` where ``write``, then softmax attention over slots 0..slot (the cached ones streamed in BLOCK_T
+    tiles, online softmax).
 
     qkv is [q heads | k heads | v heads] (fp32, loaded with cache modifier CM); the caches are (HKV, S, D)
     in the model's dtype.
@@ -328,7 +348,7 @@ def _attend(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, h, slot, pos, 
     k_new = _rope(qkv_ptr + (H + g) * D, d, pos, rope_ptr, rope_len, R, D, CM).to(k_cache_ptr.dtype.element_ty)
     v_new = tl.load(qkv_ptr + (H + HKV + g) * D + d, mask=dmask, other=0.0,
                     cache_modifier=CM).to(v_cache_ptr.dtype.element_ty)
-    if WRITE and h % (H // HKV) == 0:  # one program per kv head writes the cache
+    if write:
         tl.store(k_cache_ptr + base + slot * D + d, k_new, mask=dmask)
         tl.store(v_cache_ptr + base + slot * D + d, v_new, mask=dmask)
     m = tl.sum(q * k_new.to(tl.float32), 0)  # the new token's score starts the online softmax
@@ -348,7 +368,7 @@ def _attend(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, h, slot, pos, 
         l_sum = l_sum * alpha + tl.sum(p, 0)
         m = m_new
         k, v = k_next, v_next
-    tl.store(out_ptr + h * D + d, (acc / l_sum).to(out_ptr.dtype.element_ty), mask=dmask)
+    return acc / l_sum
 
 
 @triton.jit
@@ -415,6 +435,22 @@ def _pdl(pdl: bool) -> dict[str, bool]:
     return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 
+def segments(w: Tensor | tuple[Tensor, Tensor, Tensor], bias: Tensor | tuple[Tensor, Tensor, Tensor] | None,
+             out: Tensor, block_n: int) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor], int, int,
+                                                 int]:
+    """A GEMV's weight and bias as three row segments (`_segment`; a stand-in where there is no bias), the rows
+    before the second and third, and the rows per program: for split weights they divide each segment (blocks
+    stay inside one; a power of two, so the head's partial count never changes: its weight is one segment)."""
+    N = out.shape[-1]
+    ws = w if isinstance(w, tuple) else (w, w, w)
+    bs = bias if isinstance(bias, tuple) else ((bias, bias, bias) if bias is not None else (out, out, out))
+    if not isinstance(w, tuple):
+        return ws, bs, N, N, block_n
+    n1 = ws[0].shape[0]
+    n2 = n1 + ws[1].shape[0]
+    return ws, bs, n1, n2, math.gcd(block_n, n1, n2 - n1)
+
+
 def gemv(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, config: GemvConfig, *,
          bias: Tensor | tuple[Tensor, Tensor, Tensor] | None = None, norm: tuple[int, Tensor, Tensor | None, float]
          | None = None, act: int = ACT_NONE, up: tuple[Tensor, Tensor | None] | None = None,
@@ -436,16 +472,10 @@ def gemv(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, conf
             and its row (for `advance`); a third fp32 buffer gets its Σ exp(out - largest) (for `exit_`).
         pdl: Launch as a programmatic dependent of the previous kernel (`pdl_supported`).
     """
-    ws = w if isinstance(w, tuple) else (w, w, w)
-    bs = bias if isinstance(bias, tuple) else ((bias, bias, bias) if bias is not None else (out, out, out))
+    ws, bs, n1, n2, block_n = segments(w, bias, out, config.block_n)
     N, K = out.shape[-1], x.shape[-1]
-    n1 = ws[0].shape[0] if isinstance(w, tuple) else N
-    n2 = n1 + ws[1].shape[0] if isinstance(w, tuple) else N
     kind, nw, nb, eps = norm if norm is not None else (NORM_NONE, x, None, 0.0)
     wu, bu = up if up is not None else (ws[0], None)
-    # blocks stay inside one weight segment (`gemv_kernel`): for split weights, rows per program divide each
-    # segment (a power of two, so the head's partial count never changes: its weight is one segment)
-    block_n = math.gcd(config.block_n, n1, n2 - n1) if isinstance(w, tuple) else config.block_n
     grid = (max(rows, 1), triton.cdiv(N, block_n))
     pmax, pidx, psum = (*partial, out)[:3] if partial is not None else (out, out, out)
     stride_p = pmax.shape[-1] if rows and partial is not None else 0

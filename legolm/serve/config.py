@@ -37,7 +37,7 @@ class ServeConfig:
         fused_embed_block: Channels per tile of the fused embedding kernel (a power of two).
         fused_tune: Time the fused kernels' launch shapes at the first step on the GPU.
         fused_pdl: Programmatic dependent launch of the fused GEMV and attention kernels (where supported).
-        fused_kernel: Plain models' fused step: blocks (five launches per block) or persistent (one launch).
+        fused_kernel: Plain models' fused step: blocks (five launches per block), splitk (three) or persistent (one).
         fused_persistent: Launch shape of the persistent step.
         early_exit: LEGO models: threshold or speculative decoding through the shallow exit (none = deep).
         threshold: Threshold early exit's tau (None: the model's calibrated one, or target_ratio's).
@@ -77,7 +77,7 @@ class ServeConfig:
     fused_embed_block: int = _GEN.fused_embed_block
     fused_tune: bool = _GEN.fused_tune
     fused_pdl: bool = _GEN.fused_pdl
-    fused_kernel: Literal["blocks", "persistent"] = _GEN.fused_kernel
+    fused_kernel: Literal["blocks", "splitk", "persistent"] = _GEN.fused_kernel
     fused_persistent: PersistentShape = field(default_factory=PersistentShape)
     early_exit: Literal["none", "threshold", "speculative"] = "none"
     threshold: float | None = None

@@ -1,0 +1,189 @@
+"""Split-K fused blocks: a batch-1 decode block in three kernel launches instead of five.
+
+The attention's output projection and the MLP's down projection are sums over independent parts:
+query heads, and chunks of the hidden units. So the kernel that computes a part also multiplies it
+by that part's columns of the projection and adds the product into the residual stream with fp32
+atomic adds, the reduction of split-K GEMMs (cf. Stream-K, arXiv 2301.03598). The kernel boundary
+before each projection, and its fixed latency, go away::
+
+    x ─[1 norm₁ → qkv GEMV; h := x (+ b_proj); x' := 0]
+      ─[2 per (query head, slice of C rows): RoPE, cache write, attention o; h += W_proj[slice, head cols]·o]
+      ─[3 per chunk of hidden rows: norm₂(h | x) → up → GELU | SwiGLU = a; x' += W_down[:, chunk]·a
+                                      (the first chunk also adds h (+ b_down))]─ x'
+
+Blocks alternate between two residual buffers (x, x'), so kernel 1 can clear the one that kernel 3
+accumulates into. The arithmetic of each part is the five-kernel step's (`legolm.kernels.decode`:
+the same norms, the attention output and the hidden units rounded to the model's dtype); only the
+order of the fp32 sums differs, and with atomics it varies from run to run (~1e-7 relative).
+Kernels 2 and 3 load their first weight tile before waiting for the previous kernel (PDL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from legolm.kernels.decode import GemvConfig, _attend_head, _gemv_rows, _pdl, _pdl_sync, _segment, segments
+
+
+@triton.jit
+def qkv_prep_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, out_ptr, pb_ptr, h_ptr,
+                    zero_ptr, N1, N2, N, K, eps, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PB: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_POW2: tl.constexpr, PREP: tl.constexpr,
+                    PDL: tl.constexpr):
+    """Kernel 1: out = W·norm(x) + b (the qkv GEMV, `_gemv_rows`), and this program's PREP channels of
+    h = x (+ pb) and zero = 0: the buffers that kernels 2 and 3 accumulate into."""
+    r0 = tl.program_id(0) * BLOCK_N
+    rows = r0 + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    w_ptr, b_ptr, local = _segment(r0, rows, N1, N2, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr)
+    y = _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, w_ptr, b_ptr, x_ptr, rows, local, rmask, K, eps, NORM,
+                   0, HAS_BIAS, False, BLOCK_K, K_POW2, PDL, "")
+    tl.store(out_ptr + rows, y, mask=rmask)
+    c = tl.program_id(0) * PREP + tl.arange(0, PREP)
+    cmask = c < K
+    h = tl.load(x_ptr + c, mask=cmask, other=0.0)
+    if HAS_PB:
+        h += tl.load(pb_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(h_ptr + c, h, mask=cmask)
+    tl.store(zero_ptr + c, tl.zeros([PREP], tl.float32), mask=cmask)
+
+
+@triton.jit
+def attention_proj_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, wp_ptr, h_ptr, slot_ptr, pos_ptr, S,
+                          rope_len, scale, C, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                          D_POW2: tl.constexpr, R: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
+                          PDL: tl.constexpr):
+    """Kernel 2, program (head, slice): the head's attention output o (`_attend_head`; the slice-0 program of
+    each kv head's first query head writes the cache), rounded to the weights' dtype, then
+    h[n] += Σ_d W_proj[n, head·D + d]·o[d] for the slice's ROWS rows n."""
+    head, s = tl.program_id(0), tl.program_id(1)
+    n = s * ROWS + tl.arange(0, ROWS)
+    nmask = n < C
+    d = tl.arange(0, D_POW2)
+    w = tl.load(wp_ptr + n[:, None].to(tl.int64) * (H * D) + head * D + d[None, :],
+                mask=nmask[:, None] & (d < D)[None, :], other=0.0)  # constant: loaded before the wait
+    _pdl_sync(PDL)
+    o = _attend_head(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, head, tl.load(slot_ptr), tl.load(pos_ptr), S,
+                     rope_len, scale, (s == 0) & (head % (H // HKV) == 0), H, HKV, D, D_POW2, R, BLOCK_T, "")
+    o = o.to(wp_ptr.dtype.element_ty).to(tl.float32)
+    tl.atomic_add(h_ptr + n, tl.sum(w.to(tl.float32) * o[None, :], 1), mask=nmask, sem="relaxed")
+
+
+@triton.jit
+def mlp_kernel(x_ptr, nw_ptr, nb_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, wd_ptr, bd_ptr, res_ptr, out_ptr, F, C, eps,
+               NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_C: tl.constexpr,
+               PDL: tl.constexpr):
+    """Kernel 3, program c: hidden units a = act(W_up·norm(x) + b) of rows c·BLOCK_N.. (`_gemv_rows`), rounded to
+    the weights' dtype, then out += W_down[:, rows]·a in BLOCK_C-row tiles; program 0 also adds res (+ b_down)."""
+    res_n = tl.where(tl.program_id(0) == 0, C, 0)  # program 0 adds the residual and the bias
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < F
+    n = tl.arange(0, BLOCK_C)
+    wd_rows = wd_ptr + rows[None, :]
+    wd = tl.load(wd_rows + n[:, None].to(tl.int64) * F, mask=(n < C)[:, None] & rmask[None, :], other=0.0)
+    a = _gemv_rows(x_ptr, nw_ptr, nb_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, x_ptr, rows, rows, rmask, C, eps, NORM,
+                   ACT, HAS_BIAS, False, BLOCK_K, K_POW2, PDL, "")
+    a = tl.where(rmask, a.to(wd_ptr.dtype.element_ty).to(tl.float32), 0.0)
+    for n0 in range(0, C, BLOCK_C):
+        nn = n0 + n
+        nmask = nn < C
+        nxt = nn + BLOCK_C
+        wd_next = tl.load(wd_rows + nxt[:, None].to(tl.int64) * F, mask=(nxt < C)[:, None] & rmask[None, :],
+                          other=0.0)
+        part = tl.sum(wd.to(tl.float32) * a[None, :], 1)
+        part += tl.load(res_ptr + nn, mask=nn < res_n, other=0.0)
+        if HAS_DOWN_BIAS:
+            part += tl.load(bd_ptr + nn, mask=nn < res_n, other=0.0).to(tl.float32)
+        tl.atomic_add(out_ptr + nn, part, mask=nmask, sem="relaxed")
+        wd = wd_next
+
+
+@dataclass(frozen=True)
+class AttentionProjConfig:
+    """Launch shape of `attention_proj_kernel`: cache slots per tile, output rows per program, warps."""
+
+    block_t: int
+    rows: int
+    num_warps: int
+
+
+@dataclass(frozen=True)
+class MlpConfig:
+    """Launch shape of `mlp_kernel`: hidden rows per program, K tile of the up GEMV, rows per down tile, warps."""
+
+    block_n: int
+    block_k: int
+    block_c: int
+    num_warps: int
+
+
+# Candidates the tuner times on the GPU (the first is the choice without a GPU): enough programs to fill the
+# SMs, each with a weight tile small enough to stay in registers.
+ATTENTION_PROJ_CANDIDATES = (
+    AttentionProjConfig(64, 256, 4), AttentionProjConfig(64, 128, 4), AttentionProjConfig(64, 64, 4),
+    AttentionProjConfig(32, 128, 4), AttentionProjConfig(128, 128, 8), AttentionProjConfig(64, 1024, 8),
+)
+MLP_CANDIDATES = (
+    MlpConfig(32, 256, 128, 4), MlpConfig(16, 256, 128, 4), MlpConfig(64, 256, 64, 4), MlpConfig(32, 512, 128, 8),
+    MlpConfig(16, 512, 256, 8), MlpConfig(64, 128, 64, 8), MlpConfig(8, 1024, 256, 4), MlpConfig(32, 256, 256, 8),
+)
+# Off the GPU (Triton's interpreter, the tests) a few large programs interpret fastest.
+INTERPRETER_ATTENTION_PROJ = AttentionProjConfig(64, 1024, 4)
+INTERPRETER_MLP = MlpConfig(64, 256, 256, 4)
+
+
+def qkv_prep(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, config: GemvConfig, *,
+             bias: Tensor | tuple[Tensor, Tensor, Tensor] | None, norm: tuple[int, Tensor, Tensor | None, float],
+             proj_bias: Tensor | None, h: Tensor, zero: Tensor, pdl: bool) -> None:
+    """Launch `qkv_prep_kernel`: out (N,) = W·norm(x) + b; h (C,) = x (+ proj_bias); zero (C,) = 0."""
+    ws, bs, n1, n2, block_n = segments(w, bias, out, config.block_n)
+    N, K = out.shape[-1], x.shape[-1]
+    kind, nw, nb, eps = norm
+    grid = triton.cdiv(N, block_n)
+    qkv_prep_kernel[(grid,)](x, nw, nb if nb is not None else nw, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], out,
+                             proj_bias if proj_bias is not None else x, h, zero, n1, n2, N, K, eps, NORM=kind,
+                             HAS_BIAS=bias is not None, HAS_PB=proj_bias is not None, BLOCK_N=block_n,
+                             BLOCK_K=config.block_k, K_POW2=triton.next_power_of_2(K),
+                             PREP=triton.next_power_of_2(triton.cdiv(K, grid)), num_warps=config.num_warps,
+                             **_pdl(pdl))
+
+
+def attention_proj(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope: Tensor, proj: Tensor, h: Tensor,
+                   slot: Tensor, pos: Tensor, n_head: int, n_kv_head: int, head_dim: int, rotary_dim: int,
+                   config: AttentionProjConfig, pdl: bool) -> None:
+    """Launch `attention_proj_kernel` over (heads, row slices): h += proj(attention) (caches (1, HKV, S, D);
+    rope (2, L, R) fp32 or empty; proj (C, H·D))."""
+    C = proj.shape[0]
+    rows = min(config.rows, triton.next_power_of_2(C))
+    rope_len = rope.shape[1] if rope.numel() else 0
+    attention_proj_kernel[(n_head, triton.cdiv(C, rows))](
+        qkv, k_cache, v_cache, rope if rope.numel() else qkv, proj, h, slot, pos, k_cache.shape[2], rope_len,
+        head_dim ** -0.5, C, H=n_head, HKV=n_kv_head, D=head_dim, D_POW2=triton.next_power_of_2(head_dim),
+        R=rotary_dim, BLOCK_T=config.block_t, ROWS=rows, num_warps=config.num_warps, **_pdl(pdl))
+
+
+def mlp(x: Tensor, norm: tuple[int, Tensor, Tensor | None, float], up: Tensor, up_bias: Tensor | None, act: int,
+        up_2: tuple[Tensor, Tensor | None] | None, down: Tensor, down_bias: Tensor | None, res: Tensor, out: Tensor,
+        config: MlpConfig, pdl: bool) -> None:
+    """Launch `mlp_kernel`: out += down(act(up(norm(x)))) + res (+ down_bias); out must hold zeros.
+
+    ``up`` is SwiGLU's gate where ``up_2`` (its up projection and bias) is given.
+    """
+    F, C = up.shape
+    kind, nw, nb, eps = norm
+    wu, bu = up_2 if up_2 is not None else (up, None)
+    bg = up_bias if up_bias is not None else up
+    mlp_kernel[(triton.cdiv(F, config.block_n),)](
+        x, nw, nb if nb is not None else nw, up, bg, wu, bu if bu is not None else bg, down,
+        down_bias if down_bias is not None else res, res, out, F, C, eps, NORM=kind, ACT=act,
+        HAS_BIAS=up_bias is not None, HAS_DOWN_BIAS=down_bias is not None, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, K_POW2=triton.next_power_of_2(C),
+        BLOCK_C=min(config.block_c, triton.next_power_of_2(C)), num_warps=config.num_warps, **_pdl(pdl))
+
+
+__all__ = ["AttentionProjConfig", "MlpConfig", "attention_proj", "mlp", "qkv_prep"]
