@@ -62,6 +62,7 @@ class Variant:
     sdpa: str | None = None  # force one SDPA backend (SDPBackend name), e.g. FLASH_ATTENTION
     fused: bool = False  # the fused Triton step (batch 1 only)
     pdl: bool = True  # its kernels launched as programmatic dependents (where supported)
+    split_k: bool = False  # its blocks in three launches (`legolm.kernels.splitk`)
 
 
 def sdpa_backend(name: str | None) -> contextlib.AbstractContextManager[Any]:
@@ -130,7 +131,8 @@ def main() -> None:
                 "compile+manual": Variant(True, manual=True), "compile+manual+cd": Variant(True, True, True),
                 # no flash variant: the static cache's decode step attends under a mask, which flash cannot take
                 "compile+cd": Variant(True, cd=True), "compile+efficient": Variant(True, sdpa="EFFICIENT_ATTENTION"),
-                "fused": Variant(False, fused=True), "fused-nopdl": Variant(False, fused=True, pdl=False)}
+                "fused": Variant(False, fused=True), "fused-nopdl": Variant(False, fused=True, pdl=False),
+                "fused-splitk": Variant(False, fused=True, split_k=True)}
     rows: list[dict[str, Any]] = []
     for preset in args.models:
         torch.manual_seed(0)
@@ -152,11 +154,12 @@ def profile_model(model: TransformerLM, preset: str, args: argparse.Namespace,
         for batch in [b for b in args.batch if b == 1 or not v.fused]:
             prompts = prompts_for(preset, batch, 64)  # real text (Tiny Shakespeare)
             cfg = GenerationConfig(max_new_tokens=args.new_tokens, greedy=True, stop_at_eos=False,
-                                   compile=comp, compile_mode=v.mode, fused=v.fused, fused_pdl=v.pdl)
+                                   compile=comp, compile_mode=v.mode, fused=v.fused, fused_pdl=v.pdl,
+                                   fused_kernel="splitk" if v.split_k else "blocks")
 
             def step(cfg: GenerationConfig = cfg, fused: bool = v.fused) -> FusedDecodeStep | None:
                 return FusedDecodeStep(model, cfg.fused_attention_block, cfg.fused_embed_block,
-                                       pdl=cfg.fused_pdl) if fused else None
+                                       pdl=cfg.fused_pdl, split_k=cfg.fused_kernel == "splitk") if fused else None
 
             with torch.inference_mode(), sdpa_backend(v.sdpa):
                 sec, _ = timed(lambda cfg=cfg, prompts=prompts: generate(model, prompts, cfg), repeats=3)
