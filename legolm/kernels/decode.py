@@ -143,7 +143,17 @@ def _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, row
     acc = tl.zeros([rows.shape[0], BLOCK_K], tl.float32)
     acc_u = tl.zeros([rows.shape[0], BLOCK_K], tl.float32)
     x = tl.load(x_ptr + first, mask=first < K, other=0.0, cache_modifier=CM)
-    for k0 in range(0, K, BLOCK_K):
+    if BLOCK_K >= K_POW2:  # one tile, loaded before the sync: nothing to prefetch (no registers for a next tile)
+        xf = x.to(tl.float32)
+        if NORM != 0:
+            kmask = first < K
+            xf = (xf - mean) * rstd * tl.load(nw_ptr + first, mask=kmask, other=0.0).to(tl.float32)
+            if NORM == 1:
+                xf += tl.load(nb_ptr + first, mask=kmask, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * xf[None, :]
+        if ACT == 3:
+            acc_u += wu.to(tl.float32) * xf[None, :]
+    for k0 in range(0, K if BLOCK_K < K_POW2 else 0, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         kmask = offs < K
         nxt = offs + BLOCK_K
@@ -398,7 +408,8 @@ class GemvConfig:
 GEMV_CANDIDATES = (
     GemvConfig(8, 256, 4), GemvConfig(4, 512, 4), GemvConfig(16, 128, 4), GemvConfig(16, 256, 8),
     GemvConfig(32, 128, 4), GemvConfig(2, 1024, 4), GemvConfig(4, 1024, 8), GemvConfig(8, 1024, 8),
-    GemvConfig(1, 1024, 4), GemvConfig(2, 2048, 8), GemvConfig(1, 4096, 8),
+    GemvConfig(1, 1024, 4), GemvConfig(2, 2048, 8), GemvConfig(1, 4096, 8), GemvConfig(8, 1024, 4),
+    GemvConfig(16, 1024, 8), GemvConfig(4, 1024, 4),
 )
 # Off the GPU (Triton's interpreter, the tests) a few large programs interpret fastest.
 INTERPRETER_GEMV = GemvConfig(64, 256, 4)

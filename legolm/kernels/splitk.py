@@ -89,18 +89,25 @@ def mlp_kernel(x_ptr, nw_ptr, nb_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, wd_ptr, bd
     a = _gemv_rows(x_ptr, nw_ptr, nb_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, x_ptr, rows, rows, rmask, C, eps, NORM,
                    ACT, HAS_BIAS, False, BLOCK_K, K_POW2, PDL, "")
     a = tl.where(rmask, a.to(wd_ptr.dtype.element_ty).to(tl.float32), 0.0)
-    for n0 in range(0, C, BLOCK_C):
+    if BLOCK_C >= K_POW2:  # one tile, loaded before the sync
+        _down_tile(wd, a, n, res_ptr, bd_ptr, out_ptr, C, res_n, HAS_DOWN_BIAS)
+    for n0 in range(0, C if BLOCK_C < K_POW2 else 0, BLOCK_C):
         nn = n0 + n
-        nmask = nn < C
         nxt = nn + BLOCK_C
         wd_next = tl.load(wd_rows + nxt[:, None].to(tl.int64) * F, mask=(nxt < C)[:, None] & rmask[None, :],
                           other=0.0)
-        part = tl.sum(wd.to(tl.float32) * a[None, :], 1)
-        part += tl.load(res_ptr + nn, mask=nn < res_n, other=0.0)
-        if HAS_DOWN_BIAS:
-            part += tl.load(bd_ptr + nn, mask=nn < res_n, other=0.0).to(tl.float32)
-        tl.atomic_add(out_ptr + nn, part, mask=nmask, sem="relaxed")
+        _down_tile(wd, a, nn, res_ptr, bd_ptr, out_ptr, C, res_n, HAS_DOWN_BIAS)
         wd = wd_next
+
+
+@triton.jit
+def _down_tile(wd, a, nn, res_ptr, bd_ptr, out_ptr, C, res_n, HAS_DOWN_BIAS: tl.constexpr):
+    """out[nn] += wd·a (+ res[nn] (+ b_down[nn]) where nn < res_n)."""
+    part = tl.sum(wd.to(tl.float32) * a[None, :], 1)
+    part += tl.load(res_ptr + nn, mask=nn < res_n, other=0.0)
+    if HAS_DOWN_BIAS:
+        part += tl.load(bd_ptr + nn, mask=nn < res_n, other=0.0).to(tl.float32)
+    tl.atomic_add(out_ptr + nn, part, mask=nn < C, sem="relaxed")
 
 
 @dataclass(frozen=True)
@@ -123,14 +130,17 @@ class MlpConfig:
 
 
 # Candidates the tuner times on the GPU (the first is the choice without a GPU): enough programs to fill the
-# SMs, each with a weight tile small enough to stay in registers.
+# SMs, each holding its weight tile in registers; K and C tiles of 1024 hold a whole row of a model up to
+# that width, loaded before the wait for the previous kernel.
 ATTENTION_PROJ_CANDIDATES = (
     AttentionProjConfig(64, 256, 4), AttentionProjConfig(64, 128, 4), AttentionProjConfig(64, 64, 4),
     AttentionProjConfig(32, 128, 4), AttentionProjConfig(128, 128, 8), AttentionProjConfig(64, 1024, 8),
+    AttentionProjConfig(128, 256, 4), AttentionProjConfig(256, 256, 8), AttentionProjConfig(128, 64, 4),
 )
 MLP_CANDIDATES = (
-    MlpConfig(32, 256, 128, 4), MlpConfig(16, 256, 128, 4), MlpConfig(64, 256, 64, 4), MlpConfig(32, 512, 128, 8),
-    MlpConfig(16, 512, 256, 8), MlpConfig(64, 128, 64, 8), MlpConfig(8, 1024, 256, 4), MlpConfig(32, 256, 256, 8),
+    MlpConfig(16, 1024, 1024, 8), MlpConfig(8, 1024, 1024, 4), MlpConfig(32, 1024, 1024, 16),
+    MlpConfig(16, 1024, 1024, 4), MlpConfig(32, 1024, 1024, 8), MlpConfig(8, 1024, 1024, 8),
+    MlpConfig(32, 256, 128, 4), MlpConfig(16, 512, 256, 8), MlpConfig(64, 128, 64, 8), MlpConfig(32, 256, 256, 8),
 )
 # Off the GPU (Triton's interpreter, the tests) a few large programs interpret fastest.
 INTERPRETER_ATTENTION_PROJ = AttentionProjConfig(64, 1024, 4)
