@@ -93,7 +93,7 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
     rmask = rows < N
     w_ptr, b_ptr, local = _segment(r0, rows, N1, N2, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr)
     y = _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, rows, local, rmask, K, eps, NORM,
-                   ACT, HAS_BIAS, HAS_RES, BLOCK_K, K_POW2, PDL, "")
+                   ACT, HAS_BIAS, HAS_RES, BLOCK_K, K_POW2, BLOCK_K >= K_POW2, PDL, "")
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
     if ARGMAX:
         y = tl.where(rmask, y, float("-inf"))
@@ -118,10 +118,13 @@ def _segment(r0, rows, N1, N2, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr):
 @triton.jit
 def _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, rows, local, rmask, K, eps,
                NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-               BLOCK_K: tl.constexpr, K_POW2: tl.constexpr, PDL: tl.constexpr, CM: tl.constexpr):
+               BLOCK_K: tl.constexpr, K_POW2: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr,
+               CM: tl.constexpr):
     """act(W[n]·norm(x) + b[n]) (+ res[n]) in fp32 for the output rows ``rows`` (where ``rmask``), which are the
     rows ``local`` of W and b.
 
+    ONE_TILE (BLOCK_K >= K_POW2 only): the first weight tile holds the whole rows, and no registers are spent on a
+    next tile (else the tiles stream through a loop, the next one in flight while the current one is used).
     SwiGLU reads the matching row of ``wu`` too: silu(W[n]·x) · (Wu[n]·x). CM is the cache modifier of the
     loads of x and res (".cg" where another program wrote them in the same launch:
     `legolm.kernels.persistent`). With PDL, `_pdl_sync` follows the first weight tile's loads.
@@ -143,7 +146,7 @@ def _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, row
     acc = tl.zeros([rows.shape[0], BLOCK_K], tl.float32)
     acc_u = tl.zeros([rows.shape[0], BLOCK_K], tl.float32)
     x = tl.load(x_ptr + first, mask=first < K, other=0.0, cache_modifier=CM)
-    if BLOCK_K >= K_POW2:  # one tile, loaded before the sync: nothing to prefetch (no registers for a next tile)
+    if ONE_TILE:  # loaded before the sync: nothing to prefetch
         xf = x.to(tl.float32)
         if NORM != 0:
             kmask = first < K
@@ -153,7 +156,7 @@ def _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, row
         acc += w.to(tl.float32) * xf[None, :]
         if ACT == 3:
             acc_u += wu.to(tl.float32) * xf[None, :]
-    for k0 in range(0, K if BLOCK_K < K_POW2 else 0, BLOCK_K):
+    for k0 in range(0, 0 if ONE_TILE else K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         kmask = offs < K
         nxt = offs + BLOCK_K

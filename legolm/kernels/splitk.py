@@ -41,7 +41,7 @@ def qkv_prep_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_pt
     rmask = rows < N
     w_ptr, b_ptr, local = _segment(r0, rows, N1, N2, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr)
     y = _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, w_ptr, b_ptr, x_ptr, rows, local, rmask, K, eps, NORM,
-                   0, HAS_BIAS, False, BLOCK_K, K_POW2, PDL, "")
+                   0, HAS_BIAS, False, BLOCK_K, K_POW2, BLOCK_K >= K_POW2, PDL, "")
     tl.store(out_ptr + rows, y, mask=rmask)
     c = tl.program_id(0) * PREP + tl.arange(0, PREP)
     cmask = c < K
@@ -87,7 +87,7 @@ def mlp_kernel(x_ptr, nw_ptr, nb_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, wd_ptr, bd
     wd_rows = wd_ptr + rows[None, :]
     wd = tl.load(wd_rows + n[:, None].to(tl.int64) * F, mask=(n < C)[:, None] & rmask[None, :], other=0.0)
     a = _gemv_rows(x_ptr, nw_ptr, nb_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, x_ptr, rows, rows, rmask, C, eps, NORM,
-                   ACT, HAS_BIAS, False, BLOCK_K, K_POW2, PDL, "")
+                   ACT, HAS_BIAS, False, BLOCK_K, K_POW2, BLOCK_K >= K_POW2, PDL, "")
     a = tl.where(rmask, a.to(wd_ptr.dtype.element_ty).to(tl.float32), 0.0)
     if BLOCK_C >= K_POW2:  # one tile, loaded before the sync
         _down_tile(wd, a, n, res_ptr, bd_ptr, out_ptr, C, res_n, HAS_DOWN_BIAS)
