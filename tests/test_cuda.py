@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -258,11 +258,13 @@ def _lego(preset: str, split: int = 2, layers: int = 6, agree: bool = False) -> 
     return model.to("cuda").eval()
 
 
+@pytest.mark.parametrize("kernel", ["blocks", "splitk"])
 @pytest.mark.parametrize("preset", ["gpt2", "pythia-160m", "smollm2-135m"])
 @pytest.mark.parametrize("kv_mode", ["skip", "fill"])
-def test_fused_early_exit_graphs_match_the_torch_loop(preset: str, kv_mode: str) -> None:
+def test_fused_early_exit_graphs_match_the_torch_loop(preset: str, kv_mode: str,
+                                                      kernel: Literal["blocks", "splitk"]) -> None:
     """CUDA graphs (with conditional nodes where torch has them, else one graph per part of a step): same tokens
-    and exits as the eager early-exit loop (fp32)."""
+    and exits as the eager early-exit loop (fp32), with five-kernel or split-K blocks."""
     from legolm.generation.early_exit import generate_with_early_exit
     from legolm.model.lego import confidence
 
@@ -272,7 +274,7 @@ def test_fused_early_exit_graphs_match_the_torch_loop(preset: str, kv_mode: str)
         tau = float(confidence(model.forward_exits(ids).shallow_logits).median())
     ref = generate_with_early_exit(model, ids, 40, tau, kv_mode=kv_mode)
     cfg = GenerationConfig(max_new_tokens=40, greedy=True, stop_at_eos=False, early_exit="threshold", threshold=tau,
-                           kv_mode=kv_mode, fused=True, graph_steps=8, fused_tune=False)
+                           kv_mode=kv_mode, fused=True, graph_steps=8, fused_tune=False, fused_kernel=kernel)
     got = generate(model, ids.tolist(), cfg)
     assert got.tokens == ref.tokens.tolist()
     assert got.early_exit is not None and got.early_exit.shallow_ratio == pytest.approx(ref.stats.shallow_ratio)

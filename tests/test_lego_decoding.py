@@ -14,6 +14,7 @@ from legolm.core.config import ModelConfig
 from legolm.errors import ConfigError
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.early_exit import generate_speculative, generate_with_early_exit
+from legolm.generation.fused import FusedBlocks
 from legolm.model.lego import LegoLM
 from legolm.model.transformer import TransformerLM
 from tests.test_early_exit import N_NEW, PRESETS, SPLIT, lego_model, mid_threshold, prompt
@@ -74,17 +75,19 @@ def test_a_row_pass_gives_the_one_token_steps_bit_for_bit(preset: str) -> None:
 
 
 # -- threshold early exit: fused = the torch loop -------------------------------------------------------
-@pytest.mark.parametrize(("preset", "kv_mode"), [(p, "skip") for p in PRESETS] + [("tiny-llama", "fill"),
-                                                                                    ("tiny-gpt2", "fill")])
-def test_fused_early_exit_equals_the_torch_loop(preset: str, kv_mode: str) -> None:
+@pytest.mark.parametrize(("preset", "kv_mode", "kernel"), [(p, "skip", "blocks") for p in PRESETS] + [
+    ("tiny-llama", "fill", "blocks"), ("tiny-gpt2", "fill", "blocks"), ("tiny-pythia", "fill", "splitk"),
+    ("tiny-llama", "skip", "splitk")])
+def test_fused_early_exit_equals_the_torch_loop(preset: str, kv_mode: str, kernel: FusedBlocks) -> None:
     """Same tokens, same exits, same shallow ratio: the fused decoder's decisions (confidence from the
-    head's partial sums, fill-mode flushes of the queue) are those of `generate_with_early_exit`."""
+    head's partial sums, fill-mode flushes of the queue) are those of `generate_with_early_exit`; with split-K
+    one-token blocks too."""
     model, ids = lego_model(preset).to(DEVICE), prompt().to(DEVICE)
     tau = mid_threshold(model.cpu(), ids.cpu())
     model.to(DEVICE)
     ref = generate_with_early_exit(model, ids, N_NEW, tau, kv_mode=kv_mode)
     got = generate(model, ids.tolist(), greedy(early_exit="threshold", threshold=tau, kv_mode=kv_mode, fused=True,
-                                               fused_tune=False, fill_buckets=[1, 2, 4, 8]))
+                                               fused_tune=False, fill_buckets=[1, 2, 4, 8], fused_kernel=kernel))
     assert got.tokens == ref.tokens.tolist()
     assert got.early_exit is not None
     assert 0.2 < got.early_exit.shallow_ratio < 0.9  # a real mix of exits

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from legolm.kernels.splitk import AttentionProjConfig, MlpConfig
 
 Shape = TypeVar("Shape")  # a kernel's launch shape
+FusedBlocks = Literal["blocks", "splitk"]  # one token's fused blocks: five launches each, or three (split-K)
 Norm = tuple[int, Tensor, Tensor | None, float]
 Weights = Tensor | tuple[Tensor, Tensor, Tensor]
 

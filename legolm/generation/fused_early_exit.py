@@ -68,6 +68,10 @@ class FusedExitConfig:
         embed_block: Channels per tile of the embedding and row-copy kernels.
         tune: Time the launch shapes at the first use on a GPU.
         pdl: Programmatic dependent launch of the GEMV and attention kernels where supported (`FusedStack`).
+        split_k: Threshold mode's one-token blocks (lower and upper steps) in three launches each
+            (`FusedStack`); lazy-fill passes keep the five-kernel row arithmetic. Speculative mode refuses it
+            (`legolm.generation.persistent.check_fused_kernel`): its output is the five-kernel full-depth
+            greedy output bit for bit, which needs the drafts' lower states in that arithmetic.
         prefill_graphs: Prompt lengths whose prefill is kept as a CUDA graph (LRU); 0 = eager prefill.
     """
 
@@ -80,6 +84,7 @@ class FusedExitConfig:
     embed_block: int = 1024
     tune: bool = True
     pdl: bool = True
+    split_k: bool = False
     prefill_graphs: int = 4
 
 
@@ -119,7 +124,7 @@ class FusedLegoSession:
         rows = config.draft_tokens + 1 if config.mode == "speculative" else max(config.fill_buckets) if self.fill \
             else 0
         self.stack = FusedStack(model, config.attention_block, config.embed_block, config.tune, rows=rows,
-                                pdl=config.pdl)
+                                pdl=config.pdl, split_k=config.split_k)
         self.shallow_norm = exit_norm(model.shallow_exit.norm)  # threshold mode's exit, never the draft exit
         drafter = model.drafter  # speculative mode's exit: the draft exit where there is one
         assert drafter is not None

@@ -62,7 +62,7 @@ class GenerationConfig:
             (three per block: the projections after the attention and the MLP reduce by fp32 atomic
             adds, so the last bits of a sum vary from run to run; `legolm.kernels.splitk`) or
             ``persistent`` (the whole step in one launch of one program per SM, grid barriers between
-            its phases; `legolm.kernels.persistent`). The last two: plain decoding only (not LEGO early exit).
+            its phases; `legolm.kernels.persistent`; plain decoding only, not LEGO early exit).
         fused_persistent: Launch shape of the persistent step.
         prefill_graphs: With ``cuda_graph``, prompt lengths per session whose prefill is replayed as a
             CUDA graph (captured at a length's first use; 0 = eager prefill).
@@ -382,7 +382,8 @@ def _lego_session(model: LegoLM, prompt_len: int, config: GenerationConfig, eos:
     mode = FusedExitConfig(mode=config.early_exit, kv_mode=config.kv_mode, draft_tokens=config.draft_tokens,
                            fill_buckets=tuple(config.fill_buckets), steps_per_graph=steps,
                            attention_block=config.fused_attention_block, embed_block=config.fused_embed_block,
-                           tune=config.fused_tune, pdl=config.fused_pdl, prefill_graphs=config.prefill_graphs)
+                           tune=config.fused_tune, pdl=config.fused_pdl, split_k=config.fused_kernel == "splitk",
+                           prefill_graphs=config.prefill_graphs)
     key = (_weights_key(model), max_len, config.max_new_tokens + overshoot, eos, mode)
     sessions = _LEGO_SESSIONS.setdefault(model, OrderedDict())
     if key in sessions:

@@ -32,6 +32,7 @@ from legolm.core.config import MAX_LAYERS
 from legolm.data.tokenized import DataConfig
 from legolm.errors import ConfigError
 from legolm.generation.early_exit import KVMode
+from legolm.generation.fused import FusedBlocks
 from legolm.model.lego import check_target_ratio
 from legolm.train.config import EvalConfig, FitConfig, ModelSpec, OptimConfig, RunConfig, ScheduleConfig
 
@@ -161,6 +162,9 @@ class DecodeSettings:
         draft_tokens: Self-speculative rows, one per draft length (empty: none).
         fused: Decode through the fused Triton decoders on a CUDA GPU (threshold kv modes fill/skip and
             speculative; the eager loop for propagate); off a GPU the torch decoders run.
+        fused_kernel: The fused blocks of full depth and threshold early exit: ``blocks`` (five launches per
+            block) or ``splitk`` (three; `GenerationConfig.fused_kernel`); self-speculative decoding keeps
+            the five-kernel blocks.
     """
 
     prompts: int = 8
@@ -175,6 +179,7 @@ class DecodeSettings:
     warmup: int = 1
     draft_tokens: list[int] = field(default_factory=lambda: [2, 4])
     fused: bool = True
+    fused_kernel: FusedBlocks = "blocks"
 
 
 @dataclass
@@ -276,6 +281,9 @@ class LegoConfig:
             (d.score_windows >= 1 and d.score_len >= 1, "decode.score_windows and decode.score_len must be >= 1"),
             (d.repeats >= 1 and d.warmup >= 0, "decode.repeats must be >= 1 and decode.warmup >= 0"),
             (all(k >= 1 for k in d.draft_tokens), f"decode.draft_tokens must be >= 1, got {d.draft_tokens}"),
+            (d.fused_kernel in ("blocks", "splitk"),
+             f"decode.fused_kernel must be blocks or splitk (LEGO decodes through fused blocks), got "
+             f"{d.fused_kernel!r}"),
         ]
         for ok, message in checks:
             if not ok:

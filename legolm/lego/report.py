@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.early_exit import EarlyExitStats, KVMode, decode_path_nll
+from legolm.generation.fused import FusedBlocks
 from legolm.lego.evaluate import TokenScores
 from legolm.model.lego import LegoLM, exits
 from legolm.utils.finite import safe_exp
@@ -57,11 +58,14 @@ class Setting:
     kv_mode: KVMode = "fill"
     draft_tokens: int = 0
 
-    def config(self, max_new_tokens: int, fused: bool) -> GenerationConfig:
-        """The `GenerationConfig` of this setting (greedy, no EOS stop: every setting decodes as many tokens)."""
+    def config(self, max_new_tokens: int, fused: bool, kernel: FusedBlocks) -> GenerationConfig:
+        """The `GenerationConfig` of this setting (greedy, no EOS stop: every setting decodes as many tokens);
+        ``kernel``: the fused blocks (`GenerationConfig.fused_kernel`) of full depth and threshold early exit
+        (self-speculative decoding keeps the five-kernel ones: `check_fused_kernel`)."""
         fast = fused and (self.mode != "threshold" or self.kv_mode != "propagate")
         early = {"full": "none"}.get(self.mode, self.mode)
         return GenerationConfig(max_new_tokens=max_new_tokens, greedy=True, stop_at_eos=False, fused=fast,
+                                fused_kernel="blocks" if self.mode == "speculative" else kernel,
                                 early_exit=early, threshold=self.threshold, kv_mode=self.kv_mode,  # type: ignore[arg-type]
                                 draft_tokens=max(self.draft_tokens, 1), graph_steps=ROUNDS_PER_GRAPH
                                 if self.mode == "speculative" else TOKENS_PER_GRAPH)
@@ -109,8 +113,10 @@ def _summarize(stats: list[EarlyExitStats | None], wall_s: float, tokens: int, f
 
 
 def measure_decode(model: LegoLM, prompts: Tensor, settings: list[Setting], max_new_tokens: int, fused: bool,
-                   repeats: int = 3, warmup: int = 1, progress: bool = False) -> list[DecodeMeasure]:
-    """Greedy decoding of each prompt row (batch 1) in each setting, timed as whole `generate` calls."""
+                   kernel: FusedBlocks, repeats: int = 3, warmup: int = 1,
+                   progress: bool = False) -> list[DecodeMeasure]:
+    """Greedy decoding of each prompt row (batch 1) in each setting, timed as whole `generate` calls (``kernel``:
+    the fused blocks of every setting)."""
     device = next(model.parameters()).device
     use_fused = fused and device.type == "cuda"
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -121,7 +127,7 @@ def measure_decode(model: LegoLM, prompts: Tensor, settings: list[Setting], max_
     for r in range(warmup + repeats):
         for i, s in enumerate(settings):
             bar.update()
-            cfg = s.config(max_new_tokens, use_fused)
+            cfg = s.config(max_new_tokens, use_fused, kernel)
             sync()
             t0 = time.perf_counter()
             results = [generate(model, [row.tolist()], cfg) for row in prompts]
@@ -130,7 +136,7 @@ def measure_decode(model: LegoLM, prompts: Tensor, settings: list[Setting], max_
                 times[i].append(time.perf_counter() - t0)
             last[i] = [res.early_exit for res in results]
             tokens[i] = sum(len(res.tokens[0]) for res in results)
-    return [_summarize(last[i], statistics.median(times[i]), tokens[i], settings[i].config(1, use_fused).fused)
+    return [_summarize(last[i], statistics.median(times[i]), tokens[i], settings[i].config(1, use_fused, kernel).fused)
             for i in range(len(settings))]
 
 

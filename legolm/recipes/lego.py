@@ -95,7 +95,7 @@ def evaluate_and_report(cfg: LegoConfig, corpus: TokenizedCorpus, trained: LegoT
     settings = decode_settings(cfg, tau, scores)
     model.to(STORE_DTYPES[d.dtype])  # decoding only from here on (saved and scored in fp32 above)
     prompts = val_windows(corpus.val, d.prompts, d.prompt_len)
-    measured = measure_decode(model, prompts, settings, d.max_new_tokens, d.fused, d.repeats, d.warmup,
+    measured = measure_decode(model, prompts, settings, d.max_new_tokens, d.fused, d.fused_kernel, d.repeats, d.warmup,
                               progress=cfg.run.progress)
     scored = val_windows(corpus.val, d.score_windows, d.prompt_len + d.score_len, offset=d.prompt_len)
     paths = {}
