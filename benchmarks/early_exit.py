@@ -34,6 +34,7 @@ from legolm.checkpoints.loader import load_pretrained
 from legolm.config import config_from_dict, load_yaml, merge
 from legolm.data.tokenized import load_tokenized
 from legolm.generation import GenerationConfig, generate
+from legolm.generation.fused import FusedBlocks
 from legolm.lego.config import STORE_DTYPES, LegoConfig
 from legolm.lego.report import val_windows
 from legolm.model.lego import LegoLM
@@ -68,12 +69,18 @@ def whole_calls(fn: Callable[[torch.Tensor], object], prompts: torch.Tensor, rep
 
 
 def references(model: LegoLM, prompts: torch.Tensor, new: int, repeats: int, hf_prompts: int,
-               fused_tok_s: float) -> list[dict[str, Any]]:
-    """Full-depth decoders of the deep model that `lego.run`'s table does not time (greedy, batch 1)."""
+               fused_tok_s: float, kernel: FusedBlocks) -> list[dict[str, Any]]:
+    """Full-depth decoders of the deep model that `lego.run`'s table does not time (greedy, batch 1): on a GPU
+    also the fused blocks other than ``kernel`` (the table's), so either can be the fastest baseline."""
     device = next(model.parameters()).device
     graph = GenerationConfig(max_new_tokens=new, greedy=True, stop_at_eos=False)
     rows = [("legolm generate, CUDA graph" if device.type == "cuda" else "legolm generate, static cache",
              lambda p: generate(model, p.tolist(), graph), prompts, repeats)]
+    if device.type == "cuda":
+        other: FusedBlocks = "blocks" if kernel == "splitk" else "splitk"
+        fused = GenerationConfig(max_new_tokens=new, greedy=True, stop_at_eos=False, fused=True, fused_kernel=other)
+        rows.append((f"legolm generate --fused --fused-kernel {other}", lambda p: generate(model, p.tolist(), fused),
+                     prompts, repeats))
     hf = hf_model(model)
     if hf is not None:
         few = prompts[:hf_prompts]
@@ -150,7 +157,8 @@ def main() -> None:
     d = cfg.decode
     prompts = val_windows(load_tokenized(corpus_dir).val, d.prompts, d.prompt_len)
     fused = summary["rows"][0]["tok_per_s"]
-    payload["references"] = refs = references(model, prompts, d.max_new_tokens, d.repeats, args.hf_prompts, fused)
+    payload["references"] = refs = references(model, prompts, d.max_new_tokens, d.repeats, args.hf_prompts, fused,
+                                              d.fused_kernel)
     print("\nmore full-depth decoders of the deep model (whole calls, batch 1, greedy, same prompts):")
     print_table(refs, ["decoder", "tok/s", "vs fused", "note"])
     if not args.smoke:
