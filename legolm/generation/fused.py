@@ -300,8 +300,9 @@ class FusedStack:
 
     def _choose_split_k(self, model: TransformerLM, cache: KVCache,
                         chosen: dict[str, GemvConfig]) -> tuple[AttentionProjConfig, MlpConfig]:
-        """The split-K kernels' launch shapes (`legolm.kernels.splitk`), each timed with the others' first
-        candidate; adds the "qkv_prep" role to ``chosen``."""
+        """The split-K kernels' launch shapes (`legolm.kernels.splitk`), each kernel timed alone on block 0; adds
+        the "qkv_prep" role to ``chosen``. The scratch buffers h and x2 take the timed launches' sums (each step
+        rewrites them before it reads them); x is restored."""
         ks, kd = self.ks, self.kd
         p, layer = self.plans[0], cache.layers[0]
         at = torch.full((1,), min(kd.ATTENTION_TUNE_SLOT, layer.k.shape[2] - 1), device=self.x.device)

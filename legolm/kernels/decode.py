@@ -147,18 +147,9 @@ def _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, row
     acc_u = tl.zeros([rows.shape[0], BLOCK_K], tl.float32)
     x = tl.load(x_ptr + first, mask=first < K, other=0.0, cache_modifier=CM)
     if ONE_TILE:  # loaded before the sync: nothing to prefetch
-        xf = x.to(tl.float32)
-        if NORM != 0:
-            kmask = first < K
-            xf = (xf - mean) * rstd * tl.load(nw_ptr + first, mask=kmask, other=0.0).to(tl.float32)
-            if NORM == 1:
-                xf += tl.load(nb_ptr + first, mask=kmask, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * xf[None, :]
-        if ACT == 3:
-            acc_u += wu.to(tl.float32) * xf[None, :]
+        acc, acc_u = _accumulate(acc, acc_u, w, wu, x, first, mean, rstd, nw_ptr, nb_ptr, K, NORM, ACT)
     for k0 in range(0, 0 if ONE_TILE else K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
-        kmask = offs < K
         nxt = offs + BLOCK_K
         nmask = rmask[:, None] & (nxt < K)[None, :]
         # the next tile's weights and input are in flight while this one is used
@@ -167,14 +158,7 @@ def _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, row
         if ACT == 3:
             wu_next = tl.load(wu_ptr + local[:, None] * K + nxt[None, :], mask=nmask, other=0.0)
         x_next = tl.load(x_ptr + nxt, mask=nxt < K, other=0.0, cache_modifier=CM)
-        xf = x.to(tl.float32)
-        if NORM != 0:
-            xf = (xf - mean) * rstd * tl.load(nw_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
-            if NORM == 1:
-                xf += tl.load(nb_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * xf[None, :]
-        if ACT == 3:
-            acc_u += wu.to(tl.float32) * xf[None, :]
+        acc, acc_u = _accumulate(acc, acc_u, w, wu, x, offs, mean, rstd, nw_ptr, nb_ptr, K, NORM, ACT)
         w, wu, x = w_next, wu_next, x_next
     y = tl.sum(acc, 1)
     if HAS_BIAS:
@@ -191,6 +175,21 @@ def _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, row
     if HAS_RES:
         y += tl.load(res_ptr + rows, mask=rmask, other=0.0, cache_modifier=CM).to(tl.float32)
     return y
+
+
+@triton.jit
+def _accumulate(acc, acc_u, w, wu, x, offs, mean, rstd, nw_ptr, nb_ptr, K, NORM: tl.constexpr, ACT: tl.constexpr):
+    """One K tile (indices ``offs``) of `_gemv_rows`: acc += W·norm(x), and acc_u += Wu·norm(x) for SwiGLU."""
+    kmask = offs < K
+    xf = x.to(tl.float32)
+    if NORM != 0:
+        xf = (xf - mean) * rstd * tl.load(nw_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
+        if NORM == 1:
+            xf += tl.load(nb_ptr + offs, mask=kmask, other=0.0).to(tl.float32)
+    acc += w.to(tl.float32) * xf[None, :]
+    if ACT == 3:
+        acc_u += wu.to(tl.float32) * xf[None, :]
+    return acc, acc_u
 
 
 @triton.jit
