@@ -88,13 +88,15 @@ def test_greedy_only_lego_modes_refuse_sampling_and_default_to_greedy() -> None:
         backend.check(job)
 
 
+@pytest.mark.parametrize("kernel", ["blocks", "splitk"])
 def test_fused_server_equals_the_batched_one(tmp_path: Path, gpt2_tokenizer_dir: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
-    """--fused: each request through the fused batch-1 step (interpreted Triton here), two at a time."""
+                                             capsys: pytest.CaptureFixture[str], kernel: str) -> None:
+    """--fused: each request through the fused batch-1 step (interpreted Triton here), two at a time; five-kernel
+    or split-K blocks."""
     model_dir = make_tiny_gpt2(tmp_path / "tiny_gpt2", gpt2_tokenizer_dir)
     want = _generate(["--model", str(model_dir), "--prompt", "Hello there", "--max-new-tokens", "2"], capsys)
-    with running_server(["--model", str(model_dir), "--fused", "--max-batch", "2", "--max-context", "32"],
-                        tmp_path / "server.log") as server:
+    with running_server(["--model", str(model_dir), "--fused", "--fused-kernel", kernel, "--max-batch", "2",
+                         "--max-context", "32"], tmp_path / "server.log") as server:
         r = server.client().completions.create(model="tiny_gpt2", prompt="Hello there", max_tokens=2, temperature=0)
         assert r.choices[0].text == want
         assert server.health()["backend"] == "fused"
