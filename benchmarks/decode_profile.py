@@ -173,7 +173,7 @@ def profile_model(model: TransformerLM, preset: str, args: argparse.Namespace,
                     print("    tuned µs per launch:", {k: round(t, 2) for k, t in session.fn.tuning.items()})
                     st = session.fn.stack
                     print("    launch shapes:", st.configs, st.attention_config,
-                          st.split_configs if st.split_k else "")
+                          st.split_shapes if st.split_k else "")
                 eager = DecodeSession(model, batch, 512, True, None, cuda_graph=False, compile=comp,
                                       compile_mode=v.mode, step=step())
                 eager.state.slot.fill_(70)

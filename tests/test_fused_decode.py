@@ -58,6 +58,7 @@ def test_fused_step_matches_torch_step(preset: str, split_k: bool, tiles: str,
     tiles that hold a whole row (loaded before the sync) or that a loop streams ("several")."""
     if tiles == "several":
         monkeypatch.setattr(fused_mod, "_TUNED", {})  # launch shapes are kept per model shape
+        monkeypatch.setattr(fused_mod, "_TUNED_SPLIT_K", {})
         monkeypatch.setattr(kd, "INTERPRETER_GEMV", kd.GemvConfig(16, 32, 4))
         monkeypatch.setattr(ks, "INTERPRETER_MLP", ks.MlpConfig(16, 32, 16, 4))
     model = _model(preset, n_layer=3 if split_k else None)

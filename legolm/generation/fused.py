@@ -28,7 +28,7 @@ from legolm.model.transformer import TransformerLM
 
 if TYPE_CHECKING:
     from legolm.kernels.decode import AttentionConfig, GemvConfig
-    from legolm.kernels.splitk import AttentionProjConfig, MlpConfig
+    from legolm.kernels.splitk import SplitKShapes
 
 Shape = TypeVar("Shape")  # a kernel's launch shape
 FusedBlocks = Literal["blocks", "splitk"]  # one token's fused blocks: five launches each, or three (split-K)
@@ -174,7 +174,7 @@ class FusedStack:
 
             self.ks = ks
             self.x2 = buf(c.n_embd)  # the blocks alternate between x and x2 (`legolm.kernels.splitk`)
-            self.split_configs = (ks.INTERPRETER_ATTENTION_PROJ, ks.INTERPRETER_MLP)
+            self.split_shapes: SplitKShapes | None = None
         self.tuning: dict[str, float] = {}  # role -> µs of its chosen launch shape
         if rows:  # the same buffers with a row per token (dtypes as above: the same arithmetic)
             import legolm.kernels.rows as kr
@@ -229,24 +229,25 @@ class FusedStack:
     def _split_k_blocks(self, model: TransformerLM, cache: KVCache, start: int, end: int, slot: Tensor,
                         pos: Tensor) -> None:
         """`blocks` in three launches per block (`legolm.kernels.splitk`); the result ends in x."""
+        shapes = self.split_shapes
+        assert shapes is not None  # `ensure_tuned` chose them
         src, dst = self.x, self.x2
         for i in range(start, end):
-            self._split_k_block(model, cache.layers[i], self.plans[i], src, dst, slot, pos, *self.split_configs)
+            self._split_k_block(model, cache.layers[i], self.plans[i], src, dst, slot, pos, shapes)
             src, dst = dst, src
         if src is not self.x:  # an odd number of blocks
             self.x.copy_(src)
 
     def _split_k_block(self, model: TransformerLM, layer: LayerKVCache, p: BlockPlan, src: Tensor, dst: Tensor,
-                       slot: Tensor, pos: Tensor, attention: AttentionProjConfig, mlp: MlpConfig) -> None:
+                       slot: Tensor, pos: Tensor, shapes: SplitKShapes) -> None:
         """One block from the residual ``src`` into ``dst`` in three launches."""
         c, ks = model.config, self.ks
-        assert self.configs is not None
-        ks.qkv_prep(src, p.qkv, self.qkv, self.configs["qkv_prep"], bias=p.qkv_bias, norm=p.norm_1,
-                    proj_bias=p.proj_bias, h=self.h, zero=dst, pdl=self.pdl)
+        ks.qkv_prep(src, p.qkv, self.qkv, shapes.qkv, bias=p.qkv_bias, norm=p.norm_1, proj_bias=p.proj_bias,
+                    h=self.h, zero=dst, pdl=self.pdl)
         ks.attention_proj(self.qkv, layer.k, layer.v, model.rope, p.proj, self.h, slot, pos, c.n_head, c.kv_heads,
-                          c.hd, c.rotary_dim, attention, pdl=self.pdl)
+                          c.hd, c.rotary_dim, shapes.attention, pdl=self.pdl)
         ks.mlp(src if p.parallel else self.h, p.norm_2, p.up, p.up_bias, p.act, p.up_2, p.down, p.down_bias, self.h,
-               dst, mlp, pdl=self.pdl)
+               dst, shapes.mlp, pdl=self.pdl)
 
     def head(self, norm: Norm, lin: nn.Linear, mode: str, x: Tensor | None = None,
              lens: nn.Linear | None = None) -> int:
@@ -264,18 +265,21 @@ class FusedStack:
         """The launch shapes of each role, chosen at the first call (`FusedStack` docstring).
 
         Choices are kept per model shape, dtype and device: later stacks of the same shape (other
-        sessions, LEGO decoders of the same model) reuse them instead of timing again.
+        sessions, LEGO decoders of the same model, the other kind of blocks) reuse them instead of timing
+        again. The five-kernel roles are always chosen (the head, the exit lens and multi-token passes use
+        them); the split-K kernels' shapes only for a split-K stack.
         """
         if self.configs is None:
-            key = _shape_key(model, self.x.device, self.tune, self.pdl, self.split_k)
+            key = _shape_key(model, self.x.device, self.tune, self.pdl)
             if key not in _TUNED:
-                chosen = self._choose(model, cache)
-                split = self._choose_split_k(model, cache, chosen) if self.split_k else None
-                _TUNED[key] = (chosen, self.attention_config, split, dict(self.tuning))
-            self.configs, self.attention_config, split, tuning = _TUNED[key]
-            if split is not None:
-                self.split_configs = split
+                _TUNED[key] = (self._choose(model, cache), self.attention_config, dict(self.tuning))
+            self.configs, self.attention_config, tuning = _TUNED[key]
             self.tuning.update(tuning)
+            if self.split_k:
+                if key not in _TUNED_SPLIT_K:
+                    _TUNED_SPLIT_K[key] = self._choose_split_k(model, cache), dict(self.tuning)
+                self.split_shapes, tuning = _TUNED_SPLIT_K[key]
+                self.tuning.update(tuning)
         return self.configs
 
     def _choose(self, model: TransformerLM, cache: KVCache) -> dict[str, GemvConfig]:
@@ -298,23 +302,19 @@ class FusedStack:
         self.x.copy_(saved)
         return chosen
 
-    def _choose_split_k(self, model: TransformerLM, cache: KVCache,
-                        chosen: dict[str, GemvConfig]) -> tuple[AttentionProjConfig, MlpConfig]:
-        """The split-K kernels' launch shapes (`legolm.kernels.splitk`), each kernel timed alone on block 0; adds
-        the "qkv_prep" role to ``chosen``. The scratch buffers h and x2 take the timed launches' sums (each step
-        rewrites them before it reads them); x is restored."""
+    def _choose_split_k(self, model: TransformerLM, cache: KVCache) -> SplitKShapes:
+        """The split-K kernels' launch shapes (`legolm.kernels.splitk`), each kernel timed alone on block 0. The
+        scratch buffers h and x2 take the timed launches' sums (each step rewrites them before it reads them);
+        x is restored."""
         ks, kd = self.ks, self.kd
+        if not self.x.is_cuda:
+            return ks.SplitKShapes(kd.INTERPRETER_GEMV, ks.INTERPRETER_ATTENTION_PROJ, ks.INTERPRETER_MLP)
+        if not self.tune:
+            return ks.SplitKShapes(kd.GEMV_CANDIDATES[0], ks.ATTENTION_PROJ_CANDIDATES[0], ks.MLP_CANDIDATES[0])
         p, layer = self.plans[0], cache.layers[0]
         at = torch.full((1,), min(kd.ATTENTION_TUNE_SLOT, layer.k.shape[2] - 1), device=self.x.device)
-        attn, mlp = self.split_configs
-        if not self.x.is_cuda:
-            chosen["qkv_prep"] = kd.INTERPRETER_GEMV
-            return attn, mlp
-        if not self.tune:
-            chosen["qkv_prep"] = kd.GEMV_CANDIDATES[0]
-            return ks.ATTENTION_PROJ_CANDIDATES[0], ks.MLP_CANDIDATES[0]
         saved = self.x.clone()
-        chosen["qkv_prep"], self.tuning["qkv_prep"] = _fastest(
+        qkv, self.tuning["qkv_prep"] = _fastest(
             lambda g: ks.qkv_prep(self.x, p.qkv, self.qkv, g, bias=p.qkv_bias, norm=p.norm_1, proj_bias=p.proj_bias,
                                   h=self.h, zero=self.x2, pdl=self.pdl), kd.GEMV_CANDIDATES)
         attn, self.tuning["attention_proj"] = _fastest(
@@ -325,7 +325,7 @@ class FusedStack:
             lambda g: ks.mlp(self.h, p.norm_2, p.up, p.up_bias, p.act, p.up_2, p.down, p.down_bias, self.h, self.x2,
                              g, pdl=self.pdl), ks.MLP_CANDIDATES)
         self.x.copy_(saved)
-        return attn, mlp
+        return ks.SplitKShapes(qkv, attn, mlp)
 
     # -- a few tokens at a time ------------------------------------------------------------------
     def rows_blocks(self, model: TransformerLM, cache: KVCache, start: int, end: int, rows: int) -> None:
@@ -358,17 +358,16 @@ class FusedStack:
         return -(-lin.out_features // config.block_n)
 
 
-_TUNED: dict[tuple[object, ...], tuple[dict[str, GemvConfig], AttentionConfig,
-                                       tuple[AttentionProjConfig, MlpConfig] | None, dict[str, float]]] = {}
+_TUNED: dict[tuple[object, ...], tuple[dict[str, GemvConfig], AttentionConfig, dict[str, float]]] = {}
+_TUNED_SPLIT_K: dict[tuple[object, ...], tuple[SplitKShapes, dict[str, float]]] = {}
 
 
-def _shape_key(model: TransformerLM, device: torch.device, tune: bool, pdl: bool,
-               split_k: bool) -> tuple[object, ...]:
-    """What launch-shape choices depend on: the model's sizes and layer kinds, its dtype and device, tuning, PDL
-    and split-K on."""
+def _shape_key(model: TransformerLM, device: torch.device, tune: bool, pdl: bool) -> tuple[object, ...]:
+    """What launch-shape choices depend on: the model's sizes and layer kinds, its dtype and device, tuning and
+    PDL on."""
     c = model.config
     return (c.n_embd, c.n_head, c.kv_heads, c.hd, c.intermediate_size, c.vocab_size, tuple(c.layers),
-            model.lm_head.weight.dtype, str(device), tune, pdl, split_k)
+            model.lm_head.weight.dtype, str(device), tune, pdl)
 
 
 class FusedDecodeStep:

@@ -24,7 +24,7 @@ from legolm.generation.early_exit import EarlyExitStats, generate_speculative, g
 from legolm.generation.fused import check_fused
 from legolm.generation.fused_early_exit import FusedExitConfig, FusedLegoSession, fused_lego_generate
 from legolm.generation.memory_decode import generate_memory, has_memory_layers
-from legolm.generation.persistent import PersistentShape, check_fused_kernel, fused_step
+from legolm.generation.persistent import FusedKernel, PersistentShape, check_fused_kernel, fused_step
 from legolm.generation.sampling import next_token
 from legolm.model.lego import LegoLM
 from legolm.model.transformer import TransformerLM
@@ -101,7 +101,7 @@ class GenerationConfig:
     fused_embed_block: int = 1024
     fused_tune: bool = True
     fused_pdl: bool = True
-    fused_kernel: Literal["blocks", "splitk", "persistent"] = "blocks"
+    fused_kernel: FusedKernel = "blocks"
     fused_persistent: PersistentShape = field(default_factory=PersistentShape)
     prefill_graphs: int = 4
     eos_check_every: int = 8

@@ -9,6 +9,7 @@ activation and biases: the families' models are) and all weights in the model's 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import triton
@@ -179,7 +180,8 @@ class PersistentDecodeStep:
         return self.logits[None]  # (1, V)
 
 
-FUSED_KERNELS = ("blocks", "splitk", "persistent")
+FusedKernel = Literal["blocks", "splitk", "persistent"]  # `GenerationConfig.fused_kernel`
+FUSED_KERNELS = get_args(FusedKernel)
 
 
 def check_fused_kernel(kernel: str, shape: PersistentShape, early_exit: str) -> None:

@@ -129,6 +129,15 @@ class MlpConfig:
     num_warps: int
 
 
+@dataclass(frozen=True)
+class SplitKShapes:
+    """The launch shapes of one split-K block's three kernels."""
+
+    qkv: GemvConfig
+    attention: AttentionProjConfig
+    mlp: MlpConfig
+
+
 # Candidates the tuner times on the GPU (the first is the choice without a GPU): enough programs to fill the
 # SMs, each holding its weight tile in registers; K and C tiles of 1024 hold a whole row of a model up to
 # that width, loaded before the wait for the previous kernel.
@@ -196,4 +205,4 @@ def mlp(x: Tensor, norm: tuple[int, Tensor, Tensor | None, float], up: Tensor, u
         BLOCK_C=min(config.block_c, triton.next_power_of_2(C)), num_warps=config.num_warps, **_pdl(pdl))
 
 
-__all__ = ["AttentionProjConfig", "MlpConfig", "attention_proj", "mlp", "qkv_prep"]
+__all__ = ["AttentionProjConfig", "MlpConfig", "SplitKShapes", "attention_proj", "mlp", "qkv_prep"]

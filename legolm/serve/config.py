@@ -7,7 +7,7 @@ from typing import Literal
 
 from legolm.errors import ConfigError
 from legolm.generation.generate import GenerationConfig
-from legolm.generation.persistent import PersistentShape, check_fused_kernel
+from legolm.generation.persistent import FusedKernel, PersistentShape, check_fused_kernel
 from legolm.utils.device import DtypeName
 
 _GEN = GenerationConfig()
@@ -77,7 +77,7 @@ class ServeConfig:
     fused_embed_block: int = _GEN.fused_embed_block
     fused_tune: bool = _GEN.fused_tune
     fused_pdl: bool = _GEN.fused_pdl
-    fused_kernel: Literal["blocks", "splitk", "persistent"] = _GEN.fused_kernel
+    fused_kernel: FusedKernel = _GEN.fused_kernel
     fused_persistent: PersistentShape = field(default_factory=PersistentShape)
     early_exit: Literal["none", "threshold", "speculative"] = "none"
     threshold: float | None = None
