@@ -196,6 +196,25 @@ def test_persistent_and_split_k_decode_match_torch_decode(preset: str, kernel: s
     assert generate(model, prompts, cfg).tokens == want
 
 
+@pytest.mark.parametrize("kernel", ["torch", "blocks", "splitk"])
+def test_steps_chained_in_one_graph_give_the_eager_tokens(kernel: Literal["torch", "blocks", "splitk"]) -> None:
+    """8 greedy steps per replayed graph (39 new tokens: 4 replays of 8, then single steps), with and without
+    an EOS mid-way: the eager torch loop's tokens. In the fused split-K step the first cache tile is loaded
+    before the PDL wait, which is only right if the previous step ended before the next began."""
+    model = _model("gpt2", torch.float32)
+    prompts = [[5, 17, 99, 3, 42, 7] * 12]
+    ref = GenerationConfig(max_new_tokens=40, greedy=True, stop_at_eos=False, cuda_graph=False)
+    cfg = GenerationConfig(max_new_tokens=40, greedy=True, stop_at_eos=False, graph_steps=8,
+                           fused=kernel != "torch", fused_kernel="blocks" if kernel == "torch" else kernel)
+    want = generate(model, prompts, ref).tokens
+    assert generate(model, prompts, cfg).tokens == want
+    row = want[0]
+    eos = row[20]  # first emitted at row.index(eos) <= 20: decoding stops well before 40 tokens
+    ref.stop_at_eos = cfg.stop_at_eos = True
+    stopped = generate(model, prompts, cfg, eos_id=eos)
+    assert stopped.tokens == [row[:row.index(eos) + 1]] and stopped.steps < 40
+
+
 @pytest.mark.parametrize("preset", ["gpt2", "pythia-160m", "smollm2-135m"])
 def test_split_k_decode_follows_the_blocks_step_in_bf16(preset: str) -> None:
     """300 replayed bf16 steps fed the same tokens: the split-K blocks' logits stay within rounding of the

@@ -11,7 +11,8 @@ import torch
 
 from legolm.core.config import ModelConfig
 from legolm.errors import ConfigError
-from legolm.generation import GenerationConfig, generate
+from legolm.generation import GenerationConfig, GenerationResult, generate
+from legolm.generation.decoder import DecodeSession
 from legolm.generation.generate import _SESSIONS
 from legolm.model.transformer import TransformerLM
 
@@ -65,3 +66,32 @@ def test_changed_module_invalidates_the_session() -> None:
 def test_generation_config_refuses_bad_values(field: str, value: object, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         GenerationConfig(**{field: value}).validate()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-pythia"])
+def test_several_steps_per_replay_give_the_same_tokens_and_stop_at_eos(preset: str) -> None:
+    """Greedy steps chained per replay (`graph_steps`) emit what one step at a time emits; a call whose
+    token count is not a multiple of it ends with single steps; EOS checks between replays still stop it."""
+    model, prompts = _model(preset), [[3, 4, 5, 6], [7, 8]]
+
+    def run(graph_steps: int, eos: int | None, check: int = 2, rows: int = 2, new: int = 11) -> GenerationResult:
+        cfg = GenerationConfig(max_new_tokens=new, greedy=True, stop_at_eos=eos is not None, graph_steps=graph_steps,
+                               eos_check_every=check, session_cache_size=0)
+        return generate(model, prompts[:rows], cfg, eos_id=eos)
+
+    one = run(1, None).tokens
+    assert all(len(row) == 11 for row in one)
+    assert run(4, None).tokens == run(16, None).tokens == one
+    row = one[0]
+    eos = next(t for i, t in enumerate(row) if i >= 2 and t not in row[:i])  # first seen mid-way
+    stopped = run(1, eos).tokens
+    assert stopped[0] == row[:row.index(eos) + 1]
+    assert run(4, eos).tokens == run(4, eos, check=1).tokens == stopped
+    alone = run(2, eos, check=1, rows=1, new=40)  # the only row is done: decoding stops long before 40 tokens
+    assert alone.tokens == run(1, eos, rows=1, new=40).tokens and eos in alone.tokens[0] and alone.steps < 20
+
+
+def test_several_steps_per_call_need_greedy_decoding() -> None:
+    session = DecodeSession(_model(), 1, 16, greedy=False, eos_id=None)
+    with pytest.raises(ValueError, match="2 steps at once need greedy decoding"):
+        session.step(2)

@@ -87,11 +87,12 @@ def compiled_decode_step(mode: str = "default") -> StepFn:
     return _compiled_steps[mode]
 
 
-def capture(fn: Callable[[], Tensor], after_warmup: Callable[[], None] | None = None
-            ) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-    """Run ``fn`` once on a side stream (compilation, autotuning, cuBLAS handles), then record it.
+def capture(fn: Callable[[], Tensor], after_warmup: Callable[[], None] | None = None,
+            record: Callable[[], Tensor] | None = None) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    """Run ``fn`` once on a side stream (compilation, autotuning, cuBLAS handles), then record ``record``
+    (default: ``fn``).
 
-    Returns the graph (not yet replayed) and ``fn``'s output tensor, which each replay rewrites.
+    Returns the graph (not yet replayed) and the recorded output tensor, which each replay rewrites.
     """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -102,7 +103,7 @@ def capture(fn: Callable[[], Tensor], after_warmup: Callable[[], None] | None = 
         after_warmup()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fn()
+        out = (record or fn)()
     return graph, out
 
 
@@ -136,8 +137,7 @@ class DecodeSession:
         self.pad_mask = torch.ones(batch, max_len, dtype=torch.bool, device=param.device)  # (B, S) real keys
         self.state = DecodeState.empty(batch, max_len, param.device)
         self.fn: StepFn = step or (compiled_decode_step(compile_mode) if compile else decode_step)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: Tensor | None = None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # steps -> graph of them, last logits
         self.prefill_graphs = prefill_graphs if cuda_graph else 0
         self._prefills: OrderedDict[int, tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]] = OrderedDict()
 
@@ -193,18 +193,25 @@ class DecodeSession:
     def emit(self, nxt: Tensor) -> None:
         emit(self.state, nxt, self.eos_id)
 
-    def step(self) -> Tensor:
-        """Feed the last token; return the logits for the next (already emitted when greedy)."""
-        if not self.use_graph:
-            return self.fn(self.model, self.cache, self.pad_mask, self.state, self.greedy, self.eos_id)
-        if self.graph is None:
-            self._capture()
-        assert self.graph is not None and self.logits is not None
-        self.graph.replay()
-        return self.logits
+    def step(self, steps: int = 1) -> Tensor:
+        """Feed the last token ``steps`` times; return the logits of the last step (already emitted when greedy).
 
-    def _capture(self) -> None:
-        """Record the step. Its warm-up must not advance the decoding state, so the state is put back."""
+        Several steps need greedy decoding (each step emits its own token on the device); with a CUDA
+        graph they replay as one graph of ``steps`` steps (captured at its first use): no gap between
+        two graph launches, and one launch for the host to issue.
+        """
+        if steps > 1 and not self.greedy:
+            raise ValueError(f"{steps} steps at once need greedy decoding: the caller samples each token")
+        if not self.use_graph:
+            return self._run(steps)
+        if steps not in self.graphs:
+            self.graphs[steps] = self._capture(steps)
+        graph, logits = self.graphs[steps]
+        graph.replay()
+        return logits
+
+    def _capture(self, steps: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        """Record ``steps`` steps. The warm-up must not advance the decoding state, so the state is put back."""
         saved = [x.clone() for x in self.state.tensors()]
 
         def restore() -> None:
@@ -212,5 +219,9 @@ class DecodeSession:
                 buf.copy_(old)
 
         # one warm-up step only: it writes the next cache slot, which always exists
-        self.graph, self.logits = capture(
-            lambda: self.fn(self.model, self.cache, self.pad_mask, self.state, self.greedy, self.eos_id), restore)
+        return capture(lambda: self._run(1), restore, lambda: self._run(steps))
+
+    def _run(self, steps: int) -> Tensor:
+        for _ in range(steps):
+            logits = self.fn(self.model, self.cache, self.pad_mask, self.state, self.greedy, self.eos_id)
+        return logits

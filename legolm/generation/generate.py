@@ -66,7 +66,8 @@ class GenerationConfig:
         fused_persistent: Launch shape of the persistent step.
         prefill_graphs: With ``cuda_graph``, prompt lengths per session whose prefill is replayed as a
             CUDA graph (captured at a length's first use; 0 = eager prefill).
-        eos_check_every: Steps between checks whether every row is done (each check syncs the GPU).
+        eos_check_every: Steps between checks whether every row is done (each check syncs the GPU; with
+            ``graph_steps`` > 1 the checks fall between two replays).
         cache_bucket: KV-cache lengths are rounded up to a multiple of this, so calls of similar
             lengths share one cached session (cache buffers and captured graph).
         session_cache_size: Decoding sessions kept per model for reuse (0 = build one per call).
@@ -83,7 +84,10 @@ class GenerationConfig:
         draft_tokens: Speculative mode: tokens the shallow exit drafts per verify pass.
         fill_buckets: Fused fill mode: row counts of the captured lazy-fill passes (the largest bounds
             the queue of exited tokens).
-        graph_steps: Fused LEGO decoding: tokens (threshold) or rounds (speculative) per CUDA graph.
+        graph_steps: Greedy decoding: tokens per CUDA graph replay (each step emits its token on the device,
+            so steps chain without the host; the last few of a call replay one by one); fused LEGO
+            decoding: tokens (threshold) or rounds (speculative) per CUDA graph. Sampling replays one step
+            at a time (the host samples each token).
     """
 
     max_new_tokens: int = 64
@@ -140,6 +144,8 @@ class GenerationConfig:
                 raise ConfigError(f"{name} must be a power of two, got {value}")
         if self.eos_check_every < 1:
             raise ConfigError(f"eos_check_every must be >= 1, got {self.eos_check_every}")
+        if self.graph_steps < 1:
+            raise ConfigError(f"graph_steps must be >= 1, got {self.graph_steps}")
         check_fused_kernel(self.fused_kernel, self.fused_persistent, self.early_exit)
         self._validate_early_exit()
 
@@ -159,7 +165,6 @@ class GenerationConfig:
             (bool(self.fill_buckets) and all(b >= 1 for b in self.fill_buckets)
              and sorted(set(self.fill_buckets)) == list(self.fill_buckets),
              f"fill_buckets must be increasing row counts >= 1, got {self.fill_buckets}"),
-            (self.graph_steps >= 1, f"graph_steps must be >= 1, got {self.graph_steps}"),
             (self.early_exit != "speculative" or self.greedy, "speculative decoding is greedy: add --greedy"),
             (self.early_exit == "none" or not self.fused or self.greedy,
              "fused early exit decodes greedily: add --greedy, or drop --fused to sample"),
@@ -284,12 +289,18 @@ def generate(model: TransformerLM, prompts: Sequence[Sequence[int]], config: Gen
     session.start(sample(logits), P, lengths)
     sync()
     t1 = time.perf_counter()
-    for t in range(1, N):
-        if eos is not None and t % config.eos_check_every == 0 and bool(session.state.finished.all()):
-            break
-        logits = session.step()
+    per_replay = config.graph_steps if config.greedy else 1  # the host samples each token
+    t, next_check = 1, config.eos_check_every
+    while t < N:
+        if eos is not None and t >= next_check:
+            if bool(session.state.finished.all()):
+                break
+            next_check = t + config.eos_check_every
+        steps = per_replay if N - t >= per_replay else 1
+        logits = session.step(steps)
         if not config.greedy:
             session.emit(sample(logits))
+        t += steps
     steps = int(session.state.t.item())
     t2 = time.perf_counter()
     return GenerationResult(_trim(session.state.tokens[:, :steps].tolist(), eos), t1 - t0, t2 - t1, steps)

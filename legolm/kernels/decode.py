@@ -331,18 +331,31 @@ def _attend(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, h, slot, pos, 
     """`_attend_head` for query head h, its output stored at ``out[h·D:(h+1)·D]`` in out's dtype; WRITE: the
     first query head of each kv head writes the new k/v into the cache."""
     d = tl.arange(0, D_POW2)
-    o = _attend_head(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, h, slot, pos, S, rope_len, scale,
+    k, v = _first_tile(k_cache_ptr, v_cache_ptr, h // (H // HKV), slot, S, D, D_POW2, BLOCK_T)
+    o = _attend_head(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, k, v, h, slot, pos, S, rope_len, scale,
                      WRITE and h % (H // HKV) == 0, H, HKV, D, D_POW2, R, BLOCK_T, CM)
     tl.store(out_ptr + h * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 @triton.jit
-def _attend_head(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, h, slot, pos, S, rope_len, scale, write,
+def _first_tile(k_cache_ptr, v_cache_ptr, g, slot, S, D: tl.constexpr, D_POW2: tl.constexpr,
+                BLOCK_T: tl.constexpr):
+    """Kv head g's cached keys and values (BLOCK_T, D_POW2) of slots 0..BLOCK_T-1 that lie before ``slot``
+    (zeros elsewhere): the first tile that `_attend_head` reads, loaded by its caller."""
+    d = tl.arange(0, D_POW2)
+    t = tl.arange(0, BLOCK_T)
+    mask = (t < slot)[:, None] & (d < D)[None, :]
+    offs = g.to(tl.int64) * S * D + t[:, None] * D + d[None, :]
+    return (tl.load(k_cache_ptr + offs, mask=mask, other=0.0), tl.load(v_cache_ptr + offs, mask=mask, other=0.0))
+
+
+@triton.jit
+def _attend_head(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, k, v, h, slot, pos, S, rope_len, scale, write,
                  H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_POW2: tl.constexpr, R: tl.constexpr,
                  BLOCK_T: tl.constexpr, CM: tl.constexpr):
     """Query head h's attention output (D_POW2,) in fp32: RoPE on q and the new k, the new k/v into cache slot
     ``slot`` where ``write``, then softmax attention over slots 0..slot (the cached ones streamed in BLOCK_T
-    tiles, online softmax).
+    tiles, online softmax; (k, v) is the first tile, `_first_tile`).
 
     qkv is [q heads | k heads | v heads] (fp32, loaded with cache modifier CM); the caches are (HKV, S, D)
     in the model's dtype.
@@ -352,10 +365,6 @@ def _attend_head(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, h, slot, pos, S, r
     dmask = d < D
     base = g.to(tl.int64) * S * D
     # The first cache tile is in flight during RoPE; each iteration issues the next tile's loads first.
-    t_first = tl.arange(0, BLOCK_T)
-    first_mask = (t_first < slot)[:, None] & dmask[None, :]
-    k = tl.load(k_cache_ptr + base + t_first[:, None] * D + d[None, :], mask=first_mask, other=0.0)
-    v = tl.load(v_cache_ptr + base + t_first[:, None] * D + d[None, :], mask=first_mask, other=0.0)
     q = _rope(qkv_ptr + h * D, d, pos, rope_ptr, rope_len, R, D, CM) * scale
     k_new = _rope(qkv_ptr + (H + g) * D, d, pos, rope_ptr, rope_len, R, D, CM).to(k_cache_ptr.dtype.element_ty)
     v_new = tl.load(qkv_ptr + (H + HKV + g) * D + d, mask=dmask, other=0.0,

@@ -15,7 +15,11 @@ Blocks alternate between two residual buffers (x, x'), so kernel 1 can clear the
 accumulates into. The arithmetic of each part is the five-kernel step's (`legolm.kernels.decode`:
 the same norms, the attention output and the hidden units rounded to the model's dtype); only the
 order of the fp32 sums differs, and with atomics it varies from run to run (~1e-7 relative).
-Kernels 2 and 3 load their first weight tile before waiting for the previous kernel (PDL).
+Kernels 2 and 3 load their first weight tile before waiting for the previous kernel (PDL); kernel 2 also
+reads the slot and the position and loads its first tile of cached keys and values there. So the slot,
+the position and the cache slots before it must be final when the block's first kernel is launched:
+written by kernels that ended before the last launch without PDL (the embedding, the advance / exit /
+tick kernels: every fused decode step and LEGO branch opens with one), never earlier in the same PDL chain.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from legolm.kernels.decode import GemvConfig, _attend_head, _gemv_rows, _pdl, _pdl_sync, _segment, segments
+from legolm.kernels.decode import GemvConfig, _attend_head, _first_tile, _gemv_rows, _pdl, _pdl_sync, _segment, segments
 
 
 @triton.jit
@@ -66,9 +70,11 @@ def attention_proj_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, wp_ptr, h
     d = tl.arange(0, D_POW2)
     w = tl.load(wp_ptr + n[:, None].to(tl.int64) * (H * D) + head * D + d[None, :],
                 mask=nmask[:, None] & (d < D)[None, :], other=0.0)  # constant: loaded before the wait
+    slot, pos = tl.load(slot_ptr), tl.load(pos_ptr)  # final before the block began (module docstring)
+    k, v = _first_tile(k_cache_ptr, v_cache_ptr, head // (H // HKV), slot, S, D, D_POW2, BLOCK_T)
     _pdl_sync(PDL)
-    o = _attend_head(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, head, tl.load(slot_ptr), tl.load(pos_ptr), S,
-                     rope_len, scale, (s == 0) & (head % (H // HKV) == 0), H, HKV, D, D_POW2, R, BLOCK_T, "")
+    o = _attend_head(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, k, v, head, slot, pos, S, rope_len, scale,
+                     (s == 0) & (head % (H // HKV) == 0), H, HKV, D, D_POW2, R, BLOCK_T, "")
     o = o.to(wp_ptr.dtype.element_ty).to(tl.float32)
     tl.atomic_add(h_ptr + n, tl.sum(w.to(tl.float32) * o[None, :], 1), mask=nmask, sem="relaxed")
 
