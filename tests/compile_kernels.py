@@ -20,9 +20,6 @@ ATTENTION = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32"
                  pos_ptr="*i64", S="i32", rope_len="i32", scale="fp32", q_width="i32")
 ADVANCE = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64",
                slot_ptr="*i64", pos_ptr="*i64", finished_ptr="*i8", eos_id="i32")
-HEAD_ADVANCE = dict(x_ptr="*fp32", nw_ptr=P, nb_ptr=P, w_ptr=P, b_ptr=P, out_ptr="*fp32", pmax_ptr="*fp32",
-                    pidx_ptr="*i32", count_ptr="*i32", N="i32", K="i32", eps="fp32", tok_ptr="*i64", tokens_ptr="*i64",
-                    t_ptr="*i64", slot_ptr="*i64", pos_ptr="*i64", finished_ptr="*i8", eos_id="i32")
 EMBED = dict(tok_ptr="*i64", pos_ptr="*i64", wte_ptr=P, wpe_ptr=P, out_ptr="*fp32", C="i32")
 EXIT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", psum_ptr="*fp32", n_parts="i32", tau_ptr="*fp32", deep_ptr="*i8",
             exited_ptr="*i8", tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64", finished_ptr="*i8", eos_id="i32",
@@ -72,9 +69,7 @@ SPECS = [
                                 K_POW2=1024, PDL=1)),  # programmatic dependent launch: griddepcontrol in the PTX
     (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, WRITE=1, PDL=1)),
     (kd.advance_kernel, ADVANCE, dict(GREEDY=1, HAS_EOS=1, BLOCK=4096)),
-    (kd.embed_kernel, EMBED, dict(HAS_WPE=1, BLOCK=1024, PDL=2)),  # waits, lets the next kernel launch at its end
-    (kd.head_advance_kernel, HEAD_ADVANCE, dict(NORM=1, HAS_BIAS=0, HAS_EOS=1, BLOCK_N=16, BLOCK_K=128, K_POW2=1024,
-                                                BLOCK_P=4096, PDL=1)),
+    (kd.embed_kernel, EMBED, dict(HAS_WPE=1, BLOCK=1024)),
     (kd.exit_kernel, EXIT, dict(HAS_EOS=1, FILL=1, BLOCK=4096, BLOCK_B=4)),
     (kd.exit_kernel, EXIT, dict(HAS_EOS=0, FILL=0, BLOCK=4096, BLOCK_B=1)),
     (kd.emit_kernel, EMIT, dict(HAS_EOS=1, HAS_COUNTER=1, BLOCK=4096)),
@@ -107,8 +102,8 @@ SPECS = [
 ]
 # What Triton's launcher specializes at a real launch: pointers and sizes that are multiples of 16
 ALIGNED = ("N1", "N2", "N", "K", "C", "QW", "F", "V", "S", "stride_x", "stride_out")
-VECTORIZED = (kd.gemv_kernel, kd.head_advance_kernel, kp.persistent_step_kernel, ks.qkv_prep_kernel,
-              ks.attention_proj_kernel, ks.mlp_kernel)  # weight tiles must load 16 bytes per thread at a time
+VECTORIZED = (kd.gemv_kernel, kp.persistent_step_kernel, ks.qkv_prep_kernel, ks.attention_proj_kernel,
+              ks.mlp_kernel)  # weight tiles must load 16 bytes per thread at a time
 
 if __name__ == "__main__":
     for fn, signature, consts in SPECS:
@@ -119,5 +114,4 @@ if __name__ == "__main__":
         assert ".entry " + fn.__name__ in ptx, f"{fn.__name__}: no entry point in the PTX"
         assert fn not in VECTORIZED or "ld.global.v4.b32" in ptx, f"{fn.__name__}: weight loads not vectorized"
         assert ("griddepcontrol.wait" in ptx) == bool(consts.get("PDL")), f"{fn.__name__}: PDL {consts.get('PDL')}"
-        assert ("griddepcontrol.launch_dependents" in ptx) == (consts.get("PDL") == 1), f"{fn.__name__}: early launch"
         print("compiled", fn.__name__, consts, flush=True)

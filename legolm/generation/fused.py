@@ -168,7 +168,6 @@ class FusedStack:
         self.logits, self.lensed = buf(c.vocab_size), buf(c.n_embd)
         n_parts = -(-c.vocab_size // kd.HEAD_MIN_ROWS)
         self.partial = (buf(n_parts), buf(n_parts, dtype=torch.int32), buf(n_parts))  # max, row, Σ exp
-        self.count = buf(1, dtype=torch.int32)  # programs of `head_advance` done (zero between launches)
         self.configs: dict[str, GemvConfig] | None = None
         if split_k:
             import legolm.kernels.splitk as ks
@@ -189,11 +188,10 @@ class FusedStack:
             self.start = torch.zeros(1, dtype=torch.long, device=param.device)  # first row's position
 
     # -- one token -----------------------------------------------------------------------------
-    def embed(self, model: TransformerLM, tok: Tensor, pos: Tensor, pdl: bool = False) -> None:
-        """x = wte[tok] (+ wpe[pos]); ``pdl``: launched during the previous kernel, which it waits for, and the
-        next kernel launched only when it ends (`legolm.kernels.decode.embed_kernel`)."""
+    def embed(self, model: TransformerLM, tok: Tensor, pos: Tensor) -> None:
+        """x = wte[tok] (+ wpe[pos])."""
         self.kd.embed(tok, pos, model.wte.weight, model.wpe.weight if model.wpe is not None else None, self.x,
-                      self.embed_block, pdl=pdl and self.pdl)
+                      self.embed_block)
 
     def _gemvs(self, p: BlockPlan) -> dict[str, Callable[[GemvConfig], None]]:
         """A block's four GEMVs as functions of their launch shape (what the tuner times)."""
@@ -262,14 +260,6 @@ class FusedStack:
             x = self.lensed
         self._head(norm, lin, x, mode)(configs["head"])
         return -(-lin.out_features // configs["head"].block_n)
-
-    def head_advance(self, lin: nn.Linear, state: DecodeState, eos_id: int | None) -> None:
-        """The final norm and LM head on x, its greedy token emitted, slot and position advanced: one launch
-        (`legolm.kernels.decode.head_advance_kernel`)."""
-        configs = self.configs or {"head": self.kd.INTERPRETER_GEMV}
-        self.kd.head_advance(self.x, lin.weight, lin.bias, self.final_norm, self.logits, self.partial[:2], self.count,
-                             configs["head"], state.tok, state.tokens, state.t, state.slot, state.pos, state.finished,
-                             eos_id, self.kd.ADVANCE_BLOCK, self.pdl)
 
     def ensure_tuned(self, model: TransformerLM, cache: KVCache) -> dict[str, GemvConfig]:
         """The launch shapes of each role, chosen at the first call (`FusedStack` docstring).
@@ -411,14 +401,11 @@ class FusedDecodeStep:
         """
         st, kd = self.stack, self.stack.kd
         st.ensure_tuned(model, cache)
-        st.embed(model, state.tok, state.pos, pdl=True)  # the step boundary: the blocks start after it ends
+        st.embed(model, state.tok, state.pos)
         st.blocks(model, cache, 0, model.config.n_layer, state.slot, state.pos)
-        if greedy:
-            st.head_advance(model.lm_head, state, eos_id)
-        else:
-            n_parts = st.head(st.final_norm, model.lm_head, "logits")
-            kd.advance(None, n_parts, state.tok, state.tokens, state.t, state.slot, state.pos, state.finished, eos_id,
-                       kd.ADVANCE_BLOCK)
+        n_parts = st.head(st.final_norm, model.lm_head, "greedy" if greedy else "logits")
+        kd.advance(st.partial[:2] if greedy else None, n_parts, state.tok, state.tokens, state.t, state.slot,
+                   state.pos, state.finished, eos_id, kd.ADVANCE_BLOCK)
         return st.logits[None]  # (1, V)
 
 

@@ -42,17 +42,12 @@ def _norm_stats(x_ptr, K, eps, NORM: tl.constexpr, K_POW2: tl.constexpr, CM: tl.
     return mean, 1.0 / tl.sqrt(tl.sum(d * d, 0) / K + eps)
 
 
-PDL_OFF, PDL_ON, PDL_WAIT = 0, 1, 2
-
-
 @triton.jit
 def _pdl_sync(PDL: tl.constexpr):
-    """With PDL (`PDL_ON`): let the next kernel launch now, then wait until the previous one finished and its
-    writes are visible. Nothing before this point may read another kernel's output or write anything.
-    `PDL_WAIT` only waits: the next kernel launches when this one ends (a step boundary, see `embed_kernel`)."""
-    if PDL == 1:
+    """With PDL: let the next kernel launch now, then wait until the previous one finished and its writes are
+    visible. Nothing before this point may read another kernel's output or write anything."""
+    if PDL:
         gdc_launch_dependents()
-    if PDL != 0:
         gdc_wait()
 
 
@@ -101,43 +96,12 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
                    ACT, HAS_BIAS, HAS_RES, BLOCK_K, K_POW2, BLOCK_K >= K_POW2, PDL, "")
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
     if ARGMAX:
-        _partials(y, rows, rmask, N, tl.program_id(1), pmax_ptr, pidx_ptr, psum_ptr, SUMEXP)
-
-
-@triton.jit
-def _partials(y, rows, rmask, N, part, pmax_ptr, pidx_ptr, psum_ptr, SUMEXP: tl.constexpr):
-    """Partial ``part`` of the greedy reduction: the largest of y over ``rows`` and its row (the first of ties);
-    SUMEXP: also Σ exp(y - largest)."""
-    y = tl.where(rmask, y, float("-inf"))
-    best = tl.max(y, 0)
-    tl.store(pmax_ptr + part, best)
-    tl.store(pidx_ptr + part, tl.min(tl.where(y == best, rows, N), 0))
-    if SUMEXP:
-        tl.store(psum_ptr + part, tl.sum(tl.where(rmask, tl.exp(y - best), 0.0), 0))
-
-
-@triton.jit
-def head_advance_kernel(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, out_ptr, pmax_ptr, pidx_ptr, count_ptr, N, K, eps,
-                        tok_ptr, tokens_ptr, t_ptr, slot_ptr, pos_ptr, finished_ptr, eos_id, NORM: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, HAS_EOS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        K_POW2: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
-    """The end of a greedy step in one launch: the LM head's logits and greedy partials of this program's
-    BLOCK_N rows (`gemv_kernel`'s arithmetic), then the last program to finish does `advance_kernel`'s work
-    (the partials reduced to the token, which is emitted; slot and position + 1) and resets the counter."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    y = _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, w_ptr, b_ptr, x_ptr, rows, rows, rmask, K, eps, NORM, 0,
-                   HAS_BIAS, False, BLOCK_K, K_POW2, BLOCK_K >= K_POW2, PDL, "")
-    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
-    _partials(y, rows, rmask, N, tl.program_id(0), pmax_ptr, pidx_ptr, pmax_ptr, False)
-    tl.debug_barrier()  # every thread's partial is stored before the count says so
-    n_parts = tl.num_programs(0)
-    if tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == n_parts - 1:
-        tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
-        tl.store(slot_ptr, tl.load(slot_ptr) + 1)
-        tl.store(pos_ptr, tl.load(pos_ptr) + 1)
-        _, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK_P, ".cg")
-        _emit(nxt, nxt >= 0, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, HAS_EOS)
+        y = tl.where(rmask, y, float("-inf"))
+        best = tl.max(y, 0)
+        tl.store(pmax_ptr + tl.program_id(1), best)
+        tl.store(pidx_ptr + tl.program_id(1), tl.min(tl.where(y == best, rows, N), 0))  # first of ties
+        if SUMEXP:
+            tl.store(psum_ptr + tl.program_id(1), tl.sum(tl.where(rmask, tl.exp(y - best), 0.0), 0))
 
 
 @triton.jit
@@ -367,18 +331,17 @@ def _attend(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, h, slot, pos, 
     """`_attend_head` for query head h, its output stored at ``out[h·D:(h+1)·D]`` in out's dtype; WRITE: the
     first query head of each kv head writes the new k/v into the cache."""
     d = tl.arange(0, D_POW2)
-    k, v = _first_tile(k_cache_ptr, v_cache_ptr, h, slot, S, H, HKV, D, D_POW2, BLOCK_T)
+    k, v = _first_tile(k_cache_ptr, v_cache_ptr, h // (H // HKV), slot, S, D, D_POW2, BLOCK_T)
     o = _attend_head(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, k, v, h, slot, pos, S, rope_len, scale,
                      WRITE and h % (H // HKV) == 0, H, HKV, D, D_POW2, R, BLOCK_T, CM)
     tl.store(out_ptr + h * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 @triton.jit
-def _first_tile(k_cache_ptr, v_cache_ptr, h, slot, S, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                D_POW2: tl.constexpr, BLOCK_T: tl.constexpr):
-    """The cached keys and values (BLOCK_T, D_POW2) of query head h's kv head in slots 0..BLOCK_T-1 that lie
-    before ``slot`` (zeros elsewhere): the first tile that `_attend_head` reads, loaded by its caller."""
-    g = h // (H // HKV)
+def _first_tile(k_cache_ptr, v_cache_ptr, g, slot, S, D: tl.constexpr, D_POW2: tl.constexpr,
+                BLOCK_T: tl.constexpr):
+    """Kv head g's cached keys and values (BLOCK_T, D_POW2) of slots 0..BLOCK_T-1 that lie before ``slot``
+    (zeros elsewhere): the first tile that `_attend_head` reads, loaded by its caller."""
     d = tl.arange(0, D_POW2)
     t = tl.arange(0, BLOCK_T)
     mask = (t < slot)[:, None] & (d < D)[None, :]
@@ -430,15 +393,8 @@ def _attend_head(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, k, v, h, slot, pos
 
 
 @triton.jit
-def embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, C, HAS_WPE: tl.constexpr, BLOCK: tl.constexpr,
-                 PDL: tl.constexpr):
-    """out = wte[tok] (+ wpe[pos]) in fp32.
-
-    With `PDL_WAIT` it is launched while the previous step's last kernel runs and waits for it, but lets
-    the step's next kernel launch only when it ends: so the slot, the position and the cache are final
-    when the blocks' kernels start, which `legolm.kernels.splitk` relies on.
-    """
-    _pdl_sync(PDL)
+def embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, C, HAS_WPE: tl.constexpr, BLOCK: tl.constexpr):
+    """out = wte[tok] (+ wpe[pos]) in fp32."""
     tok = tl.load(tok_ptr).to(tl.int64)
     pos = tl.load(pos_ptr).to(tl.int64)
     for c0 in range(0, C, BLOCK):
@@ -496,10 +452,9 @@ def pdl_supported(device: torch.device) -> bool:
     return "launch_pdl" in CUDAOptions.__dataclass_fields__
 
 
-def _pdl(pdl: bool, mode: int = PDL_ON) -> dict[str, int | bool]:
-    """Launch arguments of a kernel with a ``PDL`` switch (`_pdl_sync`'s mode when ``pdl``; Triton's
-    interpreter takes no ``launch_pdl``)."""
-    return {"PDL": mode, "launch_pdl": True} if pdl else {"PDL": PDL_OFF}
+def _pdl(pdl: bool) -> dict[str, bool]:
+    """Launch arguments of a kernel with a ``PDL`` switch (Triton's interpreter takes no ``launch_pdl``)."""
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 
 def segments(w: Tensor | tuple[Tensor, Tensor, Tensor], bias: Tensor | tuple[Tensor, Tensor, Tensor] | None,
@@ -572,24 +527,6 @@ def attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope: Tensor, out: 
                                              **_pdl(pdl))
 
 
-def head_advance(x: Tensor, w: Tensor, bias: Tensor | None, norm: tuple[int, Tensor, Tensor | None, float],
-                 out: Tensor, partial: tuple[Tensor, Tensor], count: Tensor, config: GemvConfig, tok: Tensor,
-                 tokens: Tensor, t: Tensor, slot: Tensor, pos: Tensor, finished: Tensor, eos_id: int | None,
-                 block: int, pdl: bool) -> None:
-    """Launch `head_advance_kernel` (batch 1): logits ``out`` = W·norm(x) + b, the greedy token emitted, slot and
-    position advanced; ``count`` (int32, zero) is its finished-program counter, zero again afterwards."""
-    N, K = w.shape
-    kind, nw, nb, eps = norm
-    grid = triton.cdiv(N, config.block_n)
-    head_advance_kernel[(grid,)](x, nw, nb if nb is not None else nw, w, bias if bias is not None else w, out,
-                                 partial[0], partial[1], count, N, K, eps, tok, tokens, t, slot, pos,
-                                 finished.view(torch.int8), eos_id if eos_id is not None else -1, NORM=kind,
-                                 HAS_BIAS=bias is not None, HAS_EOS=eos_id is not None, BLOCK_N=config.block_n,
-                                 BLOCK_K=config.block_k, K_POW2=triton.next_power_of_2(K),
-                                 BLOCK_P=min(triton.next_power_of_2(grid), block), num_warps=config.num_warps,
-                                 **_pdl(pdl))
-
-
 def advance(partial: tuple[Tensor, Tensor] | None, n_parts: int, tok: Tensor, tokens: Tensor, t: Tensor,
             slot: Tensor, pos: Tensor, finished: Tensor, eos_id: int | None, block: int) -> None:
     """Launch `advance_kernel` (batch 1): advance slot and position; with ``partial`` (the head's
@@ -648,9 +585,8 @@ def tick(pos: Tensor, fill: tuple[Tensor, Tensor, Tensor] | None = None) -> None
                       BLOCK_B=triton.next_power_of_2(n_b))
 
 
-def embed(tok: Tensor, pos: Tensor, wte: Tensor, wpe: Tensor | None, out: Tensor, block: int,
-          pdl: bool = False) -> None:
-    """Launch `embed_kernel`: out = wte[tok] (+ wpe[pos]); ``pdl``: launched early, waiting (`PDL_WAIT`)."""
+def embed(tok: Tensor, pos: Tensor, wte: Tensor, wpe: Tensor | None, out: Tensor, block: int) -> None:
+    """Launch `embed_kernel`: out = wte[tok] (+ wpe[pos])."""
     embed_kernel[(1,)](tok, pos, wte, wpe if wpe is not None else wte, out, out.numel(), HAS_WPE=wpe is not None,
-                       BLOCK=block, **_pdl(pdl, PDL_WAIT))
+                       BLOCK=block)
 
