@@ -331,17 +331,18 @@ def _attend(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, h, slot, pos, 
     """`_attend_head` for query head h, its output stored at ``out[h·D:(h+1)·D]`` in out's dtype; WRITE: the
     first query head of each kv head writes the new k/v into the cache."""
     d = tl.arange(0, D_POW2)
-    k, v = _first_tile(k_cache_ptr, v_cache_ptr, h // (H // HKV), slot, S, D, D_POW2, BLOCK_T)
+    k, v = _first_tile(k_cache_ptr, v_cache_ptr, h, slot, S, H, HKV, D, D_POW2, BLOCK_T)
     o = _attend_head(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, k, v, h, slot, pos, S, rope_len, scale,
                      WRITE and h % (H // HKV) == 0, H, HKV, D, D_POW2, R, BLOCK_T, CM)
     tl.store(out_ptr + h * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 @triton.jit
-def _first_tile(k_cache_ptr, v_cache_ptr, g, slot, S, D: tl.constexpr, D_POW2: tl.constexpr,
-                BLOCK_T: tl.constexpr):
-    """Kv head g's cached keys and values (BLOCK_T, D_POW2) of slots 0..BLOCK_T-1 that lie before ``slot``
-    (zeros elsewhere): the first tile that `_attend_head` reads, loaded by its caller."""
+def _first_tile(k_cache_ptr, v_cache_ptr, h, slot, S, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                D_POW2: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The cached keys and values (BLOCK_T, D_POW2) of query head h's kv head in slots 0..BLOCK_T-1 that lie
+    before ``slot`` (zeros elsewhere): the first tile that `_attend_head` reads, loaded by its caller."""
+    g = h // (H // HKV)
     d = tl.arange(0, D_POW2)
     t = tl.arange(0, BLOCK_T)
     mask = (t < slot)[:, None] & (d < D)[None, :]

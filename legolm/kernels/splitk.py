@@ -71,7 +71,7 @@ def attention_proj_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, wp_ptr, h
     w = tl.load(wp_ptr + n[:, None].to(tl.int64) * (H * D) + head * D + d[None, :],
                 mask=nmask[:, None] & (d < D)[None, :], other=0.0)  # constant: loaded before the wait
     slot, pos = tl.load(slot_ptr), tl.load(pos_ptr)  # final before the block began (module docstring)
-    k, v = _first_tile(k_cache_ptr, v_cache_ptr, head // (H // HKV), slot, S, D, D_POW2, BLOCK_T)
+    k, v = _first_tile(k_cache_ptr, v_cache_ptr, head, slot, S, H, HKV, D, D_POW2, BLOCK_T)
     _pdl_sync(PDL)
     o = _attend_head(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, k, v, head, slot, pos, S, rope_len, scale,
                      (s == 0) & (head % (H // HKV) == 0), H, HKV, D, D_POW2, R, BLOCK_T, "")
