@@ -71,7 +71,8 @@ def test_generation_config_refuses_bad_values(field: str, value: object, message
 @pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-pythia"])
 def test_several_steps_per_replay_give_the_same_tokens_and_stop_at_eos(preset: str) -> None:
     """Greedy steps chained per replay (`graph_steps`) emit what one step at a time emits; a call whose
-    token count is not a multiple of it ends with single steps; EOS checks between replays still stop it."""
+    token count is not a multiple of it ends with single steps; EOS checks between replays still stop it
+    (a replay holds at most `eos_check_every` steps)."""
     model, prompts = _model(preset), [[3, 4, 5, 6], [7, 8]]
 
     def run(graph_steps: int, eos: int | None, check: int = 2, rows: int = 2, new: int = 11) -> GenerationResult:
@@ -86,8 +87,8 @@ def test_several_steps_per_replay_give_the_same_tokens_and_stop_at_eos(preset: s
     eos = next(t for i, t in enumerate(row) if i >= 2 and t not in row[:i])  # first seen mid-way
     stopped = run(1, eos).tokens
     assert stopped[0] == row[:row.index(eos) + 1]
-    assert run(4, eos).tokens == run(4, eos, check=1).tokens == stopped
-    alone = run(2, eos, check=1, rows=1, new=40)  # the only row is done: decoding stops long before 40 tokens
+    assert run(4, eos, check=4).tokens == run(4, eos, check=3).tokens == run(4, eos, check=1).tokens == stopped
+    alone = run(4, eos, check=4, rows=1, new=40)  # the only row is done: decoding stops long before 40 tokens
     assert alone.tokens == run(1, eos, rows=1, new=40).tokens and eos in alone.tokens[0] and alone.steps < 20
 
 

@@ -66,8 +66,9 @@ class GenerationConfig:
         fused_persistent: Launch shape of the persistent step.
         prefill_graphs: With ``cuda_graph``, prompt lengths per session whose prefill is replayed as a
             CUDA graph (captured at a length's first use; 0 = eager prefill).
-        eos_check_every: Steps between checks whether every row is done (each check syncs the GPU; with
-            ``graph_steps`` > 1 the checks fall between two replays).
+        eos_check_every: Steps between checks whether every row is done (each check syncs the GPU); with EOS
+            stopping on, it also bounds ``graph_steps``, so decoding stops within this many steps of the
+            last row's EOS.
         cache_bucket: KV-cache lengths are rounded up to a multiple of this, so calls of similar
             lengths share one cached session (cache buffers and captured graph).
         session_cache_size: Decoding sessions kept per model for reuse (0 = build one per call).
@@ -289,7 +290,9 @@ def generate(model: TransformerLM, prompts: Sequence[Sequence[int]], config: Gen
     session.start(sample(logits), P, lengths)
     sync()
     t1 = time.perf_counter()
-    per_replay = config.graph_steps if config.greedy else 1  # the host samples each token
+    per_replay = config.graph_steps if config.greedy else 1  # sampling: the host samples each token
+    if eos is not None:  # a check falls between replays: stop within eos_check_every steps of the last EOS
+        per_replay = min(per_replay, config.eos_check_every)
     t, next_check = 1, config.eos_check_every
     while t < N:
         if eos is not None and t >= next_check:
