@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--persistent-shapes", nargs="*", default=["8:8192:8192"], metavar="WARPS:TILE:HEAD_TILE",
                         help="launch shapes of the persistent fused step to time at batch 1 (warps per program, "
                         "weight elements per chunk of a block's GEMV and of the head)")
+    parser.add_argument("--graph-steps", type=int, default=GenerationConfig.graph_steps,
+                        help="greedy decode steps per CUDA graph replay of legolm's graph rows (1 = one step a replay)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, fp32: legolm eager, HF, litgpt")
     args = parser.parse_args()
     device, dtype = "cuda", torch.bfloat16
@@ -161,7 +163,8 @@ def main() -> None:
             prefill: dict[str, float] = {}
             for name, decoder in variants.items():
                 print(f"  timing {name} ...", flush=True)
-                sec, toks, first_call[name], prefill[name] = run_ours(ours, prompts, args.new_tokens, **decoder)
+                sec, toks, first_call[name], prefill[name] = run_ours(ours, prompts, args.new_tokens,
+                                                                      graph_steps=args.graph_steps, **decoder)
                 results[name] = (sec, toks)
             if args.hf_static:
                 try:
