@@ -109,6 +109,7 @@ def test_existing_run_dir_is_not_overwritten(run_dir: Path) -> None:
     (["--lego.threshold", "-0.2"], ("lego.threshold must be in [0, 1]",)),
     (["--no-lego.phase1"], ("extend() needs a trained shallow model",)),
     (["--decode.kv-mode", "lazy"], ("kv-mode",)),
+    (["--decode.fused-kernel", "persistent"], ("fused-kernel", "splitk")),
     (["--lego.calibrate", "quality"], ("lego.calibrate: quality", "pretrained route")),
     (["--lego.calibrate", "often"], ("lego.calibrate",)),
     (["--lego.phase2-easy-weight", "-1"], ("lego.phase2_easy_weight must be >= 0",)),

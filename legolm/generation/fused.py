@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar, get_args
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 Shape = TypeVar("Shape")  # a kernel's launch shape
 FusedBlocks = Literal["blocks", "splitk"]  # one token's fused blocks: five launches each, or three (split-K)
+FUSED_BLOCKS = get_args(FusedBlocks)
 Norm = tuple[int, Tensor, Tensor | None, float]
 Weights = Tensor | tuple[Tensor, Tensor, Tensor]
 

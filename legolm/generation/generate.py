@@ -299,11 +299,11 @@ def generate(model: TransformerLM, prompts: Sequence[Sequence[int]], config: Gen
             if bool(session.state.finished.all()):
                 break
             next_check = t + config.eos_check_every
-        steps = per_replay if N - t >= per_replay else 1
-        logits = session.step(steps)
+        n = per_replay if N - t >= per_replay else 1
+        logits = session.step(n)
         if not config.greedy:
             session.emit(sample(logits))
-        t += steps
+        t += n
     steps = int(session.state.t.item())
     t2 = time.perf_counter()
     return GenerationResult(_trim(session.state.tokens[:, :steps].tolist(), eos), t1 - t0, t2 - t1, steps)

@@ -32,7 +32,7 @@ from legolm.core.config import MAX_LAYERS
 from legolm.data.tokenized import DataConfig
 from legolm.errors import ConfigError
 from legolm.generation.early_exit import KVMode
-from legolm.generation.fused import FusedBlocks
+from legolm.generation.fused import FUSED_BLOCKS, FusedBlocks
 from legolm.model.lego import check_target_ratio
 from legolm.train.config import EvalConfig, FitConfig, ModelSpec, OptimConfig, RunConfig, ScheduleConfig
 
@@ -281,8 +281,8 @@ class LegoConfig:
             (d.score_windows >= 1 and d.score_len >= 1, "decode.score_windows and decode.score_len must be >= 1"),
             (d.repeats >= 1 and d.warmup >= 0, "decode.repeats must be >= 1 and decode.warmup >= 0"),
             (all(k >= 1 for k in d.draft_tokens), f"decode.draft_tokens must be >= 1, got {d.draft_tokens}"),
-            (d.fused_kernel in ("blocks", "splitk"),
-             f"decode.fused_kernel must be blocks or splitk (LEGO decodes through fused blocks), got "
+            (d.fused_kernel in FUSED_BLOCKS,
+             f"decode.fused_kernel must be {' or '.join(FUSED_BLOCKS)} (LEGO decodes through fused blocks), got "
              f"{d.fused_kernel!r}"),
         ]
         for ok, message in checks:
