@@ -46,9 +46,9 @@ PERSISTENT_BLOCKS = dict(NS=kp.NS, BLOCK_T=64, BLOCK_C=1024, C_POW2=1024, BN_QKV
                          BK_PROJ=1024, BN_UP=32, BK_UP=256, BN_DOWN=8, BK_DOWN=1024, BN_HEAD=32, BK_HEAD=256, GREEDY=1,
                          HAS_EOS=1, BLOCK_P=256)
 CE = dict(logits_ptr=P, labels_ptr="*i64", loss_ptr="*fp32", V="i32", stride="i32", ignore_index="i32")
-QKV_PREP = dict(x_ptr="*fp32", nw_ptr=P, nb_ptr=P, w1_ptr=P, b1_ptr=P, w2_ptr=P, b2_ptr=P, w3_ptr=P, b3_ptr=P,
-                out_ptr="*fp32", pb_ptr=P, h_ptr="*fp32", zero_ptr="*fp32", N1="i32", N2="i32", N="i32", K="i32",
-                eps="fp32")
+QKV_PREP = dict(x_ptr="*fp32", tok_ptr="*i64", pos_ptr="*i64", wte_ptr=P, wpe_ptr=P, nw_ptr=P, nb_ptr=P, w1_ptr=P,
+                b1_ptr=P, w2_ptr=P, b2_ptr=P, w3_ptr=P, b3_ptr=P, out_ptr="*fp32", pb_ptr=P, h_ptr="*fp32",
+                zero_ptr="*fp32", N1="i32", N2="i32", N="i32", K="i32", eps="fp32")
 ATTENTION_PROJ = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", wp_ptr=P, h_ptr="*fp32",
                       slot_ptr="*i64", pos_ptr="*i64", S="i32", rope_len="i32", scale="fp32", C="i32")
 MLP = dict(x_ptr="*fp32", nw_ptr=P, nb_ptr=P, wg_ptr=P, bg_ptr=P, wu_ptr=P, bu_ptr=P, wd_ptr=P, bd_ptr=P,
@@ -68,7 +68,7 @@ SPECS = [
     (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=0, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, SUMEXP=0, BLOCK_N=8, BLOCK_K=256,
                                 K_POW2=1024, PDL=1)),  # programmatic dependent launch: griddepcontrol in the PTX
     (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, WRITE=1, PDL=1)),
-    (kd.advance_kernel, ADVANCE, dict(GREEDY=1, HAS_EOS=1, BLOCK=4096)),
+    (kd.advance_kernel, ADVANCE, dict(GREEDY=1, HAS_EOS=1, BLOCK=4096, PDL=1)),
     (kd.embed_kernel, EMBED, dict(HAS_WPE=1, BLOCK=1024)),
     (kd.exit_kernel, EXIT, dict(HAS_EOS=1, FILL=1, BLOCK=4096, BLOCK_B=4)),
     (kd.exit_kernel, EXIT, dict(HAS_EOS=0, FILL=0, BLOCK=4096, BLOCK_B=1)),
@@ -80,8 +80,10 @@ SPECS = [
     (kr.select_row_kernel, SELECT, dict(BLOCK=1024)),
     (kr.accept_kernel, ACCEPT, dict(HAS_EOS=1, BLOCK_T=8, BLOCK=4096)),
     (kce.ce_grad_kernel, CE, dict(BLOCK_V=4096)),
-    (ks.qkv_prep_kernel, QKV_PREP, dict(NORM=1, HAS_BIAS=1, HAS_PB=1, BLOCK_N=8, BLOCK_K=256, K_POW2=1024, PREP=8,
-                                        PDL=1)),
+    (ks.qkv_prep_kernel, QKV_PREP, dict(NORM=1, HAS_BIAS=1, HAS_PB=1, EMBED=0, ADD_WPE=0, BLOCK_N=8, BLOCK_K=256,
+                                        K_POW2=1024, PREP=8, PDL=1)),
+    (ks.qkv_prep_kernel, QKV_PREP, dict(NORM=1, HAS_BIAS=1, HAS_PB=1, EMBED=1, ADD_WPE=1, BLOCK_N=8, BLOCK_K=1024,
+                                        K_POW2=1024, PREP=8, PDL=1)),  # GPT-2's first block
     (ks.attention_proj_kernel, ATTENTION_PROJ, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, ROWS=128,
                                                     PDL=1)),  # Pythia
     (ks.attention_proj_kernel, ATTENTION_PROJ, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=64, ROWS=128,

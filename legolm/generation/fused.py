@@ -35,6 +35,7 @@ FusedBlocks = Literal["blocks", "splitk"]  # one token's fused blocks: five laun
 FUSED_BLOCKS = get_args(FusedBlocks)
 Norm = tuple[int, Tensor, Tensor | None, float]
 Weights = Tensor | tuple[Tensor, Tensor, Tensor]
+Embed = tuple[Tensor, Tensor, Tensor, Tensor | None]  # a token's embedding: (token, position, wte, wpe or None)
 
 
 @dataclass
@@ -189,10 +190,17 @@ class FusedStack:
             self.start = torch.zeros(1, dtype=torch.long, device=param.device)  # first row's position
 
     # -- one token -----------------------------------------------------------------------------
-    def embed(self, model: TransformerLM, tok: Tensor, pos: Tensor) -> None:
-        """x = wte[tok] (+ wpe[pos])."""
-        self.kd.embed(tok, pos, model.wte.weight, model.wpe.weight if model.wpe is not None else None, self.x,
-                      self.embed_block)
+    def token(self, model: TransformerLM, cache: KVCache, end: int, tok: Tensor, slot: Tensor, pos: Tensor) -> None:
+        """x = blocks ``0:end`` of the token ``tok`` at position ``pos`` (its K/V at cache slot ``slot``): the
+        embedding wte[tok] (+ wpe[pos]), then the blocks. Split-K's first block embeds the token itself
+        (`legolm.kernels.splitk.qkv_prep_kernel`): one launch less."""
+        wpe = model.wpe.weight if model.wpe is not None else None
+        if self.split_k and end > 0:
+            self.ensure_tuned(model, cache)
+            self._split_k_blocks(model, cache, 0, end, slot, pos, embed=(tok, pos, model.wte.weight, wpe))
+            return
+        self.kd.embed(tok, pos, model.wte.weight, wpe, self.x, self.embed_block)
+        self.blocks(model, cache, 0, end, slot, pos)
 
     def _gemvs(self, p: BlockPlan) -> dict[str, Callable[[GemvConfig], None]]:
         """A block's four GEMVs as functions of their launch shape (what the tuner times)."""
@@ -228,23 +236,25 @@ class FusedStack:
                 gemvs[role](configs[role])
 
     def _split_k_blocks(self, model: TransformerLM, cache: KVCache, start: int, end: int, slot: Tensor,
-                        pos: Tensor) -> None:
-        """`blocks` in three launches per block (`legolm.kernels.splitk`); the result ends in x."""
+                        pos: Tensor, embed: Embed | None = None) -> None:
+        """`blocks` in three launches per block (`legolm.kernels.splitk`); the result ends in x. ``embed``: the
+        first block embeds this (token, position, wte, wpe) into x first (`token`)."""
         shapes = self.split_shapes
         assert shapes is not None  # `ensure_tuned` chose them
         src, dst = self.x, self.x2
         for i in range(start, end):
-            self._split_k_block(model, cache.layers[i], self.plans[i], src, dst, slot, pos, shapes)
+            self._split_k_block(model, cache.layers[i], self.plans[i], src, dst, slot, pos, shapes,
+                                embed if i == start else None)
             src, dst = dst, src
         if src is not self.x:  # an odd number of blocks
             self.x.copy_(src)
 
     def _split_k_block(self, model: TransformerLM, layer: LayerKVCache, p: BlockPlan, src: Tensor, dst: Tensor,
-                       slot: Tensor, pos: Tensor, shapes: SplitKShapes) -> None:
-        """One block from the residual ``src`` into ``dst`` in three launches."""
+                       slot: Tensor, pos: Tensor, shapes: SplitKShapes, embed: Embed | None) -> None:
+        """One block from the residual ``src`` into ``dst`` in three launches (``embed``: `_split_k_blocks`)."""
         c, ks = model.config, self.ks
         ks.qkv_prep(src, p.qkv, self.qkv, shapes.qkv, bias=p.qkv_bias, norm=p.norm_1, proj_bias=p.proj_bias,
-                    h=self.h, zero=dst, pdl=self.pdl)
+                    h=self.h, zero=dst, pdl=self.pdl, embed=embed)
         ks.attention_proj(self.qkv, layer.k, layer.v, model.rope, p.proj, self.h, slot, pos, c.n_head, c.kv_heads,
                           c.hd, c.rotary_dim, shapes.attention, pdl=self.pdl)
         ks.mlp(src if p.parallel else self.h, p.norm_2, p.up, p.up_bias, p.act, p.up_2, p.down, p.down_bias, self.h,
@@ -294,8 +304,8 @@ class FusedStack:
         saved = self.x.clone()
         chosen: dict[str, GemvConfig] = {}
         for role, launch in gemvs.items():
-            heads = tuple(g for g in kd.GEMV_CANDIDATES if g.block_n >= kd.HEAD_MIN_ROWS)
-            chosen[role], self.tuning[role] = _fastest(launch, heads if role == "head" else kd.GEMV_CANDIDATES)
+            chosen[role], self.tuning[role] = _fastest(launch, kd.HEAD_CANDIDATES if role == "head"
+                                                       else kd.GEMV_CANDIDATES)
         layer = cache.layers[0]  # its slot ATTENTION_TUNE_SLOT is written now and again before it is read
         at = torch.full((1,), min(kd.ATTENTION_TUNE_SLOT, layer.k.shape[2] - 1), device=self.x.device)
         self.attention_config, self.tuning["attention"] = _fastest(
@@ -375,7 +385,8 @@ class FusedDecodeStep:
     """One decode step of a batch-1 `TransformerLM` through the fused kernels (`FusedStack`).
 
     Per step: 1 embedding kernel, 5 per block, the head GEMV (which also reduces its rows to partial
-    maxima when greedy) and 1 kernel that emits the greedy token and advances the slot.
+    maxima when greedy) and 1 kernel that emits the greedy token and advances the slot. With split-K, 3 per
+    block and no embedding kernel (the first block embeds the token).
 
     Args:
         model: The model (its weights are read in place at every step).
@@ -402,11 +413,10 @@ class FusedDecodeStep:
         """
         st, kd = self.stack, self.stack.kd
         st.ensure_tuned(model, cache)
-        st.embed(model, state.tok, state.pos)
-        st.blocks(model, cache, 0, model.config.n_layer, state.slot, state.pos)
+        st.token(model, cache, model.config.n_layer, state.tok, state.slot, state.pos)
         n_parts = st.head(st.final_norm, model.lm_head, "greedy" if greedy else "logits")
         kd.advance(st.partial[:2] if greedy else None, n_parts, state.tok, state.tokens, state.t, state.slot,
-                   state.pos, state.finished, eos_id, kd.ADVANCE_BLOCK)
+                   state.pos, state.finished, eos_id, kd.ADVANCE_BLOCK, pdl=st.pdl)
         return st.logits[None]  # (1, V)
 
 

@@ -181,8 +181,7 @@ class FusedLegoSession:
         st, m, s = self.stack, self.model, self.state
         assert m.shallow_exit is not None
         self._tick()
-        st.embed(m, s.tok, s.pos)
-        st.blocks(m, self.cache, 0, m.split, s.pos, s.pos)
+        st.token(m, self.cache, m.split, s.tok, s.pos, s.pos)
         if self.fill:
             st.kr.put_row(st.x, self.ring, s.pos, st.embed_block)
         n = st.head(self.shallow_norm, m.shallow_exit.head, "confidence", lens=m.shallow_exit.lens)
@@ -228,8 +227,7 @@ class FusedLegoSession:
     def _speculative_round(self, branch: Branch) -> None:
         st, kd, m, s, d = self.stack, self.kd, self.model, self.state, self.config.draft_tokens
         for i in range(d + 1):
-            st.embed(m, s.tok, self.dpos)
-            st.blocks(m, self.cache, 0, m.split, self.dpos, self.dpos)
+            st.token(m, self.cache, m.split, s.tok, self.dpos, self.dpos)
             st.X[i].copy_(st.x)
             if i < d:
                 n = st.head(self.draft_norm, self.drafter.head, "greedy", lens=self.drafter.lens)

@@ -30,11 +30,22 @@ ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU = 0, 1, 2, 3
 
 
 @triton.jit
-def _norm_stats(x_ptr, K, eps, NORM: tl.constexpr, K_POW2: tl.constexpr, CM: tl.constexpr):
-    """Mean (0 for RMSNorm) and 1/std of the K-vector at ``x_ptr`` (K <= K_POW2): one load, then two passes over
-    the registers for accuracy (CM: the load's cache modifier)."""
+def _load_x(x_ptr, x2_ptr, offs, mask, X2: tl.constexpr, CM: tl.constexpr):
+    """x[offs] in fp32, plus x2[offs] where X2 (an embedding: the token's row and the position's), with cache
+    modifier CM; 0 outside ``mask``."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0, cache_modifier=CM).to(tl.float32)
+    if X2:
+        x += tl.load(x2_ptr + offs, mask=mask, other=0.0, cache_modifier=CM).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _norm_stats(x_ptr, x2_ptr, K, eps, NORM: tl.constexpr, K_POW2: tl.constexpr, X2: tl.constexpr,
+                CM: tl.constexpr):
+    """Mean (0 for RMSNorm) and 1/std of the K-vector at ``x_ptr`` (+ ``x2_ptr`` where X2: `_load_x`;
+    K <= K_POW2): one load, then two passes over the registers for accuracy (CM: the load's cache modifier)."""
     offs = tl.arange(0, K_POW2)
-    x = tl.load(x_ptr + offs, mask=offs < K, other=0.0, cache_modifier=CM).to(tl.float32)
+    x = _load_x(x_ptr, x2_ptr, offs, offs < K, X2, CM)
     mean = 0.0
     if NORM == 1:
         mean = tl.sum(x, 0) / K
@@ -92,8 +103,8 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
     rows = r0 + tl.arange(0, BLOCK_N)
     rmask = rows < N
     w_ptr, b_ptr, local = _segment(r0, rows, N1, N2, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr)
-    y = _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, rows, local, rmask, K, eps, NORM,
-                   ACT, HAS_BIAS, HAS_RES, BLOCK_K, K_POW2, BLOCK_K >= K_POW2, PDL, "")
+    y = _gemv_rows(x_ptr, x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, rows, local, rmask, K, eps,
+                   NORM, ACT, HAS_BIAS, HAS_RES, BLOCK_K, K_POW2, BLOCK_K >= K_POW2, PDL, False, "")
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
     if ARGMAX:
         y = tl.where(rmask, y, float("-inf"))
@@ -116,12 +127,12 @@ def _segment(r0, rows, N1, N2, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr):
 
 
 @triton.jit
-def _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, rows, local, rmask, K, eps,
+def _gemv_rows(x_ptr, x2_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, rows, local, rmask, K, eps,
                NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                BLOCK_K: tl.constexpr, K_POW2: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr,
-               CM: tl.constexpr):
+               X2: tl.constexpr, CM: tl.constexpr):
     """act(W[n]·norm(x) + b[n]) (+ res[n]) in fp32 for the output rows ``rows`` (where ``rmask``), which are the
-    rows ``local`` of W and b.
+    rows ``local`` of W and b; where X2, x is the sum of the vectors at x_ptr and x2_ptr (`_load_x`).
 
     ONE_TILE (BLOCK_K >= K_POW2 only): the first weight tile holds the whole rows, and no registers are spent on a
     next tile (else the tiles stream through a loop, the next one in flight while the current one is used).
@@ -142,10 +153,10 @@ def _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, row
     _pdl_sync(PDL)  # everything below may read what earlier kernels wrote
     mean, rstd = 0.0, 1.0
     if NORM != 0:
-        mean, rstd = _norm_stats(x_ptr, K, eps, NORM, K_POW2, CM)
+        mean, rstd = _norm_stats(x_ptr, x2_ptr, K, eps, NORM, K_POW2, X2, CM)
     acc = tl.zeros([rows.shape[0], BLOCK_K], tl.float32)
     acc_u = tl.zeros([rows.shape[0], BLOCK_K], tl.float32)
-    x = tl.load(x_ptr + first, mask=first < K, other=0.0, cache_modifier=CM)
+    x = _load_x(x_ptr, x2_ptr, first, first < K, X2, CM)
     if ONE_TILE:  # loaded before the sync: nothing to prefetch
         acc, acc_u = _accumulate(acc, acc_u, w, wu, x, first, mean, rstd, nw_ptr, nb_ptr, K, NORM, ACT)
     for k0 in range(0, 0 if ONE_TILE else K, BLOCK_K):
@@ -157,7 +168,7 @@ def _gemv_rows(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, row
         wu_next = w_next
         if ACT == 3:
             wu_next = tl.load(wu_ptr + local[:, None] * K + nxt[None, :], mask=nmask, other=0.0)
-        x_next = tl.load(x_ptr + nxt, mask=nxt < K, other=0.0, cache_modifier=CM)
+        x_next = _load_x(x_ptr, x2_ptr, nxt, nxt < K, X2, CM)
         acc, acc_u = _accumulate(acc, acc_u, w, wu, x, offs, mean, rstd, nw_ptr, nb_ptr, K, NORM, ACT)
         w, wu, x = w_next, wu_next, x_next
     y = tl.sum(acc, 1)
@@ -194,9 +205,15 @@ def _accumulate(acc, acc_u, w, wu, x, offs, mean, rstd, nw_ptr, nb_ptr, K, NORM:
 
 @triton.jit
 def advance_kernel(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, slot_ptr, pos_ptr, finished_ptr, eos_id,
-                   GREEDY: tl.constexpr, HAS_EOS: tl.constexpr, BLOCK: tl.constexpr):
+                   GREEDY: tl.constexpr, HAS_EOS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """End of a step: slot and position advance; greedy also reduces the head's partial maxima to the
-    token (the first of ties, like `torch.argmax`), keeps finished rows at EOS and appends it."""
+    token (the first of ties, like `torch.argmax`), keeps finished rows at EOS and appends it.
+
+    PDL: launched while the head still runs, it waits for it before anything else (its launch latency hides
+    behind the head); the kernel after it must then not be a programmatic dependent (`legolm.kernels.splitk`
+    reads the slot before its wait)."""
+    if PDL:
+        gdc_wait()
     tl.store(slot_ptr, tl.load(slot_ptr) + 1)
     tl.store(pos_ptr, tl.load(pos_ptr) + 1)
     if GREEDY:
@@ -427,6 +444,10 @@ GEMV_CANDIDATES = (
 INTERPRETER_GEMV = GemvConfig(64, 256, 4)
 # Head GEMVs that feed the greedy reduction keep >= 8 rows per program (few partial maxima).
 HEAD_MIN_ROWS = 8
+# The LM head (the step's largest GEMV, ~40-80 MB) also tries larger programs: fewer partial maxima to reduce,
+# more bytes in flight per program.
+HEAD_CANDIDATES = (*(g for g in GEMV_CANDIDATES if g.block_n >= HEAD_MIN_ROWS),
+                   GemvConfig(32, 256, 8), GemvConfig(64, 128, 8), GemvConfig(32, 512, 8), GemvConfig(64, 256, 16))
 
 
 @dataclass(frozen=True)
@@ -529,13 +550,14 @@ def attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope: Tensor, out: 
 
 
 def advance(partial: tuple[Tensor, Tensor] | None, n_parts: int, tok: Tensor, tokens: Tensor, t: Tensor,
-            slot: Tensor, pos: Tensor, finished: Tensor, eos_id: int | None, block: int) -> None:
+            slot: Tensor, pos: Tensor, finished: Tensor, eos_id: int | None, block: int, pdl: bool = False) -> None:
     """Launch `advance_kernel` (batch 1): advance slot and position; with ``partial`` (the head's
-    partial maxima) also emit the greedy token into ``tok``, ``tokens[t]`` and step ``t``."""
+    partial maxima) also emit the greedy token into ``tok``, ``tokens[t]`` and step ``t``. ``pdl``: as a
+    programmatic dependent of the previous kernel (`advance_kernel`)."""
     pmax, pidx = partial if partial is not None else (tok, tok)
     advance_kernel[(1,)](pmax, pidx, n_parts, tok, tokens, t, slot, pos, finished.view(torch.int8),
                          eos_id if eos_id is not None else -1, GREEDY=partial is not None, HAS_EOS=eos_id is not None,
-                         BLOCK=min(triton.next_power_of_2(max(n_parts, 1)), block))
+                         BLOCK=min(triton.next_power_of_2(max(n_parts, 1)), block), **_pdl(pdl))
 
 
 @dataclass
