@@ -77,7 +77,7 @@ def test_a_row_pass_gives_the_one_token_steps_bit_for_bit(preset: str) -> None:
 # -- threshold early exit: fused = the torch loop -------------------------------------------------------
 @pytest.mark.parametrize(("preset", "kv_mode", "kernel"), [(p, "skip", "blocks") for p in PRESETS] + [
     ("tiny-llama", "fill", "blocks"), ("tiny-gpt2", "fill", "blocks"), ("tiny-pythia", "fill", "splitk"),
-    ("tiny-llama", "skip", "splitk")])
+    ("tiny-llama", "skip", "splitk"), ("tiny-gpt2", "skip", "splitk")])
 def test_fused_early_exit_equals_the_torch_loop(preset: str, kv_mode: str, kernel: FusedBlocks) -> None:
     """Same tokens, same exits, same shallow ratio: the fused decoder's decisions (confidence from the
     head's partial sums, fill-mode flushes of the queue) are those of `generate_with_early_exit`; with split-K
