@@ -63,16 +63,12 @@ def _pdl_sync(PDL: tl.constexpr):
 
 
 @triton.jit
-def _gate_closed(gate_ptr, GATED: tl.constexpr, PDL: tl.constexpr):
+def _gate_closed(gate_ptr, GATED: tl.constexpr):
     """Where GATED: whether the int8 condition at ``gate_ptr`` is 0, and the kernel must return at once (a
     predicated branch of a CUDA graph: `legolm.generation.fused_early_exit`). It is read at entry, before any
-    PDL wait, so it must be final when the branch's first kernel launches: that one is launched without PDL.
-    With PDL a gated kernel lets the next one launch first thing: a closed branch is a chain of empty
-    kernels, and each launch then overlaps the one before instead of waiting for its end."""
+    PDL wait, so it must be final when the branch's first kernel launches: that one is launched without PDL."""
     closed = False
     if GATED:
-        if PDL:
-            gdc_launch_dependents()
         closed = tl.load(gate_ptr) == 0
     return closed
 
@@ -108,7 +104,7 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
     waits for the previous kernel's results (`_pdl_sync`): a GEMV's fixed latency hides behind the last one.
     GATED: nothing happens where the condition at ``gate_ptr`` is 0 (`_gate_closed`).
     """
-    if _gate_closed(gate_ptr, GATED, PDL):
+    if _gate_closed(gate_ptr, GATED):
         return
     vec = tl.program_id(0)
     x_ptr += vec * stride_x
@@ -311,7 +307,7 @@ def emit_kernel(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, finishe
                 HAS_EOS: tl.constexpr, HAS_COUNTER: tl.constexpr, BLOCK: tl.constexpr, GATED: tl.constexpr):
     """Emit the greedy token of a head's partials (and step ``counter``: skip mode's upper slot, a draft position);
     GATED: only where the condition at ``gate_ptr`` is set (`_gate_closed`)."""
-    if _gate_closed(gate_ptr, GATED, False):
+    if _gate_closed(gate_ptr, GATED):
         return
     _, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK, "")
     _emit(nxt, nxt >= 0, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, HAS_EOS)

@@ -60,7 +60,7 @@ def qkv_prep_kernel(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, nw_ptr, nb_ptr, w
     launch is then not a programmatic dependent (`qkv_prep`), so the token and the position are final at entry.
     GATED (every kernel of a predicated branch, `_gate_closed`): nothing happens where the condition is 0.
     """
-    if _gate_closed(gate_ptr, GATED, PDL):
+    if _gate_closed(gate_ptr, GATED):
         return
     r0 = tl.program_id(0) * BLOCK_N
     rows = r0 + tl.arange(0, BLOCK_N)
@@ -92,7 +92,7 @@ def attention_proj_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, wp_ptr, h
     """Kernel 2, program (head, slice): the head's attention output o (`_attend_head`; the slice-0 program of
     each kv head's first query head writes the cache), rounded to the weights' dtype, then
     h[n] += Σ_d W_proj[n, head·D + d]·o[d] for the slice's ROWS rows n. GATED: as `qkv_prep_kernel`."""
-    if _gate_closed(gate_ptr, GATED, PDL):
+    if _gate_closed(gate_ptr, GATED):
         return
     head, s = tl.program_id(0), tl.program_id(1)
     n = s * ROWS + tl.arange(0, ROWS)
@@ -117,7 +117,7 @@ def mlp_kernel(x_ptr, nw_ptr, nb_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, wd_ptr, bd
     """Kernel 3, program c: hidden units a = act(W_up·norm(x) + b) of rows c·BLOCK_N.. (`_gemv_rows`), rounded to
     the weights' dtype, then out += W_down[:, rows]·a in BLOCK_C-row tiles; program 0 also adds res (+ b_down).
     GATED: as `qkv_prep_kernel`."""
-    if _gate_closed(gate_ptr, GATED, PDL):
+    if _gate_closed(gate_ptr, GATED):
         return
     res_n = tl.where(tl.program_id(0) == 0, C, 0)  # program 0 adds the residual and the bias
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
