@@ -15,8 +15,7 @@ import legolm.kernels.splitk as ks
 P = "*bf16"
 GEMV = dict(x_ptr="*fp32", nw_ptr=P, nb_ptr=P, w1_ptr=P, b1_ptr=P, w2_ptr=P, b2_ptr=P, w3_ptr=P, b3_ptr=P,
             wu_ptr=P, bu_ptr=P, res_ptr="*fp32", out_ptr="*fp32", pmax_ptr="*fp32", pidx_ptr="*i32", psum_ptr="*fp32",
-            N1="i32", N2="i32", N="i32", K="i32", eps="fp32", stride_x="i32", stride_out="i32", stride_p="i32",
-            gate_ptr="*i8")
+            N1="i32", N2="i32", N="i32", K="i32", eps="fp32", stride_x="i32", stride_out="i32", stride_p="i32")
 ATTENTION = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", out_ptr=P, slot_ptr="*i64",
                  pos_ptr="*i64", S="i32", rope_len="i32", scale="fp32", q_width="i32")
 ADVANCE = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64",
@@ -26,7 +25,7 @@ EXIT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", psum_ptr="*fp32", n_parts="i32", 
             exited_ptr="*i8", tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64", finished_ptr="*i8", eos_id="i32",
             q_ptr="*i64", buckets_ptr="*i64", flush_ptr="*i8", n_buckets="i32")
 EMIT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64",
-            finished_ptr="*i8", eos_id="i32", counter_ptr="*i64", gate_ptr="*i8")
+            finished_ptr="*i8", eos_id="i32", counter_ptr="*i64")
 TICK = dict(pos_ptr="*i64", q_ptr="*i64", flush_ptr="*i8", n_buckets="i32", count_ptr="*i64")
 KV_ROWS = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", start_ptr="*i64", S="i32",
                rope_len="i32", q_width="i32")
@@ -49,33 +48,31 @@ PERSISTENT_BLOCKS = dict(NS=kp.NS, BLOCK_T=64, BLOCK_C=1024, C_POW2=1024, BN_QKV
 CE = dict(logits_ptr=P, labels_ptr="*i64", loss_ptr="*fp32", V="i32", stride="i32", ignore_index="i32")
 QKV_PREP = dict(x_ptr="*fp32", tok_ptr="*i64", pos_ptr="*i64", wte_ptr=P, wpe_ptr=P, nw_ptr=P, nb_ptr=P, w1_ptr=P,
                 b1_ptr=P, w2_ptr=P, b2_ptr=P, w3_ptr=P, b3_ptr=P, out_ptr="*fp32", pb_ptr=P, h_ptr="*fp32",
-                zero_ptr="*fp32", N1="i32", N2="i32", N="i32", K="i32", eps="fp32", gate_ptr="*i8")
+                zero_ptr="*fp32", N1="i32", N2="i32", N="i32", K="i32", eps="fp32")
 ATTENTION_PROJ = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", wp_ptr=P, h_ptr="*fp32",
-                      slot_ptr="*i64", pos_ptr="*i64", S="i32", rope_len="i32", scale="fp32", C="i32",
-                      gate_ptr="*i8")
+                      slot_ptr="*i64", pos_ptr="*i64", S="i32", rope_len="i32", scale="fp32", C="i32")
 MLP = dict(x_ptr="*fp32", nw_ptr=P, nb_ptr=P, wg_ptr=P, bg_ptr=P, wu_ptr=P, bu_ptr=P, wd_ptr=P, bd_ptr=P,
-           res_ptr="*fp32", out_ptr="*fp32", F="i32", C="i32", eps="fp32", gate_ptr="*i8")
-GEMV_BLOCKS = dict(BLOCK_N=8, BLOCK_K=256, K_POW2=1024, GATED=0, PDL=0)
+           res_ptr="*fp32", out_ptr="*fp32", F="i32", C="i32", eps="fp32")
+GEMV_BLOCKS = dict(BLOCK_N=8, BLOCK_K=256, K_POW2=1024, PDL=0)
 SPECS = [
     (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=0, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # LN->qkv
     (kd.gemv_kernel, GEMV, dict(NORM=0, ACT=0, HAS_BIAS=1, HAS_RES=1, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # + res
     (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=2, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # tanh GELU
     (kd.gemv_kernel, GEMV, dict(NORM=2, ACT=3, HAS_BIAS=0, HAS_RES=0, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # SwiGLU
-    (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=1, HAS_BIAS=0, HAS_RES=0, ARGMAX=1, SUMEXP=0,
-                                **{**GEMV_BLOCKS, "GATED": 1})),  # a predicated head
+    (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=1, HAS_BIAS=0, HAS_RES=0, ARGMAX=1, SUMEXP=0, **GEMV_BLOCKS)),  # head
     (kd.gemv_kernel, GEMV, dict(NORM=2, ACT=0, HAS_BIAS=0, HAS_RES=0, ARGMAX=1, SUMEXP=1, **GEMV_BLOCKS)),  # exit head
     (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=0, BLOCK_T=64, WRITE=1, PDL=0)),  # GPT-2
     (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, WRITE=1, PDL=0)),  # Pythia
     (kd.attention_kernel, ATTENTION, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=128, WRITE=1, PDL=0)),  # GQA
     (kd.attention_kernel, ATTENTION, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=128, WRITE=0, PDL=0)),  # rows
     (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=0, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, SUMEXP=0, BLOCK_N=8, BLOCK_K=256,
-                                K_POW2=1024, GATED=0, PDL=1)),  # PDL: griddepcontrol in the PTX
+                                K_POW2=1024, PDL=1)),  # programmatic dependent launch: griddepcontrol in the PTX
     (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, WRITE=1, PDL=1)),
     (kd.advance_kernel, ADVANCE, dict(GREEDY=1, HAS_EOS=1, BLOCK=4096, PDL=1)),
     (kd.embed_kernel, EMBED, dict(HAS_WPE=1, BLOCK=1024)),
     (kd.exit_kernel, EXIT, dict(HAS_EOS=1, FILL=1, BLOCK=4096, BLOCK_B=4)),
     (kd.exit_kernel, EXIT, dict(HAS_EOS=0, FILL=0, BLOCK=4096, BLOCK_B=1)),
-    (kd.emit_kernel, EMIT, dict(HAS_EOS=1, HAS_COUNTER=1, BLOCK=4096, GATED=1)),
+    (kd.emit_kernel, EMIT, dict(HAS_EOS=1, HAS_COUNTER=1, BLOCK=4096)),
     (kd.tick_kernel, TICK, dict(FILL=1, BLOCK_B=4)),
     (kr.kv_rows_kernel, KV_ROWS, dict(H=9, HKV=3, D=64, D_POW2=64, R=64)),
     (kr.gather_rows_kernel, GATHER, dict(BLOCK=1024)),
@@ -84,17 +81,17 @@ SPECS = [
     (kr.accept_kernel, ACCEPT, dict(HAS_EOS=1, BLOCK_T=8, BLOCK=4096)),
     (kce.ce_grad_kernel, CE, dict(BLOCK_V=4096)),
     (ks.qkv_prep_kernel, QKV_PREP, dict(NORM=1, HAS_BIAS=1, HAS_PB=1, EMBED=0, ADD_WPE=0, BLOCK_N=8, BLOCK_K=256,
-                                        K_POW2=1024, PREP=8, GATED=1, PDL=1)),
+                                        K_POW2=1024, PREP=8, PDL=1)),
     (ks.qkv_prep_kernel, QKV_PREP, dict(NORM=1, HAS_BIAS=1, HAS_PB=1, EMBED=1, ADD_WPE=1, BLOCK_N=8, BLOCK_K=1024,
-                                        K_POW2=1024, PREP=8, GATED=0, PDL=1)),  # GPT-2's first block
+                                        K_POW2=1024, PREP=8, PDL=1)),  # GPT-2's first block
     (ks.attention_proj_kernel, ATTENTION_PROJ, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, ROWS=128,
-                                                    GATED=1, PDL=1)),  # Pythia
+                                                    PDL=1)),  # Pythia
     (ks.attention_proj_kernel, ATTENTION_PROJ, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=64, ROWS=128,
-                                                    GATED=0, PDL=0)),  # SmolLM2
+                                                    PDL=0)),  # SmolLM2
     (ks.mlp_kernel, MLP, dict(NORM=1, ACT=2, HAS_BIAS=1, HAS_DOWN_BIAS=1, BLOCK_N=32, BLOCK_K=256, K_POW2=1024,
-                              BLOCK_C=128, GATED=1, PDL=1)),  # GPT-2
+                              BLOCK_C=128, PDL=1)),  # GPT-2
     (ks.mlp_kernel, MLP, dict(NORM=2, ACT=3, HAS_BIAS=0, HAS_DOWN_BIAS=0, BLOCK_N=32, BLOCK_K=256, K_POW2=1024,
-                              BLOCK_C=128, GATED=0, PDL=0)),  # SmolLM2
+                              BLOCK_C=128, PDL=0)),  # SmolLM2
     (kp.persistent_step_kernel, PERSISTENT, dict(  # GPT-2
         NORM_1=1, NORM_2=1, NORM_F=1, ACT=2, QKV_BIAS=1, PROJ_BIAS=1, UP_BIAS=1, DOWN_BIAS=1, HEAD_BIAS=0, HAS_WPE=1,
         PARALLEL=0, H=12, HKV=12, D=64, D_POW2=64, R=0, **PERSISTENT_BLOCKS)),

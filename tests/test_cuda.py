@@ -283,9 +283,8 @@ def _lego(preset: str, split: int = 2, layers: int = 6, agree: bool = False) -> 
 @pytest.mark.parametrize("kv_mode", ["skip", "fill"])
 def test_fused_early_exit_graphs_match_the_torch_loop(preset: str, kv_mode: str,
                                                       kernel: Literal["blocks", "splitk"]) -> None:
-    """CUDA graphs (with conditional nodes where torch has them; else skip mode on split-K blocks predicates the
-    upper part inside graphs of 8 steps, and the rest runs one graph per part of a step): same tokens and exits
-    as the eager early-exit loop (fp32), with five-kernel or split-K blocks."""
+    """CUDA graphs (with conditional nodes where torch has them, else one graph per part of a step): same tokens
+    and exits as the eager early-exit loop (fp32), with five-kernel or split-K blocks."""
     from legolm.generation.early_exit import generate_with_early_exit
     from legolm.model.lego import confidence
 

@@ -81,7 +81,7 @@ def test_a_row_pass_gives_the_one_token_steps_bit_for_bit(preset: str) -> None:
 def test_fused_early_exit_equals_the_torch_loop(preset: str, kv_mode: str, kernel: FusedBlocks) -> None:
     """Same tokens, same exits, same shallow ratio: the fused decoder's decisions (confidence from the
     head's partial sums, fill-mode flushes of the queue) are those of `generate_with_early_exit`; with split-K
-    one-token blocks too (skip mode: the upper part predicated on the device's decision, no host read)."""
+    one-token blocks too."""
     model, ids = lego_model(preset).to(DEVICE), prompt().to(DEVICE)
     tau = mid_threshold(model.cpu(), ids.cpu())
     model.to(DEVICE)
@@ -248,14 +248,12 @@ class _Replayed:
         self.fn(None)  # type: ignore[operator]
 
 
-@pytest.mark.parametrize(("mode", "kv_mode", "runner", "kernel"), [
-    ("threshold", "skip", "parts", "blocks"), ("threshold", "fill", "parts", "blocks"),
-    ("threshold", "skip", "graph", "splitk"), ("speculative", "fill", "graph", "blocks")])
+@pytest.mark.parametrize(("mode", "kv_mode", "runner"), [("threshold", "skip", "parts"), ("threshold", "fill", "parts"),
+                                                         ("speculative", "fill", "graph")])
 def test_the_gpu_runners_control_flow_on_the_cpu(monkeypatch: pytest.MonkeyPatch, mode: str, kv_mode: str,
-                                                 runner: str, kernel: FusedBlocks) -> None:
+                                                 runner: str) -> None:
     """The GPU runners' control flow with graphs replaced by their recorded functions: a step as graphs of its
-    parts with the conditions read once (threshold), several steps per replay with predicated branches
-    (threshold, skip mode on split-K blocks), several rounds per replay (speculative). Tokens, and the
+    parts with the conditions read once (threshold), several rounds per replay (speculative). Tokens, and the
     routing stats, as the eager runner gives them."""
     import legolm.generation.fused_early_exit as fe
 
@@ -265,7 +263,7 @@ def test_the_gpu_runners_control_flow_on_the_cpu(monkeypatch: pytest.MonkeyPatch
     tau = mid_threshold(model, ids)
     cfg = greedy(max_new_tokens=n, early_exit=mode, threshold=tau if mode == "threshold" else None, kv_mode=kv_mode,
                  draft_tokens=2, fused=True, fused_tune=False, fill_buckets=[1, 2, 4], graph_steps=3,
-                 session_cache_size=0, fused_kernel=kernel)
+                 session_cache_size=0)
     eager = generate(model, ids.tolist(), cfg)  # the CPU's own runner: kernels one by one
     monkeypatch.setattr(fe, "_record", _Replayed)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
@@ -273,7 +271,6 @@ def test_the_gpu_runners_control_flow_on_the_cpu(monkeypatch: pytest.MonkeyPatch
 
     def gpu_init(self: fe.FusedLegoSession, *args: object, **kwargs: object) -> None:
         init(self, *args, **kwargs)  # type: ignore[arg-type]
-        assert self.branching == ("predicated" if kernel == "splitk" else "host")  # no IF nodes on the CPU
         self.runner = runner
 
     monkeypatch.setattr(fe.FusedLegoSession, "__init__", gpu_init)

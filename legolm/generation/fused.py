@@ -178,9 +178,6 @@ class FusedStack:
             self.x2 = buf(c.n_embd)  # the blocks alternate between x and x2 (`legolm.kernels.splitk`)
             self.split_shapes: SplitKShapes | None = None
         self.tuning: dict[str, float] = {}  # role -> µs of its chosen launch shape
-        # (1,) bool or None: while set, every split-K block and head kernel launched does nothing where it is
-        # False (a predicated graph branch, `legolm.kernels.decode._gate_closed`)
-        self.gate: Tensor | None = None
         if rows:  # the same buffers with a row per token (dtypes as above: the same arithmetic)
             import legolm.kernels.rows as kr
 
@@ -217,8 +214,7 @@ class FusedStack:
 
     def _head(self, norm: Norm, lin: nn.Linear, x: Tensor, mode: str) -> Callable[[GemvConfig], None]:
         partial = {"logits": None, "greedy": self.partial[:2], "confidence": self.partial}[mode]
-        return lambda g: self.gemv(x, lin.weight, self.logits, g, bias=lin.bias, norm=norm, partial=partial,
-                                   gate=self.gate)
+        return lambda g: self.gemv(x, lin.weight, self.logits, g, bias=lin.bias, norm=norm, partial=partial)
 
     def _attention(self, model: TransformerLM, layer: LayerKVCache, slot: Tensor, pos: Tensor,
                    config: AttentionConfig) -> None:
@@ -232,7 +228,6 @@ class FusedStack:
         if self.split_k:
             self._split_k_blocks(model, cache, start, end, slot, pos)
             return
-        assert self.gate is None, "predicated branches need split-K blocks"
         for i in range(start, end):
             gemvs = self._gemvs(self.plans[i])
             gemvs["qkv"](configs["qkv"])
@@ -249,22 +244,21 @@ class FusedStack:
         src, dst = self.x, self.x2
         for i in range(start, end):
             self._split_k_block(model, cache.layers[i], self.plans[i], src, dst, slot, pos, shapes,
-                                embed if i == start else None, opens=i == start and self.gate is not None)
+                                embed if i == start else None)
             src, dst = dst, src
         if src is not self.x:  # an odd number of blocks
             self.x.copy_(src)
 
     def _split_k_block(self, model: TransformerLM, layer: LayerKVCache, p: BlockPlan, src: Tensor, dst: Tensor,
-                       slot: Tensor, pos: Tensor, shapes: SplitKShapes, embed: Embed | None, opens: bool) -> None:
-        """One block from the residual ``src`` into ``dst`` in three launches (``embed``: `_split_k_blocks`; ``opens``:
-        the first block of a predicated branch, whose first kernel launches without PDL)."""
-        c, ks, gate = model.config, self.ks, self.gate
+                       slot: Tensor, pos: Tensor, shapes: SplitKShapes, embed: Embed | None) -> None:
+        """One block from the residual ``src`` into ``dst`` in three launches (``embed``: `_split_k_blocks`)."""
+        c, ks = model.config, self.ks
         ks.qkv_prep(src, p.qkv, self.qkv, shapes.qkv, bias=p.qkv_bias, norm=p.norm_1, proj_bias=p.proj_bias,
-                    h=self.h, zero=dst, pdl=self.pdl, embed=embed, gate=gate, opens=opens)
+                    h=self.h, zero=dst, pdl=self.pdl, embed=embed)
         ks.attention_proj(self.qkv, layer.k, layer.v, model.rope, p.proj, self.h, slot, pos, c.n_head, c.kv_heads,
-                          c.hd, c.rotary_dim, shapes.attention, pdl=self.pdl, gate=gate)
+                          c.hd, c.rotary_dim, shapes.attention, pdl=self.pdl)
         ks.mlp(src if p.parallel else self.h, p.norm_2, p.up, p.up_bias, p.act, p.up_2, p.down, p.down_bias, self.h,
-               dst, shapes.mlp, pdl=self.pdl, gate=gate)
+               dst, shapes.mlp, pdl=self.pdl)
 
     def head(self, norm: Norm, lin: nn.Linear, mode: str, x: Tensor | None = None,
              lens: nn.Linear | None = None) -> int:
@@ -273,8 +267,7 @@ class FusedStack:
         configs = self.configs or {"head": self.kd.INTERPRETER_GEMV, "proj": self.kd.INTERPRETER_GEMV}
         x = self.x if x is None else x
         if lens is not None:  # a (C, C) map like the attention output projection: its launch shape
-            self.gemv(x, _linear(lens, "exit lens").weight, self.lensed, configs["proj"], bias=lens.bias,
-                      gate=self.gate)
+            self.gemv(x, _linear(lens, "exit lens").weight, self.lensed, configs["proj"], bias=lens.bias)
             x = self.lensed
         self._head(norm, lin, x, mode)(configs["head"])
         return -(-lin.out_features // configs["head"].block_n)

@@ -28,13 +28,8 @@ Self-speculative output equals full-depth greedy decoding: every kept token is t
 greedy choice on a history of kept tokens, whose upper-layer K/V are exact (rejected drafts leave
 stale entries only in slots that later positions overwrite before anyone reads them).
 
-Without conditional graph nodes (torch 2.11 has none), skip mode on split-K blocks *predicates* the
-branch instead: its kernels are always launched (the first without PDL) and each reads "deep" at entry and
-returns at once where it is 0, so 16 tokens still replay as one graph with no host read; an exited token
-pays the empty launches of the upper part instead of a round trip to the host. Fill mode and five-kernel
-blocks fall back to graphs of the step's parts, the host reading the conditions once a step. Without CUDA
-(Triton's interpreter in the tests) the same kernels run eagerly, predicated or with the host reading each
-condition: the arithmetic is the same, only slower.
+Without conditional graph nodes (CPU: Triton's interpreter in the tests) the same kernels run
+eagerly and the host reads each condition: the arithmetic is the same, only slower.
 """
 
 from __future__ import annotations
@@ -162,16 +157,11 @@ class FusedLegoSession:
         self.spec_stats = zeros(2)  # accepted drafts, rounds
         self.graph: torch.cuda.CUDAGraph | None = None
         self.parts: tuple[torch.cuda.CUDAGraph, list[tuple[int, torch.cuda.CUDAGraph]]] | None = None
-        # how a threshold step's branches run: "conditional" (IF nodes of the graph), "predicated" (skip mode on
-        # split-K blocks without IF nodes: every kernel of a branch runs and does nothing where its condition is
-        # 0, `FusedStack.gate`), "host" (the host reads the conditions)
-        self.branching = "conditional" if conditional_graphs_available() else \
-            "predicated" if config.split_k and not self.fill else "host"
-        # how a unit runs: "graph" (several units per CUDA graph: speculative, or threshold with device-side
-        # branches), "parts" (threshold with host branches: graphs of the step's parts, the host reads the
-        # conditions once a step), "eager" (no CUDA: kernels launched one by one; predicated or host branches)
+        # how a unit runs: "graph" (several units per CUDA graph: speculative, or threshold with conditional
+        # nodes), "parts" (threshold without them: graphs of the step's parts, the host reads the conditions
+        # once a step), "eager" (no CUDA: kernels launched one by one, the host reads the conditions)
         self.runner = "eager" if not p.is_cuda else \
-            "graph" if config.mode == "speculative" or self.branching != "host" else "parts"
+            "graph" if config.mode == "speculative" or conditional_graphs_available() else "parts"
         self.prefill_graphs = config.prefill_graphs if p.is_cuda else 0
         self._prefills: OrderedDict[int, tuple[torch.cuda.CUDAGraph, Tensor, tuple[Tensor, ...]]] = OrderedDict()
         self.warmed = False
@@ -221,8 +211,7 @@ class FusedLegoSession:
         st, m, s = self.stack, self.model, self.state
         st.blocks(m, self.cache, m.split, m.n_layer, self.uslot, s.pos)
         n = st.head(st.final_norm, m.lm_head, "greedy")
-        self.kd.emit(st.partial, n, s.tok, s.tokens, s.t, s.finished, self.eos_id, self.kd.ADVANCE_BLOCK, self.uslot,
-                     gate=st.gate)
+        self.kd.emit(st.partial, n, s.tok, s.tokens, s.t, s.finished, self.eos_id, self.kd.ADVANCE_BLOCK, self.uslot)
 
     def _flush(self, rows: int) -> None:
         st, m, s = self.stack, self.model, self.state
@@ -307,7 +296,7 @@ class FusedLegoSession:
     def run_unit(self) -> None:
         """One token (threshold) or round (speculative); with ``runner`` "graph", `steps_per_graph` of them."""
         if self.runner == "eager":
-            self._unit(self._predicated if self.branching == "predicated" else _host_branch)
+            self._unit(_host_branch)
         elif self.runner == "graph":
             assert self.graph is not None, "warm_up() captures the graphs before the first prefill"
             self.graph.replay()
@@ -334,7 +323,7 @@ class FusedLegoSession:
             return
         self.stack.ensure_tuned(self.model, self.cache)
         self.state.pos.fill_(0)
-        self._unit(self._predicated if self.branching == "predicated" else _both_branches)  # the kernels recorded
+        self._unit(_both_branches)
         torch.cuda.synchronize()
         if self.runner == "graph":
             self.graph = _record(self._units)
@@ -345,19 +334,9 @@ class FusedLegoSession:
         self.warmed = True
 
     def _units(self, graph: torch.cuda.CUDAGraph) -> None:
-        """`steps_per_graph` units into ``graph``, branches as its conditional nodes or predicated."""
-        branch = self._predicated if self.branching == "predicated" else _conditional(graph)
+        """`steps_per_graph` units into ``graph``, branches as its conditional nodes."""
         for _ in range(self.config.steps_per_graph):
-            self._unit(branch)
-
-    def _predicated(self, pred: Tensor, fn: Callable[[], None]) -> None:
-        """A branch whose kernels are all launched and do nothing on the device where ``pred`` is False
-        (`FusedStack.gate`): no host read, and no IF node, at the cost of the skipped kernels' launches."""
-        self.stack.gate = pred
-        try:
-            fn()
-        finally:
-            self.stack.gate = None
+            self._unit(_conditional(graph))
 
     @property
     def units_per_replay(self) -> int:

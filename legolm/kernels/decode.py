@@ -63,17 +63,6 @@ def _pdl_sync(PDL: tl.constexpr):
 
 
 @triton.jit
-def _gate_closed(gate_ptr, GATED: tl.constexpr):
-    """Where GATED: whether the int8 condition at ``gate_ptr`` is 0, and the kernel must return at once (a
-    predicated branch of a CUDA graph: `legolm.generation.fused_early_exit`). It is read at entry, before any
-    PDL wait, so it must be final when the branch's first kernel launches: that one is launched without PDL."""
-    closed = False
-    if GATED:
-        closed = tl.load(gate_ptr) == 0
-    return closed
-
-
-@triton.jit
 def _gelu(a, TANH: tl.constexpr):
     if TANH:  # 0.5·a·(1 + tanh(√(2/π)·(a + 0.044715·a³))), tanh(u) = 2·sigmoid(2u) − 1
         u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
@@ -84,9 +73,9 @@ def _gelu(a, TANH: tl.constexpr):
 @triton.jit
 def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr, wu_ptr, bu_ptr,
                 res_ptr, out_ptr, pmax_ptr, pidx_ptr, psum_ptr, N1, N2, N, K, eps, stride_x, stride_out, stride_p,
-                gate_ptr, NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                 ARGMAX: tl.constexpr, SUMEXP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                K_POW2: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr):
+                K_POW2: tl.constexpr, PDL: tl.constexpr):
     """out[n] = act(W[n]·norm(x) + b[n]) (+ res[n]) for the BLOCK_N rows of this program (`_gemv_rows`).
 
     W is up to three row segments (rows < N1 of w1, < N2 of w2, the rest of w3: Llama's separate
@@ -102,10 +91,7 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
     PDL (programmatic dependent launch): the program starts while the previous kernel still runs,
     loads its first weight tile (weights are constant), lets the next kernel launch, and only then
     waits for the previous kernel's results (`_pdl_sync`): a GEMV's fixed latency hides behind the last one.
-    GATED: nothing happens where the condition at ``gate_ptr`` is 0 (`_gate_closed`).
     """
-    if _gate_closed(gate_ptr, GATED):
-        return
     vec = tl.program_id(0)
     x_ptr += vec * stride_x
     res_ptr += vec * stride_out
@@ -303,12 +289,9 @@ def exit_kernel(pmax_ptr, pidx_ptr, psum_ptr, n_parts, tau_ptr, deep_ptr, exited
 
 
 @triton.jit
-def emit_kernel(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, counter_ptr, gate_ptr,
-                HAS_EOS: tl.constexpr, HAS_COUNTER: tl.constexpr, BLOCK: tl.constexpr, GATED: tl.constexpr):
-    """Emit the greedy token of a head's partials (and step ``counter``: skip mode's upper slot, a draft position);
-    GATED: only where the condition at ``gate_ptr`` is set (`_gate_closed`)."""
-    if _gate_closed(gate_ptr, GATED):
-        return
+def emit_kernel(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, counter_ptr,
+                HAS_EOS: tl.constexpr, HAS_COUNTER: tl.constexpr, BLOCK: tl.constexpr):
+    """Emit the greedy token of a head's partials (and step ``counter``: skip mode's upper slot, a draft position)."""
     _, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK, "")
     _emit(nxt, nxt >= 0, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, HAS_EOS)
     if HAS_COUNTER:
@@ -496,11 +479,6 @@ def _pdl(pdl: bool) -> dict[str, bool]:
     return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
 
 
-def _gate_arg(gate: Tensor | None, stand_in: Tensor) -> Tensor:
-    """A gated kernel's condition as int8 (`_gate_closed`), or a stand-in pointer where there is none."""
-    return gate.view(torch.int8) if gate is not None else stand_in
-
-
 def segments(w: Tensor | tuple[Tensor, Tensor, Tensor], bias: Tensor | tuple[Tensor, Tensor, Tensor] | None,
              out: Tensor, block_n: int) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor], int, int,
                                                  int]:
@@ -521,7 +499,7 @@ def gemv(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, conf
          bias: Tensor | tuple[Tensor, Tensor, Tensor] | None = None, norm: tuple[int, Tensor, Tensor | None, float]
          | None = None, act: int = ACT_NONE, up: tuple[Tensor, Tensor | None] | None = None,
          residual: Tensor | None = None, partial: tuple[Tensor, ...] | None = None, rows: int = 0,
-         pdl: bool = False, gate: Tensor | None = None) -> None:
+         pdl: bool = False) -> None:
     """Launch `gemv_kernel`: ``out = act(W·norm(x) + b) (+ residual)``, for one vector or ``rows`` of them.
 
     Args:
@@ -537,7 +515,6 @@ def gemv(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, conf
         partial: fp32 and int32 buffers of at least cdiv(N, block_n): each program's largest output
             and its row (for `advance`); a third fp32 buffer gets its Σ exp(out - largest) (for `exit_`).
         pdl: Launch as a programmatic dependent of the previous kernel (`pdl_supported`).
-        gate: (1,) bool: the launch does nothing where it is False (`_gate_closed`).
     """
     ws, bs, n1, n2, block_n = segments(w, bias, out, config.block_n)
     N, K = out.shape[-1], x.shape[-1]
@@ -548,11 +525,11 @@ def gemv(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, conf
     stride_p = pmax.shape[-1] if rows and partial is not None else 0
     gemv_kernel[grid](x, nw, nb if nb is not None else nw, ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], wu,
                       bu if bu is not None else bs[0], residual if residual is not None else out, out, pmax, pidx,
-                      psum, n1, n2, N, K, eps, K if rows else 0, N if rows else 0, stride_p, _gate_arg(gate, out),
-                      NORM=kind, ACT=act, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-                      ARGMAX=partial is not None, SUMEXP=partial is not None and len(partial) == 3, BLOCK_N=block_n,
-                      BLOCK_K=config.block_k, K_POW2=triton.next_power_of_2(K), GATED=gate is not None,
-                      num_warps=config.num_warps, **_pdl(pdl))
+                      psum, n1, n2, N, K, eps, K if rows else 0, N if rows else 0, stride_p, NORM=kind, ACT=act,
+                      HAS_BIAS=bias is not None, HAS_RES=residual is not None, ARGMAX=partial is not None,
+                      SUMEXP=partial is not None and len(partial) == 3, BLOCK_N=block_n,
+                      BLOCK_K=config.block_k, K_POW2=triton.next_power_of_2(K), num_warps=config.num_warps,
+                      **_pdl(pdl))
 
 
 def attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope: Tensor, out: Tensor, slot: Tensor, pos: Tensor,
@@ -615,13 +592,12 @@ def exit_(partial: tuple[Tensor, Tensor, Tensor], n_parts: int, tau: Tensor, dee
 
 
 def emit(partial: tuple[Tensor, ...], n_parts: int, tok: Tensor, tokens: Tensor, t: Tensor, finished: Tensor,
-         eos_id: int | None, block: int, counter: Tensor | None = None, gate: Tensor | None = None) -> None:
-    """Launch `emit_kernel`: append the greedy token of a head's partials; step ``counter`` if given; nothing
-    where ``gate`` (if given) is False."""
+         eos_id: int | None, block: int, counter: Tensor | None = None) -> None:
+    """Launch `emit_kernel`: append the greedy token of a head's partials; step ``counter`` if given."""
     emit_kernel[(1,)](partial[0], partial[1], n_parts, tok, tokens, t, finished.view(torch.int8),
                       eos_id if eos_id is not None else -1, counter if counter is not None else t,
-                      _gate_arg(gate, t), HAS_EOS=eos_id is not None, HAS_COUNTER=counter is not None,
-                      BLOCK=min(triton.next_power_of_2(max(n_parts, 1)), block), GATED=gate is not None)
+                      HAS_EOS=eos_id is not None, HAS_COUNTER=counter is not None,
+                      BLOCK=min(triton.next_power_of_2(max(n_parts, 1)), block))
 
 
 def tick(pos: Tensor, fill: tuple[Tensor, Tensor, Tensor] | None = None) -> None:

@@ -35,8 +35,6 @@ from legolm.kernels.decode import (
     GemvConfig,
     _attend_head,
     _first_tile,
-    _gate_arg,
-    _gate_closed,
     _gemv_rows,
     _load_x,
     _pdl,
@@ -48,20 +46,17 @@ from legolm.kernels.decode import (
 
 @triton.jit
 def qkv_prep_kernel(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr,
-                    b3_ptr, out_ptr, pb_ptr, h_ptr, zero_ptr, N1, N2, N, K, eps, gate_ptr, NORM: tl.constexpr,
+                    b3_ptr, out_ptr, pb_ptr, h_ptr, zero_ptr, N1, N2, N, K, eps, NORM: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HAS_PB: tl.constexpr, EMBED: tl.constexpr, ADD_WPE: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_POW2: tl.constexpr, PREP: tl.constexpr,
-                    GATED: tl.constexpr, PDL: tl.constexpr):
+                    PDL: tl.constexpr):
     """Kernel 1: out = W·norm(x) + b (the qkv GEMV, `_gemv_rows`), and this program's PREP channels of
     h = x (+ pb) and zero = 0: the buffers that kernels 2 and 3 accumulate into.
 
     EMBED (the first block of a token): x is the token's embedding wte[tok] (+ wpe[pos] where ADD_WPE), read
     here from the tables; the program also stores its channels of x (a parallel block's MLP reads it). The
     launch is then not a programmatic dependent (`qkv_prep`), so the token and the position are final at entry.
-    GATED (every kernel of a predicated branch, `_gate_closed`): nothing happens where the condition is 0.
     """
-    if _gate_closed(gate_ptr, GATED):
-        return
     r0 = tl.program_id(0) * BLOCK_N
     rows = r0 + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -86,14 +81,12 @@ def qkv_prep_kernel(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, nw_ptr, nb_ptr, w
 
 @triton.jit
 def attention_proj_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, wp_ptr, h_ptr, slot_ptr, pos_ptr, S,
-                          rope_len, scale, C, gate_ptr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                          rope_len, scale, C, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                           D_POW2: tl.constexpr, R: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
-                          GATED: tl.constexpr, PDL: tl.constexpr):
+                          PDL: tl.constexpr):
     """Kernel 2, program (head, slice): the head's attention output o (`_attend_head`; the slice-0 program of
     each kv head's first query head writes the cache), rounded to the weights' dtype, then
-    h[n] += Σ_d W_proj[n, head·D + d]·o[d] for the slice's ROWS rows n. GATED: as `qkv_prep_kernel`."""
-    if _gate_closed(gate_ptr, GATED):
-        return
+    h[n] += Σ_d W_proj[n, head·D + d]·o[d] for the slice's ROWS rows n."""
     head, s = tl.program_id(0), tl.program_id(1)
     n = s * ROWS + tl.arange(0, ROWS)
     nmask = n < C
@@ -111,14 +104,11 @@ def attention_proj_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, wp_ptr, h
 
 @triton.jit
 def mlp_kernel(x_ptr, nw_ptr, nb_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, wd_ptr, bd_ptr, res_ptr, out_ptr, F, C, eps,
-               gate_ptr, NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr,
+               NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DOWN_BIAS: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_C: tl.constexpr,
-               GATED: tl.constexpr, PDL: tl.constexpr):
+               PDL: tl.constexpr):
     """Kernel 3, program c: hidden units a = act(W_up·norm(x) + b) of rows c·BLOCK_N.. (`_gemv_rows`), rounded to
-    the weights' dtype, then out += W_down[:, rows]·a in BLOCK_C-row tiles; program 0 also adds res (+ b_down).
-    GATED: as `qkv_prep_kernel`."""
-    if _gate_closed(gate_ptr, GATED):
-        return
+    the weights' dtype, then out += W_down[:, rows]·a in BLOCK_C-row tiles; program 0 also adds res (+ b_down)."""
     res_n = tl.where(tl.program_id(0) == 0, C, 0)  # program 0 adds the residual and the bias
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < F
@@ -198,14 +188,12 @@ INTERPRETER_MLP = MlpConfig(64, 256, 256, 4)
 def qkv_prep(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, config: GemvConfig, *,
              bias: Tensor | tuple[Tensor, Tensor, Tensor] | None, norm: tuple[int, Tensor, Tensor | None, float],
              proj_bias: Tensor | None, h: Tensor, zero: Tensor, pdl: bool,
-             embed: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None, gate: Tensor | None = None,
-             opens: bool = False) -> None:
+             embed: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None) -> None:
     """Launch `qkv_prep_kernel`: out (N,) = W·norm(x) + b; h (C,) = x (+ proj_bias); zero (C,) = 0.
 
-    ``embed`` = (token, position, wte, wpe or None): x is first set to the token's embedding (`qkv_prep_kernel`).
-    ``gate``: (1,) bool, nothing happens where it is False. With ``embed`` or ``opens`` (the first kernel of a
-    predicated branch) the launch is ordered after everything before it (no programmatic dependent launch),
-    while it still lets the next kernel launch early.
+    ``embed`` = (token, position, wte, wpe or None): x is first set to the token's embedding (`qkv_prep_kernel`);
+    the launch is then ordered after everything before it (no programmatic dependent launch), while it still
+    lets the next kernel launch early.
     """
     ws, bs, n1, n2, block_n = segments(w, bias, out, config.block_n)
     N, K = out.shape[-1], x.shape[-1]
@@ -213,38 +201,35 @@ def qkv_prep(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, 
     grid = triton.cdiv(N, block_n)
     tok, pos, wte, wpe = embed if embed is not None else (x, x, x, None)
     launch = _pdl(pdl)
-    if embed is not None or opens:
+    if embed is not None:
         launch.pop("launch_pdl", None)
     qkv_prep_kernel[(grid,)](x, tok, pos, wte, wpe if wpe is not None else wte, nw, nb if nb is not None else nw,
                              ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], out, proj_bias if proj_bias is not None else x,
-                             h, zero, n1, n2, N, K, eps, _gate_arg(gate, out), NORM=kind, HAS_BIAS=bias is not None,
+                             h, zero, n1, n2, N, K, eps, NORM=kind, HAS_BIAS=bias is not None,
                              HAS_PB=proj_bias is not None, EMBED=embed is not None,
                              ADD_WPE=embed is not None and wpe is not None,
                              BLOCK_N=block_n, BLOCK_K=config.block_k, K_POW2=triton.next_power_of_2(K),
-                             PREP=triton.next_power_of_2(triton.cdiv(K, grid)), GATED=gate is not None,
-                             num_warps=config.num_warps, **launch)
+                             PREP=triton.next_power_of_2(triton.cdiv(K, grid)), num_warps=config.num_warps, **launch)
 
 
 def attention_proj(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope: Tensor, proj: Tensor, h: Tensor,
                    slot: Tensor, pos: Tensor, n_head: int, n_kv_head: int, head_dim: int, rotary_dim: int,
-                   config: AttentionProjConfig, pdl: bool, gate: Tensor | None = None) -> None:
+                   config: AttentionProjConfig, pdl: bool) -> None:
     """Launch `attention_proj_kernel` over (heads, row slices): h += proj(attention) (caches (1, HKV, S, D);
-    rope (2, L, R) fp32 or empty; proj (C, H·D)); nothing where ``gate`` (if given) is False."""
+    rope (2, L, R) fp32 or empty; proj (C, H·D))."""
     C = proj.shape[0]
     rows = min(config.rows, triton.next_power_of_2(C))
     rope_len = rope.shape[1] if rope.numel() else 0
     attention_proj_kernel[(n_head, triton.cdiv(C, rows))](
         qkv, k_cache, v_cache, rope if rope.numel() else qkv, proj, h, slot, pos, k_cache.shape[2], rope_len,
-        head_dim ** -0.5, C, _gate_arg(gate, h), H=n_head, HKV=n_kv_head, D=head_dim,
-        D_POW2=triton.next_power_of_2(head_dim), R=rotary_dim, BLOCK_T=config.block_t, ROWS=rows,
-        GATED=gate is not None, num_warps=config.num_warps, **_pdl(pdl))
+        head_dim ** -0.5, C, H=n_head, HKV=n_kv_head, D=head_dim, D_POW2=triton.next_power_of_2(head_dim),
+        R=rotary_dim, BLOCK_T=config.block_t, ROWS=rows, num_warps=config.num_warps, **_pdl(pdl))
 
 
 def mlp(x: Tensor, norm: tuple[int, Tensor, Tensor | None, float], up: Tensor, up_bias: Tensor | None, act: int,
         up_2: tuple[Tensor, Tensor | None] | None, down: Tensor, down_bias: Tensor | None, res: Tensor, out: Tensor,
-        config: MlpConfig, pdl: bool, gate: Tensor | None = None) -> None:
-    """Launch `mlp_kernel`: out += down(act(up(norm(x)))) + res (+ down_bias); out must hold zeros; nothing where
-    ``gate`` (if given) is False.
+        config: MlpConfig, pdl: bool) -> None:
+    """Launch `mlp_kernel`: out += down(act(up(norm(x)))) + res (+ down_bias); out must hold zeros.
 
     ``up`` is SwiGLU's gate where ``up_2`` (its up projection and bias) is given.
     """
@@ -254,11 +239,10 @@ def mlp(x: Tensor, norm: tuple[int, Tensor, Tensor | None, float], up: Tensor, u
     bg = up_bias if up_bias is not None else up
     mlp_kernel[(triton.cdiv(F, config.block_n),)](
         x, nw, nb if nb is not None else nw, up, bg, wu, bu if bu is not None else bg, down,
-        down_bias if down_bias is not None else res, res, out, F, C, eps, _gate_arg(gate, out), NORM=kind, ACT=act,
+        down_bias if down_bias is not None else res, res, out, F, C, eps, NORM=kind, ACT=act,
         HAS_BIAS=up_bias is not None, HAS_DOWN_BIAS=down_bias is not None, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, K_POW2=triton.next_power_of_2(C),
-        BLOCK_C=min(config.block_c, triton.next_power_of_2(C)), GATED=gate is not None, num_warps=config.num_warps,
-        **_pdl(pdl))
+        BLOCK_C=min(config.block_c, triton.next_power_of_2(C)), num_warps=config.num_warps, **_pdl(pdl))
 
 
 __all__ = ["AttentionProjConfig", "MlpConfig", "SplitKShapes", "attention_proj", "mlp", "qkv_prep"]
