@@ -63,15 +63,6 @@ def _pdl_sync(PDL: tl.constexpr):
 
 
 @triton.jit
-def _pdl_wait_then_launch(PDL: tl.constexpr):
-    """With PDL: wait until the previous kernel finished and its writes are visible, then let the next kernel
-    launch: the order for a kernel whose successor reads, before its own wait, what the previous kernel wrote."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-
-
-@triton.jit
 def _gelu(a, TANH: tl.constexpr):
     if TANH:  # 0.5·a·(1 + tanh(√(2/π)·(a + 0.044715·a³))), tanh(u) = 2·sigmoid(2u) − 1
         u = 0.7978845608028654 * (a + 0.044715 * a * a * a)
@@ -112,9 +103,8 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
     rows = r0 + tl.arange(0, BLOCK_N)
     rmask = rows < N
     w_ptr, b_ptr, local = _segment(r0, rows, N1, N2, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr)
-    y = _gemv_rows(x_ptr, x_ptr, x_ptr, x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, rows, local,
-                   rmask, K, eps, NORM, ACT, HAS_BIAS, HAS_RES, BLOCK_K, K_POW2, BLOCK_K >= K_POW2, PDL, False, False,
-                   "")
+    y = _gemv_rows(x_ptr, x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, rows, local, rmask, K, eps,
+                   NORM, ACT, HAS_BIAS, HAS_RES, BLOCK_K, K_POW2, BLOCK_K >= K_POW2, PDL, False, "")
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
     if ARGMAX:
         y = tl.where(rmask, y, float("-inf"))
@@ -137,16 +127,12 @@ def _segment(r0, rows, N1, N2, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr):
 
 
 @triton.jit
-def _gemv_rows(x_ptr, x2_ptr, tok_ptr, pos_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, rows, local,
-               rmask, K, eps, NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+def _gemv_rows(x_ptr, x2_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, rows, local, rmask, K, eps,
+               NORM: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                BLOCK_K: tl.constexpr, K_POW2: tl.constexpr, ONE_TILE: tl.constexpr, PDL: tl.constexpr,
-               EMBED: tl.constexpr, X2: tl.constexpr, CM: tl.constexpr):
+               X2: tl.constexpr, CM: tl.constexpr):
     """act(W[n]·norm(x) + b[n]) (+ res[n]) in fp32 for the output rows ``rows`` (where ``rmask``), which are the
     rows ``local`` of W and b; where X2, x is the sum of the vectors at x_ptr and x2_ptr (`_load_x`).
-
-    EMBED: x_ptr and x2_ptr are embedding tables, x the sum of their rows tok and pos (x2 where X2), read from
-    ``tok_ptr`` and ``pos_ptr`` after the PDL wait; the wait then comes before the next kernel may launch
-    (`_pdl_wait_then_launch`), so a successor that reads the slot before its own wait finds it final.
 
     ONE_TILE (BLOCK_K >= K_POW2 only): the first weight tile holds the whole rows, and no registers are spent on a
     next tile (else the tiles stream through a loop, the next one in flight while the current one is used).
@@ -164,13 +150,7 @@ def _gemv_rows(x_ptr, x2_ptr, tok_ptr, pos_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu
     wu = w
     if ACT == 3:
         wu = tl.load(wu_ptr + local[:, None] * K + first[None, :], mask=wmask, other=0.0)
-    if EMBED:
-        _pdl_wait_then_launch(PDL)
-        x_ptr += tl.load(tok_ptr).to(tl.int64) * K
-        if X2:
-            x2_ptr += tl.load(pos_ptr).to(tl.int64) * K
-    else:
-        _pdl_sync(PDL)  # everything below may read what earlier kernels wrote
+    _pdl_sync(PDL)  # everything below may read what earlier kernels wrote
     mean, rstd = 0.0, 1.0
     if NORM != 0:
         mean, rstd = _norm_stats(x_ptr, x2_ptr, K, eps, NORM, K_POW2, X2, CM)

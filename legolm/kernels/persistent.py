@@ -76,8 +76,8 @@ def _gemv_phase(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, ou
     for r0 in range(start, end, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         rmask = rows < end
-        y = _gemv_rows(x_ptr, x_ptr, x_ptr, x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, rows, rows,
-                       rmask, K, eps, NORM, ACT, HAS_BIAS, HAS_RES, BLOCK_K, K_POW2, False, False, False, False, ".cg")
+        y = _gemv_rows(x_ptr, x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, rows, rows, rmask, K,
+                       eps, NORM, ACT, HAS_BIAS, HAS_RES, BLOCK_K, K_POW2, False, False, False, ".cg")
         tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -166,9 +166,8 @@ def persistent_step_kernel(
     for r0 in range(start, end, BN_HEAD):
         rows = r0 + tl.arange(0, BN_HEAD)
         rmask = rows < end
-        y = _gemv_rows(x_ptr, x_ptr, x_ptr, x_ptr, fnw_ptr, fnb_ptr, head_w_ptr, head_b_ptr, head_w_ptr, head_b_ptr,
-                       x_ptr, rows, rows, rmask, C, eps_f, NORM_F, 0, HEAD_BIAS, False, BK_HEAD, C_POW2, False, False,
-                       False, False, ".cg")
+        y = _gemv_rows(x_ptr, x_ptr, fnw_ptr, fnb_ptr, head_w_ptr, head_b_ptr, head_w_ptr, head_b_ptr, x_ptr, rows,
+                       rows, rmask, C, eps_f, NORM_F, 0, HEAD_BIAS, False, BK_HEAD, C_POW2, False, False, False, ".cg")
         tl.store(logits_ptr + rows, y, mask=rmask)
         y = tl.where(rmask, y, float("-inf"))
         top = tl.max(y, 0)

@@ -19,9 +19,8 @@ Kernels 2 and 3 load their first weight tile before waiting for the previous ker
 reads the slot and the position and loads its first tile of cached keys and values there. So the slot,
 the position and the cache slots before it must be final when the block's first kernel is launched:
 written by kernels that ended before the last launch without PDL (the advance / exit / tick kernels, or the
-embedding: every fused decode step and LEGO branch opens with one), never earlier in the same PDL chain; or
-by the kernel just before a token's first block, whose kernel 1 (it embeds the token) waits for it before it
-lets kernel 2 launch (`qkv_prep_kernel`).
+embedding: every fused decode step and LEGO branch opens with one; the first block's kernel 1, which embeds
+the token, is itself launched without PDL), never earlier in the same PDL chain.
 """
 
 from __future__ import annotations
@@ -55,22 +54,20 @@ def qkv_prep_kernel(x_ptr, tok_ptr, pos_ptr, wte_ptr, wpe_ptr, nw_ptr, nb_ptr, w
     h = x (+ pb) and zero = 0: the buffers that kernels 2 and 3 accumulate into.
 
     EMBED (the first block of a token): x is the token's embedding wte[tok] (+ wpe[pos] where ADD_WPE), read
-    here from the tables after the PDL wait; the program also stores its channels of x (a parallel block's MLP
-    reads it). The wait then comes before the next kernel may launch (`_gemv_rows`), so kernel 2 finds the slot
-    that the previous step's last kernel wrote.
+    here from the tables; the program also stores its channels of x (a parallel block's MLP reads it). The
+    launch is then not a programmatic dependent (`qkv_prep`), so the token and the position are final at entry.
     """
     r0 = tl.program_id(0) * BLOCK_N
     rows = r0 + tl.arange(0, BLOCK_N)
     rmask = rows < N
     w_ptr, b_ptr, local = _segment(r0, rows, N1, N2, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr)
-    y = _gemv_rows(wte_ptr if EMBED else x_ptr, wpe_ptr, tok_ptr, pos_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, w_ptr, b_ptr,
-                   x_ptr, rows, local, rmask, K, eps, NORM, 0, HAS_BIAS, False, BLOCK_K, K_POW2, BLOCK_K >= K_POW2, PDL,
-                   EMBED, ADD_WPE, "")
-    tl.store(out_ptr + rows, y, mask=rmask)
     src, src2 = x_ptr, x_ptr
-    if EMBED:  # after the wait in `_gemv_rows`
+    if EMBED:
         src = wte_ptr + tl.load(tok_ptr).to(tl.int64) * K
         src2 = wpe_ptr + tl.load(pos_ptr).to(tl.int64) * K
+    y = _gemv_rows(src, src2, nw_ptr, nb_ptr, w_ptr, b_ptr, w_ptr, b_ptr, x_ptr, rows, local, rmask, K, eps, NORM,
+                   0, HAS_BIAS, False, BLOCK_K, K_POW2, BLOCK_K >= K_POW2, PDL, ADD_WPE, "")
+    tl.store(out_ptr + rows, y, mask=rmask)
     c = tl.program_id(0) * PREP + tl.arange(0, PREP)
     cmask = c < K
     h = _load_x(src, src2, c, cmask, ADD_WPE, "")
@@ -118,8 +115,8 @@ def mlp_kernel(x_ptr, nw_ptr, nb_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, wd_ptr, bd
     n = tl.arange(0, BLOCK_C)
     wd_rows = wd_ptr + rows[None, :]
     wd = tl.load(wd_rows + n[:, None].to(tl.int64) * F, mask=(n < C)[:, None] & rmask[None, :], other=0.0)
-    a = _gemv_rows(x_ptr, x_ptr, x_ptr, x_ptr, nw_ptr, nb_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, x_ptr, rows, rows, rmask,
-                   C, eps, NORM, ACT, HAS_BIAS, False, BLOCK_K, K_POW2, BLOCK_K >= K_POW2, PDL, False, False, "")
+    a = _gemv_rows(x_ptr, x_ptr, nw_ptr, nb_ptr, wg_ptr, bg_ptr, wu_ptr, bu_ptr, x_ptr, rows, rows, rmask, C, eps,
+                   NORM, ACT, HAS_BIAS, False, BLOCK_K, K_POW2, BLOCK_K >= K_POW2, PDL, False, "")
     a = tl.where(rmask, a.to(wd_ptr.dtype.element_ty).to(tl.float32), 0.0)
     if BLOCK_C >= K_POW2:  # one tile, loaded before the sync
         _down_tile(wd, a, n, res_ptr, bd_ptr, out_ptr, C, res_n, HAS_DOWN_BIAS)
@@ -194,20 +191,25 @@ def qkv_prep(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, 
              embed: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None) -> None:
     """Launch `qkv_prep_kernel`: out (N,) = W·norm(x) + b; h (C,) = x (+ proj_bias); zero (C,) = 0.
 
-    ``embed`` = (token, position, wte, wpe or None): x is first set to the token's embedding (`qkv_prep_kernel`).
+    ``embed`` = (token, position, wte, wpe or None): x is first set to the token's embedding (`qkv_prep_kernel`);
+    the launch is then ordered after everything before it (no programmatic dependent launch), while it still
+    lets the next kernel launch early.
     """
     ws, bs, n1, n2, block_n = segments(w, bias, out, config.block_n)
     N, K = out.shape[-1], x.shape[-1]
     kind, nw, nb, eps = norm
     grid = triton.cdiv(N, block_n)
     tok, pos, wte, wpe = embed if embed is not None else (x, x, x, None)
+    launch = _pdl(pdl)
+    if embed is not None:
+        launch.pop("launch_pdl", None)
     qkv_prep_kernel[(grid,)](x, tok, pos, wte, wpe if wpe is not None else wte, nw, nb if nb is not None else nw,
                              ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], out, proj_bias if proj_bias is not None else x,
                              h, zero, n1, n2, N, K, eps, NORM=kind, HAS_BIAS=bias is not None,
                              HAS_PB=proj_bias is not None, EMBED=embed is not None,
                              ADD_WPE=embed is not None and wpe is not None,
                              BLOCK_N=block_n, BLOCK_K=config.block_k, K_POW2=triton.next_power_of_2(K),
-                             PREP=triton.next_power_of_2(triton.cdiv(K, grid)), num_warps=config.num_warps, **_pdl(pdl))
+                             PREP=triton.next_power_of_2(triton.cdiv(K, grid)), num_warps=config.num_warps, **launch)
 
 
 def attention_proj(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope: Tensor, proj: Tensor, h: Tensor,
