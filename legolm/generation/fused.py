@@ -28,14 +28,13 @@ from legolm.model.transformer import TransformerLM
 
 if TYPE_CHECKING:
     from legolm.kernels.decode import AttentionConfig, GemvConfig
-    from legolm.kernels.splitk import SplitKShapes
+    from legolm.kernels.splitk import Embed, SplitKShapes
 
 Shape = TypeVar("Shape")  # a kernel's launch shape
 FusedBlocks = Literal["blocks", "splitk"]  # one token's fused blocks: five launches each, or three (split-K)
 FUSED_BLOCKS = get_args(FusedBlocks)
 Norm = tuple[int, Tensor, Tensor | None, float]
 Weights = Tensor | tuple[Tensor, Tensor, Tensor]
-Embed = tuple[Tensor, Tensor, Tensor, Tensor | None]  # a token's embedding: (token, position, wte, wpe or None)
 
 
 @dataclass

@@ -474,9 +474,10 @@ def pdl_supported(device: torch.device) -> bool:
     return "launch_pdl" in CUDAOptions.__dataclass_fields__
 
 
-def _pdl(pdl: bool) -> dict[str, bool]:
-    """Launch arguments of a kernel with a ``PDL`` switch (Triton's interpreter takes no ``launch_pdl``)."""
-    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
+def _pdl(pdl: bool, dependent: bool = True) -> dict[str, bool]:
+    """Launch arguments of a kernel with a ``PDL`` switch (Triton's interpreter takes no ``launch_pdl``). Not
+    ``dependent``: the kernel still lets its successor launch early, but is itself launched in stream order."""
+    return {"PDL": True, "launch_pdl": dependent} if pdl else {"PDL": False}
 
 
 def segments(w: Tensor | tuple[Tensor, Tensor, Tensor], bias: Tensor | tuple[Tensor, Tensor, Tensor] | None,

@@ -158,6 +158,9 @@ class MlpConfig:
     num_warps: int
 
 
+Embed = tuple[Tensor, Tensor, Tensor, Tensor | None]  # a token's embedding: (token, position, wte, wpe or None)
+
+
 @dataclass(frozen=True)
 class SplitKShapes:
     """The launch shapes of one split-K block's three kernels."""
@@ -188,7 +191,7 @@ INTERPRETER_MLP = MlpConfig(64, 256, 256, 4)
 def qkv_prep(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, config: GemvConfig, *,
              bias: Tensor | tuple[Tensor, Tensor, Tensor] | None, norm: tuple[int, Tensor, Tensor | None, float],
              proj_bias: Tensor | None, h: Tensor, zero: Tensor, pdl: bool,
-             embed: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None) -> None:
+             embed: Embed | None = None) -> None:
     """Launch `qkv_prep_kernel`: out (N,) = W·norm(x) + b; h (C,) = x (+ proj_bias); zero (C,) = 0.
 
     ``embed`` = (token, position, wte, wpe or None): x is first set to the token's embedding (`qkv_prep_kernel`);
@@ -200,16 +203,14 @@ def qkv_prep(x: Tensor, w: Tensor | tuple[Tensor, Tensor, Tensor], out: Tensor, 
     kind, nw, nb, eps = norm
     grid = triton.cdiv(N, block_n)
     tok, pos, wte, wpe = embed if embed is not None else (x, x, x, None)
-    launch = _pdl(pdl)
-    if embed is not None:
-        launch.pop("launch_pdl", None)
     qkv_prep_kernel[(grid,)](x, tok, pos, wte, wpe if wpe is not None else wte, nw, nb if nb is not None else nw,
                              ws[0], bs[0], ws[1], bs[1], ws[2], bs[2], out, proj_bias if proj_bias is not None else x,
                              h, zero, n1, n2, N, K, eps, NORM=kind, HAS_BIAS=bias is not None,
                              HAS_PB=proj_bias is not None, EMBED=embed is not None,
                              ADD_WPE=embed is not None and wpe is not None,
                              BLOCK_N=block_n, BLOCK_K=config.block_k, K_POW2=triton.next_power_of_2(K),
-                             PREP=triton.next_power_of_2(triton.cdiv(K, grid)), num_warps=config.num_warps, **launch)
+                             PREP=triton.next_power_of_2(triton.cdiv(K, grid)), num_warps=config.num_warps,
+                             **_pdl(pdl, dependent=embed is None))
 
 
 def attention_proj(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope: Tensor, proj: Tensor, h: Tensor,
@@ -245,4 +246,4 @@ def mlp(x: Tensor, norm: tuple[int, Tensor, Tensor | None, float], up: Tensor, u
         BLOCK_C=min(config.block_c, triton.next_power_of_2(C)), num_warps=config.num_warps, **_pdl(pdl))
 
 
-__all__ = ["AttentionProjConfig", "MlpConfig", "SplitKShapes", "attention_proj", "mlp", "qkv_prep"]
+__all__ = ["AttentionProjConfig", "Embed", "MlpConfig", "SplitKShapes", "attention_proj", "mlp", "qkv_prep"]
