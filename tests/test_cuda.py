@@ -278,13 +278,44 @@ def _lego(preset: str, split: int = 2, layers: int = 6, agree: bool = False) -> 
     return model.to("cuda").eval()
 
 
+def test_if_node_runs_its_body_only_on_replays_where_the_flag_is_set() -> None:
+    """An IF node inside a torch capture (`legolm.kernels.graph_if`): the body follows the flag of each replay,
+    the work after the node waits for it, and the capture around it is unchanged."""
+    from legolm.kernels import graph_if
+
+    assert graph_if.available(), f"IF graph nodes unavailable (driver >= 12.4; libcudadevrt.a: {graph_if.find_devrt()})"
+    flag = torch.zeros((), dtype=torch.bool, device="cuda")
+    x, y = torch.zeros(4, device="cuda"), torch.zeros(4, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x.add_(1)
+        with graph_if.if_node(flag):
+            y.add_(x)
+            y.mul_(3)
+        x.mul_(2)
+    x.zero_()
+    y.zero_()
+    hx = hy = 0.0
+    for f in (False, True, True, False, True):
+        flag.fill_(f)
+        graph.replay()
+        hx += 1
+        hy = (hy + hx) * 3 if f else hy
+        hx *= 2
+    torch.cuda.synchronize()
+    assert x.tolist() == [hx] * 4 and y.tolist() == [hy] * 4
+    with pytest.raises(graph_if.GraphIfError, match="capturing"), graph_if.if_node(flag):
+        pass
+
+
+@pytest.mark.parametrize("if_nodes", [False, True])
 @pytest.mark.parametrize("kernel", ["blocks", "splitk"])
 @pytest.mark.parametrize("preset", ["gpt2", "pythia-160m", "smollm2-135m"])
 @pytest.mark.parametrize("kv_mode", ["skip", "fill"])
-def test_fused_early_exit_graphs_match_the_torch_loop(preset: str, kv_mode: str,
-                                                      kernel: Literal["blocks", "splitk"]) -> None:
-    """CUDA graphs (with conditional nodes where torch has them, else one graph per part of a step): same tokens
-    and exits as the eager early-exit loop (fp32), with five-kernel or split-K blocks."""
+def test_fused_early_exit_graphs_match_the_torch_loop(preset: str, kv_mode: str, kernel: Literal["blocks", "splitk"],
+                                                      if_nodes: bool) -> None:
+    """CUDA graphs (one graph per part of a step and a host read, or several steps per graph with IF nodes): same
+    tokens and exits as the eager early-exit loop (fp32), with five-kernel or split-K blocks."""
     from legolm.generation.early_exit import generate_with_early_exit
     from legolm.model.lego import confidence
 
@@ -294,7 +325,8 @@ def test_fused_early_exit_graphs_match_the_torch_loop(preset: str, kv_mode: str,
         tau = float(confidence(model.forward_exits(ids).shallow_logits).median())
     ref = generate_with_early_exit(model, ids, 40, tau, kv_mode=kv_mode)
     cfg = GenerationConfig(max_new_tokens=40, greedy=True, stop_at_eos=False, early_exit="threshold", threshold=tau,
-                           kv_mode=kv_mode, fused=True, graph_steps=8, fused_tune=False, fused_kernel=kernel)
+                           kv_mode=kv_mode, fused=True, graph_steps=8, fused_tune=False, fused_kernel=kernel,
+                           fused_if_nodes=if_nodes)
     got = generate(model, ids.tolist(), cfg)
     assert got.tokens == ref.tokens.tolist()
     assert got.early_exit is not None and got.early_exit.shallow_ratio == pytest.approx(ref.stats.shallow_ratio)

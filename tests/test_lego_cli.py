@@ -110,6 +110,7 @@ def test_existing_run_dir_is_not_overwritten(run_dir: Path) -> None:
     (["--no-lego.phase1"], ("extend() needs a trained shallow model",)),
     (["--decode.kv-mode", "lazy"], ("kv-mode",)),
     (["--decode.fused-kernel", "persistent"], ("fused-kernel", "splitk")),
+    (["--decode.if-node-kv-modes", "propagate"], ("decode.if_node_kv_modes takes fill and skip",)),
     (["--lego.calibrate", "quality"], ("lego.calibrate: quality", "pretrained route")),
     (["--lego.calibrate", "often"], ("lego.calibrate",)),
     (["--lego.phase2-easy-weight", "-1"], ("lego.phase2_easy_weight must be >= 0",)),

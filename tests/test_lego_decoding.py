@@ -248,13 +248,15 @@ class _Replayed:
         self.fn(None)  # type: ignore[operator]
 
 
-@pytest.mark.parametrize(("mode", "kv_mode", "runner"), [("threshold", "skip", "parts"), ("threshold", "fill", "parts"),
-                                                         ("speculative", "fill", "graph")])
+@pytest.mark.parametrize(("mode", "kv_mode", "runner"), [
+    ("threshold", "skip", "parts"), ("threshold", "fill", "parts"), ("threshold", "skip", "graph"),
+    ("speculative", "fill", "graph")])
 def test_the_gpu_runners_control_flow_on_the_cpu(monkeypatch: pytest.MonkeyPatch, mode: str, kv_mode: str,
                                                  runner: str) -> None:
     """The GPU runners' control flow with graphs replaced by their recorded functions: a step as graphs of its
-    parts with the conditions read once (threshold), several rounds per replay (speculative). Tokens, and the
-    routing stats, as the eager runner gives them."""
+    parts with the conditions read once (threshold), several steps per replay with each branch an IF node
+    (threshold; the node's condition read where it would run), several rounds per replay (speculative).
+    Tokens, and the routing stats, as the eager runner gives them."""
     import legolm.generation.fused_early_exit as fe
 
     model = (drafting_model if mode == "speculative" else lego_model)("tiny-llama")
@@ -266,6 +268,7 @@ def test_the_gpu_runners_control_flow_on_the_cpu(monkeypatch: pytest.MonkeyPatch
                  session_cache_size=0)
     eager = generate(model, ids.tolist(), cfg)  # the CPU's own runner: kernels one by one
     monkeypatch.setattr(fe, "_record", _Replayed)
+    monkeypatch.setattr(fe, "_conditional", fe._host_branch)  # an IF node: its body runs where the flag is set
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     init = fe.FusedLegoSession.__init__
 

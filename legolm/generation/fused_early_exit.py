@@ -28,8 +28,11 @@ Self-speculative output equals full-depth greedy decoding: every kept token is t
 greedy choice on a history of kept tokens, whose upper-layer K/V are exact (rejected drafts leave
 stale entries only in slots that later positions overwrite before anyone reads them).
 
-Without conditional graph nodes (CPU: Triton's interpreter in the tests) the same kernels run
-eagerly and the host reads each condition: the arithmetic is the same, only slower.
+The IF nodes come from `legolm.kernels.graph_if` (driver API; torch 2.11 cannot record them).
+Without them (``if_nodes`` off, a driver older than CUDA 12.4, no ``libcudadevrt.a``) threshold mode
+replays one graph per part of a step and the host reads the step's conditions once; without CUDA
+(Triton's interpreter in the tests) the same kernels run eagerly and the host reads each condition:
+the arithmetic is the same, only slower.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from legolm.errors import ConfigError
 from legolm.generation.decoder import capture
 from legolm.generation.early_exit import EarlyExitStats, block_weights, speculative_stats
 from legolm.generation.fused import FusedStack, exit_norm
+from legolm.kernels import graph_if
 from legolm.model.lego import ExitHead, LegoLM, confidence, exits
 
 Branch = Callable[[Tensor, Callable[[], None]], None]
@@ -73,6 +77,10 @@ class FusedExitConfig:
             (`legolm.generation.persistent.check_fused_kernel`): its output is the five-kernel full-depth
             greedy output bit for bit, which needs the drafts' lower states in that arithmetic.
         prefill_graphs: Prompt lengths whose prefill is kept as a CUDA graph (LRU); 0 = eager prefill.
+        if_nodes: Threshold mode's branches as IF nodes of the captured graphs where the driver has them
+            (`legolm.kernels.graph_if`: no host read per token, ``steps_per_graph`` tokens per replay);
+            False (the default until measured on a GPU), or where they are missing: one graph per part of
+            a step, the host reads its conditions.
     """
 
     mode: str = "threshold"
@@ -86,14 +94,7 @@ class FusedExitConfig:
     pdl: bool = True
     split_k: bool = False
     prefill_graphs: int = 4
-
-
-def conditional_graphs_available() -> bool:
-    """CUDA graphs with conditional (IF) nodes: torch's capture API and CUDA >= 12.4."""
-    if not torch.cuda.is_available() or not hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"):
-        return False
-    major, minor = (int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
-    return (major, minor) >= (12, 4)
+    if_nodes: bool = False
 
 
 class FusedLegoSession:
@@ -161,7 +162,7 @@ class FusedLegoSession:
         # nodes), "parts" (threshold without them: graphs of the step's parts, the host reads the conditions
         # once a step), "eager" (no CUDA: kernels launched one by one, the host reads the conditions)
         self.runner = "eager" if not p.is_cuda else \
-            "graph" if config.mode == "speculative" or conditional_graphs_available() else "parts"
+            "graph" if config.mode == "speculative" or (config.if_nodes and graph_if.available(p.device)) else "parts"
         self.prefill_graphs = config.prefill_graphs if p.is_cuda else 0
         self._prefills: OrderedDict[int, tuple[torch.cuda.CUDAGraph, Tensor, tuple[Tensor, ...]]] = OrderedDict()
         self.warmed = False
@@ -336,7 +337,7 @@ class FusedLegoSession:
     def _units(self, graph: torch.cuda.CUDAGraph) -> None:
         """`steps_per_graph` units into ``graph``, branches as its conditional nodes."""
         for _ in range(self.config.steps_per_graph):
-            self._unit(_conditional(graph))
+            self._unit(_conditional)
 
     @property
     def units_per_replay(self) -> int:
@@ -358,14 +359,10 @@ def _record(fn: Callable[[torch.cuda.CUDAGraph], None]) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def _conditional(graph: torch.cuda.CUDAGraph) -> Branch:
-    """A branch recorded as a conditional (IF) node of ``graph``, which runs it when ``pred`` is set on the device."""
-    def branch(pred: Tensor, fn: Callable[[], None]) -> None:
-        graph.begin_capture_to_if_node(pred)
+def _conditional(pred: Tensor, fn: Callable[[], None]) -> None:
+    """A branch recorded as an IF node of the graph being captured: it runs at replay where ``pred`` is set."""
+    with graph_if.if_node(pred):
         fn()
-        graph.end_capture_to_conditional_node()
-
-    return branch
 
 
 def _host_branch(pred: Tensor, fn: Callable[[], None]) -> None:

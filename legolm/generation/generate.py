@@ -58,6 +58,10 @@ class GenerationConfig:
         fused_pdl: Launch the fused GEMV and attention kernels with programmatic dependent launch (sm_90+
             and a Triton that has it; ignored elsewhere): each kernel loads its weights while the
             previous one finishes.
+        fused_if_nodes: Fused threshold early exit: each token's branch to the upper layers as an IF node of
+            the captured graph where the driver has them (`legolm.kernels.graph_if`; ``graph_steps`` tokens per
+            replay, no host read). Off by default until measured on a GPU (README, LEGO); off, or where
+            they are missing: one graph per part of a step and a host read of each token's decision.
         fused_kernel: ``blocks`` (five kernel launches per block, launch shapes tuned, PDL), ``splitk``
             (three per block: the projections after the attention and the MLP reduce by fp32 atomic
             adds, so the last bits of a sum vary from run to run; `legolm.kernels.splitk`) or
@@ -106,6 +110,7 @@ class GenerationConfig:
     fused_embed_block: int = 1024
     fused_tune: bool = True
     fused_pdl: bool = True
+    fused_if_nodes: bool = False
     fused_kernel: FusedKernel = "blocks"
     fused_persistent: PersistentShape = field(default_factory=PersistentShape)
     prefill_graphs: int = 4
@@ -397,7 +402,7 @@ def _lego_session(model: LegoLM, prompt_len: int, config: GenerationConfig, eos:
                            fill_buckets=tuple(config.fill_buckets), steps_per_graph=steps,
                            attention_block=config.fused_attention_block, embed_block=config.fused_embed_block,
                            tune=config.fused_tune, pdl=config.fused_pdl, split_k=config.fused_kernel == "splitk",
-                           prefill_graphs=config.prefill_graphs)
+                           prefill_graphs=config.prefill_graphs, if_nodes=config.fused_if_nodes)
     key = (_weights_key(model), max_len, config.max_new_tokens + overshoot, eos, mode)
     sessions = _LEGO_SESSIONS.setdefault(model, OrderedDict())
     if key in sessions:

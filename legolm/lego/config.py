@@ -165,6 +165,8 @@ class DecodeSettings:
         fused_kernel: The fused blocks of full depth and threshold early exit: ``blocks`` (five launches per
             block) or ``splitk`` (three; `GenerationConfig.fused_kernel`); self-speculative decoding keeps
             the five-kernel blocks.
+        if_node_kv_modes: Kv modes (fill, skip) timed again at the calibrated threshold with each token's branch
+            as an IF node of the captured graphs (`GenerationConfig.fused_if_nodes`; not yet the default).
     """
 
     prompts: int = 8
@@ -180,6 +182,7 @@ class DecodeSettings:
     draft_tokens: list[int] = field(default_factory=lambda: [2, 4])
     fused: bool = True
     fused_kernel: FusedBlocks = "blocks"
+    if_node_kv_modes: list[KVMode] = field(default_factory=list)
 
 
 @dataclass
@@ -284,6 +287,8 @@ class LegoConfig:
             (d.fused_kernel in FUSED_BLOCKS,
              f"decode.fused_kernel must be {' or '.join(FUSED_BLOCKS)} (LEGO decodes through fused blocks), got "
              f"{d.fused_kernel!r}"),
+            (all(m in ("fill", "skip") for m in d.if_node_kv_modes),
+             f"decode.if_node_kv_modes takes fill and skip (the fused decoder's kv modes), got {d.if_node_kv_modes}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -57,6 +57,7 @@ class Setting:
     threshold: float | None = None
     kv_mode: KVMode = "fill"
     draft_tokens: int = 0
+    if_nodes: bool = False
 
     def config(self, max_new_tokens: int, fused: bool, kernel: FusedBlocks) -> GenerationConfig:
         """The `GenerationConfig` of this setting (greedy, no EOS stop: every setting decodes as many tokens);
@@ -67,8 +68,8 @@ class Setting:
         return GenerationConfig(max_new_tokens=max_new_tokens, greedy=True, stop_at_eos=False, fused=fast,
                                 fused_kernel="blocks" if self.mode == "speculative" else kernel,
                                 early_exit=early, threshold=self.threshold, kv_mode=self.kv_mode,  # type: ignore[arg-type]
-                                draft_tokens=max(self.draft_tokens, 1), graph_steps=ROUNDS_PER_GRAPH
-                                if self.mode == "speculative" else TOKENS_PER_GRAPH)
+                                draft_tokens=max(self.draft_tokens, 1), fused_if_nodes=self.if_nodes,
+                                graph_steps=ROUNDS_PER_GRAPH if self.mode == "speculative" else TOKENS_PER_GRAPH)
 
 
 @dataclass
@@ -211,6 +212,8 @@ class CurveRow:
         wall_over_call: (1 - time / full-depth time) ÷ (1 - call_cost); None where under ``MIN_CALL_SAVING`` of the
             calls is saved (the ratio of two near-zero savings says nothing).
         fused: Ran on the fused kernels.
+        if_nodes: Threshold mode's per-token branch was asked to run as an IF graph node (False: the host read
+            each decision).
     """
 
     label: str
@@ -231,6 +234,7 @@ class CurveRow:
     speedup: float
     wall_over_call: float | None
     fused: bool
+    if_nodes: bool
 
 
 MIN_CALL_SAVING = 0.05  # wall/call is reported where a setting saves at least this fraction of the calls
@@ -250,7 +254,7 @@ def curve_row(scores: TokenScores, temperature: float, setting: Setting, measure
         acceptance=measured.acceptance, tokens_per_round=measured.tokens_per_round, call_cost=measured.call_cost,
         weight_cost=measured.weight_cost, tok_per_s=measured.tokens / measured.wall_s,
         speedup=baseline.wall_s / measured.wall_s, wall_over_call=wall / saved if saved >= MIN_CALL_SAVING else None,
-        fused=measured.fused)
+        fused=measured.fused, if_nodes=setting.if_nodes)
 
 
 def format_table(rows: list[CurveRow]) -> str:
@@ -293,8 +297,10 @@ def plot_curve(rows: list[CurveRow], path: Path, phase1_ppl: float, deep_ppl: fl
     if plt is None:
         return f"{path.name} skipped: pip install matplotlib to draw the quality/speed curve"
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    groups = [(f"threshold, kv {m}", [r for r in rows if r.mode == "threshold" and r.kv_mode == m], style)
+    threshold = [r for r in rows if r.mode == "threshold"]
+    groups = [(f"threshold, kv {m}", [r for r in threshold if r.kv_mode == m and not r.if_nodes], style)
               for m, style in (("fill", "o-"), ("skip", "s--"), ("propagate", "^:"))]
+    groups += [("threshold, IF graph nodes", [r for r in threshold if r.if_nodes], "x")]
     groups += [("speculative (lossless)", [r for r in rows if r.mode == "speculative"], "D"),
                ("full depth", [r for r in rows if r.mode == "full"], "k*")]
     for name, pts, style in groups:

@@ -67,7 +67,8 @@ def run(cfg: LegoConfig, corpus: TokenizedCorpus | None = None) -> dict[str, Any
 
 
 def decode_settings(cfg: LegoConfig, tau: float, scores: TokenScores) -> list[Setting]:
-    """Full depth first, then the threshold sweep (never ... always exit), the other kv modes at τ, speculative."""
+    """Full depth first, then the threshold sweep (never ... always exit), the other kv modes at τ, IF graph
+    nodes at τ, speculative."""
     d = cfg.decode
     lg = cfg.lego
     calibrated = "given" if lg.threshold is not None else f"calibrated r={lg.target_ratio:g}" \
@@ -78,6 +79,7 @@ def decode_settings(cfg: LegoConfig, tau: float, scores: TokenScores) -> list[Se
     return [Setting("full depth", "full"),
             *[Setting(label, "threshold", t, d.kv_mode) for label, t in sweep],
             *[Setting(calibrated, "threshold", tau, mode) for mode in d.compare_kv_modes if mode != d.kv_mode],
+            *[Setting(f"{calibrated}, IF nodes", "threshold", tau, mode, if_nodes=True) for mode in d.if_node_kv_modes],
             *[Setting(f"speculative d={k}", "speculative", draft_tokens=k) for k in d.draft_tokens]]
 
 

@@ -1,0 +1,43 @@
+"""`legolm.kernels.graph_if` off the GPU: the driver structures as cuda.h lays them out, where libcudadevrt.a
+is looked for, and the checks before any driver call (the IF node itself is tested in test_cuda.py)."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import pytest
+import torch
+
+from legolm.kernels import graph_if
+
+
+def test_driver_structures_have_the_layout_of_cuda_h() -> None:
+    """Sizes and offsets read from cuda.h (CUDA 12.9 and 13.0 agree) with offsetof: CUgraphNodeParams is 256
+    bytes with its union at 16; CUDA_CONDITIONAL_NODE_PARAMS is handle 0, type 8, size 12, phGraph_out 16, ctx 24."""
+    assert ctypes.sizeof(graph_if._NodeParams) == 256
+    assert graph_if._NodeParams.u.offset == 16
+    assert ctypes.sizeof(graph_if._Conditional) == 32
+    offsets = [getattr(graph_if._Conditional, f).offset for f in ("handle", "type", "size", "phGraph_out", "ctx")]
+    assert offsets == [0, 8, 12, 16, 24]
+
+
+def test_the_set_kernel_calls_the_device_runtime_with_the_flag_as_0_or_1() -> None:
+    ptx = graph_if._PTX.format(arch=90)
+    assert ".target sm_90" in ptx and "ld.global.u8" in ptx and "selp.u32 %r2, 1, 0, %p" in ptx
+    assert "call.uni cudaGraphSetConditional, (p0, p1);" in ptx
+
+
+def test_devrt_comes_from_the_variable_when_it_is_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    lib = tmp_path / "libcudadevrt.a"
+    monkeypatch.setenv(graph_if.DEVRT_ENV, str(lib))
+    assert graph_if.find_devrt() is None  # named but missing: no guessing elsewhere
+    lib.write_bytes(b"!<arch>\n")
+    assert graph_if.find_devrt() == lib
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU answer")
+def test_without_cuda_there_are_no_if_nodes() -> None:
+    assert not graph_if.available()
+    with pytest.raises(ValueError, match="CUDA device"), graph_if.if_node(torch.zeros((), dtype=torch.bool)):
+        pass
