@@ -283,7 +283,7 @@ def test_if_node_runs_its_body_only_on_replays_where_the_flag_is_set() -> None:
     the work after the node waits for it, and the capture around it is unchanged."""
     from legolm.kernels import graph_if
 
-    assert graph_if.available(), f"IF graph nodes unavailable (driver >= 12.4; libcudadevrt.a: {graph_if.find_devrt()})"
+    assert graph_if.unavailable_reason() is None, graph_if.unavailable_reason()
     flag = torch.zeros((), dtype=torch.bool, device="cuda")
     x, y = torch.zeros(4, device="cuda"), torch.zeros(4, device="cuda")
     graph = torch.cuda.CUDAGraph()

@@ -38,6 +38,6 @@ def test_devrt_comes_from_the_variable_when_it_is_set(monkeypatch: pytest.Monkey
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU answer")
 def test_without_cuda_there_are_no_if_nodes() -> None:
-    assert not graph_if.available()
+    assert not graph_if.available() and graph_if.unavailable_reason() == "no CUDA driver"
     with pytest.raises(ValueError, match="CUDA device"), graph_if.if_node(torch.zeros((), dtype=torch.bool)):
         pass

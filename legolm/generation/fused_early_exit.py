@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -161,8 +162,11 @@ class FusedLegoSession:
         # how a unit runs: "graph" (several units per CUDA graph: speculative, or threshold with conditional
         # nodes), "parts" (threshold without them: graphs of the step's parts, the host reads the conditions
         # once a step), "eager" (no CUDA: kernels launched one by one, the host reads the conditions)
+        missing = graph_if.unavailable_reason(p.device) if p.is_cuda and config.if_nodes else None
+        if missing is not None and config.mode == "threshold":
+            warnings.warn(f"fused_if_nodes: {missing}; the host reads each token's decision instead", stacklevel=2)
         self.runner = "eager" if not p.is_cuda else \
-            "graph" if config.mode == "speculative" or (config.if_nodes and graph_if.available(p.device)) else "parts"
+            "graph" if config.mode == "speculative" or (config.if_nodes and missing is None) else "parts"
         self.prefill_graphs = config.prefill_graphs if p.is_cuda else 0
         self._prefills: OrderedDict[int, tuple[torch.cuda.CUDAGraph, Tensor, tuple[Tensor, ...]]] = OrderedDict()
         self.warmed = False

@@ -26,6 +26,7 @@ import functools
 import importlib.util
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -122,9 +123,19 @@ def find_devrt() -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Runtime:
+    """What `if_node` needs on one device, made before any capture (module loads and stream creation are not
+    allowed while torch captures): the ``set_if`` kernel and the stream that captures the IF bodies."""
+
+    set_if: ctypes.c_void_p
+    body: torch.cuda.Stream
+
+
 @functools.cache
-def _set_if_kernel(device: int) -> ctypes.c_void_p | None:
-    """The ``set_if`` kernel linked and loaded in ``device``'s context, or None where it cannot be built."""
+def _runtime(device: int) -> _Runtime | None:
+    """The ``set_if`` kernel linked and loaded in ``device``'s context and a body stream, or None where the kernel
+    cannot be built."""
     cu, devrt = _libcuda(), find_devrt()
     if cu is None or devrt is None:
         return None
@@ -145,21 +156,28 @@ def _set_if_kernel(device: int) -> ctypes.c_void_p | None:
     finally:
         cu.cuLinkDestroy(state)
     _check(cu.cuModuleGetFunction(ctypes.byref(fn), module, b"legolm_set_if"), "cuModuleGetFunction")
-    return fn
+    return _Runtime(fn, torch.cuda.Stream(device))
+
+
+def unavailable_reason(device: torch.device | int | None = None) -> str | None:
+    """Why `if_node` cannot work here (None where it can: a CUDA device, a driver >= 12.4, ``set_if`` built)."""
+    cu = _libcuda()
+    if cu is None or not torch.cuda.is_available():
+        return "no CUDA driver"
+    version = ctypes.c_int()
+    if cu.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value < MIN_DRIVER:
+        return f"the CUDA driver ({version.value}) is older than {MIN_DRIVER} (CUDA 12.4)"
+    try:
+        if _runtime(_index(device)) is None:
+            return f"no libcudadevrt.a found: set {DEVRT_ENV} to its path"
+    except GraphIfError as err:
+        return f"the set_if kernel could not be built: {err}"
+    return None
 
 
 def available(device: torch.device | int | None = None) -> bool:
-    """True where `if_node` works: a CUDA device, a driver >= 12.4, and the ``set_if`` kernel built."""
-    cu = _libcuda()
-    if cu is None or not torch.cuda.is_available():
-        return False
-    version = ctypes.c_int()
-    if cu.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value < MIN_DRIVER:
-        return False
-    try:
-        return _set_if_kernel(_index(device)) is not None
-    except GraphIfError:
-        return False
+    """True where `if_node` works (`unavailable_reason` says why not)."""
+    return unavailable_reason(device) is None
 
 
 def _index(device: torch.device | int | None) -> int:
@@ -168,11 +186,6 @@ def _index(device: torch.device | int | None) -> int:
     if device is None or device.index is None:
         return torch.cuda.current_device()
     return device.index
-
-
-@functools.cache
-def _body_stream(device: int) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)
 
 
 def _capture_info(cu: ctypes.CDLL, stream: ctypes.c_void_p) -> tuple[ctypes.c_void_p, ctypes.c_void_p,
@@ -196,8 +209,8 @@ def if_node(flag: Tensor) -> Iterator[None]:
         raise ValueError(f"if_node takes one bool or uint8 element on a CUDA device, got {flag.dtype} "
                          f"{tuple(flag.shape)} on {flag.device}")
     cu, device = _libcuda(), _index(flag.device)
-    fn = _set_if_kernel(device)
-    assert cu is not None and fn is not None, "if_node needs available() to be True"
+    rt = _runtime(device)
+    assert cu is not None and rt is not None, "if_node needs available() to be True"
     stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
     graph, _, _, _ = _capture_info(cu, stream)
     ctx, handle = ctypes.c_void_p(), ctypes.c_uint64()
@@ -206,7 +219,7 @@ def if_node(flag: Tensor) -> Iterator[None]:
            "cuGraphConditionalHandleCreate")
     ptr = ctypes.c_uint64(flag.data_ptr())
     args = (ctypes.c_void_p * 2)(ctypes.addressof(handle), ctypes.addressof(ptr))
-    _check(cu.cuLaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, stream, args, None), "cuLaunchKernel(set_if)")
+    _check(cu.cuLaunchKernel(rt.set_if, 1, 1, 1, 1, 1, 1, 0, stream, args, None), "cuLaunchKernel(set_if)")
     graph, deps, edges, n = _capture_info(cu, stream)
     body = (ctypes.c_void_p * 1)()
     params = _NodeParams(type=_NODE_CONDITIONAL)
@@ -217,7 +230,7 @@ def if_node(flag: Tensor) -> Iterator[None]:
            "cuGraphAddNode(IF)")
     _check(cu.cuStreamUpdateCaptureDependencies_v2(stream, ctypes.byref(node), None, ctypes.c_size_t(1),
                                                     _SET_DEPENDENCIES), "cuStreamUpdateCaptureDependencies")
-    side = _body_stream(device)
+    side = rt.body
     side_handle = ctypes.c_void_p(side.cuda_stream)
     _check(cu.cuStreamBeginCaptureToGraph(side_handle, ctypes.c_void_p(body[0]), None, None, ctypes.c_size_t(0),
                                           _CAPTURE_RELAXED), "cuStreamBeginCaptureToGraph")
