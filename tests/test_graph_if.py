@@ -41,3 +41,48 @@ def test_without_cuda_there_are_no_if_nodes() -> None:
     assert not graph_if.available() and graph_if.unavailable_reason() == "no CUDA driver"
     with pytest.raises(ValueError, match="CUDA device"), graph_if.if_node(torch.zeros((), dtype=torch.bool)):
         pass
+
+
+def test_cuda_versions_compare_in_the_driver_numbering() -> None:
+    assert graph_if._version("12.4") == graph_if.MIN_DRIVER == 12040
+    assert graph_if._version("13.0") == 13000 and graph_if._version("12.3") < graph_if.MIN_DRIVER
+
+
+def test_torch_own_if_nodes_are_used_where_torch_records_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch whose CUDAGraph records IF nodes gets the block between its begin and end calls, and no driver
+    call of ours (a stand-in graph and flag: this machine has no GPU)."""
+    calls: list[str] = []
+
+    class Capturing:
+        def begin_capture_to_if_node(self, flag: object) -> None:
+            calls.append(f"begin {flag}")
+
+        def end_capture_to_conditional_node(self) -> None:
+            calls.append("end")
+
+    class Graph:
+        begin_capture_to_if_node = end_capture_to_conditional_node = None
+
+        @staticmethod
+        def get_currently_capturing_graph() -> Capturing:
+            return Capturing()
+
+    class Flag:
+        dtype, is_cuda, device, shape = torch.bool, True, "cuda:0", ()
+
+        def numel(self) -> int:
+            return 1
+
+        def __str__(self) -> str:
+            return "flag"
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(graph_if, "_libcuda", lambda: pytest.fail("the driver path ran"))
+    assert graph_if.torch_records_if_nodes()
+    with graph_if.if_node(Flag()):  # type: ignore[arg-type]
+        calls.append("body")
+    assert calls == ["begin flag", "body", "end"]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with pytest.raises(graph_if.GraphIfError, match="capturing"), graph_if.if_node(Flag()):  # type: ignore[arg-type]
+        pass

@@ -1,8 +1,9 @@
 """IF nodes in captured CUDA graphs: work that runs only where a flag on the device is set, no host read.
 
-CUDA 12.4 added conditional graph nodes (CUDA Programming Guide, "Conditional Graph Nodes"); torch
-2.11's `torch.cuda.CUDAGraph` cannot record one. `if_node` adds one to a torch capture through the
-driver API (ctypes on ``libcuda``, no build step)::
+CUDA 12.4 added conditional graph nodes (CUDA Programming Guide, "Conditional Graph Nodes"). Where
+torch records them itself (``CUDAGraph.begin_capture_to_if_node``, absent from torch 2.11, present in
+2.13), `if_node` uses that. Otherwise it adds one to the torch capture through the driver API (ctypes
+on ``libcuda``, no build step)::
 
     capturing stream:  … ─ set_if(handle, flag) ─ IF(handle) ─ what follows …
                                                      │
@@ -159,14 +160,30 @@ def _runtime(device: int) -> _Runtime | None:
     return _Runtime(fn, torch.cuda.Stream(device))
 
 
+def torch_records_if_nodes() -> bool:
+    """This torch's `torch.cuda.CUDAGraph` records IF nodes itself."""
+    return hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node") and \
+        hasattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph")
+
+
+def _version(text: str) -> int:
+    """``"12.4"`` -> 12040 (the driver API's numbering)."""
+    major, minor = (int(v) for v in [*text.split("."), "0"][:2])
+    return major * 1000 + minor * 10
+
+
 def unavailable_reason(device: torch.device | int | None = None) -> str | None:
-    """Why `if_node` cannot work here (None where it can: a CUDA device, a driver >= 12.4, ``set_if`` built)."""
+    """Why `if_node` cannot work here (None where it can: a CUDA device, a driver >= 12.4, and torch's own IF
+    nodes built for CUDA >= 12.4 or the ``set_if`` kernel built)."""
     cu = _libcuda()
     if cu is None or not torch.cuda.is_available():
         return "no CUDA driver"
     version = ctypes.c_int()
     if cu.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value < MIN_DRIVER:
         return f"the CUDA driver ({version.value}) is older than {MIN_DRIVER} (CUDA 12.4)"
+    if torch_records_if_nodes():
+        built = _version(torch.version.cuda or "0")
+        return None if built >= MIN_DRIVER else f"torch was built for CUDA {torch.version.cuda}, before 12.4"
     try:
         if _runtime(_index(device)) is None:
             return f"no libcudadevrt.a found: set {DEVRT_ENV} to its path"
@@ -204,10 +221,20 @@ def _capture_info(cu: ctypes.CDLL, stream: ctypes.c_void_p) -> tuple[ctypes.c_vo
 @contextlib.contextmanager
 def if_node(flag: Tensor) -> Iterator[None]:
     """Inside a CUDA-graph capture on the current stream: what is issued in the block runs at replay only
-    where ``flag`` (one bool or uint8 on the device, as the kernels before it leave it) is non-zero."""
-    if flag.dtype not in (torch.bool, torch.uint8) or flag.numel() != 1 or not flag.is_cuda:
-        raise ValueError(f"if_node takes one bool or uint8 element on a CUDA device, got {flag.dtype} "
-                         f"{tuple(flag.shape)} on {flag.device}")
+    where ``flag`` (one bool on the device, as the kernels before it leave it) is True."""
+    if flag.dtype != torch.bool or flag.numel() != 1 or not flag.is_cuda:
+        raise ValueError(f"if_node takes one bool element on a CUDA device, got {flag.dtype} {tuple(flag.shape)} "
+                         f"on {flag.device}")
+    if torch_records_if_nodes():
+        if not torch.cuda.is_current_stream_capturing():
+            raise GraphIfError("if_node needs the current stream to be capturing a CUDA graph")
+        capturing = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+        capturing.begin_capture_to_if_node(flag)
+        try:
+            yield
+        finally:
+            capturing.end_capture_to_conditional_node()
+        return
     cu, device = _libcuda(), _index(flag.device)
     rt = _runtime(device)
     assert cu is not None and rt is not None, "if_node needs available() to be True"
