@@ -87,24 +87,33 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             V = weight.shape[0]
             w = aligned_rows(weight.to(dtype))  # (V', C), V' >= V: zero rows pad V to a multiple of VOCAB_ALIGN
-            grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+            grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype) if ctx.needs_input_grad[0] else None
             acc = torch.promote_types(dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
             grad_w = torch.zeros_like(w, dtype=acc) if ctx.needs_input_grad[1] else None
+            # one chunk of logits and one chunk's dW product, reused by every chunk: a fresh tensor per chunk
+            # would keep the last chunk's alive while the next one is computed (twice the logits at the peak)
+            buf = torch.empty(min(chunk, x.shape[0]), w.shape[0], device=x.device, dtype=dtype)
+            part_w = torch.empty_like(w) if grad_w is not None and acc != dtype else None
             total = torch.zeros((), device=x.device, dtype=acc)
             for start in range(0, x.shape[0], chunk):
                 xc, yc = x[start:start + chunk].to(dtype), labels[start:start + chunk]
-                logits = xc @ w.T  # (n, V'); the pad columns are 0 and meet zero rows of w below
+                logits = torch.mm(xc, w.T, out=buf[:xc.shape[0]])  # (n, V'); the pad columns are 0, as w's rows
                 step = _triton_step if triton_step else _torch_step
                 loss, g = step(logits[:, :V], yc, acc)  # summed loss, softmax - onehot (dtype)
                 if g.data_ptr() != logits.data_ptr():  # the torch step returns a new tensor
                     logits[:, :V] = g
                 total += loss
-                if grad_x is not None:
+                if grad_x is not None and grad_x.dtype == dtype:
+                    torch.mm(logits, w, out=grad_x[start:start + chunk])
+                elif grad_x is not None:
                     grad_x[start:start + chunk] = (logits @ w).to(x.dtype)
-                if grad_w is not None:
-                    grad_w += (logits.T @ xc).to(acc)
-            grad_w = None if grad_w is None else grad_w[:V]
-        ctx.save_for_backward(grad_x, None if grad_w is None else grad_w.to(weight.dtype))
+                if grad_w is not None and part_w is not None:
+                    grad_w.add_(torch.mm(logits.T, xc, out=part_w))  # (V', C) in dtype, added in place in acc
+                elif grad_w is not None:
+                    grad_w.addmm_(logits.T, xc)
+            del buf, logits, part_w  # before dW's copy in the weight's dtype: the peak stays at one chunk
+            grad_w = None if grad_w is None else grad_w[:V].to(weight.dtype)
+        ctx.save_for_backward(grad_x, grad_w)
         return total
 
     @staticmethod
