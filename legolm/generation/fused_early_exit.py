@@ -28,8 +28,8 @@ Self-speculative output equals full-depth greedy decoding: every kept token is t
 greedy choice on a history of kept tokens, whose upper-layer K/V are exact (rejected drafts leave
 stale entries only in slots that later positions overwrite before anyone reads them).
 
-The IF nodes come from `legolm.kernels.graph_if` (driver API; torch 2.11 cannot record them).
-Without them (``if_nodes`` off, a driver older than CUDA 12.4, no ``libcudadevrt.a``) threshold mode
+The IF nodes come from `legolm.kernels.graph_if` (torch's own where it records them, else the driver
+API). Without them (``if_nodes`` off, a driver older than CUDA 12.4, no ``libcudadevrt.a``) threshold mode
 replays one graph per part of a step and the host reads the step's conditions once; without CUDA
 (Triton's interpreter in the tests) the same kernels run eagerly and the host reads each condition:
 the arithmetic is the same, only slower.
@@ -339,7 +339,7 @@ class FusedLegoSession:
         self.warmed = True
 
     def _units(self, graph: torch.cuda.CUDAGraph) -> None:
-        """`steps_per_graph` units into ``graph``, branches as its conditional nodes."""
+        """`steps_per_graph` units into ``graph``, each branch an IF node of it."""
         for _ in range(self.config.steps_per_graph):
             self._unit(_conditional)
 
