@@ -88,6 +88,15 @@ def test_greedy_only_lego_modes_refuse_sampling_and_default_to_greedy() -> None:
         backend.check(job)
 
 
+@pytest.mark.parametrize("if_nodes", [False, True])
+def test_the_lego_server_passes_its_decoder_settings_on(if_nodes: bool) -> None:
+    config = ServeConfig(early_exit="threshold", fused=True, fused_if_nodes=if_nodes, fused_pdl=not if_nodes,
+                         max_batch=1)
+    backend = make_backend(lego_model(), config, None, Metrics(1))
+    gen = backend._generation(4, SamplingParams(), stop_at_eos=True)  # type: ignore[attr-defined]
+    assert (gen.fused, gen.fused_if_nodes, gen.fused_pdl, gen.early_exit) == (True, if_nodes, not if_nodes, "threshold")
+
+
 @pytest.mark.parametrize("kernel", ["blocks", "splitk"])
 def test_fused_server_equals_the_batched_one(tmp_path: Path, gpt2_tokenizer_dir: Path,
                                              capsys: pytest.CaptureFixture[str], kernel: str) -> None:

@@ -219,7 +219,8 @@ class LegoBackend(Backend):
             seed=p.seed, stop_at_eos=stop_at_eos, early_exit=c.early_exit, threshold=c.threshold,
             target_ratio=c.target_ratio, kv_mode=c.kv_mode, draft_tokens=c.draft_tokens, fused=c.fused,
             cuda_graph=c.cuda_graph, fused_attention_block=c.fused_attention_block,
-            fused_embed_block=c.fused_embed_block, fused_tune=c.fused_tune, fused_pdl=c.fused_pdl)
+            fused_embed_block=c.fused_embed_block, fused_tune=c.fused_tune, fused_pdl=c.fused_pdl,
+            fused_if_nodes=c.fused_if_nodes)
 
     def check(self, job: Job) -> None:
         if job.params.logprobs is not None:
