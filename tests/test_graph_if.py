@@ -86,3 +86,112 @@ def test_torch_own_if_nodes_are_used_where_torch_records_them(monkeypatch: pytes
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     with pytest.raises(graph_if.GraphIfError, match="capturing"), graph_if.if_node(Flag()):  # type: ignore[arg-type]
         pass
+
+
+class _FakeDriver:
+    """The driver calls of the ctypes path, answered and checked in Python: each call's arguments as the driver
+    would read them (handles, the IF node's parameter struct, the set_if kernel's parameter array)."""
+
+    GRAPH, CTX, HANDLE, BODY, IF_NODE, SET_NODE, LAST_NODE, SET_IF, CAPTURE, SIDE = range(101, 111)
+
+    def __init__(self, capturing: bool = True) -> None:
+        self.capturing = capturing
+        self.calls: list[str] = []
+        self.deps = (ctypes.c_void_p * 1)(self.LAST_NODE)  # the capture's current dependency
+
+    def cuStreamGetCaptureInfo_v3(self, stream, status, ident, graph, deps, edges, n):  # type: ignore[no-untyped-def]
+        assert stream.value == self.CAPTURE
+        status._obj.value = graph_if._CAPTURE_ACTIVE if self.capturing else 0
+        graph._obj.value, deps._obj.value, edges._obj.value, n._obj.value = (
+            self.GRAPH, ctypes.addressof(self.deps), None, 1)
+        self.calls.append("info")
+        return 0
+
+    def cuCtxGetCurrent(self, ctx):  # type: ignore[no-untyped-def]
+        ctx._obj.value = self.CTX
+        return 0
+
+    def cuGraphConditionalHandleCreate(self, handle, graph, ctx, default, flags):  # type: ignore[no-untyped-def]
+        assert (graph.value, ctx.value, default, flags) == (self.GRAPH, self.CTX, 0, graph_if._COND_ASSIGN_DEFAULT)
+        handle._obj.value = self.HANDLE
+        self.calls.append("handle")
+        return 0
+
+    def cuLaunchKernel(self, fn, gx, gy, gz, bx, by, bz, shared, stream, args, extra):  # type: ignore[no-untyped-def]
+        assert fn.value == self.SET_IF and (gx, gy, gz, bx, by, bz, shared) == (1, 1, 1, 1, 1, 1, 0)
+        assert stream.value == self.CAPTURE and extra is None
+        handle, flag = (ctypes.cast(args[i], ctypes.POINTER(ctypes.c_uint64))[0] for i in range(2))
+        assert (handle, flag) == (self.HANDLE, 0xF1A6)
+        self.deps[0] = self.SET_NODE  # the launch is captured after the last node
+        self.calls.append("set_if")
+        return 0
+
+    def cuGraphAddNode_v2(self, node, graph, deps, edges, n, params):  # type: ignore[no-untyped-def]
+        p = params._obj
+        cond = p.u.conditional
+        assert (graph.value, n.value, p.type) == (self.GRAPH, 1, graph_if._NODE_CONDITIONAL)
+        assert ctypes.cast(deps, ctypes.POINTER(ctypes.c_void_p))[0] == self.SET_NODE  # after set_if
+        assert (cond.handle, cond.type, cond.size, cond.ctx) == (self.HANDLE, graph_if._COND_IF, 1, self.CTX)
+        cond.phGraph_out[0] = self.BODY
+        node._obj.value = self.IF_NODE
+        self.calls.append("add IF")
+        return 0
+
+    def cuStreamUpdateCaptureDependencies_v2(self, stream, nodes, edges, n, flags):  # type: ignore[no-untyped-def]
+        assert (stream.value, nodes._obj.value, edges, n.value) == (self.CAPTURE, self.IF_NODE, None, 1)
+        assert flags == graph_if._SET_DEPENDENCIES
+        self.calls.append("depend on IF")
+        return 0
+
+    def cuStreamBeginCaptureToGraph(self, stream, graph, deps, edges, n, mode):  # type: ignore[no-untyped-def]
+        assert (stream.value, graph.value, deps, n.value, mode) == (self.SIDE, self.BODY, None, 0,
+                                                                      graph_if._CAPTURE_RELAXED)
+        self.calls.append("capture body")
+        return 0
+
+    def cuStreamEndCapture(self, stream, graph):  # type: ignore[no-untyped-def]
+        assert stream.value == self.SIDE
+        self.calls.append("end body")
+        return 0
+
+
+def test_the_driver_path_adds_the_if_node_after_set_if_and_captures_the_body_on_the_side_stream(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ctypes calls of torch 2.11's path, in order and with the arguments the driver reads (no GPU here)."""
+    import contextlib
+
+    fake = _FakeDriver()
+
+    class Stream:
+        def __init__(self, handle: int) -> None:
+            self.cuda_stream = handle
+
+    class Flag:
+        dtype, is_cuda, device, shape = torch.bool, True, torch.device("cuda", 0), ()
+
+        def numel(self) -> int:
+            return 1
+
+        def data_ptr(self) -> int:
+            return 0xF1A6
+
+    @contextlib.contextmanager
+    def on(stream: Stream):  # type: ignore[no-untyped-def]
+        fake.calls.append(f"stream {stream.cuda_stream}")
+        yield
+
+    monkeypatch.setattr(graph_if, "torch_records_if_nodes", lambda: False)
+    monkeypatch.setattr(graph_if, "_libcuda", lambda: fake)
+    monkeypatch.setattr(graph_if, "_runtime", lambda device: graph_if._Runtime(ctypes.c_void_p(fake.SET_IF),
+                                                                               Stream(fake.SIDE)))  # type: ignore[arg-type]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(fake.CAPTURE))
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    with graph_if.if_node(Flag()):  # type: ignore[arg-type]
+        fake.calls.append("body")
+    assert fake.calls == ["info", "handle", "set_if", "info", "add IF", "depend on IF", "capture body",
+                          f"stream {fake.SIDE}", "body", "end body"]
+    idle = _FakeDriver(capturing=False)
+    monkeypatch.setattr(graph_if, "_libcuda", lambda: idle)
+    with pytest.raises(graph_if.GraphIfError, match="capturing"), graph_if.if_node(Flag()):  # type: ignore[arg-type]
+        pass
+    assert idle.calls == ["info"]  # nothing added to a graph that is not being captured
