@@ -195,3 +195,57 @@ def test_the_driver_path_adds_the_if_node_after_set_if_and_captures_the_body_on_
     with pytest.raises(graph_if.GraphIfError, match="capturing"), graph_if.if_node(Flag()):  # type: ignore[arg-type]
         pass
     assert idle.calls == ["info"]  # nothing added to a graph that is not being captured
+
+
+@pytest.mark.parametrize(("capability", "target"), [((9, 0), "sm_90"), ((10, 0), "sm_90"), ((8, 6), "sm_86")])
+def test_set_if_is_linked_against_the_device_runtime_for_the_device(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                    capability: tuple[int, int], target: str) -> None:
+    """`_runtime` against a fake driver: the PTX for the device's architecture (capped at sm_90, which PTX 7.8
+    reaches; the driver JITs it forward), libcudadevrt.a as a library input, the kernel looked up by name."""
+    devrt = tmp_path / "libcudadevrt.a"
+    devrt.write_bytes(b"!<arch>\n")
+    seen: dict[str, object] = {}
+
+    class Link:
+        def cuLinkCreate_v2(self, n, opts, values, state):  # type: ignore[no-untyped-def]
+            state._obj.value = 1
+            return 0
+
+        def cuLinkAddData_v2(self, state, kind, data, size, name, n, opts, values):  # type: ignore[no-untyped-def]
+            seen["ptx"] = (kind, data.decode(), size.value, name)
+            return 0
+
+        def cuLinkAddFile_v2(self, state, kind, path, n, opts, values):  # type: ignore[no-untyped-def]
+            seen["lib"] = (kind, path.decode())
+            return 0
+
+        def cuLinkComplete(self, state, cubin, size):  # type: ignore[no-untyped-def]
+            cubin._obj.value = 0xC0B1
+            return 0
+
+        def cuModuleLoadData(self, module, image):  # type: ignore[no-untyped-def]
+            seen["image"] = image.value
+            module._obj.value = 0x30D
+            return 0
+
+        def cuLinkDestroy(self, state):  # type: ignore[no-untyped-def]
+            seen["destroyed"] = True
+            return 0
+
+        def cuModuleGetFunction(self, fn, module, name):  # type: ignore[no-untyped-def]
+            seen["function"] = (module.value, name)
+            fn._obj.value = 0xF
+            return 0
+
+    monkeypatch.setenv(graph_if.DEVRT_ENV, str(devrt))
+    monkeypatch.setattr(graph_if, "_libcuda", lambda: Link())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: "side stream")
+    rt = graph_if._runtime.__wrapped__(0)  # type: ignore[attr-defined]
+    assert rt is not None and rt.set_if.value == 0xF and rt.body == "side stream"
+    kind, ptx, size, name = seen["ptx"]  # type: ignore[misc]
+    assert kind == graph_if._JIT_INPUT_PTX and f".target {target}\n" in ptx and size == len(ptx.encode())
+    assert name == b"set_if.ptx"
+    assert seen["lib"] == (graph_if._JIT_INPUT_LIBRARY, str(devrt))
+    assert seen["image"] == 0xC0B1 and seen["destroyed"] and seen["function"] == (0x30D, b"legolm_set_if")
