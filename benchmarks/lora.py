@@ -265,6 +265,8 @@ def main() -> None:
                         help="peer rows beside peft eager (litgpt eager/compile, peft compile)")
     parser.add_argument("--loss-chunk", type=int, default=4096,
                         help="also time legolm with the loss scored this many tokens at a time (0 = not)")
+    parser.add_argument("--loss-kernel", choices=["torch", "triton"], default="torch",
+                        help="the chunked loss's softmax step (triton: `legolm.kernels.cross_entropy`, GPU)")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, fp32, 2 steps: checks it runs")
     args = parser.parse_args()
     if args.smoke:
@@ -322,9 +324,10 @@ def main() -> None:
             fresh_ours(), args.lr, device, precision, c, backend=backend), data, args.warmup, device),
             "trainable": n_trainable})
     if args.loss_chunk:
-        chunked = f"{label('legolm', args.compile)} + chunked CE ({args.loss_chunk})"
+        chunked = f"{label('legolm', args.compile)} + chunked CE ({args.loss_chunk}, {args.loss_kernel})"
         rows.append({**run(chunked, lambda: legolm_step(fresh_ours(), args.lr, device, precision, args.compile,
-                                                        args.loss_chunk, backend), data, args.warmup, device),
+                                                        args.loss_chunk, backend, args.loss_kernel), data,
+                           args.warmup, device),
                      "trainable": n_trainable})
     reference = rows[0]["tok/s"]
     for row in rows:
