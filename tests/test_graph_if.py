@@ -249,3 +249,24 @@ def test_set_if_is_linked_against_the_device_runtime_for_the_device(monkeypatch:
     assert name == b"set_if.ptx"
     assert seen["lib"] == (graph_if._JIT_INPUT_LIBRARY, str(devrt))
     assert seen["image"] == 0xC0B1 and seen["destroyed"] and seen["function"] == (0x30D, b"legolm_set_if")
+
+
+def test_the_devrt_of_torchs_cuda_major_is_preferred(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Both NVIDIA runtime wheels installed (cu12's ``cuda_runtime``, cu13's ``cu13``): torch's CUDA major picks."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    for folder in ("cuda_runtime", "cu13"):
+        (tmp_path / folder / "lib").mkdir(parents=True)
+        (tmp_path / folder / "lib" / "libcudadevrt.a").write_bytes(b"!<arch>\n")
+    monkeypatch.delenv(graph_if.DEVRT_ENV, raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: SimpleNamespace(submodule_search_locations=[str(tmp_path)]))
+    for home in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(home, raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert graph_if.find_devrt() == tmp_path / "cu13" / "lib" / "libcudadevrt.a"
+    monkeypatch.setattr(torch.version, "cuda", "12.9")  # the CUDA 12 wheel's folder is cuda_runtime
+    assert graph_if.find_devrt() == tmp_path / "cuda_runtime" / "lib" / "libcudadevrt.a"
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build: the first one found
+    assert graph_if.find_devrt() == tmp_path / "cu13" / "lib" / "libcudadevrt.a"

@@ -105,7 +105,8 @@ def _libcuda() -> ctypes.CDLL | None:
 
 
 def find_devrt() -> Path | None:
-    """``libcudadevrt.a``: ``$LEGOLM_CUDADEVRT``, else the NVIDIA runtime wheels torch installs, else a CUDA toolkit."""
+    """``libcudadevrt.a``: ``$LEGOLM_CUDADEVRT``, else the NVIDIA runtime wheels torch installs (the one of torch's
+    CUDA major version first: ``nvidia/cu13/lib`` for CUDA 13, ``nvidia/cuda_runtime/lib`` for 12), else a toolkit."""
     if os.environ.get(DEVRT_ENV):
         path = Path(os.environ[DEVRT_ENV]).expanduser()
         return path if path.is_file() else None
@@ -116,12 +117,13 @@ def find_devrt() -> Path | None:
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if home:
             roots.append(Path(home))
-    for root in roots:
-        for pattern in ("*/lib/libcudadevrt.a", "lib64/libcudadevrt.a", "targets/*/lib/libcudadevrt.a"):
-            found = sorted(root.glob(pattern))
-            if found:
-                return found[-1]
-    return None
+    found = [path for root in roots
+             for pattern in ("*/lib/libcudadevrt.a", "lib64/libcudadevrt.a", "targets/*/lib/libcudadevrt.a")
+             for path in sorted(root.glob(pattern))]
+    major = (torch.version.cuda or "").split(".")[0]
+    wheel = {f"cu{major}", *(["cuda_runtime"] if major == "12" else [])}  # the wheels' folder names
+    ranked = [path for path in found if path.parent.parent.name in wheel] + found
+    return ranked[0] if ranked else None
 
 
 @dataclass(frozen=True)
