@@ -123,3 +123,56 @@ def overrides(items: list[str]) -> dict[str, Any]:
     if bad:
         raise SystemExit(f"--set wants KEY=VALUE, got {bad[0]!r}")
     return nested((key, parse_yaml(value)) for key, _, value in pairs)
+
+
+# Where a training step's device time goes, by kernel name (first match wins; lower case). cuBLAS / CUTLASS GEMMs,
+# flash / memory-efficient attention, and the names torch.compile's Triton kernels get from the ops they fuse;
+# on the CPU (smoke runs) the aten operators.
+KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "attn")),
+    ("loss", ("cross_entropy", "log_softmax", "nll_loss", "logsumexp", "ce_grad")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "wgmma", "sm90_", "sm80_", "ampere_", "cublas",
+                "aten::mm", "aten::addmm", "aten::bmm")),
+    ("norm", ("layer_norm", "rms_norm", "_norm_")),
+    ("copy / cast", ("memcpy", "memset", "copy", "cat_", "fill")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The `KERNEL_KINDS` entry a kernel's name belongs to, else "other elementwise"."""
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other elementwise")
+
+
+def profile_steps(step: Callable[[int], Any], indices: list[int], device: torch.device, wall_ms: float,
+                  rows: int) -> dict[str, Any]:
+    """Run ``step(i)`` for each index under `torch.profiler`: device time per step by `kernel_kind` (ms), the sum
+    of the kernels against ``wall_ms`` (the step's time measured without the profiler: the rest is the device
+    waiting for the host, launch gaps included), and the ``rows`` costliest kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        for i in indices:
+            step(i)
+        if cuda:
+            torch.cuda.synchronize()
+    # on a GPU the kernels themselves; on the CPU (smoke runs) the operators' own time
+    events = [e for e in prof.key_averages() if (e.device_type == DeviceType.CUDA) == cuda]
+    own = [(e.key, (e.device_time_total if cuda else e.self_cpu_time_total) / 1000 / len(indices)) for e in events]
+    kinds: dict[str, float] = {}
+    for name, ms in own:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    total = sum(kinds.values())
+    top = sorted(own, key=lambda item: -item[1])[:rows]
+    return {"ms_per_step": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "kernels_ms": round(total, 3), "wall_ms": round(wall_ms, 3), "idle_ms": round(wall_ms - total, 3),
+            "top": [{"name": name[:120], "ms_per_step": round(ms, 3)} for name, ms in top]}
+
+
+def profile_line(p: dict[str, Any]) -> str:
+    """One line of `profile_steps`' result: each kind's ms per step, then kernels against the wall time."""
+    parts = ", ".join(f"{kind} {ms:.2f}" for kind, ms in p["ms_per_step"].items())
+    return f"{parts} | kernels {p['kernels_ms']:.2f} of {p['wall_ms']:.2f} ms a step (device idle {p['idle_ms']:.2f})"

@@ -40,7 +40,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import BENCH_DATA, cycled, device_info, hf_random_model, legolm_copy, print_table, write_result
+from benchmarks.common import (
+    BENCH_DATA,
+    cycled,
+    device_info,
+    hf_random_model,
+    legolm_copy,
+    print_table,
+    profile_line,
+    profile_steps,
+    write_result,
+)
 from benchmarks.peers import LITGPT, failure, litgpt_model, litgpt_unsupported, logits_loss, missing, train_step
 from legolm.core.config import ModelConfig
 from legolm.model.transformer import TransformerLM
@@ -122,9 +132,10 @@ def real_batches(preset: str, batch: int, seq: int, n: int, device: torch.device
 
 
 def time_variant(model: nn.Module, loss_fn: Any, compile: bool, batches: list[Batch], warmup: int,
-                 device: torch.device, autocast: bool, compile_mode: str, backend: str = "inductor"
-                 ) -> dict[str, float]:
-    """Warm up (compiling), then time ``len(batches) - warmup`` steps; peak memory of the whole run."""
+                 device: torch.device, autocast: bool, compile_mode: str, backend: str = "inductor",
+                 profile: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """Warm up (compiling), then time ``len(batches) - warmup`` steps; peak memory of the whole run. ``profile``
+    (steps, rows): then that many more steps under the profiler (`profile_steps`, after the peak is read)."""
     optim = OptimConfig(lr=6e-4, weight_decay=0.1, grad_clip=1.0)
     optimizer = build_optimizer(trainable_parameters(model), optim, device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
@@ -142,8 +153,14 @@ def time_variant(model: nn.Module, loss_fn: Any, compile: bool, batches: list[Ba
     seconds = time.perf_counter() - t1
     timed_steps = len(batches) - warmup
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return {"seconds": seconds, "steps": timed_steps, "warmup_s": t1 - t0, "peak_gb": peak,
-            "first_loss": float(losses[0]), "last_loss": float(losses[-1])}
+    result: dict[str, Any] = {"seconds": seconds, "steps": timed_steps, "warmup_s": t1 - t0, "peak_gb": peak,
+                              "first_loss": float(losses[0]), "last_loss": float(losses[-1])}
+    n, rows = profile
+    if n:
+        more = [warmup + (i % timed_steps) for i in range(n)]
+        result["profile"] = profile_steps(lambda i: step([batches[i]], len(batches) + i), more, device,
+                                          1000 * seconds / timed_steps, rows)
+    return result
 
 
 def main() -> None:
@@ -160,6 +177,9 @@ def main() -> None:
                         "aot_eager with --smoke)")
     parser.add_argument("--matmul-n", type=int, default=8192, help="size of the bf16 matmul that sets the peak")
     parser.add_argument("--loss-chunk", type=int, default=4096, help="tokens per loss chunk of the 'chunked' variant")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="profile this many more steps of each variant: device time by kind of kernel (0 = not)")
+    parser.add_argument("--profile-rows", type=int, default=15, help="costliest kernels listed per profile")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, fp32, a few steps")
     args = parser.parse_args()
     overrides: dict[str, Any] = {}
@@ -177,6 +197,7 @@ def main() -> None:
     peak = matmul_flops(device, args.matmul_n, torch.bfloat16 if autocast else torch.float32, 50 if autocast else 3)
     print(f"measured {'bf16' if autocast else 'fp32'} matmul rate: {peak / 1e12:,.3f} TFLOP/s", flush=True)
     rows: list[dict[str, Any]] = []
+    profiles: dict[str, Any] = {}  # "model variant" -> `profile_steps` (with --profile)
     default = parser.get_default("models")  # another choice of models writes its own file
     name = "pretrain" if args.models == default else "pretrain-" + "-".join(args.models)
     for preset in args.models:
@@ -199,7 +220,7 @@ def main() -> None:
             try:
                 model = build_model(library, config, device)
                 r = time_variant(model, loss_fn, mode == "compile", batches, args.warmup, device, autocast,
-                                 args.compile_mode, args.compile_backend)
+                                 args.compile_mode, args.compile_backend, (args.profile, args.profile_rows))
             except Exception as err:  # a peer that breaks is a row saying so; legolm's and HF's failures raise
                 if library != "litgpt":
                     raise
@@ -212,6 +233,9 @@ def main() -> None:
             results[variant] = {**r, "tok_s": tok_s, "mfu": tok_s * fpt / peak}
             print(f"{preset} {variant}: {tok_s:,.0f} tok/s, {r['peak_gb']:.1f} GB, MFU {100 * tok_s * fpt / peak:.1f}%,"
                   f" loss {r['first_loss']:.3f} -> {r['last_loss']:.3f} (warmup {r['warmup_s']:.0f} s)", flush=True)
+            if "profile" in r:
+                profiles[f"{preset} {variant}"] = r["profile"]
+                print(f"{preset} {variant} profile, ms a step: {profile_line(r['profile'])}", flush=True)
             del model
             torch._dynamo.reset()  # drop compiled graphs (and the weights they hold) before the next variant
             gc.collect()
@@ -229,7 +253,7 @@ def main() -> None:
                          else "", "loss first->last": f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}"})
         if not args.smoke:  # a run cut at the call's limit keeps the models measured so far
             write_result(name, {**device_info(), "args": vars(args), "matmul_tflops": peak / 1e12,
-                                "complete": False, "rows": rows, "table": ""})
+                                "complete": False, "rows": rows, "table": "", "profiles": profiles})
     print(f"\nPretraining step, batch {args.batch} x {args.seq} real-text tokens, "
           f"{'bf16 autocast, fused AdamW' if autocast else 'fp32, AdamW'}, {device_info()['device']}, "
           f"matmul peak {peak / 1e12:,.3f} TFLOP/s")
@@ -238,7 +262,7 @@ def main() -> None:
     if args.smoke:  # a crash check, not a measurement: nothing goes to benchmarks/results
         return
     path = write_result(name, {**device_info(), "args": vars(args), "matmul_tflops": peak / 1e12,
-                               "complete": True, "rows": rows, "table": table})
+                               "complete": True, "rows": rows, "table": table, "profiles": profiles})
     print(f"wrote {path}")
 
 

@@ -154,3 +154,33 @@ def test_skip2lora_whole_step_graph_body_trains_as_the_cached_step(compiled: boo
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
     moved = [not torch.equal(p, q) for p, q in zip(graphed.trainable(), model.trainable(), strict=True)]
     assert all(moved)
+
+
+@pytest.mark.parametrize(("name", "kind"), [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel",
+     "matmul"),
+    ("nvjet_tst_192x192_64x3_2x1_v_bz_coopA_TNT", "matmul"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>(Flash_fwd_params)", "attention"),
+    ("triton_per_fused__log_softmax_backward_data_nll_loss_backward_4", "loss"),
+    ("triton_red_fused_native_layer_norm_backward_3", "norm"),
+    ("void at::native::multi_tensor_apply_kernel<TensorListMetadata<4>, FusedAdamMathFunctor<float, 4>>", "optimizer"),
+    ("Memcpy DtoD (Device -> Device)", "copy / cast"),
+    ("triton_poi_fused__to_copy_2", "copy / cast"),
+    ("triton_poi_fused_add_gelu_7", "other elementwise"),
+    ("aten::addmm", "matmul"),
+])
+def test_kernels_are_sorted_into_the_kinds_a_step_profile_reports(name: str, kind: str) -> None:
+    from benchmarks.common import kernel_kind
+
+    assert kernel_kind(name) == kind
+
+
+def test_a_step_profile_adds_up_its_kinds_and_compares_them_with_the_wall_time() -> None:
+    from benchmarks.common import profile_line, profile_steps
+
+    a = torch.randn(256, 256)
+    p = profile_steps(lambda i: torch.softmax(a @ a, -1), [0, 1, 2], torch.device("cpu"), wall_ms=1e3, rows=3)
+    kinds = p["ms_per_step"]
+    assert kinds["matmul"] > 0 and abs(sum(kinds.values()) - p["kernels_ms"]) < 1e-2
+    assert p["idle_ms"] == pytest.approx(1e3 - p["kernels_ms"], abs=1e-2) and len(p["top"]) == 3
+    assert "matmul" in profile_line(p) and "of 1000.00 ms a step" in profile_line(p)
