@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import time
@@ -44,7 +45,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.common import device_info, hf_random_model, print_table, real_tokens, write_result
+from benchmarks.common import (
+    device_info,
+    hf_random_model,
+    print_table,
+    profile_line,
+    profile_steps,
+    real_tokens,
+    write_result,
+)
 from benchmarks.peers import (
     LITGPT,
     PEERS,
@@ -161,8 +170,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(step: StepFn, data: list[Batch], warmup: int, device: torch.device) -> dict[str, Any]:
-    """Run ``warmup`` untimed steps, then time the rest; peak memory over the whole run."""
+def measure(step: StepFn, data: list[Batch], warmup: int, device: torch.device,
+            profile: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """Run ``warmup`` untimed steps, then time the rest; peak memory over the whole run. ``profile`` (steps, rows):
+    then that many more steps under the profiler (`profile_steps`)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     losses = [float(step(b, i)) for i, b in enumerate(data[:warmup])]
@@ -174,7 +185,14 @@ def measure(step: StepFn, data: list[Batch], warmup: int, device: torch.device) 
     losses += [float(t) for t in timed]
     tokens = sum(b["labels"].numel() for b in data[warmup:])
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    return {"tok/s": tokens / seconds, "peak GB": peak, "loss first": losses[0], "loss last": losses[-1]}
+    result = {"tok/s": tokens / seconds, "peak GB": peak, "loss first": losses[0], "loss last": losses[-1]}
+    n, rows = profile
+    if n:
+        timed_data = data[warmup:]
+        result["profile"] = profile_steps(lambda i: step(timed_data[i % len(timed_data)], len(data) + i),
+                                          list(range(n)), device, 1000 * seconds / len(timed_data), rows)
+        print(f"    profile, ms a step: {profile_line(result['profile'])}", flush=True)
+    return result
 
 
 def build_peft(base: Any, cfg: LoRAConfig, dtype: torch.dtype, device: torch.device) -> Any:
@@ -223,11 +241,11 @@ def trainable(model: nn.Module) -> int:
 
 
 def run(name: str, make: Callable[[], StepFn], data: list[Batch], warmup: int, device: torch.device,
-        peer: bool = False) -> dict[str, Any]:
+        peer: bool = False, profile: tuple[int, int] = (0, 0)) -> dict[str, Any]:
     """One row; a peer's row that breaks reads "failed: ..." (legolm's rows raise)."""
     print(f"  timing {name} ...", flush=True)
     try:
-        return {"impl": name, **measure(make(), data, warmup, device)}
+        return {"impl": name, **measure(make(), data, warmup, device, profile)}
     except torch.cuda.OutOfMemoryError:
         return {"impl": name, "tok/s": float("nan"), "peak GB": float("nan"), "note": "out of memory"}
     except Exception as err:
@@ -267,6 +285,9 @@ def main() -> None:
                         help="also time legolm with the loss scored this many tokens at a time (0 = not)")
     parser.add_argument("--loss-kernel", choices=["torch", "triton"], default="torch",
                         help="the chunked loss's softmax step (triton: `legolm.kernels.cross_entropy`, GPU)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="profile this many more steps of each row: device time by kind of kernel (0 = not)")
+    parser.add_argument("--profile-rows", type=int, default=15, help="costliest kernels listed per profile")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, fp32, 2 steps: checks it runs")
     args = parser.parse_args()
     if args.smoke:
@@ -301,10 +322,11 @@ def main() -> None:
     def label(library: str, compile: bool) -> str:
         return f"{library} {'compile' if compile else 'eager'}"
 
-    rows = [{**run("peft (eager)", lambda: peft_step(fresh_peft(), args.lr, device, precision), data, args.warmup,
+    timed = functools.partial(run, profile=(args.profile, args.profile_rows))
+    rows = [{**timed("peft (eager)", lambda: peft_step(fresh_peft(), args.lr, device, precision), data, args.warmup,
                    device), "trainable": n_peft}]
     if "peft-compile" in args.peers and args.compile:
-        rows.append({**run("peft compile", lambda: peft_step(fresh_peft(), args.lr, device, precision, True, backend),
+        rows.append({**timed("peft compile", lambda: peft_step(fresh_peft(), args.lr, device, precision, True, backend),
                            data, args.warmup, device, peer=True), "trainable": n_peft})
     theirs = base = fresh_peft = None  # free peft's model before the next runs (peak memory is per run)
     free(device)
@@ -313,19 +335,19 @@ def main() -> None:
     elif lit is not None:
         fresh_lit = restorer(lit.to(device))
         for c in modes:
-            rows.append({**run(label("litgpt", c), lambda c=c: peer_step(  # type: ignore[misc]
+            rows.append({**timed(label("litgpt", c), lambda c=c: peer_step(  # type: ignore[misc]
                 fresh_lit(), logits_loss, args.lr, device, precision, c, backend), data, args.warmup, device, True),
                 "trainable": trainable(lit)})
         lit = fresh_lit = None
         free(device)
     fresh_ours = restorer(ours.to(device))
     for c in modes:
-        rows.append({**run(label("legolm", c), lambda c=c: legolm_step(  # type: ignore[misc]
+        rows.append({**timed(label("legolm", c), lambda c=c: legolm_step(  # type: ignore[misc]
             fresh_ours(), args.lr, device, precision, c, backend=backend), data, args.warmup, device),
             "trainable": n_trainable})
     if args.loss_chunk:
         chunked = f"{label('legolm', args.compile)} + chunked CE ({args.loss_chunk}, {args.loss_kernel})"
-        rows.append({**run(chunked, lambda: legolm_step(fresh_ours(), args.lr, device, precision, args.compile,
+        rows.append({**timed(chunked, lambda: legolm_step(fresh_ours(), args.lr, device, precision, args.compile,
                                                         args.loss_chunk, backend, args.loss_kernel), data,
                            args.warmup, device),
                      "trainable": n_trainable})
