@@ -317,8 +317,11 @@ def test_fused_early_exit_graphs_match_the_torch_loop(preset: str, kv_mode: str,
     """CUDA graphs (one graph per part of a step and a host read, or several steps per graph with IF nodes): same
     tokens and exits as the eager early-exit loop (fp32), with five-kernel or split-K blocks."""
     from legolm.generation.early_exit import generate_with_early_exit
+    from legolm.kernels import graph_if
     from legolm.model.lego import confidence
 
+    if if_nodes:  # else the decoder would fall back to the host read and this test would not test IF nodes
+        assert graph_if.unavailable_reason() is None, graph_if.unavailable_reason()
     model = _lego(preset)
     ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(2)).cuda()
     with torch.no_grad():
