@@ -164,7 +164,8 @@ def profile_steps(step: Callable[[int], Any], indices: list[int], device: torch.
     own = [(e.key, (e.device_time_total if cuda else e.self_cpu_time_total) / 1000 / len(indices)) for e in events]
     kinds: dict[str, float] = {}
     for name, ms in own:
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
     total = sum(kinds.values())
     top = sorted(own, key=lambda item: -item[1])[:rows]
     return {"ms_per_step": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},

@@ -322,12 +322,13 @@ def main() -> None:
     def label(library: str, compile: bool) -> str:
         return f"{library} {'compile' if compile else 'eager'}"
 
-    timed = functools.partial(run, profile=(args.profile, args.profile_rows))
-    rows = [{**timed("peft (eager)", lambda: peft_step(fresh_peft(), args.lr, device, precision), data, args.warmup,
-                   device), "trainable": n_peft}]
+    profiled_run = functools.partial(run, profile=(args.profile, args.profile_rows))
+    rows = [{**profiled_run("peft (eager)", lambda: peft_step(fresh_peft(), args.lr, device, precision), data,
+                            args.warmup, device), "trainable": n_peft}]
     if "peft-compile" in args.peers and args.compile:
-        rows.append({**timed("peft compile", lambda: peft_step(fresh_peft(), args.lr, device, precision, True, backend),
-                           data, args.warmup, device, peer=True), "trainable": n_peft})
+        rows.append({**profiled_run("peft compile", lambda: peft_step(fresh_peft(), args.lr, device, precision, True,
+                                                                      backend),
+                                    data, args.warmup, device, peer=True), "trainable": n_peft})
     theirs = base = fresh_peft = None  # free peft's model before the next runs (peak memory is per run)
     free(device)
     if isinstance(lit, str):
@@ -335,19 +336,19 @@ def main() -> None:
     elif lit is not None:
         fresh_lit = restorer(lit.to(device))
         for c in modes:
-            rows.append({**timed(label("litgpt", c), lambda c=c: peer_step(  # type: ignore[misc]
+            rows.append({**profiled_run(label("litgpt", c), lambda c=c: peer_step(  # type: ignore[misc]
                 fresh_lit(), logits_loss, args.lr, device, precision, c, backend), data, args.warmup, device, True),
                 "trainable": trainable(lit)})
         lit = fresh_lit = None
         free(device)
     fresh_ours = restorer(ours.to(device))
     for c in modes:
-        rows.append({**timed(label("legolm", c), lambda c=c: legolm_step(  # type: ignore[misc]
+        rows.append({**profiled_run(label("legolm", c), lambda c=c: legolm_step(  # type: ignore[misc]
             fresh_ours(), args.lr, device, precision, c, backend=backend), data, args.warmup, device),
             "trainable": n_trainable})
     if args.loss_chunk:
         chunked = f"{label('legolm', args.compile)} + chunked CE ({args.loss_chunk}, {args.loss_kernel})"
-        rows.append({**timed(chunked, lambda: legolm_step(fresh_ours(), args.lr, device, precision, args.compile,
+        rows.append({**profiled_run(chunked, lambda: legolm_step(fresh_ours(), args.lr, device, precision, args.compile,
                                                         args.loss_chunk, backend, args.loss_kernel), data,
                            args.warmup, device),
                      "trainable": n_trainable})

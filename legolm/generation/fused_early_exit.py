@@ -162,11 +162,12 @@ class FusedLegoSession:
         # how a unit runs: "graph" (several units per CUDA graph: speculative, or threshold with conditional
         # nodes), "parts" (threshold without them: graphs of the step's parts, the host reads the conditions
         # once a step), "eager" (no CUDA: kernels launched one by one, the host reads the conditions)
-        missing = graph_if.unavailable_reason(p.device) if p.is_cuda and config.if_nodes else None
-        if missing is not None and config.mode == "threshold":
+        branches = p.is_cuda and config.mode == "threshold" and config.if_nodes  # asked for IF nodes
+        missing = graph_if.unavailable_reason(p.device) if branches else None
+        if missing is not None:
             warnings.warn(f"fused_if_nodes: {missing}; the host reads each token's decision instead", stacklevel=2)
         self.runner = "eager" if not p.is_cuda else \
-            "graph" if config.mode == "speculative" or (config.if_nodes and missing is None) else "parts"
+            "graph" if config.mode == "speculative" or (branches and missing is None) else "parts"
         self.prefill_graphs = config.prefill_graphs if p.is_cuda else 0
         self._prefills: OrderedDict[int, tuple[torch.cuda.CUDAGraph, Tensor, tuple[Tensor, ...]]] = OrderedDict()
         self.warmed = False
