@@ -132,7 +132,9 @@ class _FakeDriver:
         assert (graph.value, n.value, p.type) == (self.GRAPH, 1, graph_if._NODE_CONDITIONAL)
         assert ctypes.cast(deps, ctypes.POINTER(ctypes.c_void_p))[0] == self.SET_NODE  # after set_if
         assert (cond.handle, cond.type, cond.size, cond.ctx) == (self.HANDLE, graph_if._COND_IF, 1, self.CTX)
-        cond.phGraph_out[0] = self.BODY
+        assert not cond.phGraph_out  # an output: CUDA points it at an array it owns
+        self.bodies = (ctypes.c_void_p * 1)(self.BODY)
+        cond.phGraph_out = ctypes.cast(self.bodies, ctypes.POINTER(ctypes.c_void_p))
         node._obj.value = self.IF_NODE
         self.calls.append("add IF")
         return 0

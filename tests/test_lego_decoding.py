@@ -326,3 +326,38 @@ def test_speculative_on_the_real_smollm2_is_its_greedy_output(smollm2_gguf: Path
     got = generate(model, [ids], greedy(max_new_tokens=16, early_exit="speculative", draft_tokens=3))
     assert got.tokens == want
     assert got.early_exit is not None and 0.0 < got.early_exit.acceptance_rate < 1.0
+
+
+def test_decode_timing_builds_each_settings_session_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`measure_decode` times settings round-robin; each one's fused session (graphs) must survive the others,
+    else every timed call would recapture its graphs. The fake `generate` keeps sessions as `_lego_session`
+    does: an LRU of ``session_cache_size`` keyed by what differs between settings (τ is not in the key)."""
+    from collections import OrderedDict
+
+    from legolm.generation.generate import GenerationResult
+    from legolm.lego import report
+
+    sessions: OrderedDict[tuple[object, ...], None] = OrderedDict()
+    built: list[tuple[object, ...]] = []
+
+    def fake_generate(model: object, prompts: list[list[int]], cfg: GenerationConfig) -> GenerationResult:
+        key = (cfg.early_exit, cfg.kv_mode, cfg.draft_tokens, cfg.fused_if_nodes)
+        if key in sessions:
+            sessions.move_to_end(key)
+        else:
+            built.append(key)
+            sessions[key] = None
+            while len(sessions) > cfg.session_cache_size:
+                sessions.popitem(last=False)
+        return GenerationResult([[0] * cfg.max_new_tokens], 0.0, 0.0, cfg.max_new_tokens)
+
+    monkeypatch.setattr(report, "generate", fake_generate)
+    settings = [report.Setting("full", "full"), report.Setting("fill", "threshold", 0.5, "fill"),
+                report.Setting("fill 2", "threshold", 0.2, "fill"), report.Setting("skip", "threshold", 0.5, "skip"),
+                report.Setting("skip IF", "threshold", 0.5, "skip", if_nodes=True),
+                report.Setting("fill IF", "threshold", 0.5, "fill", if_nodes=True),
+                report.Setting("d=2", "speculative", draft_tokens=2), report.Setting("d=4", "speculative", draft_tokens=4)]
+    measured = report.measure_decode(torch.nn.Linear(1, 1), torch.zeros(2, 3, dtype=torch.long), settings, 4,  # type: ignore[arg-type]
+                                     fused=True, kernel="splitk", repeats=2, warmup=1)
+    assert len(measured) == len(settings) and all(m.tokens == 8 for m in measured)
+    assert len(built) == len(set(built)) == 7  # the two fill rows share a session; nothing built twice

@@ -250,18 +250,17 @@ def if_node(flag: Tensor) -> Iterator[None]:
     args = (ctypes.c_void_p * 2)(ctypes.addressof(handle), ctypes.addressof(ptr))
     _check(cu.cuLaunchKernel(rt.set_if, 1, 1, 1, 1, 1, 1, 0, stream, args, None), "cuLaunchKernel(set_if)")
     graph, deps, edges, n = _capture_info(cu, stream)
-    body = (ctypes.c_void_p * 1)()
-    params = _NodeParams(type=_NODE_CONDITIONAL)
-    params.u.conditional = _Conditional(handle=handle.value, type=_COND_IF, size=1,
-                                        phGraph_out=ctypes.cast(body, ctypes.POINTER(ctypes.c_void_p)), ctx=ctx)
+    params = _NodeParams(type=_NODE_CONDITIONAL)  # phGraph_out stays NULL: the driver sets it to its own array
+    params.u.conditional = _Conditional(handle=handle.value, type=_COND_IF, size=1, ctx=ctx)
     node = ctypes.c_void_p()
     _check(cu.cuGraphAddNode_v2(ctypes.byref(node), graph, deps, edges, ctypes.c_size_t(n), ctypes.byref(params)),
            "cuGraphAddNode(IF)")
     _check(cu.cuStreamUpdateCaptureDependencies_v2(stream, ctypes.byref(node), None, ctypes.c_size_t(1),
                                                     _SET_DEPENDENCIES), "cuStreamUpdateCaptureDependencies")
+    body = params.u.conditional.phGraph_out[0]  # the IF node's body graph, owned by the node
     side = rt.body
     side_handle = ctypes.c_void_p(side.cuda_stream)
-    _check(cu.cuStreamBeginCaptureToGraph(side_handle, ctypes.c_void_p(body[0]), None, None, ctypes.c_size_t(0),
+    _check(cu.cuStreamBeginCaptureToGraph(side_handle, ctypes.c_void_p(body), None, None, ctypes.c_size_t(0),
                                           _CAPTURE_RELAXED), "cuStreamBeginCaptureToGraph")
     try:
         with torch.cuda.stream(side):
