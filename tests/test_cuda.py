@@ -100,7 +100,10 @@ def test_chunked_head_loss_gradients_match_unchunked_under_bf16_autocast(compile
     """The fused chunked cross-entropy trains like the plain loss, also when the step is compiled
     (a compiled trace once computed no gradients at all: the model never trained)."""
     from legolm.train.fit import NextTokenLoss
+    from legolm.train.head_loss import accumulates_in_place
 
+    # dW accumulates in fp32 straight from the GEMM here (no bf16 product per chunk): the path this tests
+    assert accumulates_in_place(torch.device("cuda"), torch.bfloat16, torch.float32)
     grads = []
     for chunk in (0, 48):
         torch.manual_seed(0)

@@ -356,8 +356,35 @@ def test_decode_timing_builds_each_settings_session_once(monkeypatch: pytest.Mon
                 report.Setting("fill 2", "threshold", 0.2, "fill"), report.Setting("skip", "threshold", 0.5, "skip"),
                 report.Setting("skip IF", "threshold", 0.5, "skip", if_nodes=True),
                 report.Setting("fill IF", "threshold", 0.5, "fill", if_nodes=True),
-                report.Setting("d=2", "speculative", draft_tokens=2), report.Setting("d=4", "speculative", draft_tokens=4)]
+                report.Setting("d=2", "speculative", draft_tokens=2),
+                report.Setting("d=4", "speculative", draft_tokens=4)]
     measured = report.measure_decode(torch.nn.Linear(1, 1), torch.zeros(2, 3, dtype=torch.long), settings, 4,  # type: ignore[arg-type]
                                      fused=True, kernel="splitk", repeats=2, warmup=1)
     assert len(measured) == len(settings) and all(m.tokens == 8 for m in measured)
     assert len(built) == len(set(built)) == 7  # the two fill rows share a session; nothing built twice
+
+
+@pytest.mark.parametrize(("mode", "kv_mode", "if_nodes", "missing", "runner", "warns"), [
+    ("threshold", "skip", None, None, "graph", False),  # auto: IF nodes where they measured faster
+    ("threshold", "fill", None, None, "parts", False),  # auto: the host read where it measured faster
+    ("threshold", "fill", True, None, "graph", False),
+    ("threshold", "skip", False, None, "parts", False),
+    ("threshold", "skip", None, "no CUDA driver", "parts", False),  # auto falls back quietly
+    ("threshold", "skip", True, "no CUDA driver", "parts", True),  # asked for by name: says why not
+    ("speculative", "skip", None, None, "graph", False),
+])
+def test_the_runner_follows_the_if_node_setting(monkeypatch: pytest.MonkeyPatch, mode: str, kv_mode: str,
+                                                if_nodes: bool | None, missing: str | None, runner: str,
+                                                warns: bool) -> None:
+    import warnings
+
+    from legolm.generation import fused_early_exit
+    from legolm.generation.fused_early_exit import FusedExitConfig, pick_runner
+
+    monkeypatch.setattr(fused_early_exit.graph_if, "unavailable_reason", lambda device=None: missing)
+    config = FusedExitConfig(mode=mode, kv_mode=kv_mode, if_nodes=if_nodes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert pick_runner(config, torch.device("cuda", 0)) == runner
+    assert bool(caught) == warns and all(missing in str(w.message) for w in caught if missing)
+    assert pick_runner(config, torch.device("cpu")) == "eager"

@@ -60,8 +60,9 @@ class GenerationConfig:
             previous one finishes.
         fused_if_nodes: Fused threshold early exit: each token's branch to the upper layers as an IF node of
             the captured graph where the driver has them (`legolm.kernels.graph_if`; ``graph_steps`` tokens per
-            replay, no host read). Off by default until measured on a GPU (README, LEGO); off, or where
-            they are missing: one graph per part of a step and a host read of each token's decision.
+            replay, no host read). Off, or where they are missing: one graph per part of a step and a host
+            read of each token's decision. None (auto, the default): what measured faster on an H200
+            (README, LEGO): IF nodes for kv_mode skip, the host read for fill.
         fused_kernel: ``blocks`` (five kernel launches per block, launch shapes tuned, PDL), ``splitk``
             (three per block: the projections after the attention and the MLP reduce by fp32 atomic
             adds, so the last bits of a sum vary from run to run; `legolm.kernels.splitk`) or
@@ -110,7 +111,7 @@ class GenerationConfig:
     fused_embed_block: int = 1024
     fused_tune: bool = True
     fused_pdl: bool = True
-    fused_if_nodes: bool = False
+    fused_if_nodes: bool | None = None
     fused_kernel: FusedKernel = "blocks"
     fused_persistent: PersistentShape = field(default_factory=PersistentShape)
     prefill_graphs: int = 4

@@ -166,7 +166,8 @@ class DecodeSettings:
             block) or ``splitk`` (three; `GenerationConfig.fused_kernel`); self-speculative decoding keeps
             the five-kernel blocks.
         if_node_kv_modes: Kv modes (fill, skip) timed again at the calibrated threshold with each token's branch
-            as an IF node of the captured graphs (`GenerationConfig.fused_if_nodes`; not yet the default).
+            as an IF node of the captured graphs (`GenerationConfig.fused_if_nodes`); the other rows read each
+            decision on the host.
     """
 
     prompts: int = 8

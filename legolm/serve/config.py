@@ -38,7 +38,7 @@ class ServeConfig:
         fused_tune: Time the fused kernels' launch shapes at the first step on the GPU.
         fused_pdl: Programmatic dependent launch of the fused GEMV and attention kernels (where supported).
         fused_if_nodes: LEGO threshold early exit: each token's branch as an IF node of the captured graphs
-            (`GenerationConfig.fused_if_nodes`; off by default until measured).
+            (`GenerationConfig.fused_if_nodes`; auto by default: IF nodes in skip mode, the host read in fill).
         fused_kernel: Plain models' fused step: blocks (five launches per block), splitk (three) or persistent (one).
         fused_persistent: Launch shape of the persistent step.
         early_exit: LEGO models: threshold or speculative decoding through the shallow exit (none = deep).
@@ -79,7 +79,7 @@ class ServeConfig:
     fused_embed_block: int = _GEN.fused_embed_block
     fused_tune: bool = _GEN.fused_tune
     fused_pdl: bool = _GEN.fused_pdl
-    fused_if_nodes: bool = _GEN.fused_if_nodes
+    fused_if_nodes: bool | None = _GEN.fused_if_nodes
     fused_kernel: FusedKernel = _GEN.fused_kernel
     fused_persistent: PersistentShape = field(default_factory=PersistentShape)
     early_exit: Literal["none", "threshold", "speculative"] = "none"

@@ -93,7 +93,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # one chunk of logits and one chunk's dW product, reused by every chunk: a fresh tensor per chunk
             # would keep the last chunk's alive while the next one is computed (twice the logits at the peak)
             buf = torch.empty(min(chunk, x.shape[0]), w.shape[0], device=x.device, dtype=dtype)
-            part_w = torch.empty_like(w) if grad_w is not None and acc != dtype else None
+            mixed = grad_w is not None and acc != dtype and accumulates_in_place(w.device, dtype, acc)
+            # without cuBLAS's bf16 x bf16 -> fp32 accumulation: each chunk's product in dtype, then added
+            part_w = torch.empty_like(w) if grad_w is not None and acc != dtype and not mixed else None
             total = torch.zeros((), device=x.device, dtype=acc)
             for start in range(0, x.shape[0], chunk):
                 xc, yc = x[start:start + chunk].to(dtype), labels[start:start + chunk]
@@ -107,7 +109,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     torch.mm(logits, w, out=grad_x[start:start + chunk])
                 elif grad_x is not None:
                     grad_x[start:start + chunk] = (logits @ w).to(x.dtype)
-                if grad_w is not None and part_w is not None:
+                if grad_w is not None and mixed:  # (V', C) += logits^T xc, the GEMM's own fp32 output
+                    torch.addmm(grad_w, logits.T, xc, out_dtype=acc, out=grad_w)
+                elif grad_w is not None and part_w is not None:
                     grad_w.add_(torch.mm(logits.T, xc, out=part_w))  # (V', C) in dtype, added in place in acc
                 elif grad_w is not None:
                     grad_w.addmm_(logits.T, xc)
@@ -120,6 +124,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         grad_x, grad_w = (None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors)
         return grad_x, grad_w, None, None, None
+
+
+_IN_PLACE: dict[tuple[str, torch.dtype, torch.dtype], bool] = {}
+
+
+def accumulates_in_place(device: torch.device, dtype: torch.dtype, acc: torch.dtype) -> bool:
+    """Whether ``torch.addmm(c, a, b, out_dtype=acc, out=c)`` adds the product of ``dtype`` matrices into
+    ``c`` (``acc``) in place: no temporary of the product, and no rounding of it to ``dtype`` first (CUDA:
+    cuBLAS with an fp32 C, torch >= 2.8). Probed once per device type and dtypes; the CPU has no such kernel."""
+    key = (device.type, dtype, acc)
+    if key not in _IN_PLACE:
+        gen = torch.Generator(device=device).manual_seed(0)
+        a, b = (torch.randn(shape, generator=gen, device=device).to(dtype) for shape in ((16, 32), (32, 8)))
+        c = torch.ones(16, 8, device=device, dtype=acc)
+        try:
+            torch.addmm(c, a, b, out_dtype=acc, out=c)
+            want = 1 + a.to(acc) @ b.to(acc)
+            _IN_PLACE[key] = bool(torch.allclose(c, want, rtol=1e-2, atol=1e-2))
+        except (RuntimeError, NotImplementedError, TypeError):
+            _IN_PLACE[key] = False
+    return _IN_PLACE[key]
 
 
 VOCAB_ALIGN = 64  # the chunked loss pads the head's rows to a multiple of this: a GEMM whose K is the vocabulary
