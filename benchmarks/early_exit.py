@@ -36,7 +36,7 @@ from legolm.data.tokenized import load_tokenized
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.fused import FusedBlocks
 from legolm.lego.config import STORE_DTYPES, LegoConfig
-from legolm.lego.report import val_windows
+from legolm.lego.report import Setting, val_windows
 from legolm.model.lego import LegoLM
 from legolm.recipes import lego
 
@@ -101,6 +101,38 @@ def references(model: LegoLM, prompts: torch.Tensor, new: int, repeats: int, hf_
     return out
 
 
+def split_costs(t_short: float, t_long: float, calls: int, short: int, long: int) -> tuple[float, float]:
+    """Seconds per token and per call of whole calls: ``calls`` calls of ``short`` new tokens took ``t_short``
+    seconds, as many of ``long`` took ``t_long`` (a line through the two: per token is its slope)."""
+    per_token = (t_long - t_short) / (calls * (long - short))
+    return per_token, t_short / calls - per_token * short
+
+
+def cost_split(model: LegoLM, prompts: torch.Tensor, new: int, repeats: int, kernel: FusedBlocks,
+               draft_tokens: list[int]) -> list[dict[str, Any]]:
+    """Per-token and per-call costs of the fastest decoders (whole calls of ``new`` and ``2 * new`` tokens, same
+    prompts, same process): the speed-up per token, which long generations approach, against the whole-call one,
+    which also pays each call's fixed costs (prefill, start, the stats read back)."""
+    device = next(model.parameters()).device
+    tau = model.threshold
+    settings = [Setting("full depth", "full"), Setting("threshold skip, host read", "threshold", tau, "skip"),
+                Setting("threshold skip, IF nodes", "threshold", tau, "skip", if_nodes=True),
+                *[Setting(f"speculative d={k}", "speculative", draft_tokens=k) for k in draft_tokens[:1]]]
+    fused = device.type == "cuda"
+    rows, base = [], None
+    for s in settings:
+        timed = []
+        for n in (new, 2 * new):
+            cfg = dataclasses.replace(s.config(n, fused, kernel), session_cache_size=2 * len(settings))
+            timed.append(whole_calls(lambda p, c=cfg: generate(model, p.tolist(), c), prompts, repeats, device))
+        per_token, per_call = split_costs(timed[0], timed[1], len(prompts), new, 2 * new)
+        base = base or per_token
+        rows.append({"decoder": s.label, "µs/token": round(per_token * 1e6, 1), "ms/call": round(per_call * 1e3, 2),
+                     "per-token speed-up": round(base / per_token, 3),
+                     "whole-call tok/s": round(len(prompts) * new / timed[0])})
+    return rows
+
+
 def hf_model(model: LegoLM) -> Any:
     """The deep model as a transformers model (checked against legolm in fp32), or None without transformers."""
     try:
@@ -161,6 +193,11 @@ def main() -> None:
                                               d.fused_kernel)
     print("\nmore full-depth decoders of the deep model (whole calls, batch 1, greedy, same prompts):")
     print_table(refs, ["decoder", "tok/s", "vs fused", "note"])
+    payload["cost_split"] = split = cost_split(model, prompts, d.max_new_tokens, d.repeats, d.fused_kernel,
+                                               d.draft_tokens)
+    print(f"\ncost per token and per call (whole calls of {d.max_new_tokens} and {2 * d.max_new_tokens} new tokens, "
+          f"calibrated τ {model.threshold:.4f}):")
+    print_table(split, list(split[0]))
     if not args.smoke:
         print(f"results: {write_result(name, payload)}")
         for png in ("curve", "split_curve"):

@@ -184,3 +184,12 @@ def test_a_step_profile_adds_up_its_kinds_and_compares_them_with_the_wall_time()
     assert kinds["matmul"] > 0 and abs(sum(kinds.values()) - p["kernels_ms"]) < 1e-2
     assert p["idle_ms"] == pytest.approx(1e3 - p["kernels_ms"], abs=1e-2) and len(p["top"]) == 3
     assert "matmul" in profile_line(p) and "of 1000.00 ms a step" in profile_line(p)
+
+
+def test_cost_split_is_the_slope_and_intercept_of_whole_call_times() -> None:
+    """3 calls of 10 tokens in 0.36 s and of 20 in 0.66 s: 0.01 s a token (0.3 s more for 30 more tokens)
+    and 0.02 s a call (0.12 s a call of 10 tokens, 0.1 s of it tokens)."""
+    from benchmarks.early_exit import split_costs
+
+    per_token, per_call = split_costs(0.36, 0.66, 3, 10, 20)
+    assert per_token == pytest.approx(0.01) and per_call == pytest.approx(0.02)
