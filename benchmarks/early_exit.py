@@ -111,8 +111,9 @@ def split_costs(t_short: float, t_long: float, calls: int, short: int, long: int
 def cost_split(model: LegoLM, prompts: torch.Tensor, new: int, repeats: int, kernel: FusedBlocks,
                draft_tokens: list[int]) -> list[dict[str, Any]]:
     """Per-token and per-call costs of the fastest decoders (whole calls of ``new`` and ``2 * new`` tokens, same
-    prompts, same process): the speed-up per token, which long generations approach, against the whole-call one,
-    which also pays each call's fixed costs (prefill, start, the stats read back)."""
+    prompts, same process): the cost of the second ``new`` tokens, against whole calls, which also pay each
+    call's fixed costs (prefill, start, the stats read back). The shallow ratio of both lengths says whether
+    the later tokens exit more often (then the slope is not the first tokens' cost)."""
     device = next(model.parameters()).device
     tau = model.threshold
     settings = [Setting("full depth", "full"), Setting("threshold skip, host read", "threshold", tau, "skip"),
@@ -121,15 +122,24 @@ def cost_split(model: LegoLM, prompts: torch.Tensor, new: int, repeats: int, ker
     fused = device.type == "cuda"
     rows, base = [], None
     for s in settings:
-        timed = []
+        timed, ratios = [], []
         for n in (new, 2 * new):
             cfg = dataclasses.replace(s.config(n, fused, kernel), session_cache_size=2 * len(settings))
-            timed.append(whole_calls(lambda p, c=cfg: generate(model, p.tolist(), c), prompts, repeats, device))
+            stats: list[Any] = []
+
+            def call(p: torch.Tensor, c: GenerationConfig = cfg, out: list[Any] = stats) -> None:
+                out.append(generate(model, p.tolist(), c).early_exit)
+            timed.append(whole_calls(call, prompts, repeats, device))
+            last = [st for st in stats[-len(prompts):] if st is not None]  # the last round's calls
+            exited = sum(st.shallow_count for st in last)
+            ratios.append(exited / max(sum(st.shallow_count + st.deep_count for st in last), 1))
         per_token, per_call = split_costs(timed[0], timed[1], len(prompts), new, 2 * new)
         base = base or per_token
         rows.append({"decoder": s.label, "µs/token": round(per_token * 1e6, 1), "ms/call": round(per_call * 1e3, 2),
                      "per-token speed-up": round(base / per_token, 3),
-                     "whole-call tok/s": round(len(prompts) * new / timed[0])})
+                     "whole-call tok/s": round(len(prompts) * new / timed[0]),
+                     f"tok/s at {2 * new}": round(len(prompts) * 2 * new / timed[1]),
+                     f"shallow ratio {new} / {2 * new}": f"{ratios[0]:.3f} / {ratios[1]:.3f}"})
     return rows
 
 
