@@ -113,7 +113,8 @@ def cost_split(model: LegoLM, prompts: torch.Tensor, new: int, repeats: int, ker
     """Per-token and per-call costs of the fastest decoders (whole calls of ``new`` and ``2 * new`` tokens, same
     prompts, same process): the cost of the second ``new`` tokens, against whole calls, which also pay each
     call's fixed costs (prefill, start, the stats read back). The shallow ratio of both lengths says whether
-    the later tokens exit more often (then the slope is not the first tokens' cost)."""
+    the later tokens exit more often (then the slope is not the first tokens' cost); the calls of ``new``
+    tokens are split into prefill + start, the decode loop and the rest (session lookup, stats, copies)."""
     device = next(model.parameters()).device
     tau = model.threshold
     settings = [Setting("full depth", "full"), Setting("threshold skip, host read", "threshold", tau, "skip"),
@@ -122,24 +123,29 @@ def cost_split(model: LegoLM, prompts: torch.Tensor, new: int, repeats: int, ker
     fused = device.type == "cuda"
     rows, base = [], None
     for s in settings:
-        timed, ratios = [], []
+        timed, ratios, parts = [], [], []
         for n in (new, 2 * new):
             cfg = dataclasses.replace(s.config(n, fused, kernel), session_cache_size=2 * len(settings))
-            stats: list[Any] = []
+            results: list[Any] = []
 
-            def call(p: torch.Tensor, c: GenerationConfig = cfg, out: list[Any] = stats) -> None:
-                out.append(generate(model, p.tolist(), c).early_exit)
+            def call(p: torch.Tensor, c: GenerationConfig = cfg, out: list[Any] = results) -> None:
+                out.append(generate(model, p.tolist(), c))
             timed.append(whole_calls(call, prompts, repeats, device))
-            last = [st for st in stats[-len(prompts):] if st is not None]  # the last round's calls
-            exited = sum(st.shallow_count for st in last)
-            ratios.append(exited / max(sum(st.shallow_count + st.deep_count for st in last), 1))
+            last = results[-len(prompts):]  # the last round's calls
+            if n == new:  # where a call's time goes: prefill + start, the decode loop, the rest (lookup, stats)
+                parts = [sum(r.prefill_s for r in last) / len(last), sum(r.decode_s for r in last) / len(last)]
+                parts.append(timed[0] / len(prompts) - sum(parts))
+            stats = [r.early_exit for r in last if r.early_exit is not None]
+            exited = sum(st.shallow_count for st in stats)
+            ratios.append(exited / max(sum(st.shallow_count + st.deep_count for st in stats), 1))
         per_token, per_call = split_costs(timed[0], timed[1], len(prompts), new, 2 * new)
         base = base or per_token
         rows.append({"decoder": s.label, "µs/token": round(per_token * 1e6, 1), "ms/call": round(per_call * 1e3, 2),
                      "per-token speed-up": round(base / per_token, 3),
                      "whole-call tok/s": round(len(prompts) * new / timed[0]),
                      f"tok/s at {2 * new}": round(len(prompts) * 2 * new / timed[1]),
-                     f"shallow ratio {new} / {2 * new}": f"{ratios[0]:.3f} / {ratios[1]:.3f}"})
+                     f"shallow ratio {new} / {2 * new}": f"{ratios[0]:.3f} / {ratios[1]:.3f}",
+                     f"ms at {new}: prefill / decode / rest": " / ".join(f"{v * 1e3:.2f}" for v in parts)})
     return rows
 
 
