@@ -117,7 +117,8 @@ def evaluate_and_report(cfg: LegoConfig, corpus: TokenizedCorpus, trained: LegoT
           f"validation tokens (fp32):\n\n{quality}\n")
     print(f"decoding: batch 1, {d.prompts} prompts x {d.max_new_tokens} new tokens (greedy, {d.dtype}) on {device}, "
           f"whole calls, median of {d.repeats} rounds; full depth ({'fused' if base.fused else 'static cache'}) "
-          f"{base.tok_per_s:,.0f} tok/s; decode-path PPL over {scored.shape[0]} x {d.score_len} tokens\n")
+          f"{base.tok_per_s:,.0f} tok/s; decode-path PPL over {scored.shape[0]} x {d.score_len} tokens"
+          f"{'; fused threshold rows not marked IF nodes read each decision on the host' if base.fused else ''}\n")
     print(table)
     vocab = model.config.vocab_size
     print(cfg.phase1.eval.ppl_bands.lines({"phase-1 (shallow)": phase1_ppl}, vocab))  # sanity
