@@ -132,8 +132,11 @@ _IN_PLACE: dict[tuple[str, torch.dtype, torch.dtype], bool] = {}
 def accumulates_in_place(device: torch.device, dtype: torch.dtype, acc: torch.dtype) -> bool:
     """Whether ``torch.addmm(c, a, b, out_dtype=acc, out=c)`` adds the product of ``dtype`` matrices into
     ``c`` (``acc``) in place: no temporary of the product, and no rounding of it to ``dtype`` first (CUDA:
-    cuBLAS with an fp32 C, torch >= 2.8). Probed once per device type and dtypes; the CPU has no such kernel."""
+    cuBLAS with an fp32 C, torch >= 2.8). Probed once per device type and dtypes (not while a CUDA graph is
+    being captured: False there until a probe outside one); the CPU has no such kernel."""
     key = (device.type, dtype, acc)
+    if key not in _IN_PLACE and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False  # no probe inside a CUDA-graph capture (its check reads a value back): the safe path
     if key not in _IN_PLACE:
         gen = torch.Generator(device=device).manual_seed(0)
         a, b = (torch.randn(shape, generator=gen, device=device).to(dtype) for shape in ((16, 32), (32, 8)))
