@@ -36,7 +36,7 @@ from legolm.data.tokenized import load_tokenized
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.fused import FusedBlocks
 from legolm.lego.config import STORE_DTYPES, LegoConfig
-from legolm.lego.report import Setting, val_windows
+from legolm.lego.report import Setting, measure_decode, val_windows
 from legolm.model.lego import LegoLM
 from legolm.recipes import lego
 
@@ -115,37 +115,21 @@ def cost_split(model: LegoLM, prompts: torch.Tensor, new: int, repeats: int, ker
     call's fixed costs (prefill, start, the stats read back). The shallow ratio of both lengths says whether
     the later tokens exit more often (then the slope is not the first tokens' cost); the calls of ``new``
     tokens are split into prefill + start, the decode loop and the rest (session lookup, stats, copies)."""
-    device = next(model.parameters()).device
     tau = model.threshold
     settings = [Setting("full depth", "full"), Setting("threshold skip, host read", "threshold", tau, "skip"),
                 Setting("threshold skip, IF nodes", "threshold", tau, "skip", if_nodes=True),
                 *[Setting(f"speculative d={k}", "speculative", draft_tokens=k) for k in draft_tokens[:1]]]
-    fused = device.type == "cuda"
-    rows, base = [], None
-    for s in settings:
-        timed, ratios, parts = [], [], []
-        for n in (new, 2 * new):
-            cfg = dataclasses.replace(s.config(n, fused, kernel), session_cache_size=2 * len(settings))
-            results: list[Any] = []
-
-            def call(p: torch.Tensor, c: GenerationConfig = cfg, out: list[Any] = results) -> None:
-                out.append(generate(model, p.tolist(), c))
-            timed.append(whole_calls(call, prompts, repeats, device))
-            last = results[-len(prompts):]  # the last round's calls
-            if n == new:  # where a call's time goes: prefill + start, the decode loop, the rest (lookup, stats)
-                parts = [sum(r.prefill_s for r in last) / len(last), sum(r.decode_s for r in last) / len(last)]
-                parts.append(timed[0] / len(prompts) - sum(parts))
-            stats = [r.early_exit for r in last if r.early_exit is not None]
-            exited = sum(st.shallow_count for st in stats)
-            ratios.append(exited / max(sum(st.shallow_count + st.deep_count for st in stats), 1))
-        per_token, per_call = split_costs(timed[0], timed[1], len(prompts), new, 2 * new)
-        base = base or per_token
+    short, long = (measure_decode(model, prompts, settings, n, True, kernel, repeats) for n in (new, 2 * new))
+    costs = [split_costs(a.wall_s, b.wall_s, len(prompts), new, 2 * new) for a, b in zip(short, long, strict=True)]
+    rows = []
+    for s, a, b, (per_token, per_call) in zip(settings, short, long, costs, strict=True):
+        rest = a.wall_s / len(prompts) - a.prefill_s - a.decode_s
         rows.append({"decoder": s.label, "µs/token": round(per_token * 1e6, 1), "ms/call": round(per_call * 1e3, 2),
-                     "per-token speed-up": round(base / per_token, 3),
-                     "whole-call tok/s": round(len(prompts) * new / timed[0]),
-                     f"tok/s at {2 * new}": round(len(prompts) * 2 * new / timed[1]),
-                     f"shallow ratio {new} / {2 * new}": f"{ratios[0]:.3f} / {ratios[1]:.3f}",
-                     f"ms at {new}: prefill / decode / rest": " / ".join(f"{v * 1e3:.2f}" for v in parts)})
+                     "per-token speed-up": round(costs[0][0] / per_token, 3),
+                     "whole-call tok/s": round(a.tokens / a.wall_s), f"tok/s at {2 * new}": round(b.tokens / b.wall_s),
+                     f"shallow ratio {new} / {2 * new}": f"{a.shallow_ratio:.3f} / {b.shallow_ratio:.3f}",
+                     f"ms at {new}: prefill / decode / rest": " / ".join(f"{v * 1e3:.2f}" for v in
+                                                                         (a.prefill_s, a.decode_s, rest))})
     return rows
 
 

@@ -349,7 +349,7 @@ def test_decode_timing_builds_each_settings_session_once(monkeypatch: pytest.Mon
             sessions[key] = None
             while len(sessions) > cfg.session_cache_size:
                 sessions.popitem(last=False)
-        return GenerationResult([[0] * cfg.max_new_tokens], 0.0, 0.0, cfg.max_new_tokens)
+        return GenerationResult([[0] * cfg.max_new_tokens], 0.001 * len(built), 0.002, cfg.max_new_tokens)
 
     monkeypatch.setattr(report, "generate", fake_generate)
     settings = [report.Setting("full", "full"), report.Setting("fill", "threshold", 0.5, "fill"),
@@ -362,6 +362,8 @@ def test_decode_timing_builds_each_settings_session_once(monkeypatch: pytest.Mon
                                      fused=True, kernel="splitk", repeats=2, warmup=1)
     assert len(measured) == len(settings) and all(m.tokens == 8 for m in measured)
     assert len(built) == len(set(built)) == 7  # the two fill rows share a session; nothing built twice
+    # each call's prefill and decode seconds are the means of the last round's calls (here: 7 builds done)
+    assert all(m.prefill_s == pytest.approx(0.007) and m.decode_s == pytest.approx(0.002) for m in measured)
 
 
 @pytest.mark.parametrize(("mode", "kv_mode", "if_nodes", "missing", "runner", "warns"), [

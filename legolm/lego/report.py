@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from legolm.generation import GenerationConfig, generate
-from legolm.generation.early_exit import EarlyExitStats, KVMode, decode_path_nll
+from legolm.generation import GenerationConfig, GenerationResult, generate
+from legolm.generation.early_exit import KVMode, decode_path_nll
 from legolm.generation.fused import FusedBlocks
 from legolm.lego.evaluate import TokenScores
 from legolm.model.lego import LegoLM, exits
@@ -85,6 +85,9 @@ class DecodeMeasure:
         call_cost: Decode layer calls ÷ full depth's.
         weight_cost: Decode weights read ÷ full depth's (both heads charged).
         fused: The setting ran on the fused kernels.
+        prefill_s: Mean seconds of a call's prefill and start (the last round).
+        decode_s: Mean seconds of a call's decode loop (the last round); the rest of ``wall_s`` / calls is the
+            call's other work (session lookup, stats, copies).
     """
 
     wall_s: float
@@ -95,12 +98,15 @@ class DecodeMeasure:
     call_cost: float
     weight_cost: float
     fused: bool
+    prefill_s: float
+    decode_s: float
 
 
-def _summarize(stats: list[EarlyExitStats | None], wall_s: float, tokens: int, fused: bool) -> DecodeMeasure:
-    known = [s for s in stats if s is not None]
+def _summarize(results: list[GenerationResult], wall_s: float, tokens: int, fused: bool) -> DecodeMeasure:
+    known = [r.early_exit for r in results if r.early_exit is not None]
+    prefill_s, decode_s = (sum(getattr(r, key) for r in results) / len(results) for key in ("prefill_s", "decode_s"))
     if not known:  # the full-depth decoder
-        return DecodeMeasure(wall_s, tokens, 0.0, 0.0, 0.0, 1.0, 1.0, fused)
+        return DecodeMeasure(wall_s, tokens, 0.0, 0.0, 0.0, 1.0, 1.0, fused, prefill_s, decode_s)
     steps = sum(s.decode_steps for s in known)
     drafted = sum(s.drafted for s in known)
     rounds = sum(s.rounds for s in known)
@@ -110,7 +116,8 @@ def _summarize(stats: list[EarlyExitStats | None], wall_s: float, tokens: int, f
         acceptance=sum(s.accepted for s in known) / drafted if drafted else 0.0,
         tokens_per_round=sum(s.shallow_count + s.deep_count - 1 for s in known) / rounds if rounds else 0.0,
         call_cost=sum(s.call_cost * s.decode_steps for s in known) / steps,
-        weight_cost=sum(s.macs_cost * s.decode_steps for s in known) / steps, fused=fused)
+        weight_cost=sum(s.macs_cost * s.decode_steps for s in known) / steps, fused=fused, prefill_s=prefill_s,
+        decode_s=decode_s)
 
 
 def measure_decode(model: LegoLM, prompts: Tensor, settings: list[Setting], max_new_tokens: int, fused: bool,
@@ -122,7 +129,7 @@ def measure_decode(model: LegoLM, prompts: Tensor, settings: list[Setting], max_
     use_fused = fused and device.type == "cuda"
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: list[list[float]] = [[] for _ in settings]
-    last: list[list[EarlyExitStats | None]] = [[] for _ in settings]
+    last: list[list[GenerationResult]] = [[] for _ in settings]
     tokens = [0] * len(settings)
     bar = tqdm(total=(warmup + repeats) * len(settings), desc="decode timing", unit="run", disable=not progress)
     for r in range(warmup + repeats):
@@ -137,7 +144,7 @@ def measure_decode(model: LegoLM, prompts: Tensor, settings: list[Setting], max_
             sync()
             if r >= warmup:
                 times[i].append(time.perf_counter() - t0)
-            last[i] = [res.early_exit for res in results]
+            last[i] = results
             tokens[i] = sum(len(res.tokens[0]) for res in results)
     return [_summarize(last[i], statistics.median(times[i]), tokens[i], settings[i].config(1, use_fused, kernel).fused)
             for i in range(len(settings))]
