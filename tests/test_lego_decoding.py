@@ -250,13 +250,14 @@ class _Replayed:
 
 @pytest.mark.parametrize(("mode", "kv_mode", "runner"), [
     ("threshold", "skip", "parts"), ("threshold", "fill", "parts"), ("threshold", "skip", "graph"),
-    ("speculative", "fill", "graph")])
+    ("speculative", "fill", "graph"), ("speculative", "fill", "rounds")])
 def test_the_gpu_runners_control_flow_on_the_cpu(monkeypatch: pytest.MonkeyPatch, mode: str, kv_mode: str,
                                                  runner: str) -> None:
     """The GPU runners' control flow with graphs replaced by their recorded functions: a step as graphs of its
     parts with the conditions read once (threshold), several steps per replay with each branch an IF node
-    (threshold; the node's condition read where it would run), several rounds per replay (speculative).
-    Tokens, and the routing stats, as the eager runner gives them."""
+    (threshold; the node's condition read where it would run), several rounds per replay, each an IF node
+    gated on "more tokens wanted" (speculative "graph") or ungated ("rounds"). Tokens as the eager runner
+    gives them; the routing and acceptance stats too, except for ungated rounds (they count the overshoot)."""
     import legolm.generation.fused_early_exit as fe
 
     model = (drafting_model if mode == "speculative" else lego_model)("tiny-llama")
@@ -281,11 +282,16 @@ def test_the_gpu_runners_control_flow_on_the_cpu(monkeypatch: pytest.MonkeyPatch
     want = generate_with_early_exit(model, ids, n, tau, kv_mode=kv_mode).tokens.tolist() if mode == "threshold" \
         else generate(model, ids.tolist(), greedy(max_new_tokens=n)).tokens
     assert got.tokens == want
-    if mode == "threshold":  # (speculative graphs run whole replays of rounds: their counts include the overshoot)
-        stats = [(e.shallow_count, e.deep_count, e.call_cost) for e in (got.early_exit, eager.early_exit)
-                 if e is not None]
-        assert len(stats) == 2 and stats[0] == stats[1]
+    stats = [(e.shallow_count, e.deep_count, e.call_cost, e.rounds, e.accepted) for e in (got.early_exit,
+                                                                                          eager.early_exit)
+             if e is not None]
+    assert len(stats) == 2
+    if mode == "threshold":
+        assert stats[0] == stats[1]
         assert 0 < stats[0][0] < n and stats[0][1] > 0  # both exits taken
+    else:  # ungated replays run 3 rounds each: past the last token unless the rounds happen to fit
+        assert (stats[0] == stats[1]) == (runner == "graph" or stats[1][3] % 3 == 0)
+        assert 0 < stats[1][4] < 2 * stats[1][3]  # some drafts accepted, not all
 
 
 @pytest.mark.parametrize("mode", ["threshold", "speculative"])
@@ -373,7 +379,10 @@ def test_decode_timing_builds_each_settings_session_once(monkeypatch: pytest.Mon
     ("threshold", "skip", False, None, "parts", False),
     ("threshold", "skip", None, "no CUDA driver", "parts", False),  # auto falls back quietly
     ("threshold", "skip", True, "no CUDA driver", "parts", True),  # asked for by name: says why not
-    ("speculative", "skip", None, None, "graph", False),
+    ("speculative", "skip", None, None, "graph", False),  # every round an IF node: none past the last token
+    ("speculative", "skip", False, None, "rounds", False),
+    ("speculative", "skip", None, "no CUDA driver", "rounds", False),
+    ("speculative", "skip", True, "no CUDA driver", "rounds", True),
 ])
 def test_the_runner_follows_the_if_node_setting(monkeypatch: pytest.MonkeyPatch, mode: str, kv_mode: str,
                                                 if_nodes: bool | None, missing: str | None, runner: str,

@@ -24,6 +24,10 @@ Self-speculative decoding (LayerSkip, Elhoushi et al. 2024, arXiv 2404.16710), o
 The drafter is `LegoLM.drafter`: the draft exit where phase 3 made one, else the shallow exit;
 threshold mode always reads the shallow exit.
 
+On a GPU each round is an IF node gated on ``live`` (the accept kernel clears it once the call has its
+tokens or an EOS), so a replay of ``steps_per_graph`` rounds stops doing work where the call is done
+instead of running whole rounds past it.
+
 Self-speculative output equals full-depth greedy decoding: every kept token is the deep model's
 greedy choice on a history of kept tokens, whose upper-layer K/V are exact (rejected drafts leave
 stale entries only in slots that later positions overwrite before anyone reads them).
@@ -70,6 +74,7 @@ class FusedExitConfig:
         fill_buckets: Row counts of the lazy-fill passes (a queue of q exited tokens runs in the
             smallest bucket >= q + 1; the largest bucket bounds the queue).
         steps_per_graph: Tokens (threshold) or rounds (speculative) per captured CUDA graph.
+            Speculative rounds past the call's last token are skipped where IF nodes gate them.
         attention_block: Cache slots per attention tile when not tuned.
         embed_block: Channels per tile of the embedding and row-copy kernels.
         tune: Time the launch shapes at the first use on a GPU.
@@ -84,7 +89,9 @@ class FusedExitConfig:
             False, or where they are missing: one graph per part of a step, the host reads its conditions.
             None (the default) picks what measured faster on an H200 (README, LEGO): IF nodes in skip mode
             (1.48x against 1.41x the split-K full-depth decoder), the host read in fill mode (one IF node
-            per flush bucket and step cost more than the read: 0.92x against 1.01x).
+            per flush bucket and step cost more than the read: 0.92x against 1.01x). Speculative mode:
+            each round an IF node gated on "this call wants more tokens" unless False (ungated, a replay
+            runs all its rounds, also those past the last token).
     """
 
     mode: str = "threshold"
@@ -102,24 +109,26 @@ class FusedExitConfig:
 
 
 def pick_runner(config: FusedExitConfig, device: torch.device) -> str:
-    """How a unit runs: "graph" (several units per CUDA graph: speculative, or threshold with IF nodes),
-    "parts" (threshold without them: graphs of the step's parts, the host reads the conditions once a
-    step) or "eager" (no CUDA: kernels launched one by one, the host reads the conditions).
+    """How a unit runs: "graph" (several units per CUDA graph, each branch or speculative round an IF node),
+    "rounds" (speculative without IF nodes: several ungated rounds per graph), "parts" (threshold without
+    them: graphs of the step's parts, the host reads the conditions once a step) or "eager" (no CUDA:
+    kernels launched one by one, the host reads the conditions).
 
-    ``if_nodes`` None takes IF nodes where they measured faster (skip mode); where they are missing, the
-    host read, with a warning only if they were asked for by name.
+    ``if_nodes`` None takes IF nodes where they measured faster (skip mode, speculative rounds); where they
+    are missing, the host read, with a warning only if they were asked for by name.
     """
     if device.type != "cuda":
         return "eager"
-    if config.mode == "speculative":
-        return "graph"
-    wanted = config.kv_mode != "fill" if config.if_nodes is None else config.if_nodes
+    speculative = config.mode == "speculative"
+    without = "rounds" if speculative else "parts"
+    wanted = (speculative or config.kv_mode != "fill") if config.if_nodes is None else config.if_nodes
     if not wanted:
-        return "parts"
+        return without
     missing = graph_if.unavailable_reason(device)
     if missing is not None and config.if_nodes:
-        warnings.warn(f"fused_if_nodes: {missing}; the host reads each token's decision instead", stacklevel=3)
-    return "parts" if missing is not None else "graph"
+        then = "each replay runs all its rounds" if speculative else "the host reads each token's decision"
+        warnings.warn(f"fused_if_nodes: {missing}; {then} instead", stacklevel=3)
+    return without if missing is not None else "graph"
 
 
 class FusedLegoSession:
@@ -181,6 +190,8 @@ class FusedLegoSession:
         self.drafts = zeros(max(config.draft_tokens, 1))
         self.dpos, self.di = zeros(1), zeros(1)
         self.spec_stats = zeros(2)  # accepted drafts, rounds
+        self.limit = zeros(1)  # speculative: the call's tokens; `live` gates the next round
+        self.live = zeros(1, dtype=torch.bool)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.parts: tuple[torch.cuda.CUDAGraph, list[tuple[int, torch.cuda.CUDAGraph]]] | None = None
         self.runner = pick_runner(config, p.device)
@@ -246,7 +257,7 @@ class FusedLegoSession:
         n = st.head(st.final_norm, m.lm_head, "greedy", x=st.h)
         self.kd.emit(st.partial, n, s.tok, s.tokens, s.t, s.finished, self.eos_id, self.kd.ADVANCE_BLOCK)
 
-    def _speculative_round(self, branch: Branch) -> None:
+    def _speculative_round(self) -> None:
         st, kd, m, s, d = self.stack, self.kd, self.model, self.state, self.config.draft_tokens
         for i in range(d + 1):
             st.token(m, self.cache, m.split, s.tok, self.dpos, self.dpos)
@@ -258,11 +269,12 @@ class FusedLegoSession:
         st.rows_blocks(m, self.cache, m.split, m.n_layer, d + 1)
         n = st.rows_head(st.final_norm, m.lm_head, d + 1)
         st.kr.accept((st.rows_partial[0], st.rows_partial[1]), n, self.drafts, d + 1, s.tok, s.tokens, s.t,
-                     s.finished, self.eos_id, s.pos, self.dpos, self.di, self.spec_stats, kd.ADVANCE_BLOCK)
+                     s.finished, self.eos_id, s.pos, self.dpos, self.di, self.spec_stats, self.limit, self.live,
+                     kd.ADVANCE_BLOCK)
 
     def _unit(self, branch: Branch) -> None:
         if self.config.mode == "speculative":
-            self._speculative_round(branch)
+            branch(self.live, self._speculative_round)
         else:
             self._threshold_step(branch)
 
@@ -291,7 +303,7 @@ class FusedLegoSession:
         graph.replay()
         return out[0], out[1]
 
-    def start(self, idx: Tensor, threshold: float) -> None:
+    def start(self, idx: Tensor, threshold: float, max_new_tokens: int) -> None:
         """Prefill and the first token (the rule of the mode), and reset the device state."""
         s, P = self.state, idx.shape[1]
         for buf in (s.tokens, s.t, s.exited, s.finished, self.q, self.flushes, self.di, self.spec_stats, self.flags):
@@ -309,6 +321,8 @@ class FusedLegoSession:
         s.t.fill_(1)
         if self.eos_id is not None:
             s.finished.copy_(first == self.eos_id)
+        self.limit.fill_(max_new_tokens)
+        torch.logical_and(~s.finished, self.limit > 1, out=self.live)
         for buf in (s.pos, self.uslot, self.dpos):
             buf.fill_(P)
         if self.config.mode == "threshold":  # one short: the first step's tick (closing the prefill) fixes them
@@ -319,7 +333,7 @@ class FusedLegoSession:
         """One token (threshold) or round (speculative); with ``runner`` "graph", `steps_per_graph` of them."""
         if self.runner == "eager":
             self._unit(_host_branch)
-        elif self.runner == "graph":
+        elif self.runner in ("graph", "rounds"):
             assert self.graph is not None, "warm_up() captures the graphs before the first prefill"
             self.graph.replay()
         else:
@@ -347,7 +361,7 @@ class FusedLegoSession:
         self.state.pos.fill_(0)
         self._unit(_both_branches)
         torch.cuda.synchronize()
-        if self.runner == "graph":
+        if self.runner in ("graph", "rounds"):
             self.graph = _record(self._units)
         else:
             self.parts = (_record(lambda graph: self._lower_part_to_host()),
@@ -356,13 +370,14 @@ class FusedLegoSession:
         self.warmed = True
 
     def _units(self, graph: torch.cuda.CUDAGraph) -> None:
-        """`steps_per_graph` units into ``graph``, each branch an IF node of it."""
+        """`steps_per_graph` units into ``graph``, each branch (or round) an IF node of it ("rounds": ungated)."""
+        branch = _conditional if self.runner == "graph" else _both_branches
         for _ in range(self.config.steps_per_graph):
-            self._unit(_conditional)
+            self._unit(branch)
 
     @property
     def units_per_replay(self) -> int:
-        return self.config.steps_per_graph if self.runner == "graph" else 1
+        return self.config.steps_per_graph if self.runner in ("graph", "rounds") else 1
 
 
 def _call(fn: Callable[[], None], graph: torch.cuda.CUDAGraph) -> None:
@@ -404,19 +419,18 @@ def fused_lego_generate(session: FusedLegoSession, idx: Tensor, max_new_tokens: 
     session.warm_up()
     sync()
     t0 = time.perf_counter()
-    session.start(idx.to(dev), threshold)
+    session.start(idx.to(dev), threshold, max_new_tokens)
     sync()
     t1 = time.perf_counter()
     s, units, replays = session.state, 0, 0
     speculative = session.config.mode == "speculative"
     while True:
-        if speculative:  # rounds emit 1..d+1 tokens: the host counts them after each replay
-            if int(s.t.item()) >= max_new_tokens:
+        if speculative:  # rounds emit 1..d+1 tokens: the host reads after each replay whether more are wanted
+            if not bool(session.live.item()):
                 break
         elif units >= max_new_tokens - 1:  # one token per step
             break
-        if session.eos_id is not None and (speculative or replays % eos_check_every == 0) \
-                and bool(s.finished.item()):
+        elif session.eos_id is not None and replays % eos_check_every == 0 and bool(s.finished.item()):
             break
         session.run_unit()
         units, replays = units + session.units_per_replay, replays + 1
