@@ -59,6 +59,7 @@ from legolm.errors import ConfigError
 from legolm.generation.sampling import next_token
 from legolm.layers.attention import CausalSelfAttention, SplitQKV
 from legolm.model.lego import LegoLM, check_threshold, confidence, exits
+from legolm.utils.structure import walk_once
 
 KVMode = Literal["fill", "skip", "propagate"]
 KV_MODES: tuple[KVMode, ...] = ("fill", "skip", "propagate")
@@ -388,7 +389,13 @@ def decode_path_nll(model: LegoLM, ids: Tensor, prompt_len: int, routing_thresho
 
 
 def block_weights(model: LegoLM) -> tuple[list[int], int]:
-    """Weights each block and one exit head hold (what a batch-1 decode step reads per call)."""
+    """Weights each block and one exit head hold (what a batch-1 decode step reads per call), counted once
+    while no module changes (`walk_once`)."""
+    return walk_once(model, _block_weights)
+
+
+def _block_weights(model: nn.Module) -> tuple[list[int], int]:
+    assert isinstance(model, LegoLM)
     return [sum(p.numel() for p in b.parameters()) for b in model.blocks], model.lm_head.weight.numel()
 
 

@@ -424,14 +424,8 @@ def fused_lego_generate(session: FusedLegoSession, idx: Tensor, max_new_tokens: 
     t1 = time.perf_counter()
     s, units, replays = session.state, 0, 0
     speculative = session.config.mode == "speculative"
-    while True:
-        if speculative:  # rounds emit 1..d+1 tokens: the host reads after each replay whether more are wanted
-            if not bool(session.live.item()):
-                break
-        elif units >= max_new_tokens - 1:  # one token per step
-            break
-        elif session.eos_id is not None and replays % eos_check_every == 0 and bool(s.finished.item()):
-            break
+    while not (_spent(session) if speculative else _spent_steps(session, units, replays, max_new_tokens,
+                                                                     eos_check_every)):
         session.run_unit()
         units, replays = units + session.units_per_replay, replays + 1
     sync()
@@ -439,6 +433,19 @@ def fused_lego_generate(session: FusedLegoSession, idx: Tensor, max_new_tokens: 
     n = min(int(s.t.item()), max_new_tokens)
     tokens = s.tokens[:n][None].clone()
     return tokens, _stats(session, tokens, n, t1 - t0, t2 - t1)
+
+
+def _spent(session: FusedLegoSession) -> bool:
+    """Speculative: rounds emit 1..d+1 tokens; the host reads after each replay whether more are wanted."""
+    return not bool(session.live.item())
+
+
+def _spent_steps(session: FusedLegoSession, units: int, replays: int, max_new_tokens: int,
+                 eos_check_every: int) -> bool:
+    """Threshold: one token per step; the EOS flag is read every ``eos_check_every`` replays."""
+    if units >= max_new_tokens - 1:
+        return True
+    return session.eos_id is not None and replays % eos_check_every == 0 and bool(session.state.finished.item())
 
 
 def _stats(session: FusedLegoSession, tokens: Tensor, n: int, prefill_s: float, decode_s: float) -> EarlyExitStats:
@@ -455,9 +462,9 @@ def _stats(session: FusedLegoSession, tokens: Tensor, n: int, prefill_s: float, 
     full = sum(blocks) + head
     lower, upper = sum(blocks[:k]) + head, sum(blocks[k:]) + head
     steps = max(n - 1, 1)
-    exited = session.state.exited[:n].bool()
-    shallow = int(exited[:kept].sum())
-    deep_steps = int((~exited[1:n]).sum())
+    exited = session.state.exited[:n].tolist()  # one read back
+    shallow = sum(exited[:kept])
+    deep_steps = n - 1 - sum(exited[1:n])
     passes = int(session.flushes.item()) if session.fill else deep_steps
     calls = (n - 1) * k + passes * (L - k)
     weights = (n - 1) * lower + passes * upper

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from legolm.data.tokenizer import Tokenizer
 from legolm.errors import ConfigError
@@ -28,6 +28,7 @@ from legolm.generation.persistent import FusedKernel, PersistentShape, check_fus
 from legolm.generation.sampling import next_token
 from legolm.model.lego import LegoLM
 from legolm.model.transformer import TransformerLM
+from legolm.utils.structure import walk_once
 
 
 @dataclass
@@ -196,13 +197,10 @@ class GenerationResult:
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, Tensor]:
-    """(B, P) left-padded ids and (B,) lengths."""
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    P = int(lengths.max())
-    idx = torch.zeros(len(prompts), P, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        idx[b, P - len(p):] = torch.tensor(list(p), dtype=torch.long, device=device)
-    return idx, lengths
+    """(B, P) left-padded ids and (B,) lengths, built on the host and copied once each."""
+    P = max(len(p) for p in prompts)
+    idx = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    return idx.to(device), torch.tensor([len(p) for p in prompts]).to(device)
 
 
 def _check_prompts(model: TransformerLM, prompts: Sequence[Sequence[int]], max_new: int) -> None:
@@ -226,9 +224,19 @@ def _weights_key(model: TransformerLM) -> tuple[Any, ...]:
     """Identity of the modules and parameter storages a captured graph reads.
 
     Injecting an adapter, replacing a layer or re-assigning weights changes it, so a session built
-    for the old model is never replayed on the new one.
+    for the old model is never replayed on the new one. The tree is walked once while no module
+    changes (`walk_once`); the storages are read at every call (``.to()`` moves them without a change
+    of the tree).
     """
-    return tuple((id(m), *(p.data_ptr() for p in m.parameters(recurse=False))) for m in model.modules())
+    modules, params = walk_once(model, _tree)
+    return modules, tuple(p.data_ptr() for p in params)
+
+
+def _tree(model: nn.Module) -> tuple[tuple[tuple[int, int], ...], list[nn.Parameter]]:
+    """Each module's id and count of own parameters, and those parameters in order."""
+    modules = list(model.modules())
+    own = [list(m.parameters(recurse=False)) for m in modules]
+    return tuple((id(m), len(p)) for m, p in zip(modules, own, strict=True)), [p for ps in own for p in ps]
 
 
 def _session(model: TransformerLM, batch: int, needed: int, config: GenerationConfig,

@@ -33,12 +33,18 @@ from legolm.generation.sampling import next_token
 from legolm.layers.memory import MemoryAttention, MemoryBlock, MemoryLayer, SegmentCache
 from legolm.layers.memory_state import check_memory_state, get_memory_state, memory_layers, set_memory_state
 from legolm.model.transformer import TransformerLM
+from legolm.utils.structure import walk_once
 
 State = dict[str, Tensor]
 
 
 def has_memory_layers(model: nn.Module) -> bool:
-    """Whether ``model`` holds a memory layer (and so decodes through `MemoryDecoder`)."""
+    """Whether ``model`` holds a memory layer (and so decodes through `MemoryDecoder`): one walk of its
+    tree while no module changes (`walk_once`)."""
+    return walk_once(model, _has_memory_layers)
+
+
+def _has_memory_layers(model: nn.Module) -> bool:
     return bool(memory_layers(model))
 
 

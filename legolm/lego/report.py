@@ -42,11 +42,6 @@ from legolm.model.lego import LegoLM, exits
 from legolm.utils.finite import safe_exp
 from legolm.utils.io import atomic_savefig, pyplot
 
-# Units per captured graph: speculative rounds emit 1..d+1 tokens, so a replay of many rounds would
-# overshoot the last token by up to that many rounds; threshold steps emit exactly one token each.
-ROUNDS_PER_GRAPH = 4
-TOKENS_PER_GRAPH = 16
-
 
 @dataclass
 class Setting:
@@ -68,8 +63,7 @@ class Setting:
         return GenerationConfig(max_new_tokens=max_new_tokens, greedy=True, stop_at_eos=False, fused=fast,
                                 fused_kernel="blocks" if self.mode == "speculative" else kernel,
                                 early_exit=early, threshold=self.threshold, kv_mode=self.kv_mode,  # type: ignore[arg-type]
-                                draft_tokens=max(self.draft_tokens, 1), fused_if_nodes=self.if_nodes,
-                                graph_steps=ROUNDS_PER_GRAPH if self.mode == "speculative" else TOKENS_PER_GRAPH)
+                                draft_tokens=max(self.draft_tokens, 1), fused_if_nodes=self.if_nodes)
 
 
 @dataclass
