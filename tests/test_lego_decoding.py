@@ -372,6 +372,23 @@ def test_decode_timing_builds_each_settings_session_once(monkeypatch: pytest.Mon
     assert all(m.prefill_s == pytest.approx(0.007) and m.decode_s == pytest.approx(0.002) for m in measured)
 
 
+def test_report_rows_run_the_decoder_they_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A timed row's runner: threshold rows the branch they name (IF nodes or the host read), speculative rows
+    the user's default (rounds gated by IF nodes), where the driver has IF nodes."""
+    from legolm.generation import fused_early_exit
+    from legolm.generation.fused_early_exit import FusedExitConfig, pick_runner
+    from legolm.lego.report import Setting
+
+    monkeypatch.setattr(fused_early_exit.graph_if, "unavailable_reason", lambda device=None: None)
+    rows = [(Setting("skip", "threshold", 0.5, "skip"), "parts"),
+            (Setting("skip IF", "threshold", 0.5, "skip", if_nodes=True), "graph"),
+            (Setting("d=2", "speculative", draft_tokens=2), "graph")]
+    for setting, runner in rows:
+        cfg = setting.config(8, True, "splitk")
+        fx = FusedExitConfig(mode=cfg.early_exit, kv_mode=cfg.kv_mode, if_nodes=cfg.fused_if_nodes)
+        assert pick_runner(fx, torch.device("cuda", 0)) == runner, setting.label
+
+
 @pytest.mark.parametrize(("mode", "kv_mode", "if_nodes", "missing", "runner", "warns"), [
     ("threshold", "skip", None, None, "graph", False),  # auto: IF nodes where they measured faster
     ("threshold", "fill", None, None, "parts", False),  # auto: the host read where it measured faster
