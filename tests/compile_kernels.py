@@ -35,7 +35,7 @@ PUT = dict(src_ptr="*fp32", ring_ptr="*fp32", pos_ptr="*i64", ring="i32", C="i32
 SELECT = dict(src_ptr="*fp32", dst_ptr="*fp32", row_ptr="*i64", C="i32")
 ACCEPT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", stride_p="i32", drafts_ptr="*i64", T="i32",
               tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64", finished_ptr="*i8", eos_id="i32", pos_ptr="*i64",
-              dpos_ptr="*i64", di_ptr="*i64", stats_ptr="*i64")
+              dpos_ptr="*i64", start_ptr="*i64", di_ptr="*i64", stats_ptr="*i64", limit_ptr="*i64", live_ptr="*i8")
 PERSISTENT = dict(tab_ptr="*i64", wte_ptr=P, wpe_ptr=P, fnw_ptr=P, fnb_ptr=P, head_w_ptr=P, head_b_ptr=P,
                   rope_ptr="*fp32", x_ptr="*fp32", h_ptr="*fp32", qkv_ptr="*fp32", attn_ptr=P, act_ptr=P,
                   logits_ptr="*fp32", pmax_ptr="*fp32", pidx_ptr="*i32", sync_ptr="*i32", tok_ptr="*i64",

@@ -189,26 +189,31 @@ class FusedStack:
             self.start = torch.zeros(1, dtype=torch.long, device=param.device)  # first row's position
 
     # -- one token -----------------------------------------------------------------------------
-    def token(self, model: TransformerLM, cache: KVCache, end: int, tok: Tensor, slot: Tensor, pos: Tensor) -> None:
+    def token(self, model: TransformerLM, cache: KVCache, end: int, tok: Tensor, slot: Tensor, pos: Tensor,
+              out: Tensor | None = None) -> None:
         """x = blocks ``0:end`` of the token ``tok`` at position ``pos`` (its K/V at cache slot ``slot``): the
         embedding wte[tok] (+ wpe[pos]), then the blocks. Split-K's first block embeds the token itself
-        (`legolm.kernels.splitk.qkv_prep_kernel`): one launch less."""
+        (`legolm.kernels.splitk.qkv_prep_kernel`): one launch less. ``out``: the result there instead of x."""
         wpe = model.wpe.weight if model.wpe is not None else None
         if self.split_k and end > 0:
             self.ensure_tuned(model, cache)
             self._split_k_blocks(model, cache, 0, end, slot, pos, embed=(tok, pos, model.wte.weight, wpe))
+            if out is not None:
+                out.copy_(self.x)
             return
         self.kd.embed(tok, pos, model.wte.weight, wpe, self.x, self.embed_block)
-        self.blocks(model, cache, 0, end, slot, pos)
+        self.blocks(model, cache, 0, end, slot, pos, out)
 
-    def _gemvs(self, p: BlockPlan) -> dict[str, Callable[[GemvConfig], None]]:
-        """A block's four GEMVs as functions of their launch shape (what the tuner times)."""
+    def _gemvs(self, p: BlockPlan, out: Tensor | None = None) -> dict[str, Callable[[GemvConfig], None]]:
+        """A block's four GEMVs as functions of their launch shape (what the tuner times); the block's result
+        goes to ``out`` (default x)."""
         mlp_in = self.x if p.parallel else self.h
+        y = self.x if out is None else out
         return {
             "qkv": lambda g: self.gemv(self.x, p.qkv, self.qkv, g, bias=p.qkv_bias, norm=p.norm_1),
             "proj": lambda g: self.gemv(self.attn, p.proj, self.h, g, bias=p.proj_bias, residual=self.x),
             "up": lambda g: self.gemv(mlp_in, p.up, self.act, g, bias=p.up_bias, norm=p.norm_2, act=p.act, up=p.up_2),
-            "down": lambda g: self.gemv(self.act, p.down, self.x, g, bias=p.down_bias, residual=self.h),
+            "down": lambda g: self.gemv(self.act, p.down, y, g, bias=p.down_bias, residual=self.h),
         }
 
     def _head(self, norm: Norm, lin: nn.Linear, x: Tensor, mode: str) -> Callable[[GemvConfig], None]:
@@ -221,14 +226,18 @@ class FusedStack:
         self.attend(self.qkv, layer.k, layer.v, model.rope, self.attn, slot, pos, c.n_head, c.kv_heads, c.hd,
                           c.rotary_dim, config)
 
-    def blocks(self, model: TransformerLM, cache: KVCache, start: int, end: int, slot: Tensor, pos: Tensor) -> None:
-        """Blocks ``start:end`` on x for the token at ``pos``, writing its K/V at cache slot ``slot``."""
+    def blocks(self, model: TransformerLM, cache: KVCache, start: int, end: int, slot: Tensor, pos: Tensor,
+               out: Tensor | None = None) -> None:
+        """Blocks ``start:end`` on x for the token at ``pos``, writing its K/V at cache slot ``slot``; the last
+        block's result in ``out`` where given (a row of X: no copy after), else in x."""
         configs = self.ensure_tuned(model, cache)
         if self.split_k:
             self._split_k_blocks(model, cache, start, end, slot, pos)
+            if out is not None:
+                out.copy_(self.x)
             return
         for i in range(start, end):
-            gemvs = self._gemvs(self.plans[i])
+            gemvs = self._gemvs(self.plans[i], out if i == end - 1 else None)
             gemvs["qkv"](configs["qkv"])
             self._attention(model, cache.layers[i], slot, pos, self.attention_config)
             for role in ("proj", "up", "down"):

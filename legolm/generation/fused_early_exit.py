@@ -260,17 +260,15 @@ class FusedLegoSession:
     def _speculative_round(self) -> None:
         st, kd, m, s, d = self.stack, self.kd, self.model, self.state, self.config.draft_tokens
         for i in range(d + 1):
-            st.token(m, self.cache, m.split, s.tok, self.dpos, self.dpos)
-            st.X[i].copy_(st.x)
+            st.token(m, self.cache, m.split, s.tok, self.dpos, self.dpos, out=st.X[i])  # the row the upper pass reads
             if i < d:
-                n = st.head(self.draft_norm, self.drafter.head, "greedy", lens=self.drafter.lens)
+                n = st.head(self.draft_norm, self.drafter.head, "greedy", x=st.X[i], lens=self.drafter.lens)
                 kd.emit(st.partial, n, s.tok, self.drafts, self.di, s.finished, None, kd.ADVANCE_BLOCK, self.dpos)
-        st.start.copy_(s.pos)
         st.rows_blocks(m, self.cache, m.split, m.n_layer, d + 1)
         n = st.rows_head(st.final_norm, m.lm_head, d + 1)
         st.kr.accept((st.rows_partial[0], st.rows_partial[1]), n, self.drafts, d + 1, s.tok, s.tokens, s.t,
-                     s.finished, self.eos_id, s.pos, self.dpos, self.di, self.spec_stats, self.limit, self.live,
-                     kd.ADVANCE_BLOCK)
+                     s.finished, self.eos_id, s.pos, self.dpos, st.start, self.di, self.spec_stats, self.limit,
+                     self.live, kd.ADVANCE_BLOCK)
 
     def _unit(self, branch: Branch) -> None:
         if self.config.mode == "speculative":
@@ -323,7 +321,7 @@ class FusedLegoSession:
             s.finished.copy_(first == self.eos_id)
         self.limit.fill_(max_new_tokens)
         torch.logical_and(~s.finished, self.limit > 1, out=self.live)
-        for buf in (s.pos, self.uslot, self.dpos):
+        for buf in (s.pos, self.uslot, self.dpos, *((self.stack.start,) if self.config.mode == "speculative" else ())):
             buf.fill_(P)
         if self.config.mode == "threshold":  # one short: the first step's tick (closing the prefill) fixes them
             s.pos.fill_(P - 1)

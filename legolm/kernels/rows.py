@@ -80,14 +80,15 @@ def select_row_kernel(src_ptr, dst_ptr, row_ptr, C, BLOCK: tl.constexpr):
 
 @triton.jit
 def accept_kernel(pmax_ptr, pidx_ptr, n_parts, stride_p, drafts_ptr, T, tok_ptr, tokens_ptr, t_ptr, finished_ptr,
-                  eos_id, pos_ptr, dpos_ptr, di_ptr, stats_ptr, limit_ptr, live_ptr, HAS_EOS: tl.constexpr,
+                  eos_id, pos_ptr, dpos_ptr, start_ptr, di_ptr, stats_ptr, limit_ptr, live_ptr, HAS_EOS: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK: tl.constexpr):
     """Self-speculative verification (LayerSkip, arXiv 2404.16710), greedy, batch 1.
 
     Row m of the deep head predicts the token after input m (inputs: the last accepted token and
     the d = T - 1 drafts). The first j drafts that equal those predictions are kept, then the deep
     token z_j (the correction, or a bonus token when all d match): j + 1 tokens, EOS rules kept.
-    The position advances by j + 1; ``stats`` accumulates (accepted drafts, rounds). ``live`` says
+    The position advances by j + 1 (also the draft position and the next row pass's first position,
+    ``start``); ``stats`` accumulates (accepted drafts, rounds). ``live`` says
     whether another round is wanted (fewer than ``limit`` tokens and no EOS yet): the gate of the next
     round's IF node.
     """
@@ -127,6 +128,7 @@ def accept_kernel(pmax_ptr, pidx_ptr, n_parts, stride_p, drafts_ptr, T, tok_ptr,
     pos = tl.load(pos_ptr) + j + 1
     tl.store(pos_ptr, pos)
     tl.store(dpos_ptr, pos)
+    tl.store(start_ptr, pos)
     tl.store(di_ptr, 0)
     tl.store(stats_ptr, tl.load(stats_ptr) + j)
     tl.store(stats_ptr + 1, tl.load(stats_ptr + 1) + 1)
@@ -157,12 +159,12 @@ def select_row(src: Tensor, out: Tensor, row: Tensor, block: int) -> None:
 
 
 def accept(partial: tuple[Tensor, Tensor], n_parts: int, drafts: Tensor, rows: int, tok: Tensor, tokens: Tensor,
-           t: Tensor, finished: Tensor, eos_id: int | None, pos: Tensor, dpos: Tensor, di: Tensor, stats: Tensor,
-           limit: Tensor, live: Tensor, block: int) -> None:
+           t: Tensor, finished: Tensor, eos_id: int | None, pos: Tensor, dpos: Tensor, start: Tensor, di: Tensor,
+           stats: Tensor, limit: Tensor, live: Tensor, block: int) -> None:
     """Launch `accept_kernel` over ``rows`` = d + 1 verified rows (``n_parts`` head programs per row);
     ``live`` (one bool) is set where t < ``limit`` and no EOS came."""
     accept_kernel[(1,)](partial[0], partial[1], n_parts, partial[0].shape[1], drafts, rows, tok, tokens, t,
-                        finished.view(torch.int8), eos_id if eos_id is not None else -1, pos, dpos, di, stats,
+                        finished.view(torch.int8), eos_id if eos_id is not None else -1, pos, dpos, start, di, stats,
                         limit, live.view(torch.int8), HAS_EOS=eos_id is not None, BLOCK_T=triton.next_power_of_2(rows),
                         BLOCK=min(triton.next_power_of_2(n_parts), block))
 
