@@ -43,26 +43,33 @@ def drafting_model(preset: str) -> LegoLM:
 
 # -- the row passes: bit for bit the one-token kernels ---------------------------------------------------
 @pytest.mark.parametrize("preset", PRESETS)
-def test_a_row_pass_gives_the_one_token_steps_bit_for_bit(preset: str) -> None:
+@pytest.mark.parametrize("prompt_len", [2, 5])
+def test_a_row_pass_gives_the_one_token_steps_bit_for_bit(preset: str, prompt_len: int) -> None:
     """The upper blocks over 3 rows equal 3 one-token steps exactly (same K/V cache, same final states):
-    the identity self-speculative decoding relies on."""
+    the identity self-speculative decoding relies on. The earlier rows sit in the attention's first tile of
+    4 slots (prompt of 2) or in a later one (prompt of 5)."""
+    assert_row_pass_is_one_token_steps(lego_model(preset), prompt_len)
+
+
+def assert_row_pass_is_one_token_steps(model: LegoLM, P: int, block: int = 4) -> None:
+    """Upper blocks over 3 rows at positions P.. against 3 one-token steps (the model's device and dtype)."""
     from legolm.core.kv_cache import KVCache
     from legolm.generation.fused import FusedStack
 
-    model = lego_model(preset)
-    c, P, rows = model.config, 5, 3
-    stack = FusedStack(model, attention_block=4, embed_block=32, tune=False, rows=rows)
-    caches = [KVCache(c, 1, 16) for _ in range(2)]
+    p = next(model.parameters())
+    c, rows = model.config, 3
+    stack = FusedStack(model, attention_block=block, embed_block=32, tune=False, rows=rows)
+    caches = [KVCache(c, 1, P + 16, dtype=p.dtype, device=p.device) for _ in range(2)]
     g = torch.Generator().manual_seed(3)
-    prompt_h = torch.randn(1, P, c.n_embd, generator=g)
+    prompt_h = torch.randn(1, P, c.n_embd, generator=g).to(p.device, p.dtype)
     with torch.no_grad():
         for cache in caches:  # the same prompt K/V in both caches
-            model.upper_hidden(prompt_h, cache=cache, input_pos=torch.arange(P))
-    h = torch.randn(rows, c.n_embd, generator=g)
+            model.upper_hidden(prompt_h, cache=cache, input_pos=torch.arange(P, device=p.device))
+    h = torch.randn(rows, c.n_embd, generator=g).to(p.device)
     one = []
     for m in range(rows):  # one token at a time, positions P..P+2
         stack.x.copy_(h[m])
-        pos = torch.tensor([P + m])
+        pos = torch.tensor([P + m], device=p.device)
         stack.blocks(model, caches[0], model.split, model.n_layer, pos, pos)
         one.append(stack.x.clone())
     stack.X.copy_(h)
