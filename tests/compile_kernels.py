@@ -27,6 +27,8 @@ EXIT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", psum_ptr="*fp32", n_parts="i32", 
 EMIT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64",
             finished_ptr="*i8", eos_id="i32", counter_ptr="*i64")
 TICK = dict(pos_ptr="*i64", q_ptr="*i64", flush_ptr="*i8", n_buckets="i32", count_ptr="*i64")
+KV_ROWS = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", start_ptr="*i64", S="i32",
+               rope_len="i32", q_width="i32")
 GATHER = dict(src_ptr="*fp32", dst_ptr="*fp32", start_ptr="*i64", pos_ptr="*i64", q_ptr="*i64", ring="i32",
               C="i32")
 PUT = dict(src_ptr="*fp32", ring_ptr="*fp32", pos_ptr="*i64", ring="i32", C="i32")
@@ -59,19 +61,20 @@ SPECS = [
     (kd.gemv_kernel, GEMV, dict(NORM=2, ACT=3, HAS_BIAS=0, HAS_RES=0, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # SwiGLU
     (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=1, HAS_BIAS=0, HAS_RES=0, ARGMAX=1, SUMEXP=0, **GEMV_BLOCKS)),  # head
     (kd.gemv_kernel, GEMV, dict(NORM=2, ACT=0, HAS_BIAS=0, HAS_RES=0, ARGMAX=1, SUMEXP=1, **GEMV_BLOCKS)),  # exit head
-    (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=0, BLOCK_T=64, ROWS=0, PDL=0)),  # GPT-2
-    (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, ROWS=0, PDL=0)),  # Pythia
-    (kd.attention_kernel, ATTENTION, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=128, ROWS=0, PDL=0)),  # GQA
-    (kd.attention_kernel, ATTENTION, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=128, ROWS=1, PDL=0)),  # rows
+    (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=0, BLOCK_T=64, WRITE=1, PDL=0)),  # GPT-2
+    (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, WRITE=1, PDL=0)),  # Pythia
+    (kd.attention_kernel, ATTENTION, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=128, WRITE=1, PDL=0)),  # GQA
+    (kd.attention_kernel, ATTENTION, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=128, WRITE=0, PDL=0)),  # rows
     (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=0, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, SUMEXP=0, BLOCK_N=8, BLOCK_K=256,
                                 K_POW2=1024, PDL=1)),  # programmatic dependent launch: griddepcontrol in the PTX
-    (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, ROWS=0, PDL=1)),
+    (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, WRITE=1, PDL=1)),
     (kd.advance_kernel, ADVANCE, dict(GREEDY=1, HAS_EOS=1, BLOCK=4096, PDL=1)),
     (kd.embed_kernel, EMBED, dict(HAS_WPE=1, BLOCK=1024)),
     (kd.exit_kernel, EXIT, dict(HAS_EOS=1, FILL=1, BLOCK=4096, BLOCK_B=4)),
     (kd.exit_kernel, EXIT, dict(HAS_EOS=0, FILL=0, BLOCK=4096, BLOCK_B=1)),
     (kd.emit_kernel, EMIT, dict(HAS_EOS=1, HAS_COUNTER=1, BLOCK=4096)),
     (kd.tick_kernel, TICK, dict(FILL=1, BLOCK_B=4)),
+    (kr.kv_rows_kernel, KV_ROWS, dict(H=9, HKV=3, D=64, D_POW2=64, R=64)),
     (kr.gather_rows_kernel, GATHER, dict(BLOCK=1024)),
     (kr.put_row_kernel, PUT, dict(BLOCK=1024)),
     (kr.select_row_kernel, SELECT, dict(BLOCK=1024)),

@@ -343,9 +343,8 @@ def test_fused_early_exit_graphs_match_the_torch_loop(preset: str, kv_mode: str,
 @pytest.mark.parametrize("preset", ["gpt2", "pythia-160m", "smollm2-135m"])
 @pytest.mark.parametrize("prompt_len", [2, 70])
 def test_a_row_pass_gives_the_one_token_steps_bit_for_bit_on_the_gpu(preset: str, prompt_len: int) -> None:
-    """The compiled kernels (not the interpreter) in bf16: the upper blocks over 3 rows, whose attention reads
-    the earlier rows' keys from their qkv rows, equal 3 one-token steps bit for bit (64-slot tiles: the rows in
-    the first tile, or in the second)."""
+    """The compiled kernels (not the interpreter) in bf16: the upper blocks over 3 rows equal 3 one-token steps
+    bit for bit (64-slot tiles: the rows in the first tile, or in the second)."""
     from tests.test_lego_decoding import assert_row_pass_is_one_token_steps
 
     assert_row_pass_is_one_token_steps(_lego(preset).to(torch.bfloat16), prompt_len, block=64)

@@ -351,15 +351,17 @@ class FusedStack:
         """Blocks ``start:end`` on the first ``rows`` rows of X, at positions (= slots) self.start + 0..rows-1.
 
         The one-token kernels with a row axis, and the same launch shapes: each row's arithmetic is
-        that of one-token decoding (`legolm.kernels.rows`); each row writes its key and value into the
-        cache and reads those of the rows before it from their qkv rows (`legolm.kernels.decode.attention`).
+        that of one-token decoding (`legolm.kernels.rows`); the keys and values of all rows are
+        written first, so that each row attends to those before it.
         """
-        c = model.config
+        c, kr = model.config, self.kr
         g = self.ensure_tuned(model, cache)
         X, H = self.X, self.H
         for i in range(start, end):
             p, layer = self.plans[i], cache.layers[i]
             self.gemv(X, p.qkv, self.QKV, g["qkv"], bias=p.qkv_bias, norm=p.norm_1, rows=rows)
+            kr.kv_rows(self.QKV, layer.k, layer.v, model.rope, self.start, rows, c.n_head, c.kv_heads, c.hd,
+                       c.rotary_dim)
             self.attend(self.QKV, layer.k, layer.v, model.rope, self.ATT, self.start, self.start, c.n_head,
                          c.kv_heads, c.hd, c.rotary_dim, self.attention_config, rows=rows)
             self.gemv(self.ATT, p.proj, H, g["proj"], bias=p.proj_bias, residual=X, rows=rows)

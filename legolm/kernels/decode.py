@@ -328,53 +328,17 @@ def _rope(ptr, d, pos, rope_ptr, rope_len, R: tl.constexpr, D: tl.constexpr, CM:
 @triton.jit
 def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, slot_ptr, pos_ptr, S, rope_len, scale,
                      q_width, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_POW2: tl.constexpr,
-                     R: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
-    """One query head of one token (`_attend_head`); the first query head of each kv head writes the token's
-    key and value into the cache.
+                     R: tl.constexpr, BLOCK_T: tl.constexpr, WRITE: tl.constexpr, PDL: tl.constexpr):
+    """One query head of one token (`_attend`).
 
-    Grid (heads, tokens): token m of a multi-token pass (ROWS) sits at slot + m and position pos + m (its
-    qkv and output rows offset by m). The keys and values of the pass's tokens before it are still being
-    written by other programs: it reads them from their qkv rows instead (`_fresh_tile`), rounded as the
-    cache holds them, so each row's arithmetic is a one-token step's. Its own enter the softmax first.
+    Grid (heads, tokens): token m of a multi-token pass sits at slot + m and position pos + m (its
+    qkv and output rows offset by m); the keys of the tokens before it were written by `kv_rows_kernel`
+    (WRITE off), its own enter the softmax first, as in the one-token step.
     """
     _pdl_sync(PDL)  # the slot, the position and q/k/v come from earlier kernels
     h, m = tl.program_id(0), tl.program_id(1)
-    slot0, pos0 = tl.load(slot_ptr), tl.load(pos_ptr)
-    d = tl.arange(0, D_POW2)
-    k, v = _first_tile(k_cache_ptr, v_cache_ptr, h, slot0 + m, S, H, HKV, D, D_POW2, BLOCK_T)
-    if ROWS:
-        k, v = _fresh_tile(k, v, tl.arange(0, BLOCK_T), h, slot0 + m, qkv_ptr, q_width, slot0, pos0, rope_ptr,
-                           rope_len, H, HKV, D, D_POW2, R)
-    o = _attend_head(qkv_ptr + m * q_width, k_cache_ptr, v_cache_ptr, rope_ptr, k, v, h, slot0 + m, pos0 + m, S,
-                     rope_len, scale, h % (H // HKV) == 0, H, HKV, D, D_POW2, R, BLOCK_T, "", qkv_ptr, q_width,
-                     slot0, pos0, ROWS)
-    tl.store(out_ptr + m * (H * D) + h * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
-
-
-@triton.jit
-def _fresh_tile(k, v, t, h, slot, rows_ptr, q_width, slot0, pos0, rope_ptr, rope_len, H: tl.constexpr,
-                HKV: tl.constexpr, D: tl.constexpr, D_POW2: tl.constexpr, R: tl.constexpr):
-    """The tile (k, v) of slots ``t`` with the slots of this pass's earlier rows (slot0 <= t < ``slot``) replaced by
-    their keys (RoPE at pos0 + t - slot0) and values from the pass's qkv rows (row 0 at ``rows_ptr``, rows
-    ``q_width`` apart), rounded to the cache's dtype: bit for bit what the cache will hold there (`_rope`)."""
-    g = h // (H // HKV)
-    d = tl.arange(0, D_POW2)
-    r = t - slot0
-    new = (t >= slot0) & (t < slot)
-    mask = new[:, None] & (d < D)[None, :]
-    row = rows_ptr + r[:, None] * q_width
-    x = tl.load(row + (H + g) * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    if R > 0:
-        rot = new[:, None] & (d < R)[None, :]
-        partner = tl.where(d < R // 2, d + R // 2, d - R // 2)
-        sign = tl.where(d < R // 2, -1.0, 1.0)
-        p = (pos0 + r)[:, None]
-        cos = tl.load(rope_ptr + p * R + d[None, :], mask=rot, other=1.0)
-        sin = tl.load(rope_ptr + (rope_len + p) * R + d[None, :], mask=rot, other=0.0)
-        xp = tl.load(row + (H + g) * D + partner[None, :], mask=rot, other=0.0).to(tl.float32)
-        x = x * cos + sign[None, :] * xp * sin
-    v_new = tl.load(row + (H + HKV + g) * D + d[None, :], mask=mask, other=0.0)
-    return tl.where(mask, x.to(k.dtype), k), tl.where(mask, v_new.to(v.dtype), v)
+    _attend(qkv_ptr + m * q_width, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr + m * (H * D), h,
+            tl.load(slot_ptr) + m, tl.load(pos_ptr) + m, S, rope_len, scale, H, HKV, D, D_POW2, R, BLOCK_T, WRITE, "")
 
 
 @triton.jit
@@ -386,8 +350,7 @@ def _attend(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, out_ptr, h, slot, pos, 
     d = tl.arange(0, D_POW2)
     k, v = _first_tile(k_cache_ptr, v_cache_ptr, h, slot, S, H, HKV, D, D_POW2, BLOCK_T)
     o = _attend_head(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, k, v, h, slot, pos, S, rope_len, scale,
-                     WRITE and h % (H // HKV) == 0, H, HKV, D, D_POW2, R, BLOCK_T, CM, qkv_ptr, 0, slot, pos,
-                     False)
+                     WRITE and h % (H // HKV) == 0, H, HKV, D, D_POW2, R, BLOCK_T, CM)
     tl.store(out_ptr + h * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
@@ -407,14 +370,13 @@ def _first_tile(k_cache_ptr, v_cache_ptr, h, slot, S, H: tl.constexpr, HKV: tl.c
 @triton.jit
 def _attend_head(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, k, v, h, slot, pos, S, rope_len, scale, write,
                  H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_POW2: tl.constexpr, R: tl.constexpr,
-                 BLOCK_T: tl.constexpr, CM: tl.constexpr, rows_ptr, q_width, slot0, pos0, FRESH: tl.constexpr):
+                 BLOCK_T: tl.constexpr, CM: tl.constexpr):
     """Query head h's attention output (D_POW2,) in fp32: RoPE on q and the new k, the new k/v into cache slot
     ``slot`` where ``write``, then softmax attention over slots 0..slot (the cached ones streamed in BLOCK_T
     tiles, online softmax; (k, v) is the first tile, `_first_tile`).
 
     qkv is [q heads | k heads | v heads] (fp32, loaded with cache modifier CM); the caches are (HKV, S, D)
-    in the model's dtype. FRESH: the slots of a multi-token pass's earlier rows come from their qkv rows
-    (`_fresh_tile`: the qkv of row 0 at ``rows_ptr``, rows ``q_width`` apart, row 0 at slot0 / pos0).
+    in the model's dtype.
     """
     g = h // (H // HKV)
     d = tl.arange(0, D_POW2)
@@ -437,9 +399,6 @@ def _attend_head(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, k, v, h, slot, pos
         next_mask = (nt < slot)[:, None] & dmask[None, :]
         k_next = tl.load(k_cache_ptr + base + nt[:, None] * D + d[None, :], mask=next_mask, other=0.0)
         v_next = tl.load(v_cache_ptr + base + nt[:, None] * D + d[None, :], mask=next_mask, other=0.0)
-        if FRESH:
-            k_next, v_next = _fresh_tile(k_next, v_next, nt, h, slot, rows_ptr, q_width, slot0, pos0, rope_ptr,
-                                         rope_len, H, HKV, D, D_POW2, R)
         s = tl.where(t < slot, tl.sum(k.to(tl.float32) * q[None, :], 1), float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 0))
         p = tl.exp(s - m_new)
@@ -579,14 +538,15 @@ def attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope: Tensor, out: 
               rows: int = 0, pdl: bool = False) -> None:
     """Launch `attention_kernel` over the heads (caches (1, HKV, S, D); rope (2, L, R) fp32 or empty).
 
-    ``rows`` > 0: that many consecutive tokens (qkv (R, ·), out (R, H·D)), each attending to those before it.
+    ``rows`` > 0: that many consecutive tokens (qkv (R, ·), out (R, H·D)) whose keys and values
+    `kv_rows` has written already.
     """
     S = k_cache.shape[2]
     rope_len = rope.shape[1] if rope.numel() else 0
     attention_kernel[(n_head, max(rows, 1))](qkv, k_cache, v_cache, rope if rope.numel() else qkv, out, slot, pos, S,
                                              rope_len, head_dim ** -0.5, qkv.shape[-1], H=n_head, HKV=n_kv_head,
                                              D=head_dim, D_POW2=triton.next_power_of_2(head_dim), R=rotary_dim,
-                                             BLOCK_T=config.block_t, ROWS=rows > 0, num_warps=config.num_warps,
+                                             BLOCK_T=config.block_t, WRITE=rows == 0, num_warps=config.num_warps,
                                              **_pdl(pdl))
 
 

@@ -5,12 +5,11 @@ Self-speculative verification (the d drafted tokens and the last accepted one) a
 positions whose lower-layer states are known. They run the one-token kernels of
 `legolm.kernels.decode` with a row axis (each program computes one row exactly as one-token
 decoding does, consecutive programs share a weight tile, so the weights are read from memory
-about once). Each row's attention program writes its key and value into the cache and reads those
-of the rows before it from their qkv rows (RoPE'd and rounded as the cache holds them), so no kernel
-has to write them first::
+about once), plus one kernel here that writes the keys and values of all rows first, so that
+each row attends to the rows before it::
 
-    X ─┬─[1 norm₁ → qkv (+bias), every row]─[2 RoPE, own k/v into the cache, attention, every row]
-       │          ─[3 proj + bias + X]─ H ─[4 norm₂ → up → GELU | SwiGLU]─[5 down + bias + H]─ X
+    X ─┬─[1 norm₁ → qkv (+bias), every row]─[2 RoPE k, write k/v of all rows]─[3 attention, every row]
+       │          ─[4 proj + bias + X]─ H ─[5 norm₂ → up → GELU | SwiGLU]─[6 down + bias + H]─ X
 
 The same arithmetic as one-token decoding means the verified logits are bit for bit those of
 full-depth decoding: self-speculative greedy output equals full-depth greedy output.
@@ -22,6 +21,24 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from legolm.kernels.decode import _rope
+
+
+@triton.jit
+def kv_rows_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, start_ptr, S, rope_len, q_width,
+                   H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, D_POW2: tl.constexpr, R: tl.constexpr):
+    """Row m's key (RoPE at position start + m) and value of kv head g into cache slot start + m."""
+    m, g = tl.program_id(0), tl.program_id(1)
+    pos = tl.load(start_ptr) + m
+    d = tl.arange(0, D_POW2)
+    dmask = d < D
+    row = qkv_ptr + m * q_width
+    k = _rope(row + (H + g) * D, d, pos, rope_ptr, rope_len, R, D, "")
+    v = tl.load(row + (H + HKV + g) * D + d, mask=dmask, other=0.0)
+    base = g.to(tl.int64) * S * D + pos * D
+    tl.store(k_cache_ptr + base + d, k.to(k_cache_ptr.dtype.element_ty), mask=dmask)
+    tl.store(v_cache_ptr + base + d, v.to(v_cache_ptr.dtype.element_ty), mask=dmask)
 
 
 @triton.jit
@@ -117,6 +134,15 @@ def accept_kernel(pmax_ptr, pidx_ptr, n_parts, stride_p, drafts_ptr, T, tok_ptr,
     tl.store(stats_ptr + 1, tl.load(stats_ptr + 1) + 1)
 
 
+def kv_rows(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope: Tensor, start: Tensor, rows: int, n_head: int,
+            n_kv_head: int, head_dim: int, rotary_dim: int) -> None:
+    """Launch `kv_rows_kernel`: the keys/values of ``rows`` rows of qkv (R, q_width) into slots start.. of the cache."""
+    rope_len = rope.shape[1] if rope.numel() else 0
+    kv_rows_kernel[(rows, n_kv_head)](qkv, k_cache, v_cache, rope if rope.numel() else qkv, start, k_cache.shape[2],
+                                      rope_len, qkv.shape[1], H=n_head, HKV=n_kv_head, D=head_dim,
+                                      D_POW2=triton.next_power_of_2(head_dim), R=rotary_dim)
+
+
 def put_row(x: Tensor, ring: Tensor, pos: Tensor, block: int) -> None:
     """Launch `put_row_kernel`: ring[pos % len(ring)] = x."""
     put_row_kernel[(1,)](x, ring, pos, ring.shape[0], ring.shape[1], BLOCK=block)
@@ -143,4 +169,4 @@ def accept(partial: tuple[Tensor, Tensor], n_parts: int, drafts: Tensor, rows: i
                         BLOCK=min(triton.next_power_of_2(n_parts), block))
 
 
-__all__ = ["accept", "gather_rows", "put_row", "select_row"]
+__all__ = ["accept", "gather_rows", "kv_rows", "put_row", "select_row"]

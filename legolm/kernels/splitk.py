@@ -97,8 +97,7 @@ def attention_proj_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, wp_ptr, h
     k, v = _first_tile(k_cache_ptr, v_cache_ptr, head, slot, S, H, HKV, D, D_POW2, BLOCK_T)
     _pdl_sync(PDL)
     o = _attend_head(qkv_ptr, k_cache_ptr, v_cache_ptr, rope_ptr, k, v, head, slot, pos, S, rope_len, scale,
-                     (s == 0) & (head % (H // HKV) == 0), H, HKV, D, D_POW2, R, BLOCK_T, "", qkv_ptr, 0, slot,
-                     pos, False)
+                     (s == 0) & (head % (H // HKV) == 0), H, HKV, D, D_POW2, R, BLOCK_T, "")
     o = o.to(wp_ptr.dtype.element_ty).to(tl.float32)
     tl.atomic_add(h_ptr + n, tl.sum(w.to(tl.float32) * o[None, :], 1), mask=nmask, sem="relaxed")
 
