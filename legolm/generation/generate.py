@@ -88,7 +88,8 @@ class GenerationConfig:
             good as fill in every decode-path measurement so far and the fastest), fill (exact: queued
             tokens run through the upper layers with the next deep one) or propagate (their K/V projected
             from the lower states; without --fused only).
-        draft_tokens: Speculative mode: tokens the shallow exit drafts per verify pass.
+        draft_tokens: Speculative mode: tokens the shallow exit drafts per verify pass (3: the fastest of 2, 3 and
+            4 on the H200 for the grown LEGO model, README "LEGO: lean calls").
         fill_buckets: Fused fill mode: row counts of the captured lazy-fill passes (the largest bounds
             the queue of exited tokens).
         graph_steps: Greedy decoding: tokens per CUDA graph replay (each step emits its token on the device,
@@ -123,7 +124,7 @@ class GenerationConfig:
     threshold: float | None = None
     target_ratio: float | None = None
     kv_mode: Literal["fill", "skip", "propagate"] = "skip"
-    draft_tokens: int = 4
+    draft_tokens: int = 3
     fill_buckets: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     graph_steps: int = 16
 

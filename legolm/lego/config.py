@@ -180,7 +180,7 @@ class DecodeSettings:
     dtype: StoreDtype = "float32"
     repeats: int = 3
     warmup: int = 1
-    draft_tokens: list[int] = field(default_factory=lambda: [2, 4])
+    draft_tokens: list[int] = field(default_factory=lambda: [2, 3, 4])
     fused: bool = True
     fused_kernel: FusedBlocks = "blocks"
     if_node_kv_modes: list[KVMode] = field(default_factory=list)
