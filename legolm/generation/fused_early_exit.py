@@ -190,7 +190,7 @@ class FusedLegoSession:
         self.drafts = zeros(max(config.draft_tokens, 1))
         self.dpos, self.di = zeros(1), zeros(1)
         self.spec_stats = zeros(2)  # accepted drafts, rounds
-        self.limit = zeros(1)  # speculative: the call's tokens; `live` gates the next round
+        self.limit = zeros(1)  # speculative: the call's tokens; `live` gates the next round (the accept kernel)
         self.live = zeros(1, dtype=torch.bool)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.parts: tuple[torch.cuda.CUDAGraph, list[tuple[int, torch.cuda.CUDAGraph]]] | None = None
@@ -319,11 +319,13 @@ class FusedLegoSession:
         s.t.fill_(1)
         if self.eos_id is not None:
             s.finished.copy_(first == self.eos_id)
-        self.limit.fill_(max_new_tokens)
-        torch.logical_and(~s.finished, self.limit > 1, out=self.live)
-        for buf in (s.pos, self.uslot, self.dpos, *((self.stack.start,) if self.config.mode == "speculative" else ())):
+        for buf in (s.pos, self.uslot, self.dpos):
             buf.fill_(P)
-        if self.config.mode == "threshold":  # one short: the first step's tick (closing the prefill) fixes them
+        if self.config.mode == "speculative":  # the first row pass's position; the gate of the first round
+            self.stack.start.fill_(P)
+            self.limit.fill_(max_new_tokens)
+            torch.logical_and(~s.finished, self.limit > 1, out=self.live)
+        else:  # one short: the first step's tick (closing the prefill) fixes them
             s.pos.fill_(P - 1)
             self.q.fill_(-1)
     # -- running -------------------------------------------------------------------------------

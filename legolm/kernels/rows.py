@@ -112,15 +112,15 @@ def accept_kernel(pmax_ptr, pidx_ptr, n_parts, stride_p, drafts_ptr, T, tok_ptr,
     z_j = tl.sum(tl.where(ms == j, z, 0), 0)
     out = tl.where(ms < j, drafts, z_j)
     keep = ms <= j
+    t = tl.load(t_ptr)
+    live = t + j + 1 < tl.load(limit_ptr)
     if HAS_EOS:
         done = tl.load(finished_ptr).to(tl.int1)
         first_eos = tl.min(tl.where(keep & (out == eos_id), ms, BLOCK_T), 0)
         out = tl.where(done | (ms > first_eos), eos_id, out)
-        tl.store(finished_ptr, (done | (first_eos <= j)).to(tl.int8))
-    t = tl.load(t_ptr)
-    live = t + j + 1 < tl.load(limit_ptr)
-    if HAS_EOS:
-        live = live & ~(done | (first_eos <= j))
+        ended = done | (first_eos <= j)
+        tl.store(finished_ptr, ended.to(tl.int8))
+        live = live & ~ended
     tl.store(live_ptr, live.to(tl.int8))
     tl.store(tokens_ptr + t + ms, out, mask=keep)
     tl.store(t_ptr, t + j + 1)
