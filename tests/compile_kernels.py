@@ -46,13 +46,16 @@ PERSISTENT_BLOCKS = dict(NS=kp.NS, BLOCK_T=64, BLOCK_C=1024, C_POW2=1024, BN_QKV
                          BK_PROJ=1024, BN_UP=32, BK_UP=256, BN_DOWN=8, BK_DOWN=1024, BN_HEAD=32, BK_HEAD=256, GREEDY=1,
                          HAS_EOS=1, BLOCK_P=256)
 CE = dict(logits_ptr=P, labels_ptr="*i64", loss_ptr="*fp32", V="i32", stride="i32", ignore_index="i32")
-QKV_PREP = dict(x_ptr="*fp32", tok_ptr="*i64", pos_ptr="*i64", wte_ptr=P, wpe_ptr=P, nw_ptr=P, nb_ptr=P, w1_ptr=P,
-                b1_ptr=P, w2_ptr=P, b2_ptr=P, w3_ptr=P, b3_ptr=P, out_ptr="*fp32", pb_ptr=P, h_ptr="*fp32",
-                zero_ptr="*fp32", N1="i32", N2="i32", N="i32", K="i32", eps="fp32")
-ATTENTION_PROJ = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", wp_ptr=P, h_ptr="*fp32",
-                      slot_ptr="*i64", pos_ptr="*i64", S="i32", rope_len="i32", scale="fp32", C="i32")
-MLP = dict(x_ptr="*fp32", nw_ptr=P, nb_ptr=P, wg_ptr=P, bg_ptr=P, wu_ptr=P, bu_ptr=P, wd_ptr=P, bd_ptr=P,
-           res_ptr="*fp32", out_ptr="*fp32", F="i32", C="i32", eps="fp32")
+# split-K's residual stream is int64 fixed point (`legolm.kernels.decode.FIXED_BITS`)
+QKV_PREP = dict(x_ptr="*i64", tok_ptr="*i64", pos_ptr="*i64", wte_ptr=P, wpe_ptr=P, nw_ptr=P, nb_ptr=P, w1_ptr=P,
+                b1_ptr=P, w2_ptr=P, b2_ptr=P, w3_ptr=P, b3_ptr=P, out_ptr="*fp32", pb_ptr=P, h_ptr="*i64",
+                zero_ptr="*i64", N1="i32", N2="i32", N="i32", K="i32", eps="fp32")
+ATTENTION_PROJ = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", wp_ptr=P, h_ptr="*i64",
+                      slot_ptr="*i64", pos_ptr="*i64", S="i32", rope_len="i32", scale="fp32", C="i32", q_width="i32")
+MLP = dict(x_ptr="*i64", nw_ptr=P, nb_ptr=P, wg_ptr=P, bg_ptr=P, wu_ptr=P, bu_ptr=P, wd_ptr=P, bd_ptr=P,
+           res_ptr="*i64", out_ptr="*i64", F="i32", C="i32", eps="fp32")
+MLP_FP32 = {**MLP, "x_ptr": "*fp32", "res_ptr": "*fp32", "out_ptr": "*fp32"}  # the kernels follow their buffers
+GEMV_FIXED = {**GEMV, "x_ptr": "*i64", "res_ptr": "*i64", "out_ptr": "*i64"}  # a split-K stack's rows and heads
 GEMV_BLOCKS = dict(BLOCK_N=8, BLOCK_K=256, K_POW2=1024, PDL=0)
 SPECS = [
     (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=0, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # LN->qkv
@@ -85,13 +88,18 @@ SPECS = [
     (ks.qkv_prep_kernel, QKV_PREP, dict(NORM=1, HAS_BIAS=1, HAS_PB=1, EMBED=1, ADD_WPE=1, BLOCK_N=8, BLOCK_K=1024,
                                         K_POW2=1024, PREP=8, PDL=1)),  # GPT-2's first block
     (ks.attention_proj_kernel, ATTENTION_PROJ, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, ROWS=128,
-                                                    PDL=1)),  # Pythia
+                                                    WRITE=1, PDL=1)),  # Pythia
     (ks.attention_proj_kernel, ATTENTION_PROJ, dict(H=9, HKV=3, D=64, D_POW2=64, R=64, BLOCK_T=64, ROWS=128,
-                                                    PDL=0)),  # SmolLM2
+                                                    WRITE=1, PDL=0)),  # SmolLM2
+    (ks.attention_proj_kernel, ATTENTION_PROJ, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, ROWS=128,
+                                                    WRITE=0, PDL=1)),  # a row pass
     (ks.mlp_kernel, MLP, dict(NORM=1, ACT=2, HAS_BIAS=1, HAS_DOWN_BIAS=1, BLOCK_N=32, BLOCK_K=256, K_POW2=1024,
                               BLOCK_C=128, PDL=1)),  # GPT-2
     (ks.mlp_kernel, MLP, dict(NORM=2, ACT=3, HAS_BIAS=0, HAS_DOWN_BIAS=0, BLOCK_N=32, BLOCK_K=256, K_POW2=1024,
                               BLOCK_C=128, PDL=0)),  # SmolLM2
+    (ks.mlp_kernel, MLP_FP32, dict(NORM=1, ACT=2, HAS_BIAS=1, HAS_DOWN_BIAS=1, BLOCK_N=32, BLOCK_K=256, K_POW2=1024,
+                                   BLOCK_C=128, PDL=1)),
+    (kd.gemv_kernel, GEMV_FIXED, dict(NORM=0, ACT=0, HAS_BIAS=1, HAS_RES=1, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),
     (kp.persistent_step_kernel, PERSISTENT, dict(  # GPT-2
         NORM_1=1, NORM_2=1, NORM_F=1, ACT=2, QKV_BIAS=1, PROJ_BIAS=1, UP_BIAS=1, DOWN_BIAS=1, HEAD_BIAS=0, HAS_WPE=1,
         PARALLEL=0, H=12, HKV=12, D=64, D_POW2=64, R=0, **PERSISTENT_BLOCKS)),
@@ -116,4 +124,7 @@ if __name__ == "__main__":
         assert ".entry " + fn.__name__ in ptx, f"{fn.__name__}: no entry point in the PTX"
         assert fn not in VECTORIZED or "ld.global.v4.b32" in ptx, f"{fn.__name__}: weight loads not vectorized"
         assert ("griddepcontrol.wait" in ptx) == bool(consts.get("PDL")), f"{fn.__name__}: PDL {consts.get('PDL')}"
+        exact = signature.get("out_ptr", signature.get("h_ptr")) == "*i64"  # split-K: integer atomic adds
+        if fn in (ks.attention_proj_kernel, ks.mlp_kernel):
+            assert (".add.u64" in ptx or ".add.s64" in ptx) == exact, f"{fn.__name__}: integer atomics {exact}"
         print("compiled", fn.__name__, consts, flush=True)

@@ -231,6 +231,18 @@ def test_split_k_decode_follows_the_blocks_step_in_bf16(preset: str) -> None:
 
 
 @pytest.mark.parametrize("preset", ["gpt2", "smollm2-135m"])
+def test_split_k_decode_gives_the_same_bits_on_every_run(preset: str) -> None:
+    """Two split-K steps (own buffers, tuned launch shapes: hundreds of programs adding into each channel in
+    whatever order they arrive) over 300 replayed bf16 steps: identical logits, bit for bit. Their fixed-point
+    sums are exact; fp32 atomic adds would differ in the last bits."""
+    from legolm.generation.fused import FusedDecodeStep
+
+    model = _model(preset, torch.bfloat16)
+    steps = [FusedDecodeStep(model, 64, 1024, tune=True, split_k=True) for _ in range(2)]
+    _replay_side_by_side(model, steps, torch.equal)
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "smollm2-135m"])
 def test_persistent_decode_follows_the_blocks_step_in_bf16(preset: str) -> None:
     """300 replayed bf16 steps fed the same tokens: the persistent step's logits stay within rounding of the
     five-kernel step's (a program reading a phase's input before the barrier would show as a large error), and
@@ -342,25 +354,31 @@ def test_fused_early_exit_graphs_match_the_torch_loop(preset: str, kv_mode: str,
 
 @pytest.mark.parametrize("preset", ["gpt2", "pythia-160m", "smollm2-135m"])
 @pytest.mark.parametrize("prompt_len", [2, 70])
-def test_a_row_pass_gives_the_one_token_steps_bit_for_bit_on_the_gpu(preset: str, prompt_len: int) -> None:
+@pytest.mark.parametrize("split_k", [False, True], ids=["five-kernels", "split-k"])
+def test_a_row_pass_gives_the_one_token_steps_bit_for_bit_on_the_gpu(preset: str, prompt_len: int,
+                                                                     split_k: bool) -> None:
     """The compiled kernels (not the interpreter) in bf16: the upper blocks over 3 rows equal 3 one-token steps
-    bit for bit (64-slot tiles: the rows in the first tile, or in the second)."""
+    bit for bit (64-slot tiles: the rows in the first tile, or in the second); split-K with real atomics."""
     from tests.test_lego_decoding import assert_row_pass_is_one_token_steps
 
-    assert_row_pass_is_one_token_steps(_lego(preset).to(torch.bfloat16), prompt_len, block=64)
+    assert_row_pass_is_one_token_steps(_lego(preset).to(torch.bfloat16), prompt_len, block=64, split_k=split_k)
 
 
 @pytest.mark.parametrize("preset", ["gpt2", "smollm2-135m"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_speculative_equals_fused_full_depth_greedy(preset: str, dtype: torch.dtype) -> None:
-    """Self-speculative output is the full-depth greedy output, also in bf16 against the fused decoder."""
+@pytest.mark.parametrize("kernel", ["blocks", "splitk"])
+def test_fused_speculative_equals_fused_full_depth_greedy(preset: str, dtype: torch.dtype,
+                                                          kernel: Literal["blocks", "splitk"]) -> None:
+    """Self-speculative output is the full-depth greedy output, also in bf16 against the fused decoder of the
+    same blocks (split-K: tuned launch shapes, real atomics)."""
     model = _lego(preset, agree=True).to(dtype)
     ids = [[5, 17, 99, 3, 42, 7, 8, 100]]
+    tune = kernel == "splitk"
     full = generate(model, ids, GenerationConfig(max_new_tokens=64, greedy=True, stop_at_eos=False, fused=True,
-                                                 fused_tune=False))
+                                                 fused_tune=tune, fused_kernel=kernel))
     for d in (2, 4):
         cfg = GenerationConfig(max_new_tokens=64, greedy=True, stop_at_eos=False, early_exit="speculative",
-                               draft_tokens=d, fused=True, graph_steps=4, fused_tune=False)
+                               draft_tokens=d, fused=True, graph_steps=4, fused_tune=tune, fused_kernel=kernel)
         got = generate(model, ids, cfg)
         assert got.tokens == full.tokens, f"d={d}"
         assert got.early_exit is not None and 0.0 < got.early_exit.acceptance_rate < 1.0

@@ -44,28 +44,30 @@ def drafting_model(preset: str) -> LegoLM:
 # -- the row passes: bit for bit the one-token kernels ---------------------------------------------------
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("prompt_len", [2, 5])
-def test_a_row_pass_gives_the_one_token_steps_bit_for_bit(preset: str, prompt_len: int) -> None:
+@pytest.mark.parametrize("split_k", [False, True], ids=["five-kernels", "split-k"])
+def test_a_row_pass_gives_the_one_token_steps_bit_for_bit(preset: str, prompt_len: int, split_k: bool) -> None:
     """The upper blocks over 3 rows equal 3 one-token steps exactly (same K/V cache, same final states):
     the identity self-speculative decoding relies on. The earlier rows sit in the attention's first tile of
-    4 slots (prompt of 2) or in a later one (prompt of 5)."""
-    assert_row_pass_is_one_token_steps(lego_model(preset), prompt_len)
+    4 slots (prompt of 2) or in a later one (prompt of 5). Split-K: the exact fixed-point sums."""
+    assert_row_pass_is_one_token_steps(lego_model(preset), prompt_len, split_k=split_k)
 
 
-def assert_row_pass_is_one_token_steps(model: LegoLM, P: int, block: int = 4) -> None:
+def assert_row_pass_is_one_token_steps(model: LegoLM, P: int, block: int = 4, split_k: bool = False) -> None:
     """Upper blocks over 3 rows at positions P.. against 3 one-token steps (the model's device and dtype)."""
     from legolm.core.kv_cache import KVCache
     from legolm.generation.fused import FusedStack
+    from legolm.kernels.decode import to_residual
 
     p = next(model.parameters())
     c, rows = model.config, 3
-    stack = FusedStack(model, attention_block=block, embed_block=32, tune=False, rows=rows)
+    stack = FusedStack(model, attention_block=block, embed_block=32, tune=False, rows=rows, split_k=split_k)
     caches = [KVCache(c, 1, P + 16, dtype=p.dtype, device=p.device) for _ in range(2)]
     g = torch.Generator().manual_seed(3)
     prompt_h = torch.randn(1, P, c.n_embd, generator=g).to(p.device, p.dtype)
     with torch.no_grad():
         for cache in caches:  # the same prompt K/V in both caches
             model.upper_hidden(prompt_h, cache=cache, input_pos=torch.arange(P, device=p.device))
-    h = torch.randn(rows, c.n_embd, generator=g).to(p.device)
+    h = to_residual(torch.randn(rows, c.n_embd, generator=g).to(p.device), stack.x)
     one = []
     for m in range(rows):  # one token at a time, positions P..P+2
         stack.x.copy_(h[m])
@@ -133,14 +135,16 @@ def test_fused_extremes_and_their_costs(tau: float, ratio: float) -> None:
 
 # -- self-speculative: identical to full-depth greedy ---------------------------------------------------
 @pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize(("fused", "drafts"), [(False, (1, 3)), (True, (2,))])
-def test_speculative_output_is_full_depth_greedy(preset: str, fused: bool, drafts: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(("fused", "drafts", "kernel"), [(False, (1, 3), "blocks"), (True, (2,), "blocks"),
+                                                         (True, (2,), "splitk")])
+def test_speculative_output_is_full_depth_greedy(preset: str, fused: bool, drafts: tuple[int, ...],
+                                                 kernel: FusedBlocks) -> None:
     model, ids = drafting_model(preset).to(DEVICE), prompt().to(DEVICE)
     n = N_NEW if not fused else N_NEW // 2  # the interpreter is slow
     want = generate(model, ids.tolist(), greedy(max_new_tokens=n)).tokens
     for d in drafts:
         got = generate(model, ids.tolist(), greedy(max_new_tokens=n, early_exit="speculative", draft_tokens=d,
-                                                   fused=fused, fused_tune=False))
+                                                   fused=fused, fused_tune=False, fused_kernel=kernel))
         assert got.tokens == want, f"d={d}"
         stats = got.early_exit
         assert stats is not None and stats.rounds >= 1

@@ -59,8 +59,7 @@ def test_persistent_refuses_what_it_cannot_run() -> None:
         GenerationConfig(fused=True, fused_persistent=PersistentShape(tile=3000)).validate()
     with pytest.raises(ConfigError, match="drop --fused-kernel persistent, or --early-exit"):
         GenerationConfig(fused=True, greedy=True, fused_kernel="persistent", early_exit="threshold").validate()
-    with pytest.raises(ConfigError, match="drop --fused-kernel splitk"):
-        GenerationConfig(fused=True, greedy=True, fused_kernel="splitk", early_exit="speculative").validate()
-    GenerationConfig(fused=True, greedy=True, fused_kernel="splitk", early_exit="threshold").validate()
+    for early_exit in ("threshold", "speculative"):  # split-K blocks serve both LEGO decoders
+        GenerationConfig(fused=True, greedy=True, fused_kernel="splitk", early_exit=early_exit).validate()
     with pytest.raises(ConfigError, match="fused_kernel must be one of blocks, splitk, persistent"):
         GenerationConfig(fused=True, fused_kernel="megakernel").validate()  # type: ignore[arg-type]

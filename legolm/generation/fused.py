@@ -140,8 +140,10 @@ class FusedStack:
         pdl: Launch the GEMV and attention kernels with programmatic dependent launch where the GPU and
             Triton support it (`legolm.kernels.decode.pdl_supported`): each starts loading its weights
             while the previous kernel finishes.
-        split_k: One token's blocks in three launches each (`legolm.kernels.splitk`: the projections after
-            the attention and the MLP reduce by fp32 atomic adds) instead of five.
+        split_k: Blocks in three launches each instead of five, one token or rows (`legolm.kernels.splitk`:
+            the projections after the attention and the MLP reduce by atomic adds). The residual stream is then
+            int64 fixed point (`legolm.kernels.decode.FIXED_BITS`), whose sums are exact: the same bits on every
+            run, and a row pass gives the one-token steps' bits.
     """
 
     def __init__(self, model: TransformerLM, attention_block: int, embed_block: int, tune: bool = True,
@@ -164,7 +166,9 @@ class FusedStack:
             return torch.zeros(*shape, dtype=dtype, device=param.device)
 
         self.q_width = (c.n_head + 2 * c.kv_heads) * c.hd
-        self.x, self.h, self.qkv = buf(c.n_embd), buf(c.n_embd), buf(self.q_width)
+        # the residual stream: fp32, or exact int64 fixed point for split-K's atomic sums
+        res = torch.int64 if split_k else torch.float32
+        self.x, self.h, self.qkv = buf(c.n_embd, dtype=res), buf(c.n_embd, dtype=res), buf(self.q_width)
         self.attn, self.act = buf(c.n_head * c.hd, dtype=param.dtype), buf(c.intermediate_size, dtype=param.dtype)
         self.logits, self.lensed = buf(c.vocab_size), buf(c.n_embd)
         n_parts = -(-c.vocab_size // kd.HEAD_MIN_ROWS)
@@ -174,14 +178,16 @@ class FusedStack:
             import legolm.kernels.splitk as ks
 
             self.ks = ks
-            self.x2 = buf(c.n_embd)  # the blocks alternate between x and x2 (`legolm.kernels.splitk`)
+            self.x2 = buf(c.n_embd, dtype=res)  # the blocks alternate between x and x2 (`legolm.kernels.splitk`)
             self.split_shapes: SplitKShapes | None = None
         self.tuning: dict[str, float] = {}  # role -> µs of its chosen launch shape
         if rows:  # the same buffers with a row per token (dtypes as above: the same arithmetic)
             import legolm.kernels.rows as kr
 
             self.kr = kr
-            self.X, self.H, self.QKV = buf(rows, c.n_embd), buf(rows, c.n_embd), buf(rows, self.q_width)
+            self.X, self.H = buf(rows, c.n_embd, dtype=res), buf(rows, c.n_embd, dtype=res)
+            self.X2 = buf(rows, c.n_embd, dtype=res) if split_k else self.X  # split-K rows alternate X and X2
+            self.QKV = buf(rows, self.q_width)
             self.ATT = buf(rows, c.n_head * c.hd, dtype=param.dtype)
             self.ACT = buf(rows, c.intermediate_size, dtype=param.dtype)
             self.rows_partial = (buf(rows, n_parts), buf(rows, n_parts, dtype=torch.int32))
@@ -197,9 +203,7 @@ class FusedStack:
         wpe = model.wpe.weight if model.wpe is not None else None
         if self.split_k and end > 0:
             self.ensure_tuned(model, cache)
-            self._split_k_blocks(model, cache, 0, end, slot, pos, embed=(tok, pos, model.wte.weight, wpe))
-            if out is not None:
-                out.copy_(self.x)
+            self._split_k_blocks(model, cache, 0, end, slot, pos, out, embed=(tok, pos, model.wte.weight, wpe))
             return
         self.kd.embed(tok, pos, model.wte.weight, wpe, self.x, self.embed_block)
         self.blocks(model, cache, 0, end, slot, pos, out)
@@ -232,9 +236,7 @@ class FusedStack:
         block's result in ``out`` where given (a row of X: no copy after), else in x."""
         configs = self.ensure_tuned(model, cache)
         if self.split_k:
-            self._split_k_blocks(model, cache, start, end, slot, pos)
-            if out is not None:
-                out.copy_(self.x)
+            self._split_k_blocks(model, cache, start, end, slot, pos, out)
             return
         for i in range(start, end):
             gemvs = self._gemvs(self.plans[i], out if i == end - 1 else None)
@@ -244,17 +246,20 @@ class FusedStack:
                 gemvs[role](configs[role])
 
     def _split_k_blocks(self, model: TransformerLM, cache: KVCache, start: int, end: int, slot: Tensor,
-                        pos: Tensor, embed: Embed | None = None) -> None:
-        """`blocks` in three launches per block (`legolm.kernels.splitk`); the result ends in x. ``embed``: the
-        first block embeds this (token, position, wte, wpe) into x first (`token`)."""
+                        pos: Tensor, out: Tensor | None, embed: Embed | None = None) -> None:
+        """`blocks` in three launches per block (`legolm.kernels.splitk`); the result ends in ``out`` where given
+        (the last block writes it), else in x. ``embed``: the first block embeds this (token, position, wte, wpe)
+        into x first (`token`)."""
         shapes = self.split_shapes
         assert shapes is not None  # `ensure_tuned` chose them
         src, dst = self.x, self.x2
         for i in range(start, end):
+            if i == end - 1 and out is not None:
+                dst = out
             self._split_k_block(model, cache.layers[i], self.plans[i], src, dst, slot, pos, shapes,
                                 embed if i == start else None)
             src, dst = dst, src
-        if src is not self.x:  # an odd number of blocks
+        if out is None and src is not self.x:  # an odd number of blocks
             self.x.copy_(src)
 
     def _split_k_block(self, model: TransformerLM, layer: LayerKVCache, p: BlockPlan, src: Tensor, dst: Tensor,
@@ -356,6 +361,9 @@ class FusedStack:
         """
         c, kr = model.config, self.kr
         g = self.ensure_tuned(model, cache)
+        if self.split_k:
+            self._split_k_rows(model, cache, start, end, rows)
+            return
         X, H = self.X, self.H
         for i in range(start, end):
             p, layer = self.plans[i], cache.layers[i]
@@ -368,6 +376,27 @@ class FusedStack:
             self.gemv(X if p.parallel else H, p.up, self.ACT, g["up"], bias=p.up_bias, norm=p.norm_2, act=p.act,
                     up=p.up_2, rows=rows)
             self.gemv(self.ACT, p.down, X, g["down"], bias=p.down_bias, residual=H, rows=rows)
+
+    def _split_k_rows(self, model: TransformerLM, cache: KVCache, start: int, end: int, rows: int) -> None:
+        """`rows_blocks` with split-K blocks: per block `qkv_prep`, `kv_rows` (every row's key and value first),
+        `attention_proj` and `mlp` over the rows, the one-token launch shapes; X and X2 alternate, the result
+        ends in X. Exact fixed-point sums make each row's bits those of its one-token step."""
+        c, ks, kr, shapes = model.config, self.ks, self.kr, self.split_shapes
+        assert shapes is not None  # `ensure_tuned` chose them
+        src, dst, H = self.X, self.X2, self.H
+        for i in range(start, end):
+            p, layer = self.plans[i], cache.layers[i]
+            ks.qkv_prep(src, p.qkv, self.QKV, shapes.qkv, bias=p.qkv_bias, norm=p.norm_1, proj_bias=p.proj_bias, h=H,
+                        zero=dst, pdl=self.pdl, rows=rows)
+            kr.kv_rows(self.QKV, layer.k, layer.v, model.rope, self.start, rows, c.n_head, c.kv_heads, c.hd,
+                       c.rotary_dim)
+            ks.attention_proj(self.QKV, layer.k, layer.v, model.rope, p.proj, H, self.start, self.start, c.n_head,
+                              c.kv_heads, c.hd, c.rotary_dim, shapes.attention, pdl=self.pdl, rows=rows)
+            ks.mlp(src if p.parallel else H, p.norm_2, p.up, p.up_bias, p.act, p.up_2, p.down, p.down_bias, H, dst,
+                   shapes.mlp, pdl=self.pdl, rows=rows)
+            src, dst = dst, src
+        if src is not self.X:  # an odd number of blocks
+            self.X[:rows].copy_(src[:rows])
 
     def rows_head(self, norm: Norm, lin: nn.Linear, rows: int) -> int:
         """An exit on the first ``rows`` rows of X, greedy partials per row; the number of partials per row."""

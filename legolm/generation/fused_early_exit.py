@@ -79,10 +79,9 @@ class FusedExitConfig:
         embed_block: Channels per tile of the embedding and row-copy kernels.
         tune: Time the launch shapes at the first use on a GPU.
         pdl: Programmatic dependent launch of the GEMV and attention kernels where supported (`FusedStack`).
-        split_k: Threshold mode's one-token blocks (lower and upper steps) in three launches each
-            (`FusedStack`); lazy-fill passes keep the five-kernel row arithmetic. Speculative mode refuses it
-            (`legolm.generation.persistent.check_fused_kernel`): its output is the five-kernel full-depth
-            greedy output bit for bit, which needs the drafts' lower states in that arithmetic.
+        split_k: Every block in three launches (`FusedStack`): one-token steps, drafts, lazy-fill passes and
+            verify passes (rows). Its exact fixed-point sums keep speculative output equal, bit for bit, to the
+            full-depth split-K decoder's greedy output, as five-kernel blocks keep it equal to theirs.
         prefill_graphs: Prompt lengths whose prefill is kept as a CUDA graph (LRU); 0 = eager prefill.
         if_nodes: Threshold mode's branches as IF nodes of the captured graphs where the driver has them
             (`legolm.kernels.graph_if`: no host read per token, ``steps_per_graph`` tokens per replay);
@@ -186,7 +185,7 @@ class FusedLegoSession:
         self.q = zeros(1)  # fill mode: exited tokens waiting for the upper layers
         self.buckets = torch.tensor(sorted(config.fill_buckets), device=dev)
         self.flushes = zeros(1)
-        self.ring = zeros(max(config.fill_buckets), c.n_embd, dtype=torch.float32)
+        self.ring = zeros(max(config.fill_buckets), c.n_embd, dtype=self.stack.x.dtype)  # lower states, as stored
         self.drafts = zeros(max(config.draft_tokens, 1))
         self.dpos, self.di = zeros(1), zeros(1)
         self.spec_stats = zeros(2)  # accepted drafts, rounds

@@ -65,8 +65,8 @@ class GenerationConfig:
             read of each token's decision. None (auto, the default): what measured faster on an H200
             (README, LEGO): IF nodes for kv_mode skip, the host read for fill.
         fused_kernel: ``blocks`` (five kernel launches per block, launch shapes tuned, PDL), ``splitk``
-            (three per block: the projections after the attention and the MLP reduce by fp32 atomic
-            adds, so the last bits of a sum vary from run to run; `legolm.kernels.splitk`) or
+            (three per block: the projections after the attention and the MLP reduce by atomic adds into an
+            int64 fixed-point residual stream, exact and the same on every run; `legolm.kernels.splitk`) or
             ``persistent`` (the whole step in one launch of one program per SM, grid barriers between
             its phases; `legolm.kernels.persistent`; plain decoding only, not LEGO early exit).
         fused_persistent: Launch shape of the persistent step.

@@ -185,18 +185,14 @@ FUSED_KERNELS = get_args(FusedKernel)
 
 
 def check_fused_kernel(kernel: str, shape: PersistentShape, early_exit: str) -> None:
-    """`ConfigError` for an unknown fused kernel, a bad persistent shape, the persistent step with LEGO early
-    exit (whose decoders are built from blocks), or split-K blocks with self-speculative decoding (its output
-    is full-depth greedy in the five-kernel arithmetic, bit for bit)."""
+    """`ConfigError` for an unknown fused kernel, a bad persistent shape, or the persistent step with LEGO early
+    exit (whose decoders are built from blocks)."""
     if kernel not in FUSED_KERNELS:
         raise ConfigError(f"fused_kernel must be one of {', '.join(FUSED_KERNELS)}, got {kernel!r}")
     shape.validate()
     if kernel == "persistent" and early_exit != "none":
         raise ConfigError("LEGO early exit decodes through fused blocks (five-kernel or split-K): drop "
                           "--fused-kernel persistent, or --early-exit")
-    if kernel == "splitk" and early_exit == "speculative":
-        raise ConfigError("self-speculative decoding keeps the five-kernel blocks (its output is full-depth greedy "
-                          "bit for bit; split-K sums vary in their last bits): drop --fused-kernel splitk")
 
 
 def fused_step(model: TransformerLM, kernel: str, persistent: PersistentShape, attention_block: int,

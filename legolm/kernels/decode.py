@@ -29,11 +29,46 @@ NORM_NONE, NORM_LAYER, NORM_RMS = 0, 1, 2
 ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU = 0, 1, 2, 3
 
 
+# The exact residual stream of split-K blocks (`legolm.kernels.splitk`): int64 fixed point with FIXED_BITS
+# fraction bits. Integer sums do not depend on their order, so atomic adds of parts give the same bits on every
+# run; a part converts exactly where |part| >= 2^(FIXED_BITS - 24 - 1) (an fp32 has 24 significant bits), and
+# the stream holds |x| < 2^(63 - FIXED_BITS).
+FIXED_BITS = 32
+_FIXED_ONE = tl.constexpr(float(2 ** FIXED_BITS))  # the kernels' view: 1.0 in fixed point
+
+
+@triton.jit
+def _as_float(v):
+    """A loaded residual value in fp32: int64 fixed point (FIXED_BITS fraction bits) decoded, else converted."""
+    if v.dtype == tl.int64:  # noqa: SIM108 (a statement: Triton compiles one branch per dtype)
+        out = v.to(tl.float32) * (1.0 / _FIXED_ONE)
+    else:
+        out = v.to(tl.float32)
+    return out
+
+
+@triton.jit
+def _as_fixed(y):
+    """fp32 → int64 fixed point (`FIXED_BITS`; the scaling by a power of two is exact, the cut toward 0 drops
+    what lies below 2^-FIXED_BITS)."""
+    return (y * _FIXED_ONE).to(tl.int64)
+
+
+@triton.jit
+def _stored(y, ptr):
+    """y (fp32) as the element type of ``ptr`` stores it: fixed point into int64, else rounded to the dtype."""
+    if ptr.dtype.element_ty == tl.int64:  # noqa: SIM108 (a statement: Triton compiles one branch per dtype)
+        out = _as_fixed(y)
+    else:
+        out = y.to(ptr.dtype.element_ty)
+    return out
+
+
 @triton.jit
 def _load_x(x_ptr, x2_ptr, offs, mask, X2: tl.constexpr, CM: tl.constexpr):
-    """x[offs] in fp32, plus x2[offs] where X2 (an embedding: the token's row and the position's), with cache
-    modifier CM; 0 outside ``mask``."""
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0, cache_modifier=CM).to(tl.float32)
+    """x[offs] in fp32 (`_as_float`), plus x2[offs] where X2 (an embedding: the token's row and the position's),
+    with cache modifier CM; 0 outside ``mask``."""
+    x = _as_float(tl.load(x_ptr + offs, mask=mask, other=0, cache_modifier=CM))
     if X2:
         x += tl.load(x2_ptr + offs, mask=mask, other=0.0, cache_modifier=CM).to(tl.float32)
     return x
@@ -105,7 +140,7 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
     w_ptr, b_ptr, local = _segment(r0, rows, N1, N2, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b3_ptr)
     y = _gemv_rows(x_ptr, x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_ptr, rows, local, rmask, K, eps,
                    NORM, ACT, HAS_BIAS, HAS_RES, BLOCK_K, K_POW2, BLOCK_K >= K_POW2, PDL, False, "")
-    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
+    tl.store(out_ptr + rows, _stored(y, out_ptr), mask=rmask)
     if ARGMAX:
         y = tl.where(rmask, y, float("-inf"))
         best = tl.max(y, 0)
@@ -184,7 +219,7 @@ def _gemv_rows(x_ptr, x2_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, wu_ptr, bu_ptr, res_
             u += tl.load(bu_ptr + local, mask=rmask, other=0.0).to(tl.float32)
         y = y * tl.sigmoid(y) * u
     if HAS_RES:
-        y += tl.load(res_ptr + rows, mask=rmask, other=0.0, cache_modifier=CM).to(tl.float32)
+        y += _as_float(tl.load(res_ptr + rows, mask=rmask, other=0, cache_modifier=CM))
     return y
 
 
@@ -420,7 +455,22 @@ def embed_kernel(tok_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, C, HAS_WPE: tl.con
         e = tl.load(wte_ptr + tok * C + c, mask=c < C, other=0.0).to(tl.float32)
         if HAS_WPE:
             e += tl.load(wpe_ptr + pos * C + c, mask=c < C, other=0.0).to(tl.float32)
-        tl.store(out_ptr + c, e, mask=c < C)
+        tl.store(out_ptr + c, _stored(e, out_ptr), mask=c < C)
+
+
+def to_residual(x: Tensor, like: Tensor) -> Tensor:
+    """``x`` in the representation of the residual buffer ``like``: int64 fixed point (`FIXED_BITS`), else its
+    dtype (the host's view of `_stored`, for tests and tools)."""
+    if like.dtype == torch.int64:
+        return (x.to(torch.float64) * 2.0 ** FIXED_BITS).to(torch.int64)
+    return x.to(like.dtype)
+
+
+def from_residual(x: Tensor) -> Tensor:
+    """A residual buffer's values in fp32 (fixed point decoded; the host's view of `_as_float`)."""
+    if x.dtype == torch.int64:
+        return (x.to(torch.float64) * 2.0 ** -FIXED_BITS).to(torch.float32)
+    return x.to(torch.float32)
 
 
 @dataclass(frozen=True)

@@ -56,14 +56,13 @@ class Setting:
 
     def config(self, max_new_tokens: int, fused: bool, kernel: FusedBlocks) -> GenerationConfig:
         """The `GenerationConfig` of this setting (greedy, no EOS stop: every setting decodes as many tokens);
-        ``kernel``: the fused blocks (`GenerationConfig.fused_kernel`) of full depth and threshold early exit
-        (self-speculative decoding keeps the five-kernel ones: `check_fused_kernel`). ``if_nodes`` picks
+        ``kernel``: the fused blocks (`GenerationConfig.fused_kernel`) of every fused row. ``if_nodes`` picks
         threshold rows' branch (an IF node, or the host read); speculative rows run as `generate` does
         by default (each round an IF node gated on "more tokens wanted", where the driver has them)."""
         fast = fused and (self.mode != "threshold" or self.kv_mode != "propagate")
         early = {"full": "none"}.get(self.mode, self.mode)
         return GenerationConfig(max_new_tokens=max_new_tokens, greedy=True, stop_at_eos=False, fused=fast,
-                                fused_kernel="blocks" if self.mode == "speculative" else kernel,
+                                fused_kernel=kernel,
                                 early_exit=early, threshold=self.threshold, kv_mode=self.kv_mode,  # type: ignore[arg-type]
                                 draft_tokens=max(self.draft_tokens, 1),
                                 fused_if_nodes=self.if_nodes if self.mode == "threshold" else None)
