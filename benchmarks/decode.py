@@ -150,6 +150,7 @@ def main() -> None:
                 variants["legolm fused triton+graph, no PDL"] = dict(fused=True, fused_pdl=False)
                 variants["legolm fused triton+graph"] = dict(fused=True)
                 variants["legolm fused split-k"] = dict(fused=True, fused_kernel="splitk")
+                variants["legolm fused split-k, exact sums"] = dict(fused=True, fused_kernel="splitk-exact")
                 for spec in args.persistent_shapes:
                     warps, tile, head_tile = (int(v) for v in spec.split(":"))
                     shape = PersistentShape(num_warps=warps, tile=tile, head_tile=head_tile)

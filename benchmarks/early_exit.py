@@ -34,7 +34,7 @@ from legolm.checkpoints.loader import load_pretrained
 from legolm.config import config_from_dict, load_yaml, merge
 from legolm.data.tokenized import load_tokenized
 from legolm.generation import GenerationConfig, generate
-from legolm.generation.fused import FusedBlocks
+from legolm.generation.fused import FUSED_BLOCKS, FusedBlocks
 from legolm.lego.config import STORE_DTYPES, LegoConfig
 from legolm.lego.report import Setting, measure_decode, val_windows
 from legolm.model.lego import LegoLM
@@ -76,11 +76,12 @@ def references(model: LegoLM, prompts: torch.Tensor, new: int, repeats: int, hf_
     graph = GenerationConfig(max_new_tokens=new, greedy=True, stop_at_eos=False)
     rows = [("legolm generate, CUDA graph" if device.type == "cuda" else "legolm generate, static cache",
              lambda p: generate(model, p.tolist(), graph), prompts, repeats)]
-    if device.type == "cuda":
-        other: FusedBlocks = "blocks" if kernel == "splitk" else "splitk"
+    for other in FUSED_BLOCKS if device.type == "cuda" else ():
+        if other == kernel:
+            continue
         fused = GenerationConfig(max_new_tokens=new, greedy=True, stop_at_eos=False, fused=True, fused_kernel=other)
-        rows.append((f"legolm generate --fused --fused-kernel {other}", lambda p: generate(model, p.tolist(), fused),
-                     prompts, repeats))
+        rows.append((f"legolm generate --fused --fused-kernel {other}",
+                     lambda p, fused=fused: generate(model, p.tolist(), fused), prompts, repeats))
     hf = hf_model(model)
     if hf is not None:
         few = prompts[:hf_prompts]

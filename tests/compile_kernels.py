@@ -46,7 +46,7 @@ PERSISTENT_BLOCKS = dict(NS=kp.NS, BLOCK_T=64, BLOCK_C=1024, C_POW2=1024, BN_QKV
                          BK_PROJ=1024, BN_UP=32, BK_UP=256, BN_DOWN=8, BK_DOWN=1024, BN_HEAD=32, BK_HEAD=256, GREEDY=1,
                          HAS_EOS=1, BLOCK_P=256)
 CE = dict(logits_ptr=P, labels_ptr="*i64", loss_ptr="*fp32", V="i32", stride="i32", ignore_index="i32")
-# split-K's residual stream is int64 fixed point (`legolm.kernels.decode.FIXED_BITS`)
+# split-K's residual stream: fp32 ("splitk") or int64 fixed point ("splitk-exact", `legolm.kernels.decode.FIXED_BITS`)
 QKV_PREP = dict(x_ptr="*i64", tok_ptr="*i64", pos_ptr="*i64", wte_ptr=P, wpe_ptr=P, nw_ptr=P, nb_ptr=P, w1_ptr=P,
                 b1_ptr=P, w2_ptr=P, b2_ptr=P, w3_ptr=P, b3_ptr=P, out_ptr="*fp32", pb_ptr=P, h_ptr="*i64",
                 zero_ptr="*i64", N1="i32", N2="i32", N="i32", K="i32", eps="fp32")
@@ -55,6 +55,8 @@ ATTENTION_PROJ = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*
 MLP = dict(x_ptr="*i64", nw_ptr=P, nb_ptr=P, wg_ptr=P, bg_ptr=P, wu_ptr=P, bu_ptr=P, wd_ptr=P, bd_ptr=P,
            res_ptr="*i64", out_ptr="*i64", F="i32", C="i32", eps="fp32")
 MLP_FP32 = {**MLP, "x_ptr": "*fp32", "res_ptr": "*fp32", "out_ptr": "*fp32"}  # the kernels follow their buffers
+QKV_PREP_FP32 = {**QKV_PREP, "x_ptr": "*fp32", "h_ptr": "*fp32", "zero_ptr": "*fp32"}
+ATTENTION_PROJ_FP32 = {**ATTENTION_PROJ, "h_ptr": "*fp32"}
 GEMV_FIXED = {**GEMV, "x_ptr": "*i64", "res_ptr": "*i64", "out_ptr": "*i64"}  # a split-K stack's rows and heads
 GEMV_BLOCKS = dict(BLOCK_N=8, BLOCK_K=256, K_POW2=1024, PDL=0)
 SPECS = [
@@ -97,6 +99,10 @@ SPECS = [
                               BLOCK_C=128, PDL=1)),  # GPT-2
     (ks.mlp_kernel, MLP, dict(NORM=2, ACT=3, HAS_BIAS=0, HAS_DOWN_BIAS=0, BLOCK_N=32, BLOCK_K=256, K_POW2=1024,
                               BLOCK_C=128, PDL=0)),  # SmolLM2
+    (ks.qkv_prep_kernel, QKV_PREP_FP32, dict(NORM=1, HAS_BIAS=1, HAS_PB=1, EMBED=1, ADD_WPE=1, BLOCK_N=8,
+                                             BLOCK_K=1024, K_POW2=1024, PREP=8, PDL=1)),
+    (ks.attention_proj_kernel, ATTENTION_PROJ_FP32, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, ROWS=128,
+                                                         WRITE=1, PDL=1)),
     (ks.mlp_kernel, MLP_FP32, dict(NORM=1, ACT=2, HAS_BIAS=1, HAS_DOWN_BIAS=1, BLOCK_N=32, BLOCK_K=256, K_POW2=1024,
                                    BLOCK_C=128, PDL=1)),
     (kd.gemv_kernel, GEMV_FIXED, dict(NORM=0, ACT=0, HAS_BIAS=1, HAS_RES=1, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),

@@ -61,5 +61,5 @@ def test_persistent_refuses_what_it_cannot_run() -> None:
         GenerationConfig(fused=True, greedy=True, fused_kernel="persistent", early_exit="threshold").validate()
     for early_exit in ("threshold", "speculative"):  # split-K blocks serve both LEGO decoders
         GenerationConfig(fused=True, greedy=True, fused_kernel="splitk", early_exit=early_exit).validate()
-    with pytest.raises(ConfigError, match="fused_kernel must be one of blocks, splitk, persistent"):
+    with pytest.raises(ConfigError, match="fused_kernel must be one of blocks, splitk, splitk-exact, persistent"):
         GenerationConfig(fused=True, fused_kernel="megakernel").validate()  # type: ignore[arg-type]

@@ -275,7 +275,8 @@ def test_serve_unknown_fused_kernel_is_one_line(model_dir: Path, capsys: pytest.
     with pytest.raises(SystemExit) as exited:  # argparse's own choice check
         main(["serve", "--model", str(model_dir), "--device", "cpu", "--port", "0", "--fused-kernel", "megakernel"])
     err = capsys.readouterr().err
-    assert exited.value.code == 2 and err.count("\n") == 1 and "expected one of blocks|splitk|persistent" in err, err
+    assert exited.value.code == 2 and err.count("\n") == 1, err
+    assert "expected one of blocks|splitk|splitk-exact|persistent" in err, err
 
 
 def test_serve_missing_model_and_busy_port_are_one_line(model_dir: Path, tmp_path: Path,

@@ -80,8 +80,10 @@ class FusedExitConfig:
         tune: Time the launch shapes at the first use on a GPU.
         pdl: Programmatic dependent launch of the GEMV and attention kernels where supported (`FusedStack`).
         split_k: Every block in three launches (`FusedStack`): one-token steps, drafts, lazy-fill passes and
-            verify passes (rows). Its exact fixed-point sums keep speculative output equal, bit for bit, to the
-            full-depth split-K decoder's greedy output, as five-kernel blocks keep it equal to theirs.
+            verify passes (rows).
+        exact_sums: Split-K sums exact (`FusedStack`); speculative mode always takes them: they keep its output
+            equal, bit for bit, to the greedy output of the full-depth ``splitk-exact`` decoder, as five-kernel
+            blocks keep it equal to theirs.
         prefill_graphs: Prompt lengths whose prefill is kept as a CUDA graph (LRU); 0 = eager prefill.
         if_nodes: Threshold mode's branches as IF nodes of the captured graphs where the driver has them
             (`legolm.kernels.graph_if`: no host read per token, ``steps_per_graph`` tokens per replay);
@@ -103,6 +105,7 @@ class FusedExitConfig:
     tune: bool = True
     pdl: bool = True
     split_k: bool = False
+    exact_sums: bool = False
     prefill_graphs: int = 4
     if_nodes: bool | None = None
 
@@ -158,7 +161,8 @@ class FusedLegoSession:
         rows = config.draft_tokens + 1 if config.mode == "speculative" else max(config.fill_buckets) if self.fill \
             else 0
         self.stack = FusedStack(model, config.attention_block, config.embed_block, config.tune, rows=rows,
-                                pdl=config.pdl, split_k=config.split_k)
+                                pdl=config.pdl, split_k=config.split_k,
+                                exact_sums=config.exact_sums or config.mode == "speculative")
         self.shallow_norm = exit_norm(model.shallow_exit.norm)  # threshold mode's exit, never the draft exit
         drafter = model.drafter  # speculative mode's exit: the draft exit where there is one
         assert drafter is not None

@@ -65,8 +65,10 @@ class GenerationConfig:
             read of each token's decision. None (auto, the default): what measured faster on an H200
             (README, LEGO): IF nodes for kv_mode skip, the host read for fill.
         fused_kernel: ``blocks`` (five kernel launches per block, launch shapes tuned, PDL), ``splitk``
-            (three per block: the projections after the attention and the MLP reduce by atomic adds into an
-            int64 fixed-point residual stream, exact and the same on every run; `legolm.kernels.splitk`) or
+            (three per block: the projections after the attention and the MLP reduce by fp32 atomic adds, so
+            the last bits of a sum vary from run to run; `legolm.kernels.splitk`), ``splitk-exact`` (the same
+            into an int64 fixed-point residual stream: exact sums, the same bits on every run, about 6% slower;
+            self-speculative decoding on split-K blocks always sums exactly) or
             ``persistent`` (the whole step in one launch of one program per SM, grid barriers between
             its phases; `legolm.kernels.persistent`; plain decoding only, not LEGO early exit).
         fused_persistent: Launch shape of the persistent step.
@@ -411,7 +413,9 @@ def _lego_session(model: LegoLM, prompt_len: int, config: GenerationConfig, eos:
     mode = FusedExitConfig(mode=config.early_exit, kv_mode=config.kv_mode, draft_tokens=config.draft_tokens,
                            fill_buckets=tuple(config.fill_buckets), steps_per_graph=steps,
                            attention_block=config.fused_attention_block, embed_block=config.fused_embed_block,
-                           tune=config.fused_tune, pdl=config.fused_pdl, split_k=config.fused_kernel == "splitk",
+                           tune=config.fused_tune, pdl=config.fused_pdl,
+                           split_k=config.fused_kernel.startswith("splitk"),
+                           exact_sums=config.fused_kernel == "splitk-exact",
                            prefill_graphs=config.prefill_graphs, if_nodes=config.fused_if_nodes)
     key = (_weights_key(model), max_len, config.max_new_tokens + overshoot, eos, mode)
     sessions = _LEGO_SESSIONS.setdefault(model, OrderedDict())

@@ -180,7 +180,7 @@ class PersistentDecodeStep:
         return self.logits[None]  # (1, V)
 
 
-FusedKernel = Literal["blocks", "splitk", "persistent"]  # `GenerationConfig.fused_kernel`
+FusedKernel = Literal["blocks", "splitk", "splitk-exact", "persistent"]  # `GenerationConfig.fused_kernel`
 FUSED_KERNELS = get_args(FusedKernel)
 
 
@@ -197,8 +197,9 @@ def check_fused_kernel(kernel: str, shape: PersistentShape, early_exit: str) -> 
 
 def fused_step(model: TransformerLM, kernel: str, persistent: PersistentShape, attention_block: int,
                embed_block: int, tune: bool, pdl: bool) -> FusedDecodeStep | PersistentDecodeStep:
-    """The fused decode step of ``kernel``: "blocks" (five launches per block, tuned, PDL), "splitk" (three) or
-    "persistent" (one)."""
+    """The fused decode step of ``kernel``: "blocks" (five launches per block, tuned, PDL), "splitk" (three),
+    "splitk-exact" (three, exact sums) or "persistent" (one)."""
     if kernel == "persistent":
         return PersistentDecodeStep(model, persistent, attention_block, embed_block)
-    return FusedDecodeStep(model, attention_block, embed_block, tune, pdl, split_k=kernel == "splitk")
+    return FusedDecodeStep(model, attention_block, embed_block, tune, pdl, split_k=kernel.startswith("splitk"),
+                           exact_sums=kernel == "splitk-exact")
