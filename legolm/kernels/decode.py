@@ -31,8 +31,8 @@ ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU = 0, 1, 2, 3
 
 # The exact residual stream of split-K blocks (`legolm.kernels.splitk`): int64 fixed point with FIXED_BITS
 # fraction bits. Integer sums do not depend on their order, so atomic adds of parts give the same bits on every
-# run; a part converts exactly where |part| >= 2^(FIXED_BITS - 24 - 1) (an fp32 has 24 significant bits), and
-# the stream holds |x| < 2^(63 - FIXED_BITS).
+# run; a part converts exactly where |part| >= 2^(23 - FIXED_BITS) (an fp32 has 24 significant bits; below, the
+# bits under 2^-FIXED_BITS are cut), and the stream holds |x| < 2^(63 - FIXED_BITS).
 FIXED_BITS = 32
 _FIXED_ONE = tl.constexpr(float(2 ** FIXED_BITS))  # the kernels' view: 1.0 in fixed point
 
@@ -464,13 +464,6 @@ def to_residual(x: Tensor, like: Tensor) -> Tensor:
     if like.dtype == torch.int64:
         return (x.to(torch.float64) * 2.0 ** FIXED_BITS).to(torch.int64)
     return x.to(like.dtype)
-
-
-def from_residual(x: Tensor) -> Tensor:
-    """A residual buffer's values in fp32 (fixed point decoded; the host's view of `_as_float`)."""
-    if x.dtype == torch.int64:
-        return (x.to(torch.float64) * 2.0 ** -FIXED_BITS).to(torch.float32)
-    return x.to(torch.float32)
 
 
 @dataclass(frozen=True)
