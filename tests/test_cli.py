@@ -103,6 +103,8 @@ def test_generate_fused_matches_the_torch_decoder(tiny_gpt2_dir: Path, capsys) -
     assert capsys.readouterr().out == want
     assert main([*args, "--fused", "--fused-kernel", "splitk"]) == 0  # three launches per block
     assert capsys.readouterr().out == want
+    assert main([*args, "--fused", "--fused-kernel", "splitk-exact"]) == 0  # int64 fixed-point residual stream
+    assert capsys.readouterr().out == want
     assert main([*args, "--fused", "--fused-kernel", "persistent", "--fused-persistent.tile", "1000"]) == 2
     assert capsys.readouterr().err.strip() == "legolm: error: persistent tile must be a power of two, got 1000"
 

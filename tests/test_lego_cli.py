@@ -130,6 +130,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, flags: list[str], fragm
     ["--early-exit", "threshold"],
     ["--early-exit", "threshold", "--target-ratio", "0.3", "--kv-mode", "skip", "--fused"],
     ["--early-exit", "speculative", "--draft-tokens", "2", "--fused"],
+    ["--early-exit", "speculative", "--draft-tokens", "2", "--fused", "--fused-kernel", "splitk"],  # exact sums
 ])
 def test_generate_decodes_the_lego_model_through_its_exits(run_dir: Path, flags: list[str]) -> None:
     """The text, then one stats line; speculative output equals plain greedy decoding of the same model."""
