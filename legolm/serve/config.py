@@ -39,7 +39,8 @@ class ServeConfig:
         fused_pdl: Programmatic dependent launch of the fused GEMV and attention kernels (where supported).
         fused_if_nodes: LEGO threshold early exit: each token's branch as an IF node of the captured graphs
             (`GenerationConfig.fused_if_nodes`; auto by default: IF nodes in skip mode, the host read in fill).
-        fused_kernel: Plain models' fused step: blocks (five launches per block), splitk (three) or persistent (one).
+        fused_kernel: Plain models' fused step: blocks (five launches per block), splitk (three), splitk-exact
+            (three, exact sums: the same bits on every run) or persistent (one).
         fused_persistent: Launch shape of the persistent step.
         early_exit: LEGO models: threshold or speculative decoding through the shallow exit (none = deep).
         threshold: Threshold early exit's tau (None: the model's calibrated one, or target_ratio's).
