@@ -48,21 +48,24 @@ def _sessions(model: TransformerLM, block_t: int) -> tuple[DecodeSession, Decode
 
 
 @pytest.mark.parametrize("tiles", ["one", "several"])
-@pytest.mark.parametrize("split_k", [False, True], ids=["five-kernels", "split-k"])
+@pytest.mark.parametrize(("split_k", "exact"), [(False, False), (True, False), (True, True)],
+                         ids=["five-kernels", "split-k", "split-k-exact"])
 @pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-pythia", "tiny-llama"])
 @torch.inference_mode()
-def test_fused_step_matches_torch_step(preset: str, split_k: bool, tiles: str,
+def test_fused_step_matches_torch_step(preset: str, split_k: bool, exact: bool, tiles: str,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Logits of every step and the cache it writes, fp32, prompts longer than one attention tile; split-K blocks
-    (three kernels) too, with an odd number of blocks (the result ends in the second residual buffer). Weight
-    tiles that hold a whole row (loaded before the sync) or that a loop streams ("several")."""
+    (three kernels) too, with an odd number of blocks (the result ends in the second residual buffer), summing in
+    fp32 or exactly (the int64 fixed-point stream: a missing scale anywhere would show). Weight tiles that hold a
+    whole row (loaded before the sync) or that a loop streams ("several")."""
     if tiles == "several":
         monkeypatch.setattr(fused_mod, "_TUNED", {})  # launch shapes are kept per model shape
         monkeypatch.setattr(fused_mod, "_TUNED_SPLIT_K", {})
         monkeypatch.setattr(kd, "INTERPRETER_GEMV", kd.GemvConfig(16, 32, 4))
         monkeypatch.setattr(ks, "INTERPRETER_MLP", ks.MlpConfig(16, 32, 16, 4))
     model = _model(preset, n_layer=3 if split_k else None)
-    step = FusedDecodeStep(model, attention_block=4, embed_block=32, tune=False, split_k=split_k)
+    step = FusedDecodeStep(model, attention_block=4, embed_block=32, tune=False, split_k=split_k, exact_sums=exact)
+    assert step.stack.x.dtype == (torch.int64 if exact else torch.float32)
     assert_matches_torch_step(model, step)
 
 
