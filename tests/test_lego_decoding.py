@@ -87,11 +87,11 @@ def assert_row_pass_is_one_token_steps(model: LegoLM, P: int, block: int = 4, sp
 # -- threshold early exit: fused = the torch loop -------------------------------------------------------
 @pytest.mark.parametrize(("preset", "kv_mode", "kernel"), [(p, "skip", "blocks") for p in PRESETS] + [
     ("tiny-llama", "fill", "blocks"), ("tiny-gpt2", "fill", "blocks"), ("tiny-pythia", "fill", "splitk"),
-    ("tiny-llama", "skip", "splitk"), ("tiny-gpt2", "skip", "splitk")])
+    ("tiny-llama", "skip", "splitk"), ("tiny-gpt2", "skip", "splitk"), ("tiny-gpt2", "fill", "splitk-exact")])
 def test_fused_early_exit_equals_the_torch_loop(preset: str, kv_mode: str, kernel: FusedBlocks) -> None:
     """Same tokens, same exits, same shallow ratio: the fused decoder's decisions (confidence from the
     head's partial sums, fill-mode flushes of the queue) are those of `generate_with_early_exit`; with split-K
-    one-token blocks too."""
+    blocks too (one token and the flush rows; exact sums: the queue's lower states kept in fixed point)."""
     model, ids = lego_model(preset).to(DEVICE), prompt().to(DEVICE)
     tau = mid_threshold(model.cpu(), ids.cpu())
     model.to(DEVICE)
