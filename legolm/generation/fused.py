@@ -34,6 +34,12 @@ Shape = TypeVar("Shape")  # a kernel's launch shape
 # the fused blocks: five launches each, or three (split-K) summing in fp32 or exactly (`FusedStack`)
 FusedBlocks = Literal["blocks", "splitk", "splitk-exact"]
 FUSED_BLOCKS = get_args(FusedBlocks)
+
+
+def split_k_sums(kernel: str) -> tuple[bool, bool]:
+    """(split-K blocks, exact sums) of a fused kernel's name (`FusedStack`'s ``split_k`` and ``exact_sums``)."""
+    return kernel in ("splitk", "splitk-exact"), kernel == "splitk-exact"
+
 Norm = tuple[int, Tensor, Tensor | None, float]
 Weights = Tensor | tuple[Tensor, Tensor, Tensor]
 

@@ -21,7 +21,7 @@ from legolm.data.tokenizer import Tokenizer
 from legolm.errors import ConfigError
 from legolm.generation.decoder import COMPILE_MODES, DecodeSession
 from legolm.generation.early_exit import EarlyExitStats, generate_speculative, generate_with_early_exit
-from legolm.generation.fused import check_fused
+from legolm.generation.fused import check_fused, split_k_sums
 from legolm.generation.fused_early_exit import FusedExitConfig, FusedLegoSession, fused_lego_generate
 from legolm.generation.memory_decode import generate_memory, has_memory_layers
 from legolm.generation.persistent import FusedKernel, PersistentShape, check_fused_kernel, fused_step
@@ -410,12 +410,11 @@ def _lego_session(model: LegoLM, prompt_len: int, config: GenerationConfig, eos:
         overshoot = steps
     needed = prompt_len + config.max_new_tokens + overshoot
     max_len = min(-(-needed // config.cache_bucket) * config.cache_bucket, model.config.block_size)
+    split_k, exact = split_k_sums(config.fused_kernel)
     mode = FusedExitConfig(mode=config.early_exit, kv_mode=config.kv_mode, draft_tokens=config.draft_tokens,
                            fill_buckets=tuple(config.fill_buckets), steps_per_graph=steps,
                            attention_block=config.fused_attention_block, embed_block=config.fused_embed_block,
-                           tune=config.fused_tune, pdl=config.fused_pdl,
-                           split_k=config.fused_kernel.startswith("splitk"),
-                           exact_sums=config.fused_kernel == "splitk-exact",
+                           tune=config.fused_tune, pdl=config.fused_pdl, split_k=split_k, exact_sums=exact,
                            prefill_graphs=config.prefill_graphs, if_nodes=config.fused_if_nodes)
     key = (_weights_key(model), max_len, config.max_new_tokens + overshoot, eos, mode)
     sessions = _LEGO_SESSIONS.setdefault(model, OrderedDict())

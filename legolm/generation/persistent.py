@@ -18,7 +18,7 @@ from torch import Tensor
 from legolm.core.kv_cache import KVCache
 from legolm.errors import ConfigError
 from legolm.generation.decoder import DecodeState
-from legolm.generation.fused import BlockPlan, FusedDecodeStep, exit_norm, plan_block
+from legolm.generation.fused import BlockPlan, FusedDecodeStep, exit_norm, plan_block, split_k_sums
 from legolm.kernels import interpreted
 from legolm.model.transformer import TransformerLM
 
@@ -201,5 +201,5 @@ def fused_step(model: TransformerLM, kernel: str, persistent: PersistentShape, a
     "splitk-exact" (three, exact sums) or "persistent" (one)."""
     if kernel == "persistent":
         return PersistentDecodeStep(model, persistent, attention_block, embed_block)
-    return FusedDecodeStep(model, attention_block, embed_block, tune, pdl, split_k=kernel.startswith("splitk"),
-                           exact_sums=kernel == "splitk-exact")
+    split_k, exact = split_k_sums(kernel)
+    return FusedDecodeStep(model, attention_block, embed_block, tune, pdl, split_k=split_k, exact_sums=exact)
