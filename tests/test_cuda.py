@@ -186,7 +186,7 @@ def _replay_side_by_side(model: Any, steps: list[Any], same: Callable[[Tensor, T
                 s.emit(nxt)
 
 
-@pytest.mark.parametrize("kernel", ["persistent", "splitk"])
+@pytest.mark.parametrize("kernel", ["persistent", "splitk", "splitk-exact"])
 @pytest.mark.parametrize("preset", ["gpt2", "pythia-160m", "smollm2-135m"])
 def test_persistent_and_split_k_decode_match_torch_decode(preset: str, kernel: str) -> None:
     """The persistent step on every SM (real grid barriers) and the split-K blocks (real atomics), captured in a
@@ -199,8 +199,9 @@ def test_persistent_and_split_k_decode_match_torch_decode(preset: str, kernel: s
     assert generate(model, prompts, cfg).tokens == want
 
 
-@pytest.mark.parametrize("kernel", ["torch", "blocks", "splitk"])
-def test_steps_chained_in_one_graph_give_the_eager_tokens(kernel: Literal["torch", "blocks", "splitk"]) -> None:
+@pytest.mark.parametrize("kernel", ["torch", "blocks", "splitk", "splitk-exact"])
+def test_steps_chained_in_one_graph_give_the_eager_tokens(kernel: Literal["torch", "blocks", "splitk",
+                                                                          "splitk-exact"]) -> None:
     """8 greedy steps per replayed graph (39 new tokens: 4 replays of 8, then single steps), with and without
     an EOS mid-way: the eager torch loop's tokens. In the fused split-K step the first cache tile is loaded
     before the PDL wait, which is only right if the previous step ended before the next began."""
@@ -324,10 +325,11 @@ def test_if_node_runs_its_body_only_on_replays_where_the_flag_is_set() -> None:
 
 
 @pytest.mark.parametrize("if_nodes", [False, True])
-@pytest.mark.parametrize("kernel", ["blocks", "splitk"])
+@pytest.mark.parametrize("kernel", ["blocks", "splitk", "splitk-exact"])
 @pytest.mark.parametrize("preset", ["gpt2", "pythia-160m", "smollm2-135m"])
 @pytest.mark.parametrize("kv_mode", ["skip", "fill"])
-def test_fused_early_exit_graphs_match_the_torch_loop(preset: str, kv_mode: str, kernel: Literal["blocks", "splitk"],
+def test_fused_early_exit_graphs_match_the_torch_loop(preset: str, kv_mode: str,
+                                                      kernel: Literal["blocks", "splitk", "splitk-exact"],
                                                       if_nodes: bool) -> None:
     """CUDA graphs (one graph per part of a step and a host read, or several steps per graph with IF nodes): same
     tokens and exits as the eager early-exit loop (fp32), with five-kernel or split-K blocks."""
