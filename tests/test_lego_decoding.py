@@ -49,7 +49,7 @@ def test_a_row_pass_gives_the_one_token_steps_bit_for_bit(preset: str, prompt_le
     """The upper blocks over 3 rows equal 3 one-token steps exactly (same K/V cache, same final states):
     the identity self-speculative decoding relies on. The earlier rows sit in the attention's first tile of
     4 slots (prompt of 2) or in a later one (prompt of 5). Split-K: the exact fixed-point sums."""
-    assert_row_pass_is_one_token_steps(lego_model(preset), prompt_len, split_k=split_k)
+    assert_row_pass_is_one_token_steps(lego_model(preset).to(DEVICE), prompt_len, split_k=split_k)
 
 
 def assert_row_pass_is_one_token_steps(model: LegoLM, P: int, block: int = 4, split_k: bool = False) -> None:
@@ -263,6 +263,8 @@ class _Replayed:
 @pytest.mark.parametrize(("mode", "kv_mode", "runner"), [
     ("threshold", "skip", "parts"), ("threshold", "fill", "parts"), ("threshold", "skip", "graph"),
     ("speculative", "fill", "graph"), ("speculative", "fill", "rounds")])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="emulates the GPU runners on the CPU; on a GPU, "
+                    "tests/test_cuda.py runs the real ones")
 def test_the_gpu_runners_control_flow_on_the_cpu(monkeypatch: pytest.MonkeyPatch, mode: str, kv_mode: str,
                                                  runner: str) -> None:
     """The GPU runners' control flow with graphs replaced by their recorded functions: a step as graphs of its
@@ -320,7 +322,7 @@ def test_fused_decoding_of_a_pretrained_split_with_its_lens(mode: str) -> None:
         C = model.config.n_embd
         model.shallow_exit.lens.weight.copy_(torch.eye(C) + 0.2 * torch.randn(C, C))
     model.mark_trained()
-    ids = prompt()
+    model, ids = model.to(DEVICE), prompt().to(DEVICE)
     n = N_NEW // 2
     if mode == "threshold":
         tau = mid_threshold(model, ids)
