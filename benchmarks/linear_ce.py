@@ -8,6 +8,8 @@ implementation in the same process, on the same tensors:
     plain compile            the same function under torch.compile
     legolm torch chunk n     legolm.train.head_loss.head_cross_entropy(head, x, labels, n, kernel="torch")
     legolm triton chunk n    the same with kernel="triton" (legolm/kernels/cross_entropy.py), n = --chunks
+    legolm triton chunk n vocab m   the same, dW by chunks of m vocabulary entries in a second pass that
+                             recomputes their logits (``vocab_chunk``: no fp32 dW accumulator), --vocab-pass n:m
     liger                    Liger Kernel's LigerFusedLinearCrossEntropyLoss, as it comes (accum_dtype=None)
     liger accum fp32         the same with accum_dtype=torch.float32 (W's gradient accumulated in fp32)
 
@@ -90,10 +92,11 @@ class Inputs:
     source: str
 
 
-def row_names(chunks: list[int]) -> list[str]:
-    """Every row of the table, in order."""
+def row_names(chunks: list[int], vocab_pass: list[str]) -> list[str]:
+    """Every row of the table, in order (``vocab_pass``: "tokens:vocab" chunk pairs of the Triton rows)."""
     legolm = [f"legolm {k} chunk {c}" for k in LOSS_KERNELS for c in chunks]
-    return ["plain eager", "plain compile", *legolm, *LIGER_ROWS]
+    lean = [f"legolm triton chunk {t} vocab {v}" for t, v in (pair.split(":") for pair in vocab_pass)]
+    return ["plain eager", "plain compile", *legolm, *lean, *LIGER_ROWS]
 
 
 # --- inputs ------------------------------------------------------------------------------------------------------
@@ -187,14 +190,14 @@ def plain(x: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(F.linear(x, weight).float(), labels)
 
 
-def legolm_loss(chunk: int, kernel: str, weight: nn.Parameter) -> LossFn:
+def legolm_loss(chunk: int, kernel: str, weight: nn.Parameter, vocab_chunk: int = 0) -> LossFn:
     """legolm's public chunked head loss on a bias-free `nn.Linear` head that holds ``W`` itself."""
     head = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     head.weight = weight  # the benchmark's leaf: its .grad is W's gradient
 
     def fn(x: Tensor, w: Tensor, labels: Tensor) -> Tensor:
         assert w is head.weight
-        return head_cross_entropy(head, x, labels, chunk, kernel)  # type: ignore[arg-type]
+        return head_cross_entropy(head, x, labels, chunk, kernel, vocab_chunk)  # type: ignore[arg-type]
 
     return fn
 
@@ -219,8 +222,8 @@ def implementation(name: str, backend: str, weight: nn.Parameter) -> LossFn | st
     if name == "plain compile":
         return torch.compile(plain, backend=backend)
     if name.startswith("legolm "):
-        _, kernel, _, chunk = name.split()
-        return legolm_loss(int(chunk), kernel, weight)
+        _, kernel, _, chunk, *vocab = name.split()
+        return legolm_loss(int(chunk), kernel, weight, int(vocab[1]) if vocab else 0)
     return liger_loss(LIGER_ROWS[name])
 
 
@@ -326,6 +329,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024, help="tokens per text window the model reads")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of x and W")
     parser.add_argument("--chunks", type=int, nargs="+", default=[4096, 1024], help="legolm rows' chunk_tokens")
+    parser.add_argument("--vocab-pass", nargs="*", default=["1024:1024", "256:1024", "128:512"], metavar="TOKENS:VOCAB",
+                        help="Triton rows with dW by vocabulary chunks (`vocab_chunk`): token chunk:vocab chunk")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation happens here)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls (the median is reported)")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
@@ -336,6 +341,7 @@ def main() -> None:
     if args.smoke:
         args.tokens, args.hidden, args.vocab, args.layers, args.seq = 128, 64, 1024, 2, 64
         args.chunks, args.warmup, args.repeats, args.model = [64, 32], 1, 2, "gpt2"
+        args.vocab_pass = ["32:256"]
         args.compile_backend = args.compile_backend or "aot_eager"
     args.compile_backend = args.compile_backend or "inductor"
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -353,7 +359,7 @@ def main() -> None:
               f"fp32 reference loss {ref[0]:.4f}; inputs: {inputs.source}")
     print(header, flush=True)
     results: dict[str, dict[str, Any]] = {}
-    for name in row_names(args.chunks):
+    for name in row_names(args.chunks, args.vocab_pass):
         fn = implementation(name, args.compile_backend, inputs.weight)
         if isinstance(fn, str):
             results[name] = {"status": fn}

@@ -13,7 +13,7 @@ from pathlib import Path
 from benchmarks.linear_ce import row_names
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE_CHUNKS = [64, 32]  # what --smoke uses
+SMOKE_CHUNKS, SMOKE_VOCAB_PASS = [64, 32], ["32:256"]  # what --smoke uses
 
 
 def test_linear_ce_benchmark_smoke_has_every_row_and_bounded_gradient_errors(tmp_path: Path) -> None:
@@ -22,8 +22,9 @@ def test_linear_ce_benchmark_smoke_has_every_row_and_bounded_gradient_errors(tmp
     proc = subprocess.run([sys.executable, "-m", "benchmarks.linear_ce", "--smoke", "--json", str(out)],
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    names = row_names(SMOKE_CHUNKS)
-    assert len(names) == 8 and {"plain eager", "plain compile", "liger"} <= set(names)
+    names = row_names(SMOKE_CHUNKS, SMOKE_VOCAB_PASS)
+    assert len(names) == 9 and "legolm triton chunk 32 vocab 256" in names
+    assert {"plain eager", "plain compile", "liger"} <= set(names)
 
     table = [line.split("|")[1].strip() for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert table[0] == "impl" and table[1:] == names

@@ -29,24 +29,26 @@ def _inputs(n: int = 37, c: int = 8, v: int = 29, dtype: torch.dtype = torch.flo
     return x, labels
 
 
-def _grads(head: nn.Module, x: torch.Tensor, labels: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+def _grads(head: nn.Module, x: torch.Tensor, labels: torch.Tensor, chunk: int, vocab_chunk: int = 0
+           ) -> list[torch.Tensor]:
     x.grad = None
     head.zero_grad(set_to_none=True)
-    loss = head_cross_entropy(head, x, labels, chunk)
+    loss = head_cross_entropy(head, x, labels, chunk, vocab_chunk=vocab_chunk)
     loss.backward()
     assert x.grad is not None
     return [loss.detach(), x.grad.clone(), *(p.grad.clone() for p in head.parameters() if p.grad is not None)]
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 36])
+@pytest.mark.parametrize(("chunk", "vocab_chunk"), [(1, 0), (5, 0), (36, 0), (5, 4), (36, 29), (1, 64)])
 @pytest.mark.parametrize("trainable_head", [True, False])
-def test_fused_linear_path_equals_the_whole_logits_loss(chunk: int, trainable_head: bool) -> None:
+def test_fused_linear_path_equals_the_whole_logits_loss(chunk: int, vocab_chunk: int, trainable_head: bool) -> None:
+    """Token chunks, and dW by vocabulary chunks (one that does not divide V, one as large as V, one larger)."""
     torch.manual_seed(1)
     head = nn.Linear(8, 29, bias=False).double().requires_grad_(trainable_head)
     x, labels = _inputs()
     ref = _grads(head, x, labels, 0)
     assert torch.allclose(ref[0], F.cross_entropy(head(x), labels, ignore_index=IGNORE_INDEX))
-    out = _grads(head, x, labels, chunk)
+    out = _grads(head, x, labels, chunk, vocab_chunk)
     assert len(out) == len(ref) == (3 if trainable_head else 2)
     for a, b in zip(out, ref, strict=True):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
@@ -98,15 +100,16 @@ def test_next_token_loss_chunked_equals_whole_on_a_model() -> None:
     model = TransformerLM(ModelConfig.from_name("tiny-pythia"))
     batch = _tiny_batch(model.config.vocab_size)
     results = []
-    for chunk in (0, 24):
+    for chunk, vocab_chunk in ((0, 0), (24, 0), (24, 100)):  # the head's dW by vocabulary chunks in the last
         model.zero_grad(set_to_none=True)
-        loss, n, _ = NextTokenLoss(chunk)(model, batch)
+        loss, n, _ = NextTokenLoss(chunk, vocab_chunk=vocab_chunk)(model, batch)
         loss.backward()
         results.append((loss.detach(), n, [p.grad.clone() for p in model.parameters()]))
-    (l0, n0, g0), (l1, n1, g1) = results
-    assert int(n0) == int(n1) == 64
-    assert torch.allclose(l0, l1, atol=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1, strict=True))
+    (l0, n0, g0), *chunked = results
+    for l1, n1, g1 in chunked:
+        assert int(n0) == int(n1) == 64
+        assert torch.allclose(l0, l1, atol=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1, strict=True))
 
 
 def test_skip2lora_loss_chunked_equals_whole() -> None:
@@ -129,22 +132,29 @@ def test_bad_chunk_settings_are_refused() -> None:
     cfg = FitConfig(loss_chunk_tokens=-1)
     with pytest.raises(ConfigError, match="loss_chunk_tokens must be >= 0"):
         cfg.validate()
+    with pytest.raises(ConfigError, match="loss_vocab_chunk must be >= 0"):
+        FitConfig(loss_chunk_tokens=8, loss_vocab_chunk=-1).validate()
+    with pytest.raises(ConfigError, match=r"loss_vocab_chunk \(64\) needs loss_chunk_tokens > 0"):
+        FitConfig(loss_vocab_chunk=64).validate()
     with pytest.raises(ConfigError, match="needs a model with an lm_head"):
         NextTokenLoss(8)(nn.Embedding(10, 4), {"input_ids": torch.zeros(1, 4, dtype=torch.long),
                                                "labels": torch.zeros(1, 4, dtype=torch.long)})
 
 
-@pytest.mark.parametrize(("chunk", "v", "block_v"), [(5, 29, 8), (36, 29, 32), (16, 700, 256)])
+@pytest.mark.parametrize(("chunk", "v", "block_v", "vocab_chunk"),
+                         [(5, 29, 8, 0), (36, 29, 32, 0), (16, 700, 256, 0), (5, 29, 8, 11), (16, 700, 256, 300)])
 @pytest.mark.parametrize("trainable_head", [True, False])
-def test_the_triton_softmax_step_equals_the_whole_logits_loss(chunk: int, v: int, block_v: int,
+def test_the_triton_softmax_step_equals_the_whole_logits_loss(chunk: int, v: int, block_v: int, vocab_chunk: int,
                                                               trainable_head: bool,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Triton kernel (Triton's interpreter off the GPU), fp32, several tiles per row and a partial last
-    tile, unscored rows: loss and gradients of x and W against the whole-logits loss in fp64."""
+    """The Triton kernels (Triton's interpreter off the GPU), fp32, several tiles per row and a partial last
+    tile, unscored rows, dW accumulated over token chunks or by vocabulary chunks (the columns kernel, several
+    tiles per chunk): loss and gradients of x and W against the whole-logits loss in fp64."""
     import legolm.kernels.cross_entropy as kce
 
     monkeypatch.setattr(kce, "CE_BLOCK_V", block_v)
     monkeypatch.setattr(kce.ce_grad_, "__defaults__", (block_v,))
+    monkeypatch.setattr(kce.ce_grad_columns_, "__defaults__", (block_v,))
     torch.manual_seed(3)
     head64 = nn.Linear(8, v, bias=False).double().requires_grad_(trainable_head)
     x64, labels = _inputs(v=v)
@@ -153,7 +163,7 @@ def test_the_triton_softmax_step_equals_the_whole_logits_loss(chunk: int, v: int
     with torch.no_grad():
         head.weight.copy_(head64.weight)
     x = x64.detach().float().requires_grad_(True)
-    loss = head_cross_entropy(head, x, labels, chunk, kernel="triton")
+    loss = head_cross_entropy(head, x, labels, chunk, kernel="triton", vocab_chunk=vocab_chunk)
     loss.backward()
     assert x.grad is not None
     got = [loss.detach(), x.grad, *([head.weight.grad] if trainable_head else [])]
@@ -171,9 +181,28 @@ def test_the_triton_kernel_writes_every_gradient_and_zero_for_unscored_rows() ->
     want[labels == IGNORE_INDEX] = 0.0
     lse = torch.logsumexp(logits, -1)
     want_loss = torch.where(labels == IGNORE_INDEX, 0.0, lse - logits.gather(1, labels.clamp(min=0)[:, None])[:, 0])
-    rows = torch.full((6,), float("nan"))
-    ce_grad_(logits, labels, rows, IGNORE_INDEX, block_v=16)
+    rows, row_lse = torch.full((6,), float("nan")), torch.full((6,), float("nan"))
+    ce_grad_(logits, labels, rows, row_lse, IGNORE_INDEX, block_v=16)
     torch.testing.assert_close(rows, want_loss)
+    torch.testing.assert_close(row_lse, lse)
+    torch.testing.assert_close(logits, want)
+
+
+def test_the_columns_kernel_writes_only_its_columns_from_the_rows_lse() -> None:
+    """Columns 20..43 of a (6, 50) block (a view with the block's row stride, two tiles of 16, the last
+    partial): softmax − onehot of those vocabulary entries from each row's lse, 0 for unscored rows; the
+    labels inside (21, 40) and outside (3, 49) the columns; the other columns untouched."""
+    from legolm.kernels.cross_entropy import ce_grad_columns_
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 50, generator=g)
+    labels = torch.tensor([21, IGNORE_INDEX, 3, 49, 40, IGNORE_INDEX])
+    lse = torch.logsumexp(logits, -1)
+    want = logits.clone()
+    full = torch.softmax(logits, -1) - F.one_hot(labels.clamp(min=0), 50)
+    full[labels == IGNORE_INDEX] = 0.0
+    want[:, 20:44] = full[:, 20:44]
+    ce_grad_columns_(logits[:, 20:44], labels, lse, 20, IGNORE_INDEX, block=16)
     torch.testing.assert_close(logits, want)
 
 

@@ -34,16 +34,19 @@ class Skip2LoRALoss:
         cache: The Skip-Cache, or None to run the backbone every step.
         chunk_tokens: Score this many positions at a time (`head_cross_entropy`; 0 = all at once).
         kernel: The chunks' softmax step: torch ops or the Triton kernel.
+        vocab_chunk: The head weight's gradient by vocabulary chunks (`head_cross_entropy`; 0 = accumulated).
     """
 
-    def __init__(self, cache: SkipCache | None, chunk_tokens: int = 0, kernel: LossKernel = "torch") -> None:
-        self.cache, self.chunk_tokens, self.kernel = cache, chunk_tokens, kernel
+    def __init__(self, cache: SkipCache | None, chunk_tokens: int = 0, kernel: LossKernel = "torch",
+                 vocab_chunk: int = 0) -> None:
+        self.cache, self.chunk_tokens, self.kernel, self.vocab_chunk = cache, chunk_tokens, kernel, vocab_chunk
 
     def __call__(self, model: nn.Module, batch: Batch) -> LossOutput:
         assert isinstance(model, Skip2LoRAModel)
         labels = batch["labels"]
         feats = self.features(model, batch)
-        loss = head_cross_entropy(model.base.lm_head, model.head_input(feats), labels, self.chunk_tokens, self.kernel)
+        loss = head_cross_entropy(model.base.lm_head, model.head_input(feats), labels, self.chunk_tokens, self.kernel,
+                                  self.vocab_chunk)
         return loss, (labels != IGNORE_INDEX).sum(), {}
 
     @torch.compiler.disable

@@ -10,6 +10,10 @@ writes the gradient over them once, in place::
     pass 2: g = exp(logit − lse) − [v == label], × scale  → written over the logits (their dtype)
 
 Rows whose label is the ignore index get loss 0 and gradient 0. Arithmetic in fp32.
+
+`ce_grad_columns_` is the same gradient for a block of columns (vocabulary entries v0 .. v0 + m) of every
+row, given each row's lse from the first kernel: the weight-gradient pass of the chunked loss that
+recomputes the logits per vocabulary chunk (`legolm.train.head_loss`, ``vocab_chunk``).
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from torch import Tensor
 
 
 @triton.jit
-def ce_grad_kernel(logits_ptr, labels_ptr, loss_ptr, V, stride, ignore_index, BLOCK_V: tl.constexpr):
-    """One row: its loss into ``loss[row]``, its gradient over its logits."""
+def ce_grad_kernel(logits_ptr, labels_ptr, loss_ptr, lse_ptr, V, stride, ignore_index, BLOCK_V: tl.constexpr):
+    """One row: its loss into ``loss[row]``, its log-sum-exp into ``lse[row]``, its gradient over its logits."""
     row = tl.program_id(0)
     ptr = logits_ptr + row.to(tl.int64) * stride
     label = tl.load(labels_ptr + row)
@@ -38,6 +42,7 @@ def ce_grad_kernel(logits_ptr, labels_ptr, loss_ptr, V, stride, ignore_index, BL
     target = tl.where(scored, label, 0)
     picked = tl.load(ptr + target).to(tl.float32)
     tl.store(loss_ptr + row, tl.where(scored, lse - picked, 0.0))
+    tl.store(lse_ptr + row, lse)
     keep = scored.to(tl.float32)
     for v0 in range(0, V, BLOCK_V):
         v = v0 + tl.arange(0, BLOCK_V)
@@ -49,8 +54,34 @@ def ce_grad_kernel(logits_ptr, labels_ptr, loss_ptr, V, stride, ignore_index, BL
 CE_BLOCK_V = 4096  # logits per tile of a row (a power of two)
 
 
-def ce_grad_(logits: Tensor, labels: Tensor, loss: Tensor, ignore_index: int, block_v: int = CE_BLOCK_V) -> None:
-    """Per row of ``logits`` (n, V): the loss into ``loss`` (n,) fp32, softmax − onehot written over the logits."""
+def ce_grad_(logits: Tensor, labels: Tensor, loss: Tensor, lse: Tensor, ignore_index: int,
+             block_v: int = CE_BLOCK_V) -> None:
+    """Per row of ``logits`` (n, V): the loss into ``loss`` (n,) fp32, the log-sum-exp into ``lse`` (n,) fp32,
+    softmax − onehot written over the logits."""
     n, V = logits.shape
-    ce_grad_kernel[(n,)](logits, labels, loss, V, logits.stride(0), ignore_index,
+    ce_grad_kernel[(n,)](logits, labels, loss, lse, V, logits.stride(0), ignore_index,
                          BLOCK_V=min(block_v, triton.next_power_of_2(V)))
+
+
+@triton.jit
+def ce_grad_columns_kernel(logits_ptr, labels_ptr, lse_ptr, v0, m, stride, ignore_index, BLOCK: tl.constexpr):
+    """One tile of one row of a column block: exp(logit − lse) − [v0 + col == label], 0 where unscored."""
+    row, tile = tl.program_id(0), tl.program_id(1)
+    cols = tile * BLOCK + tl.arange(0, BLOCK)
+    ptr = logits_ptr + row.to(tl.int64) * stride + cols
+    label = tl.load(labels_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    x = tl.load(ptr, mask=cols < m, other=0.0).to(tl.float32)
+    g = tl.exp(x - lse) - tl.where(v0 + cols == label, 1.0, 0.0)
+    g = tl.where(label != ignore_index, g, 0.0)
+    tl.store(ptr, g.to(logits_ptr.dtype.element_ty), mask=cols < m)
+
+
+def ce_grad_columns_(logits: Tensor, labels: Tensor, lse: Tensor, v0: int, ignore_index: int,
+                     block: int = CE_BLOCK_V) -> None:
+    """``logits`` (n, m): the logits of vocabulary entries v0 .. v0 + m of n rows (any row stride); softmax −
+    onehot of those entries written over them, from each row's ``lse`` (n,) fp32."""
+    n, m = logits.shape
+    block = min(block, triton.next_power_of_2(m))
+    ce_grad_columns_kernel[(n, triton.cdiv(m, block))](logits, labels, lse, v0, m, logits.stride(0), ignore_index,
+                                                       BLOCK=block)

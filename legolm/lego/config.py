@@ -163,8 +163,8 @@ class DecodeSettings:
         fused: Decode through the fused Triton decoders on a CUDA GPU (threshold kv modes fill/skip and
             speculative; the eager loop for propagate); off a GPU the torch decoders run.
         fused_kernel: The fused blocks of every fused row: ``blocks`` (five launches per block), ``splitk``
-            (three) or ``splitk-exact`` (three, exact sums; the default; `GenerationConfig.fused_kernel`); self-speculative
-            rows on split-K blocks always sum exactly.
+            (three) or ``splitk-exact`` (three, exact sums; the default; `GenerationConfig.fused_kernel`);
+            self-speculative rows on split-K blocks always sum exactly.
         if_node_kv_modes: Kv modes (fill, skip) timed again at the calibrated threshold with each token's branch
             as an IF node of the captured graphs (`GenerationConfig.fused_if_nodes`); the other rows read each
             decision on the host.

@@ -188,6 +188,10 @@ class FitConfig:
             gradients; far less peak memory for large vocabularies (`legolm.train.head_loss`).
         loss_kernel: The chunked loss's softmax step: torch ops, or one Triton kernel per chunk (the logits
             stay in the matmul's dtype; needs Triton: a CUDA GPU, or TRITON_INTERPRET=1 on a CPU).
+        loss_vocab_chunk: With ``loss_chunk_tokens``: the head weight's gradient in a second pass over this
+            many vocabulary entries at a time, recomputing their logits (one more GEMM), instead of an fp32
+            accumulator as large as the head summed over token chunks (0 = the accumulator). The least
+            memory for a large vocabulary (`legolm.train.head_loss`).
         optim: AdamW settings.
         schedule: Learning-rate schedule.
         eval: Validation and early stopping.
@@ -201,6 +205,7 @@ class FitConfig:
     epochs: int | None = None
     loss_chunk_tokens: int = 0
     loss_kernel: Literal["torch", "triton"] = "torch"
+    loss_vocab_chunk: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -222,6 +227,10 @@ class FitConfig:
             (self.max_steps is not None or self.epochs is not None, "set max_steps or epochs (or both)"),
             (self.loss_chunk_tokens >= 0, f"loss_chunk_tokens must be >= 0 (0 = off), got {self.loss_chunk_tokens}"),
             (self.loss_kernel in ("torch", "triton"), f"loss_kernel must be torch or triton, got {self.loss_kernel!r}"),
+            (self.loss_vocab_chunk >= 0, f"loss_vocab_chunk must be >= 0 (0 = off), got {self.loss_vocab_chunk}"),
+            (self.loss_vocab_chunk == 0 or self.loss_chunk_tokens > 0,
+             f"loss_vocab_chunk ({self.loss_vocab_chunk}) needs loss_chunk_tokens > 0: set both, "
+             "or loss_vocab_chunk 0"),
             *self.optim.checks(),
             (self.schedule.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {self.schedule.warmup_steps}"),
             (0 <= self.schedule.min_lr_ratio <= 1,

@@ -72,10 +72,12 @@ class NextTokenLoss:
         chunk_tokens: Score this many positions at a time (`head_cross_entropy`; 0 = all at once).
             Needs a model whose forward takes ``logits=False`` and that has an ``lm_head``.
         kernel: The chunks' softmax step: torch ops or the Triton kernel (`head_cross_entropy`).
+        vocab_chunk: The head weight's gradient by chunks of this many vocabulary entries, its logits
+            recomputed (`head_cross_entropy`; 0 = an fp32 accumulator over token chunks).
     """
 
-    def __init__(self, chunk_tokens: int = 0, kernel: LossKernel = "torch") -> None:
-        self.chunk_tokens, self.kernel = chunk_tokens, kernel
+    def __init__(self, chunk_tokens: int = 0, kernel: LossKernel = "torch", vocab_chunk: int = 0) -> None:
+        self.chunk_tokens, self.kernel, self.vocab_chunk = chunk_tokens, kernel, vocab_chunk
 
     def __call__(self, model: nn.Module, batch: Batch) -> LossOutput:
         labels = batch["labels"]  # (B, T)
@@ -85,7 +87,7 @@ class NextTokenLoss:
                 raise ConfigError(f"loss_chunk_tokens needs a model with an lm_head (a TransformerLM); "
                                   f"{type(model).__name__} has none: set loss_chunk_tokens to 0")
             x = model(batch["input_ids"], logits=False)  # (B, T, C)
-            loss = head_cross_entropy(head, x, labels, self.chunk_tokens, self.kernel)
+            loss = head_cross_entropy(head, x, labels, self.chunk_tokens, self.kernel, self.vocab_chunk)
         else:
             loss = token_cross_entropy(model(batch["input_ids"]), labels)  # logits (B, T, V)
         return loss, (labels != IGNORE_INDEX).sum(), {}
@@ -385,7 +387,7 @@ def _fit_in(run_dir: Path, model: nn.Module, train: BatchSource, cfg: FitConfig,
     wrapped = Wrapped(model, ctx, cfg.run)
     optimizer = build_optimizer(trainable_parameters(wrapped.model), cfg.optim, device)  # FSDP2: shards
     schedule = LRSchedule(cfg.optim.lr, cfg.schedule, n_steps)
-    loss = loss_fn or NextTokenLoss(cfg.loss_chunk_tokens, cfg.loss_kernel)
+    loss = loss_fn or NextTokenLoss(cfg.loss_chunk_tokens, cfg.loss_kernel, cfg.loss_vocab_chunk)
     step = TrainStep(model, loss, optimizer, schedule, cfg.optim.grad_clip, autocast_for(device, cfg.run.precision),
                      device, cfg.run.compile, cfg.run.compile_mode, wrapped,
                      skip_nonfinite=cfg.optim.on_nonfinite == "skip")

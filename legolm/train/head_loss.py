@@ -16,10 +16,23 @@ its chunk forward runs again in backward. Without autograd (evaluation) chunks a
 ``kernel="triton"`` does each chunk's softmax step with one Triton kernel
 (`legolm.kernels.cross_entropy`): the logits stay in the matmul's dtype (bf16 under autocast) and are
 read twice and overwritten once with the gradient, instead of about seven passes over an fp32 copy.
+
+The weight's gradient sums over every token, so chunks of tokens need an fp32 accumulator as large as
+the head (155 MB for 50,304 x 768). ``vocab_chunk`` > 0 trades it for one more GEMM: the token chunks
+give the loss, dx and each row's log-sum-exp, then a second pass recomputes the logits of
+``vocab_chunk`` vocabulary entries for all tokens at a time and finishes their rows of dW in one GEMM
+(its own fp32 accumulation over all tokens, rounded once: the accuracy of the fp32 sum)::
+
+    pass 1, rows 0..n, n..2n, …:       logits (n, V) ─ loss, lse, g ─ dx rows = g W
+    pass 2, entries 0..m, m..2m, …:    logits (N, m) = x W[v]^T ─ g = exp(· − lse) − onehot ─ dW[v] = g^T x
+
+Peak memory: dx, dW and the larger of the two passes' logits buffers (the least memory of the options;
+four GEMMs instead of three).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -33,7 +46,7 @@ LOSS_KERNELS: tuple[LossKernel, ...] = ("torch", "triton")
 
 
 def head_cross_entropy(head: nn.Module, x: Tensor, labels: Tensor, chunk_tokens: int = 0,
-                       kernel: LossKernel = "torch") -> Tensor:
+                       kernel: LossKernel = "torch", vocab_chunk: int = 0) -> Tensor:
     """Mean next-token cross-entropy of ``head(x)`` over the labels that are not ``IGNORE_INDEX``.
 
     Args:
@@ -41,14 +54,17 @@ def head_cross_entropy(head: nn.Module, x: Tensor, labels: Tensor, chunk_tokens:
         x: Head inputs (..., C).
         labels: Targets (...), ``IGNORE_INDEX`` where a position is not scored.
         chunk_tokens: Rows of logits alive at a time (0 = all at once, plain `F.cross_entropy`).
-        kernel: The softmax step of a chunk of a plain head: torch ops, or the Triton kernel.
+        kernel: The softmax step of a chunk of a plain head: torch ops, or the Triton kernels.
+        vocab_chunk: A plain head's weight gradient in a second pass over chunks of this many vocabulary
+            entries, recomputing their logits, instead of an fp32 accumulator summed over token chunks
+            (0 = the accumulator). Needs ``chunk_tokens``.
     """
     x, labels = x.reshape(-1, x.shape[-1]), labels.reshape(-1)  # (N, C), (N,)
     if chunk_tokens <= 0 or x.shape[0] <= chunk_tokens:
         return token_cross_entropy(head(x), labels)
     n = (labels != IGNORE_INDEX).sum()
     if torch.is_grad_enabled() and isinstance(head, nn.Linear) and head.bias is None:
-        total = _fused_linear_cross_entropy(x, head.weight, labels, chunk_tokens, kernel == "triton")
+        total = _fused_linear_cross_entropy(x, head.weight, labels, chunk_tokens, kernel == "triton", vocab_chunk)
     else:
         total = sum(checkpoint(_chunk_loss_sum, head, xc, yc, use_reentrant=False)
                     for xc, yc in zip(x.split(chunk_tokens), labels.split(chunk_tokens), strict=True))
@@ -56,11 +72,12 @@ def head_cross_entropy(head: nn.Module, x: Tensor, labels: Tensor, chunk_tokens:
 
 
 @torch.compiler.disable
-def _fused_linear_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor, chunk: int, triton_step: bool) -> Tensor:
+def _fused_linear_cross_entropy(x: Tensor, weight: Tensor, labels: Tensor, chunk: int, triton_step: bool,
+                                vocab_chunk: int) -> Tensor:
     """`_LinearCrossEntropy` run eagerly even inside a compiled step: traced by torch.compile (2.11, CUDA,
     bf16 autocast), the function that computes its gradients in forward returned none, and the model never
     trained. The graph break costs one boundary between the compiled body and the loss."""
-    return _LinearCrossEntropy.apply(x, weight, labels, chunk, triton_step)
+    return _LinearCrossEntropy.apply(x, weight, labels, chunk, triton_step, vocab_chunk)
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
@@ -82,48 +99,92 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``x @ weight.T`` chunk by chunk, gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, labels: Tensor, chunk: int, triton_step: bool) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, labels: Tensor, chunk: int, triton_step: bool,
+                vocab_chunk: int) -> Tensor:
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            V = weight.shape[0]
+            step = _triton_step if triton_step else _torch_step
             w = aligned_rows(weight.to(dtype))  # (V', C), V' >= V: zero rows pad V to a multiple of VOCAB_ALIGN
-            grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype) if ctx.needs_input_grad[0] else None
-            acc = torch.promote_types(dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
-            grad_w = torch.zeros_like(w, dtype=acc) if ctx.needs_input_grad[1] else None
-            # one chunk of logits and one chunk's dW product, reused by every chunk: a fresh tensor per chunk
-            # would keep the last chunk's alive while the next one is computed (twice the logits at the peak)
-            buf = torch.empty(min(chunk, x.shape[0]), w.shape[0], device=x.device, dtype=dtype)
-            mixed = grad_w is not None and acc != dtype and accumulates_in_place(w.device, dtype, acc)
-            # without cuBLAS's bf16 x bf16 -> fp32 accumulation: each chunk's product in dtype, then added
-            part_w = torch.empty_like(w) if grad_w is not None and acc != dtype and not mixed else None
-            total = torch.zeros((), device=x.device, dtype=acc)
-            for start in range(0, x.shape[0], chunk):
-                xc, yc = x[start:start + chunk].to(dtype), labels[start:start + chunk]
-                logits = torch.mm(xc, w.T, out=buf[:xc.shape[0]])  # (n, V'); the pad columns are 0, as w's rows
-                step = _triton_step if triton_step else _torch_step
-                loss, g = step(logits[:, :V], yc, acc)  # summed loss, softmax - onehot (dtype)
-                if g.data_ptr() != logits.data_ptr():  # the torch step returns a new tensor
-                    logits[:, :V] = g
-                total += loss
-                if grad_x is not None and grad_x.dtype == dtype:
-                    torch.mm(logits, w, out=grad_x[start:start + chunk])
-                elif grad_x is not None:
-                    grad_x[start:start + chunk] = (logits @ w).to(x.dtype)
-                if grad_w is not None and mixed:  # (V', C) += logits^T xc, the GEMM's own fp32 output
-                    torch.addmm(grad_w, logits.T, xc, out_dtype=acc, out=grad_w)
-                elif grad_w is not None and part_w is not None:
-                    grad_w.add_(torch.mm(logits.T, xc, out=part_w))  # (V', C) in dtype, added in place in acc
-                elif grad_w is not None:
-                    grad_w.addmm_(logits.T, xc)
-            del buf, logits, part_w  # before dW's copy in the weight's dtype: the peak stays at one chunk
-            grad_w = None if grad_w is None else grad_w[:V].to(weight.dtype)
+            need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            by_vocab = need_w and vocab_chunk > 0
+            total, grad_x, grad_w, lse = _token_pass(x, w, weight.shape[0], labels, chunk, step, dtype, need_x,
+                                                     need_w and not by_vocab)
+            if by_vocab:
+                grad_w = _vocab_pass(x.to(dtype), w[:weight.shape[0]], labels, lse, vocab_chunk, triton_step)
+            grad_w = None if grad_w is None else grad_w[:weight.shape[0]].to(weight.dtype)
         ctx.save_for_backward(grad_x, grad_w)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         grad_x, grad_w = (None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
+
+
+Step = Callable[[Tensor, Tensor, torch.dtype], tuple[Tensor, Tensor, Tensor]]
+
+
+def _token_pass(x: Tensor, w: Tensor, V: int, labels: Tensor, chunk: int, step: Step, dtype: torch.dtype,
+                need_x: bool, need_w: bool) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+    """Chunks of tokens through the padded head ``w`` (V', C): the summed loss, dx (x's dtype), dW summed in an
+    fp32 accumulator (V', C) where ``need_w``, and each row's log-sum-exp (N,) in the accumulator's dtype."""
+    grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_x else None
+    acc = torch.promote_types(dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
+    grad_w = torch.zeros_like(w, dtype=acc) if need_w else None
+    lse = torch.empty(x.shape[0], device=x.device, dtype=acc)
+    # one chunk of logits and one chunk's dW product, reused by every chunk: a fresh tensor per chunk
+    # would keep the last chunk's alive while the next one is computed (twice the logits at the peak)
+    buf = torch.empty(min(chunk, x.shape[0]), w.shape[0], device=x.device, dtype=dtype)
+    mixed = grad_w is not None and acc != dtype and accumulates_in_place(w.device, dtype, acc)
+    # without cuBLAS's bf16 x bf16 -> fp32 accumulation: each chunk's product in dtype, then added
+    part_w = torch.empty_like(w) if grad_w is not None and acc != dtype and not mixed else None
+    total = torch.zeros((), device=x.device, dtype=acc)
+    for start in range(0, x.shape[0], chunk):
+        xc, yc = x[start:start + chunk].to(dtype), labels[start:start + chunk]
+        logits = torch.mm(xc, w.T, out=buf[:xc.shape[0]])  # (n, V'); the pad columns are 0, as w's rows
+        loss, g, row_lse = step(logits[:, :V], yc, acc)  # summed loss, softmax - onehot, log-sum-exp
+        lse[start:start + chunk] = row_lse
+        if g.data_ptr() != logits.data_ptr():  # the torch step returns a new tensor
+            logits[:, :V] = g
+        total += loss
+        if grad_x is not None and grad_x.dtype == dtype:
+            torch.mm(logits, w, out=grad_x[start:start + chunk])
+        elif grad_x is not None:
+            grad_x[start:start + chunk] = (logits @ w).to(x.dtype)
+        if grad_w is not None and mixed:  # (V', C) += logits^T xc, the GEMM's own fp32 output
+            torch.addmm(grad_w, logits.T, xc, out_dtype=acc, out=grad_w)
+        elif grad_w is not None and part_w is not None:
+            grad_w.add_(torch.mm(logits.T, xc, out=part_w))  # (V', C) in dtype, added in place in acc
+        elif grad_w is not None:
+            grad_w.addmm_(logits.T, xc)
+    return total, grad_x, grad_w, lse  # buf and part_w go here: the peak stays at one chunk
+
+
+def _vocab_pass(x: Tensor, w: Tensor, labels: Tensor, lse: Tensor, chunk: int, triton_step: bool) -> Tensor:
+    """dW (V, C) in ``w``'s dtype, ``chunk`` vocabulary entries at a time: their logits for every token,
+    softmax − onehot from each row's ``lse``, and dW's rows = g^T x in one GEMM each (no partial sums)."""
+    grad_w = torch.empty_like(w)
+    buf = torch.empty(x.shape[0] * min(chunk, w.shape[0]), device=x.device, dtype=w.dtype)  # one chunk's logits
+    for v0 in range(0, w.shape[0], chunk):
+        wv = w[v0:v0 + chunk]
+        logits = torch.mm(x, wv.T, out=buf[:x.shape[0] * wv.shape[0]].view(x.shape[0], wv.shape[0]))  # (N, m)
+        g = _columns_step(logits, labels, lse, v0, triton_step)
+        torch.mm(g.T, x, out=grad_w[v0:v0 + chunk])
+    return grad_w
+
+
+def _columns_step(logits: Tensor, labels: Tensor, lse: Tensor, v0: int, triton_step: bool) -> Tensor:
+    """softmax − onehot of the logits (N, m) of vocabulary entries v0 .. v0 + m, 0 where a row is not scored."""
+    if triton_step:
+        from legolm.kernels.cross_entropy import ce_grad_columns_  # Triton is an optional dependency
+
+        ce_grad_columns_(logits, labels, lse, v0, IGNORE_INDEX)
+        return logits
+    g = logits.to(lse.dtype).sub_(lse[:, None]).exp_()  # (N, m) in lse's dtype (fp32, or fp64)
+    inside = (labels >= v0) & (labels < v0 + logits.shape[1])
+    rows = inside.nonzero().squeeze(1)
+    g[rows, labels[rows] - v0] -= 1.0
+    return g.mul_((labels != IGNORE_INDEX)[:, None]).to(logits.dtype)
 
 
 _IN_PLACE: dict[tuple[str, torch.dtype, torch.dtype], bool] = {}
@@ -160,8 +221,9 @@ def aligned_rows(w: Tensor) -> Tensor:
     return w if pad == 0 else torch.cat([w, w.new_zeros(pad, w.shape[1])])
 
 
-def _torch_step(logits: Tensor, labels: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Summed loss of a chunk and its gradient softmax − onehot (0 where not scored), with torch ops in ``acc``."""
+def _torch_step(logits: Tensor, labels: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed loss of a chunk, its gradient softmax − onehot (0 where not scored) and each row's log-sum-exp,
+    with torch ops in ``acc``."""
     dtype = logits.dtype
     logits = logits.to(acc)  # (n, V)
     scored = labels != IGNORE_INDEX
@@ -171,13 +233,13 @@ def _torch_step(logits: Tensor, labels: Tensor, acc: torch.dtype) -> tuple[Tenso
     loss = ((lse - picked) * scored).sum()
     g = logits.sub_(lse[:, None]).exp_()  # softmax, in place; d(sum)/d logits = softmax - onehot
     g.scatter_add_(1, target[:, None], -torch.ones_like(picked)[:, None])
-    return loss, g.mul_(scored[:, None]).to(dtype)  # in place: one fp32 chunk alive
+    return loss, g.mul_(scored[:, None]).to(dtype), lse  # in place: one fp32 chunk alive
 
 
-def _triton_step(logits: Tensor, labels: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+def _triton_step(logits: Tensor, labels: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """`_torch_step` as one Triton kernel over the logits in their own dtype (the gradient written over them)."""
     from legolm.kernels.cross_entropy import ce_grad_  # Triton is an optional dependency
 
-    rows = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
-    ce_grad_(logits, labels, rows, IGNORE_INDEX)
-    return rows.sum().to(acc), logits
+    rows, lse = (torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32) for _ in range(2))
+    ce_grad_(logits, labels, rows, lse, IGNORE_INDEX)
+    return rows.sum().to(acc), logits, lse
