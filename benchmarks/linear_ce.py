@@ -329,7 +329,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024, help="tokens per text window the model reads")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of x and W")
     parser.add_argument("--chunks", type=int, nargs="+", default=[4096, 1024], help="legolm rows' chunk_tokens")
-    parser.add_argument("--vocab-pass", nargs="*", default=["1024:1024", "256:1024", "128:512"], metavar="TOKENS:VOCAB",
+    parser.add_argument("--vocab-pass", nargs="*", default=["1024:1024", "1024:512", "768:512", "512:512"],
+                        metavar="TOKENS:VOCAB",
                         help="Triton rows with dW by vocabulary chunks (`vocab_chunk`): token chunk:vocab chunk")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation happens here)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls (the median is reported)")

@@ -68,6 +68,17 @@ def test_checkpointed_path_for_a_lora_head_equals_the_whole_logits_loss() -> Non
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_a_second_backward_through_the_fused_loss_is_refused() -> None:
+    """Its gradients are scaled in place (no second copy of dx and dW at the peak), so a second backward of
+    the same graph would scale them twice: refused with the fix, not silently wrong."""
+    head = nn.Linear(8, 29, bias=False).double()
+    x, labels = _inputs()
+    loss = head_cross_entropy(head, x, labels, 5) * 3.0
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"backward ran twice.*loss_chunk_tokens 0"):
+        loss.backward()
+
+
 def test_without_autograd_chunks_are_summed() -> None:
     head = nn.Linear(8, 29, bias=False).double()
     x, labels = _inputs()

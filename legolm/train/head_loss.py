@@ -113,11 +113,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w = _vocab_pass(x.to(dtype), w[:weight.shape[0]], labels, lse, vocab_chunk, triton_step)
             grad_w = None if grad_w is None else grad_w[:weight.shape[0]].to(weight.dtype)
         ctx.save_for_backward(grad_x, grad_w)
+        ctx.done = False
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        grad_x, grad_w = (None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors)
+        """The gradients computed in forward, scaled in place: a scaled copy would hold dx and dW twice at
+        the peak (the saved ones and the copies), and they are used once."""
+        if ctx.done:
+            raise RuntimeError("the chunked linear cross-entropy's backward ran twice (retain_graph=True): its "
+                               "gradients are scaled in place; use loss_chunk_tokens 0 to backpropagate twice")
+        ctx.done = True
+        grad_x, grad_w = (None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.saved_tensors)
         return grad_x, grad_w, None, None, None, None
 
 
