@@ -60,13 +60,13 @@ from benchmarks.peers import PEERS, failure, logits_loss, train_step
 from legolm.adapters import LoRAConfig
 from legolm.adapters.inject import unload
 from legolm.adapters.skip2lora import Skip2LoRAConfig, Skip2LoRAModel
-from legolm.adapters.skip2lora_train import Skip2LoRALoss
+from legolm.adapters.skip2lora_train import HEAD_GRADS, HeadGrad, Skip2LoRALoss
 from legolm.adapters.skip_cache import SkipCache
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch
 from legolm.train.config import ScheduleConfig
 from legolm.train.fit import autocast_for
-from legolm.train.head_loss import LossKernel, aligned_rows, head_cross_entropy
+from legolm.train.head_loss import LossKernel, aligned_rows
 from legolm.train.optim import LRSchedule, build_optimizer
 from legolm.utils.io import atomic_savefig
 
@@ -75,11 +75,12 @@ StepFn = Callable[[Batch, int], torch.Tensor]
 
 def skip_step(model: Skip2LoRAModel, cache: SkipCache | None, lr: float, device: torch.device,
               precision: str, loss_chunk: int = 0, compile: bool = False, backend: str = "inductor",
-              kernel: LossKernel = "torch", compile_mode: str = "default") -> StepFn:
+              kernel: LossKernel = "torch", compile_mode: str = "default", head_grad: HeadGrad = "auto") -> StepFn:
     optim = optim_config(lr)
     opt = build_optimizer(list(model.trainable()), optim, device)
     schedule = LRSchedule(lr, ScheduleConfig(warmup_steps=0, decay="constant"), total_steps=1)
-    train = train_step(model, Skip2LoRALoss(cache, loss_chunk, kernel), opt, schedule, optim.grad_clip,
+    loss_fn = Skip2LoRALoss(cache, loss_chunk, kernel, head_grad=head_grad)
+    train = train_step(model, loss_fn, opt, schedule, optim.grad_clip,
                        autocast_for(device, precision), device, compile, backend, compile_mode)
 
     def step(batch: Batch, i: int) -> torch.Tensor:
@@ -130,7 +131,8 @@ def epochs(step: StepFn, data: list[Batch], n_epochs: int, device: torch.device,
 
 
 def graphed_cached_step(model: Skip2LoRAModel, cache: SkipCache, lr: float, device: torch.device, precision: str,
-                        batch: Batch, warmup: int, compile_backend: str | None = None) -> StepFn:
+                        batch: Batch, warmup: int, compile_backend: str | None = None,
+                        head_grad: HeadGrad = "auto") -> StepFn:
     """A cached Skip2-LoRA step as ONE CUDA graph: cache gather, adapters, head, loss, backward, clipping, AdamW.
 
     For steps bound by launches (a small head: 1.2 ms of GPU work in a 4 ms compiled step), every kernel of
@@ -148,11 +150,12 @@ def graphed_cached_step(model: Skip2LoRAModel, cache: SkipCache, lr: float, devi
                             weight_decay=optim.weight_decay, fused=cuda, capturable=cuda)
     ids = batch["sample_ids"].to(device).clone()
     labels = batch["labels"].to(device).clone()
+    loss_fn = Skip2LoRALoss(None, head_grad=head_grad)
 
     def forward() -> torch.Tensor:
         with autocast_for(device, precision):
             feats = cache.data[ids]  # (B, K+1, T, C), on the GPU
-            return head_cross_entropy(model.base.lm_head, model.head_input(feats), labels)
+            return loss_fn.head_loss(model, feats, labels)
 
     loss_of = torch.compile(forward, backend=compile_backend) if compile_backend else forward
 
@@ -209,17 +212,19 @@ def graphed_row(plain: torch.nn.Module, train: list[Batch], val: list[Batch], ar
     data = [{**b, "sample_ids": torch.arange(i * args.batch, (i + 1) * args.batch)} for i, b in enumerate(train)]
     if cuda:  # pinned: the graph's input copies do not wait for the device, so the host runs ahead
         data = [{k: v.pin_memory() for k, v in b.items()} for b in data]
-    current = [skip_step(model, cache, args.lr, device, precision)]  # epoch 1: fills the cache
+    head_grad = args.head_grad[0]
+    current = [skip_step(model, cache, args.lr, device, precision, head_grad=head_grad)]  # epoch 1: fills it
 
     def before_epoch(e: int) -> None:
         if e == 1:  # the cache is full: capture the graphed step (untimed)
             current[0] = graphed_cached_step(model, cache, args.lr, device, precision, data[0], args.graph_warmup,
-                                             backend if compiled_body else None)
+                                             backend if compiled_body else None, head_grad)
 
     timed = epochs(lambda b, i: current[0](b, i), data, args.epochs, device, before_epoch)
     where = "gpu" if cuda else "cpu"
     how = ", compiled loss" if compiled_body else ""
-    return {"impl": f"legolm Skip2-LoRA + Skip-Cache ({where}), one CUDA graph per step{how}",
+    return {"impl": f"legolm Skip2-LoRA + Skip-Cache ({where}), one CUDA graph per step{how}, "
+                    f"{args.head_grad[0]} head grad",
             "trainable": sum(p.numel() for p in model.trainable()), **timed,
             "val loss": val_loss(model, val, device, precision)}
 
@@ -229,8 +234,10 @@ def head_gemm_floor(model: torch.nn.Module, data: list[Batch], device: torch.dev
                     repeats: int) -> float:
     """Seconds per epoch of the frozen head's two GEMMs alone, timed here: logits = X Wᵀ and dX = dlogits W.
 
-    A cached Skip2-LoRA epoch cannot beat them (the adapters feed the head, so both run for every
-    token). X is the backbone's output on the first batch and dlogits the true loss gradient there;
+    A cached Skip2-LoRA epoch whose gradients go through the head input cannot beat them (the adapters feed
+    the head, so both run for every token); with the low-rank head (`legolm.train.low_rank_head`) the
+    second becomes two products at the adapters' rank, and the logits GEMM (`logits_gemm_floor`) is the one
+    full-size GEMM left. X is the backbone's output on the first batch and dlogits the true loss gradient there;
     the median of ``repeats`` timings of one batch, times the batches of an epoch. The head's rows are
     padded to a multiple of 64 (zeros) as the chunked loss pads them: cuBLAS is several times slower on
     an odd vocabulary (GPT-2's 50,257) in the GEMM whose K it is.
@@ -248,18 +255,32 @@ def head_gemm_floor(model: torch.nn.Module, data: list[Batch], device: torch.dev
         x @ head.T
         grad @ head
 
+    return _epoch_seconds(gemms, device, repeats, len(data))
+
+
+@torch.no_grad()
+def logits_gemm_floor(model: torch.nn.Module, data: list[Batch], device: torch.device, dtype: torch.dtype,
+                      repeats: int) -> float:
+    """Seconds per epoch of the frozen head's logits GEMM alone (X Wᵀ, rows padded as in `head_gemm_floor`)."""
+    head = aligned_rows(model.lm_head.weight.to(device, dtype))  # type: ignore[union-attr]
+    x = model.to(device)(data[0]["input_ids"].to(device), logits=False).flatten(0, 1).to(dtype)  # (N, C)
+    return _epoch_seconds(lambda: x @ head.T, device, repeats, len(data))
+
+
+def _epoch_seconds(fn: Callable[[], object], device: torch.device, repeats: int, batches: int) -> float:
+    """Median of ``repeats`` CUDA-event timings of ``fn`` (one batch), times ``batches``; nan off the GPU."""
     if device.type != "cuda":
         return math.nan
-    gemms()
+    fn()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        gemms()
+        fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2] * len(data)
+    return sorted(times)[len(times) // 2] * batches
 
 
 def chunked(chunk: int, kernel: str = "torch") -> str:
@@ -333,11 +354,14 @@ def gpu(args: argparse.Namespace) -> None:
         lora_rows.setdefault(mode, rows[-1])
     plain = unload(ours)
     floor = head_gemm_floor(plain, train, device, dtype, args.floor_repeats)
+    floor1 = logits_gemm_floor(plain, train, device, dtype, args.floor_repeats)
     n_blocks = plain.config.n_layer
     skip_r = max(1, round(n_lora / (n_blocks * 2 * plain.config.n_embd)))
     storages = args.storages if device.type == "cuda" else ["cpu"]  # where the Skip-Cache lives
     profiles: dict[str, str] = {}
-    for storage, mode, chunk in [(st, m, k) for st in (None, *storages) for m in args.modes for k in chunks]:
+    runs = [(st, m, k, g) for st in (None, *storages) for m in args.modes for k in chunks
+            for g in (args.head_grad if st is not None else args.head_grad[:1])]  # both ways on cached rows
+    for storage, mode, chunk, head_grad in runs:
         cached = storage is not None
         free(device)
         model = Skip2LoRAModel(plain, Skip2LoRAConfig(block_indices=list(range(n_blocks)), r=skip_r,
@@ -350,11 +374,11 @@ def gpu(args: argparse.Namespace) -> None:
         data_ids = [{**b, "sample_ids": torch.arange(i * args.batch, (i + 1) * args.batch)}
                     for i, b in enumerate(train)]
         step = skip_step(model, cache, args.lr, device, precision, chunk, mode == "compile", backend, args.loss_kernel,
-                         args.skip_compile_mode)
+                         args.skip_compile_mode, head_grad)
         where = f" + Skip-Cache ({storage})" if cached else ""
         how = compiled(mode) if mode != "compile" or args.skip_compile_mode == "default" else \
             f" (compiled, {args.skip_compile_mode})"
-        impl = f"legolm Skip2-LoRA{where}{chunked(chunk, args.loss_kernel)}{how}"
+        impl = f"legolm Skip2-LoRA{where}{chunked(chunk, args.loss_kernel)}{how}, {head_grad} head grad"
         rows.append({"impl": impl, "mode": mode,
                      "trainable": sum(p.numel() for p in model.trainable()),
                      **epochs(step, data_ids, args.epochs, device),
@@ -376,21 +400,24 @@ def gpu(args: argparse.Namespace) -> None:
         row[f"later vs legolm LoRA {args.modes[0]}"] = f"{eager_ref / row['later epochs s']:.1f}x"
         row["later vs legolm LoRA same mode"] = f"{same / row['later epochs s']:.1f}x"
         row["later vs head GEMM floor"] = f"{row['later epochs s'] / floor:.2f}x" if floor == floor else ""
+        row["later vs logits GEMM"] = f"{row['later epochs s'] / floor1:.2f}x" if floor1 == floor1 else ""
         for key in ("epoch 1 s", "later epochs s", "val loss"):
             row[key] = f"{row[key]:.3f}"
         row["peak GB"] = f"{row['peak GB']:.2f}"
         row["trainable"] = f"{row['trainable']:,}"
     print(f"\n{args.model} (vocab {config.vocab_size:,}), batch {args.batch} x {args.seq}, {args.batches} batches "
           f"per epoch, {args.epochs} epochs, {precision}, {device_info()['device']}; the head's two GEMMs alone: "
-          f"{floor:.3f} s per epoch (measured)")
+          f"{floor:.3f} s per epoch, its logits GEMM alone {floor1:.3f} s (measured)")
     cols = ["impl", "trainable", "epoch 1 s", "later epochs s", f"later vs legolm LoRA {args.modes[0]}",
-            "later vs legolm LoRA same mode", "later vs head GEMM floor", "peak GB", "val loss", "note"]
+            "later vs legolm LoRA same mode", "later vs head GEMM floor", "later vs logits GEMM", "peak GB",
+            "val loss", "note"]
     table = print_table(rows, cols)
     if not args.smoke:
         name = "skip2lora" + ("" if args.model == "gpt2" else f"-{args.model}") \
             + ("" if args.corpus is None else f"-vocab{config.vocab_size}") \
             + ("" if args.modes == ["eager", "compile"] else "-" + "-".join(args.modes))  # a subset: its own file
-        result = {**device_info(), "args": vars(args), "head_gemm_floor_s": floor, "rows": rows, "table": table,
+        result = {**device_info(), "args": vars(args), "head_gemm_floor_s": floor, "logits_gemm_floor_s": floor1,
+                  "rows": rows, "table": table,
                   "profiles": profiles}
         print(f"wrote {write_result(name, result)}")
 
@@ -455,6 +482,10 @@ def main() -> None:
     parser.add_argument("--corpus", default=None, help="a prepared corpus directory (e.g. "
                         ".bench/lego-gutenberg-bpe4096): its text and its vocabulary for the model "
                         "(a small head on the preset's backbone)")
+    parser.add_argument("--head-grad", nargs="+", choices=list(HEAD_GRADS), default=["low-rank", "chain"],
+                        help="cached Skip2-LoRA rows, one per value: the adapters' gradients through the head at "
+                             "their rank (legolm.train.low_rank_head), through the head-input gradient (chain), or "
+                             "auto (low-rank where 2 K r < n_embd); the other rows take the first")
     parser.add_argument("--floor-repeats", type=int, default=10, help="timings of the head-GEMM floor")
     parser.add_argument("--skip-compile-mode", default="default", choices=["default", "reduce-overhead"],
                         help="torch.compile mode of the Skip2-LoRA rows (reduce-overhead: CUDA graphs of the compiled "

@@ -163,8 +163,9 @@ class Skip2LoRAModel(nn.Module):
         taps = [tap(out.captured[i]) for i in self.indices] + [self.base.norm(out.hidden)]
         return torch.stack(taps, dim=1)
 
-    def head_input(self, feats: Tensor) -> Tensor:
-        """What the head reads, from features (B, K+1, T, C): norm(h_L-1) + Σᵢ Sᵢ(dropout(hᵢ)), (B, T, C).
+    def head_parts(self, feats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The head input as h + z bᵀ, from features (B, K+1, T, C): h = norm(h_L-1) (B, T, C), z = the taps'
+        A products (B, T, K·r), b = [s₁B₁ … s_KB_K] (C, K·r).
 
         All K adapters run as two matmuls, not 2K: the A products as one batched matmul over the
         taps, the B products as one GEMM over the concatenated ranks (Σᵢ sᵢBᵢzᵢ = [s₁B₁ … s_KB_K] [z₁; …; z_K]),
@@ -175,8 +176,24 @@ class Skip2LoRAModel(nn.Module):
         b = torch.cat([ad.lora_B * ad.scaling for ad in adapters], dim=1)  # (C, K·r)
         taps = self.tap_dropout(feats[:, : len(adapters)]).to(a.dtype)  # (B, K, T, C)
         z = torch.einsum("bktc,krc->btkr", taps, a)  # (B, T, K, r)
-        x = feats[:, -1].float() + F.linear(z.flatten(2), b)  # (B, T, C)
+        return feats[:, -1], z.flatten(2), b
+
+    def head_input(self, feats: Tensor) -> Tensor:
+        """What the head reads, from features (B, K+1, T, C): norm(h_L-1) + Σᵢ Sᵢ(dropout(hᵢ)), (B, T, C)."""
+        h, z, b = self.head_parts(feats)
+        x = h.to(torch.promote_types(h.dtype, torch.float32)) + F.linear(z, b)  # (B, T, C), at least fp32
         return x.to(self.base.wte.weight.dtype)  # the head's weight dtype (autocast may lower it)
+
+    @property
+    def rank(self) -> int:
+        """R = K·r: the adapters' ranks together, the dimension of what they add to the head input."""
+        return len(self.indices) * self.skip_config.r
+
+    def frozen_linear_head(self) -> bool:
+        """Whether the head is a frozen bias-free linear map (no head LoRA), the case of
+        `legolm.train.low_rank_head`: the adapters' gradients can go through it at their rank."""
+        head = self.base.lm_head
+        return isinstance(head, nn.Linear) and head.bias is None and not head.weight.requires_grad
 
     def head(self, feats: Tensor) -> Tensor:
         """Logits from features (B, K+1, T, C): lm_head(norm(h_L-1) + Σᵢ Sᵢ(hᵢ))."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -18,9 +19,14 @@ from legolm.adapters.skip_cache import (
     fingerprint,
 )
 from legolm.data.sources import cache_root
+from legolm.errors import ConfigError
 from legolm.train.batches import Batch
 from legolm.train.fit import Callback, FitState, LossOutput
 from legolm.train.head_loss import IGNORE_INDEX, LossKernel, head_cross_entropy
+from legolm.train.low_rank_head import low_rank_head_cross_entropy
+
+HeadGrad = Literal["auto", "low-rank", "chain"]
+HEAD_GRADS: tuple[HeadGrad, ...] = ("auto", "low-rank", "chain")
 
 
 class Skip2LoRALoss:
@@ -35,19 +41,41 @@ class Skip2LoRALoss:
         chunk_tokens: Score this many positions at a time (`head_cross_entropy`; 0 = all at once).
         kernel: The chunks' softmax step: torch ops or the Triton kernel.
         vocab_chunk: The head weight's gradient by vocabulary chunks (`head_cross_entropy`; 0 = accumulated).
+        head_grad: How the adapters' gradients go through the head (the same gradients either way):
+            ``chain``, through the head-input gradient dx = G W (a full-size GEMM); ``low-rank``, through the
+            head projected onto the adapters' R = K·r directions (`legolm.train.low_rank_head`: two products of
+            rank R instead; needs a frozen bias-free head, no head LoRA); ``auto``, low-rank where it is less
+            work (2R < n_embd, a frozen head), else chain.
     """
 
     def __init__(self, cache: SkipCache | None, chunk_tokens: int = 0, kernel: LossKernel = "torch",
-                 vocab_chunk: int = 0) -> None:
+                 vocab_chunk: int = 0, head_grad: HeadGrad = "auto") -> None:
         self.cache, self.chunk_tokens, self.kernel, self.vocab_chunk = cache, chunk_tokens, kernel, vocab_chunk
+        self.head_grad = head_grad
 
     def __call__(self, model: nn.Module, batch: Batch) -> LossOutput:
         assert isinstance(model, Skip2LoRAModel)
         labels = batch["labels"]
-        feats = self.features(model, batch)
-        loss = head_cross_entropy(model.base.lm_head, model.head_input(feats), labels, self.chunk_tokens, self.kernel,
-                                  self.vocab_chunk)
+        loss = self.head_loss(model, self.features(model, batch), labels)
         return loss, (labels != IGNORE_INDEX).sum(), {}
+
+    def head_loss(self, model: Skip2LoRAModel, feats: Tensor, labels: Tensor) -> Tensor:
+        """Mean cross-entropy of the head on features (B, K+1, T, C) (`Skip2LoRAModel.features`)."""
+        if self.low_rank(model):
+            h, z, b = model.head_parts(feats)
+            return low_rank_head_cross_entropy(model.base.lm_head.weight, h, z, b, labels, self.chunk_tokens,
+                                               self.kernel)
+        return head_cross_entropy(model.base.lm_head, model.head_input(feats), labels, self.chunk_tokens,
+                                  self.kernel, self.vocab_chunk)
+
+    def low_rank(self, model: Skip2LoRAModel) -> bool:
+        """Whether the head's gradient goes the low-rank way for ``model`` (``head_grad``)."""
+        if self.head_grad == "chain":
+            return False
+        if self.head_grad == "low-rank" and not model.frozen_linear_head():
+            raise ConfigError("head_grad low-rank needs a frozen bias-free LM head; with skip2lora.lora_head the "
+                              "head trains: use head_grad auto or chain")
+        return model.frozen_linear_head() and (self.head_grad == "low-rank" or 2 * model.rank < model.config.n_embd)
 
     @torch.compiler.disable
     def features(self, model: Skip2LoRAModel, batch: Batch) -> Tensor:

@@ -46,6 +46,9 @@ class FinetuneConfig(FitConfig):
             defaults to ``final`` (the paper's raw taps, `Skip2LoRAConfig`'s default, diverge on SmolLM2; the
             search in README "Skip2-LoRA and the Skip-Cache" picked final norm taps of every third block).
         skip_cache: Skip-Cache of the frozen backbone's features (method skip2lora).
+        head_grad: Skip2-LoRA: how the adapters' gradients go through the frozen head (`Skip2LoRALoss`): auto
+            (default: at the adapters' rank R = K·r where 2R < n_embd, `legolm.train.low_rank_head`), low-rank
+            or chain (through the head-input gradient). The same gradients; only the work differs.
         data: Corpus, tokenizer (model = the base model's own) and split.
         save_merged: With LoRA, also save the merged model (a plain legolm checkpoint) in model/.
         eval_tokens: Held-out tokens scored by the before/after perplexity (None: the whole val split).
@@ -57,6 +60,7 @@ class FinetuneConfig(FitConfig):
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=8, alpha=16.0, target_modules=["all-linear"]))
     skip2lora: Skip2LoRAConfig = field(default_factory=lambda: Skip2LoRAConfig(block_indices=[], tap_norm="final"))
     skip_cache: SkipCacheConfig = field(default_factory=SkipCacheConfig)
+    head_grad: Literal["auto", "low-rank", "chain"] = "auto"
     data: DataConfig = field(default_factory=lambda: DataConfig(tokenizer=MODEL_TOKENIZER))
     save_merged: bool = False
     eval_tokens: int | None = None
@@ -72,6 +76,11 @@ class FinetuneConfig(FitConfig):
             self.lora.validate()
         if self.method == "skip2lora":
             self.skip_cache.validate()
+            if self.head_grad not in ("auto", "low-rank", "chain"):
+                raise ConfigError(f"head_grad must be auto, low-rank or chain, got {self.head_grad!r}")
+            if self.head_grad == "low-rank" and self.skip2lora.lora_head:
+                raise ConfigError("head_grad low-rank needs a frozen LM head, but skip2lora.lora_head trains it: "
+                                  "use --head-grad auto or chain")
             if self.run.activation_checkpointing != "none":
                 raise ConfigError(f"--run.activation-checkpointing {self.run.activation_checkpointing} does nothing "
                                   "for Skip2-LoRA: its backbone runs without autograd (nothing is kept for backward) "
@@ -129,7 +138,8 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
             rank_dir = f"rank-{dist.rank}" if dist.world_size > 1 else ""  # each rank caches the windows it meets
             cache = build_skip_cache(skip, corpus.train, train.n_windows, cfg.window, cfg.skip_cache, device, rank_dir)
             callbacks.append(SkipCacheFlush(cache))
-        loss_fn = Skip2LoRALoss(cache, cfg.loss_chunk_tokens, cfg.loss_kernel, cfg.loss_vocab_chunk)
+        loss_fn = Skip2LoRALoss(cache, cfg.loss_chunk_tokens, cfg.loss_kernel, cfg.loss_vocab_chunk,
+                                cfg.head_grad)
     trained: TransformerLM | Skip2LoRAModel = skip if cfg.method == "skip2lora" else model
     before = held_out_ppl(trained, corpus, cfg, device) if dist.is_main else None
     if before is not None:

@@ -103,7 +103,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 vocab_chunk: int) -> Tensor:
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            step = _triton_step if triton_step else _torch_step
+            step = softmax_step(triton_step)
             w = aligned_rows(weight.to(dtype))  # (V', C), V' >= V: zero rows pad V to a multiple of VOCAB_ALIGN
             need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             by_vocab = need_w and vocab_chunk > 0
@@ -137,14 +137,11 @@ def _token_pass(x: Tensor, w: Tensor, V: int, labels: Tensor, chunk: int, step: 
     fp32 accumulator (V', C) where ``need_w``, and each row's log-sum-exp (N,) in the accumulator's dtype."""
     grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_x else None
     acc = torch.promote_types(dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
-    grad_w = torch.zeros_like(w, dtype=acc) if need_w else None
+    grad_w = ProductSum(w.shape, dtype, w.device) if need_w else None
     lse = torch.empty(x.shape[0], device=x.device, dtype=acc)
-    # one chunk of logits and one chunk's dW product, reused by every chunk: a fresh tensor per chunk
-    # would keep the last chunk's alive while the next one is computed (twice the logits at the peak)
+    # one chunk of logits, reused by every chunk: a fresh tensor per chunk would keep the last chunk's
+    # alive while the next one is computed (twice the logits at the peak)
     buf = torch.empty(min(chunk, x.shape[0]), w.shape[0], device=x.device, dtype=dtype)
-    mixed = grad_w is not None and acc != dtype and accumulates_in_place(w.device, dtype, acc)
-    # without cuBLAS's bf16 x bf16 -> fp32 accumulation: each chunk's product in dtype, then added
-    part_w = torch.empty_like(w) if grad_w is not None and acc != dtype and not mixed else None
     total = torch.zeros((), device=x.device, dtype=acc)
     for start in range(0, x.shape[0], chunk):
         xc, yc = x[start:start + chunk].to(dtype), labels[start:start + chunk]
@@ -158,13 +155,9 @@ def _token_pass(x: Tensor, w: Tensor, V: int, labels: Tensor, chunk: int, step: 
             torch.mm(logits, w, out=grad_x[start:start + chunk])
         elif grad_x is not None:
             grad_x[start:start + chunk] = (logits @ w).to(x.dtype)
-        if grad_w is not None and mixed:  # (V', C) += logits^T xc, the GEMM's own fp32 output
-            torch.addmm(grad_w, logits.T, xc, out_dtype=acc, out=grad_w)
-        elif grad_w is not None and part_w is not None:
-            grad_w.add_(torch.mm(logits.T, xc, out=part_w))  # (V', C) in dtype, added in place in acc
-        elif grad_w is not None:
-            grad_w.addmm_(logits.T, xc)
-    return total, grad_x, grad_w, lse  # buf and part_w go here: the peak stays at one chunk
+        if grad_w is not None:
+            grad_w.add_(logits.T, xc)  # (V', C) += logits^T xc
+    return total, grad_x, None if grad_w is None else grad_w.total, lse  # buf goes here: one chunk at the peak
 
 
 def _vocab_pass(x: Tensor, w: Tensor, labels: Tensor, lse: Tensor, chunk: int, triton_step: bool) -> Tensor:
@@ -192,6 +185,26 @@ def _columns_step(logits: Tensor, labels: Tensor, lse: Tensor, v0: int, triton_s
     rows = inside.nonzero().squeeze(1)
     g[rows, labels[rows] - v0] -= 1.0
     return g.mul_((labels != IGNORE_INDEX)[:, None]).to(logits.dtype)
+
+
+class ProductSum:
+    """An fp32 (fp64 for fp64 inputs) sum of matrix products a @ b whose factors are ``dtype``: in the GEMM's
+    own fp32 output where cuBLAS can (`accumulates_in_place`), else each product made in ``dtype`` in one
+    reused buffer and added (no fp32 temporary of it)."""
+
+    def __init__(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        acc = torch.promote_types(dtype, torch.float32)
+        self.total = torch.zeros(shape, device=device, dtype=acc)
+        self.in_place = acc != dtype and accumulates_in_place(device, dtype, acc)
+        self.part = torch.empty(shape, device=device, dtype=dtype) if acc != dtype and not self.in_place else None
+
+    def add_(self, a: Tensor, b: Tensor) -> None:
+        if self.in_place:
+            torch.addmm(self.total, a, b, out_dtype=self.total.dtype, out=self.total)
+        elif self.part is not None:
+            self.total.add_(torch.mm(a, b, out=self.part))
+        else:  # the factors are already in the sum's dtype
+            self.total.addmm_(a, b)
 
 
 _IN_PLACE: dict[tuple[str, torch.dtype, torch.dtype], bool] = {}
@@ -226,6 +239,12 @@ def aligned_rows(w: Tensor) -> Tensor:
     """``w`` (V, C) with zero rows appended up to a multiple of `VOCAB_ALIGN` (itself when aligned)."""
     pad = -w.shape[0] % VOCAB_ALIGN
     return w if pad == 0 else torch.cat([w, w.new_zeros(pad, w.shape[1])])
+
+
+def softmax_step(triton: bool) -> Step:
+    """A chunk's softmax step: (logits (n, V), labels (n,), accumulation dtype) -> (summed loss, softmax − onehot
+    (0 where not scored; the Triton step writes it over the logits), log-sum-exp (n,))."""
+    return _triton_step if triton else _torch_step
 
 
 def _torch_step(logits: Tensor, labels: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
