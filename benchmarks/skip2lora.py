@@ -485,7 +485,7 @@ def main() -> None:
     parser.add_argument("--head-grad", nargs="+", choices=list(HEAD_GRADS), default=["low-rank", "chain"],
                         help="cached Skip2-LoRA rows, one per value: the adapters' gradients through the head at "
                              "their rank (legolm.train.low_rank_head), through the head-input gradient (chain), or "
-                             "auto (low-rank where 2 K r < n_embd); the other rows take the first")
+                             "auto (low-rank where 4 K r <= n_embd); the other rows take the first")
     parser.add_argument("--floor-repeats", type=int, default=10, help="timings of the head-GEMM floor")
     parser.add_argument("--skip-compile-mode", default="default", choices=["default", "reduce-overhead"],
                         help="torch.compile mode of the Skip2-LoRA rows (reduce-overhead: CUDA graphs of the compiled "

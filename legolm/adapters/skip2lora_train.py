@@ -44,8 +44,9 @@ class Skip2LoRALoss:
         head_grad: How the adapters' gradients go through the head (the same gradients either way):
             ``chain``, through the head-input gradient dx = G W (a full-size GEMM); ``low-rank``, through the
             head projected onto the adapters' R = K·r directions (`legolm.train.low_rank_head`: two products of
-            rank R instead; needs a frozen bias-free head, no head LoRA); ``auto``, low-rank where it is less
-            work (2R < n_embd, a frozen head), else chain.
+            rank R instead; needs a frozen bias-free head, no head LoRA); ``auto``, low-rank where it is clearly
+            less work (4R <= n_embd: the two narrow products at most half the FLOPs of dx, which they run at
+            a lower efficiency; a frozen head), else chain.
     """
 
     def __init__(self, cache: SkipCache | None, chunk_tokens: int = 0, kernel: LossKernel = "torch",
@@ -75,7 +76,7 @@ class Skip2LoRALoss:
         if self.head_grad == "low-rank" and not model.frozen_linear_head():
             raise ConfigError("head_grad low-rank needs a frozen bias-free LM head; with skip2lora.lora_head the "
                               "head trains: use head_grad auto or chain")
-        return model.frozen_linear_head() and (self.head_grad == "low-rank" or 2 * model.rank < model.config.n_embd)
+        return model.frozen_linear_head() and (self.head_grad == "low-rank" or 4 * model.rank <= model.config.n_embd)
 
     @torch.compiler.disable
     def features(self, model: Skip2LoRAModel, batch: Batch) -> Tensor:

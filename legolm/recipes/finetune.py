@@ -47,7 +47,7 @@ class FinetuneConfig(FitConfig):
             search in README "Skip2-LoRA and the Skip-Cache" picked final norm taps of every third block).
         skip_cache: Skip-Cache of the frozen backbone's features (method skip2lora).
         head_grad: Skip2-LoRA: how the adapters' gradients go through the frozen head (`Skip2LoRALoss`): auto
-            (default: at the adapters' rank R = K·r where 2R < n_embd, `legolm.train.low_rank_head`), low-rank
+            (default: at the adapters' rank R = K·r where 4R <= n_embd, `legolm.train.low_rank_head`), low-rank
             or chain (through the head-input gradient). The same gradients; only the work differs.
         data: Corpus, tokenizer (model = the base model's own) and split.
         save_merged: With LoRA, also save the merged model (a plain legolm checkpoint) in model/.
