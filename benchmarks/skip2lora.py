@@ -356,7 +356,7 @@ def gpu(args: argparse.Namespace) -> None:
     floor = head_gemm_floor(plain, train, device, dtype, args.floor_repeats)
     floor1 = logits_gemm_floor(plain, train, device, dtype, args.floor_repeats)
     n_blocks = plain.config.n_layer
-    skip_r = max(1, round(n_lora / (n_blocks * 2 * plain.config.n_embd)))
+    skip_r = args.skip_r or max(1, round(n_lora / (n_blocks * 2 * plain.config.n_embd)))
     storages = args.storages if device.type == "cuda" else ["cpu"]  # where the Skip-Cache lives
     profiles: dict[str, str] = {}
     runs = [(st, m, k, g) for st in (None, *storages) for m in args.modes for k in chunks
@@ -482,6 +482,9 @@ def main() -> None:
     parser.add_argument("--corpus", default=None, help="a prepared corpus directory (e.g. "
                         ".bench/lego-gutenberg-bpe4096): its text and its vocabulary for the model "
                         "(a small head on the preset's backbone)")
+    parser.add_argument("--skip-r", type=int, default=0,
+                        help="Skip2-LoRA's rank (0: LoRA's trainable-parameter count, the default; a smaller rank, "
+                             "e.g. 8, is where the low-rank head gradient pays: K r <= n_embd / 4)")
     parser.add_argument("--head-grad", nargs="+", choices=list(HEAD_GRADS), default=["low-rank", "chain"],
                         help="cached Skip2-LoRA rows, one per value: the adapters' gradients through the head at "
                              "their rank (legolm.train.low_rank_head), through the head-input gradient (chain), or "
