@@ -59,8 +59,8 @@ from benchmarks.lora import (
 from benchmarks.peers import PEERS, failure, logits_loss, train_step
 from legolm.adapters import LoRAConfig
 from legolm.adapters.inject import unload
-from legolm.adapters.skip2lora import Skip2LoRAConfig, Skip2LoRAModel
-from legolm.adapters.skip2lora_train import HEAD_GRADS, HeadGrad, Skip2LoRALoss
+from legolm.adapters.skip2lora import HEAD_GRADS, HeadGrad, Skip2LoRAConfig, Skip2LoRAModel
+from legolm.adapters.skip2lora_train import Skip2LoRALoss
 from legolm.adapters.skip_cache import SkipCache
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch

@@ -151,5 +151,5 @@ def test_finetune_refuses_a_bad_head_grad_before_anything_runs() -> None:
     with pytest.raises(ConfigError, match=r"head_grad low-rank needs a frozen LM head.*--head-grad auto or chain"):
         cfg.validate()
     cfg = FinetuneConfig(model="some/base", method="skip2lora", head_grad="fast")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="head_grad must be auto, low-rank or chain, got 'fast'"):
+    with pytest.raises(ConfigError, match="head_grad must be one of auto, low-rank, chain, got 'fast'"):
         cfg.validate()

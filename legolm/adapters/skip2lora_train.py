@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from legolm.adapters.skip2lora import Skip2LoRAModel
+from legolm.adapters.skip2lora import AUTO_LOW_RANK_RATIO, HeadGrad, Skip2LoRAModel
 from legolm.adapters.skip_cache import (
     DTYPES,
     SkipCache,
@@ -24,9 +23,6 @@ from legolm.train.batches import Batch
 from legolm.train.fit import Callback, FitState, LossOutput
 from legolm.train.head_loss import IGNORE_INDEX, LossKernel, head_cross_entropy
 from legolm.train.low_rank_head import low_rank_head_cross_entropy
-
-HeadGrad = Literal["auto", "low-rank", "chain"]
-HEAD_GRADS: tuple[HeadGrad, ...] = ("auto", "low-rank", "chain")
 
 
 class Skip2LoRALoss:
@@ -76,7 +72,8 @@ class Skip2LoRALoss:
         if self.head_grad == "low-rank" and not model.frozen_linear_head():
             raise ConfigError("head_grad low-rank needs a frozen bias-free LM head; with skip2lora.lora_head the "
                               "head trains: use head_grad auto or chain")
-        return model.frozen_linear_head() and (self.head_grad == "low-rank" or 4 * model.rank <= model.config.n_embd)
+        small = AUTO_LOW_RANK_RATIO * model.rank <= model.config.n_embd
+        return model.frozen_linear_head() and (self.head_grad == "low-rank" or small)
 
     @torch.compiler.disable
     def features(self, model: Skip2LoRAModel, batch: Batch) -> Tensor:

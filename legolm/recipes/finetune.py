@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from legolm.adapters.inject import LoRAConfig
-from legolm.adapters.skip2lora import Skip2LoRAConfig
+from legolm.adapters.skip2lora import HEAD_GRADS, HeadGrad, Skip2LoRAConfig
 from legolm.adapters.skip_cache import SkipCacheConfig
 from legolm.data.tokenized import DataConfig
 from legolm.data.tokenizer import MODEL_TOKENIZER, Tokenizer
@@ -60,7 +60,7 @@ class FinetuneConfig(FitConfig):
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(r=8, alpha=16.0, target_modules=["all-linear"]))
     skip2lora: Skip2LoRAConfig = field(default_factory=lambda: Skip2LoRAConfig(block_indices=[], tap_norm="final"))
     skip_cache: SkipCacheConfig = field(default_factory=SkipCacheConfig)
-    head_grad: Literal["auto", "low-rank", "chain"] = "auto"
+    head_grad: HeadGrad = "auto"
     data: DataConfig = field(default_factory=lambda: DataConfig(tokenizer=MODEL_TOKENIZER))
     save_merged: bool = False
     eval_tokens: int | None = None
@@ -76,8 +76,8 @@ class FinetuneConfig(FitConfig):
             self.lora.validate()
         if self.method == "skip2lora":
             self.skip_cache.validate()
-            if self.head_grad not in ("auto", "low-rank", "chain"):
-                raise ConfigError(f"head_grad must be auto, low-rank or chain, got {self.head_grad!r}")
+            if self.head_grad not in HEAD_GRADS:
+                raise ConfigError(f"head_grad must be one of {', '.join(HEAD_GRADS)}, got {self.head_grad!r}")
             if self.head_grad == "low-rank" and self.skip2lora.lora_head:
                 raise ConfigError("head_grad low-rank needs a frozen LM head, but skip2lora.lora_head trains it: "
                                   "use --head-grad auto or chain")
