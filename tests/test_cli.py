@@ -97,13 +97,13 @@ def test_generate_fused_matches_the_torch_decoder(tiny_gpt2_dir: Path, capsys) -
             "--max-new-tokens", "4", "--greedy", "--device", "cpu", "--no-stop-at-eos"]
     assert main(args) == 0
     want = capsys.readouterr().out
-    assert main([*args, "--fused"]) == 0
+    assert main([*args, "--fused"]) == 0  # the default: split-K blocks, int64 fixed-point residual stream
     assert capsys.readouterr().out == want
     assert main([*args, "--fused", "--fused-kernel", "persistent"]) == 0  # the one-launch step: one program here
     assert capsys.readouterr().out == want
-    assert main([*args, "--fused", "--fused-kernel", "splitk"]) == 0  # three launches per block
+    assert main([*args, "--fused", "--fused-kernel", "splitk"]) == 0  # three launches per block, fp32 sums
     assert capsys.readouterr().out == want
-    assert main([*args, "--fused", "--fused-kernel", "splitk-exact"]) == 0  # int64 fixed-point residual stream
+    assert main([*args, "--fused", "--fused-kernel", "blocks"]) == 0  # five launches per block
     assert capsys.readouterr().out == want
     assert main([*args, "--fused", "--fused-kernel", "persistent", "--fused-persistent.tile", "1000"]) == 2
     assert capsys.readouterr().err.strip() == "legolm: error: persistent tile must be a power of two, got 1000"
