@@ -163,16 +163,18 @@ def test_generate_early_exit_on_a_model_without_an_exit_is_one_line(smollm2_gguf
     _assert_user_error(proc, "needs a LEGO model with a shallow exit")
 
 
-@pytest.mark.parametrize("calibrate", ["ratio", "quality"])
+@pytest.mark.parametrize(("calibrate", "joint"), [("ratio", 0.0), ("quality", 0.0), ("ratio", 0.5)])
 def test_lego_from_a_pretrained_checkpoint_chooses_its_split_by_the_curve(tmp_path: Path, shared_dir: Path,
-                                                                          calibrate: str) -> None:
+                                                                          calibrate: str, joint: float) -> None:
     """The pretrained route end to end: tuned-lens exits at the candidates, the split curve, phase 2 on the
     model's own upper blocks, and a model/ that loads as a LegoLM whose deep model is the checkpoint's
     architecture; the summary compares the routed perplexity with the unmodified model's.
 
     Calibrated by quality on this random base, the trained exit beats the untrained upper blocks, so every
     token may exit within tolerance and phase 2 has nothing to learn from: one line saying so (the mid-range
-    case is hand-checked in test_lego.py)."""
+    case is hand-checked in test_lego.py). With ``lego.joint_exit_weight`` the model trains with its exits in
+    phase 1: the curve's full-depth perplexity moves away from the unmodified model's, which stays the
+    reference of the summary and the tolerance."""
     from legolm.checkpoints.native import save_checkpoint
     from legolm.core.config import ModelConfig
     from legolm.model.transformer import TransformerLM
@@ -182,7 +184,8 @@ def test_lego_from_a_pretrained_checkpoint_chooses_its_split_by_the_curve(tmp_pa
     save_checkpoint(base, tmp_path / "base")
     out = tmp_path / "run"
     proc = _run(["lego", "--config", str(ROOT / "configs" / "lego-split-tiny.yaml"), "--model.init",
-                 str(tmp_path / "base"), "--run.out-dir", str(out), "--lego.calibrate", calibrate], tmp_path)
+                 str(tmp_path / "base"), "--run.out-dir", str(out), "--lego.calibrate", calibrate,
+                 "--lego.joint-exit-weight", str(joint)], tmp_path)
     if calibrate == "quality":
         _assert_user_error(proc, "no hard examples", "every token exits within tolerance", "lego.split_tolerance")
         assert "calibrated" not in proc.stdout
@@ -190,9 +193,14 @@ def test_lego_from_a_pretrained_checkpoint_chooses_its_split_by_the_curve(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     curve = {p["split"]: p for p in summary["split_curve"]}
-    assert summary["vs_unmodified"]["unmodified_ppl"] == pytest.approx(curve[1]["full_ppl"], rel=1e-4)
+    assert summary["vs_unmodified"]["unmodified_ppl"] == pytest.approx(curve[1]["reference_ppl"], rel=1e-4)
     assert "vs the unmodified model's" in proc.stdout
     assert set(curve) == {1, 2} and all(p["full_ppl"] == curve[1]["full_ppl"] for p in curve.values())
+    if joint:  # the whole model trained: its full depth is another model than the unmodified one
+        assert "unmodified model: validation perplexity" in proc.stdout
+        assert abs(curve[1]["full_ppl"] / curve[1]["reference_ppl"] - 1) > 1e-3
+    else:
+        assert curve[1]["full_ppl"] == curve[1]["reference_ppl"]
     assert curve[1]["cost"] < curve[2]["cost"]  # fewer blocks below the exit: cheaper
     assert summary["split"] in curve and (out / "split_curve.csv").is_file()
     model = load_pretrained(out / "model")

@@ -84,6 +84,10 @@ class LegoSettings:
             is within split_tolerance of the full model's (the measured curve is saved); overrides split.
         split_tolerance: Relative perplexity increase allowed over the unmodified model when choosing the split from
             split_candidates, and by calibrate: quality.
+        joint_exit_weight: Pretrained route with split_candidates: 0 trains the exits alone on the frozen model
+            in phase 1 (tuned lenses); w > 0 trains the whole model with them, loss = CE(deep) + w · mean
+            CE(exits), the early-exit loss of LayerSkip (Elhoushi et al. 2024, arXiv 2404.16710), so that
+            lower blocks learn to predict early. Tolerances stay relative to the unmodified model.
         calibrate: How τ is calibrated: ratio (target_ratio of the validation tokens fall below it) or quality
             (pretrained route: the most exits whose soft-routed validation perplexity, with the model's own upper
             layers, stays within split_tolerance of the unmodified model's; each split candidate gets its own).
@@ -121,6 +125,7 @@ class LegoSettings:
     split: int | None = None
     split_candidates: list[int] = field(default_factory=list)
     split_tolerance: float = 0.03
+    joint_exit_weight: float = 0.0
     calibrate: Literal["ratio", "quality"] = "ratio"
     quality_grid: int = 100
     phase1: bool = True
@@ -252,6 +257,10 @@ class LegoConfig:
             (all(k >= 1 for k in [*lg.split_candidates, *([lg.split] if lg.split is not None else [])]),
              "lego.split and lego.split_candidates must be >= 1 (blocks below the shallow exit)"),
             (lg.split_tolerance >= 0, f"lego.split_tolerance must be >= 0, got {lg.split_tolerance}"),
+            (lg.joint_exit_weight >= 0, f"lego.joint_exit_weight must be >= 0, got {lg.joint_exit_weight}"),
+            (lg.joint_exit_weight == 0 or bool(lg.split_candidates),
+             "lego.joint_exit_weight trains a pretrained model with exits at lego.split_candidates: give them "
+             "(e.g. --lego.split-candidates K) or set lego.joint_exit_weight 0"),
             (lg.calibrate == "ratio" or pretrained,
              "lego.calibrate: quality bounds the routed perplexity by the unmodified model's, which only the "
              "pretrained route has (lego.split / lego.split_candidates); use lego.calibrate ratio"),

@@ -42,50 +42,71 @@ from legolm.utils.io import atomic_savefig, pyplot
 
 
 class ExitProbe(nn.Module):
-    """A frozen model with one trainable exit after each of ``splits`` blocks.
+    """A pretrained model with one trainable exit after each of ``splits`` blocks.
 
     Args:
-        model: The pretrained model (frozen here).
+        model: The pretrained model: frozen here, or trained with the exits (``train_model``).
         splits: Block counts below each exit, each in [1, n_layer - 1].
+        train_model: Train the model too (LayerSkip's early-exit loss, `ExitProbeLoss`).
     """
 
-    def __init__(self, model: TransformerLM, splits: list[int]) -> None:
+    def __init__(self, model: TransformerLM, splits: list[int], train_model: bool = False) -> None:
         super().__init__()
         L = model.config.n_layer
         bad = [k for k in splits if not 1 <= k < L]
         if bad or not splits:
             raise ConfigError(f"split candidates must be in [1, {L - 1}] (blocks below the shallow exit), got "
                               f"{splits}")
-        self.model = model.requires_grad_(False)
+        self.model = model.requires_grad_(train_model)
+        self.train_model = train_model
         self.splits = sorted(set(splits))
         self.exits = nn.ModuleDict({str(k): ExitHead.tuned_lens(model.norm, model.lm_head) for k in self.splits})
         for e in self.exits.values():
             e.trainable()  # type: ignore[operator]
 
     def hidden(self, idx: Tensor) -> dict[int, Tensor]:
-        """Hidden states after each split: {k: (B, T, C)} (no gradient: the model is frozen)."""
+        """Hidden states after each split: {k: (B, T, C)} (no gradient unless the model trains)."""
+        return self._forward(idx, max(self.splits))[0]
+
+    def hidden_and_logits(self, idx: Tensor) -> tuple[dict[int, Tensor], Tensor]:
+        """Hidden states after each split and the model's own logits (B, T, V), in one pass over the blocks."""
+        hidden, out = self._forward(idx, self.model.config.n_layer)
+        return hidden, self.model.lm_head(self.model.norm(out))
+
+    def _forward(self, idx: Tensor, end: int) -> tuple[dict[int, Tensor], Tensor]:
         B, T = idx.shape
         positions = torch.arange(T, device=idx.device).expand(B, T)
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.train_model and torch.is_grad_enabled()):
             h = self.model.embed(idx, positions)
             ctx = self.model.make_context(positions, h.dtype)
-            out = self.model.forward_layers(h, ctx, 0, max(self.splits), capture=[k - 1 for k in self.splits])
-        return {k: out.captured[k - 1] for k in self.splits}
+            out = self.model.forward_layers(h, ctx, 0, end, capture=[k - 1 for k in self.splits])
+        return {k: out.captured[k - 1] for k in self.splits}, out.hidden
 
     def exit(self, k: int) -> ExitHead:
         return self.exits[str(k)]  # type: ignore[return-value]
 
 
 class ExitProbeLoss:
-    """Mean next-token cross-entropy of all the probe's exits (phase 1 of the candidates)."""
+    """Phase 1 of the candidates: the mean next-token cross-entropy of the probe's exits; where the model trains
+    too, CE(deep) + ``joint_weight`` · that mean (LayerSkip's early-exit loss)."""
+
+    def __init__(self, joint_weight: float = 0.0) -> None:
+        self.joint_weight = joint_weight
 
     def __call__(self, module: nn.Module, batch: Batch) -> LossOutput:
         probe = module if isinstance(module, ExitProbe) else getattr(module, "module", module)
         assert isinstance(probe, ExitProbe)
         labels = batch["labels"]
-        hidden = probe.hidden(batch["input_ids"])
-        losses = [token_cross_entropy(probe.exit(k)(h), labels) for k, h in hidden.items()]
-        return torch.stack(losses).mean(), labels.numel(), {}
+        if not probe.train_model:
+            hidden = probe.hidden(batch["input_ids"])
+            return self._exits(probe, hidden, labels), labels.numel(), {}
+        hidden, logits = probe.hidden_and_logits(batch["input_ids"])
+        deep, exits = token_cross_entropy(logits, labels), self._exits(probe, hidden, labels)
+        return deep + self.joint_weight * exits, labels.numel(), {"deep": deep.detach(), "exits": exits.detach()}
+
+    @staticmethod
+    def _exits(probe: ExitProbe, hidden: dict[int, Tensor], labels: Tensor) -> Tensor:
+        return torch.stack([token_cross_entropy(probe.exit(k)(h), labels) for k, h in hidden.items()]).mean()
 
 
 class ExitLoss:
@@ -109,10 +130,11 @@ class SplitPoint:
         threshold: τ calibrated at the target ratio.
         routed_ppl: Soft-routed perplexity at τ (the exit and the unmodified deep model).
         hard_routed_ppl: Perplexity under generation's hard rule at τ.
-        full_ppl: The unmodified model's perplexity (the same for every candidate).
+        full_ppl: The full-depth model's perplexity (the same for every candidate).
         shallow_ratio: Validation tokens that exit at τ.
         cost: Projected weights read per decoded token, ÷ the full model's (module docstring).
-        within_tolerance: routed_ppl <= (1 + tolerance) · full_ppl.
+        within_tolerance: routed_ppl <= (1 + tolerance) · reference_ppl.
+        reference_ppl: The unmodified model's perplexity: full_ppl, unless the model trained with its exits.
     """
 
     split: int
@@ -124,6 +146,7 @@ class SplitPoint:
     shallow_ratio: float
     cost: float
     within_tolerance: bool
+    reference_ppl: float
 
 
 def projected_cost(model: TransformerLM, split: int, shallow_ratio: float) -> float:
@@ -144,8 +167,10 @@ def calibrated_threshold(scores: TokenScores, settings: LegoSettings, reference_
 
 @torch.no_grad()
 def measure_splits(probe: ExitProbe, batches: Iterable[Batch], settings: LegoSettings,
-                   max_batches: int | None = None, progress: bool = False) -> list[SplitPoint]:
-    """Each candidate exit and the full model over the validation windows (one forward per batch)."""
+                   max_batches: int | None = None, progress: bool = False,
+                   reference_ppl: float | None = None) -> list[SplitPoint]:
+    """Each candidate exit and the full model over the validation windows (one forward per batch); τ and the
+    tolerance relative to ``reference_ppl`` (the unmodified model's; None: the full model measured here)."""
     was_training = probe.training
     probe.eval()
     device = next(probe.parameters()).device
@@ -166,15 +191,17 @@ def measure_splits(probe: ExitProbe, batches: Iterable[Batch], settings: LegoSet
         raise ConfigError("no validation batches to measure the split candidates on")
     deep_lp = torch.cat(deep)
     full_ppl = safe_exp(-float(deep_lp.double().mean()))
+    reference = full_ppl if reference_ppl is None else reference_ppl
     points = []
     temperature, tolerance = settings.routing_temperature, settings.split_tolerance
     for k in probe.splits:
         scores = TokenScores(torch.cat(parts[k]["lp"]), deep_lp, torch.cat(parts[k]["conf"]))
-        tau = calibrated_threshold(scores, settings, full_ppl)
+        tau = calibrated_threshold(scores, settings, reference)
         routed = scores.routed_ppl(tau, temperature)
         ratio = scores.shallow_ratio(tau)
         points.append(SplitPoint(k, scores.shallow_ppl(), tau, routed, scores.hard_routed_ppl(tau), full_ppl, ratio,
-                                 projected_cost(probe.model, k, ratio), routed <= (1.0 + tolerance) * full_ppl))
+                                 projected_cost(probe.model, k, ratio), routed <= (1.0 + tolerance) * reference,
+                                 reference))
     return points
 
 
@@ -193,9 +220,11 @@ def plot_splits(points: list[SplitPoint], path: Path, tolerance: float) -> str |
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     ax.plot(ks, [p.shallow_ppl for p in points], "o--", label="shallow exit alone")
     ax.plot(ks, [p.routed_ppl for p in points], "s-", label="routed at τ (model's own upper layers)")
-    full = points[0].full_ppl
+    full, reference = points[0].full_ppl, points[0].reference_ppl
     ax.axhline(full, color="black", ls=":", label=f"full model {full:.2f}")
-    ax.axhline(full * (1 + tolerance), color="gray", ls=":", label=f"+{100 * tolerance:.0f}%")
+    if reference != full:  # the model trained with its exits
+        ax.axhline(reference, color="tab:red", ls=":", label=f"unmodified model {reference:.2f}")
+    ax.axhline(reference * (1 + tolerance), color="gray", ls=":", label=f"+{100 * tolerance:.0f}% of the unmodified")
     ax.set_yscale("log")
     ax.set_xlabel("blocks below the shallow exit (k)")
     ax.set_ylabel("validation perplexity")

@@ -302,8 +302,9 @@ def _phase1_grown(cfg: LegoConfig, corpus: TokenizedCorpus, train: BatchSource, 
 
 
 def _phase1_split(cfg: LegoConfig, corpus: TokenizedCorpus, train: BatchSource, val: BatchSource,
-                  fit_cfg: FitConfig) -> tuple[LegoLM, FitResult | None, list[SplitPoint]]:
-    """Pretrained route: train the exit(s), choose the split from the candidates' measured curve."""
+                  fit_cfg: FitConfig) -> tuple[LegoLM, FitResult | None, list[SplitPoint], float | None]:
+    """Pretrained route: train the exit(s) (and with ``lego.joint_exit_weight`` the model with them), choose the
+    split from the candidates' measured curve; the unmodified model's perplexity where the model trained."""
     base = _init_checkpoint(cfg)
     check_fits(corpus, base.config, cfg.window)
     if not cfg.lego.split_candidates:
@@ -313,35 +314,50 @@ def _phase1_split(cfg: LegoConfig, corpus: TokenizedCorpus, train: BatchSource, 
         result = fit(model, train, fit_cfg, val=val, loss_fn=ExitLoss(), callbacks=[RestoreBest()]) \
             if cfg.lego.phase1 else None
         model.mark_trained()
-        return model, result, []
-    probe = ExitProbe(base, cfg.lego.split_candidates)
-    result = fit(probe, train, fit_cfg, val=val, loss_fn=ExitProbeLoss(), callbacks=[RestoreBest()]) \
-        if cfg.lego.phase1 else None
+        return model, result, [], None
+    joint = cfg.lego.joint_exit_weight > 0 and cfg.lego.phase1
+    probe = ExitProbe(base, cfg.lego.split_candidates, train_model=joint)
+    reference = _unmodified_ppl(cfg, probe, val) if joint else None
+    result = fit(probe, train, fit_cfg, val=val, loss_fn=ExitProbeLoss(cfg.lego.joint_exit_weight),
+                 callbacks=[RestoreBest()]) if cfg.lego.phase1 else None
     probe.to(resolve_device(cfg.run.device))
-    points = measure_splits(probe, val, cfg.lego, cfg.lego.calib_batches, cfg.run.progress)
+    points = measure_splits(probe, val, cfg.lego, cfg.lego.calib_batches, cfg.run.progress, reference)
     best = choose_split(points)
-    tqdm.write("split curve: " + "; ".join(f"k={p.split}: shallow {p.shallow_ppl:.2f}, routed {p.routed_ppl:.2f} "
-                                          f"(full {p.full_ppl:.2f}) at shallow ratio {p.shallow_ratio:.3f}, "
-                                          f"cost {p.cost:.3f}" for p in points)
+    unmodified = "" if reference is None else f" (unmodified model {reference:.2f})"
+    tqdm.write("split curve" + unmodified + ": "
+               + "; ".join(f"k={p.split}: shallow {p.shallow_ppl:.2f}, routed {p.routed_ppl:.2f} "
+                           f"(full {p.full_ppl:.2f}) at shallow ratio {p.shallow_ratio:.3f}, "
+                           f"cost {p.cost:.3f}" for p in points)
                + f"; chosen k={best.split}" + ("" if best.within_tolerance else
                                               f" (none within {100 * cfg.lego.split_tolerance:g}%)"))
-    model = LegoLM.adopt(base, LegoMeta(split=best.split, exit_lens=True), probe.exit(best.split))
+    model = LegoLM.adopt(base.requires_grad_(False), LegoMeta(split=best.split, exit_lens=True),
+                         probe.exit(best.split))
     model.mark_trained()
-    return model, result, points
+    return model, result, points, reference
 
 
-def _threshold(cfg: LegoConfig, model: LegoLM, conf: Tensor, val: WindowBatches) -> tuple[float, float | None, str]:
+def _unmodified_ppl(cfg: LegoConfig, probe: ExitProbe, val: BatchSource) -> float:
+    """The validation perplexity of the probe's model before anything trains (the reference of the tolerances)."""
+    probe.to(resolve_device(cfg.run.device))
+    ppl = measure_splits(probe, val, cfg.lego, cfg.lego.calib_batches, cfg.run.progress)[0].full_ppl
+    tqdm.write(f"unmodified model: validation perplexity {ppl:.4f}")
+    return ppl
+
+
+def _threshold(cfg: LegoConfig, model: LegoLM, conf: Tensor, val: WindowBatches,
+               unmodified_ppl: float | None) -> tuple[float, float | None, str]:
     """τ (given, or calibrated by ``lego.calibrate``), the unmodified model's perplexity (pretrained route) and
     how τ was found.
 
     On the pretrained route the deep exit before phase 2 is the unmodified model, so its validation
-    perplexity is the reference that ``calibrate: quality`` bounds the routed perplexity by.
+    perplexity is the reference that ``calibrate: quality`` bounds the routed perplexity by; where phase 1
+    trained the model with its exits, ``unmodified_ppl`` (measured before) is.
     """
     reference_ppl = None
     scores = None
     if model.extended:
         scores = score_tokens(model, val, cfg.lego.calib_batches, progress=cfg.run.progress)
-        reference_ppl = scores.deep_ppl()
+        reference_ppl = scores.deep_ppl() if unmodified_ppl is None else unmodified_ppl
     threshold, rule = _calibrate(cfg, model, conf, val, reference_ppl, scores)
     return threshold, reference_ppl, rule
 
@@ -430,13 +446,14 @@ def train_lego(cfg: LegoConfig, corpus: TokenizedCorpus) -> LegoTraining:
     phase1_ids, phase2_ids = split_training_tokens(corpus.train, corpus.eos_id, cfg.lego.phase2_fraction)
     train = WindowBatches(phase1_ids, cfg.window, p1.batch_size, shuffle=True, seed=cfg.run.seed, **shard)
     points: list[SplitPoint] = []
+    unmodified: float | None = None
     if uses_pretrained_split(cfg):
-        model, phase1, points = _phase1_split(cfg, corpus, train, val, p1)
+        model, phase1, points, unmodified = _phase1_split(cfg, corpus, train, val, p1)
     else:
         model, phase1 = _phase1_grown(cfg, corpus, train, val, p1)
     model.to(resolve_device(cfg.run.device)).eval()
     conf = shallow_confidences(model, val, cfg.lego.calib_batches)
-    threshold, reference_ppl, rule = _threshold(cfg, model, conf, val)
+    threshold, reference_ppl, rule = _threshold(cfg, model, conf, val, unmodified)
     if model.extended:  # pretrained route: the upper layers are the model's own
         model.freeze(cfg.lego.freeze_lower, cfg.lego.train_deep_head)
     else:
