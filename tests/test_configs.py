@@ -19,7 +19,8 @@ COMMANDS: dict[str, type[Any]] = {"pretrain-": TrainConfig, "finetune-": Finetun
                                   "skip2lora-vs-lora-": FinetuneConfig, "lego-": LegoConfig, "lct-": LCTConfig,
                                   "experiment-": ExperimentConfig}
 GRIDS = "skip2lora-search-"  # benchmarks.skip2lora_search grids: a base config plus runs
-FROM_CLI = {"lego-split-tiny.yaml": {"model": {"init": "CHECKPOINT"}}}  # what the file's header says to add
+FROM_CLI = {"lego-split-tiny.yaml": {"model": {"init": "CHECKPOINT"}},  # what the file's header says to add
+            "lego-split-joint-cpu.yaml": {"model": {"init": "CHECKPOINT"}}}
 
 
 def command_of(path: Path) -> type[Any] | None:
