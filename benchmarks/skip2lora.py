@@ -230,13 +230,14 @@ def graphed_row(plain: torch.nn.Module, train: list[Batch], val: list[Batch], ar
 
 
 @torch.no_grad()
-def head_gemm_floor(model: torch.nn.Module, data: list[Batch], device: torch.device, dtype: torch.dtype,
-                    repeats: int) -> float:
-    """Seconds per epoch of the frozen head's two GEMMs alone, timed here: logits = X Wᵀ and dX = dlogits W.
+def head_gemm_floors(model: torch.nn.Module, data: list[Batch], device: torch.device, dtype: torch.dtype,
+                     repeats: int) -> tuple[float, float]:
+    """Seconds per epoch of the frozen head's two GEMMs alone, timed here: logits = X Wᵀ and dX = dlogits W;
+    and of the logits GEMM alone.
 
     A cached Skip2-LoRA epoch whose gradients go through the head input cannot beat them (the adapters feed
     the head, so both run for every token); with the low-rank head (`legolm.train.low_rank_head`) the
-    second becomes two products at the adapters' rank, and the logits GEMM (`logits_gemm_floor`) is the one
+    second becomes two products at the adapters' rank, and the logits GEMM (the second floor) is the one
     full-size GEMM left. X is the backbone's output on the first batch and dlogits the true loss gradient there;
     the median of ``repeats`` timings of one batch, times the batches of an epoch. The head's rows are
     padded to a multiple of 64 (zeros) as the chunked loss pads them: cuBLAS is several times slower on
@@ -255,16 +256,8 @@ def head_gemm_floor(model: torch.nn.Module, data: list[Batch], device: torch.dev
         x @ head.T
         grad @ head
 
-    return _epoch_seconds(gemms, device, repeats, len(data))
-
-
-@torch.no_grad()
-def logits_gemm_floor(model: torch.nn.Module, data: list[Batch], device: torch.device, dtype: torch.dtype,
-                      repeats: int) -> float:
-    """Seconds per epoch of the frozen head's logits GEMM alone (X Wᵀ, rows padded as in `head_gemm_floor`)."""
-    head = aligned_rows(model.lm_head.weight.to(device, dtype))  # type: ignore[union-attr]
-    x = model.to(device)(data[0]["input_ids"].to(device), logits=False).flatten(0, 1).to(dtype)  # (N, C)
-    return _epoch_seconds(lambda: x @ head.T, device, repeats, len(data))
+    return (_epoch_seconds(gemms, device, repeats, len(data)),
+            _epoch_seconds(lambda: x @ head.T, device, repeats, len(data)))
 
 
 def _epoch_seconds(fn: Callable[[], object], device: torch.device, repeats: int, batches: int) -> float:
@@ -353,8 +346,7 @@ def gpu(args: argparse.Namespace) -> None:
                      **epochs(step, train, args.epochs, device), "val loss": val_loss(ours, val, device, precision)})
         lora_rows.setdefault(mode, rows[-1])
     plain = unload(ours)
-    floor = head_gemm_floor(plain, train, device, dtype, args.floor_repeats)
-    floor1 = logits_gemm_floor(plain, train, device, dtype, args.floor_repeats)
+    floor, floor1 = head_gemm_floors(plain, train, device, dtype, args.floor_repeats)
     n_blocks = plain.config.n_layer
     skip_r = args.skip_r or max(1, round(n_lora / (n_blocks * 2 * plain.config.n_embd)))
     storages = args.storages if device.type == "cuda" else ["cpu"]  # where the Skip-Cache lives

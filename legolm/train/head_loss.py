@@ -32,7 +32,7 @@ four GEMMs instead of three).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -118,17 +118,42 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        """The gradients computed in forward, scaled in place: a scaled copy would hold dx and dW twice at
-        the peak (the saved ones and the copies), and they are used once."""
-        if ctx.done:
-            raise RuntimeError("the chunked linear cross-entropy's backward ran twice (retain_graph=True): its "
-                               "gradients are scaled in place; use loss_chunk_tokens 0 to backpropagate twice")
-        ctx.done = True
-        grad_x, grad_w = (None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.saved_tensors)
+        grad_x, grad_w = scale_once_(ctx, grad_out, "the chunked linear cross-entropy",
+                                     "use loss_chunk_tokens 0 to backpropagate twice")
         return grad_x, grad_w, None, None, None, None
 
 
+def scale_once_(ctx: Any, grad_out: Tensor, what: str, fix: str) -> list[Tensor | None]:
+    """The gradients a loss computed in forward (``ctx.saved_tensors``), scaled by ``grad_out`` in place: a
+    scaled copy would hold them twice at the peak, and they are used once. A second backward of the same graph
+    (``ctx.done``, set False in forward) would scale them twice: refused."""
+    if ctx.done:
+        raise RuntimeError(f"{what}'s backward ran twice (retain_graph=True): its gradients are scaled in place; "
+                           f"{fix}")
+    ctx.done = True
+    return [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.saved_tensors]
+
+
 Step = Callable[[Tensor, Tensor, torch.dtype], tuple[Tensor, Tensor, Tensor]]
+
+
+def softmax_chunks(x_of: Callable[[int, int], Tensor], n: int, w: Tensor, V: int, labels: Tensor, chunk: int,
+                   step: Step, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor, Tensor]]:
+    """``n`` rows of head inputs (``x_of(start, end)``, in ``dtype``) through the padded head ``w`` (V', C),
+    ``chunk`` rows at a time. Per chunk: (start, its inputs, softmax − onehot (rows, V') in one buffer reused by
+    every chunk (its pad columns hold the zero logits of w's zero rows), its summed loss, each row's lse)."""
+    acc = torch.promote_types(dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
+    # one chunk of logits, reused by every chunk: a fresh tensor per chunk would keep the last chunk's
+    # alive while the next one is computed (twice the logits at the peak)
+    buf = torch.empty(min(chunk, n), w.shape[0], device=w.device, dtype=dtype)
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        xc = x_of(start, end)
+        logits = torch.mm(xc, w.T, out=buf[:end - start])  # (rows, V')
+        loss, g, lse = step(logits[:, :V], labels[start:end], acc)  # summed loss, softmax - onehot, log-sum-exp
+        if g.data_ptr() != logits.data_ptr():  # the torch step returns a new tensor
+            logits[:, :V] = g
+        yield start, xc, logits, loss, lse
 
 
 def _token_pass(x: Tensor, w: Tensor, V: int, labels: Tensor, chunk: int, step: Step, dtype: torch.dtype,
@@ -136,28 +161,22 @@ def _token_pass(x: Tensor, w: Tensor, V: int, labels: Tensor, chunk: int, step: 
     """Chunks of tokens through the padded head ``w`` (V', C): the summed loss, dx (x's dtype), dW summed in an
     fp32 accumulator (V', C) where ``need_w``, and each row's log-sum-exp (N,) in the accumulator's dtype."""
     grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype) if need_x else None
-    acc = torch.promote_types(dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
+    acc = torch.promote_types(dtype, torch.float32)
     grad_w = ProductSum(w.shape, dtype, w.device) if need_w else None
     lse = torch.empty(x.shape[0], device=x.device, dtype=acc)
-    # one chunk of logits, reused by every chunk: a fresh tensor per chunk would keep the last chunk's
-    # alive while the next one is computed (twice the logits at the peak)
-    buf = torch.empty(min(chunk, x.shape[0]), w.shape[0], device=x.device, dtype=dtype)
     total = torch.zeros((), device=x.device, dtype=acc)
-    for start in range(0, x.shape[0], chunk):
-        xc, yc = x[start:start + chunk].to(dtype), labels[start:start + chunk]
-        logits = torch.mm(xc, w.T, out=buf[:xc.shape[0]])  # (n, V'); the pad columns are 0, as w's rows
-        loss, g, row_lse = step(logits[:, :V], yc, acc)  # summed loss, softmax - onehot, log-sum-exp
-        lse[start:start + chunk] = row_lse
-        if g.data_ptr() != logits.data_ptr():  # the torch step returns a new tensor
-            logits[:, :V] = g
+    for start, xc, g, loss, row_lse in softmax_chunks(lambda a, b: x[a:b].to(dtype), x.shape[0], w, V, labels,
+                                                      chunk, step, dtype):
+        end = start + xc.shape[0]
+        lse[start:end] = row_lse
         total += loss
         if grad_x is not None and grad_x.dtype == dtype:
-            torch.mm(logits, w, out=grad_x[start:start + chunk])
+            torch.mm(g, w, out=grad_x[start:end])
         elif grad_x is not None:
-            grad_x[start:start + chunk] = (logits @ w).to(x.dtype)
+            grad_x[start:end] = (g @ w).to(x.dtype)
         if grad_w is not None:
-            grad_w.add_(logits.T, xc)  # (V', C) += logits^T xc
-    return total, grad_x, None if grad_w is None else grad_w.total, lse  # buf goes here: one chunk at the peak
+            grad_w.add_(g.T, xc)  # (V', C) += gᵀ xc
+    return total, grad_x, None if grad_w is None else grad_w.total, lse  # the chunks' buffer is gone here
 
 
 def _vocab_pass(x: Tensor, w: Tensor, labels: Tensor, lse: Tensor, chunk: int, triton_step: bool) -> Tensor:

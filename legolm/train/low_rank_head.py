@@ -26,7 +26,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from legolm.train.head_loss import IGNORE_INDEX, LossKernel, ProductSum, aligned_rows, softmax_step
+from legolm.train.head_loss import (
+    IGNORE_INDEX,
+    LossKernel,
+    ProductSum,
+    aligned_rows,
+    scale_once_,
+    softmax_chunks,
+    softmax_step,
+)
 
 VOCAB_SLICE = 8192  # rows of W at a time when db = Wᵀ (Gᵀz) is summed in fp32 (bounds its fp32 copy of W)
 
@@ -72,24 +80,22 @@ class _LowRankHeadCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         with torch.autocast(device, enabled=False):
             acc = torch.promote_types(dtype, torch.float32)
-            V, step = weight.shape[0], softmax_step(triton_step)
             w, bd = aligned_rows(weight.to(dtype)), b.to(dtype)  # (V', C): zero rows pad V; (C, R)
             u = torch.mm(w, bd) if grads else None  # (V', R): the head along b's directions
             grad_z = torch.empty(z.shape, device=h.device, dtype=z.dtype) if grads else None
             gtz = ProductSum((w.shape[0], z.shape[1]), dtype, h.device) if grads else None
-            buf = torch.empty(min(chunk, h.shape[0]), w.shape[0], device=h.device, dtype=dtype)
             total = torch.zeros((), device=h.device, dtype=acc)
-            for start in range(0, h.shape[0], chunk):
-                zc = z[start:start + chunk].to(dtype)  # (n, R)
-                x = (h[start:start + chunk].to(acc) + torch.mm(zc, bd.T).to(acc)).to(dtype)  # as head_input
-                logits = torch.mm(x, w.T, out=buf[:x.shape[0]])  # (n, V'); the pad columns are 0
-                loss, g, _ = step(logits[:, :V], labels[start:start + chunk], acc)
-                if g.data_ptr() != logits.data_ptr():  # the torch step returns a new tensor
-                    logits[:, :V] = g
+
+            def x_of(start: int, end: int) -> Tensor:  # as `Skip2LoRAModel.head_input`
+                return (h[start:end].to(acc) + torch.mm(z[start:end].to(dtype), bd.T).to(acc)).to(dtype)
+
+            for start, x, g, loss, _ in softmax_chunks(x_of, h.shape[0], w, weight.shape[0], labels, chunk,
+                                                       softmax_step(triton_step), dtype):
                 total += loss
                 if grad_z is not None and gtz is not None and u is not None:
-                    grad_z[start:start + chunk] = torch.mm(logits, u)  # (n, R); pad columns meet U's zero rows
-                    gtz.add_(logits.T, zc)  # (V', R) += Gᵀ z
+                    end = start + x.shape[0]
+                    grad_z[start:end] = torch.mm(g, u)  # (n, R); pad columns meet U's zero rows
+                    gtz.add_(g.T, z[start:end].to(dtype))  # (V', R) += Gᵀ z
             grad_b = None if gtz is None else _head_transpose_times(w, gtz.total).to(b.dtype)
         ctx.save_for_backward(grad_z, grad_b)
         ctx.done = False
@@ -97,12 +103,8 @@ class _LowRankHeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        """dz and db scaled in place (used once; a second backward of the same graph is refused)."""
-        if ctx.done:
-            raise RuntimeError("the low-rank head cross-entropy's backward ran twice (retain_graph=True): its "
-                               "gradients are scaled in place; backpropagate once per forward")
-        ctx.done = True
-        grad_z, grad_b = (None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.saved_tensors)
+        grad_z, grad_b = scale_once_(ctx, grad_out, "the low-rank head cross-entropy",
+                                     "backpropagate once per forward")
         return None, grad_z, grad_b, None, None, None, None, None
 
 
