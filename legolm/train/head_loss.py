@@ -112,8 +112,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if by_vocab:
                 grad_w = _vocab_pass(x.to(dtype), w[:weight.shape[0]], labels, lse, vocab_chunk, triton_step)
             grad_w = None if grad_w is None else grad_w[:weight.shape[0]].to(weight.dtype)
-        ctx.save_for_backward(grad_x, grad_w)
-        ctx.done = False
+        save_for_scaling(ctx, grad_x, grad_w)
         return total
 
     @staticmethod
@@ -123,10 +122,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None
 
 
+def save_for_scaling(ctx: Any, *grads: Tensor | None) -> None:
+    """Keep the gradients a loss computed in its forward for `scale_once_` in its backward."""
+    ctx.save_for_backward(*grads)
+    ctx.done = False
+
+
 def scale_once_(ctx: Any, grad_out: Tensor, what: str, fix: str) -> list[Tensor | None]:
-    """The gradients a loss computed in forward (``ctx.saved_tensors``), scaled by ``grad_out`` in place: a
-    scaled copy would hold them twice at the peak, and they are used once. A second backward of the same graph
-    (``ctx.done``, set False in forward) would scale them twice: refused."""
+    """The gradients `save_for_scaling` kept, scaled by ``grad_out`` in place: a scaled copy would hold them
+    twice at the peak, and they are used once. A second backward of the same graph would scale them twice:
+    refused."""
     if ctx.done:
         raise RuntimeError(f"{what}'s backward ran twice (retain_graph=True): its gradients are scaled in place; "
                            f"{fix}")

@@ -31,6 +31,7 @@ from legolm.train.head_loss import (
     LossKernel,
     ProductSum,
     aligned_rows,
+    save_for_scaling,
     scale_once_,
     softmax_chunks,
     softmax_step,
@@ -97,8 +98,7 @@ class _LowRankHeadCrossEntropy(torch.autograd.Function):
                     grad_z[start:end] = torch.mm(g, u)  # (n, R); pad columns meet U's zero rows
                     gtz.add_(g.T, z[start:end].to(dtype))  # (V', R) += Gᵀ z
             grad_b = None if gtz is None else _head_transpose_times(w, gtz.total).to(b.dtype)
-        ctx.save_for_backward(grad_z, grad_b)
-        ctx.done = False
+        save_for_scaling(ctx, grad_z, grad_b)
         return total
 
     @staticmethod
