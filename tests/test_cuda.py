@@ -118,6 +118,45 @@ def test_chunked_head_loss_gradients_match_unchunked_under_bf16_autocast(compile
         assert ((grads[1][name] - ref).norm() / ref.norm()).item() < 3e-2, name
 
 
+def test_the_softmax_step_kernel_at_a_real_vocabulary_matches_torch_in_fp32() -> None:
+    """The Triton softmax step with its default launch settings (several tiles per row, a partial last
+    tile at GPT-2's 50,257 words, unscored rows) against torch's fp32 softmax of the same bf16 logits."""
+    import torch.nn.functional as F
+
+    from legolm.kernels.cross_entropy import ce_grad_
+    from legolm.train.head_loss import IGNORE_INDEX
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(64, 50257, generator=gen, device="cuda") * 3).to(torch.bfloat16)
+    labels = torch.randint(0, 50257, (64,), generator=gen, device="cuda")
+    labels[[0, 63]] = IGNORE_INDEX
+    ref = logits.float()
+    want = torch.softmax(ref, -1) - F.one_hot(labels.clamp(min=0), 50257)
+    want[labels == IGNORE_INDEX] = 0.0
+    loss, lse = torch.empty(64, device="cuda"), torch.empty(64, device="cuda")
+    ce_grad_(logits, labels, loss, lse, IGNORE_INDEX)
+    torch.testing.assert_close(lse, torch.logsumexp(ref, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, F.cross_entropy(ref, labels, ignore_index=IGNORE_INDEX, reduction="none"),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits.float(), want, rtol=1e-2, atol=1e-5)  # bf16 storage of the gradient
+
+
+def test_the_low_rank_heads_w_transpose_product_keeps_fp32_accuracy_from_two_bf16_terms() -> None:
+    """Wᵀ m with W in bf16 and m an fp32 sum: the two-term tensor-core path against fp64 (its error is
+    that of m's 16 leading bits, far below a bf16 rounding of m)."""
+    from legolm.train.low_rank_head import _head_transpose_times
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(50304, 768, generator=gen, device="cuda").to(torch.bfloat16)
+    m = torch.randn(50304, 96, generator=gen, device="cuda") * torch.logspace(-3, 3, 96, device="cuda")
+    want = w.double().T @ m.double()
+    got = _head_transpose_times(w, m)
+    assert got.dtype == torch.float32
+    err = ((got.double() - want).norm() / want.norm()).item()
+    bf16_err = ((w.double().T @ m.to(torch.bfloat16).double() - want).norm() / want.norm()).item()
+    assert err < 1e-5 and err < bf16_err / 50, (err, bf16_err)
+
+
 @pytest.mark.parametrize("preset", ["gpt2", "pythia-160m", "smollm2-135m"])
 def test_fused_decode_matches_torch_decode(preset: str) -> None:
     """The compiled fused Triton step (tuned, captured in a CUDA graph) against the torch step, fp32."""

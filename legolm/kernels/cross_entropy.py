@@ -51,16 +51,22 @@ def ce_grad_kernel(logits_ptr, labels_ptr, loss_ptr, lse_ptr, V, stride, ignore_
         tl.store(ptr + v, (g * keep).to(logits_ptr.dtype.element_ty), mask=v < V)
 
 
-CE_BLOCK_V = 4096  # logits per tile of a row (a power of two)
+# Launch settings of the row kernel, chosen on the H200 (GPT-2's 16,384 x 50,257 bf16 logits, 2026-11-30): tiles
+# of 1,024 logits with 8 warps were the fastest of 4 warp counts x 6 tile sizes, 1.7x faster than the 4,096-logit
+# tiles with 4 warps used before; the chunked-loss rows of `benchmarks.linear_ce` and `benchmarks.skip2lora` measure
+# them on real text (README, "Skip2-LoRA")
+CE_BLOCK_V = 1024  # logits per tile of a row (a power of two)
+CE_NUM_WARPS = 8
+CE_COLUMNS_BLOCK = 4096  # logits per tile of the columns kernel (a power of two)
 
 
 def ce_grad_(logits: Tensor, labels: Tensor, loss: Tensor, lse: Tensor, ignore_index: int,
-             block_v: int = CE_BLOCK_V) -> None:
+             block_v: int = CE_BLOCK_V, num_warps: int = CE_NUM_WARPS) -> None:
     """Per row of ``logits`` (n, V): the loss into ``loss`` (n,) fp32, the log-sum-exp into ``lse`` (n,) fp32,
     softmax − onehot written over the logits."""
     n, V = logits.shape
     ce_grad_kernel[(n,)](logits, labels, loss, lse, V, logits.stride(0), ignore_index,
-                         BLOCK_V=min(block_v, triton.next_power_of_2(V)))
+                         BLOCK_V=min(block_v, triton.next_power_of_2(V)), num_warps=num_warps)
 
 
 @triton.jit
@@ -78,7 +84,7 @@ def ce_grad_columns_kernel(logits_ptr, labels_ptr, lse_ptr, v0, m, stride, ignor
 
 
 def ce_grad_columns_(logits: Tensor, labels: Tensor, lse: Tensor, v0: int, ignore_index: int,
-                     block: int = CE_BLOCK_V) -> None:
+                     block: int = CE_COLUMNS_BLOCK) -> None:
     """``logits`` (n, m): the logits of vocabulary entries v0 .. v0 + m of n rows (any row stride); softmax −
     onehot of those entries written over them, from each row's ``lse`` (n,) fp32."""
     n, m = logits.shape
