@@ -37,11 +37,14 @@ class Server:
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=30).json()
 
-    def metric(self, name: str) -> float:
-        """A metric's value (the sum over its label sets) from /metrics."""
+    def metric(self, name: str, absent: float | None = None) -> float:
+        """A metric's value (the sum over its label sets) from /metrics; ``absent`` where it is not there yet (a
+        labelled counter appears at its first increment), else that fails."""
         text = httpx.get(f"{self.url}/metrics", timeout=30).text
         values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                   if line.startswith(name) and (len(line) == len(name) or line[len(name)] in " {")]
+        if not values and absent is not None:
+            return absent
         assert values, f"{name} not in /metrics"
         return sum(values)
 

@@ -185,7 +185,7 @@ def test_lego_from_a_pretrained_checkpoint_chooses_its_split_by_the_curve(tmp_pa
     out = tmp_path / "run"
     proc = _run(["lego", "--config", str(ROOT / "configs" / "lego-split-tiny.yaml"), "--model.init",
                  str(tmp_path / "base"), "--run.out-dir", str(out), "--lego.calibrate", calibrate,
-                 "--lego.joint-exit-weight", str(joint)], tmp_path)
+                 "--lego.joint-exit-weight", str(joint), *(["--lego.exit-lr-scale", "10"] if joint else [])], tmp_path)
     if calibrate == "quality":
         _assert_user_error(proc, "no hard examples", "every token exits within tolerance", "lego.split_tolerance")
         assert "calibrated" not in proc.stdout

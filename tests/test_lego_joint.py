@@ -10,8 +10,9 @@ from legolm.errors import ConfigError
 from legolm.lego.config import LegoConfig, LegoSettings
 from legolm.lego.split import ExitProbe, ExitProbeLoss, measure_splits
 from legolm.model.transformer import TransformerLM
-from legolm.train.config import ModelSpec
+from legolm.train.config import ModelSpec, OptimConfig, ScheduleConfig
 from legolm.train.head_loss import token_cross_entropy
+from legolm.train.optim import LRSchedule, build_optimizer, lr_scales
 
 
 def _probe(train_model: bool) -> ExitProbe:
@@ -72,3 +73,34 @@ def test_joint_exit_weight_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match=r"--lego\.split-candidates K\) or set lego\.joint_exit_weight 0"):
         LegoConfig(model=ModelSpec(init="some/base"), lego=LegoSettings(split=2, joint_exit_weight=0.5)).validate()
 
+    with pytest.raises(ConfigError, match=r"lego\.exit_lr_scale must be > 0"):
+        LegoConfig(model=ModelSpec(init="some/base"),
+                   lego=LegoSettings(split_candidates=[2], joint_exit_weight=0.5, exit_lr_scale=0.0)).validate()
+    with pytest.raises(ConfigError, match=r"lego\.joint_exit_weight > 0: set that, or leave lego\.exit_lr_scale 1"):
+        LegoConfig(model=ModelSpec(init="some/base"),
+                   lego=LegoSettings(split_candidates=[2], exit_lr_scale=10.0)).validate()
+
+
+def test_the_exits_own_parameters_train_at_their_scaled_rate_and_the_model_at_the_schedules() -> None:
+    """One SGD-like step of Adam moves each parameter by about its group's rate: the lenses and norms by 10x
+    the blocks' rate; the shared head (the model's, frozen) carries no scale."""
+    torch.manual_seed(0)
+    probe = ExitProbe(TransformerLM(ModelConfig.from_name("tiny-pythia", layers=["pythia"] * 4)), [1, 2],
+                      train_model=True, exit_lr_scale=10.0)
+    own = [p for e in probe.exits.values() for p in (*e.lens.parameters(), *e.norm.parameters())]  # type: ignore[union-attr]
+    assert lr_scales(own) == [10.0] * len(own)
+    assert set(lr_scales(probe.model.parameters())) == {1.0}
+    params = [p for p in probe.parameters() if p.requires_grad]
+    opt = build_optimizer(params, OptimConfig(lr=1e-3, weight_decay=0.0), torch.device("cpu"))
+    LRSchedule(1e-3, ScheduleConfig(warmup_steps=0, decay="constant"), 10).apply(opt, 0)
+    assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([1e-3, 1e-2])
+    before = {id(p): p.detach().clone() for p in params}
+    ExitProbeLoss(0.5)(probe, _batch(probe.model.config.vocab_size))[0].backward()
+    opt.step()
+    # Adam's first step moves every entry with a non-zero gradient by its rate (sign of the gradient)
+    lens = probe.exit(1).lens
+    assert lens is not None
+    block = probe.model.blocks[0].attn.qkv.weight  # type: ignore[union-attr]
+    step_lens = (lens.weight - before[id(lens.weight)]).abs().max().item()
+    step_block = (block - before[id(block)]).abs().max().item()
+    assert step_lens == pytest.approx(1e-2, rel=1e-3) and step_block == pytest.approx(1e-3, rel=1e-3)

@@ -88,6 +88,9 @@ class LegoSettings:
             in phase 1 (tuned lenses); w > 0 trains the whole model with them, loss = CE(deep) + w · mean
             CE(exits), the early-exit loss of LayerSkip (Elhoushi et al. 2024, arXiv 2404.16710), so that
             lower blocks learn to predict early. Tolerances stay relative to the unmodified model.
+        exit_lr_scale: With joint_exit_weight > 0: the exits train at this multiple of phase 1's learning rate
+            (they start new, the model fine-tunes: on SmolLM2 one rate of 1e-4 left them worse than exits trained
+            alone at 1e-3, README "LEGO").
         calibrate: How τ is calibrated: ratio (target_ratio of the validation tokens fall below it) or quality
             (pretrained route: the most exits whose soft-routed validation perplexity, with the model's own upper
             layers, stays within split_tolerance of the unmodified model's; each split candidate gets its own).
@@ -126,6 +129,7 @@ class LegoSettings:
     split_candidates: list[int] = field(default_factory=list)
     split_tolerance: float = 0.03
     joint_exit_weight: float = 0.0
+    exit_lr_scale: float = 1.0
     calibrate: Literal["ratio", "quality"] = "ratio"
     quality_grid: int = 100
     phase1: bool = True
@@ -261,6 +265,10 @@ class LegoConfig:
             (lg.joint_exit_weight == 0 or bool(lg.split_candidates),
              "lego.joint_exit_weight trains a pretrained model with exits at lego.split_candidates: give them "
              "(e.g. --lego.split-candidates K) or set lego.joint_exit_weight 0"),
+            (lg.exit_lr_scale > 0, f"lego.exit_lr_scale must be > 0, got {lg.exit_lr_scale}"),
+            (lg.exit_lr_scale == 1 or lg.joint_exit_weight > 0,
+             "lego.exit_lr_scale scales the exits' rate against the model's, which trains only with "
+             "lego.joint_exit_weight > 0: set that, or leave lego.exit_lr_scale 1"),
             (lg.calibrate == "ratio" or pretrained,
              "lego.calibrate: quality bounds the routed perplexity by the unmodified model's, which only the "
              "pretrained route has (lego.split / lego.split_candidates); use lego.calibrate ratio"),

@@ -37,6 +37,7 @@ from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch, rewind
 from legolm.train.fit import LossOutput
 from legolm.train.head_loss import token_cross_entropy
+from legolm.train.optim import scale_lr
 from legolm.utils.finite import safe_exp
 from legolm.utils.io import atomic_savefig, pyplot
 
@@ -48,9 +49,11 @@ class ExitProbe(nn.Module):
         model: The pretrained model: frozen here, or trained with the exits (``train_model``).
         splits: Block counts below each exit, each in [1, n_layer - 1].
         train_model: Train the model too (LayerSkip's early-exit loss, `ExitProbeLoss`).
+        exit_lr_scale: Where the model trains too, the exits' learning rate as a multiple of the model's.
     """
 
-    def __init__(self, model: TransformerLM, splits: list[int], train_model: bool = False) -> None:
+    def __init__(self, model: TransformerLM, splits: list[int], train_model: bool = False,
+                 exit_lr_scale: float = 1.0) -> None:
         super().__init__()
         L = model.config.n_layer
         bad = [k for k in splits if not 1 <= k < L]
@@ -63,6 +66,9 @@ class ExitProbe(nn.Module):
         self.exits = nn.ModuleDict({str(k): ExitHead.tuned_lens(model.norm, model.lm_head) for k in self.splits})
         for e in self.exits.values():
             e.trainable()  # type: ignore[operator]
+        if train_model:  # the lenses and norms are the exits' own; their head is the model's (shared)
+            shared = {id(p) for p in model.parameters()}
+            scale_lr([p for p in self.exits.parameters() if id(p) not in shared], exit_lr_scale)
 
     def hidden(self, idx: Tensor) -> dict[int, Tensor]:
         """Hidden states after each split: {k: (B, T, C)} (no gradient unless the model trains)."""

@@ -316,7 +316,7 @@ def _phase1_split(cfg: LegoConfig, corpus: TokenizedCorpus, train: BatchSource, 
         model.mark_trained()
         return model, result, [], None
     joint = cfg.lego.joint_exit_weight > 0 and cfg.lego.phase1
-    probe = ExitProbe(base, cfg.lego.split_candidates, train_model=joint)
+    probe = ExitProbe(base, cfg.lego.split_candidates, train_model=joint, exit_lr_scale=cfg.lego.exit_lr_scale)
     reference = _unmodified_ppl(cfg, probe, val) if joint else None
     result = fit(probe, train, fit_cfg, val=val, loss_fn=ExitProbeLoss(cfg.lego.joint_exit_weight),
                  callbacks=[RestoreBest()]) if cfg.lego.phase1 else None

@@ -51,7 +51,7 @@ from legolm.train.config import FitConfig, uses_bf16
 from legolm.train.distributed import DistContext, Wrapped, init_distributed
 from legolm.train.head_loss import IGNORE_INDEX, LossKernel, head_cross_entropy, token_cross_entropy
 from legolm.train.metrics import MetricsLogger, format_loss
-from legolm.train.optim import LRSchedule, build_optimizer
+from legolm.train.optim import LRSchedule, build_optimizer, lr_scales
 from legolm.train.run_dir import open_run_dir, release_run_dir
 from legolm.utils.finite import safe_exp
 from legolm.utils.io import atomic_write_text
@@ -384,8 +384,9 @@ def _fit_in(run_dir: Path, model: nn.Module, train: BatchSource, cfg: FitConfig,
     if ctx.strategy != "fsdp2":  # FSDP2 shards a copy and fills the model at the end
         model.to(device)
     model.train()
+    scales = lr_scales(trainable_parameters(model))  # FSDP2's sharded copies do not keep the attribute
     wrapped = Wrapped(model, ctx, cfg.run)
-    optimizer = build_optimizer(trainable_parameters(wrapped.model), cfg.optim, device)  # FSDP2: shards
+    optimizer = build_optimizer(trainable_parameters(wrapped.model), cfg.optim, device, scales)  # FSDP2: shards
     schedule = LRSchedule(cfg.optim.lr, cfg.schedule, n_steps)
     loss = loss_fn or NextTokenLoss(cfg.loss_chunk_tokens, cfg.loss_kernel, cfg.loss_vocab_chunk)
     step = TrainStep(model, loss, optimizer, schedule, cfg.optim.grad_clip, autocast_for(device, cfg.run.precision),

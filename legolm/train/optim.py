@@ -3,29 +3,49 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from legolm.train.config import OptimConfig, ScheduleConfig
 
+LR_SCALE = "lr_scale"  # the attribute a parameter may carry: it trains at lr_scale x the schedule's rate
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+
+def scale_lr(params: Iterable[nn.Parameter], scale: float) -> None:
+    """Train ``params`` at ``scale`` times the learning rate of the schedule (`build_optimizer` reads it), e.g.
+    new layers beside a pretrained model that fine-tunes at a small rate."""
+    for p in params:
+        setattr(p, LR_SCALE, float(scale))
+
+
+def lr_scales(params: Iterable[nn.Parameter]) -> list[float]:
+    """Each parameter's learning-rate scale (1 where none was set by `scale_lr`)."""
+    return [float(getattr(p, LR_SCALE, 1.0)) for p in params]
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, device: torch.device,
+                    scales: Sequence[float] | None = None) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter 2019) with weight decay on matrices only.
 
     Parameters of 2 or more dimensions (linear and embedding weights) decay; biases and norm
     gains do not, as in GPT-2/nanoGPT. The fused kernel is used on CUDA unless ``cfg.fused`` says
-    otherwise.
+    otherwise. Each group keeps its parameters' learning-rate scale (`scale_lr`; ``scales`` gives them in
+    the order of ``params`` where the parameters are copies that lost the attribute, as FSDP2's are), which
+    `LRSchedule.apply` multiplies in.
     """
     params = list(params)
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    scales = lr_scales(params) if scales is None else list(scales)
+    if len(scales) != len(params):
+        raise ValueError(f"{len(scales)} learning-rate scales for {len(params)} parameters")
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for p, scale in zip(params, scales, strict=True):
+        groups.setdefault((p.ndim >= 2, scale), []).append(p)
     fused = cfg.fused if cfg.fused is not None else device.type == "cuda"
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, fused=fused)
+    return torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, LR_SCALE: scale,
+                               "lr": cfg.lr * scale} for (decay, scale), ps in groups.items()],
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
 class LRSchedule:
@@ -64,8 +84,9 @@ class LRSchedule:
         return floor + (self.lr - floor) * shape
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        """Set the learning rate of every parameter group for ``step``; return it."""
+        """Set the learning rate of every parameter group for ``step`` (times the group's `LR_SCALE`); return
+        the schedule's rate."""
         lr = self(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get(LR_SCALE, 1.0)
         return lr
