@@ -72,7 +72,6 @@ def test_joint_exit_weight_settings_are_checked() -> None:
                    lego=LegoSettings(split_candidates=[2], joint_exit_weight=-1.0)).validate()
     with pytest.raises(ConfigError, match=r"--lego\.split-candidates K\) or set lego\.joint_exit_weight 0"):
         LegoConfig(model=ModelSpec(init="some/base"), lego=LegoSettings(split=2, joint_exit_weight=0.5)).validate()
-
     with pytest.raises(ConfigError, match=r"lego\.exit_lr_scale must be > 0"):
         LegoConfig(model=ModelSpec(init="some/base"),
                    lego=LegoSettings(split_candidates=[2], joint_exit_weight=0.5, exit_lr_scale=0.0)).validate()
