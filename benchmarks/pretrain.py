@@ -11,7 +11,8 @@ cross-entropy on the logits. Only the model differs, eager or under `torch.compi
     litgpt     the same TrainStep on litgpt's `GPT`, the weights through litgpt's own HF converter
                (``copy_weights_gpt_neox``); Pythia only (litgpt has no GPT-2: its rows read "not supported"),
                "not installed" without litgpt (see benchmarks/peers.py and the README's Benchmarks)
-    chunked    legolm with the loss scored ``--loss-chunk`` tokens at a time (``loss_chunk_tokens``)
+    chunked    legolm with the loss scored ``--loss-chunk`` tokens at a time (``loss_chunk_tokens``), each chunk's
+               softmax step by ``--loss-kernel`` (``loss_kernel``: torch ops or the Triton kernel)
 
 The vocabulary is padded to a multiple of 64 (50257 -> 50304, as nanoGPT does) for BOTH
 libraries, so the comparison is between equal shapes. tok/s = batch x seq x steps / wall time
@@ -177,6 +178,8 @@ def main() -> None:
                         "aot_eager with --smoke)")
     parser.add_argument("--matmul-n", type=int, default=8192, help="size of the bf16 matmul that sets the peak")
     parser.add_argument("--loss-chunk", type=int, default=4096, help="tokens per loss chunk of the 'chunked' variant")
+    parser.add_argument("--loss-kernel", choices=["torch", "triton"], default="torch",
+                        help="the 'chunked' variant's softmax step (loss_kernel)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="profile this many more steps of each variant: device time by kind of kernel (0 = not)")
     parser.add_argument("--profile-rows", type=int, default=15, help="costliest kernels listed per profile")
@@ -215,7 +218,7 @@ def main() -> None:
                     print(f"{preset} {variant}: {notes[variant]}", flush=True)
                     continue
             loss_fn = {"hf": hf_loss, "litgpt": logits_loss}.get(library) or \
-                NextTokenLoss(args.loss_chunk if "chunked" in extra else 0)
+                NextTokenLoss(args.loss_chunk if "chunked" in extra else 0, args.loss_kernel)
             print(f"{preset}: timing {variant} ...", flush=True)
             try:
                 model = build_model(library, config, device)
