@@ -132,6 +132,17 @@ def test_bad_config_values(cache: Path, tmp_path: Path, capsys: pytest.CaptureFi
          "0 < 50 <= 30 <= 1000")
 
 
+def test_the_triton_loss_kernel_off_the_gpu_is_one_line(cache: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a GPU (and without Triton's interpreter) the Triton softmax step cannot run: said before the run
+    directory exists, with both ways out."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out = tmp_path / "run"
+    _bad(capsys, [*tiny_args(cache, out), "--loss-chunk-tokens", "64", "--loss-kernel", "triton"],
+         out, "loss_kernel triton runs on a CUDA GPU, not cpu", "TRITON_INTERPRET=1", "or use loss_kernel torch")
+
+
 def test_bad_data(cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     empty = tmp_path / "empty.txt"

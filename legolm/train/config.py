@@ -22,7 +22,8 @@ from legolm.core.config import PRESETS, ModelConfig
 from legolm.data.tokenized import DataConfig
 from legolm.errors import ConfigError
 from legolm.eval.sanity import PPLBands
-from legolm.utils.device import check_device_name
+from legolm.kernels import triton_unavailable
+from legolm.utils.device import check_device_name, planned_device
 
 MAX_SEED = 2**32 - 1  # NumPy's legacy global seeding (np.random.seed) takes seeds in [0, 2**32 - 1]
 MAX_SAMPLE_SEED = 2**64 - 1  # a torch.Generator takes seeds in [0, 2**64 - 1]
@@ -256,6 +257,9 @@ class FitConfig:
         _raise_first(checks)
         check_device_name(self.run.device, "run.device")
         self.eval.ppl_bands.validate("eval.ppl_bands: ")
+        why = triton_unavailable(planned_device(self.run.device)) if self.loss_kernel == "triton" else None
+        if why:
+            raise ConfigError(f"loss_kernel triton {why}; or use loss_kernel torch")
 
 
 @dataclass

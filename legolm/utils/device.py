@@ -60,6 +60,14 @@ def resolve_device(name: str) -> torch.device:
     return parse_device(name, "run.device")
 
 
+def planned_device(name: str) -> torch.device:
+    """The kind of device a ``run.device`` setting will train on (``auto``: CUDA when visible), without checking
+    that the named device exists (that is `resolve_device`'s, when the run starts)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name.split(":")[0])
+
+
 def memory_bytes(device: torch.device) -> int | None:
     """Total memory of ``device`` (host RAM for the CPU, the GPU's for CUDA); None where it is unknown."""
     if device.type == "cuda":
