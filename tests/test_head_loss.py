@@ -163,7 +163,7 @@ def test_the_triton_softmax_step_equals_the_whole_logits_loss(chunk: int, v: int
     tiles per chunk): loss and gradients of x and W against the whole-logits loss in fp64."""
     import legolm.kernels.cross_entropy as kce
 
-    monkeypatch.setattr(kce.ce_grad_, "__defaults__", (block_v, kce.CE_NUM_WARPS))
+    monkeypatch.setattr(kce.ce_grad_, "__defaults__", (block_v, kce.CE_NUM_WARPS, None))
     monkeypatch.setattr(kce.ce_grad_columns_, "__defaults__", (block_v,))
     torch.manual_seed(3)
     head64 = nn.Linear(8, v, bias=False).double().requires_grad_(trainable_head)

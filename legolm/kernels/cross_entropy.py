@@ -61,12 +61,14 @@ CE_COLUMNS_BLOCK = 4096  # logits per tile of the columns kernel (a power of two
 
 
 def ce_grad_(logits: Tensor, labels: Tensor, loss: Tensor, lse: Tensor, ignore_index: int,
-             block_v: int = CE_BLOCK_V, num_warps: int = CE_NUM_WARPS) -> None:
+             block_v: int = CE_BLOCK_V, num_warps: int = CE_NUM_WARPS, num_stages: int | None = None) -> None:
     """Per row of ``logits`` (n, V): the loss into ``loss`` (n,) fp32, the log-sum-exp into ``lse`` (n,) fp32,
-    softmax − onehot written over the logits."""
+    softmax − onehot written over the logits. ``num_stages``: Triton's software pipelining of the row loops
+    (None = Triton's default; `benchmarks.ce_step` sweeps it)."""
     n, V = logits.shape
+    stages = {} if num_stages is None else {"num_stages": num_stages}
     ce_grad_kernel[(n,)](logits, labels, loss, lse, V, logits.stride(0), ignore_index,
-                         BLOCK_V=min(block_v, triton.next_power_of_2(V)), num_warps=num_warps)
+                         BLOCK_V=min(block_v, triton.next_power_of_2(V)), num_warps=num_warps, **stages)
 
 
 @triton.jit

@@ -1,0 +1,38 @@
+"""`python -m benchmarks.ce_step --smoke`: the softmax step's sweep, the copy and the peers run on the CPU (Triton's
+interpreter), the library's launch settings are marked, and legolm's loss and gradient match torch in fp32."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ce_step_benchmark_smoke_sweeps_marks_the_default_and_is_accurate(tmp_path: Path) -> None:
+    from legolm.kernels.cross_entropy import CE_BLOCK_V, CE_NUM_WARPS
+
+    out = tmp_path / "ce_step.json"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.ce_step", "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    default = f"legolm {CE_BLOCK_V}/{CE_NUM_WARPS}/- (default)"
+    assert list(rows) == ["copy", f"legolm 256/{CE_NUM_WARPS}/-", default, "liger", "torch compile"]
+    table = [line.split("|")[1].strip() for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert table == ["impl", *rows]
+    assert rows["copy"]["ms"] > 0
+    if importlib.util.find_spec("liger_kernel") is None:
+        assert rows["liger"] == {"impl": "liger", "status": "not installed"}
+    for name in (f"legolm 256/{CE_NUM_WARPS}/-", default, "torch compile"):
+        r = rows[name]
+        assert 0 < r["ms_min"] <= r["ms"] <= r["ms_max"]
+        # bf16 logits: the loss is summed in fp32 (tiny error); each gradient entry is stored in bf16 (|g| <= 1:
+        # one rounding is at most 2^-8; the interpreter truncates, so up to twice that)
+        assert r["loss_rel_err"] < 1e-5, (name, r["loss_rel_err"])
+        assert r["grad_max_abs_err"] < 2 ** -7, (name, r["grad_max_abs_err"])
