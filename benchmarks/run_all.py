@@ -33,6 +33,7 @@ SUITE: dict[str, list[str]] = {
     "skip2lora": ["benchmarks.skip2lora"],
     "skip2lora-pythia-160m": ["benchmarks.skip2lora", "--model", "pythia-160m"],
     "linear_ce": ["benchmarks.linear_ce"],
+    "ce_step": ["benchmarks.ce_step"],
     "decode": ["benchmarks.decode", "--no-hf-static"],
     "early_exit": ["benchmarks.early_exit"],
     "memory_layers": ["benchmarks.memory_layers"],
