@@ -194,7 +194,10 @@ def test_lego_from_a_pretrained_checkpoint_chooses_its_split_by_the_curve(tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     curve = {p["split"]: p for p in summary["split_curve"]}
     assert summary["vs_unmodified"]["unmodified_ppl"] == pytest.approx(curve[1]["reference_ppl"], rel=1e-4)
-    assert "vs the unmodified model's" in proc.stdout
+    assert "vs the unmodified model's" in proc.stdout and "vs the trained deep model's" in proc.stdout
+    vs = summary["vs_unmodified"]  # the gap the exits spend is also shown against the model after training
+    assert vs["deep_ppl"] == pytest.approx(summary["deep_ppl"])
+    assert vs["routed_over_deep"] == pytest.approx(summary["routed_ppl"] / summary["deep_ppl"])
     assert set(curve) == {1, 2} and all(p["full_ppl"] == curve[1]["full_ppl"] for p in curve.values())
     if joint:  # the whole model trained: its full depth is another model than the unmodified one
         assert "unmodified model: validation perplexity" in proc.stdout

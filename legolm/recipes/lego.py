@@ -127,7 +127,7 @@ def evaluate_and_report(cfg: LegoConfig, corpus: TokenizedCorpus, trained: LegoT
     print(note or f"quality/speed curve: {out / 'curve.png'}")
     if trained.splits:
         print(split_note or f"split curve: {out / 'split_curve.png'} (chosen k={model.split})")
-    reference = vs_unmodified(scores, tau, temperature, trained.reference_ppl, cfg.lego.split_tolerance)
+    reference = vs_unmodified(scores, tau, temperature, trained.reference_ppl, cfg.lego.split_tolerance, deep_ppl)
     if trained.distill is not None:
         print(trained.distill.line())
     print(f"model saved to {out / 'model'}")
@@ -156,16 +156,20 @@ def phase3_block(trained: LegoTraining) -> dict[str, Any] | None:
 
 
 def vs_unmodified(scores: TokenScores, tau: float, temperature: float, reference_ppl: float | None,
-                  tolerance: float) -> dict[str, Any] | None:
-    """Pretrained route: routed perplexity at τ against the unmodified model's (printed; None on the grown route)."""
+                  tolerance: float, deep_ppl: float) -> dict[str, Any] | None:
+    """Pretrained route: routed perplexity at τ against the unmodified model's, and against the trained deep model's
+    (the tolerance is the unmodified model's; where training improved the deep model, the gap between the two is
+    quality the exits spend: printed; None on the grown route)."""
     if reference_ppl is None:
         return None
     routed = scores.routed_ppl(tau, temperature)
     row = {"unmodified_ppl": reference_ppl, "routed_ppl": routed, "routed_over_unmodified": routed / reference_ppl,
+           "deep_ppl": deep_ppl, "routed_over_deep": routed / deep_ppl,
            "shallow_ratio": scores.shallow_ratio(tau), "within_tolerance": routed <= (1 + tolerance) * reference_ppl}
     print(f"routed perplexity {routed:.4g} vs the unmodified model's {reference_ppl:.4g} "
           f"({100 * (routed / reference_ppl - 1):+.2f}%, tolerance {100 * tolerance:g}%) at shallow ratio "
-          f"{row['shallow_ratio']:.3f}")
+          f"{row['shallow_ratio']:.3f}; vs the trained deep model's {deep_ppl:.4g}: "
+          f"{100 * (routed / deep_ppl - 1):+.2f}%")
     return row
 
 
