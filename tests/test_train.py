@@ -137,6 +137,27 @@ def test_weight_decay_only_on_matrices_and_only_trainable_parameters() -> None:
     assert len(in_opt) == len(params)
 
 
+def test_learning_rate_scales_survive_copies_that_drop_parameter_attributes() -> None:
+    """`scale_lr` marks parameters; a deep copy (as FSDP2 shards one) loses the mark, so `fit` reads the scales
+    from the original model in order and hands them to `build_optimizer`: the copy's groups get them."""
+    import copy
+
+    from legolm.train.optim import lr_scales, scale_lr
+
+    model = tiny_model()
+    scale_lr(model.blocks[0].parameters(), 10.0)
+    clone = copy.deepcopy(model)
+    assert set(lr_scales(clone.parameters())) == {1.0}  # the attribute did not travel
+    scales = lr_scales(model.parameters())
+    opt = build_optimizer(list(clone.parameters()), OptimConfig(lr=1e-3), torch.device("cpu"), scales)
+    LRSchedule(1e-3, ScheduleConfig(warmup_steps=0, decay="constant"), 10).apply(opt, 0)
+    rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    block0 = {id(p) for p in clone.blocks[0].parameters()}
+    assert all(rate[id(p)] == pytest.approx(1e-2 if id(p) in block0 else 1e-3) for p in clone.parameters())
+    with pytest.raises(ValueError, match="learning-rate scales for"):
+        build_optimizer(list(clone.parameters()), OptimConfig(), torch.device("cpu"), scales[:-1])
+
+
 def test_next_token_loss_is_log_vocab_for_uniform_logits() -> None:
     model = tiny_model()
     torch.nn.init.zeros_(model.lm_head.weight)  # logits all zero: uniform over 512 tokens
