@@ -42,10 +42,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks.common import device_info, print_table, write_result
-from benchmarks.linear_ce import build_inputs, free, versions
+from benchmarks.linear_ce import add_input_arguments, add_run_arguments, build_inputs, free, versions
 from legolm.kernels.cross_entropy import CE_BLOCK_V, CE_NUM_WARPS, ce_grad_
 from legolm.train.head_loss import IGNORE_INDEX
 
+GPT2_VOCAB = 50257
 COLUMNS = ["impl", "ms", "x copy", "loss rel err", "grad max abs err"]
 Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (logits, labels) -> (summed loss, grad of it)
 
@@ -59,35 +60,29 @@ def legolm_step(block: int, warps: int, stages: int | None) -> Step:
     return step
 
 
+def autograd_step(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Step:
+    """A summed loss of the logits by autograd: its value and the gradient of a leaf over the logits."""
+    def step(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        leaf = logits.detach().requires_grad_(True)
+        loss = loss_fn(leaf, labels)
+        loss.backward()
+        assert leaf.grad is not None
+        return loss.detach(), leaf.grad
+
+    return step
+
+
 def liger_step() -> Step | str:
     try:
         from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
     except ImportError:
         return "not installed"
-    loss_fn = LigerCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
-
-    def step(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        leaf = logits.detach().requires_grad_(True)
-        loss = loss_fn(leaf, labels)
-        loss.backward()
-        assert leaf.grad is not None
-        return loss.detach(), leaf.grad
-
-    return step
+    return autograd_step(LigerCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum"))
 
 
 def torch_step(backend: str) -> Step:
-    loss_fn = torch.compile(lambda lg, y: F.cross_entropy(lg.float(), y, ignore_index=IGNORE_INDEX, reduction="sum"),
-                            backend=backend)
-
-    def step(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        leaf = logits.detach().requires_grad_(True)
-        loss = loss_fn(leaf, labels)
-        loss.backward()
-        assert leaf.grad is not None
-        return loss.detach(), leaf.grad
-
-    return step
+    return autograd_step(torch.compile(
+        lambda lg, y: F.cross_entropy(lg.float(), y, ignore_index=IGNORE_INDEX, reduction="sum"), backend=backend))
 
 
 def steps(args: argparse.Namespace) -> dict[str, Step | str]:
@@ -148,23 +143,12 @@ def measure(step: Step, logits: Tensor, work: Tensor, labels: Tensor, ref: tuple
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["gpt2", "smollm2"], default="gpt2", help="as benchmarks.linear_ce")
-    parser.add_argument("--tokens", type=int, default=16384, help="rows of logits")
-    parser.add_argument("--hidden", type=int, default=None, help="gpt2 only: model width (default 768)")
-    parser.add_argument("--vocab", type=int, default=50257, help="gpt2 only: vocabulary (row length)")
-    parser.add_argument("--layers", type=int, default=12, help="gpt2 only: blocks of the model")
-    parser.add_argument("--seq", type=int, default=1024, help="tokens per text window the model reads")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the logits")
+    add_input_arguments(parser, GPT2_VOCAB)  # GPT-2's own vocabulary: the row length the loss sees (unpadded)
     parser.add_argument("--blocks", type=int, nargs="+", default=[512, 1024, 2048, 4096], help="tile sizes to sweep")
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16], help="warp counts to sweep")
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3],
                         help="pipeline stages to sweep (0 = Triton's default)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (compilation happens here)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls (the median is reported)")
-    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="write the JSON here (default benchmarks/results/ce_step-<date>.json; smoke: none)")
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks it runs")
+    add_run_arguments(parser, "ce_step", warmup=2, repeats=10)
     args = parser.parse_args()
     if args.smoke:
         args.tokens, args.hidden, args.vocab, args.layers, args.seq = 64, 64, 1000, 2, 64

@@ -318,26 +318,36 @@ def versions() -> dict[str, str]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_input_arguments(parser: argparse.ArgumentParser, vocab: int | None) -> None:
+    """The options `build_inputs` reads (``vocab``: the default vocabulary; None = 50304)."""
     parser.add_argument("--model", choices=["gpt2", "smollm2"], default="gpt2",
-                        help="where the hidden states and head come from (see above)")
+                        help="where the hidden states and head come from (see benchmarks.linear_ce)")
     parser.add_argument("--tokens", type=int, default=16384, help="rows of x (head inputs)")
     parser.add_argument("--hidden", type=int, default=None, help="gpt2 only: model width (default 768)")
-    parser.add_argument("--vocab", type=int, default=None, help="gpt2 only: vocabulary (default 50304)")
+    parser.add_argument("--vocab", type=int, default=vocab, help="gpt2 only: vocabulary (default 50304)")
     parser.add_argument("--layers", type=int, default=12, help="gpt2 only: blocks of the model")
     parser.add_argument("--seq", type=int, default=1024, help="tokens per text window the model reads")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of x and W")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, name: str, warmup: int, repeats: int) -> None:
+    """Timing, compilation, output and smoke options of a benchmark that writes ``<name>-<date>.json``."""
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed calls first (compilation happens here)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed calls (the median is reported)")
+    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help=f"write the JSON here (default benchmarks/results/{name}-<date>.json; smoke: none)")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks it runs (see above)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_input_arguments(parser, None)
     parser.add_argument("--chunks", type=int, nargs="+", default=[4096, 1024], help="legolm rows' chunk_tokens")
     parser.add_argument("--vocab-pass", nargs="*", default=["1024:1024", "1024:512", "768:512", "512:512"],
                         metavar="TOKENS:VOCAB",
                         help="Triton rows with dW by vocabulary chunks (`vocab_chunk`): token chunk:vocab chunk")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation happens here)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls (the median is reported)")
-    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="write the JSON here (default benchmarks/results/linear_ce-<date>.json; smoke: none)")
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks it runs (see above)")
+    add_run_arguments(parser, "linear_ce", warmup=3, repeats=20)
     args = parser.parse_args()
     if args.smoke:
         args.tokens, args.hidden, args.vocab, args.layers, args.seq = 128, 64, 1024, 2, 64

@@ -5,22 +5,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_smoke import run_smoke
 
 
 def test_ce_step_benchmark_smoke_sweeps_marks_the_default_and_is_accurate(tmp_path: Path) -> None:
     from legolm.kernels.cross_entropy import CE_BLOCK_V, CE_NUM_WARPS
 
     out = tmp_path / "ce_step.json"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.ce_step", "--smoke", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_smoke("ce_step", "--json", str(out))
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
     default = f"legolm {CE_BLOCK_V}/{CE_NUM_WARPS}/- (default)"
     assert list(rows) == ["copy", f"legolm 256/{CE_NUM_WARPS}/-", default, "liger", "torch compile"]

@@ -5,23 +5,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from benchmarks.linear_ce import row_names
+from tests.bench_smoke import run_smoke
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOKE_CHUNKS, SMOKE_VOCAB_PASS = [64, 32], ["32:256"]  # what --smoke uses
 
 
 def test_linear_ce_benchmark_smoke_has_every_row_and_bounded_gradient_errors(tmp_path: Path) -> None:
     out = tmp_path / "linear_ce.json"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.linear_ce", "--smoke", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_smoke("linear_ce", "--json", str(out))
     names = row_names(SMOKE_CHUNKS, SMOKE_VOCAB_PASS)
     assert len(names) == 9 and "legolm triton chunk 32 vocab 256" in names
     assert {"plain eager", "plain compile", "liger"} <= set(names)
