@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from legolm.core.kv_cache import KVCache, LayerKVCache
 from legolm.errors import ConfigError
 from legolm.generation.decoder import DecodeState
+from legolm.kernels import triton_unavailable
 from legolm.layers.attention import CausalSelfAttention, SplitQKV
 from legolm.layers.blocks import ParallelBlock, SequentialBlock
 from legolm.layers.mlp import GeluMLP, SwiGLUMLP
@@ -484,16 +485,9 @@ def _fastest(launch: Callable[[Shape], None], candidates: Sequence[Shape]) -> tu
 def check_fused(batch: int, device: torch.device) -> None:
     """`ConfigError` unless the fused step can run here for this batch (the model's blocks are checked
     when `FusedDecodeStep` plans them)."""
-    try:
-        import legolm.kernels.decode  # noqa: F401
-    except ImportError as err:
-        raise ConfigError(f"fused decoding needs Triton ({err}); pip install 'legolm[kernels]' or drop --fused") \
-            from None
-    from legolm.kernels import interpreted
-
-    if device.type != "cuda" and not interpreted():
-        raise ConfigError(f"fused decoding runs on a CUDA GPU, not {device.type}; drop --fused "
-                          "(or set TRITON_INTERPRET=1 to run its kernels slowly on the CPU)")
+    why = triton_unavailable(device)
+    if why:
+        raise ConfigError(f"fused decoding {why}; or drop --fused")
     if batch != 1:
         raise ConfigError(f"fused decoding decodes one sequence (batch 1), got {batch} prompts; drop --fused "
                           "for batches (the CUDA-graph path) or give one prompt")

@@ -87,9 +87,10 @@ class _LowRankHeadCrossEntropy(torch.autograd.Function):
             grad_z = torch.empty(z.shape, device=h.device, dtype=z.dtype) if grads else None
             gtz = ProductSum((w.shape[0], z.shape[1]), dtype, h.device) if grads else None
             total = torch.zeros((), device=h.device, dtype=acc)
+            zd = z.to(dtype)  # (N, R): the head input's and Gᵀz's factor, converted once
 
             def x_of(start: int, end: int) -> Tensor:  # as `Skip2LoRAModel.head_input`
-                return (h[start:end].to(acc) + torch.mm(z[start:end].to(dtype), bd.T).to(acc)).to(dtype)
+                return (h[start:end].to(acc) + torch.mm(zd[start:end], bd.T).to(acc)).to(dtype)
 
             for start, x, g, loss, _ in softmax_chunks(x_of, h.shape[0], w, weight.shape[0], labels, chunk,
                                                        softmax_step(triton_step), dtype):
@@ -97,7 +98,7 @@ class _LowRankHeadCrossEntropy(torch.autograd.Function):
                 if grad_z is not None and gtz is not None and u is not None:
                     end = start + x.shape[0]
                     grad_z[start:end] = torch.mm(g, u)  # (n, R); pad columns meet U's zero rows
-                    gtz.add_(g.T, z[start:end].to(dtype))  # (V', R) += Gᵀ z
+                    gtz.add_(g.T, zd[start:end])  # (V', R) += Gᵀ z
             grad_b = None if gtz is None else _head_transpose_times(w, gtz.total).to(b.dtype)
         save_for_scaling(ctx, grad_z, grad_b)
         return total
