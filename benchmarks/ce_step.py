@@ -7,8 +7,9 @@ spend a third or more of their GPU time in this step. The logits are x Wᵀ of t
 ``--model smollm2``: the real pretrained model), in the run's dtype.
 
     copy                 a copy of the logits (one read, one write): the bandwidth reference
-    legolm B/W/S         `legolm.kernels.cross_entropy.ce_grad_` with tiles of B logits, W warps and S pipeline
-                         stages ("-" = Triton's default); "(default)" marks the settings the library uses
+    legolm row/W         `legolm.kernels.cross_entropy.ce_grad_` holding each row whole (read once) with W warps
+    legolm B/W/S         the same in two passes over tiles of B logits, W warps and S pipeline stages ("-" =
+                         Triton's default); "(default)" marks the settings the library uses at this vocabulary
     liger                Liger's `LigerCrossEntropyLoss`, forward + backward (it also writes the gradient over
                          its input); "not installed" without liger-kernel
     torch compile        ``F.cross_entropy(logits.float(), labels)`` forward + backward under torch.compile
@@ -18,7 +19,7 @@ call, outside the timing); "x copy" = ms / the copy's ms; errors against torch i
 ref, and max |g − g_ref| of the gradient of the summed loss (the mean loss's gradient times the scored rows).
 
     python -m benchmarks.ce_step                              # GPU (carry .bench)
-    python -m benchmarks.ce_step --blocks 1024 2048 --warps 8 16 --stages 1 2 3 4
+    python -m benchmarks.ce_step --row-warps 16 32 --blocks 1024 2048 --warps 8 16 --stages 1 2 3 4
     python -m benchmarks.ce_step --smoke --json out.json      # CPU, tiny shapes, Triton's interpreter
 """
 
@@ -31,6 +32,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ from torch import Tensor
 
 from benchmarks.common import device_info, print_table, write_result
 from benchmarks.linear_ce import add_input_arguments, add_run_arguments, build_inputs, free, versions
-from legolm.kernels.cross_entropy import CE_BLOCK_V, CE_NUM_WARPS, ce_grad_
+from legolm.kernels.cross_entropy import CE_STEP, StepLaunch, ce_grad_
 from legolm.train.head_loss import IGNORE_INDEX
 
 GPT2_VOCAB = 50257
@@ -51,10 +53,10 @@ COLUMNS = ["impl", "ms", "x copy", "loss rel err", "grad max abs err"]
 Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (logits, labels) -> (summed loss, grad of it)
 
 
-def legolm_step(block: int, warps: int, stages: int | None) -> Step:
+def legolm_step(launch: StepLaunch) -> Step:
     def step(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         rows, lse = (torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32) for _ in range(2))
-        ce_grad_(logits, labels, rows, lse, IGNORE_INDEX, block, warps, stages)
+        ce_grad_(logits, labels, rows, lse, IGNORE_INDEX, launch)
         return rows.sum(), logits
 
     return step
@@ -85,13 +87,28 @@ def torch_step(backend: str) -> Step:
         lambda lg, y: F.cross_entropy(lg.float(), y, ignore_index=IGNORE_INDEX, reduction="sum"), backend=backend))
 
 
-def steps(args: argparse.Namespace) -> dict[str, Step | str]:
+def launches(args: argparse.Namespace) -> dict[str, StepLaunch]:
+    """legolm's swept launch settings by row name: whole rows, then tiles (rows that would fit are forced to tiles)."""
+    out = {f"legolm row/{w}": replace(CE_STEP, row_warps=w) for w in args.row_warps}
+    for block, warps, stages in itertools.product(args.blocks, args.warps, args.stages):
+        out[f"legolm {block}/{warps}/{'-' if stages == 0 else stages}"] = StepLaunch(
+            row_max=0, block_v=block, num_warps=warps, num_stages=stages or None)
+    return out
+
+
+def is_default(launch: StepLaunch, vocab: int) -> bool:
+    """Whether ``launch`` runs rows of ``vocab`` logits as the library's `CE_STEP` does."""
+    if CE_STEP.whole_row(vocab):
+        return launch.whole_row(vocab) and launch.row_warps == CE_STEP.row_warps
+    return (not launch.whole_row(vocab) and (launch.block_v, launch.num_warps, launch.num_stages)
+            == (CE_STEP.block_v, CE_STEP.num_warps, CE_STEP.num_stages))
+
+
+def steps(args: argparse.Namespace, vocab: int) -> dict[str, Step | str]:
     """Every row but the copy, in order."""
     rows: dict[str, Step | str] = {}
-    for block, warps, stages in itertools.product(args.blocks, args.warps, args.stages):
-        name = f"legolm {block}/{warps}/{'-' if stages == 0 else stages}"
-        default = block == CE_BLOCK_V and warps == CE_NUM_WARPS and stages == 0
-        rows[name + (" (default)" if default else "")] = legolm_step(block, warps, stages or None)
+    for name, launch in launches(args).items():
+        rows[name + (" (default)" if is_default(launch, vocab) else "")] = legolm_step(launch)
     rows["liger"] = liger_step()
     rows["torch compile"] = torch_step(args.compile_backend)
     return rows
@@ -144,7 +161,9 @@ def measure(step: Step, logits: Tensor, work: Tensor, labels: Tensor, ref: tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_input_arguments(parser, GPT2_VOCAB)  # GPT-2's own vocabulary: the row length the loss sees (unpadded)
-    parser.add_argument("--blocks", type=int, nargs="+", default=[512, 1024, 2048, 4096], help="tile sizes to sweep")
+    parser.add_argument("--row-warps", type=int, nargs="*", default=[8, 16, 32],
+                        help="warp counts to sweep for whole rows (none: tiles only)")
+    parser.add_argument("--blocks", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="tile sizes to sweep")
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16], help="warp counts to sweep")
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3],
                         help="pipeline stages to sweep (0 = Triton's default)")
@@ -152,7 +171,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.tokens, args.hidden, args.vocab, args.layers, args.seq = 64, 64, 1000, 2, 64
-        args.blocks, args.warps, args.stages, args.warmup, args.repeats = [256, CE_BLOCK_V], [CE_NUM_WARPS], [0], 1, 2
+        args.row_warps, args.blocks, args.warps, args.stages = [CE_STEP.row_warps], [256], [CE_STEP.num_warps], [0]
+        args.warmup, args.repeats = 1, 2
         args.compile_backend = args.compile_backend or "aot_eager"
     args.compile_backend = args.compile_backend or "inductor"
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -173,7 +193,7 @@ def main() -> None:
     print(header, flush=True)
     copy_ms = statistics.median(timed(lambda: work.copy_(logits), lambda: None, args.warmup, args.repeats, device))
     results: dict[str, dict[str, Any]] = {"copy": {"ms": copy_ms}}
-    for name, step in steps(args).items():
+    for name, step in steps(args, v).items():
         if isinstance(step, str):
             results[name] = {"status": step}
             continue

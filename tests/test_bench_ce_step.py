@@ -11,19 +11,19 @@ from tests.bench_smoke import run_smoke
 
 
 def test_ce_step_benchmark_smoke_sweeps_marks_the_default_and_is_accurate(tmp_path: Path) -> None:
-    from legolm.kernels.cross_entropy import CE_BLOCK_V, CE_NUM_WARPS
+    from legolm.kernels.cross_entropy import CE_STEP
 
     out = tmp_path / "ce_step.json"
     proc = run_smoke("ce_step", "--json", str(out))
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
-    default = f"legolm {CE_BLOCK_V}/{CE_NUM_WARPS}/- (default)"
-    assert list(rows) == ["copy", f"legolm 256/{CE_NUM_WARPS}/-", default, "liger", "torch compile"]
+    default, tiles = f"legolm row/{CE_STEP.row_warps} (default)", f"legolm 256/{CE_STEP.num_warps}/-"
+    assert list(rows) == ["copy", default, tiles, "liger", "torch compile"]  # 1,000 words: whole rows by default
     table = [line.split("|")[1].strip() for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert table == ["impl", *rows]
     assert rows["copy"]["ms"] > 0
     if importlib.util.find_spec("liger_kernel") is None:
         assert rows["liger"] == {"impl": "liger", "status": "not installed"}
-    for name in (f"legolm 256/{CE_NUM_WARPS}/-", default, "torch compile"):
+    for name in (default, tiles, "torch compile"):
         r = rows[name]
         assert 0 < r["ms_min"] <= r["ms"] <= r["ms_max"]
         # bf16 logits: the loss is summed in fp32 (tiny error); each gradient entry is stored in bf16 (|g| <= 1:

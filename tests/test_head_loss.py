@@ -152,18 +152,22 @@ def test_bad_chunk_settings_are_refused() -> None:
                                                "labels": torch.zeros(1, 4, dtype=torch.long)})
 
 
-@pytest.mark.parametrize(("chunk", "v", "block_v", "vocab_chunk"),
-                         [(5, 29, 8, 0), (36, 29, 32, 0), (16, 700, 256, 0), (5, 29, 8, 11), (16, 700, 256, 300)])
+@pytest.mark.parametrize(("chunk", "v", "block_v", "row_max", "vocab_chunk"),
+                         [(5, 29, 8, 0, 0), (36, 29, 32, 32, 0), (16, 700, 256, 0, 0), (5, 29, 8, 0, 11),
+                          (16, 700, 256, 1024, 300)])
 @pytest.mark.parametrize("trainable_head", [True, False])
-def test_the_triton_softmax_step_equals_the_whole_logits_loss(chunk: int, v: int, block_v: int, vocab_chunk: int,
-                                                              trainable_head: bool,
+def test_the_triton_softmax_step_equals_the_whole_logits_loss(chunk: int, v: int, block_v: int, row_max: int,
+                                                              vocab_chunk: int, trainable_head: bool,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Triton kernels (Triton's interpreter off the GPU), fp32, several tiles per row and a partial last
-    tile, unscored rows, dW accumulated over token chunks or by vocabulary chunks (the columns kernel, several
-    tiles per chunk): loss and gradients of x and W against the whole-logits loss in fp64."""
+    """The Triton kernels (Triton's interpreter off the GPU), fp32: whole rows (``row_max`` >= V) or several
+    tiles per row and a partial last tile, unscored rows, dW accumulated over token chunks or by vocabulary
+    chunks (the columns kernel, several tiles per chunk): loss and gradients of x and W against the
+    whole-logits loss in fp64."""
     import legolm.kernels.cross_entropy as kce
 
-    monkeypatch.setattr(kce.ce_grad_, "__defaults__", (block_v, kce.CE_NUM_WARPS, None))
+    launch = kce.StepLaunch(row_max=row_max, block_v=block_v)
+    assert launch.whole_row(v) == (row_max >= v)
+    monkeypatch.setattr(kce.ce_grad_, "__defaults__", (launch,))
     monkeypatch.setattr(kce.ce_grad_columns_, "__defaults__", (block_v,))
     torch.manual_seed(3)
     head64 = nn.Linear(8, v, bias=False).double().requires_grad_(trainable_head)
@@ -181,8 +185,10 @@ def test_the_triton_softmax_step_equals_the_whole_logits_loss(chunk: int, v: int
         torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-6)
 
 
-def test_the_triton_kernel_writes_every_gradient_and_zero_for_unscored_rows() -> None:
-    from legolm.kernels.cross_entropy import ce_grad_
+@pytest.mark.parametrize("row_max", [0, 64])
+def test_the_triton_kernel_writes_every_gradient_and_zero_for_unscored_rows(row_max: int) -> None:
+    """Tiles of 16 (a partial last tile) or the whole row of 50 (64 lanes, 14 masked) held by one program."""
+    from legolm.kernels.cross_entropy import StepLaunch, ce_grad_
 
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(6, 50, generator=g)
@@ -192,7 +198,7 @@ def test_the_triton_kernel_writes_every_gradient_and_zero_for_unscored_rows() ->
     lse = torch.logsumexp(logits, -1)
     want_loss = torch.where(labels == IGNORE_INDEX, 0.0, lse - logits.gather(1, labels.clamp(min=0)[:, None])[:, 0])
     rows, row_lse = torch.full((6,), float("nan")), torch.full((6,), float("nan"))
-    ce_grad_(logits, labels, rows, row_lse, IGNORE_INDEX, block_v=16)
+    ce_grad_(logits, labels, rows, row_lse, IGNORE_INDEX, StepLaunch(row_max=row_max, block_v=16))
     torch.testing.assert_close(rows, want_loss)
     torch.testing.assert_close(row_lse, lse)
     torch.testing.assert_close(logits, want)

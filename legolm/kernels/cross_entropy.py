@@ -1,13 +1,19 @@
-"""Triton kernel of the chunked linear cross-entropy's softmax step: loss and gradient in two passes over a row.
+"""Triton kernels of the chunked linear cross-entropy's softmax step: loss and gradient of each row, in place.
 
 `legolm.train.head_loss` computes the logits of a chunk of tokens with one matmul, then needs, per
 row, log-sum-exp, the target's logit, and the gradient softmax − onehot. In torch that is about seven
 passes over an fp32 copy of the chunk's logits (upcast, logsumexp, gather, subtract, exp, scatter,
-mask, downcast). This kernel reads the logits in their own dtype (bf16 under autocast) twice and
-writes the gradient over them once, in place::
+mask, downcast). These kernels read the logits in their own dtype (bf16 under autocast) and write the
+gradient over them, in place. A row that fits one program's registers (`StepLaunch.row_max`, GPT-2's and
+SmolLM2's vocabularies) is read once::
 
-    pass 1: online max and Σ exp over the row           → lse, loss = lse − logit[label]
-    pass 2: g = exp(logit − lse) − [v == label], × scale  → written over the logits (their dtype)
+    whole row:  x = row; m = max x; e = exp(x − m); s = Σ e   → lse = m + log s, loss = lse − x[label]
+                g = e / s − [v == label]                        → written over the row (its dtype)
+
+Longer rows (Llama 3's 128,256 words) go by tiles in two passes, reading the row twice::
+
+    pass 1: online max and Σ exp over the row's tiles          → lse, loss = lse − logit[label]
+    pass 2: g = exp(logit − lse) − [v == label]                 → written over the logits (their dtype)
 
 Rows whose label is the ignore index get loss 0 and gradient 0. Arithmetic in fp32.
 
@@ -18,9 +24,33 @@ recomputes the logits per vocabulary chunk (`legolm.train.head_loss`, ``vocab_ch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import triton
 import triton.language as tl
 from torch import Tensor
+
+
+@triton.jit
+def ce_grad_row_kernel(logits_ptr, labels_ptr, loss_ptr, lse_ptr, V, stride, ignore_index, BLOCK_V: tl.constexpr):
+    """One row held whole (BLOCK_V >= V): read once, one exp per logit; loss, log-sum-exp, gradient over it."""
+    row = tl.program_id(0)
+    ptr = logits_ptr + row.to(tl.int64) * stride
+    label = tl.load(labels_ptr + row)
+    scored = label != ignore_index
+    target = tl.where(scored, label, 0)
+    v = tl.arange(0, BLOCK_V)
+    x = tl.load(ptr + v, mask=v < V, other=float("-inf")).to(tl.float32)  # (BLOCK_V,)
+    m = tl.max(x, 0)
+    e = tl.exp(x - m)  # 0 past the row's end
+    s = tl.sum(e, 0)
+    lse = m + tl.log(s)
+    picked = tl.load(ptr + target).to(tl.float32)  # before the row is overwritten
+    tl.store(loss_ptr + row, tl.where(scored, lse - picked, 0.0))
+    tl.store(lse_ptr + row, lse)
+    g = e * (1.0 / s) - tl.where(v == target, 1.0, 0.0)
+    g = g * scored.to(tl.float32)
+    tl.store(ptr + v, g.to(logits_ptr.dtype.element_ty), mask=v < V)
 
 
 @triton.jit
@@ -51,24 +81,43 @@ def ce_grad_kernel(logits_ptr, labels_ptr, loss_ptr, lse_ptr, V, stride, ignore_
         tl.store(ptr + v, (g * keep).to(logits_ptr.dtype.element_ty), mask=v < V)
 
 
-# Launch settings of the row kernel, chosen on the H200 (GPT-2's 16,384 x 50,257 bf16 logits, 2026-11-30): tiles
-# of 1,024 logits with 8 warps were the fastest of 4 warp counts x 6 tile sizes, 1.7x faster than the 4,096-logit
-# tiles with 4 warps used before; the chunked-loss rows of `benchmarks.linear_ce` and `benchmarks.skip2lora` measure
-# them on real text (README, "Skip2-LoRA")
-CE_BLOCK_V = 1024  # logits per tile of a row (a power of two)
-CE_NUM_WARPS = 8
+@dataclass(frozen=True)
+class StepLaunch:
+    """How `ce_grad_` runs over rows of V logits.
+
+    Rows with V <= ``row_max`` (after rounding V up to a power of two) are held whole by one program of
+    ``row_warps`` warps and read once; longer rows go in two passes over tiles of ``block_v`` logits with
+    ``num_warps`` warps. ``num_stages``: Triton's software pipelining of the two-pass loops (None = Triton's
+    default). `benchmarks.ce_step` sweeps all five."""
+
+    row_max: int = 65536
+    row_warps: int = 16
+    block_v: int = 4096
+    num_warps: int = 4
+    num_stages: int | None = None
+
+    def whole_row(self, V: int) -> bool:
+        return triton.next_power_of_2(V) <= self.row_max
+
+
+# The library's launch settings, chosen on the H200 by `benchmarks.ce_step` (GPT-2's 16,384 x 50,257 bf16 logits
+# of real text, 2026-11-30): README, "the softmax step"
+CE_STEP = StepLaunch()
 CE_COLUMNS_BLOCK = 4096  # logits per tile of the columns kernel (a power of two)
 
 
 def ce_grad_(logits: Tensor, labels: Tensor, loss: Tensor, lse: Tensor, ignore_index: int,
-             block_v: int = CE_BLOCK_V, num_warps: int = CE_NUM_WARPS, num_stages: int | None = None) -> None:
+             launch: StepLaunch = CE_STEP) -> None:
     """Per row of ``logits`` (n, V): the loss into ``loss`` (n,) fp32, the log-sum-exp into ``lse`` (n,) fp32,
-    softmax − onehot written over the logits. ``num_stages``: Triton's software pipelining of the row loops
-    (None = Triton's default; `benchmarks.ce_step` sweeps it)."""
+    softmax − onehot written over the logits; whole rows or tiles as ``launch`` says."""
     n, V = logits.shape
-    stages = {} if num_stages is None else {"num_stages": num_stages}
+    if launch.whole_row(V):
+        ce_grad_row_kernel[(n,)](logits, labels, loss, lse, V, logits.stride(0), ignore_index,
+                                 BLOCK_V=triton.next_power_of_2(V), num_warps=launch.row_warps)
+        return
+    stages = {} if launch.num_stages is None else {"num_stages": launch.num_stages}
     ce_grad_kernel[(n,)](logits, labels, loss, lse, V, logits.stride(0), ignore_index,
-                         BLOCK_V=min(block_v, triton.next_power_of_2(V)), num_warps=num_warps, **stages)
+                         BLOCK_V=min(launch.block_v, triton.next_power_of_2(V)), num_warps=launch.num_warps, **stages)
 
 
 @triton.jit
