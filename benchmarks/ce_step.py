@@ -7,19 +7,22 @@ spend a third or more of their GPU time in this step. The logits are x Wᵀ of t
 ``--model smollm2``: the real pretrained model), in the run's dtype.
 
     copy                 a copy of the logits (one read, one write): the bandwidth reference
-    legolm row/W         `legolm.kernels.cross_entropy.ce_grad_` holding each row whole (read once) with W warps
-    legolm B/W/S         the same in two passes over tiles of B logits, W warps and S pipeline stages ("-" =
-                         Triton's default); "(default)" marks the settings the library uses at this vocabulary
+    legolm B/W/S         `legolm.kernels.cross_entropy.ce_grad_` with tiles of B logits, W warps and S pipeline
+                         stages ("-" = Triton's default); "(default)" marks the settings the library uses
     liger                Liger's `LigerCrossEntropyLoss`, forward + backward (it also writes the gradient over
                          its input); "not installed" without liger-kernel
     torch compile        ``F.cross_entropy(logits.float(), labels)`` forward + backward under torch.compile
+
+``--layout padded`` (default) gives legolm's kernel its logits as the chunked loss does: the first V columns of
+rows padded to a multiple of 64 (`legolm.train.head_loss.VOCAB_ALIGN`), the pad columns its scratch (aligned
+vector loads at an odd V); ``contiguous``: rows of exactly V. The peers always get contiguous logits.
 
 Per row: ms = median of ``--repeats`` timings of the step alone (the logits are restored from a copy before each
 call, outside the timing); "x copy" = ms / the copy's ms; errors against torch in fp32: |summed loss − ref| /
 ref, and max |g − g_ref| of the gradient of the summed loss (the mean loss's gradient times the scored rows).
 
     python -m benchmarks.ce_step                              # GPU (carry .bench)
-    python -m benchmarks.ce_step --row-warps 16 32 --blocks 1024 2048 --warps 8 16 --stages 1 2 3 4
+    python -m benchmarks.ce_step --blocks 1024 2048 --warps 8 16 --stages 1 2 3 4 --layout contiguous
     python -m benchmarks.ce_step --smoke --json out.json      # CPU, tiny shapes, Triton's interpreter
 """
 
@@ -32,7 +35,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,17 +48,17 @@ from torch import Tensor
 from benchmarks.common import device_info, print_table, write_result
 from benchmarks.linear_ce import add_input_arguments, add_run_arguments, build_inputs, free, versions
 from legolm.kernels.cross_entropy import CE_STEP, StepLaunch, ce_grad_
-from legolm.train.head_loss import IGNORE_INDEX
+from legolm.train.head_loss import IGNORE_INDEX, VOCAB_ALIGN
 
 GPT2_VOCAB = 50257
 COLUMNS = ["impl", "ms", "x copy", "loss rel err", "grad max abs err"]
 Step = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (logits, labels) -> (summed loss, grad of it)
 
 
-def legolm_step(launch: StepLaunch) -> Step:
+def legolm_step(launch: StepLaunch, pad_scratch: bool) -> Step:
     def step(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         rows, lse = (torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32) for _ in range(2))
-        ce_grad_(logits, labels, rows, lse, IGNORE_INDEX, launch)
+        ce_grad_(logits, labels, rows, lse, IGNORE_INDEX, launch, pad_scratch)
         return rows.sum(), logits
 
     return step
@@ -87,28 +89,13 @@ def torch_step(backend: str) -> Step:
         lambda lg, y: F.cross_entropy(lg.float(), y, ignore_index=IGNORE_INDEX, reduction="sum"), backend=backend))
 
 
-def launches(args: argparse.Namespace) -> dict[str, StepLaunch]:
-    """legolm's swept launch settings by row name: whole rows, then tiles (rows that would fit are forced to tiles)."""
-    out = {f"legolm row/{w}": replace(CE_STEP, row_warps=w) for w in args.row_warps}
-    for block, warps, stages in itertools.product(args.blocks, args.warps, args.stages):
-        out[f"legolm {block}/{warps}/{'-' if stages == 0 else stages}"] = StepLaunch(
-            row_max=0, block_v=block, num_warps=warps, num_stages=stages or None)
-    return out
-
-
-def is_default(launch: StepLaunch, vocab: int) -> bool:
-    """Whether ``launch`` runs rows of ``vocab`` logits as the library's `CE_STEP` does."""
-    if CE_STEP.whole_row(vocab):
-        return launch.whole_row(vocab) and launch.row_warps == CE_STEP.row_warps
-    return (not launch.whole_row(vocab) and (launch.block_v, launch.num_warps, launch.num_stages)
-            == (CE_STEP.block_v, CE_STEP.num_warps, CE_STEP.num_stages))
-
-
-def steps(args: argparse.Namespace, vocab: int) -> dict[str, Step | str]:
+def steps(args: argparse.Namespace) -> dict[str, Step | str]:
     """Every row but the copy, in order."""
     rows: dict[str, Step | str] = {}
-    for name, launch in launches(args).items():
-        rows[name + (" (default)" if is_default(launch, vocab) else "")] = legolm_step(launch)
+    for block, warps, stages in itertools.product(args.blocks, args.warps, args.stages):
+        launch = StepLaunch(block_v=block, num_warps=warps, num_stages=stages or None)
+        name = f"legolm {block}/{warps}/{'-' if stages == 0 else stages}" + (" (default)" if launch == CE_STEP else "")
+        rows[name] = legolm_step(launch, args.layout == "padded")
     rows["liger"] = liger_step()
     rows["torch compile"] = torch_step(args.compile_backend)
     return rows
@@ -161,17 +148,17 @@ def measure(step: Step, logits: Tensor, work: Tensor, labels: Tensor, ref: tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_input_arguments(parser, GPT2_VOCAB)  # GPT-2's own vocabulary: the row length the loss sees (unpadded)
-    parser.add_argument("--row-warps", type=int, nargs="*", default=[8, 16, 32],
-                        help="warp counts to sweep for whole rows (none: tiles only)")
     parser.add_argument("--blocks", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="tile sizes to sweep")
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16], help="warp counts to sweep")
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3],
                         help="pipeline stages to sweep (0 = Triton's default)")
+    parser.add_argument("--layout", choices=["padded", "contiguous"], default="padded",
+                        help="legolm's logits as the chunked loss lays them out, or rows of exactly V (see above)")
     add_run_arguments(parser, "ce_step", warmup=2, repeats=10)
     args = parser.parse_args()
     if args.smoke:
         args.tokens, args.hidden, args.vocab, args.layers, args.seq = 64, 64, 1000, 2, 64
-        args.row_warps, args.blocks, args.warps, args.stages = [CE_STEP.row_warps], [256], [CE_STEP.num_warps], [0]
+        args.blocks, args.warps, args.stages = [256, CE_STEP.block_v], [CE_STEP.num_warps], [0]
         args.warmup, args.repeats = 1, 2
         args.compile_backend = args.compile_backend or "aot_eager"
     args.compile_backend = args.compile_backend or "inductor"
@@ -188,17 +175,20 @@ def main() -> None:
     ref = reference(logits, labels)
     work = torch.empty_like(logits)
     n, v = logits.shape
-    header = (f"Softmax step (loss + softmax - onehot), {n:,} x {v:,} {args.dtype} logits of real text, "
+    padded = torch.zeros(n, -(-v // VOCAB_ALIGN) * VOCAB_ALIGN, device=device, dtype=logits.dtype)[:, :v]
+    header = (f"Softmax step (loss + softmax - onehot), {n:,} x {v:,} {args.dtype} logits of real text "
+              f"({args.layout} rows for legolm), "
               f"{device_info()['device'] or device.type}; median of {args.repeats} after {args.warmup} warmup")
     print(header, flush=True)
     copy_ms = statistics.median(timed(lambda: work.copy_(logits), lambda: None, args.warmup, args.repeats, device))
     results: dict[str, dict[str, Any]] = {"copy": {"ms": copy_ms}}
-    for name, step in steps(args, v).items():
+    for name, step in steps(args).items():
         if isinstance(step, str):
             results[name] = {"status": step}
             continue
         try:
-            results[name] = measure(step, logits, work, labels, ref, args.warmup, args.repeats, device)
+            scratch = padded if name.startswith("legolm") and args.layout == "padded" else work
+            results[name] = measure(step, logits, scratch, labels, ref, args.warmup, args.repeats, device)
         except Exception as err:  # a launch setting or a peer that fails is one row, not the end of the run
             if name.startswith("legolm") and args.smoke:
                 raise

@@ -16,8 +16,8 @@ def test_ce_step_benchmark_smoke_sweeps_marks_the_default_and_is_accurate(tmp_pa
     out = tmp_path / "ce_step.json"
     proc = run_smoke("ce_step", "--json", str(out))
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
-    default, tiles = f"legolm row/{CE_STEP.row_warps} (default)", f"legolm 256/{CE_STEP.num_warps}/-"
-    assert list(rows) == ["copy", default, tiles, "liger", "torch compile"]  # 1,000 words: whole rows by default
+    default, tiles = f"legolm {CE_STEP.block_v}/{CE_STEP.num_warps}/- (default)", f"legolm 256/{CE_STEP.num_warps}/-"
+    assert list(rows) == ["copy", tiles, default, "liger", "torch compile"]
     table = [line.split("|")[1].strip() for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert table == ["impl", *rows]
     assert rows["copy"]["ms"] > 0

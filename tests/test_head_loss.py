@@ -152,22 +152,19 @@ def test_bad_chunk_settings_are_refused() -> None:
                                                "labels": torch.zeros(1, 4, dtype=torch.long)})
 
 
-@pytest.mark.parametrize(("chunk", "v", "block_v", "row_max", "vocab_chunk"),
-                         [(5, 29, 8, 0, 0), (36, 29, 32, 32, 0), (16, 700, 256, 0, 0), (5, 29, 8, 0, 11),
-                          (16, 700, 256, 1024, 300)])
+@pytest.mark.parametrize(("chunk", "v", "block_v", "vocab_chunk"),
+                         [(5, 29, 8, 0), (36, 29, 32, 0), (16, 700, 256, 0), (5, 29, 8, 11), (16, 700, 256, 300)])
 @pytest.mark.parametrize("trainable_head", [True, False])
-def test_the_triton_softmax_step_equals_the_whole_logits_loss(chunk: int, v: int, block_v: int, row_max: int,
-                                                              vocab_chunk: int, trainable_head: bool,
+def test_the_triton_softmax_step_equals_the_whole_logits_loss(chunk: int, v: int, block_v: int, vocab_chunk: int,
+                                                              trainable_head: bool,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Triton kernels (Triton's interpreter off the GPU), fp32: whole rows (``row_max`` >= V) or several
-    tiles per row and a partial last tile, unscored rows, dW accumulated over token chunks or by vocabulary
-    chunks (the columns kernel, several tiles per chunk): loss and gradients of x and W against the
-    whole-logits loss in fp64."""
+    """The Triton kernels (Triton's interpreter off the GPU), fp32, several tiles per row and a partial last
+    tile, the rows' pad columns loaded and masked (29 words: 32 loaded of 64), unscored rows, dW accumulated
+    over token chunks or by vocabulary chunks (the columns kernel, several tiles per chunk): loss and gradients
+    of x and W against the whole-logits loss in fp64."""
     import legolm.kernels.cross_entropy as kce
 
-    launch = kce.StepLaunch(row_max=row_max, block_v=block_v)
-    assert launch.whole_row(v) == (row_max >= v)
-    monkeypatch.setattr(kce.ce_grad_, "__defaults__", (launch,))
+    monkeypatch.setattr(kce.ce_grad_, "__defaults__", (kce.StepLaunch(block_v=block_v), False))
     monkeypatch.setattr(kce.ce_grad_columns_, "__defaults__", (block_v,))
     torch.manual_seed(3)
     head64 = nn.Linear(8, v, bias=False).double().requires_grad_(trainable_head)
@@ -185,23 +182,41 @@ def test_the_triton_softmax_step_equals_the_whole_logits_loss(chunk: int, v: int
         torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("row_max", [0, 64])
-def test_the_triton_kernel_writes_every_gradient_and_zero_for_unscored_rows(row_max: int) -> None:
-    """Tiles of 16 (a partial last tile) or the whole row of 50 (64 lanes, 14 masked) held by one program."""
+@pytest.mark.parametrize("pad_scratch", [False, True])
+def test_the_triton_kernel_writes_every_gradient_and_zero_for_unscored_rows(pad_scratch: bool) -> None:
+    """Tiles of 16, rows of 50 logits: exactly 50 columns (a partial last tile), or the first 50 of rows of 64
+    whose pad columns hold huge values: 64 are loaded, the 14 past V masked (they would dominate the softmax)
+    and set to 0."""
     from legolm.kernels.cross_entropy import StepLaunch, ce_grad_
 
     g = torch.Generator().manual_seed(4)
-    logits = torch.randn(6, 50, generator=g)
+    buf = torch.full((6, 64), 1e4)
+    logits = buf[:, :50] if pad_scratch else torch.empty(6, 50)
+    logits.copy_(torch.randn(6, 50, generator=g))
     labels = torch.tensor([3, IGNORE_INDEX, 0, 49, 7, IGNORE_INDEX])
     want = torch.softmax(logits, -1) - F.one_hot(labels.clamp(min=0), 50)
     want[labels == IGNORE_INDEX] = 0.0
     lse = torch.logsumexp(logits, -1)
     want_loss = torch.where(labels == IGNORE_INDEX, 0.0, lse - logits.gather(1, labels.clamp(min=0)[:, None])[:, 0])
     rows, row_lse = torch.full((6,), float("nan")), torch.full((6,), float("nan"))
-    ce_grad_(logits, labels, rows, row_lse, IGNORE_INDEX, StepLaunch(row_max=row_max, block_v=16))
+    ce_grad_(logits, labels, rows, row_lse, IGNORE_INDEX, StepLaunch(block_v=16), pad_scratch)
     torch.testing.assert_close(rows, want_loss)
     torch.testing.assert_close(row_lse, lse)
     torch.testing.assert_close(logits, want)
+    if pad_scratch:
+        assert (buf[:, 50:] == 0).all()
+
+
+def test_the_load_width_uses_pad_columns_only_where_every_row_has_them() -> None:
+    """W = V rounded up to 16 where the rows' stride and the storage's end leave room for it, else V."""
+    from legolm.kernels.cross_entropy import load_width
+
+    assert load_width(torch.empty(6, 50)) == 50  # contiguous: the last row has no pad
+    assert load_width(torch.empty(6, 64)[:, :50]) == 64
+    assert load_width(torch.empty(6, 56)[:, :50]) == 50  # a stride of 56 < 64
+    assert load_width(torch.empty(6, 64)[1:5, :50]) == 64
+    assert load_width(torch.empty(5 * 64 + 60).as_strided((6, 50), (64, 1))) == 50  # the storage ends first
+    assert load_width(torch.empty(6, 48)) == 48  # aligned already
 
 
 def test_the_columns_kernel_writes_only_its_columns_from_the_rows_lse() -> None:

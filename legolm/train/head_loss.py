@@ -291,5 +291,5 @@ def _triton_step(logits: Tensor, labels: Tensor, acc: torch.dtype) -> tuple[Tens
     from legolm.kernels.cross_entropy import ce_grad_  # Triton is an optional dependency
 
     rows, lse = (torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32) for _ in range(2))
-    ce_grad_(logits, labels, rows, lse, IGNORE_INDEX)
+    ce_grad_(logits, labels, rows, lse, IGNORE_INDEX, pad_scratch=True)  # `softmax_chunks`' padded rows
     return rows.sum().to(acc), logits, lse
