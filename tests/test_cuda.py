@@ -78,6 +78,43 @@ def test_train_step_takes_batches_already_on_the_gpu() -> None:
         assert torch.isfinite(torch.as_tensor(loss))
 
 
+def test_fit_defaults_to_the_chunked_triton_loss_on_the_gpu_and_trains_like_the_whole_logits(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FitConfig's loss left at its defaults resolves to the Triton step in chunks on the GPU; `fit` runs it (a
+    spy sees the kernel) and moves the weights as the same run with the whole-logits loss does (bf16 autocast:
+    the updates agree to 15% in norm over all parameters; a wrong gradient would not)."""
+    import numpy as np
+
+    import legolm.train.fit as fit_module
+    from legolm.train import FitConfig, WindowBatches, fit
+    from legolm.train.config import AUTO_LOSS_CHUNK
+
+    seen: list[tuple[int, str]] = []
+    real = fit_module.head_cross_entropy
+
+    def spy(head: Any, x: Tensor, labels: Tensor, chunk: int, kernel: Any, vocab_chunk: int) -> Tensor:
+        seen.append((chunk, kernel))
+        return real(head, x, labels, chunk, kernel, vocab_chunk)
+
+    monkeypatch.setattr(fit_module, "head_cross_entropy", spy)
+    ids = np.random.default_rng(0).integers(0, 1000, 20000).astype(np.uint16)
+    deltas = []
+    for name, chunk in (("default", None), ("whole", 0)):
+        torch.manual_seed(0)
+        model = TransformerLM(ModelConfig.from_name("tiny-gpt2"))
+        init = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+        cfg = FitConfig(window=64, batch_size=4, max_steps=3, loss_chunk_tokens=chunk)
+        cfg.run.out_dir, cfg.run.progress, cfg.run.plot, cfg.run.device = str(tmp_path / name), False, False, "cuda"
+        cfg.eval.every = 0
+        if chunk is None:
+            assert (cfg.resolved_loss_kernel(), cfg.resolved_loss_chunk()) == ("triton", AUTO_LOSS_CHUNK)
+        fit(model, WindowBatches(ids, 64, 4, seed=0), cfg)
+        deltas.append(torch.cat([p.detach().float().cpu().flatten() for p in model.parameters()]) - init)
+    assert seen and set(seen) == {(AUTO_LOSS_CHUNK, "triton")}
+    assert deltas[1].norm() > 0
+    assert ((deltas[0] - deltas[1]).norm() / deltas[1].norm()).item() < 0.15
+
+
 def test_skip_cache_in_cpu_ram_serves_gpu_batches() -> None:
     from legolm.adapters.skip_cache import SkipCache
 

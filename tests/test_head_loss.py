@@ -15,7 +15,7 @@ from legolm.core.config import ModelConfig
 from legolm.errors import ConfigError
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import WindowBatches
-from legolm.train.config import FitConfig
+from legolm.train.config import AUTO_LOSS_CHUNK, FitConfig
 from legolm.train.fit import NextTokenLoss
 from legolm.train.head_loss import IGNORE_INDEX, head_cross_entropy
 
@@ -146,7 +146,7 @@ def test_bad_chunk_settings_are_refused() -> None:
     with pytest.raises(ConfigError, match="loss_vocab_chunk must be >= 0"):
         FitConfig(loss_chunk_tokens=8, loss_vocab_chunk=-1).validate()
     with pytest.raises(ConfigError, match=r"loss_vocab_chunk \(64\) needs loss_chunk_tokens > 0"):
-        FitConfig(loss_vocab_chunk=64).validate()
+        FitConfig(loss_vocab_chunk=64, loss_chunk_tokens=0).validate()
     with pytest.raises(ConfigError, match="needs a model with an lm_head"):
         NextTokenLoss(8)(nn.Embedding(10, 4), {"input_ids": torch.zeros(1, 4, dtype=torch.long),
                                                "labels": torch.zeros(1, 4, dtype=torch.long)})
@@ -239,5 +239,38 @@ def test_the_columns_kernel_writes_only_its_columns_from_the_rows_lse() -> None:
 
 def test_loss_kernel_is_a_validated_setting() -> None:
     cfg = FitConfig(loss_kernel="cuda")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="loss_kernel must be torch or triton"):
+    with pytest.raises(ConfigError, match="loss_kernel must be auto, torch or triton"):
         cfg.validate()
+
+
+@pytest.mark.parametrize(("device", "triton_why", "kernel", "chunk"),
+                         [("cuda", None, "triton", AUTO_LOSS_CHUNK), ("cuda", "needs Triton", "torch", 0),
+                          ("cpu", None, "torch", 0)])
+def test_the_loss_defaults_to_the_chunked_triton_step_on_a_gpu_with_triton(
+        device: str, triton_why: str | None, kernel: str, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """loss_kernel auto and loss_chunk_tokens unset resolve by the planned device (Triton's interpreter on a CPU
+    does not count: it is slow); explicit values stay as set; a vocabulary chunk needs the chunked loss."""
+    import legolm.train.config as tc
+
+    monkeypatch.setattr(tc, "planned_device", lambda name: torch.device(device))
+    monkeypatch.setattr(tc, "triton_unavailable", lambda dev: triton_why)
+    cfg = FitConfig()
+    assert (cfg.resolved_loss_kernel(), cfg.resolved_loss_chunk()) == (kernel, chunk)
+    assert FitConfig(loss_kernel="torch").resolved_loss_chunk() == 0
+    assert FitConfig(loss_chunk_tokens=512).resolved_loss_chunk() == 512
+    assert FitConfig(loss_chunk_tokens=0).resolved_loss_chunk() == 0
+    vocab = FitConfig(loss_vocab_chunk=64)
+    if chunk:
+        vocab.validate()
+    else:
+        with pytest.raises(ConfigError, match="needs loss_chunk_tokens > 0"):
+            vocab.validate()
+
+
+def test_the_default_chunking_scores_a_model_without_an_lm_head_on_its_logits() -> None:
+    """head_optional (loss_chunk_tokens unset): a model with no LM head gets the whole-logits loss, not an error."""
+    emb = nn.Embedding(10, 10)
+    batch = {"input_ids": torch.tensor([[1, 2, 3]]), "labels": torch.tensor([[2, 3, IGNORE_INDEX]])}
+    loss, n, _ = NextTokenLoss(8, head_optional=True)(emb, batch)
+    torch.testing.assert_close(loss, F.cross_entropy(emb.weight[[1, 2]], torch.tensor([2, 3])))
+    assert int(n) == 2

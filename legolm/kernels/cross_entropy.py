@@ -67,8 +67,8 @@ class StepLaunch:
     software pipelining of the row loops (``num_stages``; None = Triton's default). `benchmarks.ce_step`
     sweeps all three."""
 
-    block_v: int = 4096
-    num_warps: int = 4
+    block_v: int = 2048
+    num_warps: int = 8
     num_stages: int | None = None
 
 

@@ -70,19 +70,22 @@ class NextTokenLoss:
 
     Args:
         chunk_tokens: Score this many positions at a time (`head_cross_entropy`; 0 = all at once).
-            Needs a model whose forward takes ``logits=False`` and that has an ``lm_head``.
+            Needs a model whose forward takes ``logits=False`` and that has an ``lm_head``, unless
+            ``head_optional``: then a model without one is scored on its whole logits (the default chunking).
         kernel: The chunks' softmax step: torch ops or the Triton kernel (`head_cross_entropy`).
         vocab_chunk: The head weight's gradient by chunks of this many vocabulary entries, its logits
             recomputed (`head_cross_entropy`; 0 = an fp32 accumulator over token chunks).
     """
 
-    def __init__(self, chunk_tokens: int = 0, kernel: LossKernel = "torch", vocab_chunk: int = 0) -> None:
+    def __init__(self, chunk_tokens: int = 0, kernel: LossKernel = "torch", vocab_chunk: int = 0,
+                 head_optional: bool = False) -> None:
         self.chunk_tokens, self.kernel, self.vocab_chunk = chunk_tokens, kernel, vocab_chunk
+        self.head_optional = head_optional
 
     def __call__(self, model: nn.Module, batch: Batch) -> LossOutput:
         labels = batch["labels"]  # (B, T)
-        if self.chunk_tokens:
-            head = getattr(model, "lm_head", None)
+        head = getattr(model, "lm_head", None)
+        if self.chunk_tokens and (isinstance(head, nn.Module) or not self.head_optional):
             if not isinstance(head, nn.Module):
                 raise ConfigError(f"loss_chunk_tokens needs a model with an lm_head (a TransformerLM); "
                                   f"{type(model).__name__} has none: set loss_chunk_tokens to 0")
@@ -388,7 +391,8 @@ def _fit_in(run_dir: Path, model: nn.Module, train: BatchSource, cfg: FitConfig,
     wrapped = Wrapped(model, ctx, cfg.run)
     optimizer = build_optimizer(trainable_parameters(wrapped.model), cfg.optim, device, scales)  # FSDP2: shards
     schedule = LRSchedule(cfg.optim.lr, cfg.schedule, n_steps)
-    loss = loss_fn or NextTokenLoss(cfg.loss_chunk_tokens, cfg.loss_kernel, cfg.loss_vocab_chunk)
+    loss = loss_fn or NextTokenLoss(cfg.resolved_loss_chunk(), cfg.resolved_loss_kernel(), cfg.loss_vocab_chunk,
+                                    head_optional=cfg.loss_chunk_tokens is None)
     step = TrainStep(model, loss, optimizer, schedule, cfg.optim.grad_clip, autocast_for(device, cfg.run.precision),
                      device, cfg.run.compile, cfg.run.compile_mode, wrapped,
                      skip_nonfinite=cfg.optim.on_nonfinite == "skip")
