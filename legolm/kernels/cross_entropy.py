@@ -55,10 +55,10 @@ def ce_grad_kernel(logits_ptr, labels_ptr, loss_ptr, lse_ptr, V, W, stride, igno
     keep = scored.to(tl.float32)
     for v0 in range(0, W, BLOCK_V):
         v = v0 + tl.arange(0, BLOCK_V)
-        x = tl.load(ptr + v, mask=v < W, other=0.0).to(tl.float32)
+        x = tl.load(ptr + v, mask=v < W, other=float("-inf")).to(tl.float32)
+        x = tl.where(v < V, x, float("-inf"))  # pad columns: exp gives 0
         g = tl.exp(x - lse) - tl.where(v == target, 1.0, 0.0)
-        g = tl.where(v < V, g * keep, 0.0)
-        tl.store(ptr + v, g.to(logits_ptr.dtype.element_ty), mask=v < W)
+        tl.store(ptr + v, (g * keep).to(logits_ptr.dtype.element_ty), mask=v < W)
 
 
 @dataclass(frozen=True)
