@@ -139,6 +139,25 @@ def test_skip2lora_loss_chunked_equals_whole() -> None:
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
 
 
+@pytest.mark.parametrize(("head_grad", "kernel", "want"),
+                         [("low-rank", "triton", 0), ("chain", "triton", AUTO_LOSS_CHUNK), ("chain", "torch", 0)])
+def test_skip2lora_loss_left_unchunked_by_the_user_takes_the_measured_fastest_chunking(
+        head_grad: str, kernel: str, want: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """chunk_tokens None (loss_chunk_tokens unset): the low-rank way scores whole batches, the chain chunks of
+    `AUTO_LOSS_CHUNK` with the Triton step (whole logits with torch ops); the loss path sees that chunk."""
+    import legolm.adapters.skip2lora_train as st
+
+    seen: list[int] = []
+    monkeypatch.setattr(st, "low_rank_head_cross_entropy", lambda w, h, z, b, labels, chunk, kernel: (
+        seen.append(chunk), torch.zeros(()))[1])
+    monkeypatch.setattr(st, "head_cross_entropy", lambda head, x, labels, chunk, kernel, vocab_chunk: (
+        seen.append(chunk), torch.zeros(()))[1])
+    base = TransformerLM(ModelConfig.from_name("tiny-pythia"))
+    model = Skip2LoRAModel(base, Skip2LoRAConfig(block_indices=[0, 1], r=4, alpha=8.0)).train()
+    Skip2LoRALoss(None, None, kernel, head_grad=head_grad)(model, _tiny_batch(base.config.vocab_size))  # type: ignore[arg-type]
+    assert seen == [want]
+
+
 def test_bad_chunk_settings_are_refused() -> None:
     cfg = FitConfig(loss_chunk_tokens=-1)
     with pytest.raises(ConfigError, match="loss_chunk_tokens must be >= 0"):

@@ -20,6 +20,7 @@ from legolm.adapters.skip_cache import (
 from legolm.data.sources import cache_root
 from legolm.errors import ConfigError
 from legolm.train.batches import Batch
+from legolm.train.config import AUTO_LOSS_CHUNK
 from legolm.train.fit import Callback, FitState, LossOutput
 from legolm.train.head_loss import IGNORE_INDEX, LossKernel, head_cross_entropy
 from legolm.train.low_rank_head import low_rank_head_cross_entropy
@@ -34,7 +35,11 @@ class Skip2LoRALoss:
 
     Args:
         cache: The Skip-Cache, or None to run the backbone every step.
-        chunk_tokens: Score this many positions at a time (`head_cross_entropy`; 0 = all at once).
+        chunk_tokens: Score this many positions at a time (`head_cross_entropy`; 0 = all at once). None: the
+            way measured fastest for cached epochs (H200, 2026-11-30; README, "The softmax step on real
+            logits"): the low-rank way scores a whole batch at once (0.083 s an epoch on GPT-2 against 0.104 in
+            chunks of 8,192); the chain scores `AUTO_LOSS_CHUNK` at a time where ``kernel`` is the Triton step
+            (0.097 s against 0.113 for the whole-logits loss), else all at once.
         kernel: The chunks' softmax step: torch ops or the Triton kernel.
         vocab_chunk: The head weight's gradient by vocabulary chunks (`head_cross_entropy`; 0 = accumulated).
         head_grad: How the adapters' gradients go through the head (the same gradients either way):
@@ -45,7 +50,7 @@ class Skip2LoRALoss:
             a lower efficiency; a frozen head), else chain.
     """
 
-    def __init__(self, cache: SkipCache | None, chunk_tokens: int = 0, kernel: LossKernel = "torch",
+    def __init__(self, cache: SkipCache | None, chunk_tokens: int | None = 0, kernel: LossKernel = "torch",
                  vocab_chunk: int = 0, head_grad: HeadGrad = "auto") -> None:
         self.cache, self.chunk_tokens, self.kernel, self.vocab_chunk = cache, chunk_tokens, kernel, vocab_chunk
         self.head_grad = head_grad
@@ -60,10 +65,12 @@ class Skip2LoRALoss:
         """Mean cross-entropy of the head on features (B, K+1, T, C) (`Skip2LoRAModel.features`)."""
         if self.low_rank(model):
             h, z, b = model.head_parts(feats)
-            return low_rank_head_cross_entropy(model.base.lm_head.weight, h, z, b, labels, self.chunk_tokens,
-                                               self.kernel)
-        return head_cross_entropy(model.base.lm_head, model.head_input(feats), labels, self.chunk_tokens,
-                                  self.kernel, self.vocab_chunk)
+            chunk = 0 if self.chunk_tokens is None else self.chunk_tokens
+            return low_rank_head_cross_entropy(model.base.lm_head.weight, h, z, b, labels, chunk, self.kernel)
+        auto = AUTO_LOSS_CHUNK if self.kernel == "triton" else 0
+        chunk = auto if self.chunk_tokens is None else self.chunk_tokens
+        return head_cross_entropy(model.base.lm_head, model.head_input(feats), labels, chunk, self.kernel,
+                                  self.vocab_chunk)
 
     def low_rank(self, model: Skip2LoRAModel) -> bool:
         """Whether the head's gradient goes the low-rank way for ``model`` (``head_grad``)."""

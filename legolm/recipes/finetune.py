@@ -138,7 +138,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
             rank_dir = f"rank-{dist.rank}" if dist.world_size > 1 else ""  # each rank caches the windows it meets
             cache = build_skip_cache(skip, corpus.train, train.n_windows, cfg.window, cfg.skip_cache, device, rank_dir)
             callbacks.append(SkipCacheFlush(cache))
-        loss_fn = Skip2LoRALoss(cache, cfg.resolved_loss_chunk(), cfg.resolved_loss_kernel(), cfg.loss_vocab_chunk,
+        loss_fn = Skip2LoRALoss(cache, cfg.loss_chunk_tokens, cfg.resolved_loss_kernel(), cfg.loss_vocab_chunk,
                                 cfg.head_grad)
     trained: TransformerLM | Skip2LoRAModel = skip if cfg.method == "skip2lora" else model
     before = held_out_ppl(trained, corpus, cfg, device) if dist.is_main else None
