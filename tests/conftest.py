@@ -11,6 +11,51 @@ import torch
 if not torch.cuda.is_available():  # the fused decode kernels run in Triton's CPU interpreter (before it is imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _patch_the_language_once_per_launch() -> None:
+    """Triton's interpreter patches ``triton.language`` for the interpreter when a kernel launches (undone when it
+    returns), and again at every call of a ``@triton.jit`` device function inside it: the same patch, over the same
+    modules, each time an ``inspect.getmembers`` walk of them. In the decode kernels that is thousands of calls per
+    launch and about half the interpreter's time. Here a device function called inside a launch whose patch already
+    covers its modules skips the repeat; every other call (a launch, a device function reaching a module the launch
+    did not patch) patches as before. Nothing the kernels compute changes. Triton versions without these internals
+    are left alone."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch_lang, scope_type = getattr(interpreter, "_patch_lang", None), getattr(interpreter, "_LangPatchScope", None)
+    tl = getattr(interpreter, "tl", None)
+    if patch_lang is None or scope_type is None or tl is None:
+        return
+    active: list[set[int]] = []  # the modules the running launch patched (a launch never nests in another)
+
+    def modules(fn: object) -> set[int]:
+        return {id(v) for v in getattr(fn, "__globals__", {}).values() if v is tl or v is tl.core}
+
+    def once(fn: object) -> object:
+        langs = modules(fn)
+        if active and langs and langs <= active[0]:
+            return scope_type()  # already patched for this launch: an empty scope, nothing to restore
+        scope = patch_lang(fn)
+        if not active:
+            active.append(langs)
+            restore = scope.restore
+
+            def restore_and_end() -> None:
+                active.clear()
+                restore()
+
+            scope.restore = restore_and_end
+        return scope
+
+    interpreter._patch_lang = once
+
+
+_patch_the_language_once_per_launch()
+
 DEFAULT_SHARED = Path(__file__).resolve().parents[2] / "shared"
 SMOLLM2_GGUF = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAKESPEARE = "data/tinyshakespeare.txt"

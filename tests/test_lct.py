@@ -19,6 +19,8 @@ from legolm.lct.context_pythia import ContextPythia
 from legolm.lct.train import LCTLoss, SequentialLoss
 from legolm.train.batches import WindowBatches
 
+ROOT = Path(__file__).resolve().parents[1]
+
 T, C = 12, 64
 
 
@@ -210,14 +212,34 @@ def test_cache_storage_follows_the_budget() -> None:
         choose_device(LCTCacheConfig(budget_mb=1.0, cpu_budget_mb=1.0), nbytes, gpu)
 
 
+def _cli_args(args: list[str], tmp_path: Path) -> list[str]:
+    return ["lct", "--config", "configs/lct-tiny.yaml", "--run.out-dir", str(tmp_path / "run"), "--no-run.progress",
+            "--data.max-documents", "12", "--model.n-embd", "32", "--model.n-head", "2", "--window", "32",
+            "--batch-size", "4", "--data.tokenizer", "bpe:512", *args]
+
+
 def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "LEGOLM_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "legolm.cli.main", "lct", "--config", "configs/lct-tiny.yaml",
-           "--run.out-dir", str(tmp_path / "run"), "--no-run.progress", "--data.max-documents", "12",
-           "--model.n-embd", "32", "--model.n-head", "2", "--window", "32", "--batch-size", "4",
-           "--data.tokenizer", "bpe:512", *args]
-    root = Path(__file__).resolve().parents[1]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    cmd = [sys.executable, "-m", "legolm.cli.main", *_cli_args(args, tmp_path)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+
+def _cli_in_process(args: list[str], tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                    monkeypatch: pytest.MonkeyPatch) -> subprocess.CompletedProcess[str]:
+    """`_cli` through `main` in this process (same folder and cache): exit code and what reached the process's
+    stdout and stderr (file descriptors). For bad input, without a new interpreter's imports; the command's own
+    refusal as a process is `test_cli_refuses_a_cache_over_budget`."""
+    from legolm.cli.main import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("LEGOLM_CACHE", str(tmp_path / "cache"))
+    capfd.readouterr()
+    try:
+        code = main(_cli_args(args, tmp_path))
+    except SystemExit as exc:  # argparse's own usage errors
+        code = int(exc.code or 0)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def test_cli_compares_lct_and_sequential_on_real_text(tmp_path: Path) -> None:
@@ -252,8 +274,10 @@ def test_cli_refuses_a_cache_over_budget(tmp_path: Path) -> None:
     (["--lct.refresh-passes", "33"], "lct.refresh_passes"),
     (["--lct.refresh-passes", "2", "--lct.grad-passes", "3"], "lct.grad_passes"),
 ])
-def test_cli_refuses_refresh_and_grad_passes_out_of_range(tmp_path: Path, flags: list[str], key: str) -> None:
-    proc = _cli(["--epochs", "1", *flags], tmp_path)
+def test_cli_refuses_refresh_and_grad_passes_out_of_range(tmp_path: Path, flags: list[str], key: str,
+                                                          capfd: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    proc = _cli_in_process(["--epochs", "1", *flags], tmp_path, capfd, monkeypatch)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("legolm: error:") and key in lines[0]
