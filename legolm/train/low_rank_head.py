@@ -33,6 +33,7 @@ from legolm.train.head_loss import (
     ProductSum,
     accumulates_in_place,
     aligned_rows,
+    logits_chunks,
     save_for_scaling,
     scale_once_,
     softmax_chunks,
@@ -124,16 +125,14 @@ class _LowRankHeadCrossEntropy(torch.autograd.Function):
 def _fused_chunks(x_of: Callable[[int, int], Tensor], w: Tensor, V: int, labels: Tensor, u: Tensor, zd: Tensor,
                   grad_z: Tensor, chunk: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The summed loss and Gᵀz (V', R) fp32, dz written into ``grad_z``, chunk by chunk through the two fused
-    kernels (G never written): x Wᵀ into one reused buffer, then `low_rank_softmax_`."""
+    kernels (G never written): `logits_chunks`, then `low_rank_softmax_`."""
     from legolm.kernels.low_rank_ce import low_rank_softmax_  # Triton is an optional dependency
 
     n_all, R = zd.shape
-    buf = torch.empty(min(chunk, n_all), w.shape[0], device=w.device, dtype=dtype)  # (n, V')
     gtz = torch.zeros(w.shape[0], R, device=w.device, dtype=torch.float32)
     total = torch.zeros((), device=w.device, dtype=torch.float32)
-    for start in range(0, n_all, chunk):
-        end = min(start + chunk, n_all)
-        logits = torch.mm(x_of(start, end), w.T, out=buf[:end - start])
+    for start, xc, logits in logits_chunks(x_of, n_all, w, chunk, dtype):
+        end = start + xc.shape[0]
         rows, lse = (torch.empty(end - start, device=w.device, dtype=torch.float32) for _ in range(2))
         dz = torch.empty(end - start, R, device=w.device, dtype=torch.float32)
         low_rank_softmax_(logits[:, :V], labels[start:end], u, zd[start:end], rows, lse, dz, gtz, IGNORE_INDEX)
