@@ -65,7 +65,7 @@ def test_the_triton_softmax_step_gives_the_same_gradients(chunk: int, fused: boo
     row blocks and vocabulary tiles, partial ones included (29 words loaded as 32 of the padded 64)."""
     import legolm.kernels.low_rank_ce as lrce
 
-    monkeypatch.setattr(lrce.low_rank_softmax_, "__defaults__", (lrce.LowRankLaunch(16, 16, 16, 16),))
+    monkeypatch.setattr(lrce.low_rank_softmax_, "__defaults__", (lrce.LowRankLaunch(lrce.TileLaunch(16, 16), lrce.TileLaunch(16, 16)),))
     w, h, z, b, labels = _parts()
     want = _chain(w, h, z, b, labels)
     z32, b32 = (t.detach().float().requires_grad_(True) for t in (z, b))

@@ -92,16 +92,60 @@ def columns_kernel(logits_ptr, labels_ptr, lse_ptr, z_ptr, gtz_ptr, N, V, W, str
 
 
 @dataclass(frozen=True)
-class LowRankLaunch:
-    """Tiles of the two kernels: rows per block and words per tile, in each of them."""
+class TileLaunch:
+    """One kernel's tiles, BLOCK_M rows by BLOCK_V words, its warps and the software pipelining of its loops
+    (``num_stages``; None = Triton's default). `benchmarks.low_rank_ce` sweeps them on real logits."""
 
-    rows_block_m: int = 64
-    rows_block_v: int = 128
-    columns_block_m: int = 64
-    columns_block_v: int = 128
+    block_m: int
+    block_v: int
+    num_warps: int = 4
+    num_stages: int | None = None
+
+    def options(self) -> dict[str, int]:
+        """The launch keywords Triton takes."""
+        return {"num_warps": self.num_warps, **({} if self.num_stages is None else {"num_stages": self.num_stages})}
+
+
+@dataclass(frozen=True)
+class LowRankLaunch:
+    """The tiles of the two kernels."""
+
+    rows: TileLaunch = TileLaunch(64, 128)
+    columns: TileLaunch = TileLaunch(64, 128)
 
 
 LOW_RANK_LAUNCH = LowRankLaunch()
+
+
+def _padded_rank(R: int) -> int:
+    return max(16, triton.next_power_of_2(R))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 factors: exact products (tests, CPU)
+
+
+def low_rank_rows_(logits: Tensor, labels: Tensor, u: Tensor, loss: Tensor, lse: Tensor, dz: Tensor,
+                   ignore_index: int, launch: TileLaunch) -> None:
+    """`rows_kernel` over logits (n, V): per-row loss and log-sum-exp into ``loss``, ``lse`` (n,) fp32, dz = G U
+    into ``dz`` (n, R) fp32."""
+    n, V = logits.shape
+    R = u.shape[1]
+    rows_kernel[(triton.cdiv(n, launch.block_m),)](
+        logits, labels, u, loss, lse, dz, n, V, load_width(logits), logits.stride(0), ignore_index, R,
+        BLOCK_M=launch.block_m, BLOCK_V=launch.block_v, R_PAD=_padded_rank(R), PRECISION=_precision(u.dtype),
+        **launch.options())
+
+
+def low_rank_columns_(logits: Tensor, labels: Tensor, lse: Tensor, z: Tensor, gtz: Tensor, ignore_index: int,
+                      launch: TileLaunch) -> None:
+    """`columns_kernel` over logits (n, V) and the rows' ``lse``: Gᵀz added into ``gtz`` (≥ V, R) fp32."""
+    n, V = logits.shape
+    R = z.shape[1]
+    columns_kernel[(triton.cdiv(V, launch.block_v),)](
+        logits, labels, lse, z, gtz, n, V, load_width(logits), logits.stride(0), ignore_index, R,
+        BLOCK_M=launch.block_m, BLOCK_V=launch.block_v, R_PAD=_padded_rank(R), PRECISION=_precision(z.dtype),
+        **launch.options())
 
 
 def low_rank_softmax_(logits: Tensor, labels: Tensor, u: Tensor, z: Tensor, loss: Tensor, lse: Tensor,
@@ -110,16 +154,7 @@ def low_rank_softmax_(logits: Tensor, labels: Tensor, u: Tensor, z: Tensor, loss
     log-sum-exp into ``loss``, ``lse`` (n,) fp32; dz = G U into ``dz`` (n, R) fp32; Gᵀz added into ``gtz``
     (≥ V, R) fp32, with G = softmax − onehot (0 on unscored rows). ``u`` (≥ V, R) and ``z`` (n, R): contiguous, in
     the dtype the products take."""
-    n, V = logits.shape
-    R = u.shape[1]
     if not (u.is_contiguous() and z.is_contiguous() and dz.is_contiguous() and gtz.is_contiguous()):
         raise ValueError("low_rank_softmax_ needs contiguous u, z, dz and gtz")
-    W = load_width(logits)
-    R_PAD = max(16, triton.next_power_of_2(R))
-    precision = "ieee" if u.dtype == torch.float32 else "tf32"  # fp32 factors: exact products (tests, CPU)
-    rows_kernel[(triton.cdiv(n, launch.rows_block_m),)](
-        logits, labels, u, loss, lse, dz, n, V, W, logits.stride(0), ignore_index, R,
-        BLOCK_M=launch.rows_block_m, BLOCK_V=launch.rows_block_v, R_PAD=R_PAD, PRECISION=precision)
-    columns_kernel[(triton.cdiv(V, launch.columns_block_v),)](
-        logits, labels, lse, z, gtz, n, V, W, logits.stride(0), ignore_index, R,
-        BLOCK_M=launch.columns_block_m, BLOCK_V=launch.columns_block_v, R_PAD=R_PAD, PRECISION=precision)
+    low_rank_rows_(logits, labels, u, loss, lse, dz, ignore_index, launch.rows)
+    low_rank_columns_(logits, labels, lse, z, gtz, ignore_index, launch.columns)
