@@ -8,7 +8,6 @@ from triton.compiler.compiler import ASTSource
 
 import legolm.kernels.cross_entropy as kce
 import legolm.kernels.decode as kd
-import legolm.kernels.low_rank_ce as klr
 import legolm.kernels.persistent as kp
 import legolm.kernels.rows as kr
 import legolm.kernels.splitk as ks
@@ -48,10 +47,6 @@ PERSISTENT_BLOCKS = dict(NS=kp.NS, BLOCK_T=64, BLOCK_C=1024, C_POW2=1024, BN_QKV
                          HAS_EOS=1, BLOCK_P=256)
 CE = dict(logits_ptr=P, labels_ptr="*i64", loss_ptr="*fp32", lse_ptr="*fp32", V="i32", W="i32", stride="i32",
           ignore_index="i32")
-LOW_RANK_ROWS = dict(logits_ptr=P, labels_ptr="*i64", u_ptr=P, loss_ptr="*fp32", lse_ptr="*fp32", dz_ptr="*fp32",
-                     N="i32", V="i32", W="i32", stride="i32", ignore_index="i32", R="i32")
-LOW_RANK_COLUMNS = dict(logits_ptr=P, labels_ptr="*i64", lse_ptr="*fp32", z_ptr=P, gtz_ptr="*fp32", N="i32", V="i32",
-                        W="i32", stride="i32", ignore_index="i32", R="i32")
 CE_COLUMNS = dict(logits_ptr=P, labels_ptr="*i64", lse_ptr="*fp32", v0="i32", m="i32", stride="i32",
                   ignore_index="i32")
 # split-K's residual stream: fp32 ("splitk") or int64 fixed point ("splitk-exact", `legolm.kernels.decode.FIXED_BITS`)
@@ -94,8 +89,6 @@ SPECS = [
     (kr.accept_kernel, ACCEPT, dict(HAS_EOS=1, BLOCK_T=8, BLOCK=4096)),
     (kce.ce_grad_kernel, CE, dict(BLOCK_V=4096)),
     (kce.ce_grad_columns_kernel, CE_COLUMNS, dict(BLOCK=1024)),
-    (klr.rows_kernel, LOW_RANK_ROWS, dict(BLOCK_M=64, BLOCK_V=128, R_PAD=128, PRECISION="tf32")),  # tensor-core dots
-    (klr.columns_kernel, LOW_RANK_COLUMNS, dict(BLOCK_M=64, BLOCK_V=128, R_PAD=128, PRECISION="tf32")),
     (ks.qkv_prep_kernel, QKV_PREP, dict(NORM=1, HAS_BIAS=1, HAS_PB=1, EMBED=0, ADD_WPE=0, BLOCK_N=8, BLOCK_K=256,
                                         K_POW2=1024, PREP=8, PDL=1)),
     (ks.qkv_prep_kernel, QKV_PREP, dict(NORM=1, HAS_BIAS=1, HAS_PB=1, EMBED=1, ADD_WPE=1, BLOCK_N=8, BLOCK_K=1024,

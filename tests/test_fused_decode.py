@@ -160,4 +160,4 @@ def test_kernels_compile_for_the_gpu() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "PYTHONPATH": path}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert done.stdout.count("compiled") == 41, done.stdout
+    assert done.stdout.count("compiled") == 39, done.stdout

@@ -39,9 +39,9 @@ def _chain(w: torch.Tensor, h: torch.Tensor, z: torch.Tensor, b: torch.Tensor, l
 
 
 def _low_rank(w: torch.Tensor, h: torch.Tensor, z: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, chunk: int,
-              kernel: str = "torch", fused: bool = False) -> list[torch.Tensor]:
+              kernel: str = "torch") -> list[torch.Tensor]:
     z.grad = b.grad = None
-    loss = low_rank_head_cross_entropy(w, h, z, b, labels, chunk, kernel, fused)  # type: ignore[arg-type]
+    loss = low_rank_head_cross_entropy(w, h, z, b, labels, chunk, kernel)  # type: ignore[arg-type]
     loss.backward()
     assert z.grad is not None and b.grad is not None
     return [loss.detach(), z.grad.clone(), b.grad.clone()]
@@ -56,20 +56,13 @@ def test_the_gradients_at_the_adapters_rank_equal_the_chain_through_the_head_inp
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("chunk", [5, 36])
-def test_the_triton_softmax_step_gives_the_same_gradients(chunk: int, fused: bool,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """fp32 through the Triton kernel (the interpreter off the GPU) against the fp64 chain; fused: G never
-    written (`legolm.kernels.low_rank_ce`), with tiles of 16 rows and 16 words so that a chunk spans several
-    row blocks and vocabulary tiles, partial ones included (29 words loaded as 32 of the padded 64)."""
-    import legolm.kernels.low_rank_ce as lrce
-
-    monkeypatch.setattr(lrce.low_rank_softmax_, "__defaults__", (lrce.LowRankLaunch(lrce.TileLaunch(16, 16), lrce.TileLaunch(16, 16)),))
+def test_the_triton_softmax_step_gives_the_same_gradients(chunk: int) -> None:
+    """fp32 through the Triton kernel (the interpreter off the GPU) against the fp64 chain."""
     w, h, z, b, labels = _parts()
     want = _chain(w, h, z, b, labels)
     z32, b32 = (t.detach().float().requires_grad_(True) for t in (z, b))
-    got = _low_rank(w.float(), h.float(), z32, b32, labels, chunk, "triton", fused)
+    got = _low_rank(w.float(), h.float(), z32, b32, labels, chunk, "triton")
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a.double(), e, rtol=2e-5, atol=2e-6)
 
@@ -96,10 +89,6 @@ def test_without_autograd_it_is_the_loss_alone() -> None:
 
 def test_a_trainable_head_or_h_is_refused_and_a_second_backward_too() -> None:
     w, h, z, b, labels = _parts()
-    with pytest.raises(ValueError, match="fused low-rank head gradients run as Triton kernels"):
-        low_rank_head_cross_entropy(w.float(), h.float(), z, b, labels, fused=True)  # kernel torch
-    with pytest.raises(ValueError, match="fused low-rank head gradients run as Triton kernels"):
-        low_rank_head_cross_entropy(w, h, z, b, labels, kernel="triton", fused=True)  # fp64
     with pytest.raises(ValueError, match="must be frozen"):
         low_rank_head_cross_entropy(w.requires_grad_(True), h, z, b, labels)
     w.requires_grad_(False)
@@ -145,23 +134,6 @@ def test_skip2lora_loss_takes_the_same_gradients_either_way(lora_head: bool, chu
             Skip2LoRALoss(None, head_grad="low-rank")(model, batch)
 
 
-def test_skip2lora_fused_low_rank_takes_the_chains_gradients() -> None:
-    """head_grad low-rank-fused on an fp32 Skip2-LoRA model (Triton's interpreter off the GPU; dropout on the taps,
-    the same seed for both, a chunk boundary inside the batch): the chain's loss and gradients of every adapter."""
-    model = _skip2lora(False, [0, 1], 3).float()
-    ids = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
-    batch = {"input_ids": ids, "labels": torch.roll(ids, -1, 1)}
-    grads = []
-    for head_grad, kernel in (("low-rank-fused", "triton"), ("chain", "torch")):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(9)
-        loss, _, _ = Skip2LoRALoss(None, 20, kernel, head_grad=head_grad)(model, batch)  # type: ignore[arg-type]
-        loss.backward()
-        grads.append([loss.detach(), *(p.grad.clone() for p in model.trainable())])
-    for a, e in zip(*grads, strict=True):
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
-
-
 def test_auto_takes_the_low_rank_way_only_where_it_is_less_work() -> None:
     """Low-rank costs two products of rank R = K·r with the (tokens x vocabulary) gradient, the chain one of
     rank n_embd (64 here): auto picks low-rank up to 4R = 64, the chain above; forced low-rank runs anyway."""
@@ -179,10 +151,5 @@ def test_finetune_refuses_a_bad_head_grad_before_anything_runs() -> None:
     with pytest.raises(ConfigError, match=r"head_grad low-rank needs a frozen LM head.*--head-grad auto or chain"):
         cfg.validate()
     cfg = FinetuneConfig(model="some/base", method="skip2lora", head_grad="fast")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="head_grad must be one of auto, low-rank, low-rank-fused, chain, got 'fast'"):
-        cfg.validate()
-    cfg = FinetuneConfig(model="some/base", method="skip2lora", head_grad="low-rank-fused",
-                         skip2lora=Skip2LoRAConfig(block_indices=[0]))
-    cfg.loss_kernel = "torch"
-    with pytest.raises(ConfigError, match="head_grad low-rank-fused runs Triton kernels: use --loss-kernel triton"):
+    with pytest.raises(ConfigError, match="head_grad must be one of auto, low-rank, chain, got 'fast'"):
         cfg.validate()

@@ -45,8 +45,7 @@ class Skip2LoRALoss:
         head_grad: How the adapters' gradients go through the head (the same gradients either way):
             ``chain``, through the head-input gradient dx = G W (a full-size GEMM); ``low-rank``, through the
             head projected onto the adapters' R = K·r directions (`legolm.train.low_rank_head`: two products of
-            rank R instead; needs a frozen bias-free head, no head LoRA); ``low-rank-fused``, the same without
-            writing G (`legolm.kernels.low_rank_ce`; needs ``kernel`` triton); ``auto``, low-rank where it is clearly
+            rank R instead; needs a frozen bias-free head, no head LoRA); ``auto``, low-rank where it is clearly
             less work (4R <= n_embd: the two narrow products at most half the FLOPs of dx, which they run at
             a lower efficiency; a frozen head), else chain.
     """
@@ -67,8 +66,7 @@ class Skip2LoRALoss:
         if self.low_rank(model):
             h, z, b = model.head_parts(feats)
             chunk = 0 if self.chunk_tokens is None else self.chunk_tokens
-            return low_rank_head_cross_entropy(model.base.lm_head.weight, h, z, b, labels, chunk, self.kernel,
-                                               fused=self.head_grad == "low-rank-fused")
+            return low_rank_head_cross_entropy(model.base.lm_head.weight, h, z, b, labels, chunk, self.kernel)
         auto = AUTO_LOSS_CHUNK if self.kernel == "triton" else 0
         chunk = auto if self.chunk_tokens is None else self.chunk_tokens
         return head_cross_entropy(model.base.lm_head, model.head_input(feats), labels, chunk, self.kernel,
@@ -78,7 +76,7 @@ class Skip2LoRALoss:
         """Whether the head's gradient goes the low-rank way for ``model`` (``head_grad``)."""
         if self.head_grad == "chain":
             return False
-        forced = self.head_grad in ("low-rank", "low-rank-fused")
+        forced = self.head_grad == "low-rank"
         if forced and not model.frozen_linear_head():
             raise ConfigError(f"head_grad {self.head_grad} needs a frozen bias-free LM head; with skip2lora.lora_head "
                               "the head trains: use head_grad auto or chain")

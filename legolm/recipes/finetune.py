@@ -47,9 +47,8 @@ class FinetuneConfig(FitConfig):
             search in README "Skip2-LoRA and the Skip-Cache" picked final norm taps of every third block).
         skip_cache: Skip-Cache of the frozen backbone's features (method skip2lora).
         head_grad: Skip2-LoRA: how the adapters' gradients go through the frozen head (`Skip2LoRALoss`): auto
-            (default: at the adapters' rank R = K·r where 4R <= n_embd, `legolm.train.low_rank_head`), low-rank,
-            low-rank-fused (the same without writing the logits' gradient: Triton kernels, not yet timed on a
-            GPU) or chain (through the head-input gradient). The same gradients; only the work differs.
+            (default: at the adapters' rank R = K·r where 4R <= n_embd, `legolm.train.low_rank_head`), low-rank
+            or chain (through the head-input gradient). The same gradients; only the work differs.
         data: Corpus, tokenizer (model = the base model's own) and split.
         save_merged: With LoRA, also save the merged model (a plain legolm checkpoint) in model/.
         eval_tokens: Held-out tokens scored by the before/after perplexity (None: the whole val split).
@@ -79,12 +78,9 @@ class FinetuneConfig(FitConfig):
             self.skip_cache.validate()
             if self.head_grad not in HEAD_GRADS:
                 raise ConfigError(f"head_grad must be one of {', '.join(HEAD_GRADS)}, got {self.head_grad!r}")
-            if self.head_grad.startswith("low-rank") and self.skip2lora.lora_head:
+            if self.head_grad == "low-rank" and self.skip2lora.lora_head:
                 raise ConfigError(f"head_grad {self.head_grad} needs a frozen LM head, but skip2lora.lora_head trains "
                                   "it: use --head-grad auto or chain")
-            if self.head_grad == "low-rank-fused" and self.resolved_loss_kernel() != "triton":
-                raise ConfigError("head_grad low-rank-fused runs Triton kernels: use --loss-kernel triton (auto picks "
-                                  "it on a CUDA GPU), or --head-grad low-rank")
             if self.run.activation_checkpointing != "none":
                 raise ConfigError(f"--run.activation-checkpointing {self.run.activation_checkpointing} does nothing "
                                   "for Skip2-LoRA: its backbone runs without autograd (nothing is kept for backward) "

@@ -21,7 +21,6 @@ GEMMs (logits and dx), a cached Skip2-LoRA epoch can now go below that floor.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,7 +32,6 @@ from legolm.train.head_loss import (
     ProductSum,
     accumulates_in_place,
     aligned_rows,
-    logits_chunks,
     save_for_scaling,
     scale_once_,
     softmax_chunks,
@@ -44,7 +42,7 @@ VOCAB_SLICE = 8192  # rows of W at a time when db = Wᵀ (Gᵀz) is summed in fp
 
 
 def low_rank_head_cross_entropy(weight: Tensor, h: Tensor, z: Tensor, b: Tensor, labels: Tensor,
-                                chunk_tokens: int = 0, kernel: LossKernel = "torch", fused: bool = False) -> Tensor:
+                                chunk_tokens: int = 0, kernel: LossKernel = "torch") -> Tensor:
     """Mean next-token cross-entropy of the logits (h + z bᵀ) Wᵀ over the labels that are not ``IGNORE_INDEX``.
 
     Args:
@@ -55,13 +53,7 @@ def low_rank_head_cross_entropy(weight: Tensor, h: Tensor, z: Tensor, b: Tensor,
         labels: Targets (...), ``IGNORE_INDEX`` where a position is not scored.
         chunk_tokens: Rows of logits alive at a time (0 = all at once).
         kernel: The softmax step of a chunk: torch ops, or the Triton kernel.
-        fused: With gradients and ``kernel`` triton: G never written; two Triton kernels give the loss, dz and
-            Gᵀz from the logits (`legolm.kernels.low_rank_ce`: three reads of a chunk's logits instead of four
-            and a write).
     """
-    if fused and (kernel != "triton" or weight.dtype == torch.float64):
-        raise ValueError("fused low-rank head gradients run as Triton kernels in fp32, bf16 or fp16: use kernel "
-                         "triton and a lower precision than fp64")
     if h.requires_grad or weight.requires_grad:
         raise ValueError("low_rank_head_cross_entropy computes gradients for z and b only; h and the head weight "
                          "must be frozen (use head_cross_entropy when they train)")
@@ -69,15 +61,15 @@ def low_rank_head_cross_entropy(weight: Tensor, h: Tensor, z: Tensor, b: Tensor,
     h, z, labels = h.reshape(-1, C), z.reshape(-1, R), labels.reshape(-1)  # (N, C), (N, R), (N,)
     chunk = chunk_tokens if chunk_tokens > 0 else h.shape[0]
     grads = torch.is_grad_enabled() and (z.requires_grad or b.requires_grad)
-    total = _low_rank_cross_entropy(h, z, b, weight, labels, chunk, kernel == "triton", grads, fused and grads)
+    total = _low_rank_cross_entropy(h, z, b, weight, labels, chunk, kernel == "triton", grads)
     return total / (labels != IGNORE_INDEX).sum()  # 0/0 = nan when nothing is scored, as F.cross_entropy gives
 
 
 @torch.compiler.disable
 def _low_rank_cross_entropy(h: Tensor, z: Tensor, b: Tensor, weight: Tensor, labels: Tensor, chunk: int,
-                            triton_step: bool, grads: bool, fused: bool) -> Tensor:
+                            triton_step: bool, grads: bool) -> Tensor:
     """`_LowRankHeadCrossEntropy` run eagerly inside a compiled step, as `head_loss._fused_linear_cross_entropy`."""
-    return _LowRankHeadCrossEntropy.apply(h, z, b, weight, labels, chunk, triton_step, grads, fused)
+    return _LowRankHeadCrossEntropy.apply(h, z, b, weight, labels, chunk, triton_step, grads)
 
 
 class _LowRankHeadCrossEntropy(torch.autograd.Function):
@@ -85,7 +77,7 @@ class _LowRankHeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h: Tensor, z: Tensor, b: Tensor, weight: Tensor, labels: Tensor, chunk: int,
-                triton_step: bool, grads: bool, fused: bool) -> Tensor:
+                triton_step: bool, grads: bool) -> Tensor:
         device = h.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         with torch.autocast(device, enabled=False):
@@ -93,17 +85,13 @@ class _LowRankHeadCrossEntropy(torch.autograd.Function):
             w, bd = aligned_rows(weight.to(dtype)), b.to(dtype)  # (V', C): zero rows pad V; (C, R)
             u = torch.mm(w, bd) if grads else None  # (V', R): the head along b's directions
             grad_z = torch.empty(z.shape, device=h.device, dtype=z.dtype) if grads else None
-            gtz = ProductSum((w.shape[0], z.shape[1]), dtype, h.device) if grads and not fused else None
+            gtz = ProductSum((w.shape[0], z.shape[1]), dtype, h.device) if grads else None
             total = torch.zeros((), device=h.device, dtype=acc)
             zd = z.to(dtype)  # (N, R): the head input's and Gᵀz's factor, converted once
 
             def x_of(start: int, end: int) -> Tensor:  # as `Skip2LoRAModel.head_input`
                 return (h[start:end].to(acc) + torch.mm(zd[start:end], bd.T).to(acc)).to(dtype)
 
-            if fused and grad_z is not None and u is not None:
-                total, gtz_sum = _fused_chunks(x_of, w, weight.shape[0], labels, u, zd, grad_z, chunk, dtype)
-                save_for_scaling(ctx, grad_z, _head_transpose_times(w, gtz_sum).to(b.dtype))
-                return total
             for start, x, g, loss, _ in softmax_chunks(x_of, h.shape[0], w, weight.shape[0], labels, chunk,
                                                        softmax_step(triton_step), dtype):
                 total += loss
@@ -119,26 +107,7 @@ class _LowRankHeadCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         grad_z, grad_b = scale_once_(ctx, grad_out, "the low-rank head cross-entropy",
                                      "backpropagate once per forward")
-        return None, grad_z, grad_b, None, None, None, None, None, None
-
-
-def _fused_chunks(x_of: Callable[[int, int], Tensor], w: Tensor, V: int, labels: Tensor, u: Tensor, zd: Tensor,
-                  grad_z: Tensor, chunk: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The summed loss and Gᵀz (V', R) fp32, dz written into ``grad_z``, chunk by chunk through the two fused
-    kernels (G never written): `logits_chunks`, then `low_rank_softmax_`."""
-    from legolm.kernels.low_rank_ce import low_rank_softmax_  # Triton is an optional dependency
-
-    n_all, R = zd.shape
-    gtz = torch.zeros(w.shape[0], R, device=w.device, dtype=torch.float32)
-    total = torch.zeros((), device=w.device, dtype=torch.float32)
-    for start, xc, logits in logits_chunks(x_of, n_all, w, chunk, dtype):
-        end = start + xc.shape[0]
-        rows, lse = (torch.empty(end - start, device=w.device, dtype=torch.float32) for _ in range(2))
-        dz = torch.empty(end - start, R, device=w.device, dtype=torch.float32)
-        low_rank_softmax_(logits[:, :V], labels[start:end], u, zd[start:end], rows, lse, dz, gtz, IGNORE_INDEX)
-        total += rows.sum()
-        grad_z[start:end] = dz
-    return total, gtz
+        return None, grad_z, grad_b, None, None, None, None, None
 
 
 def _head_transpose_times(w: Tensor, m: Tensor) -> Tensor:
