@@ -206,11 +206,13 @@ def compile_kwargs(backend: str, mode: str | None = None) -> dict[str, Any]:
 
 def train_step(model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
                grad_clip: float, autocast: contextlib.AbstractContextManager[Any], device: torch.device,
-               compile: bool, backend: str = "inductor", mode: str = "default") -> TrainStep:
-    """`TrainStep`, with its loss call compiled by ``backend`` (inductor: exactly ``TrainStep(compile=True)``)."""
+               compile: bool, backend: str = "inductor", mode: str = "default", cuda_graph: bool = False) -> TrainStep:
+    """`TrainStep`, with its loss call compiled by ``backend`` (inductor: exactly ``TrainStep(compile=True)``),
+    each step one CUDA graph with ``cuda_graph`` where the loss allows it."""
     if backend == "inductor":
-        return TrainStep(model, loss_fn, optimizer, schedule, grad_clip, autocast, device, compile, mode)
-    step = TrainStep(model, loss_fn, optimizer, schedule, grad_clip, autocast, device, False)
+        return TrainStep(model, loss_fn, optimizer, schedule, grad_clip, autocast, device, compile, mode,
+                         cuda_graph=cuda_graph)
+    step = TrainStep(model, loss_fn, optimizer, schedule, grad_clip, autocast, device, False, cuda_graph=cuda_graph)
     if compile:
         step.run = torch.compile(step.wrapped.runner, backend=backend)
     return step

@@ -75,13 +75,14 @@ StepFn = Callable[[Batch, int], torch.Tensor]
 
 def skip_step(model: Skip2LoRAModel, cache: SkipCache | None, lr: float, device: torch.device,
               precision: str, loss_chunk: int = 0, compile: bool = False, backend: str = "inductor",
-              kernel: LossKernel = "torch", compile_mode: str = "default", head_grad: HeadGrad = "auto") -> StepFn:
+              kernel: LossKernel = "torch", compile_mode: str = "default", head_grad: HeadGrad = "auto",
+              cuda_graph: bool = False) -> StepFn:
     optim = optim_config(lr)
     opt = build_optimizer(list(model.trainable()), optim, device)
     schedule = LRSchedule(lr, ScheduleConfig(warmup_steps=0, decay="constant"), total_steps=1)
     loss_fn = Skip2LoRALoss(cache, loss_chunk, kernel, head_grad=head_grad)
     train = train_step(model, loss_fn, opt, schedule, optim.grad_clip,
-                       autocast_for(device, precision), device, compile, backend, compile_mode)
+                       autocast_for(device, precision), device, compile, backend, compile_mode, cuda_graph)
 
     def step(batch: Batch, i: int) -> torch.Tensor:
         return train([batch], i)[0]
@@ -127,82 +128,16 @@ def epochs(step: StepFn, data: list[Batch], n_epochs: int, device: torch.device,
         sync(device)
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
-    return {"epoch 1 s": times[0], "later epochs s": sum(times[1:]) / max(len(times) - 1, 1), "peak GB": peak}
-
-
-def graphed_cached_step(model: Skip2LoRAModel, cache: SkipCache, lr: float, device: torch.device, precision: str,
-                        batch: Batch, warmup: int, compile_backend: str | None = None,
-                        head_grad: HeadGrad = "auto") -> StepFn:
-    """A cached Skip2-LoRA step as ONE CUDA graph: cache gather, adapters, head, loss, backward, clipping, AdamW.
-
-    For steps bound by launches (a small head: 1.2 ms of GPU work in a 4 ms compiled step), every kernel of
-    the step, optimizer included, replays from one graph (the whole-step graph of torchtitan / Megatron):
-    the sample ids and labels are copied into static buffers, the graph reads the Skip-Cache on the GPU
-    by those ids. AdamW is fused and capturable with a constant learning rate (the benchmark's schedule).
-    With ``compile_backend`` the loss's forward (and so its backward) is a `torch.compile` region, compiled
-    during the warm-up steps, whose kernels the graph then captures with the rest of the step.
-    Off the GPU the same body runs without a graph (the CPU smoke run). Only for a filled GPU cache.
-    """
-    params = list(model.trainable())
-    cuda = device.type == "cuda"
-    optim = optim_config(lr)
-    opt = torch.optim.AdamW(params, lr=lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-                            weight_decay=optim.weight_decay, fused=cuda, capturable=cuda)
-    ids = batch["sample_ids"].to(device).clone()
-    labels = batch["labels"].to(device).clone()
-    loss_fn = Skip2LoRALoss(None, head_grad=head_grad)
-
-    def forward() -> torch.Tensor:
-        with autocast_for(device, precision):
-            feats = cache.data[ids]  # (B, K+1, T, C), on the GPU
-            return loss_fn.head_loss(model, feats, labels)
-
-    loss_of = torch.compile(forward, backend=compile_backend) if compile_backend else forward
-
-    def body() -> torch.Tensor:
-        opt.zero_grad(set_to_none=False)
-        loss = loss_of()
-        loss.backward()
-        grads = [p.grad for p in params if p.grad is not None]
-        torch.nn.utils.clip_grads_with_norm_(params, optim.grad_clip, torch.nn.utils.get_total_norm(grads))
-        opt.step()
-        return loss.detach()
-
-    if not cuda:
-        def eager(b: Batch, i: int) -> torch.Tensor:
-            ids.copy_(b["sample_ids"])
-            labels.copy_(b["labels"])
-            return body()
-
-        return eager
-    for p in params:  # gradients exist before capture, so zero_grad keeps their buffers
-        p.grad = torch.zeros_like(p)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = body()
-
-    def step(b: Batch, i: int) -> torch.Tensor:
-        ids.copy_(b["sample_ids"], non_blocking=True)
-        labels.copy_(b["labels"], non_blocking=True)
-        graph.replay()
-        return out
-
-    return step
+    return {"epoch 1 s": times[0], "later epochs s": sum(times[1:]) / max(len(times) - 1, 1), "last epoch s": times[-1],
+            "peak GB": peak}
 
 
 def graphed_row(plain: torch.nn.Module, train: list[Batch], val: list[Batch], args: argparse.Namespace,
                 device: torch.device, precision: str, skip_r: int, compiled_body: bool) -> dict[str, Any]:
-    """Skip2-LoRA with a Skip-Cache on the training device: epoch 1 eager (fills the cache), later epochs one
-    CUDA graph per step (`graphed_cached_step`; its warm-up steps train too, and it starts a new AdamW),
-    the loss compiled first with ``compiled_body``."""
+    """Skip2-LoRA with a Skip-Cache on the training device, each step one CUDA graph once the cache is full
+    (`TrainStep(cuda_graph=True)`, what ``--run.cuda-graph`` runs: epoch 1 fills the cache eagerly, epoch 2
+    warms up, captures and replays), the loss compiled first with ``compiled_body``. Off the GPU: eager."""
     assert isinstance(plain, TransformerLM)
-    backend = args.compile_backend
     n_blocks, cuda = plain.config.n_layer, device.type == "cuda"
     model = Skip2LoRAModel(plain, Skip2LoRAConfig(block_indices=list(range(n_blocks)), r=skip_r,
                                                   alpha=2.0 * skip_r)).to(device)
@@ -210,22 +145,14 @@ def graphed_row(plain: torch.nn.Module, train: list[Batch], val: list[Batch], ar
     cache = SkipCache(*shape, dtype=torch.bfloat16 if cuda else torch.float32, storage="gpu" if cuda else "cpu",
                       device=device, key="bench")
     data = [{**b, "sample_ids": torch.arange(i * args.batch, (i + 1) * args.batch)} for i, b in enumerate(train)]
-    if cuda:  # pinned: the graph's input copies do not wait for the device, so the host runs ahead
-        data = [{k: v.pin_memory() for k, v in b.items()} for b in data]
-    head_grad = args.head_grad[0]
-    current = [skip_step(model, cache, args.lr, device, precision, head_grad=head_grad)]  # epoch 1: fills it
-
-    def before_epoch(e: int) -> None:
-        if e == 1:  # the cache is full: capture the graphed step (untimed)
-            current[0] = graphed_cached_step(model, cache, args.lr, device, precision, data[0], args.graph_warmup,
-                                             backend if compiled_body else None, head_grad)
-
-    timed = epochs(lambda b, i: current[0](b, i), data, args.epochs, device, before_epoch)
+    step = skip_step(model, cache, args.lr, device, precision, args.loss_chunk, compiled_body,
+                     args.compile_backend or "inductor", args.loss_kernel, head_grad=args.head_grad[0],
+                     cuda_graph=cuda)
     where = "gpu" if cuda else "cpu"
-    how = ", compiled loss" if compiled_body else ""
-    return {"impl": f"legolm Skip2-LoRA + Skip-Cache ({where}), one CUDA graph per step{how}, "
-                    f"{args.head_grad[0]} head grad",
-            "trainable": sum(p.numel() for p in model.trainable()), **timed,
+    how = " (compiled)" if compiled_body else ""
+    return {"impl": f"legolm Skip2-LoRA + Skip-Cache ({where}){chunked(args.loss_chunk, args.loss_kernel)}"
+                    f"{how}, one CUDA graph per step, {args.head_grad[0]} head grad",
+            "trainable": sum(p.numel() for p in model.trainable()), **epochs(step, data, args.epochs, device),
             "val loss": val_loss(model, val, device, precision)}
 
 
@@ -393,14 +320,15 @@ def gpu(args: argparse.Namespace) -> None:
         row["later vs legolm LoRA same mode"] = f"{same / row['later epochs s']:.1f}x"
         row["later vs head GEMM floor"] = f"{row['later epochs s'] / floor:.2f}x" if floor == floor else ""
         row["later vs logits GEMM"] = f"{row['later epochs s'] / floor1:.2f}x" if floor1 == floor1 else ""
-        for key in ("epoch 1 s", "later epochs s", "val loss"):
+        for key in ("epoch 1 s", "later epochs s", "last epoch s", "val loss"):
             row[key] = f"{row[key]:.3f}"
         row["peak GB"] = f"{row['peak GB']:.2f}"
         row["trainable"] = f"{row['trainable']:,}"
     print(f"\n{args.model} (vocab {config.vocab_size:,}), batch {args.batch} x {args.seq}, {args.batches} batches "
           f"per epoch, {args.epochs} epochs, {precision}, {device_info()['device']}; the head's two GEMMs alone: "
           f"{floor:.3f} s per epoch, its logits GEMM alone {floor1:.3f} s (measured)")
-    cols = ["impl", "trainable", "epoch 1 s", "later epochs s", f"later vs legolm LoRA {args.modes[0]}",
+    cols = ["impl", "trainable", "epoch 1 s", "later epochs s", "last epoch s",
+            f"later vs legolm LoRA {args.modes[0]}",
             "later vs legolm LoRA same mode", "later vs head GEMM floor", "later vs logits GEMM", "peak GB",
             "val loss", "note"]
     table = print_table(rows, cols)
@@ -486,8 +414,8 @@ def main() -> None:
                         help="torch.compile mode of the Skip2-LoRA rows (reduce-overhead: CUDA graphs of the compiled "
                         "step, for steps bound by launches)")
     parser.add_argument("--graph-step", action="store_true",
-                        help="add a row whose cached epochs replay one CUDA graph per step (optimizer included)")
-    parser.add_argument("--graph-warmup", type=int, default=3, help="eager steps before capturing that graph")
+                        help="add a row per mode whose cached epochs replay one CUDA graph per step, optimizer "
+                             "included (TrainStep(cuda_graph=True), what --run.cuda-graph runs)")
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="profile one more epoch of each GPU Skip-Cache row: its ROWS costliest ops (0 = not)")
     parser.add_argument("--storages", nargs="+", choices=["gpu", "cpu"], default=["gpu", "cpu"],

@@ -116,46 +116,6 @@ def test_lct_epochs_reads_joined_logs_and_a_cut_runs_val_metrics(tmp_path: Path)
     assert parse_metrics(f"x={metrics}:128") == ("x", [{"epoch": 1, "val_ppl": 303.2}, {"epoch": 2, "val_ppl": 240.0}])
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_skip2lora_whole_step_graph_body_trains_as_the_cached_step(compiled: bool) -> None:
-    """`--graph-step`'s step (eager body, or its loss compiled) trains the adapters as the benchmark's cached
-    Skip2-LoRA step does: same losses and weights after a few steps on a filled Skip-Cache (CPU: no graph)."""
-    import copy
-
-    from benchmarks.skip2lora import graphed_cached_step, skip_step
-    from legolm.adapters.skip2lora import Skip2LoRAConfig, Skip2LoRAModel
-    from legolm.adapters.skip_cache import SkipCache
-    from legolm.core.config import ModelConfig
-    from legolm.model.transformer import TransformerLM
-
-    torch.manual_seed(0)
-    base = TransformerLM(ModelConfig.from_name("tiny-pythia"))
-    c = base.config
-    model = Skip2LoRAModel(base, Skip2LoRAConfig(block_indices=list(range(c.n_layer)), r=4, alpha=8.0))
-    for p in model.trainable():  # B = 0 at the start: give the adapters weights, so every step moves them
-        torch.nn.init.normal_(p, std=0.02)
-    B, T, cpu = 2, 8, torch.device("cpu")
-    batches = [{"input_ids": ids[:, :-1], "labels": ids[:, 1:], "sample_ids": torch.arange(i * B, (i + 1) * B)}
-               for i, ids in enumerate(torch.randint(0, c.vocab_size, (3, B, T + 1), generator=torch.Generator()
-                                                     .manual_seed(1)))]
-    cache = SkipCache(len(batches) * B, c.n_layer + 1, T, c.n_embd, dtype=torch.float32, storage="cpu", device=cpu,
-                      key="test")
-    fill = skip_step(copy.deepcopy(model), cache, 1e-3, cpu, "fp32")
-    for i, b in enumerate(batches):  # epoch 1 fills the cache (with a copy: both rows below start equal)
-        fill(b, i)
-    reference, graphed = copy.deepcopy(model), copy.deepcopy(model)
-    ref_step = skip_step(reference, cache, 1e-3, cpu, "fp32")
-    graph_step = graphed_cached_step(graphed, cache, 1e-3, cpu, "fp32", batches[0], warmup=0,
-                                     compile_backend="aot_eager" if compiled else None)
-    for i, b in enumerate(batches * 2):
-        want, got = ref_step(b, i), graph_step(b, i)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    for p, q in zip(graphed.trainable(), reference.trainable(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
-    moved = [not torch.equal(p, q) for p, q in zip(graphed.trainable(), model.trainable(), strict=True)]
-    assert all(moved)
-
-
 @pytest.mark.parametrize(("name", "kind"), [
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel",
      "matmul"),

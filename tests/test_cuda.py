@@ -118,6 +118,100 @@ def test_fit_defaults_to_the_chunked_triton_loss_on_the_gpu_and_trains_like_the_
     assert ((deltas[0] - deltas[1]).norm() / deltas[1].norm()).item() < 0.15
 
 
+def test_fit_with_a_whole_step_cuda_graph_trains_as_the_eager_steps(tmp_path: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run.cuda_graph` (fp32, a warmup-then-cosine schedule: the rate changes every step): the graph is captured
+    once and replayed for every step after the warm-up ones, and the weights end where eager steps take them."""
+    import numpy as np
+
+    import legolm.train.step_graph as sg
+    from legolm.train import FitConfig, WindowBatches, fit
+
+    replays: list[int] = []
+    real = sg.StepGraph.replay
+
+    def counted(self: Any, batches: Any) -> Any:
+        replays.append(1)
+        return real(self, batches)
+
+    monkeypatch.setattr(sg.StepGraph, "replay", counted)
+    ids = np.random.default_rng(0).integers(0, ModelConfig.from_name("tiny-gpt2").vocab_size, 20000).astype(np.uint16)
+    params = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        model = TransformerLM(ModelConfig.from_name("tiny-gpt2"))
+        cfg = FitConfig(window=64, batch_size=4, max_steps=8, loss_chunk_tokens=0, loss_kernel="torch")
+        cfg.schedule.warmup_steps = 3
+        cfg.run.out_dir, cfg.run.progress, cfg.run.plot = str(tmp_path / str(graph)), False, False
+        cfg.run.device = "cuda"
+        cfg.run.precision, cfg.run.tf32, cfg.run.cuda_graph, cfg.eval.every = "fp32", False, graph, 0
+        fit(model, WindowBatches(ids, 64, 4, seed=0), cfg)
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert len(replays) == 8 - cfg.run.cuda_graph_warmup
+    torch.testing.assert_close(params[1], params[0], rtol=1e-4, atol=1e-6)
+
+
+def test_skip2lora_cached_steps_in_one_graph_train_as_eager_steps() -> None:
+    """Skip2-LoRA with its Skip-Cache on the GPU, `TrainStep(cuda_graph=True)`: epoch 1 fills the cache eagerly
+    (not capturable), epoch 2 warms up and captures, later ones replay; a batch of another shape runs eagerly.
+    Losses and adapter weights follow the eager steps (fp32, tap dropout on: the graph draws the same masks)."""
+    from contextlib import nullcontext
+
+    from legolm.adapters.skip2lora import Skip2LoRAConfig, Skip2LoRAModel
+    from legolm.adapters.skip2lora_train import Skip2LoRALoss
+    from legolm.adapters.skip_cache import SkipCache
+    from legolm.train.config import OptimConfig, ScheduleConfig
+    from legolm.train.fit import TrainStep
+    from legolm.train.optim import LRSchedule, build_optimizer
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    base = TransformerLM(ModelConfig.from_name("tiny-pythia")).to(device)
+    c, B, T = base.config, 2, 16
+    ids = torch.randint(0, c.vocab_size, (4, B, T + 1), generator=torch.Generator().manual_seed(1))
+    batches = [{"input_ids": x[:, :-1], "labels": x[:, 1:], "sample_ids": torch.arange(i * B, (i + 1) * B)}
+               for i, x in enumerate(ids)]
+    odd = {k: v[:1] for k, v in batches[1].items()}  # one window: not the captured shape
+    runs = []
+    for graph in (False, True):
+        torch.manual_seed(2)
+        model = Skip2LoRAModel(base, Skip2LoRAConfig(block_indices=list(range(c.n_layer)), r=4, alpha=8.0,
+                                                     dropout=0.1)).to(device)
+        for p in model.trainable():  # B = 0 at the start: give the adapters weights, so every step moves them
+            torch.nn.init.normal_(p, std=0.02)
+        cache = SkipCache(len(batches) * B, c.n_layer + 1, T, c.n_embd, torch.float32, "gpu", device, "t")
+        opt = build_optimizer(list(model.trainable()), OptimConfig(lr=1e-2), device)
+        schedule = LRSchedule(1e-2, ScheduleConfig(warmup_steps=5, decay="cosine"), 20)
+        step = TrainStep(model, Skip2LoRALoss(cache, 0, "torch", head_grad="low-rank"), opt, schedule, 1.0,
+                         nullcontext(), device, cuda_graph=graph)
+        model.train()
+        losses = [step([b], i)[0].item() for i, b in enumerate(batches * 4)]
+        losses.append(step([odd], 16)[0].item())
+        losses += [step([b], 17 + i)[0].item() for i, b in enumerate(batches[:2])]
+        assert (step.graph is not None) == graph
+        runs.append((losses, [p.detach().clone() for p in model.trainable()]))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-4, abs=1e-6)
+    for got, want in zip(runs[1][1], runs[0][1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_fit_refuses_a_graph_for_a_loss_that_cannot_say_when_it_may_be_captured(tmp_path: Any) -> None:
+    import numpy as np
+
+    from legolm.errors import ConfigError
+    from legolm.train import FitConfig, WindowBatches, fit
+    from legolm.train.fit import NextTokenLoss
+
+    cfg = FitConfig(window=16, batch_size=2, max_steps=1)
+    cfg.run.out_dir, cfg.run.device, cfg.run.cuda_graph = str(tmp_path / "r"), "cuda", True
+    ids = np.zeros(200, dtype=np.uint16)
+    loss = NextTokenLoss()
+    with pytest.raises(ConfigError, match=r"this run's loss \(function\) does not say when its steps may be captured"):
+        fit(TransformerLM(ModelConfig.from_name("tiny-gpt2")), WindowBatches(ids, 16, 2, seed=0), cfg,
+            loss_fn=lambda m, b: loss(m, b))
+    assert not (tmp_path / "r").exists()
+
+
 def test_skip_cache_in_cpu_ram_serves_gpu_batches() -> None:
     from legolm.adapters.skip_cache import SkipCache
 

@@ -72,6 +72,13 @@ class Skip2LoRALoss:
         return head_cross_entropy(model.base.lm_head, model.head_input(feats), labels, chunk, self.kernel,
                                   self.vocab_chunk)
 
+    def graph_safe(self, batch: Batch) -> bool:
+        """Whether a training step may be captured in a CUDA graph (`legolm.train.step_graph`): without a cache
+        (the backbone runs every step), or once the cache holds every window on the GPU (each step then only
+        gathers its rows there). A cache still filling, or kept in host memory, does host-side work per step."""
+        cache = self.cache
+        return cache is None or (cache.data.device.type == "cuda" and bool(cache.filled.all()))
+
     def low_rank(self, model: Skip2LoRAModel) -> bool:
         """Whether the head's gradient goes the low-rank way for ``model`` (``head_grad``)."""
         if self.head_grad == "chain":

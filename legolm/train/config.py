@@ -155,6 +155,10 @@ class RunConfig:
         activation_checkpointing: Recompute activations in backward instead of keeping them, per block: none,
             blocks (keep each block's input, rerun its forward) or selective (keep matmul and attention outputs,
             recompute norms and pointwise ops); see legolm.train.activation_checkpointing.
+        cuda_graph: Replay each training step as one CUDA graph once the loss allows it (a Skip2-LoRA step
+            once its Skip-Cache is full on the GPU; a plain next-token step always): no host launch cost per
+            kernel (legolm.train.step_graph). One process on a CUDA device.
+        cuda_graph_warmup: Eager steps before the capture (lazy set-up happens outside the graph).
     """
 
     out_dir: str = "runs/pretrain"
@@ -177,6 +181,26 @@ class RunConfig:
     find_unused_parameters: bool = False
     reshard_after_forward: bool = True
     activation_checkpointing: Literal["none", "blocks", "selective"] = "none"
+    cuda_graph: bool = False
+    cuda_graph_warmup: int = 2
+
+    def graph_checks(self, on_nonfinite: str) -> list[tuple[bool, str]]:
+        """(ok, message) of ``cuda_graph`` against the other settings (`FitConfig.validate`)."""
+        if not self.cuda_graph:
+            return [(self.cuda_graph_warmup >= 1, f"run.cuda_graph_warmup must be >= 1, got {self.cuda_graph_warmup}")]
+        off = "; or leave run.cuda_graph off"
+        return [
+            (self.cuda_graph_warmup >= 1, f"run.cuda_graph_warmup must be >= 1, got {self.cuda_graph_warmup}"),
+            (planned_device(self.device).type == "cuda",
+             f"run.cuda_graph needs a CUDA device, run.device is {self.device!r} here{off}"),
+            (self.strategy == "none",
+             f"run.cuda_graph runs in one process, not under run.strategy {self.strategy}{off}"),
+            (on_nonfinite != "skip", "run.cuda_graph cannot skip a non-finite step (the check waits for the device "
+                                     f"between kernels of the step): use optim.on_nonfinite stop{off}"),
+            (not (self.compile and self.compile_mode == "reduce-overhead"),
+             f"run.cuda_graph captures the whole step; compile_mode reduce-overhead captures its own graphs inside "
+             f"it: use compile_mode default{off}"),
+        ]
 
 
 @dataclass
@@ -279,6 +303,7 @@ class FitConfig:
         ]
         _raise_first(checks)
         check_device_name(self.run.device, "run.device")
+        _raise_first(self.run.graph_checks(self.optim.on_nonfinite))
         self.eval.ppl_bands.validate("eval.ppl_bands: ")
         why = triton_unavailable(planned_device(self.run.device)) if self.loss_kernel == "triton" else None
         if why:

@@ -47,17 +47,19 @@ from legolm.train.checkpoint import (
     remove_partial_checkpoints,
     save_training_checkpoint,
 )
-from legolm.train.config import FitConfig, uses_bf16
+from legolm.train.config import FitConfig, RunConfig, uses_bf16
 from legolm.train.distributed import DistContext, Wrapped, init_distributed
 from legolm.train.head_loss import IGNORE_INDEX, LossKernel, head_cross_entropy, token_cross_entropy
 from legolm.train.metrics import MetricsLogger, format_loss
 from legolm.train.optim import LRSchedule, build_optimizer, lr_scales
 from legolm.train.run_dir import open_run_dir, release_run_dir
+from legolm.train.step_graph import StepGraph, capturable_, graph_capable, graph_safe, on_side_stream
 from legolm.utils.finite import safe_exp
 from legolm.utils.io import atomic_write_text
 from legolm.utils.params import count_parameters, trainable_parameters
 
 LossOutput = tuple[Tensor, Tensor | int, dict[str, Tensor]]
+StepOutput = tuple[Tensor, Tensor | int, Tensor, Tensor]  # mean loss, tokens, gradient norm, finite
 LossFn = Callable[[nn.Module, Batch], LossOutput]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
@@ -94,6 +96,11 @@ class NextTokenLoss:
         else:
             loss = token_cross_entropy(model(batch["input_ids"]), labels)  # logits (B, T, V)
         return loss, (labels != IGNORE_INDEX).sum(), {}
+
+    def graph_safe(self, batch: Batch) -> bool:
+        """Whether a step may be captured in a CUDA graph (`legolm.train.step_graph`): always, but for the
+        torch ops' vocabulary-chunk pass (it finds each chunk's labelled rows with a device sync)."""
+        return not (self.vocab_chunk and self.kernel == "torch")
 
 
 @dataclass
@@ -213,6 +220,10 @@ class TrainStep:
         skip_nonfinite: Drop the update of a step whose loss or gradient norm is not finite (over all
             ranks); this waits for the device once per step. Without it the update is applied and
             the caller reads ``finite`` when it syncs anyway (`fit` stops the run).
+        cuda_graph: Replay each step as one CUDA graph where ``loss_fn.graph_safe(batch)`` allows it
+            (`legolm.train.step_graph`): ``graph_warmup`` eager steps on a side stream first, then one capture;
+            steps of other shapes run eagerly. One process on a CUDA device, without ``skip_nonfinite``.
+        graph_warmup: Eager steps before the capture.
 
     Attributes:
         finite: Whether the last step's loss and gradient norm were finite (a bool tensor, not synced).
@@ -223,7 +234,10 @@ class TrainStep:
     def __init__(self, model: nn.Module, loss_fn: LossFn, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
                  grad_clip: float, autocast: contextlib.AbstractContextManager[Any], device: torch.device,
                  compile: bool = False, compile_mode: str = "default", wrapped: Wrapped | None = None,
-                 skip_nonfinite: bool = False) -> None:
+                 skip_nonfinite: bool = False, cuda_graph: bool = False,
+                 graph_warmup: int = RunConfig.cuda_graph_warmup) -> None:
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
         self.wrapped = wrapped if wrapped is not None else Wrapped(model)
         self.model, self.loss_fn, self.optimizer, self.schedule = self.wrapped.model, loss_fn, optimizer, schedule
         self.grad_clip, self.autocast, self.device = grad_clip, autocast, device
@@ -234,6 +248,8 @@ class TrainStep:
         self.finite: Tensor = torch.ones((), dtype=torch.bool, device=device)
         self.grad_norm: Tensor = torch.zeros((), device=device)
         self.skipped = False
+        self.cuda_graph, self.graph_warmup, self.warm = cuda_graph, graph_warmup, 0
+        self.graph: StepGraph[StepOutput] | None = None
 
     def forward(self, batch: Batch) -> LossOutput:
         """The loss of one batch under this step's autocast (also used for evaluation)."""
@@ -242,7 +258,29 @@ class TrainStep:
 
     def __call__(self, micro_batches: Sequence[Batch], step: int) -> tuple[Tensor, Tensor | int, float]:
         """Train on ``micro_batches`` as one step; return (mean loss, tokens, lr) without syncing."""
-        lr = self.schedule.apply(self.optimizer, step)
+        if self.cuda_graph and graph_safe(self.loss_fn, micro_batches):
+            capturable_(self.optimizer, self.device)  # before the schedule fills the rates
+            lr = self.schedule.apply(self.optimizer, step)
+            mean, tokens, self.grad_norm, self.finite = self._graphed([_to_device(b, self.device)
+                                                                        for b in micro_batches])
+        else:
+            lr = self.schedule.apply(self.optimizer, step)
+            mean, tokens, self.grad_norm, self.finite = self._step(micro_batches)
+        return mean, tokens, lr
+
+    def _graphed(self, batches: list[Batch]) -> StepOutput:
+        """The step replayed from its graph (captured after ``graph_warmup`` eager steps), or eager for shapes
+        other than the captured ones."""
+        if self.graph is not None:
+            return self.graph.replay(batches) if self.graph.fits(batches) else self._step(batches)
+        if self.warm < self.graph_warmup:
+            self.warm += 1
+            return on_side_stream(lambda: self._step(batches))
+        self.graph = StepGraph(self._step, batches)
+        return self.graph.replay(batches)
+
+    def _step(self, micro_batches: Sequence[Batch]) -> StepOutput:
+        """Forward/backward of each micro-batch, clipping, AdamW: (mean loss, tokens, grad norm, finite)."""
         total: Tensor | None = None
         tokens: Tensor | int = 0
         for i, batch in enumerate(micro_batches):
@@ -255,15 +293,15 @@ class TrainStep:
         mean = total / len(micro_batches)
         norm = self._grad_norm()
         full = getattr(norm, "full_tensor", None)  # FSDP2: the norm of sharded grads, a DTensor
-        self.grad_norm = full() if callable(full) else norm
-        self.finite = torch.isfinite(mean) & torch.isfinite(self.grad_norm)
-        self.skipped = self.skip_nonfinite and self._any_rank_nonfinite()
+        grad_norm = full() if callable(full) else norm
+        finite = torch.isfinite(mean) & torch.isfinite(grad_norm)
+        self.skipped = self.skip_nonfinite and self._any_rank_nonfinite(finite)
         if not self.skipped:
             if self.grad_clip > 0:
                 torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip, norm)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return mean, tokens, lr
+        return mean, tokens, grad_norm, finite
 
     def _grad_norm(self) -> Tensor:
         """Global L2 norm of the gradients (0 when no parameter has one), as `clip_grad_norm_` computes it."""
@@ -272,9 +310,9 @@ class TrainStep:
             return torch.zeros((), device=self.device)
         return torch.nn.utils.get_total_norm(grads)
 
-    def _any_rank_nonfinite(self) -> bool:
-        """Whether the last step was not finite on any rank (one device sync)."""
-        return bool(self.wrapped.ctx.all_reduce_sum((~self.finite).double().reshape(1))[0] > 0)
+    def _any_rank_nonfinite(self, finite: Tensor) -> bool:
+        """Whether this step was not finite on any rank (one device sync)."""
+        return bool(self.wrapped.ctx.all_reduce_sum((~finite).double().reshape(1))[0] > 0)
 
 
 def evaluate_loss(step: TrainStep, batches: BatchSource, max_batches: int | None = None) -> dict[str, float]:
@@ -356,6 +394,9 @@ def fit(model: nn.Module, train: BatchSource, cfg: FitConfig, *, val: BatchSourc
             process, or is not legolm's (see `legolm.train.run_dir`).
     """
     cfg.validate()
+    if cfg.run.cuda_graph and loss_fn is not None and not graph_capable(loss_fn):
+        raise ConfigError(f"run.cuda_graph: this run's loss ({type(loss_fn).__name__}) does not say when its steps "
+                          "may be captured (no graph_safe method); leave run.cuda_graph off")
     ctx = init_distributed(cfg.run)
     device = ctx.run_device(cfg.run.device)
     if device.type == "cuda" and cfg.run.tf32:
@@ -395,7 +436,8 @@ def _fit_in(run_dir: Path, model: nn.Module, train: BatchSource, cfg: FitConfig,
                                     head_optional=cfg.loss_chunk_tokens is None)
     step = TrainStep(model, loss, optimizer, schedule, cfg.optim.grad_clip, autocast_for(device, cfg.run.precision),
                      device, cfg.run.compile, cfg.run.compile_mode, wrapped,
-                     skip_nonfinite=cfg.optim.on_nonfinite == "skip")
+                     skip_nonfinite=cfg.optim.on_nonfinite == "skip", cuda_graph=cfg.run.cuda_graph,
+                     graph_warmup=cfg.run.cuda_graph_warmup)
     state = _start(cfg, ckpt, saved, step, train, ctx)
     if ctx.is_main:
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))

@@ -88,5 +88,9 @@ class LRSchedule:
         the schedule's rate."""
         lr = self(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr * group.get(LR_SCALE, 1.0)
+            rate = lr * group.get(LR_SCALE, 1.0)
+            if isinstance(group["lr"], torch.Tensor):  # a CUDA-graphed step reads it there (`step_graph.capturable_`)
+                group["lr"].fill_(rate)
+            else:
+                group["lr"] = rate
         return lr
