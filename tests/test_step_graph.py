@@ -66,7 +66,7 @@ def test_the_schedule_fills_tensor_rates_in_place_with_each_groups_scale() -> No
     capturable_(opt, torch.device("cpu"))
     rates = [g["lr"] for g in opt.param_groups]
     assert all(isinstance(r, torch.Tensor) for r in rates) and all(g["capturable"] for g in opt.param_groups)
-    capturable_(opt, torch.device("cpu"))  # idempotent: the same tensors
+    capturable_(opt, torch.device("cpu", 0))  # idempotent, also for a device named with its index (cuda:0 / cuda)
     assert all(g["lr"] is r for g, r in zip(opt.param_groups, rates, strict=True))
     for step in (0, 2, 7):
         lr = schedule.apply(opt, step)

@@ -43,8 +43,8 @@ def capturable_(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     it, `legolm.train.optim.LRSchedule.apply`), its step ``capturable``. Idempotent."""
     for group in optimizer.param_groups:
         lr = group["lr"]
-        if not (isinstance(lr, Tensor) and lr.device == device):
-            group["lr"] = torch.tensor(float(lr), device=device, dtype=torch.float32)
+        if not (isinstance(lr, Tensor) and lr.device.type == device.type):  # cuda == cuda:0 here (a graph keeps
+            group["lr"] = torch.tensor(float(lr), device=device, dtype=torch.float32)  # reading the tensor it saw)
         group["capturable"] = True
 
 
