@@ -94,3 +94,19 @@ def test_which_steps_may_be_captured() -> None:
     assert not Skip2LoRALoss(cache).graph_safe(batch)  # filling
     cache.put(torch.tensor([0]), model.features(batch["input_ids"]))
     assert bool(cache.filled.all()) and not Skip2LoRALoss(cache).graph_safe(batch)  # full, but in host memory
+
+
+def test_lego_and_lct_refuse_a_graph_before_any_phase_runs() -> None:
+    """Their losses keep host-side state (hard tokens, exits, the lagged state cache): refused up front, not
+    after phase 1 has trained."""
+    from legolm.lct.train import LCTConfig
+    from legolm.lego.config import LegoConfig
+
+    lego = LegoConfig()
+    lego.run.cuda_graph, lego.run.device = True, "cuda"
+    with pytest.raises(ConfigError, match=r"LEGO.s phase losses .* leave run\.cuda_graph off"):
+        lego.validate()
+    lct = LCTConfig()
+    lct.run.cuda_graph, lct.run.device = True, "cuda"
+    with pytest.raises(ConfigError, match="LCT's steps read and write the lagged state cache"):
+        lct.validate()

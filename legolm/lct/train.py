@@ -157,6 +157,9 @@ class LCTConfig(FitConfig):
                               f"(batch_size={self.batch_size})")
         if self.lag_windows < 1:
             raise ConfigError(f"lag_windows must be >= 1, got {self.lag_windows}")
+        if self.run.cuda_graph:
+            raise ConfigError("run.cuda_graph: LCT's steps read and write the lagged state cache on the host side; "
+                              "leave run.cuda_graph off")
         if self.run.strategy == "fsdp2":
             raise ConfigError("legolm lct evaluates and probes the whole model outside the training forward, which "
                               "FSDP2 shards; use --run.strategy ddp")

@@ -231,6 +231,9 @@ class LegoConfig:
     def validate(self) -> None:
         """Raise `ConfigError` naming the first bad setting and its fix."""
         out = Path(self.run.out_dir)
+        if self.run.cuda_graph:
+            raise ConfigError("run.cuda_graph: LEGO's phase losses (hard tokens, exits) do not say when their steps "
+                              "may be captured in a CUDA graph; leave run.cuda_graph off")
         if self.phase3.max_steps is not None and self.phase3.max_steps < PHASE_OFF:
             raise ConfigError(f"phase3.max_steps must be >= 0 (0 skips phase 3), got {self.phase3.max_steps}")
         phases = [("phase1", self.phase1), ("phase2", self.phase2)]
