@@ -18,7 +18,7 @@ from legolm.errors import ConfigError
 from legolm.model.transformer import TransformerLM
 from legolm.train.config import FitConfig, OptimConfig, ScheduleConfig
 from legolm.train.fit import NextTokenLoss
-from legolm.train.optim import LR_SCALE, LRSchedule, build_optimizer, scale_lr
+from legolm.train.optim import LR_SCALE, LRSchedule, build_optimizer, plain_rates, scale_lr
 from legolm.train.step_graph import capturable_, graph_capable, graph_safe
 
 
@@ -110,3 +110,16 @@ def test_lego_and_lct_refuse_a_graph_before_any_phase_runs() -> None:
     lct.run.cuda_graph, lct.run.device = True, "cuda"
     with pytest.raises(ConfigError, match="LCT's steps read and write the lagged state cache"):
         lct.validate()
+
+
+def test_a_graphed_runs_optimizer_checkpoint_keeps_its_rates_as_numbers() -> None:
+    """The rate tensors a graph reads are saved as plain numbers (`Wrapped.optimizer_state` goes through
+    `plain_rates`): a resume, graphed or not, starts from numbers as `build_optimizer` makes them."""
+    model = torch.nn.Linear(4, 2)
+    opt = build_optimizer(model.parameters(), OptimConfig(lr=0.5), torch.device("cpu"))
+    capturable_(opt, torch.device("cpu"))
+    LRSchedule(0.5, ScheduleConfig(warmup_steps=0, decay="constant"), 4).apply(opt, 0)
+    state = plain_rates(opt.state_dict())
+    assert [g["lr"] for g in state["param_groups"]] == [0.5, 0.5]
+    assert all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)  # the live optimizer keeps its tensors
+    assert plain_rates(state) == state  # numbers stay numbers

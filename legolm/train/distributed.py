@@ -52,6 +52,7 @@ from legolm.train.activation_checkpointing import (
     remove_activation_checkpointing,
 )
 from legolm.train.config import RunConfig, uses_bf16
+from legolm.train.optim import plain_rates
 from legolm.utils.device import resolve_device
 
 T = TypeVar("T")
@@ -351,7 +352,8 @@ class Wrapped:
         self.reshard()
         full = self.strategy == "fsdp2"
         options = StateDictOptions(full_state_dict=full, cpu_offload=full)
-        return get_optimizer_state_dict(self.loss_module if not full else self.runner, optimizer, options=options)
+        return plain_rates(get_optimizer_state_dict(self.loss_module if not full else self.runner, optimizer,
+                                                    options=options))
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         """Load a state from `optimizer_state` (saved on any number of ranks) into this rank's optimizer."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,6 +47,15 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, device: to
     return torch.optim.AdamW([{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, LR_SCALE: scale,
                                "lr": cfg.lr * scale} for (decay, scale), ps in groups.items()],
                              lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+
+
+def plain_rates(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state dict whose groups' rates are numbers: a CUDA-graphed step keeps them as tensors
+    (`legolm.train.step_graph.capturable_`); a checkpoint stores the number, and a graphed resume makes the tensor
+    again."""
+    groups = state.get("param_groups", [])
+    return {**state, "param_groups": [{**g, "lr": float(g["lr"])} if isinstance(g.get("lr"), torch.Tensor) else g
+                                      for g in groups]}
 
 
 class LRSchedule:
