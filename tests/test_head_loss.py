@@ -148,7 +148,7 @@ def test_skip2lora_loss_left_unchunked_by_the_user_takes_the_measured_fastest_ch
     import legolm.adapters.skip2lora_train as st
 
     seen: list[int] = []
-    monkeypatch.setattr(st, "low_rank_head_cross_entropy", lambda w, h, z, b, labels, chunk, kernel, fused: (
+    monkeypatch.setattr(st, "low_rank_head_cross_entropy", lambda w, h, z, b, labels, chunk, kernel: (
         seen.append(chunk), torch.zeros(()))[1])
     monkeypatch.setattr(st, "head_cross_entropy", lambda head, x, labels, chunk, kernel, vocab_chunk: (
         seen.append(chunk), torch.zeros(()))[1])
