@@ -172,14 +172,18 @@ class Skip2LoRAModel(nn.Module):
 
         All K adapters run as two matmuls, not 2K: the A products as one batched matmul over the
         taps, the B products as one GEMM over the concatenated ranks (Σᵢ sᵢBᵢzᵢ = [s₁B₁ … s_KB_K] [z₁; …; z_K]),
-        so the tap sum happens inside the GEMM instead of as K full-size additions.
+        so the tap sum happens inside the GEMM instead of as K full-size additions. The batched matmul runs
+        over the (b, k) pairs, each a contiguous (T, C) block of the features, so the taps are read in place:
+        no permuted copy of them (K·B·T·C values), and under autocast no copy in the adapters' dtype either.
         """
         adapters = [a for a in self.adapters.values() if isinstance(a, SkipAdapter)]
         a = torch.stack([ad.lora_A for ad in adapters])  # (K, r, C)
         b = torch.cat([ad.lora_B * ad.scaling for ad in adapters], dim=1)  # (C, K·r)
-        taps = self.tap_dropout(feats[:, : len(adapters)]).to(a.dtype)  # (B, K, T, C)
-        z = torch.einsum("bktc,krc->btkr", taps, a)  # (B, T, K, r)
-        return feats[:, -1], z.flatten(2), b
+        taps = self.tap_dropout(feats[:, : len(adapters)])  # (B, K, T, C)
+        if not torch.is_autocast_enabled(taps.device.type):  # autocast casts both factors itself
+            taps = taps.to(a.dtype)
+        z = torch.matmul(taps, a.transpose(1, 2))  # (B, K, T, r)
+        return feats[:, -1], z.permute(0, 2, 1, 3).flatten(2), b  # (B, T, K·r)
 
     def head_input(self, feats: Tensor) -> Tensor:
         """What the head reads, from features (B, K+1, T, C): norm(h_L-1) + Σᵢ Sᵢ(dropout(hᵢ)), (B, T, C)."""
