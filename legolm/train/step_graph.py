@@ -2,8 +2,8 @@
 
 Where a step's GPU work is small, the host launching its kernels sets the pace: a cached Skip2-LoRA epoch on
 GPT-2 runs 4.8 ms of GPU work a step against about 6 ms of host time (H200, README "Skip2-LoRA and the
-Skip-Cache"). Captured once and replayed, the step is one launch: the whole-network capture of PyTorch's CUDA
-graphs notes, as Megatron-LM's ``--enable-cuda-graph`` and MLPerf training submissions do it::
+Skip-Cache"). Captured once and replayed, the step is one launch ("whole-network capture" in PyTorch's CUDA
+graphs notes; NVIDIA's MLPerf training submissions capture whole steps the same way)::
 
     steps 1..w    eager, on a side stream: lazy set-up (cuBLAS workspaces, AdamW's state, compiled code)
     step  w+1     its batch copied into static buffers ─ capture (records, runs nothing) ─ replay
@@ -43,8 +43,10 @@ def capturable_(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
     it, `legolm.train.optim.LRSchedule.apply`), its step ``capturable``. Idempotent."""
     for group in optimizer.param_groups:
         lr = group["lr"]
-        if not (isinstance(lr, Tensor) and lr.device.type == device.type):  # cuda == cuda:0 here (a graph keeps
-            group["lr"] = torch.tensor(float(lr), device=device, dtype=torch.float32)  # reading the tensor it saw)
+        # compared by type: `cuda` and `cuda:0` are one device here, and a captured graph keeps reading the
+        # tensor it saw (a new one each step would leave it reading freed memory)
+        if not (isinstance(lr, Tensor) and lr.device.type == device.type):
+            group["lr"] = torch.tensor(float(lr), device=device, dtype=torch.float32)
         group["capturable"] = True
 
 
