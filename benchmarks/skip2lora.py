@@ -112,15 +112,13 @@ def profile_epoch(step: StepFn, data: list[Batch], epoch: int, rows: int) -> str
     return str(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows))
 
 
-def epochs(step: StepFn, data: list[Batch], n_epochs: int, device: torch.device,
-           before_epoch: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Seconds of each epoch over ``data`` and the peak memory of the run (``before_epoch(e)`` runs untimed)."""
+def epochs(step: StepFn, data: list[Batch], n_epochs: int, device: torch.device) -> dict[str, Any]:
+    """Seconds of each epoch over ``data`` (the first, the mean of the later ones, the last) and the peak memory
+    of the run."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for e in range(n_epochs):
-        if before_epoch is not None:
-            before_epoch(e)
         sync(device)
         t0 = time.perf_counter()
         for i, b in enumerate(data):

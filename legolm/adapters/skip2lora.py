@@ -46,8 +46,8 @@ from legolm.utils.params import count_parameters
 
 CONFIG_FILE, WEIGHTS_FILE = "skip2lora_config.json", "skip2lora_model.safetensors"
 TAP_NORMS = ("none", "final")
-HeadGrad = Literal["auto", "low-rank", "chain"]  # how the adapters' gradients pass the head
-HEAD_GRADS: tuple[HeadGrad, ...] = ("auto", "low-rank", "chain")  # (`Skip2LoRALoss`)
+HeadGrad = Literal["auto", "low-rank", "chain"]  # how the adapters' gradients pass the head (`Skip2LoRALoss`)
+HEAD_GRADS: tuple[HeadGrad, ...] = ("auto", "low-rank", "chain")
 AUTO_LOW_RANK_RATIO = 4  # head_grad auto: the low-rank way where this times R = K·r <= n_embd
 
 

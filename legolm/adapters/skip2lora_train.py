@@ -83,12 +83,11 @@ class Skip2LoRALoss:
         """Whether the head's gradient goes the low-rank way for ``model`` (``head_grad``)."""
         if self.head_grad == "chain":
             return False
-        forced = self.head_grad == "low-rank"
-        if forced and not model.frozen_linear_head():
-            raise ConfigError(f"head_grad {self.head_grad} needs a frozen bias-free LM head; with skip2lora.lora_head "
-                              "the head trains: use head_grad auto or chain")
+        if self.head_grad == "low-rank" and not model.frozen_linear_head():
+            raise ConfigError("head_grad low-rank needs a frozen bias-free LM head; with skip2lora.lora_head the "
+                              "head trains: use head_grad auto or chain")
         small = AUTO_LOW_RANK_RATIO * model.rank <= model.config.n_embd
-        return model.frozen_linear_head() and (forced or small)
+        return model.frozen_linear_head() and (self.head_grad == "low-rank" or small)
 
     @torch.compiler.disable
     def features(self, model: Skip2LoRAModel, batch: Batch) -> Tensor:

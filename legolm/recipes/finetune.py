@@ -79,8 +79,8 @@ class FinetuneConfig(FitConfig):
             if self.head_grad not in HEAD_GRADS:
                 raise ConfigError(f"head_grad must be one of {', '.join(HEAD_GRADS)}, got {self.head_grad!r}")
             if self.head_grad == "low-rank" and self.skip2lora.lora_head:
-                raise ConfigError(f"head_grad {self.head_grad} needs a frozen LM head, but skip2lora.lora_head trains "
-                                  "it: use --head-grad auto or chain")
+                raise ConfigError("head_grad low-rank needs a frozen LM head, but skip2lora.lora_head trains it: "
+                                  "use --head-grad auto or chain")
             if self.run.activation_checkpointing != "none":
                 raise ConfigError(f"--run.activation-checkpointing {self.run.activation_checkpointing} does nothing "
                                   "for Skip2-LoRA: its backbone runs without autograd (nothing is kept for backward) "

@@ -186,11 +186,12 @@ class RunConfig:
 
     def graph_checks(self, on_nonfinite: str) -> list[tuple[bool, str]]:
         """(ok, message) of ``cuda_graph`` against the other settings (`FitConfig.validate`)."""
+        warmup = [(self.cuda_graph_warmup >= 1, f"run.cuda_graph_warmup must be >= 1, got {self.cuda_graph_warmup}")]
         if not self.cuda_graph:
-            return [(self.cuda_graph_warmup >= 1, f"run.cuda_graph_warmup must be >= 1, got {self.cuda_graph_warmup}")]
+            return warmup
         off = "; or leave run.cuda_graph off"
         return [
-            (self.cuda_graph_warmup >= 1, f"run.cuda_graph_warmup must be >= 1, got {self.cuda_graph_warmup}"),
+            *warmup,
             (planned_device(self.device).type == "cuda",
              f"run.cuda_graph needs a CUDA device, run.device is {self.device!r} here{off}"),
             (self.strategy == "none",

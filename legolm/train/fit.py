@@ -258,14 +258,13 @@ class TrainStep:
 
     def __call__(self, micro_batches: Sequence[Batch], step: int) -> tuple[Tensor, Tensor | int, float]:
         """Train on ``micro_batches`` as one step; return (mean loss, tokens, lr) without syncing."""
-        if self.cuda_graph and graph_safe(self.loss_fn, micro_batches):
+        graphed = self.cuda_graph and graph_safe(self.loss_fn, micro_batches)
+        if graphed:
             capturable_(self.optimizer, self.device)  # before the schedule fills the rates
-            lr = self.schedule.apply(self.optimizer, step)
-            mean, tokens, self.grad_norm, self.finite = self._graphed([_to_device(b, self.device)
-                                                                        for b in micro_batches])
-        else:
-            lr = self.schedule.apply(self.optimizer, step)
-            mean, tokens, self.grad_norm, self.finite = self._step(micro_batches)
+        lr = self.schedule.apply(self.optimizer, step)
+        out = self._graphed([_to_device(b, self.device) for b in micro_batches]) if graphed else \
+            self._step(micro_batches)
+        mean, tokens, self.grad_norm, self.finite = out
         return mean, tokens, lr
 
     def _graphed(self, batches: list[Batch]) -> StepOutput:
