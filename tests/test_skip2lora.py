@@ -247,6 +247,33 @@ def test_stacked_adapters_give_the_per_adapter_sum_and_its_gradients() -> None:
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
+def test_head_parts_read_the_taps_in_place_without_dropout() -> None:
+    """Without tap dropout no op of head_parts writes a new tensor as large as the K taps (B, K, T, C): the A
+    products read the contiguous features in place. (Slicing the K taps and multiplying them copied them.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self, size: int) -> None:
+            super().__init__()
+            self.size, self.found = size, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(a, torch.Tensor)}
+            for o in torch.utils._pytree.tree_leaves(out):
+                if isinstance(o, torch.Tensor) and o.numel() >= self.size and (
+                        o.untyped_storage().data_ptr() not in inputs):
+                    self.found.append(str(func))
+            return out
+
+    model = _model("tiny-gpt2", indices=[0, 1])
+    feats = torch.randn(2, 3, T, model.base.config.n_embd)  # K = 2 taps + the final norm's output
+    with Copies(feats[:, :2].numel()) as mode:
+        model.head_parts(feats)
+    assert mode.found == []
+
+
 def test_a_complete_cache_answers_missing_without_reading_the_ids() -> None:
     """Once every window is stored, `missing` does not copy the ids back from the device (no sync per step):
     ids on the meta device (which cannot be copied to the host) then work; before, they are read."""

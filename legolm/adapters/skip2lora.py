@@ -172,17 +172,22 @@ class Skip2LoRAModel(nn.Module):
 
         All K adapters run as two matmuls, not 2K: the A products as one batched matmul over the
         taps, the B products as one GEMM over the concatenated ranks (Σᵢ sᵢBᵢzᵢ = [s₁B₁ … s_KB_K] [z₁; …; z_K]),
-        so the tap sum happens inside the GEMM instead of as K full-size additions. The batched matmul runs
-        over the (b, k) pairs, each a contiguous (T, C) block of the features, so the taps are read in place:
-        no permuted copy of them (K·B·T·C values), and under autocast no copy in the adapters' dtype either.
+        so the tap sum happens inside the GEMM instead of as K full-size additions. Without tap dropout the
+        batched matmul runs over all (b, k) pairs of the features, the last slot against a zero A, so that
+        (B, K+1) collapse into one batch dimension of the contiguous features and the taps are read in place:
+        the slice of the K taps alone does not collapse, and matmul would copy it (K·B·T·C values).
         """
         adapters = [a for a in self.adapters.values() if isinstance(a, SkipAdapter)]
         a = torch.stack([ad.lora_A for ad in adapters])  # (K, r, C)
         b = torch.cat([ad.lora_B * ad.scaling for ad in adapters], dim=1)  # (C, K·r)
-        taps = self.tap_dropout(feats[:, : len(adapters)])  # (B, K, T, C)
+        k = len(adapters)
+        dropped = isinstance(self.tap_dropout, nn.Dropout) and self.training
+        taps = self.tap_dropout(feats[:, :k]) if dropped else feats  # (B, K, T, C), or all K+1 slots in place
+        if not dropped:
+            a = torch.cat([a, a.new_zeros(1, *a.shape[1:])])  # (K+1, r, C): the head-input slot's A is 0
         if not torch.is_autocast_enabled(taps.device.type):  # autocast casts both factors itself
             taps = taps.to(a.dtype)
-        z = torch.matmul(taps, a.transpose(1, 2))  # (B, K, T, r)
+        z = torch.matmul(taps, a.transpose(1, 2))[:, :k]  # (B, K, T, r)
         return feats[:, -1], z.permute(0, 2, 1, 3).flatten(2), b  # (B, T, K·r)
 
     def head_input(self, feats: Tensor) -> Tensor:
