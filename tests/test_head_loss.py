@@ -297,3 +297,22 @@ def test_the_default_chunking_scores_a_model_without_an_lm_head_on_its_logits() 
     loss, n, _ = NextTokenLoss(8, head_optional=True)(emb, batch)
     torch.testing.assert_close(loss, F.cross_entropy(emb.weight[[1, 2]], torch.tensor([2, 3])))
     assert int(n) == 2
+
+
+def test_a_frozen_heads_rows_are_made_once_and_remade_after_a_write() -> None:
+    """head_rows: a frozen weight's cast, padded rows are reused while it is unchanged, remade after an in-place
+    write (its version counter) or for another dtype; a trainable weight's are made at every call."""
+    from legolm.train.head_loss import VOCAB_ALIGN, head_rows
+
+    w = torch.randn(50, 8)
+    first = head_rows(w, torch.bfloat16, frozen=True)
+    assert first.shape == (VOCAB_ALIGN, 8) and (first[50:] == 0).all()
+    torch.testing.assert_close(first[:50], w.to(torch.bfloat16))
+    assert head_rows(w, torch.bfloat16, frozen=True) is first
+    with torch.no_grad():
+        w.mul_(2)
+    again = head_rows(w, torch.bfloat16, frozen=True)
+    assert again is not first
+    torch.testing.assert_close(again[:50], w.to(torch.bfloat16))
+    assert head_rows(w, torch.float16, frozen=True).dtype == torch.float16
+    assert head_rows(w, torch.bfloat16, frozen=False) is not head_rows(w, torch.bfloat16, frozen=False)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.weak import WeakIdKeyDictionary
 
 IGNORE_INDEX = -100
 LossKernel = Literal["torch", "triton"]
@@ -104,8 +105,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
             step = softmax_step(triton_step)
-            w = aligned_rows(weight.to(dtype))  # (V', C), V' >= V: zero rows pad V to a multiple of VOCAB_ALIGN
             need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            w = head_rows(weight, dtype, frozen=not need_w)  # (V', C), V' >= V: zero rows pad V (VOCAB_ALIGN)
             by_vocab = need_w and vocab_chunk > 0
             total, grad_x, grad_w, lse = _token_pass(x, w, weight.shape[0], labels, chunk, step, dtype, need_x,
                                                      need_w and not by_vocab)
@@ -270,6 +271,26 @@ def aligned_rows(w: Tensor) -> Tensor:
     """``w`` (V, C) with zero rows appended up to a multiple of `VOCAB_ALIGN` (itself when aligned)."""
     pad = -w.shape[0] % VOCAB_ALIGN
     return w if pad == 0 else torch.cat([w, w.new_zeros(pad, w.shape[1])])
+
+
+_FROZEN_ROWS = WeakIdKeyDictionary()  # frozen head weight -> ((storage, version, dtype), its aligned rows)
+
+
+def head_rows(weight: Tensor, dtype: torch.dtype, frozen: bool) -> Tensor:
+    """``aligned_rows(weight.to(dtype))``: the head's rows as a loss's GEMMs read them. A ``frozen`` weight's
+    copy is made once and reused while the weight is unchanged (the same storage and version counter: every
+    in-place write moves the counter), so a frozen fp32 head (LoRA, Skip2-LoRA) is not cast and padded again
+    at every step."""
+    if not frozen or weight.is_inference():  # an inference tensor has no version counter
+        return aligned_rows(weight.to(dtype))
+    key = (weight.data_ptr(), weight._version, dtype)
+    hit = _FROZEN_ROWS.get(weight)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    rows = aligned_rows(weight.to(dtype))
+    if rows is not weight:  # a copy: kept (the weight itself would keep its own key alive)
+        _FROZEN_ROWS[weight] = (key, rows)
+    return rows
 
 
 def softmax_step(triton: bool) -> Step:

@@ -31,7 +31,7 @@ from legolm.train.head_loss import (
     LossKernel,
     ProductSum,
     accumulates_in_place,
-    aligned_rows,
+    head_rows,
     save_for_scaling,
     scale_once_,
     softmax_chunks,
@@ -82,7 +82,7 @@ class _LowRankHeadCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         with torch.autocast(device, enabled=False):
             acc = torch.promote_types(dtype, torch.float32)
-            w, bd = aligned_rows(weight.to(dtype)), b.to(dtype)  # (V', C): zero rows pad V; (C, R)
+            w, bd = head_rows(weight, dtype, frozen=True), b.to(dtype)  # (V', C): zero rows pad V; (C, R)
             u = torch.mm(w, bd) if grads else None  # (V', R): the head along b's directions
             grad_z = torch.empty(z.shape, device=h.device, dtype=z.dtype) if grads else None
             gtz = ProductSum((w.shape[0], z.shape[1]), dtype, h.device) if grads else None
