@@ -7,9 +7,8 @@ spend a third or more of their GPU time in this step. The logits are x Wᵀ of t
 ``--model smollm2``: the real pretrained model), in the run's dtype.
 
     copy                 a copy of the logits (one read, one write): the bandwidth reference
-    legolm B/W/S[/pN]    `legolm.kernels.cross_entropy.ce_grad_` with tiles of B logits (``row``: the whole row in
-                         one tile, read once), W warps and S pipeline stages ("-" = Triton's default), one program
-                         per row or N per multiprocessor (/pN, persistent); "(default)" marks the library's settings
+    legolm B/W/S         `legolm.kernels.cross_entropy.ce_grad_` with tiles of B logits, W warps and S pipeline
+                         stages ("-" = Triton's default); "(default)" marks the settings the library uses
     liger                Liger's `LigerCrossEntropyLoss`, forward + backward (it also writes the gradient over
                          its input); "not installed" without liger-kernel
     torch compile        ``F.cross_entropy(logits.float(), labels)`` forward + backward under torch.compile
@@ -93,13 +92,9 @@ def torch_step(backend: str) -> Step:
 def steps(args: argparse.Namespace) -> dict[str, Step | str]:
     """Every row but the copy, in order."""
     rows: dict[str, Step | str] = {}
-    tiles = [(b, False) for b in args.blocks] + ([(0, True)] if args.whole_row else [])
-    for (block, whole), warps, stages, per_sm in itertools.product(tiles, args.warps, args.stages,
-                                                                    args.programs_per_sm):
-        launch = StepLaunch(block_v=block if block else CE_STEP.block_v, num_warps=warps,
-                            num_stages=stages or None, whole_row=whole, programs_per_sm=per_sm)
-        name = (f"legolm {'row' if whole else block}/{warps}/{'-' if stages == 0 else stages}"
-                + (f"/p{per_sm}" if per_sm else "") + (" (default)" if launch == CE_STEP else ""))
+    for block, warps, stages in itertools.product(args.blocks, args.warps, args.stages):
+        launch = StepLaunch(block_v=block, num_warps=warps, num_stages=stages or None)
+        name = f"legolm {block}/{warps}/{'-' if stages == 0 else stages}" + (" (default)" if launch == CE_STEP else "")
         rows[name] = legolm_step(launch, args.layout == "padded")
     rows["liger"] = liger_step()
     rows["torch compile"] = torch_step(args.compile_backend)
@@ -157,10 +152,6 @@ def main() -> None:
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8, 16], help="warp counts to sweep")
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3],
                         help="pipeline stages to sweep (0 = Triton's default)")
-    parser.add_argument("--whole-row", action="store_true",
-                        help="also sweep the whole row in one tile (read once; row/W/S rows)")
-    parser.add_argument("--programs-per-sm", type=int, nargs="+", default=[0],
-                        help="persistent grids to sweep: programs per multiprocessor (0 = one program per row; /pN)")
     parser.add_argument("--layout", choices=["padded", "contiguous"], default="padded",
                         help="legolm's logits as the chunked loss lays them out, or rows of exactly V (see above)")
     add_run_arguments(parser, "ce_step", warmup=2, repeats=10)
@@ -168,7 +159,6 @@ def main() -> None:
     if args.smoke:
         args.tokens, args.hidden, args.vocab, args.layers, args.seq = 64, 64, 1000, 2, 64
         args.blocks, args.warps, args.stages = [256, CE_STEP.block_v], [CE_STEP.num_warps], [0]
-        args.whole_row, args.programs_per_sm = True, [0, 1]
         args.warmup, args.repeats = 1, 2
         args.compile_backend = args.compile_backend or "aot_eager"
     args.compile_backend = args.compile_backend or "inductor"

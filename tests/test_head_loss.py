@@ -202,13 +202,10 @@ def test_the_triton_softmax_step_equals_the_whole_logits_loss(chunk: int, v: int
 
 
 @pytest.mark.parametrize("pad_scratch", [False, True])
-@pytest.mark.parametrize(("whole_row", "programs_per_sm"), [(False, 0), (True, 0), (False, 1), (True, 1)])
-def test_the_triton_kernel_writes_every_gradient_and_zero_for_unscored_rows(pad_scratch: bool, whole_row: bool,
-                                                                            programs_per_sm: int) -> None:
-    """Tiles of 16 or the whole row in one tile (64 lanes), rows of 50 logits: exactly 50 columns (a partial last
-    tile), or the first 50 of rows of 64 whose pad columns hold huge values: 64 are loaded, the 14 past V masked
-    (they would dominate the softmax) and set to 0. One program per row, or a persistent grid (one program off
-    the GPU, looping over all six rows)."""
+def test_the_triton_kernel_writes_every_gradient_and_zero_for_unscored_rows(pad_scratch: bool) -> None:
+    """Tiles of 16, rows of 50 logits: exactly 50 columns (a partial last tile), or the first 50 of rows of 64
+    whose pad columns hold huge values: 64 are loaded, the 14 past V masked (they would dominate the softmax)
+    and set to 0."""
     from legolm.kernels.cross_entropy import StepLaunch, ce_grad_
 
     g = torch.Generator().manual_seed(4)
@@ -221,8 +218,7 @@ def test_the_triton_kernel_writes_every_gradient_and_zero_for_unscored_rows(pad_
     lse = torch.logsumexp(logits, -1)
     want_loss = torch.where(labels == IGNORE_INDEX, 0.0, lse - logits.gather(1, labels.clamp(min=0)[:, None])[:, 0])
     rows, row_lse = torch.full((6,), float("nan")), torch.full((6,), float("nan"))
-    launch = StepLaunch(block_v=16, whole_row=whole_row, programs_per_sm=programs_per_sm)
-    ce_grad_(logits, labels, rows, row_lse, IGNORE_INDEX, launch, pad_scratch)
+    ce_grad_(logits, labels, rows, row_lse, IGNORE_INDEX, StepLaunch(block_v=16), pad_scratch)
     torch.testing.assert_close(rows, want_loss)
     torch.testing.assert_close(row_lse, lse)
     torch.testing.assert_close(logits, want)

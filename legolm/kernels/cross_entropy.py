@@ -25,31 +25,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 
 @triton.jit
-def ce_grad_kernel(logits_ptr, labels_ptr, loss_ptr, lse_ptr, n, V, W, stride, ignore_index, BLOCK_V: tl.constexpr,
-                   WHOLE_ROW: tl.constexpr):
-    """Rows pid, pid + P, … (P programs): each row's loss into ``loss[row]``, its log-sum-exp into ``lse[row]``,
-    its gradient over its first W logits (0 past the row's V). ``WHOLE_ROW``: BLOCK_V >= W, the row read once."""
-    for row in range(tl.program_id(0), n, tl.num_programs(0)):
-        ptr = logits_ptr + tl.cast(row, tl.int64) * stride
-        label = tl.load(labels_ptr + row)
-        if WHOLE_ROW:
-            loss, lse = _row_whole(ptr, label, V, W, ignore_index, BLOCK_V)
-        else:
-            loss, lse = _row_tiles(ptr, label, V, W, ignore_index, BLOCK_V)
-        tl.store(loss_ptr + row, loss)
-        tl.store(lse_ptr + row, lse)
-
-
-@triton.jit
-def _row_tiles(ptr, label, V, W, ignore_index, BLOCK_V: tl.constexpr):
-    """Two passes over the row in tiles of BLOCK_V: online max and Σ exp, then the gradient. -> (loss, lse)"""
+def ce_grad_kernel(logits_ptr, labels_ptr, loss_ptr, lse_ptr, V, W, stride, ignore_index, BLOCK_V: tl.constexpr):
+    """One row: its loss into ``loss[row]``, its log-sum-exp into ``lse[row]``, its gradient over its first W
+    logits (0 past the row's V)."""
+    row = tl.program_id(0)
+    ptr = logits_ptr + row.to(tl.int64) * stride
+    label = tl.load(labels_ptr + row)
     scored = label != ignore_index
     m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), 0)
     s = tl.sum(tl.zeros([BLOCK_V], tl.float32), 0)
@@ -63,48 +50,26 @@ def _row_tiles(ptr, label, V, W, ignore_index, BLOCK_V: tl.constexpr):
     lse = m + tl.log(s)
     target = tl.where(scored, label, 0)
     picked = tl.load(ptr + target).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(scored, lse - picked, 0.0))
+    tl.store(lse_ptr + row, lse)
     keep = scored.to(tl.float32)
     for v0 in range(0, W, BLOCK_V):
         v = v0 + tl.arange(0, BLOCK_V)
         x = tl.load(ptr + v, mask=v < W, other=float("-inf")).to(tl.float32)
         x = tl.where(v < V, x, float("-inf"))  # pad columns: exp gives 0
         g = tl.exp(x - lse) - tl.where(v == target, 1.0, 0.0)
-        tl.store(ptr + v, (g * keep).to(ptr.dtype.element_ty), mask=v < W)
-    return tl.where(scored, lse - picked, 0.0), lse
-
-
-@triton.jit
-def _row_whole(ptr, label, V, W, ignore_index, BLOCK_V: tl.constexpr):
-    """The row in registers (BLOCK_V >= W), kept in its own dtype: one read and one write of each logit.
-    -> (loss, lse)"""
-    scored = label != ignore_index
-    v = tl.arange(0, BLOCK_V)
-    raw = tl.load(ptr + v, mask=v < W, other=float("-inf"))  # (BLOCK_V,) in the logits' dtype
-    live = v < V
-    m = tl.max(tl.where(live, raw.to(tl.float32), float("-inf")), 0)
-    s = tl.sum(tl.where(live, tl.exp(raw.to(tl.float32) - m), 0.0), 0)
-    lse = m + tl.log(s)
-    target = tl.where(scored, label, 0)
-    picked = tl.sum(tl.where(v == target, raw.to(tl.float32), 0.0), 0)
-    g = tl.where(live, tl.exp(raw.to(tl.float32) - lse), 0.0) - tl.where(v == target, 1.0, 0.0)
-    tl.store(ptr + v, (g * scored.to(tl.float32)).to(ptr.dtype.element_ty), mask=v < W)
-    return tl.where(scored, lse - picked, 0.0), lse
+        tl.store(ptr + v, (g * keep).to(logits_ptr.dtype.element_ty), mask=v < W)
 
 
 @dataclass(frozen=True)
 class StepLaunch:
     """How `ce_grad_` runs: tiles of ``block_v`` logits (a power of two) with ``num_warps`` warps, and Triton's
-    software pipelining of the row loops (``num_stages``; None = Triton's default). ``whole_row``: one tile
-    holds the whole row (``block_v`` is then ignored), so each logit is read once instead of twice.
-    ``programs_per_sm``: a persistent grid of that many programs per multiprocessor, each looping over rows
-    (fewer rows in flight, so a row's second read finds it in L2); 0 = one program per row.
-    `benchmarks.ce_step` sweeps them all."""
+    software pipelining of the row loops (``num_stages``; None = Triton's default). `benchmarks.ce_step`
+    sweeps all three."""
 
     block_v: int = 2048
     num_warps: int = 8
     num_stages: int | None = None
-    whole_row: bool = False
-    programs_per_sm: int = 0
 
 
 # The library's launch settings, chosen on the H200 by `benchmarks.ce_step` (GPT-2's 16,384 x 50,257 bf16 logits
@@ -122,16 +87,9 @@ def ce_grad_(logits: Tensor, labels: Tensor, loss: Tensor, lse: Tensor, ignore_i
     n, V = logits.shape
     W = load_width(logits) if pad_scratch else V
     stages = {} if launch.num_stages is None else {"num_stages": launch.num_stages}
-    block = triton.next_power_of_2(W) if launch.whole_row else min(launch.block_v, triton.next_power_of_2(W))
-    programs = n if launch.programs_per_sm == 0 else min(n, launch.programs_per_sm * multiprocessors(logits))
-    ce_grad_kernel[(max(programs, 1),)](logits, labels, loss, lse, n, V, W, logits.stride(0), ignore_index,
-                                        BLOCK_V=block, WHOLE_ROW=launch.whole_row, num_warps=launch.num_warps,
-                                        **stages)
-
-
-def multiprocessors(t: Tensor) -> int:
-    """The multiprocessors of ``t``'s GPU; 1 elsewhere (Triton's interpreter runs programs one by one)."""
-    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.device.type == "cuda" else 1
+    ce_grad_kernel[(n,)](logits, labels, loss, lse, V, W, logits.stride(0), ignore_index,
+                         BLOCK_V=min(launch.block_v, triton.next_power_of_2(W)), num_warps=launch.num_warps,
+                         **stages)
 
 
 def load_width(logits: Tensor) -> int:
