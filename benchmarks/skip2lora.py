@@ -304,6 +304,7 @@ def gpu(args: argparse.Namespace) -> None:
             profiles[impl] = profile_epoch(step, data_ids, args.epochs, args.profile)
             print(f"profile of one more epoch, {impl}:\n{profiles[impl]}")
         plain = model.base  # the backbone, untouched, for the next run
+    del step, cache, model  # the last cached row's Skip-Cache would count in the graphed rows' peak memory
     for mode in args.modes if args.graph_step else []:  # eager: the eager body captured; compile: the compiled one
         free(device)
         rows.append({**graphed_row(plain, train, val, args, device, precision, skip_r, mode == "compile"),
