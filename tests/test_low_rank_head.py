@@ -79,6 +79,24 @@ def test_bf16_autocast_stays_close_to_fp32() -> None:
         assert ((a.double() - e).norm() / e.norm()).item() < 3e-2
 
 
+def test_under_bf16_the_head_input_is_rounded_as_the_models_head_input() -> None:
+    """bf16 autocast, h in bf16 (as the GPU Skip-Cache holds it): x = h + (z bᵀ rounded to bf16), rounded once
+    more, as `Skip2LoRAModel.head_input` computes it for evaluation; the loss is that x's to fp32 rounding. A
+    single rounding of h + z bᵀ (what one fused GEMM epilogue gives) moves the loss 1e3 times further."""
+    g = torch.Generator().manual_seed(0)
+    n, c, r, v = 256, 64, 8, 300
+    w, z = torch.randn(v, c, generator=g), torch.randn(n, r, generator=g)
+    h, b = torch.randn(n, c, generator=g).to(torch.bfloat16), torch.randn(c, r, generator=g) * 0.3
+    labels = torch.randint(0, v, (n,), generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = low_rank_head_cross_entropy(w, h, z, b, labels, 0)
+    twice = (h.float() + (z.bfloat16() @ b.bfloat16().T).float()).bfloat16()
+    once = (h.float() + z.bfloat16().float() @ b.bfloat16().float().T).bfloat16()
+    want, other = (F.cross_entropy((x @ w.bfloat16().T).float(), labels) for x in (twice, once))
+    assert abs(got.item() - want.item()) <= 1e-6 * want.item()
+    assert abs(other.item() - want.item()) > 1e-4 * want.item()
+
+
 def test_without_autograd_it_is_the_loss_alone() -> None:
     w, h, z, b, labels = _parts()
     with torch.no_grad():

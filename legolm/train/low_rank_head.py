@@ -89,8 +89,10 @@ class _LowRankHeadCrossEntropy(torch.autograd.Function):
             total = torch.zeros((), device=h.device, dtype=acc)
             zd = z.to(dtype)  # (N, R): the head input's and Gᵀz's factor, converted once
 
-            def x_of(start: int, end: int) -> Tensor:  # as `Skip2LoRAModel.head_input`
-                return (h[start:end].to(acc) + torch.mm(zd[start:end], bd.T).to(acc)).to(dtype)
+            def x_of(start: int, end: int) -> Tensor:  # as `Skip2LoRAModel.head_input`: h + (z bᵀ rounded)
+                # one in-place add: it computes in the promoted type and rounds once, the same bits as
+                # (h.to(acc) + (z bᵀ).to(acc)).to(dtype) in four elementwise passes (h in dtype or fp32)
+                return torch.mm(zd[start:end], bd.T).add_(h[start:end])
 
             for start, x, g, loss, _ in softmax_chunks(x_of, h.shape[0], w, weight.shape[0], labels, chunk,
                                                        softmax_step(triton_step), dtype):
