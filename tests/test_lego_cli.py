@@ -185,9 +185,12 @@ def test_generate_early_exit_on_a_model_without_an_exit_is_one_line(smollm2_gguf
     _assert_user_error(proc, "needs a LEGO model with a shallow exit")
 
 
-@pytest.mark.parametrize(("calibrate", "joint"), [("ratio", 0.0), ("quality", 0.0), ("ratio", 0.5)])
+@pytest.mark.parametrize(("calibrate", "joint", "cost"),
+                         [("ratio", 0.0, "weights"), ("quality", 0.0, "weights"), ("ratio", 0.5, "weights"),
+                          ("ratio", 0.0, "decode")])
 def test_lego_from_a_pretrained_checkpoint_chooses_its_split_by_the_curve(tmp_path: Path, shared_dir: Path,
-                                                                          calibrate: str, joint: float) -> None:
+                                                                          calibrate: str, joint: float,
+                                                                          cost: str) -> None:
     """The pretrained route end to end: tuned-lens exits at the candidates, the split curve, phase 2 on the
     model's own upper blocks, and a model/ that loads as a LegoLM whose deep model is the checkpoint's
     architecture; the summary compares the routed perplexity with the unmodified model's.
@@ -196,7 +199,8 @@ def test_lego_from_a_pretrained_checkpoint_chooses_its_split_by_the_curve(tmp_pa
     token may exit within tolerance and phase 2 has nothing to learn from: one line saying so (the mid-range
     case is hand-checked in test_lego.py). With ``lego.joint_exit_weight`` the model trains with its exits in
     phase 1: the curve's full-depth perplexity moves away from the unmodified model's, which stays the
-    reference of the summary and the tolerance."""
+    reference of the summary and the tolerance. With ``lego.split_cost decode`` every candidate's cost is also
+    measured by decoding, and the split is the cheapest by that measure."""
     from legolm.checkpoints.native import save_checkpoint
     from legolm.core.config import ModelConfig
     from legolm.model.transformer import TransformerLM
@@ -209,7 +213,8 @@ def test_lego_from_a_pretrained_checkpoint_chooses_its_split_by_the_curve(tmp_pa
     # outcomes (the joint run moves full depth by 24% either way; the quality route finds no hard example)
     proc = _run(["lego", "--config", str(ROOT / "configs" / "lego-split-tiny.yaml"), "--model.init",
                  str(tmp_path / "base"), "--run.out-dir", str(out), "--lego.calibrate", calibrate, "--window", "32",
-                 "--lego.joint-exit-weight", str(joint), *(["--lego.exit-lr-scale", "10"] if joint else [])], tmp_path)
+                 "--lego.joint-exit-weight", str(joint), *(["--lego.exit-lr-scale", "10"] if joint else []),
+                 "--lego.split-cost", cost], tmp_path)
     if calibrate == "quality":
         _assert_user_error(proc, "no hard examples", "every token exits within tolerance", "lego.split_tolerance")
         assert "calibrated" not in proc.stdout
@@ -229,6 +234,13 @@ def test_lego_from_a_pretrained_checkpoint_chooses_its_split_by_the_curve(tmp_pa
     else:
         assert curve[1]["full_ppl"] == curve[1]["reference_ppl"]
     assert curve[1]["cost"] < curve[2]["cost"]  # fewer blocks below the exit: cheaper
+    if cost == "decode":
+        assert all(p["decode_cost"] > 0 for p in curve.values()) and "decode cost" in proc.stdout
+        within = [p for p in curve.values() if p["within_tolerance"]]
+        if within:
+            assert summary["split"] == min(within, key=lambda p: p["decode_cost"])["split"]
+    else:
+        assert all(p["decode_cost"] is None for p in curve.values())
     assert summary["split"] in curve and (out / "split_curve.csv").is_file()
     model = load_pretrained(out / "model")
     assert isinstance(model, LegoLM) and model.meta.exit_lens and model.split == summary["split"]

@@ -84,6 +84,10 @@ class LegoSettings:
             is within split_tolerance of the full model's (the measured curve is saved); overrides split.
         split_tolerance: Relative perplexity increase allowed over the unmodified model when choosing the split from
             split_candidates, and by calibrate: quality.
+        split_cost: What "cheapest" means among the split candidates within tolerance: weights (the weights a
+            batch-1 decode step reads, projected from the shallow ratio) or decode (measured: a copy of the
+            model split at each candidate decodes the decode section's prompts with its decoder at full depth,
+            always exiting and never exiting; `legolm.lego.split.decode_costs`).
         joint_exit_weight: Pretrained route with split_candidates: 0 trains the exits alone on the frozen model
             in phase 1 (tuned lenses); w > 0 trains the whole model with them, loss = CE(deep) + w · mean
             CE(exits), the early-exit loss of LayerSkip (Elhoushi et al. 2024, arXiv 2404.16710), so that
@@ -128,6 +132,7 @@ class LegoSettings:
     split: int | None = None
     split_candidates: list[int] = field(default_factory=list)
     split_tolerance: float = 0.03
+    split_cost: Literal["weights", "decode"] = "weights"
     joint_exit_weight: float = 0.0
     exit_lr_scale: float = 1.0
     calibrate: Literal["ratio", "quality"] = "ratio"
@@ -264,6 +269,9 @@ class LegoConfig:
             (all(k >= 1 for k in [*lg.split_candidates, *([lg.split] if lg.split is not None else [])]),
              "lego.split and lego.split_candidates must be >= 1 (blocks below the shallow exit)"),
             (lg.split_tolerance >= 0, f"lego.split_tolerance must be >= 0, got {lg.split_tolerance}"),
+            (lg.split_cost == "weights" or bool(lg.split_candidates),
+             "lego.split_cost decode measures each of lego.split_candidates: give them, or leave lego.split_cost "
+             "weights"),
             (lg.joint_exit_weight >= 0, f"lego.joint_exit_weight must be >= 0, got {lg.joint_exit_weight}"),
             (lg.joint_exit_weight == 0 or bool(lg.split_candidates),
              "lego.joint_exit_weight trains a pretrained model with exits at lego.split_candidates: give them "

@@ -15,14 +15,20 @@ upper layers as the deep exit, each k is measured on the validation windows::
     cost(k) = [k·B + H + (1 - r)·((L - k)·B + H)] / (L·B + H)
 
 with B the weights of one block, H those of one head and r the shallow ratio at τ_k
-(a batch-1 decode step reads every weight it uses once, so bytes read is its cost). The chosen k
-is the smallest (cheapest) whose routed perplexity is within ``tolerance`` of the full model's.
+(a batch-1 decode step reads every weight it uses once, so bytes read is its cost). With
+``split_cost: decode`` the cost is measured instead (`decode_costs`): each candidate decodes real
+prompts with the run's decoder, and
+
+    decode cost(k) = [r·t(always exit) + (1 - r)·t(never exit)] / t(full depth)   (seconds per token)
+
+The chosen k is the cheapest whose routed perplexity is within ``tolerance`` of the full model's.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,9 +36,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from legolm.errors import ConfigError
-from legolm.lego.config import LegoSettings
+from legolm.lego.config import STORE_DTYPES, DecodeSettings, LegoSettings
 from legolm.lego.evaluate import TokenScores
-from legolm.model.lego import ExitHead, LegoLM, confidence, quantile_threshold
+from legolm.lego.report import Setting, measure_decode
+from legolm.model.lego import ExitHead, LegoLM, LegoMeta, confidence, quantile_threshold
 from legolm.model.transformer import TransformerLM
 from legolm.train.batches import Batch, rewind
 from legolm.train.fit import LossOutput
@@ -141,6 +148,7 @@ class SplitPoint:
         cost: Projected weights read per decoded token, ÷ the full model's (module docstring).
         within_tolerance: routed_ppl <= (1 + tolerance) · reference_ppl.
         reference_ppl: The unmodified model's perplexity: full_ppl, unless the model trained with its exits.
+        decode_cost: Measured seconds per decoded token ÷ full depth's (`decode_costs`; None: not measured).
     """
 
     split: int
@@ -153,6 +161,7 @@ class SplitPoint:
     cost: float
     within_tolerance: bool
     reference_ppl: float
+    decode_cost: float | None = None
 
 
 def projected_cost(model: TransformerLM, split: int, shallow_ratio: float) -> float:
@@ -212,13 +221,40 @@ def measure_splits(probe: ExitProbe, batches: Iterable[Batch], settings: LegoSet
 
 
 def choose_split(points: list[SplitPoint]) -> SplitPoint:
-    """The cheapest candidate within tolerance; else the best routed perplexity (reported as missing it)."""
+    """The cheapest candidate within tolerance, by measured decode cost where the points have one, else by
+    projected weights; else the best routed perplexity (reported as missing it)."""
     ok = [p for p in points if p.within_tolerance]
-    return min(ok, key=lambda p: p.cost) if ok else min(points, key=lambda p: p.routed_ppl)
+    return min(ok, key=lambda p: p.cost if p.decode_cost is None else p.decode_cost) if ok else \
+        min(points, key=lambda p: p.routed_ppl)
+
+
+def decode_costs(probe: ExitProbe, points: list[SplitPoint], prompts: Tensor, decode: DecodeSettings,
+                 progress: bool = False) -> list[SplitPoint]:
+    """``points`` with their measured decode cost (``lego.split_cost: decode``).
+
+    For each candidate k, a copy of the model split at k with its trained exit (in ``decode.dtype``, on the
+    probe's device; the probe itself is not touched) decodes ``prompts`` as `legolm.lego.report.measure_decode`
+    times them (batch 1, greedy, whole `generate` calls, the decode section's decoder: fused on a GPU), at
+    full depth, always exiting (τ = 0) and never exiting (τ = 1), in ``decode.kv_mode``. With r the candidate's
+    shallow ratio at its τ, the cost of a decode whose tokens exit at rate r is charged per token at those
+    two extremes: (r·t(always) + (1 − r)·t(never)) / t(full depth), seconds per token each.
+    """
+    settings = [Setting("full depth", "full"), Setting("always exit", "threshold", 0.0, decode.kv_mode),
+                Setting("never exit", "threshold", 1.0, decode.kv_mode)]
+    out = []
+    for p in points:
+        lego = LegoLM.adopt(copy.deepcopy(probe.model), LegoMeta(split=p.split, exit_lens=True),
+                            copy.deepcopy(probe.exit(p.split))).to(STORE_DTYPES[decode.dtype]).eval()
+        full, always, never = (m.wall_s / m.tokens for m in measure_decode(
+            lego, prompts, settings, decode.max_new_tokens, decode.fused, decode.fused_kernel, decode.repeats,
+            decode.warmup, progress))
+        out.append(replace(p, decode_cost=(p.shallow_ratio * always + (1.0 - p.shallow_ratio) * never) / full))
+        del lego
+    return out
 
 
 def plot_splits(points: list[SplitPoint], path: Path, tolerance: float) -> str | None:
-    """Perplexities and projected cost against the split (PNG); a note instead without matplotlib."""
+    """Perplexities and projected (and measured) cost against the split (PNG); a note instead without matplotlib."""
     plt = pyplot()
     if plt is None:
         return f"{path.name} skipped: pip install matplotlib to draw the split curve"
@@ -235,8 +271,10 @@ def plot_splits(points: list[SplitPoint], path: Path, tolerance: float) -> str |
     ax.set_xlabel("blocks below the shallow exit (k)")
     ax.set_ylabel("validation perplexity")
     twin = ax.twinx()
-    twin.plot(ks, [p.cost for p in points], "^-.", color="tab:green", label="projected cost")
-    twin.set_ylabel("weights read per token ÷ full depth")
+    twin.plot(ks, [p.cost for p in points], "^-.", color="tab:green", label="projected cost (weights read)")
+    if all(p.decode_cost is not None for p in points):
+        twin.plot(ks, [p.decode_cost for p in points], "v-", color="tab:purple", label="measured decode cost")
+    twin.set_ylabel("cost per token ÷ full depth")
     ax.legend(fontsize=7, loc="upper right")
     twin.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)

@@ -48,6 +48,7 @@ from legolm.lego.hard_examples import (
     collect_hard_examples,
     create_hard_example_loader,
 )
+from legolm.lego.report import val_windows
 from legolm.lego.split import (
     ExitLoss,
     ExitProbe,
@@ -55,6 +56,7 @@ from legolm.lego.split import (
     SplitPoint,
     calibrated_threshold,
     choose_split,
+    decode_costs,
     measure_splits,
 )
 from legolm.lego.threshold import shallow_confidences
@@ -322,12 +324,16 @@ def _phase1_split(cfg: LegoConfig, corpus: TokenizedCorpus, train: BatchSource, 
                  callbacks=[RestoreBest()]) if cfg.lego.phase1 else None
     probe.to(resolve_device(cfg.run.device))
     points = measure_splits(probe, val, cfg.lego, cfg.lego.calib_batches, cfg.run.progress, reference)
+    if cfg.lego.split_cost == "decode":
+        d = cfg.decode
+        points = decode_costs(probe, points, val_windows(corpus.val, d.prompts, d.prompt_len), d, cfg.run.progress)
     best = choose_split(points)
     unmodified = "" if reference is None else f" (unmodified model {reference:.2f})"
     tqdm.write("split curve" + unmodified + ": "
                + "; ".join(f"k={p.split}: shallow {p.shallow_ppl:.2f}, routed {p.routed_ppl:.2f} "
                            f"(full {p.full_ppl:.2f}) at shallow ratio {p.shallow_ratio:.3f}, "
-                           f"cost {p.cost:.3f}" for p in points)
+                           f"cost {p.cost:.3f}"
+                           + ("" if p.decode_cost is None else f", decode cost {p.decode_cost:.3f}") for p in points)
                + f"; chosen k={best.split}" + ("" if best.within_tolerance else
                                               f" (none within {100 * cfg.lego.split_tolerance:g}%)"))
     model = LegoLM.adopt(base.requires_grad_(False), LegoMeta(split=best.split, exit_lens=True),
