@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
+import weakref
 from types import SimpleNamespace
 from typing import Any
 
@@ -70,13 +72,24 @@ def test_the_decode_cost_charges_each_token_at_the_measured_extremes(monkeypatch
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_the_decode_cost_is_measured_by_real_decoding_on_the_cpu() -> None:
-    """Unstubbed: each candidate decodes real prompts with the torch decoders; every cost is finite and > 0."""
+def test_the_decode_cost_is_measured_by_real_decoding_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unstubbed decoding: each candidate decodes real prompts with the torch decoders; every cost is finite and
+    > 0, and no copy of the model outlives the measurement."""
     probe = _probe()
     points = _points(probe)
     ids = torch.randint(0, probe.model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(2))
+    copies: list[weakref.ref[LegoLM]] = []
+    real = split_module.measure_decode
+
+    def spy(model: LegoLM, *args: Any) -> Any:
+        copies.append(weakref.ref(model))
+        return real(model, *args)
+
+    monkeypatch.setattr(split_module, "measure_decode", spy)
     got = decode_costs(probe, points, ids, DecodeSettings(max_new_tokens=4, repeats=1, warmup=0, fused=False))
     assert all(p.decode_cost is not None and math.isfinite(p.decode_cost) and p.decode_cost > 0 for p in got)
+    gc.collect()
+    assert len(copies) == 2 and all(c() is None for c in copies)
 
 
 def test_a_decode_cost_needs_split_candidates() -> None:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from legolm.errors import ConfigError
+from legolm.generation.generate import clear_sessions
 from legolm.lego.config import STORE_DTYPES, DecodeSettings, LegoSettings
 from legolm.lego.evaluate import TokenScores
 from legolm.lego.report import Setting, measure_decode
@@ -249,7 +250,7 @@ def decode_costs(probe: ExitProbe, points: list[SplitPoint], prompts: Tensor, de
             lego, prompts, settings, decode.max_new_tokens, decode.fused, decode.fused_kernel, decode.repeats,
             decode.warmup, progress))
         out.append(replace(p, decode_cost=(p.shallow_ratio * always + (1.0 - p.shallow_ratio) * never) / full))
-        del lego
+        clear_sessions(lego)  # its cached KV caches and CUDA graphs (fused decoding) go with the copy
     return out
 
 
