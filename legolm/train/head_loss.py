@@ -143,27 +143,20 @@ def scale_once_(ctx: Any, grad_out: Tensor, what: str, fix: str) -> list[Tensor 
 Step = Callable[[Tensor, Tensor, torch.dtype], tuple[Tensor, Tensor, Tensor]]
 
 
-def logits_chunks(x_of: Callable[[int, int], Tensor], n: int, w: Tensor, chunk: int,
-                  dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor]]:
+def softmax_chunks(x_of: Callable[[int, int], Tensor], n: int, w: Tensor, V: int, labels: Tensor, chunk: int,
+                   step: Step, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor, Tensor]]:
     """``n`` rows of head inputs (``x_of(start, end)``, in ``dtype``) through the padded head ``w`` (V', C),
-    ``chunk`` rows at a time: (start, its inputs, their logits (rows, V')) in one buffer reused by every chunk
-    (a fresh tensor per chunk would keep the last chunk's alive while the next one is computed: twice the
-    logits at the peak). The pad columns hold the zero logits of w's zero rows."""
+    ``chunk`` rows at a time. Per chunk: (start, its inputs, softmax − onehot (rows, V') in one buffer reused by
+    every chunk (its pad columns hold the zero logits of w's zero rows), its summed loss, each row's lse)."""
+    acc = torch.promote_types(dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
+    # one chunk of logits, reused by every chunk: a fresh tensor per chunk would keep the last chunk's
+    # alive while the next one is computed (twice the logits at the peak)
     buf = torch.empty(min(chunk, n), w.shape[0], device=w.device, dtype=dtype)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
         xc = x_of(start, end)
-        yield start, xc, torch.mm(xc, w.T, out=buf[:end - start])  # (rows, V')
-
-
-def softmax_chunks(x_of: Callable[[int, int], Tensor], n: int, w: Tensor, V: int, labels: Tensor, chunk: int,
-                   step: Step, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor, Tensor]]:
-    """`logits_chunks` through ``step``. Per chunk: (start, its inputs, softmax − onehot (rows, V') over its
-    logits (pad columns: the zero logits, or 0 where the Triton step loaded them), its summed loss, each row's
-    lse)."""
-    acc = torch.promote_types(dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
-    for start, xc, logits in logits_chunks(x_of, n, w, chunk, dtype):
-        loss, g, lse = step(logits[:, :V], labels[start:start + xc.shape[0]], acc)  # summed loss, grad, lse
+        logits = torch.mm(xc, w.T, out=buf[:end - start])  # (rows, V')
+        loss, g, lse = step(logits[:, :V], labels[start:end], acc)  # summed loss, softmax - onehot, log-sum-exp
         if g.data_ptr() != logits.data_ptr():  # the torch step returns a new tensor
             logits[:, :V] = g
         yield start, xc, logits, loss, lse
