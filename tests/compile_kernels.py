@@ -23,9 +23,9 @@ ADVANCE = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", tok_ptr="*i64",
 EMBED = dict(tok_ptr="*i64", pos_ptr="*i64", wte_ptr=P, wpe_ptr=P, out_ptr="*fp32", C="i32")
 EXIT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", psum_ptr="*fp32", n_parts="i32", tau_ptr="*fp32", deep_ptr="*i8",
             exited_ptr="*i8", tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64", finished_ptr="*i8", eos_id="i32",
-            q_ptr="*i64", buckets_ptr="*i64", flush_ptr="*i8", n_buckets="i32")
+            q_ptr="*i64", buckets_ptr="*i64", flush_ptr="*i8", n_buckets="i32", pos_ptr="*i64")
 EMIT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64",
-            finished_ptr="*i8", eos_id="i32", counter_ptr="*i64")
+            finished_ptr="*i8", eos_id="i32", counter_ptr="*i64", pos_ptr="*i64")
 TICK = dict(pos_ptr="*i64", q_ptr="*i64", flush_ptr="*i8", n_buckets="i32", count_ptr="*i64")
 KV_ROWS = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", start_ptr="*i64", S="i32",
                rope_len="i32", q_width="i32")
@@ -78,9 +78,9 @@ SPECS = [
     (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, WRITE=1, PDL=1)),
     (kd.advance_kernel, ADVANCE, dict(GREEDY=1, HAS_EOS=1, BLOCK=4096, PDL=1)),
     (kd.embed_kernel, EMBED, dict(HAS_WPE=1, BLOCK=1024)),
-    (kd.exit_kernel, EXIT, dict(HAS_EOS=1, FILL=1, BLOCK=4096, BLOCK_B=4)),
-    (kd.exit_kernel, EXIT, dict(HAS_EOS=0, FILL=0, BLOCK=4096, BLOCK_B=1)),
-    (kd.emit_kernel, EMIT, dict(HAS_EOS=1, HAS_COUNTER=1, BLOCK=4096)),
+    (kd.exit_kernel, EXIT, dict(HAS_EOS=1, FILL=1, ADVANCE=0, BLOCK=4096, BLOCK_B=4, PDL=0)),
+    (kd.exit_kernel, EXIT, dict(HAS_EOS=0, FILL=0, ADVANCE=1, BLOCK=4096, BLOCK_B=1, PDL=1)),
+    (kd.emit_kernel, EMIT, dict(HAS_EOS=1, HAS_COUNTER=1, HAS_POS=1, BLOCK=4096, PDL=1)),
     (kd.tick_kernel, TICK, dict(FILL=1, BLOCK_B=4)),
     (kr.kv_rows_kernel, KV_ROWS, dict(H=9, HKV=3, D=64, D_POW2=64, R=64)),
     (kr.gather_rows_kernel, GATHER, dict(BLOCK=1024)),

@@ -13,7 +13,9 @@ Threshold early exit (CALM, Schuster et al. 2022, arXiv 2207.07061), one step::
         fill: IF flush[b] (one node per bucket b): the q queued exited tokens and this one, b >= q + 1
               rows, through the upper blocks at their positions (`legolm.kernels.rows`) ─ deep head on
               this token's row ─ emit         (a full queue flushes without a deep token)
-    (the next step opens with the tick: position + 1; the queue empties or grows)
+    skip: the exit kernel (an exiting token) or the deep emit advances the position: no further launch
+    fill: the next step opens with the tick: position + 1; the queue empties or grows
+    The exit and emit kernels wait for their head as programmatic dependents (PDL), as `advance_kernel` does.
 
 Self-speculative decoding (LayerSkip, Elhoushi et al. 2024, arXiv 2404.16710), one round::
 
@@ -209,21 +211,23 @@ class FusedLegoSession:
             branch(self.flags[index], fn)
 
     def _lower_part(self) -> None:
-        """The previous step's tick, then embedding, lower blocks, the shallow exit and its decision (every step).
+        """Fill: the previous step's tick; then embedding, lower blocks, the shallow exit and its decision.
 
-        The tick (position + 1; fill: the queue) opens the step rather than closing the last one, so
-        a step without the upper layers is one graph (`start` sets the position one short).
+        Fill's tick (position + 1, the queue) opens the step rather than closing the last one, so a step
+        without the upper layers is one graph (`start` sets the position one short). Skip has no queue: an
+        exiting token's decision advances the position, a deep token's emit does (`_skip_deep`).
         """
         st, m, s = self.stack, self.model, self.state
         assert m.shallow_exit is not None
-        self._tick()
+        if self.fill:
+            self._tick()
         st.token(m, self.cache, m.split, s.tok, s.pos, s.pos)
         if self.fill:
             st.kr.put_row(st.x, self.ring, s.pos, st.embed_block)
         n = st.head(self.shallow_norm, m.shallow_exit.head, "confidence", lens=m.shallow_exit.lens)
         fill = (self.q, self.buckets, self.flush) if self.fill else None
         self.kd.exit_((st.partial[0], st.partial[1], st.partial[2]), n, self.tau, self.deep, s, self.eos_id,
-                      self.kd.ADVANCE_BLOCK, fill)
+                      self.kd.ADVANCE_BLOCK, fill, advance=not self.fill, pdl=st.pdl)
 
     def _lower_part_to_host(self) -> None:
         """`_lower_part`, then its conditions copied to ``host_flags`` (the "parts" runner's lower graph)."""
@@ -247,7 +251,8 @@ class FusedLegoSession:
         st, m, s = self.stack, self.model, self.state
         st.blocks(m, self.cache, m.split, m.n_layer, self.uslot, s.pos)
         n = st.head(st.final_norm, m.lm_head, "greedy")
-        self.kd.emit(st.partial, n, s.tok, s.tokens, s.t, s.finished, self.eos_id, self.kd.ADVANCE_BLOCK, self.uslot)
+        self.kd.emit(st.partial, n, s.tok, s.tokens, s.t, s.finished, self.eos_id, self.kd.ADVANCE_BLOCK, self.uslot,
+                     pos=s.pos, pdl=st.pdl)
 
     def _flush(self, rows: int) -> None:
         st, m, s = self.stack, self.model, self.state
@@ -258,7 +263,7 @@ class FusedLegoSession:
         st, m, s = self.stack, self.model, self.state
         st.kr.select_row(st.X, st.h, self.q, st.embed_block)  # this token's row (after the q queued ones)
         n = st.head(st.final_norm, m.lm_head, "greedy", x=st.h)
-        self.kd.emit(st.partial, n, s.tok, s.tokens, s.t, s.finished, self.eos_id, self.kd.ADVANCE_BLOCK)
+        self.kd.emit(st.partial, n, s.tok, s.tokens, s.t, s.finished, self.eos_id, self.kd.ADVANCE_BLOCK, pdl=st.pdl)
 
     def _speculative_round(self) -> None:
         st, kd, m, s, d = self.stack, self.kd, self.model, self.state, self.config.draft_tokens
@@ -266,7 +271,8 @@ class FusedLegoSession:
             st.token(m, self.cache, m.split, s.tok, self.dpos, self.dpos, out=st.X[i])  # the row the upper pass reads
             if i < d:
                 n = st.head(self.draft_norm, self.drafter.head, "greedy", x=st.X[i], lens=self.drafter.lens)
-                kd.emit(st.partial, n, s.tok, self.drafts, self.di, s.finished, None, kd.ADVANCE_BLOCK, self.dpos)
+                kd.emit(st.partial, n, s.tok, self.drafts, self.di, s.finished, None, kd.ADVANCE_BLOCK, self.dpos,
+                        pdl=st.pdl)
         st.rows_blocks(m, self.cache, m.split, m.n_layer, d + 1)
         n = st.rows_head(st.final_norm, m.lm_head, d + 1)
         st.kr.accept((st.rows_partial[0], st.rows_partial[1]), n, self.drafts, d + 1, s.tok, s.tokens, s.t,
@@ -328,7 +334,7 @@ class FusedLegoSession:
             self.stack.start.fill_(P)
             self.limit.fill_(max_new_tokens)
             torch.logical_and(~s.finished, self.limit > 1, out=self.live)
-        else:  # one short: the first step's tick (closing the prefill) fixes them
+        elif self.fill:  # one short: the first step's tick (closing the prefill) fixes them
             s.pos.fill_(P - 1)
             self.q.fill_(-1)
     # -- running -------------------------------------------------------------------------------

@@ -288,8 +288,9 @@ def _emit(nxt, take, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, HAS_EOS: 
 
 @triton.jit
 def exit_kernel(pmax_ptr, pidx_ptr, psum_ptr, n_parts, tau_ptr, deep_ptr, exited_ptr, tok_ptr, tokens_ptr, t_ptr,
-                finished_ptr, eos_id, q_ptr, buckets_ptr, flush_ptr, n_buckets,
-                HAS_EOS: tl.constexpr, FILL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
+                finished_ptr, eos_id, q_ptr, buckets_ptr, flush_ptr, n_buckets, pos_ptr,
+                HAS_EOS: tl.constexpr, FILL: tl.constexpr, ADVANCE: tl.constexpr, BLOCK: tl.constexpr,
+                BLOCK_B: tl.constexpr, PDL: tl.constexpr):
     """The shallow exit's decision for one token (LEGO early exit, batch 1).
 
     From the shallow head's partials: the greedy token and the confidence
@@ -299,7 +300,12 @@ def exit_kernel(pmax_ptr, pidx_ptr, psum_ptr, n_parts, tau_ptr, deep_ptr, exited
     FILL (lazy KV fill): the current token joins the queue of ``q`` exited ones; ``flush[i]`` is set
     for the smallest bucket that holds the q + 1 rows when they must run through the upper layers
     now: a deep token, or a full queue (the largest bucket).
+    ADVANCE (skip mode): an exiting token also ends its step, so the position advances here (a deep token's
+    `emit_kernel` advances it), and the step needs no `tick_kernel`.
+    PDL: launched while the exit's head still runs, it waits for it first (as `advance_kernel`).
     """
+    if PDL:
+        gdc_wait()
     top, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK, "")
     total = 0.0
     for p0 in range(0, n_parts, BLOCK):
@@ -313,6 +319,8 @@ def exit_kernel(pmax_ptr, pidx_ptr, psum_ptr, n_parts, tau_ptr, deep_ptr, exited
     tl.store(exited_ptr + t, ex.to(tl.int8))
     tl.store(deep_ptr, deep)
     _emit(nxt, ex, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, HAS_EOS)
+    if ADVANCE:
+        tl.store(pos_ptr, tl.load(pos_ptr) + ex.to(tl.int64))
     if FILL:
         rows = tl.load(q_ptr) + 1
         b = tl.arange(0, BLOCK_B)
@@ -324,13 +332,19 @@ def exit_kernel(pmax_ptr, pidx_ptr, psum_ptr, n_parts, tau_ptr, deep_ptr, exited
 
 
 @triton.jit
-def emit_kernel(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, counter_ptr,
-                HAS_EOS: tl.constexpr, HAS_COUNTER: tl.constexpr, BLOCK: tl.constexpr):
-    """Emit the greedy token of a head's partials (and step ``counter``: skip mode's upper slot, a draft position)."""
+def emit_kernel(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, counter_ptr, pos_ptr,
+                HAS_EOS: tl.constexpr, HAS_COUNTER: tl.constexpr, HAS_POS: tl.constexpr, BLOCK: tl.constexpr,
+                PDL: tl.constexpr):
+    """Emit the greedy token of a head's partials (and step ``counter``: skip mode's upper slot, a draft position;
+    HAS_POS: advance the position too, skip mode's end of a deep step). PDL: as `advance_kernel`."""
+    if PDL:
+        gdc_wait()
     _, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK, "")
     _emit(nxt, nxt >= 0, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, HAS_EOS)
     if HAS_COUNTER:
         tl.store(counter_ptr, tl.load(counter_ptr) + 1)
+    if HAS_POS:
+        tl.store(pos_ptr, tl.load(pos_ptr) + 1)
 
 
 @triton.jit
@@ -625,23 +639,29 @@ class StepState:
 
 
 def exit_(partial: tuple[Tensor, Tensor, Tensor], n_parts: int, tau: Tensor, deep: Tensor, state: StepState,
-          eos_id: int | None, block: int, fill: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
-    """Launch `exit_kernel`: the shallow exit's decision; ``fill`` = (queue length, bucket sizes, flush flags)."""
+          eos_id: int | None, block: int, fill: tuple[Tensor, Tensor, Tensor] | None = None, advance: bool = False,
+          pdl: bool = False) -> None:
+    """Launch `exit_kernel`: the shallow exit's decision; ``fill`` = (queue length, bucket sizes, flush flags);
+    ``advance``: an exiting token advances ``state.pos`` (skip mode); ``pdl``: as a programmatic dependent of
+    the exit's head."""
     q, buckets, flush = fill if fill is not None else (state.pos, state.pos, deep)
     n_b = buckets.numel() if fill is not None else 1
     exit_kernel[(1,)](*partial, n_parts, tau, deep.view(torch.int8), state.exited, state.tok, state.tokens, state.t,
                       state.finished.view(torch.int8), eos_id if eos_id is not None else -1, q, buckets,
-                      flush.view(torch.int8), n_b, HAS_EOS=eos_id is not None, FILL=fill is not None,
-                      BLOCK=min(triton.next_power_of_2(max(n_parts, 1)), block), BLOCK_B=triton.next_power_of_2(n_b))
+                      flush.view(torch.int8), n_b, state.pos, HAS_EOS=eos_id is not None, FILL=fill is not None,
+                      ADVANCE=advance, BLOCK=min(triton.next_power_of_2(max(n_parts, 1)), block),
+                      BLOCK_B=triton.next_power_of_2(n_b), **_pdl(pdl))
 
 
 def emit(partial: tuple[Tensor, ...], n_parts: int, tok: Tensor, tokens: Tensor, t: Tensor, finished: Tensor,
-         eos_id: int | None, block: int, counter: Tensor | None = None) -> None:
-    """Launch `emit_kernel`: append the greedy token of a head's partials; step ``counter`` if given."""
+         eos_id: int | None, block: int, counter: Tensor | None = None, pos: Tensor | None = None,
+         pdl: bool = False) -> None:
+    """Launch `emit_kernel`: append the greedy token of a head's partials; step ``counter`` and ``pos`` where
+    given; ``pdl``: as a programmatic dependent of the head."""
     emit_kernel[(1,)](partial[0], partial[1], n_parts, tok, tokens, t, finished.view(torch.int8),
                       eos_id if eos_id is not None else -1, counter if counter is not None else t,
-                      HAS_EOS=eos_id is not None, HAS_COUNTER=counter is not None,
-                      BLOCK=min(triton.next_power_of_2(max(n_parts, 1)), block))
+                      pos if pos is not None else t, HAS_EOS=eos_id is not None, HAS_COUNTER=counter is not None,
+                      HAS_POS=pos is not None, BLOCK=min(triton.next_power_of_2(max(n_parts, 1)), block), **_pdl(pdl))
 
 
 def tick(pos: Tensor, fill: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
