@@ -4,7 +4,7 @@ Runs each benchmark module in its own process (so one model's memory and compile
 leak into the next), then reads the JSON each wrote to ``benchmarks/results/`` and prints one
 table: for every benchmark row, the figure that matters and the peer's where there is one. The
 whole report (the combined table and every benchmark's own table) goes to
-``benchmarks/results/all-<date>.json``; paste the table into the README with the date and device.
+``benchmarks/results/all-<date>.json``; paste the table into docs/results/benchmarks.md with the date and device.
 
     python -m benchmarks.prepare_data                      # once, where the shared data is
     python -m benchmarks.run_all                           # GPU (carry .bench)

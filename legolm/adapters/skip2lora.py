@@ -13,7 +13,8 @@ Devices", ASP-DAC 2025, arXiv:2410.21073, in the transformer form LitGPT-style i
 With ``tap_norm="final"`` each adapter reads norm(hᵢ) instead, through the same frozen final norm.
 Raw residual streams of pretrained Llama-family models carry massive activations (Sun et al. 2024,
 arXiv:2402.17762): SmolLM2-135M's block outputs reach |h| ≈ 2·10⁴ where the final norm's output
-stays near 50, and adapters on raw hᵢ diverge at ordinary learning rates (README, measured).
+stays near 50, and adapters on raw hᵢ diverge at ordinary learning rates (measured:
+docs/results/skip2lora.md, "Where Skip2-LoRA loses: a real pretrained base").
 
 The backbone runs under ``torch.no_grad``: backward touches only the adapters, the optional head
 LoRA and the head's input gradient, never a block. Because the frozen backbone is deterministic,

@@ -36,10 +36,10 @@ class Skip2LoRALoss:
     Args:
         cache: The Skip-Cache, or None to run the backbone every step.
         chunk_tokens: Score this many positions at a time (`head_cross_entropy`; 0 = all at once). None: the
-            way measured fastest for cached epochs (H200, 2026-11-30; README, "The softmax step on real
-            logits"): the low-rank way scores a whole batch at once (0.083 s an epoch on GPT-2 against 0.104 in
-            chunks of 8,192); the chain scores `AUTO_LOSS_CHUNK` at a time where ``kernel`` is the Triton step
-            (0.097 s against 0.113 for the whole-logits loss), else all at once.
+            way measured fastest for cached epochs (H200, 2026-11-30; docs/results/benchmarks.md, "The
+            softmax step on real logits"): the low-rank way scores a whole batch at once (0.083 s an epoch on
+            GPT-2 against 0.104 in chunks of 8,192); the chain scores `AUTO_LOSS_CHUNK` at a time where
+            ``kernel`` is the Triton step (0.097 s against 0.113 for the whole-logits loss), else all at once.
         kernel: The chunks' softmax step: torch ops or the Triton kernel.
         vocab_chunk: The head weight's gradient by vocabulary chunks (`head_cross_entropy`; 0 = accumulated).
         head_grad: How the adapters' gradients go through the head (the same gradients either way):

@@ -94,7 +94,7 @@ class LegoSettings:
             lower blocks learn to predict early. Tolerances stay relative to the unmodified model.
         exit_lr_scale: With joint_exit_weight > 0: the exits train at this multiple of phase 1's learning rate
             (they start new, the model fine-tunes: on SmolLM2 one rate of 1e-4 left them worse than exits trained
-            alone at 1e-3, README "LEGO").
+            alone at 1e-3; docs/results/lego.md, "The exits' own learning rate").
         calibrate: How τ is calibrated: ratio (target_ratio of the validation tokens fall below it) or quality
             (pretrained route: the most exits whose soft-routed validation perplexity, with the model's own upper
             layers, stays within split_tolerance of the unmodified model's; each split candidate gets its own).
@@ -118,7 +118,7 @@ class LegoSettings:
         phase2_fraction: Fraction of the training tokens (the end of the stream, cut after a document) that phase 1
             never trains on and phase 2 collects its hard examples from (0 = both phases use all of it). Hard
             tokens of text phase 1 trained on are not like those of new text: trained on them, the upper layers
-            got worse on held-out hard tokens in every run (README, "LEGO").
+            got worse on held-out hard tokens in every run (docs/results/lego.md, "Why phase 2 failed").
         curve_ratios: Further thresholds for the quality/speed curve, as fractions of validation tokens below them.
         distill_weight: Phase 3 (exit distillation): weight α of KL(p_deep ‖ p_shallow) in the loss
             α · KL + (1 - α) · CE(labels, p_shallow), in [0, 1] (1: match the deep model alone, which is what

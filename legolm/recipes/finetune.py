@@ -44,7 +44,7 @@ class FinetuneConfig(FitConfig):
         lora: LoRA targets and sizes (method lora).
         skip2lora: Skip2-LoRA block indices and sizes (method skip2lora). For pretrained bases ``tap_norm``
             defaults to ``final`` (the paper's raw taps, `Skip2LoRAConfig`'s default, diverge on SmolLM2; the
-            search in README "Skip2-LoRA and the Skip-Cache" picked final norm taps of every third block).
+            search in docs/results/skip2lora.md picked final norm taps of every third block).
         skip_cache: Skip-Cache of the frozen backbone's features (method skip2lora).
         head_grad: Skip2-LoRA: how the adapters' gradients go through the frozen head (`Skip2LoRALoss`): auto
             (default: at the adapters' rank R = K·r where 4R <= n_embd, `legolm.train.low_rank_head`), low-rank

@@ -29,8 +29,8 @@ MAX_SEED = 2**32 - 1  # NumPy's legacy global seeding (np.random.seed) takes see
 MAX_SAMPLE_SEED = 2**64 - 1  # a torch.Generator takes seeds in [0, 2**64 - 1]
 # loss_chunk_tokens when left unset and the softmax step runs in Triton: on the H200 (2026-11-30) the chunked loss
 # at 4,096 tokens with the Triton step was as fast as the compiled whole-logits loss or faster (pretraining
-# 1.01x, LoRA 1.00x, linear + cross-entropy alone 0.92x the time) with 1 GB less peak memory (README, "the
-# chunked loss as the GPU default")
+# 1.01x, LoRA 1.00x, linear + cross-entropy alone 0.92x the time) with 1 GB less peak memory
+# (docs/results/benchmarks.md, "the chunked loss as the GPU default")
 AUTO_LOSS_CHUNK = 4096
 
 

@@ -1,9 +1,9 @@
 """A whole training step as one CUDA graph (`RunConfig.cuda_graph`, `legolm.train.fit.TrainStep`).
 
 Where a step's GPU work is small, the host launching its kernels sets the pace: a cached Skip2-LoRA epoch on
-GPT-2 runs 4.8 ms of GPU work a step against about 6 ms of host time (H200, README "Skip2-LoRA and the
-Skip-Cache"). Captured once and replayed, the step is one launch ("whole-network capture" in PyTorch's CUDA
-graphs notes; NVIDIA's MLPerf training submissions capture whole steps the same way)::
+GPT-2 runs 4.8 ms of GPU work a step against about 6 ms of host time (H200, docs/results/skip2lora.md, "Where a
+cached GPT-2 epoch goes now"). Captured once and replayed, the step is one launch ("whole-network capture" in
+PyTorch's CUDA graphs notes; NVIDIA's MLPerf training submissions capture whole steps the same way)::
 
     steps 1..w    eager, on a side stream: lazy set-up (cuBLAS workspaces, AdamW's state, compiled code)
     step  w+1     its batch copied into static buffers ─ capture (records, runs nothing) ─ replay
