@@ -92,7 +92,7 @@ class GenerationConfig:
             tokens run through the upper layers with the next deep one) or propagate (their K/V projected
             from the lower states; without --fused only).
         draft_tokens: Speculative mode: tokens the shallow exit drafts per verify pass (3: the fastest of 2, 3 and
-            4 on the H200 for the grown LEGO model, README "LEGO: lean calls").
+            4 on the H200 for the grown LEGO model, docs/results/lego.md "LEGO: lean calls").
         fill_buckets: Fused fill mode: row counts of the captured lazy-fill passes (the largest bounds
             the queue of exited tokens).
         graph_steps: Greedy decoding: tokens per CUDA graph replay (each step emits its token on the device,

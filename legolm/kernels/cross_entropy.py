@@ -73,7 +73,7 @@ class StepLaunch:
 
 
 # The library's launch settings, chosen on the H200 by `benchmarks.ce_step` (GPT-2's 16,384 x 50,257 bf16 logits
-# of real text in the chunked loss's padded rows, 2026-11-30): README, "the softmax step"
+# of real text in the chunked loss's padded rows, 2026-11-30): docs/results/benchmarks.md, "the softmax step"
 CE_STEP = StepLaunch()
 CE_COLUMNS_BLOCK = 4096  # logits per tile of the columns kernel (a power of two)
 LOAD_ALIGN = 16  # with pad_scratch, a row's loaded width W is V rounded up to a multiple of this
