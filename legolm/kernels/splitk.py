@@ -27,10 +27,11 @@ atomics (`legolm.kernels.decode._stored`).
 Kernels 2 and 3 load their first weight tile before waiting for the previous kernel (PDL); kernel 2 of one
 token also reads the slot and the position and loads its first tile of cached keys and values there. So the
 slot, the position and the cache slots before it must be final when the block's first kernel is launched:
-written by kernels that ended before the last launch without PDL (the advance / exit / tick kernels, or the
-embedding: every fused decode step and LEGO branch opens with one; the first block's kernel 1, which embeds
-the token, is itself launched without PDL), never earlier in the same PDL chain. A row pass's kernel 2 reads
-the cache only after its wait (`kv_rows` wrote it in the same chain).
+written by kernels that ended before the last launch without PDL, never earlier in the same PDL chain. The
+kernels that write them (advance, exit, emit, tick) end a step; the next step opens with a launch without PDL
+(the first block's kernel 1, which embeds the token, or the embedding or tick kernel), and a LEGO branch opens
+a graph of its own (an IF node's body, or a graph replayed after the host read), so nothing runs before it.
+A row pass's kernel 2 reads the cache only after its wait (`kv_rows` wrote it in the same chain).
 """
 
 from __future__ import annotations
