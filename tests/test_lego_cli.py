@@ -106,7 +106,11 @@ def test_every_lego_perplexity_gets_its_sanity_line(run_dir: Path) -> None:
 def test_the_saved_model_loads_as_lego_and_as_a_plain_deep_model(run_dir: Path) -> None:
     model = load_pretrained(run_dir / "model")
     assert isinstance(model, LegoLM) and model.extended and model.split == 1 and model.n_layer == 3
-    assert model.threshold == pytest.approx(json.loads((run_dir / "summary.json").read_text())["threshold"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert model.threshold == pytest.approx(summary["threshold"])
+    choice = summary["kv_choice"]  # fill and skip were both measured at τ: the model keeps the better one
+    assert choice["kv_mode"] in ("fill", "skip") and model.meta.kv_mode == choice["kv_mode"]
+    assert f"kv mode saved with the model: {choice['kv_mode']}" in (run_dir.parent / "stdout.txt").read_text()
     idx = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         deep = model.forward_exits(idx).deep_logits
@@ -158,7 +162,9 @@ def test_generate_decodes_the_lego_model_through_its_exits(run_dir: Path, flags:
     proc = _run([*args, *flags], run_dir.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
     stats = proc.stdout.rstrip("\n").rsplit("\n", 1)[1]
-    head = "speculative: acceptance" if "speculative" in flags else "early exit: shallow ratio"
+    kv = flags[flags.index("--kv-mode") + 1] if "--kv-mode" in flags else \
+        json.loads((run_dir / "model" / "lego.json").read_text())["kv_mode"]  # the model's own, measured by lego
+    head = "speculative: acceptance" if "speculative" in flags else f"early exit (kv {kv}): shallow ratio"
     assert stats.startswith(head) and "tok/s" in stats, stats
     if "speculative" in flags:
         plain = _run(args, run_dir.parent)

@@ -17,6 +17,7 @@ from legolm.cli.main import main
 from legolm.core.config import ModelConfig
 from legolm.data.tokenizer import train_bpe
 from legolm.generation import GenerationConfig, complete
+from legolm.generation.generate import DEFAULT_KV_MODE
 from legolm.model.lego import LegoLM
 from legolm.serve.backends import make_backend
 from legolm.serve.config import ServeConfig
@@ -62,7 +63,7 @@ def test_lego_server_decodes_through_the_exits(lego_dir: Path, capsys: pytest.Ca
     flags = ["--early-exit", "threshold", "--threshold", str(THRESHOLD)]
     text, stats = _generate(["--model", str(lego_dir), "--prompt", "the cat sat", "--max-new-tokens", "16", *flags],
                             capsys).rsplit("\n", 1)
-    assert stats.startswith("early exit:")
+    assert stats.startswith(f"early exit (kv {DEFAULT_KV_MODE}):")  # the model measured no kv mode
     with running_server(["--model", str(lego_dir), *flags], lego_dir.parent / "server.log") as server:
         client = server.client()
         r = client.completions.create(model="lego", prompt="the cat sat", max_tokens=16, temperature=0)

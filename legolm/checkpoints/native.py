@@ -22,7 +22,7 @@ from legolm.data.tokenizer import Tokenizer
 from legolm.errors import CheckpointError, LegolmError
 from legolm.model.lego import LegoLM, LegoMeta
 from legolm.model.transformer import TransformerLM, check_shapes
-from legolm.utils.io import atomic_dir, read_json
+from legolm.utils.io import atomic_dir, atomic_write_text, read_json
 
 CONFIG_NAME = "legolm.json"
 LEGO_META = "lego.json"
@@ -41,8 +41,14 @@ def _cpu_state(model: TransformerLM) -> dict:
     return state
 
 
+def save_lego_meta(model: LegoLM, directory: str | Path) -> None:
+    """(Re)write a saved LEGO model's ``lego.json`` from ``model.meta`` (atomically: temp file + rename), e.g. after
+    `legolm lego` measured its kv mode; the weights are left as they are."""
+    atomic_write_text(Path(directory) / LEGO_META, json.dumps(asdict(model.meta), indent=2) + "\n")
+
+
 def _save_lego(model: LegoLM, directory: Path) -> None:
-    (directory / LEGO_META).write_text(json.dumps(asdict(model.meta), indent=2) + "\n")
+    save_lego_meta(model, directory)
     for head, path in ((model.shallow_exit, EXIT_WEIGHTS), (model.draft_exit, DRAFT_WEIGHTS)):
         if head is not None:
             state = {k: v.detach().to("cpu").contiguous() for k, v in head.state_dict().items()}
@@ -52,9 +58,12 @@ def _save_lego(model: LegoLM, directory: Path) -> None:
 
 def _lego_meta(directory: Path) -> LegoMeta:
     try:
-        return LegoMeta(**json.loads((directory / LEGO_META).read_text()))
+        meta = LegoMeta(**json.loads((directory / LEGO_META).read_text()))
     except (json.JSONDecodeError, TypeError) as err:
         raise CheckpointError(f"{directory / LEGO_META} is not valid LEGO metadata ({err})") from None
+    if meta.kv_mode not in (None, "fill", "skip"):
+        raise CheckpointError(f"{directory / LEGO_META}: kv_mode must be fill, skip or null, got {meta.kv_mode!r}")
+    return meta
 
 
 def _exit_state(directory: Path, path: str = EXIT_WEIGHTS, prefix: str = EXIT_PREFIX) -> dict:

@@ -89,6 +89,7 @@ class EarlyExitStats:
         rounds: Self-speculative draft-and-verify rounds (0 in threshold mode).
         drafted: Tokens the shallow exit drafted in them.
         accepted: Drafts the deep model confirmed.
+        kv_mode: Threshold mode's upper-cache mode (fill, skip or propagate); None for self-speculative decoding.
     """
 
     shallow_count: int
@@ -108,6 +109,7 @@ class EarlyExitStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    kv_mode: str | None = None
 
     @property
     def acceptance_rate(self) -> float:
@@ -123,7 +125,7 @@ class EarlyExitStats:
         """The one stats line `legolm generate` prints."""
         rate = tokens / self.decode_s if self.decode_s > 0 else float("inf")
         head = (f"speculative: acceptance {self.acceptance_rate:.3f}, {self.tokens_per_round:.2f} tokens per verify"
-                if self.rounds else f"early exit: shallow ratio {self.shallow_ratio:.3f}")
+                if self.rounds else f"early exit (kv {self.kv_mode}): shallow ratio {self.shallow_ratio:.3f}")
         return (f"{head}, call cost {self.call_cost:.3f}, weight cost {self.macs_cost:.3f} (vs full depth), "
                 f"{rate:,.0f} tok/s decode, prefill {1000 * self.prefill_s:.1f} ms")
 
@@ -363,7 +365,7 @@ def generate_with_early_exit(model: LegoLM, input_ids: Tensor, max_new_tokens: i
         actual_compute_cost=dec.token_layers / (steps * L) if steps else 1.0,
         call_cost=(dec.layer_calls - L) / (steps * L) if steps else 1.0, kv_projections=dec.kv_projections,
         macs_cost=dec.macs / (steps * dec.full_step_macs) if steps else 1.0,
-        prefill_s=t1 - t0, decode_s=t2 - t1, wall_s=t2 - t0,
+        prefill_s=t1 - t0, decode_s=t2 - t1, wall_s=t2 - t0, kv_mode=kv_mode,
     )
     logits = torch.stack(saved, dim=1) if output_logits else None
     return EarlyExitResult(tokens, exited, stats, logits)

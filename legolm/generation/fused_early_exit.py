@@ -482,4 +482,4 @@ def _stats(session: FusedLegoSession, tokens: Tensor, n: int, prefill_s: float, 
         layer_calls=calls + L, prefill_layer_calls=L, token_layer_evals=(n - 1) * k + deep_steps * (L - k),
         actual_compute_cost=((n - 1) * k + deep_steps * (L - k)) / (steps * L), call_cost=calls / (steps * L),
         macs_cost=weights / (steps * full), kv_projections=0, prefill_s=prefill_s, decode_s=decode_s,
-        wall_s=prefill_s + decode_s)
+        wall_s=prefill_s + decode_s, kv_mode=session.config.kv_mode)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from legolm.data.tokenizer import Tokenizer
 from legolm.errors import ConfigError
 from legolm.generation.decoder import COMPILE_MODES, DecodeSession
-from legolm.generation.early_exit import EarlyExitStats, generate_speculative, generate_with_early_exit
+from legolm.generation.early_exit import EarlyExitStats, KVMode, generate_speculative, generate_with_early_exit
 from legolm.generation.fused import check_fused, split_k_sums
 from legolm.generation.fused_early_exit import FusedExitConfig, FusedLegoSession, fused_lego_generate
 from legolm.generation.memory_decode import generate_memory, has_memory_layers
@@ -87,10 +87,11 @@ class GenerationConfig:
         threshold: τ of threshold early exit in [0, 1] (None: the model's calibrated τ, or target_ratio's).
         target_ratio: Instead of τ: the fraction of calibration tokens made hard (routed to the upper
             layers), turned into τ with the quantiles stored at calibration.
-        kv_mode: Threshold mode's upper KV cache for exited tokens: skip (left out; the default: as
-            good as fill in every decode-path measurement so far and the fastest), fill (exact: queued
-            tokens run through the upper layers with the next deep one) or propagate (their K/V projected
-            from the lower states; without --fused only).
+        kv_mode: Threshold mode's upper KV cache for exited tokens: skip (left out; the fastest), fill (exact:
+            queued tokens run through the upper layers with the next deep one) or propagate (their K/V projected
+            from the lower states; without --fused only). None: the model's own, which `legolm lego` measured
+            (`LegoMeta.kv_mode`: skip where its decode-path PPL kept within `decode.kv_tolerance` of fill's, else
+            fill), else `DEFAULT_KV_MODE`.
         draft_tokens: Speculative mode: tokens the shallow exit drafts per verify pass (3: the fastest of 2, 3 and
             4 on the H200 for the grown LEGO model, docs/results/lego.md "LEGO: lean calls").
         fill_buckets: Fused fill mode: row counts of the captured lazy-fill passes (the largest bounds
@@ -126,7 +127,7 @@ class GenerationConfig:
     early_exit: Literal["none", "threshold", "speculative"] = "none"
     threshold: float | None = None
     target_ratio: float | None = None
-    kv_mode: Literal["fill", "skip", "propagate"] = "skip"
+    kv_mode: Literal["fill", "skip", "propagate"] | None = None
     draft_tokens: int = 3
     fill_buckets: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     graph_steps: int = 16
@@ -171,8 +172,8 @@ class GenerationConfig:
              f"target_ratio must be in (0, 1) (the fraction of tokens routed to the upper layers), got "
              f"{self.target_ratio}"),
             (self.threshold is None or self.target_ratio is None, "give threshold or target_ratio, not both"),
-            (self.kv_mode in ("fill", "skip", "propagate"), f"kv_mode must be fill, skip or propagate, got "
-                                                            f"{self.kv_mode!r}"),
+            (self.kv_mode in (None, "fill", "skip", "propagate"), f"kv_mode must be fill, skip or propagate, got "
+                                                                  f"{self.kv_mode!r}"),
             (self.draft_tokens >= 1, f"draft_tokens must be >= 1, got {self.draft_tokens}"),
             (bool(self.fill_buckets) and all(b >= 1 for b in self.fill_buckets)
              and sorted(set(self.fill_buckets)) == list(self.fill_buckets),
@@ -348,6 +349,15 @@ def lego_threshold(model: LegoLM, config: GenerationConfig) -> float:
     return model.threshold
 
 
+DEFAULT_KV_MODE: KVMode = "skip"  # threshold mode's upper cache for a model that measured none (the fastest)
+
+
+def lego_kv_mode(model: LegoLM, config: GenerationConfig) -> KVMode:
+    """Threshold mode's upper-cache mode: the config's, else the one `legolm lego` measured for this model, else
+    `DEFAULT_KV_MODE`."""
+    return config.kv_mode or model.meta.kv_mode or DEFAULT_KV_MODE
+
+
 def _as_lego(model: TransformerLM, config: GenerationConfig) -> LegoLM:
     if not isinstance(model, LegoLM) or not model.extended:
         raise ConfigError(f"--early-exit {config.early_exit} needs a LEGO model with a shallow exit (the model/ "
@@ -361,10 +371,11 @@ def generate_lego(model: TransformerLM, prompts: Sequence[Sequence[int]], config
     lego = _as_lego(model, config)
     eos = eos_id if config.stop_at_eos else None
     tau = lego_threshold(lego, config) if config.early_exit == "threshold" else 0.0
+    kv_mode = lego_kv_mode(lego, config)
     device = next(model.parameters()).device
     if config.fused:
         check_fused(len(prompts), device)
-        session = _lego_session(lego, len(prompts[0]), config, eos)
+        session = _lego_session(lego, len(prompts[0]), config, kv_mode, eos)
         tokens, stats = fused_lego_generate(session, torch.tensor([list(prompts[0])], device=device),
                                             config.max_new_tokens, tau, config.eos_check_every)
         rows = tokens.tolist()
@@ -379,7 +390,7 @@ def generate_lego(model: TransformerLM, prompts: Sequence[Sequence[int]], config
             raise ConfigError("early exit without --fused decodes prompts of one length together; give prompts "
                               "of equal token length or one prompt")
         res = generate_with_early_exit(lego, torch.tensor([list(p) for p in prompts]), config.max_new_tokens, tau,
-                                       kv_mode=config.kv_mode, greedy=config.greedy,
+                                       kv_mode=kv_mode, greedy=config.greedy,
                                        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                                        seed=config.seed, eos_id=eos)
         rows, stats = res.tokens.tolist(), res.stats
@@ -391,7 +402,8 @@ _LEGO_SESSIONS: weakref.WeakKeyDictionary[LegoLM, OrderedDict[tuple[Any, ...], F
 )
 
 
-def _lego_session(model: LegoLM, prompt_len: int, config: GenerationConfig, eos: int | None) -> FusedLegoSession:
+def _lego_session(model: LegoLM, prompt_len: int, config: GenerationConfig, kv_mode: KVMode,
+                  eos: int | None) -> FusedLegoSession:
     """A reusable fused LEGO session for this shape and mode (least recently used ones dropped).
 
     A captured graph runs whole units, so the last replay may go past ``max_new_tokens``: its
@@ -412,7 +424,7 @@ def _lego_session(model: LegoLM, prompt_len: int, config: GenerationConfig, eos:
     needed = prompt_len + config.max_new_tokens + overshoot
     max_len = min(-(-needed // config.cache_bucket) * config.cache_bucket, model.config.block_size)
     split_k, exact = split_k_sums(config.fused_kernel)
-    mode = FusedExitConfig(mode=config.early_exit, kv_mode=config.kv_mode, draft_tokens=config.draft_tokens,
+    mode = FusedExitConfig(mode=config.early_exit, kv_mode=kv_mode, draft_tokens=config.draft_tokens,
                            fill_buckets=tuple(config.fill_buckets), steps_per_graph=steps,
                            attention_block=config.fused_attention_block, embed_block=config.fused_embed_block,
                            tune=config.fused_tune, pdl=config.fused_pdl, split_k=split_k, exact_sums=exact,

@@ -182,6 +182,9 @@ class DecodeSettings:
         if_node_kv_modes: Kv modes (fill, skip) timed again at the calibrated threshold with each token's branch
             as an IF node of the captured graphs (`GenerationConfig.fused_if_nodes`); the other rows read each
             decision on the host.
+        kv_tolerance: The saved model's kv mode (generation's default for it, `LegoMeta.kv_mode`) is skip where skip
+            was measured faster at the calibrated threshold and its decode-path PPL is within this relative margin of
+            fill's (exact), else fill (`legolm.lego.report.choose_kv_mode`).
     """
 
     prompts: int = 8
@@ -198,6 +201,7 @@ class DecodeSettings:
     fused: bool = True
     fused_kernel: FusedBlocks = "splitk-exact"
     if_node_kv_modes: list[KVMode] = field(default_factory=list)
+    kv_tolerance: float = 0.01
 
 
 @dataclass
@@ -318,6 +322,7 @@ class LegoConfig:
              f"{d.fused_kernel!r}"),
             (all(m in ("fill", "skip") for m in d.if_node_kv_modes),
              f"decode.if_node_kv_modes takes fill and skip (the fused decoder's kv modes), got {d.if_node_kv_modes}"),
+            (d.kv_tolerance >= 0, f"decode.kv_tolerance must be >= 0 (a relative PPL margin), got {d.kv_tolerance}"),
         ]
         for ok, message in checks:
             if not ok:

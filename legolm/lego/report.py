@@ -28,6 +28,7 @@ import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -260,6 +261,37 @@ def curve_row(scores: TokenScores, temperature: float, setting: Setting, measure
         weight_cost=measured.weight_cost, tok_per_s=measured.tokens / measured.wall_s,
         speedup=baseline.wall_s / measured.wall_s, wall_over_call=wall / saved if saved >= MIN_CALL_SAVING else None,
         fused=measured.fused, if_nodes=setting.if_nodes)
+
+
+@dataclass(frozen=True)
+class KVChoice:
+    """The kv mode a LEGO model keeps for generation, and the measurements at τ it was chosen from."""
+
+    kv_mode: Literal["fill", "skip"]
+    fill_ppl: float
+    skip_ppl: float
+    fill_tok_per_s: float
+    skip_tok_per_s: float
+
+    def line(self) -> str:
+        return (f"kv mode saved with the model: {self.kv_mode} (decode-path PPL at τ: skip {self.skip_ppl:.2f}, fill "
+                f"{self.fill_ppl:.2f}; {self.skip_tok_per_s:,.0f} / {self.fill_tok_per_s:,.0f} tok/s)")
+
+
+def choose_kv_mode(rows: list[CurveRow], tau: float, tolerance: float) -> KVChoice | None:
+    """Skip where, at the calibrated τ, it decoded faster than fill and its decode-path PPL stayed within
+    ``tolerance`` (relative) of fill's, the exact cache; else fill. Each mode's fastest row at τ counts (IF nodes
+    or the host read). None where either mode was not measured at τ."""
+    at_tau = [r for r in rows if r.mode == "threshold" and r.threshold == tau]
+    best: dict[str, CurveRow] = {}
+    for r in at_tau:
+        if r.kv_mode in ("fill", "skip") and (r.kv_mode not in best or r.tok_per_s > best[r.kv_mode].tok_per_s):
+            best[r.kv_mode] = r
+    if set(best) != {"fill", "skip"}:
+        return None
+    fill, skip = best["fill"], best["skip"]
+    keep_skip = skip.tok_per_s > fill.tok_per_s and skip.decode_ppl <= fill.decode_ppl * (1 + tolerance)
+    return KVChoice("skip" if keep_skip else "fill", fill.decode_ppl, skip.decode_ppl, fill.tok_per_s, skip.tok_per_s)
 
 
 def format_table(rows: list[CurveRow]) -> str:

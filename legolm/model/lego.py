@@ -185,6 +185,8 @@ class LegoMeta:
         exit_lens: The shallow exit reads through a tuned lens (a pretrained split's exit).
         draft_exit: The model has a separate draft exit at the split (phase 3 with ``lego.distill_into:
             draft``), shaped like the shallow exit (a lens where it has one).
+        kv_mode: The threshold decoder's upper-cache mode that `legolm lego` measured best at τ (fill or skip;
+            `legolm.lego.report.choose_kv_mode`): generation's default for this model (None: not measured).
     """
 
     split: int
@@ -195,6 +197,7 @@ class LegoMeta:
     confidence_quantiles: list[float] = field(default_factory=list)
     exit_lens: bool = False
     draft_exit: bool = False
+    kv_mode: Literal["fill", "skip"] | None = None
 
 
 @dataclass

@@ -22,13 +22,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from legolm.checkpoints.native import save_checkpoint
+from legolm.checkpoints.native import save_checkpoint, save_lego_meta
 from legolm.config import dump_yaml
 from legolm.data.tokenized import TokenizedCorpus, prepare_corpus
 from legolm.lego.config import STORE_DTYPES, LegoConfig
 from legolm.lego.evaluate import TokenScores, score_tokens
 from legolm.lego.report import (
     Setting,
+    choose_kv_mode,
     curve_row,
     decode_path_ppl,
     format_table,
@@ -107,6 +108,10 @@ def evaluate_and_report(cfg: LegoConfig, corpus: TokenizedCorpus, trained: LegoT
         if key not in paths:  # full depth and speculative share the deep model's path
             paths[key] = decode_path_ppl(model, scored, d.prompt_len, s, progress=cfg.run.progress)
         rows.append(curve_row(scores, temperature, s, m, measured[0], paths[key]))
+    kv = choose_kv_mode(rows, tau, d.kv_tolerance)
+    if kv is not None:  # generation's default for this model (`GenerationConfig.kv_mode`)
+        model.meta.kv_mode = kv.kv_mode
+        save_lego_meta(model, out / "model")
     phase1_ppl, deep_ppl = scores.shallow_ppl(), scores.deep_ppl()
     table = format_table(rows)
     note = plot_curve(rows, out / "curve.png", phase1_ppl, deep_ppl)
@@ -130,6 +135,8 @@ def evaluate_and_report(cfg: LegoConfig, corpus: TokenizedCorpus, trained: LegoT
     reference = vs_unmodified(scores, tau, temperature, trained.reference_ppl, cfg.lego.split_tolerance, deep_ppl)
     if trained.distill is not None:
         print(trained.distill.line())
+    if kv is not None:
+        print(kv.line())
     print(f"model saved to {out / 'model'}")
     fit_results: dict[str, Any] = {name: fit_summary(r) for name, r in (("phase1", trained.phase1),
                                                                          ("phase2", trained.phase2))}
@@ -140,7 +147,7 @@ def evaluate_and_report(cfg: LegoConfig, corpus: TokenizedCorpus, trained: LegoT
                                                         "val": trained.hard_val.summary()},
             "rows": [asdict(r) for r in rows], "device": str(device),
             "split_curve": [asdict(p) for p in trained.splits], "vs_unmodified": reference, **fit_results,
-            "table": table, "model": str(out / "model")}
+            "table": table, "model": str(out / "model"), "kv_choice": None if kv is None else asdict(kv)}
 
 
 def fit_summary(result: FitResult | None) -> dict[str, Any] | None:

@@ -45,8 +45,8 @@ class ServeConfig:
         early_exit: LEGO models: threshold or speculative decoding through the shallow exit (none = deep).
         threshold: Threshold early exit's tau (None: the model's calibrated one, or target_ratio's).
         target_ratio: Instead of tau: the fraction of tokens routed to the upper layers.
-        kv_mode: Threshold mode's upper KV cache for exited tokens: skip (the default, as in `legolm generate`),
-            fill or propagate.
+        kv_mode: Threshold mode's upper KV cache for exited tokens: skip, fill or propagate (None: the model's
+            measured one, as in `legolm generate`: `GenerationConfig.kv_mode`).
         draft_tokens: Speculative mode: tokens drafted per verify pass.
         max_queue: Requests waiting for a free row beyond which new ones get HTTP 429.
         prefill_tokens_per_step: Prompt tokens prefilled between two decode steps (at least one request
@@ -86,7 +86,7 @@ class ServeConfig:
     early_exit: Literal["none", "threshold", "speculative"] = "none"
     threshold: float | None = None
     target_ratio: float | None = None
-    kv_mode: Literal["fill", "skip", "propagate"] = _GEN.kv_mode
+    kv_mode: Literal["fill", "skip", "propagate"] | None = _GEN.kv_mode
     draft_tokens: int = _GEN.draft_tokens
     max_queue: int = 256
     prefill_tokens_per_step: int = 4096
