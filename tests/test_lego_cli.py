@@ -132,6 +132,7 @@ def test_existing_run_dir_is_not_overwritten(run_dir: Path) -> None:
     (["--decode.kv-mode", "lazy"], ("kv-mode",)),
     (["--decode.fused-kernel", "persistent"], ("fused-kernel", "splitk")),
     (["--decode.if-node-kv-modes", "propagate"], ("decode.if_node_kv_modes takes fill and skip",)),
+    (["--decode.kv-tolerance", "-0.1"], ("decode.kv_tolerance must be >= 0",)),
     (["--lego.calibrate", "quality"], ("lego.calibrate: quality", "pretrained route")),
     (["--lego.calibrate", "often"], ("lego.calibrate",)),
     (["--lego.phase2-easy-weight", "-1"], ("lego.phase2_easy_weight must be >= 0",)),
