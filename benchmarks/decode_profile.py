@@ -27,7 +27,7 @@ from benchmarks.decode import prompts_for
 from legolm.core.config import ModelConfig
 from legolm.generation import GenerationConfig, generate
 from legolm.generation.decoder import DecodeSession
-from legolm.generation.fused import FusedDecodeStep
+from legolm.generation.fused import FusedBlocks, FusedDecodeStep
 from legolm.generation.generate import _SESSIONS
 from legolm.model.transformer import TransformerLM
 
@@ -63,6 +63,14 @@ class Variant:
     fused: bool = False  # the fused Triton step (batch 1 only)
     pdl: bool = True  # its kernels launched as programmatic dependents (where supported)
     split_k: bool = False  # its blocks in three launches (`legolm.kernels.splitk`)
+    exact: bool = False  # their split-K sums exact (int64 fixed point) instead of fp32 atomics
+
+
+def kernel_name(v: Variant) -> FusedBlocks:
+    """The `GenerationConfig.fused_kernel` of a fused variant."""
+    if not v.split_k:
+        return "blocks"
+    return "splitk-exact" if v.exact else "splitk"
 
 
 def sdpa_backend(name: str | None) -> contextlib.AbstractContextManager[Any]:
@@ -132,7 +140,8 @@ def main() -> None:
                 # no flash variant: the static cache's decode step attends under a mask, which flash cannot take
                 "compile+cd": Variant(True, cd=True), "compile+efficient": Variant(True, sdpa="EFFICIENT_ATTENTION"),
                 "fused": Variant(False, fused=True), "fused-nopdl": Variant(False, fused=True, pdl=False),
-                "fused-splitk": Variant(False, fused=True, split_k=True)}
+                "fused-splitk": Variant(False, fused=True, split_k=True),
+                "fused-splitk-exact": Variant(False, fused=True, split_k=True, exact=True)}
     rows: list[dict[str, Any]] = []
     for preset in args.models:
         torch.manual_seed(0)
@@ -155,11 +164,11 @@ def profile_model(model: TransformerLM, preset: str, args: argparse.Namespace,
             prompts = prompts_for(preset, batch, 64)  # real text (Tiny Shakespeare)
             cfg = GenerationConfig(max_new_tokens=args.new_tokens, greedy=True, stop_at_eos=False,
                                    compile=comp, compile_mode=v.mode, fused=v.fused, fused_pdl=v.pdl,
-                                   fused_kernel="splitk" if v.split_k else "blocks")
+                                   fused_kernel=kernel_name(v))
 
-            def step(cfg: GenerationConfig = cfg, fused: bool = v.fused) -> FusedDecodeStep | None:
+            def step(cfg: GenerationConfig = cfg, v: Variant = v) -> FusedDecodeStep | None:
                 return FusedDecodeStep(model, cfg.fused_attention_block, cfg.fused_embed_block,
-                                       pdl=cfg.fused_pdl, split_k=cfg.fused_kernel == "splitk") if fused else None
+                                       pdl=cfg.fused_pdl, split_k=v.split_k, exact_sums=v.exact) if v.fused else None
 
             with torch.inference_mode(), sdpa_backend(v.sdpa):
                 sec, _ = timed(lambda cfg=cfg, prompts=prompts: generate(model, prompts, cfg), repeats=3)
