@@ -23,8 +23,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the first ``cos.size(-1)`` dims of ``x``.
 
     Args:
-        x: (B, H, T, D) queries or keys.
-        cos: (B, 1, T, R) or (1, 1, T, R), R <= D, already in ``x``'s dtype.
+        x: (B, T, H, D) queries or keys, as the projection lays them out: rotating them before the heads move to
+            dim 1 keeps the transposes views (rotating (B, H, T, D) made torch.compile write and read back a
+            heads-first copy; one compiled Pythia-160m attention sublayer's forward + backward took 1.59 against
+            1.06 ms on an H200).
+        cos: (B, T, 1, R) or (1, T, 1, R), R <= D, already in ``x``'s dtype.
         sin: same shape as ``cos``.
     """
     r = cos.size(-1)

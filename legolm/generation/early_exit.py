@@ -248,12 +248,11 @@ def write_kv(block: nn.Module, h: Tensor, ctx: LayerContext, cache: LayerKVCache
         k, v = F.linear(x, attn.qkv.weight[H * D:], bias).split([Hkv * D, Hkv * D], dim=-1)
     else:  # a wrapped projection (adapters): compute it whole
         _, k, v = attn.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-    k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-    v = v.view(B, T, Hkv, D).transpose(1, 2)
+    k, v = k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
     if ctx.cos is not None and ctx.sin is not None:
-        k = apply_rope(k, ctx.cos, ctx.sin)
+        k = apply_rope(k, ctx.cos, ctx.sin)  # (B, T, Hkv, D), as the attention layer rotates it
     assert ctx.input_pos is not None
-    cache.update(ctx.input_pos, k, v)
+    cache.update(ctx.input_pos, k.transpose(1, 2), v.transpose(1, 2))  # (B, Hkv, T, D)
 
 
 def _check(model: LegoLM, input_ids: Tensor, max_new_tokens: int, kv_mode: str) -> None:

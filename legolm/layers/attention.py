@@ -47,11 +47,10 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, Hkv, D).transpose(1, 2)
-        if ctx.cos is not None and ctx.sin is not None:
+        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        if ctx.cos is not None and ctx.sin is not None:  # in (B, T, H, D): the transposes below stay views
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
         if cache is not None:
             assert ctx.input_pos is not None, "a KV cache needs input_pos"
             k, v = cache.update(ctx.input_pos, k, v)  # (B, Hkv, S, D)

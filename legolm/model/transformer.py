@@ -213,7 +213,7 @@ class TransformerLM(nn.Module):
         if self.config.rotary_dim:
             self.reserve_positions(span or (cache.max_len if cache is not None else self.config.block_size))
             cs = self.rope[:, positions].to(dtype)  # (2, B, T, R)
-            cos, sin = cs[0].unsqueeze(1), cs[1].unsqueeze(1)  # (B, 1, T, R)
+            cos, sin = cs[0].unsqueeze(2), cs[1].unsqueeze(2)  # (B, T, 1, R): heads rotate before they move to dim 1
         mask = None
         if cache is not None or pad_mask is not None:
             T = positions.shape[1]
