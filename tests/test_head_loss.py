@@ -19,6 +19,8 @@ from legolm.train.config import AUTO_LOSS_CHUNK, FitConfig
 from legolm.train.fit import NextTokenLoss
 from legolm.train.head_loss import IGNORE_INDEX, head_cross_entropy
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton kernels' tests: Triton's interpreter on a CPU
+
 
 def _inputs(n: int = 37, c: int = 8, v: int = 29, dtype: torch.dtype = torch.float64
             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,16 +191,16 @@ def test_the_triton_softmax_step_equals_the_whole_logits_loss(chunk: int, v: int
     head64 = nn.Linear(8, v, bias=False).double().requires_grad_(trainable_head)
     x64, labels = _inputs(v=v)
     ref = _grads(head64, x64, labels, 0)
-    head = nn.Linear(8, v, bias=False).requires_grad_(trainable_head)
+    head = nn.Linear(8, v, bias=False, device=DEVICE).requires_grad_(trainable_head)
     with torch.no_grad():
         head.weight.copy_(head64.weight)
-    x = x64.detach().float().requires_grad_(True)
-    loss = head_cross_entropy(head, x, labels, chunk, kernel="triton", vocab_chunk=vocab_chunk)
+    x = x64.detach().float().to(DEVICE).requires_grad_(True)
+    loss = head_cross_entropy(head, x, labels.to(DEVICE), chunk, kernel="triton", vocab_chunk=vocab_chunk)
     loss.backward()
     assert x.grad is not None
     got = [loss.detach(), x.grad, *([head.weight.grad] if trainable_head else [])]
     for a, b in zip(got, ref, strict=True):
-        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-6)
+        torch.testing.assert_close(a.double().cpu(), b, rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("pad_scratch", [False, True])
@@ -209,15 +211,15 @@ def test_the_triton_kernel_writes_every_gradient_and_zero_for_unscored_rows(pad_
     from legolm.kernels.cross_entropy import StepLaunch, ce_grad_
 
     g = torch.Generator().manual_seed(4)
-    buf = torch.full((6, 64), 1e4)
-    logits = buf[:, :50] if pad_scratch else torch.empty(6, 50)
+    buf = torch.full((6, 64), 1e4, device=DEVICE)
+    logits = buf[:, :50] if pad_scratch else torch.empty(6, 50, device=DEVICE)
     logits.copy_(torch.randn(6, 50, generator=g))
-    labels = torch.tensor([3, IGNORE_INDEX, 0, 49, 7, IGNORE_INDEX])
+    labels = torch.tensor([3, IGNORE_INDEX, 0, 49, 7, IGNORE_INDEX], device=DEVICE)
     want = torch.softmax(logits, -1) - F.one_hot(labels.clamp(min=0), 50)
     want[labels == IGNORE_INDEX] = 0.0
     lse = torch.logsumexp(logits, -1)
     want_loss = torch.where(labels == IGNORE_INDEX, 0.0, lse - logits.gather(1, labels.clamp(min=0)[:, None])[:, 0])
-    rows, row_lse = torch.full((6,), float("nan")), torch.full((6,), float("nan"))
+    rows, row_lse = torch.full((6,), float("nan"), device=DEVICE), torch.full((6,), float("nan"), device=DEVICE)
     ce_grad_(logits, labels, rows, row_lse, IGNORE_INDEX, StepLaunch(block_v=16), pad_scratch)
     torch.testing.assert_close(rows, want_loss)
     torch.testing.assert_close(row_lse, lse)
@@ -245,8 +247,8 @@ def test_the_columns_kernel_writes_only_its_columns_from_the_rows_lse() -> None:
     from legolm.kernels.cross_entropy import ce_grad_columns_
 
     g = torch.Generator().manual_seed(5)
-    logits = torch.randn(6, 50, generator=g)
-    labels = torch.tensor([21, IGNORE_INDEX, 3, 49, 40, IGNORE_INDEX])
+    logits = torch.randn(6, 50, generator=g).to(DEVICE)
+    labels = torch.tensor([21, IGNORE_INDEX, 3, 49, 40, IGNORE_INDEX], device=DEVICE)
     lse = torch.logsumexp(logits, -1)
     want = logits.clone()
     full = torch.softmax(logits, -1) - F.one_hot(labels.clamp(min=0), 50)
