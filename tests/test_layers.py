@@ -70,6 +70,19 @@ def test_apply_rope_partial_rotation_pairs_and_pass_through() -> None:
     assert out[4:] == [e, f]  # exactly untouched
 
 
+def test_apply_rope_rotates_each_position_of_every_head_in_the_projection_layout() -> None:
+    """x (B, T, H, D) as the qkv projection lays it out and tables (1, T, 1, R): position t turns every head by
+    t radians (R = D = 2, inverse frequency 1), whatever the head holds."""
+    cs = rope_tables(2, 3, 10000.0).double()
+    cos, sin = cs[0][None, :, None], cs[1][None, :, None]  # (1, T, 1, R)
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0]], dtype=torch.float64).expand(1, 3, 2, 2)  # head h holds (1 + 2h, 0)
+    out = apply_rope(x, cos, sin)
+    for t in range(3):
+        for h, length in enumerate((1.0, 3.0)):
+            expected = [length * math.cos(t), length * math.sin(t)]
+            assert out[0, t, h].tolist() == pytest.approx(expected, abs=1e-6), (t, h)
+
+
 def test_rope_tables_hand_values() -> None:
     """rotary_dim=4, base=100: inverse frequencies 1 and 100^(-1/2) = 0.1; angle = position * freq."""
     t = rope_tables(4, 5, 100.0)
