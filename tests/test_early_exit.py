@@ -158,7 +158,7 @@ def test_write_kv_matches_the_keys_and_values_the_layer_writes(preset: str) -> N
     h = torch.randn(1, 3, cfg.n_embd, generator=torch.Generator().manual_seed(2))
     pos = torch.tensor([4, 5, 6])
     ctx = model.make_context(pos[None], h.dtype, input_pos=pos)
-    ctx.mask = None  # plain causal attention over the 3 tokens; the cache write is what is compared
+    ctx.attn_bias = None  # plain causal attention over the 3 tokens; the cache write is what is compared
     own, ours = (LayerKVCache(1, cfg.kv_heads, 8, cfg.hd, torch.float32, "cpu") for _ in range(2))
     assert isinstance(block.attn, CausalSelfAttention)
     block.attn(block.norm_1(h), ctx, own)

@@ -10,6 +10,7 @@ import torch
 
 import legolm
 from legolm.core.config import PRESETS, ModelConfig
+from legolm.core.context import attention_bias
 from legolm.core.kv_cache import KVCache, LayerKVCache
 from legolm.core.rope import apply_rope, rope_tables
 from legolm.errors import ConfigError
@@ -81,6 +82,26 @@ def test_apply_rope_rotates_each_position_of_every_head_in_the_projection_layout
         for h, length in enumerate((1.0, 3.0)):
             expected = [length * math.cos(t), length * math.sin(t)]
             assert out[0, t, h].tolist() == pytest.approx(expected, abs=1e-6), (t, h)
+
+
+def test_attention_bias_is_zero_where_allowed_and_minus_infinity_elsewhere() -> None:
+    allowed = torch.tensor([[True, False, False], [True, True, False]])
+    bias = attention_bias(allowed, torch.bfloat16)
+    assert bias.dtype == torch.bfloat16
+    assert bias.tolist() == [[0.0, -math.inf, -math.inf], [0.0, 0.0, -math.inf]]
+
+
+def test_a_cached_forward_hands_every_layer_one_additive_bias_in_the_activation_dtype() -> None:
+    """Prompt of 3 at slots 2..4 of a cache of 6, the first slot padding: each query sees the real slots up to its
+    own (SDPA would otherwise convert a boolean mask in every layer)."""
+    model = TransformerLM(ModelConfig.from_name("tiny-pythia"))
+    cache = KVCache(model.config, 1, 6)
+    pad = torch.tensor([[False, True, True, True, True, True]])
+    ctx = model.make_context(torch.arange(3)[None], torch.float32, cache, torch.arange(2, 5), pad)
+    assert ctx.attn_bias is not None and ctx.attn_bias.dtype == torch.float32
+    seen = (ctx.attn_bias[0, 0] == 0).int().tolist()
+    assert seen == [[0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0]]
+    assert model.make_context(torch.arange(3)[None], torch.float32).attn_bias is None  # plain causal
 
 
 def test_rope_tables_hand_values() -> None:

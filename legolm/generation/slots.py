@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from legolm.core.context import LayerContext
+from legolm.core.context import LayerContext, attention_bias
 from legolm.core.kv_cache import KVCache, LayerKVCache
 from legolm.errors import ConfigError
 from legolm.model.transformer import TransformerLM
@@ -141,8 +141,9 @@ class SlotDecoder:
         pos = slot[:, None]
         h = self.model.embed(self.tok[:rows], pos)
         keys = torch.arange(span, device=self.device)
-        mask = (keys[None, :] <= slot[:, None])[:, None, None, :]  # (rows, 1, 1, span)
-        ctx = dataclasses.replace(self.model.make_context(pos, h.dtype), mask=mask, input_pos=slot)
+        allowed = (keys[None, :] <= slot[:, None])[:, None, None, :]  # (rows, 1, 1, span)
+        ctx = dataclasses.replace(self.model.make_context(pos, h.dtype), attn_bias=attention_bias(allowed, h.dtype),
+                                  input_pos=slot)
         stores = {i: _RowsStore(layer, self.row_ids[:rows], span) for i, layer in self.cache.layers.items()}
         return self._blocks(h, ctx, stores)[:, -1]
 

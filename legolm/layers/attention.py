@@ -55,7 +55,7 @@ class CausalSelfAttention(nn.Module):
             assert ctx.input_pos is not None, "a KV cache needs input_pos"
             k, v = cache.update(ctx.input_pos, k, v)  # (B, Hkv, S, D)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None, enable_gqa=Hkv != H
+            q, k, v, attn_mask=ctx.attn_bias, is_causal=ctx.attn_bias is None, enable_gqa=Hkv != H
         )  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 

@@ -284,7 +284,7 @@ class MemoryAttention(MemoryLayer):
     def forward(self, x: Tensor, ctx: LayerContext, cache: KVStore | SegmentCache | None = None) -> Tensor:
         if isinstance(cache, SegmentCache):
             return self.forward_cached(x, cache)
-        if cache is not None or ctx.mask is not None:
+        if cache is not None or ctx.attn_bias is not None:
             raise ConfigError(
                 f"the {self.layer_type} memory layer cannot run with a KV cache or a padding mask: its memory is "
                 "written per segment, which a KV cache or left padding does not do. Decode it with "

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from legolm.core.config import ModelConfig
-from legolm.core.context import LayerContext
+from legolm.core.context import LayerContext, attention_bias
 from legolm.core.kv_cache import KVCache
 from legolm.core.rope import rope_tables
 from legolm.errors import ConfigError
@@ -214,16 +214,17 @@ class TransformerLM(nn.Module):
             self.reserve_positions(span or (cache.max_len if cache is not None else self.config.block_size))
             cs = self.rope[:, positions].to(dtype)  # (2, B, T, R)
             cos, sin = cs[0].unsqueeze(2), cs[1].unsqueeze(2)  # (B, T, 1, R): heads rotate before they move to dim 1
-        mask = None
+        bias = None
         if cache is not None or pad_mask is not None:
             T = positions.shape[1]
             slots = input_pos if input_pos is not None else torch.arange(T, device=positions.device)
             S = cache.max_len if cache is not None else T
             keys = torch.arange(S, device=positions.device)
-            mask = (keys[None, :] <= slots[:, None])[None, None]  # (1, 1, T, S) causal over slots
+            allowed = (keys[None, :] <= slots[:, None])[None, None]  # (1, 1, T, S) causal over slots
             if pad_mask is not None:  # pad keys are hidden; a query always sees itself (no empty rows)
-                mask = mask & pad_mask[:, None, None, :] | (keys[None, :] == slots[:, None])[None, None]
-        return LayerContext(cos, sin, mask, input_pos)
+                allowed = allowed & pad_mask[:, None, None, :] | (keys[None, :] == slots[:, None])[None, None]
+            bias = attention_bias(allowed, dtype)
+        return LayerContext(cos, sin, bias, input_pos)
 
     def forward_layers(self, h: Tensor, ctx: LayerContext, start: int = 0, end: int | None = None,
                        cache: KVCache | None = None, capture: Sequence[int] = ()) -> LayersOutput:
