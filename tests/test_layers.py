@@ -12,7 +12,7 @@ import legolm
 from legolm.core.config import PRESETS, ModelConfig
 from legolm.core.context import attention_bias
 from legolm.core.kv_cache import KVCache, LayerKVCache
-from legolm.core.rope import apply_rope, rope_tables
+from legolm.core.rope import apply_rope, rope_operands, rope_pairs, rope_tables
 from legolm.errors import ConfigError
 from legolm.generation.sampling import filter_logits, next_token
 from legolm.model.transformer import TransformerLM
@@ -37,11 +37,29 @@ def _cs(angles: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     return a.cos().view(1, 1, 1, -1), a.sin().view(1, 1, 1, -1)
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` of x (..., D) with cos/sin tables (..., R), through `rope_operands` and `rope_pairs`."""
+    D, R = x.size(-1), cos.size(-1)
+    c, s = rope_operands(torch.stack([cos, sin]), D)
+    return apply_rope(x, c, s, rope_pairs(R, D))
+
+
+def test_rope_operands_and_pairs_hand_values() -> None:
+    """R = 4 of D = 6: cos padded with ones, sin's first half negated and padded with zeros; partners 2, 3, 0, 1, then
+    each pass-through dim itself."""
+    cos, sin = torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0.5, 0.6, 0.7, 0.8])
+    c, s = rope_operands(torch.stack([cos, sin]), 6)
+    assert c.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4, 1.0, 1.0])
+    assert s.tolist() == pytest.approx([-0.5, -0.6, 0.7, 0.8, 0.0, 0.0])
+    assert rope_pairs(4, 6).tolist() == [2, 3, 0, 1, 4, 5]
+    assert rope_pairs(2, 2).tolist() == [1, 0]
+
+
 def test_apply_rope_rotates_a_2d_vector() -> None:
     theta = math.pi / 3
     x = torch.tensor([2.0, 1.0], dtype=torch.float64).view(1, 1, 1, 2)
     cos, sin = _cs([theta])
-    out = apply_rope(x, cos, sin).flatten()
+    out = _rope(x, cos, sin).flatten()
     expected = [2 * math.cos(theta) - 1 * math.sin(theta), 2 * math.sin(theta) + 1 * math.cos(theta)]
     torch.testing.assert_close(out, torch.tensor(expected, dtype=torch.float64))
 
@@ -49,7 +67,7 @@ def test_apply_rope_rotates_a_2d_vector() -> None:
 def test_apply_rope_unit_vector_by_quarter_turn() -> None:
     x = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
     cos, sin = _cs([math.pi / 2])
-    torch.testing.assert_close(apply_rope(x, cos.float(), sin.float()).flatten(), torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(_rope(x, cos.float(), sin.float()).flatten(), torch.tensor([0.0, 1.0]))
 
 
 def test_apply_rope_partial_rotation_pairs_and_pass_through() -> None:
@@ -58,7 +76,7 @@ def test_apply_rope_partial_rotation_pairs_and_pass_through() -> None:
     t0, t1 = 0.7, 0.1
     x = torch.tensor([a, b, c, d, e, f], dtype=torch.float64).view(1, 1, 1, 6)
     cos, sin = _cs([t0, t1])
-    out = apply_rope(x, cos, sin).flatten().tolist()
+    out = _rope(x, cos, sin).flatten().tolist()
     expected = [
         a * math.cos(t0) - c * math.sin(t0),
         b * math.cos(t1) - d * math.sin(t1),
@@ -77,7 +95,7 @@ def test_apply_rope_rotates_each_position_of_every_head_in_the_projection_layout
     cs = rope_tables(2, 3, 10000.0).double()
     cos, sin = cs[0][None, :, None], cs[1][None, :, None]  # (1, T, 1, R)
     x = torch.tensor([[1.0, 0.0], [3.0, 0.0]], dtype=torch.float64).expand(1, 3, 2, 2)  # head h holds (1 + 2h, 0)
-    out = apply_rope(x, cos, sin)
+    out = _rope(x, cos, sin)
     for t in range(3):
         for h, length in enumerate((1.0, 3.0)):
             expected = [length * math.cos(t), length * math.sin(t)]
@@ -123,7 +141,7 @@ def test_rope_scores_depend_only_on_relative_position() -> None:
     cs = rope_tables(8, 64, 10000.0).double()
 
     def at(x: torch.Tensor, pos: int) -> torch.Tensor:
-        return apply_rope(x, cs[0, pos].view(1, 1, 1, -1), cs[1, pos].view(1, 1, 1, -1))
+        return _rope(x, cs[0, pos].view(1, 1, 1, -1), cs[1, pos].view(1, 1, 1, -1))
 
     s1 = (at(q, 9) * at(k, 4)).sum()
     s2 = (at(q, 40) * at(k, 35)).sum()

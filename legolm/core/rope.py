@@ -8,6 +8,7 @@ Half-split ("rotate_half") layout as in GPT-NeoX and Hugging Face Llama: the fir
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -19,18 +20,37 @@ def rope_tables(rotary_dim: int, max_len: int, base: float, device: torch.device
     return torch.stack([emb.cos(), emb.sin()])
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first ``cos.size(-1)`` dims of ``x``.
+def rope_operands(tables: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
+    """The multipliers of `apply_rope` from cos/sin tables (2, ..., R): each (..., D).
+
+    cos gets ones on the D - R pass-through dims; sin gets rotate_half's sign (its first half negated) and zeros
+    there, so that ``x·cos + x[pairs]·sin`` rotates the first R dims and passes the rest through.
+    """
+    cos, sin = tables[0], tables[1]
+    r = cos.size(-1)
+    half, pad = r // 2, head_dim - r
+    return (F.pad(cos, (0, pad), value=1.0),
+            F.pad(torch.cat([-sin[..., :half], sin[..., half:]], dim=-1), (0, pad)))
+
+
+def rope_pairs(rotary_dim: int, head_dim: int, device: torch.device | None = None) -> Tensor:
+    """(D,) index of each dim's partner: i + R/2 in the first half of the rotated dims, i - R/2 in the second,
+    i itself beyond R (multiplied by a zero sine)."""
+    half = rotary_dim // 2
+    idx = torch.arange(head_dim, device=device)
+    return torch.cat([idx[half:rotary_dim], idx[:half], idx[rotary_dim:]])
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, pairs: Tensor) -> Tensor:
+    """Rotate the first R dims of every head of ``x``: ``x·cos + x[pairs]·sin`` (three kernels in eager mode;
+    the half-split formula, ``cat(x_rot·cos + rotate_half(x_rot)·sin, x_pass)``, takes six per tensor).
 
     Args:
-        x: (B, T, H, D) queries or keys, as the projection lays them out: rotated before the heads move to dim 1,
-            the transposes stay views (rotating (B, H, T, D) made torch.compile write a heads-first copy).
-        cos: (B, T, 1, R) or (1, T, 1, R), R <= D, already in ``x``'s dtype.
+        x: (B, T, H, D) queries and/or keys, as the projection lays them out: rotated before the heads move to
+            dim 1, the transposes stay views (rotating (B, H, T, D) made torch.compile write a heads-first copy).
+            The attention layer rotates q and k in one call (they are adjacent in its projection).
+        cos: (B or 1, T, 1, D) from `rope_operands`, already in ``x``'s dtype.
         sin: same shape as ``cos``.
+        pairs: (D,) `rope_pairs`.
     """
-    r = cos.size(-1)
-    x_rot, x_pass = x[..., :r], x[..., r:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    out = x_rot * cos + rotated * sin
-    return torch.cat([out, x_pass], dim=-1) if x_pass.size(-1) else out
+    return torch.addcmul(x * cos, x.index_select(-1, pairs), sin)

@@ -46,10 +46,11 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, ctx: LayerContext, cache: KVStore | None = None) -> Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
-        if ctx.cos is not None and ctx.sin is not None:  # in (B, T, H, D): the transposes below stay views
-            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        qk, v = self.qkv(x).split([(H + Hkv) * D, Hkv * D], dim=-1)
+        qk, v = qk.view(B, T, H + Hkv, D), v.view(B, T, Hkv, D)
+        if ctx.cos is not None and ctx.sin is not None and ctx.rope_pairs is not None:
+            qk = apply_rope(qk, ctx.cos, ctx.sin, ctx.rope_pairs)  # q and k in one call, in (B, T, heads, D)
+        q, k = qk.split([H, Hkv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
         if cache is not None:
             assert ctx.input_pos is not None, "a KV cache needs input_pos"
