@@ -12,7 +12,7 @@ import legolm
 from legolm.core.config import PRESETS, ModelConfig
 from legolm.core.context import attention_bias
 from legolm.core.kv_cache import KVCache, LayerKVCache
-from legolm.core.rope import apply_rope, rope_operands, rope_pairs, rope_tables
+from legolm.core.rope import apply_rope, rope_operands, rope_tables
 from legolm.errors import ConfigError
 from legolm.generation.sampling import filter_logits, next_token
 from legolm.model.transformer import TransformerLM
@@ -38,21 +38,17 @@ def _cs(angles: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`apply_rope` of x (..., D) with cos/sin tables (..., R), through `rope_operands` and `rope_pairs`."""
-    D, R = x.size(-1), cos.size(-1)
-    c, s = rope_operands(torch.stack([cos, sin]), D)
-    return apply_rope(x, c, s, rope_pairs(R, D))
+    """`apply_rope` of x (..., D) with cos/sin tables (..., R), through `rope_operands`."""
+    c, s = rope_operands(torch.stack([cos, sin]), x.size(-1))
+    return apply_rope(x, c, s, cos.size(-1))
 
 
-def test_rope_operands_and_pairs_hand_values() -> None:
-    """R = 4 of D = 6: cos padded with ones, sin's first half negated and padded with zeros; partners 2, 3, 0, 1, then
-    each pass-through dim itself."""
+def test_rope_operands_hand_values() -> None:
+    """R = 4 of D = 6: cos padded with ones, sin's first half negated and padded with zeros."""
     cos, sin = torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0.5, 0.6, 0.7, 0.8])
     c, s = rope_operands(torch.stack([cos, sin]), 6)
     assert c.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4, 1.0, 1.0])
     assert s.tolist() == pytest.approx([-0.5, -0.6, 0.7, 0.8, 0.0, 0.0])
-    assert rope_pairs(4, 6).tolist() == [2, 3, 0, 1, 4, 5]
-    assert rope_pairs(2, 2).tolist() == [1, 0]
 
 
 def test_apply_rope_rotates_a_2d_vector() -> None:

@@ -16,7 +16,7 @@ class LayerContext:
         cos: RoPE's cosine multipliers (B or 1, T, 1, D) in the activation dtype (for (B, T, H, D) heads;
             `legolm.core.rope.rope_operands`), None without RoPE.
         sin: RoPE's signed sine multipliers, same shape.
-        rope_pairs: (D,) each head dim's rotation partner (`legolm.core.rope.rope_pairs`), None without RoPE.
+        rotary_dim: Head dims RoPE rotates (`legolm.core.rope.apply_rope`); 0 without RoPE.
         attn_bias: Additive attention mask (B or 1, 1, T, S) in the activation dtype, 0 where a query may attend and
             -inf where not (`attention_bias`); None = plain causal.
         input_pos: Cache slots (T,) the new tokens are written to; None without a cache.
@@ -24,7 +24,7 @@ class LayerContext:
 
     cos: Tensor | None
     sin: Tensor | None
-    rope_pairs: Tensor | None
+    rotary_dim: int
     attn_bias: Tensor | None
     input_pos: Tensor | None
 

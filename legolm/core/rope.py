@@ -24,7 +24,7 @@ def rope_operands(tables: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
     """The multipliers of `apply_rope` from cos/sin tables (2, ..., R): each (..., D).
 
     cos gets ones on the D - R pass-through dims; sin gets rotate_half's sign (its first half negated) and zeros
-    there, so that ``x·cos + x[pairs]·sin`` rotates the first R dims and passes the rest through.
+    there, so that ``x·cos + swap(x)·sin`` (`apply_rope`) rotates the first R dims and passes the rest through.
     """
     cos, sin = tables[0], tables[1]
     r = cos.size(-1)
@@ -33,17 +33,11 @@ def rope_operands(tables: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
             F.pad(torch.cat([-sin[..., :half], sin[..., half:]], dim=-1), (0, pad)))
 
 
-def rope_pairs(rotary_dim: int, head_dim: int, device: torch.device | None = None) -> Tensor:
-    """(D,) index of each dim's partner: i + R/2 in the first half of the rotated dims, i - R/2 in the second,
-    i itself beyond R (multiplied by a zero sine)."""
-    half = rotary_dim // 2
-    idx = torch.arange(head_dim, device=device)
-    return torch.cat([idx[half:rotary_dim], idx[:half], idx[rotary_dim:]])
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, pairs: Tensor) -> Tensor:
-    """Rotate the first R dims of every head of ``x``: ``x·cos + x[pairs]·sin`` (three kernels in eager mode;
-    the half-split formula, ``cat(x_rot·cos + rotate_half(x_rot)·sin, x_pass)``, takes six per tensor).
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int) -> Tensor:
+    """Rotate the first R = ``rotary_dim`` dims of every head of ``x``: ``x·cos + swap(x)·sin``, where swap exchanges
+    the two halves of the rotated dims (three kernels in eager mode, where the half-split formula
+    ``cat(x_rot·cos + rotate_half(x_rot)·sin, x_pass)`` takes six per tensor; static slices, which torch.compile
+    fuses into one kernel).
 
     Args:
         x: (B, T, H, D) queries and/or keys, as the projection lays them out: rotated before the heads move to
@@ -51,6 +45,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, pairs: Tensor) -> Tensor:
             The attention layer rotates q and k in one call (they are adjacent in its projection).
         cos: (B or 1, T, 1, D) from `rope_operands`, already in ``x``'s dtype.
         sin: same shape as ``cos``.
-        pairs: (D,) `rope_pairs`.
+        rotary_dim: R (even, <= D); the dims past it pass through (times one, plus zero).
     """
-    return torch.addcmul(x * cos, x.index_select(-1, pairs), sin)
+    half = rotary_dim // 2
+    swapped = torch.cat([x[..., half:rotary_dim], x[..., :half], x[..., rotary_dim:]], dim=-1)
+    return torch.addcmul(x * cos, swapped, sin)

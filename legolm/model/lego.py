@@ -255,7 +255,7 @@ class LegoLM(TransformerLM):
             lego = cls(model.config, LegoMeta(split=model.config.n_layer))
         lego.wte, lego.wpe, lego.blocks, lego.norm, lego.lm_head = (model.wte, model.wpe, model.blocks, model.norm,
                                                                     model.lm_head)
-        lego.share_rope(model)
+        lego.rope = model.rope
         lego.meta, lego.shallow_exit = meta or LegoMeta(split=model.config.n_layer), shallow_exit
         lego.meta.draft_exit, lego.draft_exit = False, None
         lego._check_split()
@@ -528,5 +528,5 @@ class LegoLM(TransformerLM):
         model.wte, model.wpe = self.wte, self.wpe
         model.blocks = nn.ModuleList(self.blocks[: self.split])
         model.norm, model.lm_head = self.shallow_exit.norm, self.shallow_exit.head
-        model.share_rope(self)
+        model.rope = self.rope
         return model.train(self.training)

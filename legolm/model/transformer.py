@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from legolm.core.config import ModelConfig
 from legolm.core.context import LayerContext, attention_bias
 from legolm.core.kv_cache import KVCache
-from legolm.core.rope import rope_operands, rope_pairs, rope_tables
+from legolm.core.rope import rope_operands, rope_tables
 from legolm.errors import ConfigError
 from legolm.layers import LayerSpec, build_blocks, stack_config
 from legolm.layers.norms import make_norm
@@ -97,8 +97,6 @@ class TransformerLM(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.rope: Tensor
         self.register_buffer("rope", self._rope_tables(0), persistent=False)  # (2, rows, R) cos/sin, grown on use
-        self.rope_pairs: Tensor
-        self.register_buffer("rope_pairs", self._rope_pairs(), persistent=False)  # (D,) `apply_rope`'s partners
         self._retired_rope: list[Tensor] = []
         self.reset_parameters()
 
@@ -106,14 +104,6 @@ class TransformerLM(nn.Module):
     def _rope_tables(self, rows: int, device: torch.device | None = None) -> Tensor:
         c = self.config
         return rope_tables(c.rotary_dim, rows, c.rope_base, device) if c.rotary_dim else torch.empty(0)
-
-    def _rope_pairs(self, device: torch.device | None = None) -> Tensor:
-        c = self.config
-        return rope_pairs(c.rotary_dim, c.hd, device) if c.rotary_dim else torch.empty(0, dtype=torch.long)
-
-    def share_rope(self, other: TransformerLM) -> None:
-        """Read ``other``'s RoPE tables (a model built on the meta device over ``other``'s modules)."""
-        self.rope, self.rope_pairs = other.rope, other.rope_pairs
 
     def reserve_positions(self, n: int) -> None:
         """Make the RoPE tables cover positions 0..n-1 (at most the context, ``block_size``).
@@ -158,8 +148,7 @@ class TransformerLM(nn.Module):
         model.load_state_dict(state, strict=strict, assign=True)
         if config.tie_embeddings:
             model.lm_head.weight = model.wte.weight
-        device = next(iter(state.values())).device  # the RoPE tables go where the weights are
-        model.rope, model.rope_pairs = model._rope_tables(0, device), model._rope_pairs(device)
+        model.rope = model._rope_tables(0, next(iter(state.values())).device)  # where the weights are
         return model
 
     def num_parameters(self, trainable_only: bool = False) -> int:
@@ -220,11 +209,11 @@ class TransformerLM(nn.Module):
         ``span``: every position is below it (known without reading ``positions``, which would sync a
         GPU); default: the cache's length, else the model's context. The RoPE tables grow to cover it.
         """
-        cos = sin = pairs = None
+        cos = sin = None
         if self.config.rotary_dim:
             self.reserve_positions(span or (cache.max_len if cache is not None else self.config.block_size))
             cos, sin = rope_operands(self.rope[:, positions].to(dtype), self.config.hd)  # (B, T, D) each
-            cos, sin, pairs = cos.unsqueeze(2), sin.unsqueeze(2), self.rope_pairs  # (B, T, 1, D): heads rotate first
+            cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, D): heads rotate before they move to dim 1
         bias = None
         if cache is not None or pad_mask is not None:
             T = positions.shape[1]
@@ -235,7 +224,7 @@ class TransformerLM(nn.Module):
             if pad_mask is not None:  # pad keys are hidden; a query always sees itself (no empty rows)
                 allowed = allowed & pad_mask[:, None, None, :] | (keys[None, :] == slots[:, None])[None, None]
             bias = attention_bias(allowed, dtype)
-        return LayerContext(cos, sin, pairs, bias, input_pos)
+        return LayerContext(cos, sin, self.config.rotary_dim, bias, input_pos)
 
     def forward_layers(self, h: Tensor, ctx: LayerContext, start: int = 0, end: int | None = None,
                        cache: KVCache | None = None, capture: Sequence[int] = ()) -> LayersOutput:
