@@ -48,7 +48,7 @@ import functools
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +135,15 @@ def pick_runner(config: FusedExitConfig, device: torch.device) -> str:
     return without if missing is not None else "graph"
 
 
+@dataclass(frozen=True)
+class _HostReport:
+    """Pinned host copies of a call's results: tokens, exit flags, counts (t, flushes, accepted drafts, rounds)."""
+
+    tokens: Tensor
+    exited: Tensor
+    counts: Tensor
+
+
 class FusedLegoSession:
     """Caches, device state and captured graphs of one (model, cache length, settings) for batch-1 LEGO decoding.
 
@@ -197,6 +206,13 @@ class FusedLegoSession:
         self.spec_stats = zeros(2)  # accepted drafts, rounds
         self.limit = zeros(1)  # speculative: the call's tokens; `live` gates the next round (the accept kernel)
         self.live = zeros(1, dtype=torch.bool)
+        # what a call reads back, copied into pinned host memory at once after its last replay (one wait), and the
+        # prompt's staging buffer (its copy to the device does not wait for the host)
+        pinned = p.is_cuda
+        self.host = _HostReport(torch.zeros(max_new, dtype=torch.long, pin_memory=pinned),
+                                torch.zeros(max_new, dtype=torch.int8, pin_memory=pinned),
+                                torch.zeros(4, dtype=torch.long, pin_memory=pinned))
+        self.host_prompt = torch.zeros(max_len, dtype=torch.long, pin_memory=pinned)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.parts: tuple[torch.cuda.CUDAGraph, list[tuple[int, torch.cuda.CUDAGraph]]] | None = None
         self.runner = pick_runner(config, p.device)
@@ -357,6 +373,19 @@ class FusedLegoSession:
                 if flags[index]:
                     graph.replay()
 
+    def read_back(self) -> _HostReport:
+        """Tokens, exit flags and counters (t, lazy-fill flushes, accepted drafts, rounds) into the pinned host
+        buffers: asynchronous copies and one wait, instead of a synchronising read each."""
+        s, h = self.state, self.host
+        h.counts[:1].copy_(s.t, non_blocking=True)
+        h.counts[1:2].copy_(self.flushes, non_blocking=True)
+        h.counts[2:].copy_(self.spec_stats, non_blocking=True)
+        h.tokens.copy_(s.tokens, non_blocking=True)
+        h.exited.copy_(s.exited, non_blocking=True)
+        if h.tokens.is_pinned():
+            torch.cuda.current_stream().synchronize()
+        return h
+
     def warm_up(self) -> None:
         """Tune and compile every kernel of every branch once, then capture the graphs (before the first prefill).
 
@@ -420,28 +449,34 @@ def _both_branches(pred: Tensor, fn: Callable[[], None]) -> None:
 
 
 @torch.inference_mode()
-def fused_lego_generate(session: FusedLegoSession, idx: Tensor, max_new_tokens: int, threshold: float,
-                        eos_check_every: int) -> tuple[Tensor, EarlyExitStats]:
-    """Greedy batch-1 LEGO decoding of ``idx`` (1, P) on a prepared session: new tokens (1, N) and stats."""
+def fused_lego_generate(session: FusedLegoSession, prompt: Sequence[int], max_new_tokens: int, threshold: float,
+                        eos_check_every: int) -> tuple[list[int], EarlyExitStats]:
+    """Greedy batch-1 LEGO decoding of ``prompt`` (token ids) on a prepared session: the new tokens and stats.
+
+    The prompt goes through a pinned staging buffer and everything the call reports comes back in one copy
+    (`FusedLegoSession.read_back`): the host's fixed cost per call, which no exit saves, stays small.
+    """
     dev = session.stack.x.device
     sync: Callable[[], None] = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     session.warm_up()
+    staged = session.host_prompt[:len(prompt)]
+    staged.copy_(torch.tensor(prompt, dtype=torch.long))
     sync()
     t0 = time.perf_counter()
-    session.start(idx.to(dev), threshold, max_new_tokens)
+    session.start(staged.to(dev, non_blocking=True)[None], threshold, max_new_tokens)
     sync()
     t1 = time.perf_counter()
-    s, units, replays = session.state, 0, 0
+    units, replays = 0, 0
     speculative = session.config.mode == "speculative"
     while not (_spent(session) if speculative else _spent_steps(session, units, replays, max_new_tokens,
                                                                      eos_check_every)):
         session.run_unit()
         units, replays = units + session.units_per_replay, replays + 1
-    sync()
+    report = session.read_back()
     t2 = time.perf_counter()
-    n = min(int(s.t.item()), max_new_tokens)
-    tokens = s.tokens[:n][None].clone()
-    return tokens, _stats(session, tokens, n, t1 - t0, t2 - t1)
+    n = min(int(report.counts[0]), max_new_tokens)
+    tokens = report.tokens[:n].tolist()
+    return tokens, _stats(session, report, tokens, t1 - t0, t2 - t1)
 
 
 def _spent(session: FusedLegoSession) -> bool:
@@ -457,24 +492,24 @@ def _spent_steps(session: FusedLegoSession, units: int, replays: int, max_new_to
     return session.eos_id is not None and replays % eos_check_every == 0 and bool(session.state.finished.item())
 
 
-def _stats(session: FusedLegoSession, tokens: Tensor, n: int, prefill_s: float, decode_s: float) -> EarlyExitStats:
+def _stats(session: FusedLegoSession, report: _HostReport, row: list[int], prefill_s: float,
+           decode_s: float) -> EarlyExitStats:
     """Counts and costs of a fused LEGO call (layer calls and weights read per decoded token vs full depth)."""
     m = session.model
     L, k = m.n_layer, m.split
-    eos = session.eos_id
-    row = tokens[0].tolist()
+    eos, n = session.eos_id, len(row)
     kept = n if eos is None or eos not in row else row.index(eos) + 1
     if session.config.mode == "speculative":
-        accepted, rounds = (int(v) for v in session.spec_stats.tolist())
+        accepted, rounds = (int(v) for v in report.counts[2:].tolist())
         return speculative_stats(m, session.config.draft_tokens, rounds, accepted, kept, prefill_s, decode_s)
     blocks, head = block_weights(m)
     full = sum(blocks) + head
     lower, upper = sum(blocks[:k]) + head, sum(blocks[k:]) + head
     steps = max(n - 1, 1)
-    exited = session.state.exited[:n].tolist()  # one read back
+    exited = report.exited[:n].tolist()
     shallow = sum(exited[:kept])
     deep_steps = n - 1 - sum(exited[1:n])
-    passes = int(session.flushes.item()) if session.fill else deep_steps
+    passes = int(report.counts[1]) if session.fill else deep_steps
     calls = (n - 1) * k + passes * (L - k)
     weights = (n - 1) * lower + passes * upper
     return EarlyExitStats(

@@ -376,9 +376,8 @@ def generate_lego(model: TransformerLM, prompts: Sequence[Sequence[int]], config
     if config.fused:
         check_fused(len(prompts), device)
         session = _lego_session(lego, len(prompts[0]), config, kv_mode, eos)
-        tokens, stats = fused_lego_generate(session, torch.tensor([list(prompts[0])], device=device),
-                                            config.max_new_tokens, tau, config.eos_check_every)
-        rows = tokens.tolist()
+        tokens, stats = fused_lego_generate(session, prompts[0], config.max_new_tokens, tau, config.eos_check_every)
+        rows = [tokens]
     elif config.early_exit == "speculative":
         if len(prompts) != 1:
             raise ConfigError(f"speculative decoding takes one prompt, got {len(prompts)}")
