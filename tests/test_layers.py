@@ -39,16 +39,16 @@ def _cs(angles: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`apply_rope` of x (..., D) with cos/sin tables (..., R), through `rope_operands`."""
-    c, s = rope_operands(torch.stack([cos, sin]), x.size(-1))
-    return apply_rope(x, c, s, cos.size(-1))
+    c, s = rope_operands(torch.stack([cos, sin]))
+    return apply_rope(x, c, s)
 
 
 def test_rope_operands_hand_values() -> None:
-    """R = 4 of D = 6: cos padded with ones, sin's first half negated and padded with zeros."""
+    """R = 4: cos as it is, sin's first half negated (rotate_half's sign)."""
     cos, sin = torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0.5, 0.6, 0.7, 0.8])
-    c, s = rope_operands(torch.stack([cos, sin]), 6)
-    assert c.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4, 1.0, 1.0])
-    assert s.tolist() == pytest.approx([-0.5, -0.6, 0.7, 0.8, 0.0, 0.0])
+    c, s = rope_operands(torch.stack([cos, sin]))
+    assert c.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert s.tolist() == pytest.approx([-0.5, -0.6, 0.7, 0.8])
 
 
 def test_apply_rope_rotates_a_2d_vector() -> None:

@@ -109,7 +109,7 @@ def test_infini_layer_output_by_hand() -> None:
     """
     attn = _identity_attention()
     x = torch.tensor([[[0.0, 1.0], [LN_HALF, 0.0]]])
-    out = attn(x, LayerContext(None, None, 0, None, None))
+    out = attn(x, LayerContext(None, None, None, None))
     torch.testing.assert_close(out, torch.tensor([[[0.0, 0.5], [0.5 * LN_HALF, 0.5]]]))
 
 
@@ -251,7 +251,7 @@ def test_segment_covering_the_input_is_gated_local_attention() -> None:
     q, k, v = attn.qkv(x).view(2, -1, 3, 4, 16).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
     expected = torch.softmax((q @ k.transpose(-1, -2)) / 4 + torch.full((3 * SEG,) * 2, -math.inf).triu(1), -1) @ v
     expected = attn.proj(0.5 * expected.transpose(1, 2).reshape(2, 3 * SEG, 64))
-    torch.testing.assert_close(attn(x, LayerContext(None, None, 0, None, None)), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attn(x, LayerContext(None, None, None, None)), expected, rtol=1e-5, atol=1e-5)
 
 
 # -- sizes ---------------------------------------------------------------------------------------------

@@ -13,10 +13,9 @@ class LayerContext:
     """Per-forward inputs computed once by the model and read by each layer.
 
     Attributes:
-        cos: RoPE's cosine multipliers (B or 1, T, 1, D) in the activation dtype (for (B, T, H, D) heads;
+        cos: RoPE's cosines (B or 1, T, 1, R) in the activation dtype (for (B, T, H, D) heads;
             `legolm.core.rope.rope_operands`), None without RoPE.
-        sin: RoPE's signed sine multipliers, same shape.
-        rotary_dim: Head dims RoPE rotates (`legolm.core.rope.apply_rope`); 0 without RoPE.
+        sin: RoPE's signed sines, same shape.
         attn_bias: Additive attention mask (B or 1, 1, T, S) in the activation dtype, 0 where a query may attend and
             -inf where not (`attention_bias`); None = plain causal.
         input_pos: Cache slots (T,) the new tokens are written to; None without a cache.
@@ -24,7 +23,6 @@ class LayerContext:
 
     cos: Tensor | None
     sin: Tensor | None
-    rotary_dim: int
     attn_bias: Tensor | None
     input_pos: Tensor | None
 

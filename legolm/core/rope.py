@@ -8,7 +8,6 @@ Half-split ("rotate_half") layout as in GPT-NeoX and Hugging Face Llama: the fir
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -20,33 +19,29 @@ def rope_tables(rotary_dim: int, max_len: int, base: float, device: torch.device
     return torch.stack([emb.cos(), emb.sin()])
 
 
-def rope_operands(tables: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
-    """The multipliers of `apply_rope` from cos/sin tables (2, ..., R): each (..., D).
-
-    cos gets ones on the D - R pass-through dims; sin gets rotate_half's sign (its first half negated) and zeros
-    there, so that ``x·cos + swap(x)·sin`` (`apply_rope`) rotates the first R dims and passes the rest through.
-    """
+def rope_operands(tables: Tensor) -> tuple[Tensor, Tensor]:
+    """The multipliers of `apply_rope` from cos/sin tables (2, ..., R): cos, and sin with rotate_half's sign (its
+    first half negated), so that ``x_rot·cos + swap(x_rot)·sin`` rotates the R dims."""
     cos, sin = tables[0], tables[1]
-    r = cos.size(-1)
-    half, pad = r // 2, head_dim - r
-    return (F.pad(cos, (0, pad), value=1.0),
-            F.pad(torch.cat([-sin[..., :half], sin[..., half:]], dim=-1), (0, pad)))
+    half = cos.size(-1) // 2
+    return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int) -> Tensor:
-    """Rotate the first R = ``rotary_dim`` dims of every head of ``x``: ``x·cos + swap(x)·sin``, where swap exchanges
-    the two halves of the rotated dims (three kernels in eager mode, where the half-split formula
-    ``cat(x_rot·cos + rotate_half(x_rot)·sin, x_pass)`` takes six per tensor; static slices, which torch.compile
-    fuses into one kernel).
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first R dims of every head of ``x``: ``x_rot·cos + swap(x_rot)·sin``, swap exchanging the two
+    halves of x_rot; the other D - R dims pass through. Three kernels in eager mode (four where R < D), where the
+    half-split formula ``cat(x_rot·cos + rotate_half(x_rot)·sin, x_pass)`` takes six per tensor; all of it on the
+    R dims only, with static slices that torch.compile fuses into one kernel.
 
     Args:
         x: (B, T, H, D) queries and/or keys, as the projection lays them out: rotated before the heads move to
             dim 1, the transposes stay views (rotating (B, H, T, D) made torch.compile write a heads-first copy).
             The attention layer rotates q and k in one call (they are adjacent in its projection).
-        cos: (B or 1, T, 1, D) from `rope_operands`, already in ``x``'s dtype.
-        sin: same shape as ``cos``.
-        rotary_dim: R (even, <= D); the dims past it pass through (times one, plus zero).
+        cos: (B or 1, T, 1, R) from `rope_operands`, already in ``x``'s dtype.
+        sin: same shape as ``cos`` (signed).
     """
-    half = rotary_dim // 2
-    swapped = torch.cat([x[..., half:rotary_dim], x[..., :half], x[..., rotary_dim:]], dim=-1)
-    return torch.addcmul(x * cos, swapped, sin)
+    r = cos.size(-1)
+    half = r // 2
+    x_rot = x[..., :r]
+    rotated = torch.addcmul(x_rot * cos, torch.cat([x[..., half:r], x[..., :half]], dim=-1), sin)
+    return torch.cat([rotated, x[..., r:]], dim=-1) if r < x.size(-1) else rotated

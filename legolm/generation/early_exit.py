@@ -250,7 +250,7 @@ def write_kv(block: nn.Module, h: Tensor, ctx: LayerContext, cache: LayerKVCache
         _, k, v = attn.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
     k, v = k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
     if ctx.cos is not None and ctx.sin is not None:
-        k = apply_rope(k, ctx.cos, ctx.sin, ctx.rotary_dim)  # (B, T, Hkv, D), as the attention layer rotates it
+        k = apply_rope(k, ctx.cos, ctx.sin)  # (B, T, Hkv, D), as the attention layer rotates it
     assert ctx.input_pos is not None
     cache.update(ctx.input_pos, k.transpose(1, 2), v.transpose(1, 2))  # (B, Hkv, T, D)
 

@@ -49,7 +49,7 @@ class CausalSelfAttention(nn.Module):
         qk, v = self.qkv(x).split([(H + Hkv) * D, Hkv * D], dim=-1)
         qk, v = qk.view(B, T, H + Hkv, D), v.view(B, T, Hkv, D)
         if ctx.cos is not None and ctx.sin is not None:
-            qk = apply_rope(qk, ctx.cos, ctx.sin, ctx.rotary_dim)  # q and k in one call, in (B, T, heads, D)
+            qk = apply_rope(qk, ctx.cos, ctx.sin)  # q and k in one call, in (B, T, heads, D)
         q, k = qk.split([H, Hkv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
         if cache is not None:

@@ -92,7 +92,7 @@ class ContextPythia(nn.Module):
             pos = torch.full((B, 1), t, device=idx.device)
             h = self.inject(idx[:, t:t + 1], pos, state)  # (B, 1, C)
             base = self.lm.make_context(pos, h.dtype, span=T)
-            ctx = LayerContext(base.cos, base.sin, base.rotary_dim,
+            ctx = LayerContext(base.cos, base.sin,
                                torch.zeros(1, 1, 1, t + 1, dtype=h.dtype, device=idx.device), pos[0])
             for block, cache in zip(self.lm.blocks, caches, strict=True):
                 h = block(h, ctx, cache)

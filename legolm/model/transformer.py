@@ -212,8 +212,8 @@ class TransformerLM(nn.Module):
         cos = sin = None
         if self.config.rotary_dim:
             self.reserve_positions(span or (cache.max_len if cache is not None else self.config.block_size))
-            cos, sin = rope_operands(self.rope[:, positions].to(dtype), self.config.hd)  # (B, T, D) each
-            cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, D): heads rotate before they move to dim 1
+            cos, sin = rope_operands(self.rope[:, positions].to(dtype))  # (B, T, R) each
+            cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, R): heads rotate before they move to dim 1
         bias = None
         if cache is not None or pad_mask is not None:
             T = positions.shape[1]
@@ -224,7 +224,7 @@ class TransformerLM(nn.Module):
             if pad_mask is not None:  # pad keys are hidden; a query always sees itself (no empty rows)
                 allowed = allowed & pad_mask[:, None, None, :] | (keys[None, :] == slots[:, None])[None, None]
             bias = attention_bias(allowed, dtype)
-        return LayerContext(cos, sin, self.config.rotary_dim, bias, input_pos)
+        return LayerContext(cos, sin, bias, input_pos)
 
     def forward_layers(self, h: Tensor, ctx: LayerContext, start: int = 0, end: int | None = None,
                        cache: KVCache | None = None, capture: Sequence[int] = ()) -> LayersOutput:
