@@ -35,6 +35,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import gc
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -239,6 +240,10 @@ def teardown(wait: bool = False) -> None:
     """
     global _CONTEXT
     if dist.is_initialized():
+        # Free what still holds the group's pending work (FSDP2's sharded copy sits in reference cycles) while the
+        # interpreter is alive: gloo work freed at interpreter exit, after the group, can abort the process
+        # ("terminate called without an active exception").
+        gc.collect()
         if wait:
             dist.barrier()
         dist.destroy_process_group()
