@@ -161,3 +161,47 @@ def test_kernels_compile_for_the_gpu() -> None:
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert done.stdout.count("compiled") == 39, done.stdout
+
+
+@pytest.mark.parametrize("tau", [0.02, 0.9])
+@torch.inference_mode()
+def test_head_step_ends_the_step_in_its_last_program(tau: float) -> None:
+    """One kernel: the head's logits over many programs, then the exit's decision by whichever program comes last
+    (the token, the confidence against τ, the skip-mode position), and the ticket counter back at zero for the
+    next head; then a full-depth advance and a deep emit with the same counter."""
+    torch.manual_seed(0)
+    V, C, dev = 200, 32, DEVICE  # 25 programs of 8 rows: the last one reduces
+    x, w = torch.randn(C, device=dev), torch.randn(V, C, device=dev) * 0.3
+    nw, nb = 1 + 0.1 * torch.randn(C, device=dev), 0.1 * torch.randn(C, device=dev)
+    ref = torch.nn.functional.layer_norm(x, (C,), nw, nb, 1e-5) @ w.T  # (V,)
+    conf = torch.softmax(ref, -1).max()
+    zeros = lambda *s, dtype=torch.long: torch.zeros(*s, dtype=dtype, device=dev)  # noqa: E731
+    partial = (zeros(V, dtype=torch.float32), zeros(V, dtype=torch.int32), zeros(V, dtype=torch.float32))
+    done, logits = zeros(1, dtype=torch.int32), zeros(V, dtype=torch.float32)
+    state = kd.StepState(tok=zeros(1, 1), tokens=zeros(4), t=zeros(1), exited=zeros(4, dtype=torch.int8),
+                         finished=zeros(1, dtype=torch.bool), pos=torch.full((1,), 7, device=dev))
+    deep, tau_t = zeros(1, dtype=torch.bool), torch.full((1,), tau, device=dev)
+    shape = kd.GemvConfig(8, 32, 4)
+    norm = (kd.NORM_LAYER, nw, nb, 1e-5)
+    n = kd.head_step(x, w, logits, shape, bias=None, norm=norm, partial=partial, done=done,
+                     end=kd.Exit(tau_t, deep, state, None, advance=True), block=kd.ADVANCE_BLOCK)
+    assert n == 25 and int(done) == 0
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    exits = bool(conf >= tau)
+    assert exits == (tau == 0.02)  # the two thresholds straddle this head's confidence
+    assert bool(deep) == (not exits) and int(state.exited[0]) == int(exits)
+    assert int(state.pos) == 7 + int(exits) and int(state.t) == int(exits)
+    if exits:
+        assert int(state.tok) == int(ref.argmax()) == int(state.tokens[0])
+    # the same counter serves the next head: a full-depth advance (greedy), then a deep emit
+    slot = torch.full((1,), 3, device=dev)
+    kd.head_step(x, w, logits, shape, bias=None, norm=norm, partial=partial, done=done,
+                 end=kd.Advance(state.tok, state.tokens, state.t, slot, state.pos, state.finished, None, True),
+                 block=kd.ADVANCE_BLOCK)
+    assert int(done) == 0 and int(slot) == 4 and int(state.pos) == 8 + int(exits)
+    assert int(state.tokens[int(exits)]) == int(ref.argmax()) and int(state.t) == 1 + int(exits)
+    counter = zeros(1)
+    kd.head_step(x, w, logits, shape, bias=None, norm=norm, partial=partial, done=done,
+                 end=kd.Emit(state.tok, state.tokens, state.t, state.finished, int(ref.argmax()), counter=counter),
+                 block=kd.ADVANCE_BLOCK)
+    assert int(done) == 0 and int(counter) == 1 and bool(state.finished)  # the EOS id was emitted
