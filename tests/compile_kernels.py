@@ -18,12 +18,14 @@ GEMV = dict(x_ptr="*fp32", nw_ptr=P, nb_ptr=P, w1_ptr=P, b1_ptr=P, w2_ptr=P, b2_
             N1="i32", N2="i32", N="i32", K="i32", eps="fp32", stride_x="i32", stride_out="i32", stride_p="i32")
 ATTENTION = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", out_ptr=P, slot_ptr="*i64",
                  pos_ptr="*i64", S="i32", rope_len="i32", scale="fp32", q_width="i32")
-HEAD_STEP = dict(x_ptr="*i64", nw_ptr=P, nb_ptr=P, w_ptr=P, b_ptr=P, logits_ptr="*fp32", pmax_ptr="*fp32",
-                 pidx_ptr="*i32", psum_ptr="*fp32", done_ptr="*i32", N="i32", K="i32", eps="fp32", tok_ptr="*i64",
-                 tokens_ptr="*i64", t_ptr="*i64", finished_ptr="*i8", eos_id="i32", slot_ptr="*i64", pos_ptr="*i64",
-                 tau_ptr="*fp32", deep_ptr="*i8", exited_ptr="*i8", q_ptr="*i64", buckets_ptr="*i64", flush_ptr="*i8",
-                 n_buckets="i32")
+ADVANCE = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64",
+               slot_ptr="*i64", pos_ptr="*i64", finished_ptr="*i8", eos_id="i32")
 EMBED = dict(tok_ptr="*i64", pos_ptr="*i64", wte_ptr=P, wpe_ptr=P, out_ptr="*fp32", C="i32")
+EXIT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", psum_ptr="*fp32", n_parts="i32", tau_ptr="*fp32", deep_ptr="*i8",
+            exited_ptr="*i8", tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64", finished_ptr="*i8", eos_id="i32",
+            q_ptr="*i64", buckets_ptr="*i64", flush_ptr="*i8", n_buckets="i32", pos_ptr="*i64")
+EMIT = dict(pmax_ptr="*fp32", pidx_ptr="*i32", n_parts="i32", tok_ptr="*i64", tokens_ptr="*i64", t_ptr="*i64",
+            finished_ptr="*i8", eos_id="i32", counter_ptr="*i64", pos_ptr="*i64")
 TICK = dict(pos_ptr="*i64", q_ptr="*i64", flush_ptr="*i8", n_buckets="i32", count_ptr="*i64")
 KV_ROWS = dict(qkv_ptr="*fp32", k_cache_ptr=P, v_cache_ptr=P, rope_ptr="*fp32", start_ptr="*i64", S="i32",
                rope_len="i32", q_width="i32")
@@ -60,7 +62,6 @@ QKV_PREP_FP32 = {**QKV_PREP, "x_ptr": "*fp32", "h_ptr": "*fp32", "zero_ptr": "*f
 ATTENTION_PROJ_FP32 = {**ATTENTION_PROJ, "h_ptr": "*fp32"}
 GEMV_FIXED = {**GEMV, "x_ptr": "*i64", "res_ptr": "*i64", "out_ptr": "*i64"}  # a split-K stack's rows and heads
 GEMV_BLOCKS = dict(BLOCK_N=8, BLOCK_K=256, K_POW2=1024, PDL=0)
-HEAD_STEP_BLOCKS = dict(BLOCK_N=16, BLOCK_K=256, K_POW2=1024, BLOCK=4096)
 SPECS = [
     (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=0, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # LN->qkv
     (kd.gemv_kernel, GEMV, dict(NORM=0, ACT=0, HAS_BIAS=1, HAS_RES=1, ARGMAX=0, SUMEXP=0, **GEMV_BLOCKS)),  # + res
@@ -75,15 +76,11 @@ SPECS = [
     (kd.gemv_kernel, GEMV, dict(NORM=1, ACT=0, HAS_BIAS=1, HAS_RES=0, ARGMAX=0, SUMEXP=0, BLOCK_N=8, BLOCK_K=256,
                                 K_POW2=1024, PDL=1)),  # programmatic dependent launch: griddepcontrol in the PTX
     (kd.attention_kernel, ATTENTION, dict(H=12, HKV=12, D=64, D_POW2=64, R=16, BLOCK_T=64, WRITE=1, PDL=1)),
-    (kd.head_step_kernel, HEAD_STEP, dict(END=kd.END_ADVANCE, NORM=1, HAS_BIAS=0, GREEDY=1, HAS_EOS=1, FILL=0,
-                                          HAS_SLOT=1, HAS_POS=1, **HEAD_STEP_BLOCKS, BLOCK_B=1, PDL=1)),  # full depth
+    (kd.advance_kernel, ADVANCE, dict(GREEDY=1, HAS_EOS=1, BLOCK=4096, PDL=1)),
     (kd.embed_kernel, EMBED, dict(HAS_WPE=1, BLOCK=1024)),
-    (kd.head_step_kernel, HEAD_STEP, dict(END=kd.END_EXIT, NORM=2, HAS_BIAS=0, GREEDY=1, HAS_EOS=1, FILL=1,
-                                          HAS_SLOT=0, HAS_POS=0, **HEAD_STEP_BLOCKS, BLOCK_B=4, PDL=0)),  # fill exit
-    (kd.head_step_kernel, HEAD_STEP, dict(END=kd.END_EXIT, NORM=1, HAS_BIAS=0, GREEDY=1, HAS_EOS=0, FILL=0,
-                                          HAS_SLOT=0, HAS_POS=1, **HEAD_STEP_BLOCKS, BLOCK_B=1, PDL=1)),  # skip exit
-    (kd.head_step_kernel, HEAD_STEP, dict(END=kd.END_EMIT, NORM=1, HAS_BIAS=1, GREEDY=1, HAS_EOS=1, FILL=0,
-                                          HAS_SLOT=1, HAS_POS=1, **HEAD_STEP_BLOCKS, BLOCK_B=1, PDL=1)),  # deep emit
+    (kd.exit_kernel, EXIT, dict(HAS_EOS=1, FILL=1, ADVANCE=0, BLOCK=4096, BLOCK_B=4, PDL=0)),
+    (kd.exit_kernel, EXIT, dict(HAS_EOS=0, FILL=0, ADVANCE=1, BLOCK=4096, BLOCK_B=1, PDL=1)),
+    (kd.emit_kernel, EMIT, dict(HAS_EOS=1, HAS_COUNTER=1, HAS_POS=1, BLOCK=4096, PDL=1)),
     (kd.tick_kernel, TICK, dict(FILL=1, BLOCK_B=4)),
     (kr.kv_rows_kernel, KV_ROWS, dict(H=9, HKV=3, D=64, D_POW2=64, R=64)),
     (kr.gather_rows_kernel, GATHER, dict(BLOCK=1024)),

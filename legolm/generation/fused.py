@@ -28,7 +28,7 @@ from legolm.layers.mlp import GeluMLP, SwiGLUMLP
 from legolm.model.transformer import TransformerLM
 
 if TYPE_CHECKING:
-    from legolm.kernels.decode import AttentionConfig, GemvConfig, StepEnd
+    from legolm.kernels.decode import AttentionConfig, GemvConfig
     from legolm.kernels.splitk import Embed, SplitKShapes
 
 Shape = TypeVar("Shape")  # a kernel's launch shape
@@ -183,7 +183,6 @@ class FusedStack:
         self.logits, self.lensed = buf(c.vocab_size), buf(c.n_embd)
         n_parts = -(-c.vocab_size // kd.HEAD_MIN_ROWS)
         self.partial = (buf(n_parts), buf(n_parts, dtype=torch.int32), buf(n_parts))  # max, row, Σ exp
-        self.done = buf(1, dtype=torch.int32)  # the head's ticket counter (`legolm.kernels.decode.head_step`)
         self.configs: dict[str, GemvConfig] | None = None
         if split_k:
             import legolm.kernels.splitk as ks
@@ -284,18 +283,17 @@ class FusedStack:
         ks.mlp(src if p.parallel else self.h, p.norm_2, p.up, p.up_bias, p.act, p.up_2, p.down, p.down_bias, self.h,
                dst, shapes.mlp, pdl=self.pdl)
 
-    def head(self, norm: Norm, lin: nn.Linear, end: StepEnd, x: Tensor | None = None,
+    def head(self, norm: Norm, lin: nn.Linear, mode: str, x: Tensor | None = None,
              lens: nn.Linear | None = None) -> int:
-        """An exit ((lens +) norm + LM head) on x into ``logits`` and the step's ``end`` (advance, an exit's
-        decision, an emit: `legolm.kernels.decode.head_step`), one kernel. Returns the number of partials."""
+        """An exit ((lens +) norm + LM head) on x into ``logits``; ``mode``: logits only, greedy partials (max,
+        row) or confidence partials (also Σ exp). Returns the number of partials written."""
         configs = self.configs or {"head": self.kd.INTERPRETER_GEMV, "proj": self.kd.INTERPRETER_GEMV}
         x = self.x if x is None else x
         if lens is not None:  # a (C, C) map like the attention output projection: its launch shape
             self.gemv(x, _linear(lens, "exit lens").weight, self.lensed, configs["proj"], bias=lens.bias)
             x = self.lensed
-        return self.kd.head_step(x, lin.weight, self.logits, configs["head"], bias=lin.bias, norm=norm,
-                                 partial=self.partial, done=self.done, end=end, block=self.kd.ADVANCE_BLOCK,
-                                 pdl=self.pdl)
+        self._head(norm, lin, x, mode)(configs["head"])
+        return -(-lin.out_features // configs["head"].block_n)
 
     def ensure_tuned(self, model: TransformerLM, cache: KVCache) -> dict[str, GemvConfig]:
         """The launch shapes of each role, chosen at the first call (`FusedStack` docstring).
@@ -434,9 +432,9 @@ def _shape_key(model: TransformerLM, device: torch.device, tune: bool, pdl: bool
 class FusedDecodeStep:
     """One decode step of a batch-1 `TransformerLM` through the fused kernels (`FusedStack`).
 
-    Per step: 1 embedding kernel, 5 per block and the head, whose last program advances the slot and, when
-    greedy, reduces the partial maxima to the token and emits it (`legolm.kernels.decode.head_step_kernel`).
-    With split-K, 3 per block and no embedding kernel (the first block embeds the token).
+    Per step: 1 embedding kernel, 5 per block, the head GEMV (which also reduces its rows to partial
+    maxima when greedy) and 1 kernel that emits the greedy token and advances the slot. With split-K, 3 per
+    block and no embedding kernel (the first block embeds the token).
 
     Args:
         model: The model (its weights are read in place at every step).
@@ -466,8 +464,9 @@ class FusedDecodeStep:
         st, kd = self.stack, self.stack.kd
         st.ensure_tuned(model, cache)
         st.token(model, cache, model.config.n_layer, state.tok, state.slot, state.pos)
-        st.head(st.final_norm, model.lm_head, kd.Advance(state.tok, state.tokens, state.t, state.slot, state.pos,
-                                                         state.finished, eos_id, greedy))
+        n_parts = st.head(st.final_norm, model.lm_head, "greedy" if greedy else "logits")
+        kd.advance(st.partial[:2] if greedy else None, n_parts, state.tok, state.tokens, state.t, state.slot,
+                   state.pos, state.finished, eos_id, kd.ADVANCE_BLOCK, pdl=st.pdl)
         return st.logits[None]  # (1, V)
 
 

@@ -6,16 +6,16 @@ back to the host between tokens.
 
 Threshold early exit (CALM, Schuster et al. 2022, arXiv 2207.07061), one step::
 
-    embed ─ lower blocks ─ shallow head ─ its last program: conf >= τ ? emit the shallow token : deep = 1
-                            (confidence partials)                        │
-    IF deep (a conditional graph node):                                  ▼
+    embed ─ lower blocks ─ shallow head ─ exit_kernel: conf >= τ ? emit the shallow token : deep = 1
+                            (confidence partials)              │
+    IF deep (a conditional graph node):                        ▼
         skip: upper blocks at the next dense upper slot ─ deep head ─ emit
         fill: IF flush[b] (one node per bucket b): the q queued exited tokens and this one, b >= q + 1
               rows, through the upper blocks at their positions (`legolm.kernels.rows`) ─ deep head on
               this token's row ─ emit         (a full queue flushes without a deep token)
-    skip: the exit decision (an exiting token) or the deep emit advances the position: no further launch
+    skip: the exit kernel (an exiting token) or the deep emit advances the position: no further launch
     fill: the next step opens with the tick: position + 1; the queue empties or grows
-    The exit's decision and the emits are the last program of their head's kernel (`head_step_kernel`).
+    The exit and emit kernels wait for their head as programmatic dependents (PDL), as `advance_kernel` does.
 
 Self-speculative decoding (LayerSkip, Elhoushi et al. 2024, arXiv 2404.16710), one round::
 
@@ -240,9 +240,10 @@ class FusedLegoSession:
         st.token(m, self.cache, m.split, s.tok, s.pos, s.pos)
         if self.fill:
             st.kr.put_row(st.x, self.ring, s.pos, st.embed_block)
+        n = st.head(self.shallow_norm, m.shallow_exit.head, "confidence", lens=m.shallow_exit.lens)
         fill = (self.q, self.buckets, self.flush) if self.fill else None
-        decide = self.kd.Exit(self.tau, self.deep, s, self.eos_id, fill, advance=not self.fill)
-        st.head(self.shallow_norm, m.shallow_exit.head, decide, lens=m.shallow_exit.lens)
+        self.kd.exit_((st.partial[0], st.partial[1], st.partial[2]), n, self.tau, self.deep, s, self.eos_id,
+                      self.kd.ADVANCE_BLOCK, fill, advance=not self.fill, pdl=st.pdl)
 
     def _lower_part_to_host(self) -> None:
         """`_lower_part`, then its conditions copied to ``host_flags`` (the "parts" runner's lower graph)."""
@@ -265,8 +266,9 @@ class FusedLegoSession:
     def _skip_deep(self) -> None:
         st, m, s = self.stack, self.model, self.state
         st.blocks(m, self.cache, m.split, m.n_layer, self.uslot, s.pos)
-        st.head(st.final_norm, m.lm_head,
-                self.kd.Emit(s.tok, s.tokens, s.t, s.finished, self.eos_id, counter=self.uslot, pos=s.pos))
+        n = st.head(st.final_norm, m.lm_head, "greedy")
+        self.kd.emit(st.partial, n, s.tok, s.tokens, s.t, s.finished, self.eos_id, self.kd.ADVANCE_BLOCK, self.uslot,
+                     pos=s.pos, pdl=st.pdl)
 
     def _flush(self, rows: int) -> None:
         st, m, s = self.stack, self.model, self.state
@@ -276,16 +278,17 @@ class FusedLegoSession:
     def _fill_deep(self) -> None:
         st, m, s = self.stack, self.model, self.state
         st.kr.select_row(st.X, st.h, self.q, st.embed_block)  # this token's row (after the q queued ones)
-        st.head(st.final_norm, m.lm_head, self.kd.Emit(s.tok, s.tokens, s.t, s.finished, self.eos_id), x=st.h)
+        n = st.head(st.final_norm, m.lm_head, "greedy", x=st.h)
+        self.kd.emit(st.partial, n, s.tok, s.tokens, s.t, s.finished, self.eos_id, self.kd.ADVANCE_BLOCK, pdl=st.pdl)
 
     def _speculative_round(self) -> None:
         st, kd, m, s, d = self.stack, self.kd, self.model, self.state, self.config.draft_tokens
         for i in range(d + 1):
             st.token(m, self.cache, m.split, s.tok, self.dpos, self.dpos, out=st.X[i])  # the row the upper pass reads
             if i < d:
-                st.head(self.draft_norm, self.drafter.head,
-                        kd.Emit(s.tok, self.drafts, self.di, s.finished, None, counter=self.dpos), x=st.X[i],
-                        lens=self.drafter.lens)
+                n = st.head(self.draft_norm, self.drafter.head, "greedy", x=st.X[i], lens=self.drafter.lens)
+                kd.emit(st.partial, n, s.tok, self.drafts, self.di, s.finished, None, kd.ADVANCE_BLOCK, self.dpos,
+                        pdl=st.pdl)
         st.rows_blocks(m, self.cache, m.split, m.n_layer, d + 1)
         n = st.rows_head(st.final_norm, m.lm_head, d + 1)
         st.kr.accept((st.rows_partial[0], st.rows_partial[1]), n, self.drafts, d + 1, s.tok, s.tokens, s.t,

@@ -115,9 +115,9 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
 
     W is up to three row segments (rows < N1 of w1, < N2 of w2, the rest of w3: Llama's separate
     q/k/v projections), each a whole number of blocks.
-    ARGMAX also writes this program's largest output and its row (greedy decoding's first stage; `_partials`);
-    SUMEXP also its Σ exp(out - largest), from which `_exit_end` gets the softmax's maximum
-    probability without a second pass over the logits. (A step's own head is `head_step_kernel`.)
+    ARGMAX also writes this program's largest output and its row (greedy decoding's first stage);
+    SUMEXP also its Σ exp(out - largest), from which `exit_kernel` gets the softmax's maximum
+    probability without a second pass over the logits.
 
     Grid (vectors, column blocks): program (r, c) computes vector r (x, out, residual and partials
     offset by their row strides) — the same arithmetic for one token or for a few (`legolm.kernels.rows`),
@@ -142,7 +142,12 @@ def gemv_kernel(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, w3_ptr, b
                    NORM, ACT, HAS_BIAS, HAS_RES, BLOCK_K, K_POW2, BLOCK_K >= K_POW2, PDL, False, "")
     tl.store(out_ptr + rows, _stored(y, out_ptr), mask=rmask)
     if ARGMAX:
-        _partials(y, rows, rmask, N, pmax_ptr, pidx_ptr, psum_ptr, tl.program_id(1), SUMEXP)
+        y = tl.where(rmask, y, float("-inf"))
+        best = tl.max(y, 0)
+        tl.store(pmax_ptr + tl.program_id(1), best)
+        tl.store(pidx_ptr + tl.program_id(1), tl.min(tl.where(y == best, rows, N), 0))  # first of ties
+        if SUMEXP:
+            tl.store(psum_ptr + tl.program_id(1), tl.sum(tl.where(rmask, tl.exp(y - best), 0.0), 0))
 
 
 @triton.jit
@@ -233,86 +238,21 @@ def _accumulate(acc, acc_u, w, wu, x, offs, mean, rstd, nw_ptr, nb_ptr, K, NORM:
     return acc, acc_u
 
 
-END_ADVANCE, END_EXIT, END_EMIT = 0, 1, 2  # what the last program of `head_step_kernel` does (`StepEnd`)
-_K_ADVANCE, _K_EXIT = tl.constexpr(END_ADVANCE), tl.constexpr(END_EXIT)  # the kernels' view
-
-
 @triton.jit
-def head_step_kernel(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, logits_ptr, pmax_ptr, pidx_ptr, psum_ptr, done_ptr, N, K,
-                     eps, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, slot_ptr, pos_ptr, tau_ptr, deep_ptr,
-                     exited_ptr, q_ptr, buckets_ptr, flush_ptr, n_buckets, END: tl.constexpr, NORM: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, GREEDY: tl.constexpr, HAS_EOS: tl.constexpr, FILL: tl.constexpr,
-                     HAS_SLOT: tl.constexpr, HAS_POS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     K_POW2: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, PDL: tl.constexpr):
-    """A step's last kernel: the LM head (or an exit's) on x, and the step's end, batch 1.
+def advance_kernel(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, slot_ptr, pos_ptr, finished_ptr, eos_id,
+                   GREEDY: tl.constexpr, HAS_EOS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """End of a step: slot and position advance; greedy also reduces the head's partial maxima to the
+    token (the first of ties, like `torch.argmax`), keeps finished rows at EOS and appends it.
 
-    Every program computes its BLOCK_N logits and their partials (`_partials`: largest, its row, Σ exp), then
-    takes a ticket; the last program to arrive (`_last`) sees every partial and ends the step, which
-    took a kernel of its own after the head before (cf. the "last block" reduction of CUB's and
-    Stream-K's single-pass reductions)::
-
-        END_ADVANCE (full depth): slot and position + 1; GREEDY: emit the token (`_advance_end`)
-        END_EXIT (a shallow exit): the exit's decision (`_exit_end`)
-        END_EMIT (a deep exit, a draft): emit the token, step ``slot`` (a counter) and ``pos`` (`_emit_end`)
-
-    The last program resets the ticket counter ``done`` for the next head. PDL: the first weight tile is
-    loaded before the wait for the previous kernel (`_gemv_rows`); the kernel after this one must not be a
-    programmatic dependent (`legolm.kernels.splitk` reads the slot before its wait).
-    """
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    y = _gemv_rows(x_ptr, x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, w_ptr, b_ptr, x_ptr, rows, rows, rmask, K, eps, NORM,
-                   0, HAS_BIAS, False, BLOCK_K, K_POW2, BLOCK_K >= K_POW2, PDL, False, "")
-    tl.store(logits_ptr + rows, y, mask=rmask)
-    if GREEDY:
-        _partials(y, rows, rmask, N, pmax_ptr, pidx_ptr, psum_ptr, tl.program_id(0), END == _K_EXIT)
-    n_parts = tl.num_programs(0)
-    if _last(done_ptr, n_parts):
-        if END == _K_ADVANCE:
-            _advance_end(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, slot_ptr, pos_ptr, finished_ptr,
-                         eos_id, GREEDY, HAS_EOS, BLOCK)
-        elif END == _K_EXIT:
-            _exit_end(pmax_ptr, pidx_ptr, psum_ptr, n_parts, tau_ptr, deep_ptr, exited_ptr, tok_ptr, tokens_ptr,
-                      t_ptr, finished_ptr, eos_id, q_ptr, buckets_ptr, flush_ptr, n_buckets, pos_ptr, HAS_EOS, FILL,
-                      HAS_POS, BLOCK, BLOCK_B)
-        else:
-            _emit_end(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, slot_ptr,
-                      pos_ptr, HAS_EOS, HAS_SLOT, HAS_POS, BLOCK)
-
-
-@triton.jit
-def _partials(y, rows, rmask, N, pmax_ptr, pidx_ptr, psum_ptr, part, SUMEXP: tl.constexpr):
-    """Store part ``part``'s largest logit, its row (the first of ties) and, where SUMEXP, Σ exp(y - largest)."""
-    y = tl.where(rmask, y, float("-inf"))
-    best = tl.max(y, 0)
-    tl.store(pmax_ptr + part, best)
-    tl.store(pidx_ptr + part, tl.min(tl.where(y == best, rows, N), 0))
-    if SUMEXP:
-        tl.store(psum_ptr + part, tl.sum(tl.where(rmask, tl.exp(y - best), 0.0), 0))
-
-
-@triton.jit
-def _last(done_ptr, n_parts):
-    """True in the last of ``n_parts`` programs to get here, which then sees every program's earlier stores
-    (read them with the ".cg" modifier); it resets the counter. Every thread's stores come first (the barrier),
-    the ticket releases them and acquires the others' (GPU scope)."""
-    tl.debug_barrier()
-    ticket = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu")
-    last = ticket == n_parts - 1
-    if last:
-        tl.store(done_ptr, 0)
-    return last
-
-
-@triton.jit
-def _advance_end(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, slot_ptr, pos_ptr, finished_ptr, eos_id,
-                 GREEDY: tl.constexpr, HAS_EOS: tl.constexpr, BLOCK: tl.constexpr):
-    """End of a full-depth step: slot and position advance; greedy also reduces the head's partial maxima to the
-    token (the first of ties, like `torch.argmax`), keeps finished rows at EOS and appends it."""
+    PDL: launched while the head still runs, it waits for it before anything else (its launch latency hides
+    behind the head); the kernel after it must then not be a programmatic dependent (`legolm.kernels.splitk`
+    reads the slot before its wait)."""
+    if PDL:
+        gdc_wait()
     tl.store(slot_ptr, tl.load(slot_ptr) + 1)
     tl.store(pos_ptr, tl.load(pos_ptr) + 1)
     if GREEDY:
-        _, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK, ".cg")
+        _, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK, "")
         _emit(nxt, nxt >= 0, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, HAS_EOS)
 
 
@@ -347,9 +287,10 @@ def _emit(nxt, take, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, HAS_EOS: 
 
 
 @triton.jit
-def _exit_end(pmax_ptr, pidx_ptr, psum_ptr, n_parts, tau_ptr, deep_ptr, exited_ptr, tok_ptr, tokens_ptr, t_ptr,
-              finished_ptr, eos_id, q_ptr, buckets_ptr, flush_ptr, n_buckets, pos_ptr, HAS_EOS: tl.constexpr,
-              FILL: tl.constexpr, ADVANCE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
+def exit_kernel(pmax_ptr, pidx_ptr, psum_ptr, n_parts, tau_ptr, deep_ptr, exited_ptr, tok_ptr, tokens_ptr, t_ptr,
+                finished_ptr, eos_id, q_ptr, buckets_ptr, flush_ptr, n_buckets, pos_ptr,
+                HAS_EOS: tl.constexpr, FILL: tl.constexpr, ADVANCE: tl.constexpr, BLOCK: tl.constexpr,
+                BLOCK_B: tl.constexpr, PDL: tl.constexpr):
     """The shallow exit's decision for one token (LEGO early exit, batch 1).
 
     From the shallow head's partials: the greedy token and the confidence
@@ -360,15 +301,17 @@ def _exit_end(pmax_ptr, pidx_ptr, psum_ptr, n_parts, tau_ptr, deep_ptr, exited_p
     for the smallest bucket that holds the q + 1 rows when they must run through the upper layers
     now: a deep token, or a full queue (the largest bucket).
     ADVANCE (skip mode): an exiting token also ends its step, so the position advances here (a deep token's
-    `_emit_end` advances it), and the step needs no `tick_kernel`.
+    `emit_kernel` advances it), and the step needs no `tick_kernel`.
+    PDL: launched while the exit's head still runs, it waits for it first (as `advance_kernel`).
     """
-    top, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK, ".cg")
+    if PDL:
+        gdc_wait()
+    top, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK, "")
     total = 0.0
     for p0 in range(0, n_parts, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
-        v = tl.load(pmax_ptr + p, mask=p < n_parts, other=float("-inf"), cache_modifier=".cg")
-        s = tl.load(psum_ptr + p, mask=p < n_parts, other=0.0, cache_modifier=".cg")
-        total += tl.sum(s * tl.exp(v - top), 0)
+        v = tl.load(pmax_ptr + p, mask=p < n_parts, other=float("-inf"))
+        total += tl.sum(tl.load(psum_ptr + p, mask=p < n_parts, other=0.0) * tl.exp(v - top), 0)
     tau = tl.load(tau_ptr)
     ex = (1.0 / total >= tau) & (tau < 1.0)
     t = tl.load(t_ptr)
@@ -389,11 +332,14 @@ def _exit_end(pmax_ptr, pidx_ptr, psum_ptr, n_parts, tau_ptr, deep_ptr, exited_p
 
 
 @triton.jit
-def _emit_end(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, counter_ptr, pos_ptr,
-              HAS_EOS: tl.constexpr, HAS_COUNTER: tl.constexpr, HAS_POS: tl.constexpr, BLOCK: tl.constexpr):
+def emit_kernel(pmax_ptr, pidx_ptr, n_parts, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, counter_ptr, pos_ptr,
+                HAS_EOS: tl.constexpr, HAS_COUNTER: tl.constexpr, HAS_POS: tl.constexpr, BLOCK: tl.constexpr,
+                PDL: tl.constexpr):
     """Emit the greedy token of a head's partials (and step ``counter``: skip mode's upper slot, a draft position;
-    HAS_POS: advance the position too, skip mode's end of a deep step)."""
-    _, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK, ".cg")
+    HAS_POS: advance the position too, skip mode's end of a deep step). PDL: as `advance_kernel`."""
+    if PDL:
+        gdc_wait()
+    _, nxt = _greedy(pmax_ptr, pidx_ptr, n_parts, BLOCK, "")
     _emit(nxt, nxt >= 0, tok_ptr, tokens_ptr, t_ptr, finished_ptr, eos_id, HAS_EOS)
     if HAS_COUNTER:
         tl.store(counter_ptr, tl.load(counter_ptr) + 1)
@@ -661,6 +607,17 @@ def attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, rope: Tensor, out: 
                                              **_pdl(pdl))
 
 
+def advance(partial: tuple[Tensor, Tensor] | None, n_parts: int, tok: Tensor, tokens: Tensor, t: Tensor,
+            slot: Tensor, pos: Tensor, finished: Tensor, eos_id: int | None, block: int, pdl: bool = False) -> None:
+    """Launch `advance_kernel` (batch 1): advance slot and position; with ``partial`` (the head's
+    partial maxima) also emit the greedy token into ``tok``, ``tokens[t]`` and step ``t``. ``pdl``: as a
+    programmatic dependent of the previous kernel (`advance_kernel`)."""
+    pmax, pidx = partial if partial is not None else (tok, tok)
+    advance_kernel[(1,)](pmax, pidx, n_parts, tok, tokens, t, slot, pos, finished.view(torch.int8),
+                         eos_id if eos_id is not None else -1, GREEDY=partial is not None, HAS_EOS=eos_id is not None,
+                         BLOCK=min(triton.next_power_of_2(max(n_parts, 1)), block), **_pdl(pdl))
+
+
 @dataclass
 class StepState:
     """Device scalars of a batch-1 early-exit decode (every kernel reads them: nothing on the host).
@@ -681,91 +638,30 @@ class StepState:
     pos: Tensor
 
 
-@dataclass(frozen=True)
-class Advance:
-    """A full-depth step's end (`_advance_end`): slot and position + 1; ``greedy``: emit the token into ``tok``,
-    ``tokens[t]`` and step ``t`` (else the host samples from the logits)."""
-
-    tok: Tensor
-    tokens: Tensor
-    t: Tensor
-    slot: Tensor
-    pos: Tensor
-    finished: Tensor
-    eos_id: int | None
-    greedy: bool
-
-
-@dataclass(frozen=True)
-class Exit:
-    """A shallow exit's decision (`_exit_end`); ``fill`` = (queue length, bucket sizes, flush flags); ``advance``:
-    an exiting token advances ``state.pos`` (skip mode)."""
-
-    tau: Tensor
-    deep: Tensor
-    state: StepState
-    eos_id: int | None
-    fill: tuple[Tensor, Tensor, Tensor] | None = None
-    advance: bool = False
+def exit_(partial: tuple[Tensor, Tensor, Tensor], n_parts: int, tau: Tensor, deep: Tensor, state: StepState,
+          eos_id: int | None, block: int, fill: tuple[Tensor, Tensor, Tensor] | None = None, advance: bool = False,
+          pdl: bool = False) -> None:
+    """Launch `exit_kernel`: the shallow exit's decision; ``fill`` = (queue length, bucket sizes, flush flags);
+    ``advance``: an exiting token advances ``state.pos`` (skip mode); ``pdl``: as a programmatic dependent of
+    the exit's head."""
+    q, buckets, flush = fill if fill is not None else (state.pos, state.pos, deep)
+    n_b = buckets.numel() if fill is not None else 1
+    exit_kernel[(1,)](*partial, n_parts, tau, deep.view(torch.int8), state.exited, state.tok, state.tokens, state.t,
+                      state.finished.view(torch.int8), eos_id if eos_id is not None else -1, q, buckets,
+                      flush.view(torch.int8), n_b, state.pos, HAS_EOS=eos_id is not None, FILL=fill is not None,
+                      ADVANCE=advance, BLOCK=min(triton.next_power_of_2(max(n_parts, 1)), block),
+                      BLOCK_B=triton.next_power_of_2(n_b), **_pdl(pdl))
 
 
-@dataclass(frozen=True)
-class Emit:
-    """Append the greedy token (`_emit_end`); step ``counter`` and ``pos`` where given."""
-
-    tok: Tensor
-    tokens: Tensor
-    t: Tensor
-    finished: Tensor
-    eos_id: int | None
-    counter: Tensor | None = None
-    pos: Tensor | None = None
-
-
-StepEnd = Advance | Exit | Emit
-
-
-def head_step(x: Tensor, w: Tensor, logits: Tensor, config: GemvConfig, *, bias: Tensor | None,
-              norm: tuple[int, Tensor, Tensor | None, float], partial: tuple[Tensor, Tensor, Tensor], done: Tensor,
-              end: StepEnd, block: int, pdl: bool = False) -> int:
-    """Launch `head_step_kernel`: logits (V,) = W·norm(x) + b, and the step's ``end``, in one kernel.
-
-    ``partial``: fp32, int32 and fp32 buffers of at least cdiv(V, block_n) (largest, row, Σ exp per program);
-    ``done``: an int32 (1,) zero, the programs' ticket counter (left at zero); ``block``: partials the reduction
-    reads per iteration. Returns the number of partials.
-    """
-    N, K = w.shape
-    kind, nw, nb, eps = norm
-    n_parts = triton.cdiv(N, config.block_n)
-    zero = done  # a stand-in for the pointers this end does not use
-    tok, tokens, t, finished, slot, pos = (zero,) * 6
-    tau, deep, exited, q, buckets, flush, n_b = zero, zero, zero, zero, zero, zero, 1
-    greedy, has_slot, has_pos = True, False, False
-    if isinstance(end, Advance):
-        kind_end, tok, tokens, t, finished = END_ADVANCE, end.tok, end.tokens, end.t, end.finished
-        slot, pos, greedy, has_slot, has_pos = end.slot, end.pos, end.greedy, True, True
-    elif isinstance(end, Exit):
-        st = end.state
-        kind_end, tok, tokens, t, finished, pos = END_EXIT, st.tok, st.tokens, st.t, st.finished, st.pos
-        tau, deep, exited, has_pos = end.tau, end.deep, st.exited, end.advance
-        if end.fill is not None:
-            q, buckets, flush = end.fill
-            n_b = buckets.numel()
-    else:
-        kind_end, tok, tokens, t, finished = END_EMIT, end.tok, end.tokens, end.t, end.finished
-        slot = end.counter if end.counter is not None else zero
-        pos = end.pos if end.pos is not None else zero
-        has_slot, has_pos = end.counter is not None, end.pos is not None
-    head_step_kernel[(n_parts,)](
-        x, nw, nb if nb is not None else nw, w, bias if bias is not None else w, logits, *partial, done, N, K, eps,
-        tok, tokens, t, finished.view(torch.int8), end.eos_id if end.eos_id is not None else -1, slot, pos, tau,
-        deep.view(torch.int8), exited, q, buckets, flush.view(torch.int8), n_b, END=kind_end, NORM=kind,
-        HAS_BIAS=bias is not None, GREEDY=greedy, HAS_EOS=end.eos_id is not None,
-        FILL=isinstance(end, Exit) and end.fill is not None, HAS_SLOT=has_slot, HAS_POS=has_pos,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, K_POW2=triton.next_power_of_2(K),
-        BLOCK=min(triton.next_power_of_2(n_parts), block), BLOCK_B=triton.next_power_of_2(n_b),
-        num_warps=config.num_warps, **_pdl(pdl))
-    return n_parts
+def emit(partial: tuple[Tensor, ...], n_parts: int, tok: Tensor, tokens: Tensor, t: Tensor, finished: Tensor,
+         eos_id: int | None, block: int, counter: Tensor | None = None, pos: Tensor | None = None,
+         pdl: bool = False) -> None:
+    """Launch `emit_kernel`: append the greedy token of a head's partials; step ``counter`` and ``pos`` where
+    given; ``pdl``: as a programmatic dependent of the head."""
+    emit_kernel[(1,)](partial[0], partial[1], n_parts, tok, tokens, t, finished.view(torch.int8),
+                      eos_id if eos_id is not None else -1, counter if counter is not None else t,
+                      pos if pos is not None else t, HAS_EOS=eos_id is not None, HAS_COUNTER=counter is not None,
+                      HAS_POS=pos is not None, BLOCK=min(triton.next_power_of_2(max(n_parts, 1)), block), **_pdl(pdl))
 
 
 def tick(pos: Tensor, fill: tuple[Tensor, Tensor, Tensor] | None = None) -> None:

@@ -28,9 +28,8 @@ Kernels 2 and 3 load their first weight tile before waiting for the previous ker
 token also reads the slot and the position and loads its first tile of cached keys and values there. So the
 slot, the position and the cache slots before it must be final when the block's first kernel is launched:
 written by kernels that ended before the last launch without PDL, never earlier in the same PDL chain. The
-kernels that write them (a head's last program, `legolm.kernels.decode.head_step_kernel`; the tick) end a step;
-the next step opens with a launch without PDL (the first block's kernel 1, which embeds the token, or the
-embedding or tick kernel), and a LEGO branch opens
+kernels that write them (advance, exit, emit, tick) end a step; the next step opens with a launch without PDL
+(the first block's kernel 1, which embeds the token, or the embedding or tick kernel), and a LEGO branch opens
 a graph of its own (an IF node's body, or a graph replayed after the host read), so nothing runs before it.
 A row pass's kernel 2 reads the cache only after its wait (`kv_rows` wrote it in the same chain).
 """
