@@ -477,6 +477,22 @@ def _lego(preset: str, split: int = 2, layers: int = 6, agree: bool = False) -> 
     return model.to("cuda").eval()
 
 
+def test_if_node_bodies_never_share_a_stream_with_the_capture() -> None:
+    """torch's `Stream()` hands out 32 pool streams round-robin: captures on 40 fresh streams in a row each meet
+    every pool stream, so an IF body on a pool stream would find it already capturing (CUresult 401) once."""
+    from legolm.kernels import graph_if
+
+    assert graph_if.unavailable_reason() is None, graph_if.unavailable_reason()
+    flag, x = torch.ones((), dtype=torch.bool, device="cuda"), torch.zeros(1, device="cuda")
+    for _ in range(40):
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        with torch.cuda.graph(graph, stream=stream), graph_if.if_node(flag):
+            x.add_(1)
+        graph.replay()
+    torch.cuda.synchronize()
+    assert x.item() == 40
+
+
 def test_if_node_runs_its_body_only_on_replays_where_the_flag_is_set() -> None:
     """An IF node inside a torch capture (`legolm.kernels.graph_if`): the body follows the flag of each replay,
     the work after the node waits for it, and the capture around it is unchanged."""

@@ -43,6 +43,7 @@ _COND_ASSIGN_DEFAULT = 1  # CU_GRAPH_COND_ASSIGN_DEFAULT: the handle resets at e
 _CAPTURE_ACTIVE = 1  # CU_STREAM_CAPTURE_STATUS_ACTIVE
 _CAPTURE_RELAXED = 2  # CU_STREAM_CAPTURE_MODE_RELAXED
 _SET_DEPENDENCIES = 1  # CU_STREAM_SET_CAPTURE_DEPENDENCIES
+_STREAM_NON_BLOCKING = 1  # CU_STREAM_NON_BLOCKING
 _JIT_INPUT_PTX, _JIT_INPUT_LIBRARY = 1, 4
 
 _PTX = """
@@ -159,7 +160,12 @@ def _runtime(device: int) -> _Runtime | None:
     finally:
         cu.cuLinkDestroy(state)
     _check(cu.cuModuleGetFunction(ctypes.byref(fn), module, b"legolm_set_if"), "cuModuleGetFunction")
-    return _Runtime(fn, torch.cuda.Stream(device))
+    # The body stream is this module's own: `torch.cuda.Stream()` hands out its pool's 32 streams round-robin, so
+    # a later capture stream (`torch.cuda.graph`'s, a caller's) would sooner or later be this one, already
+    # capturing when an IF body begins (CUresult 401, CUDA_ERROR_ILLEGAL_STATE).
+    stream = ctypes.c_void_p()
+    _check(cu.cuStreamCreate(ctypes.byref(stream), _STREAM_NON_BLOCKING), "cuStreamCreate")
+    return _Runtime(fn, torch.cuda.ExternalStream(stream.value, device=device))
 
 
 def torch_records_if_nodes() -> bool:
