@@ -239,13 +239,20 @@ def test_set_if_is_linked_against_the_device_runtime_for_the_device(monkeypatch:
             fn._obj.value = 0xF
             return 0
 
+        def cuStreamCreate(self, stream, flags):  # type: ignore[no-untyped-def]
+            seen["stream flags"] = flags
+            stream._obj.value = 0x5EED
+            return 0
+
     monkeypatch.setenv(graph_if.DEVRT_ENV, str(devrt))
     monkeypatch.setattr(graph_if, "_libcuda", lambda: Link())
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device: "side stream")
+    # the body stream is the driver's own (not one of torch's pooled streams), wrapped for torch
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda ptr, device: ("external", ptr, device))
     rt = graph_if._runtime.__wrapped__(0)  # type: ignore[attr-defined]
-    assert rt is not None and rt.set_if.value == 0xF and rt.body == "side stream"
+    assert rt is not None and rt.set_if.value == 0xF and rt.body == ("external", 0x5EED, 0)
+    assert seen["stream flags"] == graph_if._STREAM_NON_BLOCKING
     kind, ptx, size, name = seen["ptx"]  # type: ignore[misc]
     assert kind == graph_if._JIT_INPUT_PTX and f".target {target}\n" in ptx and size == len(ptx.encode())
     assert name == b"set_if.ptx"
