@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Literal
 
 import pytest
@@ -551,6 +552,31 @@ def test_fused_early_exit_graphs_match_the_torch_loop(preset: str, kv_mode: str,
     assert got.early_exit is not None and got.early_exit.shallow_ratio == pytest.approx(ref.stats.shallow_ratio)
     again = generate(model, ids.tolist(), cfg)  # the session's graphs replayed for a second call
     assert again.tokens == got.tokens
+
+
+@pytest.mark.parametrize("kv_mode", ["skip", "fill"])
+def test_the_start_graph_reads_each_calls_prompt_and_threshold(kv_mode: str) -> None:
+    """`start` replays one graph per prompt length (prefill, reset, first token): calls of one session with other
+    prompts of that length and other thresholds decode as the eager loop does at theirs (nothing baked in)."""
+    from legolm.generation.early_exit import generate_with_early_exit
+    from legolm.model.lego import confidence
+
+    model = _lego("pythia-160m")
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 1000, (1, 12), generator=gen).cuda() for _ in range(2)]
+    with torch.no_grad():
+        conf = confidence(model.forward_exits(torch.cat(prompts)).shallow_logits)
+    taus = [float(conf.quantile(q)) for q in (0.3, 0.7)]
+    cfg = GenerationConfig(max_new_tokens=24, greedy=True, stop_at_eos=False, early_exit="threshold", kv_mode=kv_mode,
+                           fused=True, graph_steps=8, fused_tune=False, fused_kernel="splitk-exact")
+    ratios = []
+    for ids, tau in [(prompts[0], taus[0]), (prompts[1], taus[1]), (prompts[1], taus[0]), (prompts[0], taus[1])]:
+        ref = generate_with_early_exit(model, ids, 24, tau, kv_mode=kv_mode)
+        got = generate(model, ids.tolist(), replace(cfg, threshold=tau))
+        assert got.tokens == ref.tokens.tolist()
+        assert got.early_exit is not None and got.early_exit.shallow_ratio == pytest.approx(ref.stats.shallow_ratio)
+        ratios.append(got.early_exit.shallow_ratio)
+    assert len(set(ratios)) > 1  # the thresholds routed differently: the test can tell them apart
 
 
 @pytest.mark.parametrize("preset", ["gpt2", "pythia-160m", "smollm2-135m"])

@@ -271,7 +271,8 @@ def test_the_gpu_runners_control_flow_on_the_cpu(monkeypatch: pytest.MonkeyPatch
     parts with the conditions read once (threshold), several steps per replay with each branch an IF node
     (threshold; the node's condition read where it would run), several rounds per replay, each an IF node
     gated on "more tokens wanted" (speculative "graph") or ungated ("rounds"). Tokens as the eager runner
-    gives them; the routing and acceptance stats too, except for ungated rounds (they count the overshoot)."""
+    gives them; the routing and acceptance stats too, except for ungated rounds (they count the overshoot).
+    Threshold steps end exactly at the call's last token (smaller graphs for its tail)."""
     import legolm.generation.fused_early_exit as fe
 
     model = (drafting_model if mode == "speculative" else lego_model)("tiny-llama")
@@ -292,7 +293,16 @@ def test_the_gpu_runners_control_flow_on_the_cpu(monkeypatch: pytest.MonkeyPatch
         self.runner = runner
 
     monkeypatch.setattr(fe.FusedLegoSession, "__init__", gpu_init)
+    read_back, steps_run = fe.FusedLegoSession.read_back, []
+
+    def counting_read_back(self: fe.FusedLegoSession) -> object:
+        steps_run.append(int(self.state.t))  # tokens emitted on the device, past the call's end included
+        return read_back(self)
+
+    monkeypatch.setattr(fe.FusedLegoSession, "read_back", counting_read_back)
     got = generate(model, ids.tolist(), cfg)
+    if mode == "threshold":  # 11 steps after the first token: graphs of 3, 3, 3 and a tail of 2, none past the end
+        assert steps_run == [n]
     want = generate_with_early_exit(model, ids, n, tau, kv_mode=kv_mode).tokens.tolist() if mode == "threshold" \
         else generate(model, ids.tolist(), greedy(max_new_tokens=n)).tokens
     assert got.tokens == want

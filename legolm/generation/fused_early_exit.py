@@ -213,11 +213,13 @@ class FusedLegoSession:
                                 torch.zeros(max_new, dtype=torch.int8, pin_memory=pinned),
                                 torch.zeros(4, dtype=torch.long, pin_memory=pinned))
         self.host_prompt = torch.zeros(max_len, dtype=torch.long, pin_memory=pinned)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # units per replay -> graph ("graph", "rounds")
         self.parts: tuple[torch.cuda.CUDAGraph, list[tuple[int, torch.cuda.CUDAGraph]]] | None = None
         self.runner = pick_runner(config, p.device)
         self.prefill_graphs = config.prefill_graphs if p.is_cuda else 0
-        self._prefills: OrderedDict[int, tuple[torch.cuda.CUDAGraph, Tensor, tuple[Tensor, ...]]] = OrderedDict()
+        self._prefills: OrderedDict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = OrderedDict()  # P -> graph, prompt
+        self.host_tau = torch.zeros(1, dtype=torch.float32, pin_memory=pinned)  # a call's τ and token limit
+        self.host_limit = torch.zeros(1, dtype=torch.long, pin_memory=pinned)
         self.warmed = False
 
     # -- one token / one round -------------------------------------------------------------------
@@ -301,77 +303,88 @@ class FusedLegoSession:
         else:
             self._threshold_step(branch)
 
-    # -- prefill -------------------------------------------------------------------------------
+    # -- prefill and start ------------------------------------------------------------------------
     def _prefill_torch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """All layers over the prompt (1, P) into the cache; the shallow and deep logits of its last token."""
         m = self.model
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        h_s = m.lower(idx, cache=self.cache, input_pos=pos)  # (1, P, C)
-        deep = m.upper_last_logits(h_s, cache=self.cache, input_pos=pos)  # (1, V)
-        return m.shallow_head(h_s[:, -1]), deep
+        h_s, top = m.both_parts(idx, cache=self.cache, input_pos=torch.arange(idx.shape[1], device=idx.device))
+        return m.shallow_head(h_s[:, -1]), m.project(top[:, -1])  # (1, V) each
 
-    def prefill(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        if not self.prefill_graphs:
-            return self._prefill_torch(idx)
-        P = idx.shape[1]
-        if P not in self._prefills:
-            buf = idx.clone()
-            graph, out = capture(lambda: torch.stack(self._prefill_torch(buf)))
-            self._prefills[P] = (graph, buf, (out,))
-            while len(self._prefills) > self.prefill_graphs:
-                self._prefills.popitem(last=False)
-        self._prefills.move_to_end(P)
-        graph, buf, (out,) = self._prefills[P]
-        buf.copy_(idx)
-        graph.replay()
-        return out[0], out[1]
-
-    def start(self, idx: Tensor, threshold: float, max_new_tokens: int) -> None:
-        """Prefill and the first token (the rule of the mode), and reset the device state."""
+    def _start_device(self, idx: Tensor) -> Tensor:
+        """Everything `start` does on the device for the prompt ``idx`` (1, P): reset the state, prefill, the first
+        token by the rule of the mode (τ and the call's token limit read from the device); returns the token."""
         s, P = self.state, idx.shape[1]
         for buf in (s.tokens, s.t, s.exited, s.finished, self.q, self.flushes, self.di, self.spec_stats, self.flags):
             buf.zero_()
-        self.tau.fill_(threshold)
-        shallow, deep = self.prefill(idx)
+        shallow, deep = self._prefill_torch(idx)
         if self.config.mode == "speculative":
             first, ex = deep.argmax(-1), torch.zeros(1, dtype=torch.bool, device=deep.device)
         else:
-            ex = exits(confidence(shallow), threshold)
+            ex = exits(confidence(shallow), self.tau)
             first = torch.where(ex, shallow.argmax(-1), deep.argmax(-1))
         s.tok.copy_(first[:, None])
-        s.tokens[0] = first[0]
-        s.exited[0] = ex[0].to(torch.int8)
+        s.tokens[:1].copy_(first)
+        s.exited[:1].copy_(ex)
         s.t.fill_(1)
         if self.eos_id is not None:
-            s.finished.copy_(first == self.eos_id)
+            torch.eq(first, self.eos_id, out=s.finished)
         for buf in (s.pos, self.uslot, self.dpos):
             buf.fill_(P)
         if self.config.mode == "speculative":  # the first row pass's position; the gate of the first round
             self.stack.start.fill_(P)
-            self.limit.fill_(max_new_tokens)
             torch.logical_and(~s.finished, self.limit > 1, out=self.live)
         elif self.fill:  # one short: the first step's tick (closing the prefill) fixes them
             s.pos.fill_(P - 1)
             self.q.fill_(-1)
+        return s.tok
+
+    def start(self, prompt: Tensor, threshold: float, max_new_tokens: int) -> None:
+        """Prefill and the first token, and reset the device state: ``prompt`` (P,) in host memory (pinned on a
+        GPU). τ and the token limit follow it as asynchronous copies; on a GPU the rest is one replay of a graph
+        captured per prompt length (the last `prefill_graphs` lengths kept), where it took some twenty launches."""
+        dev = self.tau.device
+        self.host_tau[0], self.host_limit[0] = threshold, max_new_tokens
+        self.tau.copy_(self.host_tau, non_blocking=True)
+        self.limit.copy_(self.host_limit, non_blocking=True)
+        if not self.prefill_graphs:
+            self._start_device(prompt.to(dev)[None])
+            return
+        P = prompt.shape[0]
+        if P not in self._prefills:
+            buf = torch.empty(1, P, dtype=torch.long, device=dev)
+            buf[0].copy_(prompt, non_blocking=True)
+            self._prefills[P] = (capture(lambda: self._start_device(buf))[0], buf)
+            while len(self._prefills) > self.prefill_graphs:
+                self._prefills.popitem(last=False)
+        self._prefills.move_to_end(P)
+        graph, buf = self._prefills[P]
+        buf[0].copy_(prompt, non_blocking=True)
+        graph.replay()
+
     # -- running -------------------------------------------------------------------------------
-    def run_unit(self) -> None:
-        """One token (threshold) or round (speculative); with ``runner`` "graph", `steps_per_graph` of them."""
+    def run_units(self, wanted: int) -> int:
+        """One token (threshold) or round (speculative), or with ``runner`` "graph" / "rounds" one graph of
+        several: `steps_per_graph`, or in threshold mode the largest power of two not past the ``wanted`` tokens
+        (a call's last tokens replay no steps beyond its end). Returns the units run."""
         if self.runner == "eager":
             self._unit(_host_branch)
-        elif self.runner in ("graph", "rounds"):
-            assert self.graph is not None, "warm_up() captures the graphs before the first prefill"
-            self.graph.replay()
-        else:
-            assert self.parts is not None, "warm_up() captures the graphs before the first prefill"
-            lower, branches = self.parts
-            lower.replay()  # ends with the flags' copy into host_flags
-            if self.flags_ready is not None:
-                self.flags_ready.record()
-                self.flags_ready.synchronize()  # the one wait of a step
-            flags = self.host_flags.tolist()
-            for index, graph in branches:
-                if flags[index]:
-                    graph.replay()
+            return 1
+        if self.runner in ("graph", "rounds"):
+            assert self.graphs, "warm_up() captures the graphs before the first prefill"
+            n = max((k for k in self.graphs if k <= wanted), default=self.config.steps_per_graph)
+            self.graphs[n].replay()
+            return n
+        assert self.parts is not None, "warm_up() captures the graphs before the first prefill"
+        lower, branches = self.parts
+        lower.replay()  # ends with the flags' copy into host_flags
+        if self.flags_ready is not None:
+            self.flags_ready.record()
+            self.flags_ready.synchronize()  # the one wait of a step
+        flags = self.host_flags.tolist()
+        for index, graph in branches:
+            if flags[index]:
+                graph.replay()
+        return 1
 
     def read_back(self) -> _HostReport:
         """Tokens, exit flags and counters (t, lazy-fill flushes, accepted drafts, rounds) into the pinned host
@@ -400,22 +413,24 @@ class FusedLegoSession:
         self._unit(_both_branches)
         torch.cuda.synchronize()
         if self.runner in ("graph", "rounds"):
-            self.graph = _record(self._units)
+            self.graphs = {n: _record(functools.partial(self._units, n)) for n in self._units_per_graph()}
         else:
             self.parts = (_record(lambda graph: self._lower_part_to_host()),
                           [(index, _record(functools.partial(_call, fn))) for index, fn in self._branches()])
         torch.cuda.synchronize()
         self.warmed = True
 
-    def _units(self, graph: torch.cuda.CUDAGraph) -> None:
-        """`steps_per_graph` units into ``graph``, each branch (or round) an IF node of it ("rounds": ungated)."""
-        branch = _conditional if self.runner == "graph" else _both_branches
-        for _ in range(self.config.steps_per_graph):
-            self._unit(branch)
+    def _units_per_graph(self) -> list[int]:
+        """`steps_per_graph`, and in threshold mode the powers of two below it (the tail of a call)."""
+        n = self.config.steps_per_graph
+        tails = [2 ** i for i in range(n.bit_length()) if 2 ** i < n] if self.config.mode == "threshold" else []
+        return [n, *tails]
 
-    @property
-    def units_per_replay(self) -> int:
-        return self.config.steps_per_graph if self.runner in ("graph", "rounds") else 1
+    def _units(self, n: int, graph: torch.cuda.CUDAGraph) -> None:
+        """``n`` units into ``graph``, each branch (or round) an IF node of it ("rounds": ungated)."""
+        branch = _conditional if self.runner == "graph" else _both_branches
+        for _ in range(n):
+            self._unit(branch)
 
 
 def _call(fn: Callable[[], None], graph: torch.cuda.CUDAGraph) -> None:
@@ -463,15 +478,14 @@ def fused_lego_generate(session: FusedLegoSession, prompt: Sequence[int], max_ne
     staged.copy_(torch.tensor(prompt, dtype=torch.long))
     sync()
     t0 = time.perf_counter()
-    session.start(staged.to(dev, non_blocking=True)[None], threshold, max_new_tokens)
+    session.start(staged, threshold, max_new_tokens)
     sync()
     t1 = time.perf_counter()
     units, replays = 0, 0
     speculative = session.config.mode == "speculative"
     while not (_spent(session) if speculative else _spent_steps(session, units, replays, max_new_tokens,
                                                                      eos_check_every)):
-        session.run_unit()
-        units, replays = units + session.units_per_replay, replays + 1
+        units, replays = units + session.run_units(max_new_tokens - 1 - units), replays + 1
     report = session.read_back()
     t2 = time.perf_counter()
     n = min(int(report.counts[0]), max_new_tokens)

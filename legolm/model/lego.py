@@ -65,8 +65,9 @@ def confidence(logits: Tensor) -> Tensor:
     return (logits.amax(-1) - logits.logsumexp(-1)).exp()
 
 
-def exits(conf: Tensor, threshold: float) -> Tensor:
-    """The generation rule: exit (keep the shallow token) where ``conf >= threshold``.
+def exits(conf: Tensor, threshold: float | Tensor) -> Tensor:
+    """The generation rule: exit (keep the shallow token) where ``conf >= threshold`` (a number, or a device
+    scalar as the fused decoder's captured start reads it).
 
     ``threshold == 1`` means never exit: a saturated softmax can reach exactly 1.0 in floating
     point, and "never" must stay exact. ``threshold == 0`` exits always.
@@ -333,6 +334,15 @@ class LegoLM(TransformerLM):
         h = self.embed(idx, positions)  # (B, T, C)
         ctx = self.make_context(positions, h.dtype, cache, input_pos)
         return self.forward_layers(h, ctx, 0, self.split, cache).hidden
+
+    def both_parts(self, idx: Tensor, *, cache: KVCache, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Lower and upper layers over ``idx`` (B, T) into one ``cache`` with one context (RoPE tables and mask
+        built once, as a prefill wants): h_s and the top layer's states before the deep exit, (B, T, C) each."""
+        positions = input_pos.expand(idx.shape[0], -1)
+        h = self.embed(idx, positions)  # (B, T, C)
+        ctx = self.make_context(positions, h.dtype, cache, input_pos)
+        h_s = self.forward_layers(h, ctx, 0, self.split, cache).hidden
+        return h_s, self.forward_layers(h_s, ctx, self.split, None, cache).hidden
 
     def shallow_head(self, h_s: Tensor) -> Tensor:
         """The shallow exit on lower-layer states: (B, T, C) -> (B, T, V)."""
