@@ -75,7 +75,8 @@ class FusedExitConfig:
         draft_tokens: Speculative mode's drafts per round (d >= 1).
         fill_buckets: Row counts of the lazy-fill passes (a queue of q exited tokens runs in the
             smallest bucket >= q + 1; the largest bucket bounds the queue).
-        steps_per_graph: Tokens (threshold) or rounds (speculative) per captured CUDA graph.
+        steps_per_graph: Tokens (threshold) or rounds (speculative) per captured CUDA graph; threshold mode
+            also captures graphs of 2^i fewer steps for the end of a call, so no step runs past its last token.
             Speculative rounds past the call's last token are skipped where IF nodes gate them.
         attention_block: Cache slots per attention tile when not tuned.
         embed_block: Channels per tile of the embedding and row-copy kernels.
@@ -86,7 +87,8 @@ class FusedExitConfig:
         exact_sums: Split-K sums exact (`FusedStack`); speculative mode always takes them: they keep its output
             equal, bit for bit, to the greedy output of the full-depth ``splitk-exact`` decoder, as five-kernel
             blocks keep it equal to theirs.
-        prefill_graphs: Prompt lengths whose prefill is kept as a CUDA graph (LRU); 0 = eager prefill.
+        prefill_graphs: Prompt lengths whose start (reset, prefill, first token) is kept as a CUDA graph (LRU);
+            0 = eager.
         if_nodes: Threshold mode's branches as IF nodes of the captured graphs where the driver has them
             (`legolm.kernels.graph_if`: no host read per token, ``steps_per_graph`` tokens per replay);
             False, or where they are missing: one graph per part of a step, the host reads its conditions.
