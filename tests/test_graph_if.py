@@ -22,24 +22,10 @@ def test_driver_structures_have_the_layout_of_cuda_h() -> None:
     assert offsets == [0, 8, 12, 16, 24]
 
 
-def test_launch_structures_have_the_layout_of_cuda_h() -> None:
-    """CUlaunchAttribute is 72 bytes (id, padding to 8, a 64-byte value union); CUlaunchConfig is 56 bytes with
-    hStream at 32, attrs at 40 and numAttrs at 48."""
-    assert ctypes.sizeof(graph_if._LaunchAttribute) == 72 and graph_if._LaunchAttribute.value.offset == 8
-    assert ctypes.sizeof(graph_if._LaunchConfig) == 56
-    assert [getattr(graph_if._LaunchConfig, f).offset for f in ("stream", "attrs", "num_attrs")] == [32, 40, 48]
-
-
-@pytest.mark.parametrize(("arch", "waits"), [(90, True), (86, False)])
-def test_the_set_kernel_calls_the_device_runtime_with_the_flag_as_0_or_1(arch: int, waits: bool) -> None:
-    """From sm_90 on it waits for its programmatic predecessor before it reads the flag; before, no such
-    instruction exists."""
-    ptx = graph_if.set_if_ptx(arch)
-    assert f".target sm_{arch}" in ptx and "ld.global.u8" in ptx and "selp.u32 %r2, 1, 0, %p" in ptx
+def test_the_set_kernel_calls_the_device_runtime_with_the_flag_as_0_or_1() -> None:
+    ptx = graph_if._PTX.format(arch=90)
+    assert ".target sm_90" in ptx and "ld.global.u8" in ptx and "selp.u32 %r2, 1, 0, %p" in ptx
     assert "call.uni cudaGraphSetConditional, (p0, p1);" in ptx
-    assert ("griddepcontrol.wait;" in ptx) == waits
-    if waits:
-        assert ptx.index("griddepcontrol.wait;") < ptx.index("ld.global.u8")
 
 
 def test_devrt_comes_from_the_variable_when_it_is_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -108,11 +94,10 @@ class _FakeDriver:
 
     GRAPH, CTX, HANDLE, BODY, IF_NODE, SET_NODE, LAST_NODE, SET_IF, CAPTURE, SIDE = range(101, 111)
 
-    def __init__(self, capturing: bool = True, last_kind: int = 0) -> None:
+    def __init__(self, capturing: bool = True) -> None:
         self.capturing = capturing
         self.calls: list[str] = []
         self.deps = (ctypes.c_void_p * 1)(self.LAST_NODE)  # the capture's current dependency
-        self.last_kind = last_kind  # CUgraphNodeType of LAST_NODE (0: a kernel)
 
     def cuStreamGetCaptureInfo_v3(self, stream, status, ident, graph, deps, edges, n):  # type: ignore[no-untyped-def]
         assert stream.value == self.CAPTURE
@@ -139,22 +124,6 @@ class _FakeDriver:
         assert (handle, flag) == (self.HANDLE, 0xF1A6)
         self.deps[0] = self.SET_NODE  # the launch is captured after the last node
         self.calls.append("set_if")
-        return 0
-
-    def cuGraphNodeGetType(self, node, kind):  # type: ignore[no-untyped-def]
-        assert node.value == self.LAST_NODE
-        kind._obj.value = self.last_kind
-        return 0
-
-    def cuLaunchKernelEx(self, config, fn, args, extra):  # type: ignore[no-untyped-def]
-        c = config._obj
-        assert fn.value == self.SET_IF and extra is None and c.stream == self.CAPTURE and c.shared == 0
-        assert list(c.grid) == list(c.block) == [1, 1, 1] and c.num_attrs == 1
-        assert (c.attrs[0].id, c.attrs[0].value) == (graph_if._ATTR_PROGRAMMATIC, 1)
-        handle, flag = (ctypes.cast(args[i], ctypes.POINTER(ctypes.c_uint64))[0] for i in range(2))
-        assert (handle, flag) == (self.HANDLE, 0xF1A6)
-        self.deps[0] = self.SET_NODE
-        self.calls.append("set_if after its writer (PDL)")
         return 0
 
     def cuGraphAddNode_v2(self, node, graph, deps, edges, n, params):  # type: ignore[no-untyped-def]
@@ -188,15 +157,12 @@ class _FakeDriver:
         return 0
 
 
-@pytest.mark.parametrize(("pdl", "last_kind", "set_if"), [
-    (False, 0, "set_if"), (True, 0, "set_if after its writer (PDL)"), (True, 8, "set_if")])
 def test_the_driver_path_adds_the_if_node_after_set_if_and_captures_the_body_on_the_side_stream(
-        monkeypatch: pytest.MonkeyPatch, pdl: bool, last_kind: int, set_if: str) -> None:
-    """The ctypes calls of torch 2.11's path, in order and with the arguments the driver reads (no GPU here).
-    ``set_if`` is a programmatic dependent only on sm_90+ (``pdl``) and after a kernel (type 0; 8 is a memset)."""
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ctypes calls of torch 2.11's path, in order and with the arguments the driver reads (no GPU here)."""
     import contextlib
 
-    fake = _FakeDriver(last_kind=last_kind)
+    fake = _FakeDriver()
 
     class Stream:
         def __init__(self, handle: int) -> None:
@@ -219,12 +185,12 @@ def test_the_driver_path_adds_the_if_node_after_set_if_and_captures_the_body_on_
     monkeypatch.setattr(graph_if, "torch_records_if_nodes", lambda: False)
     monkeypatch.setattr(graph_if, "_libcuda", lambda: fake)
     monkeypatch.setattr(graph_if, "_runtime", lambda device: graph_if._Runtime(ctypes.c_void_p(fake.SET_IF),
-                                                                               Stream(fake.SIDE), pdl))  # type: ignore[arg-type]
+                                                                               Stream(fake.SIDE)))  # type: ignore[arg-type]
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(fake.CAPTURE))
     monkeypatch.setattr(torch.cuda, "stream", on)
     with graph_if.if_node(Flag()):  # type: ignore[arg-type]
         fake.calls.append("body")
-    assert fake.calls == ["info", "handle", set_if, "info", "add IF", "depend on IF", "capture body",
+    assert fake.calls == ["info", "handle", "set_if", "info", "add IF", "depend on IF", "capture body",
                           f"stream {fake.SIDE}", "body", "end body"]
     idle = _FakeDriver(capturing=False)
     monkeypatch.setattr(graph_if, "_libcuda", lambda: idle)
@@ -286,7 +252,6 @@ def test_set_if_is_linked_against_the_device_runtime_for_the_device(monkeypatch:
     monkeypatch.setattr(torch.cuda, "ExternalStream", lambda ptr, device: ("external", ptr, device))
     rt = graph_if._runtime.__wrapped__(0)  # type: ignore[attr-defined]
     assert rt is not None and rt.set_if.value == 0xF and rt.body == ("external", 0x5EED, 0)
-    assert rt.pdl == (target == "sm_90")
     assert seen["stream flags"] == graph_if._STREAM_NON_BLOCKING
     kind, ptx, size, name = seen["ptx"]  # type: ignore[misc]
     assert kind == graph_if._JIT_INPUT_PTX and f".target {target}\n" in ptx and size == len(ptx.encode())

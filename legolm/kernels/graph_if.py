@@ -12,10 +12,8 @@ on ``libcuda``, no build step)::
 ``set_if`` is a one-thread kernel that copies the flag into the node's handle
 (``cudaGraphSetConditional``, which lives in the CUDA device runtime, ``libcudadevrt.a``: the kernel is
 linked against it once per process by the driver's JIT linker). The handle resets to 0 at every
-launch of the graph. Where the flag's writer is the kernel just before it (sm_90+), ``set_if`` is launched as
-its programmatic dependent (PDL): launched early, it waits (``griddepcontrol.wait``) for the writer's end
-and its writes, so the launch latency of one kernel per IF node overlaps the writer. The body must not
-allocate (its stream is not torch's capture stream): it launches kernels on buffers that exist already.
+launch of the graph. The body must not allocate (its stream is not torch's capture stream): it
+launches kernels on buffers that exist already.
 
 Where any piece is missing (no CUDA, a driver older than 12.4, no ``libcudadevrt.a``: set
 ``LEGOLM_CUDADEVRT`` to its path), `available` says False and callers read the flag on the host.
@@ -47,9 +45,6 @@ _CAPTURE_RELAXED = 2  # CU_STREAM_CAPTURE_MODE_RELAXED
 _SET_DEPENDENCIES = 1  # CU_STREAM_SET_CAPTURE_DEPENDENCIES
 _STREAM_NON_BLOCKING = 1  # CU_STREAM_NON_BLOCKING
 _JIT_INPUT_PTX, _JIT_INPUT_LIBRARY = 1, 4
-_NODE_KERNEL = 0  # CU_GRAPH_NODE_TYPE_KERNEL
-_ATTR_PROGRAMMATIC = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-PDL_ARCH = 90  # griddepcontrol (programmatic dependent launch): sm_90 and later
 
 _PTX = """
 .version 7.8
@@ -63,7 +58,7 @@ _PTX = """
     .reg .b64 %rd<4>;
     ld.param.u64 %rd1, [handle];
     ld.param.u64 %rd2, [flag];
-    cvta.to.global.u64 %rd3, %rd2;{wait}
+    cvta.to.global.u64 %rd3, %rd2;
     ld.global.u8 %r1, [%rd3];
     setp.ne.s32 %p, %r1, 0;
     selp.u32 %r2, 1, 0, %p;
@@ -79,24 +74,9 @@ _PTX = """
 """
 
 
-def set_if_ptx(arch: int) -> str:
-    """The ``set_if`` kernel for ``sm_<arch>``; from sm_90 on it first waits for its programmatic predecessor."""
-    return _PTX.format(arch=arch, wait="\n    griddepcontrol.wait;" if arch >= PDL_ARCH else "")
-
-
 class _Conditional(ctypes.Structure):  # CUDA_CONDITIONAL_NODE_PARAMS
     _fields_ = [("handle", ctypes.c_uint64), ("type", ctypes.c_int), ("size", ctypes.c_uint),
                 ("phGraph_out", ctypes.POINTER(ctypes.c_void_p)), ("ctx", ctypes.c_void_p)]
-
-
-class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
-                ("rest", ctypes.c_char * 60)]
-
-
-class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
-    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint),
-                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
 
 
 class _Params(ctypes.Union):
@@ -154,7 +134,6 @@ class _Runtime:
 
     set_if: ctypes.c_void_p
     body: torch.cuda.Stream
-    pdl: bool  # set_if waits for its programmatic predecessor (sm_90+)
 
 
 @functools.cache
@@ -166,7 +145,7 @@ def _runtime(device: int) -> _Runtime | None:
         return None
     major, minor = torch.cuda.get_device_capability(device)
     arch = min(major * 10 + minor, 90)  # PTX ISA 7.8 targets up to sm_90; the driver JITs it forward
-    ptx = set_if_ptx(arch).encode()
+    ptx = _PTX.format(arch=arch).encode()
     torch.cuda.synchronize(device)  # the device's primary context is current on this thread
     state = ctypes.c_void_p()
     _check(cu.cuLinkCreate_v2(0, None, None, ctypes.byref(state)), "cuLinkCreate")
@@ -186,7 +165,7 @@ def _runtime(device: int) -> _Runtime | None:
     # capturing when an IF body begins (CUresult 401, CUDA_ERROR_ILLEGAL_STATE).
     stream = ctypes.c_void_p()
     _check(cu.cuStreamCreate(ctypes.byref(stream), _STREAM_NON_BLOCKING), "cuStreamCreate")
-    return _Runtime(fn, torch.cuda.ExternalStream(stream.value, device=device), arch >= PDL_ARCH)
+    return _Runtime(fn, torch.cuda.ExternalStream(stream.value, device=device))
 
 
 def torch_records_if_nodes() -> bool:
@@ -247,29 +226,6 @@ def _capture_info(cu: ctypes.CDLL, stream: ctypes.c_void_p) -> tuple[ctypes.c_vo
     return graph, deps, edges, n.value
 
 
-def _one_kernel(cu: ctypes.CDLL, deps: ctypes.c_void_p, n: int) -> bool:
-    """The capture's next node depends on exactly one node, a kernel (which may then be a programmatic
-    predecessor)."""
-    if n != 1 or not deps.value:
-        return False
-    kind = ctypes.c_int()
-    node = ctypes.cast(deps, ctypes.POINTER(ctypes.c_void_p))[0]
-    _check(cu.cuGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(kind)), "cuGraphNodeGetType")
-    return kind.value == _NODE_KERNEL
-
-
-def _launch_set_if(cu: ctypes.CDLL, rt: _Runtime, stream: ctypes.c_void_p, args: ctypes.Array[ctypes.c_void_p],
-                   programmatic: bool) -> None:
-    """``set_if`` on ``stream``, one thread; ``programmatic``: as the previous kernel's programmatic dependent."""
-    if not programmatic:
-        _check(cu.cuLaunchKernel(rt.set_if, 1, 1, 1, 1, 1, 1, 0, stream, args, None), "cuLaunchKernel(set_if)")
-        return
-    attr = _LaunchAttribute(id=_ATTR_PROGRAMMATIC, value=1)
-    config = _LaunchConfig(grid=(1, 1, 1), block=(1, 1, 1), shared=0, stream=stream, attrs=ctypes.pointer(attr),
-                           num_attrs=1)
-    _check(cu.cuLaunchKernelEx(ctypes.byref(config), rt.set_if, args, None), "cuLaunchKernelEx(set_if)")
-
-
 @contextlib.contextmanager
 def if_node(flag: Tensor) -> Iterator[None]:
     """Inside a CUDA-graph capture on the current stream: what is issued in the block runs at replay only
@@ -291,14 +247,14 @@ def if_node(flag: Tensor) -> Iterator[None]:
     rt = _runtime(device)
     assert cu is not None and rt is not None, "if_node needs available() to be True"
     stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
-    graph, deps, _, n = _capture_info(cu, stream)
+    graph, _, _, _ = _capture_info(cu, stream)
     ctx, handle = ctypes.c_void_p(), ctypes.c_uint64()
     _check(cu.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
     _check(cu.cuGraphConditionalHandleCreate(ctypes.byref(handle), graph, ctx, 0, _COND_ASSIGN_DEFAULT),
            "cuGraphConditionalHandleCreate")
     ptr = ctypes.c_uint64(flag.data_ptr())
     args = (ctypes.c_void_p * 2)(ctypes.addressof(handle), ctypes.addressof(ptr))
-    _launch_set_if(cu, rt, stream, args, rt.pdl and _one_kernel(cu, deps, n))
+    _check(cu.cuLaunchKernel(rt.set_if, 1, 1, 1, 1, 1, 1, 0, stream, args, None), "cuLaunchKernel(set_if)")
     graph, deps, edges, n = _capture_info(cu, stream)
     params = _NodeParams(type=_NODE_CONDITIONAL)  # phGraph_out stays NULL: the driver sets it to its own array
     params.u.conditional = _Conditional(handle=handle.value, type=_COND_IF, size=1, ctx=ctx)
