@@ -95,8 +95,9 @@ def references(model: LegoLM, prompts: torch.Tensor, new: int, repeats: int, hf_
         try:
             seconds = whole_calls(fn, ps, reps, device)
         except Exception as err:  # a peer's option may not exist in the installed transformers
-            note = f"failed: {type(err).__name__}: {err}".splitlines()[0]  # e.g. transformers 5.x's early-exit
-            out.append({"decoder": name, "tok/s": None, "vs fused": None, "note": note})  # assistant on GPT-NeoX
+            # e.g. transformers 5.x's early-exit assistant on GPT-NeoX and GPT-2 (IndexError in its cache)
+            note = f"failed: {type(err).__name__}: {err}".splitlines()[0]
+            out.append({"decoder": name, "tok/s": None, "vs fused": None, "note": note})
             continue
         tok_s = len(ps) * new / seconds
         out.append({"decoder": name, "tok/s": round(tok_s), "vs fused": round(tok_s / fused_tok_s, 3), "note": ""})

@@ -4,6 +4,7 @@ decoding, the multi-token row kernels against torch, the costs they report, and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -272,7 +273,8 @@ def test_the_gpu_runners_control_flow_on_the_cpu(monkeypatch: pytest.MonkeyPatch
     (threshold; the node's condition read where it would run), several rounds per replay, each an IF node
     gated on "more tokens wanted" (speculative "graph") or ungated ("rounds"). Tokens as the eager runner
     gives them; the routing and acceptance stats too, except for ungated rounds (they count the overshoot).
-    Threshold steps end exactly at the call's last token (smaller graphs for its tail)."""
+    Threshold steps end exactly at the call's last token (smaller graphs for its tail); the start (reset,
+    prefill, first token) replays as a graph per prompt length."""
     import legolm.generation.fused_early_exit as fe
 
     model = (drafting_model if mode == "speculative" else lego_model)("tiny-llama")
@@ -291,8 +293,14 @@ def test_the_gpu_runners_control_flow_on_the_cpu(monkeypatch: pytest.MonkeyPatch
     def gpu_init(self: fe.FusedLegoSession, *args: object, **kwargs: object) -> None:
         init(self, *args, **kwargs)  # type: ignore[arg-type]
         self.runner = runner
+        self.prefill_graphs = 2  # the start as a "graph" per prompt length, as on a GPU
+
+    def capture(fn: Callable[[], object]) -> tuple[_Replayed, None]:  # decoder.capture: warm-up run, then record
+        fn()
+        return _Replayed(lambda graph: fn()), None
 
     monkeypatch.setattr(fe.FusedLegoSession, "__init__", gpu_init)
+    monkeypatch.setattr(fe, "capture", capture)
     read_back, steps_run = fe.FusedLegoSession.read_back, []
 
     def counting_read_back(self: fe.FusedLegoSession) -> object:

@@ -352,16 +352,15 @@ class FusedLegoSession:
             self._start_device(prompt.to(dev)[None])
             return
         P = prompt.shape[0]
-        if P not in self._prefills:
-            buf = torch.empty(1, P, dtype=torch.long, device=dev)
-            buf[0].copy_(prompt, non_blocking=True)
-            self._prefills[P] = (capture(lambda: self._start_device(buf))[0], buf)
+        entry = self._prefills.get(P)
+        buf = entry[1] if entry is not None else torch.empty(1, P, dtype=torch.long, device=dev)
+        buf[0].copy_(prompt, non_blocking=True)
+        if entry is None:  # capture's warm-up runs it once; the replay below runs it again
+            entry = self._prefills[P] = (capture(lambda: self._start_device(buf))[0], buf)
             while len(self._prefills) > self.prefill_graphs:
                 self._prefills.popitem(last=False)
         self._prefills.move_to_end(P)
-        graph, buf = self._prefills[P]
-        buf[0].copy_(prompt, non_blocking=True)
-        graph.replay()
+        entry[0].replay()
 
     # -- running -------------------------------------------------------------------------------
     def run_units(self, wanted: int) -> int:
